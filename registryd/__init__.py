@@ -1,0 +1,2 @@
+"""registryd: an OCI registry appliance on Twisted."""
+__version__ = "0.1.0"

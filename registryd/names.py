@@ -1,0 +1,35 @@
+"""Repository names and tags, as the distribution spec's grammar has them."""
+from __future__ import annotations
+
+import re
+
+from registryd.errors import manifest_invalid, name_invalid
+
+_COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
+_NAME = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})*$")
+_TAG = re.compile(r"^[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}$")
+MAX_NAME_LENGTH = 255
+
+
+def check_name(name: str) -> str:
+    """Return ``name`` if it is a valid repository name, else NAME_INVALID.
+
+    The grammar alone rules out ``..``, empty components (``//``) and
+    leading slashes, so a name is always a safe relative path on disk.
+    """
+    if len(name) > MAX_NAME_LENGTH:
+        raise name_invalid(name[:MAX_NAME_LENGTH] + "...", f"repository name longer than {MAX_NAME_LENGTH} characters")
+    if not _NAME.match(name):
+        raise name_invalid(name, "invalid repository name: components are lowercase letters and digits "
+                                 "separated by '.', '_', '__' or '-', joined by '/'")
+    return name
+
+
+def is_tag(reference: str) -> bool:
+    return bool(_TAG.match(reference))
+
+
+def check_tag(tag: str) -> str:
+    if not is_tag(tag):
+        raise manifest_invalid(f"invalid tag {tag[:140]!r}")
+    return tag

@@ -1,0 +1,101 @@
+"""The registry as a Twisted service: storage, listeners and timers."""
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from registryd.config import Config
+from registryd.storage import Store
+from registryd.threads import BlockingPool
+from registryd.web.app import RegistryAPI
+from registryd.web.site import RegistrySite
+
+log = Logger()
+
+
+class StartupError(Exception):
+    """Start-up cannot go on; the message is one line for the operator."""
+
+
+class RegistryService(MultiService):
+    """Owns the store, the HTTP site, the listening ports and the reaper."""
+
+    def __init__(self, config: Config, reactor: Any) -> None:
+        super().__init__()
+        self.config = config
+        self._reactor = reactor
+        self.pool = BlockingPool(reactor, config.io_threads)
+        self.store = Store(config.data_dir, self.pool)
+        self.api = RegistryAPI(self.store, config, reactor)
+        self.site = RegistrySite(self.api, reactor)
+        self.ports: list[IListeningPort] = []
+        self._reaper = LoopingCall(lambda: Deferred.fromCoroutine(self._reap_uploads()))
+        self._reaper.clock = reactor
+
+    def prepare_storage(self) -> None:
+        """Create the data directory layout and prove it writable."""
+        try:
+            self.store.prepare()
+        except OSError as e:
+            where = f"{e.filename}: " if e.filename and e.filename != self.config.data_dir else ""
+            raise StartupError(
+                f"data directory {self.config.data_dir} is not usable: {where}{e.strerror}"
+            ) from None
+
+    def privilegedStartService(self) -> None:
+        # Listen here, synchronously, so a port in use stops start-up with
+        # one line instead of a server that runs without a socket.
+        for description in self.config.listen:
+            try:
+                endpoint = serverFromString(self._reactor, description)
+            except (ValueError, TypeError, KeyError) as e:
+                self._close_ports()
+                raise StartupError(f"bad listen endpoint {description!r}: {e}") from None
+            outcome: list[Any] = []
+            endpoint.listen(self.site).addBoth(outcome.append)
+            if not outcome or isinstance(outcome[0], Failure):
+                self._close_ports()
+                reason = outcome[0].getErrorMessage() if outcome else "did not listen at once"
+                raise StartupError(f"cannot listen on {description}: {reason}")
+            port = outcome[0]
+            self.ports.append(port)
+            log.info("registryd listening on {address}", address=str(port.getHost()))
+        super().privilegedStartService()
+
+    def startService(self) -> None:
+        self.prepare_storage()
+        self.pool.start()
+        self.store.recover()
+        super().startService()
+        self._reaper.start(self.config.upload_reap_interval, now=False).addErrback(
+            lambda f: log.failure("upload reaper stopped", f)
+        )
+        log.info("registryd serving {data_dir}", data_dir=self.config.data_dir)
+
+    async def _reap_uploads(self) -> None:
+        try:
+            removed = await self.store.uploads.reap(self.config.upload_expiry)
+        except Exception:
+            log.failure("reaping abandoned uploads failed; will try again")
+            return
+        if removed:
+            log.info("reaped {count} abandoned upload sessions", count=removed)
+
+    def _close_ports(self) -> Deferred:
+        ports, self.ports = self.ports, []
+        return DeferredList([maybeDeferred(port.stopListening) for port in ports])
+
+    def stopService(self) -> Deferred:
+        if self._reaper.running:
+            self._reaper.stop()
+        d = self._close_ports()
+        d.addBoth(lambda _: MultiService.stopService(self))
+        d.addBoth(lambda _: self.pool.stop())
+        return d

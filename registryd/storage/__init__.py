@@ -1,0 +1,47 @@
+"""The on-disk store: content-addressed blobs, repositories, upload sessions.
+
+``tmp/`` holds every file being written before its rename; it is emptied at
+start-up, which is how a crash's leftovers are cleaned.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+
+from registryd.storage.blobs import BlobStore
+from registryd.storage.files import make_dirs
+from registryd.storage.repositories import RepositoryStore
+from registryd.storage.uploads import UploadStore
+from registryd.threads import BlockingPool, InlinePool
+
+__all__ = ["Store", "BlobStore", "RepositoryStore", "UploadStore"]
+
+
+class Store:
+    """The data directory and the three stores inside it."""
+
+    def __init__(self, root: str, pool: BlockingPool | InlinePool) -> None:
+        self.root = root
+        self.pool = pool
+        self.tmp_dir = os.path.join(root, "tmp")
+        self.blobs = BlobStore(os.path.join(root, "blobs"), self.tmp_dir)
+        self.repositories = RepositoryStore(os.path.join(root, "repositories"), self.tmp_dir)
+        self.uploads = UploadStore(os.path.join(root, "uploads"), self.tmp_dir, self.blobs, pool)  # type: ignore[arg-type]
+
+    def prepare(self) -> None:
+        """Create the layout and prove it writable (raises OSError)."""
+        for sub in ("blobs", "repositories", "uploads", "tmp"):
+            make_dirs(os.path.join(self.root, sub))
+        probe = os.path.join(self.tmp_dir, f"probe-{uuid.uuid4().hex}")
+        with open(probe, "wb") as f:
+            f.write(b"registryd")
+        os.unlink(probe)
+
+    def recover(self) -> None:
+        """Drop what a crash left half-written: everything under ``tmp/``."""
+        for entry in os.scandir(self.tmp_dir):
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                os.unlink(entry.path)

@@ -1,0 +1,65 @@
+"""Immutable, content-addressed blobs shared by every repository.
+
+``blobs/<alg>/<first 2 hex>/<hex>`` — no extension, so nothing maps a name to
+a Content-Encoding.
+"""
+from __future__ import annotations
+
+import os
+from typing import BinaryIO
+
+from registryd.digest import Digest
+from registryd.storage.files import fsync_dir, make_dirs, read_small, remove_file, write_atomic
+
+
+class BlobStore:
+    """Where verified blob content lives; files here are never modified."""
+
+    def __init__(self, root: str, tmp_dir: str) -> None:
+        self.root = root
+        self._tmp = tmp_dir
+
+    def path(self, digest: Digest) -> str:
+        return os.path.join(self.root, digest.algorithm, digest.hex[:2], digest.hex)
+
+    def size(self, digest: Digest) -> int | None:
+        try:
+            return os.stat(self.path(digest)).st_size
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def exists(self, digest: Digest) -> bool:
+        return os.path.isfile(self.path(digest))
+
+    def open(self, digest: Digest) -> BinaryIO | None:
+        try:
+            return open(self.path(digest), "rb")
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+    def read(self, digest: Digest) -> bytes | None:
+        return read_small(self.path(digest))
+
+    def commit_file(self, source: str, digest: Digest) -> None:
+        """Move a verified file into place (blocking: fsync and rename).
+
+        Two uploads of the same content both succeed: the second rename
+        replaces identical bytes, so one copy remains.
+        """
+        fd = os.open(source, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        target = self.path(digest)
+        make_dirs(os.path.dirname(target))
+        os.rename(source, target)
+        fsync_dir(os.path.dirname(target))
+
+    def put(self, digest: Digest, data: bytes) -> None:
+        """Store small verified content such as a manifest (blocking)."""
+        if not self.exists(digest):
+            write_atomic(self._tmp, self.path(digest), data)
+
+    def remove(self, digest: Digest) -> bool:
+        return remove_file(self.path(digest))

@@ -1,0 +1,90 @@
+"""Crash-safe file primitives: every write others may read is temp + fsync + rename.
+
+These functions block; callers on the reactor run them in the IO pool.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import uuid
+
+
+def fsync_dir(path: str) -> None:
+    """Make a rename or a new entry in ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def make_dirs(path: str) -> None:
+    """Create ``path`` and parents, fsyncing each new entry's parent."""
+    missing = []
+    while not os.path.isdir(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory)
+        except FileExistsError:
+            continue
+        fsync_dir(os.path.dirname(directory))
+
+
+def write_atomic(tmp_dir: str, target: str, data: bytes, durable: bool = True) -> None:
+    """Replace ``target`` with ``data``: readers see the old file or the new one."""
+    tmp = os.path.join(tmp_dir, uuid.uuid4().hex)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        if durable:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    parent = os.path.dirname(target)
+    try:
+        if durable:
+            make_dirs(parent)
+        else:
+            os.makedirs(parent, exist_ok=True)
+        os.rename(tmp, target)
+    except BaseException:
+        remove_file(tmp)
+        raise
+    if durable:
+        fsync_dir(parent)
+
+
+def read_small(path: str) -> bytes | None:
+    """The whole of a small file, or None if it does not exist."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def remove_file(path: str) -> bool:
+    """Unlink ``path``; False if it was not there."""
+    try:
+        os.unlink(path)
+        return True
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+
+
+def prune_empty_dirs(path: str, stop: str) -> None:
+    """Remove ``path`` and its parents while empty, never ``stop`` itself."""
+    stop = os.path.abspath(stop)
+    path = os.path.abspath(path)
+    while path != stop and path.startswith(stop + os.sep):
+        try:
+            os.rmdir(path)
+        except OSError as e:
+            if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT):
+                return
+            raise
+        path = os.path.dirname(path)

@@ -1,0 +1,170 @@
+"""Per-repository metadata: blob links, manifest revisions, tags, referrers.
+
+``repositories/<name>/`` holds
+
+* ``_blobs/<alg>/<hex>`` — empty file: the blob is visible in this repository;
+* ``_manifests/revisions/<alg>/<hex>`` — JSON ``{"mediaType": ...}``: the
+  manifest (content in the blob store) belongs to this repository;
+* ``_manifests/tags/<tag>`` — the digest the tag points at;
+* ``_referrers/<alg>/<subject hex>/<alg>-<hex>`` — the descriptor of a
+  manifest whose ``subject`` is that digest.
+
+Name components never start with ``_``, so these never collide with a
+nested repository. Methods that write or walk block: run them in the pool.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Iterator
+
+from registryd.digest import Digest, parse_digest
+from registryd.storage.files import (
+    fsync_dir,
+    make_dirs,
+    prune_empty_dirs,
+    read_small,
+    remove_file,
+    write_atomic,
+)
+
+_MARKERS = ("_manifests", "_blobs")
+
+
+class RepositoryStore:
+    """Reads and writes the metadata of every repository."""
+
+    def __init__(self, root: str, tmp_dir: str) -> None:
+        self.root = root
+        self._tmp = tmp_dir
+
+    def _path(self, name: str, *parts: str) -> str:
+        return os.path.join(self.root, name, *parts)
+
+    def _blob_link(self, name: str, digest: Digest) -> str:
+        return self._path(name, "_blobs", digest.algorithm, digest.hex)
+
+    def _revision(self, name: str, digest: Digest) -> str:
+        return self._path(name, "_manifests", "revisions", digest.algorithm, digest.hex)
+
+    def _tag(self, name: str, tag: str) -> str:
+        return self._path(name, "_manifests", "tags", tag)
+
+    def _referrers(self, name: str, subject: Digest) -> str:
+        return self._path(name, "_referrers", subject.algorithm, subject.hex)
+
+    # Reads: cheap enough for the reactor (a stat or a small file).
+
+    def exists(self, name: str) -> bool:
+        return any(os.path.isdir(self._path(name, marker)) for marker in _MARKERS)
+
+    def has_blob(self, name: str, digest: Digest) -> bool:
+        return os.path.exists(self._blob_link(name, digest))
+
+    def manifest_media_type(self, name: str, digest: Digest) -> str | None:
+        data = read_small(self._revision(name, digest))
+        if data is None:
+            return None
+        return json.loads(data)["mediaType"]
+
+    def resolve_tag(self, name: str, tag: str) -> Digest | None:
+        data = read_small(self._tag(name, tag))
+        if data is None:
+            return None
+        return parse_digest(data.decode().strip())
+
+    def tags(self, name: str) -> list[str] | None:
+        """Sorted tags, or None when the repository does not exist."""
+        if not self.exists(name):
+            return None
+        try:
+            return sorted(os.listdir(self._path(name, "_manifests", "tags")))
+        except FileNotFoundError:
+            return []
+
+    # Writes and walks: blocking.
+
+    def link_blob(self, name: str, digest: Digest) -> None:
+        path = self._blob_link(name, digest)
+        if not os.path.exists(path):
+            write_atomic(self._tmp, path, b"")
+
+    def unlink_blob(self, name: str, digest: Digest) -> bool:
+        path = self._blob_link(name, digest)
+        removed = remove_file(path)
+        if removed:
+            fsync_dir(os.path.dirname(path))
+        return removed
+
+    def add_manifest(self, name: str, digest: Digest, media_type: str, tags: list[str],
+                     referrer: tuple[Digest, dict[str, Any]] | None) -> None:
+        """Link a stored manifest, its referrer entry, then its tags.
+
+        The order makes a crash harmless: a tag never points at a manifest
+        the repository does not have.
+        """
+        write_atomic(self._tmp, self._revision(name, digest), json.dumps({"mediaType": media_type}).encode())
+        if referrer is not None:
+            subject, descriptor = referrer
+            path = os.path.join(self._referrers(name, subject), f"{digest.algorithm}-{digest.hex}")
+            write_atomic(self._tmp, path, json.dumps(descriptor).encode())
+        for tag in tags:
+            write_atomic(self._tmp, self._tag(name, tag), str(digest).encode())
+        make_dirs(self._path(name, "_manifests", "tags"))
+
+    def delete_tag(self, name: str, tag: str) -> bool:
+        path = self._tag(name, tag)
+        removed = remove_file(path)
+        if removed:
+            fsync_dir(os.path.dirname(path))
+        return removed
+
+    def delete_manifest(self, name: str, digest: Digest, subject: Digest | None) -> bool:
+        """Unlink a manifest revision, every tag pointing at it, its referrer entry."""
+        path = self._revision(name, digest)
+        if not os.path.exists(path):
+            return False
+        tags_dir = self._path(name, "_manifests", "tags")
+        for tag in self.tags(name) or []:
+            if self.resolve_tag(name, tag) == digest:
+                remove_file(os.path.join(tags_dir, tag))
+        if subject is not None:
+            entry = os.path.join(self._referrers(name, subject), f"{digest.algorithm}-{digest.hex}")
+            if remove_file(entry):
+                prune_empty_dirs(os.path.dirname(entry), self._path(name))
+        remove_file(path)
+        fsync_dir(os.path.dirname(path))
+        if os.path.isdir(tags_dir):
+            fsync_dir(tags_dir)
+        return True
+
+    def referrers(self, name: str, subject: Digest) -> list[dict[str, Any]]:
+        """Descriptors of the manifests in ``name`` whose subject is ``subject``."""
+        directory = self._referrers(name, subject)
+        try:
+            entries = sorted(os.listdir(directory))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        found = []
+        for entry in entries:
+            data = read_small(os.path.join(directory, entry))
+            if data is not None:
+                found.append(json.loads(data))
+        return found
+
+    def catalog(self) -> list[str]:
+        """Every repository name, sorted."""
+        return sorted(self._walk(self.root, ""))
+
+    def _walk(self, directory: str, prefix: str) -> Iterator[str]:
+        try:
+            entries = list(os.scandir(directory))
+        except FileNotFoundError:
+            return
+        names = {entry.name for entry in entries}
+        if prefix and any(marker in names for marker in _MARKERS):
+            yield prefix.rstrip("/")
+        for entry in entries:
+            if not entry.name.startswith("_") and entry.is_dir(follow_symlinks=False):
+                yield from self._walk(entry.path, prefix + entry.name + "/")
+

@@ -1,0 +1,73 @@
+"""``twistd registryd``: command-line options and the service they build.
+
+This is the only module that touches the global reactor; everything below
+it gets the reactor injected.
+"""
+from __future__ import annotations
+
+import sys
+from twisted.application.service import IService
+from twisted.python import usage
+
+from registryd import __version__
+from registryd.config import ConfigError, load_config
+from registryd.service import RegistryService, StartupError
+
+
+class Options(usage.Options):
+    """Options of ``twistd registryd``; they override the config file."""
+
+    synopsis = "[--config FILE] [--listen ENDPOINT ...] [--data-dir DIR]"
+    longdesc = (
+        "Serve an OCI registry. With no options it listens on tcp:5000 and "
+        "stores under /var/lib/registryd (root) or "
+        "~/.local/share/registryd (other users)."
+    )
+    optParameters = [
+        ["config", "c", None, "TOML configuration file (see etc/registryd/registryd.toml)."],
+        ["data-dir", "d", None, "Directory that holds blobs, repositories and uploads."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+
+    def opt_listen(self, description: str) -> None:
+        """Twisted endpoint to listen on, e.g. tcp:5000 or tcp:5000:interface=::1 (repeatable)."""
+        self["listen"].append(description)
+
+    opt_l = opt_listen
+
+    def opt_version(self) -> None:
+        """Print the version and exit."""
+        print(f"registryd {__version__}")
+        sys.exit(0)
+
+
+class TwistdRegistryService(RegistryService):
+    """Turn a start-up failure into one line on stderr and exit status 1.
+
+    twistd would otherwise log a traceback and keep running without a port.
+    """
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except StartupError as e:
+            raise SystemExit(f"registryd: {e}") from None
+
+
+def makeService(options: Options) -> IService:
+    from twisted.internet import reactor
+
+    overrides = {
+        "listen": tuple(options["listen"]) or None,
+        "data_dir": options["data-dir"],
+    }
+    try:
+        config = load_config(options["config"], overrides)
+        service = TwistdRegistryService(config, reactor)
+        service.prepare_storage()
+    except (ConfigError, StartupError) as e:
+        raise SystemExit(f"registryd: {e}") from None
+    return service

@@ -1,0 +1,470 @@
+"""The OCI distribution API v1.1 (``/v2/...``) as one Klein app.
+
+Handlers validate, call the store and set every header themselves; errors
+are raised as RegistryError and turned into the spec's JSON document in one
+place (``_registry_error``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any
+from urllib.parse import urlencode
+
+from klein import Klein
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from werkzeug.exceptions import MethodNotAllowed, NotFound
+
+from registryd.config import Config
+from registryd.deferreds import shielded
+from registryd.digest import Digest, digest_of, is_digest, parse_digest
+from registryd.errors import (
+    RegistryError,
+    blob_unknown,
+    blob_upload_invalid,
+    digest_invalid,
+    manifest_blob_unknown,
+    manifest_unknown,
+    method_not_allowed,
+    name_invalid,
+    name_unknown,
+    not_found,
+    pagination_invalid,
+    range_invalid,
+    unsupported,
+)
+from registryd.manifests import parse_manifest
+from registryd.names import check_name, check_tag
+from registryd.storage import Store
+from registryd.web.request import CappedBody, RefusedBody, RegistryRequest, UploadBody
+from registryd.web.sendfile import send_file_range
+
+log = Logger()
+
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+_CONTENT_RANGE = re.compile(r"^(?:bytes[ =])?(\d+)-(\d+)(?:/(?:\d+|\*))?$")
+_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+
+def _arg(request: RegistryRequest, key: str) -> str | None:
+    args: dict[bytes, list[bytes]] = request.args or {}
+    values = args.get(key.encode())
+    return values[0].decode("utf-8", "replace") if values else None
+
+
+def _args(request: RegistryRequest, key: str) -> list[str]:
+    args: dict[bytes, list[bytes]] = request.args or {}
+    return [v.decode("utf-8", "replace") for v in args.get(key.encode(), [])]
+
+
+def _respond(request: RegistryRequest, status: int, headers: dict[str, str] | None = None,
+             body: bytes = b"", content_type: str | None = None) -> bytes:
+    request.setResponseCode(status)
+    for key, value in (headers or {}).items():
+        request.setHeader(key, value)
+    if content_type is not None:
+        request.setHeader("Content-Type", content_type)
+    request.setHeader("Content-Length", str(len(body)))
+    return body
+
+
+def _json(request: RegistryRequest, status: int, document: Any, headers: dict[str, str] | None = None,
+          content_type: str = "application/json") -> bytes:
+    body = json.dumps(document, separators=(",", ":")).encode()
+    return _respond(request, status, headers, body, content_type)
+
+
+def _guard_raw_path(request: RegistryRequest) -> None:
+    """Refuse encoded slashes and dots: names are matched on the decoded path."""
+    raw = request.path.lower()
+    if b"%2f" in raw or b"%2e" in raw or b"%5c" in raw:
+        raise name_invalid(request.path.decode("latin-1")[:255], "encoded '/', '.' or '\\' in the path")
+
+
+def _page_size(request: RegistryRequest) -> int | None:
+    text = _arg(request, "n")
+    if text is None or text == "":
+        return None
+    if not text.isdigit():
+        raise pagination_invalid(text)
+    return int(text)
+
+
+def _paginate(request: RegistryRequest, items: list[str], base: str) -> tuple[list[str], dict[str, str]]:
+    """Apply ``last`` and ``n``; add the spec's ``Link`` header when more remain."""
+    last = _arg(request, "last")
+    if last:
+        items = [item for item in items if item > last]
+    n = _page_size(request)
+    if n is None or len(items) <= n:
+        return items, {}
+    page = items[:n]
+    headers = {}
+    if page:
+        query = urlencode({"n": n, "last": page[-1]})
+        headers["Link"] = f'<{base}?{query}>; rel="next"'
+    return page, headers
+
+
+class RegistryAPI:
+    """Every route of the distribution API over one Store."""
+
+    app = Klein()
+    # "//" must reach the name check, not be merged into a redirect.
+    app.url_map.merge_slashes = False
+
+    def __init__(self, store: Store, config: Config, reactor: Any) -> None:
+        self.store = store
+        self.config = config
+        self._reactor = reactor
+
+    def resource(self) -> Any:
+        return self.app.resource()
+
+    # --- errors ---------------------------------------------------------
+
+    @app.handle_errors(RegistryError)
+    def _registry_error(self, request: Any, failure: Failure) -> bytes:
+        error = failure.value
+        return _json(request, error.status, error.document(), error.headers)
+
+    @app.handle_errors(NotFound)
+    def _not_found(self, request: Any, failure: Failure) -> bytes:
+        return self._registry_error(request, Failure(not_found()))
+
+    @app.handle_errors(MethodNotAllowed)
+    def _method_not_allowed(self, request: Any, failure: Failure) -> bytes:
+        allowed = sorted(failure.value.valid_methods or [])
+        return self._registry_error(request, Failure(method_not_allowed(allowed)))
+
+    @app.handle_errors(Exception)
+    def _internal_error(self, request: Any, failure: Failure) -> bytes:
+        log.failure("request {method} {uri} failed", failure,
+                    method=request.method.decode("latin-1"), uri=request.uri.decode("latin-1"))
+        error = RegistryError(500, "UNKNOWN", "internal server error")
+        return self._registry_error(request, Failure(error))
+
+    # --- helpers ---------------------------------------------------------
+
+    def _name(self, request: RegistryRequest, name: str) -> str:
+        _guard_raw_path(request)
+        return check_name(name)
+
+    def _check_delete_enabled(self) -> None:
+        if not self.config.delete_enabled:
+            raise unsupported("deletes are disabled on this registry")
+
+    def _resolve(self, name: str, reference: str) -> Digest:
+        """A tag or digest reference to the manifest digest it names."""
+        if is_digest(reference):
+            return parse_digest(reference)
+        check_tag(reference)
+        digest = self.store.repositories.resolve_tag(name, reference)
+        if digest is None:
+            raise manifest_unknown(reference)
+        return digest
+
+    # --- base and catalog --------------------------------------------------
+
+    @app.route("/v2/", methods=["GET", "HEAD"])
+    def base(self, request: RegistryRequest) -> bytes:
+        return _json(request, 200, {})
+
+    @app.route("/v2/_catalog", methods=["GET"])
+    async def catalog(self, request: RegistryRequest) -> bytes:
+        names = await self.store.pool.run(self.store.repositories.catalog)
+        page, headers = _paginate(request, names, "/v2/_catalog")
+        return _json(request, 200, {"repositories": page}, headers)
+
+    # --- blobs -------------------------------------------------------------
+
+    @app.route("/v2/<path:name>/blobs/<digest>", methods=["GET", "HEAD"])
+    async def get_blob(self, request: RegistryRequest, name: str, digest: str) -> bytes | None:
+        name = self._name(request, name)
+        parsed = parse_digest(digest)
+        if not self.store.repositories.has_blob(name, parsed):
+            raise blob_unknown(digest)
+        blob = self.store.blobs.open(parsed)
+        if blob is None:
+            raise blob_unknown(digest)
+        with blob:
+            size = os.fstat(blob.fileno()).st_size
+            start, length = self._range(request, size)
+            headers = {
+                "Docker-Content-Digest": digest,
+                "ETag": f'"{digest}"',
+                "Accept-Ranges": "bytes",
+                "Cache-Control": "max-age=31536000",
+                "Content-Type": "application/octet-stream",
+                "Content-Length": str(length),
+            }
+            if length != size:
+                request.setResponseCode(206)
+                headers["Content-Range"] = f"bytes {start}-{start + length - 1}/{size}"
+            for key, value in headers.items():
+                request.setHeader(key, value)
+            if request.method == b"HEAD" or length == 0:
+                return b""
+            await send_file_range(request, blob, start, length, reactor=self._reactor,
+                                  stall_timeout=self.config.stall_timeout)
+        return None
+
+    @staticmethod
+    def _range(request: RegistryRequest, size: int) -> tuple[int, int]:
+        """One ``bytes=`` range as (start, length); 416 if unsatisfiable.
+
+        Several ranges, or a header we do not understand, get the whole blob
+        (RFC 9110 lets a server ignore Range).
+        """
+        header = request.getHeader("Range")
+        if header is None:
+            return 0, size
+        match = _RANGE.match(header.strip())
+        if match is None or (not match[1] and not match[2]):
+            return 0, size
+        first, last = match[1], match[2]
+        if first:
+            start = int(first)
+            end = min(int(last), size - 1) if last else size - 1
+            if last and int(last) < start:
+                return 0, size
+        else:
+            start, end = max(size - int(last), 0), size - 1
+            if int(last) == 0:
+                start = size
+        if start >= size or end < start:
+            raise RegistryError(416, "BLOB_UNKNOWN", "requested range not satisfiable",
+                                {"size": size}, {"Content-Range": f"bytes */{size}"})
+        return start, end - start + 1
+
+    @app.route("/v2/<path:name>/blobs/<digest>", methods=["DELETE"])
+    async def delete_blob(self, request: RegistryRequest, name: str, digest: str) -> bytes:
+        name = self._name(request, name)
+        self._check_delete_enabled()
+        parsed = parse_digest(digest)
+        removed = await shielded(self.store.pool.run(self.store.repositories.unlink_blob, name, parsed))
+        if not removed:
+            raise blob_unknown(digest)
+        return _respond(request, 202, {"Docker-Content-Digest": digest})
+
+    # --- uploads -----------------------------------------------------------
+
+    def upload_body(self, request: RegistryRequest, method: str, name: str, upload_id: str,
+                    args: dict[str, list[str]], length: int | None) -> UploadBody | None:
+        """Decide, before the body arrives, which session file it goes into.
+
+        Called from RegistryRequest.gotLength. None means "not an upload
+        body" (a POST that starts a session or mounts).
+        """
+        check_name(name)
+        digest = args.get("digest", [None])[0]
+        algorithm = parse_digest(digest).algorithm if digest else None
+        uploads = self.store.uploads
+        if method == "POST":
+            if upload_id or args.get("mount") or not digest:
+                return None
+            return UploadBody(uploads.open_writer(uploads.create(name), 0, algorithm))
+        upload = uploads.get(name, upload_id)
+        start = None
+        header = request.getHeader("Content-Range")
+        if header is not None:
+            match = _CONTENT_RANGE.match(header.strip())
+            if match is None:
+                raise range_invalid(upload.size, upload.location())
+            start, end = int(match[1]), int(match[2])
+            if end < start or (length is not None and length != end - start + 1):
+                raise range_invalid(upload.size, upload.location())
+        return UploadBody(uploads.open_writer(upload, start, algorithm))
+
+    def _claim(self, request: RegistryRequest) -> Any:
+        body = request.body
+        if isinstance(body, RefusedBody):
+            raise body.error
+        if not isinstance(body, UploadBody):
+            raise blob_upload_invalid("no upload body")
+        return body.claim()
+
+    def _upload_headers(self, upload: Any) -> dict[str, str]:
+        return {
+            "Location": upload.location(),
+            "Range": f"0-{max(upload.size - 1, 0)}",
+            "Docker-Upload-UUID": upload.id,
+        }
+
+    @app.route("/v2/<path:name>/blobs/uploads/", methods=["POST"])
+    async def start_upload(self, request: RegistryRequest, name: str) -> bytes:
+        name = self._name(request, name)
+        mount, source = _arg(request, "mount"), _arg(request, "from")
+        digest = _arg(request, "digest")
+        if mount is not None:
+            mounted = await self._mount(name, parse_digest(mount), source)
+            if mounted is not None:
+                return _respond(request, 201, {"Location": f"/v2/{name}/blobs/{mounted}",
+                                               "Docker-Content-Digest": str(mounted)})
+        elif digest is not None:
+            return await self._commit(request, name, parse_digest(digest))
+        if isinstance(request.body, RefusedBody):
+            raise request.body.error
+        upload = self.store.uploads.create(name)
+        return _respond(request, 202, self._upload_headers(upload))
+
+    async def _mount(self, name: str, digest: Digest, source: str | None) -> Digest | None:
+        """Link a blob from ``source`` (or, without ``from``, any known blob)."""
+        repositories = self.store.repositories
+        if source is not None:
+            try:
+                check_name(source)
+            except RegistryError:
+                return None
+            if not repositories.has_blob(source, digest):
+                return None
+        if not self.store.blobs.exists(digest):
+            return None
+        await shielded(self.store.pool.run(repositories.link_blob, name, digest))
+        return digest
+
+    async def _commit(self, request: RegistryRequest, name: str, digest: Digest) -> bytes:
+        writer = self._claim(request)
+        await shielded(self._commit_and_link(writer, name, digest))
+        return _respond(request, 201, {"Location": f"/v2/{name}/blobs/{digest}",
+                                       "Docker-Content-Digest": str(digest)})
+
+    async def _commit_and_link(self, writer: Any, name: str, digest: Digest) -> None:
+        await self.store.uploads.commit(writer, digest)
+        await self.store.pool.run(self.store.repositories.link_blob, name, digest)
+
+    @app.route("/v2/<path:name>/blobs/uploads/<upload_id>", methods=["PATCH"])
+    async def patch_upload(self, request: RegistryRequest, name: str, upload_id: str) -> bytes:
+        self._name(request, name)
+        writer = self._claim(request)
+        await shielded(self.store.uploads.acknowledge(writer))
+        return _respond(request, 202, self._upload_headers(writer.upload))
+
+    @app.route("/v2/<path:name>/blobs/uploads/<upload_id>", methods=["PUT"])
+    async def finish_upload(self, request: RegistryRequest, name: str, upload_id: str) -> bytes:
+        name = self._name(request, name)
+        digest = _arg(request, "digest")
+        if digest is None:
+            body = request.body
+            if isinstance(body, UploadBody):
+                body.claim().abandon()
+            raise digest_invalid("the digest query parameter is required to finish an upload")
+        return await self._commit(request, name, parse_digest(digest))
+
+    @app.route("/v2/<path:name>/blobs/uploads/<upload_id>", methods=["GET"])
+    def upload_status(self, request: RegistryRequest, name: str, upload_id: str) -> bytes:
+        name = self._name(request, name)
+        upload = self.store.uploads.get(name, upload_id)
+        return _respond(request, 204, self._upload_headers(upload))
+
+    @app.route("/v2/<path:name>/blobs/uploads/<upload_id>", methods=["DELETE"])
+    async def cancel_upload(self, request: RegistryRequest, name: str, upload_id: str) -> bytes:
+        name = self._name(request, name)
+        upload = self.store.uploads.get(name, upload_id)
+        await shielded(self.store.uploads.cancel(upload))
+        return _respond(request, 204)
+
+    # --- manifests -----------------------------------------------------------
+
+    @app.route("/v2/<path:name>/manifests/<reference>", methods=["GET", "HEAD"])
+    def get_manifest(self, request: RegistryRequest, name: str, reference: str) -> bytes:
+        name = self._name(request, name)
+        digest = self._resolve(name, reference)
+        media_type = self.store.repositories.manifest_media_type(name, digest)
+        data = self.store.blobs.read(digest) if media_type is not None else None
+        if data is None:
+            raise manifest_unknown(reference)
+        headers = {"Docker-Content-Digest": str(digest), "ETag": f'"{digest}"'}
+        body = _respond(request, 200, headers, data, media_type)
+        return b"" if request.method == b"HEAD" else body
+
+    @app.route("/v2/<path:name>/manifests/<reference>", methods=["PUT"])
+    async def put_manifest(self, request: RegistryRequest, name: str, reference: str) -> bytes:
+        name = self._name(request, name)
+        body = request.body
+        if isinstance(body, RefusedBody):
+            raise body.error
+        assert isinstance(body, CappedBody)
+        data = body.data()
+        if is_digest(reference):
+            digest = parse_digest(reference)
+            if digest_of(data, digest.algorithm) != digest:
+                raise digest_invalid("manifest content does not match the digest it was pushed by", reference)
+            tags = [check_tag(tag) for tag in _args(request, "tag")]
+        else:
+            digest = digest_of(data)
+            tags = [check_tag(reference)]
+        manifest = parse_manifest(data, request.getHeader("Content-Type"))
+        repositories = self.store.repositories
+        for blob in manifest.blobs:
+            if not repositories.has_blob(name, blob):
+                raise manifest_blob_unknown(str(blob))
+        for child in manifest.children:
+            if repositories.manifest_media_type(name, child) is None:
+                raise manifest_blob_unknown(str(child))
+        referrer = None
+        if manifest.subject is not None:
+            descriptor: dict[str, Any] = {"mediaType": manifest.media_type, "digest": str(digest), "size": len(data)}
+            if manifest.artifact_type is not None:
+                descriptor["artifactType"] = manifest.artifact_type
+            if manifest.annotations:
+                descriptor["annotations"] = manifest.annotations
+            referrer = (manifest.subject, descriptor)
+        await shielded(self.store.pool.run(self._store_manifest, name, digest, data, manifest.media_type,
+                                           tags, referrer))
+        headers = {"Location": f"/v2/{name}/manifests/{digest}", "Docker-Content-Digest": str(digest)}
+        if manifest.subject is not None:
+            headers["OCI-Subject"] = str(manifest.subject)
+        return _respond(request, 201, headers)
+
+    def _store_manifest(self, name: str, digest: Digest, data: bytes, media_type: str,
+                        tags: list[str], referrer: Any) -> None:
+        self.store.blobs.put(digest, data)
+        self.store.repositories.add_manifest(name, digest, media_type, tags, referrer)
+
+    @app.route("/v2/<path:name>/manifests/<reference>", methods=["DELETE"])
+    async def delete_manifest(self, request: RegistryRequest, name: str, reference: str) -> bytes:
+        name = self._name(request, name)
+        self._check_delete_enabled()
+        repositories = self.store.repositories
+        if not is_digest(reference):
+            check_tag(reference)
+            if not await shielded(self.store.pool.run(repositories.delete_tag, name, reference)):
+                raise manifest_unknown(reference)
+            return _respond(request, 202)
+        digest = parse_digest(reference)
+        media_type = repositories.manifest_media_type(name, digest)
+        data = self.store.blobs.read(digest) if media_type is not None else None
+        if data is None:
+            raise manifest_unknown(reference)
+        subject = parse_manifest(data, media_type).subject
+        if not await shielded(self.store.pool.run(repositories.delete_manifest, name, digest, subject)):
+            raise manifest_unknown(reference)
+        return _respond(request, 202)
+
+    # --- tags and referrers -------------------------------------------------------
+
+    @app.route("/v2/<path:name>/tags/list", methods=["GET"])
+    def list_tags(self, request: RegistryRequest, name: str) -> bytes:
+        name = self._name(request, name)
+        tags = self.store.repositories.tags(name)
+        if tags is None:
+            raise name_unknown(name)
+        page, headers = _paginate(request, tags, f"/v2/{name}/tags/list")
+        return _json(request, 200, {"name": name, "tags": page}, headers)
+
+    @app.route("/v2/<path:name>/referrers/<digest>", methods=["GET"])
+    async def referrers(self, request: RegistryRequest, name: str, digest: str) -> bytes:
+        name = self._name(request, name)
+        subject = parse_digest(digest)
+        found = await self.store.pool.run(self.store.repositories.referrers, name, subject)
+        headers = {}
+        wanted = _args(request, "artifactType")
+        if wanted:
+            found = [d for d in found if d.get("artifactType") in wanted]
+            headers["OCI-Filters-Applied"] = "artifactType"
+        index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": found}
+        return _json(request, 200, index, headers, content_type=OCI_INDEX)
+

@@ -1,0 +1,158 @@
+"""A Request that streams upload bodies to disk as they arrive.
+
+twisted.web buffers a whole request body before it calls a resource. Blob
+uploads instead go chunk by chunk into the upload session's file and its
+hasher (``handleContentChunk``), so a 5 GiB layer never sits in memory or in
+a second temporary file. Every other body is capped.
+
+The decision is taken in ``gotLength``, after the headers and before the
+body. The request line is then still on the channel (``_command`` and
+``_path``, private but stable for years); tests/test_request.py pins this.
+"""
+from __future__ import annotations
+
+import io
+import re
+from typing import Any, Protocol
+from urllib.parse import parse_qs, unquote
+
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import server
+
+from registryd.errors import RegistryError, too_large
+from registryd.storage.uploads import UploadWriter
+
+log = Logger()
+
+_UPLOAD = re.compile(rb"^/v2/(?P<name>.+)/blobs/uploads/(?P<id>[^/]*)$")
+_MANIFEST = re.compile(rb"^/v2/(?P<name>.+)/manifests/(?P<reference>[^/]+)$")
+SMALL_BODY_LIMIT = 64 * 1024
+
+
+class BodySink(Protocol):
+    """Where a request's body goes while it arrives."""
+
+    def write(self, data: bytes) -> None: ...
+
+    def abandon(self) -> None: ...
+
+
+class CappedBody:
+    """Keeps up to ``limit`` bytes in memory; past it, remembers a 413."""
+
+    def __init__(self, limit: int, what: str) -> None:
+        self._buffer = io.BytesIO()
+        self._limit = limit
+        self._what = what
+        self.error: RegistryError | None = None
+
+    def write(self, data: bytes) -> None:
+        if self.error is None:
+            if self._buffer.tell() + len(data) > self._limit:
+                self.error = too_large(self._what, self._limit)
+                self._buffer = io.BytesIO()
+            else:
+                self._buffer.write(data)
+
+    def abandon(self) -> None:
+        self._buffer = io.BytesIO()
+
+    def data(self) -> bytes:
+        if self.error is not None:
+            raise self.error
+        return self._buffer.getvalue()
+
+
+class RefusedBody:
+    """The request was refused before its body: discard it, report ``error``."""
+
+    def __init__(self, error: RegistryError) -> None:
+        self.error = error
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def abandon(self) -> None:
+        pass
+
+
+class UploadBody:
+    """An upload chunk on its way to disk; the handler claims it once complete."""
+
+    def __init__(self, writer: UploadWriter) -> None:
+        self._writer = writer
+        self._claimed = False
+
+    def write(self, data: bytes) -> None:
+        self._writer.write(data)
+
+    def abandon(self) -> None:
+        # After the claim the handler owns the writer (it may be fsyncing it).
+        if not self._claimed:
+            self._writer.abandon()
+
+    def claim(self) -> UploadWriter:
+        self._claimed = True
+        return self._writer
+
+
+class RegistryRequest(server.Request):
+    """Routes request bodies to the right sink; sets headers every response needs."""
+
+    # An empty 201/202/204 must not claim to be text/html.
+    defaultContentType = None
+    body: Any = None
+
+    def gotLength(self, length: int | None) -> None:
+        command = getattr(self.channel, "_command", b"").upper()
+        path, _, query = getattr(self.channel, "_path", b"").partition(b"?")
+        api = getattr(getattr(self.channel, "site", None), "api", None)
+        self.content = io.BytesIO()  # type: ignore[assignment]
+        try:
+            self.body = self._choose_sink(api, command, path, query, length)
+        except RegistryError as e:
+            self.body = RefusedBody(e)
+        except Exception:
+            log.failure("choosing where a request body goes failed")
+            self.body = RefusedBody(RegistryError(500, "UNKNOWN", "internal error"))
+
+    def _choose_sink(self, api: Any, command: bytes, path: bytes, query: bytes,
+                     length: int | None) -> BodySink:
+        if api is not None and command in (b"PATCH", b"PUT", b"POST"):
+            upload = _UPLOAD.match(path)
+            if upload is not None:
+                args = parse_qs(query.decode("latin-1"))
+                sink = api.upload_body(
+                    self, command.decode(), unquote(upload["name"].decode("latin-1")),
+                    unquote(upload["id"].decode("latin-1")), args, length,
+                )
+                if sink is not None:
+                    return sink
+            elif command == b"PUT" and _MANIFEST.match(path):
+                limit = api.config.max_manifest_size
+                if length is not None and length > limit:
+                    raise too_large("manifest", limit)
+                return CappedBody(limit, "manifest")
+        if length is not None and length > SMALL_BODY_LIMIT:
+            raise too_large("request body", SMALL_BODY_LIMIT)
+        return CappedBody(SMALL_BODY_LIMIT, "request body")
+
+    def handleContentChunk(self, data: bytes) -> None:
+        try:
+            self.body.write(data)
+        except Exception:
+            # A full disk or a vanished session: refuse, keep draining.
+            failure = Failure()
+            log.failure("writing a request body failed", failure)
+            self.body.abandon()
+            self.body = RefusedBody(RegistryError(500, "UNKNOWN", "could not store the request body"))
+
+    def process(self) -> None:
+        self.setHeader(b"Docker-Distribution-API-Version", b"registry/2.0")
+        super().process()
+
+    def connectionLost(self, reason: Failure) -> None:
+        if self.body is not None:
+            self.body.abandon()
+        super().connectionLost(reason)

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Install everything the tests need (Debian packages, a venv with the pinned
+# dependencies) and run the whole suite. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")"
+SUDO=""
+[ "$(id -u)" = 0 ] || SUDO=sudo
+
+# Real clients and the reference registry the tests use.
+$SUDO apt-get update -qq
+$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+    skopeo docker-registry wrk hey openssl curl >/dev/null
+
+python3 -m venv .venv
+.venv/bin/pip install -q --upgrade pip
+# compat mode puts the source tree on sys.path, so twistd finds the plugin.
+.venv/bin/pip install -q -e '.[test]' --config-settings editable_mode=compat
+
+.venv/bin/python -m mypy registryd
+.venv/bin/python -m pytest "$@"

@@ -1,0 +1,146 @@
+"""Shared fixtures: a registryd listening on a real loopback port."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from typing import Any, Iterator
+
+import attrs
+import pytest
+import pytest_twisted
+from twisted.logger import globalLogPublisher
+
+from registryd.config import Config
+from registryd.service import RegistryService
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+VENV_BIN = os.path.dirname(sys.executable)
+
+
+@attrs.define
+class RunningRegistry:
+    """A registryd the test talks to: its URL, host:port and data directory."""
+
+    url: str
+    host: str
+    data_dir: str
+    service: Any = None
+    process: Any = None
+
+
+def _start_in_process(config: Config) -> RegistryService:
+    from twisted.internet import reactor
+
+    service = RegistryService(config, reactor)
+    service.prepare_storage()
+    service.privilegedStartService()
+    service.startService()
+    return service
+
+
+@pytest.fixture
+def make_registry(tmp_path: Any) -> Iterator[Any]:
+    """Factory: start an in-process registryd with Config overrides."""
+    started: list[RegistryService] = []
+
+    def make(**overrides: Any) -> RunningRegistry:
+        settings: dict[str, Any] = {
+            "listen": ("tcp:0:interface=127.0.0.1",),
+            "data_dir": str(tmp_path / f"data{len(started)}"),
+        }
+        settings.update(overrides)
+        service = _start_in_process(Config(**settings))
+        started.append(service)
+        port = service.ports[0].getHost().port
+        host = f"127.0.0.1:{port}"
+        return RunningRegistry(f"http://{host}", host, settings["data_dir"], service=service)
+
+    yield make
+    for service in started:
+        pytest_twisted.blockon(service.stopService())
+
+
+@pytest.fixture
+def registry(make_registry: Any) -> RunningRegistry:
+    """An in-process registryd with the default configuration."""
+    return make_registry()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(host: str, port: int, process: subprocess.Popen[Any], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}")
+        try:
+            socket.create_connection((host, port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{host}:{port} did not open within {timeout}s")
+
+
+def start_twistd(data_dir: str, *extra: str, port: int | None = None) -> tuple[subprocess.Popen[Any], RunningRegistry]:
+    """Run ``twistd -n registryd`` as its own process (restarts, RSS, CLI)."""
+    port = port or free_port()
+    cmd = [
+        os.path.join(VENV_BIN, "twistd"), "-n", "--pidfile=", "registryd",
+        "--listen", f"tcp:{port}:interface=127.0.0.1", "--data-dir", data_dir, *extra,
+    ]
+    log = open(os.path.join(os.path.dirname(data_dir), f"twistd-{port}.log"), "ab")
+    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    wait_for_port("127.0.0.1", port, process)
+    host = f"127.0.0.1:{port}"
+    return process, RunningRegistry(f"http://{host}", host, data_dir, process=process)
+
+
+def stop_process(process: subprocess.Popen[Any]) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture
+def twistd_registry(tmp_path: Any) -> Iterator[RunningRegistry]:
+    """registryd as a separate ``twistd -n registryd`` process."""
+    process, running = start_twistd(str(tmp_path / "data"))
+    yield running
+    stop_process(process)
+
+
+@pytest.fixture(autouse=True)
+def fail_on_logged_errors() -> Iterator[None]:
+    """Any unhandled error logged during a test fails that test."""
+    errors: list[dict[str, Any]] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        if event.get("log_failure") is not None or event.get("isError"):
+            errors.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    yield
+    globalLogPublisher.removeObserver(observe)
+    if errors:
+        from twisted.logger import formatEvent
+
+        details = []
+        for event in errors:
+            text = formatEvent(event)
+            failure = event.get("log_failure")
+            if failure is not None:
+                text += "\n" + failure.getTraceback()
+            details.append(text)
+        pytest.fail("errors were logged:\n" + "\n".join(details))

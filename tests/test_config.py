@@ -1,0 +1,79 @@
+"""Config parsing: defaults, overrides, and one readable line per mistake."""
+from __future__ import annotations
+
+import pytest
+
+from registryd.config import Config, ConfigError, load_config
+
+
+def write(tmp_path, text: str) -> str:
+    path = tmp_path / "registryd.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_defaults_without_a_file() -> None:
+    config = load_config()
+    assert config.listen == ("tcp:5000",)
+    assert config.delete_enabled is True
+    assert config.data_dir
+
+
+def test_example_config_is_valid() -> None:
+    config = load_config("etc/registryd/registryd.toml")
+    assert config == Config(data_dir=config.data_dir)
+
+
+def test_file_values_and_listen_tables(tmp_path) -> None:
+    path = write(tmp_path, """
+data_dir = "/srv/reg"
+[[listen]]
+endpoint = "tcp:5001"
+[[listen]]
+endpoint = "tcp6:5001:interface=\\\\:\\\\:1"
+[registry]
+delete_enabled = false
+max_manifest_size = 1024
+[uploads]
+expiry = 60
+""")
+    config = load_config(path)
+    assert config.listen == ("tcp:5001", "tcp6:5001:interface=\\:\\:1")
+    assert config.data_dir == "/srv/reg"
+    assert config.delete_enabled is False
+    assert config.max_manifest_size == 1024
+    assert config.upload_expiry == 60
+
+
+def test_command_line_overrides_file(tmp_path) -> None:
+    path = write(tmp_path, 'listen = ["tcp:5001"]\ndata_dir = "/a"\n')
+    config = load_config(path, {"listen": ("tcp:6000",), "data_dir": "/b"})
+    assert config.listen == ("tcp:6000",)
+    assert config.data_dir == "/b"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("foo = 1", "unknown key 'foo'"),
+    ("[registry]\nbar = 1", "unknown key 'registry.bar'"),
+    ("[registry]\ndelete_enabled = 'yes'", "'registry.delete_enabled' must be true or false"),
+    ("[uploads]\nexpiry = true", "'uploads.expiry' must be an integer"),
+    ("[uploads]\nexpiry = 0", "'uploads.expiry' must be greater than zero"),
+    ("listen = 'tcp:5000'", "'listen' must be a list"),
+    ("listen = []", "'listen' must name at least one endpoint"),
+    ("listen = [1]", "'listen[0]' must be a string"),
+    ("[[listen]]\nport = 1", "unknown key 'listen[0].port'"),
+    ("registry = 1", "'registry' must be a table"),
+    ("listen = [", "is not valid TOML"),
+])
+def test_mistakes_are_named_in_one_line(tmp_path, text: str, message: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+    assert path in str(info.value)
+
+
+def test_missing_file(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config file .*No such file"):
+        load_config(str(tmp_path / "absent.toml"))
