@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import threading
+import time
 
 from conftest import start_twistd, stop_process
 from syncclient import push_blob, request, sha256, start_upload
@@ -110,7 +111,7 @@ def test_abandoned_uploads_are_reaped(tmp_path) -> None:
     try:
         location = start_upload(server.host, "reap/me")
         assert request(server.host, "GET", location).status == 204
-        import time
+
         deadline = time.monotonic() + 10
         while request(server.host, "GET", location).status == 204 and time.monotonic() < deadline:
             time.sleep(0.3)
@@ -118,5 +119,24 @@ def test_abandoned_uploads_are_reaped(tmp_path) -> None:
         assert response.status == 404
         assert response.json()["errors"][0]["code"] == "BLOB_UPLOAD_UNKNOWN"
         assert os.listdir(tmp_path / "data" / "uploads") == []
+    finally:
+        stop_process(process)
+
+
+def test_cut_off_monolithic_upload_leaves_nothing(tmp_path) -> None:
+    data_dir = tmp_path / "data"
+    process, server = start_twistd(str(data_dir))
+    try:
+        digest = sha256(b"x" * 100000)
+        host, port = server.host.split(":")
+        with socket.create_connection((host, int(port))) as s:
+            s.sendall(f"POST /v2/mono/lith/blobs/uploads/?digest={digest} HTTP/1.1\r\nHost: x\r\n"
+                      f"Content-Length: 100000\r\n\r\n".encode() + b"x" * 5000)
+
+        deadline = time.monotonic() + 5
+        while os.listdir(data_dir / "uploads") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert os.listdir(data_dir / "uploads") == []
+        assert request(server.host, "HEAD", f"/v2/mono/lith/blobs/{digest}").status == 404
     finally:
         stop_process(process)

@@ -13,6 +13,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 from klein import Klein
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from werkzeug.exceptions import MethodNotAllowed, NotFound
@@ -38,6 +39,7 @@ from registryd.errors import (
 from registryd.manifests import parse_manifest
 from registryd.names import check_name, check_tag
 from registryd.storage import Store
+from registryd.storage.uploads import Upload
 from registryd.web.request import CappedBody, RefusedBody, RegistryRequest, UploadBody
 from registryd.web.sendfile import send_file_range
 
@@ -265,7 +267,11 @@ class RegistryAPI:
         if method == "POST":
             if upload_id or args.get("mount") or not digest:
                 return None
-            return UploadBody(uploads.open_writer(uploads.create(name), 0, algorithm))
+            # A monolithic upload's session exists only for this request:
+            # if the body never completes, nothing of it may stay on disk.
+            session = uploads.create(name)
+            return UploadBody(uploads.open_writer(session, 0, algorithm),
+                              on_abandon=lambda: self._discard(session))
         upload = uploads.get(name, upload_id)
         start = None
         header = request.getHeader("Content-Range")
@@ -277,6 +283,10 @@ class RegistryAPI:
             if end < start or (length is not None and length != end - start + 1):
                 raise range_invalid(upload.size, upload.location())
         return UploadBody(uploads.open_writer(upload, start, algorithm))
+
+    def _discard(self, upload: Upload) -> None:
+        Deferred.fromCoroutine(self.store.uploads.cancel(upload)).addErrback(
+            lambda f: log.failure("removing an abandoned upload failed", f))
 
     def _claim(self, request: RegistryRequest) -> Any:
         body = request.body

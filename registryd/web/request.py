@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import io
 import re
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 from urllib.parse import parse_qs, unquote
 
 from twisted.logger import Logger
@@ -80,9 +80,10 @@ class RefusedBody:
 class UploadBody:
     """An upload chunk on its way to disk; the handler claims it once complete."""
 
-    def __init__(self, writer: UploadWriter) -> None:
+    def __init__(self, writer: UploadWriter, on_abandon: Callable[[], None] | None = None) -> None:
         self._writer = writer
         self._claimed = False
+        self._on_abandon = on_abandon
 
     def write(self, data: bytes) -> None:
         self._writer.write(data)
@@ -90,7 +91,10 @@ class UploadBody:
     def abandon(self) -> None:
         # After the claim the handler owns the writer (it may be fsyncing it).
         if not self._claimed:
+            self._claimed = True
             self._writer.abandon()
+            if self._on_abandon is not None:
+                self._on_abandon()
 
     def claim(self) -> UploadWriter:
         self._claimed = True
