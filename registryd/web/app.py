@@ -301,6 +301,7 @@ class RegistryAPI:
             "Location": upload.location(),
             "Range": f"0-{max(upload.size - 1, 0)}",
             "Docker-Upload-UUID": upload.id,
+            "Blob-Upload-Session-ID": upload.id,
         }
 
     @app.route("/v2/<path:name>/blobs/uploads/", methods=["POST"])
