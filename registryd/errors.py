@@ -93,7 +93,7 @@ def pagination_invalid(value: str) -> RegistryError:
 
 
 def not_found() -> RegistryError:
-    return RegistryError(404, "NOT_FOUND", "no such endpoint")
+    return RegistryError(404, "UNSUPPORTED", "no such endpoint")
 
 
 def method_not_allowed(allowed: list[str]) -> RegistryError:

@@ -25,6 +25,16 @@ def check_name(name: str) -> str:
     return name
 
 
+def check_raw_path(path: bytes) -> None:
+    """Refuse encoded '/', '.' and '\\' in a request path.
+
+    Routing sees the decoded path, where ``a%2Fb`` would pass as ``a/b``.
+    """
+    raw = path.lower()
+    if b"%2f" in raw or b"%2e" in raw or b"%5c" in raw:
+        raise name_invalid(path.decode("latin-1")[:255], "encoded '/', '.' or '\\' in the path")
+
+
 def is_tag(reference: str) -> bool:
     return bool(_TAG.match(reference))
 

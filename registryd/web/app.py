@@ -37,7 +37,7 @@ from registryd.errors import (
     unsupported,
 )
 from registryd.manifests import parse_manifest
-from registryd.names import check_name, check_tag
+from registryd.names import check_name, check_raw_path, check_tag
 from registryd.storage import Store
 from registryd.storage.uploads import Upload
 from registryd.web.request import CappedBody, RefusedBody, RegistryRequest, UploadBody
@@ -48,6 +48,7 @@ log = Logger()
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 _CONTENT_RANGE = re.compile(r"^(?:bytes[ =])?(\d+)-(\d+)(?:/(?:\d+|\*))?$")
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+_ENDPOINT = re.compile(r"^/v2/(.*)/(?:blobs/uploads/[^/]*|blobs/[^/]+|manifests/[^/]+|tags/list|referrers/[^/]+)$")
 
 
 def _arg(request: RegistryRequest, key: str) -> str | None:
@@ -76,13 +77,6 @@ def _json(request: RegistryRequest, status: int, document: Any, headers: dict[st
           content_type: str = "application/json") -> bytes:
     body = json.dumps(document, separators=(",", ":")).encode()
     return _respond(request, status, headers, body, content_type)
-
-
-def _guard_raw_path(request: RegistryRequest) -> None:
-    """Refuse encoded slashes and dots: names are matched on the decoded path."""
-    raw = request.path.lower()
-    if b"%2f" in raw or b"%2e" in raw or b"%5c" in raw:
-        raise name_invalid(request.path.decode("latin-1")[:255], "encoded '/', '.' or '\\' in the path")
 
 
 def _page_size(request: RegistryRequest) -> int | None:
@@ -134,7 +128,11 @@ class RegistryAPI:
 
     @app.handle_errors(NotFound)
     def _not_found(self, request: Any, failure: Failure) -> bytes:
-        return self._registry_error(request, Failure(not_found()))
+        # A known endpoint whose name part the router could not take
+        # (``/v2//a/tags/list``) is a bad name, not a missing endpoint.
+        endpoint = _ENDPOINT.match(request.path.decode("latin-1"))
+        error = name_invalid(endpoint[1][:255]) if endpoint else not_found()
+        return self._registry_error(request, Failure(error))
 
     @app.handle_errors(MethodNotAllowed)
     def _method_not_allowed(self, request: Any, failure: Failure) -> bytes:
@@ -151,7 +149,7 @@ class RegistryAPI:
     # --- helpers ---------------------------------------------------------
 
     def _name(self, request: RegistryRequest, name: str) -> str:
-        _guard_raw_path(request)
+        check_raw_path(request.path)
         return check_name(name)
 
     def _check_delete_enabled(self) -> None:

@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 from twisted.web import server
 
 from registryd.errors import RegistryError, too_large
+from registryd.names import check_raw_path
 from registryd.storage.uploads import UploadWriter
 
 log = Logger()
@@ -126,6 +127,7 @@ class RegistryRequest(server.Request):
         if api is not None and command in (b"PATCH", b"PUT", b"POST"):
             upload = _UPLOAD.match(path)
             if upload is not None:
+                check_raw_path(path)
                 args = parse_qs(query.decode("latin-1"))
                 sink = api.upload_body(
                     self, command.decode(), unquote(upload["name"].decode("latin-1")),
