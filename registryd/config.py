@@ -7,10 +7,13 @@ it, before anything listens or touches the disk.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from typing import Any, Mapping
 
 import attrs
+
+from registryd import __version__
 
 
 class ConfigError(Exception):
@@ -31,6 +34,31 @@ def default_data_dir() -> str:
     return os.path.join(base, "registryd")
 
 
+DOCKER_HUB = "docker.io"
+DOCKER_HUB_URL = "https://registry-1.docker.io"
+_NAMESPACE = re.compile(r"^(?:[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*(?::[0-9]{1,5})?$")
+
+
+@attrs.frozen
+class UpstreamConfig:
+    """One registry to mirror, as the operator listed it."""
+
+    namespace: str
+    url: str
+    default: bool = False
+    username: str | None = None
+    password: str | None = attrs.field(default=None, repr=False)
+    ca_file: str | None = None
+    client_cert: str | None = None
+    client_key: str | None = None
+    tls_verify: bool = True
+    manifest_ttl: int = 300
+    connect_timeout: int = 10
+    idle_timeout: int = 60
+    user_agent: str = f"registryd/{__version__}"
+    offline: bool = False
+
+
 @attrs.frozen
 class Config:
     """The whole configuration, after defaults, file and command line."""
@@ -43,6 +71,8 @@ class Config:
     upload_reap_interval: int = 600
     stall_timeout: int = 300
     io_threads: int = 4
+    upstreams: tuple[UpstreamConfig, ...] = ()
+    offline: bool = False
 
 
 # (toml path) -> (Config field, python type, check, description of check)
@@ -57,6 +87,10 @@ SCHEMA: dict[str, _Section] = {
     "": {
         "listen": ("listen", list, None),
         "data_dir": ("data_dir", str, None),
+        "upstream": ("upstreams", list, None),
+    },
+    "mirror": {
+        "offline": ("offline", bool, None),
     },
     "registry": {
         "delete_enabled": ("delete_enabled", bool, None),
@@ -104,6 +138,86 @@ def _listen_entries(key: str, value: list[Any]) -> tuple[str, ...]:
     return tuple(entries)
 
 
+# key -> (type, required)
+_UPSTREAM_KEYS: dict[str, tuple[type, bool]] = {
+    "namespace": (str, True), "url": (str, False), "default": (bool, False),
+    "username": (str, False), "password": (str, False), "password_env": (str, False),
+    "credentials_file": (str, False), "ca_file": (str, False), "client_cert": (str, False),
+    "client_key": (str, False), "tls_verify": (bool, False), "manifest_ttl": (int, False),
+    "connect_timeout": (int, False), "idle_timeout": (int, False), "user_agent": (str, False),
+    "offline": (bool, False),
+}
+
+
+def _read_secret_file(where: str, path: str) -> tuple[str, str]:
+    """A credentials file holds one line ``username:password``."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            line = f.readline().strip()
+    except OSError as e:
+        raise ConfigError(f"'{where}': cannot read {path}: {e.strerror}") from None
+    username, sep, password = line.partition(":")
+    if not sep or not username:
+        raise ConfigError(f"'{where}': {path} must hold one line 'username:password'")
+    return username, password
+
+
+def _upstream(where: str, table: Any) -> UpstreamConfig:
+    if not isinstance(table, dict):
+        raise ConfigError(f"'{where}' must be a table ([[upstream]])")
+    for key, value in table.items():
+        if key not in _UPSTREAM_KEYS:
+            raise ConfigError(f"unknown key '{where}.{key}'")
+        _check_type(f"{where}.{key}", value, _UPSTREAM_KEYS[key][0])
+    for key, (_, required) in _UPSTREAM_KEYS.items():
+        if required and key not in table:
+            raise ConfigError(f"'{where}' needs a '{key}'")
+    settings = dict(table)
+    namespace = settings["namespace"].lower()
+    if not _NAMESPACE.match(namespace):
+        raise ConfigError(f"'{where}.namespace' must be a registry host such as docker.io or "
+                          f"registry.local:5000, not {settings['namespace']!r}")
+    settings["namespace"] = namespace
+    url = settings.get("url") or (DOCKER_HUB_URL if namespace == DOCKER_HUB else f"https://{namespace}")
+    if not re.match(r"^https?://[^/\s]+/?$", url):
+        raise ConfigError(f"'{where}.url' must be http(s)://host[:port], not {url!r}")
+    settings["url"] = url.rstrip("/")
+    sources = [k for k in ("password", "password_env", "credentials_file") if k in settings]
+    if len(sources) > 1:
+        raise ConfigError(f"'{where}': give only one of password, password_env, credentials_file")
+    if "password_env" in settings:
+        variable = settings.pop("password_env")
+        if variable not in os.environ:
+            raise ConfigError(f"'{where}.password_env': environment variable {variable} is not set")
+        settings["password"] = os.environ[variable]
+    if "credentials_file" in settings:
+        settings["username"], settings["password"] = _read_secret_file(
+            f"{where}.credentials_file", settings.pop("credentials_file"))
+    if ("password" in settings) != ("username" in settings):
+        raise ConfigError(f"'{where}': username and password go together")
+    for key in ("manifest_ttl", "connect_timeout", "idle_timeout"):
+        if key in settings and settings[key] <= 0:
+            raise ConfigError(f"'{where}.{key}' must be greater than zero, not {settings[key]!r}")
+    if ("client_cert" in settings) != ("client_key" in settings):
+        raise ConfigError(f"'{where}': client_cert and client_key go together")
+    for key in ("ca_file", "client_cert", "client_key"):
+        if key in settings and not os.access(settings[key], os.R_OK):
+            raise ConfigError(f"'{where}.{key}': cannot read {settings[key]}")
+    return UpstreamConfig(**settings)
+
+
+def _upstreams(key: str, value: list[Any]) -> tuple[UpstreamConfig, ...]:
+    upstreams = tuple(_upstream(f"{key}[{i}]", table) for i, table in enumerate(value))
+    seen: set[str] = set()
+    for upstream in upstreams:
+        if upstream.namespace in seen:
+            raise ConfigError(f"two upstreams have the namespace {upstream.namespace}")
+        seen.add(upstream.namespace)
+    if sum(u.default for u in upstreams) > 1:
+        raise ConfigError("only one upstream may be the default")
+    return upstreams
+
+
 def parse_settings(document: Mapping[str, Any]) -> dict[str, Any]:
     """Turn a parsed TOML document into Config keyword arguments."""
     settings: dict[str, Any] = {}
@@ -125,6 +239,8 @@ def parse_settings(document: Mapping[str, Any]) -> dict[str, Any]:
             _check_type(full, item, kind)
             if field == "listen":
                 item = _listen_entries(full, item)
+            elif field == "upstreams":
+                item = _upstreams(full, item)
             elif check is not None and not check(item):
                 raise ConfigError(f"'{full}' must be greater than zero, not {item!r}")
             settings[field] = item
