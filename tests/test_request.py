@@ -109,3 +109,14 @@ def test_every_response_names_the_api_version(tmp_path) -> None:
                 b"GET /v2/A/tags/list HTTP/1.1\r\nHost: h\r\n\r\n"):
         response = feed(site, raw, one_byte_at_a_time=False)
         assert b"Docker-Distribution-Api-Version: registry/2.0" in response
+
+
+def test_tls_handshake_on_the_plain_port_is_answered_at_once(tmp_path) -> None:
+    """Clients of "insecure" registries try TLS first; they must not wait for a timeout."""
+    site, _ = make_site(tmp_path)
+    channel = site.buildProtocol(None)
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    channel.dataReceived(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
+    assert transport.value().startswith(b"HTTP/1.0 400 Bad Request\r\n")
+    assert transport.disconnecting
