@@ -80,6 +80,10 @@ def range_invalid(size: int, location: str | None = None) -> RegistryError:
                          {"size": size}, headers)
 
 
+def denied(message: str) -> RegistryError:
+    return RegistryError(405, "DENIED", message)
+
+
 def unsupported(message: str, status: int = 405) -> RegistryError:
     return RegistryError(status, "UNSUPPORTED", message)
 

@@ -96,6 +96,7 @@ class RegistryService(MultiService):
         if self._reaper.running:
             self._reaper.stop()
         d = self._close_ports()
+        d.addBoth(lambda _: self.api.mirror.close())
         d.addBoth(lambda _: MultiService.stopService(self))
         d.addBoth(lambda _: self.pool.stop())
         return d

@@ -84,10 +84,20 @@ class RepositoryStore:
 
     # Writes and walks: blocking.
 
-    def link_blob(self, name: str, digest: Digest) -> None:
+    def link_blob(self, name: str, digest: Digest, durable: bool = True) -> None:
         path = self._blob_link(name, digest)
         if not os.path.exists(path):
-            write_atomic(self._tmp, path, b"")
+            write_atomic(self._tmp, path, b"", durable=durable)
+
+    def tag_mtime(self, name: str, tag: str) -> float:
+        """When the tag was last written or confirmed (raises OSError if absent)."""
+        return os.stat(self._tag(name, tag)).st_mtime
+
+    def touch_tag(self, name: str, tag: str) -> None:
+        try:
+            os.utime(self._tag(name, tag))
+        except FileNotFoundError:
+            pass
 
     def unlink_blob(self, name: str, digest: Digest) -> bool:
         path = self._blob_link(name, digest)

@@ -25,6 +25,7 @@ from registryd.errors import (
     RegistryError,
     blob_unknown,
     blob_upload_invalid,
+    denied,
     digest_invalid,
     manifest_blob_unknown,
     manifest_unknown,
@@ -38,9 +39,12 @@ from registryd.errors import (
 )
 from registryd.manifests import parse_manifest
 from registryd.names import check_name, check_raw_path, check_tag
+from registryd.mirror.cache import MirrorCache
+from registryd.mirror.routing import Route
 from registryd.storage import Store
 from registryd.storage.uploads import Upload
 from registryd.web.request import CappedBody, RefusedBody, RegistryRequest, UploadBody
+from registryd.web.follow import stream_fill
 from registryd.web.sendfile import send_file_range
 
 log = Logger()
@@ -104,6 +108,19 @@ def _paginate(request: RegistryRequest, items: list[str], base: str) -> tuple[li
     return page, headers
 
 
+def _blob_headers(digest: str, length: int | None) -> dict[str, str]:
+    headers = {
+        "Docker-Content-Digest": digest,
+        "ETag": f'"{digest}"',
+        "Accept-Ranges": "bytes",
+        "Cache-Control": "max-age=31536000",
+        "Content-Type": "application/octet-stream",
+    }
+    if length is not None:
+        headers["Content-Length"] = str(length)
+    return headers
+
+
 class RegistryAPI:
     """Every route of the distribution API over one Store."""
 
@@ -111,10 +128,11 @@ class RegistryAPI:
     # "//" must reach the name check, not be merged into a redirect.
     app.url_map.merge_slashes = False
 
-    def __init__(self, store: Store, config: Config, reactor: Any) -> None:
+    def __init__(self, store: Store, config: Config, reactor: Any, mirror: MirrorCache | None = None) -> None:
         self.store = store
         self.config = config
         self._reactor = reactor
+        self.mirror = mirror or MirrorCache(store, config, reactor)
 
     def resource(self) -> Any:
         return self.app.resource()
@@ -148,9 +166,22 @@ class RegistryAPI:
 
     # --- helpers ---------------------------------------------------------
 
-    def _name(self, request: RegistryRequest, name: str) -> str:
+    def _local(self, request: RegistryRequest, name: str) -> str:
+        """The name of a repository the request may change: never a mirrored one."""
         check_raw_path(request.path)
+        return self._writable(name, _arg(request, "ns"))
+
+    def _writable(self, name: str, ns: str | None) -> str:
+        route = self.mirror.router.route(name, ns, lambda _: True)
+        if route is not None:
+            raise denied(f"{name} mirrors {route.upstream.namespace}: mirrored repositories are read-only")
         return check_name(name)
+
+    def _target(self, request: RegistryRequest, name: str) -> tuple[str, Route | None]:
+        """A repository to read: local, or the mirror route that serves it."""
+        check_raw_path(request.path)
+        route = self.mirror.router.route(name, _arg(request, "ns"), self.store.repositories.exists)
+        return (name, route) if route is not None else (check_name(name), None)
 
     def _check_delete_enabled(self) -> None:
         if not self.config.delete_enabled:
@@ -182,24 +213,23 @@ class RegistryAPI:
 
     @app.route("/v2/<path:name>/blobs/<digest>", methods=["GET", "HEAD"])
     async def get_blob(self, request: RegistryRequest, name: str, digest: str) -> bytes | None:
-        name = self._name(request, name)
+        name, route = self._target(request, name)
         parsed = parse_digest(digest)
+        if route is not None:
+            return await self._mirror_blob(request, route, parsed)
         if not self.store.repositories.has_blob(name, parsed):
             raise blob_unknown(digest)
-        blob = self.store.blobs.open(parsed)
+        return await self._send_blob(request, parsed)
+
+    async def _send_blob(self, request: RegistryRequest, digest: Digest) -> bytes | None:
+        """Serve a stored blob, honouring a single Range."""
+        blob = self.store.blobs.open(digest)
         if blob is None:
-            raise blob_unknown(digest)
+            raise blob_unknown(str(digest))
         with blob:
             size = os.fstat(blob.fileno()).st_size
             start, length = self._range(request, size)
-            headers = {
-                "Docker-Content-Digest": digest,
-                "ETag": f'"{digest}"',
-                "Accept-Ranges": "bytes",
-                "Cache-Control": "max-age=31536000",
-                "Content-Type": "application/octet-stream",
-                "Content-Length": str(length),
-            }
+            headers = _blob_headers(str(digest), length)
             if length != size:
                 request.setResponseCode(206)
                 headers["Content-Range"] = f"bytes {start}-{start + length - 1}/{size}"
@@ -209,6 +239,26 @@ class RegistryAPI:
                 return b""
             await send_file_range(request, blob, start, length, reactor=self._reactor,
                                   stall_timeout=self.config.stall_timeout)
+        return None
+
+    async def _mirror_blob(self, request: RegistryRequest, route: Route, digest: Digest) -> bytes | None:
+        mirror = self.mirror
+        if mirror.cached_blob(route, digest):
+            return await self._send_blob(request, digest)
+        if request.method == b"HEAD" or self.store.blobs.exists(digest):
+            # Ask upstream whether this repository has the blob, without
+            # downloading it; a blob already stored is then linked and served.
+            head = await mirror.head_blob(route, digest)
+            if mirror.cached_blob(route, digest):
+                return await self._send_blob(request, digest)
+            for key, value in _blob_headers(head.digest, head.size).items():
+                request.setHeader(key, value)
+            return b""
+        fill = await mirror.fill(route, digest)
+        for key, value in _blob_headers(str(digest), fill.size).items():
+            request.setHeader(key, value)
+        await stream_fill(request, fill, self.store.blobs, reactor=self._reactor,
+                          stall_timeout=self.config.stall_timeout)
         return None
 
     @staticmethod
@@ -241,7 +291,7 @@ class RegistryAPI:
 
     @app.route("/v2/<path:name>/blobs/<digest>", methods=["DELETE"])
     async def delete_blob(self, request: RegistryRequest, name: str, digest: str) -> bytes:
-        name = self._name(request, name)
+        name = self._local(request, name)
         self._check_delete_enabled()
         parsed = parse_digest(digest)
         removed = await shielded(self.store.pool.run(self.store.repositories.unlink_blob, name, parsed))
@@ -258,7 +308,7 @@ class RegistryAPI:
         Called from RegistryRequest.gotLength. None means "not an upload
         body" (a POST that starts a session or mounts).
         """
-        check_name(name)
+        self._writable(name, args.get("ns", [None])[0])
         digest = args.get("digest", [None])[0]
         algorithm = parse_digest(digest).algorithm if digest else None
         uploads = self.store.uploads
@@ -304,7 +354,7 @@ class RegistryAPI:
 
     @app.route("/v2/<path:name>/blobs/uploads/", methods=["POST"])
     async def start_upload(self, request: RegistryRequest, name: str) -> bytes:
-        name = self._name(request, name)
+        name = self._local(request, name)
         mount, source = _arg(request, "mount"), _arg(request, "from")
         digest = _arg(request, "digest")
         if mount is not None:
@@ -346,14 +396,14 @@ class RegistryAPI:
 
     @app.route("/v2/<path:name>/blobs/uploads/<upload_id>", methods=["PATCH"])
     async def patch_upload(self, request: RegistryRequest, name: str, upload_id: str) -> bytes:
-        self._name(request, name)
+        self._local(request, name)
         writer = self._claim(request)
         await shielded(self.store.uploads.acknowledge(writer))
         return _respond(request, 202, self._upload_headers(writer.upload))
 
     @app.route("/v2/<path:name>/blobs/uploads/<upload_id>", methods=["PUT"])
     async def finish_upload(self, request: RegistryRequest, name: str, upload_id: str) -> bytes:
-        name = self._name(request, name)
+        name = self._local(request, name)
         digest = _arg(request, "digest")
         if digest is None:
             body = request.body
@@ -364,13 +414,13 @@ class RegistryAPI:
 
     @app.route("/v2/<path:name>/blobs/uploads/<upload_id>", methods=["GET"])
     def upload_status(self, request: RegistryRequest, name: str, upload_id: str) -> bytes:
-        name = self._name(request, name)
+        name = self._local(request, name)
         upload = self.store.uploads.get(name, upload_id)
         return _respond(request, 204, self._upload_headers(upload))
 
     @app.route("/v2/<path:name>/blobs/uploads/<upload_id>", methods=["DELETE"])
     async def cancel_upload(self, request: RegistryRequest, name: str, upload_id: str) -> bytes:
-        name = self._name(request, name)
+        name = self._local(request, name)
         upload = self.store.uploads.get(name, upload_id)
         await shielded(self.store.uploads.cancel(upload))
         return _respond(request, 204)
@@ -378,20 +428,27 @@ class RegistryAPI:
     # --- manifests -----------------------------------------------------------
 
     @app.route("/v2/<path:name>/manifests/<reference>", methods=["GET", "HEAD"])
-    def get_manifest(self, request: RegistryRequest, name: str, reference: str) -> bytes:
-        name = self._name(request, name)
-        digest = self._resolve(name, reference)
-        media_type = self.store.repositories.manifest_media_type(name, digest)
-        data = self.store.blobs.read(digest) if media_type is not None else None
-        if data is None:
-            raise manifest_unknown(reference)
+    async def get_manifest(self, request: RegistryRequest, name: str, reference: str) -> bytes:
+        name, route = self._target(request, name)
+        if route is not None:
+            # Go clients send one Accept header per media type.
+            accept = ", ".join(request.requestHeaders.getRawHeaders("Accept", [])) or None
+            cached = await self.mirror.manifest(route, reference, accept)
+            digest, media_type, data = cached.digest, cached.media_type, cached.data
+        else:
+            digest = self._resolve(name, reference)
+            found = self.store.repositories.manifest_media_type(name, digest)
+            stored = self.store.blobs.read(digest) if found is not None else None
+            if found is None or stored is None:
+                raise manifest_unknown(reference)
+            media_type, data = found, stored
         headers = {"Docker-Content-Digest": str(digest), "ETag": f'"{digest}"'}
         body = _respond(request, 200, headers, data, media_type)
         return b"" if request.method == b"HEAD" else body
 
     @app.route("/v2/<path:name>/manifests/<reference>", methods=["PUT"])
     async def put_manifest(self, request: RegistryRequest, name: str, reference: str) -> bytes:
-        name = self._name(request, name)
+        name = self._local(request, name)
         body = request.body
         if isinstance(body, RefusedBody):
             raise body.error
@@ -435,7 +492,7 @@ class RegistryAPI:
 
     @app.route("/v2/<path:name>/manifests/<reference>", methods=["DELETE"])
     async def delete_manifest(self, request: RegistryRequest, name: str, reference: str) -> bytes:
-        name = self._name(request, name)
+        name = self._local(request, name)
         self._check_delete_enabled()
         repositories = self.store.repositories
         if not is_digest(reference):
@@ -456,9 +513,12 @@ class RegistryAPI:
     # --- tags and referrers -------------------------------------------------------
 
     @app.route("/v2/<path:name>/tags/list", methods=["GET"])
-    def list_tags(self, request: RegistryRequest, name: str) -> bytes:
-        name = self._name(request, name)
-        tags = self.store.repositories.tags(name)
+    async def list_tags(self, request: RegistryRequest, name: str) -> bytes:
+        name, route = self._target(request, name)
+        if route is not None:
+            tags: list[str] | None = await self.mirror.tags(route)
+        else:
+            tags = self.store.repositories.tags(name)
         if tags is None:
             raise name_unknown(name)
         page, headers = _paginate(request, tags, f"/v2/{name}/tags/list")
@@ -466,9 +526,12 @@ class RegistryAPI:
 
     @app.route("/v2/<path:name>/referrers/<digest>", methods=["GET"])
     async def referrers(self, request: RegistryRequest, name: str, digest: str) -> bytes:
-        name = self._name(request, name)
+        name, route = self._target(request, name)
         subject = parse_digest(digest)
-        found = await self.store.pool.run(self.store.repositories.referrers, name, subject)
+        if route is not None:
+            found = await self.mirror.referrers(route, subject)
+        else:
+            found = await self.store.pool.run(self.store.repositories.referrers, name, subject)
         headers = {}
         wanted = _args(request, "artifactType")
         if wanted:

@@ -421,7 +421,7 @@ class _RangeProducer:
         self._finished = True
         self._halt()
         self._unregister()
-        if False:
+        if self._remaining and self._request.channel is not None:
             # Content-Length promised bytes that will never come: a truncated
             # close is honest, a live keep-alive connection would be corrupt.
             self._transport.abortConnection()

@@ -40,7 +40,7 @@ class RegistrySite(Site):
     """A Site whose requests stream upload bodies through ``api``."""
 
     displayTracebacks = False
-    protocol = RegistryChannel
+    protocol = RegistryChannel  # type: ignore[assignment]
 
     def __init__(self, api: RegistryAPI, reactor: Any) -> None:
         super().__init__(api.resource(), requestFactory=RegistryRequest, reactor=reactor)

@@ -1,0 +1,1 @@
+"""Pull-through cache: upstream registries, their client, and fetch coalescing."""

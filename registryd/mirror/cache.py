@@ -1,0 +1,378 @@
+"""The pull-through cache: manifests and blobs from upstreams, kept on disk.
+
+Mirrored repositories live under ``mirror/<namespace>/<repository>/`` with
+the same layout as local ones; a tag file's mtime is when the upstream last
+confirmed it (the TTL clock). Blobs go to the shared content store, so a
+base layer is stored once however it arrived.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from typing import Any
+
+import attrs
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.web.client import HTTPConnectionPool
+
+from registryd.config import Config, UpstreamConfig
+from registryd.digest import Digest, digest_of, is_digest, parse_digest
+from registryd.errors import RegistryError, blob_unknown, manifest_unknown
+from registryd.manifests import MANIFEST_TYPES, parse_manifest
+from registryd.mirror.client import MANIFEST_ACCEPT, UpstreamClient, UpstreamUnavailable, read_limited
+from registryd.mirror.coalesce import Coalescer
+from registryd.mirror.fill import BlobFill
+from registryd.mirror.routing import Route, Router
+from registryd.names import check_tag
+from registryd.storage import Store
+from registryd.storage.repositories import RepositoryStore
+
+log = Logger()
+
+
+_MAX_TAG_PAGES = 100
+_TAG_LIST_LIMIT = 16 * 1024 * 1024
+_LINK_NEXT = re.compile(r'<([^>]+)>\s*;\s*rel="?next"?')
+
+
+def _next_page(response: Any) -> str | None:
+    """The path of the next page from a ``Link`` header, kept on the same upstream."""
+    for value in response.headers.getRawHeaders(b"link", []):
+        match = _LINK_NEXT.search(value.decode("latin-1"))
+        if match:
+            target = match[1]
+            return target if target.startswith("/v2/") else None
+    return None
+
+
+def unavailable(upstream: UpstreamConfig, why: str) -> RegistryError:
+    return RegistryError(503, "UNAVAILABLE", f"upstream {upstream.namespace} is unavailable and nothing is "
+                                             f"cached: {why}", {"upstream": upstream.namespace})
+
+
+def offline_miss(upstream: UpstreamConfig, what: str) -> RegistryError:
+    return RegistryError(404, "MANIFEST_UNKNOWN" if what == "manifest" else "BLOB_UNKNOWN",
+                         f"{what} is not cached and upstream {upstream.namespace} is offline")
+
+
+@attrs.frozen
+class CachedManifest:
+    digest: Digest
+    media_type: str
+    data: bytes
+
+
+@attrs.frozen
+class BlobHead:
+    size: int | None
+    digest: str
+
+
+def _media_type(header: bytes | None, data: bytes) -> str | None:
+    if header:
+        value = header.decode("latin-1").split(";", 1)[0].strip().lower()
+        if value in MANIFEST_TYPES:
+            return value
+    try:
+        declared = json.loads(data).get("mediaType")
+    except (ValueError, AttributeError):
+        return None
+    return declared if declared in MANIFEST_TYPES else None
+
+
+def _accepts(accept: str | None, media_type: str) -> bool:
+    if not accept:
+        return True
+    types = {part.split(";", 1)[0].strip().lower() for part in accept.split(",")}
+    return media_type in types or "*/*" in types
+
+
+class Mirror:
+    """One upstream: its client and its part of the store."""
+
+    def __init__(self, config: UpstreamConfig, client: UpstreamClient, repositories: RepositoryStore) -> None:
+        self.config = config
+        self.client = client
+        self.repositories = repositories
+
+
+class MirrorCache:
+    """Answers reads of mirrored repositories from cache or upstream."""
+
+    def __init__(self, store: Store, config: Config, reactor: Any) -> None:
+        self._store = store
+        self._config = config
+        self._reactor = reactor
+        self.router = Router(config.upstreams)
+        self._pool = HTTPConnectionPool(reactor, persistent=True)
+        self._pool.maxPersistentPerHost = 16
+        self.mirrors: dict[str, Mirror] = {}
+        for upstream in config.upstreams:
+            root = os.path.join(store.root, "mirror", upstream.namespace.replace(":", "_"))
+            repositories = RepositoryStore(root, store.tmp_dir)
+            self.mirrors[upstream.namespace] = Mirror(
+                upstream, UpstreamClient(upstream, reactor, self._pool), repositories)
+        self.manifest_fetches: Coalescer[CachedManifest] = Coalescer()
+        self.fills: dict[Digest, BlobFill] = {}
+        self.fills_started = 0
+        self.fill_waiters = 0
+
+    def close(self) -> Deferred[None]:
+        return self._pool.closeCachedConnections()
+
+    def mirror(self, route: Route) -> Mirror:
+        return self.mirrors[route.upstream.namespace]
+
+    def _offline(self, upstream: UpstreamConfig) -> bool:
+        return self._config.offline or upstream.offline
+
+    # --- manifests ---------------------------------------------------------
+
+    def _cached(self, mirror: Mirror, remote: str, digest: Digest) -> CachedManifest | None:
+        media_type = mirror.repositories.manifest_media_type(remote, digest)
+        data = self._store.blobs.read(digest) if media_type is not None else None
+        return None if data is None or media_type is None else CachedManifest(digest, media_type, data)
+
+    def _cached_tag(self, mirror: Mirror, remote: str, tag: str) -> tuple[CachedManifest, float] | None:
+        try:
+            digest = mirror.repositories.resolve_tag(remote, tag)
+        except RegistryError:
+            return None  # an unreadable tag file is a cache miss
+        if digest is None:
+            return None
+        cached = self._cached(mirror, remote, digest)
+        if cached is None:
+            return None
+        try:
+            age = time.time() - mirror.repositories.tag_mtime(remote, tag)
+        except OSError:
+            return None
+        return cached, age
+
+    async def manifest(self, route: Route, reference: str, accept: str | None) -> CachedManifest:
+        """The manifest ``reference`` of a mirrored repository."""
+        mirror = self.mirror(route)
+        upstream = route.upstream
+        if is_digest(reference):
+            digest = parse_digest(reference)
+            cached = self._cached(mirror, route.remote, digest)
+            if cached is not None:
+                return cached
+            if self._offline(upstream):
+                raise offline_miss(upstream, "manifest")
+            key: tuple[str, ...] = (upstream.namespace, route.remote, str(digest))
+            return await self.manifest_fetches.run(
+                key, lambda: self._fetch_manifest(mirror, route.remote, reference, accept, None))
+        check_tag(reference)
+        hit = self._cached_tag(mirror, route.remote, reference)
+        if hit is not None and not _accepts(accept, hit[0].media_type):
+            hit = None
+        if hit is not None and (hit[1] < upstream.manifest_ttl or self._offline(upstream)):
+            return hit[0]
+        if hit is None and self._offline(upstream):
+            raise offline_miss(upstream, "manifest")
+        key = (upstream.namespace, route.remote, reference, accept or "")
+        try:
+            return await self.manifest_fetches.run(
+                key, lambda: self._fetch_manifest(mirror, route.remote, reference, accept,
+                                                  hit[0] if hit else None))
+        except UpstreamUnavailable as e:
+            if hit is None:
+                raise unavailable(upstream, str(e)) from None
+            log.warn("serving {repository}:{tag} from cache: {error}", repository=route.remote,
+                     tag=reference, error=str(e))
+            return hit[0]
+
+    async def _fetch_manifest(self, mirror: Mirror, remote: str, reference: str, accept: str | None,
+                              cached: CachedManifest | None) -> CachedManifest:
+        path = f"/v2/{remote}/manifests/{reference}"
+        headers = {"Accept": accept or MANIFEST_ACCEPT}
+        if cached is not None:
+            # Revalidate with HEAD: it does not count against pull limits.
+            response = await mirror.client.request("HEAD", path, remote, headers)
+            await read_limited(response, 0)
+            current = (response.headers.getRawHeaders(b"docker-content-digest") or [b""])[0].decode("latin-1")
+            if response.code == 200 and current == str(cached.digest):
+                await self._store.pool.run(mirror.repositories.touch_tag, remote, reference)
+                return cached
+            if response.code == 404:
+                await self._store.pool.run(mirror.repositories.delete_tag, remote, reference)
+                raise manifest_unknown(reference)
+        response = await mirror.client.request("GET", path, remote, headers)
+        data = await read_limited(response, self._config.max_manifest_size)
+        if response.code in (401, 403, 404):
+            if cached is not None and response.code == 404:
+                await self._store.pool.run(mirror.repositories.delete_tag, remote, reference)
+            raise manifest_unknown(reference)
+        if response.code != 200:
+            raise UpstreamUnavailable(f"{mirror.config.namespace} answered {response.code} for {path}")
+        media_type = _media_type((response.headers.getRawHeaders(b"content-type") or [None])[0], data)
+        if media_type is None:
+            raise UpstreamUnavailable(f"{mirror.config.namespace} sent a manifest of an unknown type for {path}")
+        if is_digest(reference):
+            digest = parse_digest(reference)
+            tags = []
+        else:
+            digest = digest_of(data)
+            tags = [reference]
+        if digest_of(data, digest.algorithm) != digest:
+            raise UpstreamUnavailable(f"{mirror.config.namespace} sent a manifest that does not match {digest}")
+        await self._store.pool.run(self._store_manifest, mirror, remote, digest, media_type, data, tags)
+        return CachedManifest(digest, media_type, data)
+
+    def _store_manifest(self, mirror: Mirror, remote: str, digest: Digest, media_type: str, data: bytes,
+                        tags: list[str]) -> None:
+        referrer = None
+        blobs: tuple[Digest, ...] = ()
+        try:
+            parsed = parse_manifest(data, media_type)
+        except RegistryError:
+            parsed = None  # stored as the upstream sent it, but nothing linked
+        if parsed is not None:
+            blobs = parsed.blobs
+            if parsed.subject is not None:
+                descriptor: dict[str, Any] = {"mediaType": media_type, "digest": str(digest), "size": len(data)}
+                if parsed.artifact_type is not None:
+                    descriptor["artifactType"] = parsed.artifact_type
+                if parsed.annotations:
+                    descriptor["annotations"] = parsed.annotations
+                referrer = (parsed.subject, descriptor)
+        self._store.blobs.put(digest, data)
+        # The upstream served this manifest from this repository, so the
+        # blobs it names belong here: later pulls may use cached copies.
+        for blob in blobs:
+            mirror.repositories.link_blob(remote, blob, durable=False)
+        mirror.repositories.add_manifest(remote, digest, media_type, tags, referrer)
+
+    # --- tags and referrers ---------------------------------------------------
+
+    async def tags(self, route: Route) -> list[str] | None:
+        """The upstream's tags (following its pagination), or the cached ones when it is away."""
+        mirror = self.mirror(route)
+        cached = mirror.repositories.tags(route.remote)
+        if self._offline(route.upstream):
+            return cached
+        tags: list[str] = []
+        path: str | None = f"/v2/{route.remote}/tags/list"
+        try:
+            for _ in range(_MAX_TAG_PAGES):
+                if path is None:
+                    break
+                response = await mirror.client.request("GET", path, route.remote, {"Accept": "application/json"})
+                data = await read_limited(response, _TAG_LIST_LIMIT)
+                if response.code in (401, 403, 404):
+                    return cached
+                if response.code != 200:
+                    raise UpstreamUnavailable(f"{route.upstream.namespace} answered {response.code}")
+                page = json.loads(data).get("tags") or []
+                tags.extend(tag for tag in page if isinstance(tag, str))
+                path = _next_page(response)
+        except (UpstreamUnavailable, ValueError, AttributeError) as e:
+            if cached is None:
+                raise unavailable(route.upstream, str(e)) from None
+            log.warn("serving cached tags of {repository}: {error}", repository=route.remote, error=str(e))
+            return cached
+        return sorted(set(tags))
+
+    async def referrers(self, route: Route, subject: Digest) -> list[dict[str, Any]]:
+        """The upstream's referrers of ``subject``; cached ones if it has no such API or is away."""
+        mirror = self.mirror(route)
+        if not self._offline(route.upstream):
+            try:
+                response = await mirror.client.request(
+                    "GET", f"/v2/{route.remote}/referrers/{subject}", route.remote,
+                    {"Accept": "application/vnd.oci.image.index.v1+json"})
+                data = await read_limited(response, self._config.max_manifest_size)
+                if response.code == 200:
+                    manifests = json.loads(data).get("manifests")
+                    if isinstance(manifests, list):
+                        return [m for m in manifests if isinstance(m, dict)]
+            except (UpstreamUnavailable, ValueError, AttributeError) as e:
+                log.warn("serving cached referrers of {repository}: {error}", repository=route.remote,
+                         error=str(e))
+        return await self._store.pool.run(mirror.repositories.referrers, route.remote, subject)
+
+    # --- blobs -------------------------------------------------------------
+
+    def cached_blob(self, route: Route, digest: Digest) -> bool:
+        return self.mirror(route).repositories.has_blob(route.remote, digest) and self._store.blobs.exists(digest)
+
+    async def head_blob(self, route: Route, digest: Digest) -> BlobHead:
+        """Size of an uncached blob, asked of the upstream without downloading it."""
+        upstream = route.upstream
+        if self._offline(upstream):
+            raise offline_miss(upstream, "blob")
+        mirror = self.mirror(route)
+        try:
+            response = await mirror.client.request("HEAD", f"/v2/{route.remote}/blobs/{digest}", route.remote)
+            await read_limited(response, 0)
+        except UpstreamUnavailable as e:
+            raise unavailable(upstream, str(e)) from None
+        if response.code != 200:
+            raise blob_unknown(str(digest))
+        if self._store.blobs.exists(digest):
+            await self._store.pool.run(mirror.repositories.link_blob, route.remote, digest, False)
+        return BlobHead(response.length if isinstance(response.length, int) else None, str(digest))
+
+    async def fill(self, route: Route, digest: Digest) -> BlobFill:
+        """The running (or a new) upstream transfer of ``digest``, once it has begun.
+
+        However many clients ask, one transfer per digest runs.
+        """
+        upstream = route.upstream
+        if self._offline(upstream):
+            raise offline_miss(upstream, "blob")
+        fill = self.fills.get(digest)
+        if fill is None:
+            mirror = self.mirror(route)
+            fill = BlobFill(digest, self._store.tmp_dir, self._reactor, upstream.idle_timeout,
+                            lambda path, d: self._commit_fill(mirror, route.remote, path, d))
+            self.fills[digest] = fill
+            self.fills_started += 1
+            fill.started = Deferred.fromCoroutine(self._start_fill(mirror, route.remote, fill))
+        else:
+            self.fill_waiters += 1
+        await _independent(fill.started)
+        if fill.start_error is not None:
+            raise fill.start_error
+        return fill
+
+    async def _start_fill(self, mirror: Mirror, remote: str, fill: BlobFill) -> None:
+        """Ask upstream for the blob; never fails (the error is kept on the fill)."""
+        try:
+            response = await mirror.client.request("GET", f"/v2/{remote}/blobs/{fill.digest}", remote)
+            if response.code in (401, 403, 404):
+                await read_limited(response, 64 * 1024)
+                raise blob_unknown(str(fill.digest))
+            if response.code != 200:
+                await read_limited(response, 64 * 1024)
+                raise UpstreamUnavailable(f"{mirror.config.namespace} answered {response.code}")
+            fill.on_finished(lambda: self.fills.pop(fill.digest, None))
+            fill.begin(response)
+        except (RegistryError, UpstreamUnavailable) as e:
+            self.fills.pop(fill.digest, None)
+            fill.start_error = e if isinstance(e, RegistryError) else unavailable(mirror.config, str(e))
+        except Exception as e:
+            log.failure("starting the upstream transfer of {digest} failed", digest=str(fill.digest))
+            self.fills.pop(fill.digest, None)
+            fill.start_error = unavailable(mirror.config, str(e))
+
+    async def _commit_fill(self, mirror: Mirror, remote: str, path: str, digest: Digest) -> None:
+        await self._store.pool.run(self._store.blobs.commit_file, path, digest)
+        await self._store.pool.run(mirror.repositories.link_blob, remote, digest, False)
+
+
+async def _independent(shared: Deferred[Any]) -> Any:
+    """Wait for ``shared`` without letting this waiter's cancellation cancel it."""
+    waiter: Deferred[Any] = Deferred(lambda d: None)
+
+    def relay(result: Any) -> Any:
+        if not waiter.called:
+            waiter.callback(result)
+        return result
+
+    shared.addBoth(relay)
+    return await waiter

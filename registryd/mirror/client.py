@@ -1,0 +1,235 @@
+"""An HTTP client for one upstream registry: TLS, credentials, token flow.
+
+Built on Twisted's Agent rather than treq's request(): treq always asks for
+gzip and decodes it, and a blob must reach the hasher and the disk exactly
+as the upstream sent it.
+"""
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+from urllib.parse import urlencode
+
+import treq
+
+from twisted.internet import ssl
+from twisted.internet.defer import CancelledError
+from twisted.internet.error import ConnectError, ConnectingCancelledError, DNSLookupError, TimeoutError
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.logger import Logger
+from twisted.web.client import Agent, HTTPConnectionPool, RedirectAgent, ResponseFailed
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IPolicyForHTTPS, IResponse
+from zope.interface import implementer
+
+from registryd.config import UpstreamConfig
+from registryd.mirror.challenge import parse_challenges
+
+log = Logger()
+
+MANIFEST_ACCEPT = ", ".join([
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+])
+_TOKEN_BODY_LIMIT = 1024 * 1024
+_DEFAULT_TOKEN_LIFETIME = 60
+# Refresh a token this long before the upstream says it expires.
+_TOKEN_MARGIN = 10
+
+
+class UpstreamUnavailable(Exception):
+    """The upstream could not answer usefully (network, timeout, 5xx, 429).
+
+    Cached content may be served instead.
+    """
+
+
+@implementer(IPolicyForHTTPS)
+class UpstreamTLSPolicy:
+    """TLS for one upstream: its CA bundle, client certificate, verification."""
+
+    def __init__(self, config: UpstreamConfig) -> None:
+        self._verify = config.tls_verify
+        self._trust: Any = None
+        if config.ca_file:
+            with open(config.ca_file, "rb") as f:
+                pems = _split_pem(f.read())
+            self._trust = ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(pem) for pem in pems])
+        self._client: Any = None
+        if config.client_cert and config.client_key:
+            with open(config.client_cert, "rb") as f:
+                cert = f.read()
+            with open(config.client_key, "rb") as f:
+                key = f.read()
+            self._client = ssl.PrivateCertificate.loadPEM(cert + b"\n" + key)
+
+    def creatorForNetloc(self, hostname: bytes, port: int) -> IOpenSSLClientConnectionCreator:
+        if not self._verify:
+            extra = {}
+            if self._client is not None:
+                extra = {"privateKey": self._client.privateKey.original,
+                         "certificate": self._client.original}
+            return ssl.CertificateOptions(verify=False, raiseMinimumTo=ssl.TLSVersion.TLSv1_2, **extra)
+        return ssl.optionsForClientTLS(hostname.decode("ascii"), trustRoot=self._trust or ssl.platformTrust(),
+                                       clientCertificate=self._client)
+
+
+def _split_pem(data: bytes) -> list[bytes]:
+    marker = b"-----END CERTIFICATE-----"
+    return [part + marker for part in data.split(marker) if b"-----BEGIN CERTIFICATE-----" in part]
+
+
+class UpstreamClient:
+    """Sends requests to one upstream, authenticating as it demands.
+
+    Anonymous first; on 401 the challenge says Basic (use the configured
+    credentials) or Bearer (fetch a token for the repository's pull scope,
+    cache it until it expires) and the request is retried once.
+    """
+
+    def __init__(self, config: UpstreamConfig, reactor: Any, pool: HTTPConnectionPool) -> None:
+        self.config = config
+        self._reactor = reactor
+        self._agent = RedirectAgent(Agent(reactor, contextFactory=UpstreamTLSPolicy(config),
+                                          connectTimeout=config.connect_timeout, pool=pool))
+        self._tokens: dict[str, tuple[str, float]] = {}
+        self._use_basic = False
+        self._bearer: dict[str, str] | None = None
+
+    def _basic_header(self) -> str | None:
+        if self.config.username is None:
+            return None
+        raw = f"{self.config.username}:{self.config.password or ''}".encode()
+        return "Basic " + base64.b64encode(raw).decode()
+
+    def _authorization(self, scope: str) -> str | None:
+        token = self._tokens.get(scope)
+        if token is not None and token[1] > self._reactor.seconds():
+            return f"Bearer {token[0]}"
+        if self._use_basic:
+            return self._basic_header()
+        return None
+
+    async def _send(self, method: str, url: str, headers: dict[str, str]) -> IResponse:
+        raw = Headers({k.encode(): [v.encode()] for k, v in headers.items()})
+        d = self._agent.request(method.encode(), url.encode(), raw)
+        timer = self._reactor.callLater(self.config.idle_timeout, d.cancel)
+        try:
+            return await d
+        except (CancelledError, TimeoutError, ConnectError, ConnectingCancelledError, DNSLookupError,
+                ResponseFailed) as e:
+            if isinstance(e, CancelledError) and not timer.active():
+                raise UpstreamUnavailable(f"{self.config.namespace}: no answer within "
+                                          f"{self.config.idle_timeout}s") from None
+            if isinstance(e, CancelledError):
+                raise
+            raise UpstreamUnavailable(f"{self.config.namespace}: {_describe(e)}") from None
+        finally:
+            if timer.active():
+                timer.cancel()
+
+    async def request(self, method: str, path: str, repository: str,
+                      headers: dict[str, str] | None = None) -> IResponse:
+        """Send ``method path`` for ``repository``; the body is the caller's to read.
+
+        Raises UpstreamUnavailable for network failures, 5xx and 429.
+        """
+        scope = f"repository:{repository}:pull"
+        url = self.config.url + path
+        base = {"User-Agent": self.config.user_agent, **(headers or {})}
+        response = await self._send(method, url, self._with_auth(base, scope))
+        if response.code == 401:
+            challenges = parse_challenges(",".join(
+                v.decode("latin-1") for v in response.headers.getRawHeaders(b"www-authenticate", [])))
+            await _discard(response)
+            if await self._authenticate(challenges, scope):
+                response = await self._send(method, url, self._with_auth(base, scope))
+        if response.code >= 500 or response.code == 429:
+            await _discard(response)
+            raise UpstreamUnavailable(f"{self.config.namespace} answered {response.code} for {path}")
+        return response
+
+    def _with_auth(self, headers: dict[str, str], scope: str) -> dict[str, str]:
+        authorization = self._authorization(scope)
+        return {**headers, "Authorization": authorization} if authorization else headers
+
+    async def _authenticate(self, challenges: list[Any], scope: str) -> bool:
+        """Act on a 401's challenges; True when a retry may now succeed."""
+        for challenge in challenges:
+            if challenge.scheme == "bearer" and challenge.params.get("realm"):
+                await self._fetch_token(challenge.params, scope)
+                return True
+        for challenge in challenges:
+            if challenge.scheme == "basic" and self.config.username is not None and not self._use_basic:
+                self._use_basic = True
+                return True
+        return False
+
+    async def _fetch_token(self, params: dict[str, str], scope: str) -> None:
+        realm = params["realm"]
+        query = {"scope": scope}
+        if params.get("service"):
+            query["service"] = params["service"]
+        headers = {"User-Agent": self.config.user_agent, "Accept": "application/json"}
+        basic = self._basic_header()
+        if basic is not None:
+            headers["Authorization"] = basic
+        separator = "&" if "?" in realm else "?"
+        response = await self._send("GET", f"{realm}{separator}{urlencode(query)}", headers)
+        body = await read_limited(response, _TOKEN_BODY_LIMIT)
+        if response.code != 200:
+            raise UpstreamUnavailable(f"{self.config.namespace}: token service answered {response.code}")
+        try:
+            document = json.loads(body)
+            token = document.get("token") or document.get("access_token")
+            lifetime = int(document.get("expires_in") or _DEFAULT_TOKEN_LIFETIME)
+        except (ValueError, AttributeError, TypeError):
+            raise UpstreamUnavailable(f"{self.config.namespace}: token service sent no usable token") from None
+        if not isinstance(token, str) or not token:
+            raise UpstreamUnavailable(f"{self.config.namespace}: token service sent no token")
+        expires = self._reactor.seconds() + max(lifetime - _TOKEN_MARGIN, 1)
+        self._tokens[scope] = (token, expires)
+
+
+def _describe(error: Exception) -> str:
+    if isinstance(error, ResponseFailed):
+        return "; ".join(f.getErrorMessage() for f in error.reasons) or "response failed"
+    return str(error) or type(error).__name__
+
+
+async def _discard(response: IResponse) -> None:
+    try:
+        await read_limited(response, 1024 * 1024)
+    except Exception:
+        pass
+
+
+class BodyTooLarge(UpstreamUnavailable):
+    """The upstream sent more than we accept for this kind of document."""
+
+
+async def read_limited(response: IResponse, limit: int) -> bytes:
+    """The whole body, refusing (and cutting off) more than ``limit`` bytes."""
+    if isinstance(response.length, int) and response.length > limit:
+        raise BodyTooLarge(f"upstream body of {response.length} bytes exceeds {limit}")
+    parts: list[bytes] = []
+    received = 0
+
+    def collect(data: bytes) -> None:
+        nonlocal received
+        received += len(data)
+        if received > limit:
+            raise BodyTooLarge(f"upstream body exceeds {limit} bytes")
+        parts.append(data)
+
+    try:
+        await treq.collect(response, collect)
+    except BodyTooLarge:
+        raise
+    except Exception as e:
+        raise UpstreamUnavailable(f"reading the upstream body failed: {_describe(e)}") from None
+    return b"".join(parts)
+

@@ -1,0 +1,185 @@
+"""One upstream fetch per blob, written to a partial file that clients tail.
+
+The fetch writes each chunk to ``tmp/fill-<id>`` and into the hasher as it
+arrives; every client, the first included, reads that file at its own pace
+and is woken when more bytes land, so a slow client never slows the fetch
+or the others. On success the digest is checked and the file renamed into
+the blob store; on any failure the partial file is removed and the clients
+are told, so they can abort their connections rather than end a short body.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+from typing import Any, Awaitable, Callable
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.iweb import IResponse
+
+from registryd.digest import Digest
+
+log = Logger()
+
+
+class FillFailed(Exception):
+    """The upstream transfer did not produce the blob (reason in the message)."""
+
+
+class BlobFill:
+    """The state of one blob's transfer from upstream, shared by its readers."""
+
+    def __init__(self, digest: Digest, tmp_dir: str, reactor: Any, idle_timeout: float,
+                 commit: Callable[[str, Digest], Awaitable[None]]) -> None:
+        self.digest = digest
+        self._commit = commit
+        self.path = os.path.join(tmp_dir, f"fill-{uuid.uuid4().hex}")
+        self.size: int | None = None
+        self.written = 0
+        self.done = False
+        self.error: FillFailed | None = None
+        self._reactor = reactor
+        self._idle_timeout = idle_timeout
+        self._hasher = digest.hasher()
+        self._fd: int | None = None
+        self._waiters: list[Deferred[None]] = []
+        self._watchdog: IDelayedCall | None = None
+        self._transport: Any = None
+        self._on_finished: list[Callable[[], Any]] = []
+        # Fires (never fails) once the upstream answered; start_error says how.
+        self.started: Deferred[None] = Deferred()
+        self.start_error: Exception | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.done or self.error is not None
+
+    def progress(self, position: int) -> Deferred[None]:
+        """Fires once more than ``position`` bytes are written, or the fill ends.
+
+        Cancelling it removes only this reader's wait.
+        """
+        if self.written > position or self.finished:
+            d: Deferred[None] = Deferred()
+            d.callback(None)
+            return d
+        waiter: Deferred[None] = Deferred(lambda d: self._waiters.remove(d) if d in self._waiters else None)
+        self._waiters.append(waiter)
+        return waiter
+
+    def on_finished(self, callback: Callable[[], Any]) -> None:
+        self._on_finished.append(callback)
+
+    def _finish(self) -> None:
+        callbacks, self._on_finished = self._on_finished, []
+        for callback in callbacks:
+            callback()
+        self._wake()
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+
+    # The transfer itself.
+
+    def begin(self, response: IResponse) -> None:
+        """Start writing ``response``'s body (status already checked)."""
+        self.size = response.length if isinstance(response.length, int) else None
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self._arm_watchdog()
+        response.deliverBody(_FillProtocol(self))
+
+    def _arm_watchdog(self) -> None:
+        if self._watchdog is not None and self._watchdog.active():
+            self._watchdog.reset(self._idle_timeout)
+        else:
+            self._watchdog = self._reactor.callLater(self._idle_timeout, self._stalled)
+
+    def _stalled(self) -> None:
+        self.fail(FillFailed(f"upstream sent nothing for {self._idle_timeout}s"))
+        if self._transport is not None:
+            self._transport.stopProducing()
+
+    def data(self, chunk: bytes) -> None:
+        if self.finished or self._fd is None:
+            return
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(self._fd, view):]
+        self._hasher.update(chunk)
+        self.written += len(chunk)
+        self._arm_watchdog()
+        self._wake()
+
+    def on_body_end(self) -> None:
+        Deferred.fromCoroutine(self._complete()).addErrback(
+            lambda f: log.failure("finishing the fill of {digest} failed", f, digest=str(self.digest)))
+
+    async def _complete(self) -> None:
+        """The body ended: verify and commit, or fail."""
+        self._stop_watchdog()
+        self._close()
+        if self.error is not None:
+            return
+        if self.size is not None and self.written != self.size:
+            self.fail(FillFailed(f"upstream sent {self.written} of {self.size} bytes"))
+            return
+        if self._hasher.hexdigest() != self.digest.hex:
+            self.fail(FillFailed(f"upstream content does not match {self.digest}"))
+            return
+        try:
+            await self._commit(self.path, self.digest)
+        except Exception as e:
+            log.failure("committing {digest} failed", digest=str(self.digest))
+            self.fail(FillFailed(f"storing the blob failed: {e}"))
+            return
+        self.done = True
+        self._finish()
+
+    def fail(self, error: FillFailed) -> None:
+        if self.finished:
+            return
+        self.error = error
+        self._stop_watchdog()
+        self._close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        log.warn("fetching {digest} failed: {error}", digest=str(self.digest), error=str(error))
+        self._finish()
+
+    def _close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _stop_watchdog(self) -> None:
+        if self._watchdog is not None and self._watchdog.active():
+            self._watchdog.cancel()
+
+
+class _FillProtocol(Protocol):
+    """Receives the upstream body into a BlobFill."""
+
+    def __init__(self, fill: BlobFill) -> None:
+        self._fill = fill
+
+    def makeConnection(self, transport: Any) -> None:
+        self._fill._transport = transport
+        super().makeConnection(transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        self._fill.data(data)
+
+    def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:
+        self._fill._transport = None
+        if reason.check(ResponseDone):
+            self._fill.on_body_end()
+        else:
+            self._fill.fail(FillFailed(f"upstream transfer broke off: {reason.getErrorMessage()}"))

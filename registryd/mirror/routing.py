@@ -1,0 +1,66 @@
+"""Which upstream, if any, a request's repository belongs to.
+
+Three ways a client asks for a mirror, all served by one instance:
+
+* containerd ``hosts.toml``: ``/v2/library/alpine/...?ns=docker.io``;
+* cri-o / podman ``registries.conf`` path mirrors: ``/v2/docker.io/library/alpine/...``;
+* docker ``registry-mirrors``: ``/v2/library/alpine/...`` goes to the default upstream.
+
+Only configured namespaces ever map to an upstream, so no request can make
+registryd contact a host the operator did not list.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import attrs
+
+from registryd.config import DOCKER_HUB, UpstreamConfig
+from registryd.names import check_name
+
+
+@attrs.frozen
+class Route:
+    """A mirrored repository: the upstream, and the name to ask it for."""
+
+    upstream: UpstreamConfig
+    remote: str
+
+
+def _remote_name(upstream: UpstreamConfig, name: str) -> str:
+    check_name(name)
+    if upstream.namespace == DOCKER_HUB and "/" not in name:
+        return f"library/{name}"
+    return name
+
+
+class Router:
+    """Maps a client's repository name (and ``ns``) to an upstream, or to local."""
+
+    def __init__(self, upstreams: tuple[UpstreamConfig, ...]) -> None:
+        self._by_namespace = {u.namespace: u for u in upstreams}
+        self._default = next((u for u in upstreams if u.default), None)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._by_namespace)
+
+    def route(self, name: str, ns: str | None, is_local: Callable[[str], bool]) -> Route | None:
+        """The mirror route for ``name``, or None when it is a local repository.
+
+        Raises NAME_INVALID for a name no route can take.
+        """
+        if not self._by_namespace:
+            return None
+        if ns:
+            upstream = self._by_namespace.get(ns.lower())
+            if upstream is not None:
+                return Route(upstream, _remote_name(upstream, name))
+        first, sep, rest = name.partition("/")
+        upstream = self._by_namespace.get(first.lower()) if sep else None
+        if upstream is not None:
+            return Route(upstream, _remote_name(upstream, rest))
+        check_name(name)
+        if self._default is not None and not is_local(name):
+            return Route(self._default, _remote_name(self._default, name))
+        return None

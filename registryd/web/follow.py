@@ -1,0 +1,53 @@
+"""Stream a blob to a client while its upstream fill is still writing it."""
+from __future__ import annotations
+
+from typing import Any, BinaryIO
+
+from registryd.mirror.fill import BlobFill
+from registryd.storage.blobs import BlobStore
+from registryd.web.sendfile import SMALL_BODY, send_file_range
+
+
+def _open(fill: BlobFill, blobs: BlobStore) -> BinaryIO | None:
+    try:
+        return open(fill.path, "rb")
+    except FileNotFoundError:
+        # Committed (renamed into the store) between our looking and opening.
+        return blobs.open(fill.digest) if fill.done else None
+
+
+def abort(request: Any) -> None:
+    """End the connection so the client sees an incomplete body, never a short complete one."""
+    transport = getattr(request, "transport", None) or getattr(request.channel, "transport", None)
+    if transport is not None:
+        transport.abortConnection()
+
+
+async def stream_fill(request: Any, fill: BlobFill, blobs: BlobStore, *, reactor: Any,
+                      stall_timeout: float) -> int:
+    """Send the whole blob as the fill writes it; returns bytes sent.
+
+    The first bytes go out as soon as they land. After that the client is
+    sent more only in batches larger than one small write, which go through
+    the backpressured producer: a slow client holds at most one small batch
+    in memory and never slows the fill.
+    """
+    f = _open(fill, blobs)
+    if f is None:
+        abort(request)
+        return 0
+    sent = 0
+    with f:
+        while True:
+            if fill.error is not None:
+                abort(request)
+                return sent
+            available = fill.written
+            if available > sent and (sent == 0 or available - sent > SMALL_BODY or fill.finished):
+                await send_file_range(request, f, sent, available - sent, reactor=reactor,
+                                      stall_timeout=stall_timeout)
+                sent = available
+            elif fill.done and sent >= fill.written:
+                return sent
+            else:
+                await fill.progress(sent if sent == 0 else sent + SMALL_BODY)
