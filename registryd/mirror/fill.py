@@ -46,7 +46,7 @@ class BlobFill:
         self._idle_timeout = idle_timeout
         self._hasher = digest.hasher()
         self._fd: int | None = None
-        self._waiters: list[Deferred[None]] = []
+        self._waiters: dict[Deferred[None], int] = {}
         self._watchdog: IDelayedCall | None = None
         self._transport: Any = None
         self._on_finished: list[Callable[[], Any]] = []
@@ -67,8 +67,8 @@ class BlobFill:
             d: Deferred[None] = Deferred()
             d.callback(None)
             return d
-        waiter: Deferred[None] = Deferred(lambda d: self._waiters.remove(d) if d in self._waiters else None)
-        self._waiters.append(waiter)
+        waiter: Deferred[None] = Deferred(self._forget)
+        self._waiters[waiter] = position
         return waiter
 
     def on_finished(self, callback: Callable[[], Any]) -> None:
@@ -80,9 +80,13 @@ class BlobFill:
             callback()
         self._wake()
 
+    def _forget(self, waiter: Deferred[None]) -> None:
+        self._waiters.pop(waiter, None)
+
     def _wake(self) -> None:
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
+        ready = [d for d, position in self._waiters.items() if self.written > position or self.finished]
+        for waiter in ready:
+            del self._waiters[waiter]
             waiter.callback(None)
 
     # The transfer itself.

@@ -1,0 +1,202 @@
+"""Fast unit tests of the mirror's parts: challenges, routing, coalescing, fills."""
+from __future__ import annotations
+
+import hashlib
+import os
+
+import pytest
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone, ResponseFailed
+
+from registryd.config import ConfigError, UpstreamConfig, load_config
+from registryd.digest import Digest
+from registryd.errors import RegistryError
+from registryd.mirror.challenge import parse_challenges
+from registryd.mirror.coalesce import Coalescer
+from registryd.mirror.fill import BlobFill
+from registryd.mirror.routing import Router
+
+
+def test_bearer_and_basic_challenges() -> None:
+    (bearer,) = parse_challenges('Bearer realm="https://auth.example/token",service="reg",'
+                                 'scope="repository:library/alpine:pull"')
+    assert bearer.scheme == "bearer"
+    assert bearer.params == {"realm": "https://auth.example/token", "service": "reg",
+                             "scope": "repository:library/alpine:pull"}
+    basic, bearer2 = parse_challenges('Basic realm="a b", Bearer realm="x",error="insufficient_scope"')
+    assert (basic.scheme, basic.params) == ("basic", {"realm": "a b"})
+    assert bearer2.params["error"] == "insufficient_scope"
+    assert parse_challenges('Bearer realm="q\\"uote"')[0].params["realm"] == 'q"uote'
+
+
+def upstream(namespace: str, default: bool = False) -> UpstreamConfig:
+    return UpstreamConfig(namespace=namespace, url=f"https://{namespace}", default=default)
+
+
+@pytest.mark.parametrize("name, ns, local, expected", [
+    ("library/alpine", "docker.io", False, ("docker.io", "library/alpine")),
+    ("alpine", "docker.io", False, ("docker.io", "library/alpine")),
+    ("docker.io/library/alpine", None, False, ("docker.io", "library/alpine")),
+    ("docker.io/alpine", None, False, ("docker.io", "library/alpine")),
+    ("ghcr.io/org/tool", None, False, ("ghcr.io", "org/tool")),
+    ("registry.local:5000/team/app", None, False, ("registry.local:5000", "team/app")),
+    ("alpine", None, False, ("docker.io", "library/alpine")),  # default upstream
+    ("team/app", None, True, None),  # pushed here: stays local
+    ("quay.io/x", "unknown.example", False, ("quay.io", "x")),
+])
+def test_routes(name, ns, local, expected) -> None:
+    router = Router((upstream("docker.io", default=True), upstream("ghcr.io"), upstream("quay.io"),
+                     upstream("registry.local:5000")))
+    route = router.route(name, ns, lambda _: local)
+    assert (route.upstream.namespace, route.remote) == expected if expected else route is None
+
+
+def test_without_a_default_unknown_names_are_local() -> None:
+    router = Router((upstream("ghcr.io"),))
+    assert router.route("team/app", None, lambda _: False) is None
+    with pytest.raises(RegistryError):
+        router.route("ghcr.io/Bad", None, lambda _: False)
+
+
+def test_no_upstreams_means_no_routing() -> None:
+    assert not Router(()).enabled
+    assert Router(()).route("docker.io/library/alpine", "docker.io", lambda _: False) is None
+
+
+def test_upstream_config(tmp_path, monkeypatch) -> None:
+    creds = tmp_path / "creds"
+    creds.write_text("robot:s3cret\n")
+    monkeypatch.setenv("HUB_TOKEN", "tok")
+    config_file = tmp_path / "r.toml"
+    config_file.write_text(f"""
+[[upstream]]
+namespace = "docker.io"
+default = true
+username = "me"
+password_env = "HUB_TOKEN"
+[[upstream]]
+namespace = "Registry.Local:5000"
+url = "http://127.0.0.1:5000/"
+credentials_file = "{creds}"
+manifest_ttl = 60
+""")
+    hub, local = load_config(str(config_file)).upstreams
+    assert (hub.url, hub.default, hub.username, hub.password) == ("https://registry-1.docker.io", True, "me", "tok")
+    assert (local.namespace, local.url, local.username, local.password, local.manifest_ttl) == \
+        ("registry.local:5000", "http://127.0.0.1:5000", "robot", "s3cret", 60)
+    assert "tok" not in repr(hub)
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[[upstream]]\nurl = "https://x"', "needs a 'namespace'"),
+    ('[[upstream]]\nnamespace = "a b"', "must be a registry host"),
+    ('[[upstream]]\nnamespace = "x.io"\nurl = "ftp://x"', "must be http(s)://host"),
+    ('[[upstream]]\nnamespace = "x.io"\npassword_env = "NOPE_NOT_SET"\nusername = "u"', "NOPE_NOT_SET is not set"),
+    ('[[upstream]]\nnamespace = "x.io"\npassword = "p"', "username and password go together"),
+    ('[[upstream]]\nnamespace = "x.io"\nmanifest_ttl = 0', "'upstream[0].manifest_ttl' must be greater"),
+    ('[[upstream]]\nnamespace = "x.io"\nbogus = 1', "unknown key 'upstream[0].bogus'"),
+    ('[[upstream]]\nnamespace = "x.io"\n[[upstream]]\nnamespace = "x.io"', "two upstreams"),
+    ('[[upstream]]\nnamespace = "a.io"\ndefault = true\n[[upstream]]\nnamespace = "b.io"\ndefault = true',
+     "only one upstream may be the default"),
+    ('[[upstream]]\nnamespace = "x.io"\nca_file = "/nonexistent/ca.pem"', "cannot read /nonexistent/ca.pem"),
+])
+def test_bad_upstream_config(tmp_path, text, message) -> None:
+    path = tmp_path / "r.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path))
+    assert message in str(info.value)
+
+
+def test_coalescer_runs_one_job_and_survives_a_cancelled_waiter() -> None:
+    started: list[Deferred[str]] = []
+
+    async def job() -> str:
+        d: Deferred[str] = Deferred()
+        started.append(d)
+        return await d
+
+    coalescer: Coalescer[str] = Coalescer()
+    first = coalescer.run("k", job)
+    second = coalescer.run("k", job)
+    third = coalescer.run("k", job)
+    assert len(started) == 1 and coalescer.joined == 2
+    second.cancel()
+    results: list[object] = []
+    first.addBoth(results.append)
+    third.addBoth(results.append)
+    second.addErrback(lambda f: results.append(f.type))
+    started[0].callback("done")
+    assert results == [CancelledError, "done", "done"]
+    assert coalescer.running() == 0
+    coalescer.run("k", job)
+    assert len(started) == 2
+
+
+class FakeResponse:
+    def __init__(self, length: int | None) -> None:
+        self.length = length
+        self.protocol = None
+
+    def deliverBody(self, protocol) -> None:
+        self.protocol = protocol
+        protocol.makeConnection(self)
+
+    def stopProducing(self) -> None:
+        self.protocol.connectionLost(Failure(ResponseFailed([Failure(Exception("aborted"))])))
+
+
+async def _commit(path: str, digest: Digest) -> None:
+    os.unlink(path)
+
+
+def make_fill(tmp_path, data: bytes, clock: Clock | None = None) -> BlobFill:
+    digest = Digest("sha256", hashlib.sha256(data).hexdigest())
+    return BlobFill(digest, str(tmp_path), clock or Clock(), 30, _commit)
+
+
+def test_fill_wakes_readers_and_commits(tmp_path) -> None:
+    data = os.urandom(1000)
+    fill = make_fill(tmp_path, data)
+    response = FakeResponse(len(data))
+    fill.begin(response)
+    waits = [fill.progress(0), fill.progress(500)]
+    cancelled = fill.progress(0)
+    cancelled.cancel()
+    cancelled.addErrback(lambda f: f.trap(CancelledError))
+    response.protocol.dataReceived(data[:400])
+    assert waits[0].called and not waits[1].called
+    assert open(fill.path, "rb").read() == data[:400]
+    response.protocol.dataReceived(data[400:])
+    assert waits[1].called
+    finished: list[str] = []
+    fill.on_finished(lambda: finished.append("yes"))
+    response.protocol.connectionLost(Failure(ResponseDone()))
+    assert fill.done and fill.error is None and finished == ["yes"]
+
+
+@pytest.mark.parametrize("fault", ["wrong bytes", "short", "dropped", "stall"])
+def test_fill_failures_remove_the_partial_file(tmp_path, fault: str) -> None:
+    data = os.urandom(1000)
+    clock = Clock()
+    fill = make_fill(tmp_path, data, clock)
+    response = FakeResponse(len(data))
+    fill.begin(response)
+    waiter = fill.progress(999)
+    if fault == "wrong bytes":
+        response.protocol.dataReceived(os.urandom(1000))
+        response.protocol.connectionLost(Failure(ResponseDone()))
+    elif fault == "short":
+        response.protocol.dataReceived(data[:10])
+        response.protocol.connectionLost(Failure(ResponseDone()))
+    elif fault == "dropped":
+        response.protocol.dataReceived(data[:10])
+        response.protocol.connectionLost(Failure(ResponseFailed([Failure(Exception("reset"))])))
+    else:
+        response.protocol.dataReceived(data[:10])
+        clock.advance(31)
+    assert fill.error is not None and not fill.done
+    assert waiter.called
+    assert not os.path.exists(fill.path)
