@@ -6,8 +6,9 @@ Each subcommand lives in its own function and registers itself in
 from __future__ import annotations
 
 import argparse
+import getpass
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 from registryd import __version__
 
@@ -30,8 +31,84 @@ def build_parser() -> argparse.ArgumentParser:
         description="Administer a registryd registry. The server itself runs as `twistd -n registryd`.",
     )
     parser.add_argument("--version", action="version", version=f"registryd {__version__}")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    add_htpasswd_command(commands)
     return parser
+
+
+# --- registryd htpasswd ---------------------------------------------------
+
+def add_htpasswd_command(commands: Any) -> None:
+    from registryd.auth.htpasswd_file import DEFAULT_COST
+
+    command = commands.add_parser(
+        "htpasswd",
+        help="add, update or delete a user in an htpasswd file (bcrypt)",
+        description=(
+            "Add USER to the htpasswd FILE or change their password, with a bcrypt hash "
+            "as 'htpasswd -B' writes it; with --delete, remove USER. The file is created "
+            "(mode 0640) if missing and replaced atomically; other lines are kept as they are. "
+            "The password is asked for twice on the terminal, or read from the first line "
+            "of standard input with --password-stdin. A running registryd picks up the change "
+            "by itself."
+        ),
+    )
+    command.add_argument("file", metavar="FILE", help="the htpasswd file")
+    command.add_argument("user", metavar="USER", help="the user name")
+    how = command.add_mutually_exclusive_group()
+    how.add_argument("--password-stdin", action="store_true",
+                     help="read the password from the first line of standard input")
+    how.add_argument("-D", "--delete", action="store_true", help="remove USER from FILE")
+    command.add_argument("--cost", type=int, default=DEFAULT_COST, metavar="N",
+                         help=f"bcrypt cost, 4 to 31 (default {DEFAULT_COST})")
+    command.set_defaults(run=run_htpasswd)
+
+
+def _read_password(args: argparse.Namespace) -> bytes:
+    if args.password_stdin:
+        line = sys.stdin.buffer.readline()
+        password = line[:-1] if line.endswith(b"\n") else line
+        if password.endswith(b"\r"):
+            password = password[:-1]
+    elif sys.stdin.isatty():
+        first = getpass.getpass("New password: ")
+        if getpass.getpass("Re-type new password: ") != first:
+            raise CommandError("the passwords do not match")
+        password = first.encode("utf-8")
+    else:
+        raise CommandError("standard input is not a terminal; use --password-stdin", EXIT_USAGE)
+    if not password:
+        raise CommandError("the password is empty")
+    if b"\0" in password:
+        raise CommandError("the password contains a NUL byte")
+    return password
+
+
+def run_htpasswd(args: argparse.Namespace) -> int:
+    from registryd.auth.htpasswd import check_user_name
+    from registryd.auth.htpasswd_file import HtpasswdFileError, delete_user, refused_entries, set_password
+
+    problem = check_user_name(args.user)
+    if problem:
+        raise CommandError(problem, EXIT_USAGE)
+    if not 4 <= args.cost <= 31:
+        raise CommandError(f"--cost must be between 4 and 31, not {args.cost}", EXIT_USAGE)
+    try:
+        if args.delete:
+            delete_user(args.file, args.user)
+            print(f"deleted user {args.user} from {args.file}")
+        else:
+            outcome = set_password(args.file, args.user, _read_password(args), args.cost)
+            if outcome == "added":
+                print(f"added user {args.user} to {args.file}")
+            else:
+                print(f"changed the password of user {args.user} in {args.file}")
+        for message in refused_entries(args.file):
+            print(f"registryd htpasswd: warning: {args.file} {message}; registryd refuses "
+                  f"the file until it is bcrypt", file=sys.stderr)
+    except HtpasswdFileError as e:
+        raise CommandError(str(e)) from None
+    return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -66,7 +66,7 @@ def unsupported_scheme(hashed: str) -> str | None:
     """None for a bcrypt hash registryd accepts, else the scheme's name."""
     match = _BCRYPT.match(hashed)
     if match:
-        return None if 4 <= int(match.group(1)) <= 31 else "bcrypt hash with an invalid cost"
+        return None if 4 <= int(match.group(1)) <= 31 else "a bcrypt hash with an invalid cost"
     if not hashed:
         return "an empty hash"
     for prefix, name in (("$apr1$", "an Apache MD5 ($apr1$) hash"), ("{SHA}", "a SHA-1 ({SHA}) hash"),
@@ -101,6 +101,7 @@ def parse_htpasswd(data: bytes, source: str) -> dict[str, bytes]:
     """
     users: dict[str, bytes] = {}
     first_seen: dict[str, int] = {}
+    data = data.removeprefix(b"\xef\xbb\xbf")
     for number, raw in enumerate(data.split(b"\n"), start=1):
         where = f"htpasswd file {source} line {number}"
         try:
@@ -226,14 +227,23 @@ class HtpasswdChecker:
         return frozenset(self._users)
 
     def _load(self) -> None:
-        """Read and parse the file; replace the users only on success."""
+        """Read and parse the file; replace the users only on success.
+
+        A failure is remembered (by the file's signature, or the error for
+        a file that cannot be opened) so ``refresh`` reports it only once.
+        """
         try:
             with open(self._path, "rb") as f:
                 signature = _signature(os.fstat(f.fileno()))
                 data = f.read()
         except OSError as e:
-            raise HtpasswdError(f"cannot read htpasswd file {self._path}: {e.strerror}") from None
-        users = parse_htpasswd(data, self._path)
+            self._failed = f"cannot read htpasswd file {self._path}: {e.strerror}"
+            raise HtpasswdError(self._failed) from None
+        try:
+            users = parse_htpasswd(data, self._path)
+        except HtpasswdError:
+            self._failed = signature
+            raise
         costs = sorted(int(h[4:6]) for h in users.values())
         self._users = users
         self._cost = costs[len(costs) // 2] if costs else 10
@@ -267,17 +277,8 @@ class HtpasswdChecker:
             current: tuple[int, ...] | str = _signature(os.stat(self._path))
         except OSError as e:
             current = f"cannot read htpasswd file {self._path}: {e.strerror}"
-        if current == self._loaded or current == self._failed:
-            return
-        if isinstance(current, str):
-            self._failed = current
-            log.error("{error}; keeping the {count} users loaded before", error=current, count=len(self._users))
-            return
-        try:
-            self._load()
-        except HtpasswdError as e:
-            self._failed = current
-            log.error("{error}; keeping the {count} users loaded before", error=str(e), count=len(self._users))
+        if current != self._loaded and current != self._failed:
+            self.reload()
 
     def _key(self, username: str, password: bytes) -> tuple[str, bytes]:
         return (username, hmac.new(self._cache_key, password, hashlib.sha256).digest())
@@ -348,7 +349,7 @@ class HtpasswdChecker:
                 username = raw.decode("utf-8") if isinstance(raw, bytes) else raw
             except UnicodeDecodeError:
                 raise UnauthorizedLogin("user name is not UTF-8") from None
-            password: bytes | str = credentials.password  # type: ignore[attr-defined]
+            password: bytes | str = credentials.password
             return (await self.authenticate(username, password)).encode("utf-8")
 
         return Deferred.fromCoroutine(check())

@@ -85,9 +85,18 @@ class RepositoryStore:
     # Writes and walks: blocking.
 
     def link_blob(self, name: str, digest: Digest, durable: bool = True) -> None:
+        """Make the blob visible in ``name`` (an empty file: its creation is atomic)."""
         path = self._blob_link(name, digest)
-        if not os.path.exists(path):
-            write_atomic(self._tmp, path, b"", durable=durable)
+        if os.path.exists(path):
+            return
+        directory = os.path.dirname(path)
+        if durable:
+            make_dirs(directory)
+        else:
+            os.makedirs(directory, exist_ok=True)
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o644))
+        if durable:
+            fsync_dir(directory)
 
     def tag_mtime(self, name: str, tag: str) -> float:
         """When the tag was last written or confirmed (raises OSError if absent)."""

@@ -1,10 +1,14 @@
 """Blob upload sessions: ``uploads/<id>/data`` plus ``uploads/<id>/state.json``.
 
 Bytes are written straight into the session's data file as they arrive and
-hashed on the way, so the commit is one rename. ``state.json`` records the
-acknowledged size: a chunk counts only once it is fsynced and recorded, so
-a session survives a restart between two chunks, and bytes of a chunk that
-was cut off are dropped by the next write.
+hashed on the way, so the commit is one rename. A chunk is acknowledged
+only once the data file is fsynced, so a session survives a restart (or a
+crash) between two chunks; ``state.json`` names the repository, written once.
+While the server runs, the acknowledged size is kept in memory and bytes of
+a chunk that was cut off are dropped by the next write; after a restart the
+file's size is the session's size (a tail cut off just before a crash can
+only be the client's own bytes in order, and the digest is checked at the
+end in any case).
 """
 from __future__ import annotations
 
@@ -129,14 +133,15 @@ class UploadStore:
         try:
             with open(os.path.join(directory, "state.json"), "rb") as f:
                 state = json.load(f)
-            upload = Upload(upload_id, state["repo"], directory, int(state["size"]), float(state["started"]))
+            size = os.stat(os.path.join(directory, "data")).st_size
+            upload = Upload(upload_id, state["repo"], directory, size, float(state["started"]))
         except (OSError, ValueError, KeyError, TypeError):
             return None
         self._sessions[upload_id] = upload
         return upload
 
     def _save_state(self, upload: Upload, durable: bool = True) -> None:
-        state = {"repo": upload.repo, "size": upload.size, "started": upload.started}
+        state = {"repo": upload.repo, "started": upload.started}
         write_atomic(self._tmp, upload.state_path, json.dumps(state).encode(), durable=durable)
 
     def open_writer(self, upload: Upload, start: int | None, algorithm: str | None,
@@ -171,7 +176,6 @@ class UploadStore:
             await self._pool.run(os.fsync, writer.fd)
             writer.close()
             upload.size, upload.hasher = writer.end, writer.hasher
-            await self._pool.run(self._save_state, upload)
         finally:
             writer.close()
             upload.busy = False

@@ -370,14 +370,17 @@ class RegistryAPI:
         return _respond(request, 202, self._upload_headers(upload))
 
     async def _mount(self, name: str, digest: Digest, source: str | None) -> Digest | None:
-        """Link a blob from ``source`` (or, without ``from``, any known blob)."""
+        """Link a blob from ``source`` (local or a mirrored repository's cache),
+        or, without ``from``, any blob the registry holds."""
         repositories = self.store.repositories
         if source is not None:
             try:
-                check_name(source)
+                route = self.mirror.router.route(source, None, repositories.exists)
+                present = (self.mirror.cached_blob(route, digest) if route is not None
+                           else repositories.has_blob(check_name(source), digest))
             except RegistryError:
                 return None
-            if not repositories.has_blob(source, digest):
+            if not present:
                 return None
         if not self.store.blobs.exists(digest):
             return None

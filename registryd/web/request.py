@@ -158,6 +158,13 @@ class RegistryRequest(server.Request):
         self.setHeader(b"Docker-Distribution-API-Version", b"registry/2.0")
         super().process()
 
+    def finish(self) -> None:
+        # A body no handler claimed (its request was refused) must not keep
+        # its upload session busy.
+        if self.body is not None:
+            self.body.abandon()
+        super().finish()
+
     def connectionLost(self, reason: Failure) -> None:
         if self.body is not None:
             self.body.abandon()

@@ -331,6 +331,8 @@ class _RangeProducer:
 
     def _write_chunk(self) -> None:
         """Write one chunk, then continue next turn unless the consumer paused us."""
+        if self._next_step is not None and self._next_step.active():
+            self._next_step.cancel()  # resumed early: keep a single chain of steps
         self._next_step = None
         if self._halted or self._paused:
             return
