@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import pathlib
 import socket
 import subprocess
 import sys
@@ -119,4 +120,6 @@ def test_wheel_contains_the_plugin(tmp_path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     assert "twisted/plugins/registryd_plugin.py" in names
     assert "twisted/plugins/__init__.py" not in names
-    assert "registryd/web/app.py" in names
+    for init in pathlib.Path(ROOT, "registryd").rglob("__init__.py"):
+        module = init.relative_to(ROOT).as_posix()
+        assert module in names, f"{module} is missing from the wheel: list its package in setup.cfg"
