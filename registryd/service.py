@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import LoopingCall
@@ -93,6 +93,9 @@ class RegistryService(MultiService):
         return DeferredList([maybeDeferred(port.stopListening) for port in ports])
 
     def stopService(self) -> Deferred:
+        if not self.running:
+            return succeed(None)
+        self.running = False
         if self._reaper.running:
             self._reaper.stop()
         d = self._close_ports()

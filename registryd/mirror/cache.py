@@ -315,7 +315,10 @@ class MirrorCache:
             raise blob_unknown(str(digest))
         if self._store.blobs.exists(digest):
             await self._store.pool.run(mirror.repositories.link_blob, route.remote, digest, False)
-        return BlobHead(response.length if isinstance(response.length, int) else None, str(digest))
+        # For HEAD, Twisted leaves Content-Length among the headers (the body is empty).
+        lengths = response.headers.getRawHeaders(b"content-length") or []
+        size = int(lengths[0]) if lengths and lengths[0].isdigit() else None
+        return BlobHead(size, str(digest))
 
     async def fill(self, route: Route, digest: Digest) -> BlobFill:
         """The running (or a new) upstream transfer of ``digest``, once it has begun.

@@ -39,7 +39,8 @@ from registryd.errors import (
 )
 from registryd.manifests import parse_manifest
 from registryd.names import check_name, check_raw_path, check_tag
-from registryd.mirror.cache import MirrorCache
+from registryd.mirror.cache import MirrorCache, unavailable
+from registryd.mirror.fill import FillFailed
 from registryd.mirror.routing import Route
 from registryd.storage import Store
 from registryd.storage.uploads import Upload
@@ -257,8 +258,12 @@ class RegistryAPI:
         fill = await mirror.fill(route, digest)
         for key, value in _blob_headers(str(digest), fill.size).items():
             request.setHeader(key, value)
-        await stream_fill(request, fill, self.store.blobs, reactor=self._reactor,
-                          stall_timeout=self.config.stall_timeout)
+        try:
+            await stream_fill(request, fill, self.store.blobs, reactor=self._reactor,
+                              stall_timeout=self.config.stall_timeout)
+        except FillFailed as e:
+            request.responseHeaders.removeHeader("Content-Length")
+            raise unavailable(route.upstream, str(e)) from None
         return None
 
     @staticmethod

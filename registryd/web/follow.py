@@ -27,6 +27,9 @@ async def stream_fill(request: Any, fill: BlobFill, blobs: BlobStore, *, reactor
                       stall_timeout: float) -> int:
     """Send the whole blob as the fill writes it; returns bytes sent.
 
+    Raises FillFailed if the fill fails before anything was sent; once the
+    response has begun, a failure aborts the connection instead.
+
     The first bytes go out as soon as they land. After that the client is
     sent more only in batches larger than one small write, which go through
     the backpressured producer: a slow client holds at most one small batch
@@ -34,12 +37,16 @@ async def stream_fill(request: Any, fill: BlobFill, blobs: BlobStore, *, reactor
     """
     f = _open(fill, blobs)
     if f is None:
+        if fill.error is not None:
+            raise fill.error
         abort(request)
         return 0
     sent = 0
     with f:
         while True:
             if fill.error is not None:
+                if not request.startedWriting:
+                    raise fill.error  # nothing sent yet: the client gets an error document
                 abort(request)
                 return sent
             available = fill.written
