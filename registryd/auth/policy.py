@@ -278,6 +278,11 @@ class AccessPolicy:
         """How to answer ``user`` asking to do ``action`` on ``repository``."""
         if self.allows(user, repository, action):
             return Verdict.ALLOW
+        if action != PULL and self.is_mirrored(repository):
+            # Read-only whoever asks: credentials cannot help, so a requester
+            # who may pull gets DENIED, anyone else the answer for a pull.
+            pull = self.verdict(user, repository, PULL)
+            return Verdict.DENY if pull is Verdict.ALLOW else pull
         if user is None and self.authentication_enabled:
             return Verdict.AUTHENTICATE
         if action != PULL and self.allows(user, repository, PULL):

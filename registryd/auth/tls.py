@@ -5,8 +5,8 @@ or unreadable file, a file without PEM data, an encrypted key, or a
 certificate that does not belong to the key raises TLSConfigError with one
 line, so start-up stops. Connections get TLS 1.2 or newer, ECDHE key
 exchange with AEAD ciphers only (TLS 1.3 suites are all AEAD), no
-compression, no renegotiation concerns (OpenSSL 3 refuses insecure
-renegotiation), and ALPN ``http/1.1``.
+compression, no renegotiation, no TLS 1.2 session tickets, and ALPN
+``http/1.1``.
 
 With ``client_ca`` the listener requires a client certificate that chains to
 that CA and is within its validity period; anything else fails the

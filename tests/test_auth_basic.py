@@ -1,0 +1,159 @@
+"""Basic credentials of one request through throttle and checker; [auth] settings."""
+from __future__ import annotations
+
+from base64 import b64encode
+from typing import Any
+
+import bcrypt
+import pytest
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+
+from registryd.auth.basic import AuthenticationFailed, BasicAuthenticator, parse_basic
+from registryd.auth.errors import AuthConfigError
+from registryd.auth.htpasswd import HtpasswdChecker, HtpasswdError
+from registryd.auth.policy import Verdict, parse_access_rules
+from registryd.auth.settings import AuthSettings, build_auth, parse_auth_table
+from registryd.auth.throttle import Throttle
+from registryd.threads import InlinePool
+
+
+def basic(user: str, password: str) -> bytes:
+    return b"Basic " + b64encode(f"{user}:{password}".encode())
+
+
+@pytest.fixture
+def path(tmp_path: Any) -> str:
+    p = str(tmp_path / "htpasswd")
+    with open(p, "w") as f:
+        f.write("alice:" + bcrypt.hashpw(b"s3cret", bcrypt.gensalt(4)).decode() + "\n")
+    return p
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def auth(path: str, clock: Clock) -> BasicAuthenticator:
+    checker = HtpasswdChecker(path, InlinePool(), clock)
+    return BasicAuthenticator(checker, Throttle(clock, free_failures=2, max_delay=4), clock)
+
+
+def start(auth: BasicAuthenticator, header: Any, address: str = "10.0.0.1") -> Deferred[Any]:
+    return Deferred.fromCoroutine(auth.authenticate(address, header))
+
+
+def settled(d: Deferred[Any]) -> Any:
+    results: list[Any] = []
+    d.addBoth(results.append)
+    assert results, "still waiting"
+    return results[0]
+
+
+def test_parse_basic() -> None:
+    assert parse_basic(basic("alice", "pa:ss word")) == ("alice", b"pa:ss word")
+    assert parse_basic("basic " + b64encode(b"bob:").decode()) == ("bob", b"")
+    for header in (b"Bearer abc", b"Basic !!!", b"Basic " + b64encode(b"nocolon"), b"Basic " + b64encode(b":pw"),
+                   b"Basic " + b64encode(b"\xff:pw"), b"Basic"):
+        with pytest.raises(AuthenticationFailed):
+            parse_basic(header)
+
+
+def test_no_credentials_is_anonymous(auth: BasicAuthenticator) -> None:
+    assert settled(start(auth, None)) is None
+    assert settled(start(auth, b"")) is None
+
+
+def test_good_and_bad_credentials(auth: BasicAuthenticator) -> None:
+    assert settled(start(auth, basic("alice", "s3cret"))) == "alice"
+    for header in (basic("alice", "wrong"), basic("nobody", "s3cret"), b"Bearer xyz"):
+        result = settled(start(auth, header, address="10.9.9.9"))
+        assert isinstance(result, Failure) and result.check(AuthenticationFailed)
+    assert auth.challenge == 'Basic realm="registryd"'
+
+
+def test_repeated_failures_wait_on_the_clock(auth: BasicAuthenticator, clock: Clock) -> None:
+    for _ in range(3):
+        settled(start(auth, basic("alice", "wrong"))).trap(AuthenticationFailed)
+    # third failure: 1 s backoff; the right password has to wait it out too
+    d = start(auth, basic("alice", "s3cret"))
+    assert not d.called
+    clock.advance(0.9)
+    assert not d.called
+    clock.advance(0.1)
+    assert settled(d) == "alice"
+    # success reset the address
+    assert settled(start(auth, basic("alice", "s3cret"))) == "alice"
+    # another address is not slowed by this one
+    for _ in range(5):
+        start(auth, basic("alice", "wrong")).addErrback(lambda f: f.trap(AuthenticationFailed))
+        clock.advance(10)
+    assert settled(start(auth, basic("alice", "s3cret"), address="10.0.0.2")) == "alice"
+
+
+def test_cancelled_wait(auth: BasicAuthenticator, clock: Clock) -> None:
+    for _ in range(3):
+        settled(start(auth, basic("alice", "wrong"))).trap(AuthenticationFailed)
+    d = start(auth, basic("alice", "s3cret"))
+    d.cancel()
+    settled(d).trap(CancelledError)
+    assert not clock.getDelayedCalls()
+
+
+def test_authentication_off_ignores_headers(clock: Clock) -> None:
+    auth = BasicAuthenticator(None, Throttle(clock), clock)
+    assert not auth.enabled
+    assert settled(start(auth, basic("alice", "whatever"))) is None
+
+
+def test_realm_must_be_quotable(clock: Clock) -> None:
+    with pytest.raises(ValueError):
+        BasicAuthenticator(None, Throttle(clock), clock, realm='a"b')
+
+
+def test_parse_auth_table() -> None:
+    assert parse_auth_table({}) == AuthSettings()
+    settings = parse_auth_table({"htpasswd": "/etc/registryd/htpasswd", "realm": "r", "cache_seconds": 0,
+                                 "admin_users": ["root", "*"], "failures_before_delay": 5, "max_delay": 60})
+    assert settings == AuthSettings("/etc/registryd/htpasswd", "r", 0, ("root", "*"), 5, 60)
+    assert parse_auth_table({"admin_users": []}).admin_users == ()
+
+
+@pytest.mark.parametrize("table,message", [
+    ({"htpasswd_file": "x"}, "unknown key 'auth.htpasswd_file'"),
+    ({"htpasswd": 1}, "'auth.htpasswd' must be a string, not int 1"),
+    ({"cache_seconds": True}, "'auth.cache_seconds' must be an integer, not bool True"),
+    ({"cache_seconds": -1}, "'auth.cache_seconds' must not be negative, not -1"),
+    ({"max_delay": 0}, "'auth.max_delay' must be greater than zero, not 0"),
+    ({"realm": 'a"b'}, "'auth.realm' cannot hold quotes, backslashes or control characters"),
+    ({"htpasswd": " "}, "'auth.htpasswd' is empty"),
+    ({"admin_users": ["a:b"]}, "'auth.admin_users' has an invalid user name 'a:b'"),
+])
+def test_parse_auth_table_errors(table: dict[str, Any], message: str) -> None:
+    with pytest.raises(AuthConfigError) as e:
+        parse_auth_table(table)
+    assert str(e.value) == message
+
+
+def test_build_auth(path: str, clock: Clock) -> None:
+    rules = parse_access_rules([{"users": ["anonymous", "*"], "repositories": ["**"], "actions": ["pull"]}])
+    built = build_auth(AuthSettings(htpasswd=path, admin_users=("alice",)), rules, InlinePool(), clock,
+                       is_mirrored=lambda name: name.startswith("docker.io/"))
+    assert built.authenticator.enabled
+    assert settled(start(built.authenticator, basic("alice", "s3cret"))) == "alice"
+    assert built.policy.verdict(None, "x", "pull") is Verdict.ALLOW
+    assert built.policy.verdict(None, "x", "push") is Verdict.AUTHENTICATE
+    assert built.policy.is_admin("alice")
+    assert not built.policy.allows("alice", "docker.io/library/alpine", "push")
+    built.reload()
+
+    open_node = build_auth(AuthSettings(), (), InlinePool(), clock)
+    assert not open_node.authenticator.enabled and open_node.checker is None
+    assert open_node.policy.allows(None, "x", "delete")
+    open_node.reload()
+
+    with pytest.raises(HtpasswdError):
+        build_auth(AuthSettings(htpasswd=path + ".missing"), (), InlinePool(), clock)
