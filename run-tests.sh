@@ -6,10 +6,13 @@ cd "$(dirname "$0")"
 SUDO=""
 [ "$(id -u)" = 0 ] || SUDO=sudo
 
-# Real clients and the reference registry the tests use.
+# Real clients (skopeo, containerd's ctr, docker), the reference registry,
+# load generators, and what the package build and install tests use.
 $SUDO apt-get update -qq
-$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-    skopeo docker-registry wrk hey openssl curl >/dev/null
+$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    skopeo docker-registry containerd docker.io wrk hey openssl curl apache2-utils \
+    dpkg-dev debhelper dh-virtualenv python3-venv rpm debootstrap lintian \
+    systemd systemd-container >/dev/null
 
 python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
@@ -17,4 +20,5 @@ python3 -m venv .venv
 .venv/bin/pip install -q -e '.[test]' --config-settings editable_mode=compat
 
 .venv/bin/python -m mypy registryd
+scripts/build-packages versions >/dev/null
 .venv/bin/python -m pytest "$@"
