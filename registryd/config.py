@@ -14,6 +14,10 @@ from typing import Any, Mapping
 import attrs
 
 from registryd import __version__
+from registryd.auth.errors import AuthConfigError
+from registryd.auth.policy import AccessRule, parse_access_rules
+from registryd.auth.settings import AuthSettings, parse_auth_table
+from registryd.auth.tls import TLS_LISTEN_KEYS, parse_tls_table
 
 
 class ConfigError(Exception):
@@ -73,6 +77,8 @@ class Config:
     io_threads: int = 4
     upstreams: tuple[UpstreamConfig, ...] = ()
     offline: bool = False
+    auth: AuthSettings = AuthSettings()
+    access: tuple[AccessRule, ...] = ()
 
 
 # (toml path) -> (Config field, python type, check, description of check)
@@ -88,6 +94,7 @@ SCHEMA: dict[str, _Section] = {
         "listen": ("listen", list, None),
         "data_dir": ("data_dir", str, None),
         "upstream": ("upstreams", list, None),
+        "access": ("access", list, None),
     },
     "mirror": {
         "offline": ("offline", bool, None),
@@ -122,16 +129,20 @@ def _listen_entries(key: str, value: list[Any]) -> tuple[str, ...]:
     entries = []
     for index, item in enumerate(value):
         where = f"{key}[{index}]"
+        tls = None
         if isinstance(item, dict):
-            unknown = sorted(set(item) - {"endpoint"})
+            unknown = sorted(set(item) - {"endpoint"} - set(TLS_LISTEN_KEYS))
             if unknown:
                 raise ConfigError(f"unknown key '{where}.{unknown[0]}'")
             if "endpoint" not in item:
                 raise ConfigError(f"'{where}' needs an 'endpoint'")
+            tls = parse_tls_table(item, where)
             item = item["endpoint"]
         _check_type(where, item, str)
         if not item.strip():
             raise ConfigError(f"'{where}' is empty")
+        if tls is not None:
+            item = _tls_description(where, item, tls)
         entries.append(item)
     if not entries:
         raise ConfigError(f"'{key}' must name at least one endpoint")
@@ -218,11 +229,32 @@ def _upstreams(key: str, value: list[Any]) -> tuple[UpstreamConfig, ...]:
     return upstreams
 
 
+def _escape_endpoint_value(value: str) -> str:
+    return re.sub(r"([:=\\])", r"\\\1", value)
+
+
+def _tls_description(where: str, endpoint: str, tls: Any) -> str:
+    """A ``[[listen]]`` table with TLS files as one ``tls:`` description
+    (the form ``--listen`` takes too)."""
+    kind, sep, rest = endpoint.partition(":")
+    if kind != "tcp" or not sep:
+        raise ConfigError(f"'{where}': TLS needs a tcp: endpoint, not {endpoint!r}")
+    files = {"cert": tls.cert, "key": tls.key, "chain": tls.chain, "client_ca": tls.client_ca}
+    extra = "".join(f":{key}={_escape_endpoint_value(value)}" for key, value in files.items() if value)
+    return f"tls:{rest}{extra}"
+
+
 def parse_settings(document: Mapping[str, Any]) -> dict[str, Any]:
     """Turn a parsed TOML document into Config keyword arguments."""
     settings: dict[str, Any] = {}
     for key, value in document.items():
         items: list[tuple[str, Any]]
+        if key == "auth":
+            try:
+                settings["auth"] = parse_auth_table(value)
+            except AuthConfigError as e:
+                raise ConfigError(str(e)) from None
+            continue
         if key in SCHEMA and key != "":
             if not isinstance(value, dict):
                 raise ConfigError(f"'{key}' must be a table ([{key}])")
@@ -238,9 +270,17 @@ def parse_settings(document: Mapping[str, Any]) -> dict[str, Any]:
             field, kind, check = section[name]
             _check_type(full, item, kind)
             if field == "listen":
-                item = _listen_entries(full, item)
+                try:
+                    item = _listen_entries(full, item)
+                except AuthConfigError as e:
+                    raise ConfigError(str(e)) from None
             elif field == "upstreams":
                 item = _upstreams(full, item)
+            elif field == "access":
+                try:
+                    item = parse_access_rules(item, full)
+                except AuthConfigError as e:
+                    raise ConfigError(str(e)) from None
             elif check is not None and not check(item):
                 raise ConfigError(f"'{full}' must be greater than zero, not {item!r}")
             settings[field] = item

@@ -11,6 +11,9 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from registryd.auth.errors import AuthConfigError
+from registryd.auth.settings import build_auth
+from registryd.auth.tls import ServerTLSContext, parse_tls_description, tls_endpoint
 from registryd.config import Config
 from registryd.storage import Store
 from registryd.threads import BlockingPool
@@ -33,9 +36,14 @@ class RegistryService(MultiService):
         self._reactor = reactor
         self.pool = BlockingPool(reactor, config.io_threads)
         self.store = Store(config.data_dir, self.pool)
-        self.api = RegistryAPI(self.store, config, reactor)
+        try:
+            self.auth = build_auth(config.auth, config.access, self.pool, reactor)
+        except AuthConfigError as e:
+            raise StartupError(str(e)) from None
+        self.api = RegistryAPI(self.store, config, reactor, auth=self.auth)
         self.site = RegistrySite(self.api, reactor)
         self.ports: list[IListeningPort] = []
+        self.tls_contexts: list[ServerTLSContext] = []
         self._reaper = LoopingCall(lambda: Deferred.fromCoroutine(self._reap_uploads()))
         self._reaper.clock = reactor
 
@@ -54,7 +62,10 @@ class RegistryService(MultiService):
         # one line instead of a server that runs without a socket.
         for description in self.config.listen:
             try:
-                endpoint = serverFromString(self._reactor, description)
+                endpoint = self._endpoint(description)
+            except AuthConfigError as e:
+                self._close_ports()
+                raise StartupError(str(e)) from None
             except (ValueError, TypeError, KeyError) as e:
                 self._close_ports()
                 raise StartupError(f"bad listen endpoint {description!r}: {e}") from None
@@ -68,6 +79,27 @@ class RegistryService(MultiService):
             self.ports.append(port)
             log.info("registryd listening on {address}", address=str(port.getHost()))
         super().privilegedStartService()
+
+    def _endpoint(self, description: str) -> Any:
+        """A Twisted endpoint; ``tls:`` ones get our reloadable TLS context."""
+        tls = parse_tls_description(description)
+        if tls is None:
+            return serverFromString(self._reactor, description)
+        plain, settings = tls
+        endpoint = tls_endpoint(self._reactor, plain, settings)
+        self.tls_contexts.append(endpoint.context)
+        return endpoint
+
+    def reload(self) -> None:
+        """SIGHUP: new certificates for new connections, re-read htpasswd.
+
+        Open connections keep going; a file that fails to load keeps the
+        previous one and is logged.
+        """
+        log.info("reloading certificates and the htpasswd file")
+        for context in self.tls_contexts:
+            context.reload()
+        self.auth.reload()
 
     def startService(self) -> None:
         self.prepare_storage()

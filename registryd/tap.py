@@ -5,6 +5,7 @@ it gets the reactor injected.
 """
 from __future__ import annotations
 
+import signal
 import sys
 from twisted.application.service import IService
 from twisted.python import usage
@@ -55,6 +56,13 @@ class TwistdRegistryService(RegistryService):
             super().privilegedStartService()
         except StartupError as e:
             raise SystemExit(f"registryd: {e}") from None
+
+    def startService(self) -> None:
+        super().startService()
+        from twisted.internet import reactor
+
+        # Signals arrive between reactor iterations; do the work in one.
+        signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(self.reload))  # type: ignore[attr-defined]
 
 
 def makeService(options: Options) -> IService:

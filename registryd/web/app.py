@@ -18,6 +18,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
+from registryd.auth.basic import AuthenticationFailed
+from registryd.auth.policy import DELETE, PULL, PUSH, Verdict
+from registryd.auth.settings import Auth, build_auth
 from registryd.config import Config
 from registryd.deferreds import shielded
 from registryd.digest import Digest, digest_of, is_digest, parse_digest
@@ -129,11 +132,13 @@ class RegistryAPI:
     # "//" must reach the name check, not be merged into a redirect.
     app.url_map.merge_slashes = False
 
-    def __init__(self, store: Store, config: Config, reactor: Any, mirror: MirrorCache | None = None) -> None:
+    def __init__(self, store: Store, config: Config, reactor: Any, mirror: MirrorCache | None = None,
+                 auth: Auth | None = None) -> None:
         self.store = store
         self.config = config
         self._reactor = reactor
         self.mirror = mirror or MirrorCache(store, config, reactor)
+        self.auth = auth or build_auth(config.auth, config.access, store.pool, reactor)
 
     def resource(self) -> Any:
         return self.app.resource()
@@ -166,6 +171,36 @@ class RegistryAPI:
         return self._registry_error(request, Failure(error))
 
     # --- helpers ---------------------------------------------------------
+
+    async def _user(self, request: RegistryRequest) -> str | None:
+        """Who is asking (None: anonymous); 401 for credentials that fail."""
+        address = getattr(request.getClientAddress(), "host", "") or ""
+        try:
+            user = await self.auth.authenticator.authenticate(address, request.getHeader("Authorization"))
+        except AuthenticationFailed as e:
+            raise self._unauthorized(str(e)) from None
+        request.user = user
+        return user
+
+    def _unauthorized(self, why: str) -> RegistryError:
+        return RegistryError(401, "UNAUTHORIZED", f"authentication required: {why}",
+                             headers={"WWW-Authenticate": self.auth.authenticator.challenge})
+
+    async def _allow(self, request: RegistryRequest, name: str, action: str, hide: bool = True) -> str | None:
+        """Refuse unless the requester may ``action`` on ``name``.
+
+        A repository the requester may not even pull answers as unknown
+        (``hide``) where the spec allows it, else DENIED.
+        """
+        user = await self._user(request)
+        verdict = self.auth.policy.verdict(user, name, action)
+        if verdict is Verdict.ALLOW:
+            return user
+        if verdict is Verdict.AUTHENTICATE:
+            raise self._unauthorized(f"{action} on {name} needs credentials")
+        if verdict is Verdict.HIDE and hide:
+            raise name_unknown(name)
+        raise RegistryError(403, "DENIED", f"{user or 'anonymous'} may not {action} {name}", {"name": name})
 
     def _local(self, request: RegistryRequest, name: str) -> str:
         """The name of a repository the request may change: never a mirrored one."""
@@ -201,12 +236,17 @@ class RegistryAPI:
     # --- base and catalog --------------------------------------------------
 
     @app.route("/v2/", methods=["GET", "HEAD"])
-    def base(self, request: RegistryRequest) -> bytes:
+    async def base(self, request: RegistryRequest) -> bytes:
+        user = await self._user(request)
+        if user is None and self.auth.authenticator.enabled and not self.auth.policy.grants_anything(None):
+            raise self._unauthorized("this registry needs credentials")
         return _json(request, 200, {})
 
     @app.route("/v2/_catalog", methods=["GET"])
     async def catalog(self, request: RegistryRequest) -> bytes:
+        user = await self._user(request)
         names = await self.store.pool.run(self.store.repositories.catalog)
+        names = list(self.auth.policy.visible(user, names))
         page, headers = _paginate(request, names, "/v2/_catalog")
         return _json(request, 200, {"repositories": page}, headers)
 
@@ -215,6 +255,7 @@ class RegistryAPI:
     @app.route("/v2/<path:name>/blobs/<digest>", methods=["GET", "HEAD"])
     async def get_blob(self, request: RegistryRequest, name: str, digest: str) -> bytes | None:
         name, route = self._target(request, name)
+        await self._allow(request, name, PULL)
         parsed = parse_digest(digest)
         if route is not None:
             return await self._mirror_blob(request, route, parsed)
@@ -297,6 +338,7 @@ class RegistryAPI:
     @app.route("/v2/<path:name>/blobs/<digest>", methods=["DELETE"])
     async def delete_blob(self, request: RegistryRequest, name: str, digest: str) -> bytes:
         name = self._local(request, name)
+        await self._allow(request, name, DELETE, hide=False)
         self._check_delete_enabled()
         parsed = parse_digest(digest)
         removed = await shielded(self.store.pool.run(self.store.repositories.unlink_blob, name, parsed))
@@ -314,6 +356,11 @@ class RegistryAPI:
         body" (a POST that starts a session or mounts).
         """
         self._writable(name, args.get("ns", [None])[0])
+        # Credentials are checked (off the reactor) only once the body is
+        # in; an anonymous request that may not push writes nothing at all.
+        if (self.auth.authenticator.enabled and not request.getHeader("Authorization")
+                and not self.auth.policy.allows(None, name, PUSH)):
+            raise self._unauthorized(f"push on {name} needs credentials")
         digest = args.get("digest", [None])[0]
         algorithm = parse_digest(digest).algorithm if digest else None
         uploads = self.store.uploads
@@ -360,10 +407,11 @@ class RegistryAPI:
     @app.route("/v2/<path:name>/blobs/uploads/", methods=["POST"])
     async def start_upload(self, request: RegistryRequest, name: str) -> bytes:
         name = self._local(request, name)
+        user = await self._allow(request, name, PUSH, hide=False)
         mount, source = _arg(request, "mount"), _arg(request, "from")
         digest = _arg(request, "digest")
         if mount is not None:
-            mounted = await self._mount(name, parse_digest(mount), source)
+            mounted = await self._mount(name, parse_digest(mount), source, user)
             if mounted is not None:
                 return _respond(request, 201, {"Location": f"/v2/{name}/blobs/{mounted}",
                                                "Docker-Content-Digest": str(mounted)})
@@ -374,11 +422,16 @@ class RegistryAPI:
         upload = self.store.uploads.create(name)
         return _respond(request, 202, self._upload_headers(upload))
 
-    async def _mount(self, name: str, digest: Digest, source: str | None) -> Digest | None:
+    async def _mount(self, name: str, digest: Digest, source: str | None, user: str | None) -> Digest | None:
         """Link a blob from ``source`` (local or a mirrored repository's cache),
         or, without ``from``, any blob the registry holds."""
         repositories = self.store.repositories
+        if source is None and self.auth.authenticator.enabled:
+            # Without ``from`` a digest alone would reach any repository's blob.
+            return None
         if source is not None:
+            if not self.auth.policy.allows(user, source, PULL):
+                return None  # a plain upload follows; the other repository stays unseen
             try:
                 route = self.mirror.router.route(source, None, repositories.exists)
                 present = (self.mirror.cached_blob(route, digest) if route is not None
@@ -404,7 +457,7 @@ class RegistryAPI:
 
     @app.route("/v2/<path:name>/blobs/uploads/<upload_id>", methods=["PATCH"])
     async def patch_upload(self, request: RegistryRequest, name: str, upload_id: str) -> bytes:
-        self._local(request, name)
+        await self._allow(request, self._local(request, name), PUSH, hide=False)
         writer = self._claim(request)
         await shielded(self.store.uploads.acknowledge(writer))
         return _respond(request, 202, self._upload_headers(writer.upload))
@@ -412,6 +465,7 @@ class RegistryAPI:
     @app.route("/v2/<path:name>/blobs/uploads/<upload_id>", methods=["PUT"])
     async def finish_upload(self, request: RegistryRequest, name: str, upload_id: str) -> bytes:
         name = self._local(request, name)
+        await self._allow(request, name, PUSH, hide=False)
         digest = _arg(request, "digest")
         if digest is None:
             body = request.body
@@ -421,14 +475,16 @@ class RegistryAPI:
         return await self._commit(request, name, parse_digest(digest))
 
     @app.route("/v2/<path:name>/blobs/uploads/<upload_id>", methods=["GET"])
-    def upload_status(self, request: RegistryRequest, name: str, upload_id: str) -> bytes:
+    async def upload_status(self, request: RegistryRequest, name: str, upload_id: str) -> bytes:
         name = self._local(request, name)
+        await self._allow(request, name, PUSH, hide=False)
         upload = self.store.uploads.get(name, upload_id)
         return _respond(request, 204, self._upload_headers(upload))
 
     @app.route("/v2/<path:name>/blobs/uploads/<upload_id>", methods=["DELETE"])
     async def cancel_upload(self, request: RegistryRequest, name: str, upload_id: str) -> bytes:
         name = self._local(request, name)
+        await self._allow(request, name, PUSH, hide=False)
         upload = self.store.uploads.get(name, upload_id)
         await shielded(self.store.uploads.cancel(upload))
         return _respond(request, 204)
@@ -438,6 +494,7 @@ class RegistryAPI:
     @app.route("/v2/<path:name>/manifests/<reference>", methods=["GET", "HEAD"])
     async def get_manifest(self, request: RegistryRequest, name: str, reference: str) -> bytes:
         name, route = self._target(request, name)
+        await self._allow(request, name, PULL)
         if route is not None:
             # Go clients send one Accept header per media type.
             accept = ", ".join(request.requestHeaders.getRawHeaders("Accept", [])) or None
@@ -457,6 +514,7 @@ class RegistryAPI:
     @app.route("/v2/<path:name>/manifests/<reference>", methods=["PUT"])
     async def put_manifest(self, request: RegistryRequest, name: str, reference: str) -> bytes:
         name = self._local(request, name)
+        await self._allow(request, name, PUSH, hide=False)
         body = request.body
         if isinstance(body, RefusedBody):
             raise body.error
@@ -501,6 +559,7 @@ class RegistryAPI:
     @app.route("/v2/<path:name>/manifests/<reference>", methods=["DELETE"])
     async def delete_manifest(self, request: RegistryRequest, name: str, reference: str) -> bytes:
         name = self._local(request, name)
+        await self._allow(request, name, DELETE, hide=False)
         self._check_delete_enabled()
         repositories = self.store.repositories
         if not is_digest(reference):
@@ -523,6 +582,7 @@ class RegistryAPI:
     @app.route("/v2/<path:name>/tags/list", methods=["GET"])
     async def list_tags(self, request: RegistryRequest, name: str) -> bytes:
         name, route = self._target(request, name)
+        await self._allow(request, name, PULL)
         if route is not None:
             tags: list[str] | None = await self.mirror.tags(route)
         else:
@@ -535,6 +595,7 @@ class RegistryAPI:
     @app.route("/v2/<path:name>/referrers/<digest>", methods=["GET"])
     async def referrers(self, request: RegistryRequest, name: str, digest: str) -> bytes:
         name, route = self._target(request, name)
+        await self._allow(request, name, PULL)
         subject = parse_digest(digest)
         if route is not None:
             found = await self.mirror.referrers(route, subject)

@@ -108,6 +108,7 @@ class RegistryRequest(server.Request):
     # An empty 201/202/204 must not claim to be text/html.
     defaultContentType = None
     body: Any = None
+    user: str | None = None
 
     def gotLength(self, length: int | None) -> None:
         command = getattr(self.channel, "_command", b"").upper()
