@@ -12,6 +12,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from registryd.auth.errors import AuthConfigError
+from registryd.auth.policy import mirrored_namespaces
 from registryd.auth.settings import build_auth
 from registryd.auth.tls import ServerTLSContext, parse_tls_description, tls_endpoint
 from registryd.config import Config
@@ -37,7 +38,8 @@ class RegistryService(MultiService):
         self.pool = BlockingPool(reactor, config.io_threads)
         self.store = Store(config.data_dir, self.pool)
         try:
-            self.auth = build_auth(config.auth, config.access, self.pool, reactor)
+            self.auth = build_auth(config.auth, config.access, self.pool, reactor,
+                                   mirrored_namespaces(u.namespace for u in config.upstreams))
         except AuthConfigError as e:
             raise StartupError(str(e)) from None
         self.api = RegistryAPI(self.store, config, reactor, auth=self.auth)

@@ -92,6 +92,11 @@ class UploadWriter:
 
     def abandon(self) -> None:
         """The body never completed: forget it, keep the session as it was."""
+        if not self.closed:
+            try:
+                os.ftruncate(self.fd, self.start)
+            except OSError:
+                pass  # the next writer truncates again
         self.close()
         self.upload.busy = False
 

@@ -17,9 +17,10 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from werkzeug.exceptions import MethodNotAllowed, NotFound
+from werkzeug.routing import RequestRedirect
 
 from registryd.auth.basic import AuthenticationFailed
-from registryd.auth.policy import DELETE, PULL, PUSH, Verdict
+from registryd.auth.policy import DELETE, PULL, PUSH, Verdict, mirrored_namespaces
 from registryd.auth.settings import Auth, build_auth
 from registryd.config import Config
 from registryd.deferreds import shielded
@@ -47,7 +48,7 @@ from registryd.mirror.fill import FillFailed
 from registryd.mirror.routing import Route
 from registryd.storage import Store
 from registryd.storage.uploads import Upload
-from registryd.web.request import CappedBody, RefusedBody, RegistryRequest, UploadBody
+from registryd.web.request import CappedBody, PendingBody, RefusedBody, RegistryRequest, UploadBody
 from registryd.web.follow import stream_fill
 from registryd.web.sendfile import send_file_range
 
@@ -112,6 +113,13 @@ def _paginate(request: RegistryRequest, items: list[str], base: str) -> tuple[li
     return page, headers
 
 
+def _policy_name(name: str, route: Route | None) -> str:
+    """The one name access rules see for a repository, however it was addressed:
+    a mirrored one is ``<namespace>/<name upstream>`` (``docker.io/library/alpine``)
+    whether asked for by path prefix, ``?ns=`` or the default upstream."""
+    return f"{route.upstream.namespace}/{route.remote}" if route is not None else name
+
+
 def _blob_headers(digest: str, length: int | None) -> dict[str, str]:
     headers = {
         "Docker-Content-Digest": digest,
@@ -138,7 +146,8 @@ class RegistryAPI:
         self.config = config
         self._reactor = reactor
         self.mirror = mirror or MirrorCache(store, config, reactor)
-        self.auth = auth or build_auth(config.auth, config.access, store.pool, reactor)
+        self.auth = auth or build_auth(config.auth, config.access, store.pool, reactor,
+                                       mirrored_namespaces(u.namespace for u in config.upstreams))
 
     def resource(self) -> Any:
         return self.app.resource()
@@ -157,6 +166,14 @@ class RegistryAPI:
         endpoint = _ENDPOINT.match(request.path.decode("latin-1"))
         error = name_invalid(endpoint[1][:255]) if endpoint else not_found()
         return self._registry_error(request, Failure(error))
+
+    @app.handle_errors(RequestRedirect)
+    def _redirect(self, request: Any, failure: Failure) -> bytes:
+        # /v2 -> /v2/ and the like: say where, relative, without a body to parse.
+        location = request.path.decode("latin-1") + "/"
+        if request.uri.find(b"?") >= 0:
+            location += "?" + request.uri.split(b"?", 1)[1].decode("latin-1")
+        return _respond(request, 308, {"Location": location})
 
     @app.handle_errors(MethodNotAllowed)
     def _method_not_allowed(self, request: Any, failure: Failure) -> bytes:
@@ -255,7 +272,7 @@ class RegistryAPI:
     @app.route("/v2/<path:name>/blobs/<digest>", methods=["GET", "HEAD"])
     async def get_blob(self, request: RegistryRequest, name: str, digest: str) -> bytes | None:
         name, route = self._target(request, name)
-        await self._allow(request, name, PULL)
+        await self._allow(request, _policy_name(name, route), PULL)
         parsed = parse_digest(digest)
         if route is not None:
             return await self._mirror_blob(request, route, parsed)
@@ -349,47 +366,61 @@ class RegistryAPI:
     # --- uploads -----------------------------------------------------------
 
     def upload_body(self, request: RegistryRequest, method: str, name: str, upload_id: str,
-                    args: dict[str, list[str]], length: int | None) -> UploadBody | None:
+                    args: dict[str, list[str]], length: int | None) -> UploadBody | PendingBody | None:
         """Decide, before the body arrives, which session file it goes into.
 
         Called from RegistryRequest.gotLength. None means "not an upload
-        body" (a POST that starts a session or mounts).
+        body" (a POST that starts a session or mounts). When credentials
+        must be checked first (bcrypt runs off the reactor), the body waits
+        in a PendingBody with the connection paused: nothing of a request
+        that will be refused is ever written.
         """
         self._writable(name, args.get("ns", [None])[0])
-        # Credentials are checked (off the reactor) only once the body is
-        # in; an anonymous request that may not push writes nothing at all.
-        if (self.auth.authenticator.enabled and not request.getHeader("Authorization")
-                and not self.auth.policy.allows(None, name, PUSH)):
-            raise self._unauthorized(f"push on {name} needs credentials")
         digest = args.get("digest", [None])[0]
         algorithm = parse_digest(digest).algorithm if digest else None
         uploads = self.store.uploads
-        if method == "POST":
-            if upload_id or args.get("mount") or not digest:
-                return None
-            # A monolithic upload's session exists only for this request:
-            # if the body never completes, nothing of it may stay on disk.
-            session = uploads.create(name)
-            return UploadBody(uploads.open_writer(session, 0, algorithm),
-                              on_abandon=lambda: self._discard(session))
-        upload = uploads.get(name, upload_id)
+        if method == "POST" and (upload_id or args.get("mount") or not digest):
+            return None
         start = None
-        header = request.getHeader("Content-Range")
-        if header is not None:
-            match = _CONTENT_RANGE.match(header.strip())
-            if match is None:
-                raise range_invalid(upload.size, upload.location())
-            start, end = int(match[1]), int(match[2])
-            if end < start or (length is not None and length != end - start + 1):
-                raise range_invalid(upload.size, upload.location())
-        return UploadBody(uploads.open_writer(upload, start, algorithm))
+        if method != "POST":
+            upload = uploads.get(name, upload_id)
+            header = request.getHeader("Content-Range")
+            if header is not None:
+                match = _CONTENT_RANGE.match(header.strip())
+                if match is None:
+                    raise range_invalid(upload.size, upload.location())
+                start, end = int(match[1]), int(match[2])
+                if end < start or (length is not None and length != end - start + 1):
+                    raise range_invalid(upload.size, upload.location())
+
+        def open_body() -> UploadBody:
+            if method == "POST":
+                # A monolithic upload's session exists only for this request:
+                # if the body never completes, nothing of it may stay on disk.
+                session = uploads.create(name)
+                return UploadBody(uploads.open_writer(session, 0, algorithm),
+                                  on_abandon=lambda: self._discard(session))
+            return UploadBody(uploads.open_writer(uploads.get(name, upload_id), start, algorithm))
+
+        if not self.auth.authenticator.enabled:
+            return open_body()
+        if not request.getHeader("Authorization"):
+            if not self.auth.policy.allows(None, name, PUSH):
+                raise self._unauthorized(f"push on {name} needs credentials")
+            return open_body()
+
+        async def authorize() -> UploadBody:
+            await self._allow(request, name, PUSH, hide=False)
+            return open_body()
+
+        return PendingBody(authorize())
 
     def _discard(self, upload: Upload) -> None:
         Deferred.fromCoroutine(self.store.uploads.cancel(upload)).addErrback(
             lambda f: log.failure("removing an abandoned upload failed", f))
 
-    def _claim(self, request: RegistryRequest) -> Any:
-        body = request.body
+    async def _claim(self, request: RegistryRequest) -> Any:
+        body = await request.settled_body()
         if isinstance(body, RefusedBody):
             raise body.error
         if not isinstance(body, UploadBody):
@@ -430,12 +461,13 @@ class RegistryAPI:
             # Without ``from`` a digest alone would reach any repository's blob.
             return None
         if source is not None:
-            if not self.auth.policy.allows(user, source, PULL):
-                return None  # a plain upload follows; the other repository stays unseen
             try:
                 route = self.mirror.router.route(source, None, repositories.exists)
+                if not self.auth.policy.allows(user, _policy_name(check_name(source) if route is None
+                                                                  else source, route), PULL):
+                    return None  # a plain upload follows; the other repository stays unseen
                 present = (self.mirror.cached_blob(route, digest) if route is not None
-                           else repositories.has_blob(check_name(source), digest))
+                           else repositories.has_blob(source, digest))
             except RegistryError:
                 return None
             if not present:
@@ -446,7 +478,7 @@ class RegistryAPI:
         return digest
 
     async def _commit(self, request: RegistryRequest, name: str, digest: Digest) -> bytes:
-        writer = self._claim(request)
+        writer = await self._claim(request)
         await shielded(self._commit_and_link(writer, name, digest))
         return _respond(request, 201, {"Location": f"/v2/{name}/blobs/{digest}",
                                        "Docker-Content-Digest": str(digest)})
@@ -458,7 +490,7 @@ class RegistryAPI:
     @app.route("/v2/<path:name>/blobs/uploads/<upload_id>", methods=["PATCH"])
     async def patch_upload(self, request: RegistryRequest, name: str, upload_id: str) -> bytes:
         await self._allow(request, self._local(request, name), PUSH, hide=False)
-        writer = self._claim(request)
+        writer = await self._claim(request)
         await shielded(self.store.uploads.acknowledge(writer))
         return _respond(request, 202, self._upload_headers(writer.upload))
 
@@ -468,7 +500,7 @@ class RegistryAPI:
         await self._allow(request, name, PUSH, hide=False)
         digest = _arg(request, "digest")
         if digest is None:
-            body = request.body
+            body = await request.settled_body()
             if isinstance(body, UploadBody):
                 body.claim().abandon()
             raise digest_invalid("the digest query parameter is required to finish an upload")
@@ -494,7 +526,7 @@ class RegistryAPI:
     @app.route("/v2/<path:name>/manifests/<reference>", methods=["GET", "HEAD"])
     async def get_manifest(self, request: RegistryRequest, name: str, reference: str) -> bytes:
         name, route = self._target(request, name)
-        await self._allow(request, name, PULL)
+        await self._allow(request, _policy_name(name, route), PULL)
         if route is not None:
             # Go clients send one Accept header per media type.
             accept = ", ".join(request.requestHeaders.getRawHeaders("Accept", [])) or None
@@ -582,7 +614,7 @@ class RegistryAPI:
     @app.route("/v2/<path:name>/tags/list", methods=["GET"])
     async def list_tags(self, request: RegistryRequest, name: str) -> bytes:
         name, route = self._target(request, name)
-        await self._allow(request, name, PULL)
+        await self._allow(request, _policy_name(name, route), PULL)
         if route is not None:
             tags: list[str] | None = await self.mirror.tags(route)
         else:
@@ -595,7 +627,7 @@ class RegistryAPI:
     @app.route("/v2/<path:name>/referrers/<digest>", methods=["GET"])
     async def referrers(self, request: RegistryRequest, name: str, digest: str) -> bytes:
         name, route = self._target(request, name)
-        await self._allow(request, name, PULL)
+        await self._allow(request, _policy_name(name, route), PULL)
         subject = parse_digest(digest)
         if route is not None:
             found = await self.mirror.referrers(route, subject)

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import io
 import re
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Coroutine, Protocol
 from urllib.parse import parse_qs, unquote
 
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import server
@@ -102,6 +103,75 @@ class UploadBody:
         return self._writer
 
 
+class PendingBody:
+    """A body waiting for its request's credentials to be checked.
+
+    The connection is paused meanwhile, so at most what was already read
+    (one socket read) waits in memory; then the body goes to the sink the
+    check yields, or is discarded if the request is refused.
+    """
+
+    def __init__(self, decide: Coroutine[Any, Any, BodySink]) -> None:
+        self._decide = decide
+        self._buffer: list[bytes] = []
+        self._sink: BodySink | None = None
+        self._abandoned = False
+        self._waiters: list[Deferred[BodySink]] = []
+
+    def start(self, transport: Any) -> None:
+        self._transport = transport
+        if transport is not None:
+            transport.pauseProducing()
+        Deferred.fromCoroutine(self._decide).addBoth(self._settle)
+
+    def _settle(self, outcome: Any) -> None:
+        if isinstance(outcome, Failure):
+            error = outcome.value
+            if not isinstance(error, RegistryError):
+                log.failure("checking an upload's credentials failed", outcome)
+                error = RegistryError(500, "UNKNOWN", "internal error")
+            sink: BodySink = RefusedBody(error)
+        else:
+            sink = outcome
+        if self._abandoned:
+            sink.abandon()
+        else:
+            try:
+                for chunk in self._buffer:
+                    sink.write(chunk)
+            except Exception:
+                log.failure("writing a request body failed")
+                sink.abandon()
+                sink = RefusedBody(RegistryError(500, "UNKNOWN", "could not store the request body"))
+        self._buffer = []
+        self._sink = sink
+        if self._transport is not None and not self._abandoned:
+            self._transport.resumeProducing()
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.callback(sink)
+
+    def write(self, data: bytes) -> None:
+        if self._sink is not None:
+            self._sink.write(data)
+        else:
+            self._buffer.append(data)
+
+    def abandon(self) -> None:
+        self._abandoned = True
+        self._buffer = []
+        if self._sink is not None:
+            self._sink.abandon()
+
+    def settled(self) -> Deferred[BodySink]:
+        d: Deferred[BodySink] = Deferred()
+        if self._sink is not None:
+            d.callback(self._sink)
+        else:
+            self._waiters.append(d)
+        return d
+
+
 class RegistryRequest(server.Request):
     """Routes request bodies to the right sink; sets headers every response needs."""
 
@@ -117,6 +187,8 @@ class RegistryRequest(server.Request):
         self.content = io.BytesIO()  # type: ignore[assignment]
         try:
             self.body = self._choose_sink(api, command, path, query, length)
+            if isinstance(self.body, PendingBody):
+                self.body.start(getattr(self.channel, "transport", None))
         except RegistryError as e:
             self.body = RefusedBody(e)
         except Exception:
@@ -144,6 +216,12 @@ class RegistryRequest(server.Request):
         if length is not None and length > SMALL_BODY_LIMIT:
             raise too_large("request body", SMALL_BODY_LIMIT)
         return CappedBody(SMALL_BODY_LIMIT, "request body")
+
+    async def settled_body(self) -> Any:
+        """The body's sink, once any credential check before it is done."""
+        if isinstance(self.body, PendingBody):
+            return await self.body.settled()
+        return self.body
 
     def handleContentChunk(self, data: bytes) -> None:
         try:
