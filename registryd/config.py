@@ -75,6 +75,7 @@ class Config:
     upload_reap_interval: int = 600
     stall_timeout: int = 300
     io_threads: int = 4
+    min_free_bytes: int = 512 * 1024 * 1024
     upstreams: tuple[UpstreamConfig, ...] = ()
     offline: bool = False
     auth: AuthSettings = AuthSettings()
@@ -110,6 +111,7 @@ SCHEMA: dict[str, _Section] = {
     "server": {
         "stall_timeout": ("stall_timeout", int, _positive),
         "io_threads": ("io_threads", int, _positive),
+        "min_free_bytes": ("min_free_bytes", int, _positive),
     },
 }
 

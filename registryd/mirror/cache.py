@@ -22,6 +22,7 @@ from registryd.config import Config, UpstreamConfig
 from registryd.digest import Digest, digest_of, is_digest, parse_digest
 from registryd.errors import RegistryError, blob_unknown, manifest_unknown
 from registryd.manifests import MANIFEST_TYPES, parse_manifest
+from registryd.metrics import Metrics
 from registryd.mirror.client import MANIFEST_ACCEPT, UpstreamClient, UpstreamUnavailable, read_limited
 from registryd.mirror.coalesce import Coalescer
 from registryd.mirror.fill import BlobFill
@@ -102,8 +103,9 @@ class Mirror:
 class MirrorCache:
     """Answers reads of mirrored repositories from cache or upstream."""
 
-    def __init__(self, store: Store, config: Config, reactor: Any) -> None:
+    def __init__(self, store: Store, config: Config, reactor: Any, metrics: Metrics | None = None) -> None:
         self._store = store
+        self.metrics = metrics or Metrics()
         self._config = config
         self._reactor = reactor
         self.router = Router(config.upstreams)
@@ -119,6 +121,7 @@ class MirrorCache:
         self.fills: dict[Digest, BlobFill] = {}
         self.fills_started = 0
         self.fill_waiters = 0
+        self.metrics.fills_in_flight.set_function(lambda: len(self.fills))
 
     def close(self) -> Deferred[None]:
         return self._pool.closeCachedConnections()
@@ -180,6 +183,7 @@ class MirrorCache:
                 key, lambda: self._fetch_manifest(mirror, route.remote, reference, accept,
                                                   hit[0] if hit else None))
         except UpstreamUnavailable as e:
+            self.metrics.upstream_errors.labels(upstream.namespace).inc()
             if hit is None:
                 raise unavailable(upstream, str(e)) from None
             log.warn("serving {repository}:{tag} from cache: {error}", repository=route.remote,
@@ -335,9 +339,11 @@ class MirrorCache:
                             lambda path, d: self._commit_fill(mirror, route.remote, path, d))
             self.fills[digest] = fill
             self.fills_started += 1
+            self.metrics.upstream_fetches.labels(upstream.namespace).inc()
             fill.started = Deferred.fromCoroutine(self._start_fill(mirror, route.remote, fill))
         else:
             self.fill_waiters += 1
+            self.metrics.coalesced.inc()
         await _independent(fill.started)
         if fill.start_error is not None:
             raise fill.start_error
@@ -353,15 +359,22 @@ class MirrorCache:
             if response.code != 200:
                 await read_limited(response, 64 * 1024)
                 raise UpstreamUnavailable(f"{mirror.config.namespace} answered {response.code}")
-            fill.on_finished(lambda: self.fills.pop(fill.digest, None))
+            fill.on_finished(lambda: self._fill_finished(mirror, fill))
             fill.begin(response)
         except (RegistryError, UpstreamUnavailable) as e:
             self.fills.pop(fill.digest, None)
+            if isinstance(e, UpstreamUnavailable):
+                self.metrics.upstream_errors.labels(mirror.config.namespace).inc()
             fill.start_error = e if isinstance(e, RegistryError) else unavailable(mirror.config, str(e))
         except Exception as e:
             log.failure("starting the upstream transfer of {digest} failed", digest=str(fill.digest))
             self.fills.pop(fill.digest, None)
             fill.start_error = unavailable(mirror.config, str(e))
+
+    def _fill_finished(self, mirror: Mirror, fill: BlobFill) -> None:
+        self.fills.pop(fill.digest, None)
+        if fill.error is not None:
+            self.metrics.upstream_errors.labels(mirror.config.namespace).inc()
 
     async def _commit_fill(self, mirror: Mirror, remote: str, path: str, digest: Digest) -> None:
         await self._store.pool.run(self._store.blobs.commit_file, path, digest)

@@ -22,6 +22,7 @@ class Coalescer(Generic[T]):
     def __init__(self) -> None:
         self._jobs: dict[Hashable, list[Deferred[T]]] = {}
         self.joined = 0  # waiters that found a job already running
+        self.started = 0  # jobs started
 
     def running(self) -> int:
         return len(self._jobs)
@@ -34,6 +35,7 @@ class Coalescer(Generic[T]):
             waiters.append(waiter)
             return waiter
         self._jobs[key] = [waiter]
+        self.started += 1
         Deferred.fromCoroutine(start()).addBoth(self._finished, key)
         return waiter
 

@@ -38,6 +38,21 @@ class Store:
             f.write(b"registryd")
         os.unlink(probe)
 
+    def readiness_problem(self, min_free_bytes: int) -> str | None:
+        """Why the store cannot take writes now, or None (cheap: for /readyz)."""
+        probe = os.path.join(self.tmp_dir, f"ready-{uuid.uuid4().hex}")
+        try:
+            with open(probe, "wb") as f:
+                f.write(b"ready")
+            os.unlink(probe)
+            stats = os.statvfs(self.root)
+        except OSError as e:
+            return f"data directory is not writable: {e.strerror}"
+        free = stats.f_bavail * stats.f_frsize
+        if free < min_free_bytes:
+            return f"only {free} bytes free in the data directory (below {min_free_bytes})"
+        return None
+
     def recover(self) -> None:
         """Drop what a crash left half-written: everything under ``tmp/``."""
         for entry in os.scandir(self.tmp_dir):

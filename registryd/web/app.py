@@ -42,6 +42,8 @@ from registryd.errors import (
     unsupported,
 )
 from registryd.manifests import parse_manifest
+from registryd.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from registryd.metrics import Metrics
 from registryd.names import check_name, check_raw_path, check_tag
 from registryd.mirror.cache import MirrorCache, unavailable
 from registryd.mirror.fill import FillFailed
@@ -141,11 +143,12 @@ class RegistryAPI:
     app.url_map.merge_slashes = False
 
     def __init__(self, store: Store, config: Config, reactor: Any, mirror: MirrorCache | None = None,
-                 auth: Auth | None = None) -> None:
+                 auth: Auth | None = None, metrics: Metrics | None = None) -> None:
         self.store = store
         self.config = config
         self._reactor = reactor
-        self.mirror = mirror or MirrorCache(store, config, reactor)
+        self.metrics = metrics or Metrics()
+        self.mirror = mirror or MirrorCache(store, config, reactor, self.metrics)
         self.auth = auth or build_auth(config.auth, config.access, store.pool, reactor,
                                        mirrored_namespaces(u.namespace for u in config.upstreams))
 
@@ -259,6 +262,30 @@ class RegistryAPI:
             raise self._unauthorized("this registry needs credentials")
         return _json(request, 200, {})
 
+    @app.route("/healthz", methods=["GET", "HEAD"])
+    def healthz(self, request: RegistryRequest) -> bytes:
+        """Alive: the process answers. Open to everyone."""
+        return _json(request, 200, {"status": "ok"})
+
+    @app.route("/readyz", methods=["GET", "HEAD"])
+    def readyz(self, request: RegistryRequest) -> bytes:
+        """Ready: the store is writable and has room. Open to everyone."""
+        problem = self.store.readiness_problem(self.config.min_free_bytes)
+        if problem is not None:
+            return _json(request, 503, {"status": "unavailable", "reason": problem})
+        return _json(request, 200, {"status": "ok"})
+
+    @app.route("/metrics", methods=["GET"])
+    async def metrics_page(self, request: RegistryRequest) -> bytes:
+        """Prometheus metrics, for admin users."""
+        user = await self._user(request)
+        verdict = self.auth.policy.admin_verdict(user)
+        if verdict is Verdict.AUTHENTICATE:
+            raise self._unauthorized("metrics need an admin user")
+        if verdict is not Verdict.ALLOW:
+            raise RegistryError(403, "DENIED", "metrics are for admin users")
+        return _respond(request, 200, body=self.metrics.render(), content_type=METRICS_CONTENT_TYPE)
+
     @app.route("/v2/_catalog", methods=["GET"])
     async def catalog(self, request: RegistryRequest) -> bytes:
         user = await self._user(request)
@@ -302,8 +329,11 @@ class RegistryAPI:
 
     async def _mirror_blob(self, request: RegistryRequest, route: Route, digest: Digest) -> bytes | None:
         mirror = self.mirror
+        request.upstream = route.upstream.namespace
         if mirror.cached_blob(route, digest):
+            request.cache = "hit"
             return await self._send_blob(request, digest)
+        request.cache = "miss"
         if request.method == b"HEAD" or self.store.blobs.exists(digest):
             # Ask upstream whether this repository has the blob, without
             # downloading it; a blob already stored is then linked and served.
@@ -530,7 +560,10 @@ class RegistryAPI:
         if route is not None:
             # Go clients send one Accept header per media type.
             accept = ", ".join(request.requestHeaders.getRawHeaders("Accept", [])) or None
+            request.upstream = route.upstream.namespace
+            fetches = self.mirror.manifest_fetches.started
             cached = await self.mirror.manifest(route, reference, accept)
+            request.cache = "miss" if self.mirror.manifest_fetches.started != fetches else "hit"
             digest, media_type, data = cached.digest, cached.media_type, cached.data
         else:
             digest = self._resolve(name, reference)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import re
+import time
 from typing import Any, Callable, Coroutine, Protocol
 from urllib.parse import parse_qs, unquote
 
@@ -179,6 +180,13 @@ class RegistryRequest(server.Request):
     defaultContentType = None
     body: Any = None
     user: str | None = None
+    cache: str | None = None  # mirrored reads: "hit" or "miss"
+    upstream: str | None = None
+    received = 0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.started_at = time.monotonic()
 
     def gotLength(self, length: int | None) -> None:
         command = getattr(self.channel, "_command", b"").upper()
@@ -224,6 +232,7 @@ class RegistryRequest(server.Request):
         return self.body
 
     def handleContentChunk(self, data: bytes) -> None:
+        self.received += len(data)
         try:
             self.body.write(data)
         except Exception:

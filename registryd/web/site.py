@@ -3,11 +3,17 @@ from __future__ import annotations
 
 from typing import Any
 
+import time
+
+from twisted.logger import Logger
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Site
 
+from registryd.metrics import route_of
 from registryd.web.app import RegistryAPI
 from registryd.web.request import RegistryRequest
+
+access_log = Logger(namespace="registryd.access")
 
 _TLS_HANDSHAKE = 0x16
 _NOT_TLS = b"HTTP/1.0 400 Bad Request\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n" \
@@ -45,3 +51,32 @@ class RegistrySite(Site):
     def __init__(self, api: RegistryAPI, reactor: Any) -> None:
         super().__init__(api.resource(), requestFactory=RegistryRequest, reactor=reactor)
         self.api = api
+
+    def log(self, request: Any) -> None:
+        """One structured access event per request, and its metrics."""
+        path = request.path.decode("latin-1") if request.path else ""
+        route = route_of(path)
+        method = request.method.decode("latin-1") if request.method else "-"
+        status = request.code
+        sent = getattr(request, "sentLength", 0) or 0
+        received = getattr(request, "received", 0)
+        metrics = self.api.metrics
+        metrics.requests.labels(route, method, str(status)).inc()
+        if received:
+            metrics.bytes_in.labels(route).inc(received)
+        if sent:
+            metrics.bytes_out.labels(route).inc(sent)
+        cache = getattr(request, "cache", None)
+        if cache is not None:
+            metrics.cache.labels(route, cache).inc()
+        client = request.getClientAddress()
+        access_log.info(
+            "{client} {user} \"{method} {uri}\" {status} {bytes_out} {duration_ms}ms{cache_note}",
+            client=getattr(client, "host", "-"), user=getattr(request, "user", None) or "-",
+            method=method, uri=request.uri.decode("latin-1") if request.uri else "", path=path, route=route,
+            status=status, bytes_out=sent, bytes_in=received,
+            duration_ms=round((time.monotonic() - getattr(request, "started_at", time.monotonic())) * 1000, 1),
+            cache=cache, upstream=getattr(request, "upstream", None),
+            cache_note=f" cache={cache} upstream={request.upstream}" if cache else "",
+            access=True,
+        )
