@@ -76,6 +76,7 @@ class Config:
     stall_timeout: int = 300
     io_threads: int = 4
     min_free_bytes: int = 512 * 1024 * 1024
+    shutdown_timeout: int = 30
     upstreams: tuple[UpstreamConfig, ...] = ()
     offline: bool = False
     auth: AuthSettings = AuthSettings()
@@ -112,6 +113,7 @@ SCHEMA: dict[str, _Section] = {
         "stall_timeout": ("stall_timeout", int, _positive),
         "io_threads": ("io_threads", int, _positive),
         "min_free_bytes": ("min_free_bytes", int, _positive),
+        "shutdown_timeout": ("shutdown_timeout", int, _positive),
     },
 }
 

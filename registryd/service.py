@@ -127,12 +127,14 @@ class RegistryService(MultiService):
         return DeferredList([maybeDeferred(port.stopListening) for port in ports])
 
     def stopService(self) -> Deferred:
+        """Stop accepting, let running requests finish (up to shutdown_timeout), then stop."""
         if not self.running:
             return succeed(None)
         self.running = False
         if self._reaper.running:
             self._reaper.stop()
         d = self._close_ports()
+        d.addBoth(lambda _: self.site.drain(self.config.shutdown_timeout))
         d.addBoth(lambda _: self.api.mirror.close())
         d.addBoth(lambda _: MultiService.stopService(self))
         d.addBoth(lambda _: self.pool.stop())

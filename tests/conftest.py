@@ -122,6 +122,16 @@ def twistd_registry(tmp_path: Any) -> Iterator[RunningRegistry]:
 
 
 @pytest.fixture(autouse=True)
+def fail_on_errors_in_twistd_logs(tmp_path: Any) -> Iterator[None]:
+    """A registryd run as its own process must not log a traceback either."""
+    yield
+    for log_file in tmp_path.rglob("twistd-*.log"):
+        text = log_file.read_text(errors="replace")
+        if "Traceback" in text or "Unhandled error" in text:
+            pytest.fail(f"{log_file} holds an error:\n{text[-4000:]}")
+
+
+@pytest.fixture(autouse=True)
 def fail_on_logged_errors() -> Iterator[None]:
     """Any unhandled error logged during a test fails that test."""
     errors: list[dict[str, Any]] = []

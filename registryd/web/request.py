@@ -244,6 +244,12 @@ class RegistryRequest(server.Request):
 
     def process(self) -> None:
         self.setHeader(b"Docker-Distribution-API-Version", b"registry/2.0")
+        # Graceful shutdown waits for the requests its site knows are running.
+        # (The channel is gone once the request is done: keep the site.)
+        site = getattr(self.channel, "site", None)
+        if site is not None and hasattr(site, "request_started"):
+            site.request_started(self)
+            self.notifyFinish().addBoth(lambda _: site.request_ended(self))
         super().process()
 
     def finish(self) -> None:

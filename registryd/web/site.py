@@ -5,6 +5,7 @@ from typing import Any
 
 import time
 
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Site
@@ -14,6 +15,7 @@ from registryd.web.app import RegistryAPI
 from registryd.web.request import RegistryRequest
 
 access_log = Logger(namespace="registryd.access")
+log = Logger()
 
 _TLS_HANDSHAKE = 0x16
 _NOT_TLS = b"HTTP/1.0 400 Bad Request\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n" \
@@ -51,6 +53,37 @@ class RegistrySite(Site):
     def __init__(self, api: RegistryAPI, reactor: Any) -> None:
         super().__init__(api.resource(), requestFactory=RegistryRequest, reactor=reactor)
         self.api = api
+        self._clock = reactor
+        self.active: set[Any] = set()
+        self._drained: list[Deferred[None]] = []
+
+    def request_started(self, request: Any) -> None:
+        self.active.add(request)
+
+    def request_ended(self, request: Any) -> None:
+        self.active.discard(request)
+        if not self.active:
+            waiters, self._drained = self._drained, []
+            for waiter in waiters:
+                if not waiter.called:
+                    waiter.callback(None)
+
+    def drain(self, timeout: float) -> Deferred[None]:
+        """Fires when no request is running, or after ``timeout`` seconds.
+
+        Graceful shutdown: listeners are already closed; transfers under
+        way may finish. Whatever still runs then is cut off (and its
+        partial files are cleaned at the next start).
+        """
+        if not self.active:
+            return succeed(None)
+        log.info("waiting up to {timeout}s for {count} running requests", timeout=timeout,
+                 count=len(self.active))
+        d: Deferred[None] = Deferred()
+        self._drained.append(d)
+        timer = self._clock.callLater(timeout, lambda: d.callback(None) if not d.called else None)
+        d.addBoth(lambda result: (timer.cancel() if timer.active() else None, result)[1])
+        return d
 
     def log(self, request: Any) -> None:
         """One structured access event per request, and its metrics."""
