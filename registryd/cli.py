@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"registryd {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_htpasswd_command(commands)
+    add_ls_command(commands)
+    add_fsck_command(commands)
     return parser
 
 
@@ -109,6 +111,36 @@ def run_htpasswd(args: argparse.Namespace) -> int:
     except HtpasswdFileError as e:
         raise CommandError(str(e)) from None
     return EXIT_OK
+
+
+# --- registryd ls, registryd fsck (registryd.admin) -------------------------
+
+def _add_admin_command(commands: Any, name: str, module: Any) -> None:
+    command = commands.add_parser(name, help=module.HELP, description=module.DESCRIPTION,
+                                  epilog=module.EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    module.add_arguments(command)
+    command.set_defaults(run=lambda args: _run_admin(module, args))
+
+
+def _run_admin(module: Any, args: argparse.Namespace) -> int:
+    from registryd.admin import AdminError
+
+    try:
+        return int(module.run(args))
+    except AdminError as e:
+        raise CommandError(str(e), e.status) from None
+
+
+def add_ls_command(commands: Any) -> None:
+    from registryd.admin import inventory
+
+    _add_admin_command(commands, "ls", inventory)
+
+
+def add_fsck_command(commands: Any) -> None:
+    from registryd.admin import fsck
+
+    _add_admin_command(commands, "fsck", fsck)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

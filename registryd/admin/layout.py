@@ -1,0 +1,320 @@
+"""The data directory as the admin commands read it.
+
+Only reads: listing directories and reading small files. The layout is the
+one ``registryd.storage`` writes::
+
+    blobs/<alg>/<2 hex>/<hex>                           content, named by its digest
+    repositories/<name>/_blobs/<alg>/<hex>              link: the blob is in <name>
+    repositories/<name>/_manifests/revisions/<alg>/<hex>  {"mediaType": ...}
+    repositories/<name>/_manifests/tags/<tag>           the digest the tag points at
+    repositories/<name>/_referrers/<alg>/<subject hex>/<alg>-<hex>  a descriptor
+    mirror/<namespace>/<name>/...                       the same, for a cached upstream
+
+(``:`` in a mirror namespace is ``_`` on disk.) Anything else found where
+these live is reported as unexpected, never touched.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+from typing import Iterator
+
+import attrs
+
+from registryd.admin import AdminError
+from registryd.digest import Digest, parse_digest
+from registryd.errors import RegistryError
+
+_MARKERS = ("_manifests", "_blobs")
+
+
+def add_store_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--config`` and ``--data-dir``, as ``twistd registryd`` takes them."""
+    parser.add_argument("-c", "--config", metavar="FILE",
+                        help="the registryd TOML config file: its data_dir, and its upstreams to "
+                             "name mirrored repositories")
+    parser.add_argument("-d", "--data-dir", metavar="DIR",
+                        help="the data directory (overrides the config file's data_dir); without "
+                             "either option, the default that `twistd registryd` uses")
+
+
+def digest_or_none(algorithm: str, hexpart: str) -> Digest | None:
+    try:
+        return parse_digest(f"{algorithm}:{hexpart}")
+    except RegistryError:
+        return None
+
+
+def read_file(path: str) -> bytes | None:
+    """A small file's bytes, or None when it is gone or is no file."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        return None
+
+
+def _entries(path: str) -> list[os.DirEntry[str]]:
+    """The entries of a directory, sorted; none when it is missing or no directory."""
+    try:
+        with os.scandir(path) as it:
+            return sorted(it, key=lambda e: e.name)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def _is_file(entry: os.DirEntry[str]) -> bool:
+    return entry.is_file(follow_symlinks=False)
+
+
+def _is_dir(entry: os.DirEntry[str]) -> bool:
+    return entry.is_dir(follow_symlinks=False)
+
+
+@attrs.frozen
+class Repository:
+    """One repository: local, or a mirrored upstream repository."""
+
+    name: str               # as a client pulls it: "team/app", "docker.io/library/alpine"
+    remote: str             # its path under ``root``
+    upstream: str | None    # the upstream namespace of a mirrored repository
+    root: str               # DATA_DIR/repositories or DATA_DIR/mirror/<namespace>
+
+    @property
+    def kind(self) -> str:
+        return "local" if self.upstream is None else "mirror"
+
+    @property
+    def path(self) -> str:
+        return os.path.join(self.root, self.remote)
+
+    def revision_path(self, digest: Digest) -> str:
+        return os.path.join(self.path, "_manifests", "revisions", digest.algorithm, digest.hex)
+
+    def link_path(self, digest: Digest) -> str:
+        return os.path.join(self.path, "_blobs", digest.algorithm, digest.hex)
+
+
+@attrs.frozen
+class Revision:
+    digest: Digest
+    path: str
+    media_type: str | None
+    error: str | None = None
+
+
+@attrs.frozen
+class Tag:
+    name: str
+    path: str
+    digest: Digest | None
+    error: str | None = None
+
+
+@attrs.frozen
+class Referrer:
+    path: str
+    subject: Digest | None
+    digest: Digest | None
+    error: str | None = None
+
+
+@attrs.define
+class RepositoryScan:
+    """What one repository's directory holds."""
+
+    repository: Repository
+    links: dict[Digest, str] = attrs.field(factory=dict)
+    revisions: dict[Digest, Revision] = attrs.field(factory=dict)
+    tags: list[Tag] = attrs.field(factory=list)
+    referrers: list[Referrer] = attrs.field(factory=list)
+    unexpected: list[str] = attrs.field(factory=list)
+
+    def tags_of(self, digest: Digest) -> list[str]:
+        return [t.name for t in self.tags if t.digest == digest]
+
+
+@attrs.frozen
+class BlobFile:
+    path: str
+    digest: Digest
+    size: int
+
+
+def _read_revision(digest: Digest, path: str) -> Revision:
+    data = read_file(path)
+    if data is None:
+        return Revision(digest, path, None, "the revision file cannot be read")
+    try:
+        media_type = json.loads(data)["mediaType"]
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError):
+        return Revision(digest, path, None, 'the revision file is not JSON {"mediaType": ...}')
+    if not isinstance(media_type, str):
+        return Revision(digest, path, None, "the revision file's mediaType is not a string")
+    return Revision(digest, path, media_type)
+
+
+def read_tag(name: str, path: str) -> Tag:
+    data = read_file(path)
+    if data is None:
+        return Tag(name, path, None, "the tag file cannot be read")
+    try:
+        return Tag(name, path, parse_digest(data.decode("utf-8").strip()))
+    except (UnicodeDecodeError, RegistryError):
+        return Tag(name, path, None, f"the tag file does not hold a digest: {data[:80]!r}")
+
+
+def _read_referrer(subject: Digest | None, path: str) -> Referrer:
+    algorithm, _, hexpart = os.path.basename(path).partition("-")
+    digest = digest_or_none(algorithm, hexpart)
+    if subject is None or digest is None:
+        return Referrer(path, subject, digest, "unexpected entry name")
+    data = read_file(path)
+    try:
+        document = json.loads(data) if data is not None else None
+    except (ValueError, UnicodeDecodeError):
+        document = None
+    if not isinstance(document, dict) or document.get("digest") != str(digest):
+        return Referrer(path, subject, digest, "the entry is not the descriptor of its manifest")
+    return Referrer(path, subject, digest)
+
+
+def _digest_files(directory: str, unexpected: list[str]) -> Iterator[tuple[Digest, str]]:
+    """``<alg>/<hex>`` files under ``directory``."""
+    for alg in _entries(directory):
+        if not _is_dir(alg):
+            unexpected.append(alg.path)
+            continue
+        for entry in _entries(alg.path):
+            digest = digest_or_none(alg.name, entry.name)
+            if digest is None or not _is_file(entry):
+                unexpected.append(entry.path)
+            else:
+                yield digest, entry.path
+
+
+def scan_repository(repository: Repository) -> RepositoryScan:
+    """Read one repository's links, revisions, tags and referrer entries."""
+    scan = RepositoryScan(repository)
+    base = repository.path
+    for digest, path in _digest_files(os.path.join(base, "_blobs"), scan.unexpected):
+        scan.links[digest] = path
+    revisions = os.path.join(base, "_manifests", "revisions")
+    for digest, path in _digest_files(revisions, scan.unexpected):
+        scan.revisions[digest] = _read_revision(digest, path)
+    for entry in _entries(os.path.join(base, "_manifests", "tags")):
+        if _is_file(entry):
+            scan.tags.append(read_tag(entry.name, entry.path))
+        else:
+            scan.unexpected.append(entry.path)
+    for alg in _entries(os.path.join(base, "_referrers")):
+        if not _is_dir(alg):
+            scan.unexpected.append(alg.path)
+            continue
+        for subject_dir in _entries(alg.path):
+            if not _is_dir(subject_dir):
+                scan.unexpected.append(subject_dir.path)
+                continue
+            subject = digest_or_none(alg.name, subject_dir.name)
+            for entry in _entries(subject_dir.path):
+                scan.referrers.append(_read_referrer(subject, entry.path))
+    return scan
+
+
+def _walk_names(directory: str, prefix: str) -> Iterator[str]:
+    """Repository names under a store root (as RepositoryStore.catalog finds them)."""
+    entries = _entries(directory)
+    names = {entry.name for entry in entries}
+    if prefix and any(marker in names for marker in _MARKERS):
+        yield prefix.rstrip("/")
+    for entry in entries:
+        if not entry.name.startswith("_") and _is_dir(entry):
+            yield from _walk_names(entry.path, prefix + entry.name + "/")
+
+
+@attrs.frozen
+class DataDir:
+    """A registryd data directory, and how its mirror folders map to upstreams."""
+
+    root: str
+    namespaces: dict[str, str] = attrs.field(factory=dict)   # folder under mirror/ -> namespace
+
+    def rel(self, path: str) -> str:
+        return os.path.relpath(path, self.root)
+
+    def blob_path(self, digest: Digest) -> str:
+        return os.path.join(self.root, "blobs", digest.algorithm, digest.hex[:2], digest.hex)
+
+    def namespace(self, folder: str) -> str:
+        # A namespace is a host[:port]; only the port's ':' becomes '_' on disk.
+        return self.namespaces.get(folder) or folder.replace("_", ":")
+
+    def repositories(self) -> list[Repository]:
+        """Local repositories, then mirrored ones, each sorted by name."""
+        local_root = os.path.join(self.root, "repositories")
+        found = [Repository(name, name, None, local_root) for name in sorted(_walk_names(local_root, ""))]
+        for folder in _entries(os.path.join(self.root, "mirror")):
+            if not _is_dir(folder):
+                continue
+            namespace = self.namespace(folder.name)
+            for remote in sorted(_walk_names(folder.path, "")):
+                found.append(Repository(f"{namespace}/{remote}", remote, namespace, folder.path))
+        return found
+
+    def blob_files(self, unexpected: list[str]) -> Iterator[BlobFile]:
+        """Every file in the blob store that is named by a digest (and where it belongs)."""
+        for alg in _entries(os.path.join(self.root, "blobs")):
+            if not _is_dir(alg):
+                unexpected.append(alg.path)
+                continue
+            for prefix in _entries(alg.path):
+                if not _is_dir(prefix):
+                    unexpected.append(prefix.path)
+                    continue
+                for entry in _entries(prefix.path):
+                    digest = digest_or_none(alg.name, entry.name)
+                    if digest is None or digest.hex[:2] != prefix.name or not _is_file(entry):
+                        unexpected.append(entry.path)
+                        continue
+                    try:
+                        size = entry.stat(follow_symlinks=False).st_size
+                    except FileNotFoundError:
+                        continue  # removed while we looked (a running server's delete)
+                    yield BlobFile(entry.path, digest, size)
+
+
+@contextlib.contextmanager
+def os_errors_reported() -> Iterator[None]:
+    """Turn an OSError the command cannot get past into one line (exit status 3)."""
+    try:
+        yield
+    except PermissionError as e:
+        raise AdminError(f"cannot read {e.filename}: permission denied (run as the user registryd "
+                         f"runs as, or root)") from None
+    except OSError as e:
+        where = f" {e.filename}" if e.filename else ""
+        raise AdminError(f"I/O error on{where}: {e.strerror or e}") from None
+
+
+def open_data_dir(args: argparse.Namespace) -> DataDir:
+    """The data directory ``--config``/``--data-dir`` name, checked to be one."""
+    from registryd.config import ConfigError, load_config
+
+    try:
+        config = load_config(args.config, {"data_dir": args.data_dir})
+    except ConfigError as e:
+        raise AdminError(str(e)) from None
+    root = config.data_dir
+    if not os.path.exists(root):
+        raise AdminError(f"the data directory {root} does not exist")
+    if not os.path.isdir(root):
+        raise AdminError(f"the data directory {root} is not a directory")
+    if not os.access(root, os.R_OK | os.X_OK):
+        raise AdminError(f"cannot read the data directory {root}: permission denied")
+    if not any(os.path.isdir(os.path.join(root, sub)) for sub in ("blobs", "repositories", "mirror")):
+        raise AdminError(f"{root} is not a registryd data directory (it has no blobs/, "
+                         f"repositories/ or mirror/)")
+    namespaces = {u.namespace.replace(":", "_"): u.namespace for u in config.upstreams}
+    return DataDir(root, namespaces)
