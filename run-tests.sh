@@ -12,7 +12,7 @@ $SUDO apt-get update -qq
 $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
     skopeo docker-registry containerd docker.io wrk hey openssl curl apache2-utils \
     dpkg-dev debhelper dh-virtualenv python3-venv rpm debootstrap lintian \
-    systemd systemd-container >/dev/null
+    systemd systemd-container chromium >/dev/null
 
 python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip

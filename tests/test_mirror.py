@@ -424,3 +424,17 @@ async def test_wrong_credentials_are_not_cached_as_content(reference_upstream, m
     reply = await Client(registry.url).get(f"/v2/{NS}/lib/app/manifests/v1", headers={"Accept": OCI_MANIFEST})
     assert reply.status == 404
     assert stored_blobs(registry.data_dir) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_manifest_by_digest_with_upstream_down_is_a_503(fake_upstream, make_registry) -> None:
+    image = fake_upstream.add_image("lib/app", "v1")
+    fake_upstream.status(fake_upstream.manifest_path("lib/app", image["digest"]), 503)
+    registry = make_registry(upstreams=(UpstreamConfig(namespace=NS, url=fake_upstream.url),))
+    reply = await Client(registry.url).get(f"/v2/{NS}/lib/app/manifests/{image['digest']}",
+                                           headers={"Accept": OCI_MANIFEST})
+    assert reply.status == 503 and reply.codes == ["UNAVAILABLE"]
+    fake_upstream.recover()
+    reply = await Client(registry.url).get(f"/v2/{NS}/lib/app/manifests/{image['digest']}",
+                                           headers={"Accept": OCI_MANIFEST})
+    assert reply.status == 200 and reply.body == image["manifest"]

@@ -11,7 +11,7 @@ import json
 import os
 import re
 import time
-from typing import Any
+from typing import Any, Callable
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -57,6 +57,16 @@ def unavailable(upstream: UpstreamConfig, why: str) -> RegistryError:
 def offline_miss(upstream: UpstreamConfig, what: str) -> RegistryError:
     return RegistryError(404, "MANIFEST_UNKNOWN" if what == "manifest" else "BLOB_UNKNOWN",
                          f"{what} is not cached and upstream {upstream.namespace} is offline")
+
+
+@attrs.define
+class UpstreamHealth:
+    """When an upstream last answered usefully and last failed (for the status page)."""
+
+    last_success: float | None = None
+    last_error: float | None = None
+    last_error_message: str = ""
+    errors: int = 0
 
 
 @attrs.frozen
@@ -122,12 +132,32 @@ class MirrorCache:
         self.fills_started = 0
         self.fill_waiters = 0
         self.metrics.fills_in_flight.set_function(lambda: len(self.fills))
+        self.health: dict[str, UpstreamHealth] = {u.namespace: UpstreamHealth() for u in config.upstreams}
+        # Called with (namespace, message) on every upstream failure.
+        self.error_listeners: list[Callable[[str, str], None]] = []
 
     def close(self) -> Deferred[None]:
         return self._pool.closeCachedConnections()
 
     def mirror(self, route: Route) -> Mirror:
         return self.mirrors[route.upstream.namespace]
+
+    def _upstream_ok(self, namespace: str) -> None:
+        health = self.health.get(namespace)
+        if health is not None:
+            health.last_success = time.time()
+
+    def _upstream_failed(self, namespace: str, message: str) -> None:
+        health = self.health.get(namespace)
+        if health is not None:
+            health.last_error = time.time()
+            health.last_error_message = message
+            health.errors += 1
+        for listener in self.error_listeners:
+            try:
+                listener(namespace, message)
+            except Exception:
+                log.failure("an upstream error listener failed")
 
     def _offline(self, upstream: UpstreamConfig) -> bool:
         return self._config.offline or upstream.offline
@@ -167,8 +197,18 @@ class MirrorCache:
             if self._offline(upstream):
                 raise offline_miss(upstream, "manifest")
             key: tuple[str, ...] = (upstream.namespace, route.remote, str(digest))
-            return await self.manifest_fetches.run(
-                key, lambda: self._fetch_manifest(mirror, route.remote, reference, accept, None))
+            try:
+                found = await self.manifest_fetches.run(
+                    key, lambda: self._fetch_manifest(mirror, route.remote, reference, accept, None))
+            except UpstreamUnavailable as e:
+                self.metrics.upstream_errors.labels(upstream.namespace).inc()
+                self._upstream_failed(upstream.namespace, str(e))
+                raise unavailable(upstream, str(e)) from None
+            except RegistryError:
+                self._upstream_ok(upstream.namespace)
+                raise
+            self._upstream_ok(upstream.namespace)
+            return found
         check_tag(reference)
         hit = self._cached_tag(mirror, route.remote, reference)
         if hit is not None and not _accepts(accept, hit[0].media_type):
@@ -179,11 +219,17 @@ class MirrorCache:
             raise offline_miss(upstream, "manifest")
         key = (upstream.namespace, route.remote, reference, accept or "")
         try:
-            return await self.manifest_fetches.run(
+            found = await self.manifest_fetches.run(
                 key, lambda: self._fetch_manifest(mirror, route.remote, reference, accept,
                                                   hit[0] if hit else None))
+            self._upstream_ok(upstream.namespace)
+            return found
+        except RegistryError:
+            self._upstream_ok(upstream.namespace)
+            raise
         except UpstreamUnavailable as e:
             self.metrics.upstream_errors.labels(upstream.namespace).inc()
+            self._upstream_failed(upstream.namespace, str(e))
             if hit is None:
                 raise unavailable(upstream, str(e)) from None
             log.warn("serving {repository}:{tag} from cache: {error}", repository=route.remote,
@@ -275,10 +321,12 @@ class MirrorCache:
                 tags.extend(tag for tag in page if isinstance(tag, str))
                 path = _next_page(response)
         except (UpstreamUnavailable, ValueError, AttributeError) as e:
+            self._upstream_failed(route.upstream.namespace, str(e))
             if cached is None:
                 raise unavailable(route.upstream, str(e)) from None
             log.warn("serving cached tags of {repository}: {error}", repository=route.remote, error=str(e))
             return cached
+        self._upstream_ok(route.upstream.namespace)
         return sorted(set(tags))
 
     async def referrers(self, route: Route, subject: Digest) -> list[dict[str, Any]]:
@@ -290,11 +338,13 @@ class MirrorCache:
                     "GET", f"/v2/{route.remote}/referrers/{subject}", route.remote,
                     {"Accept": "application/vnd.oci.image.index.v1+json"})
                 data = await read_limited(response, self._config.max_manifest_size)
+                self._upstream_ok(route.upstream.namespace)
                 if response.code == 200:
                     manifests = json.loads(data).get("manifests")
                     if isinstance(manifests, list):
                         return [m for m in manifests if isinstance(m, dict)]
             except (UpstreamUnavailable, ValueError, AttributeError) as e:
+                self._upstream_failed(route.upstream.namespace, str(e))
                 log.warn("serving cached referrers of {repository}: {error}", repository=route.remote,
                          error=str(e))
         return await self._store.pool.run(mirror.repositories.referrers, route.remote, subject)
@@ -314,7 +364,9 @@ class MirrorCache:
             response = await mirror.client.request("HEAD", f"/v2/{route.remote}/blobs/{digest}", route.remote)
             await read_limited(response, 0)
         except UpstreamUnavailable as e:
+            self._upstream_failed(upstream.namespace, str(e))
             raise unavailable(upstream, str(e)) from None
+        self._upstream_ok(upstream.namespace)
         if response.code != 200:
             raise blob_unknown(str(digest))
         if self._store.blobs.exists(digest):
@@ -361,10 +413,12 @@ class MirrorCache:
                 raise UpstreamUnavailable(f"{mirror.config.namespace} answered {response.code}")
             fill.on_finished(lambda: self._fill_finished(mirror, fill))
             fill.begin(response)
+            self._upstream_ok(mirror.config.namespace)
         except (RegistryError, UpstreamUnavailable) as e:
             self.fills.pop(fill.digest, None)
             if isinstance(e, UpstreamUnavailable):
                 self.metrics.upstream_errors.labels(mirror.config.namespace).inc()
+                self._upstream_failed(mirror.config.namespace, str(e))
             fill.start_error = e if isinstance(e, RegistryError) else unavailable(mirror.config, str(e))
         except Exception as e:
             log.failure("starting the upstream transfer of {digest} failed", digest=str(fill.digest))
@@ -375,6 +429,7 @@ class MirrorCache:
         self.fills.pop(fill.digest, None)
         if fill.error is not None:
             self.metrics.upstream_errors.labels(mirror.config.namespace).inc()
+            self._upstream_failed(mirror.config.namespace, f"transfer of {fill.digest} failed: {fill.error}")
 
     async def _commit_fill(self, mirror: Mirror, remote: str, path: str, digest: Digest) -> None:
         await self._store.pool.run(self._store.blobs.commit_file, path, digest)

@@ -52,6 +52,8 @@ from registryd.storage import Store
 from registryd.storage.uploads import Upload
 from registryd.web.request import CappedBody, PendingBody, RefusedBody, RegistryRequest, UploadBody
 from registryd.web.follow import stream_fill
+from registryd.web.status import CONTENT_TYPE as STATUS_CONTENT_TYPE
+from registryd.web.status import StatusBoard
 from registryd.web.sendfile import send_file_range
 
 log = Logger()
@@ -151,6 +153,7 @@ class RegistryAPI:
         self.mirror = mirror or MirrorCache(store, config, reactor, self.metrics)
         self.auth = auth or build_auth(config.auth, config.access, store.pool, reactor,
                                        mirrored_namespaces(u.namespace for u in config.upstreams))
+        self.status = StatusBoard(store, config, self.mirror)
 
     def resource(self) -> Any:
         return self.app.resource()
@@ -160,6 +163,7 @@ class RegistryAPI:
     @app.handle_errors(RegistryError)
     def _registry_error(self, request: Any, failure: Failure) -> bytes:
         error = failure.value
+        request.error_message = error.message  # for the status page's recent errors
         return _json(request, error.status, error.document(), error.headers)
 
     @app.handle_errors(NotFound)
@@ -275,16 +279,33 @@ class RegistryAPI:
             return _json(request, 503, {"status": "unavailable", "reason": problem})
         return _json(request, 200, {"status": "ok"})
 
-    @app.route("/metrics", methods=["GET"])
-    async def metrics_page(self, request: RegistryRequest) -> bytes:
-        """Prometheus metrics, for admin users."""
+    async def _admin(self, request: RegistryRequest, what: str) -> str | None:
+        """Refuse unless the requester is an admin (everyone, without htpasswd)."""
         user = await self._user(request)
         verdict = self.auth.policy.admin_verdict(user)
         if verdict is Verdict.AUTHENTICATE:
-            raise self._unauthorized("metrics need an admin user")
+            raise self._unauthorized(f"{what} need an admin user")
         if verdict is not Verdict.ALLOW:
-            raise RegistryError(403, "DENIED", "metrics are for admin users")
+            raise RegistryError(403, "DENIED", f"{what} are for admin users")
+        return user
+
+    @app.route("/metrics", methods=["GET"])
+    async def metrics_page(self, request: RegistryRequest) -> bytes:
+        """Prometheus metrics, for admin users."""
+        await self._admin(request, "metrics")
         return _respond(request, 200, body=self.metrics.render(), content_type=METRICS_CONTENT_TYPE)
+
+    @app.route("/", methods=["GET", "HEAD"])
+    async def status_page(self, request: RegistryRequest) -> bytes:
+        """The status page for a person with a browser, for admin users."""
+        await self._admin(request, "status pages")
+        body = await self.status.render()
+        headers = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff",
+                   "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; "
+                                              "frame-ancestors 'none'",
+                   "Referrer-Policy": "no-referrer"}
+        body = _respond(request, 200, headers, body, STATUS_CONTENT_TYPE)
+        return b"" if request.method == b"HEAD" else body
 
     @app.route("/v2/_catalog", methods=["GET"])
     async def catalog(self, request: RegistryRequest) -> bytes:

@@ -102,6 +102,10 @@ class RegistrySite(Site):
         cache = getattr(request, "cache", None)
         if cache is not None:
             metrics.cache.labels(route, cache).inc()
+        try:
+            self.api.status.observe(method, path, status, cache, getattr(request, "error_message", None))
+        except Exception:
+            log.failure("feeding the status page failed")
         client = request.getClientAddress()
         access_log.info(
             "{client} {user} \"{method} {uri}\" {status} {bytes_out} {duration_ms}ms{cache_note}",
