@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_htpasswd_command(commands)
     add_ls_command(commands)
     add_fsck_command(commands)
+    add_gc_command(commands)
+    add_prune_command(commands)
     return parser
 
 
@@ -141,6 +143,18 @@ def add_fsck_command(commands: Any) -> None:
     from registryd.admin import fsck
 
     _add_admin_command(commands, "fsck", fsck)
+
+
+def add_gc_command(commands: Any) -> None:
+    from registryd.admin import gc
+
+    _add_admin_command(commands, "gc", gc)
+
+
+def add_prune_command(commands: Any) -> None:
+    from registryd.admin import prune
+
+    _add_admin_command(commands, "prune", prune)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

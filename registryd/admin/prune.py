@@ -1,0 +1,232 @@
+"""``registryd prune``: drop cached tags and manifests of mirrored repositories.
+
+Only ``mirror/<namespace>/...`` is touched, and only its tag and manifest
+revision files (with the referrer entries of removed manifests); blobs stay
+for ``registryd gc``, which removes them once nothing references them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from typing import Any
+
+from registryd.admin import EXIT_USAGE, EXIT_OK, AdminError
+from registryd.admin.gc import parse_duration, referenced_digests
+from registryd.admin.layout import (
+    DataDir,
+    RepositoryScan,
+    add_store_arguments,
+    open_data_dir,
+    os_errors_reported,
+    read_file,
+    read_tag,
+    scan_repository,
+)
+from registryd.digest import Digest
+from registryd.storage.files import fsync_dir, prune_empty_dirs
+
+HELP = "remove cached tags and manifests of mirrored repositories (--older-than, --pattern)"
+
+DESCRIPTION = """\
+Remove tags and manifest revisions that the mirror cache holds for upstream
+repositories (mirror/<namespace>/...), in the repositories matching
+--pattern, whose cache time is older than --older-than. A tag's cache time is
+when the upstream last confirmed it; a manifest's is when it was cached. A
+manifest that a kept tag points at, or that a kept index lists, is kept.
+Local (pushed) repositories are never touched. Removed content is fetched
+again from the upstream on the next pull.
+
+--pattern GLOB is matched against <namespace>/<repository>, as clients pull
+it (docker.io/library/alpine): * matches within one path component, ** across
+components; give it several times to match any of them. Without --pattern,
+every mirrored repository; without --older-than, whatever its age (one of the
+two is required).
+
+Blobs are not removed by prune: layers may be shared with content that is
+kept. Run `registryd gc` afterwards to reclaim the space of blobs nothing
+references any more.
+
+Selecting by last pull (--unused-for) will come with pull tracking: last pull
+times are not recorded yet.
+
+prune works with the server stopped, and alongside a running server: it only
+unlinks mirror tag and manifest files, re-checks each one's age just before,
+and a pull that needs them fetches them again from the upstream."""
+
+EPILOG = """\
+exit status:
+  0  done (with --dry-run: nothing was removed)
+  2  bad arguments (a bad duration, or neither --older-than nor --pattern)
+  3  prune could not be done: missing or unreadable data directory, bad
+     config file, permission denied, an unlink that failed"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_store_arguments(parser)
+    parser.add_argument("--older-than", type=parse_duration, metavar="DURATION",
+                        help="only content cached longer ago than this: 90s, 30m, 12h, 7d, 2w")
+    parser.add_argument("-p", "--pattern", action="append", metavar="GLOB", default=[],
+                        help="only repositories matching <namespace>/<repository> "
+                             "(* within a component, ** across); repeatable")
+    parser.add_argument("-n", "--dry-run", action="store_true",
+                        help="report what would be removed, remove nothing")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON document (for scripts) instead of lines")
+
+
+def compile_glob(pattern: str) -> re.Pattern[str]:
+    """``*`` within one component, ``**`` across (``a/**/b`` also matches ``a/b``)."""
+    out = []
+    i = 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            out.append("[^/]*")
+            i += 1
+        elif pattern[i] == "?":
+            out.append("[^/]")
+            i += 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(out))
+
+
+def _mtime(path: str) -> float | None:
+    try:
+        return os.stat(path).st_mtime
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def _unlink(path: str) -> bool:
+    try:
+        os.unlink(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    fsync_dir(os.path.dirname(path))
+    return True
+
+
+class Pruner:
+    def __init__(self, data: DataDir, cutoff: float, dry_run: bool, echo: bool) -> None:
+        self.data = data
+        self.cutoff = cutoff
+        self.dry_run = dry_run
+        self.echo = echo
+        self.verb = "would remove" if dry_run else "removed"
+        self.removed: list[dict[str, Any]] = []
+        self.repositories = 0
+
+    def _old(self, path: str) -> bool:
+        mtime = _mtime(path)
+        return mtime is not None and mtime < self.cutoff
+
+    def _report(self, kind: str, scan: RepositoryScan, path: str, digest: Digest | None,
+                tag: str | None = None, line: str = "") -> None:
+        entry: dict[str, Any] = {"kind": kind, "repository": scan.repository.name,
+                                 "path": self.data.rel(path)}
+        if tag is not None:
+            entry["tag"] = tag
+        if digest is not None:
+            entry["digest"] = str(digest)
+        self.removed.append(entry)
+        if self.echo:
+            print(f"{self.verb} {line}", flush=True)
+
+    def prune(self, scan: RepositoryScan) -> None:
+        repo = scan.repository
+        count = len(self.removed)
+        kept_tags: list[Digest] = []
+        for tag in scan.tags:
+            if not self._old(tag.path):
+                if tag.digest is not None:
+                    kept_tags.append(tag.digest)
+                continue
+            # Re-checked: the upstream may have confirmed it since the scan.
+            if self.dry_run or (self._old(tag.path) and _unlink(tag.path)):
+                self._report("tag", scan, tag.path, tag.digest, tag.name,
+                             f"tag {repo.name}:{tag.name}" + (f" -> {tag.digest}" if tag.digest else ""))
+        # Tags written meanwhile (not in the scan) keep their manifests too.
+        tags_dir = os.path.join(repo.path, "_manifests", "tags")
+        if not self.dry_run and os.path.isdir(tags_dir):
+            for name in os.listdir(tags_dir):
+                digest = read_tag(name, os.path.join(tags_dir, name)).digest
+                if digest is not None:
+                    kept_tags.append(digest)
+
+        keep: set[Digest] = set()
+        todo = kept_tags + [d for d, r in scan.revisions.items() if not self._old(r.path)]
+        while todo:
+            digest = todo.pop()
+            if digest in keep or digest not in scan.revisions:
+                continue
+            keep.add(digest)
+            content = read_file(self.data.blob_path(digest))
+            if content is not None:
+                todo.extend(referenced_digests(content))
+        doomed = {d: r for d, r in scan.revisions.items() if d not in keep}
+
+        for referrer in scan.referrers:
+            if referrer.digest in doomed:
+                if self.dry_run or _unlink(referrer.path):
+                    if not self.dry_run:
+                        prune_empty_dirs(os.path.dirname(referrer.path), os.path.join(repo.path, "_referrers"))
+                    self._report("referrer", scan, referrer.path, referrer.digest,
+                                 line=f"referrer entry {repo.name}: {referrer.digest} -> {referrer.subject}")
+        for digest, revision in sorted(doomed.items(), key=lambda item: str(item[0])):
+            if self.dry_run or (self._old(revision.path) and _unlink(revision.path)):
+                if not self.dry_run:
+                    prune_empty_dirs(os.path.dirname(revision.path),
+                                     os.path.join(repo.path, "_manifests", "revisions"))
+                self._report("manifest", scan, revision.path, digest, line=f"manifest {repo.name}@{digest}")
+        if len(self.removed) > count:
+            self.repositories += 1
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.older_than is None and not args.pattern:
+        raise AdminError("give --older-than DURATION, --pattern GLOB or both (--pattern '**' selects the "
+                         "whole mirror cache)", EXIT_USAGE)
+    data = open_data_dir(args)
+    patterns = [compile_glob(p) for p in args.pattern]
+    cutoff = time.time() - args.older_than if args.older_than is not None else float("inf")
+    pruner = Pruner(data, cutoff, args.dry_run, echo=not args.json)
+    matched = 0
+    with os_errors_reported():
+        for repository in data.repositories():
+            if repository.upstream is None:
+                continue  # local content is never pruned
+            if patterns and not any(p.fullmatch(repository.name) for p in patterns):
+                continue
+            matched += 1
+            pruner.prune(scan_repository(repository))
+    kinds = {kind: sum(1 for r in pruner.removed if r["kind"] == kind) for kind in ("tag", "manifest", "referrer")}
+    if args.json:
+        json.dump({"data_dir": data.root, "dry_run": args.dry_run, "older_than": args.older_than,
+                   "patterns": args.pattern, "repositories_matched": matched, "removed": pruner.removed,
+                   "counts": kinds}, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return EXIT_OK
+    verb = "would be removed" if args.dry_run else "removed"
+    print(f"{_plural(kinds['tag'], 'tag')}, {_plural(kinds['manifest'], 'manifest')} and "
+          f"{_plural(kinds['referrer'], 'referrer entry').replace('entrys', 'entries')} {verb} in "
+          f"{pruner.repositories} of {matched} matching mirrored "
+          f"{'repository' if matched == 1 else 'repositories'}")
+    if pruner.removed:
+        print("blobs are not removed by prune: run `registryd gc` to reclaim the space of those no longer "
+              "referenced")
+    return EXIT_OK

@@ -1,0 +1,126 @@
+"""``registryd prune`` (then ``registryd gc``) through the console script, on a
+data directory whose mirror cache a real registryd filled from a fake upstream."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import pytest_twisted
+
+from fake_upstream import FakeUpstream, fake_upstream  # noqa: F401  (fixture)
+from oci_client import Client
+from registryd.config import UpstreamConfig
+from test_cli_ls import blob_file, files_under, run
+
+NS = "mirror.test:5000"
+DAY = 86400
+
+
+def mirror_dir(data_dir: str, repo: str) -> str:
+    return os.path.join(data_dir, "mirror", NS.replace(":", "_"), repo)
+
+
+def age(root: str, seconds: float) -> None:
+    then = time.time() - seconds
+    for directory, _, files in os.walk(root):
+        for name in files:
+            os.utime(os.path.join(directory, name), (then, then))
+
+
+def test_help() -> None:
+    result = run("prune", "--help")
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    for words in ("--older-than DURATION", "--pattern GLOB", "--dry-run", "--json", "--config FILE",
+                  "<namespace>/<repository>", "** across", "Local (pushed) repositories are never touched",
+                  "registryd gc", "--unused-for", "pull tracking", "alongside a running server",
+                  "exit status", "2 bad arguments"):
+        assert words in text, words
+    assert "prune" in run("--help").stdout
+
+
+@pytest_twisted.ensureDeferred
+async def test_prune_old_mirror_content_then_gc(make_registry: Any, fake_upstream: FakeUpstream) -> None:
+    registry = make_registry(upstreams=(UpstreamConfig(namespace=NS, url=fake_upstream.url),))
+    client = Client(registry.url)
+    images: dict[str, set[str]] = {}
+    for repo, seed in (("lib/old", "old"), ("lib/keep", "keep"), ("other/x", "x")):
+        image = fake_upstream.add_image(repo, "1.0", layer_sizes=[2000], seed=seed)
+        reply = await client.get(f"/v2/{repo}/manifests/1.0?ns={NS}", headers={"Accept": image["media_type"]})
+        assert reply.status == 200, str(reply)
+        manifest = json.loads(reply.body)
+        blobs = {manifest["config"]["digest"], *(layer["digest"] for layer in manifest["layers"])}
+        for digest in blobs:
+            assert (await client.get(f"/v2/{repo}/blobs/{digest}?ns={NS}")).status == 200
+        images[repo] = blobs | {reply.header("Docker-Content-Digest") or ""}
+    local = await client.push_image("lib/old", "1.0", seed="local")   # a local repository of the same name
+    await registry.service.stopService()
+    data_dir = registry.data_dir
+
+    # Everything was cached 10 days ago; the upstream confirmed lib/keep:1.0 just now.
+    age(data_dir, 10 * DAY)
+    os.utime(os.path.join(mirror_dir(data_dir, "lib/keep"), "_manifests", "tags", "1.0"))
+    old_manifest = next(d for d in images["lib/old"]
+                        if os.path.exists(os.path.join(mirror_dir(data_dir, "lib/old"), "_manifests",
+                                                       "revisions", *d.split(":"))))
+    pattern = f"{NS}/lib/*"
+
+    before = files_under(data_dir)
+    dry = run("prune", "-d", data_dir, "--older-than", "7d", "--pattern", pattern, "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert files_under(data_dir) == before
+    assert dry.stdout.splitlines()[:2] == [f"would remove tag {NS}/lib/old:1.0 -> {old_manifest}",
+                                           f"would remove manifest {NS}/lib/old@{old_manifest}"]
+
+    result = run("prune", "-d", data_dir, "--older-than", "7d", "--pattern", pattern)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert result.stdout.splitlines() == [
+        f"removed tag {NS}/lib/old:1.0 -> {old_manifest}",
+        f"removed manifest {NS}/lib/old@{old_manifest}",
+        "1 tag, 1 manifest and 0 referrer entries removed in 1 of 2 matching mirrored repositories",
+        "blobs are not removed by prune: run `registryd gc` to reclaim the space of those no longer referenced",
+    ]
+    assert not os.path.exists(os.path.join(mirror_dir(data_dir, "lib/old"), "_manifests", "tags", "1.0"))
+    removed = set(before) - set(files_under(data_dir))
+    assert len(removed) == 2 and all(path.startswith("mirror/") for path in removed)
+    # Nothing left to do at that age; blobs are all still there.
+    again = json.loads(run("prune", "-d", data_dir, "--older-than", "7d", "-p", pattern, "--json").stdout)
+    assert again["removed"] == [] and again["repositories_matched"] == 2
+    assert all(os.path.exists(blob_file(data_dir, d)) for digests in images.values() for d in digests)
+
+    # gc then reclaims exactly lib/old's manifest, config and layer.
+    report = json.loads(run("gc", "-d", data_dir, "--delay", "1d", "--json").stdout)
+    assert {b["digest"] for b in report["removed_blobs"]} == images["lib/old"]
+    for repo in ("lib/keep", "other/x"):
+        assert all(os.path.exists(blob_file(data_dir, d)) for d in images[repo])
+    assert os.path.exists(blob_file(data_dir, local.digest))
+
+    # '**' across components: the rest of the mirror cache, whatever its age; local stays.
+    report = json.loads(run("prune", "-d", data_dir, "--pattern", "**", "--json").stdout)
+    assert report["counts"] == {"tag": 2, "manifest": 2, "referrer": 0}
+    assert {r["repository"] for r in report["removed"]} == {f"{NS}/lib/keep", f"{NS}/other/x"}
+    listing = json.loads(run("ls", "-d", data_dir, "--json").stdout)
+    assert [(r["name"], r["tags"]) for r in listing["repositories"] if r["kind"] == "local"] == [("lib/old", ["1.0"])]
+    assert all(r["tags"] == [] and r["manifests"] == 0
+               for r in listing["repositories"] if r["kind"] == "mirror")
+
+
+def test_errors(tmp_path: Any) -> None:
+    data_dir = str(tmp_path / "data")
+    os.makedirs(os.path.join(data_dir, "mirror"))
+    result = run("prune", "-d", data_dir)
+    assert result.returncode == 2
+    assert result.stderr.startswith("registryd prune: give --older-than") and result.stderr.count("\n") == 1
+    for bad in (["--older-than", "7 days"], ["--older-than", "-1d"], ["--unused-for", "7d"]):
+        result = run("prune", "-d", data_dir, *bad)
+        assert result.returncode == 2, bad
+        assert "usage: registryd" in result.stderr
+    missing = str(tmp_path / "nothing")
+    result = run("prune", "-d", missing, "--older-than", "1d")
+    assert result.returncode == 3
+    assert result.stderr == f"registryd prune: the data directory {missing} does not exist\n"
+    result = run("prune", "-d", data_dir, "--older-than", "1d")
+    assert result.returncode == 0 and "in 0 of 0 matching" in result.stdout
