@@ -34,7 +34,7 @@ from registryd.admin.layout import (
 from registryd.admin.progress import human_size
 from registryd.digest import Digest, parse_digest
 from registryd.errors import RegistryError
-from registryd.storage.files import fsync_dir, prune_empty_dirs
+from registryd.storage.files import mtime_of, prune_empty_dirs, unlink_durably
 
 HELP = "remove blobs no manifest references (mark and sweep); --dry-run only reports"
 
@@ -157,20 +157,6 @@ class Marker:
                 self.keep.update(referenced_digests(content))
 
 
-def _mtime(path: str) -> float | None:
-    try:
-        return os.stat(path, follow_symlinks=False).st_mtime
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-
-
-def _unlink(path: str) -> bool:
-    try:
-        os.unlink(path)
-    except (FileNotFoundError, NotADirectoryError):
-        return False
-    fsync_dir(os.path.dirname(path))
-    return True
 
 
 @attrs.define
@@ -218,7 +204,7 @@ class Collector:
             if blob.digest in marker.keep:
                 self.result.kept += 1
                 continue
-            times = [_mtime(blob.path)] + [_mtime(path) for _, path in marker.links.get(blob.digest, [])]
+            times = [mtime_of(blob.path)] + [mtime_of(path) for _, path in marker.links.get(blob.digest, [])]
             if times[0] is None:
                 gone.add(blob.digest)  # removed meanwhile
                 continue
@@ -226,7 +212,7 @@ class Collector:
                 self.result.young += 1
                 continue
             if not self.dry_run:
-                if not _unlink(blob.path):
+                if not unlink_durably(blob.path):
                     gone.add(blob.digest)
                     continue
                 self._prune(os.path.dirname(blob.path), os.path.join(self.data.root, "blobs", blob.digest.algorithm))
@@ -242,11 +228,11 @@ class Collector:
             if digest not in gone and os.path.isfile(self.data.blob_path(digest)):
                 continue
             for repository, path in places:
-                mtime = _mtime(path)
+                mtime = mtime_of(path)
                 if mtime is None or (mtime > cutoff and digest not in gone):
                     continue  # gone, or just made (its blob may be on its way)
                 if not self.dry_run:
-                    if os.path.isfile(self.data.blob_path(digest)) or not _unlink(path):
+                    if os.path.isfile(self.data.blob_path(digest)) or not unlink_durably(path):
                         continue  # the blob came back meanwhile
                     self._prune(os.path.dirname(path), os.path.join(repository.path, "_blobs"))
                 self.result.links.append({"repository": repository.name, "digest": str(digest),

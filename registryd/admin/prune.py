@@ -27,7 +27,7 @@ from registryd.admin.layout import (
     scan_repository,
 )
 from registryd.digest import Digest
-from registryd.storage.files import fsync_dir, prune_empty_dirs
+from registryd.storage.files import mtime_of, prune_empty_dirs, unlink_durably
 
 HELP = "remove cached tags and manifests of mirrored repositories (--older-than, --pattern)"
 
@@ -101,20 +101,6 @@ def compile_glob(pattern: str) -> re.Pattern[str]:
     return re.compile("".join(out))
 
 
-def _mtime(path: str) -> float | None:
-    try:
-        return os.stat(path).st_mtime
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-
-
-def _unlink(path: str) -> bool:
-    try:
-        os.unlink(path)
-    except (FileNotFoundError, NotADirectoryError):
-        return False
-    fsync_dir(os.path.dirname(path))
-    return True
 
 
 class Pruner:
@@ -128,7 +114,7 @@ class Pruner:
         self.repositories = 0
 
     def _old(self, path: str) -> bool:
-        mtime = _mtime(path)
+        mtime = mtime_of(path)
         return mtime is not None and mtime < self.cutoff
 
     def _report(self, kind: str, scan: RepositoryScan, path: str, digest: Digest | None,
@@ -153,7 +139,7 @@ class Pruner:
                     kept_tags.append(tag.digest)
                 continue
             # Re-checked: the upstream may have confirmed it since the scan.
-            if self.dry_run or (self._old(tag.path) and _unlink(tag.path)):
+            if self.dry_run or (self._old(tag.path) and unlink_durably(tag.path)):
                 self._report("tag", scan, tag.path, tag.digest, tag.name,
                              f"tag {repo.name}:{tag.name}" + (f" -> {tag.digest}" if tag.digest else ""))
         # Tags written meanwhile (not in the scan) keep their manifests too.
@@ -178,13 +164,13 @@ class Pruner:
 
         for referrer in scan.referrers:
             if referrer.digest in doomed:
-                if self.dry_run or _unlink(referrer.path):
+                if self.dry_run or unlink_durably(referrer.path):
                     if not self.dry_run:
                         prune_empty_dirs(os.path.dirname(referrer.path), os.path.join(repo.path, "_referrers"))
                     self._report("referrer", scan, referrer.path, referrer.digest,
                                  line=f"referrer entry {repo.name}: {referrer.digest} -> {referrer.subject}")
         for digest, revision in sorted(doomed.items(), key=lambda item: str(item[0])):
-            if self.dry_run or (self._old(revision.path) and _unlink(revision.path)):
+            if self.dry_run or (self._old(revision.path) and unlink_durably(revision.path)):
                 if not self.dry_run:
                     prune_empty_dirs(os.path.dirname(revision.path),
                                      os.path.join(repo.path, "_manifests", "revisions"))

@@ -76,6 +76,22 @@ def remove_file(path: str) -> bool:
         return False
 
 
+def unlink_durably(path: str) -> bool:
+    """Unlink ``path`` and make the removal durable; False if it was not there."""
+    if not remove_file(path):
+        return False
+    fsync_dir(os.path.dirname(path))
+    return True
+
+
+def mtime_of(path: str) -> float | None:
+    """The modification time of ``path`` itself, or None if it is gone."""
+    try:
+        return os.stat(path, follow_symlinks=False).st_mtime
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
 def prune_empty_dirs(path: str, stop: str) -> None:
     """Remove ``path`` and its parents while empty, never ``stop`` itself."""
     stop = os.path.abspath(stop)
