@@ -148,6 +148,8 @@ class MirrorCache:
             health.last_success = time.time()
 
     def _upstream_failed(self, namespace: str, message: str) -> None:
+        """Every upstream failure: counted, kept for the status page, told to listeners."""
+        self.metrics.upstream_errors.labels(namespace).inc()
         health = self.health.get(namespace)
         if health is not None:
             health.last_error = time.time()
@@ -201,7 +203,6 @@ class MirrorCache:
                 found = await self.manifest_fetches.run(
                     key, lambda: self._fetch_manifest(mirror, route.remote, reference, accept, None))
             except UpstreamUnavailable as e:
-                self.metrics.upstream_errors.labels(upstream.namespace).inc()
                 self._upstream_failed(upstream.namespace, str(e))
                 raise unavailable(upstream, str(e)) from None
             except RegistryError:
@@ -228,7 +229,6 @@ class MirrorCache:
             self._upstream_ok(upstream.namespace)
             raise
         except UpstreamUnavailable as e:
-            self.metrics.upstream_errors.labels(upstream.namespace).inc()
             self._upstream_failed(upstream.namespace, str(e))
             if hit is None:
                 raise unavailable(upstream, str(e)) from None
@@ -417,7 +417,6 @@ class MirrorCache:
         except (RegistryError, UpstreamUnavailable) as e:
             self.fills.pop(fill.digest, None)
             if isinstance(e, UpstreamUnavailable):
-                self.metrics.upstream_errors.labels(mirror.config.namespace).inc()
                 self._upstream_failed(mirror.config.namespace, str(e))
             fill.start_error = e if isinstance(e, RegistryError) else unavailable(mirror.config, str(e))
         except Exception as e:
@@ -428,7 +427,6 @@ class MirrorCache:
     def _fill_finished(self, mirror: Mirror, fill: BlobFill) -> None:
         self.fills.pop(fill.digest, None)
         if fill.error is not None:
-            self.metrics.upstream_errors.labels(mirror.config.namespace).inc()
             self._upstream_failed(mirror.config.namespace, f"transfer of {fill.digest} failed: {fill.error}")
 
     async def _commit_fill(self, mirror: Mirror, remote: str, path: str, digest: Digest) -> None:
