@@ -50,5 +50,14 @@ class Metrics:
         self.fills_in_flight = Gauge("registryd_upstream_fills_in_flight", "Blob transfers from upstreams now "
                                      "running", registry=r)
 
+    def cache_totals(self) -> tuple[int, int]:
+        """Mirrored reads served from cache and from upstream, over every route."""
+        totals = {"hit": 0.0, "miss": 0.0}
+        for family in self.cache.collect():
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    totals[sample.labels["result"]] += sample.value
+        return int(totals["hit"]), int(totals["miss"])
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

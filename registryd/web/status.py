@@ -91,8 +91,6 @@ class StatusBoard:
         self._clock = clock
         self._usage_ttl = usage_ttl
         self.started_at = clock()
-        self.hits = 0
-        self.misses = 0
         self.pulls: dict[str, int] = {}
         self.errors: collections.deque[RecentError] = collections.deque(maxlen=MAX_ERRORS)
         self._usage: StoreUsage | None = None
@@ -104,10 +102,6 @@ class StatusBoard:
     def observe(self, method: str, path: str, status: int, cache: str | None,
                 message: str | None = None) -> None:
         """One finished request (from RegistrySite.log)."""
-        if cache == "hit":
-            self.hits += 1
-        elif cache == "miss":
-            self.misses += 1
         if method in ("GET", "HEAD") and status == 200:
             match = _MANIFEST.match(path)
             if match:
@@ -128,9 +122,18 @@ class StatusBoard:
 
     # --- reading ---------------------------------------------------------------
 
+    @property
+    def hits(self) -> int:
+        return self.mirror.metrics.cache_totals()[0]
+
+    @property
+    def misses(self) -> int:
+        return self.mirror.metrics.cache_totals()[1]
+
     def hit_rate(self) -> float | None:
-        total = self.hits + self.misses
-        return self.hits / total if total else None
+        hits, misses = self.mirror.metrics.cache_totals()
+        total = hits + misses
+        return hits / total if total else None
 
     def top_repositories(self, n: int = TOP) -> list[tuple[str, int]]:
         return sorted(self.pulls.items(), key=lambda item: (-item[1], item[0]))[:n]
