@@ -118,7 +118,7 @@ class UploadStore:
         os.mkdir(directory)
         upload = Upload(upload_id, repo, directory, 0, time.time())
         open(upload.data_path, "wb").close()
-        self._save_state(upload, durable=False)
+        self._save_state(upload)
         self._sessions[upload_id] = upload
         return upload
 
@@ -145,9 +145,10 @@ class UploadStore:
         self._sessions[upload_id] = upload
         return upload
 
-    def _save_state(self, upload: Upload, durable: bool = True) -> None:
+    def _save_state(self, upload: Upload) -> None:
+        # Not fsynced: a session lost in a crash is restarted by its client.
         state = {"repo": upload.repo, "started": upload.started}
-        write_atomic(self._tmp, upload.state_path, json.dumps(state).encode(), durable=durable)
+        write_atomic(self._tmp, upload.state_path, json.dumps(state).encode(), durable=False)
 
     def open_writer(self, upload: Upload, start: int | None, algorithm: str | None,
                     limit: int | None = None) -> UploadWriter:
