@@ -79,6 +79,10 @@ class Config:
     shutdown_timeout: int = 30
     upstreams: tuple[UpstreamConfig, ...] = ()
     offline: bool = False
+    mirror_max_size: int = 0            # bytes; 0: no limit
+    usage_interval: int = 300
+    gc_interval: int = 86400            # 0: no online collection
+    gc_delay: int = 3600
     auth: AuthSettings = AuthSettings()
     access: tuple[AccessRule, ...] = ()
 
@@ -91,6 +95,32 @@ def _positive(value: int) -> bool:
     return value > 0
 
 
+def _not_negative(value: int) -> bool:
+    return value >= 0
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?)(b?)\s*$", re.IGNORECASE)
+
+
+def parse_size(key: str, value: Any) -> int:
+    """Bytes from an integer or a string like ``"50GiB"``, ``"500MB"``, ``"2G"``.
+
+    ``KiB``, ``K`` and ``k`` are 1024; ``KB`` is 1000 (likewise M, G, T, P).
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise ConfigError(f"'{key}' must not be negative, not {value}")
+        return value
+    match = _SIZE.match(value) if isinstance(value, str) else None
+    if match is None or (match[2] == "" and match[3]):
+        raise ConfigError(f"'{key}' must be a size in bytes or a string like \"50GiB\" or \"500MB\", "
+                          f"not {value!r}")
+    number, unit, binary, b = match.groups()
+    power = "kmgtp".index(unit.lower()) + 1 if unit else 0
+    base = 1000 if unit and b and not binary else 1024
+    return int(float(number) * base ** power)
+
+
 SCHEMA: dict[str, _Section] = {
     "": {
         "listen": ("listen", list, None),
@@ -100,6 +130,11 @@ SCHEMA: dict[str, _Section] = {
     },
     "mirror": {
         "offline": ("offline", bool, None),
+        "max_size": ("mirror_max_size", object, None),
+    },
+    "gc": {
+        "interval": ("gc_interval", int, _not_negative),
+        "delay": ("gc_delay", int, _not_negative),
     },
     "registry": {
         "delete_enabled": ("delete_enabled", bool, None),
@@ -114,6 +149,7 @@ SCHEMA: dict[str, _Section] = {
         "io_threads": ("io_threads", int, _positive),
         "min_free_bytes": ("min_free_bytes", int, _positive),
         "shutdown_timeout": ("shutdown_timeout", int, _positive),
+        "usage_interval": ("usage_interval", int, _positive),
     },
 }
 
@@ -272,8 +308,11 @@ def parse_settings(document: Mapping[str, Any]) -> dict[str, Any]:
             if name not in section:
                 raise ConfigError(f"unknown key '{full}'")
             field, kind, check = section[name]
-            _check_type(full, item, kind)
-            if field == "listen":
+            if kind is not object:
+                _check_type(full, item, kind)
+            if field == "mirror_max_size":
+                item = parse_size(full, item)
+            elif field == "listen":
                 try:
                     item = _listen_entries(full, item)
                 except AuthConfigError as e:
@@ -285,6 +324,8 @@ def parse_settings(document: Mapping[str, Any]) -> dict[str, Any]:
                     item = parse_access_rules(item, full)
                 except AuthConfigError as e:
                     raise ConfigError(str(e)) from None
+            elif check is _not_negative and not check(item):
+                raise ConfigError(f"'{full}' must not be negative, not {item!r}")
             elif check is not None and not check(item):
                 raise ConfigError(f"'{full}' must be greater than zero, not {item!r}")
             settings[field] = item

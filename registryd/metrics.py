@@ -49,6 +49,26 @@ class Metrics:
                                        "bad content)", ["upstream"], registry=r)
         self.fills_in_flight = Gauge("registryd_upstream_fills_in_flight", "Blob transfers from upstreams now "
                                      "running", registry=r)
+        self.store_bytes = Gauge("registryd_store_bytes", "Bytes of blobs in the store, by what keeps them "
+                                 "(local content, only the mirror cache, nothing yet), at the last survey",
+                                 ["kind"], registry=r)
+        self.store_blobs = Gauge("registryd_store_blobs", "Blobs in the store at the last survey", registry=r)
+        self.mirror_max_size = Gauge("registryd_mirror_cache_max_bytes", "The mirror cache limit "
+                                     "([mirror] max_size; 0: none)", registry=r)
+        self.evicted_manifests = Counter("registryd_mirror_evicted_manifests", "Cached manifests evicted to "
+                                         "keep the mirror cache under max_size", registry=r)
+        self.evicted_blobs = Counter("registryd_mirror_evicted_blobs", "Cached blobs evicted", registry=r)
+        self.evicted_bytes = Counter("registryd_mirror_evicted_bytes", "Bytes of cached blobs evicted", registry=r)
+        self.gc_runs = Counter("registryd_gc_runs", "Online garbage collections, by outcome", ["outcome"],
+                               registry=r)
+        self.gc_removed_blobs = Counter("registryd_gc_removed_blobs", "Blobs removed by online garbage "
+                                        "collection", registry=r)
+        self.gc_reclaimed = Counter("registryd_gc_reclaimed_bytes", "Bytes reclaimed by online garbage "
+                                    "collection", registry=r)
+        self.gc_last_success = Gauge("registryd_gc_last_success_timestamp_seconds", "When the last successful "
+                                     "online garbage collection ended", registry=r)
+        self.gc_duration = Gauge("registryd_gc_last_duration_seconds", "How long the last successful online "
+                                 "garbage collection took", registry=r)
 
     def cache_totals(self) -> tuple[int, int]:
         """Mirrored reads served from cache and from upstream, over every route."""

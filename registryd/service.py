@@ -18,6 +18,7 @@ from registryd.auth.tls import ServerTLSContext, parse_tls_description, tls_endp
 from registryd.config import Config
 from registryd.storage import Store
 from registryd.threads import BlockingPool
+from registryd.upkeep.scheduler import Upkeep
 from registryd.web.app import RegistryAPI
 from registryd.web.site import RegistrySite
 
@@ -44,6 +45,7 @@ class RegistryService(MultiService):
             raise StartupError(str(e)) from None
         self.api = RegistryAPI(self.store, config, reactor, auth=self.auth)
         self.site = RegistrySite(self.api, reactor)
+        self.upkeep = self.api.upkeep = Upkeep(self.store, config, self.api.metrics, reactor)
         self.ports: list[IListeningPort] = []
         self.tls_contexts: list[ServerTLSContext] = []
         self._reaper = LoopingCall(lambda: Deferred.fromCoroutine(self._reap_uploads()))
@@ -111,6 +113,7 @@ class RegistryService(MultiService):
         self._reaper.start(self.config.upload_reap_interval, now=False).addErrback(
             lambda f: log.failure("upload reaper stopped", f)
         )
+        self.upkeep.start()
         log.info("registryd serving {data_dir}", data_dir=self.config.data_dir)
 
     async def _reap_uploads(self) -> None:
@@ -133,6 +136,7 @@ class RegistryService(MultiService):
         self.running = False
         if self._reaper.running:
             self._reaper.stop()
+        self.upkeep.stop()
         d = self._close_ports()
         d.addBoth(lambda _: self.site.drain(self.config.shutdown_timeout))
         d.addBoth(lambda _: self.api.mirror.close())

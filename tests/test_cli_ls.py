@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -167,7 +168,7 @@ def test_help() -> None:
     assert result.returncode == 0, result.stderr
     text = " ".join(result.stdout.split())
     for words in ("--json", "--config FILE", "--data-dir DIR", "only reads", "running",
-                  "last pull time is not recorded yet", "exit status"):
+                  "LAST PULL is when a manifest", "GET or HEAD", "exit status"):
         assert words in text, words
     assert "ls" in run("--help").stdout
 
@@ -199,6 +200,7 @@ def test_json_lists_local_and_mirrored_repositories(store: Filled) -> None:
     tool = repos[f"{NS}/lib/tool"]
     assert tool["kind"] == "mirror" and tool["upstream"] == NS and tool["repository"] == "lib/tool"
     assert tool["tags"] == ["1.0"] and tool["manifests"] == 1
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", tool["last_pull"])   # pulled through the mirror
     # Only what is cached counts: the manifest and the config, not the layer.
     assert tool["size"] == sum(store.mirror_sizes.values())
     assert tool["blobs"] == 2 and tool["blobs_absent"] == 1
@@ -217,9 +219,9 @@ def test_table_for_people(store: Filled) -> None:
     assert rows["team/app"].split()[1:3] == ["local", "3"]
     assert rows["team/app"].endswith("latest, v1, v2")
     assert f"mirror:{NS}" in rows[f"{NS}/lib/tool"]
-    assert " - " in rows[f"{NS}/lib/tool"]  # last pull: not recorded
+    assert " - " in rows["team/app"]  # last pull: never pulled
+    assert re.search(r" \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ ", rows[f"{NS}/lib/tool"])
     assert "4 repositories (3 local, 1 mirrored)" in lines[-1]
-    assert "not recorded" in lines[-1]
 
 
 def test_config_file_names_the_data_directory(store: Filled, tmp_path: Any) -> None:

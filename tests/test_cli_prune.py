@@ -8,6 +8,8 @@ import time
 from typing import Any
 
 import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
 
 from fake_upstream import FakeUpstream, fake_upstream  # noqa: F401  (fixture)
 from oci_client import Client
@@ -35,7 +37,7 @@ def test_help() -> None:
     text = " ".join(result.stdout.split())
     for words in ("--older-than DURATION", "--pattern GLOB", "--dry-run", "--json", "--config FILE",
                   "<namespace>/<repository>", "** across", "Local (pushed) repositories are never touched",
-                  "registryd gc", "--unused-for", "pull tracking", "alongside a running server",
+                  "registryd gc", "--unused-for", "nobody pulled", "GET or HEAD", "alongside a running server",
                   "exit status", "2 bad arguments"):
         assert words in text, words
     assert "prune" in run("--help").stdout
@@ -85,7 +87,9 @@ async def test_prune_old_mirror_content_then_gc(make_registry: Any, fake_upstrea
     ]
     assert not os.path.exists(os.path.join(mirror_dir(data_dir, "lib/old"), "_manifests", "tags", "1.0"))
     removed = set(before) - set(files_under(data_dir))
-    assert len(removed) == 2 and all(path.startswith("mirror/") for path in removed)
+    # The tag, the revision and the manifest's pull time.
+    assert len(removed) == 3 and all(path.startswith("mirror/") for path in removed)
+    assert sum("/_pulls/" in path for path in removed) == 1
     # Nothing left to do at that age; blobs are all still there.
     again = json.loads(run("prune", "-d", data_dir, "--older-than", "7d", "-p", pattern, "--json").stdout)
     assert again["removed"] == [] and again["repositories_matched"] == 2
@@ -108,13 +112,46 @@ async def test_prune_old_mirror_content_then_gc(make_registry: Any, fake_upstrea
                for r in listing["repositories"] if r["kind"] == "mirror")
 
 
+@pytest_twisted.ensureDeferred
+async def test_prune_unused_for_goes_by_last_pull(make_registry: Any, fake_upstream: FakeUpstream) -> None:
+    """Both images were cached ten days ago; one was pulled (by digest) just now and stays."""
+    registry = make_registry(upstreams=(UpstreamConfig(namespace=NS, url=fake_upstream.url),))
+    client = Client(registry.url)
+    digests = {}
+    for repo in ("lib/idle", "lib/busy"):
+        image = fake_upstream.add_image(repo, "1.0", layer_sizes=[500], seed=repo)
+        reply = await client.get(f"/v2/{repo}/manifests/1.0?ns={NS}", headers={"Accept": image["media_type"]})
+        assert reply.status == 200, str(reply)
+        digests[repo] = reply.header("Docker-Content-Digest")
+    age(registry.data_dir, 10 * DAY)
+    await deferLater(reactor, 1.1, lambda: None)   # pulls are recorded at most once a second
+    reply = await client.get(f"/v2/lib/busy/manifests/{digests['lib/busy']}?ns={NS}")
+    assert reply.status == 200
+    marker = os.path.join(mirror_dir(registry.data_dir, "lib/busy"), "_pulls", *digests["lib/busy"].split(":"))
+    for _ in range(100):
+        if os.path.exists(marker) and os.path.getmtime(marker) > time.time() - DAY:
+            break
+        await deferLater(reactor, 0.05, lambda: None)
+    else:
+        raise AssertionError("the pull was not recorded")
+    await registry.service.stopService()
+    listing = {r["name"]: r for r in json.loads(run("ls", "-d", registry.data_dir, "--json").stdout)["repositories"]}
+    assert listing[f"{NS}/lib/busy"]["last_pull"] is not None
+    report = json.loads(run("prune", "-d", registry.data_dir, "--unused-for", "7d", "--json").stdout)
+    assert {(r["kind"], r["repository"]) for r in report["removed"]} == {("tag", f"{NS}/lib/idle"),
+                                                                          ("manifest", f"{NS}/lib/idle")}
+    assert report["unused_for"] == 7 * DAY
+    listing = {r["name"]: r for r in json.loads(run("ls", "-d", registry.data_dir, "--json").stdout)["repositories"]}
+    assert listing[f"{NS}/lib/busy"]["tags"] == ["1.0"] and listing[f"{NS}/lib/idle"]["tags"] == []
+
+
 def test_errors(tmp_path: Any) -> None:
     data_dir = str(tmp_path / "data")
     os.makedirs(os.path.join(data_dir, "mirror"))
     result = run("prune", "-d", data_dir)
     assert result.returncode == 2
     assert result.stderr.startswith("registryd prune: give --older-than") and result.stderr.count("\n") == 1
-    for bad in (["--older-than", "7 days"], ["--older-than", "-1d"], ["--unused-for", "7d"]):
+    for bad in (["--older-than", "7 days"], ["--older-than", "-1d"], ["--unused-for", "soon"]):
         result = run("prune", "-d", data_dir, *bad)
         assert result.returncode == 2, bad
         assert "usage: registryd" in result.stderr

@@ -77,3 +77,35 @@ def test_mistakes_are_named_in_one_line(tmp_path, text: str, message: str) -> No
 def test_missing_file(tmp_path) -> None:
     with pytest.raises(ConfigError, match="cannot read config file .*No such file"):
         load_config(str(tmp_path / "absent.toml"))
+
+
+def test_gc_and_cache_limit_settings(tmp_path) -> None:
+    path = write(tmp_path, """
+[gc]
+interval = 0
+delay = 60
+[mirror]
+max_size = "1.5GiB"
+[server]
+usage_interval = 30
+""")
+    config = load_config(path)
+    assert (config.gc_interval, config.gc_delay, config.usage_interval) == (0, 60, 30)
+    assert config.mirror_max_size == 1536 * 1024 * 1024
+    assert load_config(write(tmp_path, "[mirror]\nmax_size = 1000\n")).mirror_max_size == 1000
+    assert load_config(write(tmp_path, '[mirror]\nmax_size = "500MB"\n')).mirror_max_size == 500_000_000
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[mirror]\nmax_size = "lots"', "'mirror.max_size' must be a size in bytes or a string like"),
+    ("[mirror]\nmax_size = -1", "'mirror.max_size' must not be negative"),
+    ("[mirror]\nmax_size = true", "'mirror.max_size' must be a size"),
+    ("[gc]\ninterval = -5", "'gc.interval' must not be negative"),
+    ('[gc]\ndelay = "1h"', "'gc.delay' must be an integer"),
+    ("[gc]\nevery = 5", "unknown key 'gc.every'"),
+    ("[server]\nusage_interval = 0", "'server.usage_interval' must be greater than zero"),
+])
+def test_gc_and_cache_limit_errors(tmp_path, text, message) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text))
+    assert message in str(caught.value) and "\n" not in str(caught.value)

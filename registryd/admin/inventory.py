@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from typing import Any
 
 import attrs
@@ -23,6 +24,7 @@ from registryd.admin.progress import human_size
 from registryd.digest import Digest
 from registryd.errors import RegistryError
 from registryd.manifests import parse_manifest
+from registryd.storage.files import mtime_of
 
 HELP = "list repositories (local and mirrored), their tags, sizes and manifest counts"
 
@@ -35,8 +37,10 @@ manifests themselves, counted once per repository (a layer shared by two
 repositories counts in both). Blobs a mirrored repository has not fetched yet
 count for nothing.
 
-The last pull time is not recorded yet: the LAST PULL column shows "-" (and
---json gives null).
+LAST PULL is when a manifest of the repository was last pulled (GET or HEAD
+of a manifest, by tag or digest), in UTC; "-" (null in --json) when none has
+been pulled since registryd began recording pulls. The server writes pull
+times at most once a second per manifest.
 
 ls only reads the data directory, so it is safe while the server is stopped
 or running alongside it (a push in progress may or may not be counted)."""
@@ -64,6 +68,7 @@ class RepositorySummary:
     size: int
     blobs: int
     blobs_absent: int
+    last_pull: float | None
 
     def document(self) -> dict[str, Any]:
         repo = self.repository
@@ -77,7 +82,7 @@ class RepositorySummary:
             "size": self.size,
             "blobs": self.blobs,
             "blobs_absent": self.blobs_absent,
-            "last_pull": None,
+            "last_pull": _iso(self.last_pull),
         }
 
 
@@ -102,7 +107,15 @@ def summarize(data: DataDir, repository: Repository) -> RepositorySummary:
             absent += 1
     tags = sorted(tag.name for tag in scan.tags)
     blobs = len(digests - set(scan.revisions))
-    return RepositorySummary(repository, tags, len(scan.revisions), size, blobs, absent)
+    pulls = [mtime_of(repository.pull_path(digest)) for digest in scan.revisions]
+    last_pull = max((t for t in pulls if t is not None), default=None)
+    return RepositorySummary(repository, tags, len(scan.revisions), size, blobs, absent, last_pull)
+
+
+def _iso(when: float | None) -> str | None:
+    if when is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
 
 
 def _tag_column(tags: list[str]) -> str:
@@ -151,10 +164,11 @@ def run(args: argparse.Namespace) -> int:
         rows = [["REPOSITORY", "TYPE", "MANIFESTS", "SIZE", "LAST PULL", "TAGS"]]
         for s in summaries:
             kind = "local" if s.repository.upstream is None else f"mirror:{s.repository.upstream}"
-            rows.append([s.repository.name, kind, str(s.manifests), human_size(s.size), "-",
+            rows.append([s.repository.name, kind, str(s.manifests), human_size(s.size),
+                         _iso(s.last_pull) or "-",
                          _tag_column(s.tags)])
         print(_table(rows))
         print()
     print(f"{len(summaries)} repositories ({local} local, {len(summaries) - local} mirrored) in {data.root}; "
-          f"blob store: {store_blobs} blobs, {human_size(store_size)}; last pull times are not recorded yet")
+          f"blob store: {store_blobs} blobs, {human_size(store_size)}")
     return EXIT_OK

@@ -8,6 +8,7 @@ one ``registryd.storage`` writes::
     repositories/<name>/_manifests/revisions/<alg>/<hex>  {"mediaType": ...}
     repositories/<name>/_manifests/tags/<tag>           the digest the tag points at
     repositories/<name>/_referrers/<alg>/<subject hex>/<alg>-<hex>  a descriptor
+    repositories/<name>/_pulls/<alg>/<hex>              mtime: when the manifest was last pulled
     mirror/<namespace>/<name>/...                       the same, for a cached upstream
 
 (``:`` in a mirror namespace is ``_`` on disk.) Anything else found where
@@ -95,6 +96,10 @@ class Repository:
 
     def link_path(self, digest: Digest) -> str:
         return os.path.join(self.path, "_blobs", digest.algorithm, digest.hex)
+
+    def pull_path(self, digest: Digest) -> str:
+        """The marker whose mtime is when the manifest was last pulled."""
+        return os.path.join(self.path, "_pulls", digest.algorithm, digest.hex)
 
 
 @attrs.frozen

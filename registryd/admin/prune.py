@@ -18,6 +18,7 @@ from registryd.admin import EXIT_USAGE, EXIT_OK, AdminError
 from registryd.admin.gc import parse_duration, referenced_digests
 from registryd.admin.layout import (
     DataDir,
+    Repository,
     RepositoryScan,
     add_store_arguments,
     open_data_dir,
@@ -29,29 +30,28 @@ from registryd.admin.layout import (
 from registryd.digest import Digest
 from registryd.storage.files import mtime_of, prune_empty_dirs, unlink_durably
 
-HELP = "remove cached tags and manifests of mirrored repositories (--older-than, --pattern)"
+HELP = "remove cached tags and manifests of mirrored repositories (--older-than, --unused-for, --pattern)"
 
 DESCRIPTION = """\
 Remove tags and manifest revisions that the mirror cache holds for upstream
 repositories (mirror/<namespace>/...), in the repositories matching
---pattern, whose cache time is older than --older-than. A tag's cache time is
-when the upstream last confirmed it; a manifest's is when it was cached. A
-manifest that a kept tag points at, or that a kept index lists, is kept.
+--pattern, whose cache time is older than --older-than, or that nobody pulled
+for --unused-for. A tag's cache time is when the upstream last confirmed it; a
+manifest's is when it was cached; a pull of a manifest (by tag or digest,
+GET or HEAD) counts as a use of it and of the tags pointing at it. A manifest
+that a kept tag points at, or that a kept index lists, is kept.
 Local (pushed) repositories are never touched. Removed content is fetched
 again from the upstream on the next pull.
 
 --pattern GLOB is matched against <namespace>/<repository>, as clients pull
 it (docker.io/library/alpine): * matches within one path component, ** across
 components; give it several times to match any of them. Without --pattern,
-every mirrored repository; without --older-than, whatever its age (one of the
-two is required).
+every mirrored repository; without --older-than or --unused-for, whatever
+its age (at least one of the three is required).
 
 Blobs are not removed by prune: layers may be shared with content that is
 kept. Run `registryd gc` afterwards to reclaim the space of blobs nothing
 references any more.
-
-Selecting by last pull (--unused-for) will come with pull tracking: last pull
-times are not recorded yet.
 
 prune works with the server stopped, and alongside a running server: it only
 unlinks mirror tag and manifest files, re-checks each one's age just before,
@@ -60,7 +60,7 @@ and a pull that needs them fetches them again from the upstream."""
 EPILOG = """\
 exit status:
   0  done (with --dry-run: nothing was removed)
-  2  bad arguments (a bad duration, or neither --older-than nor --pattern)
+  2  bad arguments (a bad duration, or none of --older-than, --unused-for, --pattern)
   3  prune could not be done: missing or unreadable data directory, bad
      config file, permission denied, an unlink that failed"""
 
@@ -69,6 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_store_arguments(parser)
     parser.add_argument("--older-than", type=parse_duration, metavar="DURATION",
                         help="only content cached longer ago than this: 90s, 30m, 12h, 7d, 2w")
+    parser.add_argument("--unused-for", type=parse_duration, metavar="DURATION",
+                        help="only content neither cached nor pulled for this long (last pull times as "
+                             "`registryd ls` shows them)")
     parser.add_argument("-p", "--pattern", action="append", metavar="GLOB", default=[],
                         help="only repositories matching <namespace>/<repository> "
                              "(* within a component, ** across); repeatable")
@@ -104,18 +107,26 @@ def compile_glob(pattern: str) -> re.Pattern[str]:
 
 
 class Pruner:
-    def __init__(self, data: DataDir, cutoff: float, dry_run: bool, echo: bool) -> None:
+    def __init__(self, data: DataDir, cutoff: float, dry_run: bool, echo: bool,
+                 unused_cutoff: float | None = None) -> None:
         self.data = data
         self.cutoff = cutoff
+        self.unused_cutoff = unused_cutoff
         self.dry_run = dry_run
         self.echo = echo
         self.verb = "would remove" if dry_run else "removed"
         self.removed: list[dict[str, Any]] = []
         self.repositories = 0
 
-    def _old(self, path: str) -> bool:
+    def _old(self, repository: Repository, path: str, digest: Digest | None) -> bool:
+        """Cached before the --older-than cutoff, and neither cached nor pulled since --unused-for."""
         mtime = mtime_of(path)
-        return mtime is not None and mtime < self.cutoff
+        if mtime is None or mtime >= self.cutoff:
+            return False
+        if self.unused_cutoff is None:
+            return True
+        pulled = mtime_of(repository.pull_path(digest)) if digest is not None else None
+        return max(mtime, pulled or 0.0) < self.unused_cutoff
 
     def _report(self, kind: str, scan: RepositoryScan, path: str, digest: Digest | None,
                 tag: str | None = None, line: str = "") -> None:
@@ -134,12 +145,12 @@ class Pruner:
         count = len(self.removed)
         kept_tags: list[Digest] = []
         for tag in scan.tags:
-            if not self._old(tag.path):
+            if not self._old(repo, tag.path, tag.digest):
                 if tag.digest is not None:
                     kept_tags.append(tag.digest)
                 continue
             # Re-checked: the upstream may have confirmed it since the scan.
-            if self.dry_run or (self._old(tag.path) and unlink_durably(tag.path)):
+            if self.dry_run or (self._old(repo, tag.path, tag.digest) and unlink_durably(tag.path)):
                 self._report("tag", scan, tag.path, tag.digest, tag.name,
                              f"tag {repo.name}:{tag.name}" + (f" -> {tag.digest}" if tag.digest else ""))
         # Tags written meanwhile (not in the scan) keep their manifests too.
@@ -151,7 +162,7 @@ class Pruner:
                     kept_tags.append(digest)
 
         keep: set[Digest] = set()
-        todo = kept_tags + [d for d, r in scan.revisions.items() if not self._old(r.path)]
+        todo = kept_tags + [d for d, r in scan.revisions.items() if not self._old(repo, r.path, d)]
         while todo:
             digest = todo.pop()
             if digest in keep or digest not in scan.revisions:
@@ -170,10 +181,13 @@ class Pruner:
                     self._report("referrer", scan, referrer.path, referrer.digest,
                                  line=f"referrer entry {repo.name}: {referrer.digest} -> {referrer.subject}")
         for digest, revision in sorted(doomed.items(), key=lambda item: str(item[0])):
-            if self.dry_run or (self._old(revision.path) and unlink_durably(revision.path)):
+            if self.dry_run or (self._old(repo, revision.path, digest) and unlink_durably(revision.path)):
                 if not self.dry_run:
                     prune_empty_dirs(os.path.dirname(revision.path),
                                      os.path.join(repo.path, "_manifests", "revisions"))
+                    pull = repo.pull_path(digest)
+                    if unlink_durably(pull):
+                        prune_empty_dirs(os.path.dirname(pull), os.path.join(repo.path, "_pulls"))
                 self._report("manifest", scan, revision.path, digest, line=f"manifest {repo.name}@{digest}")
         if len(self.removed) > count:
             self.repositories += 1
@@ -184,13 +198,14 @@ def _plural(n: int, word: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.older_than is None and not args.pattern:
-        raise AdminError("give --older-than DURATION, --pattern GLOB or both (--pattern '**' selects the "
-                         "whole mirror cache)", EXIT_USAGE)
+    if args.older_than is None and args.unused_for is None and not args.pattern:
+        raise AdminError("give --older-than DURATION, --unused-for DURATION, --pattern GLOB or several "
+                         "(--pattern '**' selects the whole mirror cache)", EXIT_USAGE)
     data = open_data_dir(args)
     patterns = [compile_glob(p) for p in args.pattern]
     cutoff = time.time() - args.older_than if args.older_than is not None else float("inf")
-    pruner = Pruner(data, cutoff, args.dry_run, echo=not args.json)
+    unused_cutoff = time.time() - args.unused_for if args.unused_for is not None else None
+    pruner = Pruner(data, cutoff, args.dry_run, echo=not args.json, unused_cutoff=unused_cutoff)
     matched = 0
     with os_errors_reported():
         for repository in data.repositories():
@@ -203,6 +218,7 @@ def run(args: argparse.Namespace) -> int:
     kinds = {kind: sum(1 for r in pruner.removed if r["kind"] == kind) for kind in ("tag", "manifest", "referrer")}
     if args.json:
         json.dump({"data_dir": data.root, "dry_run": args.dry_run, "older_than": args.older_than,
+                   "unused_for": args.unused_for,
                    "patterns": args.pattern, "repositories_matched": matched, "removed": pruner.removed,
                    "counts": kinds}, sys.stdout, indent=2)
         sys.stdout.write("\n")

@@ -290,6 +290,7 @@ class MirrorCache:
                 if parsed.annotations:
                     descriptor["annotations"] = parsed.annotations
                 referrer = (parsed.subject, descriptor)
+        self._store.guard.claim(blobs)
         self._store.blobs.put(digest, data)
         # The upstream served this manifest from this repository, so the
         # blobs it names belong here: later pulls may use cached copies.
@@ -369,6 +370,7 @@ class MirrorCache:
         self._upstream_ok(upstream.namespace)
         if response.code != 200:
             raise blob_unknown(str(digest))
+        self._store.guard.claim([digest])
         if self._store.blobs.exists(digest):
             await self._store.pool.run(mirror.repositories.link_blob, route.remote, digest, False)
         # For HEAD, Twisted leaves Content-Length among the headers (the body is empty).

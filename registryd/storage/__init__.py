@@ -11,11 +11,12 @@ import uuid
 
 from registryd.storage.blobs import BlobStore
 from registryd.storage.files import make_dirs
+from registryd.storage.guard import BlobGuard
 from registryd.storage.repositories import RepositoryStore
 from registryd.storage.uploads import UploadStore
 from registryd.threads import BlockingPool, InlinePool
 
-__all__ = ["Store", "BlobStore", "RepositoryStore", "UploadStore"]
+__all__ = ["Store", "BlobGuard", "BlobStore", "RepositoryStore", "UploadStore"]
 
 
 class Store:
@@ -25,7 +26,8 @@ class Store:
         self.root = root
         self.pool = pool
         self.tmp_dir = os.path.join(root, "tmp")
-        self.blobs = BlobStore(os.path.join(root, "blobs"), self.tmp_dir)
+        self.guard = BlobGuard()
+        self.blobs = BlobStore(os.path.join(root, "blobs"), self.tmp_dir, self.guard)
         self.repositories = RepositoryStore(os.path.join(root, "repositories"), self.tmp_dir)
         self.uploads = UploadStore(os.path.join(root, "uploads"), self.tmp_dir, self.blobs, pool)  # type: ignore[arg-type]
 

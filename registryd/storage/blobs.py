@@ -9,15 +9,17 @@ import os
 from typing import BinaryIO
 
 from registryd.digest import Digest
+from registryd.storage.guard import BlobGuard
 from registryd.storage.files import fsync_dir, make_dirs, read_small, remove_file, write_atomic
 
 
 class BlobStore:
     """Where verified blob content lives; files here are never modified."""
 
-    def __init__(self, root: str, tmp_dir: str) -> None:
+    def __init__(self, root: str, tmp_dir: str, guard: BlobGuard | None = None) -> None:
         self.root = root
         self._tmp = tmp_dir
+        self.guard = guard or BlobGuard()
 
     def path(self, digest: Digest) -> str:
         return os.path.join(self.root, digest.algorithm, digest.hex[:2], digest.hex)
@@ -46,6 +48,7 @@ class BlobStore:
         Two uploads of the same content both succeed: the second rename
         replaces identical bytes, so one copy remains.
         """
+        self.guard.claim([digest])
         fd = os.open(source, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -58,6 +61,7 @@ class BlobStore:
 
     def put(self, digest: Digest, data: bytes) -> None:
         """Store small verified content such as a manifest (blocking)."""
+        self.guard.claim([digest])
         if not self.exists(digest):
             write_atomic(self._tmp, self.path(digest), data)
 

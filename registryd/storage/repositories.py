@@ -7,7 +7,9 @@
   manifest (content in the blob store) belongs to this repository;
 * ``_manifests/tags/<tag>`` — the digest the tag points at;
 * ``_referrers/<alg>/<subject hex>/<alg>-<hex>`` — the descriptor of a
-  manifest whose ``subject`` is that digest.
+  manifest whose ``subject`` is that digest;
+* ``_pulls/<alg>/<hex>`` — empty file whose mtime is when the manifest was
+  last pulled (advisory: written at most once a minute, never fsynced).
 
 Name components never start with ``_``, so these never collide with a
 nested repository. Methods that write or walk block: run them in the pool.
@@ -52,6 +54,9 @@ class RepositoryStore:
 
     def _referrers(self, name: str, subject: Digest) -> str:
         return self._path(name, "_referrers", subject.algorithm, subject.hex)
+
+    def _pull(self, name: str, digest: Digest) -> str:
+        return self._path(name, "_pulls", digest.algorithm, digest.hex)
 
     # Reads: cheap enough for the reactor (a stat or a small file).
 
@@ -131,6 +136,21 @@ class RepositoryStore:
             write_atomic(self._tmp, self._tag(name, tag), str(digest).encode())
         make_dirs(self._path(name, "_manifests", "tags"))
 
+    def record_pull(self, name: str, digest: Digest, when: float) -> None:
+        """Note that ``digest`` was pulled from ``name`` at ``when`` (if it is still there)."""
+        if not os.path.exists(self._revision(name, digest)):
+            return
+        path = self._pull(name, digest)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+        except FileNotFoundError:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            os.utime(fd, (when, when))
+        finally:
+            os.close(fd)
+
     def delete_tag(self, name: str, tag: str) -> bool:
         path = self._tag(name, tag)
         removed = remove_file(path)
@@ -153,6 +173,9 @@ class RepositoryStore:
                 prune_empty_dirs(os.path.dirname(entry), self._path(name))
         remove_file(path)
         fsync_dir(os.path.dirname(path))
+        pull = self._pull(name, digest)
+        if remove_file(pull):
+            prune_empty_dirs(os.path.dirname(pull), self._path(name))
         if os.path.isdir(tags_dir):
             fsync_dir(tags_dir)
         return True

@@ -49,7 +49,9 @@ from registryd.mirror.cache import MirrorCache, unavailable
 from registryd.mirror.fill import FillFailed
 from registryd.mirror.routing import Route
 from registryd.storage import Store
+from registryd.storage.pulls import PullRecorder
 from registryd.storage.uploads import Upload
+from registryd.upkeep.scheduler import Upkeep
 from registryd.web.request import CappedBody, PendingBody, RefusedBody, RegistryRequest, UploadBody
 from registryd.web.follow import stream_fill
 from registryd.web.status import CONTENT_TYPE as STATUS_CONTENT_TYPE
@@ -154,6 +156,8 @@ class RegistryAPI:
         self.auth = auth or build_auth(config.auth, config.access, store.pool, reactor,
                                        mirrored_namespaces(u.namespace for u in config.upstreams))
         self.status = StatusBoard(store, config, self.mirror)
+        self.pulls = PullRecorder(store.pool)
+        self.upkeep: Upkeep | None = None   # set by RegistryService: online gc and surveys
 
     def resource(self) -> Any:
         return self.app.resource()
@@ -295,6 +299,28 @@ class RegistryAPI:
         await self._admin(request, "metrics")
         return _respond(request, 200, body=self.metrics.render(), content_type=METRICS_CONTENT_TYPE)
 
+    @app.route("/admin/gc", methods=["POST"])
+    async def run_gc(self, request: RegistryRequest) -> bytes:
+        """One garbage collection now, inside the server (``registryd gc --url``), for admin users.
+
+        ``?delay=SECONDS`` overrides ``[gc] delay`` for this pass.
+        """
+        await self._admin(request, "garbage collections")
+        if self.upkeep is None:
+            raise RegistryError(503, "UNAVAILABLE", "garbage collection is not available in this server")
+        delay_arg = _arg(request, "delay")
+        try:
+            delay = float(delay_arg) if delay_arg is not None else None
+        except ValueError:
+            delay = -1.0
+        if delay is not None and not 0 <= delay < 1e9:
+            raise RegistryError(400, "UNSUPPORTED", f"delay must be a number of seconds, not {delay_arg!r}")
+        try:
+            report = await self.upkeep.collect(delay)
+        except Exception:
+            raise RegistryError(500, "UNKNOWN", "garbage collection failed; the server log says why") from None
+        return _json(request, 200, report.as_json())
+
     @app.route("/", methods=["GET", "HEAD"])
     async def status_page(self, request: RegistryRequest) -> bytes:
         """The status page for a person with a browser, for admin users."""
@@ -326,6 +352,9 @@ class RegistryAPI:
             return await self._mirror_blob(request, route, parsed)
         if not self.store.repositories.has_blob(name, parsed):
             raise blob_unknown(digest)
+        # A client that finds the blob here will name it in a manifest next:
+        # an in-server gc must not take it meanwhile.
+        self.store.guard.claim([parsed])
         return await self._send_blob(request, parsed)
 
     async def _send_blob(self, request: RegistryRequest, digest: Digest) -> bytes | None:
@@ -523,6 +552,7 @@ class RegistryAPI:
                 return None
             if not present:
                 return None
+        self.store.guard.claim([digest])  # before the check: an in-server gc must not take it now
         if not self.store.blobs.exists(digest):
             return None
         await shielded(self.store.pool.run(repositories.link_blob, name, digest))
@@ -586,6 +616,7 @@ class RegistryAPI:
             cached = await self.mirror.manifest(route, reference, accept)
             request.cache = "miss" if self.mirror.manifest_fetches.started != fetches else "hit"
             digest, media_type, data = cached.digest, cached.media_type, cached.data
+            self.pulls.record(self.mirror.mirror(route).repositories, route.remote, digest)
         else:
             digest = self._resolve(name, reference)
             found = self.store.repositories.manifest_media_type(name, digest)
@@ -593,6 +624,7 @@ class RegistryAPI:
             if found is None or stored is None:
                 raise manifest_unknown(reference)
             media_type, data = found, stored
+            self.pulls.record(self.store.repositories, name, digest)
         headers = {"Docker-Content-Digest": str(digest), "ETag": f'"{digest}"'}
         body = _respond(request, 200, headers, data, media_type)
         return b"" if request.method == b"HEAD" else body
@@ -616,8 +648,11 @@ class RegistryAPI:
             tags = [check_tag(reference)]
         manifest = parse_manifest(data, request.getHeader("Content-Type"))
         repositories = self.store.repositories
+        # Claimed before checking, so an in-server gc cannot remove them
+        # between the check and the commit.
+        self.store.guard.claim([digest, *manifest.blobs, *manifest.children])
         for blob in manifest.blobs:
-            if not repositories.has_blob(name, blob):
+            if not (repositories.has_blob(name, blob) and self.store.blobs.exists(blob)):
                 raise manifest_blob_unknown(str(blob))
         for child in manifest.children:
             if repositories.manifest_media_type(name, child) is None:

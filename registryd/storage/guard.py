@@ -1,0 +1,65 @@
+"""Keeps garbage collection inside the server from deleting a blob in use.
+
+A collection judges a blob unused from a walk of the store that takes time;
+meanwhile the server may commit an upload of that blob, link it into a
+repository or accept a manifest that names it. Every such path *claims* the
+digest before it looks at or writes the blob, and the collector deletes only
+under the same lock, only if nothing claimed the digest since the collection
+began. Either the claim comes first and the blob stays, or the deletion comes
+first and the claimer finds the blob gone (an upload writes it again; a
+manifest naming it is refused as MANIFEST_BLOB_UNKNOWN).
+
+The claims are kept in memory, so this only protects against collections run
+by the same process; ``registryd gc`` run beside a server relies on its
+``--delay`` instead.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from typing import Callable, Iterable
+
+from registryd.digest import Digest
+
+# Claims older than this are forgotten; collections use shorter windows.
+_KEEP_CLAIMS = 7 * 24 * 3600.0
+_PRUNE_EVERY = 100_000
+
+
+class BlobGuard:
+    """Digest claims with their times, and deletions serialized against them."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._claims: dict[Digest, float] = {}
+        self._since_prune = 0
+
+    def claim(self, digests: Iterable[Digest]) -> None:
+        """Mark ``digests`` as in use now (call before touching the blobs)."""
+        with self._lock:
+            now = self._clock()
+            for digest in digests:
+                self._claims[digest] = now
+                self._since_prune += 1
+            if self._since_prune >= _PRUNE_EVERY:
+                self._forget_before(now - _KEEP_CLAIMS)
+
+    def last_claim(self, digest: Digest) -> float | None:
+        with self._lock:
+            return self._claims.get(digest)
+
+    def delete_unless_claimed(self, digest: Digest, since: float, delete: Callable[[], bool]) -> bool:
+        """Run ``delete`` only if ``digest`` was not claimed at or after ``since``.
+
+        Returns what ``delete`` returned, or False when a claim kept the blob.
+        """
+        with self._lock:
+            claimed = self._claims.get(digest)
+            if claimed is not None and claimed >= since:
+                return False
+            return delete()
+
+    def _forget_before(self, cutoff: float) -> None:
+        self._claims = {d: t for d, t in self._claims.items() if t >= cutoff}
+        self._since_prune = 0

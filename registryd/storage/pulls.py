@@ -1,0 +1,43 @@
+"""Last-pull times of manifests, for ``registryd ls``, ``prune --unused-for`` and eviction.
+
+A pull writes a marker's mtime in the IO pool without waiting for it, and at
+most once a second per manifest, so a hot tag costs no write per request.
+The times are advisory: they are never fsynced, and a crash may lose the
+last second of them.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from registryd.digest import Digest
+from registryd.storage.repositories import RepositoryStore
+from registryd.threads import BlockingPool, InlinePool
+
+log = Logger()
+
+_MAX_REMEMBERED = 100_000
+
+
+class PullRecorder:
+    def __init__(self, pool: BlockingPool | InlinePool, clock: Callable[[], float] = time.time,
+                 interval: float = 1.0) -> None:
+        self._pool = pool
+        self._clock = clock
+        self._interval = interval
+        self._written: dict[tuple[str, str, Digest], float] = {}
+
+    def record(self, repositories: RepositoryStore, name: str, digest: Digest) -> None:
+        now = self._clock()
+        key = (repositories.root, name, digest)
+        last = self._written.get(key)
+        if last is not None and now - last < self._interval:
+            return
+        if len(self._written) >= _MAX_REMEMBERED:
+            self._written.clear()
+        self._written[key] = now
+        Deferred.fromCoroutine(self._pool.run(repositories.record_pull, name, digest, now)).addErrback(
+            lambda f: log.failure("recording a pull of {name}@{digest} failed", f, name=name, digest=str(digest)))

@@ -1,0 +1,150 @@
+"""Online garbage collection and store surveys, on timers, while the server serves.
+
+Both walk the whole store, so they run in the IO pool and one at a time (a
+DeferredLock). A pass that fails is logged and counted; the timers go on,
+so the next pass runs as planned.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import attrs
+from twisted.internet.defer import Deferred, DeferredLock
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from registryd.admin.layout import DataDir
+from registryd.config import Config
+from registryd.metrics import Metrics
+from registryd.storage import Store
+from registryd.upkeep.collector import Collection, Collector
+from registryd.upkeep.eviction import Eviction, evict, plan_eviction
+from registryd.upkeep.survey import Survey, take_survey
+
+log = Logger()
+
+
+@attrs.define
+class GCReport:
+    """One online collection, as /admin/gc and the log report it."""
+
+    started: float
+    duration: float
+    collection: Collection
+
+    def as_json(self) -> dict[str, Any]:
+        c = self.collection
+        return {"started": self.started, "duration_seconds": round(self.duration, 3),
+                "removed_blobs": c.blobs, "removed_links": c.links, "bytes_reclaimed": c.reclaimed,
+                "kept_referenced": c.kept, "kept_young": c.young}
+
+
+class Upkeep:
+    """Runs collections every ``[gc] interval`` and surveys every ``[server] usage_interval``."""
+
+    def __init__(self, store: Store, config: Config, metrics: Metrics, reactor: Any) -> None:
+        self._store = store
+        self._config = config
+        self._metrics = metrics
+        self._reactor = reactor
+        namespaces = {u.namespace.replace(":", "_"): u.namespace for u in config.upstreams}
+        self._data = DataDir(store.root, namespaces)
+        self._lock = DeferredLock()
+        self.last_survey: Survey | None = None
+        self._loops: list[LoopingCall] = []
+        metrics.mirror_max_size.set(config.mirror_max_size)
+
+    def start(self) -> None:
+        if self._config.gc_interval > 0:
+            self._every(self._config.gc_interval, self._scheduled_gc, now=False)
+        self._every(self._config.usage_interval, self._scheduled_survey, now=True)
+
+    def _every(self, interval: float, work: Any, now: bool) -> None:
+        loop = LoopingCall(lambda: Deferred.fromCoroutine(work()))
+        loop.clock = self._reactor
+        loop.start(interval, now=now).addErrback(lambda f: log.failure("an upkeep timer stopped", f))
+        self._loops.append(loop)
+
+    def stop(self) -> None:
+        for loop in self._loops:
+            if loop.running:
+                loop.stop()
+        self._loops = []
+
+    async def _scheduled_gc(self) -> None:
+        try:
+            await self.collect()
+        except Exception:
+            pass  # logged and counted by collect; the next pass runs as planned
+
+    async def _scheduled_survey(self) -> None:
+        try:
+            await self.survey()
+        except Exception:
+            log.failure("surveying the store failed; the next survey runs as planned")
+
+    async def collect(self, delay: float | None = None) -> GCReport:
+        """One mark and sweep in the IO pool, protected by the store's BlobGuard."""
+        delay = self._config.gc_delay if delay is None else delay
+        await self._lock.acquire()
+        started = time.time()
+        try:
+            collector = Collector(self._data, delay, dry_run=False, echo=False, guard=self._store.guard)
+            collection = await self._store.pool.run(collector.run)
+        except OSError as e:
+            self._metrics.gc_runs.labels("failed").inc()
+            log.error("garbage collection failed: {error}; the next pass runs as planned", error=str(e))
+            raise
+        except Exception:
+            self._metrics.gc_runs.labels("failed").inc()
+            log.failure("garbage collection failed; the next pass runs as planned")
+            raise
+        finally:
+            self._lock.release()
+        report = GCReport(started, time.time() - started, collection)
+        self._metrics.gc_runs.labels("ok").inc()
+        self._metrics.gc_removed_blobs.inc(len(collection.blobs))
+        self._metrics.gc_reclaimed.inc(collection.reclaimed)
+        self._metrics.gc_last_success.set(report.started + report.duration)
+        self._metrics.gc_duration.set(report.duration)
+        log.info("garbage collection removed {blobs} blobs ({bytes} bytes) and {links} links in {seconds:.1f}s",
+                 blobs=len(collection.blobs), bytes=collection.reclaimed, links=len(collection.links),
+                 seconds=report.duration)
+        return report
+
+    async def survey(self) -> Survey:
+        """Measure the store, and evict from the mirror cache if it is over ``max_size``."""
+        await self._lock.acquire()
+        try:
+            survey = await self._store.pool.run(take_survey, self._data)
+            self._measured(survey)
+            limit = self._config.mirror_max_size
+            if limit:
+                plan = plan_eviction(survey, limit)
+                if plan.manifests or plan.blobs:
+                    done: Eviction = await self._store.pool.run(evict, self._data, plan, self._store.guard,
+                                                                survey.taken_at)
+                    self._evicted(plan.size_before, limit, done)
+                    survey = await self._store.pool.run(take_survey, self._data)
+                    self._measured(survey)
+        finally:
+            self._lock.release()
+        return survey
+
+    def _measured(self, survey: Survey) -> None:
+        self.last_survey = survey
+        mirror = survey.mirror_bytes
+        local = survey.local_bytes
+        self._metrics.store_bytes.labels("local").set(local)
+        self._metrics.store_bytes.labels("mirror").set(mirror)
+        self._metrics.store_bytes.labels("unreferenced").set(max(0, survey.total_bytes - local - mirror))
+        self._metrics.store_blobs.set(len(survey.blob_sizes))
+
+    def _evicted(self, before: int, limit: int, done: Eviction) -> None:
+        self._metrics.evicted_manifests.inc(done.manifests)
+        self._metrics.evicted_blobs.inc(done.blobs)
+        self._metrics.evicted_bytes.inc(done.bytes)
+        log.info("mirror cache at {before} bytes is over max_size {limit}: evicted {manifests} manifests and "
+                 "{blobs} blobs ({bytes} bytes), least recently pulled first", before=before, limit=limit,
+                 manifests=done.manifests, blobs=done.blobs, bytes=done.bytes)
