@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_fsck_command(commands)
     add_gc_command(commands)
     add_prune_command(commands)
+    add_preload_command(commands)
+    add_export_command(commands)
+    add_import_command(commands)
     return parser
 
 
@@ -155,6 +158,24 @@ def add_prune_command(commands: Any) -> None:
     from registryd.admin import prune
 
     _add_admin_command(commands, "prune", prune)
+
+
+def add_preload_command(commands: Any) -> None:
+    from registryd.admin import preload
+
+    _add_admin_command(commands, "preload", preload)
+
+
+def add_export_command(commands: Any) -> None:
+    from registryd.admin import export
+
+    _add_admin_command(commands, "export", export)
+
+
+def add_import_command(commands: Any) -> None:
+    from registryd.admin import import_layout
+
+    _add_admin_command(commands, "import", import_layout)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,6 +1,7 @@
 """Online garbage collection, the mirror cache limit and last-pull times, through a running server."""
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -16,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer, reactor
 from twisted.internet.task import deferLater
 
-from conftest import VENV_BIN
+from conftest import VENV_BIN, free_port, start_twistd, stop_process
 from oci_client import OCI_CONFIG, OCI_LAYER, OCI_MANIFEST, Client, descriptor, digest_of, encode
 from registryd.admin.layout import DataDir, Repository
 from registryd.config import UpstreamConfig
@@ -25,6 +26,7 @@ from registryd.storage.guard import BlobGuard
 from registryd.upkeep.collector import Collector
 from registryd.upkeep.eviction import plan_eviction
 from registryd.upkeep.survey import MirrorLink, MirrorManifest, Survey
+from syncclient import request
 from upstreams import blob_path, push_image, reference_upstream  # noqa: F401
 
 NS = "upstream.test"
@@ -392,3 +394,47 @@ async def test_a_blob_reused_while_a_pass_sweeps_is_not_removed(make_registry, m
     report = (await gc).json()
     assert report["removed_blobs"] == []
     await _verify(client, slot)
+
+
+def test_gc_url_collects_inside_a_running_server(tmp_path) -> None:
+    """``registryd gc --url`` as an admin of a real twistd registryd with htpasswd."""
+    registryd = os.path.join(VENV_BIN, "registryd")
+    htpasswd = str(tmp_path / "htpasswd")
+    for user in ("admin", "dev"):
+        subprocess.run([registryd, "htpasswd", "--password-stdin", "--cost", "4", htpasswd, user],
+                       input=f"{user}-secret\n", text=True, check=True, capture_output=True)
+    config = tmp_path / "registryd.toml"
+    config.write_text(f'[auth]\nhtpasswd = "{htpasswd}"\nadmin_users = ["admin"]\n')
+    (tmp_path / "admin.pw").write_text("admin-secret\n")
+    (tmp_path / "dev.pw").write_text("dev-secret\n")
+    process, server = start_twistd(str(tmp_path / "data"), "--config", str(config))
+    try:
+        auth = {"Authorization": "Basic " + base64.b64encode(b"dev:dev-secret").decode()}
+        blob = b"pushed, never referenced"
+        digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+        reply = request(server.host, "POST", f"/v2/team/app/blobs/uploads/?digest={digest}", blob, headers=auth)
+        assert reply.status == 201, reply
+
+        def gc(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([registryd, "gc", "--url", server.url, *args], capture_output=True, text=True,
+                                  env={**os.environ, **(env or {})})
+
+        refused = gc("--user", "dev", "--password-file", str(tmp_path / "dev.pw"))
+        assert refused.returncode == 3 and refused.stderr.count("\n") == 1
+        assert "refused the collection: 403" in refused.stderr
+        anonymous = gc()
+        assert anonymous.returncode == 3 and ": 401 " in anonymous.stderr
+        dry = gc("--user", "admin", "--password-file", str(tmp_path / "admin.pw"), "--delay", "0", "--dry-run")
+        assert dry.returncode == 0, dry.stderr
+        assert f"would remove blob {digest}" in dry.stdout and stored(server.data_dir, digest)
+        done = gc("--user", "admin", "--delay", "0", "--json", env={"REGISTRYD_PASSWORD": "admin-secret"})
+        assert done.returncode == 0, done.stderr
+        assert [b["digest"] for b in json.loads(done.stdout)["removed_blobs"]] == [digest]
+        assert not stored(server.data_dir, digest)
+        closed = subprocess.run([registryd, "gc", "--url", f"http://127.0.0.1:{free_port()}"],
+                                capture_output=True, text=True)
+        assert closed.returncode == 3 and "cannot reach" in closed.stderr and closed.stderr.count("\n") == 1
+        bad = subprocess.run([registryd, "gc", "--url", "ftp://x"], capture_output=True, text=True)
+        assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+    finally:
+        stop_process(process)

@@ -4,11 +4,17 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import ssl
 import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any
 
-from registryd.admin import EXIT_OK
+from registryd.admin import EXIT_OK, AdminError
 from registryd.admin.layout import add_store_arguments, open_data_dir, os_errors_reported
 from registryd.admin.progress import human_size
+from registryd.admin.remote import add_remote_arguments, authorization, check_url
 from registryd.upkeep.collector import Collector, referenced_digests
 
 __all__ = ["parse_duration", "referenced_digests"]
@@ -27,14 +33,24 @@ with its size; the last line gives the bytes reclaimed. uploads/, tmp/ and
 quarantine/ are never touched. Deletions are unlinks, each made durable
 (the directory is fsynced).
 
-gc works with the server stopped, and safely alongside a running server: a
-blob pushed or fetched moments ago, whose manifest has not arrived yet, is
-younger than --delay and stays, and a manifest committed before the sweep
-starts keeps its blobs. Keep --delay well above the longest push (do not use
---delay 0 while the server runs). One case remains: a manifest pushed during
-the sweep that reuses a blob nothing referenced before (an image re-pushed
-right after its manifests were deleted) can lose that blob; `registryd fsck`
-reports it and pushing the image again restores it.
+Three ways to run it:
+
+  --url URL   one pass inside a running server (POST /admin/gc, for an
+              admin user). The server knows which blobs its uploads,
+              pushes and mirror fills are using at that moment and keeps
+              them, so this is the safe way while it serves. The server
+              also collects by itself every [gc] interval.
+  -d/-c       on the data directory, with the server stopped.
+  -d/-c       on the data directory beside a running server: a blob pushed
+              or fetched moments ago, whose manifest has not arrived yet, is
+              younger than --delay and stays, and a manifest committed
+              before the sweep starts keeps its blobs. Keep --delay well
+              above the longest push (never --delay 0 while the server
+              runs). One case remains: a manifest pushed during the sweep
+              that reuses a blob nothing referenced before (an image
+              re-pushed right after its manifests were deleted) can lose
+              that blob; `registryd fsck` reports it and pushing the image
+              again restores it. --url has no such case.
 
 To reclaim the space of mirrored images, first remove their tags and
 manifests with `registryd prune`, then run gc."""
@@ -44,7 +60,8 @@ exit status:
   0  done (with --dry-run: nothing was removed)
   2  bad arguments
   3  gc could not be done: missing or unreadable data directory, bad config
-     file, permission denied, an unlink that failed"""
+     file, permission denied, an unlink that failed; with --url: the server
+     cannot be reached or refused (not an admin, wrong password)"""
 
 DEFAULT_DELAY = 3600.0
 
@@ -70,41 +87,68 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "units s, m, h, d are accepted too)")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON document (for scripts) instead of lines")
+    add_remote_arguments(parser, "collect in (POST /admin/gc, for an admin user)")
 
 
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
+def _run_remote(args: argparse.Namespace) -> dict[str, Any]:
+    """Ask the server for one pass (POST /admin/gc): its BlobGuard makes it safe under load."""
+    url = check_url(args.url)
+    query = urllib.parse.urlencode({"delay": f"{args.delay:g}", **({"dry_run": "1"} if args.dry_run else {})})
+    headers = {"Accept": "application/json"}
+    credentials = authorization(args)
+    if credentials is not None:
+        headers["Authorization"] = credentials
+    context = None
+    if url.startswith("https://"):
+        context = ssl.create_default_context(cafile=args.ca_file)
+        if args.insecure:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+    request = urllib.request.Request(f"{url}/admin/gc?{query}", data=b"", method="POST", headers=headers)
+    try:
+        with urllib.request.urlopen(request, context=context, timeout=24 * 3600) as response:
+            return dict(json.load(response))
+    except urllib.error.HTTPError as e:
+        try:
+            message = json.load(e)["errors"][0]["message"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            message = e.reason
+        raise AdminError(f"{url} refused the collection: {e.code} {message}") from None
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        raise AdminError(f"cannot reach {url}: {reason}") from None
+
+
 def run(args: argparse.Namespace) -> int:
-    data = open_data_dir(args)
-    collector = Collector(data, args.delay, args.dry_run, echo=not args.json)
-    with os_errors_reported():
-        result = collector.run()
-    marker = collector.marker
+    if args.url is not None:
+        document = _run_remote(args)
+        if not args.json:
+            verb = "would remove" if args.dry_run else "removed"
+            for blob in document["removed_blobs"]:
+                print(f"{verb} blob {blob['digest']} ({human_size(blob['size'])}, {blob['size']} bytes)")
+            for link in document["removed_links"]:
+                print(f"{verb} link {link['repository']} -> {link['digest']} (its blob is gone)")
+    else:
+        data = open_data_dir(args)
+        collector = Collector(data, args.delay, args.dry_run, echo=not args.json)
+        with os_errors_reported():
+            collector.run()
+        document = collector.report()
     if args.json:
-        document = {
-            "data_dir": data.root,
-            "dry_run": args.dry_run,
-            "delay": args.delay,
-            "removed_blobs": result.blobs,
-            "removed_links": result.links,
-            "removed_directories": result.directories,
-            "bytes_reclaimed": result.reclaimed,
-            "kept_referenced": result.kept,
-            "kept_young": result.young,
-            "repositories": marker.repositories,
-            "manifests": marker.manifests,
-        }
         json.dump(document, sys.stdout, indent=2)
         sys.stdout.write("\n")
         return EXIT_OK
     verb = "would be removed" if args.dry_run else "removed"
     reclaim = "would be reclaimed" if args.dry_run else "reclaimed"
-    young = (f"; {_plural(result.young, 'unreferenced blob')} younger than {args.delay:g}s kept"
-             if result.young else "")
-    print(f"{_plural(len(result.blobs), 'blob')} {verb}, {human_size(result.reclaimed)} ({result.reclaimed} bytes) "
-          f"{reclaim}; {_plural(len(result.links), 'link')} {verb}; {_plural(result.kept, 'blob')} in use by "
-          f"{_plural(marker.manifests, 'manifest')} in "
-          f"{_plural(marker.repositories, 'repository').replace('repositorys', 'repositories')}{young}")
+    blobs, links, reclaimed = document["removed_blobs"], document["removed_links"], document["bytes_reclaimed"]
+    young = (f"; {_plural(document['kept_young'], 'unreferenced blob')} younger than {args.delay:g}s kept"
+             if document["kept_young"] else "")
+    print(f"{_plural(len(blobs), 'blob')} {verb}, {human_size(reclaimed)} ({reclaimed} bytes) "
+          f"{reclaim}; {_plural(len(links), 'link')} {verb}; {_plural(document['kept_referenced'], 'blob')} "
+          f"in use by {_plural(document['manifests'], 'manifest')} in "
+          f"{_plural(document['repositories'], 'repository').replace('repositorys', 'repositories')}{young}")
     return EXIT_OK

@@ -171,6 +171,23 @@ class Collector:
         self._sweep_links(gone, cutoff)
         return self.result
 
+    def report(self) -> dict[str, Any]:
+        """The run as one JSON document (``registryd gc --json`` and ``POST /admin/gc``)."""
+        result, marker = self.result, self.marker
+        return {
+            "data_dir": self.data.root,
+            "dry_run": self.dry_run,
+            "delay": self.delay,
+            "removed_blobs": result.blobs,
+            "removed_links": result.links,
+            "removed_directories": result.directories,
+            "bytes_reclaimed": result.reclaimed,
+            "kept_referenced": result.kept,
+            "kept_young": result.young,
+            "repositories": marker.repositories,
+            "manifests": marker.manifests,
+        }
+
     def _sweep_links(self, gone: set[Digest], cutoff: float) -> None:
         for digest, places in sorted(self.marker.links.items(), key=lambda item: str(item[0])):
             if digest not in gone and os.path.isfile(self.data.blob_path(digest)):

@@ -32,12 +32,10 @@ class GCReport:
     started: float
     duration: float
     collection: Collection
+    document: dict[str, Any]
 
     def as_json(self) -> dict[str, Any]:
-        c = self.collection
-        return {"started": self.started, "duration_seconds": round(self.duration, 3),
-                "removed_blobs": c.blobs, "removed_links": c.links, "bytes_reclaimed": c.reclaimed,
-                "kept_referenced": c.kept, "kept_young": c.young}
+        return {**self.document, "started": self.started, "duration_seconds": round(self.duration, 3)}
 
 
 class Upkeep:
@@ -84,13 +82,13 @@ class Upkeep:
         except Exception:
             log.failure("surveying the store failed; the next survey runs as planned")
 
-    async def collect(self, delay: float | None = None) -> GCReport:
+    async def collect(self, delay: float | None = None, dry_run: bool = False) -> GCReport:
         """One mark and sweep in the IO pool, protected by the store's BlobGuard."""
         delay = self._config.gc_delay if delay is None else delay
         await self._lock.acquire()
         started = time.time()
         try:
-            collector = Collector(self._data, delay, dry_run=False, echo=False, guard=self._store.guard)
+            collector = Collector(self._data, delay, dry_run=dry_run, echo=False, guard=self._store.guard)
             collection = await self._store.pool.run(collector.run)
         except OSError as e:
             self._metrics.gc_runs.labels("failed").inc()
@@ -102,7 +100,9 @@ class Upkeep:
             raise
         finally:
             self._lock.release()
-        report = GCReport(started, time.time() - started, collection)
+        report = GCReport(started, time.time() - started, collection, collector.report())
+        if dry_run:
+            return report
         self._metrics.gc_runs.labels("ok").inc()
         self._metrics.gc_removed_blobs.inc(len(collection.blobs))
         self._metrics.gc_reclaimed.inc(collection.reclaimed)

@@ -303,7 +303,8 @@ class RegistryAPI:
     async def run_gc(self, request: RegistryRequest) -> bytes:
         """One garbage collection now, inside the server (``registryd gc --url``), for admin users.
 
-        ``?delay=SECONDS`` overrides ``[gc] delay`` for this pass.
+        ``?delay=SECONDS`` overrides ``[gc] delay`` for this pass; ``?dry_run=1``
+        only reports.
         """
         await self._admin(request, "garbage collections")
         if self.upkeep is None:
@@ -316,7 +317,7 @@ class RegistryAPI:
         if delay is not None and not 0 <= delay < 1e9:
             raise RegistryError(400, "UNSUPPORTED", f"delay must be a number of seconds, not {delay_arg!r}")
         try:
-            report = await self.upkeep.collect(delay)
+            report = await self.upkeep.collect(delay, dry_run=_arg(request, "dry_run") in ("1", "true"))
         except Exception:
             raise RegistryError(500, "UNKNOWN", "garbage collection failed; the server log says why") from None
         return _json(request, 200, report.as_json())
