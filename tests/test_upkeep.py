@@ -317,7 +317,7 @@ async def test_mirror_cache_evicts_least_recently_pulled_and_never_local(referen
     await pull("d")
     await upkeep.survey()
     assert [n for n in "abcd" if cached(n)] == ["a", "d"]
-    assert upkeep.last_survey.mirror_bytes <= 2.5 * mib
+    assert upkeep.last_size.mirror_bytes <= 2.5 * mib
     metrics = (await client.get("/metrics")).body.decode()
     assert metric(metrics, "registryd_mirror_evicted_manifests_total") == 2
     assert metric(metrics, "registryd_mirror_evicted_bytes_total") >= 2 * mib

@@ -38,6 +38,17 @@ class GCReport:
         return {**self.document, "started": self.started, "duration_seconds": round(self.duration, 3)}
 
 
+@attrs.frozen
+class StoreSize:
+    """What the last survey measured (the survey itself is dropped: it grows with the store)."""
+
+    taken_at: float
+    blobs: int
+    total_bytes: int
+    local_bytes: int
+    mirror_bytes: int
+
+
 class Upkeep:
     """Runs collections every ``[gc] interval`` and surveys every ``[server] usage_interval``."""
 
@@ -49,7 +60,7 @@ class Upkeep:
         namespaces = {u.namespace.replace(":", "_"): u.namespace for u in config.upstreams}
         self._data = DataDir(store.root, namespaces)
         self._lock = DeferredLock()
-        self.last_survey: Survey | None = None
+        self.last_size: StoreSize | None = None
         self._loops: list[LoopingCall] = []
         metrics.mirror_max_size.set(config.mirror_max_size)
 
@@ -113,7 +124,7 @@ class Upkeep:
                  seconds=report.duration)
         return report
 
-    async def survey(self) -> Survey:
+    async def survey(self) -> StoreSize:
         """Measure the store, and evict from the mirror cache if it is over ``max_size``."""
         await self._lock.acquire()
         try:
@@ -130,12 +141,13 @@ class Upkeep:
                     self._measured(survey)
         finally:
             self._lock.release()
-        return survey
+        assert self.last_size is not None
+        return self.last_size
 
     def _measured(self, survey: Survey) -> None:
-        self.last_survey = survey
         mirror = survey.mirror_bytes
         local = survey.local_bytes
+        self.last_size = StoreSize(survey.taken_at, len(survey.blob_sizes), survey.total_bytes, local, mirror)
         self._metrics.store_bytes.labels("local").set(local)
         self._metrics.store_bytes.labels("mirror").set(mirror)
         self._metrics.store_bytes.labels("unreferenced").set(max(0, survey.total_bytes - local - mirror))

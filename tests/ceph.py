@@ -1,0 +1,198 @@
+"""A real S3 endpoint for the tests: a one-node Ceph with radosgw on loopback.
+
+``../shared/s3/start-ceph.sh`` (1 mon, 1 mgr, 1 RAM-backed memstore OSD,
+radosgw; about 15 s) runs once per session on free ports, in a temporary
+directory; ``stop-ceph.sh`` stops exactly the daemons it recorded. Use it
+from a test module with ``from ceph import ceph_s3`` (``tests/`` is on
+``sys.path``; the fixture has to be imported to be found)::
+
+    @pytest_twisted.ensureDeferred
+    async def test_something(ceph_s3):
+        client = await ceph_s3.new_bucket()     # an S3Client on a fresh bucket
+        ...
+        await client.close()
+
+Missing Ceph packages fail the test (with the apt-get line to run); they
+never skip it. Everything but ``new_bucket`` blocks.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import random
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from typing import Any, Iterator
+
+import attrs
+import pytest
+
+from registryd.storage.s3 import S3Client, S3Settings
+
+#: ../shared/s3 beside the repository, as CI and the sessions lay it out.
+S3_TOOLS_DIR = os.environ.get("REGISTRYD_S3_TOOLS") or os.path.normpath(
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "s3"))
+START = os.path.join(S3_TOOLS_DIR, "start-ceph.sh")
+STOP = os.path.join(S3_TOOLS_DIR, "stop-ceph.sh")
+#: What start-ceph.sh runs, and the Debian package that has it.
+TOOLS = {
+    "ceph-mon": "ceph-mon", "ceph-mgr": "ceph-mgr", "ceph-osd": "ceph-osd", "radosgw": "radosgw",
+    "radosgw-admin": "ceph-common", "ceph": "ceph-common", "ceph-authtool": "ceph-common",
+    "monmaptool": "ceph-base", "uuidgen": "uuid-runtime", "curl": "curl",
+}
+PACKAGES = "ceph-mon ceph-mgr ceph-osd radosgw ceph-common uuid-runtime curl"
+#: The S3 user start-ceph.sh creates (see ../shared/s3/README.md).
+ACCESS_KEY = "CIACCESSKEY0000000"
+SECRET_KEY = "cisecretkey0000000000000000000000000000"
+REGION = "us-east-1"
+#: Unix socket paths (the daemons' admin sockets) must stay below 108 bytes.
+MAX_DIR_LENGTH = 60
+#: start-ceph.sh binds the OSD and mgr within [PMIN, PMIN + 100).
+PORT_RANGE = 100
+
+_bucket_numbers = itertools.count()
+
+
+@attrs.define
+class CephS3:
+    """The running cluster's S3 endpoint and credentials."""
+
+    endpoint: str
+    access_key: str
+    secret_key: str
+    region: str
+    directory: str
+    start_seconds: float
+
+    def settings(self, bucket: str, **overrides: Any) -> S3Settings:
+        """S3Settings for ``bucket`` on this endpoint (path-style, the test user)."""
+        values: dict[str, Any] = {"endpoint": self.endpoint, "bucket": bucket, "access_key_id": self.access_key,
+                                  "secret_access_key": self.secret_key, "region": self.region,
+                                  "idle_timeout": 30}
+        values.update(overrides)
+        return S3Settings(**values)
+
+    async def new_bucket(self, **overrides: Any) -> S3Client:
+        """A client on a new, uniquely named bucket (created through the client).
+
+        ``overrides`` go to S3Settings (``prefix``, ``part_size``, ...). Close
+        the client when done.
+        """
+        from twisted.internet import reactor
+
+        bucket = f"t{next(_bucket_numbers)}-{uuid.uuid4().hex[:12]}"
+        client = S3Client(self.settings(bucket, **overrides), reactor)
+        await client.create_bucket()
+        return client
+
+
+def _missing_tools() -> list[str]:
+    return [f"{tool} ({package})" for tool, package in TOOLS.items() if shutil.which(tool) is None]
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _free_range() -> int:
+    """The first of PORT_RANGE free ports, below the kernel's ephemeral range
+    (so that outgoing connections never take one of them later)."""
+    for _ in range(50):
+        base = random.randrange(20000, 32000 - PORT_RANGE)
+        if all(_port_is_free(port) for port in range(base, base + PORT_RANGE)):
+            return base
+    raise RuntimeError(f"no {PORT_RANGE} consecutive free ports found for the Ceph daemons")
+
+
+def _short_directory(tmp_path_factory: Any) -> str:
+    directory = str(tmp_path_factory.mktemp("ceph"))
+    if len(directory) > MAX_DIR_LENGTH:
+        directory = tempfile.mkdtemp(prefix="registryd-ceph-")
+    return directory
+
+
+def _answers(endpoint: str) -> bool:
+    try:
+        with urllib.request.urlopen(endpoint + "/", timeout=2) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _tail(path: str, size: int = 3000) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.path.getsize(path) - size))
+            return f.read().decode("utf-8", "replace")
+    except OSError:
+        return "(no log)"
+
+
+def _start(directory: str, attempt: int) -> tuple[dict[str, str], str | None, str]:
+    """Run start-ceph.sh once; returns (env, error or None, endpoint)."""
+    rgw_port = _free_port()
+    env = {**os.environ, "CEPH_DIR": os.path.join(directory, f"cluster{attempt}"), "RGW_PORT": str(rgw_port),
+           "MON1": str(_free_port()), "MON2": str(_free_port()), "PMIN": str(_free_range())}
+    endpoint = f"http://127.0.0.1:{rgw_port}"
+    log_path = os.path.join(directory, f"start{attempt}.log")
+    with open(log_path, "wb") as log:
+        try:
+            result = subprocess.run(["bash", START], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, timeout=240)
+        except subprocess.TimeoutExpired:
+            return env, f"start-ceph.sh did not finish in 240 s:\n{_tail(log_path)}", endpoint
+    if result.returncode != 0:
+        return env, f"start-ceph.sh exited with {result.returncode}:\n{_tail(log_path)}", endpoint
+    deadline = time.monotonic() + 60
+    while not _answers(endpoint):
+        if time.monotonic() > deadline:
+            rgw_log = os.path.join(env["CEPH_DIR"], "log", "client.rgw.a.log")
+            return env, f"radosgw did not answer on {endpoint}:\n{_tail(rgw_log)}", endpoint
+        time.sleep(0.2)
+    return env, None, endpoint
+
+
+def _stop(env: dict[str, str]) -> None:
+    subprocess.run(["bash", STOP], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.STDOUT, timeout=120, check=False)
+
+
+@pytest.fixture(scope="session")
+def ceph_s3(tmp_path_factory: Any) -> Iterator[CephS3]:
+    """One Ceph cluster with radosgw for the whole session, stopped at its end."""
+    missing = _missing_tools()
+    if missing or not os.path.exists(START):
+        pytest.fail(f"the S3 tests need a local Ceph: missing {', '.join(missing) or START}; "
+                    f"install with `apt-get install -y --no-install-recommends {PACKAGES}`", pytrace=False)
+    directory = _short_directory(tmp_path_factory)
+    began = time.monotonic()
+    errors = []
+    for attempt in range(3):  # a free port can be taken before a daemon binds it
+        env, error, endpoint = _start(directory, attempt)
+        if error is None:
+            break
+        _stop(env)
+        errors.append(error)
+    else:
+        pytest.fail("Ceph did not start:\n" + "\n---\n".join(errors), pytrace=False)
+    try:
+        yield CephS3(endpoint, ACCESS_KEY, SECRET_KEY, REGION, env["CEPH_DIR"], time.monotonic() - began)
+    finally:
+        _stop(env)
