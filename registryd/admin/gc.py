@@ -41,7 +41,7 @@ Three ways to run it:
               them, so this is the safe way while it serves. The server
               also collects by itself every [gc] interval.
   -d/-c       on the data directory, with the server stopped.
-  -d/-c       on the data directory beside a running server: a blob pushed
+  -d/-c       on the data directory alongside a running server: a blob pushed
               or fetched moments ago, whose manifest has not arrived yet, is
               younger than --delay and stays, and a manifest committed
               before the sweep starts keeps its blobs. Keep --delay well
