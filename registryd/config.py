@@ -18,6 +18,7 @@ from registryd.auth.errors import AuthConfigError
 from registryd.auth.policy import AccessRule, parse_access_rules
 from registryd.auth.settings import AuthSettings, parse_auth_table
 from registryd.auth.tls import TLS_LISTEN_KEYS, parse_tls_table
+from registryd.storage.s3.settings import S3ConfigError, S3Settings
 
 
 class ConfigError(Exception):
@@ -63,6 +64,52 @@ class UpstreamConfig:
     offline: bool = False
 
 
+STORAGE_DRIVERS = ("filesystem", "s3")
+
+
+@attrs.frozen
+class StorageSettings:
+    """``[storage]``: where content and metadata live. The filesystem (data_dir) by default."""
+
+    driver: str = "filesystem"
+    redirect: bool = False          # s3: blob GETs answered with a presigned URL
+    redirect_expiry: int = 600      # seconds such a URL stays valid
+    s3: S3Settings | None = None
+
+
+def _storage(table: Any) -> StorageSettings:
+    if not isinstance(table, dict):
+        raise ConfigError("'storage' must be a table ([storage])")
+    known = {"driver": str, "redirect": bool, "redirect_expiry": int, "s3": dict}
+    for key, value in table.items():
+        if key not in known:
+            raise ConfigError(f"unknown key 'storage.{key}'")
+        if key == "s3":
+            if not isinstance(value, dict):
+                raise ConfigError("'storage.s3' must be a table ([storage.s3])")
+            continue
+        _check_type(f"storage.{key}", value, known[key])
+    driver = table.get("driver", "filesystem")
+    if driver not in STORAGE_DRIVERS:
+        raise ConfigError(f"'storage.driver' must be \"filesystem\" or \"s3\", not {driver!r}")
+    expiry = table.get("redirect_expiry", 600)
+    if not 1 <= expiry <= 7 * 86400:
+        raise ConfigError(f"'storage.redirect_expiry' must be between 1 and 604800 seconds, not {expiry}")
+    s3 = None
+    if driver == "s3":
+        if "s3" not in table:
+            raise ConfigError("'storage.driver' is \"s3\" but there is no [storage.s3] table")
+        try:
+            s3 = S3Settings.from_table(table["s3"])
+        except S3ConfigError as e:
+            raise ConfigError(str(e)) from None
+    elif "s3" in table:
+        raise ConfigError("[storage.s3] is only used with storage.driver = \"s3\"")
+    if table.get("redirect") and driver != "s3":
+        raise ConfigError("'storage.redirect' needs storage.driver = \"s3\" (a filesystem has no URL to hand out)")
+    return StorageSettings(driver, bool(table.get("redirect", False)), expiry, s3)
+
+
 @attrs.frozen
 class Config:
     """The whole configuration, after defaults, file and command line."""
@@ -85,6 +132,7 @@ class Config:
     gc_delay: int = 3600
     auth: AuthSettings = AuthSettings()
     access: tuple[AccessRule, ...] = ()
+    storage: StorageSettings = attrs.field(factory=lambda: StorageSettings())
 
 
 # (toml path) -> (Config field, python type, check, description of check)
@@ -294,6 +342,9 @@ def parse_settings(document: Mapping[str, Any]) -> dict[str, Any]:
                 settings["auth"] = parse_auth_table(value)
             except AuthConfigError as e:
                 raise ConfigError(str(e)) from None
+            continue
+        if key == "storage":
+            settings["storage"] = _storage(value)
             continue
         if key in SCHEMA and key != "":
             if not isinstance(value, dict):

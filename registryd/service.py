@@ -16,7 +16,7 @@ from registryd.auth.policy import mirrored_namespaces
 from registryd.auth.settings import build_auth
 from registryd.auth.tls import ServerTLSContext, parse_tls_description, tls_endpoint
 from registryd.config import Config
-from registryd.storage import Store
+from registryd.storage import open_store
 from registryd.threads import BlockingPool
 from registryd.upkeep.scheduler import Upkeep
 from registryd.web.app import RegistryAPI
@@ -37,7 +37,7 @@ class RegistryService(MultiService):
         self.config = config
         self._reactor = reactor
         self.pool = BlockingPool(reactor, config.io_threads)
-        self.store = Store(config.data_dir, self.pool)
+        self.store = open_store(config, self.pool, reactor)
         try:
             self.auth = build_auth(config.auth, config.access, self.pool, reactor,
                                    mirrored_namespaces(u.namespace for u in config.upstreams))
@@ -140,6 +140,7 @@ class RegistryService(MultiService):
         d = self._close_ports()
         d.addBoth(lambda _: self.site.drain(self.config.shutdown_timeout))
         d.addBoth(lambda _: self.api.mirror.close())
+        d.addBoth(lambda _: self.store.close())
         d.addBoth(lambda _: MultiService.stopService(self))
         d.addBoth(lambda _: self.pool.stop())
         return d

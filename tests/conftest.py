@@ -30,6 +30,7 @@ class RunningRegistry:
     data_dir: str
     service: Any = None
     process: Any = None
+    bucket: Any = None      # the S3Client of its bucket, with storage.driver = "s3"
 
 
 def _start_in_process(config: Config) -> RegistryService:

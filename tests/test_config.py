@@ -109,3 +109,40 @@ def test_gc_and_cache_limit_errors(tmp_path, text, message) -> None:
     with pytest.raises(ConfigError) as caught:
         load_config(write(tmp_path, text))
     assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_storage_s3_settings(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("TEST_S3_SECRET", "s3cret")
+    config = load_config(write(tmp_path, """
+[storage]
+driver = "s3"
+redirect = true
+redirect_expiry = 300
+[storage.s3]
+endpoint = "http://127.0.0.1:7480"
+bucket = "registry"
+access_key_id = "AK"
+secret_access_key_env = "TEST_S3_SECRET"
+part_size = 8388608
+"""))
+    storage = config.storage
+    assert (storage.driver, storage.redirect, storage.redirect_expiry) == ("s3", True, 300)
+    assert storage.s3 is not None and storage.s3.bucket == "registry" and storage.s3.secret_access_key == "s3cret"
+    assert storage.s3.part_size == 8 * 1024 * 1024
+    assert load_config().storage.driver == "filesystem"
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[storage]\ndriver = "nfs"', "'storage.driver' must be \"filesystem\" or \"s3\""),
+    ('[storage]\ndriver = "s3"', "there is no [storage.s3] table"),
+    ('[storage]\nredirect = true', "'storage.redirect' needs storage.driver = \"s3\""),
+    ('[storage]\nflavour = 1', "unknown key 'storage.flavour'"),
+    ('[storage.s3]\nbucket = "b"', "[storage.s3] is only used with storage.driver = \"s3\""),
+    ('[storage]\ndriver = "s3"\n[storage.s3]\nendpoint = "http://h:1"', "bucket"),
+    ('[storage]\nredirect_expiry = 0', "'storage.redirect_expiry' must be between 1 and 604800"),
+    ("storage = 5", "'storage' must be a table"),
+])
+def test_storage_errors(tmp_path, text, message) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text))
+    assert message in str(caught.value) and "\n" not in str(caught.value)

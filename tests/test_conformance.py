@@ -19,11 +19,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from typing import Any
 
 import pytest
 import pytest_twisted
+from twisted.internet import defer
+
+from ceph import ceph_s3  # noqa: F401  (fixture)
+from registryd.config import StorageSettings
 
 from oci_client import (
     DOCKER_CONFIG,
@@ -58,10 +63,41 @@ SIGNATURE_CONFIG_TYPE = "application/vnd.example.signature.config.v1+json"
 BUNDLE_TYPE = "application/vnd.example.bundle.v1"
 
 
+@pytest.fixture(params=["filesystem", "s3"])
+def registry(request: Any, make_registry: Any) -> Any:
+    """The whole suite runs against both storage drivers; s3 gets a fresh bucket on a real radosgw."""
+    if request.param == "filesystem":
+        return make_registry()
+    ceph = request.getfixturevalue("ceph_s3")
+    bucket = pytest_twisted.blockon(defer.ensureDeferred(ceph.new_bucket()))
+    running = make_registry(storage=StorageSettings("s3", s3=bucket.settings))
+    running.bucket = bucket
+
+    def finish() -> None:
+        # Nothing but spools may ever land on the node's own disk.
+        assert sorted(os.listdir(running.data_dir)) == ["tmp"], os.listdir(running.data_dir)
+        pytest_twisted.blockon(defer.ensureDeferred(bucket.close()))
+
+    request.addfinalizer(finish)
+    return running
+
+
 @pytest.fixture
 def oci(registry: Any) -> Client:
     """A client for the default in-process registry."""
     return Client(registry.url)
+
+
+async def store_snapshot(registry: Any, ignore_uploads: bool = False) -> dict[str, str]:
+    """What the store holds: files under the data directory, and objects in the bucket for s3."""
+    found = snapshot(registry.data_dir, ignore_uploads=ignore_uploads)
+    bucket = getattr(registry, "bucket", None)
+    if bucket is not None:
+        async for entry in bucket.list_objects(""):
+            if ignore_uploads and entry.key.startswith("uploads/"):
+                continue
+            found[f"s3:{entry.key}"] = f"{entry.size}:{entry.etag}"
+    return found
 
 
 # -- helpers -------------------------------------------------------------------
@@ -80,9 +116,9 @@ def expect_error_among(reply: Reply, allowed: dict[int, tuple[str, ...]]) -> Non
     expect_error(reply, reply.status, *allowed[reply.status])
 
 
-def assert_unchanged(data_dir: str, before: dict[str, str], ignore_uploads: bool = False) -> None:
-    """The data directory holds exactly what it held before a refused request."""
-    after = snapshot(data_dir, ignore_uploads=ignore_uploads)
+async def assert_unchanged(registry: Any, before: dict[str, str], ignore_uploads: bool = False) -> None:
+    """The store holds exactly what it held before a refused request."""
+    after = await store_snapshot(registry, ignore_uploads=ignore_uploads)
     added = sorted(set(after) - set(before))
     removed = sorted(set(before) - set(after))
     changed = sorted(k for k in set(after) & set(before) if after[k] != before[k])
@@ -244,10 +280,10 @@ async def test_api_version_check_head(oci: Client) -> None:
 async def test_method_not_allowed(registry: Any, oci: Client, method: str, path: str) -> None:
     """Endpoints table: a method an endpoint does not define is refused (405 UNSUPPORTED, or 404) and changes nothing."""
     await oci.push_image("library/alpine", "latest")
-    before = snapshot(registry.data_dir)
+    before = await store_snapshot(registry)
     reply = await oci.request(method, path, body=b"{}" if method in ("PUT", "POST", "PATCH") else None)
     expect_error_among(reply, {405: ("UNSUPPORTED",), 404: ()})
-    assert_unchanged(registry.data_dir, before)
+    await assert_unchanged(registry, before)
 
 
 @pytest.mark.parametrize("path", [
@@ -355,10 +391,10 @@ MALFORMED_DIGESTS = {
 async def test_blob_malformed_digest(registry: Any, oci: Client, digest: str) -> None:
     """end-2/Error Codes: a malformed digest is 400 DIGEST_INVALID; 404 is also allowed, end-2 lists only 404 as its failure."""
     await oci.push_blob(REPO, b"present")
-    before = snapshot(registry.data_dir)
+    before = await store_snapshot(registry)
     reply = await oci.get(f"/v2/{REPO}/blobs/{digest}")
     expect_error_among(reply, {400: ("DIGEST_INVALID",), 404: ("BLOB_UNKNOWN", "DIGEST_INVALID")})
-    assert_unchanged(registry.data_dir, before)
+    await assert_unchanged(registry, before)
 
 
 @pytest_twisted.ensureDeferred
@@ -491,10 +527,10 @@ async def test_chunk_out_of_order_is_416(registry: Any, oci: Client, first_range
         assert first.status == 202, str(first)
         location = first.location
         acknowledged = 4
-    before = snapshot(registry.data_dir)
+    before = await store_snapshot(registry)
     bad = await oci.patch(location, b"BBBBB", headers={**OCTET, "Content-Range": bad_range})
     expect_error(bad, 416)
-    assert_unchanged(registry.data_dir, before)
+    await assert_unchanged(registry, before)
     if acknowledged >= 0:
         status = await upload_status(oci, location)
         assert status.status == 204, str(status)
@@ -515,11 +551,11 @@ async def test_closing_put_with_out_of_order_final_chunk(registry: Any, oci: Cli
     first = await oci.patch(location, b"01234", headers={**OCTET, "Content-Range": "0-4"})
     assert first.status == 202, str(first)
     data = b"0123456789"
-    before = snapshot(registry.data_dir, ignore_uploads=True)
+    before = await store_snapshot(registry, ignore_uploads=True)
     bad = await oci.put(with_query(first.location, digest=digest_of(data)), b"56789",
                         headers={**OCTET, "Content-Range": "10-14"})
     expect_error_among(bad, {416: (), 400: ("BLOB_UPLOAD_INVALID",)})
-    assert_unchanged(registry.data_dir, before, ignore_uploads=True)
+    await assert_unchanged(registry, before, ignore_uploads=True)
     missing = await oci.head(f"/v2/{REPO}/blobs/{digest_of(data)}")
     assert missing.status == 404, str(missing)
 
@@ -553,12 +589,12 @@ async def test_interrupted_monolithic_upload_stores_nothing(registry: Any, oci: 
     """Push: a blob exists only once its upload is closed with the right digest; a POST ?digest= cut off mid-body stores no blob."""
     data = b"x" * 1000
     await oci.push_blob(REPO, b"repo exists")
-    before = snapshot(registry.data_dir, ignore_uploads=True)
+    before = await store_snapshot(registry, ignore_uploads=True)
     await oci.send_truncated("POST", with_query(f"/v2/{REPO}/blobs/uploads/", digest=digest_of(data)),
                              data[:400], len(data), headers=OCTET)
     missing = await oci.head(f"/v2/{REPO}/blobs/{digest_of(data)}")
     assert missing.status == 404, str(missing)
-    assert_unchanged(registry.data_dir, before, ignore_uploads=True)
+    await assert_unchanged(registry, before, ignore_uploads=True)
 
 
 @pytest_twisted.ensureDeferred
@@ -586,10 +622,10 @@ async def test_concurrent_uploads_of_the_same_blob(oci: Client) -> None:
 async def test_chunk_content_range_not_matching_body(registry: Any, oci: Client, content_range: str) -> None:
     """Pushing in chunks: Content-Range is "the byte range of the chunk" and MUST match ^[0-9]+-[0-9]+$; a wrong one is refused (400/416) and changes nothing."""
     location = await oci.start_upload(REPO)
-    before = snapshot(registry.data_dir)
+    before = await store_snapshot(registry)
     bad = await oci.patch(location, b"12345", headers={**OCTET, "Content-Range": content_range})
     expect_error_among(bad, {400: ("BLOB_UPLOAD_INVALID", "SIZE_INVALID"), 416: ()})
-    assert_unchanged(registry.data_dir, before)
+    await assert_unchanged(registry, before)
     good = await oci.patch(location, b"12345", headers={**OCTET, "Content-Range": "0-4"})
     assert good.status == 202, str(good)
     assert_upload_range(good, 4)
@@ -600,7 +636,7 @@ async def test_chunk_content_range_not_matching_body(registry: Any, oci: Client,
 async def test_unknown_upload_session(registry: Any, oci: Client, method: str) -> None:
     """end-5/end-6/end-13: an upload URL with no session behind it is 404 BLOB_UPLOAD_UNKNOWN."""
     await oci.push_blob(REPO, b"repo exists")
-    before = snapshot(registry.data_dir)
+    before = await store_snapshot(registry)
     path = f"/v2/{REPO}/blobs/uploads/{'1' * 32}"
     if method == "PUT":
         path = with_query(path, digest=digest_of(b"x"))
@@ -608,7 +644,7 @@ async def test_unknown_upload_session(registry: Any, oci: Client, method: str) -
     headers = {**OCTET, "Content-Range": "0-0"} if method == "PATCH" else {}
     reply = await oci.request(method, path, body=body, headers=headers)
     expect_error(reply, 404, "BLOB_UPLOAD_UNKNOWN")
-    assert_unchanged(registry.data_dir, before)
+    await assert_unchanged(registry, before)
 
 
 @pytest_twisted.ensureDeferred
@@ -630,7 +666,7 @@ async def test_upload_session_is_bound_to_its_repository(oci: Client) -> None:
 async def test_cancel_upload(registry: Any, oci: Client) -> None:
     """Details (apdx-1) DELETE upload: cancels the session (204); afterwards it is 404 BLOB_UPLOAD_UNKNOWN and its data is gone."""
     await oci.push_blob(REPO, b"repo exists")
-    before = snapshot(registry.data_dir)
+    before = await store_snapshot(registry)
     location = await oci.start_upload(REPO)
     chunk = await oci.patch(location, b"partial", headers={**OCTET, "Content-Range": "0-6"})
     assert chunk.status == 202, str(chunk)
@@ -641,7 +677,7 @@ async def test_cancel_upload(registry: Any, oci: Client) -> None:
     expect_error(status, 404, "BLOB_UPLOAD_UNKNOWN")
     again = await oci.patch(location, b"more", headers={**OCTET, "Content-Range": "7-10"})
     expect_error(again, 404, "BLOB_UPLOAD_UNKNOWN")
-    assert_unchanged(registry.data_dir, before)
+    await assert_unchanged(registry, before)
 
 
 @pytest_twisted.ensureDeferred
@@ -663,7 +699,7 @@ async def test_upload_digest_mismatch(registry: Any, oci: Client, mode: str) -> 
     await oci.push_blob(REPO, b"repo exists")
     # The refused PUT may end or reset its session (upload area), but no blob
     # and no repository link may appear.
-    before = snapshot(registry.data_dir, ignore_uploads=True)
+    before = await store_snapshot(registry, ignore_uploads=True)
     if mode == "single-post":
         reply = await oci.post(with_query(f"/v2/{REPO}/blobs/uploads/", digest=wrong), data, headers=OCTET)
     elif mode == "post-put":
@@ -675,7 +711,7 @@ async def test_upload_digest_mismatch(registry: Any, oci: Client, mode: str) -> 
         assert chunk.status == 202, str(chunk)
         reply = await oci.put(with_query(chunk.location, digest=wrong))
     expect_error(reply, 400, "DIGEST_INVALID")
-    assert_unchanged(registry.data_dir, before, ignore_uploads=True)
+    await assert_unchanged(registry, before, ignore_uploads=True)
     for digest in (wrong, digest_of(data)):
         missing = await oci.head(f"/v2/{REPO}/blobs/{digest}")
         assert missing.status == 404, str(missing)
@@ -685,10 +721,10 @@ async def test_upload_digest_mismatch(registry: Any, oci: Client, mode: str) -> 
 async def test_closing_put_without_digest(registry: Any, oci: Client) -> None:
     """Closing PUT: "The closing PUT request MUST include the <digest> of the whole blob"; without it: 400."""
     location = await oci.start_upload(REPO)
-    before = snapshot(registry.data_dir, ignore_uploads=True)
+    before = await store_snapshot(registry, ignore_uploads=True)
     reply = await oci.put(location, b"no digest given", headers=OCTET)
     expect_error(reply, 400, "DIGEST_INVALID", "BLOB_UPLOAD_INVALID")
-    assert_unchanged(registry.data_dir, before, ignore_uploads=True)
+    await assert_unchanged(registry, before, ignore_uploads=True)
 
 
 @pytest.mark.parametrize("digest", list(MALFORMED_DIGESTS.values()), ids=list(MALFORMED_DIGESTS))
@@ -698,13 +734,13 @@ async def test_upload_malformed_digest(registry: Any, oci: Client, mode: str, di
     """Error Codes code-4: an upload whose ?digest= is not a digest is 400 DIGEST_INVALID and stores nothing."""
     await oci.push_blob(REPO, b"repo exists")
     location = await oci.start_upload(REPO) if mode == "closing-put" else None
-    before = snapshot(registry.data_dir, ignore_uploads=mode == "closing-put")
+    before = await store_snapshot(registry, ignore_uploads=mode == "closing-put")
     if location is None:
         reply = await oci.post(with_query(f"/v2/{REPO}/blobs/uploads/", digest=digest), b"data", headers=OCTET)
     else:
         reply = await oci.put(with_query(location, digest=digest), b"data", headers=OCTET)
     expect_error(reply, 400, "DIGEST_INVALID")
-    assert_unchanged(registry.data_dir, before, ignore_uploads=mode == "closing-put")
+    await assert_unchanged(registry, before, ignore_uploads=mode == "closing-put")
 
 
 @pytest_twisted.ensureDeferred
@@ -712,13 +748,13 @@ async def test_upload_unsupported_algorithm(registry: Any, oci: Client) -> None:
     """Content digests: an upload under an algorithm the registry cannot verify is refused with 400 and stores nothing."""
     data = b"hashed with md5"
     await oci.push_blob(REPO, b"repo exists")
-    before = snapshot(registry.data_dir)
+    before = await store_snapshot(registry)
     reply = await oci.post(
         with_query(f"/v2/{REPO}/blobs/uploads/", digest=f"md5:{hashlib.md5(data).hexdigest()}"),
         data, headers=OCTET,
     )
     expect_error(reply, 400, "DIGEST_INVALID", "UNSUPPORTED")
-    assert_unchanged(registry.data_dir, before)
+    await assert_unchanged(registry, before)
 
 
 # -- cross-repository mount ----------------------------------------------------
@@ -774,11 +810,11 @@ async def test_mount_without_from(oci: Client) -> None:
 async def test_mount_malformed_digest(registry: Any, oci: Client) -> None:
     """end-11 + code-4: a mount of something that is not a digest mounts nothing: 400 DIGEST_INVALID, or a plain 202 upload."""
     await oci.push_blob("team/source", b"x")
-    before = snapshot(registry.data_dir, ignore_uploads=True)
+    before = await store_snapshot(registry, ignore_uploads=True)
     reply = await oci.post(with_query("/v2/team/target/blobs/uploads/", mount="sha256:nothex", **{"from": "team/source"}))
     if reply.status != 202:
         expect_error(reply, 400, "DIGEST_INVALID")
-    assert_unchanged(registry.data_dir, before, ignore_uploads=True)
+    await assert_unchanged(registry, before, ignore_uploads=True)
 
 
 # -- sha512 --------------------------------------------------------------------
@@ -843,10 +879,10 @@ async def test_sha512_manifest_push_by_digest(oci: Client) -> None:
 async def test_sha512_manifest_digest_mismatch(registry: Any, oci: Client) -> None:
     """Pushing by digest: a sha512 reference that is not the body's digest is 400 DIGEST_INVALID."""
     body, media_type = await build_manifest(oci, REPO, "oci-image")
-    before = snapshot(registry.data_dir)
+    before = await store_snapshot(registry)
     reply = await oci.push_manifest(REPO, digest_of(body + b" ", "sha512"), body, media_type)
     expect_error(reply, 400, "DIGEST_INVALID")
-    assert_unchanged(registry.data_dir, before)
+    await assert_unchanged(registry, before)
 
 
 # -- manifests -----------------------------------------------------------------
@@ -948,10 +984,10 @@ async def test_manifest_with_unknown_blob(registry: Any, oci: Client, kind: str,
         "config": descriptor(DOCKER_CONFIG if docker else OCI_CONFIG, config),
         "layers": [descriptor(DOCKER_LAYER if docker else OCI_LAYER, layer)],
     })
-    before = snapshot(registry.data_dir)
+    before = await store_snapshot(registry)
     reply = await oci.push_manifest(REPO, "broken", body, kind)
     expect_error(reply, 400, "MANIFEST_BLOB_UNKNOWN")
-    assert_unchanged(registry.data_dir, before)
+    await assert_unchanged(registry, before)
     gone = await get_manifest(oci, REPO, "broken")
     assert gone.status == 404, str(gone)
 
@@ -992,10 +1028,10 @@ async def test_index_with_unknown_child(registry: Any, oci: Client, media_type: 
              "platform": {"architecture": "arm64", "os": "linux"}},
         ],
     })
-    before = snapshot(registry.data_dir)
+    before = await store_snapshot(registry)
     reply = await oci.push_manifest(REPO, "multi", body, media_type)
     expect_error(reply, 400, "MANIFEST_BLOB_UNKNOWN")
-    assert_unchanged(registry.data_dir, before)
+    await assert_unchanged(registry, before)
 
 
 @pytest.mark.parametrize("kind", ["oci-nondistributable", "docker-foreign"])
@@ -1055,20 +1091,20 @@ INVALID_MANIFESTS = {
 async def test_invalid_manifest(registry: Any, oci: Client, body: bytes, codes: tuple[str, ...]) -> None:
     """code-6 MANIFEST_INVALID: a body that is not a valid manifest of its type is 400 and changes nothing."""
     await oci.push_blob(REPO, EMPTY_JSON)
-    before = snapshot(registry.data_dir)
+    before = await store_snapshot(registry)
     reply = await oci.push_manifest(REPO, "bad", body, OCI_MANIFEST)
     expect_error(reply, 400, *codes)
-    assert_unchanged(registry.data_dir, before)
+    await assert_unchanged(registry, before)
 
 
 @pytest_twisted.ensureDeferred
 async def test_manifest_media_type_disagrees_with_content_type(registry: Any, oci: Client) -> None:
     """Pushing manifests: "If a manifest includes a mediaType field, clients MUST set the Content-Type header to" it; a mismatch is 400 MANIFEST_INVALID."""
     body, _ = await build_manifest(oci, REPO, "oci-image")
-    before = snapshot(registry.data_dir)
+    before = await store_snapshot(registry)
     reply = await oci.push_manifest(REPO, "mismatch", body, OCI_INDEX)
     expect_error(reply, 400, "MANIFEST_INVALID")
-    assert_unchanged(registry.data_dir, before)
+    await assert_unchanged(registry, before)
 
 
 @pytest_twisted.ensureDeferred
@@ -1085,7 +1121,7 @@ async def test_manifest_content_type_parameters_ignored(oci: Client) -> None:
 async def test_manifest_without_content_type(registry: Any, oci: Client) -> None:
     """Pushing manifests: Content-Type is only a client SHOULD; without it the registry uses the mediaType field (201) or refuses with 400 MANIFEST_INVALID."""
     body, media_type = await build_manifest(oci, REPO, "oci-image")
-    before = snapshot(registry.data_dir)
+    before = await store_snapshot(registry)
     reply = await oci.push_manifest(REPO, "untyped", body, None)
     if reply.status == 201:
         got = await get_manifest(oci, REPO, "untyped")
@@ -1093,17 +1129,17 @@ async def test_manifest_without_content_type(registry: Any, oci: Client) -> None
         assert got.header("Content-Type") == media_type, str(got)
     else:
         expect_error(reply, 400, "MANIFEST_INVALID")
-        assert_unchanged(registry.data_dir, before)
+        await assert_unchanged(registry, before)
 
 
 @pytest_twisted.ensureDeferred
 async def test_manifest_push_by_wrong_digest(registry: Any, oci: Client) -> None:
     """Pushing by digest: Docker-Content-Digest "MUST be equal to the client provided digest"; a digest the body does not have is 400 DIGEST_INVALID."""
     body, media_type = await build_manifest(oci, REPO, "oci-image")
-    before = snapshot(registry.data_dir)
+    before = await store_snapshot(registry)
     reply = await oci.push_manifest(REPO, digest_of(body + b"\n"), body, media_type)
     expect_error(reply, 400, "DIGEST_INVALID")
-    assert_unchanged(registry.data_dir, before)
+    await assert_unchanged(registry, before)
 
 
 INVALID_REFERENCES = {
@@ -1121,13 +1157,13 @@ INVALID_REFERENCES = {
 async def test_manifest_push_invalid_reference(registry: Any, oci: Client, reference: str) -> None:
     """Pulling manifests: a tag "MUST match [a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}" and "<reference> MUST NOT be in any other format" (400; 404 as conformance allows)."""
     body, media_type = await build_manifest(oci, REPO, "oci-image")
-    before = snapshot(registry.data_dir)
+    before = await store_snapshot(registry)
     reply = await oci.push_manifest(REPO, reference, body, media_type)
     expect_error_among(reply, {
         400: ("TAG_INVALID", "MANIFEST_INVALID", "DIGEST_INVALID"),
         404: ("MANIFEST_UNKNOWN", "NAME_UNKNOWN"),
     })
-    assert_unchanged(registry.data_dir, before)
+    await assert_unchanged(registry, before)
 
 
 @pytest_twisted.ensureDeferred
@@ -1165,13 +1201,13 @@ async def test_manifest_size_limit(make_registry: Any, size: int, status: int) -
     await oci.push_blob(REPO, config)
     await oci.push_blob(REPO, layer)
     body = padded_manifest(config, layer, size)
-    before = snapshot(registry.data_dir)
+    before = await store_snapshot(registry)
     reply = await oci.push_manifest(REPO, "sized", body, OCI_MANIFEST)
     if status == 201:
         assert reply.status == 201, str(reply)
     else:
         expect_error(reply, 413)
-        assert_unchanged(registry.data_dir, before)
+        await assert_unchanged(registry, before)
         gone = await get_manifest(oci, REPO, "sized")
         assert gone.status == 404, str(gone)
 
@@ -1554,9 +1590,9 @@ async def test_delete_blob(oci: Client) -> None:
 async def test_delete_blob_unknown(registry: Any, oci: Client) -> None:
     """end-10: "If the blob is not found, a 404 Not Found code MUST be returned"."""
     await oci.push_blob(REPO, b"repo exists")
-    before = snapshot(registry.data_dir)
+    before = await store_snapshot(registry)
     expect_error(await oci.delete(f"/v2/{REPO}/blobs/{MISSING_SHA256}"), 404, "BLOB_UNKNOWN")
-    assert_unchanged(registry.data_dir, before)
+    await assert_unchanged(registry, before)
 
 
 @pytest_twisted.ensureDeferred
@@ -1616,9 +1652,9 @@ async def test_delete_tag(oci: Client) -> None:
 async def test_delete_manifest_unknown(registry: Any, oci: Client, reference: str) -> None:
     """end-9: deleting a manifest or tag that does not exist is 404 MANIFEST_UNKNOWN and changes nothing."""
     await oci.push_image(REPO, "present")
-    before = snapshot(registry.data_dir)
+    before = await store_snapshot(registry)
     expect_error(await oci.delete(f"/v2/{REPO}/manifests/{reference}"), 404, "MANIFEST_UNKNOWN")
-    assert_unchanged(registry.data_dir, before)
+    await assert_unchanged(registry, before)
 
 
 @pytest_twisted.ensureDeferred
@@ -1640,9 +1676,9 @@ async def test_delete_disabled(make_registry: Any, target: str) -> None:
         "manifest": f"/v2/{REPO}/manifests/{image.digest}",
         "tag": f"/v2/{REPO}/manifests/v1",
     }[target]
-    before = snapshot(registry.data_dir)
+    before = await store_snapshot(registry)
     expect_error(await oci.delete(path), 405, "UNSUPPORTED")
-    assert_unchanged(registry.data_dir, before)
+    await assert_unchanged(registry, before)
     got = await oci.get(path, headers={"Accept": ACCEPT_ALL})
     assert got.status == 200, str(got)
 
@@ -1697,7 +1733,7 @@ async def test_invalid_repository_name(registry: Any, oci: Client, name: str, en
     await oci.push_blob("library/alpine", EMPTY_JSON)
     await oci.push_image("library/alpine", "latest")
     await oci.push_image("alpine", "latest")
-    before = snapshot(registry.data_dir)
+    before = await store_snapshot(registry)
     method, template = NAME_ENDPOINTS[endpoint]
     body = None
     headers: dict[str, str] = {}
@@ -1710,7 +1746,7 @@ async def test_invalid_repository_name(registry: Any, oci: Client, name: str, en
         headers = OCTET
     reply = await oci.request(method, template.format(name=name), body=body, headers=headers)
     expect_error(reply, 400, "NAME_INVALID")
-    assert_unchanged(registry.data_dir, before)
+    await assert_unchanged(registry, before)
 
 
 VALID_NAMES = [

@@ -10,6 +10,7 @@ import hashlib
 import os
 
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 from twisted.internet.testing import StringTransport
 from twisted.web import http
 
@@ -62,7 +63,7 @@ def test_request_line_is_on_the_channel_when_gotLength_runs() -> None:
 
 def test_patch_body_goes_to_the_session_file_not_memory(tmp_path) -> None:
     site, store = make_site(tmp_path)
-    upload = store.uploads.create("a/b")
+    upload = Deferred.fromCoroutine(store.uploads.create("a/b")).result  # no real wait on disk
     data = os.urandom(3000)
     captured = []
     original = RegistryRequest.handleContentChunk

@@ -17,10 +17,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer, reactor
 from twisted.internet.task import deferLater
 
+from ceph import ceph_s3  # noqa: F401  (fixture)
 from conftest import VENV_BIN, free_port, start_twistd, stop_process
 from oci_client import OCI_CONFIG, OCI_LAYER, OCI_MANIFEST, Client, descriptor, digest_of, encode
 from registryd.admin.layout import DataDir, Repository
-from registryd.config import UpstreamConfig
+from registryd.config import StorageSettings, UpstreamConfig
 from registryd.digest import parse_digest
 from registryd.storage.guard import BlobGuard
 from registryd.upkeep.collector import Collector
@@ -438,3 +439,58 @@ def test_gc_url_collects_inside_a_running_server(tmp_path) -> None:
         assert bad.returncode == 2 and bad.stderr.count("\n") == 1
     finally:
         stop_process(process)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_push_whose_blob_vanished_after_its_check_is_refused_without_a_trace(make_registry) -> None:
+    """The API half of collecting on a shared store: a collector on another node may take a
+    blob between the manifest's first check and its commit; the last look refuses the push
+    and leaves neither revision nor tag."""
+    registry = make_registry()
+    client = Client(registry.url)
+    slot = Slot("team/app", 3)
+    manifest, blobs = _image(slot)
+    for blob in blobs:
+        await client.push_blob(slot.repo, blob)
+    layer = parse_digest(digest_of(blobs[2]))
+    store = registry.service.store
+    real_size = store.blobs.size
+    looks: list[int] = []
+
+    async def vanishing(digest: Any) -> int | None:
+        if digest == layer:
+            looks.append(1)
+            if len(looks) > 1:
+                return None     # gone by the last look
+        return await real_size(digest)
+
+    store.blobs.size = vanishing
+    reply = await client.push_manifest(slot.repo, "s3", manifest, OCI_MANIFEST)
+    store.blobs.size = real_size
+    assert reply.status == 400 and reply.codes == ["MANIFEST_BLOB_UNKNOWN"], str(reply)
+    assert (await client.get(f"/v2/{slot.repo}/manifests/{digest_of(manifest)}")).status == 404
+    assert (await client.get(f"/v2/{slot.repo}/tags/list")).json()["tags"] == []
+    # Pushed again with the blob there, it lands.
+    assert (await client.push_manifest(slot.repo, "s3", manifest, OCI_MANIFEST)).status == 201
+
+
+@pytest_twisted.ensureDeferred
+async def test_online_gc_on_the_shared_s3_store(make_registry, ceph_s3) -> None:  # noqa: F811
+    """POST /admin/gc on a node of an S3 store: the same rules, through the bucket."""
+    bucket = await ceph_s3.new_bucket()
+    try:
+        registry = make_registry(storage=StorageSettings("s3", s3=bucket.settings))
+        client = Client(registry.url)
+        slot = Slot("team/app", 4)
+        await _push(client, slot)
+        orphan = await client.push_blob("team/app", b"pushed, never referenced, on s3")
+        report = (await client.post("/admin/gc?delay=0")).json()
+        assert [b["digest"] for b in report["removed_blobs"]] == [orphan]
+        assert report["data_dir"].startswith("s3://")
+        await _verify(client, slot)
+        keys = [entry.key async for entry in bucket.list_objects("blobs/")]
+        assert not any(key.endswith(orphan[7:]) for key in keys)
+        metrics = (await client.get("/metrics")).body.decode()
+        assert metric(metrics, "registryd_gc_runs_total", outcome="ok") == 1
+    finally:
+        await bucket.close()

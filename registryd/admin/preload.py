@@ -496,7 +496,7 @@ class LocalServer:
     def check(self, ref: ImageRef) -> str | None:
         """Why ``ref`` cannot be preloaded here, or None."""
         try:
-            route = self.api.mirror.router.route(ref.name, None, self.store.repositories.exists)
+            route = self.api.mirror.router.route(ref.name, None, self.store.repositories.files.exists)
         except RegistryError as e:
             return e.message
         if route is None:

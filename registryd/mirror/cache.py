@@ -14,7 +14,7 @@ import time
 from typing import Any, Callable
 
 import attrs
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import Logger
 from twisted.web.client import HTTPConnectionPool
 
@@ -29,7 +29,7 @@ from registryd.mirror.fill import BlobFill
 from registryd.mirror.routing import Route, Router
 from registryd.names import check_tag
 from registryd.storage import Store
-from registryd.storage.repositories import RepositoryStore
+from registryd.storage.interface import RepositoryBackend
 
 log = Logger()
 
@@ -104,7 +104,7 @@ def _accepts(accept: str | None, media_type: str) -> bool:
 class Mirror:
     """One upstream: its client and its part of the store."""
 
-    def __init__(self, config: UpstreamConfig, client: UpstreamClient, repositories: RepositoryStore) -> None:
+    def __init__(self, config: UpstreamConfig, client: UpstreamClient, repositories: RepositoryBackend) -> None:
         self.config = config
         self.client = client
         self.repositories = repositories
@@ -123,11 +123,11 @@ class MirrorCache:
         self._pool.maxPersistentPerHost = 16
         self.mirrors: dict[str, Mirror] = {}
         for upstream in config.upstreams:
-            root = os.path.join(store.root, "mirror", upstream.namespace.replace(":", "_"))
-            repositories = RepositoryStore(root, store.tmp_dir)
+            repositories = store.mirror_repositories(upstream.namespace)
             self.mirrors[upstream.namespace] = Mirror(
                 upstream, UpstreamClient(upstream, reactor, self._pool), repositories)
         self.manifest_fetches: Coalescer[CachedManifest] = Coalescer()
+        self._manifest_limit = max(config.max_manifest_size, 4 * 1024 * 1024)
         self.fills: dict[Digest, BlobFill] = {}
         self.fills_started = 0
         self.fill_waiters = 0
@@ -166,26 +166,25 @@ class MirrorCache:
 
     # --- manifests ---------------------------------------------------------
 
-    def _cached(self, mirror: Mirror, remote: str, digest: Digest) -> CachedManifest | None:
-        media_type = mirror.repositories.manifest_media_type(remote, digest)
-        data = self._store.blobs.read(digest) if media_type is not None else None
+    async def _cached(self, mirror: Mirror, remote: str, digest: Digest) -> CachedManifest | None:
+        media_type = await mirror.repositories.manifest_media_type(remote, digest)
+        data = await self._store.blobs.read(digest, self._manifest_limit) if media_type is not None else None
         return None if data is None or media_type is None else CachedManifest(digest, media_type, data)
 
-    def _cached_tag(self, mirror: Mirror, remote: str, tag: str) -> tuple[CachedManifest, float] | None:
+    async def _cached_tag(self, mirror: Mirror, remote: str, tag: str) -> tuple[CachedManifest, float] | None:
         try:
-            digest = mirror.repositories.resolve_tag(remote, tag)
+            digest = await mirror.repositories.resolve_tag(remote, tag)
         except RegistryError:
             return None  # an unreadable tag file is a cache miss
         if digest is None:
             return None
-        cached = self._cached(mirror, remote, digest)
+        cached = await self._cached(mirror, remote, digest)
         if cached is None:
             return None
-        try:
-            age = time.time() - mirror.repositories.tag_mtime(remote, tag)
-        except OSError:
+        confirmed = await mirror.repositories.tag_mtime(remote, tag)
+        if confirmed is None:
             return None
-        return cached, age
+        return cached, time.time() - confirmed
 
     async def manifest(self, route: Route, reference: str, accept: str | None) -> CachedManifest:
         """The manifest ``reference`` of a mirrored repository."""
@@ -193,7 +192,7 @@ class MirrorCache:
         upstream = route.upstream
         if is_digest(reference):
             digest = parse_digest(reference)
-            cached = self._cached(mirror, route.remote, digest)
+            cached = await self._cached(mirror, route.remote, digest)
             if cached is not None:
                 return cached
             if self._offline(upstream):
@@ -211,7 +210,7 @@ class MirrorCache:
             self._upstream_ok(upstream.namespace)
             return found
         check_tag(reference)
-        hit = self._cached_tag(mirror, route.remote, reference)
+        hit = await self._cached_tag(mirror, route.remote, reference)
         if hit is not None and not _accepts(accept, hit[0].media_type):
             hit = None
         if hit is not None and (hit[1] < upstream.manifest_ttl or self._offline(upstream)):
@@ -246,16 +245,16 @@ class MirrorCache:
             await read_limited(response, 0)
             current = (response.headers.getRawHeaders(b"docker-content-digest") or [b""])[0].decode("latin-1")
             if response.code == 200 and current == str(cached.digest):
-                await self._store.pool.run(mirror.repositories.touch_tag, remote, reference)
+                await mirror.repositories.touch_tag(remote, reference, cached.digest)
                 return cached
             if response.code == 404:
-                await self._store.pool.run(mirror.repositories.delete_tag, remote, reference)
+                await mirror.repositories.delete_tag(remote, reference)
                 raise manifest_unknown(reference)
         response = await mirror.client.request("GET", path, remote, headers)
         data = await read_limited(response, self._config.max_manifest_size)
         if response.code in (401, 403, 404):
             if cached is not None and response.code == 404:
-                await self._store.pool.run(mirror.repositories.delete_tag, remote, reference)
+                await mirror.repositories.delete_tag(remote, reference)
             raise manifest_unknown(reference)
         if response.code != 200:
             raise UpstreamUnavailable(f"{mirror.config.namespace} answered {response.code} for {path}")
@@ -270,10 +269,10 @@ class MirrorCache:
             tags = [reference]
         if digest_of(data, digest.algorithm) != digest:
             raise UpstreamUnavailable(f"{mirror.config.namespace} sent a manifest that does not match {digest}")
-        await self._store.pool.run(self._store_manifest, mirror, remote, digest, media_type, data, tags)
+        await self._store_manifest(mirror, remote, digest, media_type, data, tags)
         return CachedManifest(digest, media_type, data)
 
-    def _store_manifest(self, mirror: Mirror, remote: str, digest: Digest, media_type: str, data: bytes,
+    async def _store_manifest(self, mirror: Mirror, remote: str, digest: Digest, media_type: str, data: bytes,
                         tags: list[str]) -> None:
         referrer = None
         blobs: tuple[Digest, ...] = ()
@@ -291,19 +290,19 @@ class MirrorCache:
                     descriptor["annotations"] = parsed.annotations
                 referrer = (parsed.subject, descriptor)
         self._store.guard.claim(blobs)
-        self._store.blobs.put(digest, data)
+        await self._store.blobs.put(digest, data)
         # The upstream served this manifest from this repository, so the
         # blobs it names belong here: later pulls may use cached copies.
-        for blob in blobs:
-            mirror.repositories.link_blob(remote, blob, durable=False)
-        mirror.repositories.add_manifest(remote, digest, media_type, tags, referrer)
+        await gatherResults([Deferred.fromCoroutine(mirror.repositories.link_blob(remote, blob)) for blob in blobs],
+                            consumeErrors=True)
+        await mirror.repositories.add_manifest(remote, digest, media_type, tags, referrer)
 
     # --- tags and referrers ---------------------------------------------------
 
     async def tags(self, route: Route) -> list[str] | None:
         """The upstream's tags (following its pagination), or the cached ones when it is away."""
         mirror = self.mirror(route)
-        cached = mirror.repositories.tags(route.remote)
+        cached = await mirror.repositories.tags(route.remote)
         if self._offline(route.upstream):
             return cached
         tags: list[str] = []
@@ -348,12 +347,13 @@ class MirrorCache:
                 self._upstream_failed(route.upstream.namespace, str(e))
                 log.warn("serving cached referrers of {repository}: {error}", repository=route.remote,
                          error=str(e))
-        return await self._store.pool.run(mirror.repositories.referrers, route.remote, subject)
+        return await mirror.repositories.referrers(route.remote, subject)
 
     # --- blobs -------------------------------------------------------------
 
-    def cached_blob(self, route: Route, digest: Digest) -> bool:
-        return self.mirror(route).repositories.has_blob(route.remote, digest) and self._store.blobs.exists(digest)
+    async def cached_blob(self, route: Route, digest: Digest) -> bool:
+        return (await self.mirror(route).repositories.has_blob(route.remote, digest)
+                and await self._store.blobs.size(digest) is not None)
 
     async def head_blob(self, route: Route, digest: Digest) -> BlobHead:
         """Size of an uncached blob, asked of the upstream without downloading it."""
@@ -371,8 +371,8 @@ class MirrorCache:
         if response.code != 200:
             raise blob_unknown(str(digest))
         self._store.guard.claim([digest])
-        if self._store.blobs.exists(digest):
-            await self._store.pool.run(mirror.repositories.link_blob, route.remote, digest, False)
+        if await self._store.blobs.size(digest) is not None:
+            await mirror.repositories.link_blob(route.remote, digest)
         # For HEAD, Twisted leaves Content-Length among the headers (the body is empty).
         lengths = response.headers.getRawHeaders(b"content-length") or []
         size = int(lengths[0]) if lengths and lengths[0].isdigit() else None
@@ -432,8 +432,8 @@ class MirrorCache:
             self._upstream_failed(mirror.config.namespace, f"transfer of {fill.digest} failed: {fill.error}")
 
     async def _commit_fill(self, mirror: Mirror, remote: str, path: str, digest: Digest) -> None:
-        await self._store.pool.run(self._store.blobs.commit_file, path, digest)
-        await self._store.pool.run(mirror.repositories.link_blob, remote, digest, False)
+        await self._store.blobs.commit_file(path, digest)
+        await mirror.repositories.link_blob(remote, digest)
 
 
 async def _independent(shared: Deferred[Any]) -> Any:

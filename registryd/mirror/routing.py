@@ -25,6 +25,8 @@ class Route:
 
     upstream: UpstreamConfig
     remote: str
+    # Reached through the default upstream: a local repository of the same name wins.
+    by_default: bool = False
 
 
 def _remote_name(upstream: UpstreamConfig, name: str) -> str:
@@ -45,9 +47,12 @@ class Router:
     def enabled(self) -> bool:
         return bool(self._by_namespace)
 
-    def route(self, name: str, ns: str | None, is_local: Callable[[str], bool]) -> Route | None:
+    def route(self, name: str, ns: str | None, is_local: Callable[[str], bool] | None = None) -> Route | None:
         """The mirror route for ``name``, or None when it is a local repository.
 
+        Without ``is_local``, a name that only the default upstream takes
+        comes back with ``by_default`` set: the caller asks its store whether
+        a local repository of that name exists (which may need I/O).
         Raises NAME_INVALID for a name no route can take.
         """
         if not self._by_namespace:
@@ -61,6 +66,10 @@ class Router:
         if upstream is not None:
             return Route(upstream, _remote_name(upstream, rest))
         check_name(name)
-        if self._default is not None and not is_local(name):
-            return Route(self._default, _remote_name(self._default, name))
-        return None
+        if self._default is None:
+            return None
+        if is_local is None:
+            return Route(self._default, _remote_name(self._default, name), by_default=True)
+        if is_local(name):
+            return None
+        return Route(self._default, _remote_name(self._default, name))

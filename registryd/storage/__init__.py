@@ -8,10 +8,14 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
+from typing import Any
+
+from twisted.internet.defer import Deferred, succeed
 
 from registryd.storage.blobs import BlobStore
 from registryd.storage.files import make_dirs
 from registryd.storage.guard import BlobGuard
+from registryd.storage.local import FileBlobs, FileRepositories
 from registryd.storage.repositories import RepositoryStore
 from registryd.storage.uploads import UploadStore
 from registryd.threads import BlockingPool, InlinePool
@@ -22,14 +26,23 @@ __all__ = ["Store", "BlobGuard", "BlobStore", "RepositoryStore", "UploadStore"]
 class Store:
     """The data directory and the three stores inside it."""
 
+    driver = "filesystem"
+
     def __init__(self, root: str, pool: BlockingPool | InlinePool) -> None:
         self.root = root
         self.pool = pool
         self.tmp_dir = os.path.join(root, "tmp")
         self.guard = BlobGuard()
-        self.blobs = BlobStore(os.path.join(root, "blobs"), self.tmp_dir, self.guard)
-        self.repositories = RepositoryStore(os.path.join(root, "repositories"), self.tmp_dir)
-        self.uploads = UploadStore(os.path.join(root, "uploads"), self.tmp_dir, self.blobs, pool)  # type: ignore[arg-type]
+        # The blocking stores on disk, and the storage interface over them.
+        self.blob_files = BlobStore(os.path.join(root, "blobs"), self.tmp_dir, self.guard)
+        self.blobs = FileBlobs(self.blob_files, pool)
+        self.repositories = FileRepositories(RepositoryStore(os.path.join(root, "repositories"), self.tmp_dir), pool)
+        self.uploads = UploadStore(os.path.join(root, "uploads"), self.tmp_dir, self.blob_files, pool)  # type: ignore[arg-type]
+
+    def mirror_repositories(self, namespace: str) -> FileRepositories:
+        """The cached repositories of one upstream (``mirror/<namespace with : as _>``)."""
+        root = os.path.join(self.root, "mirror", namespace.replace(":", "_"))
+        return FileRepositories(RepositoryStore(root, self.tmp_dir), self.pool, durable_links=False)
 
     def prepare(self) -> None:
         """Create the layout and prove it writable (raises OSError)."""
@@ -55,6 +68,13 @@ class Store:
             return f"only {free} bytes free in the data directory (below {min_free_bytes})"
         return None
 
+    async def check_backend(self) -> str | None:
+        """Nothing beyond the data directory to check (readiness_problem does that)."""
+        return None
+
+    def close(self) -> Deferred[None]:
+        return succeed(None)
+
     def recover(self) -> None:
         """Drop what a crash left half-written: everything under ``tmp/``."""
         for entry in os.scandir(self.tmp_dir):
@@ -62,3 +82,12 @@ class Store:
                 shutil.rmtree(entry.path, ignore_errors=True)
             else:
                 os.unlink(entry.path)
+
+
+def open_store(config: Any, pool: BlockingPool | InlinePool, reactor: Any) -> Any:
+    """The store ``[storage] driver`` names: the data directory, or a shared S3 bucket."""
+    if config.storage.driver == "s3":
+        from registryd.storage.s3.store import S3Store
+
+        return S3Store(config.data_dir, pool, config.storage.s3, reactor, presign=config.storage.redirect)
+    return Store(config.data_dir, pool)

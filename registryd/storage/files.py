@@ -58,11 +58,11 @@ def write_atomic(tmp_dir: str, target: str, data: bytes, durable: bool = True) -
         fsync_dir(parent)
 
 
-def read_small(path: str) -> bytes | None:
-    """The whole of a small file, or None if it does not exist."""
+def read_small(path: str, limit: int = -1) -> bytes | None:
+    """The whole of a small file (at most ``limit`` bytes), or None if it does not exist."""
     try:
         with open(path, "rb") as f:
-            return f.read()
+            return f.read(limit)
     except (FileNotFoundError, NotADirectoryError):
         return None
 

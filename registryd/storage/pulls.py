@@ -14,8 +14,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from registryd.digest import Digest
-from registryd.storage.repositories import RepositoryStore
-from registryd.threads import BlockingPool, InlinePool
+from registryd.storage.interface import RepositoryBackend
 
 log = Logger()
 
@@ -23,21 +22,19 @@ _MAX_REMEMBERED = 100_000
 
 
 class PullRecorder:
-    def __init__(self, pool: BlockingPool | InlinePool, clock: Callable[[], float] = time.time,
-                 interval: float = 1.0) -> None:
-        self._pool = pool
+    def __init__(self, clock: Callable[[], float] = time.time, interval: float = 1.0) -> None:
         self._clock = clock
         self._interval = interval
-        self._written: dict[tuple[str, str, Digest], float] = {}
+        self._written: dict[tuple[int, str, Digest], float] = {}
 
-    def record(self, repositories: RepositoryStore, name: str, digest: Digest) -> None:
+    def record(self, repositories: RepositoryBackend, name: str, digest: Digest) -> None:
         now = self._clock()
-        key = (repositories.root, name, digest)
+        key = (id(repositories), name, digest)
         last = self._written.get(key)
         if last is not None and now - last < self._interval:
             return
         if len(self._written) >= _MAX_REMEMBERED:
             self._written.clear()
         self._written[key] = now
-        Deferred.fromCoroutine(self._pool.run(repositories.record_pull, name, digest, now)).addErrback(
+        Deferred.fromCoroutine(repositories.record_pull(name, digest, now)).addErrback(
             lambda f: log.failure("recording a pull of {name}@{digest} failed", f, name=name, digest=str(digest)))

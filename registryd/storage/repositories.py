@@ -136,6 +136,11 @@ class RepositoryStore:
             write_atomic(self._tmp, self._tag(name, tag), str(digest).encode())
         make_dirs(self._path(name, "_manifests", "tags"))
 
+    def set_tags(self, name: str, digest: Digest, tags: list[str]) -> None:
+        for tag in tags:
+            write_atomic(self._tmp, self._tag(name, tag), str(digest).encode())
+        make_dirs(self._path(name, "_manifests", "tags"))
+
     def record_pull(self, name: str, digest: Digest, when: float) -> None:
         """Note that ``digest`` was pulled from ``name`` at ``when`` (if it is still there)."""
         if not os.path.exists(self._revision(name, digest)):

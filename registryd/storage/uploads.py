@@ -111,7 +111,7 @@ class UploadStore:
         self._pool = pool
         self._sessions: dict[str, Upload] = {}
 
-    def create(self, repo: str) -> Upload:
+    async def create(self, repo: str) -> Upload:
         """Start a session (cheap enough for the reactor: a mkdir, a small file)."""
         upload_id = uuid.uuid4().hex
         directory = os.path.join(self.root, upload_id)
@@ -122,15 +122,21 @@ class UploadStore:
         self._sessions[upload_id] = upload
         return upload
 
-    def get(self, repo: str, upload_id: str) -> Upload:
-        """The session ``upload_id`` of ``repo``, from memory or from disk."""
+    def known(self, repo: str, upload_id: str) -> Upload | None:
+        """The session ``upload_id`` of ``repo``, from memory or from disk (a small read)."""
         if not _ID.match(upload_id):
-            raise blob_upload_unknown(upload_id[:64])
+            return None
         upload = self._sessions.get(upload_id)
         if upload is None:
             upload = self._load(upload_id)
         if upload is None or upload.repo != repo:
-            raise blob_upload_unknown(upload_id)
+            return None
+        return upload
+
+    async def get(self, repo: str, upload_id: str) -> Upload:
+        upload = self.known(repo, upload_id)
+        if upload is None:
+            raise blob_upload_unknown(upload_id[:64])
         return upload
 
     def _load(self, upload_id: str) -> Upload | None:

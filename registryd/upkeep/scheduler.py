@@ -19,6 +19,8 @@ from registryd.config import Config
 from registryd.metrics import Metrics
 from registryd.storage import Store
 from registryd.upkeep.collector import Collection, Collector
+from registryd.storage.s3.store import S3Store
+from registryd.upkeep.s3_collector import S3Collector
 from registryd.upkeep.eviction import Eviction, evict, plan_eviction
 from registryd.upkeep.survey import Survey, take_survey
 
@@ -52,8 +54,8 @@ class StoreSize:
 class Upkeep:
     """Runs collections every ``[gc] interval`` and surveys every ``[server] usage_interval``."""
 
-    def __init__(self, store: Store, config: Config, metrics: Metrics, reactor: Any) -> None:
-        self._store = store
+    def __init__(self, store: Store | S3Store, config: Config, metrics: Metrics, reactor: Any) -> None:
+        self._store: Any = store
         self._config = config
         self._metrics = metrics
         self._reactor = reactor
@@ -64,10 +66,24 @@ class Upkeep:
         self._loops: list[LoopingCall] = []
         metrics.mirror_max_size.set(config.mirror_max_size)
 
+    @property
+    def available(self) -> bool:
+        """Online collection: on the data directory, or on the bucket every node shares."""
+        return True
+
+    @property
+    def surveys(self) -> bool:
+        """Surveys (store size, the mirror cache limit) walk the data directory: filesystem only."""
+        return self._store.driver == "filesystem"
+
     def start(self) -> None:
         if self._config.gc_interval > 0:
             self._every(self._config.gc_interval, self._scheduled_gc, now=False)
-        self._every(self._config.usage_interval, self._scheduled_survey, now=True)
+        if self.surveys:
+            self._every(self._config.usage_interval, self._scheduled_survey, now=True)
+        elif self._config.mirror_max_size:
+            log.warn("[mirror] max_size is not enforced with storage.driver = {driver!r} yet",
+                     driver=self._store.driver)
 
     def _every(self, interval: float, work: Any, now: bool) -> None:
         loop = LoopingCall(lambda: Deferred.fromCoroutine(work()))
@@ -98,9 +114,16 @@ class Upkeep:
         delay = self._config.gc_delay if delay is None else delay
         await self._lock.acquire()
         started = time.time()
+        collector: Collector | S3Collector
+        collection: Collection
         try:
-            collector = Collector(self._data, delay, dry_run=dry_run, echo=False, guard=self._store.guard)
-            collection = await self._store.pool.run(collector.run)
+            if self._store.driver == "s3":
+                # Every node may collect: runs overlap safely (see s3_collector).
+                collector = S3Collector(self._store.client, delay, dry_run, guard=self._store.guard)
+                collection = await collector.run()
+            else:
+                collector = Collector(self._data, delay, dry_run=dry_run, echo=False, guard=self._store.guard)
+                collection = await self._store.pool.run(collector.run)
         except OSError as e:
             self._metrics.gc_runs.labels("failed").inc()
             log.error("garbage collection failed: {error}; the next pass runs as planned", error=str(e))

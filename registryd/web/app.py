@@ -53,7 +53,7 @@ from registryd.storage.pulls import PullRecorder
 from registryd.storage.uploads import Upload
 from registryd.upkeep.scheduler import Upkeep
 from registryd.web.request import CappedBody, PendingBody, RefusedBody, RegistryRequest, UploadBody
-from registryd.web.follow import stream_fill
+from registryd.web.follow import FillCommitted, stream_fill
 from registryd.web.status import CONTENT_TYPE as STATUS_CONTENT_TYPE
 from registryd.web.status import StatusBoard
 from registryd.web.sendfile import send_file_range
@@ -63,6 +63,8 @@ log = Logger()
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 _CONTENT_RANGE = re.compile(r"^(?:bytes[ =])?(\d+)-(\d+)(?:/(?:\d+|\*))?$")
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+# Stored manifests were capped when pushed or fetched; this only bounds a read.
+MANIFEST_READ_LIMIT = 64 * 1024 * 1024
 _ENDPOINT = re.compile(r"^/v2/(.*)/(?:blobs/uploads/[^/]*|blobs/[^/]+|manifests/[^/]+|tags/list|referrers/[^/]+)$")
 
 
@@ -156,7 +158,7 @@ class RegistryAPI:
         self.auth = auth or build_auth(config.auth, config.access, store.pool, reactor,
                                        mirrored_namespaces(u.namespace for u in config.upstreams))
         self.status = StatusBoard(store, config, self.mirror)
-        self.pulls = PullRecorder(store.pool)
+        self.pulls = PullRecorder()
         self.upkeep: Upkeep | None = None   # set by RegistryService: online gc and surveys
 
     def resource(self) -> Any:
@@ -236,27 +238,34 @@ class RegistryAPI:
         return self._writable(name, _arg(request, "ns"))
 
     def _writable(self, name: str, ns: str | None) -> str:
-        route = self.mirror.router.route(name, ns, lambda _: True)
-        if route is not None:
+        route = self.mirror.router.route(name, ns)
+        if route is not None and not route.by_default:
             raise denied(f"{name} mirrors {route.upstream.namespace}: mirrored repositories are read-only")
         return check_name(name)
 
-    def _target(self, request: RegistryRequest, name: str) -> tuple[str, Route | None]:
+    async def _route(self, name: str, ns: str | None) -> Route | None:
+        """The mirror route for ``name``; a local repository wins over the default upstream."""
+        route = self.mirror.router.route(name, ns)
+        if route is not None and route.by_default and await self.store.repositories.exists(name):
+            return None
+        return route
+
+    async def _target(self, request: RegistryRequest, name: str) -> tuple[str, Route | None]:
         """A repository to read: local, or the mirror route that serves it."""
         check_raw_path(request.path)
-        route = self.mirror.router.route(name, _arg(request, "ns"), self.store.repositories.exists)
+        route = await self._route(name, _arg(request, "ns"))
         return (name, route) if route is not None else (check_name(name), None)
 
     def _check_delete_enabled(self) -> None:
         if not self.config.delete_enabled:
             raise unsupported("deletes are disabled on this registry")
 
-    def _resolve(self, name: str, reference: str) -> Digest:
+    async def _resolve(self, name: str, reference: str) -> Digest:
         """A tag or digest reference to the manifest digest it names."""
         if is_digest(reference):
             return parse_digest(reference)
         check_tag(reference)
-        digest = self.store.repositories.resolve_tag(name, reference)
+        digest = await self.store.repositories.resolve_tag(name, reference)
         if digest is None:
             raise manifest_unknown(reference)
         return digest
@@ -276,9 +285,9 @@ class RegistryAPI:
         return _json(request, 200, {"status": "ok"})
 
     @app.route("/readyz", methods=["GET", "HEAD"])
-    def readyz(self, request: RegistryRequest) -> bytes:
-        """Ready: the store is writable and has room. Open to everyone."""
-        problem = self.store.readiness_problem(self.config.min_free_bytes)
+    async def readyz(self, request: RegistryRequest) -> bytes:
+        """Ready: the store is writable and has room (and its object store answers). Open to everyone."""
+        problem = await self.store.check_backend() or self.store.readiness_problem(self.config.min_free_bytes)
         if problem is not None:
             return _json(request, 503, {"status": "unavailable", "reason": problem})
         return _json(request, 200, {"status": "ok"})
@@ -307,7 +316,7 @@ class RegistryAPI:
         only reports.
         """
         await self._admin(request, "garbage collections")
-        if self.upkeep is None:
+        if self.upkeep is None or not self.upkeep.available:
             raise RegistryError(503, "UNAVAILABLE", "garbage collection is not available in this server")
         delay_arg = _arg(request, "delay")
         try:
@@ -337,7 +346,7 @@ class RegistryAPI:
     @app.route("/v2/_catalog", methods=["GET"])
     async def catalog(self, request: RegistryRequest) -> bytes:
         user = await self._user(request)
-        names = await self.store.pool.run(self.store.repositories.catalog)
+        names = await self.store.repositories.catalog()
         names = list(self.auth.policy.visible(user, names))
         page, headers = _paginate(request, names, "/v2/_catalog")
         return _json(request, 200, {"repositories": page}, headers)
@@ -346,12 +355,12 @@ class RegistryAPI:
 
     @app.route("/v2/<path:name>/blobs/<digest>", methods=["GET", "HEAD"])
     async def get_blob(self, request: RegistryRequest, name: str, digest: str) -> bytes | None:
-        name, route = self._target(request, name)
+        name, route = await self._target(request, name)
         await self._allow(request, _policy_name(name, route), PULL)
         parsed = parse_digest(digest)
         if route is not None:
             return await self._mirror_blob(request, route, parsed)
-        if not self.store.repositories.has_blob(name, parsed):
+        if not await self.store.repositories.has_blob(name, parsed):
             raise blob_unknown(digest)
         # A client that finds the blob here will name it in a manifest next:
         # an in-server gc must not take it meanwhile.
@@ -360,11 +369,11 @@ class RegistryAPI:
 
     async def _send_blob(self, request: RegistryRequest, digest: Digest) -> bytes | None:
         """Serve a stored blob, honouring a single Range."""
-        blob = self.store.blobs.open(digest)
+        blob = await self.store.blobs.open(digest)
         if blob is None:
             raise blob_unknown(str(digest))
-        with blob:
-            size = os.fstat(blob.fileno()).st_size
+        try:
+            size = blob.size
             start, length = self._range(request, size)
             headers = _blob_headers(str(digest), length)
             if length != size:
@@ -374,22 +383,36 @@ class RegistryAPI:
                 request.setHeader(key, value)
             if request.method == b"HEAD" or length == 0:
                 return b""
-            await send_file_range(request, blob, start, length, reactor=self._reactor,
-                                  stall_timeout=self.config.stall_timeout)
+            url = blob.redirect_url(self.config.storage.redirect_expiry)
+            if url is not None:
+                # The client fetches from the object store directly (and asks it for its range).
+                request.setResponseCode(307)
+                request.setHeader("Location", url)
+                request.responseHeaders.removeHeader("Content-Range")
+                request.setHeader("Content-Length", "0")
+                return b""
+            file = blob.local_file()
+            if file is not None:
+                await send_file_range(request, file, start, length, reactor=self._reactor,
+                                      stall_timeout=self.config.stall_timeout)
+            else:
+                await blob.send(request, start, start + length)
+        finally:
+            blob.close()
         return None
 
     async def _mirror_blob(self, request: RegistryRequest, route: Route, digest: Digest) -> bytes | None:
         mirror = self.mirror
         request.upstream = route.upstream.namespace
-        if mirror.cached_blob(route, digest):
+        if await mirror.cached_blob(route, digest):
             request.cache = "hit"
             return await self._send_blob(request, digest)
         request.cache = "miss"
-        if request.method == b"HEAD" or self.store.blobs.exists(digest):
+        if request.method == b"HEAD" or await self.store.blobs.size(digest) is not None:
             # Ask upstream whether this repository has the blob, without
             # downloading it; a blob already stored is then linked and served.
             head = await mirror.head_blob(route, digest)
-            if mirror.cached_blob(route, digest):
+            if await mirror.cached_blob(route, digest):
                 return await self._send_blob(request, digest)
             for key, value in _blob_headers(head.digest, head.size).items():
                 request.setHeader(key, value)
@@ -398,8 +421,9 @@ class RegistryAPI:
         for key, value in _blob_headers(str(digest), fill.size).items():
             request.setHeader(key, value)
         try:
-            await stream_fill(request, fill, self.store.blobs, reactor=self._reactor,
-                              stall_timeout=self.config.stall_timeout)
+            await stream_fill(request, fill, reactor=self._reactor, stall_timeout=self.config.stall_timeout)
+        except FillCommitted:
+            return await self._send_blob(request, digest)
         except FillFailed as e:
             request.responseHeaders.removeHeader("Content-Length")
             raise unavailable(route.upstream, str(e)) from None
@@ -439,7 +463,7 @@ class RegistryAPI:
         await self._allow(request, name, DELETE, hide=False)
         self._check_delete_enabled()
         parsed = parse_digest(digest)
-        removed = await shielded(self.store.pool.run(self.store.repositories.unlink_blob, name, parsed))
+        removed = await shielded(self.store.repositories.unlink_blob(name, parsed))
         if not removed:
             raise blob_unknown(digest)
         return _respond(request, 202, {"Docker-Content-Digest": digest})
@@ -462,39 +486,46 @@ class RegistryAPI:
         uploads = self.store.uploads
         if method == "POST" and (upload_id or args.get("mount") or not digest):
             return None
-        start = None
-        if method != "POST":
-            upload = uploads.get(name, upload_id)
-            header = request.getHeader("Content-Range")
-            if header is not None:
-                match = _CONTENT_RANGE.match(header.strip())
-                if match is None:
-                    raise range_invalid(upload.size, upload.location())
-                start, end = int(match[1]), int(match[2])
-                if end < start or (length is not None and length != end - start + 1):
-                    raise range_invalid(upload.size, upload.location())
 
-        def open_body() -> UploadBody:
+        def start_of(upload: Any) -> int | None:
+            """Where the client says its chunk begins (Content-Range), checked against its length."""
+            header = request.getHeader("Content-Range")
+            if header is None:
+                return None
+            match = _CONTENT_RANGE.match(header.strip())
+            if match is None:
+                raise range_invalid(upload.size, upload.location())
+            start, end = int(match[1]), int(match[2])
+            if end < start or (length is not None and length != end - start + 1):
+                raise range_invalid(upload.size, upload.location())
+            return start
+
+        async def open_body() -> UploadBody:
             if method == "POST":
                 # A monolithic upload's session exists only for this request:
                 # if the body never completes, nothing of it may stay on disk.
-                session = uploads.create(name)
+                session = await uploads.create(name)
                 return UploadBody(uploads.open_writer(session, 0, algorithm),
                                   on_abandon=lambda: self._discard(session))
-            return UploadBody(uploads.open_writer(uploads.get(name, upload_id), start, algorithm))
+            upload = uploads.known(name, upload_id) or await uploads.get(name, upload_id)
+            return UploadBody(uploads.open_writer(upload, start_of(upload), algorithm))
 
-        if not self.auth.authenticator.enabled:
-            return open_body()
-        if not request.getHeader("Authorization"):
-            if not self.auth.policy.allows(None, name, PUSH):
-                raise self._unauthorized(f"push on {name} needs credentials")
-            return open_body()
-
-        async def authorize() -> UploadBody:
+        async def authorize_then_open() -> UploadBody:
             await self._allow(request, name, PUSH, hide=False)
-            return open_body()
+            return await open_body()
 
-        return PendingBody(authorize())
+        check_credentials = False
+        if self.auth.authenticator.enabled:
+            if request.getHeader("Authorization"):
+                check_credentials = True
+            elif not self.auth.policy.allows(None, name, PUSH):
+                raise self._unauthorized(f"push on {name} needs credentials")
+        if not check_credentials and method != "POST":
+            # The common case, answered at once: a session this node has at hand.
+            upload = uploads.known(name, upload_id)
+            if upload is not None:
+                return UploadBody(uploads.open_writer(upload, start_of(upload), algorithm))
+        return PendingBody(authorize_then_open() if check_credentials else open_body())
 
     def _discard(self, upload: Upload) -> None:
         Deferred.fromCoroutine(self.store.uploads.cancel(upload)).addErrback(
@@ -531,7 +562,7 @@ class RegistryAPI:
             return await self._commit(request, name, parse_digest(digest))
         if isinstance(request.body, RefusedBody):
             raise request.body.error
-        upload = self.store.uploads.create(name)
+        upload = await self.store.uploads.create(name)
         return _respond(request, 202, self._upload_headers(upload))
 
     async def _mount(self, name: str, digest: Digest, source: str | None, user: str | None) -> Digest | None:
@@ -543,20 +574,20 @@ class RegistryAPI:
             return None
         if source is not None:
             try:
-                route = self.mirror.router.route(source, None, repositories.exists)
+                route = await self._route(source, None)
                 if not self.auth.policy.allows(user, _policy_name(check_name(source) if route is None
                                                                   else source, route), PULL):
                     return None  # a plain upload follows; the other repository stays unseen
-                present = (self.mirror.cached_blob(route, digest) if route is not None
-                           else repositories.has_blob(source, digest))
+                present = (await self.mirror.cached_blob(route, digest) if route is not None
+                           else await repositories.has_blob(source, digest))
             except RegistryError:
                 return None
             if not present:
                 return None
         self.store.guard.claim([digest])  # before the check: an in-server gc must not take it now
-        if not self.store.blobs.exists(digest):
+        if await self.store.blobs.size(digest) is None:
             return None
-        await shielded(self.store.pool.run(repositories.link_blob, name, digest))
+        await shielded(repositories.link_blob(name, digest))
         return digest
 
     async def _commit(self, request: RegistryRequest, name: str, digest: Digest) -> bytes:
@@ -567,7 +598,7 @@ class RegistryAPI:
 
     async def _commit_and_link(self, writer: Any, name: str, digest: Digest) -> None:
         await self.store.uploads.commit(writer, digest)
-        await self.store.pool.run(self.store.repositories.link_blob, name, digest)
+        await self.store.repositories.link_blob(name, digest)
 
     @app.route("/v2/<path:name>/blobs/uploads/<upload_id>", methods=["PATCH"])
     async def patch_upload(self, request: RegistryRequest, name: str, upload_id: str) -> bytes:
@@ -592,14 +623,14 @@ class RegistryAPI:
     async def upload_status(self, request: RegistryRequest, name: str, upload_id: str) -> bytes:
         name = self._local(request, name)
         await self._allow(request, name, PUSH, hide=False)
-        upload = self.store.uploads.get(name, upload_id)
+        upload = await self.store.uploads.get(name, upload_id)
         return _respond(request, 204, self._upload_headers(upload))
 
     @app.route("/v2/<path:name>/blobs/uploads/<upload_id>", methods=["DELETE"])
     async def cancel_upload(self, request: RegistryRequest, name: str, upload_id: str) -> bytes:
         name = self._local(request, name)
         await self._allow(request, name, PUSH, hide=False)
-        upload = self.store.uploads.get(name, upload_id)
+        upload = await self.store.uploads.get(name, upload_id)
         await shielded(self.store.uploads.cancel(upload))
         return _respond(request, 204)
 
@@ -607,7 +638,7 @@ class RegistryAPI:
 
     @app.route("/v2/<path:name>/manifests/<reference>", methods=["GET", "HEAD"])
     async def get_manifest(self, request: RegistryRequest, name: str, reference: str) -> bytes:
-        name, route = self._target(request, name)
+        name, route = await self._target(request, name)
         await self._allow(request, _policy_name(name, route), PULL)
         if route is not None:
             # Go clients send one Accept header per media type.
@@ -619,9 +650,9 @@ class RegistryAPI:
             digest, media_type, data = cached.digest, cached.media_type, cached.data
             self.pulls.record(self.mirror.mirror(route).repositories, route.remote, digest)
         else:
-            digest = self._resolve(name, reference)
-            found = self.store.repositories.manifest_media_type(name, digest)
-            stored = self.store.blobs.read(digest) if found is not None else None
+            digest = await self._resolve(name, reference)
+            found = await self.store.repositories.manifest_media_type(name, digest)
+            stored = await self.store.blobs.read(digest, MANIFEST_READ_LIMIT) if found is not None else None
             if found is None or stored is None:
                 raise manifest_unknown(reference)
             media_type, data = found, stored
@@ -653,10 +684,10 @@ class RegistryAPI:
         # between the check and the commit.
         self.store.guard.claim([digest, *manifest.blobs, *manifest.children])
         for blob in manifest.blobs:
-            if not (repositories.has_blob(name, blob) and self.store.blobs.exists(blob)):
+            if not (await repositories.has_blob(name, blob) and await self.store.blobs.size(blob) is not None):
                 raise manifest_blob_unknown(str(blob))
         for child in manifest.children:
-            if repositories.manifest_media_type(name, child) is None:
+            if await repositories.manifest_media_type(name, child) is None:
                 raise manifest_blob_unknown(str(child))
         referrer = None
         if manifest.subject is not None:
@@ -666,17 +697,34 @@ class RegistryAPI:
             if manifest.annotations:
                 descriptor["annotations"] = manifest.annotations
             referrer = (manifest.subject, descriptor)
-        await shielded(self.store.pool.run(self._store_manifest, name, digest, data, manifest.media_type,
-                                           tags, referrer))
+        await shielded(self._store_manifest(name, digest, data, manifest.media_type, tags, referrer,
+                                            manifest.blobs))
         headers = {"Location": f"/v2/{name}/manifests/{digest}", "Docker-Content-Digest": str(digest)}
         if manifest.subject is not None:
             headers["OCI-Subject"] = str(manifest.subject)
         return _respond(request, 201, headers)
 
-    def _store_manifest(self, name: str, digest: Digest, data: bytes, media_type: str,
-                        tags: list[str], referrer: Any) -> None:
-        self.store.blobs.put(digest, data)
-        self.store.repositories.add_manifest(name, digest, media_type, tags, referrer)
+    async def _store_manifest(self, name: str, digest: Digest, data: bytes, media_type: str,
+                              tags: list[str], referrer: Any, blobs: tuple[Digest, ...]) -> None:
+        """Content, revision, a last look at the blobs, then the tags.
+
+        The last look closes the race with a garbage collection on another
+        node sharing the store: it moves unreferenced blobs aside, then marks
+        again. If our revision landed before its second mark, it puts the
+        blob back; if not, we see the blob gone here and refuse the push
+        before any tag points at it.
+        """
+        repositories = self.store.repositories
+        existed = await repositories.manifest_media_type(name, digest) is not None
+        await self.store.blobs.put(digest, data)
+        await repositories.add_manifest(name, digest, media_type, [], referrer)
+        for blob in (digest, *blobs):
+            if await self.store.blobs.size(blob) is None:
+                if not existed:
+                    await repositories.delete_manifest(name, digest, referrer[0] if referrer else None)
+                raise manifest_blob_unknown(str(blob))
+        if tags:
+            await repositories.set_tags(name, digest, tags)
 
     @app.route("/v2/<path:name>/manifests/<reference>", methods=["DELETE"])
     async def delete_manifest(self, request: RegistryRequest, name: str, reference: str) -> bytes:
@@ -686,16 +734,16 @@ class RegistryAPI:
         repositories = self.store.repositories
         if not is_digest(reference):
             check_tag(reference)
-            if not await shielded(self.store.pool.run(repositories.delete_tag, name, reference)):
+            if not await shielded(repositories.delete_tag(name, reference)):
                 raise manifest_unknown(reference)
             return _respond(request, 202)
         digest = parse_digest(reference)
-        media_type = repositories.manifest_media_type(name, digest)
-        data = self.store.blobs.read(digest) if media_type is not None else None
+        media_type = await repositories.manifest_media_type(name, digest)
+        data = await self.store.blobs.read(digest, MANIFEST_READ_LIMIT) if media_type is not None else None
         if data is None:
             raise manifest_unknown(reference)
         subject = parse_manifest(data, media_type).subject
-        if not await shielded(self.store.pool.run(repositories.delete_manifest, name, digest, subject)):
+        if not await shielded(repositories.delete_manifest(name, digest, subject)):
             raise manifest_unknown(reference)
         return _respond(request, 202)
 
@@ -703,12 +751,12 @@ class RegistryAPI:
 
     @app.route("/v2/<path:name>/tags/list", methods=["GET"])
     async def list_tags(self, request: RegistryRequest, name: str) -> bytes:
-        name, route = self._target(request, name)
+        name, route = await self._target(request, name)
         await self._allow(request, _policy_name(name, route), PULL)
         if route is not None:
             tags: list[str] | None = await self.mirror.tags(route)
         else:
-            tags = self.store.repositories.tags(name)
+            tags = await self.store.repositories.tags(name)
         if tags is None:
             raise name_unknown(name)
         page, headers = _paginate(request, tags, f"/v2/{name}/tags/list")
@@ -716,13 +764,13 @@ class RegistryAPI:
 
     @app.route("/v2/<path:name>/referrers/<digest>", methods=["GET"])
     async def referrers(self, request: RegistryRequest, name: str, digest: str) -> bytes:
-        name, route = self._target(request, name)
+        name, route = await self._target(request, name)
         await self._allow(request, _policy_name(name, route), PULL)
         subject = parse_digest(digest)
         if route is not None:
             found = await self.mirror.referrers(route, subject)
         else:
-            found = await self.store.pool.run(self.store.repositories.referrers, name, subject)
+            found = await self.store.repositories.referrers(name, subject)
         headers = {}
         wanted = _args(request, "artifactType")
         if wanted:

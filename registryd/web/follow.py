@@ -4,16 +4,20 @@ from __future__ import annotations
 from typing import Any, BinaryIO
 
 from registryd.mirror.fill import BlobFill
-from registryd.storage.blobs import BlobStore
 from registryd.web.sendfile import SMALL_BODY, send_file_range
 
 
-def _open(fill: BlobFill, blobs: BlobStore) -> BinaryIO | None:
+class FillCommitted(Exception):
+    """The fill was committed into the store before this client began: serve it from there."""
+
+
+def _open(fill: BlobFill) -> BinaryIO | None:
     try:
         return open(fill.path, "rb")
     except FileNotFoundError:
-        # Committed (renamed into the store) between our looking and opening.
-        return blobs.open(fill.digest) if fill.done else None
+        if fill.done and fill.error is None:
+            raise FillCommitted() from None
+        return None
 
 
 def abort(request: Any) -> None:
@@ -23,19 +27,19 @@ def abort(request: Any) -> None:
         transport.abortConnection()
 
 
-async def stream_fill(request: Any, fill: BlobFill, blobs: BlobStore, *, reactor: Any,
-                      stall_timeout: float) -> int:
+async def stream_fill(request: Any, fill: BlobFill, *, reactor: Any, stall_timeout: float) -> int:
     """Send the whole blob as the fill writes it; returns bytes sent.
 
     Raises FillFailed if the fill fails before anything was sent; once the
-    response has begun, a failure aborts the connection instead.
+    response has begun, a failure aborts the connection instead. Raises
+    FillCommitted when the partial file was already moved into the store.
 
     The first bytes go out as soon as they land. After that the client is
     sent more only in batches larger than one small write, which go through
     the backpressured producer: a slow client holds at most one small batch
     in memory and never slows the fill.
     """
-    f = _open(fill, blobs)
+    f = _open(fill)
     if f is None:
         if fill.error is not None:
             raise fill.error

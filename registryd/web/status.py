@@ -147,13 +147,14 @@ class StatusBoard:
         return usage
 
     async def _walk(self) -> StoreUsage:
-        total, files = await self.store.pool.run(_walk_blobs, self.store.blobs.root)
+        total, files = await self.store.pool.run(_walk_blobs, self.store.blob_files.root)
         usage = self._usage = StoreUsage(total, files, self._clock())
         return usage
 
     async def render(self) -> bytes:
         try:
-            usage: StoreUsage | None = await self.usage()
+            # Blobs in an object store are not walked for a page view.
+            usage: StoreUsage | None = await self.usage() if self.store.blob_files is not None else None
         except Exception:
             log.failure("measuring the store for the status page failed")
             usage = None

@@ -1,0 +1,314 @@
+"""Repository metadata in an S3-compatible store: the RepositoryBackend several nodes share.
+
+The keys are the filesystem's paths under ``root`` (``repositories/`` or one
+upstream's ``mirror/<namespace>/``); registryd.storage.interface has the
+layout. S3 has no directories, so a repository exists while it has a
+revision or a blob link, and "directories" are listings by prefix.
+
+S3 gives read-after-write consistency for single keys (AWS since 2020,
+RGW always), which is what lets another node see a tag the moment its PUT
+returned; the order of the PUTs keeps the interface's rule that a tag is
+never visible before its revision.
+
+Names and tags arrive validated (registryd.names). Keys are still built
+only from strings that pass the same grammar: a read with an odd name
+finds nothing, a write raises the registry's own NAME_INVALID or
+MANIFEST_INVALID; nothing odd ever becomes part of a key.
+"""
+from __future__ import annotations
+
+import json
+import re
+from contextlib import aclosing
+from typing import Any, AsyncGenerator, AsyncIterator, Awaitable, Callable, TypeVar, cast
+
+from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore
+
+from registryd.digest import HEX_LENGTHS, Digest, parse_digest
+from registryd.errors import RegistryError, digest_invalid, name_invalid
+from registryd.names import check_name, check_tag, is_tag
+from registryd.storage.s3.client import S3Client
+from registryd.storage.s3.documents import ObjectEntry
+
+T = TypeVar("T")
+
+#: A repository is a prefix with one of these below it (components never start with ``_``).
+_MARKERS = ("_manifests", "_blobs")
+#: Revisions, tags and referrer descriptors are small; a manifest's limit bounds them all.
+METADATA_LIMIT = 4 * 1024 * 1024
+#: Listings and reads one call keeps in flight (Agent's pool does not bound connections).
+CONCURRENCY = 8
+_HEX = re.compile(r"^[a-f0-9]+$")
+
+
+def _name_ok(name: str) -> bool:
+    try:
+        check_name(name)
+    except RegistryError:
+        return False
+    return True
+
+
+def _digest_ok(digest: Digest) -> bool:
+    expected = HEX_LENGTHS.get(digest.algorithm)
+    return expected is not None and len(digest.hex) == expected and bool(_HEX.match(digest.hex))
+
+
+class S3RepositoryStore:
+    """RepositoryBackend for the repositories under ``root_prefix`` (a key prefix ending in ``/``)."""
+
+    def __init__(self, client: S3Client, root_prefix: str) -> None:
+        self._client = client
+        self.root = root_prefix if root_prefix.endswith("/") else root_prefix + "/"
+
+    # -- keys: None for a name, tag or digest that fails validation --------------
+
+    def _repo(self, name: str) -> str | None:
+        return f"{self.root}{name}/" if _name_ok(name) else None
+
+    def _under(self, name: str, digest: Digest, folder: str) -> str | None:
+        repo = self._repo(name)
+        if repo is None or not _digest_ok(digest):
+            return None
+        return f"{repo}{folder}{digest.algorithm}/{digest.hex}"
+
+    def _link(self, name: str, digest: Digest) -> str | None:
+        return self._under(name, digest, "_blobs/")
+
+    def _revision(self, name: str, digest: Digest) -> str | None:
+        return self._under(name, digest, "_manifests/revisions/")
+
+    def _pull(self, name: str, digest: Digest) -> str | None:
+        return self._under(name, digest, "_pulls/")
+
+    def _referrers(self, name: str, subject: Digest) -> str | None:
+        folder = self._under(name, subject, "_referrers/")
+        return folder + "/" if folder is not None else None
+
+    def _referrer(self, name: str, subject: Digest, digest: Digest) -> str | None:
+        folder = self._referrers(name, subject)
+        if folder is None or not _digest_ok(digest):
+            return None
+        return f"{folder}{digest.algorithm}-{digest.hex}"
+
+    def _tags(self, name: str) -> str | None:
+        repo = self._repo(name)
+        return f"{repo}_manifests/tags/" if repo is not None else None
+
+    def _tag(self, name: str, tag: str) -> str | None:
+        folder = self._tags(name)
+        return folder + tag if folder is not None and is_tag(tag) else None
+
+    def _checked(self, key: str | None, name: str, tag: str | None = None, *digests: Digest) -> str:
+        """``key`` for a write, or the registry error saying which part was unusable."""
+        if key is not None:
+            return key
+        check_name(name)
+        if tag is not None:
+            check_tag(tag)
+        for digest in digests:
+            if not _digest_ok(digest):
+                raise digest_invalid(f"invalid digest {str(digest)[:150]!r}")
+        raise name_invalid(name)
+
+    # -- reads --------------------------------------------------------------------
+
+    async def exists(self, name: str) -> bool:
+        repo = self._repo(name)
+        if repo is None:
+            return False
+        for marker in _MARKERS:
+            if await self._any_key(f"{repo}{marker}/"):
+                return True
+        return False
+
+    async def has_blob(self, name: str, digest: Digest) -> bool:
+        key = self._link(name, digest)
+        return key is not None and await self._client.head_object(key) is not None
+
+    async def manifest_media_type(self, name: str, digest: Digest) -> str | None:
+        data = await self._get(self._revision(name, digest))
+        if data is None:
+            return None
+        media_type: str = json.loads(data)["mediaType"]
+        return media_type
+
+    async def resolve_tag(self, name: str, tag: str) -> Digest | None:
+        data = await self._get(self._tag(name, tag))
+        if data is None:
+            return None
+        return parse_digest(data.decode().strip())
+
+    async def tag_mtime(self, name: str, tag: str) -> float | None:
+        key = self._tag(name, tag)
+        info = await self._client.head_object(key) if key is not None else None
+        return info.last_modified if info is not None else None
+
+    async def tags(self, name: str) -> list[str] | None:
+        folder = self._tags(name)
+        if folder is None:
+            return None
+        found = [entry.key[len(folder):] async for entry in self._client.list_objects(folder)]
+        if not found and not await self.exists(name):
+            return None
+        return sorted(tag for tag in found if is_tag(tag))
+
+    async def referrers(self, name: str, subject: Digest) -> list[dict[str, Any]]:
+        folder = self._referrers(name, subject)
+        if folder is None:
+            return []
+        keys = [entry.key async for entry in self._client.list_objects(folder) if "/" not in entry.key[len(folder):]]
+        # An entry deleted between the listing and its read is simply gone.
+        found = await _bounded(keys, self._get)
+        return [json.loads(data) for data in found if data is not None]
+
+    async def catalog(self) -> list[str]:
+        """Every repository name, sorted: a walk of the prefixes, one listing per "directory".
+
+        A walk, not one listing of every key: a mirror holds a link per layer
+        pulled, and those would dominate a flat listing many times over.
+        """
+        names: set[str] = set()
+        limit = DeferredSemaphore(CONCURRENCY)
+
+        async def walk(path: str) -> None:
+            async with limit:
+                entries = await _collect(self._client.list_objects(self.root + path, delimiter="/"))
+            below = []
+            for entry in entries:
+                if not entry.is_prefix:
+                    continue
+                component = entry.key[len(self.root + path):-1]
+                if component in _MARKERS:
+                    if path and _name_ok(path[:-1]):
+                        names.add(path[:-1])
+                elif component and not component.startswith("_"):
+                    below.append(path + component + "/")
+            await _all([Deferred.fromCoroutine(walk(child)) for child in below])
+
+        await walk("")
+        return sorted(names)
+
+    # -- writes -------------------------------------------------------------------
+
+    async def link_blob(self, name: str, digest: Digest) -> None:
+        # One PUT whether or not the link exists: cheaper than a HEAD first.
+        await self._client.put_object(self._checked(self._link(name, digest), name, None, digest), b"")
+
+    async def unlink_blob(self, name: str, digest: Digest) -> bool:
+        return await self._delete(self._link(name, digest))
+
+    async def add_manifest(self, name: str, digest: Digest, media_type: str, tags: list[str],
+                           referrer: tuple[Digest, dict[str, Any]] | None) -> None:
+        """Revision, referrer entry, then tags, each PUT done before the next starts:
+        neither this node's crash nor another node's read sees a tag without its revision."""
+        # Every key first: an unusable tag must not leave a revision behind.
+        writes = [(self._checked(self._revision(name, digest), name, None, digest),
+                   json.dumps({"mediaType": media_type}).encode())]
+        if referrer is not None:
+            subject, descriptor = referrer
+            writes.append((self._checked(self._referrer(name, subject, digest), name, None, subject, digest),
+                           json.dumps(descriptor).encode()))
+        tag_keys = [self._checked(self._tag(name, tag), name, tag) for tag in tags]
+        for key, body in writes:
+            await self._client.put_object(key, body, content_type="application/json")
+        for key in tag_keys:
+            await self._client.put_object(key, str(digest).encode())
+
+    async def set_tags(self, name: str, digest: Digest, tags: list[str]) -> None:
+        tag_keys = [self._checked(self._tag(name, tag), name, tag) for tag in tags]
+        for key in tag_keys:
+            await self._client.put_object(key, str(digest).encode())
+
+    async def delete_manifest(self, name: str, digest: Digest, subject: Digest | None) -> bool:
+        """Tags pointing at it, its referrer entry, its pull marker, then the revision:
+        the reverse of ``add_manifest``, so a tag never outlives its revision.
+
+        A tag moved to another digest by another node between our read and our
+        delete is deleted too: S3Client (and RGW 16) has no conditional DELETE.
+        """
+        revision = self._revision(name, digest)
+        folder = self._tags(name)
+        if revision is None or folder is None or await self._client.head_object(revision) is None:
+            return False
+        tag_keys = [entry.key async for entry in self._client.list_objects(folder)]
+        targets = await _bounded(tag_keys, self._get)
+        for key, target in zip(tag_keys, targets):
+            if target is not None and target.decode().strip() == str(digest):
+                await self._client.delete_object(key)
+        if subject is not None:
+            entry = self._referrer(name, subject, digest)
+            if entry is not None:
+                await self._client.delete_object(entry)
+        pull = self._pull(name, digest)
+        if pull is not None:
+            await self._client.delete_object(pull)
+        await self._client.delete_object(revision)
+        return True
+
+    async def touch_tag(self, name: str, tag: str, digest: Digest) -> None:
+        """Move the tag's LastModified to now by writing the digest the upstream just confirmed.
+
+        One PUT: whatever another node wrote meanwhile, the tag ends as the
+        upstream says it is. LastModified has one-second resolution, so a
+        touch within the second of the write may not show.
+        """
+        key = self._tag(name, tag)
+        if key is not None:
+            await self._client.put_object(key, str(digest).encode())
+
+    async def delete_tag(self, name: str, tag: str) -> bool:
+        return await self._delete(self._tag(name, tag))
+
+    async def record_pull(self, name: str, digest: Digest, when: float) -> None:
+        """Re-PUT the empty pull marker: its LastModified (the store's clock, to the
+        second, not ``when``) is the pull time. Only while the revision exists."""
+        revision = self._revision(name, digest)
+        pull = self._pull(name, digest)
+        if revision is None or pull is None or await self._client.head_object(revision) is None:
+            return
+        await self._client.put_object(pull, b"")
+
+    # -- helpers ------------------------------------------------------------------
+
+    async def _get(self, key: str | None) -> bytes | None:
+        return await self._client.get_small(key, METADATA_LIMIT) if key is not None else None
+
+    async def _delete(self, key: str | None) -> bool:
+        """Delete ``key``; False if it was not there (S3's DELETE does not say: HEAD first)."""
+        if key is None or await self._client.head_object(key) is None:
+            return False
+        await self._client.delete_object(key)
+        return True
+
+    async def _any_key(self, prefix: str) -> bool:
+        listing = cast(AsyncGenerator[ObjectEntry, None], self._client.list_objects(prefix, page_size=1))
+        async with aclosing(listing):
+            async for _ in listing:
+                return True
+        return False
+
+
+async def _collect(listing: AsyncIterator[ObjectEntry]) -> list[ObjectEntry]:
+    return [entry async for entry in listing]
+
+
+async def _all(work: list[Deferred[Any]]) -> list[Any]:
+    """Every result in order, once all of ``work`` has ended; the first failure is raised
+    then (never before: nothing is left running behind the caller's back)."""
+    results = await DeferredList(work, consumeErrors=True)
+    for ok, value in results:
+        if not ok:
+            value.raiseException()
+    return [value for _, value in results]
+
+
+async def _bounded(items: list[str], fn: Callable[[str], Awaitable[T]]) -> list[T]:
+    """``fn`` over ``items``, CONCURRENCY at a time, results in order."""
+    limit = DeferredSemaphore(CONCURRENCY)
+
+    async def one(item: str) -> T:
+        async with limit:
+            return await fn(item)
+
+    return await _all([Deferred.fromCoroutine(one(item)) for item in items])

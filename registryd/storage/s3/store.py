@@ -1,0 +1,92 @@
+"""The store of a node whose content and metadata live in a shared S3 bucket.
+
+Everything a client can see is in the bucket, so any node can serve any
+request. The local data directory keeps only ``tmp/``: upload spools and
+partial upstream fills on their way into the bucket, emptied at start-up.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from typing import Any
+
+from twisted.internet.defer import Deferred
+
+from registryd.storage.files import make_dirs
+from registryd.storage.guard import BlobGuard
+from registryd.storage.s3.blobs import S3BlobStore
+from registryd.storage.s3.client import S3Client
+from registryd.storage.s3.errors import S3Error, S3Unavailable
+from registryd.storage.s3.layout import repositories_root
+from registryd.storage.s3.repositories import S3RepositoryStore
+from registryd.storage.s3.settings import S3Settings
+from registryd.storage.s3.uploads import S3UploadStore
+from registryd.threads import BlockingPool, InlinePool
+
+_READY_PROBE = "_registryd/ready"
+
+
+class S3Store:
+    """The storage interface on one bucket, with the same faces as the filesystem Store."""
+
+    driver = "s3"
+
+    def __init__(self, root: str, pool: BlockingPool | InlinePool, settings: S3Settings, reactor: Any,
+                 presign: bool = False) -> None:
+        self.root = root
+        self.pool = pool
+        self.tmp_dir = os.path.join(root, "tmp")
+        self.guard = BlobGuard()
+        self.client = S3Client(settings, reactor)
+        self.blobs = S3BlobStore(self.client, self.guard, presign=presign)
+        self.repositories = S3RepositoryStore(self.client, repositories_root(None))
+        self.uploads = S3UploadStore(self.client, self.guard, os.path.join(self.tmp_dir, "uploads"),
+                                     settings.part_size, pool=pool)
+        self.blob_files = None      # no blob is a local file here
+        self._remote_problem: str | None = None
+
+    def mirror_repositories(self, namespace: str) -> S3RepositoryStore:
+        return S3RepositoryStore(self.client, repositories_root(namespace))
+
+    def prepare(self) -> None:
+        """Create the local ``tmp/`` and prove it writable (raises OSError)."""
+        make_dirs(os.path.join(self.tmp_dir, "uploads"))
+        probe = os.path.join(self.tmp_dir, f"probe-{uuid.uuid4().hex}")
+        with open(probe, "wb") as f:
+            f.write(b"registryd")
+        os.unlink(probe)
+
+    def recover(self) -> None:
+        """Drop local leftovers of a crash: spools and fills are re-sent by their clients."""
+        for entry in os.scandir(self.tmp_dir):
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                os.unlink(entry.path)
+        make_dirs(os.path.join(self.tmp_dir, "uploads"))
+
+    async def check_backend(self) -> str | None:
+        """Why the bucket cannot be used now, or None (a HEAD of a probe key: 404 is fine)."""
+        try:
+            await self.client.head_object(_READY_PROBE)
+            self._remote_problem = None
+        except (S3Error, S3Unavailable) as e:
+            self._remote_problem = f"object store: {e}"
+        return self._remote_problem
+
+    def readiness_problem(self, min_free_bytes: int) -> str | None:
+        """The last known state of the bucket, and room for spools on the local disk."""
+        if self._remote_problem is not None:
+            return self._remote_problem
+        try:
+            stats = os.statvfs(self.root)
+        except OSError as e:
+            return f"data directory is not usable: {e.strerror}"
+        free = stats.f_bavail * stats.f_frsize
+        if free < min_free_bytes:
+            return f"only {free} bytes free in the data directory for spools (below {min_free_bytes})"
+        return None
+
+    def close(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self.client.close())
