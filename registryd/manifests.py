@@ -36,6 +36,19 @@ class Manifest:
     artifact_type: str | None
     annotations: dict[str, str] | None
 
+    def referrer_entry(self, digest: Digest, size: int,
+                       media_type: str | None = None) -> tuple[Digest, dict[str, Any]] | None:
+        """The (subject, descriptor) the referrers API lists this manifest by, if it has a subject."""
+        if self.subject is None:
+            return None
+        descriptor: dict[str, Any] = {"mediaType": media_type or self.media_type, "digest": str(digest),
+                                      "size": size}
+        if self.artifact_type is not None:
+            descriptor["artifactType"] = self.artifact_type
+        if self.annotations:
+            descriptor["annotations"] = self.annotations
+        return self.subject, descriptor
+
 
 def _content_type(header: str | None) -> str | None:
     if header is None:

@@ -258,15 +258,7 @@ class Planner:
                     raise Invalid(f"{image.context}: blob {child} ({key} of manifest {digest}) is missing from "
                                   f"the layout")
                 self._blob(image, child, child_size)
-        referrer = None
-        if manifest.subject is not None:
-            # The entry the server writes when this manifest is pushed.
-            descriptor: dict[str, Any] = {"mediaType": manifest.media_type, "digest": str(digest), "size": len(data)}
-            if manifest.artifact_type is not None:
-                descriptor["artifactType"] = manifest.artifact_type
-            if manifest.annotations:
-                descriptor["annotations"] = manifest.annotations
-            referrer = (manifest.subject, descriptor)
+        referrer = manifest.referrer_entry(digest, len(data))   # as the server writes it on a push
         links = tuple(blob for blob in manifest.blobs if blob in image.blobs)
         image.manifests[digest] = Manifest(digest, manifest.media_type, data, links, referrer)
 

@@ -8,7 +8,6 @@ base layer is stored once however it arrived.
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from typing import Any, Callable
@@ -282,13 +281,7 @@ class MirrorCache:
             parsed = None  # stored as the upstream sent it, but nothing linked
         if parsed is not None:
             blobs = parsed.blobs
-            if parsed.subject is not None:
-                descriptor: dict[str, Any] = {"mediaType": media_type, "digest": str(digest), "size": len(data)}
-                if parsed.artifact_type is not None:
-                    descriptor["artifactType"] = parsed.artifact_type
-                if parsed.annotations:
-                    descriptor["annotations"] = parsed.annotations
-                referrer = (parsed.subject, descriptor)
+            referrer = parsed.referrer_entry(digest, len(data), media_type)
         self._store.guard.claim(blobs)
         await self._store.blobs.put(digest, data)
         # The upstream served this manifest from this repository, so the

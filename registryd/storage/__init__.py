@@ -6,14 +6,13 @@ start-up, which is how a crash's leftovers are cleaned.
 from __future__ import annotations
 
 import os
-import shutil
 import uuid
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
 
 from registryd.storage.blobs import BlobStore
-from registryd.storage.files import make_dirs
+from registryd.storage.files import empty_dir, make_dirs
 from registryd.storage.guard import BlobGuard
 from registryd.storage.local import FileBlobs, FileRepositories
 from registryd.storage.repositories import RepositoryStore
@@ -77,11 +76,7 @@ class Store:
 
     def recover(self) -> None:
         """Drop what a crash left half-written: everything under ``tmp/``."""
-        for entry in os.scandir(self.tmp_dir):
-            if entry.is_dir(follow_symlinks=False):
-                shutil.rmtree(entry.path, ignore_errors=True)
-            else:
-                os.unlink(entry.path)
+        empty_dir(self.tmp_dir)
 
 
 def open_store(config: Any, pool: BlockingPool | InlinePool, reactor: Any) -> Any:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import uuid
 
 
@@ -74,6 +75,15 @@ def remove_file(path: str) -> bool:
         return True
     except (FileNotFoundError, NotADirectoryError):
         return False
+
+
+def empty_dir(path: str) -> None:
+    """Remove everything inside ``path`` (crash leftovers), keeping ``path`` itself."""
+    for entry in os.scandir(path):
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        else:
+            os.unlink(entry.path)
 
 
 def unlink_durably(path: str) -> bool:

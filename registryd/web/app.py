@@ -7,7 +7,6 @@ place (``_registry_error``).
 from __future__ import annotations
 
 import json
-import os
 import re
 from typing import Any
 from urllib.parse import urlencode
@@ -689,14 +688,7 @@ class RegistryAPI:
         for child in manifest.children:
             if await repositories.manifest_media_type(name, child) is None:
                 raise manifest_blob_unknown(str(child))
-        referrer = None
-        if manifest.subject is not None:
-            descriptor: dict[str, Any] = {"mediaType": manifest.media_type, "digest": str(digest), "size": len(data)}
-            if manifest.artifact_type is not None:
-                descriptor["artifactType"] = manifest.artifact_type
-            if manifest.annotations:
-                descriptor["annotations"] = manifest.annotations
-            referrer = (manifest.subject, descriptor)
+        referrer = manifest.referrer_entry(digest, len(data))
         await shielded(self._store_manifest(name, digest, data, manifest.media_type, tags, referrer,
                                             manifest.blobs))
         headers = {"Location": f"/v2/{name}/manifests/{digest}", "Docker-Content-Digest": str(digest)}

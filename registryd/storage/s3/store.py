@@ -7,13 +7,12 @@ partial upstream fills on their way into the bucket, emptied at start-up.
 from __future__ import annotations
 
 import os
-import shutil
 import uuid
 from typing import Any
 
 from twisted.internet.defer import Deferred
 
-from registryd.storage.files import make_dirs
+from registryd.storage.files import empty_dir, make_dirs
 from registryd.storage.guard import BlobGuard
 from registryd.storage.s3.blobs import S3BlobStore
 from registryd.storage.s3.client import S3Client
@@ -59,11 +58,7 @@ class S3Store:
 
     def recover(self) -> None:
         """Drop local leftovers of a crash: spools and fills are re-sent by their clients."""
-        for entry in os.scandir(self.tmp_dir):
-            if entry.is_dir(follow_symlinks=False):
-                shutil.rmtree(entry.path, ignore_errors=True)
-            else:
-                os.unlink(entry.path)
+        empty_dir(self.tmp_dir)
         make_dirs(os.path.join(self.tmp_dir, "uploads"))
 
     async def check_backend(self) -> str | None:
