@@ -278,6 +278,36 @@ async def test_record_pull(s3: S3Client) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_revisions_and_pulls_with_their_last_modified(s3: S3Client, monkeypatch: Any) -> None:
+    """One listing each (what an online prune reads); odd keys in those folders are skipped."""
+    r = repos(s3, "mirror.test:5000")
+    one, two = d("one"), d("two")
+    assert await r.revisions("lib/app") == {} and await r.pulls("lib/app") == {}
+    assert await r.revisions("Bad Name") == {}
+    await r.add_manifest("lib/app", one, MANIFEST, ["v1"], None)
+    await r.add_manifest("lib/app", two, MANIFEST, [], None)
+    await r.record_pull("lib/app", two, time.time())
+    await s3.put_object("mirror/mirror.test_5000/lib/app/_pulls/sha256/short", b"")
+    await s3.put_object(f"mirror/mirror.test_5000/lib/app/_pulls/md5/{two.hex}", b"")
+    calls: list[str] = []
+    listing = s3.list_objects
+
+    def counting(prefix: str = "", *args: Any, **kw: Any) -> Any:
+        calls.append(prefix)
+        return listing(prefix, *args, **kw)
+
+    monkeypatch.setattr(s3, "list_objects", counting)
+    found = await r.revisions("lib/app")
+    pulls = await r.pulls("lib/app")
+    monkeypatch.undo()
+    assert calls == ["mirror/mirror.test_5000/lib/app/_manifests/revisions/",
+                     "mirror/mirror.test_5000/lib/app/_pulls/"]
+    assert set(found) == {one, two} and all(abs(when - time.time()) < 60 for when in found.values())
+    assert list(pulls) == [two] and abs(pulls[two] - time.time()) < 60
+    assert await repos(s3).revisions("lib/app") == {}, "the local root is another repository"
+
+
+@pytest_twisted.ensureDeferred
 async def test_catalog_nested_names_and_a_mirror_root(s3: S3Client) -> None:
     local, mirror = repos(s3), repos(s3, "registry-1.docker.io:443")
     assert mirror.root == "mirror/registry-1.docker.io_443/"

@@ -4,17 +4,13 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import ssl
 import sys
-import urllib.error
-import urllib.parse
-import urllib.request
 from typing import Any
 
-from registryd.admin import EXIT_OK, AdminError
+from registryd.admin import EXIT_OK
 from registryd.admin.layout import add_store_arguments, open_data_dir, os_errors_reported
 from registryd.admin.progress import human_size
-from registryd.admin.remote import add_remote_arguments, authorization, check_url
+from registryd.admin.remote import add_remote_arguments, post_admin
 from registryd.upkeep.collector import Collector, referenced_digests
 
 __all__ = ["parse_duration", "referenced_digests"]
@@ -96,31 +92,8 @@ def _plural(n: int, word: str) -> str:
 
 def _run_remote(args: argparse.Namespace) -> dict[str, Any]:
     """Ask the server for one pass (POST /admin/gc): its BlobGuard makes it safe under load."""
-    url = check_url(args.url)
-    query = urllib.parse.urlencode({"delay": f"{args.delay:g}", **({"dry_run": "1"} if args.dry_run else {})})
-    headers = {"Accept": "application/json"}
-    credentials = authorization(args)
-    if credentials is not None:
-        headers["Authorization"] = credentials
-    context = None
-    if url.startswith("https://"):
-        context = ssl.create_default_context(cafile=args.ca_file)
-        if args.insecure:
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-    request = urllib.request.Request(f"{url}/admin/gc?{query}", data=b"", method="POST", headers=headers)
-    try:
-        with urllib.request.urlopen(request, context=context, timeout=24 * 3600) as response:
-            return dict(json.load(response))
-    except urllib.error.HTTPError as e:
-        try:
-            message = json.load(e)["errors"][0]["message"]
-        except (ValueError, KeyError, IndexError, TypeError):
-            message = e.reason
-        raise AdminError(f"{url} refused the collection: {e.code} {message}") from None
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        reason = getattr(e, "reason", e)
-        raise AdminError(f"cannot reach {url}: {reason}") from None
+    query = [("delay", f"{args.delay:g}"), *([("dry_run", "1")] if args.dry_run else [])]
+    return post_admin(args, "/admin/gc", query, "the collection")
 
 
 def run(args: argparse.Namespace) -> int:

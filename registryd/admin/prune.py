@@ -3,6 +3,8 @@
 Only ``mirror/<namespace>/...`` is touched, and only its tag and manifest
 revision files (with the referrer entries of removed manifests); blobs stay
 for ``registryd gc``, which removes them once nothing references them.
+With ``--url`` the server does the same (registryd.upkeep.online_prune), on
+either storage driver, and this prints its report.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from typing import Any
 
 from registryd.admin import EXIT_USAGE, EXIT_OK, AdminError
 from registryd.admin.gc import parse_duration, referenced_digests
+from registryd.admin.remote import add_remote_arguments, post_admin
 from registryd.admin.layout import (
     DataDir,
     Repository,
@@ -53,16 +56,20 @@ Blobs are not removed by prune: layers may be shared with content that is
 kept. Run `registryd gc` afterwards to reclaim the space of blobs nothing
 references any more.
 
-prune works with the server stopped, and alongside a running server: it only
-unlinks mirror tag and manifest files, re-checks each one's age just before,
-and a pull that needs them fetches them again from the upstream."""
+With --url, prune works inside a running server (POST /admin/prune, for an
+admin user), on either storage driver: the way to prune a mirror cache in a
+shared S3 bucket. Without --url, it works on the data directory (filesystem
+driver), with the server stopped or alongside a running server. Either way it
+only removes mirror tags and manifest revisions, re-checks each one's age just
+before, and a pull that needs them fetches them again from the upstream."""
 
 EPILOG = """\
 exit status:
   0  done (with --dry-run: nothing was removed)
   2  bad arguments (a bad duration, or none of --older-than, --unused-for, --pattern)
   3  prune could not be done: missing or unreadable data directory, bad
-     config file, permission denied, an unlink that failed"""
+     config file, permission denied, an unlink that failed; with --url: the
+     server cannot be reached or refused (not an admin, wrong password)"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -79,6 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="report what would be removed, remove nothing")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON document (for scripts) instead of lines")
+    add_remote_arguments(parser, "prune in (POST /admin/prune, for an admin user; either storage driver)")
 
 
 def compile_glob(pattern: str) -> re.Pattern[str]:
@@ -104,6 +112,14 @@ def compile_glob(pattern: str) -> re.Pattern[str]:
     return re.compile("".join(out))
 
 
+def describe(entry: dict[str, Any]) -> str:
+    """One removal as a line says it (without the verb), from its report entry."""
+    if entry["kind"] == "tag":
+        digest = entry.get("digest")
+        return f"tag {entry['repository']}:{entry['tag']}" + (f" -> {digest}" if digest else "")
+    if entry["kind"] == "referrer":
+        return f"referrer entry {entry['repository']}: {entry['digest']} -> {entry['subject']}"
+    return f"manifest {entry['repository']}@{entry['digest']}"
 
 
 class Pruner:
@@ -116,7 +132,6 @@ class Pruner:
         self.echo = echo
         self.verb = "would remove" if dry_run else "removed"
         self.removed: list[dict[str, Any]] = []
-        self.repositories = 0
 
     def _old(self, repository: Repository, path: str, digest: Digest | None) -> bool:
         """Cached before the --older-than cutoff, and neither cached nor pulled since --unused-for."""
@@ -129,20 +144,21 @@ class Pruner:
         return max(mtime, pulled or 0.0) < self.unused_cutoff
 
     def _report(self, kind: str, scan: RepositoryScan, path: str, digest: Digest | None,
-                tag: str | None = None, line: str = "") -> None:
+                tag: str | None = None, subject: Digest | None = None) -> None:
         entry: dict[str, Any] = {"kind": kind, "repository": scan.repository.name,
                                  "path": self.data.rel(path)}
         if tag is not None:
             entry["tag"] = tag
         if digest is not None:
             entry["digest"] = str(digest)
+        if subject is not None:
+            entry["subject"] = str(subject)
         self.removed.append(entry)
         if self.echo:
-            print(f"{self.verb} {line}", flush=True)
+            print(f"{self.verb} {describe(entry)}", flush=True)
 
     def prune(self, scan: RepositoryScan) -> None:
         repo = scan.repository
-        count = len(self.removed)
         kept_tags: list[Digest] = []
         for tag in scan.tags:
             if not self._old(repo, tag.path, tag.digest):
@@ -151,8 +167,7 @@ class Pruner:
                 continue
             # Re-checked: the upstream may have confirmed it since the scan.
             if self.dry_run or (self._old(repo, tag.path, tag.digest) and unlink_durably(tag.path)):
-                self._report("tag", scan, tag.path, tag.digest, tag.name,
-                             f"tag {repo.name}:{tag.name}" + (f" -> {tag.digest}" if tag.digest else ""))
+                self._report("tag", scan, tag.path, tag.digest, tag.name)
         # Tags written meanwhile (not in the scan) keep their manifests too.
         tags_dir = os.path.join(repo.path, "_manifests", "tags")
         if not self.dry_run and os.path.isdir(tags_dir):
@@ -178,8 +193,7 @@ class Pruner:
                 if self.dry_run or unlink_durably(referrer.path):
                     if not self.dry_run:
                         prune_empty_dirs(os.path.dirname(referrer.path), os.path.join(repo.path, "_referrers"))
-                    self._report("referrer", scan, referrer.path, referrer.digest,
-                                 line=f"referrer entry {repo.name}: {referrer.digest} -> {referrer.subject}")
+                    self._report("referrer", scan, referrer.path, referrer.digest, subject=referrer.subject)
         for digest, revision in sorted(doomed.items(), key=lambda item: str(item[0])):
             if self.dry_run or (self._old(repo, revision.path, digest) and unlink_durably(revision.path)):
                 if not self.dry_run:
@@ -188,19 +202,23 @@ class Pruner:
                     pull = repo.pull_path(digest)
                     if unlink_durably(pull):
                         prune_empty_dirs(os.path.dirname(pull), os.path.join(repo.path, "_pulls"))
-                self._report("manifest", scan, revision.path, digest, line=f"manifest {repo.name}@{digest}")
-        if len(self.removed) > count:
-            self.repositories += 1
+                self._report("manifest", scan, revision.path, digest)
 
 
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
-def run(args: argparse.Namespace) -> int:
-    if args.older_than is None and args.unused_for is None and not args.pattern:
-        raise AdminError("give --older-than DURATION, --unused-for DURATION, --pattern GLOB or several "
-                         "(--pattern '**' selects the whole mirror cache)", EXIT_USAGE)
+def _run_remote(args: argparse.Namespace) -> dict[str, Any]:
+    """Ask the server to prune (POST /admin/prune): it reaches the mirror cache on either driver."""
+    query = [*([("older_than", repr(args.older_than))] if args.older_than is not None else []),
+             *([("unused_for", repr(args.unused_for))] if args.unused_for is not None else []),
+             *(("pattern", pattern) for pattern in args.pattern),
+             *([("dry_run", "1")] if args.dry_run else [])]
+    return post_admin(args, "/admin/prune", query, "the prune")
+
+
+def _run_local(args: argparse.Namespace) -> dict[str, Any]:
     data = open_data_dir(args)
     patterns = [compile_glob(p) for p in args.pattern]
     cutoff = time.time() - args.older_than if args.older_than is not None else float("inf")
@@ -216,19 +234,35 @@ def run(args: argparse.Namespace) -> int:
             matched += 1
             pruner.prune(scan_repository(repository))
     kinds = {kind: sum(1 for r in pruner.removed if r["kind"] == kind) for kind in ("tag", "manifest", "referrer")}
+    return {"data_dir": data.root, "dry_run": args.dry_run, "older_than": args.older_than,
+            "unused_for": args.unused_for, "patterns": args.pattern, "repositories_matched": matched,
+            "removed": pruner.removed, "counts": kinds}
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.older_than is None and args.unused_for is None and not args.pattern:
+        raise AdminError("give --older-than DURATION, --unused-for DURATION, --pattern GLOB or several "
+                         "(--pattern '**' selects the whole mirror cache)", EXIT_USAGE)
+    if args.url is not None:
+        document = _run_remote(args)
+        if not args.json:
+            verb = "would remove" if args.dry_run else "removed"
+            for entry in document["removed"]:
+                print(f"{verb} {describe(entry)}")
+    else:
+        document = _run_local(args)
     if args.json:
-        json.dump({"data_dir": data.root, "dry_run": args.dry_run, "older_than": args.older_than,
-                   "unused_for": args.unused_for,
-                   "patterns": args.pattern, "repositories_matched": matched, "removed": pruner.removed,
-                   "counts": kinds}, sys.stdout, indent=2)
+        json.dump(document, sys.stdout, indent=2)
         sys.stdout.write("\n")
         return EXIT_OK
+    kinds, matched, removed = document["counts"], document["repositories_matched"], document["removed"]
+    pruned = len({entry["repository"] for entry in removed})
     verb = "would be removed" if args.dry_run else "removed"
     print(f"{_plural(kinds['tag'], 'tag')}, {_plural(kinds['manifest'], 'manifest')} and "
           f"{_plural(kinds['referrer'], 'referrer entry').replace('entrys', 'entries')} {verb} in "
-          f"{pruner.repositories} of {matched} matching mirrored "
+          f"{pruned} of {matched} matching mirrored "
           f"{'repository' if matched == 1 else 'repositories'}")
-    if pruner.removed:
+    if removed:
         print("blobs are not removed by prune: run `registryd gc` to reclaim the space of those no longer "
               "referenced")
     return EXIT_OK

@@ -123,6 +123,16 @@ class RepositoryBackend(Protocol):
 
     async def record_pull(self, name: str, digest: Digest, when: float) -> None: ...
 
+    async def revisions(self, name: str) -> dict[Digest, float]:
+        """Every manifest revision of ``name`` and when it was written (mtime / LastModified).
+
+        For ``registryd prune`` inside a server: a revision's write time is
+        when the mirror cached it. Empty for a repository that does not exist.
+        """
+
+    async def pulls(self, name: str) -> dict[Digest, float]:
+        """When each manifest of ``name`` was last pulled (``_pulls/``); advisory, like the writes."""
+
     async def catalog(self) -> list[str]:
         """Every repository name, sorted."""
 

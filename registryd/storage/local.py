@@ -129,5 +129,11 @@ class FileRepositories:
     async def record_pull(self, name: str, digest: Digest, when: float) -> None:
         await self._pool.run(self.files.record_pull, name, digest, when)
 
+    async def revisions(self, name: str) -> dict[Digest, float]:
+        return await self._pool.run(self.files.revisions, name)
+
+    async def pulls(self, name: str) -> dict[Digest, float]:
+        return await self._pool.run(self.files.pulls, name)
+
     async def catalog(self) -> list[str]:
         return await self._pool.run(self.files.catalog)

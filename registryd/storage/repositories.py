@@ -21,6 +21,7 @@ import os
 from typing import Any, Iterator
 
 from registryd.digest import Digest, parse_digest
+from registryd.errors import RegistryError
 from registryd.storage.files import (
     fsync_dir,
     make_dirs,
@@ -199,6 +200,14 @@ class RepositoryStore:
                 found.append(json.loads(data))
         return found
 
+    def revisions(self, name: str) -> dict[Digest, float]:
+        """Each manifest revision and its file's mtime (when it was written)."""
+        return _stamps(self._path(name, "_manifests", "revisions"))
+
+    def pulls(self, name: str) -> dict[Digest, float]:
+        """Each pull marker's mtime: when its manifest was last pulled."""
+        return _stamps(self._path(name, "_pulls"))
+
     def catalog(self) -> list[str]:
         """Every repository name, sorted."""
         return sorted(self._walk(self.root, ""))
@@ -215,3 +224,29 @@ class RepositoryStore:
             if not entry.name.startswith("_") and entry.is_dir(follow_symlinks=False):
                 yield from self._walk(entry.path, prefix + entry.name + "/")
 
+
+
+def _stamps(directory: str) -> dict[Digest, float]:
+    """``<alg>/<hex>`` files below ``directory`` by digest, with their mtimes.
+
+    A file removed between the listing and its stat is simply gone; a name
+    that is no digest is not ours to report.
+    """
+    found: dict[Digest, float] = {}
+    try:
+        algorithms = [entry for entry in os.scandir(directory) if entry.is_dir(follow_symlinks=False)]
+    except (FileNotFoundError, NotADirectoryError):
+        return found
+    for algorithm in algorithms:
+        try:
+            entries = list(os.scandir(algorithm.path))
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        for entry in entries:
+            try:
+                digest = parse_digest(f"{algorithm.name}:{entry.name}")
+                if entry.is_file(follow_symlinks=False):
+                    found[digest] = entry.stat(follow_symlinks=False).st_mtime
+            except (RegistryError, FileNotFoundError):
+                continue
+    return found

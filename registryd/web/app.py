@@ -50,6 +50,7 @@ from registryd.mirror.routing import Route
 from registryd.storage import Store
 from registryd.storage.pulls import PullRecorder
 from registryd.storage.uploads import Upload
+from registryd.upkeep.online_prune import PruneSelection, server_pruner
 from registryd.upkeep.scheduler import Upkeep
 from registryd.web.request import CappedBody, PendingBody, RefusedBody, RegistryRequest, UploadBody
 from registryd.web.follow import FillCommitted, stream_fill
@@ -329,6 +330,23 @@ class RegistryAPI:
         except Exception:
             raise RegistryError(500, "UNKNOWN", "garbage collection failed; the server log says why") from None
         return _json(request, 200, report.as_json())
+
+    @app.route("/admin/prune", methods=["POST"])
+    async def run_prune(self, request: RegistryRequest) -> bytes:
+        """Prune the mirror cache now, on either storage driver (``registryd prune --url``), for admin users.
+
+        ``?older_than=SECONDS``, ``?unused_for=SECONDS``, ``?pattern=GLOB`` (repeatable),
+        at least one of them; ``?dry_run=1`` only reports. registryd.upkeep.online_prune
+        has the rules.
+        """
+        await self._admin(request, "prunes")
+        try:
+            selection = PruneSelection.from_query(_arg(request, "older_than"), _arg(request, "unused_for"),
+                                                  _args(request, "pattern"), _arg(request, "dry_run"))
+        except ValueError as e:
+            raise unsupported(str(e), 400) from None
+        pruner = server_pruner(self.mirror, self.store, self.config.max_manifest_size, self._reactor.seconds)
+        return _json(request, 200, await pruner.run(selection))
 
     @app.route("/", methods=["GET", "HEAD"])
     async def status_page(self, request: RegistryRequest) -> bytes:

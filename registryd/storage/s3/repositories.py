@@ -162,6 +162,14 @@ class S3RepositoryStore:
         found = await _bounded(keys, self._get)
         return [json.loads(data) for data in found if data is not None]
 
+    async def revisions(self, name: str) -> dict[Digest, float]:
+        """One listing of ``_manifests/revisions/``: LastModified is when each was written."""
+        return await self._stamps(name, "_manifests/revisions/")
+
+    async def pulls(self, name: str) -> dict[Digest, float]:
+        """One listing of ``_pulls/``: each marker's LastModified is its manifest's last pull."""
+        return await self._stamps(name, "_pulls/")
+
     async def catalog(self) -> list[str]:
         """Every repository name, sorted: a walk of the prefixes, one listing per "directory".
 
@@ -280,6 +288,20 @@ class S3RepositoryStore:
             return False
         await self._client.delete_object(key)
         return True
+
+    async def _stamps(self, name: str, folder: str) -> dict[Digest, float]:
+        """``<alg>/<hex>`` keys under the repository's ``folder`` by digest, with their LastModified."""
+        repo = self._repo(name)
+        if repo is None:
+            return {}
+        prefix = repo + folder
+        found: dict[Digest, float] = {}
+        async for entry in self._client.list_objects(prefix):
+            algorithm, _, hexpart = entry.key[len(prefix):].partition("/")
+            digest = Digest(algorithm, hexpart)
+            if entry.last_modified is not None and _digest_ok(digest):
+                found[digest] = entry.last_modified
+        return found
 
     async def _any_key(self, prefix: str) -> bool:
         listing = cast(AsyncGenerator[ObjectEntry, None], self._client.list_objects(prefix, page_size=1))
