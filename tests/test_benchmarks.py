@@ -8,9 +8,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 
+from ceph import ceph_s3  # noqa: F401  (fixture: the session's Ceph, shared with the S3 tests)
 from conftest import ROOT
 
 
@@ -21,3 +23,15 @@ def test_benchmark_quick_mode_measures_everything(script: str, tmp_path) -> None
         capture_output=True, text=True, timeout=240, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert (tmp_path / "r.json").exists()
+
+
+def test_s3_benchmark_quick_mode_measures_everything(ceph_s3: Any, tmp_path) -> None:
+    """bench_s3.py on the session's radosgw: its own buckets, deleted at the end."""
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "bench_s3.py"), "--quick", "--output",
+         str(tmp_path / "r.json"), "--s3-endpoint", ceph_s3.endpoint, "--s3-access-key", ceph_s3.access_key,
+         "--s3-region", ceph_s3.region],
+        env={**os.environ, "BENCH_S3_SECRET_KEY": ceph_s3.secret_key},
+        capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert (tmp_path / "r.json").exists() and (tmp_path / "r.md").exists()
