@@ -2,9 +2,9 @@
 
 ``../shared/s3/start-ceph.sh`` (1 mon, 1 mgr, 1 RAM-backed memstore OSD,
 radosgw; about 15 s) runs once per session on free ports, in a temporary
-directory; ``stop-ceph.sh`` stops exactly the daemons it recorded. Use it
-from a test module with ``from ceph import ceph_s3`` (``tests/`` is on
-``sys.path``; the fixture has to be imported to be found)::
+directory; at the end only the daemons it recorded are stopped. conftest.py
+imports the fixture once, so every module shares that one cluster (a test
+module importing it again would get a cluster of its own)::
 
     @pytest_twisted.ensureDeferred
     async def test_something(ceph_s3):
@@ -21,6 +21,7 @@ import itertools
 import os
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -39,7 +40,6 @@ from registryd.storage.s3 import S3Client, S3Settings
 S3_TOOLS_DIR = os.environ.get("REGISTRYD_S3_TOOLS") or os.path.normpath(
     os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "s3"))
 START = os.path.join(S3_TOOLS_DIR, "start-ceph.sh")
-STOP = os.path.join(S3_TOOLS_DIR, "stop-ceph.sh")
 #: What start-ceph.sh runs, and the Debian package that has it.
 TOOLS = {
     "ceph-mon": "ceph-mon", "ceph-mgr": "ceph-mgr", "ceph-osd": "ceph-osd", "radosgw": "radosgw",
@@ -160,18 +160,99 @@ def _start(directory: str, attempt: int) -> tuple[dict[str, str], str | None, st
             return env, f"start-ceph.sh did not finish in 240 s:\n{_tail(log_path)}", endpoint
     if result.returncode != 0:
         return env, f"start-ceph.sh exited with {result.returncode}:\n{_tail(log_path)}", endpoint
-    deadline = time.monotonic() + 60
-    while not _answers(endpoint):
-        if time.monotonic() > deadline:
-            rgw_log = os.path.join(env["CEPH_DIR"], "log", "client.rgw.a.log")
-            return env, f"radosgw did not answer on {endpoint}:\n{_tail(rgw_log)}", endpoint
-        time.sleep(0.2)
+    if not _wait_answers(endpoint):
+        rgw_log = os.path.join(env["CEPH_DIR"], "log", "client.rgw.a.log")
+        return env, f"radosgw did not answer on {endpoint}:\n{_tail(rgw_log)}", endpoint
+    _restart_rgw_nodelay(env)
+    if not _wait_answers(endpoint):
+        return env, f"radosgw with tcp_nodelay=1 did not answer on {endpoint}:\n" \
+                    f"{_tail(os.path.join(env['CEPH_DIR'], 'log', 'rgw-nodelay.out'))}", endpoint
     return env, None, endpoint
 
 
+def _wait_answers(endpoint: str, timeout: float = 60) -> bool:
+    deadline = time.monotonic() + timeout
+    while not _answers(endpoint):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+def _restart_rgw_nodelay(env: dict[str, str]) -> None:
+    """Run radosgw again with ``tcp_nodelay=1`` on its beast frontend.
+
+    Ceph 16 leaves Nagle on, so every small response on a kept-alive
+    connection waits about 40 ms for the client's delayed ACK: thousands of
+    S3 calls in the suite would spend minutes asleep. The new PID goes where
+    start-ceph.sh recorded the old one, so only what it started is stopped.
+    """
+    directory = env["CEPH_DIR"]
+    pid_file = os.path.join(directory, "rgw.pid")
+    with open(pid_file) as f:
+        old = int(f.read().strip())
+    os.kill(old, signal.SIGTERM)
+    deadline = time.monotonic() + 20
+    while _alive(old) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if _alive(old):
+        os.kill(old, signal.SIGKILL)
+    with open(os.path.join(directory, "log", "rgw-nodelay.out"), "ab") as log:
+        process = subprocess.Popen(
+            ["radosgw", "-c", os.path.join(directory, "ceph.conf"), "-n", "client.rgw.a", "-f",
+             "--rgw_frontends", f"beast endpoint=127.0.0.1:{env['RGW_PORT']} tcp_nodelay=1"],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    _children.append(process)
+    with open(pid_file, "w") as f:
+        f.write(str(process.pid))
+
+
+#: radosgw processes this module started itself, reaped at the end.
+_children: list[subprocess.Popen[bytes]] = []
+
+
+def _alive(pid: int) -> bool:
+    """Running and not a zombie (a container's PID 1 may never reap the daemons)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def _stop(env: dict[str, str]) -> None:
-    subprocess.run(["bash", STOP], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.STDOUT, timeout=120, check=False)
+    """What stop-ceph.sh does (only the PIDs start-ceph.sh recorded), but all daemons at once.
+
+    stop-ceph.sh waits up to 10 s per daemon and counts a zombie as alive,
+    which can take longer than a test's timeout at the end of the session.
+    """
+    directory = env["CEPH_DIR"]
+    pids = []
+    for name in ("rgw", "osd", "mgr", "mon"):
+        path = os.path.join(directory, f"{name}.pid")
+        try:
+            with open(path) as f:
+                pids.append(int(f.read().strip()))
+        except (OSError, ValueError):
+            continue
+        os.unlink(path)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pid in pids:
+        if _alive(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    for process in [p for p in _children if p.pid in pids]:
+        process.wait(10)
+        _children.remove(process)
 
 
 @pytest.fixture(scope="session")

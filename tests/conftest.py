@@ -13,6 +13,7 @@ import pytest
 import pytest_twisted
 from twisted.logger import globalLogPublisher
 
+from ceph import ceph_s3  # noqa: F401  (one Ceph for the whole session: defined here, not per module)
 from registryd.config import Config
 from registryd.service import RegistryService
 

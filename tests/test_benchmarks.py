@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 
-from ceph import ceph_s3  # noqa: F401  (fixture: the session's Ceph, shared with the S3 tests)
 from conftest import ROOT
 
 

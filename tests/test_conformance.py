@@ -27,7 +27,6 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer
 
-from ceph import ceph_s3  # noqa: F401  (fixture)
 from registryd.config import StorageSettings
 
 from oci_client import (

@@ -17,7 +17,6 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 
-from ceph import ceph_s3  # noqa: F401  (fixture, for the s3 parameter)
 from conftest import VENV_BIN, RunningRegistry, start_twistd, stop_process
 from fake_upstream import FakeUpstream, fake_upstream  # noqa: F401  (fixture)
 from oci_client import OCI_EMPTY, OCI_MANIFEST, Client

@@ -22,7 +22,6 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 from zope.interface import implementer
 
-from ceph import ceph_s3  # noqa: F401  (fixture)
 from registryd.storage.s3 import (
     FileRegion,
     ObjectTooLarge,

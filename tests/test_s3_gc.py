@@ -15,7 +15,6 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.task import deferLater
 
-from ceph import ceph_s3  # noqa: F401  (fixture)
 from registryd.admin.layout import DataDir
 from registryd.digest import Digest, digest_of
 from registryd.storage.guard import BlobGuard

@@ -18,7 +18,6 @@ from twisted.internet.task import deferLater
 from twisted.web.client import Agent, HTTPConnectionPool
 from zope.interface import implementer
 
-from ceph import ceph_s3  # noqa: F401  (fixture)
 from registryd.digest import Digest, digest_of
 from registryd.errors import RegistryError
 from registryd.storage.guard import BlobGuard

@@ -21,7 +21,6 @@ from twisted.internet.interfaces import IConsumer
 from twisted.internet.task import LoopingCall
 from zope.interface import implementer
 
-from ceph import ceph_s3  # noqa: F401  (fixture)
 from registryd.digest import Digest
 from registryd.errors import RegistryError
 from registryd.storage.guard import BlobGuard

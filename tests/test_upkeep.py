@@ -17,7 +17,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer, reactor
 from twisted.internet.task import deferLater
 
-from ceph import ceph_s3  # noqa: F401  (fixture)
 from conftest import VENV_BIN, free_port, start_twistd, stop_process
 from oci_client import OCI_CONFIG, OCI_LAYER, OCI_MANIFEST, Client, descriptor, digest_of, encode
 from registryd.admin.layout import DataDir, Repository

@@ -87,7 +87,6 @@ from twisted.internet.threads import deferToThread
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 
-from ceph import ceph_s3  # noqa: F401  (fixture)
 from conftest import ROOT, VENV_BIN, RunningRegistry, free_port, stop_process, wait_for_port
 from oci_client import OCI_CONFIG, OCI_LAYER, OCI_MANIFEST, Client, descriptor, digest_of, encode, with_query
 from registryd.digest import parse_digest
