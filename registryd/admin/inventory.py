@@ -169,6 +169,7 @@ def run(args: argparse.Namespace) -> int:
                          _tag_column(s.tags)])
         print(_table(rows))
         print()
-    print(f"{len(summaries)} repositories ({local} local, {len(summaries) - local} mirrored) in {data.root}; "
+    noun = "repository" if len(summaries) == 1 else "repositories"
+    print(f"{len(summaries)} {noun} ({local} local, {len(summaries) - local} mirrored) in {data.root}; "
           f"blob store: {store_blobs} blobs, {human_size(store_size)}")
     return EXIT_OK
