@@ -65,6 +65,8 @@ _CONTENT_RANGE = re.compile(r"^(?:bytes[ =])?(\d+)-(\d+)(?:/(?:\d+|\*))?$")
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 # Stored manifests were capped when pushed or fetched; this only bounds a read.
 MANIFEST_READ_LIMIT = 64 * 1024 * 1024
+# Bytes a client connection may hold before a streamed blob's source is paused.
+STREAM_BUFFER = 1024 * 1024
 _ENDPOINT = re.compile(r"^/v2/(.*)/(?:blobs/uploads/[^/]*|blobs/[^/]+|manifests/[^/]+|tags/list|referrers/[^/]+)$")
 
 
@@ -413,6 +415,11 @@ class RegistryAPI:
                 await send_file_range(request, file, start, length, reactor=self._reactor,
                                       stall_timeout=self.config.stall_timeout)
             else:
+                # Bytes from an object store pass through Python: a deeper
+                # socket buffer pauses the store's connection far less often.
+                transport = getattr(request.channel, "transport", None)
+                if transport is not None and getattr(transport, "bufferSize", 0) < STREAM_BUFFER:
+                    transport.bufferSize = STREAM_BUFFER
                 await blob.send(request, start, start + length)
         finally:
             blob.close()
