@@ -77,6 +77,13 @@ def remove_file(path: str) -> bool:
         return False
 
 
+def write_fully(fd: int, data: bytes) -> None:
+    """os.write until every byte of ``data`` is in ``fd`` (a write may take only part)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def empty_dir(path: str) -> None:
     """Remove everything inside ``path`` (crash leftovers), keeping ``path`` itself."""
     for entry in os.scandir(path):

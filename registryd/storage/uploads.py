@@ -25,7 +25,7 @@ import attrs
 from registryd.digest import Digest
 from registryd.errors import blob_upload_unknown, digest_invalid, range_invalid
 from registryd.storage.blobs import BlobStore
-from registryd.storage.files import write_atomic
+from registryd.storage.files import write_atomic, write_fully
 from registryd.threads import BlockingPool
 
 _ID = re.compile(r"^[0-9a-f]{32}$")
@@ -74,9 +74,7 @@ class UploadWriter:
     closed: bool = False
 
     def write(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self.fd, view):]
+        write_fully(self.fd, data)
         if self.hasher is not None:
             self.hasher.update(data)
         self.end += len(data)

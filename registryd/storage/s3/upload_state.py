@@ -21,6 +21,7 @@ import attrs
 from twisted.internet.interfaces import IConsumer
 from zope.interface import implementer
 
+from registryd.storage.files import write_fully
 from registryd.storage.s3 import layout
 from registryd.storage.s3.documents import Part
 
@@ -145,9 +146,7 @@ class S3UploadWriter:
     closed: bool = False
 
     def write(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self.fd, view):]
+        write_fully(self.fd, data)
         if self.hasher is not None:
             self.hasher.update(data)
         self.end += len(data)
