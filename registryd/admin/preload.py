@@ -11,7 +11,7 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Any, Callable, TypeVar
 
 import attrs
 import treq
@@ -19,7 +19,6 @@ from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, 
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.error import CannotListenError, ConnectError, DNSLookupError
 from twisted.internet.error import ConnectionRefusedError as Refused
-from twisted.internet.task import react
 from twisted.logger import (
     FilteringLogObserver,
     LogLevel,
@@ -48,6 +47,7 @@ from registryd.admin.image_list import (
 from registryd.admin.layout import add_store_arguments
 from registryd.admin.progress import Progress, human_size
 from registryd.admin.remote import add_remote_arguments, authorization
+from registryd.admin.store_access import run_reactor
 from registryd.config import Config, ConfigError, UpstreamConfig, load_config
 from registryd.digest import Digest, digest_of, parse_digest
 from registryd.errors import RegistryError
@@ -578,35 +578,6 @@ def _check_arguments(args: argparse.Namespace) -> list[ImageRef]:
     return unique(refs)
 
 
-def _run_reactor(main: Callable[[Any], Awaitable[T]]) -> T:
-    """``main(reactor)`` under task.react, which always exits: its result, or its AdminError."""
-    outcome: list[Any] = []
-
-    async def wrapped(reactor: Any) -> None:
-        # A shutdown before main is done is an interrupt (SIGINT, SIGTERM): what
-        # main returns then is only the wreckage of connections being closed.
-        interrupted: list[bool] = []
-        trigger = reactor.addSystemEventTrigger("before", "shutdown", interrupted.append, True)
-        try:
-            result: Any = await main(reactor)
-        except AdminError as e:
-            result = e
-        if not interrupted:
-            reactor.removeSystemEventTrigger(trigger)
-            outcome.append(result)
-
-    try:
-        react(wrapped)
-    except SystemExit as e:
-        if e.code:
-            raise  # react logged the failure: a bug
-    if not outcome:
-        raise AdminError("interrupted", 130)
-    if isinstance(outcome[0], AdminError):
-        raise outcome[0]
-    return outcome[0]  # type: ignore[no-any-return]
-
-
 def _no_check(ref: ImageRef) -> str | None:
     return None
 
@@ -656,7 +627,7 @@ def run(args: argparse.Namespace) -> int:
                 await server.stop()
 
     _log_errors_to_stderr()
-    results = _run_reactor(main)
+    results = run_reactor(main)
     done = [r for r in results if r.error is None]
     failed = len(results) - len(done)
     # What is on disk: an image asked for by tag and by digest counts once.

@@ -11,6 +11,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
 
+from registryd.digest import Digest
 from registryd.storage.blobs import BlobStore
 from registryd.storage.files import empty_dir, make_dirs
 from registryd.storage.guard import BlobGuard
@@ -70,6 +71,32 @@ class Store:
     async def check_backend(self) -> str | None:
         """Nothing beyond the data directory to check (readiness_problem does that)."""
         return None
+
+    def location(self) -> str:
+        """Where the content lives, for messages: the data directory."""
+        return self.root
+
+    async def mirror_folders(self) -> list[str]:
+        """The upstream folders under ``mirror/`` (a namespace with ``:`` as ``_``), sorted.
+
+        Each can be passed to ``mirror_repositories`` as it is; the config's
+        upstreams say which namespace a folder stands for.
+        """
+        def folders() -> list[str]:
+            try:
+                with os.scandir(os.path.join(self.root, "mirror")) as it:
+                    return sorted(e.name for e in it if e.is_dir(follow_symlinks=False))
+            except (FileNotFoundError, NotADirectoryError):
+                return []
+        return await self.pool.run(folders)
+
+    async def blob_sizes(self) -> dict[Digest, int]:
+        """Every stored blob and its size (one walk of ``blobs/``, in the pool)."""
+        from registryd.admin.layout import DataDir
+
+        def walk() -> dict[Digest, int]:
+            return {blob.digest: blob.size for blob in DataDir(self.root).blob_files([])}
+        return await self.pool.run(walk)
 
     def close(self) -> Deferred[None]:
         return succeed(None)

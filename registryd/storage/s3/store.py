@@ -17,7 +17,8 @@ from registryd.storage.guard import BlobGuard
 from registryd.storage.s3.blobs import S3BlobStore
 from registryd.storage.s3.client import S3Client
 from registryd.storage.s3.errors import S3Error, S3Unavailable
-from registryd.storage.s3.layout import repositories_root
+from registryd.digest import Digest
+from registryd.storage.s3.layout import MIRROR, repositories_root
 from registryd.storage.s3.repositories import S3RepositoryStore
 from registryd.storage.s3.settings import S3Settings
 from registryd.storage.s3.uploads import S3UploadStore
@@ -69,6 +70,25 @@ class S3Store:
         except (S3Error, S3Unavailable) as e:
             self._remote_problem = f"object store: {e}"
         return self._remote_problem
+
+    def location(self) -> str:
+        """Where the content lives, for messages: ``s3://bucket/prefix``."""
+        settings = self.client.settings
+        return f"s3://{settings.bucket}/{settings.prefix}"
+
+    async def mirror_folders(self) -> list[str]:
+        """The upstream folders under ``mirror/`` (a namespace with ``:`` as ``_``), sorted."""
+        found = []
+        async for entry in self.client.list_objects(MIRROR, delimiter="/"):
+            if entry.is_prefix:
+                found.append(entry.key[len(MIRROR):].rstrip("/"))
+        return sorted(f for f in found if f)
+
+    async def blob_sizes(self) -> dict[Digest, int]:
+        """Every stored blob and its size (one listing of ``blobs/``)."""
+        from registryd.upkeep.s3_marker import list_blobs
+
+        return {digest: entry.size for digest, entry in (await list_blobs(self.client)).items()}
 
     def readiness_problem(self, min_free_bytes: int) -> str | None:
         """The last known state of the bucket, and room for spools on the local disk."""

@@ -1,0 +1,118 @@
+"""The configured store, opened by an admin command through the storage interface.
+
+Commands that work on content (ls, export, import, prune, preload) go
+through ``registryd.storage.interface`` like the server does, so they work
+on either driver: the data directory, or the S3 bucket the config names.
+Opening never runs ``Store.recover()``: a server may be running beside the
+command (on S3 there always is one, on another node) and ``tmp/`` holds its
+transfers.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any, Awaitable, Callable, TypeVar
+
+from twisted.internet.task import react
+
+from registryd.admin import AdminError
+from registryd.config import Config
+
+T = TypeVar("T")
+
+#: What a data directory of registryd's has (at least one of).
+_DATA_DIR_MARKERS = ("blobs", "repositories", "mirror", "uploads", "tmp")
+
+
+def load_admin_config(args: argparse.Namespace) -> Config:
+    """The config ``--config``/``--data-dir`` name, as ``twistd registryd`` would load it."""
+    from registryd.config import ConfigError, load_config
+
+    try:
+        return load_config(args.config, {"data_dir": args.data_dir})
+    except ConfigError as e:
+        raise AdminError(str(e)) from None
+
+
+def check_data_dir(root: str, allow_empty: bool = False) -> None:
+    """The data directory exists, is readable and is registryd's (not a mistyped ``-d``)."""
+    if not os.path.exists(root):
+        raise AdminError(f"the data directory {root} does not exist")
+    if not os.path.isdir(root):
+        raise AdminError(f"the data directory {root} is not a directory")
+    if not os.access(root, os.R_OK | os.X_OK):
+        raise AdminError(f"cannot read the data directory {root}: permission denied")
+    if allow_empty and not os.listdir(root):
+        return
+    if not any(os.path.isdir(os.path.join(root, sub)) for sub in _DATA_DIR_MARKERS):
+        raise AdminError(f"{root} is not a registryd data directory (it has no blobs/, "
+                         f"repositories/ or mirror/)")
+
+
+def run_reactor(main: Callable[[Any], Awaitable[T]]) -> T:
+    """``main(reactor)`` under task.react, which always exits: its result, or its AdminError."""
+    outcome: list[Any] = []
+
+    async def wrapped(reactor: Any) -> None:
+        # A shutdown before main is done is an interrupt (SIGINT, SIGTERM): what
+        # main returns then is only the wreckage of connections being closed.
+        interrupted: list[bool] = []
+        trigger = reactor.addSystemEventTrigger("before", "shutdown", interrupted.append, True)
+        try:
+            result: Any = await main(reactor)
+        except AdminError as e:
+            result = e
+        if not interrupted:
+            reactor.removeSystemEventTrigger(trigger)
+            outcome.append(result)
+
+    try:
+        react(wrapped)
+    except SystemExit as e:
+        if e.code:
+            raise  # react logged the failure: a bug
+    if not outcome:
+        raise AdminError("interrupted", 130)
+    if isinstance(outcome[0], AdminError):
+        raise outcome[0]
+    return outcome[0]  # type: ignore[no-any-return]
+
+
+async def open_admin_store(config: Config, reactor: Any, pool: Any, allow_empty: bool = False) -> Any:
+    """The store ``config`` names, checked to be usable; the caller closes it.
+
+    The filesystem: the data directory must exist and be registryd's. S3:
+    the bucket must answer (the data directory is only for ``tmp/`` there).
+    """
+    from registryd.storage import open_store
+
+    if config.storage.driver != "s3":
+        check_data_dir(config.data_dir, allow_empty)
+    store = open_store(config, pool, reactor)
+    problem = await store.check_backend()
+    if problem is not None:
+        await store.close()
+        raise AdminError(f"{store.location()}: {problem}")
+    return store
+
+
+def run_with_store(config: Config, main: Callable[[Any, Any], Awaitable[T]], allow_empty: bool = False) -> T:
+    """Run ``main(store, reactor)`` on the configured store, with an IO pool, and close it after."""
+    from registryd.threads import BlockingPool
+
+    async def session(reactor: Any) -> T:
+        pool = BlockingPool(reactor, config.io_threads, name="registryd-admin")
+        pool.start()
+        # Its threads are not daemons: an interrupted run must still stop them to exit.
+        stop_threads = reactor.addSystemEventTrigger("after", "shutdown", pool.stop)
+        try:
+            store = await open_admin_store(config, reactor, pool, allow_empty)
+            try:
+                return await main(store, reactor)
+            finally:
+                await store.close()
+        finally:
+            reactor.removeSystemEventTrigger(stop_threads)
+            pool.stop()
+
+    return run_reactor(session)
