@@ -16,7 +16,7 @@ import attrs
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred, DeferredList, gatherResults
 from twisted.internet.interfaces import IConsumer
 from twisted.internet.task import LoopingCall
 from zope.interface import implementer
@@ -116,6 +116,11 @@ async def state(client: S3Client, upload_id: str) -> SessionState:
     return SessionState.from_json(data)
 
 
+def is_data(key: str, upload_id: str) -> bool:
+    """``key`` is one of the session's multipart objects (``data-<rev>``)."""
+    return key.startswith(layout.upload_prefix(upload_id) + "data-")
+
+
 def downloads(client: S3Client) -> list[str]:
     """Record the keys ``client`` GETs into a consumer from now on (tails, streamed verifications)."""
     seen: list[str] = []
@@ -212,7 +217,7 @@ async def test_chunks_become_full_parts_and_one_tail(s3: S3Client, tmp_path: Any
     digest = sha256(data + final)
     seen = downloads(s3)
     await finish(store, upload, final, digest)
-    assert data_key(upload.id) not in seen
+    assert not any(is_data(key, upload.id) for key in seen)
     assert await read(s3, layout.blob_key(digest)) == data + final
     await assert_session_gone(s3, store, upload)
     assert spool_files(tmp_path) == []
@@ -240,7 +245,7 @@ async def test_another_algorithm_is_verified_without_the_session_hasher(s3: S3Cl
         seen = downloads(s3)
         await finish(store, upload, data[1000:], digest)
         # Small: hashed from the spool; large: streamed from the completed object.
-        assert (data_key(upload.id) in seen) == (data is large)
+        assert any(is_data(key, upload.id) for key in seen) == (data is large)
         assert await read(s3, layout.blob_key(digest)) == data
         await assert_session_gone(s3, store, upload)
 
@@ -281,7 +286,7 @@ async def test_a_cut_off_body_leaves_the_session_as_acknowledged(s3: S3Client, t
     digest = sha256(first + second)
     seen = downloads(s3)
     await finish(store, upload, b"", digest)
-    assert data_key(upload.id) not in seen and await read(s3, layout.blob_key(digest)) == first + second
+    assert not any(is_data(key, upload.id) for key in seen) and await read(s3, layout.blob_key(digest)) == first + second
 
 
 @pytest_twisted.ensureDeferred
@@ -304,7 +309,8 @@ async def test_a_failed_acknowledge_can_be_retried(s3: S3Client, tmp_path: Any) 
     s3.put_object = original  # type: ignore[method-assign]
     assert await state(s3, upload.id) == acknowledged == upload.state and not upload.busy
     assert len(await keys(s3, layout.upload_prefix(upload.id))) == 3  # state, its tail, the stray tail
-    assert await multiparts(s3) == [data_key(upload.id)]  # unreferenced: the retry starts another
+    stray = await multiparts(s3)  # unreferenced: the retry starts another
+    assert len(stray) == 1 and is_data(stray[0], upload.id)
     await patch(store, upload, second, start=len(first))
     digest = sha256(first + second)
     await finish(store, upload, b"", digest)
@@ -345,7 +351,8 @@ async def test_cancel(s3: S3Client, tmp_path: Any) -> None:
     upload = await store.create("lib/app")
     await patch(store, upload, content(7 * MiB))
     assert upload.state.multipart is not None and upload.state.tail is not None
-    assert await multiparts(s3) == [data_key(upload.id)]
+    assert await multiparts(s3) == [upload.state.data_key(upload.id)]
+    assert is_data(upload.state.data_key(upload.id), upload.id)
     await store.cancel(upload)
     await assert_session_gone(s3, store, upload)
     await store.cancel(upload)  # again: nothing left to remove is fine
@@ -396,7 +403,7 @@ async def test_chunks_alternate_between_two_nodes(two_clients: Any, tmp_path: An
     assert session.hasher is None
     seen = downloads(client_b)
     await finish(b, session, b"", digest)
-    assert data_key(upload.id) in seen
+    assert any(is_data(key, upload.id) for key in seen)
     assert await read(client_a, layout.blob_key(digest)) == data
     await assert_session_gone(client_a, a, upload)
 
@@ -431,6 +438,62 @@ async def test_a_racing_node_is_refused_with_416(two_clients: Any, tmp_path: Any
         await a.acknowledge(writer_a)
     assert caught.value.status == 416 and caught.value.headers["Range"] == f"0-{3 * MiB - 1}"
     assert (await state(client_a, upload.id)).size == 3 * MiB == upload.size
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_final_puts_racing_on_two_nodes_never_mix_content(two_clients: Any, tmp_path: Any) -> None:
+    """Both start a multipart upload at commit; each copies only what it completed and verified.
+
+    The order forced here is the one that stored B's bytes under A's digest
+    when both targeted one ``data`` key: A completes, B completes, A copies.
+    """
+    client_a, client_b = two_clients
+    a, b = node(client_a, tmp_path, "a"), node(client_b, tmp_path, "b")
+    first = content(MiB, 50)
+    upload = await a.create("lib/app")
+    await patch(a, upload, first)
+    on_b = await b.get("lib/app", upload.id)
+    final_a, final_b = content(6 * MiB, 51), content(6 * MiB, 52)
+    digest_a, digest_b = sha256(first + final_a), sha256(first + final_b)
+    a_completed: Deferred[None] = Deferred()
+    b_completed: Deferred[None] = Deferred()
+    a_copied: Deferred[None] = Deferred()
+    complete_a, complete_b = client_a.complete_multipart, client_b.complete_multipart
+    copy_a, copy_b = client_a.copy_large, client_b.copy_large
+
+    async def completed_on_a(*args: Any) -> str:
+        etag = await complete_a(*args)
+        a_completed.callback(None)
+        return etag
+
+    async def completed_on_b(*args: Any) -> str:
+        await a_completed
+        etag = await complete_b(*args)
+        b_completed.callback(None)
+        return etag
+
+    async def copy_on_a(*args: Any) -> str:
+        await b_completed  # B completed after A: a shared key would now hold B's bytes
+        try:
+            return await copy_a(*args)
+        finally:
+            a_copied.callback(None)
+
+    async def copy_on_b(*args: Any) -> str:
+        await a_copied
+        return await copy_b(*args)
+
+    client_a.complete_multipart = completed_on_a  # type: ignore[method-assign]
+    client_b.complete_multipart = completed_on_b  # type: ignore[method-assign]
+    client_a.copy_large, client_b.copy_large = copy_on_a, copy_on_b  # type: ignore[method-assign]
+    outcomes = await DeferredList([Deferred.fromCoroutine(finish(a, upload, final_a, digest_a)),
+                                   Deferred.fromCoroutine(finish(b, on_b, final_b, digest_b))], consumeErrors=True)
+    assert outcomes[0][0], outcomes[0][1]  # A's commit ran first throughout: it stands
+    assert await read(client_a, layout.blob_key(digest_a)) == first + final_a
+    # B may lose its object to A's clean-up of the session; if B stored a blob, it is B's.
+    if await client_a.head_object(layout.blob_key(digest_b)) is not None:
+        assert await read(client_a, layout.blob_key(digest_b)) == first + final_b
+    assert await keys(client_a, layout.upload_prefix(upload.id)) == []
 
 
 # -- upkeep -----------------------------------------------------------------------------

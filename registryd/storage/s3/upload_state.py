@@ -33,9 +33,16 @@ def state_key(upload_id: str) -> str:
     return layout.upload_prefix(upload_id) + "state"
 
 
-def data_key(upload_id: str) -> str:
-    """The key the session's multipart upload targets (and the object it completes into)."""
-    return layout.upload_prefix(upload_id) + "data"
+def data_key(upload_id: str, revision: str | None = None) -> str:
+    """The key a multipart upload of the session targets (and the object it completes into).
+
+    Each multipart upload gets a key of its own (``data-<revision>``): an
+    object completed there was written by that one upload and nothing else,
+    so a commit that verified it copies exactly what it verified. Sessions
+    from before had one shared ``data`` key (``revision`` None).
+    """
+    suffix = "data" if revision is None else f"data-{revision}"
+    return layout.upload_prefix(upload_id) + suffix
 
 
 def tail_key(upload_id: str, revision: str) -> str:
@@ -72,11 +79,15 @@ class SessionState:
     multipart: str | None = None
     parts: tuple[Part, ...] = ()
     tail: Tail | None = None
+    data: str | None = None         # the key ``multipart`` targets (None: the legacy ``data``)
+
+    def data_key(self, upload_id: str) -> str:
+        return self.data if self.data is not None else data_key(upload_id)
 
     def to_json(self) -> bytes:
         return json.dumps({
             "repo": self.repo, "started": self.started, "revision": self.revision, "size": self.size,
-            "multipart": self.multipart,
+            "multipart": self.multipart, "data": self.data,
             "parts": [{"number": p.number, "etag": p.etag, "size": p.size} for p in self.parts],
             "tail": None if self.tail is None else {"key": self.tail.key, "size": self.tail.size},
         }, separators=(",", ":")).encode()
@@ -90,7 +101,8 @@ class SessionState:
             tail = raw["tail"]
             state = cls(str(raw["repo"]), float(raw["started"]), str(raw["revision"]), int(raw["size"]),
                         None if raw["multipart"] is None else str(raw["multipart"]), parts,
-                        None if tail is None else Tail(str(tail["key"]), int(tail["size"])))
+                        None if tail is None else Tail(str(tail["key"]), int(tail["size"])),
+                        None if raw.get("data") is None else str(raw["data"]))
         except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as e:
             raise ValueError(f"not an upload state: {e}") from None
         tail_size = 0 if state.tail is None else state.tail.size

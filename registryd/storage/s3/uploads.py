@@ -5,7 +5,7 @@ called synchronously from ``handleContentChunk``), hashed on the way into a
 copy of the session hasher. Acknowledging it makes it durable in the bucket:
 S3 parts but the last must be at least 5 MiB, so the pending bytes are the
 previous tail plus the body; every full ``part_size`` of them goes up as a
-part of the multipart upload of ``uploads/<id>/data``, and the rest (less
+part of the multipart upload of ``uploads/<id>/data-<rev>``, and the rest (less
 than a part) as the new tail object. The state object is written last: it is
 what makes the body acknowledged, and 202 may be sent after it.
 
@@ -26,9 +26,10 @@ a client bug: each node re-reads the state before it writes it and answers
 416 when another node moved it meanwhile. A race inside that window can
 leave a session whose parts no longer match its state, which fails the
 commit (CompleteMultipartUpload checks every part's ETag, and the digest is
-checked) but never stores a blob under a digest it does not have, except in
-one case left open: two final PUTs of one session on two nodes at the same
-moment, both starting their own multipart upload of ``data``.
+checked) but never stores a blob under a digest it does not have: every
+multipart upload targets a key of its own (``data-<rev>``, chosen when it is
+created), so the object a commit completed, verified and copies can only be
+the one its own part list made, whatever other nodes complete meanwhile.
 """
 from __future__ import annotations
 
@@ -167,14 +168,14 @@ class S3UploadStore:
             state, hasher = await self._current(writer)
             if writer.written:
                 offset, length = await self._pending(writer, state)
-                multipart, parts, offset, length = await self._store_parts(upload.id, state, writer.path,
-                                                                           offset, length, final=False)
+                multipart, key, parts, offset, length = await self._store_parts(
+                    upload.id, state, writer.path, offset, length, final=False)
                 revision = new_revision()
                 tail = Tail(tail_key(upload.id, revision), length) if length else None
                 if tail is not None:
                     await self._client.put_object(tail.key, FileRegion(writer.path, offset, length))
                 new = attrs.evolve(state, revision=revision, size=state.size + writer.written,
-                                   multipart=multipart, parts=tuple(parts), tail=tail)
+                                   multipart=multipart, parts=tuple(parts), tail=tail, data=key)
                 await self._check_unmoved(upload, state)
                 await self._client.put_object(state_key(upload.id), new.to_json(), content_type="application/json")
                 if state.tail is not None:
@@ -196,8 +197,8 @@ class S3UploadStore:
             if hasher is not None and hasher.name != digest.algorithm:
                 hasher = None
             offset, length = await self._pending(writer, state)
-            multipart, parts, offset, length = await self._store_parts(upload.id, state, writer.path,
-                                                                       offset, length, final=True)
+            multipart, key, parts, offset, length = await self._store_parts(upload.id, state, writer.path,
+                                                                            offset, length, final=True)
             await self._check_unmoved(upload, state)
             if multipart is None:
                 # Never filled a part: the whole blob is tail + body, here in the spool.
@@ -207,15 +208,15 @@ class S3UploadStore:
                 self._guard.claim([digest])
                 await self._client.put_object(layout.blob_key(digest), FileRegion(writer.path, offset, length))
             else:
-                await self._client.complete_multipart(data_key(upload.id), multipart, parts)
+                assert key is not None
+                await self._client.complete_multipart(key, multipart, parts)
                 if hasher is None:
                     sink = HashSink(digest.hasher())
-                    await self._client.get_object(data_key(upload.id), sink)
+                    await self._client.get_object(key, sink)
                     hasher = sink.hasher
                 await self._verify(upload.id, hasher, digest)
                 self._guard.claim([digest])
-                await self._client.copy_large(data_key(upload.id), layout.blob_key(digest),
-                                              state.size + writer.written)
+                await self._client.copy_large(key, layout.blob_key(digest), state.size + writer.written)
             await self._remove(upload.id, None)
         finally:
             writer.close()
@@ -269,26 +270,30 @@ class S3UploadStore:
         return offset, state.tail.size + writer.written
 
     async def _store_parts(self, upload_id: str, state: SessionState, path: str, offset: int, length: int,
-                           final: bool) -> tuple[str | None, list[Part], int, int]:
+                           final: bool) -> tuple[str | None, str | None, list[Part], int, int]:
         """Upload the full parts of the region; on ``final``, the rest too, as the last part.
 
         Without a multipart upload and less than a part, nothing is sent. Returns
-        the multipart upload id, all parts, and the region left over.
+        the multipart upload id and the key it targets, all parts, and the region
+        left over.
         """
         multipart, parts = state.multipart, list(state.parts)
         if multipart is None and length < self._part_size:
-            return None, parts, offset, length
-        key = data_key(upload_id)
+            return None, None, parts, offset, length
         if multipart is None:
-            # Made on first need; one orphaned by a failure here is aborted by reap.
+            # Made on first need, at a key of its own; one orphaned by a failure
+            # here is aborted by reap.
+            key = data_key(upload_id, new_revision())
             multipart = await self._client.create_multipart(key)
+        else:
+            key = state.data_key(upload_id)
         while length >= self._part_size or (final and length > 0):
             size = min(self._part_size, length)
             number = len(parts) + 1
             etag = await self._client.upload_part(key, multipart, number, path, offset, size)
             parts.append(Part(number, etag, size))
             offset, length = offset + size, length - size
-        return multipart, parts, offset, length
+        return multipart, key, parts, offset, length
 
     async def _verify(self, upload_id: str, hasher: Any, digest: Digest) -> None:
         if hasher.hexdigest() != digest.hex:
@@ -297,17 +302,17 @@ class S3UploadStore:
 
     async def cancel(self, upload: S3Upload) -> None:
         state = await self._read_state(upload.id)
-        await self._remove(upload.id, (state or upload.state).multipart)
+        await self._remove(upload.id, state or upload.state)
 
-    async def _remove(self, upload_id: str, multipart: str | None) -> None:
+    async def _remove(self, upload_id: str, state: SessionState | None) -> None:
         """Abort the session's multipart uploads, delete its objects, the state last.
 
         Safe to run twice at once (two nodes reaping): every step accepts "already gone".
         """
         self._sessions.pop(upload_id, None)
         prefix = layout.upload_prefix(upload_id)
-        if multipart is not None:
-            await self._client.abort_multipart(data_key(upload_id), multipart)
+        if state is not None and state.multipart is not None:
+            await self._client.abort_multipart(state.data_key(upload_id), state.multipart)
         async for orphan in self._client.list_multipart_uploads(prefix):
             await self._client.abort_multipart(orphan.key, orphan.upload_id)
         keys = [entry.key async for entry in self._client.list_objects(prefix)]
