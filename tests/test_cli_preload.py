@@ -13,6 +13,7 @@ from typing import Any
 
 import bcrypt
 import pytest
+import pytest_twisted
 
 from conftest import free_port, start_twistd, stop_process
 from registryd.admin.image_list import ImageListError, ImageRef, parse_lines, parse_reference
@@ -90,8 +91,8 @@ def test_help() -> None:
     text = " ".join(result.stdout.split())
     for words in ("--image-file FILE", "--image REF", "--platform OS/ARCH[/VARIANT]", "--jobs N", "--url URL",
                   "--user USER", "--password-file FILE", "REGISTRYD_PASSWORD", "--ca-file FILE", "--insecure",
-                  "--config FILE", "--data-dir DIR", "--json", "running registryd", "data directory itself",
-                  "127.0.0.1 only", "alongside a running server", "docker.io/library/alpine:3.19",
+                  "--config FILE", "--data-dir DIR", "--json", "running registryd", "the store itself", "the bucket",
+                  "127.0.0.1 only", "alongside running servers", "docker.io/library/alpine:3.19",
                   "# comments", "exit status", "1 some image failed", "3 preload could not start"):
         assert words in text, words
     assert "preload" in subprocess.run([REGISTRYD, "--help"], capture_output=True, text=True).stdout
@@ -267,6 +268,49 @@ def test_a_failed_image_leaves_the_others(reference_upstream: Any, tmp_path: Any
     assert outcome["team/local:1"] == ("not a mirrored repository (no [[upstream]] namespace or default "
                                        "upstream serves it)")
     assert summary == f"preloaded 1 of 6 images (1 manifest, 2 blobs, {size}); 5 failed"
+
+
+@pytest_twisted.ensureDeferred
+async def test_preload_into_an_s3_bucket(reference_upstream: Any, ceph_s3: Any, tmp_path: Any,
+                                         monkeypatch: Any) -> None:
+    """Without --url on the S3 driver: the private server fills the bucket; the data
+    directory keeps only tmp/, and a node on the bucket then serves it offline.
+    (The commands run as blocking subprocesses: nothing in this process serves meanwhile.)"""
+    up = reference_upstream("open")
+    app = push_image(up, "lib/app", "v1", layer_sizes=[2000, 6 << 20])
+    bucket = await ceph_s3.new_bucket(prefix="edge/")
+    settings = bucket.settings
+    storage = (f'[storage]\ndriver = "s3"\n[storage.s3]\nendpoint = "{settings.endpoint}"\n'
+               f'bucket = "{settings.bucket}"\nprefix = "edge/"\nregion = "{settings.region}"\n'
+               f'access_key_id = "{settings.access_key_id}"\nsecret_access_key_env = "TEST_S3_SECRET"\n')
+    config = write_config(tmp_path / "registryd.toml", [{"namespace": NS, "url": up.url}],
+                          "[mirror]\noffline = true\n" + storage)
+    data_dir = tmp_path / "node"
+    env = {"TEST_S3_SECRET": settings.secret_access_key}
+    try:
+        result = preload("-c", config, "-d", str(data_dir), "--image", f"{NS}/lib/app:v1", env=env)
+        assert result.returncode == 0, result.stdout + result.stderr
+        size = human_size(sum(b["size"] for b in [app["config"], *app["layers"]]))
+        assert result.stdout.splitlines() == [f"ok {NS}/lib/app:v1 {app['digest']} 1 manifest, 3 blobs, {size}",
+                                              f"preloaded 1 of 1 image (1 manifest, 3 blobs, {size})"]
+        assert os.listdir(data_dir) == ["tmp"]
+        for digest in blobs_of(app):
+            algorithm, hexpart = digest.split(":")
+            key = f"blobs/{algorithm}/{hexpart[:2]}/{hexpart}"
+            assert await bucket.head_object(key) is not None, digest
+        again = preload("-c", config, "-d", str(data_dir), "--image", f"{NS}/lib/app:v1", env=env)
+        assert again.returncode == 0, again.stdout + again.stderr
+        for digest in blobs_of(app):
+            assert up.count("GET", blob_path("lib/app", digest)) == 1, "a second preload fetched again"
+        up.stop()
+        monkeypatch.setenv("TEST_S3_SECRET", settings.secret_access_key)  # the node inherits it
+        process, server = start_twistd(str(tmp_path / "other-node"), "--config", config)
+        try:
+            assert pull(server.host, f"{NS}/lib/app", "v1") == 3
+        finally:
+            stop_process(process)
+    finally:
+        await bucket.close()
 
 
 def report_of(line: str) -> tuple[str, str]:

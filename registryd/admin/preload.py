@@ -1,17 +1,17 @@
 """``registryd preload``: pull images through the mirror cache ahead of need.
 
-Either through a running registryd (``--url``), or on the data directory
-itself through a private server built from the same config and listening on
-127.0.0.1 only. Both ways the same HTTP client pulls as a container runtime
-would, so what lands on disk is exactly what a client's pull leaves there.
+Either through a running registryd (``--url``), or on the configured store
+itself (the data directory, or the S3 bucket) through a private server built
+from the same config and listening on 127.0.0.1 only. Both ways the same HTTP
+client pulls as a container runtime would, so what lands in the store is
+exactly what a client's pull leaves there.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-from typing import Any, Callable, TypeVar
+from typing import Any, Awaitable, Callable, TypeVar
 
 import attrs
 import treq
@@ -47,8 +47,8 @@ from registryd.admin.image_list import (
 from registryd.admin.layout import add_store_arguments
 from registryd.admin.progress import Progress, human_size
 from registryd.admin.remote import add_remote_arguments, authorization
-from registryd.admin.store_access import run_reactor
-from registryd.config import Config, ConfigError, UpstreamConfig, load_config
+from registryd.admin.store_access import check_data_dir, load_admin_config, run_reactor
+from registryd.config import Config, UpstreamConfig
 from registryd.digest import Digest, digest_of, parse_digest
 from registryd.errors import RegistryError
 from registryd.manifests import INDEX_TYPES, MANIFEST_TYPES, NON_DISTRIBUTABLE, parse_manifest
@@ -76,12 +76,14 @@ Two ways to run:
                   the first line of --password-file, or the environment
                   variable REGISTRYD_PASSWORD.
 
-  without --url   work on the data directory itself (-c/-d as `twistd
-                  registryd` takes them): the command starts registryd's own
-                  server code on 127.0.0.1 only, without authentication, and
-                  pulls through it. This is safe alongside a running server:
-                  every store write is an atomic rename, and tmp/ (where a
-                  running server's transfers are) is left alone. [mirror]
+  without --url   work on the store itself (-c/-d as `twistd registryd`
+                  takes them; with [storage] driver = "s3", the bucket):
+                  the command starts registryd's own server code on
+                  127.0.0.1 only, without authentication, and pulls through
+                  it. This is safe alongside running servers: every store
+                  write is an atomic rename (a completed PUT on S3), and
+                  tmp/ (where a running server's transfers are) is left
+                  alone. [mirror]
                   offline and an upstream's offline are ignored here:
                   preloading is the explicit request to contact upstreams.
 
@@ -107,7 +109,7 @@ exit status:
   0  every image is on disk
   1  some image failed (each one says why)
   2  bad arguments or a bad line in the image file; nothing was fetched
-  3  preload could not start: bad config or data directory, cannot listen
+  3  preload could not start: bad config, data directory or bucket, cannot listen
      on 127.0.0.1, --url unreachable or refusing the credentials"""
 
 EXIT_FAILED = 1
@@ -302,7 +304,7 @@ class Preloader:
 
     def __init__(self, client: RegistryHTTP, platforms: list[Platform], jobs: int, max_manifest_size: int,
                  progress: Progress, on_done: Callable[[ImageResult], None],
-                 check: Callable[[ImageRef], str | None]) -> None:
+                 check: Callable[[ImageRef], Awaitable[str | None]]) -> None:
         self._client = client
         self._platforms = platforms
         self._jobs = DeferredSemaphore(jobs)
@@ -321,7 +323,7 @@ class Preloader:
         """Never fails: the reason is kept on the result."""
         result = ImageResult(ref)
         try:
-            problem = self._check(ref)
+            problem = await self._check(ref)
             if problem is not None:
                 raise FetchError(problem)
             digest, media_type, document = await self._manifest(ref.name, ref.reference, None)
@@ -435,18 +437,10 @@ class Preloader:
 
 def _local_config(args: argparse.Namespace) -> Config:
     """The config, checked far enough that the private server can start."""
-    try:
-        config = load_config(args.config, {"data_dir": args.data_dir})
-    except ConfigError as e:
-        raise AdminError(str(e)) from None
-    root = config.data_dir
-    if not os.path.isdir(root):
-        raise AdminError(f"the data directory {root} does not exist" if not os.path.exists(root)
-                         else f"the data directory {root} is not a directory")
-    # Empty is a new site; anything else must look like registryd's, not a mistyped -d.
-    if os.listdir(root) and not any(os.path.isdir(os.path.join(root, sub))
-                                    for sub in ("blobs", "repositories", "mirror", "uploads", "tmp")):
-        raise AdminError(f"{root} is not a registryd data directory (it has no blobs/, repositories/ or mirror/)")
+    config = load_admin_config(args)
+    if config.storage.driver != "s3":
+        # Empty is a new site; anything else must look like registryd's, not a mistyped -d.
+        check_data_dir(config.data_dir, allow_empty=True)
     if not config.upstreams:
         raise AdminError("the config has no [[upstream]]: there is nothing to preload")
     # Anonymous full access, no listeners of its own, upstreams reachable.
@@ -456,7 +450,7 @@ def _local_config(args: argparse.Namespace) -> Config:
 
 
 class LocalServer:
-    """registryd's own API over the data directory, on 127.0.0.1 for this command only.
+    """registryd's own API over the configured store, on 127.0.0.1 for this command only.
 
     Never Store.recover(): tmp/ holds the transfers of a server that may be running.
     """
@@ -464,7 +458,7 @@ class LocalServer:
     def __init__(self, config: Config, reactor: Any) -> None:
         # The server's modules (Klein, werkzeug) load only here: every other
         # `registryd` command imports this module to build its parser.
-        from registryd.storage import Store
+        from registryd.storage import open_store
         from registryd.threads import BlockingPool
         from registryd.web.app import RegistryAPI
         from registryd.web.site import RegistrySite
@@ -472,7 +466,7 @@ class LocalServer:
         self._config = config
         self._reactor = reactor
         self._pool = BlockingPool(reactor, config.io_threads, name="registryd-preload")
-        self.store = Store(config.data_dir, self._pool)
+        self.store = open_store(config, self._pool, reactor)
         self.api = RegistryAPI(self.store, config, reactor)
         self.site = RegistrySite(self.api, reactor)
         self._port: Any = None
@@ -484,6 +478,9 @@ class LocalServer:
         except OSError as e:
             raise AdminError(f"the data directory {self._config.data_dir} is not usable: "
                              f"{e.filename}: {e.strerror}") from None
+        problem = await self.store.check_backend()
+        if problem is not None:
+            raise AdminError(f"{self.store.location()}: {problem}")
         self._pool.start()
         # Its threads are not daemons: an interrupted run must still stop them to exit.
         self._stop_threads = self._reactor.addSystemEventTrigger("after", "shutdown", self._pool.stop)
@@ -493,12 +490,14 @@ class LocalServer:
             raise AdminError(f"cannot listen on 127.0.0.1: {e.socketError}") from None
         return f"http://127.0.0.1:{self._port.getHost().port}"
 
-    def check(self, ref: ImageRef) -> str | None:
+    async def check(self, ref: ImageRef) -> str | None:
         """Why ``ref`` cannot be preloaded here, or None."""
         try:
-            route = self.api.mirror.router.route(ref.name, None, self.store.repositories.files.exists)
+            route = self.api.mirror.router.route(ref.name, None)
         except RegistryError as e:
             return e.message
+        if route is not None and route.by_default and await self.store.repositories.exists(ref.name):
+            route = None  # a local repository of that name wins over the default upstream
         if route is None:
             return "not a mirrored repository (no [[upstream]] namespace or default upstream serves it)"
         return None
@@ -510,6 +509,7 @@ class LocalServer:
             await maybeDeferred(self._port.stopListening)  # None when a shutdown closed it already
         await self.site.drain(self._config.shutdown_timeout)
         await self.api.mirror.close()
+        await self.store.close()
         if self._stop_threads is not None:
             self._reactor.removeSystemEventTrigger(self._stop_threads)
             self._pool.stop()
@@ -578,7 +578,7 @@ def _check_arguments(args: argparse.Namespace) -> list[ImageRef]:
     return unique(refs)
 
 
-def _no_check(ref: ImageRef) -> str | None:
+async def _no_check(ref: ImageRef) -> str | None:
     return None
 
 
@@ -606,7 +606,7 @@ def run(args: argparse.Namespace) -> int:
         connections = args.jobs * BLOBS_AT_ONCE + 1
         server = LocalServer(config, reactor) if config is not None else None
         client = None
-        check: Callable[[ImageRef], str | None]
+        check: Callable[[ImageRef], Awaitable[str | None]]
         try:
             if server is not None:
                 client = RegistryHTTP(reactor, await server.start(), connections=connections)
