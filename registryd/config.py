@@ -75,18 +75,23 @@ class StorageSettings:
     redirect: bool = False          # s3: blob GETs answered with a presigned URL
     redirect_expiry: int = 600      # seconds such a URL stays valid
     s3: S3Settings | None = None
+    cache_size: int = 0             # s3: bytes of hot blobs kept on local disk; 0: no cache
+    cache_dir: str | None = None    # where; None: <data_dir>/cache
 
 
 def _storage(table: Any) -> StorageSettings:
     if not isinstance(table, dict):
         raise ConfigError("'storage' must be a table ([storage])")
-    known = {"driver": str, "redirect": bool, "redirect_expiry": int, "s3": dict}
+    known = {"driver": str, "redirect": bool, "redirect_expiry": int, "s3": dict, "cache_size": object,
+             "cache_dir": str}
     for key, value in table.items():
         if key not in known:
             raise ConfigError(f"unknown key 'storage.{key}'")
         if key == "s3":
             if not isinstance(value, dict):
                 raise ConfigError("'storage.s3' must be a table ([storage.s3])")
+            continue
+        if known[key] is object:
             continue
         _check_type(f"storage.{key}", value, known[key])
     driver = table.get("driver", "filesystem")
@@ -107,7 +112,29 @@ def _storage(table: Any) -> StorageSettings:
         raise ConfigError("[storage.s3] is only used with storage.driver = \"s3\"")
     if table.get("redirect") and driver != "s3":
         raise ConfigError("'storage.redirect' needs storage.driver = \"s3\" (a filesystem has no URL to hand out)")
-    return StorageSettings(driver, bool(table.get("redirect", False)), expiry, s3)
+    cache_size, cache_dir = _hot_cache(table, driver)
+    return StorageSettings(driver, bool(table.get("redirect", False)), expiry, s3, cache_size, cache_dir)
+
+
+def _hot_cache(table: dict[str, Any], driver: str) -> tuple[int, str | None]:
+    """``cache_size`` and ``cache_dir``: a local disk cache of hot blobs, for a node on S3."""
+    cache_size = parse_size("storage.cache_size", table.get("cache_size", 0))
+    cache_dir = table.get("cache_dir")
+    if cache_dir is not None:
+        if not cache_dir.strip():
+            raise ConfigError("'storage.cache_dir' is empty")
+        if "cache_size" not in table:
+            raise ConfigError("'storage.cache_dir' needs a storage.cache_size (the cache is off without one)")
+        cache_dir = os.path.abspath(os.path.expanduser(cache_dir))
+    if cache_size or cache_dir is not None:
+        if driver != "s3":
+            key = "cache_size" if cache_size else "cache_dir"
+            raise ConfigError(f"'storage.{key}' needs storage.driver = \"s3\" (on the filesystem every "
+                              f"blob is local already)")
+        if cache_size and table.get("redirect"):
+            raise ConfigError("'storage.cache_size' has no use with storage.redirect = true (clients fetch "
+                              "blobs from the object store, not through this node)")
+    return cache_size, cache_dir
 
 
 @attrs.frozen

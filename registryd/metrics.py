@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import re
+from typing import Any, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -79,5 +81,35 @@ class Metrics:
                     totals[sample.labels["result"]] += sample.value
         return int(totals["hit"]), int(totals["miss"])
 
+    def watch_hot_cache(self, cache: Any) -> None:
+        """Export a node's S3 hot blob cache (registryd.storage.s3.hot_cache.HotCache), read at each scrape."""
+        self.registry.register(HotCacheCollector(cache))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class HotCacheCollector:
+    """The hot blob cache's own counters as metrics: the cache counts, this only reads."""
+
+    def __init__(self, cache: Any) -> None:
+        self._cache = cache
+
+    def collect(self) -> Iterator[Metric]:
+        cache, stats = self._cache, self._cache.stats
+        requests = CounterMetricFamily("registryd_s3_hot_cache_requests", "Streamed blob GETs sent from the "
+                                       "local hot cache (hit) or from the bucket (miss)", labels=["result"])
+        requests.add_metric(["hit"], stats.hits)
+        requests.add_metric(["miss"], stats.misses)
+        yield requests
+        yield CounterMetricFamily("registryd_s3_hot_cache_filled_bytes", "Bytes of blobs put in the hot cache",
+                                  value=stats.filled_bytes)
+        yield CounterMetricFamily("registryd_s3_hot_cache_evicted_bytes", "Bytes of blobs evicted from the hot "
+                                  "cache to stay under cache_size", value=stats.evicted_bytes)
+        yield CounterMetricFamily("registryd_s3_hot_cache_rejected_fills", "Hot cache fills dropped because the "
+                                  "body's size or digest was wrong", value=stats.rejected)
+        yield GaugeMetricFamily("registryd_s3_hot_cache_bytes", "Bytes of blobs in the hot cache now",
+                                value=cache.used)
+        yield GaugeMetricFamily("registryd_s3_hot_cache_blobs", "Blobs in the hot cache now", value=len(cache))
+        yield GaugeMetricFamily("registryd_s3_hot_cache_max_bytes", "The hot cache limit ([storage] cache_size)",
+                                value=cache.capacity)

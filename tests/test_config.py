@@ -146,3 +146,43 @@ def test_storage_errors(tmp_path, text, message) -> None:
     with pytest.raises(ConfigError) as caught:
         load_config(write(tmp_path, text))
     assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+S3_TABLE = """
+[storage.s3]
+endpoint = "http://127.0.0.1:7480"
+bucket = "registry"
+access_key_id = "AK"
+secret_access_key = "s3cret"
+"""
+
+
+def test_storage_hot_cache_settings(tmp_path) -> None:
+    config = load_config(write(tmp_path, '[storage]\ndriver = "s3"\ncache_size = "20GiB"\n' + S3_TABLE))
+    assert (config.storage.cache_size, config.storage.cache_dir) == (20 * 1024 ** 3, None)
+    config = load_config(write(tmp_path, f'[storage]\ndriver = "s3"\ncache_size = 1000000\n'
+                                         f'cache_dir = "{tmp_path}/hot/../cache"\n' + S3_TABLE))
+    assert (config.storage.cache_size, config.storage.cache_dir) == (1_000_000, str(tmp_path / "cache"))
+    assert load_config(write(tmp_path, '[storage]\ndriver = "s3"\n' + S3_TABLE)).storage.cache_size == 0
+    assert load_config().storage.cache_size == 0
+    # 0 is "off", on either driver.
+    assert load_config(write(tmp_path, "[storage]\ncache_size = 0\n")).storage.cache_size == 0
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[storage]\ncache_size = "1GiB"', "'storage.cache_size' needs storage.driver = \"s3\""),
+    ('[storage]\ncache_size = 0\ncache_dir = "/c"', "'storage.cache_dir' needs storage.driver = \"s3\""),
+    ('[storage]\ndriver = "s3"\ncache_size = "lots"' + S3_TABLE,
+     "'storage.cache_size' must be a size in bytes or a string like"),
+    ('[storage]\ndriver = "s3"\ncache_size = -1' + S3_TABLE, "'storage.cache_size' must not be negative"),
+    ('[storage]\ndriver = "s3"\ncache_size = true' + S3_TABLE, "'storage.cache_size' must be a size"),
+    ('[storage]\ndriver = "s3"\ncache_dir = "/c"' + S3_TABLE, "'storage.cache_dir' needs a storage.cache_size"),
+    ('[storage]\ndriver = "s3"\ncache_size = 10\ncache_dir = 5' + S3_TABLE, "'storage.cache_dir' must be a string"),
+    ('[storage]\ndriver = "s3"\ncache_size = 10\ncache_dir = " "' + S3_TABLE, "'storage.cache_dir' is empty"),
+    ('[storage]\ndriver = "s3"\nredirect = true\ncache_size = "1GiB"' + S3_TABLE,
+     "'storage.cache_size' has no use with storage.redirect = true"),
+])
+def test_storage_hot_cache_errors(tmp_path, text, message) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text))
+    assert message in str(caught.value) and "\n" not in str(caught.value)

@@ -111,5 +111,7 @@ def open_store(config: Any, pool: BlockingPool | InlinePool, reactor: Any) -> An
     if config.storage.driver == "s3":
         from registryd.storage.s3.store import S3Store
 
-        return S3Store(config.data_dir, pool, config.storage.s3, reactor, presign=config.storage.redirect)
+        storage = config.storage
+        return S3Store(config.data_dir, pool, storage.s3, reactor, presign=storage.redirect,
+                       cache_size=storage.cache_size, cache_dir=storage.cache_dir)
     return Store(config.data_dir, pool)

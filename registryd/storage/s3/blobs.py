@@ -10,6 +10,11 @@ Bytes never pass through memory whole: a local file goes up straight from
 disk (one PUT up to the part size, multipart above it), and a blob goes out
 streamed into the consumer with its backpressure, or as a presigned URL the
 client fetches itself.
+
+With a hot cache (``[storage] cache_size``, registryd.storage.s3.hot_cache),
+a streamed blob the node has cached goes out as a local file instead, once
+the bucket confirmed it still holds it; a whole-blob GET that missed fills
+the cache on its way to the client.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ from registryd.storage.guard import BlobGuard
 from registryd.storage.s3.client import MAX_PARTS, S3Client
 from registryd.storage.s3.documents import Part
 from registryd.storage.s3.errors import ObjectTooLarge, S3Error, S3Unavailable
+from registryd.storage.s3.hot_cache import CacheFill, HotCache
 from registryd.storage.s3.layout import blob_key
 from registryd.storage.s3.settings import MAX_PART_SIZE
 
@@ -39,13 +45,17 @@ PART_CONCURRENCY = 4
 class S3BlobSource:
     """A stored blob, sent from the store with a ranged GET, or handed out as a presigned URL.
 
-    Holds nothing between calls: each ``send`` is its own request.
+    Holds nothing between calls: each ``send`` is its own request. With a
+    hot cache, a send of the whole blob also fills the cache (if it takes it).
     """
 
-    def __init__(self, client: S3Client, key: str, size: int, presign: bool) -> None:
+    def __init__(self, client: S3Client, key: str, size: int, presign: bool,
+                 cache: HotCache | None = None, digest: Digest | None = None) -> None:
         self._client = client
         self._key = key
         self._presign = presign
+        self._cache = cache
+        self._digest = digest
         self.size = size
 
     def local_file(self) -> BinaryIO | None:
@@ -55,7 +65,19 @@ class S3BlobSource:
         # An empty range needs no request (and S3 refuses a Range on an empty object).
         if end <= start:
             return
-        await self._client.get_object(self._key, consumer, (start, end - 1))
+        fill = None
+        if self._cache is not None and self._digest is not None:
+            self._cache.record_miss()
+            if start == 0 and end == self.size:
+                fill = self._cache.begin_fill(self._digest, self.size)
+        try:
+            await self._client.get_object(self._key, _Relay(consumer, fill), (start, end - 1))
+        except BaseException:
+            if fill is not None:
+                fill.abandon()
+            raise
+        if fill is not None:
+            fill.complete()
 
     def redirect_url(self, expires: int) -> str | None:
         if not self._presign:
@@ -66,12 +88,45 @@ class S3BlobSource:
         pass
 
 
+class CachedBlobSource:
+    """A stored blob this node has in its hot cache: an open local file, sent with sendfile."""
+
+    def __init__(self, file: BinaryIO, size: int, digest: Digest, cache: HotCache) -> None:
+        self._file = file
+        self._digest = digest
+        self._cache = cache
+        self._counted = False
+        self.size = size
+
+    def local_file(self) -> BinaryIO | None:
+        # The API asks for the file only when it sends bytes (not for a HEAD):
+        # that is a hit, and a use for the LRU order.
+        if not self._counted:
+            self._counted = True
+            self._cache.record_hit(self._digest)
+        return self._file
+
+    async def send(self, consumer: IConsumer, start: int, end: int) -> None:
+        raise NotImplementedError("a local file is sent with registryd.web.sendfile")
+
+    def redirect_url(self, expires: int) -> str | None:
+        return None
+
+    def close(self) -> None:
+        self._file.close()
+
+
 class S3BlobStore:
-    """BlobBackend on one bucket; ``presign`` lets the API redirect blob GETs to the store."""
+    """BlobBackend on one bucket; ``presign`` lets the API redirect blob GETs to the store.
+
+    ``hot_cache`` keeps hot blobs on the local disk (never used with ``presign``:
+    clients then fetch from the store itself).
+    """
 
     def __init__(self, client: S3Client, guard: BlobGuard, presign: bool = False,
-                 part_concurrency: int = PART_CONCURRENCY) -> None:
+                 part_concurrency: int = PART_CONCURRENCY, hot_cache: HotCache | None = None) -> None:
         self.guard = guard
+        self.hot_cache = None if presign else hot_cache
         self._client = client
         self._presign = presign
         self._part_concurrency = max(1, part_concurrency)
@@ -80,12 +135,20 @@ class S3BlobStore:
         info = await self._client.head_object(blob_key(digest))
         return info.size if info is not None else None
 
-    async def open(self, digest: Digest) -> S3BlobSource | None:
+    async def open(self, digest: Digest) -> S3BlobSource | CachedBlobSource | None:
+        """One HEAD of the bucket, which stays the truth; then the cached file if there is one."""
         key = blob_key(digest)
         info = await self._client.head_object(key)
+        cache = self.hot_cache
         if info is None:
+            if cache is not None:
+                cache.discard(digest)   # removed (by gc on some node): not served from here either
             return None
-        return S3BlobSource(self._client, key, info.size, self._presign)
+        if cache is not None:
+            file = cache.open(digest, info.size)
+            if file is not None:
+                return CachedBlobSource(file, info.size, digest, cache)
+        return S3BlobSource(self._client, key, info.size, self._presign, cache, digest)
 
     async def read(self, digest: Digest, limit: int) -> bytes | None:
         """At most ``limit`` bytes: a larger blob gives its first ``limit``, as a file read would."""
@@ -126,9 +189,16 @@ class S3BlobStore:
     async def delete(self, digest: Digest) -> bool:
         key = blob_key(digest)
         if await self._client.head_object(key) is None:
+            self._forget(digest)
             return False
         await self._client.delete_object(key)
+        # After the delete: a fill that began before it is cancelled too.
+        self._forget(digest)
         return True
+
+    def _forget(self, digest: Digest) -> None:
+        if self.hot_cache is not None:
+            self.hot_cache.discard(digest)
 
     async def _put_once(self, key: str, body: bytes | str) -> None:
         try:
@@ -183,6 +253,34 @@ class S3BlobStore:
 def _part_size(configured: int, size: int) -> int:
     """The configured part size, raised if ``size`` would otherwise need more than 10000 parts."""
     return min(max(configured, -(-size // MAX_PARTS)), MAX_PART_SIZE)
+
+
+@implementer(IConsumer)
+class _Relay:
+    """Passes a streamed blob to the client's consumer and, chunk by chunk, into a cache fill (if any).
+
+    The client's consumer keeps the producer: its backpressure paces both.
+    """
+
+    def __init__(self, consumer: IConsumer, fill: CacheFill | None) -> None:
+        self._consumer = consumer
+        self._fill = fill
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self._consumer.registerProducer(producer, streaming)
+
+    def unregisterProducer(self) -> None:
+        # A twisted.web Request whose client went away has dropped its channel,
+        # and its unregisterProducer would raise; the producer ended with the
+        # connection, so there is nothing left to unregister.
+        if getattr(self._consumer, "channel", True) is None:
+            return
+        self._consumer.unregisterProducer()
+
+    def write(self, data: bytes) -> None:
+        self._consumer.write(data)
+        if self._fill is not None:
+            self._fill.write(data)
 
 
 @implementer(IConsumer)

@@ -2,7 +2,10 @@
 
 Everything a client can see is in the bucket, so any node can serve any
 request. The local data directory keeps only ``tmp/``: upload spools and
-partial upstream fills on their way into the bucket, emptied at start-up.
+partial upstream fills on their way into the bucket, emptied at start-up;
+and, with ``[storage] cache_size``, a bounded cache of hot blobs (``cache/``
+unless ``cache_dir`` says otherwise), which the bucket still vouches for on
+every GET.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from registryd.storage.guard import BlobGuard
 from registryd.storage.s3.blobs import S3BlobStore
 from registryd.storage.s3.client import S3Client
 from registryd.storage.s3.errors import S3Error, S3Unavailable
+from registryd.storage.s3.hot_cache import HotCache
 from registryd.digest import Digest
 from registryd.storage.s3.layout import MIRROR, repositories_root
 from registryd.storage.s3.repositories import S3RepositoryStore
@@ -33,13 +37,16 @@ class S3Store:
     driver = "s3"
 
     def __init__(self, root: str, pool: BlockingPool | InlinePool, settings: S3Settings, reactor: Any,
-                 presign: bool = False) -> None:
+                 presign: bool = False, cache_size: int = 0, cache_dir: str | None = None) -> None:
         self.root = root
         self.pool = pool
         self.tmp_dir = os.path.join(root, "tmp")
         self.guard = BlobGuard()
         self.client = S3Client(settings, reactor)
-        self.blobs = S3BlobStore(self.client, self.guard, presign=presign)
+        # Redirected GETs never pass through the node: nothing to cache then.
+        self.hot_cache = (HotCache(cache_dir or os.path.join(root, "cache"), cache_size, pool)
+                          if cache_size > 0 and not presign else None)
+        self.blobs = S3BlobStore(self.client, self.guard, presign=presign, hot_cache=self.hot_cache)
         self.repositories = S3RepositoryStore(self.client, repositories_root(None))
         self.uploads = S3UploadStore(self.client, self.guard, os.path.join(self.tmp_dir, "uploads"),
                                      settings.part_size, pool=pool)
@@ -50,17 +57,25 @@ class S3Store:
         return S3RepositoryStore(self.client, repositories_root(namespace))
 
     def prepare(self) -> None:
-        """Create the local ``tmp/`` and prove it writable (raises OSError)."""
+        """Create the local ``tmp/`` (and the hot cache's folders) and prove it writable (raises OSError)."""
         make_dirs(os.path.join(self.tmp_dir, "uploads"))
         probe = os.path.join(self.tmp_dir, f"probe-{uuid.uuid4().hex}")
         with open(probe, "wb") as f:
             f.write(b"registryd")
         os.unlink(probe)
+        if self.hot_cache is not None:
+            self.hot_cache.prepare()
 
     def recover(self) -> None:
-        """Drop local leftovers of a crash: spools and fills are re-sent by their clients."""
+        """Drop local leftovers of a crash: spools and fills are re-sent by their clients.
+
+        The hot cache rebuilds its index in the IO pool (which must be running)
+        and answers once that is done.
+        """
         empty_dir(self.tmp_dir)
         make_dirs(os.path.join(self.tmp_dir, "uploads"))
+        if self.hot_cache is not None:
+            self.hot_cache.start()
 
     async def check_backend(self) -> str | None:
         """Why the bucket cannot be used now, or None (a HEAD of a probe key: 404 is fine)."""
@@ -104,4 +119,9 @@ class S3Store:
         return None
 
     def close(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self.client.close())
+        return Deferred.fromCoroutine(self._close())
+
+    async def _close(self) -> None:
+        if self.hot_cache is not None:
+            await self.hot_cache.settle()   # renames and removals still in the pool
+        await self.client.close()
