@@ -1,5 +1,6 @@
 """``registryd gc`` through its console script, on copies of a data directory
-that a real ``twistd -n registryd`` filled over HTTP (blocking client)."""
+that a real ``twistd -n registryd`` filled over HTTP (blocking client), and
+on an S3 bucket that an in-process registryd on the S3 driver filled."""
 from __future__ import annotations
 
 import json
@@ -10,12 +11,22 @@ from typing import Any, Iterator
 
 import attrs
 import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
 
 from conftest import start_twistd, stop_process
+from registryd.admin.gc import collect_on_s3
 from registryd.admin.progress import human_size
-from oci_client import OCI_CONFIG, OCI_INDEX, OCI_LAYER, OCI_MANIFEST, descriptor, encode
+from registryd.config import StorageSettings
+from registryd.digest import parse_digest
+from registryd.storage.s3.layout import blob_key
+from registryd.upkeep.s3_collector import S3Collector
+from registryd.upkeep.s3_marker import list_trash
+from oci_client import OCI_CONFIG, OCI_INDEX, OCI_LAYER, OCI_MANIFEST, Client, descriptor, digest_of, encode
 from syncclient import push_blob, request, sha256
-from test_cli_ls import blob_file, files_under, run
+from test_cli_ls import blob_file, bucket_objects, files_under, run, write_s3_config
 
 HOUR = 3600
 
@@ -155,7 +166,7 @@ def test_gc_sweeps_garbage_and_every_image_still_pulls(store: Store) -> None:
     links = [x for x in lines if x.startswith("removed link ")]
     assert f"removed link team/app -> {store.orphan} (its blob is gone)" in links
     assert len(links) == 1 + len(store.gone.blobs)  # the deleted image's blobs were linked in team/gone
-    assert lines[-1].startswith(f"4 blobs removed, ") and f"({reclaimable} bytes) reclaimed" in lines[-1]
+    assert lines[-1].startswith("4 blobs removed, ") and f"({reclaimable} bytes) reclaimed" in lines[-1]
     assert "1 unreferenced blob younger than 3600s kept" in lines[-1]
 
     for digest in garbage(store):
@@ -243,3 +254,148 @@ def test_errors(tmp_path: Any) -> None:
         result = gc(str(tmp_path), *bad)
         assert result.returncode == 2, bad
         assert "usage: registryd" in result.stderr
+
+
+# --- the S3 driver: one pass of the S3 collector on the bucket ----------------------------
+
+#: The keys of ``registryd gc --json`` on the data directory; S3 adds "restored".
+REPORT_KEYS = {"data_dir", "dry_run", "delay", "removed_blobs", "removed_links", "removed_directories",
+               "bytes_reclaimed", "kept_referenced", "kept_young", "repositories", "manifests"}
+
+
+async def sleep(seconds: float) -> None:
+    await deferLater(reactor, seconds, lambda: None)
+
+
+def key(digest: str) -> str:
+    return blob_key(parse_digest(digest))
+
+
+@pytest_twisted.ensureDeferred
+async def test_s3_gc_collects_the_bucket_and_every_image_still_pulls(make_registry: Any, ceph_s3: Any,
+                                                                      tmp_path: Any) -> None:
+    bucket = await ceph_s3.new_bucket()
+    try:
+        node = make_registry(storage=StorageSettings("s3", s3=bucket.settings))
+        client = Client(node.url)
+        images = [await client.push_image("team/app", "v1", seed="1"), await client.push_image("team/app", "v2", seed="2")]
+        children = [await client.push_image("team/multi", seed=f"arch{i}") for i in range(2)]
+        images += [*children, await client.push_index("team/multi", children, "1.0")]
+        gone = await client.push_image("team/gone", "old", seed="gone")
+        assert (await client.delete(f"/v2/team/gone/manifests/{gone.digest}")).status == 202
+        orphan = await client.push_blob("team/app", b"pushed, but no manifest came" * 30)
+        await client.start_upload("team/app")     # a session in progress: uploads/ is never touched
+        referenced = {d for image in images for d in (image.digest, *map(digest_of, image.blobs))}
+        garbage = {orphan, gone.digest, *map(digest_of, gone.blobs)}
+        await sleep(2.1)    # LastModified is to the second: all of it is older than --delay 0's cutoff
+        config = write_s3_config(tmp_path, bucket.settings)
+        before = await bucket_objects(bucket)
+        assert {key(d) for d in referenced | garbage} <= set(before)
+        uploads = {k: v for k, v in before.items() if k.startswith("uploads/")}
+        assert uploads
+
+        # The default delay: everything is younger than an hour, nothing goes.
+        young = run("gc", "-c", config, "--json")
+        assert young.returncode == 0, young.stderr
+        assert young.stderr == ""
+        report = json.loads(young.stdout)
+        assert set(report) == REPORT_KEYS | {"restored"} and report["data_dir"] == f"s3://{bucket.settings.bucket}/"
+        assert report["removed_blobs"] == [] and report["kept_young"] == len(garbage)
+        assert report["kept_referenced"] == len(referenced) and report["delay"] == 3600
+        assert report["repositories"] == 3 and report["manifests"] == len(images)
+        dry = run("gc", "-c", config, "--delay", "0", "--dry-run")
+        assert dry.returncode == 0, dry.stderr
+        lines = dry.stdout.splitlines()
+        assert {line.split()[3] for line in lines if line.startswith("would remove blob ")} == garbage
+        assert lines[-1].startswith("4 blobs would be removed, ") and "would be reclaimed" in lines[-1]
+        assert await bucket_objects(bucket) == before
+
+        result = run("gc", "-c", config, "--delay", "0")
+        assert result.returncode == 0, result.stderr
+        assert result.stderr == ""
+        lines = result.stdout.splitlines()
+        assert {line.split()[2] for line in lines if line.startswith("removed blob ")} == garbage
+        size = before[key(orphan)][0]
+        assert f"removed blob {orphan} ({human_size(size)}, {size} bytes)" in lines
+        links = {line for line in lines if line.startswith("removed link ")}
+        assert links == {f"removed link {repo} -> {digest} (its blob is gone)"
+                         for repo, digest in [("team/app", orphan), *(("team/gone", digest_of(b)) for b in gone.blobs)]}
+        reclaimed = sum(before[key(d)][0] for d in garbage)
+        assert lines[-1].startswith("4 blobs removed, ") and f"({reclaimed} bytes) reclaimed; 3 links removed" in lines[-1]
+        after = await bucket_objects(bucket)
+        link_keys = {f"repositories/team/app/_blobs/{orphan.replace(':', '/')}",
+                     *(f"repositories/team/gone/_blobs/{digest_of(b).replace(':', '/')}" for b in gone.blobs)}
+        assert set(before) - set(after) == {key(d) for d in garbage} | link_keys
+        assert {k: v for k, v in after.items() if k in before} == {k: v for k, v in before.items() if k in after}
+        assert not any(k.startswith("trash/") for k in after)
+        assert {k: v for k, v in after.items() if k.startswith("uploads/")} == uploads
+        again = json.loads(run("gc", "-c", config, "--delay", "0", "--json").stdout)
+        assert again["removed_blobs"] == [] and again["removed_links"] == []
+
+        # The node on the bucket serves every image completely; the collected blobs are gone.
+        for image in images:
+            reply = await client.get(f"/v2/{image.reply.url.split('/v2/')[1]}", headers={"Accept": image.media_type})
+            assert reply.status == 200 and digest_of(reply.body) == image.digest, image.digest
+            for blob in image.blobs:
+                reply = await client.get(f"/v2/team/{'app' if image in images[:2] else 'multi'}/blobs/{digest_of(blob)}")
+                assert reply.status == 200 and reply.body == blob
+        assert (await client.get(f"/v2/team/gone/blobs/{digest_of(gone.blobs[0])}")).status == 404
+    finally:
+        await bucket.close()
+
+
+class _Shutdown:
+    """The part of a reactor collect_on_s3 uses: before-shutdown triggers, fired by the test."""
+
+    def __init__(self) -> None:
+        self.triggers: list[Any] = []
+        self.waits: list[Deferred[None]] = []
+
+    def addSystemEventTrigger(self, phase: str, event: str, fn: Any) -> Any:
+        assert (phase, event) == ("before", "shutdown")
+        self.triggers.append(fn)
+        return fn
+
+    def removeSystemEventTrigger(self, handle: Any) -> None:
+        self.triggers.remove(handle)
+
+    def fire(self) -> None:
+        self.waits = [fn() for fn in self.triggers]
+
+
+@pytest_twisted.ensureDeferred
+async def test_s3_interrupted_gc_puts_back_what_it_moved(make_registry: Any, ceph_s3: Any) -> None:
+    """An interrupt (SIGINT) once the blobs are in trash/: the run puts them back, and shutdown waits for it."""
+    bucket = await ceph_s3.new_bucket()
+    try:
+        node = make_registry(storage=StorageSettings("s3", s3=bucket.settings))
+        client = Client(node.url)
+        image = await client.push_image("team/app", "v1", seed="1")
+        garbage = {await client.push_blob("team/app", f"garbage {i}".encode() * 40) for i in range(3)}
+        await sleep(2.1)
+        before = await bucket_objects(bucket)
+        shutdown = _Shutdown()
+        in_trash: set[str] = set()
+
+        class Interrupted(S3Collector):
+            async def _remark(self) -> None:
+                in_trash.update(str(digest) for digest in await list_trash(bucket))
+                # Once this run awaits the store again: cancellation reaches a request in flight.
+                reactor.callLater(0, shutdown.fire)
+                await super()._remark()
+
+        assert await collect_on_s3(Interrupted(bucket, 0, False), shutdown) is None
+        assert in_trash == garbage, "the interrupt came while the garbage was in trash/"
+        assert len(shutdown.waits) == 1 and shutdown.waits[0].called
+        assert await bucket_objects(bucket) == before, "every moved blob is back, and trash/ is empty"
+
+        # Uninterrupted, the same run collects, and leaves no trigger behind.
+        shutdown = _Shutdown()
+        report = await collect_on_s3(S3Collector(bucket, 0, False), shutdown)
+        assert report is not None and {b["digest"] for b in report["removed_blobs"]} == garbage
+        assert shutdown.triggers == []
+        left = await bucket_objects(bucket)
+        assert {key(d) for d in (image.digest, *map(digest_of, image.blobs))} <= set(left)
+        assert not any(key(d) in left for d in garbage)
+    finally:
+        await bucket.close()

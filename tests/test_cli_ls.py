@@ -1,8 +1,11 @@
-"""``registryd ls`` through its console script, against a real data directory.
+"""``registryd ls`` through its console script, against a real data directory and a real S3 bucket.
 
 The data directory is filled once per module by a registryd running in
 process (pushes, a pull through a fake upstream), then stopped; each test
-works on its own copy. test_cli_fsck.py uses the same fixtures.
+works on its own copy. test_cli_fsck.py uses the same fixtures. A bucket on
+the session's Ceph is filled the same way, once, by a registryd with
+``[storage] driver = "s3"``; ls only reads it. ``write_s3_config`` is the
+config file test_cli_gc.py and test_cli_prune.py give the command for S3.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred
 
+from conftest import free_port
 from fake_upstream import FakeUpstream
 from oci_client import (
     OCI_CONFIG,
@@ -31,8 +35,10 @@ from oci_client import (
     digest_of,
     encode,
 )
-from registryd.config import Config, UpstreamConfig
+from registryd.admin.progress import human_size
+from registryd.config import Config, StorageSettings, UpstreamConfig
 from registryd.service import RegistryService
+from registryd.storage.s3 import S3Settings
 
 REGISTRYD = os.path.join(os.path.dirname(sys.executable), "registryd")
 NS = "mirror.test:5000"
@@ -78,6 +84,7 @@ class Filled:
     mirror_config: str = ""
     mirror_layer: str = ""
     mirror_sizes: dict[str, int] = attrs.field(factory=dict)
+    bucket: Any = None              # the S3Client of the bucket, for the S3 template
 
 
 async def _fill(url: str, fake: FakeUpstream, filled: Filled) -> None:
@@ -115,12 +122,12 @@ async def _fill(url: str, fake: FakeUpstream, filled: Filled) -> None:
                            filled.mirror_config: manifest["config"]["size"]}
 
 
-async def _build(data_dir: str, filled: Filled) -> None:
+async def _build(data_dir: str, filled: Filled, storage: StorageSettings = StorageSettings()) -> None:
     from twisted.internet import reactor
 
     fake = FakeUpstream(reactor).start()
     config = Config(listen=("tcp:0:interface=127.0.0.1",), data_dir=data_dir,
-                    upstreams=(UpstreamConfig(namespace=NS, url=fake.url),))
+                    upstreams=(UpstreamConfig(namespace=NS, url=fake.url),), storage=storage)
     service = RegistryService(config, reactor)
     service.prepare_storage()
     service.privilegedStartService()
@@ -147,6 +154,42 @@ def store(template: Filled, tmp_path: Any) -> Iterator[Filled]:
     data_dir = str(tmp_path / "data")
     shutil.copytree(template.data_dir, data_dir, symlinks=True)
     yield attrs.evolve(template, data_dir=data_dir)
+
+
+@pytest.fixture(scope="module")
+def s3_template(ceph_s3: Any, tmp_path_factory: Any) -> Iterator[Filled]:
+    """A bucket (under a prefix) filled by a real registryd on the S3 driver, which is stopped again."""
+    bucket = pytest_twisted.blockon(Deferred.fromCoroutine(ceph_s3.new_bucket(prefix="site-a/")))
+    filled = Filled(data_dir=str(tmp_path_factory.mktemp("s3template") / "data"), bucket=bucket)
+    try:
+        storage = StorageSettings("s3", s3=bucket.settings)
+        pytest_twisted.blockon(Deferred.fromCoroutine(_build(filled.data_dir, filled, storage)))
+        yield filled
+    finally:
+        pytest_twisted.blockon(Deferred.fromCoroutine(bucket.close()))
+
+
+def write_s3_config(tmp_path: Any, settings: S3Settings, data_dir: str | None = None) -> str:
+    """A config file for the bucket of ``settings``; the secret is in a credentials file beside it.
+
+    ``data_dir`` (for tmp/ only) defaults to one that does not exist: nothing may need it.
+    """
+    credentials = tmp_path / "s3-credentials"
+    credentials.write_text(f"{settings.access_key_id}:{settings.secret_access_key}\n")
+    path = tmp_path / "registryd-s3.toml"
+    path.write_text(
+        f'data_dir = "{data_dir or tmp_path / "node-data"}"\n\n'
+        f'[storage]\ndriver = "s3"\n\n'
+        f'[storage.s3]\nendpoint = "{settings.endpoint}"\nbucket = "{settings.bucket}"\n'
+        f'region = "{settings.region}"\nprefix = "{settings.prefix}"\ncredentials_file = "{credentials}"\n'
+        f'max_attempts = {settings.max_attempts}\nidle_timeout = 30\n\n'
+        f'[[upstream]]\nnamespace = "{NS}"\nurl = "http://127.0.0.1:9"\n')
+    return str(path)
+
+
+async def bucket_objects(bucket: Any) -> dict[str, tuple[int, str]]:
+    """Every key in the bucket (under its prefix) -> (size, ETag)."""
+    return {entry.key: (entry.size, entry.etag) async for entry in bucket.list_objects("")}
 
 
 def write_config(tmp_path: Any, data_dir: str) -> str:
@@ -266,3 +309,84 @@ def test_errors_are_one_line(tmp_path: Any) -> None:
     result = run("ls", "--data-dir")
     assert result.returncode == 2
     assert "expected one argument" in result.stderr.splitlines()[-1]
+
+
+# --- the S3 driver: the same command on a bucket --------------------------------------
+
+
+def _local(document: dict[str, Any]) -> list[dict[str, Any]]:
+    return [r for r in document["repositories"] if r["kind"] == "local"]
+
+
+def _blob_objects(objects: dict[str, tuple[int, str]]) -> dict[str, int]:
+    return {key: size for key, (size, _) in objects.items() if key.startswith("blobs/")}
+
+
+@pytest_twisted.ensureDeferred
+async def test_s3_json_lists_the_bucket(s3_template: Filled, template: Filled, tmp_path: Any) -> None:
+    settings = s3_template.bucket.settings
+    before = await bucket_objects(s3_template.bucket)
+    result = run("ls", "--config", write_s3_config(tmp_path, settings), "--json")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    document = json.loads(result.stdout)
+    location = f"s3://{settings.bucket}/site-a/"
+    assert document["data_dir"] == location and document["store"]["location"] == location
+    assert document["driver"] == "s3"
+    repos = {r["name"]: r for r in document["repositories"]}
+    assert list(repos) == ["team/app", "team/foreign", "team/multi", f"{NS}/lib/tool"]
+
+    # Sizes from what was pushed, not from what the store says.
+    images = [i for i in (s3_template.app_v1, s3_template.app_v2, s3_template.artifact) if i]
+    sizes = {i.digest: len(i.body) for i in images} | {digest_of(b): len(b) for i in images for b in i.blobs}
+    app = repos["team/app"]
+    assert app["kind"] == "local" and app["tags"] == ["latest", "v1", "v2"] and app["manifests"] == 3
+    assert app["size"] == sum(sizes.values()) and app["blobs"] == len(sizes) - 3 and app["blobs_absent"] == 0
+    assert app["last_pull"] is None
+    # The same content as in the data directory: the same listing, whichever driver holds it.
+    on_disk = json.loads(run("ls", "-d", template.data_dir, "--json").stdout)
+    assert _local(document) == _local(on_disk)
+
+    tool = repos[f"{NS}/lib/tool"]
+    assert tool["kind"] == "mirror" and tool["upstream"] == NS and tool["repository"] == "lib/tool"
+    assert tool["tags"] == ["1.0"] and tool["manifests"] == 1
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", tool["last_pull"])   # pulled through the mirror
+    assert tool["size"] == sum(s3_template.mirror_sizes.values())
+    assert tool["blobs"] == 2 and tool["blobs_absent"] == 1
+
+    blobs = _blob_objects(before)
+    assert document["store"]["blobs"] == len(blobs) > len(sizes)
+    assert document["store"]["size"] == sum(blobs.values())
+    # ls only reads: not one object written, and no local file (S3UploadStore makes its spool folder).
+    assert await bucket_objects(s3_template.bucket) == before
+    assert files_under(str(tmp_path / "node-data")) == {}
+
+
+@pytest_twisted.ensureDeferred
+async def test_s3_table_names_the_bucket(s3_template: Filled, tmp_path: Any) -> None:
+    settings = s3_template.bucket.settings
+    blobs = _blob_objects(await bucket_objects(s3_template.bucket))
+    result = run("ls", "-c", write_s3_config(tmp_path, settings))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["REPOSITORY", "TYPE", "MANIFESTS", "SIZE", "LAST", "PULL", "TAGS"]
+    rows = {line.split()[0]: line for line in lines[1:5]}
+    assert rows["team/multi"].split()[1:3] == ["local", "3"] and rows["team/multi"].endswith(" 1.0")
+    assert f"mirror:{NS}" in rows[f"{NS}/lib/tool"]
+    assert lines[-1] == (f"4 repositories (3 local, 1 mirrored) in s3://{settings.bucket}/site-a/; "
+                         f"blob store: {len(blobs)} blobs, {human_size(sum(blobs.values()))}")
+
+
+def test_s3_errors_are_one_line(s3_template: Filled, tmp_path: Any) -> None:
+    settings = s3_template.bucket.settings
+    location = f"s3://{settings.bucket}/site-a/"
+    refused = run("ls", "-c", write_s3_config(tmp_path, attrs.evolve(settings, secret_access_key="wrong" * 8)))
+    assert refused.returncode == 3 and refused.stdout == ""
+    assert refused.stderr.startswith(f"registryd ls: {location}: object store: S3 HEAD ") and " 403 " in refused.stderr
+    assert refused.stderr.count("\n") == 1
+
+    nobody = attrs.evolve(settings, endpoint=f"http://127.0.0.1:{free_port()}", max_attempts=1)
+    unreachable = run("ls", "-c", write_s3_config(tmp_path, nobody), "--json")
+    assert unreachable.returncode == 3 and unreachable.stdout == ""
+    assert unreachable.stderr.startswith(f"registryd ls: {location}: object store: ")
+    assert unreachable.stderr.count("\n") == 1

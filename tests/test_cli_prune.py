@@ -1,5 +1,6 @@
 """``registryd prune`` (then ``registryd gc``) through the console script, on a
-data directory whose mirror cache a real registryd filled from a fake upstream."""
+data directory, and on an S3 bucket, whose mirror cache a real registryd filled
+from a fake upstream."""
 from __future__ import annotations
 
 import json
@@ -13,8 +14,10 @@ from twisted.internet.task import deferLater
 
 from fake_upstream import FakeUpstream, fake_upstream  # noqa: F401  (fixture)
 from oci_client import Client
-from registryd.config import UpstreamConfig
-from test_cli_ls import blob_file, files_under, run
+from registryd.config import StorageSettings, UpstreamConfig
+from registryd.digest import parse_digest
+from registryd.storage.s3.layout import blob_key
+from test_cli_ls import blob_file, bucket_objects, files_under, run, write_s3_config
 
 NS = "mirror.test:5000"
 DAY = 86400
@@ -161,3 +164,80 @@ def test_errors(tmp_path: Any) -> None:
     assert result.stderr == f"registryd prune: the data directory {missing} does not exist\n"
     result = run("prune", "-d", data_dir, "--older-than", "1d")
     assert result.returncode == 0 and "in 0 of 0 matching" in result.stdout
+
+
+@pytest_twisted.ensureDeferred
+async def test_s3_prune_then_gc_on_the_bucket(make_registry: Any, fake_upstream: FakeUpstream,  # noqa: F811
+                                              ceph_s3: Any, tmp_path: Any) -> None:
+    """The same command on a bucket: the config's [storage] driver = "s3", no server involved."""
+    bucket = await ceph_s3.new_bucket()
+    try:
+        registry = make_registry(upstreams=(UpstreamConfig(namespace=NS, url=fake_upstream.url),),
+                                 storage=StorageSettings("s3", s3=bucket.settings))
+        client = Client(registry.url)
+        images: dict[str, set[str]] = {}
+        manifests: dict[str, str] = {}
+        for repo, seed in (("lib/old", "old"), ("lib/keep", "keep"), ("other/x", "x")):
+            image = fake_upstream.add_image(repo, "1.0", layer_sizes=[2000], seed=seed)
+            reply = await client.get(f"/v2/{repo}/manifests/1.0?ns={NS}", headers={"Accept": image["media_type"]})
+            assert reply.status == 200, str(reply)
+            manifest = json.loads(reply.body)
+            blobs = {manifest["config"]["digest"], *(layer["digest"] for layer in manifest["layers"])}
+            for digest in blobs:
+                assert (await client.get(f"/v2/{repo}/blobs/{digest}?ns={NS}")).status == 200
+            manifests[repo] = reply.header("Docker-Content-Digest") or ""
+            images[repo] = blobs | {manifests[repo]}
+        local = await client.push_image("lib/old", "1.0", seed="local")   # a local repository of the same name
+        await deferLater(reactor, 2.1, lambda: None)   # LastModified is to the second (and pull times land)
+        config = write_s3_config(tmp_path, bucket.settings)
+        folder = f"mirror/{NS.replace(':', '_')}"
+        old = manifests["lib/old"]
+
+        # Cached seconds ago: nothing is older than an hour.
+        young = run("prune", "-c", config, "--older-than", "1h", "--pattern", "**", "--json")
+        assert young.returncode == 0, young.stderr
+        report = json.loads(young.stdout)
+        assert report["removed"] == [] and report["repositories_matched"] == 3
+        assert report["data_dir"] == f"s3://{bucket.settings.bucket}/"
+
+        before = await bucket_objects(bucket)
+        dry = run("prune", "-c", config, "--pattern", f"{NS}/lib/old", "--dry-run")
+        assert dry.returncode == 0, dry.stderr
+        assert dry.stdout.splitlines() == [
+            f"would remove tag {NS}/lib/old:1.0 -> {old}",
+            f"would remove manifest {NS}/lib/old@{old}",
+            "1 tag, 1 manifest and 0 referrer entries would be removed in 1 of 1 matching mirrored repository",
+            "blobs are not removed by prune: run `registryd gc` to reclaim the space of those no longer referenced",
+        ]
+        assert await bucket_objects(bucket) == before
+
+        result = run("prune", "-c", config, "--pattern", f"{NS}/lib/old")
+        assert result.returncode == 0, result.stderr
+        assert result.stderr == ""
+        assert result.stdout.splitlines()[:2] == [f"removed tag {NS}/lib/old:1.0 -> {old}",
+                                                  f"removed manifest {NS}/lib/old@{old}"]
+        path = old.replace(":", "/")
+        # The tag, the revision and the manifest's pull time; nothing else.
+        assert set(before) - set(await bucket_objects(bucket)) == {
+            f"{folder}/lib/old/_manifests/tags/1.0", f"{folder}/lib/old/_manifests/revisions/{path}",
+            f"{folder}/lib/old/_pulls/{path}"}
+        assert "repositories/lib/old/_manifests/tags/1.0" in before
+
+        # gc then reclaims exactly lib/old's manifest, config and layer.
+        report = json.loads(run("gc", "-c", config, "--delay", "0", "--json").stdout)
+        assert {b["digest"] for b in report["removed_blobs"]} == images["lib/old"]
+        left = await bucket_objects(bucket)
+        for digest in images["lib/keep"] | images["other/x"] | {local.digest}:
+            assert blob_key(parse_digest(digest)) in left, digest
+
+        # --older-than: everything cached over a second ago, in every matching repository; local stays.
+        report = json.loads(run("prune", "-c", config, "--older-than", "1s", "--json").stdout)
+        assert report["counts"] == {"tag": 2, "manifest": 2, "referrer": 0} and report["older_than"] == 1
+        assert {r["repository"] for r in report["removed"]} == {f"{NS}/lib/keep", f"{NS}/other/x"}
+        listing = json.loads(run("ls", "-c", config, "--json").stdout)
+        assert [(r["name"], r["tags"]) for r in listing["repositories"] if r["kind"] == "local"] == [("lib/old", ["1.0"])]
+        mirrored = [r for r in listing["repositories"] if r["kind"] == "mirror"]
+        assert {r["name"] for r in mirrored} == {f"{NS}/lib/keep", f"{NS}/other/x"}   # their blob links remain
+        assert all(r["tags"] == [] and r["manifests"] == 0 for r in mirrored)
+    finally:
+        await bucket.close()

@@ -1,4 +1,9 @@
-"""``registryd gc [--dry-run]``: mark and sweep the blob store (see registryd.upkeep.collector)."""
+"""``registryd gc [--dry-run]``: mark and sweep the blob store.
+
+The data directory: registryd.upkeep.collector, in this process. An S3
+bucket (``[storage] driver = "s3"``): one pass of registryd.upkeep.s3_collector,
+the collector every node runs, which is safe alongside them.
+"""
 from __future__ import annotations
 
 import argparse
@@ -7,11 +12,17 @@ import re
 import sys
 from typing import Any
 
+from twisted.internet.defer import Deferred
+
 from registryd.admin import EXIT_OK
-from registryd.admin.layout import add_store_arguments, open_data_dir, os_errors_reported
+from registryd.admin.inventory import log_problems_to_stderr
+from registryd.admin.layout import add_store_arguments, open_data_dir, os_errors_reported, store_errors_reported
 from registryd.admin.progress import human_size
 from registryd.admin.remote import add_remote_arguments, post_admin
+from registryd.admin.store_access import load_admin_config, run_with_store
+from registryd.config import Config
 from registryd.upkeep.collector import Collector, referenced_digests
+from registryd.upkeep.s3_collector import S3Collector
 
 __all__ = ["parse_duration", "referenced_digests"]
 
@@ -22,20 +33,21 @@ Garbage-collect the blob store. Mark: every manifest revision of every
 repository, local and mirrored, keeps its own content, its config and layers,
 its child manifests (an image index), and anything else its descriptors name;
 so do tags and referrer entries. Sweep: a blob that nothing keeps is removed
-when its file, and every repository link to it, are older than --delay
-(default 3600 seconds); then repository blob links (_blobs/...) to blobs that
-are gone, and the directories this leaves empty. Each removed blob is one line
+when it, and every repository link to it, are older than --delay (default
+3600 seconds); then repository blob links (_blobs/...) to blobs that are
+gone, and the directories this leaves empty. Each removed blob is one line
 with its size; the last line gives the bytes reclaimed. uploads/, tmp/ and
-quarantine/ are never touched. Deletions are unlinks, each made durable
-(the directory is fsynced).
+quarantine/ are never touched. On the filesystem, deletions are unlinks,
+each made durable (the directory is fsynced).
 
-Three ways to run it:
+Where it runs:
 
   --url URL   one pass inside a running server (POST /admin/gc, for an
-              admin user). The server knows which blobs its uploads,
-              pushes and mirror fills are using at that moment and keeps
-              them, so this is the safe way while it serves. The server
-              also collects by itself every [gc] interval.
+              admin user), on either storage driver. The server knows which
+              blobs its uploads, pushes and mirror fills are using at that
+              moment and keeps them, so on the filesystem this is the safe
+              way while it serves. The server also collects by itself every
+              [gc] interval.
   -d/-c       on the data directory, with the server stopped.
   -d/-c       on the data directory alongside a running server: a blob pushed
               or fetched moments ago, whose manifest has not arrived yet, is
@@ -47,6 +59,20 @@ Three ways to run it:
               re-pushed right after its manifests were deleted) can lose
               that blob; `registryd fsck` reports it and pushing the image
               again restores it. --url has no such case.
+  -c          with [storage] driver = "s3" in the config: one pass on the
+              bucket, the same collection every node runs on its own, and
+              as safe alongside running nodes. Times are the bucket's
+              LastModified (to the second), so --delay keeps blobs whose
+              manifest has not arrived yet, as above. A blob to remove is
+              first moved to trash/; then every repository is marked again,
+              and a blob a manifest committed meanwhile names, or that got
+              a new link, is put back; only the rest is purged. A push that
+              reuses a blob while it is in trash/ fails cleanly
+              (MANIFEST_BLOB_UNKNOWN), and pushing again uploads it. An
+              interrupted run (Ctrl-C) puts back every blob it removed
+              before it exits; what a crashed one left in trash/ (and the
+              copies an interrupted one was making) a later run restores or
+              purges after an hour. --json also gives "restored".
 
 To reclaim the space of mirrored images, first remove their tags and
 manifests with `registryd prune`, then run gc."""
@@ -55,9 +81,11 @@ EPILOG = """\
 exit status:
   0  done (with --dry-run: nothing was removed)
   2  bad arguments
-  3  gc could not be done: missing or unreadable data directory, bad config
-     file, permission denied, an unlink that failed; with --url: the server
-     cannot be reached or refused (not an admin, wrong password)"""
+  3  gc could not be done: missing or unreadable data directory, the S3
+     bucket cannot be reached or refused, bad config file, permission
+     denied, an unlink that failed; with --url: the server cannot be
+     reached or refused (not an admin, wrong password)
+  130  interrupted (on S3: after putting back what the run had moved)"""
 
 DEFAULT_DELAY = 3600.0
 
@@ -96,21 +124,74 @@ def _run_remote(args: argparse.Namespace) -> dict[str, Any]:
     return post_admin(args, "/admin/gc", query, "the collection")
 
 
+async def collect_on_s3(collector: S3Collector, reactor: Any) -> dict[str, Any] | None:
+    """One run of ``collector``: its report, or None when an interrupt (SIGINT, SIGTERM) cancelled it.
+
+    A cancelled run puts back every blob it moved to ``trash/`` before it
+    ends, and shutdown waits for that: without it a blob that is still
+    referenced would stay missing until a later run finds the leftover.
+    """
+    run = Deferred.fromCoroutine(collector.run())
+    ended: Deferred[None] = Deferred()
+    interrupted: list[bool] = []
+
+    def interrupt() -> Deferred[None]:
+        interrupted.append(True)
+        run.cancel()
+        return ended
+
+    trigger = reactor.addSystemEventTrigger("before", "shutdown", interrupt)
+    try:
+        await run
+    except BaseException:
+        if not interrupted:
+            raise
+    finally:
+        if interrupted:
+            ended.callback(None)
+        else:
+            reactor.removeSystemEventTrigger(trigger)
+    return None if interrupted else collector.report()
+
+
+def _run_s3(args: argparse.Namespace, config: Config) -> dict[str, Any]:
+    """One pass of the S3 collector on the configured bucket, as a node runs it."""
+    async def main(store: Any, reactor: Any) -> dict[str, Any] | None:
+        with store_errors_reported(store.location()):
+            return await collect_on_s3(S3Collector(store.client, args.delay, args.dry_run), reactor)
+
+    log_problems_to_stderr()
+    document = run_with_store(config, main)
+    assert document is not None  # an interrupted run raised AdminError("interrupted")
+    return document
+
+
+def _echo(document: dict[str, Any], dry_run: bool) -> None:
+    """The lines the filesystem collector prints as it goes, from a report."""
+    verb = "would remove" if dry_run else "removed"
+    for blob in document["removed_blobs"]:
+        print(f"{verb} blob {blob['digest']} ({human_size(blob['size'])}, {blob['size']} bytes)")
+    for link in document["removed_links"]:
+        print(f"{verb} link {link['repository']} -> {link['digest']} (its blob is gone)")
+
+
 def run(args: argparse.Namespace) -> int:
     if args.url is not None:
         document = _run_remote(args)
         if not args.json:
-            verb = "would remove" if args.dry_run else "removed"
-            for blob in document["removed_blobs"]:
-                print(f"{verb} blob {blob['digest']} ({human_size(blob['size'])}, {blob['size']} bytes)")
-            for link in document["removed_links"]:
-                print(f"{verb} link {link['repository']} -> {link['digest']} (its blob is gone)")
+            _echo(document, args.dry_run)
     else:
-        data = open_data_dir(args)
-        collector = Collector(data, args.delay, args.dry_run, echo=not args.json)
-        with os_errors_reported():
-            collector.run()
-        document = collector.report()
+        config = load_admin_config(args)
+        if config.storage.driver == "s3":
+            document = _run_s3(args, config)
+            if not args.json:
+                _echo(document, args.dry_run)
+        else:
+            data = open_data_dir(args)
+            collector = Collector(data, args.delay, args.dry_run, echo=not args.json)
+            with os_errors_reported():
+                collector.run()
+            document = collector.report()
     if args.json:
         json.dump(document, sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -120,8 +201,11 @@ def run(args: argparse.Namespace) -> int:
     blobs, links, reclaimed = document["removed_blobs"], document["removed_links"], document["bytes_reclaimed"]
     young = (f"; {_plural(document['kept_young'], 'unreferenced blob')} younger than {args.delay:g}s kept"
              if document["kept_young"] else "")
+    # S3 only: blobs moved to trash/ and put back (named again meanwhile, or a crashed run's leftovers).
+    restored = f"; {_plural(document['restored'], 'blob')} put back from trash/" if document.get("restored") else ""
     print(f"{_plural(len(blobs), 'blob')} {verb}, {human_size(reclaimed)} ({reclaimed} bytes) "
           f"{reclaim}; {_plural(len(links), 'link')} {verb}; {_plural(document['kept_referenced'], 'blob')} "
           f"in use by {_plural(document['manifests'], 'manifest')} in "
-          f"{_plural(document['repositories'], 'repository').replace('repositorys', 'repositories')}{young}")
+          f"{_plural(document['repositories'], 'repository').replace('repositorys', 'repositories')}{young}"
+          f"{restored}")
     return EXIT_OK

@@ -1,63 +1,110 @@
-"""``registryd ls``: the repositories in a data directory, read-only."""
+"""``registryd ls``: the repositories of the store, read-only, on either storage driver.
+
+One implementation over the storage interface (registryd.storage.interface),
+as the server reads: the data directory, or the S3 bucket of
+``[storage] driver = "s3"``. What a listing gives (repository names,
+revisions, tags, pull times, blob sizes) costs one listing; only manifest
+documents are read one by one, each once however many repositories hold
+it, and a bounded number at a time.
+"""
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
-from typing import Any
+from typing import Any, Awaitable, Callable, Coroutine, Mapping, TypeVar
 
 import attrs
+from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore
+from twisted.logger import FilteringLogObserver, LogLevel, LogLevelFilterPredicate, globalLogBeginner
+from twisted.logger import textFileLogObserver
 
 from registryd.admin import EXIT_OK
-from registryd.admin.layout import (
-    DataDir,
-    Repository,
-    add_store_arguments,
-    open_data_dir,
-    os_errors_reported,
-    read_file,
-    scan_repository,
-)
+from registryd.admin.layout import add_store_arguments, store_errors_reported
 from registryd.admin.progress import human_size
+from registryd.admin.store_access import load_admin_config, run_with_store
 from registryd.digest import Digest
 from registryd.errors import RegistryError
 from registryd.manifests import parse_manifest
-from registryd.storage.files import mtime_of
+from registryd.storage.interface import RepositoryBackend
+
+T = TypeVar("T")
 
 HELP = "list repositories (local and mirrored), their tags, sizes and manifest counts"
 
 DESCRIPTION = """\
-List every repository in the data directory: local (pushed) ones, then the
-mirrored ones cached from upstreams (named <upstream namespace>/<repository>,
-as cri-o and podman pull them), with their tags, the number of manifests, and
-their size: the bytes of the unique blobs their manifests reference plus the
+List every repository in the store: local (pushed) ones, then the mirrored
+ones cached from upstreams (named <upstream namespace>/<repository>, as cri-o
+and podman pull them), with their tags, the number of manifests, and their
+size: the bytes of the unique blobs their manifests reference plus the
 manifests themselves, counted once per repository (a layer shared by two
 repositories counts in both). Blobs a mirrored repository has not fetched yet
 count for nothing.
 
+The store is the one the config names: the data directory, or with
+[storage] driver = "s3" the bucket (and prefix) of [storage.s3], which every
+node shares. The last line names it and gives the size of its whole blob
+store, referenced or not.
+
 LAST PULL is when a manifest of the repository was last pulled (GET or HEAD
 of a manifest, by tag or digest), in UTC; "-" (null in --json) when none has
 been pulled since registryd began recording pulls. The server writes pull
-times at most once a second per manifest.
+times at most once a second per manifest (to the second on S3).
 
-ls only reads the data directory, so it is safe while the server is stopped
-or running alongside it (a push in progress may or may not be counted)."""
+ls only reads the store, so it is safe while the server is stopped or running
+alongside it, on this node or on others (a push in progress may or may not be
+counted)."""
 
 EPILOG = """\
 exit status:
   0  listed
   2  bad arguments
-  3  the data directory is missing or cannot be read, or the config file is bad"""
+  3  the data directory is missing or cannot be read, the S3 bucket cannot be
+     reached or refused, or the config file is bad"""
 
 _TAGS_WIDTH = 60
+#: Manifest documents (the API serves none larger than this).
+MANIFEST_LIMIT = 64 * 1024 * 1024
+#: Store calls in flight at once: S3 rewards a few parallel requests, and
+#: Agent's pool does not bound connections by itself.
+CONCURRENCY = 8
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_store_arguments(parser)
     parser.add_argument("--json", action="store_true",
                         help="print one JSON document (for scripts) instead of a table")
+
+
+def log_problems_to_stderr() -> None:
+    """Warnings and errors (a failed S3 delete, a trash copy left behind) reach the operator; nothing else."""
+    observer = FilteringLogObserver(textFileLogObserver(sys.stderr),
+                                    [LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)])
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+
+
+def mirror_namespaces(config: Any) -> dict[str, str]:
+    """Folder under ``mirror/`` -> the upstream namespace it caches, for the configured upstreams."""
+    return {u.namespace.replace(":", "_"): u.namespace for u in config.upstreams}
+
+
+def namespace_of(folder: str, namespaces: Mapping[str, str]) -> str:
+    # A namespace is a host[:port]; only the port's ':' is '_' in the store.
+    return namespaces.get(folder) or folder.replace("_", ":")
+
+
+@attrs.frozen
+class Repository:
+    """One repository: local, or a mirrored upstream repository."""
+
+    name: str               # as a client pulls it: "team/app", "docker.io/library/alpine"
+    remote: str             # its name in its backend (the upstream's name for a mirrored one)
+    upstream: str | None    # the upstream namespace of a mirrored repository
+
+    @property
+    def kind(self) -> str:
+        return "local" if self.upstream is None else "mirror"
 
 
 @attrs.frozen
@@ -86,30 +133,89 @@ class RepositorySummary:
         }
 
 
-def summarize(data: DataDir, repository: Repository) -> RepositorySummary:
-    scan = scan_repository(repository)
-    digests: set[Digest] = set(scan.revisions)
-    for revision in scan.revisions.values():
-        if revision.media_type is None:
-            continue
-        content = read_file(data.blob_path(revision.digest))
-        if content is None:
-            continue
-        try:
-            digests.update(parse_manifest(content, revision.media_type).blobs)
-        except RegistryError:
-            continue
-    size = absent = 0
-    for digest in digests:
-        try:
-            size += os.stat(data.blob_path(digest)).st_size
-        except (FileNotFoundError, NotADirectoryError):
-            absent += 1
-    tags = sorted(tag.name for tag in scan.tags)
-    blobs = len(digests - set(scan.revisions))
-    pulls = [mtime_of(repository.pull_path(digest)) for digest in scan.revisions]
-    last_pull = max((t for t in pulls if t is not None), default=None)
-    return RepositorySummary(repository, tags, len(scan.revisions), size, blobs, absent, last_pull)
+@attrs.frozen
+class Inventory:
+    """What ``ls`` found: every repository, and the whole blob store."""
+
+    location: str
+    driver: str
+    summaries: list[RepositorySummary]
+    blobs: int
+    size: int
+
+
+async def _gather(work: list[Coroutine[Any, Any, T]]) -> list[T]:
+    """Every result in order, once all have ended; the first failure is raised then
+    (never before: nothing is left running behind the caller's back)."""
+    results: list[tuple[bool, Any]] = await DeferredList([Deferred.fromCoroutine(w) for w in work],
+                                                         consumeErrors=True)
+    for ok, value in results:
+        if not ok:
+            value.raiseException()
+    return [value for _, value in results]
+
+
+class _Survey:
+    """Summarizes repositories of one store; store calls go ``CONCURRENCY`` at a time."""
+
+    def __init__(self, store: Any, sizes: dict[Digest, int]) -> None:
+        self._store = store
+        self._sizes = sizes
+        self._limit = DeferredSemaphore(CONCURRENCY)
+        #: What each manifest document names, read once for every repository that holds it.
+        self._named: dict[Digest, frozenset[Digest]] = {}
+
+    async def _call(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        async with self._limit:
+            return await fn(*args)
+
+    async def repositories(self, namespaces: Mapping[str, str]) -> list[tuple[Repository, RepositoryBackend]]:
+        """Local repositories, then mirrored ones by upstream folder, each sorted by name."""
+        local = self._store.repositories
+        found = [(Repository(name, name, None), local) for name in await local.catalog()]
+        for folder in await self._store.mirror_folders():
+            backend = self._store.mirror_repositories(folder)
+            namespace = namespace_of(folder, namespaces)
+            found += [(Repository(f"{namespace}/{remote}", remote, namespace), backend)
+                      for remote in await backend.catalog()]
+        return found
+
+    async def _named_by(self, digest: Digest) -> frozenset[Digest]:
+        """The blobs a manifest names (nothing if it is not stored, or is no manifest we parse)."""
+        if digest not in self._named:
+            content = await self._call(self._store.blobs.read, digest, MANIFEST_LIMIT)
+            named: frozenset[Digest] = frozenset()
+            if content is not None:
+                try:
+                    # The document's own mediaType (or shape) says what it is: no read of the revision.
+                    named = frozenset(parse_manifest(content, None).blobs)
+                except RegistryError:
+                    pass
+            self._named[digest] = named
+        return self._named[digest]
+
+    async def summarize(self, repository: Repository, backend: RepositoryBackend) -> RepositorySummary:
+        remote = repository.remote
+        # One after the other: repositories are summarized side by side already.
+        revisions = await self._call(backend.revisions, remote)
+        tags = await self._call(backend.tags, remote)
+        pulls = await self._call(backend.pulls, remote)
+        digests: set[Digest] = set(revisions)
+        for named in await _gather([self._named_by(digest) for digest in revisions]):
+            digests.update(named)
+        present = [self._sizes[d] for d in digests if d in self._sizes]
+        last_pull = max((pulls[d] for d in revisions if d in pulls), default=None)
+        return RepositorySummary(repository, sorted(tags or []), len(revisions), sum(present),
+                                 len(digests - set(revisions)), len(digests) - len(present), last_pull)
+
+
+async def take_inventory(store: Any, namespaces: Mapping[str, str]) -> Inventory:
+    """Every repository of ``store`` summarized, and its blob store measured (one listing)."""
+    sizes = await store.blob_sizes()
+    survey = _Survey(store, sizes)
+    repositories = await survey.repositories(namespaces)
+    summaries = await _gather([survey.summarize(repository, backend) for repository, backend in repositories])
+    return Inventory(store.location(), store.driver, summaries, len(sizes), sum(sizes.values()))
 
 
 def _iso(when: float | None) -> str | None:
@@ -143,19 +249,23 @@ def _table(rows: list[list[str]]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    data = open_data_dir(args)
-    store_blobs = store_size = 0
-    with os_errors_reported():
-        summaries = [summarize(data, repository) for repository in data.repositories()]
-        for blob in data.blob_files([]):
-            store_blobs += 1
-            store_size += blob.size
+    config = load_admin_config(args)
+    namespaces = mirror_namespaces(config)
+
+    async def main(store: Any, reactor: Any) -> Inventory:
+        with store_errors_reported(store.location()):
+            return await take_inventory(store, namespaces)
+
+    log_problems_to_stderr()
+    found = run_with_store(config, main)
+    summaries = found.summaries
     local = sum(1 for s in summaries if s.repository.kind == "local")
     if args.json:
         document = {
-            "data_dir": data.root,
+            "data_dir": found.location,     # the name scripts know; s3://bucket/prefix on S3
+            "driver": found.driver,
             "repositories": [s.document() for s in summaries],
-            "store": {"blobs": store_blobs, "size": store_size},
+            "store": {"location": found.location, "blobs": found.blobs, "size": found.size},
         }
         json.dump(document, sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -170,6 +280,6 @@ def run(args: argparse.Namespace) -> int:
         print(_table(rows))
         print()
     noun = "repository" if len(summaries) == 1 else "repositories"
-    print(f"{len(summaries)} {noun} ({local} local, {len(summaries) - local} mirrored) in {data.root}; "
-          f"blob store: {store_blobs} blobs, {human_size(store_size)}")
+    print(f"{len(summaries)} {noun} ({local} local, {len(summaries) - local} mirrored) in {found.location}; "
+          f"blob store: {found.blobs} blobs, {human_size(found.size)}")
     return EXIT_OK

@@ -303,6 +303,46 @@ def os_errors_reported() -> Iterator[None]:
         raise AdminError(f"I/O error on{where}: {e.strerror or e}") from None
 
 
+@contextlib.contextmanager
+def store_errors_reported(location: str) -> Iterator[None]:
+    """``os_errors_reported``, and a store that fails to answer, as one line (exit status 3).
+
+    For commands that work through the storage interface: on S3 a read or a
+    write can fail with the object store's own error (an access denied, a
+    store that cannot be reached); ``location`` says which store.
+    """
+    from registryd.storage.s3.errors import S3Error, S3Unavailable
+
+    with os_errors_reported():
+        try:
+            yield
+        except (S3Error, S3Unavailable) as e:
+            raise AdminError(f"{location}: {e}") from None
+
+
+@contextlib.contextmanager
+def no_empty_dirs_left(root: str, keep: bool = False) -> Iterator[None]:
+    """If ``root`` does not exist before: afterwards, remove the empty directories left in it.
+
+    Opening a store may make its local directories (the S3 store makes
+    ``tmp/uploads/``); a command that found no data directory, and failed or
+    had nothing to keep, should not leave one behind. Only empty directories
+    go; ``keep`` (the command did what it should) keeps them all.
+    """
+    existed = os.path.lexists(root)
+    ok = False
+    try:
+        yield
+        ok = True
+    finally:
+        if not existed and not (keep and ok):
+            for directory, _, _ in os.walk(root, topdown=False):
+                try:
+                    os.rmdir(directory)
+                except OSError:
+                    pass
+
+
 def open_data_dir(args: argparse.Namespace) -> DataDir:
     """The data directory ``--config``/``--data-dir`` name, checked to be one."""
     from registryd.config import ConfigError, load_config

@@ -1,37 +1,29 @@
 """``registryd prune``: drop cached tags and manifests of mirrored repositories.
 
-Only ``mirror/<namespace>/...`` is touched, and only its tag and manifest
-revision files (with the referrer entries of removed manifests); blobs stay
-for ``registryd gc``, which removes them once nothing references them.
-With ``--url`` the server does the same (registryd.upkeep.online_prune), on
-either storage driver, and this prints its report.
+Only the mirror cache (``mirror/<namespace>/...``) is touched, and only its
+tags and manifest revisions (with the referrer entries and pull times of
+removed manifests); blobs stay for ``registryd gc``, which removes them once
+nothing references them.
+
+One implementation for every way it runs: registryd.upkeep.online_prune,
+over the storage interface. With ``--url`` a server runs it
+(``POST /admin/prune``) and this prints its report; without, this process
+runs it on the store the config names, the data directory or the S3 bucket.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
-import time
 from typing import Any
 
 from registryd.admin import EXIT_USAGE, EXIT_OK, AdminError
-from registryd.admin.gc import parse_duration, referenced_digests
+from registryd.admin.gc import parse_duration
+from registryd.admin.inventory import log_problems_to_stderr, mirror_namespaces, namespace_of
+from registryd.admin.layout import add_store_arguments, store_errors_reported
 from registryd.admin.remote import add_remote_arguments, post_admin
-from registryd.admin.layout import (
-    DataDir,
-    Repository,
-    RepositoryScan,
-    add_store_arguments,
-    open_data_dir,
-    os_errors_reported,
-    read_file,
-    read_tag,
-    scan_repository,
-)
-from registryd.digest import Digest
-from registryd.storage.files import mtime_of, prune_empty_dirs, unlink_durably
+from registryd.admin.store_access import load_admin_config, run_with_store
 
 HELP = "remove cached tags and manifests of mirrored repositories (--older-than, --unused-for, --pattern)"
 
@@ -56,20 +48,23 @@ Blobs are not removed by prune: layers may be shared with content that is
 kept. Run `registryd gc` afterwards to reclaim the space of blobs nothing
 references any more.
 
-With --url, prune works inside a running server (POST /admin/prune, for an
-admin user), on either storage driver: the way to prune a mirror cache in a
-shared S3 bucket. Without --url, it works on the data directory (filesystem
-driver), with the server stopped or alongside a running server. Either way it
-only removes mirror tags and manifest revisions, re-checks each one's age just
-before, and a pull that needs them fetches them again from the upstream."""
+Without --url, prune works on the store the config names: the data
+directory, or with [storage] driver = "s3" the bucket every node shares. With
+--url URL, it works inside a running server (POST /admin/prune, for an admin
+user). Both run the same code, on either driver, with the servers stopped or
+alongside a running server: prune only removes mirror tags and manifest
+revisions (through the storage interface, as the server would), re-checks
+each one's age just before, and a pull that needs them fetches them again
+from the upstream. The removals are listed once the prune is done."""
 
 EPILOG = """\
 exit status:
   0  done (with --dry-run: nothing was removed)
   2  bad arguments (a bad duration, or none of --older-than, --unused-for, --pattern)
-  3  prune could not be done: missing or unreadable data directory, bad
-     config file, permission denied, an unlink that failed; with --url: the
-     server cannot be reached or refused (not an admin, wrong password)"""
+  3  prune could not be done: missing or unreadable data directory, the S3
+     bucket cannot be reached or refused, bad config file, permission denied,
+     an unlink that failed; with --url: the server cannot be reached or
+     refused (not an admin, wrong password)"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -122,89 +117,6 @@ def describe(entry: dict[str, Any]) -> str:
     return f"manifest {entry['repository']}@{entry['digest']}"
 
 
-class Pruner:
-    def __init__(self, data: DataDir, cutoff: float, dry_run: bool, echo: bool,
-                 unused_cutoff: float | None = None) -> None:
-        self.data = data
-        self.cutoff = cutoff
-        self.unused_cutoff = unused_cutoff
-        self.dry_run = dry_run
-        self.echo = echo
-        self.verb = "would remove" if dry_run else "removed"
-        self.removed: list[dict[str, Any]] = []
-
-    def _old(self, repository: Repository, path: str, digest: Digest | None) -> bool:
-        """Cached before the --older-than cutoff, and neither cached nor pulled since --unused-for."""
-        mtime = mtime_of(path)
-        if mtime is None or mtime >= self.cutoff:
-            return False
-        if self.unused_cutoff is None:
-            return True
-        pulled = mtime_of(repository.pull_path(digest)) if digest is not None else None
-        return max(mtime, pulled or 0.0) < self.unused_cutoff
-
-    def _report(self, kind: str, scan: RepositoryScan, path: str, digest: Digest | None,
-                tag: str | None = None, subject: Digest | None = None) -> None:
-        entry: dict[str, Any] = {"kind": kind, "repository": scan.repository.name,
-                                 "path": self.data.rel(path)}
-        if tag is not None:
-            entry["tag"] = tag
-        if digest is not None:
-            entry["digest"] = str(digest)
-        if subject is not None:
-            entry["subject"] = str(subject)
-        self.removed.append(entry)
-        if self.echo:
-            print(f"{self.verb} {describe(entry)}", flush=True)
-
-    def prune(self, scan: RepositoryScan) -> None:
-        repo = scan.repository
-        kept_tags: list[Digest] = []
-        for tag in scan.tags:
-            if not self._old(repo, tag.path, tag.digest):
-                if tag.digest is not None:
-                    kept_tags.append(tag.digest)
-                continue
-            # Re-checked: the upstream may have confirmed it since the scan.
-            if self.dry_run or (self._old(repo, tag.path, tag.digest) and unlink_durably(tag.path)):
-                self._report("tag", scan, tag.path, tag.digest, tag.name)
-        # Tags written meanwhile (not in the scan) keep their manifests too.
-        tags_dir = os.path.join(repo.path, "_manifests", "tags")
-        if not self.dry_run and os.path.isdir(tags_dir):
-            for name in os.listdir(tags_dir):
-                digest = read_tag(name, os.path.join(tags_dir, name)).digest
-                if digest is not None:
-                    kept_tags.append(digest)
-
-        keep: set[Digest] = set()
-        todo = kept_tags + [d for d, r in scan.revisions.items() if not self._old(repo, r.path, d)]
-        while todo:
-            digest = todo.pop()
-            if digest in keep or digest not in scan.revisions:
-                continue
-            keep.add(digest)
-            content = read_file(self.data.blob_path(digest))
-            if content is not None:
-                todo.extend(referenced_digests(content))
-        doomed = {d: r for d, r in scan.revisions.items() if d not in keep}
-
-        for referrer in scan.referrers:
-            if referrer.digest in doomed:
-                if self.dry_run or unlink_durably(referrer.path):
-                    if not self.dry_run:
-                        prune_empty_dirs(os.path.dirname(referrer.path), os.path.join(repo.path, "_referrers"))
-                    self._report("referrer", scan, referrer.path, referrer.digest, subject=referrer.subject)
-        for digest, revision in sorted(doomed.items(), key=lambda item: str(item[0])):
-            if self.dry_run or (self._old(repo, revision.path, digest) and unlink_durably(revision.path)):
-                if not self.dry_run:
-                    prune_empty_dirs(os.path.dirname(revision.path),
-                                     os.path.join(repo.path, "_manifests", "revisions"))
-                    pull = repo.pull_path(digest)
-                    if unlink_durably(pull):
-                        prune_empty_dirs(os.path.dirname(pull), os.path.join(repo.path, "_pulls"))
-                self._report("manifest", scan, revision.path, digest)
-
-
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
@@ -219,38 +131,35 @@ def _run_remote(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run_local(args: argparse.Namespace) -> dict[str, Any]:
-    data = open_data_dir(args)
-    patterns = [compile_glob(p) for p in args.pattern]
-    cutoff = time.time() - args.older_than if args.older_than is not None else float("inf")
-    unused_cutoff = time.time() - args.unused_for if args.unused_for is not None else None
-    pruner = Pruner(data, cutoff, args.dry_run, echo=not args.json, unused_cutoff=unused_cutoff)
-    matched = 0
-    with os_errors_reported():
-        for repository in data.repositories():
-            if repository.upstream is None:
-                continue  # local content is never pruned
-            if patterns and not any(p.fullmatch(repository.name) for p in patterns):
-                continue
-            matched += 1
-            pruner.prune(scan_repository(repository))
-    kinds = {kind: sum(1 for r in pruner.removed if r["kind"] == kind) for kind in ("tag", "manifest", "referrer")}
-    return {"data_dir": data.root, "dry_run": args.dry_run, "older_than": args.older_than,
-            "unused_for": args.unused_for, "patterns": args.pattern, "repositories_matched": matched,
-            "removed": pruner.removed, "counts": kinds}
+    """Prune the configured store in this process, as a server does for POST /admin/prune."""
+    from registryd.upkeep.online_prune import MIN_MANIFEST_LIMIT, OnlinePruner, PruneSelection
+
+    config = load_admin_config(args)
+    namespaces = mirror_namespaces(config)
+    selection = PruneSelection(args.older_than, args.unused_for, tuple(args.pattern), args.dry_run)
+    # Nothing larger than max_manifest_size was cached; a document cut short would hide an index's children.
+    limit = max(config.max_manifest_size, MIN_MANIFEST_LIMIT)
+
+    async def main(store: Any, reactor: Any) -> dict[str, Any]:
+        with store_errors_reported(store.location()):
+            # Every upstream folder in the store, configured or not (as `registryd ls` lists them).
+            mirrors = {namespace_of(folder, namespaces): store.mirror_repositories(folder)
+                       for folder in await store.mirror_folders()}
+            return await OnlinePruner(mirrors, store.blobs, store.location(), limit).run(selection)
+
+    log_problems_to_stderr()
+    return run_with_store(config, main)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.older_than is None and args.unused_for is None and not args.pattern:
         raise AdminError("give --older-than DURATION, --unused-for DURATION, --pattern GLOB or several "
                          "(--pattern '**' selects the whole mirror cache)", EXIT_USAGE)
-    if args.url is not None:
-        document = _run_remote(args)
-        if not args.json:
-            verb = "would remove" if args.dry_run else "removed"
-            for entry in document["removed"]:
-                print(f"{verb} {describe(entry)}")
-    else:
-        document = _run_local(args)
+    document = _run_remote(args) if args.url is not None else _run_local(args)
+    if not args.json:
+        verb = "would remove" if args.dry_run else "removed"
+        for entry in document["removed"]:
+            print(f"{verb} {describe(entry)}")
     if args.json:
         json.dump(document, sys.stdout, indent=2)
         sys.stdout.write("\n")

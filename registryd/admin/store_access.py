@@ -88,7 +88,11 @@ async def open_admin_store(config: Config, reactor: Any, pool: Any, allow_empty:
 
     if config.storage.driver != "s3":
         check_data_dir(config.data_dir, allow_empty)
-    store = open_store(config, pool, reactor)
+    try:
+        store = open_store(config, pool, reactor)   # the S3 store makes its spool folder in tmp/
+    except OSError as e:
+        raise AdminError(f"the data directory {config.data_dir} is not usable: {e.filename}: "
+                         f"{e.strerror}") from None
     problem = await store.check_backend()
     if problem is not None:
         await store.close()

@@ -1,11 +1,10 @@
-"""``registryd prune`` inside a running server (``POST /admin/prune``), on either storage driver.
+"""``registryd prune``, in a running server (``POST /admin/prune``) or in the command, on either storage driver.
 
-Why it exists: the offline command (registryd.admin.prune) reads the data
-directory, and with ``[storage] driver = "s3"`` the mirror cache is not
-there but in a bucket every node shares. This pruner applies the same rules
-and returns the same report (``registryd prune --json``), but reads and
-deletes only through MirrorCache's per-upstream RepositoryBackends and the
-store's BlobBackend, so the driver does not matter.
+With ``[storage] driver = "s3"`` the mirror cache is not in the data
+directory but in a bucket every node shares, so this pruner reads and
+deletes only through per-upstream RepositoryBackends (MirrorCache's in a
+server, the store's mirror folders in ``registryd prune``) and the store's
+BlobBackend: the driver does not matter. Its report is ``registryd prune --json``.
 
 The rules, as ``registryd prune --help`` gives them: in the repositories
 matching a pattern, a tag or manifest revision goes when it was written (a
@@ -14,9 +13,9 @@ written nor pulled since ``now - unused_for``; a manifest that a kept tag
 points at, or that a kept manifest names (an index's children), stays.
 Local repositories are never looked at, and blobs are left to gc.
 
-Each removal is re-checked just before it is made, as the offline command
-does, against times read again then: a tag the upstream confirmed, or a
-manifest a client pulled or the mirror cached again, meanwhile stays.
+Each removal is re-checked just before it is made, against times read
+again then: a tag the upstream confirmed, or a manifest a client pulled or
+the mirror cached again, meanwhile stays.
 """
 from __future__ import annotations
 
@@ -87,7 +86,7 @@ class PruneSelection:
 
 @attrs.define
 class _Repository:
-    """One mirrored repository's prune: registryd.admin.prune.Pruner.prune, through its backend."""
+    """One mirrored repository's prune, through its backend."""
 
     backend: RepositoryBackend
     blobs: BlobBackend

@@ -46,7 +46,7 @@ from twisted.logger import Logger
 from registryd.digest import Digest
 from registryd.storage.guard import BlobGuard
 from registryd.storage.s3.client import S3Client
-from registryd.storage.s3.errors import S3Error
+from registryd.storage.s3.errors import S3Error, S3Unavailable
 from registryd.storage.s3.layout import blob_key
 from registryd.upkeep.collector import Collection
 from registryd.upkeep.s3_marker import BlobEntry, S3Marker, TrashEntry, each, list_blobs, list_trash, trash_key
@@ -189,12 +189,18 @@ class S3Collector:
         key = trash_key(self.run_id, blob.digest)
         try:
             await self._client.copy_large(blob.key, key, blob.size)
+            info = await self._client.head_object(blob.key)
         except S3Error as e:
             if e.status != 404:
+                await self._drop_copy(key)
                 raise
             gone.add(blob.digest)
             return
-        info = await self._client.head_object(blob.key)
+        except BaseException:
+            # Cancelled (an interrupted `registryd gc`) or failed: the original is
+            # still in place, so a copy in trash/ would only be clutter.
+            await self._drop_copy(key)
+            raise
         rewritten = info is not None and (info.last_modified is None or blob.last_modified is None
                                           or info.last_modified >= math.floor(blob.last_modified) + 1)
         if info is None or rewritten or self._claimed(blob.digest):
@@ -207,6 +213,13 @@ class S3Collector:
         # Recorded before the delete: a failure from here on puts it back.
         moved[blob.digest] = _Moved(blob, key)
         await self._client.delete_object(blob.key)
+
+    async def _drop_copy(self, key: str) -> None:
+        """Best effort: a copy left behind is purged by a later run anyway."""
+        try:
+            await self._client.delete_object(key)
+        except (S3Error, S3Unavailable):
+            pass
 
     async def _remark(self) -> None:
         """The second mark, once every move is done (tests hook in before it)."""
