@@ -1,14 +1,16 @@
-"""Admin subcommands that work on the data directory itself.
+"""Admin subcommands: ls, fsck, gc, prune, preload, export, import.
 
-- ``layout``: the data directory as these commands read it (repositories,
-  local and mirrored, their links, revisions, tags and referrers; blobs).
-- ``inventory``: ``registryd ls``.
-- ``fsck``: ``registryd fsck [--repair]``.
+- ``store_access``: the configured store (the data directory, or the S3
+  bucket of ``[storage] driver = "s3"``) opened through the storage
+  interface, as the server opens it; ls, prune, preload, export and import
+  work through it on either driver.
+- ``layout``: the data directory as fsck, the offline gc and the upkeep read
+  it (repositories, local and mirrored, their links, revisions, tags and
+  referrers; blobs); ``fsck_s3`` reads a bucket the same way.
+- ``remote``: ``--url``, for commands that ask a running server to do the work.
 - ``progress``: a progress bar on stderr, only when it is a terminal.
 
-They never need the server: they read files, and the only writes are
-``fsck --repair``'s renames into ``quarantine/``. Problems that stop a
-command raise AdminError (one line, exit status 3).
+Problems that stop a command raise AdminError (one line, exit status 3).
 """
 from __future__ import annotations
 

@@ -34,8 +34,9 @@ _MARKERS = ("_manifests", "_blobs")
 def add_store_arguments(parser: argparse.ArgumentParser) -> None:
     """``--config`` and ``--data-dir``, as ``twistd registryd`` takes them."""
     parser.add_argument("-c", "--config", metavar="FILE",
-                        help="the registryd TOML config file: its data_dir, and its upstreams to "
-                             "name mirrored repositories")
+                        help="the registryd TOML config file: its data_dir or its [storage] "
+                             "section (driver = \"s3\": the bucket), and its upstreams to name "
+                             "mirrored repositories")
     parser.add_argument("-d", "--data-dir", metavar="DIR",
                         help="the data directory (overrides the config file's data_dir); without "
                              "either option, the default that `twistd registryd` uses")
@@ -152,38 +153,52 @@ def _read_revision(digest: Digest, path: str) -> Revision:
     data = read_file(path)
     if data is None:
         return Revision(digest, path, None, "the revision file cannot be read")
+    return parse_revision(digest, path, data)
+
+
+def parse_revision(digest: Digest, where: str, data: bytes) -> Revision:
+    """A revision file's content (``{"mediaType": ...}``), from a file or an object at ``where``."""
     try:
         media_type = json.loads(data)["mediaType"]
     except (ValueError, UnicodeDecodeError, KeyError, TypeError):
-        return Revision(digest, path, None, 'the revision file is not JSON {"mediaType": ...}')
+        return Revision(digest, where, None, 'the revision file is not JSON {"mediaType": ...}')
     if not isinstance(media_type, str):
-        return Revision(digest, path, None, "the revision file's mediaType is not a string")
-    return Revision(digest, path, media_type)
+        return Revision(digest, where, None, "the revision file's mediaType is not a string")
+    return Revision(digest, where, media_type)
 
 
 def read_tag(name: str, path: str) -> Tag:
     data = read_file(path)
     if data is None:
         return Tag(name, path, None, "the tag file cannot be read")
+    return parse_tag(name, path, data)
+
+
+def parse_tag(name: str, where: str, data: bytes) -> Tag:
+    """A tag file's content: the digest it points at."""
     try:
-        return Tag(name, path, parse_digest(data.decode("utf-8").strip()))
+        return Tag(name, where, parse_digest(data.decode("utf-8").strip()))
     except (UnicodeDecodeError, RegistryError):
-        return Tag(name, path, None, f"the tag file does not hold a digest: {data[:80]!r}")
+        return Tag(name, where, None, f"the tag file does not hold a digest: {data[:80]!r}")
 
 
 def _read_referrer(subject: Digest | None, path: str) -> Referrer:
-    algorithm, _, hexpart = os.path.basename(path).partition("-")
+    return parse_referrer(subject, path, read_file(path))
+
+
+def parse_referrer(subject: Digest | None, where: str, data: bytes | None) -> Referrer:
+    """A referrer entry ``.../<subject alg>/<subject hex>/<alg>-<hex>``: the descriptor of its manifest."""
+    algorithm, _, hexpart = where.rpartition("/")[2].partition("-")
     digest = digest_or_none(algorithm, hexpart)
     if subject is None or digest is None:
-        return Referrer(path, subject, digest, "unexpected entry name")
-    data = read_file(path)
+        return Referrer(where, subject, digest, "unexpected entry name")
     try:
         document = json.loads(data) if data is not None else None
     except (ValueError, UnicodeDecodeError):
         document = None
     if not isinstance(document, dict) or document.get("digest") != str(digest):
-        return Referrer(path, subject, digest, "the entry is not the descriptor of its manifest")
-    return Referrer(path, subject, digest)
+        return Referrer(where, subject, digest, "the entry is not the descriptor of its manifest")
+    return Referrer(where, subject, digest)
 
 
 def _digest_files(directory: str, unexpected: list[str]) -> Iterator[tuple[Digest, str]]:

@@ -13,7 +13,7 @@ read then, or layers of a manifest committed meanwhile would look unused.
 """
 from __future__ import annotations
 
-from typing import Awaitable, Callable, Iterable, Mapping, Sequence, TypeVar
+from typing import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence, TypeVar
 
 import attrs
 from twisted.internet.defer import Deferred, DeferredList
@@ -70,7 +70,7 @@ def trash_key(run: str, digest: Digest) -> str:
     return f"{TRASH}{run}/{blob_key(digest)[len(BLOBS):]}"
 
 
-def _blob_digest(parts: Sequence[str]) -> Digest | None:
+def blob_digest(parts: Sequence[str]) -> Digest | None:
     """``<alg>/<2 hex>/<hex>`` as under ``blobs/``, or None."""
     if len(parts) != 3:
         return None
@@ -78,13 +78,18 @@ def _blob_digest(parts: Sequence[str]) -> Digest | None:
     return digest if digest is not None and digest.hex[:2] == parts[1] else None
 
 
-async def list_blobs(client: S3Client) -> dict[Digest, BlobEntry]:
-    """Every object under ``blobs/`` that is named by its digest (anything else is fsck's business)."""
+async def list_blobs(client: S3Client, unexpected: list[ObjectEntry] | None = None) -> dict[Digest, BlobEntry]:
+    """Every object under ``blobs/`` that is named by its digest.
+
+    Anything else is fsck's business: it goes to ``unexpected`` when given.
+    """
     found: dict[Digest, BlobEntry] = {}
     async for entry in client.list_objects(BLOBS):
-        digest = _blob_digest(entry.key[len(BLOBS):].split("/"))
+        digest = blob_digest(entry.key[len(BLOBS):].split("/"))
         if digest is not None:
             found[digest] = BlobEntry(digest, entry.key, entry.size, entry.last_modified)
+        elif unexpected is not None:
+            unexpected.append(entry)
     return found
 
 
@@ -93,32 +98,67 @@ async def list_trash(client: S3Client) -> dict[Digest, list[TrashEntry]]:
     found: dict[Digest, list[TrashEntry]] = {}
     async for entry in client.list_objects(TRASH):
         run, _, rest = entry.key[len(TRASH):].partition("/")
-        digest = _blob_digest(rest.split("/"))
+        digest = blob_digest(rest.split("/"))
         if run and digest is not None:
             found.setdefault(digest, []).append(TrashEntry(digest, entry.key, run, entry.size, entry.last_modified))
     return found
 
 
-def repository_place(key: str) -> tuple[str, str, list[str]] | None:
-    """``(repository name, marker folder, rest)`` of a key under ``repositories/`` or ``mirror/``.
+@attrs.frozen
+class RepositoryKey:
+    """Where a key under ``repositories/`` or ``mirror/<folder>/`` sits in its repository."""
+
+    root: str               # "repositories/" or "mirror/<folder>/"
+    folder: str | None      # the mirror folder (a namespace with ':' as '_'); None for a local repository
+    remote: str             # the repository's path under ``root``
+    marker: str             # the first component that starts with '_': "_manifests", "_blobs", ...
+    rest: list[str]         # the components after the marker
+
+
+def split_repository_key(key: str) -> RepositoryKey | None:
+    """A key under ``repositories/`` or ``mirror/`` taken apart, or None if it is in no repository.
 
     Name components never start with ``_``: the first one that does is the marker.
     """
+    folder: str | None = None
     if key.startswith(REPOSITORIES):
-        namespace, rest = "", key[len(REPOSITORIES):]
+        root = REPOSITORIES
     elif key.startswith(MIRROR):
-        folder, _, rest = key[len(MIRROR):].partition("/")
-        # As DataDir.namespace: only a port's ':' is '_' in a stored namespace.
-        namespace = folder.replace("_", ":") + "/"
+        folder = key[len(MIRROR):].partition("/")[0]
+        if not folder:
+            return None
+        root = f"{MIRROR}{folder}/"
     else:
         return None
-    parts = rest.split("/")
+    parts = key[len(root):].split("/")
     for index, part in enumerate(parts):
         if part.startswith("_"):
             if index == 0:
                 return None
-            return namespace + "/".join(parts[:index]), part, parts[index + 1:]
+            return RepositoryKey(root, folder, "/".join(parts[:index]), part, parts[index + 1:])
     return None
+
+
+def repository_place(key: str) -> tuple[str, str, list[str]] | None:
+    """``(repository name, marker folder, rest)`` of a key under ``repositories/`` or ``mirror/``."""
+    place = split_repository_key(key)
+    if place is None:
+        return None
+    # As DataDir.namespace: only a port's ':' is '_' in a stored namespace.
+    namespace = "" if place.folder is None else place.folder.replace("_", ":") + "/"
+    return namespace + place.remote, place.marker, place.rest
+
+
+async def repository_entries(client: S3Client) -> AsyncIterator[tuple[RepositoryKey, ObjectEntry]]:
+    """Every key in a repository, local ones then mirrored ones: one flat listing of each root.
+
+    Keys in no repository (fsck's business) are left out.
+    """
+    for root in (REPOSITORIES, MIRROR):
+        async for entry in client.list_objects(root):
+            place = split_repository_key(entry.key)
+            if place is not None:
+                yield place, entry
 
 
 @attrs.define
@@ -199,19 +239,25 @@ class S3Marker:
         self.manifests += len(entries)
 
     async def _document(self, digest: Digest, trash: Mapping[Digest, Sequence[TrashEntry]]) -> bytes | None:
-        """The manifest document from ``blobs/``, a trash copy, or ``blobs/`` again (restored meanwhile).
+        """ObjectTooLarge propagates: a document we cannot read whole could
+        name anything, so the collection stops rather than guess."""
+        return await read_document(self.client, digest, trash)
 
-        ObjectTooLarge propagates: a document we cannot read whole could
-        name anything, so the collection stops rather than guess.
-        """
-        content = await self.client.get_small(blob_key(digest), MANIFEST_LIMIT)
-        for entry in trash.get(digest, ()):
-            if content is not None:
-                break
-            content = await self.client.get_small(entry.key, MANIFEST_LIMIT)
-        if content is None and trash.get(digest):
-            content = await self.client.get_small(blob_key(digest), MANIFEST_LIMIT)
-        return content
+
+async def read_document(client: S3Client, digest: Digest,
+                        trash: Mapping[Digest, Sequence[TrashEntry]]) -> bytes | None:
+    """A manifest document from ``blobs/``, a trash copy, or ``blobs/`` again (restored meanwhile).
+
+    None when it is nowhere; ObjectTooLarge past MANIFEST_LIMIT.
+    """
+    content = await client.get_small(blob_key(digest), MANIFEST_LIMIT)
+    for entry in trash.get(digest, ()):
+        if content is not None:
+            break
+        content = await client.get_small(entry.key, MANIFEST_LIMIT)
+    if content is None and trash.get(digest):
+        content = await client.get_small(blob_key(digest), MANIFEST_LIMIT)
+    return content
 
 
 async def each(items: Iterable[T], work: Callable[[T], Awaitable[object]], concurrency: int = CONCURRENCY,
