@@ -1,10 +1,14 @@
-"""``registryd export`` and ``registryd import`` through the console script.
+"""``registryd export`` and ``registryd import`` through the console script, on both drivers.
 
 A real ``twistd -n registryd`` fills the source data directory over HTTP
 (once per module) and serves what was imported; the real skopeo reads what
 export writes and writes layouts import takes; the reference registry is the
-upstream of the mirror case. Everything here blocks: every server is a
-process of its own.
+upstream of the mirror case. Those tests block: every server is a process of
+its own.
+
+The S3 tests (at the end) run the commands on buckets of the session's Ceph,
+beside a registryd running in this process on the same bucket: the commands
+run in a thread, so the reactor keeps serving meanwhile.
 """
 from __future__ import annotations
 
@@ -19,14 +23,24 @@ from typing import Any, Callable
 
 import attrs
 import pytest
+import pytest_twisted
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThread
 
 from conftest import start_twistd, stop_process
 from e2e import oci_layout as oci
 from e2e.skopeo_cli import Skopeo, find_skopeo
+from oci_client import Client
+from registryd.admin.export import HIGH_WATER, BlobConsumer
+from registryd.admin.oci_layout import ContentError, DirectoryWriter
+from registryd.config import StorageSettings
+from registryd.digest import parse_digest
 from syncclient import push_blob, request, sha256
 from test_cli_ls import REGISTRYD, files_under, run
+import upstreams
 from upstreams import push_image as push_upstream_image
-from upstreams import reference_upstream  # noqa: F401  (fixture)
+
+reference_upstream = upstreams.reference_upstream   # the fixture, for this module's tests
 
 ARM64 = {"os": "linux", "architecture": "arm64"}
 
@@ -579,7 +593,8 @@ def test_damaged_store_leaves_nothing_behind(damage: str, source: Source, tmp_pa
         words = (f"team/big:2.0: blob {layer} is damaged: it does not match its digest", "registryd fsck")
     else:
         os.unlink(blob)
-        words = (f"team/big:2.0: blob {layer} is missing from the data directory",)
+        # The message names the store it looked in (a data directory, or s3://bucket/prefix).
+        words = (f"team/big:2.0: blob {layer} is missing from {data_dir} (run `registryd fsck`)",)
     for output in ("layout", "layout.tar"):
         result = run("export", "-d", data_dir, "--image", "team/app:1.0", "--image", "team/big:2.0", "-o",
                      str(tmp_path / output))
@@ -609,3 +624,371 @@ def test_progress_bar_only_on_a_terminal(source: Source, tmp_path: Any) -> None:
     assert b"registryd export: copying blobs [" in seen and b"%" in seen
     assert seen.endswith(b"\r\x1b[K"), seen[-40:]
     assert "copying" not in out and out.startswith("exported team/big:2.0 ")
+
+
+# --- the blob consumer of export, without a reactor ---------------------------------
+
+
+class FakeProducer:
+    """What BlobSource.send registers: records what the consumer asks of it."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def pauseProducing(self) -> None:
+        self.calls.append("pause")
+
+    def resumeProducing(self) -> None:
+        self.calls.append("resume")
+
+    def stopProducing(self) -> None:
+        self.calls.append("stop")
+
+
+class ManualPool:
+    """An IO pool that runs each call only when the test says: a disk exactly as slow as wanted."""
+
+    def __init__(self) -> None:
+        self.queue: list[tuple[Callable[..., Any], tuple[Any, ...], Deferred[Any]]] = []
+
+    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        done: Deferred[Any] = Deferred()
+        self.queue.append((fn, args, done))
+        return await done
+
+    def step(self) -> None:
+        fn, args, done = self.queue.pop(0)
+        try:
+            result = fn(*args)
+        except Exception as e:
+            done.errback(e)
+        else:
+            done.callback(result)
+
+
+CHUNK = 64 * 1024
+
+
+def test_blob_consumer_pauses_the_download_while_the_disk_is_behind(tmp_path: Any) -> None:
+    data = bytes(range(256)) * ((HIGH_WATER + 3 * CHUNK) // 256)
+    digest = parse_digest(sha256(data))
+    writer = DirectoryWriter(str(tmp_path / "layout"))
+    pool, producer, written = ManualPool(), FakeProducer(), []
+    consumer = BlobConsumer(writer.open_blob(digest, len(data)), pool, written.append)
+    consumer.registerProducer(producer, True)
+    chunks = [data[i:i + CHUNK] for i in range(0, len(data), CHUNK)]
+    consumer.write(chunks[0])
+    assert len(pool.queue) == 1 and producer.calls == []    # the first write is under way at once
+    for i, chunk in enumerate(chunks[1:], start=1):
+        consumer.write(chunk)
+        # Paused exactly when what waits for the disk reaches HIGH_WATER (the first chunk is being written).
+        assert producer.calls == (["pause"] if i * CHUNK >= HIGH_WATER else []), i
+    assert len(pool.queue) == 1                             # one write at a time
+    pool.step()                                             # the first chunk is on disk; the rest is one batch
+    assert producer.calls == ["pause"] and len(pool.queue) == 1
+    pool.step()                                             # nothing waits any more
+    assert producer.calls == ["pause", "resume"] and written == [CHUNK, len(data) - CHUNK]
+    consumer.unregisterProducer()
+    finished = Deferred.fromCoroutine(consumer.finish())
+    pool.step()                                             # the check and fsync, in the pool too
+    assert finished.called and finished.result is None
+    writer.commit([])
+    assert oci.read_blob(str(tmp_path / "layout"), str(digest)) == data
+
+
+def test_blob_consumer_stops_the_download_on_bad_content(tmp_path: Any) -> None:
+    data = b"x" * 1000
+    writer = DirectoryWriter(str(tmp_path / "layout"))
+    pool, producer = ManualPool(), FakeProducer()
+    consumer = BlobConsumer(writer.open_blob(parse_digest(sha256(data)), len(data) - 1), pool, lambda _: None)
+    consumer.registerProducer(producer, True)
+    consumer.write(data)                     # one byte more than the descriptor says
+    pool.step()
+    assert producer.calls == ["stop"]
+    consumer.write(b"more")                  # what still arrives after the stop is dropped
+    assert pool.queue == []
+    settled = Deferred.fromCoroutine(consumer.settle())
+    failure = settled.result
+    settled.addErrback(lambda _: None)
+    assert isinstance(failure.value, ContentError) and "larger than the 999 bytes" in str(failure.value)
+    writer.abort()
+    assert os.listdir(tmp_path) == []
+
+
+# --- the S3 driver ----------------------------------------------------------------
+
+#: The environment variable the S3 configs name for the secret (``secret_access_key_env``).
+SECRET_ENV = "REGISTRYD_TEST_S3_SECRET"
+NS = "mirror.test:5000"
+
+
+def s3_config(path: Any, settings: Any, data_dir: str, extra: str = "") -> str:
+    """A config file for the console script on the bucket of ``settings``; the secret comes
+    from the environment (run_s3 sets it), as an operator would keep it out of the file."""
+    prefix = f'prefix = "{settings.prefix}"\n' if settings.prefix else ""
+    path.write_text(f'data_dir = "{data_dir}"\n\n{extra}'
+                    f'[storage]\ndriver = "s3"\n\n[storage.s3]\nendpoint = "{settings.endpoint}"\n'
+                    f'bucket = "{settings.bucket}"\nregion = "{settings.region}"\n{prefix}'
+                    f'access_key_id = "{settings.access_key_id}"\nsecret_access_key_env = "{SECRET_ENV}"\n')
+    return str(path)
+
+
+def run_s3(secret: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([REGISTRYD, *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, SECRET_ENV: secret})
+
+
+async def in_thread(secret: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """The console script, run while the reactor goes on serving the registries of this process."""
+    return await deferToThread(run_s3, secret, *args)
+
+
+async def bucket_listing(bucket: Any, prefix: str = "") -> dict[str, tuple[int, str, float | None]]:
+    """Every key of the bucket with its size, ETag and LastModified: what "unchanged" means there."""
+    return {entry.key: (entry.size, entry.etag, entry.last_modified)
+            async for entry in bucket.list_objects(prefix)}
+
+
+async def push_async(client: Client, repo: str, reference: str, image: oci.Image | oci.Artifact) -> None:
+    for blob in image.blobs():
+        reply = await client.request("POST", f"/v2/{repo}/blobs/uploads/?digest={blob.digest}", blob.data,
+                                     {"Content-Type": "application/octet-stream"})
+        assert reply.status == 201, str(reply)
+    await put_manifest_async(client, repo, reference, image.manifest)
+
+
+async def put_manifest_async(client: Client, repo: str, reference: str, blob: oci.Blob) -> None:
+    reply = await client.request("PUT", f"/v2/{repo}/manifests/{reference}", blob.data,
+                                 {"Content-Type": blob.media_type})
+    assert reply.status == 201, str(reply)
+
+
+async def fill(client: Client, source: Source) -> None:
+    """Push into a registry what the ``source`` fixture pushed into its data directory."""
+    await push_async(client, "team/app", "1.0", source.app)
+    await push_async(client, "team/big", "2.0", source.big)
+    for child in source.multi.images:
+        await push_async(client, "team/multi", child.digest, child)
+    await put_manifest_async(client, "team/multi", "1.0", source.multi.index)
+    await push_async(client, "team/app", source.artifact.digest, source.artifact)
+
+
+async def check_pulls_async(client: Client, repo: str, reference: str, manifest: oci.Blob,
+                            blobs: list[oci.Blob]) -> None:
+    reply = await client.request("GET", f"/v2/{repo}/manifests/{reference}", headers={"Accept": manifest.media_type})
+    assert reply.status == 200, str(reply)
+    assert sha256(reply.body) == manifest.digest == reply.header("Docker-Content-Digest")
+    for blob in blobs:
+        reply = await client.request("GET", f"/v2/{repo}/blobs/{blob.digest}")
+        assert reply.status == 200 and sha256(reply.body) == blob.digest, (repo, blob.digest)
+
+
+async def check_everything_pulls_async(client: Client, source: Source) -> None:
+    for reference in ("1.0", source.app.digest):
+        await check_pulls_async(client, "team/app", reference, source.app.manifest, source.app.blobs())
+    await check_pulls_async(client, "team/big", "2.0", source.big.manifest, source.big.blobs())
+    await check_pulls_async(client, "team/multi", "1.0", source.multi.index, [])
+    for child in source.multi.images:
+        await check_pulls_async(client, "team/multi", child.digest, child.manifest, child.blobs())
+    await check_pulls_async(client, "team/app", source.artifact.digest, source.artifact.manifest,
+                            source.artifact.blobs())
+    referrers = (await client.request("GET", f"/v2/team/app/referrers/{source.app.digest}")).json()
+    assert [d["digest"] for d in referrers["manifests"]] == [source.artifact.digest]
+
+
+def unpacked(archive: str, into: str) -> str:
+    with tarfile.open(archive) as tar:
+        names = tar.getnames()
+        assert names[0] == "oci-layout" and names[-1] == "index.json"
+        tar.extractall(into, filter="data")
+    return into
+
+
+@pytest_twisted.ensureDeferred
+async def test_s3_round_trip(source: Source, ceph_s3: Any, make_registry: Any, tmp_path: Any) -> None:
+    """Export from a bucket a registryd on S3 filled, while it serves; import into a fresh bucket
+    (with a key prefix) while another one serves it: everything pulls, the metadata is the same."""
+    secret = ceph_s3.secret_key
+    first = await ceph_s3.new_bucket()
+    second = await ceph_s3.new_bucket(prefix="site-b/")
+    try:
+        node = make_registry(storage=StorageSettings("s3", s3=first.settings))
+        await fill(Client(node.url), source)
+        before = await bucket_listing(first)
+        total = sum(size for key, (size, _, _) in before.items() if key.startswith("blobs/"))
+        assert len([key for key in before if key.startswith("blobs/")]) == 18
+
+        # The commands' node has no data directory at all: export needs none on S3.
+        cli_dir = str(tmp_path / "cli")
+        config = s3_config(tmp_path / "first.toml", first.settings, cli_dir)
+        images = image_file(tmp_path, source.refs[:2])
+        directory, archive = str(tmp_path / "layout"), str(tmp_path / "layout.tar")
+        for output in (directory, archive):
+            result = await in_thread(secret, "export", "-c", config, "--image-file", images, "--image", source.refs[2],
+                                     "--image", source.refs[3], "-o", output)
+            assert result.returncode == 0, result.stderr
+            assert result.stderr == ""
+            lines = result.stdout.splitlines()
+            assert lines[0].startswith(f"exported team/app:1.0 {source.app.digest} (3 blobs, ")
+            assert lines[2].startswith(f"exported team/multi:1.0 {source.multi.digest} (7 blobs, ")
+            assert lines[2].endswith(", linux/amd64, linux/arm64)")
+            kind = "tar" if output.endswith(".tar") else "directory"
+            assert lines[-1] == (f"4 images, 18 blobs, {total / (1 << 20):.1f} MiB ({total} bytes) written to "
+                                 f"{output} ({kind})")
+        assert await bucket_listing(first) == before, "export wrote into the bucket"
+        assert not os.path.exists(cli_dir)
+        assert not [n for n in os.listdir(tmp_path) if ".export-" in n], "a temporary sibling was left"
+
+        # The same layout, byte for byte, as an export of the data directory the same images were pushed to.
+        reference = str(tmp_path / "from-disk")
+        assert export(source, reference, "--image-file", images, "--image", source.refs[2],
+                      "--image", source.refs[3]).returncode == 0
+        assert files_under(directory) == files_under(reference)
+        assert files_under(unpacked(archive, str(tmp_path / "unpacked"))) == files_under(reference)
+        report = json.loads((await in_thread(secret, "export", "-c", config, "--image", "team/big:2.0", "-o",
+                                             str(tmp_path / "big"), "--json")).stdout)
+        assert report["store"] == f"s3://{first.settings.bucket}/" and report["blobs"] == 5
+        assert report["images"][0]["digest"] == source.big.digest
+
+        # Import into a fresh bucket that a registryd serves already.
+        served = make_registry(storage=StorageSettings("s3", s3=second.settings))
+        config = s3_config(tmp_path / "second.toml", second.settings, cli_dir)
+        result = await in_thread(secret, "import", "-c", config, "-i", archive)
+        assert result.returncode == 0, result.stderr
+        assert result.stderr == ""
+        lines = result.stdout.splitlines()
+        assert lines[0].startswith(f"imported team/app:1.0 {source.app.digest} (3 blobs, ")
+        assert lines[0].endswith(", 3 new)")
+        location = f"s3://{second.settings.bucket}/site-b/"
+        assert lines[-1] == (f"4 images, 18 blobs, {total / (1 << 20):.1f} MiB ({total} bytes) imported into "
+                             f"{location}; 18 blobs ({total} bytes) new to it")
+        # Exactly what the pushes wrote: the same blobs, links, revisions, tags and referrers entries.
+        imported = await bucket_listing(second)
+        for prefix in ("blobs/", "repositories/"):
+            assert {k: v[0] for k, v in imported.items() if k.startswith(prefix)} == \
+                {k: v[0] for k, v in before.items() if k.startswith(prefix)}, prefix
+        assert set(imported) == {k for k in before if k.startswith(("blobs/", "repositories/"))}
+        # Staged in the node's tmp/ (made as a node has it), removed from there once stored.
+        assert [(d, sorted(f)) for d, _, f in os.walk(cli_dir)] == [(cli_dir, []), (os.path.join(cli_dir, "tmp"), []),
+                                                                   (os.path.join(cli_dir, "tmp", "uploads"), [])]
+        await check_everything_pulls_async(Client(served.url), source)
+
+        # Again: nothing is new, and no blob is written again.
+        again = await in_thread(secret, "import", "-c", config, "-i", directory, "--json")
+        assert again.returncode == 0, again.stderr
+        report = json.loads(again.stdout)
+        assert report["new_blobs"] == 0 and report["blobs"] == 18 and report["size"] == total
+        assert report["store"] == location and [i["reference"] for i in report["images"]] == source.refs
+        after = await bucket_listing(second, "blobs/")
+        assert after == {k: v for k, v in imported.items() if k.startswith("blobs/")}, "a blob was written again"
+    finally:
+        await first.close()
+        await second.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_s3_mirrored_images(good_layout: str, source: Source, ceph_s3: Any, tmp_path: Any) -> None:
+    """A ref name in an upstream's namespace goes to the bucket's mirror cache, and comes back out of it."""
+    secret = ceph_s3.secret_key
+    bucket = await ceph_s3.new_bucket()
+    try:
+        layout = str(tmp_path / "layout")
+        shutil.copytree(good_layout, layout)
+        _edit_index(layout, _rename_ref(f"{NS}/lib/app:1.0"))
+        upstream = f'[[upstream]]\nnamespace = "{NS}"\nurl = "http://127.0.0.1:9"\noffline = true\n\n'
+        config = s3_config(tmp_path / "mirror.toml", bucket.settings, str(tmp_path / "cli"), upstream)
+        result = await in_thread(secret, "import", "-c", config, "-i", layout, "--json")
+        assert result.returncode == 0, result.stderr
+        report = json.loads(result.stdout)
+        assert report["images"][0]["kind"] == "mirror" and report["images"][0]["upstream"] == NS
+        tag = await bucket.get_small(f"mirror/{NS.replace(':', '_')}/lib/app/_manifests/tags/1.0", 1000)
+        assert tag == source.app.digest.encode()
+        assert await bucket.head_object("repositories/team/multi/_manifests/tags/1.0") is not None
+
+        # Out again: with the config, and without it (the bucket's mirror/ folder names the namespace).
+        plain = s3_config(tmp_path / "plain.toml", bucket.settings, str(tmp_path / "cli"))
+        for which, path in (("config", config), ("plain", plain)):
+            output = str(tmp_path / which)
+            result = await in_thread(secret, "export", "-c", path, "--image", f"{NS}/lib/app:1.0", "-o", output)
+            assert result.returncode == 0, result.stderr
+            assert result.stdout.startswith(f"exported {NS}/lib/app:1.0 {source.app.digest} (3 blobs, ")
+            assert oci.resolve_tag(output, f"{NS}/lib/app:1.0")["digest"] == source.app.digest
+            assert set(oci.referenced_digests(output, source.app.digest)) == \
+                {source.app.digest, *(b.digest for b in source.app.blobs())}
+        one_line_error(await in_thread(secret, "export", "-c", plain, "--image", f"{NS}/lib/app:2.0", "-o",
+                                       str(tmp_path / "none")),
+                       "export", 1, f"unknown image {NS}/lib/app:2.0", "in the mirror cache", "registryd preload")
+        one_line_error(await in_thread(secret, "export", "-c", plain, "--image", "team/none:1.0", "-o",
+                                       str(tmp_path / "none")),
+                       "export", 1, "unknown image team/none:1.0: there is no repository team/none")
+        assert not os.path.exists(tmp_path / "none")
+
+        # Damage in the bucket is found while the blob streams in, and leaves nothing behind.
+        layer = source.multi.images[1].layers[0].blob
+        key = f"blobs/sha256/{layer.digest[7:9]}/{layer.digest[7:]}"
+        await bucket.put_object(key, bytes([layer.data[0] ^ 1]) + layer.data[1:])
+        for output in ("damaged", "damaged.tar"):
+            one_line_error(await in_thread(secret, "export", "-c", plain, "--image", "team/multi:1.0", "-o",
+                                           str(tmp_path / output)),
+                           "export", 1, f"team/multi:1.0: blob {layer.digest} is damaged: it does not match its "
+                                        f"digest (run `registryd fsck`)")
+        await bucket.delete_object(key)
+        one_line_error(await in_thread(secret, "export", "-c", plain, "--image", "team/multi:1.0", "-o",
+                                       str(tmp_path / "damaged")),
+                       "export", 1, f"blob {layer.digest} is missing from s3://{bucket.settings.bucket}/ "
+                                    f"(run `registryd fsck`)")
+        # (cli/ is the data directory the import made, for its tmp/.)
+        assert sorted(os.listdir(tmp_path)) == ["cli", "config", "layout", "mirror.toml", "plain", "plain.toml"]
+    finally:
+        await bucket.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_s3_bad_layouts_change_nothing(source: Source, good_layout: str, ceph_s3: Any,
+                                             tmp_path: Any) -> None:
+    """Every bad layout of the filesystem test, on a bucket that holds part of the images: every
+    failing import (all at once) leaves the bucket exactly as it was, and no staging behind."""
+    secret = ceph_s3.secret_key
+    bucket, empty = await ceph_s3.new_bucket(), await ceph_s3.new_bucket()
+    try:
+        config = s3_config(tmp_path / "s3.toml", bucket.settings, str(tmp_path / "node"))
+        part = str(tmp_path / "part")
+        assert export(source, part, "--image", "team/app:1.0").returncode == 0
+        assert (await in_thread(secret, "import", "-c", config, "-i", part)).returncode == 0
+        before = await bucket_listing(bucket)
+        assert before and not any(key.startswith("repositories/team/multi/") for key in before)
+
+        runs = []
+        for case, (spoil, status, words) in sorted(BAD_LAYOUTS.items()):
+            layout = str(tmp_path / f"layout-{len(runs)}")
+            shutil.copytree(good_layout, layout)
+            spoil(layout, source)
+            for args in ([], ["--dry-run"], ["--json"]):
+                # Each run its own data directory (for tmp/): none exists before, none may be left.
+                node = str(tmp_path / f"node-{len(runs)}")
+                runs.append((case, status, words, node,
+                             in_thread(secret, "import", "-c", config, "-d", node, "-i", layout, *args)))
+        empty_config = s3_config(tmp_path / "empty.toml", empty.settings, str(tmp_path / "node-empty"))
+        for case, status, words, node, running in runs:
+            one_line_error(await running, "import", status, words)
+            assert not os.path.exists(node), case
+        assert await bucket_listing(bucket) == before
+
+        # A layer that does not match its digest is found while it is staged (the store is open then).
+        damaged = str(tmp_path / "damaged")
+        shutil.copytree(good_layout, damaged)
+        _flip_byte(_blob_path(damaged, source.app.layers[0].blob.digest))
+        result = await in_thread(secret, "import", "-c", empty_config, "-i", damaged)
+        one_line_error(result, "import", 1, f"blob {source.app.layers[0].blob.digest} in the layout does not "
+                                            f"match its digest")
+        assert await bucket_listing(empty) == {}
+        assert not os.path.exists(tmp_path / "node-empty")
+        node = tmp_path / "node-empty"
+        (node / "tmp").mkdir(parents=True)   # a node's own data directory: its tmp/ stays, emptied of ours
+        one_line_error(await in_thread(secret, "import", "-c", empty_config, "-i", damaged), "import", 1,
+                       "does not match its digest")
+        assert [name for name in os.listdir(node / "tmp") if name != "uploads"] == []   # no import-<random>/
+        assert await bucket_listing(empty) == {}
+    finally:
+        await bucket.close()
+        await empty.close()

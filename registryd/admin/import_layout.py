@@ -1,15 +1,19 @@
-"""``registryd import``: images from an OCI image layout into the data directory.
+"""``registryd import``: images from an OCI image layout into the configured store.
 
-Three phases, so that nothing changes unless everything is valid:
+Everything goes through the storage interface, so the same code imports
+into the data directory and into an S3 bucket. Three phases, so that nothing
+changes unless everything is valid:
 
 1. plan: read index.json, turn each ref name into a repository and tag, read
    and parse every manifest reachable from it (checked against its digest
    and size), and find every blob they name in the layout;
-2. stage: copy each blob the store lacks into ``tmp/import-<random>/``,
-   hashing it on the way (blobs the store has are hashed too, not copied);
-3. commit: blobs (fsync and rename), then blob links and manifest revisions,
-   then tags — the order a push follows, so a running server never sees a
-   tag before its manifest or a manifest before its blobs.
+2. stage: copy each blob the store lacks into ``import-<random>/`` under the
+   store's local ``tmp/``, hashing it on the way (blobs the store has are
+   hashed too, not copied);
+3. commit: blobs (``commit_file``: a rename on disk, an upload to S3), then
+   blob links and manifest revisions, then tags — the order a push follows,
+   so a running server never sees a tag before its manifest or a manifest
+   before its blobs.
 """
 from __future__ import annotations
 
@@ -19,13 +23,16 @@ import os
 import shutil
 import sys
 import uuid
-from typing import Any
+from functools import partial
+from typing import Any, Awaitable, Callable, TypeVar, cast
 
 import attrs
+from twisted.internet.defer import Deferred, DeferredList, DeferredLock, DeferredSemaphore
+from twisted.python.failure import Failure
 
 from registryd.admin import EXIT_DAMAGE, EXIT_OK, EXIT_USAGE, AdminError
 from registryd.admin.image_list import ImageListError, describe_platform, parse_reference
-from registryd.admin.layout import add_store_arguments, os_errors_reported
+from registryd.admin.layout import add_store_arguments, no_empty_dirs_left, os_errors_reported, store_errors_reported
 from registryd.admin.oci_layout import (
     CONTAINERD_NAME,
     REF_NAME,
@@ -39,21 +46,30 @@ from registryd.admin.oci_layout import (
     verify_stream,
 )
 from registryd.admin.progress import Progress, human_size
-from registryd.config import DOCKER_HUB, Config, ConfigError, load_config
+from registryd.admin.store_access import load_admin_config, run_reactor, run_with_store
+from registryd.config import DOCKER_HUB, Config
 from registryd.digest import Digest, digest_of
 from registryd.errors import RegistryError
 from registryd.manifests import NON_DISTRIBUTABLE, parse_manifest
 from registryd.names import check_name, is_tag
-from registryd.storage.blobs import BlobStore
-from registryd.storage.repositories import RepositoryStore
+from registryd.threads import InlinePool
 
-HELP = "import images from an OCI image layout (a directory or a tar file) into the data directory"
+T = TypeVar("T")
+
+#: Store calls (a HEAD, an upload) one phase keeps in flight: S3 answers each over the network.
+CONCURRENCY = 4
+#: What a non-empty data directory must have to be taken for registryd's.
+_DATA_DIR_MARKERS = ("blobs", "repositories", "mirror", "uploads", "tmp")
+
+HELP = "import images from an OCI image layout (a directory or a tar file) into the store"
 
 DESCRIPTION = """\
 Import the images an OCI image layout lists in its index.json (a directory,
 or a tar file as `registryd export` and `skopeo copy ... oci-archive:` write
-them) into the data directory, with their child manifests, configs and
-layers, so that registryd serves them.
+them) into the store, with their child manifests, configs and layers, so
+that registryd serves them. The store is the one the config file (-c) names,
+as `twistd registryd` uses it: the data directory, or the S3 bucket of
+[storage] driver = "s3" ([storage.s3]); import works the same on either.
 
 Each image goes where its org.opencontainers.image.ref.name annotation
 says: team/app:1.0 or team/app@sha256:...
@@ -68,21 +84,23 @@ save` writes it).
 
 Nothing changes unless everything is valid: every manifest must parse and
 every blob must match the digest and size of its descriptor. Each blob the
-data directory lacks is first copied into tmp/import-<random>/ while it is
-hashed. Children of an image index that are absent from the layout
-altogether are skipped with a warning (a layout exported with --platform);
-anything else missing stops the import. On a problem the staging directory
-is removed and one line says why.
+store lacks is first copied into tmp/import-<random>/ in the data directory
+while it is hashed (on S3 too: the data directory is the node's, its tmp/
+holds what is on its way to the bucket). Children of an image index that
+are absent from the layout altogether are skipped with a warning (a layout
+exported with --platform); anything else missing stops the import. On a
+problem the staging directory is removed and one line says why.
 
-Then, in the order a push follows: blobs (fsync, rename), blob links and
-manifest revisions (with the referrers entry of a manifest that has a
-subject), tags last. So import is safe alongside a running server: a client
-never sees a tag before its manifest or a manifest before its blobs, and the
-blobs are touched as they are committed, so that a garbage collection
-running meanwhile keeps them. An
-existing tag is moved to the imported image. A data directory that does not
-exist yet, or is empty, is created. --dry-run checks everything and writes
-nothing."""
+Then, in the order a push follows: blobs (on disk: fsync, rename; on S3: an
+upload), blob links and manifest revisions (with the referrers entry of a
+manifest that has a subject), tags last. So import is safe alongside a
+running server, on either driver (on S3, alongside every node sharing the
+bucket): a client never sees a tag before its manifest or a manifest before
+its blobs. Before the tags are written every blob is checked to be still
+there, and one a garbage collection removed meanwhile is stored again from
+the layout. An existing tag is moved to the imported image. A data
+directory that does not exist yet, or is empty, is created. --dry-run
+checks everything and writes nothing."""
 
 EPILOG = """\
 exit status:
@@ -92,8 +110,9 @@ exit status:
      or size; nothing was written
   2  bad arguments: no such --input, a bad --repository, a ref name that is
      only a tag and no --repository
-  3  the import could not be done: bad config file or data directory,
-     permission denied, an I/O error (disk full)"""
+  3  the import could not be done: bad config file or data directory, an S3
+     bucket that cannot be reached or refuses, permission denied, an I/O
+     error (disk full)"""
 
 
 class Invalid(AdminError):
@@ -117,17 +136,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 @attrs.frozen
 class Target:
-    """A repository as clients pull it, and where it lives in the data directory."""
+    """A repository as clients pull it, and its name in the store."""
 
     name: str                 # team/app, 127.0.0.1:5000/lib/app
-    remote: str               # its path under the store root
+    remote: str               # its name in the local repositories or the upstream's mirror cache
     namespace: str | None     # the upstream namespace of a mirrored repository
 
-    def store(self, root: str) -> RepositoryStore:
-        tmp = os.path.join(root, "tmp")
-        if self.namespace is None:
-            return RepositoryStore(os.path.join(root, "repositories"), tmp)
-        return RepositoryStore(os.path.join(root, "mirror", self.namespace.replace(":", "_")), tmp)
+    def backend(self, store: Any) -> Any:
+        """Its RepositoryBackend in ``store``: the local repositories, or the upstream's mirror cache."""
+        return store.repositories if self.namespace is None else store.mirror_repositories(self.namespace)
 
 
 def resolve_name(name: str, namespaces: set[str]) -> Target:
@@ -295,61 +312,75 @@ class Outcome:
 
 
 class Importer:
-    """Phases 2 and 3: stage the blobs, then commit everything."""
+    """Phases 2 and 3 on the store: stage the blobs, then commit everything."""
 
-    def __init__(self, root: str, reader: LayoutReader, images: list[Image], dry_run: bool) -> None:
-        self.root = root
+    def __init__(self, store: Any, reactor: Any, reader: LayoutReader, images: list[Image], dry_run: bool) -> None:
+        self.store = store
+        self.reactor = reactor
         self.reader = reader
         self.images = images
         self.dry_run = dry_run
-        self.tmp = os.path.join(root, "tmp")
-        self.blob_store = BlobStore(os.path.join(root, "blobs"), self.tmp)
         self.outcome = Outcome()
         self.blobs: dict[Digest, int] = {d: s for image in images for d, s in image.blobs.items()}
         self.manifests: dict[Digest, bytes] = {d: m.data for image in images for d, m in image.manifests.items()}
+        # The layout is one reader (a tar file has one position): one thread at a time reads it.
+        self._reading = DeferredLock()
+        self._staging: str | None = None
+        self._created: list[str] = []
+        self._shut_down = False
 
-    def run(self) -> Outcome:
+    async def run(self) -> Outcome:
         outcome = self.outcome
-        for digest, size in [*self.blobs.items(), *((d, len(data)) for d, data in self.manifests.items())]:
+        everything = [*self.blobs.items(), *((d, len(data)) for d, data in self.manifests.items())]
+        stored = await _bounded([digest for digest, _ in everything], self.store.blobs.size)
+        for (digest, size), found in zip(everything, stored):
             outcome.blobs += 1
             outcome.size += size
-            if not self.blob_store.exists(digest):
+            if found is None:
                 outcome.new.add(digest)
                 outcome.new_blobs += 1
                 outcome.new_size += size
         progress = Progress("registryd import: checking blobs", len(self.blobs), sum(self.blobs.values()))
-        created: list[str] = []
-        staging = None
+        # An interrupt stops the reactor with this coroutine suspended (it is only closed at
+        # exit): the trigger removes the staging directory, after the IO pool's threads stopped.
+        trigger = self.reactor.addSystemEventTrigger("after", "shutdown", self._interrupted)
         try:
             if not self.dry_run:
-                for directory in (self.root, self.tmp):
-                    if not os.path.isdir(directory):
-                        os.mkdir(directory)
-                        created.append(directory)
-                staging = os.path.join(self.tmp, f"import-{uuid.uuid4().hex[:16]}")
-                os.mkdir(staging)
-            staged = self._stage(staging, progress)
+                self._created = _make_dirs(self.store.tmp_dir)
+                self._staging = os.path.join(self.store.tmp_dir, f"import-{uuid.uuid4().hex[:16]}")
+                os.mkdir(self._staging)
+            staged = await self._stage(progress)
             progress.close()
-            if staging is not None:
-                self._commit(staging, staged)
-                created = []
+            if self._staging is not None:
+                await self._commit(self._staging, staged)
+                self._created = []  # the store's tmp/ stays, as a server would have made it
         finally:
             progress.close()
-            if staging is not None:
-                shutil.rmtree(staging, ignore_errors=True)
-            for directory in reversed(created):
-                try:
-                    os.rmdir(directory)
-                except OSError:
-                    pass
+            if not self._shut_down:
+                self.reactor.removeSystemEventTrigger(trigger)
+            self._clean_up()
         return outcome
+
+    def _interrupted(self) -> None:
+        self._shut_down = True
+        self._clean_up()
+
+    def _clean_up(self) -> None:
+        if self._staging is not None:
+            shutil.rmtree(self._staging, ignore_errors=True)
+            self._staging = None
+        for directory in reversed(self._created):
+            try:
+                os.rmdir(directory)
+            except OSError:
+                pass
+        self._created = []
 
     def _context(self, digest: Digest) -> str:
         return next(image.context for image in self.images if digest in image.blobs)
 
-    def _copy(self, digest: Digest, size: int, staging: str | None, progress: Progress | None) -> str | None:
-        """Hash the layout's copy of a blob; into ``staging`` too, if given (returns the path)."""
-        on_read = progress.advance if progress is not None else None
+    def _copy(self, digest: Digest, size: int, staging: str | None, on_read: Callable[[int], None] | None) -> str | None:
+        """Hash the layout's copy of a blob; into ``staging`` too, if given (returns the path). Blocking."""
         try:
             with self.reader.open(digest) as source:
                 if staging is None:
@@ -362,61 +393,115 @@ class Importer:
         except ContentError as e:
             raise Invalid(f"{self._context(digest)}: blob {digest} in the layout {e}") from None
 
-    def _stage(self, staging: str | None, progress: Progress) -> dict[Digest, str]:
+    async def _copy_in_pool(self, digest: Digest, size: int, staging: str | None,
+                            progress: Progress | None) -> str | None:
+        # Called in a pool thread: the progress bar is the reactor's.
+        on_read = partial(self.reactor.callFromThread, progress.advance) if progress is not None else None
+        async with self._reading:
+            return await self.store.pool.run(self._copy, digest, size, staging, on_read)
+
+    async def _stage(self, progress: Progress) -> dict[Digest, str]:
         staged: dict[Digest, str] = {}
         for digest, size in self.blobs.items():
-            path = self._copy(digest, size, staging if digest in self.outcome.new else None, progress)
+            staging = self._staging if digest in self.outcome.new else None
+            path = await self._copy_in_pool(digest, size, staging, progress)
             if path is not None:
                 staged[digest] = path
             progress.advance(items=1)
         return staged
 
-    def _keep(self, digest: Digest) -> bool:
-        """Touch a blob the store has, so that a collection running now sees it as young."""
-        try:
-            os.utime(self.blob_store.path(digest))
-            return True
-        except (FileNotFoundError, NotADirectoryError):
-            return False
+    async def _commit(self, staging: str, staged: dict[Digest, str]) -> None:
+        store = self.store
+        # Claimed before they are looked at or written, as the server does on a push:
+        # a collection inside this process would keep them from now on.
+        store.guard.claim([*self.blobs, *self.manifests])
+        progress = Progress("registryd import: storing blobs", len(staged), sum(self.blobs[d] for d in staged))
 
-    def _commit(self, staging: str, staged: dict[Digest, str]) -> None:
-        for digest, size in self.blobs.items():
+        async def commit(digest: Digest) -> None:
             path = staged.get(digest)
             if path is None:
-                if self._keep(digest):
-                    continue
-                path = self._copy(digest, size, staging, None)  # collected since it was checked
+                if await store.blobs.size(digest) is not None:
+                    return
+                # Collected since it was checked: stage it again.
+                path = await self._copy_in_pool(digest, self.blobs[digest], staging, None)
                 assert path is not None
             os.utime(path)  # its age is the commit's, not the staging's
-            self.blob_store.commit_file(path, digest)
-        for digest, data in self.manifests.items():
-            if not self._keep(digest):
-                self.blob_store.put(digest, data)
+            await store.blobs.commit_file(path, digest)
+            progress.advance(self.blobs[digest], items=1)
+
+        try:
+            await _bounded(list(self.blobs), commit)
+        finally:
+            progress.close()
+        await _bounded(list(self.manifests), lambda digest: store.blobs.put(digest, self.manifests[digest]))
         for image in self.images:
-            store = image.target.store(self.root)
+            backend = image.target.backend(store)
             for manifest in image.manifests.values():
                 for blob in manifest.links:
-                    store.link_blob(image.target.remote, blob)
-                store.add_manifest(image.target.remote, manifest.digest, manifest.media_type, [], manifest.referrer)
+                    await backend.link_blob(image.target.remote, blob)
+                await backend.add_manifest(image.target.remote, manifest.digest, manifest.media_type, [],
+                                           manifest.referrer)
+        await self._restore(staging)
         for image in self.images:
             if image.tag is not None:
-                root = image.manifests[image.digest]
-                image.target.store(self.root).add_manifest(image.target.remote, root.digest, root.media_type,
-                                                           [image.tag], root.referrer)
+                await image.target.backend(store).set_tags(image.target.remote, image.digest, [image.tag])
+
+    async def _restore(self, staging: str) -> None:
+        """Every blob and manifest is still stored now that the revisions naming them are.
+
+        A garbage collection that judged a blob unused before its revision was
+        written may have removed it meanwhile (a server's, on any node sharing an
+        S3 bucket): it is stored again from the layout. One that starts later
+        sees the revisions. Only then are tags written.
+        """
+        store = self.store
+        everything = [*self.blobs, *self.manifests]
+        sizes = await _bounded(everything, store.blobs.size)
+        for digest, size in zip(everything, sizes):
+            if size is not None:
+                continue
+            if digest in self.manifests:
+                await store.blobs.put(digest, self.manifests[digest])
+                continue
+            path = await self._copy_in_pool(digest, self.blobs[digest], staging, None)
+            assert path is not None
+            await store.blobs.commit_file(path, digest)
 
 
-def _config(args: argparse.Namespace) -> Config:
-    try:
-        return load_config(args.config, {"data_dir": args.data_dir})
-    except ConfigError as e:
-        raise AdminError(str(e)) from None
+async def _bounded(items: list[Digest], fn: Callable[[Digest], Awaitable[T]]) -> list[T]:
+    """``fn`` over ``items``, CONCURRENCY at a time, results in order; the first failure is
+    raised once every call has ended (nothing keeps running behind the caller's back)."""
+    limit = DeferredSemaphore(CONCURRENCY)
+
+    async def one(item: Digest) -> T:
+        async with limit:
+            return await fn(item)
+
+    results = await DeferredList([Deferred.fromCoroutine(one(item)) for item in items], consumeErrors=True)
+    for ok, value in results:
+        if not ok:
+            cast(Failure, value).raiseException()
+    return [value for _, value in results]
+
+
+def _make_dirs(path: str) -> list[str]:
+    """Create ``path`` and the parents it lacks; the ones created, outermost first."""
+    missing: list[str] = []
+    while not os.path.isdir(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    for directory in reversed(missing):
+        os.mkdir(directory)
+    return list(reversed(missing))
 
 
 def _check_data_dir(root: str, dry_run: bool) -> None:
-    """An existing registryd data directory, an empty directory, or one that can be created."""
+    """An existing registryd data directory, an empty directory, or one that can be created.
+
+    On S3 too: the data directory holds the node's ``tmp/``, where blobs are staged.
+    """
     if os.path.isdir(root):
-        if os.listdir(root) and not any(os.path.isdir(os.path.join(root, sub))
-                                        for sub in ("blobs", "repositories", "mirror")):
+        if os.listdir(root) and not any(os.path.isdir(os.path.join(root, sub)) for sub in _DATA_DIR_MARKERS):
             raise AdminError(f"{root} is not a registryd data directory (it has no blobs/, repositories/ or "
                              f"mirror/) and is not empty")
         if not dry_run and not os.access(root, os.W_OK | os.X_OK):
@@ -428,18 +513,54 @@ def _check_data_dir(root: str, dry_run: bool) -> None:
         raise AdminError(f"the data directory {root} does not exist, nor does its parent")
 
 
+def _with_store(config: Config, main: Callable[[Any, Any], Awaitable[T]], dry_run: bool) -> T:
+    """Run ``main(store, reactor)`` on the configured store; a new data directory is created first.
+
+    A dry run creates nothing: a data directory that does not exist yet is
+    opened as it is (on the filesystem the store is then empty; on S3 it
+    only holds ``tmp/``, which a dry run does not use). A data directory that
+    did not exist is gone again after a dry run or a failure.
+    """
+    from registryd.storage import open_store
+
+    root = config.data_dir
+    with no_empty_dirs_left(root, keep=not dry_run):
+        if dry_run and not os.path.exists(root):
+            async def unchecked(reactor: Any) -> T:
+                store = open_store(config, InlinePool(), reactor)
+                try:
+                    return await main(store, reactor)
+                finally:
+                    await store.close()
+            return run_reactor(unchecked)
+        if not os.path.exists(root) and not dry_run:
+            with os_errors_reported():
+                os.mkdir(root)
+        return run_with_store(config, main, allow_empty=True)
+
+
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
-def _report(args: argparse.Namespace, root: str, images: list[Image], warnings: list[str], outcome: Outcome) -> None:
+@attrs.frozen
+class Imported:
+    location: str
+    images: list[Image]
+    outcome: Outcome
+
+
+def _report(args: argparse.Namespace, config: Config, done: Imported, warnings: list[str]) -> None:
+    images, outcome = done.images, done.outcome
+
     def new_in(image: Image) -> int:
         return len(outcome.new & {*image.blobs, *image.manifests})
 
     if args.json:
         document = {
             "input": os.path.abspath(args.input),
-            "data_dir": root,
+            "data_dir": config.data_dir,
+            "store": done.location,
             "dry_run": args.dry_run,
             "images": [{"reference": i.label, "repository": i.target.name,
                         "kind": "local" if i.target.namespace is None else "mirror",
@@ -462,9 +583,9 @@ def _report(args: argparse.Namespace, root: str, images: list[Image], warnings: 
     for i in images:
         print(f"{verb} {i.label} {i.digest} ({_plural(len(i.blobs) + len(i.manifests), 'blob')}, "
               f"{human_size(i.size)}, {new_in(i)} new)")
-    done = "would be imported" if args.dry_run else "imported"
+    done_word = "would be imported" if args.dry_run else "imported"
     print(f"{_plural(len(images), 'image')}, {_plural(outcome.blobs, 'blob')}, {human_size(outcome.size)} "
-          f"({outcome.size} bytes) {done} into {root}; {_plural(outcome.new_blobs, 'blob')} "
+          f"({outcome.size} bytes) {done_word} into {done.location}; {_plural(outcome.new_blobs, 'blob')} "
           f"({outcome.new_size} bytes) new to it")
 
 
@@ -472,7 +593,7 @@ def run(args: argparse.Namespace) -> int:
     source = os.path.abspath(args.input)
     if not os.path.exists(source):
         raise AdminError(f"{source} does not exist", EXIT_USAGE)
-    config = _config(args)
+    config = load_admin_config(args)
     namespaces = {u.namespace for u in config.upstreams}
     repository = None
     if args.repository is not None:
@@ -480,20 +601,28 @@ def run(args: argparse.Namespace) -> int:
             repository = resolve_name(args.repository, namespaces)
         except ValueError as e:
             raise AdminError(f"--repository: {e}", EXIT_USAGE) from None
-    root = os.path.abspath(config.data_dir)
-    _check_data_dir(root, args.dry_run)
+    _check_data_dir(config.data_dir, args.dry_run)
     with os_errors_reported():
         try:
             reader = open_layout(source)
         except LayoutError as e:
             raise Invalid(str(e)) from None
         try:
-            planner = Planner(reader, namespaces, repository, config.max_manifest_size)
-            images = planner.plan()
-            outcome = Importer(root, reader, images, args.dry_run).run()
-        except LayoutError as e:
-            raise Invalid(str(e)) from None
+            # The layout is read and checked before the store is opened: a bad one
+            # is found without a store, and leaves nothing in it.
+            try:
+                planner = Planner(reader, namespaces, repository, config.max_manifest_size)
+                images = planner.plan()
+            except LayoutError as e:
+                raise Invalid(str(e)) from None
+
+            async def main(store: Any, reactor: Any) -> Imported:
+                with store_errors_reported(store.location()):
+                    outcome = await Importer(store, reactor, reader, images, args.dry_run).run()
+                return Imported(store.location(), images, outcome)
+
+            done = _with_store(config, main, args.dry_run)
         finally:
             reader.close()
-    _report(args, root, images, planner.warnings, outcome)
+    _report(args, config, done, planner.warnings)
     return EXIT_OK

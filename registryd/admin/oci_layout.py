@@ -304,16 +304,66 @@ def is_tar(target: str) -> bool:
     return target.endswith(".tar")
 
 
+class BlobWriter:
+    """One blob on its way into a layout: written chunk by chunk, hashed and counted on the way.
+
+    Blocking (each ``write`` is a file write): run it in a thread. ``write``
+    refuses a chunk that would take the blob past its size before writing
+    any of it; ``finish`` raises ContentError unless the bytes were exactly
+    the size and the digest of the descriptor.
+    """
+
+    def __init__(self, digest: Digest, size: int, sink: BinaryIO, done: Callable[[], None]) -> None:
+        self.digest = digest
+        self.size = size
+        self.count = 0
+        self._hasher = digest.hasher()
+        self._sink = sink
+        self._done = done
+
+    def write(self, data: bytes) -> None:
+        if self.count + len(data) > self.size:
+            raise ContentError(f"is larger than the {self.size} bytes its descriptor says")
+        self._hasher.update(data)
+        self._sink.write(data)
+        self.count += len(data)
+
+    def finish(self) -> None:
+        if self.count != self.size:
+            raise ContentError(f"has {self.count} bytes where its descriptor says {self.size}")
+        if self._hasher.hexdigest() != self.digest.hex:
+            raise ContentError("does not match its digest")
+        self._done()
+
+
 class LayoutWriter:
-    """Writes a layout beside ``target``; ``commit`` moves it into place, ``abort`` removes it."""
+    """Writes a layout beside ``target``; ``commit`` moves it into place, ``abort`` removes it.
+
+    Blocking, one call at a time: blobs go in one after the other, either
+    pulled from a file (``add_blob``) or pushed chunk by chunk into the
+    BlobWriter of ``open_blob``.
+    """
 
     def __init__(self, target: str) -> None:
         self.target = target
         self.temporary = os.path.join(os.path.dirname(target),
                                       f".{os.path.basename(target)}.export-{uuid.uuid4().hex[:12]}")
 
-    def add_blob(self, digest: Digest, size: int, source: BinaryIO, on_read: OnRead | None = None) -> None:
+    def open_blob(self, digest: Digest, size: int) -> BlobWriter:
+        """Start the blob ``digest`` of ``size`` bytes; it is complete once its ``finish`` passed."""
         raise NotImplementedError
+
+    def add_blob(self, digest: Digest, size: int, source: BinaryIO, on_read: OnRead | None = None) -> None:
+        """Copy ``source`` to its end as the blob ``digest``, in CHUNK pieces (ContentError: it is not)."""
+        blob = self.open_blob(digest, size)
+        while True:
+            chunk = source.read(CHUNK)
+            if not chunk:
+                break
+            blob.write(chunk)
+            if on_read is not None:
+                on_read(len(chunk))
+        blob.finish()
 
     def add_bytes(self, digest: Digest, data: bytes) -> None:
         self.add_blob(digest, len(data), io.BytesIO(data))
@@ -328,6 +378,7 @@ class LayoutWriter:
 class DirectoryWriter(LayoutWriter):
     def __init__(self, target: str) -> None:
         super().__init__(target)
+        self._open: BinaryIO | None = None
         os.mkdir(self.temporary)
         self._write(LAYOUT_FILE, layout_document())
 
@@ -336,12 +387,16 @@ class DirectoryWriter(LayoutWriter):
             f.write(data)
             os.fsync(f.fileno())
 
-    def add_blob(self, digest: Digest, size: int, source: BinaryIO, on_read: OnRead | None = None) -> None:
+    def open_blob(self, digest: Digest, size: int) -> BlobWriter:
         directory = os.path.join(self.temporary, "blobs", digest.algorithm)
         os.makedirs(directory, exist_ok=True)
-        with open(os.path.join(directory, digest.hex), "wb") as f:
-            verify_stream(source, digest, size, f, on_read)
+        f = self._open = open(os.path.join(directory, digest.hex), "wb")
+
+        def done() -> None:
             os.fsync(f.fileno())
+            f.close()
+            self._open = None
+        return BlobWriter(digest, size, f, done)
 
     def commit(self, manifests: list[dict[str, Any]]) -> None:
         self._write(INDEX_FILE, index_document(manifests))
@@ -352,16 +407,29 @@ class DirectoryWriter(LayoutWriter):
         fsync_dir(os.path.dirname(self.target))
 
     def abort(self) -> None:
+        if self._open is not None:
+            self._open.close()
+            self._open = None
         shutil.rmtree(self.temporary, ignore_errors=True)
 
 
+#: tar's units: members are padded to whole blocks, the archive to a whole record.
+_BLOCK = 512
+_RECORD = 20 * _BLOCK
+
+
 class TarWriter(LayoutWriter):
-    """A plain tar, members streamed in: oci-layout first, blobs, index.json last."""
+    """A plain tar (pax format), members in order: oci-layout first, blobs, index.json last.
+
+    Members are written here rather than with TarFile.addfile, which pulls a
+    member's bytes from a file object: a blob read from the store arrives
+    pushed, chunk by chunk. TarInfo still makes every header, so the archive
+    is the one tarfile would write.
+    """
 
     def __init__(self, target: str) -> None:
         super().__init__(target)
         self._file = open(self.temporary, "xb")
-        self._tar = tarfile.TarFile(fileobj=self._file, mode="w", format=tarfile.PAX_FORMAT, copybufsize=CHUNK)
         self._dirs: set[str] = set()
         self._now = int(time.time())
         self._add(LAYOUT_FILE, layout_document())
@@ -375,8 +443,17 @@ class TarWriter(LayoutWriter):
             info.type = tarfile.DIRTYPE
         return info
 
+    def _header(self, info: tarfile.TarInfo) -> None:
+        self._file.write(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+
+    def _pad(self, size: int) -> None:
+        if size % _BLOCK:
+            self._file.write(bytes(_BLOCK - size % _BLOCK))
+
     def _add(self, name: str, data: bytes) -> None:
-        self._tar.addfile(self._info(name, len(data)), io.BytesIO(data))
+        self._header(self._info(name, len(data)))
+        self._file.write(data)
+        self._pad(len(data))
 
     def _directories(self, name: str) -> None:
         parts = name.split("/")[:-1]
@@ -384,23 +461,22 @@ class TarWriter(LayoutWriter):
             directory = "/".join(parts[:i])
             if directory not in self._dirs:
                 self._dirs.add(directory)
-                self._tar.addfile(self._info(directory, directory=True))
+                self._header(self._info(directory, directory=True))
 
-    def add_blob(self, digest: Digest, size: int, source: BinaryIO, on_read: OnRead | None = None) -> None:
+    def open_blob(self, digest: Digest, size: int) -> BlobWriter:
         name = blob_name(digest)
         self._directories(name)
-        reader = _Hashing(source, digest, on_read)
-        try:
-            self._tar.addfile(self._info(name, size), reader)  # type: ignore[arg-type]
-        except OSError as e:
-            if "unexpected end of data" in str(e):
-                raise ContentError(f"has fewer than the {size} bytes its descriptor says") from None
-            raise
-        reader.check(size)
+        self._header(self._info(name, size))
+        # Never more than ``size`` bytes follow the header (BlobWriter refuses them), and
+        # a blob cut short aborts the whole archive: the padding is all that is left to do.
+        return BlobWriter(digest, size, cast(BinaryIO, self._file), lambda: self._pad(size))
 
     def commit(self, manifests: list[dict[str, Any]]) -> None:
         self._add(INDEX_FILE, index_document(manifests))
-        self._tar.close()
+        # The end of an archive, as TarFile.close writes it: two zero blocks, zeros to a whole record.
+        self._file.write(bytes(2 * _BLOCK))
+        if self._file.tell() % _RECORD:
+            self._file.write(bytes(_RECORD - self._file.tell() % _RECORD))
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
@@ -408,10 +484,6 @@ class TarWriter(LayoutWriter):
         fsync_dir(os.path.dirname(self.target))
 
     def abort(self) -> None:
-        try:
-            self._tar.close()
-        except (OSError, tarfile.TarError):
-            pass
         self._file.close()
         try:
             os.unlink(self.temporary)

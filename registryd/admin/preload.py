@@ -445,8 +445,10 @@ def _local_config(args: argparse.Namespace) -> Config:
         raise AdminError("the config has no [[upstream]]: there is nothing to preload")
     # Anonymous full access, no listeners of its own, upstreams reachable.
     upstreams = tuple(attrs.evolve(u, offline=False) for u in config.upstreams)
+    # The node's hot blob cache (S3) is its server's alone.
+    storage = attrs.evolve(config.storage, cache_size=0, cache_dir=None)
     return attrs.evolve(config, auth=attrs.evolve(config.auth, htpasswd=None), access=(), offline=False,
-                        upstreams=upstreams, listen=())
+                        upstreams=upstreams, listen=(), storage=storage)
 
 
 class LocalServer:

@@ -10,9 +10,11 @@ transfers.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 from typing import Any, Awaitable, Callable, TypeVar
 
+import attrs
 from twisted.internet.task import react
 
 from registryd.admin import AdminError
@@ -88,6 +90,8 @@ async def open_admin_store(config: Config, reactor: Any, pool: Any, allow_empty:
 
     if config.storage.driver != "s3":
         check_data_dir(config.data_dir, allow_empty)
+    # The hot blob cache belongs to the node's server: a command neither fills nor evicts it.
+    config = attrs.evolve(config, storage=attrs.evolve(config.storage, cache_size=0, cache_dir=None))
     try:
         store = open_store(config, pool, reactor)   # the S3 store makes its spool folder in tmp/
     except OSError as e:
@@ -116,7 +120,8 @@ def run_with_store(config: Config, main: Callable[[Any, Any], Awaitable[T]], all
             finally:
                 await store.close()
         finally:
-            reactor.removeSystemEventTrigger(stop_threads)
+            with contextlib.suppress(ValueError):   # gone already when a shutdown (SIGINT) fired it
+                reactor.removeSystemEventTrigger(stop_threads)
             pool.stop()
 
     return run_reactor(session)

@@ -26,7 +26,7 @@ import json
 import os
 import random
 import tarfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
