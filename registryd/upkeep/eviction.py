@@ -4,13 +4,17 @@ The cache's size is the bytes of stored blobs that only mirror content keeps
 (a layer that a local image also uses counts as local and is never evicted).
 Over the limit, cached manifests go in order of last pull (or of caching,
 for one never pulled since), and blobs linked into a mirrored repository by
-a blob-only pull go by when they were fetched; a blob is deleted once nothing
+a blob-only pull go by when they were fetched; a blob is freed once nothing
 left in the cache keeps it. Whatever is evicted is fetched again from the
 upstream on its next pull.
 
-Deletions go through the store's BlobGuard: a blob claimed since the survey
-(by a push, a manifest, a fill) stays. A manifest pulled since the survey
-stays too.
+``plan_eviction`` is the same for both drivers; carrying the plan out is not.
+In a data directory (``evict``), deletions go through the store's
+BlobGuard: a blob claimed since the survey (by a push, a manifest, a fill)
+stays. On a shared S3 bucket another node's claims are out of reach, so
+registryd.upkeep.s3_survey deletes only manifests and links and leaves the
+freed blobs to a collection (registryd.upkeep.s3_collector). Either way a
+manifest pulled since the survey stays, and so do its blobs.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ from typing import Callable
 
 import attrs
 
-from registryd.admin.layout import DataDir
+from registryd.admin.layout import DataDir, Repository
 from registryd.digest import Digest
 from registryd.storage.files import prune_empty_dirs, unlink_durably
 from registryd.storage.guard import BlobGuard
@@ -38,9 +42,13 @@ class EvictionPlan:
 
 @attrs.define
 class Eviction:
+    """What an eviction did: manifests and blobs (and their bytes) deleted."""
+
     manifests: int = 0
     blobs: int = 0
     bytes: int = 0
+    kept: int = 0       # planned manifests left: pulled since the survey
+    links: int = 0      # blob-only links deleted (S3; in a data directory the collector sweeps them)
 
 
 def plan_eviction(survey: Survey, max_size: int) -> EvictionPlan:
@@ -74,15 +82,17 @@ def plan_eviction(survey: Survey, max_size: int) -> EvictionPlan:
 
 def evict(data: DataDir, plan: EvictionPlan, guard: BlobGuard, since: float,
           say: Callable[[str], None] = lambda line: None) -> Eviction:
-    """Carry out ``plan`` (blocking). ``since`` is when the survey began."""
+    """Carry out ``plan`` on a data directory (blocking). ``since`` is when the survey began."""
     done = Eviction()
     stores: dict[str, RepositoryStore] = {}
     kept_back: set[Digest] = set()
     for manifest in plan.manifests:
         repository = manifest.repository
+        assert isinstance(repository, Repository), "a survey of a data directory"
         revision = repository.revision_path(manifest.digest)
         if last_used(repository, manifest.digest, None) > since:
             kept_back.update(manifest.keeps)  # pulled again since the survey: it and its blobs stay
+            done.kept += 1
             continue
         store = stores.setdefault(repository.root, RepositoryStore(repository.root, os.path.join(data.root, "tmp")))
         if store.delete_manifest(repository.remote, manifest.digest, manifest.subject):

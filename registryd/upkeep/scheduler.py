@@ -1,8 +1,15 @@
 """Online garbage collection and store surveys, on timers, while the server serves.
 
-Both walk the whole store, so they run in the IO pool and one at a time (a
-DeferredLock). A pass that fails is logged and counted; the timers go on,
-so the next pass runs as planned.
+Both go over the whole store, one at a time (a DeferredLock): in the IO pool
+on a data directory, over the network on a shared S3 bucket, where every
+node runs them (registryd.upkeep.s3_collector and registryd.upkeep.s3_survey
+say why overlapping runs are safe). A pass that fails is logged and
+counted; the timers go on, so the next pass runs as planned.
+
+A survey sets the store-size metrics and, over ``[mirror] max_size``,
+evicts from the mirror cache. On S3 the eviction deletes manifests and
+links only, then runs one collection (``collect``, with ``[gc] delay``) to
+remove the blobs that freed.
 """
 from __future__ import annotations
 
@@ -19,9 +26,11 @@ from registryd.config import Config
 from registryd.metrics import Metrics
 from registryd.storage import Store
 from registryd.upkeep.collector import Collection, Collector
+from registryd.storage.s3.errors import S3Error, S3Unavailable
 from registryd.storage.s3.store import S3Store
 from registryd.upkeep.s3_collector import S3Collector
-from registryd.upkeep.eviction import Eviction, evict, plan_eviction
+from registryd.upkeep.eviction import Eviction, EvictionPlan, evict, plan_eviction
+from registryd.upkeep.s3_survey import Documents, S3Eviction, evict_s3, take_s3_survey
 from registryd.upkeep.survey import Survey, take_survey
 
 log = Logger()
@@ -63,6 +72,7 @@ class Upkeep:
         self._data = DataDir(store.root, namespaces)
         self._lock = DeferredLock()
         self.last_size: StoreSize | None = None
+        self._documents = Documents()     # S3: what each manifest names, kept between surveys
         self._loops: list[LoopingCall] = []
         metrics.mirror_max_size.set(config.mirror_max_size)
 
@@ -71,19 +81,10 @@ class Upkeep:
         """Online collection: on the data directory, or on the bucket every node shares."""
         return True
 
-    @property
-    def surveys(self) -> bool:
-        """Surveys (store size, the mirror cache limit) walk the data directory: filesystem only."""
-        return self._store.driver == "filesystem"
-
     def start(self) -> None:
         if self._config.gc_interval > 0:
             self._every(self._config.gc_interval, self._scheduled_gc, now=False)
-        if self.surveys:
-            self._every(self._config.usage_interval, self._scheduled_survey, now=True)
-        elif self._config.mirror_max_size:
-            log.warn("[mirror] max_size is not enforced with storage.driver = {driver!r} yet",
-                     driver=self._store.driver)
+        self._every(self._config.usage_interval, self._scheduled_survey, now=True)
 
     def _every(self, interval: float, work: Any, now: bool) -> None:
         loop = LoopingCall(lambda: Deferred.fromCoroutine(work()))
@@ -106,6 +107,8 @@ class Upkeep:
     async def _scheduled_survey(self) -> None:
         try:
             await self.survey()
+        except (OSError, S3Error, S3Unavailable) as e:
+            log.error("surveying the store failed: {error}; the next survey runs as planned", error=str(e))
         except Exception:
             log.failure("surveying the store failed; the next survey runs as planned")
 
@@ -149,6 +152,14 @@ class Upkeep:
 
     async def survey(self) -> StoreSize:
         """Measure the store, and evict from the mirror cache if it is over ``max_size``."""
+        if self._store.driver == "s3":
+            await self._survey_bucket()
+        else:
+            await self._survey_data_dir()
+        assert self.last_size is not None
+        return self.last_size
+
+    async def _survey_data_dir(self) -> None:
         await self._lock.acquire()
         try:
             survey = await self._store.pool.run(take_survey, self._data)
@@ -164,8 +175,38 @@ class Upkeep:
                     self._measured(survey)
         finally:
             self._lock.release()
-        assert self.last_size is not None
-        return self.last_size
+
+    async def _survey_bucket(self) -> None:
+        """As on a data directory; but blobs leave through a collection (see s3_survey)."""
+        limit = self._config.mirror_max_size
+        client = self._store.client
+        await self._lock.acquire()
+        try:
+            survey = await take_s3_survey(client, self._data.namespaces, self._documents)
+            self._measured(survey)
+            plan = plan_eviction(survey, limit) if limit else EvictionPlan()
+            if not (plan.manifests or plan.blobs):
+                return
+            done = await evict_s3(self._store, survey, plan)
+        finally:
+            self._lock.release()
+        freed = {digest: size for digest, size in plan.blobs.items() if digest not in done.kept_back}
+        if freed or done.manifests or done.links:
+            try:
+                # Through collect: its lock, its metrics, its log line; never delay 0 (see s3_collector).
+                report = await self.collect()
+            except Exception:
+                pass  # logged and counted by collect; a later collection removes the blobs
+            else:
+                removed = {entry["digest"] for entry in report.collection.blobs}
+                taken = [size for digest, size in freed.items() if str(digest) in removed]
+                done.blobs, done.bytes = len(taken), sum(taken)
+        self._evicted_from_bucket(plan.size_before, limit, done, len(freed))
+        await self._lock.acquire()
+        try:
+            self._measured(await take_s3_survey(client, self._data.namespaces, self._documents))
+        finally:
+            self._lock.release()
 
     def _measured(self, survey: Survey) -> None:
         mirror = survey.mirror_bytes
@@ -183,3 +224,15 @@ class Upkeep:
         log.info("mirror cache at {before} bytes is over max_size {limit}: evicted {manifests} manifests and "
                  "{blobs} blobs ({bytes} bytes), least recently pulled first", before=before, limit=limit,
                  manifests=done.manifests, blobs=done.blobs, bytes=done.bytes)
+
+    def _evicted_from_bucket(self, before: int, limit: int, done: S3Eviction, freed: int) -> None:
+        """The eviction counters: manifests deleted; blobs and bytes the collection that followed removed."""
+        self._metrics.evicted_manifests.inc(done.manifests)
+        self._metrics.evicted_blobs.inc(done.blobs)
+        self._metrics.evicted_bytes.inc(done.bytes)
+        log.info("mirror cache at {before} bytes is over max_size {limit}: evicted {manifests} manifests and "
+                 "{links} blob-only links, least recently pulled first ({kept} pulled since the survey stay, "
+                 "{gone} were gone already); the collection that followed removed {blobs} of the {freed} blobs "
+                 "this freed ({bytes} bytes); later collections remove the rest once older than [gc] delay",
+                 before=before, limit=limit, manifests=done.manifests, links=done.links, kept=done.kept,
+                 gone=done.gone, blobs=done.blobs, freed=freed, bytes=done.bytes)

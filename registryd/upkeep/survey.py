@@ -1,13 +1,23 @@
 """One walk of the store: what each byte is kept for, and when mirror content was last used.
 
-Blocking (it lists every blob and reads every manifest): run it in the IO
-pool. The result feeds the store-size metrics and the mirror cache limit.
+The result (a Survey) feeds the store-size metrics and the mirror cache
+limit (registryd.upkeep.eviction), whichever the driver: ``take_survey``
+walks the data directory (blocking: it lists every blob and reads every
+manifest, so run it in the IO pool); registryd.upkeep.s3_survey builds the
+same Survey from listings of a shared bucket.
+
+The rules: a local repository's revisions keep what their documents name,
+and its tags and blob links keep what they name (a pushed layer's manifest
+may still be on its way); that is never evicted. Everything else a
+mirrored repository holds is the mirror cache: its manifests, used when
+last pulled (or else when cached), and blob links that no cached manifest
+names (a blob-only pull), used when written.
 """
 from __future__ import annotations
 
 import json
 import time
-from typing import Callable
+from typing import Callable, Protocol
 
 import attrs
 
@@ -24,11 +34,28 @@ def last_used(repository: Repository, digest: Digest, cached_at: float | None) -
     return max(times, default=0.0)
 
 
+class SurveyedRepository(Protocol):
+    """A mirrored repository as a survey names it; each driver's eviction knows its own kind
+    (``admin.layout.Repository`` in a data directory, ``s3_survey.S3Repository`` in a bucket)."""
+
+    @property
+    def name(self) -> str:
+        """As a client pulls it: ``<namespace>/<repository>``."""
+
+    @property
+    def remote(self) -> str:
+        """Its name in its upstream, and in its mirror folder's RepositoryBackend."""
+
+    @property
+    def upstream(self) -> str | None:
+        """The upstream namespace (None for a local repository)."""
+
+
 @attrs.frozen
 class MirrorManifest:
     """A manifest revision in the mirror cache, and everything it keeps."""
 
-    repository: Repository
+    repository: SurveyedRepository
     digest: Digest
     last_used: float
     keeps: frozenset[Digest]      # its own content and every digest it names
@@ -39,13 +66,15 @@ class MirrorManifest:
 class MirrorLink:
     """A blob linked into a mirrored repository that no cached manifest names."""
 
-    repository: Repository
+    repository: SurveyedRepository
     digest: Digest
     last_used: float
 
 
 @attrs.define
 class Survey:
+    """What one survey found; ``taken_at`` is when it began."""
+
     taken_at: float
     blob_sizes: dict[Digest, int] = attrs.field(factory=dict)
     local: set[Digest] = attrs.field(factory=set)        # never evicted
@@ -70,7 +99,7 @@ class Survey:
         return sum(size for d, size in self.blob_sizes.items() if d in self.local)
 
 
-def _subject(content: bytes | None) -> Digest | None:
+def subject_of(content: bytes | None) -> Digest | None:
     """The digest of a manifest document's subject, if it has one."""
     try:
         subject = json.loads(content or b"").get("subject", {}).get("digest")
@@ -80,6 +109,7 @@ def _subject(content: bytes | None) -> Digest | None:
 
 
 def take_survey(data: DataDir, clock: Callable[[], float] = time.time) -> Survey:
+    """The survey of a data directory (blocking)."""
     survey = Survey(taken_at=clock())
     for blob in data.blob_files([]):
         survey.blob_sizes[blob.digest] = blob.size
@@ -97,7 +127,7 @@ def take_survey(data: DataDir, clock: Callable[[], float] = time.time) -> Survey
             named.update(keeps)
             survey.manifests.append(MirrorManifest(
                 repository, digest, last_used(repository, digest, mtime_of(revision.path)), keeps,
-                _subject(content)))
+                subject_of(content)))
         for tag in scan.tags:
             if local and tag.digest is not None:
                 survey.local.add(tag.digest)
