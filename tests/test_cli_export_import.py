@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import pty
-import select
 import shutil
 import subprocess
 import tarfile
@@ -27,6 +25,7 @@ import pytest_twisted
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 
+from terminal import run_with_terminal_stderr
 from conftest import start_twistd, stop_process
 from e2e import oci_layout as oci
 from e2e.skopeo_cli import Skopeo, find_skopeo
@@ -603,24 +602,9 @@ def test_damaged_store_leaves_nothing_behind(damage: str, source: Source, tmp_pa
 
 
 def test_progress_bar_only_on_a_terminal(source: Source, tmp_path: Any) -> None:
-    master, slave = pty.openpty()
-    try:
-        process = subprocess.Popen([REGISTRYD, "export", "-d", source.data_dir, "--image", "team/big:2.0", "-o",
-                                    str(tmp_path / "out.tar")], stdout=subprocess.PIPE, stderr=slave, text=True)
-        os.close(slave)
-        out, _ = process.communicate(timeout=60)
-        seen = b""
-        while select.select([master], [], [], 0.5)[0]:
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:
-                break
-            if not chunk:
-                break
-            seen += chunk
-    finally:
-        os.close(master)
-    assert process.returncode == 0
+    status, out, seen = run_with_terminal_stderr([REGISTRYD, "export", "-d", source.data_dir, "--image", "team/big:2.0", "-o",
+                                    str(tmp_path / "out.tar")])
+    assert status == 0
     assert b"registryd export: copying blobs [" in seen and b"%" in seen
     assert seen.endswith(b"\r\x1b[K"), seen[-40:]
     assert "copying" not in out and out.startswith("exported team/big:2.0 ")

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import pty
 import re
-import select
 import subprocess
 from typing import Any
 
 import pytest
 
+from terminal import run_with_terminal_stderr
 from oci_client import OCI_MANIFEST, digest_of
 from test_cli_ls import (  # noqa: F401  (fixtures)
     NS,
@@ -335,24 +334,8 @@ def test_unreadable_blob_is_an_error_not_damage(store: Filled) -> None:
 
 
 def test_progress_bar_only_on_a_terminal(store: Filled) -> None:
-    master, slave = pty.openpty()
-    try:
-        process = subprocess.Popen([REGISTRYD, "fsck", "-d", store.data_dir], stdout=subprocess.PIPE,
-                                   stderr=slave, text=True)
-        os.close(slave)
-        out, _ = process.communicate(timeout=60)
-        seen = b""
-        while select.select([master], [], [], 0.5)[0]:
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:
-                break
-            if not chunk:
-                break
-            seen += chunk
-    finally:
-        os.close(master)
-    assert process.returncode == 0
+    status, out, seen = run_with_terminal_stderr([REGISTRYD, "fsck", "-d", store.data_dir])
+    assert status == 0
     assert b"registryd fsck: re-hashing blobs [" in seen and b"%" in seen
     assert seen.endswith(b"\r\x1b[K"), seen[-40:]  # erased at the end
     assert "re-hashing" not in out and out.splitlines()[-1].endswith(": clean")

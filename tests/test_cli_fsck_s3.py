@@ -10,9 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pty
 import re
-import select
 import subprocess
 import time
 from typing import Any, Iterator
@@ -23,6 +21,7 @@ import pytest_twisted
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 
+from terminal import run_with_terminal_stderr
 from conftest import RunningRegistry
 from fake_upstream import FakeUpstream
 from oci_client import OCI_MANIFEST, Client, digest_of
@@ -485,24 +484,8 @@ async def test_a_push_between_runs_is_more_to_check(bucket: Bucket) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_progress_bar_only_on_a_terminal(bucket: Bucket) -> None:
-    master, slave = pty.openpty()
-    try:
-        process = subprocess.Popen([REGISTRYD, "fsck", "-c", bucket.config], stdout=subprocess.PIPE, stderr=slave,
-                                   text=True, env={**os.environ, SECRET_ENV: bucket.client.settings.secret_access_key})
-        os.close(slave)
-        out, _ = process.communicate(timeout=60)
-        seen = b""
-        while select.select([master], [], [], 0.5)[0]:
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:
-                break
-            if not chunk:
-                break
-            seen += chunk
-    finally:
-        os.close(master)
-    assert process.returncode == 0
+    status, out, seen = run_with_terminal_stderr([REGISTRYD, "fsck", "-c", bucket.config], env={**os.environ, SECRET_ENV: bucket.client.settings.secret_access_key})
+    assert status == 0
     assert b"registryd fsck: re-hashing blobs [" in seen and re.search(rb"\d+/20, [^/]+/5\.\d KiB", seen), seen
     assert b"registryd fsck: checking repositories [" in seen
     assert seen.endswith(b"\r\x1b[K"), seen[-40:]  # erased at the end

@@ -42,8 +42,6 @@ import time
 from typing import Any, Callable
 
 import attrs
-from twisted.internet.interfaces import IConsumer
-from zope.interface import implementer
 
 from registryd.admin import AdminError
 from registryd.admin.fsck import (
@@ -75,6 +73,7 @@ from registryd.digest import Digest
 from registryd.storage.s3.client import S3Client
 from registryd.storage.s3.documents import ObjectEntry
 from registryd.storage.s3.errors import ObjectTooLarge, S3Error, S3Unavailable
+from registryd.storage.s3.upload_state import HashSink
 from registryd.storage.s3.layout import BLOBS, MIRROR, REPOSITORIES, UPLOADS, blob_key
 from registryd.storage.s3.upload_state import session_of
 from registryd.upkeep.s3_collector import LEFTOVER_AGE
@@ -102,25 +101,15 @@ READ_CONCURRENCY = 8
 METADATA_LIMIT = 4 * 1024 * 1024
 
 
-@implementer(IConsumer)
-class _Hashing:
+class _Hashing(HashSink):
     """Hashes a blob as its GET delivers it (one chunk at a time), and moves the progress bar."""
 
     def __init__(self, algorithm: str, progress: Progress) -> None:
-        self.hasher = hashlib.new(algorithm)
-        self.received = 0
-        self.producer: Any = None
+        super().__init__(hashlib.new(algorithm))
         self._progress = progress
 
-    def registerProducer(self, producer: Any, streaming: bool) -> None:
-        self.producer = producer
-
-    def unregisterProducer(self) -> None:
-        self.producer = None
-
     def write(self, data: bytes) -> None:
-        self.hasher.update(data)
-        self.received += len(data)
+        super().write(data)
         self._progress.advance(size=len(data))
 
 

@@ -360,21 +360,9 @@ def no_empty_dirs_left(root: str, keep: bool = False) -> Iterator[None]:
 
 def open_data_dir(args: argparse.Namespace) -> DataDir:
     """The data directory ``--config``/``--data-dir`` name, checked to be one."""
-    from registryd.config import ConfigError, load_config
+    from registryd.admin.store_access import check_data_dir, load_admin_config
 
-    try:
-        config = load_config(args.config, {"data_dir": args.data_dir})
-    except ConfigError as e:
-        raise AdminError(str(e)) from None
-    root = config.data_dir
-    if not os.path.exists(root):
-        raise AdminError(f"the data directory {root} does not exist")
-    if not os.path.isdir(root):
-        raise AdminError(f"the data directory {root} is not a directory")
-    if not os.access(root, os.R_OK | os.X_OK):
-        raise AdminError(f"cannot read the data directory {root}: permission denied")
-    if not any(os.path.isdir(os.path.join(root, sub)) for sub in ("blobs", "repositories", "mirror")):
-        raise AdminError(f"{root} is not a registryd data directory (it has no blobs/, "
-                         f"repositories/ or mirror/)")
+    config = load_admin_config(args)
+    check_data_dir(config.data_dir)
     namespaces = {u.namespace.replace(":", "_"): u.namespace for u in config.upstreams}
-    return DataDir(root, namespaces)
+    return DataDir(config.data_dir, namespaces)

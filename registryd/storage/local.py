@@ -22,9 +22,9 @@ from registryd.threads import BlockingPool, InlinePool
 class FileBlobSource:
     """A stored blob as an open file: the API sends it with sendfile."""
 
-    def __init__(self, file: BinaryIO) -> None:
+    def __init__(self, file: BinaryIO, size: int | None = None) -> None:
         self._file = file
-        self.size = os.fstat(file.fileno()).st_size
+        self.size = os.fstat(file.fileno()).st_size if size is None else size
 
     def local_file(self) -> BinaryIO | None:
         return self._file

@@ -28,6 +28,7 @@ from zope.interface import implementer
 
 from registryd.digest import Digest
 from registryd.storage.guard import BlobGuard
+from registryd.storage.local import FileBlobSource
 from registryd.storage.s3.client import MAX_PARTS, S3Client
 from registryd.storage.s3.documents import Part
 from registryd.storage.s3.errors import ObjectTooLarge, S3Error, S3Unavailable
@@ -88,15 +89,14 @@ class S3BlobSource:
         pass
 
 
-class CachedBlobSource:
+class CachedBlobSource(FileBlobSource):
     """A stored blob this node has in its hot cache: an open local file, sent with sendfile."""
 
     def __init__(self, file: BinaryIO, size: int, digest: Digest, cache: HotCache) -> None:
-        self._file = file
+        super().__init__(file, size)
         self._digest = digest
         self._cache = cache
         self._counted = False
-        self.size = size
 
     def local_file(self) -> BinaryIO | None:
         # The API asks for the file only when it sends bytes (not for a HEAD):
@@ -104,16 +104,7 @@ class CachedBlobSource:
         if not self._counted:
             self._counted = True
             self._cache.record_hit(self._digest)
-        return self._file
-
-    async def send(self, consumer: IConsumer, start: int, end: int) -> None:
-        raise NotImplementedError("a local file is sent with registryd.web.sendfile")
-
-    def redirect_url(self, expires: int) -> str | None:
-        return None
-
-    def close(self) -> None:
-        self._file.close()
+        return super().local_file()
 
 
 class S3BlobStore:
