@@ -18,6 +18,7 @@ from registryd.auth.errors import AuthConfigError
 from registryd.auth.policy import AccessRule, parse_access_rules
 from registryd.auth.settings import AuthSettings, parse_auth_table
 from registryd.auth.tls import TLS_LISTEN_KEYS, parse_tls_table
+from registryd.credentials import read_credentials_file
 from registryd.storage.s3.settings import S3ConfigError, S3Settings
 
 
@@ -278,14 +279,9 @@ _UPSTREAM_KEYS: dict[str, tuple[type, bool]] = {
 def _read_secret_file(where: str, path: str) -> tuple[str, str]:
     """A credentials file holds one line ``username:password``."""
     try:
-        with open(path, encoding="utf-8") as f:
-            line = f.readline().strip()
-    except OSError as e:
-        raise ConfigError(f"'{where}': cannot read {path}: {e.strerror}") from None
-    username, sep, password = line.partition(":")
-    if not sep or not username:
-        raise ConfigError(f"'{where}': {path} must hold one line 'username:password'")
-    return username, password
+        return read_credentials_file(path, ("username", "password"), secret_required=False)
+    except ValueError as e:
+        raise ConfigError(f"'{where}': {e}") from None
 
 
 def _upstream(where: str, table: Any) -> UpstreamConfig:

@@ -101,10 +101,16 @@ manifest_ttl = 60
     ('[[upstream]]\nnamespace = "a.io"\ndefault = true\n[[upstream]]\nnamespace = "b.io"\ndefault = true',
      "only one upstream may be the default"),
     ('[[upstream]]\nnamespace = "x.io"\nca_file = "/nonexistent/ca.pem"', "cannot read /nonexistent/ca.pem"),
+    ('[[upstream]]\nnamespace = "x.io"\ncredentials_file = "/nonexistent/creds"',
+     "'upstream[0].credentials_file': cannot read /nonexistent/creds: No such file or directory"),
+    ('[[upstream]]\nnamespace = "x.io"\ncredentials_file = "{no_colon}"',
+     "must hold one line 'username:password'"),
 ])
 def test_bad_upstream_config(tmp_path, text, message) -> None:
+    no_colon = tmp_path / "creds"
+    no_colon.write_text("just-a-token\n")
     path = tmp_path / "r.toml"
-    path.write_text(text)
+    path.write_text(text.replace("{no_colon}", str(no_colon)))
     with pytest.raises(ConfigError) as info:
         load_config(str(path))
     assert message in str(info.value)

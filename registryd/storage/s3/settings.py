@@ -32,6 +32,8 @@ from typing import Any, Mapping
 
 import attrs
 
+from registryd.credentials import read_credentials_file
+
 MiB = 1024 * 1024
 GiB = 1024 * MiB
 #: S3's bounds for a multipart part (the last part may be smaller).
@@ -99,14 +101,9 @@ def _check_type(key: str, value: Any, kind: type) -> None:
 def _read_credentials_file(where: str, path: str) -> tuple[str, str]:
     """A credentials file holds one line ``access_key_id:secret_access_key``."""
     try:
-        with open(path, encoding="utf-8") as f:
-            line = f.readline().strip()
-    except OSError as e:
-        raise S3ConfigError(f"'{where}': cannot read {path}: {e.strerror}") from None
-    key_id, sep, secret = line.partition(":")
-    if not sep or not key_id or not secret:
-        raise S3ConfigError(f"'{where}': {path} must hold one line 'access_key_id:secret_access_key'")
-    return key_id, secret
+        return read_credentials_file(path, ("access_key_id", "secret_access_key"))
+    except ValueError as e:
+        raise S3ConfigError(f"'{where}': {e}") from None
 
 
 def _normalize_prefix(prefix: str) -> str:
