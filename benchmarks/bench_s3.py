@@ -30,6 +30,11 @@ Figures
   rss_idle_redirect_MiB, ...      the same for the redirecting node
   radosgw alone (no ratio):       hey GET of the presigned URL itself, c=1 and 8, MB/s (not with --quick)
 
+--hot-cache SIZE gives registryd's streaming node a local hot blob cache
+([storage] cache_size): its first blob GET fills the cache, the rest are sent
+from the local file, so the streamed blob figures then compare a cached
+registryd node with the reference streaming from the bucket.
+
 --quick uses a 1 x 16 MiB and a 5 x 256 KiB image (one run each), a 16 MiB
 blob and 1 s load runs: a CI smoke test that takes well under a minute once
 Ceph is up.
@@ -340,11 +345,11 @@ def _wait_answers(endpoint, timeout):
 
 
 class RegistrydNode(Server):
-    def __init__(self, name, workdir, twistd, s3, bucket, redirect):
+    def __init__(self, name, workdir, twistd, s3, bucket, redirect, hot_cache=None):
         super().__init__(name, workdir)
         self.config = os.path.join(self.dir, "registryd.toml")
         with open(self.config, "w") as f:
-            f.write(registryd_config(s3, bucket, redirect))
+            f.write(registryd_config(s3, bucket, redirect, hot_cache))
         self.cwd = REPO
         self.cmd = [twistd, "-n", "--pidfile=", "registryd", "--config", self.config,
                     "--listen", f"tcp:{self.port}:interface=127.0.0.1", "--data-dir", self.data]
@@ -370,11 +375,12 @@ class ReferenceNode(Server):
                                      cwd=self.cwd, env=env, start_new_session=True)
 
 
-def registryd_config(s3, bucket, redirect):
+def registryd_config(s3, bucket, redirect, hot_cache=None):
     return ("[storage]\n"
             'driver = "s3"\n'
             f"redirect = {'true' if redirect else 'false'}\n"
-            "\n"
+            + (f'cache_size = "{hot_cache}"\n' if hot_cache else "")
+            + "\n"
             "[storage.s3]\n"
             f'endpoint = "{s3.endpoint}"\n'
             f'bucket = "{bucket}"\n'
@@ -705,6 +711,8 @@ def markdown(result, rows):
            f"radosgw {result['s3']['endpoint']} ({'started by the script' if result['s3']['started'] else 'given'}), "
            f"radosgw beast tcp_nodelay {_nodelay_text(result['s3'].get('rgw_tcp_nodelay'))}, "
            f"{'quick' if result['params']['quick'] else 'full'} run, {result['host']['cpus']} CPUs; "
+           + (f"registryd's streaming node with a hot blob cache of {result['params']['hot_cache']}; "
+              if result['params'].get('hot_cache') else "") +
            "ratio = registryd / reference.", "",
            "| figure | unit | " + " | ".join(names) + " | ratio | better |",
            "|---|---|" + "---|" * len(names) + "---|---|"]
@@ -756,6 +764,9 @@ def parse_args(argv):
     ap.add_argument("--rgw-nodelay", action="store_true",
                     help="restart the radosgw this script starts with beast tcp_nodelay=1 (Ceph 16's default leaves "
                          "Nagle on: about 40 ms per small GET on a kept-alive connection); not with --s3-endpoint")
+    ap.add_argument("--hot-cache", default=None, metavar="SIZE",
+                    help="give registryd's streaming node a local hot blob cache of SIZE ([storage] cache_size, "
+                         "e.g. 2GiB)")
     ap.add_argument("--twistd", default=None, help="twistd to start registryd with (default: next to python)")
     ap.add_argument("--reference-bin", default=DEFAULT_REFERENCE,
                     help=f"reference registry (default {DEFAULT_REFERENCE})")
@@ -918,7 +929,7 @@ def main(argv):
         "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "params": {"quick": args.quick, "phases": args.phases, "seconds": args.seconds, "runs": args.runs,
                    "images": {k: describe_image(v) for k, v in args.images.items()}, "blob_MiB": args.blob_mib,
-                   "part_MiB": PART_MIB, "regbench_dir": args.regbench_dir},
+                   "part_MiB": PART_MIB, "regbench_dir": args.regbench_dir, "hot_cache": args.hot_cache},
         "host": {"cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version()},
         "registries": {},
     }
@@ -965,8 +976,9 @@ def main(argv):
             for node_name in NODES:
                 node_id = name if node_name == "stream" else f"{name}-redirect"
                 if name == "registryd":
+                    redirect = node_name == "redirect"
                     nodes[node_name] = RegistrydNode(node_id, workdir, args.twistd or find_twistd(), s3, bucket,
-                                                     node_name == "redirect")
+                                                     redirect, None if redirect else args.hot_cache)
                 else:
                     nodes[node_name] = ReferenceNode(node_id, workdir, args.reference_bin, s3, bucket,
                                                      node_name == "redirect")
