@@ -46,10 +46,9 @@ def test_help() -> None:
     assert "prune" in run("--help").stdout
 
 
-@pytest_twisted.ensureDeferred
-async def test_prune_old_mirror_content_then_gc(make_registry: Any, fake_upstream: FakeUpstream) -> None:
-    registry = make_registry(upstreams=(UpstreamConfig(namespace=NS, url=fake_upstream.url),))
-    client = Client(registry.url)
+async def cache_three_images(client: Client, fake_upstream: FakeUpstream) -> tuple[dict[str, str], dict[str, set[str]]]:
+    """Pull lib/old, lib/keep and other/x through the mirror: each one's manifest digest, and every digest it has."""
+    manifests: dict[str, str] = {}
     images: dict[str, set[str]] = {}
     for repo, seed in (("lib/old", "old"), ("lib/keep", "keep"), ("other/x", "x")):
         image = fake_upstream.add_image(repo, "1.0", layer_sizes=[2000], seed=seed)
@@ -59,7 +58,16 @@ async def test_prune_old_mirror_content_then_gc(make_registry: Any, fake_upstrea
         blobs = {manifest["config"]["digest"], *(layer["digest"] for layer in manifest["layers"])}
         for digest in blobs:
             assert (await client.get(f"/v2/{repo}/blobs/{digest}?ns={NS}")).status == 200
-        images[repo] = blobs | {reply.header("Docker-Content-Digest") or ""}
+        manifests[repo] = reply.header("Docker-Content-Digest") or ""
+        images[repo] = blobs | {manifests[repo]}
+    return manifests, images
+
+
+@pytest_twisted.ensureDeferred
+async def test_prune_old_mirror_content_then_gc(make_registry: Any, fake_upstream: FakeUpstream) -> None:
+    registry = make_registry(upstreams=(UpstreamConfig(namespace=NS, url=fake_upstream.url),))
+    client = Client(registry.url)
+    manifests, images = await cache_three_images(client, fake_upstream)
     local = await client.push_image("lib/old", "1.0", seed="local")   # a local repository of the same name
     await registry.service.stopService()
     data_dir = registry.data_dir
@@ -175,18 +183,7 @@ async def test_s3_prune_then_gc_on_the_bucket(make_registry: Any, fake_upstream:
         registry = make_registry(upstreams=(UpstreamConfig(namespace=NS, url=fake_upstream.url),),
                                  storage=StorageSettings("s3", s3=bucket.settings))
         client = Client(registry.url)
-        images: dict[str, set[str]] = {}
-        manifests: dict[str, str] = {}
-        for repo, seed in (("lib/old", "old"), ("lib/keep", "keep"), ("other/x", "x")):
-            image = fake_upstream.add_image(repo, "1.0", layer_sizes=[2000], seed=seed)
-            reply = await client.get(f"/v2/{repo}/manifests/1.0?ns={NS}", headers={"Accept": image["media_type"]})
-            assert reply.status == 200, str(reply)
-            manifest = json.loads(reply.body)
-            blobs = {manifest["config"]["digest"], *(layer["digest"] for layer in manifest["layers"])}
-            for digest in blobs:
-                assert (await client.get(f"/v2/{repo}/blobs/{digest}?ns={NS}")).status == 200
-            manifests[repo] = reply.header("Docker-Content-Digest") or ""
-            images[repo] = blobs | {manifests[repo]}
+        manifests, images = await cache_three_images(client, fake_upstream)
         local = await client.push_image("lib/old", "1.0", seed="local")   # a local repository of the same name
         await deferLater(reactor, 2.1, lambda: None)   # LastModified is to the second (and pull times land)
         config = write_s3_config(tmp_path, bucket.settings)

@@ -13,7 +13,6 @@ from typing import Any, AsyncIterator, Iterator
 
 import pytest
 import pytest_twisted
-from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import deferLater
@@ -32,6 +31,7 @@ from registryd.upkeep import scheduler
 from registryd.upkeep.collector import referenced_digests
 from registryd.upkeep.eviction import plan_eviction
 from registryd.upkeep.s3_survey import S3Repository, take_s3_survey
+from test_upkeep import metric
 
 NS = "mirror.test:5000"      # its folder in the bucket: mirror/mirror.test_5000/
 
@@ -59,14 +59,6 @@ def start_node(make_registry: Any, upstream: FakeUpstream, bucket: S3Client, max
     return make_registry(upstreams=(UpstreamConfig(namespace=NS, url=upstream.url),),
                          storage=StorageSettings("s3", s3=bucket.settings), mirror_max_size=max_size,
                          gc_interval=0, gc_delay=1, usage_interval=3600)
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return sample.value
-    return 0.0
 
 
 async def metrics(node: RunningRegistry) -> str:
