@@ -88,7 +88,6 @@ class S3UploadStore:
         self._pool = pool or InlinePool()
         self._clock = clock
         self._sessions: dict[str, S3Upload] = {}
-        os.makedirs(spool_dir, exist_ok=True)
 
     def known(self, repo: str, upload_id: str) -> S3Upload | None:
         """The session if this node touched it (no I/O); its size may lag another node's."""
@@ -147,7 +146,13 @@ class S3UploadStore:
             elif upload.size == 0:
                 hasher = Digest(algorithm or DEFAULT_ALGORITHM, "").hasher()
         path = os.path.join(self._spool_dir, f"{upload.id}-{uuid.uuid4().hex}")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        try:
+            fd = os.open(path, flags, 0o600)
+        except FileNotFoundError:
+            # Made on first need: a store opened only to read (an admin command) leaves no folder.
+            os.makedirs(self._spool_dir, exist_ok=True)
+            fd = os.open(path, flags, 0o600)
         try:
             # A sparse hole: the file has its final layout (tail room, body) from the start.
             os.ftruncate(fd, self._part_size)
