@@ -139,6 +139,7 @@ class RegistryService(MultiService):
         self.upkeep.stop()
         d = self._close_ports()
         d.addBoth(lambda _: self.site.drain(self.config.shutdown_timeout))
+        d.addBoth(lambda _: Deferred.fromCoroutine(self.api.mirror.settle_fills(self.config.shutdown_timeout)))
         d.addBoth(lambda _: self.api.mirror.close())
         d.addBoth(lambda _: self.store.close())
         d.addBoth(lambda _: MultiService.stopService(self))

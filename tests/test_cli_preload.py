@@ -297,7 +297,7 @@ async def test_preload_into_an_s3_bucket(reference_upstream: Any, ceph_s3: Any, 
         for digest in blobs_of(app):
             algorithm, hexpart = digest.split(":")
             key = f"blobs/{algorithm}/{hexpart[:2]}/{hexpart}"
-            assert await bucket.head_object(key) is not None, digest
+            assert await bucket.head_object(key) is not None, (digest, result.stderr)
         again = preload("-c", config, "-d", str(data_dir), "--image", f"{NS}/lib/app:v1", env=env)
         assert again.returncode == 0, again.stdout + again.stderr
         for digest in blobs_of(app):

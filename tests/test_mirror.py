@@ -280,6 +280,26 @@ async def test_a_client_leaving_does_not_cancel_the_fill(fake_upstream, make_reg
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_stop_waits_for_running_fills_to_be_stored(fake_upstream, make_registry) -> None:
+    """SIGTERM while a fill runs that no client waits for any more: it is stored before the exit."""
+    image = fake_upstream.add_image("lib/app", "v1", layer_sizes=[400_000])
+    layer = image["layers"][0]
+    path = fake_upstream.blob_path("lib/app", layer["digest"])
+    fake_upstream.slow(path, 20_000, tick=0.01)    # about 0.2 s
+    registry = make_registry(upstreams=(UpstreamConfig(namespace=NS, url=fake_upstream.url),))
+    mirror = registry.service.api.mirror
+    await Client(registry.url).send_truncated("GET", f"/v2/{NS}/lib/app/blobs/{layer['digest']}", b"", 0)
+    for _ in range(200):
+        if mirror.fills:
+            break
+        await sleep(0.01)
+    assert mirror.fills and stored_blobs(registry.data_dir) == []
+    await registry.service.stopService()
+    assert stored_blobs(registry.data_dir) == [layer["digest"].split(":")[1]]
+    assert fake_upstream.count("GET", path) == 1
+
+
+@pytest_twisted.ensureDeferred
 async def test_head_of_an_uncached_blob_does_not_download_it(reference_upstream, make_registry) -> None:
     up = reference_upstream("open")
     image = push_image(up, "lib/app", "v1", layer_sizes=[100_000])

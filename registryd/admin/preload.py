@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Any, Awaitable, Callable, Iterable, TypeVar
 
 import attrs
 import treq
@@ -304,7 +304,8 @@ class Preloader:
 
     def __init__(self, client: RegistryHTTP, platforms: list[Platform], jobs: int, max_manifest_size: int,
                  progress: Progress, on_done: Callable[[ImageResult], None],
-                 check: Callable[[ImageRef], Awaitable[str | None]]) -> None:
+                 check: Callable[[ImageRef], Awaitable[str | None]],
+                 confirm: Callable[[Iterable[Digest]], Awaitable[str | None]] | None = None) -> None:
         self._client = client
         self._platforms = platforms
         self._jobs = DeferredSemaphore(jobs)
@@ -312,6 +313,7 @@ class Preloader:
         self._progress = progress
         self._on_done = on_done
         self._check = check
+        self._confirm = confirm
         # (repository, digest) -> error or None: a blob two tags share is pulled once.
         self._blobs: dict[tuple[str, Digest], Deferred[str | None]] = {}
 
@@ -333,6 +335,10 @@ class Preloader:
             await self._walk(ref.name, digest, media_type, document, manifests, blobs, 0)
             self._progress.size += sum(blobs.values())
             await self._fetch_blobs(ref.name, blobs)
+            if self._confirm is not None:
+                problem = await self._confirm([*manifests, *blobs])
+                if problem is not None:
+                    raise FetchError(problem)
             result.manifests, result.blobs = manifests, blobs
         except FetchError as e:
             result.error = str(e)
@@ -504,12 +510,26 @@ class LocalServer:
             return "not a mirrored repository (no [[upstream]] namespace or default upstream serves it)"
         return None
 
+    async def confirm(self, digests: Iterable[Digest]) -> str | None:
+        """Why what a client fetched is not all in the store, or None.
+
+        A client has a whole blob before its fill is stored (on S3 an upload
+        follows): wait for each fill, then look.
+        """
+        for digest in digests:
+            await self.api.mirror.fill_ended(digest)
+            if await self.store.blobs.size(digest) is None:
+                return f"{digest} was fetched but could not be stored (see the errors above)"
+        return None
+
     async def stop(self) -> None:
-        """Stop listening, let running requests end (a fill commits before its
-        response ends), close upstream connections, stop the threads."""
+        """Stop listening, let running requests end and running fills be stored (a
+        client has all of a blob before its fill is in the store), close upstream
+        connections, stop the threads."""
         if self._port is not None:
             await maybeDeferred(self._port.stopListening)  # None when a shutdown closed it already
         await self.site.drain(self._config.shutdown_timeout)
+        await self.api.mirror.settle_fills(self._config.shutdown_timeout)
         await self.api.mirror.close()
         await self.store.close()
         if self._stop_threads is not None:
@@ -619,7 +639,8 @@ def run(args: argparse.Namespace) -> int:
                 await _check_base(client, args.user)
                 check = _no_check  # the server answers for names it does not serve
             limit = config.max_manifest_size if config is not None else MAX_MANIFEST_SIZE
-            preloader = Preloader(client, args.platform, args.jobs, limit, progress, report, check)
+            preloader = Preloader(client, args.platform, args.jobs, limit, progress, report, check,
+                                  server.confirm if server is not None else None)
             return await preloader.run(refs)
         finally:
             progress.close()

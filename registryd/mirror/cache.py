@@ -138,6 +138,31 @@ class MirrorCache:
     def close(self) -> Deferred[None]:
         return self._pool.closeCachedConnections()
 
+    async def fill_ended(self, digest: Digest) -> None:
+        """Wait for the running upstream transfer of ``digest`` (if any) to be stored or fail."""
+        fill = self.fills.get(digest)
+        if fill is not None:
+            await _ended(fill)
+
+    async def settle_fills(self, timeout: float) -> None:
+        """Wait until every upstream transfer running now has ended (stored, or failed), for at
+        most ``timeout`` seconds: a stop must not cut a fill whose clients already have it all.
+
+        A client reads a blob to its Content-Length and leaves while its fill
+        is still putting the blob into the store (an S3 PUT takes a while).
+        """
+        running = [Deferred.fromCoroutine(_ended(fill)) for fill in list(self.fills.values())]
+        if not running:
+            return
+        log.info("waiting up to {timeout}s for {count} upstream transfers to be stored", timeout=timeout,
+                 count=len(running))
+        everything = gatherResults(running, consumeErrors=True)
+        everything.addTimeout(timeout, self._reactor)
+        try:
+            await everything
+        except Exception:
+            log.warn("stopping with upstream transfers still running; they are fetched again when asked for")
+
     def mirror(self, route: Route) -> Mirror:
         return self.mirrors[route.upstream.namespace]
 
@@ -427,6 +452,16 @@ class MirrorCache:
     async def _commit_fill(self, mirror: Mirror, remote: str, path: str, digest: Digest) -> None:
         await self._store.blobs.commit_file(path, digest)
         await mirror.repositories.link_blob(remote, digest)
+
+
+async def _ended(fill: BlobFill) -> None:
+    """Fires once ``fill`` is stored or failed (at once if its start failed)."""
+    await _independent(fill.started)
+    if fill.start_error is not None or fill.finished:
+        return
+    ended: Deferred[None] = Deferred()
+    fill.on_finished(lambda: ended.callback(None))
+    await ended
 
 
 async def _independent(shared: Deferred[Any]) -> Any:
