@@ -23,8 +23,6 @@ from typing import Any, Callable
 
 import attrs
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IConsumer
-from zope.interface import implementer
 
 from registryd.admin import EXIT_DAMAGE, EXIT_OK, EXIT_USAGE, AdminError
 from registryd.admin.image_list import (
@@ -56,6 +54,7 @@ from registryd.config import DOCKER_HUB
 from registryd.digest import Digest, digest_of, parse_digest
 from registryd.errors import RegistryError
 from registryd.manifests import INDEX_TYPES, NON_DISTRIBUTABLE, parse_manifest
+from registryd.storage.s3.bodies import Sink
 
 HELP = "write images and all their content to an OCI image layout (a directory or a .tar)"
 
@@ -298,8 +297,7 @@ def _damaged(planned: Planned, digest: Digest, why: str) -> AdminError:
     return AdminError(f"{planned.label}: blob {digest} is damaged: {why} (run `registryd fsck`)", EXIT_DAMAGE)
 
 
-@implementer(IConsumer)
-class BlobConsumer:
+class BlobConsumer(Sink):
     """Takes a blob as ``BlobSource.send`` pushes it and writes it into the layout in the IO pool.
 
     Chunks wait in memory only while the pool writes (and hashes) the ones
@@ -310,22 +308,15 @@ class BlobConsumer:
     """
 
     def __init__(self, blob: BlobWriter, pool: Any, on_written: Callable[[int], None]) -> None:
+        super().__init__()
         self._blob = blob
         self._pool = pool
         self._on_written = on_written
-        self._producer: Any = None
         self._paused = False
         self._pending: list[bytes] = []
         self._pending_size = 0
         self._writing: Deferred[None] | None = None
         self._error: Exception | None = None
-
-    def registerProducer(self, producer: Any, streaming: bool) -> None:
-        # BlobSource.send registers a push producer (as Request.registerProducer would get).
-        self._producer = producer
-
-    def unregisterProducer(self) -> None:
-        self._producer = None
 
     def write(self, data: bytes) -> None:
         if self._error is not None:
@@ -334,8 +325,8 @@ class BlobConsumer:
         self._pending_size += len(data)
         if self._pending_size >= HIGH_WATER and not self._paused:
             self._paused = True
-            if self._producer is not None:
-                self._producer.pauseProducing()
+            if self.producer is not None:
+                self.producer.pauseProducing()
         if self._writing is None:
             writing = Deferred.fromCoroutine(self._drain())
             if not writing.called:  # a pool that runs inline is done already
@@ -351,13 +342,13 @@ class BlobConsumer:
                 self._on_written(size)
                 if self._paused and self._pending_size < LOW_WATER:
                     self._paused = False
-                    if self._producer is not None:
-                        self._producer.resumeProducing()
+                    if self.producer is not None:
+                        self.producer.resumeProducing()
         except Exception as e:
             self._error = e
             self._pending, self._pending_size = [], 0
-            if self._producer is not None:
-                self._producer.stopProducing()
+            if self.producer is not None:
+                self.producer.stopProducing()
         finally:
             self._writing = None
 

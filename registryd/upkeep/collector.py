@@ -108,6 +108,23 @@ class Collection:
         return sum(b["size"] for b in self.blobs)
 
 
+def collection_report(where: str, dry_run: bool, delay: float, result: Collection, marker: Any) -> dict[str, Any]:
+    """A collection as one JSON document, the same for both drivers (``where``: the store)."""
+    return {
+        "data_dir": where,
+        "dry_run": dry_run,
+        "delay": delay,
+        "removed_blobs": result.blobs,
+        "removed_links": result.links,
+        "removed_directories": result.directories,
+        "bytes_reclaimed": result.reclaimed,
+        "kept_referenced": result.kept,
+        "kept_young": result.young,
+        "repositories": marker.repositories,
+        "manifests": marker.manifests,
+    }
+
+
 class Collector:
     """One mark and sweep; ``guard`` is the server's BlobGuard when run inside it."""
 
@@ -173,20 +190,7 @@ class Collector:
 
     def report(self) -> dict[str, Any]:
         """The run as one JSON document (``registryd gc --json`` and ``POST /admin/gc``)."""
-        result, marker = self.result, self.marker
-        return {
-            "data_dir": self.data.root,
-            "dry_run": self.dry_run,
-            "delay": self.delay,
-            "removed_blobs": result.blobs,
-            "removed_links": result.links,
-            "removed_directories": result.directories,
-            "bytes_reclaimed": result.reclaimed,
-            "kept_referenced": result.kept,
-            "kept_young": result.young,
-            "repositories": marker.repositories,
-            "manifests": marker.manifests,
-        }
+        return collection_report(self.data.root, self.dry_run, self.delay, self.result, self.marker)
 
     def _sweep_links(self, gone: set[Digest], cutoff: float) -> None:
         for digest, places in sorted(self.marker.links.items(), key=lambda item: str(item[0])):

@@ -48,7 +48,7 @@ from registryd.storage.guard import BlobGuard
 from registryd.storage.s3.client import S3Client
 from registryd.storage.s3.errors import S3Error, S3Unavailable
 from registryd.storage.s3.layout import blob_key
-from registryd.upkeep.collector import Collection
+from registryd.upkeep.collector import Collection, collection_report
 from registryd.upkeep.s3_marker import BlobEntry, S3Marker, TrashEntry, each, list_blobs, list_trash, trash_key
 
 log = Logger()
@@ -105,21 +105,10 @@ class S3Collector:
 
     def report(self) -> dict[str, Any]:
         """The run as one JSON document: the filesystem Collector's, plus ``restored``."""
-        result, marker, settings = self.result, self.marker, self._client.settings
-        return {
-            "data_dir": f"s3://{settings.bucket}/{settings.prefix}",
-            "dry_run": self.dry_run,
-            "delay": self.delay,
-            "removed_blobs": result.blobs,
-            "removed_links": result.links,
-            "removed_directories": result.directories,
-            "bytes_reclaimed": result.reclaimed,
-            "kept_referenced": result.kept,
-            "kept_young": result.young,
-            "repositories": marker.repositories,
-            "manifests": marker.manifests,
-            "restored": result.restored,
-        }
+        settings = self._client.settings
+        return {**collection_report(f"s3://{settings.bucket}/{settings.prefix}", self.dry_run, self.delay,
+                                    self.result, self.marker),
+                "restored": self.result.restored}
 
     # -- candidates -------------------------------------------------------------
 

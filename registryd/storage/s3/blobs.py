@@ -29,6 +29,7 @@ from zope.interface import implementer
 from registryd.digest import Digest
 from registryd.storage.guard import BlobGuard
 from registryd.storage.local import FileBlobSource
+from registryd.storage.s3.bodies import Sink
 from registryd.storage.s3.client import MAX_PARTS, S3Client
 from registryd.storage.s3.documents import Part
 from registryd.storage.s3.errors import ObjectTooLarge, S3Error, S3Unavailable
@@ -274,18 +275,12 @@ class _Relay:
             self._fill.write(data)
 
 
-@implementer(IConsumer)
-class _Collect:
+class _Collect(Sink):
     """Keeps what a bounded ranged GET delivers (at most ``read``'s limit)."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.chunks: list[bytes] = []
-
-    def registerProducer(self, producer: Any, streaming: bool) -> None:
-        pass
-
-    def unregisterProducer(self) -> None:
-        pass
 
     def write(self, data: bytes) -> None:
         self.chunks.append(data)

@@ -18,11 +18,10 @@ import uuid
 from typing import Any
 
 import attrs
-from twisted.internet.interfaces import IConsumer
-from zope.interface import implementer
 
 from registryd.storage.files import write_fully
 from registryd.storage.s3 import layout
+from registryd.storage.s3.bodies import Sink
 from registryd.storage.s3.documents import Part
 
 #: A state lists at most 10000 parts of ~100 bytes each.
@@ -182,20 +181,13 @@ class S3UploadWriter:
         self.upload.busy = False
 
 
-@implementer(IConsumer)
-class FileSink:
+class FileSink(Sink):
     """Writes a download into an open file from ``offset`` (``pwrite``: one chunk, no buffering)."""
 
     def __init__(self, fd: int, offset: int) -> None:
+        super().__init__()
         self._fd = fd
         self.offset = offset
-        self.producer: Any = None
-
-    def registerProducer(self, producer: Any, streaming: bool) -> None:
-        self.producer = producer
-
-    def unregisterProducer(self) -> None:
-        self.producer = None
 
     def write(self, data: bytes) -> None:
         view = memoryview(data)
@@ -205,20 +197,13 @@ class FileSink:
             view = view[written:]
 
 
-@implementer(IConsumer)
-class HashSink:
+class HashSink(Sink):
     """Hashes a download as it arrives (verification of an object nobody here saw whole)."""
 
     def __init__(self, hasher: Any) -> None:
+        super().__init__()
         self.hasher = hasher
         self.received = 0
-        self.producer: Any = None
-
-    def registerProducer(self, producer: Any, streaming: bool) -> None:
-        self.producer = producer
-
-    def unregisterProducer(self) -> None:
-        self.producer = None
 
     def write(self, data: bytes) -> None:
         self.hasher.update(data)
