@@ -15,13 +15,12 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, gatherResults
-from twisted.internet.interfaces import IConsumer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.web.resource import Resource
 from twisted.web.server import Site
-from zope.interface import implementer
 
+from s3_helpers import PausingSink, read
 from registryd.storage.s3 import (
     FileRegion,
     ObjectTooLarge,
@@ -404,55 +403,6 @@ async def s3(ceph_s3: Any) -> AsyncIterator[S3Client]:
     await client.close()
 
 
-@implementer(IConsumer)
-@attrs.define
-class Sink:
-    """A consumer that hashes what it gets; ``slow`` makes it pause the producer
-    after every ``slow`` bytes for a moment, as a full socket would."""
-
-    slow: int = 0
-    received: int = 0
-    hasher: Any = attrs.field(factory=hashlib.sha256)
-    producer: Any = None
-    paused: bool = False
-    received_while_paused: int = 0
-    max_while_paused: int = 0
-    pauses: int = 0
-    _since_pause: int = 0
-
-    def registerProducer(self, producer: Any, streaming: bool) -> None:
-        assert streaming and self.producer is None
-        self.producer = producer
-
-    def unregisterProducer(self) -> None:
-        self.producer = None
-
-    def write(self, data: bytes) -> None:
-        self.received += len(data)
-        self.hasher.update(data)
-        if self.paused:
-            self.received_while_paused += len(data)
-            self.max_while_paused = max(self.max_while_paused, self.received_while_paused)
-            return
-        self._since_pause += len(data)
-        if self.slow and self._since_pause >= self.slow:
-            self._since_pause = 0
-            self.paused = True
-            self.pauses += 1
-            self.producer.pauseProducing()
-            reactor.callLater(0.002, self._resume)
-
-    def _resume(self) -> None:
-        self.paused = False
-        self.received_while_paused = 0
-        if self.producer is not None:
-            self.producer.resumeProducing()
-
-    @property
-    def digest(self) -> str:
-        return self.hasher.hexdigest()
-
-
 def rss_kib() -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -473,19 +423,11 @@ def write_file(path: str, size: int, seed: bytes = b"") -> str:
     return hasher.hexdigest()
 
 
-async def get_all(client: S3Client, key: str, byte_range: Any = None) -> bytes:
-    sink = Chunks()
-    await client.get_object(key, sink, byte_range)
-    return b"".join(sink.chunks)
+@attrs.define
+class Sink(PausingSink):
+    """Hashes, never keeps: the downloads here may be large."""
 
-
-class Chunks(Sink):
-    def __init__(self) -> None:
-        super().__init__()
-        self.chunks: list[bytes] = []
-
-    def write(self, data: bytes) -> None:
-        self.chunks.append(data)
+    keep: bool = False
 
 
 @pytest_twisted.ensureDeferred
@@ -500,13 +442,13 @@ async def test_put_head_get(s3: S3Client) -> None:
     assert info.metadata == {"digest": "sha256:abc"}
     assert info.last_modified is not None and abs(info.last_modified - time.time()) < 300
     assert await s3.get_small(key, 100) == b"hello world"
-    assert await get_all(s3, key) == b"hello world"
+    assert await read(s3, key) == b"hello world"
     assert await s3.head_object("missing") is None
     assert await s3.get_small("missing", 100) is None
     with pytest.raises(ObjectTooLarge):
         await s3.get_small(key, 5)
     with pytest.raises(S3Error) as caught:
-        await get_all(s3, "missing")
+        await read(s3, "missing")
     assert (caught.value.status, caught.value.code) == (404, "NoSuchKey")
     # The prefix is applied: the object sits under node/ in the bucket.
     bare = S3Client(attrs.evolve(s3.settings, prefix=""), reactor)
@@ -537,7 +479,7 @@ async def test_64_mib_is_streamed_both_ways_in_flat_memory(s3: S3Client, tmp_pat
         upload_seconds = time.monotonic() - began
         info = await s3.head_object("big")
         assert info is not None and info.size == size and info.etag == etag
-        sink = Sink(slow=4 * MiB)
+        sink = Sink(pause_every=4 * MiB)
         began = time.monotonic()
         got = await s3.get_object("big", sink)
         download_seconds = time.monotonic() - began
@@ -557,18 +499,18 @@ async def test_64_mib_is_streamed_both_ways_in_flat_memory(s3: S3Client, tmp_pat
 async def test_ranges(s3: S3Client) -> None:
     data = bytes(range(256)) * 4
     await s3.put_object("r", data)
-    assert await get_all(s3, "r", (0, 9)) == data[:10]
-    assert await get_all(s3, "r", (500, 500)) == data[500:501]
-    assert await get_all(s3, "r", (1000, None)) == data[1000:]
-    assert await get_all(s3, "r", (1000, 5000)) == data[1000:]
+    assert await read(s3, "r", (0, 9)) == data[:10]
+    assert await read(s3, "r", (500, 500)) == data[500:501]
+    assert await read(s3, "r", (1000, None)) == data[1000:]
+    assert await read(s3, "r", (1000, 5000)) == data[1000:]
     sink = Sink()
     info = await s3.get_object("r", sink, (10, 19))
     assert info.size == len(data) and sink.received == 10
     with pytest.raises(S3Error) as caught:
-        await get_all(s3, "r", (2000, None))
+        await read(s3, "r", (2000, None))
     assert (caught.value.status, caught.value.code) == (416, "InvalidRange")
     with pytest.raises(ValueError):
-        await get_all(s3, "r", (5, 4))
+        await read(s3, "r", (5, 4))
 
 
 async def put_many(client: S3Client, keys: list[str], concurrency: int = 32) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, Awaitable, Callable
 
 import pytest
 import pytest_twisted
@@ -15,13 +15,13 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.task import deferLater
 
+from s3_helpers import node_b, repos, s3  # noqa: F401  (fixtures)
 from registryd.admin.layout import DataDir
 from registryd.digest import Digest, digest_of
 from registryd.storage.guard import BlobGuard
 from registryd.storage.s3 import S3Client, S3Unavailable
 from registryd.storage.s3.blobs import S3BlobStore
-from registryd.storage.s3.layout import blob_key, repositories_root
-from registryd.storage.s3.repositories import S3RepositoryStore
+from registryd.storage.s3.layout import blob_key
 from registryd.upkeep.collector import Collector
 from registryd.upkeep.s3_collector import S3Collector
 from registryd.upkeep.s3_marker import trash_key
@@ -33,25 +33,6 @@ DAY = 86400.0
 
 def ahead(seconds: float) -> Callable[[], float]:
     return lambda: time.time() + seconds
-
-
-@pytest_twisted.async_yield_fixture
-async def s3(ceph_s3: Any) -> AsyncIterator[S3Client]:
-    client = await ceph_s3.new_bucket(prefix="site/")
-    yield client
-    await client.close()
-
-
-@pytest_twisted.async_yield_fixture
-async def node_b(s3: S3Client) -> AsyncIterator[S3Client]:
-    """Another node's client on the same bucket and prefix."""
-    client = S3Client(s3.settings, reactor)
-    yield client
-    await client.close()
-
-
-def repos(client: S3Client, namespace: str | None = None) -> S3RepositoryStore:
-    return S3RepositoryStore(client, repositories_root(namespace))
 
 
 async def put_blob(client: S3Client, data: bytes) -> Digest:

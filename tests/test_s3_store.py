@@ -5,50 +5,27 @@ import hashlib
 import json
 import os
 import time
-from typing import Any, AsyncIterator
+from typing import Any
 
-import attrs
 import pytest
 import pytest_twisted
 from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.interfaces import IConsumer
 from twisted.internet.task import deferLater
 from twisted.web.client import Agent, HTTPConnectionPool
-from zope.interface import implementer
 
+from s3_helpers import PausingSink, node_b, repos, s3  # noqa: F401  (fixtures)
 from registryd.digest import Digest, digest_of
 from registryd.errors import RegistryError
 from registryd.storage.guard import BlobGuard
 from registryd.storage.s3 import S3Client, S3Error
 from registryd.storage.s3.blobs import S3BlobStore
-from registryd.storage.s3.layout import blob_key, repositories_root
-from registryd.storage.s3.repositories import S3RepositoryStore
+from registryd.storage.s3.layout import blob_key
 
 MiB = 1024 * 1024
 INDEX = "application/vnd.oci.image.index.v1+json"
 MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-
-
-@pytest_twisted.async_yield_fixture
-async def s3(ceph_s3: Any) -> AsyncIterator[S3Client]:
-    """A fresh bucket, under a key prefix (so listings must strip it)."""
-    client = await ceph_s3.new_bucket(prefix="site/")
-    yield client
-    await client.close()
-
-
-@pytest_twisted.async_yield_fixture
-async def node_b(s3: S3Client) -> AsyncIterator[S3Client]:
-    """A second "node": its own client (and connection pool) on the same bucket and prefix."""
-    client = S3Client(s3.settings, reactor)
-    yield client
-    await client.close()
-
-
-def repos(client: S3Client, namespace: str | None = None) -> S3RepositoryStore:
-    return S3RepositoryStore(client, repositories_root(namespace))
 
 
 def d(text: str) -> Digest:
@@ -57,52 +34,6 @@ def d(text: str) -> Digest:
 
 async def all_keys(client: S3Client) -> list[str]:
     return [entry.key async for entry in client.list_objects()]
-
-
-@implementer(IConsumer)
-@attrs.define
-class Sink:
-    """Collects bytes; pauses its producer every ``pause_every`` bytes for a moment,
-    as a full socket would, and counts what arrives while paused."""
-
-    pause_every: int = 0
-    chunks: list[bytes] = attrs.field(factory=list)
-    producer: Any = None
-    registrations: int = 0
-    paused: bool = False
-    pauses: int = 0
-    while_paused: int = 0
-    _since_pause: int = 0
-
-    def registerProducer(self, producer: Any, streaming: bool) -> None:
-        assert streaming and self.producer is None
-        self.producer = producer
-        self.registrations += 1
-
-    def unregisterProducer(self) -> None:
-        self.producer = None
-
-    def write(self, data: bytes) -> None:
-        self.chunks.append(data)
-        if self.paused:
-            self.while_paused += len(data)
-            return
-        self._since_pause += len(data)
-        if self.pause_every and self._since_pause >= self.pause_every:
-            self._since_pause = 0
-            self.paused = True
-            self.pauses += 1
-            self.producer.pauseProducing()
-            reactor.callLater(0.002, self._resume)
-
-    def _resume(self) -> None:
-        self.paused = False
-        if self.producer is not None:
-            self.producer.resumeProducing()
-
-    @property
-    def data(self) -> bytes:
-        return b"".join(self.chunks)
 
 
 def record_calls(monkeypatch: Any, client: S3Client, log: list[tuple[str, str]],
@@ -438,17 +369,17 @@ async def test_open_and_send_ranges_with_backpressure(s3: S3Client) -> None:
         assert source.size == len(data)
         assert source.local_file() is None
         assert source.redirect_url(60) is None  # not built with presign
-        whole = Sink(pause_every=256 * 1024)
+        whole = PausingSink(pause_every=256 * 1024)
         await source.send(whole, 0, len(data))
         assert whole.data == data
         assert whole.pauses >= 5 and whole.producer is None and whole.registrations == 1
         # Once paused, no more than what one socket read had pulled in arrives.
         assert whole.while_paused <= 256 * 1024
         for start, end in [(0, 1), (10, 20), (MiB, 2 * MiB + 5), (len(data) - 3, len(data))]:
-            part = Sink()
+            part = PausingSink()
             await source.send(part, start, end)
             assert part.data == data[start:end], (start, end)
-        empty = Sink()
+        empty = PausingSink()
         await source.send(empty, 5, 5)
         assert empty.data == b"" and empty.registrations == 0
     finally:
@@ -498,7 +429,7 @@ async def test_commit_file_goes_multipart_above_the_part_size(ceph_s3: Any, tmp_
         info = await client.head_object(blob_key(digest))
         assert info is not None and info.size == len(data)
         assert info.etag.endswith("-5")  # 4 parts of 5 MiB and one of 123 bytes
-        sink = Sink()
+        sink = PausingSink()
         source = await blobs.open(digest)
         assert source is not None
         await source.send(sink, 0, source.size)

@@ -10,17 +10,15 @@ import hashlib
 import os
 import random
 import time
-from typing import Any, AsyncIterator
+from typing import Any
 
-import attrs
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList, gatherResults
-from twisted.internet.interfaces import IConsumer
 from twisted.internet.task import LoopingCall
-from zope.interface import implementer
 
+from s3_helpers import node_b, read, s3  # noqa: F401  (fixtures)
 from registryd.digest import Digest
 from registryd.errors import RegistryError
 from registryd.storage.guard import BlobGuard
@@ -35,19 +33,10 @@ PART = 5 * MiB
 PIECE = 64 * 1024
 
 
-@pytest_twisted.async_yield_fixture
-async def s3(ceph_s3: Any) -> AsyncIterator[S3Client]:
-    client = await ceph_s3.new_bucket(prefix="site/")
-    yield client
-    await client.close()
-
-
-@pytest_twisted.async_yield_fixture
-async def two_clients(s3: S3Client) -> AsyncIterator[tuple[S3Client, S3Client]]:
+@pytest.fixture
+def two_clients(s3: S3Client, node_b: S3Client) -> tuple[S3Client, S3Client]:
     """A second client on the same bucket: another node's connection pool."""
-    other = S3Client(s3.settings, reactor)
-    yield s3, other
-    await other.close()
+    return s3, node_b
 
 
 def node(client: S3Client, tmp_path: Any, name: str = "a", **overrides: Any) -> S3UploadStore:
@@ -79,27 +68,6 @@ async def finish(store: S3UploadStore, upload: S3Upload, data: bytes, digest: Di
     writer = store.open_writer(upload, None, digest.algorithm)
     feed(writer, data)
     await store.commit(writer, digest)
-
-
-@implementer(IConsumer)
-@attrs.define
-class Collect:
-    chunks: list[bytes] = attrs.field(factory=list)
-
-    def registerProducer(self, producer: Any, streaming: bool) -> None:
-        pass
-
-    def unregisterProducer(self) -> None:
-        pass
-
-    def write(self, data: bytes) -> None:
-        self.chunks.append(data)
-
-
-async def read(client: S3Client, key: str) -> bytes:
-    sink = Collect()
-    await client.get_object(key, sink)
-    return b"".join(sink.chunks)
 
 
 async def keys(client: S3Client, prefix: str = "") -> list[str]:
