@@ -357,6 +357,42 @@ def measure(args, phase, server):
 # mode builds smaller images with the same tools (mkimage.py + skopeo) and uses
 # regbench's own helpers for the blob GET. Runs as a subprocess of the main script.
 
+def skopeo_push(regbench, bench_dir, hostport, images, runs_n, stamp_file, prefix):
+    """Push each image of ``images`` (name -> layer sizes) ``runs_n`` times with skopeo, each
+    time a fresh one made by mkimage.py; emit the median; leave the tag stamp in ``stamp_file``."""
+    work = tempfile.mkdtemp(prefix=f"{prefix}-push-")
+    stamp = str(int(time.time()))
+    for name, sizes in images.items():
+        runs = []
+        for i in range(runs_n):
+            layout = os.path.join(work, f"{name}{i}")
+            subprocess.run([sys.executable, os.path.join(bench_dir, "mkimage.py"), layout, "t", *sizes],
+                           check=True, stdout=subprocess.DEVNULL)
+            runs.append(regbench.timed(["skopeo", "copy", "-q", "--dest-tls-verify=false", f"oci:{layout}:t",
+                                        f"docker://{hostport}/regbench/{name}:{stamp}-{i}"]))
+            shutil.rmtree(layout, ignore_errors=True)
+        regbench.emit(metric=f"push_{name}_s", median=round(statistics.median(runs), 3),
+                      runs=[round(r, 3) for r in runs])
+    shutil.rmtree(work, ignore_errors=True)
+    with open(stamp_file, "w") as f:
+        f.write(f"{stamp} {runs_n}")
+
+
+def skopeo_pull(regbench, hostport, names, stamp_file, prefix):
+    """Pull what ``skopeo_push`` pushed last (its stamp file says which tags), each run timed."""
+    with open(stamp_file) as f:
+        stamp, runs_n = f.read().split()
+    for name in names:
+        runs = []
+        for i in range(int(runs_n)):
+            out = tempfile.mkdtemp(prefix=f"{prefix}-pull-")
+            runs.append(regbench.timed(["skopeo", "copy", "-q", "--src-tls-verify=false",
+                                        f"docker://{hostport}/regbench/{name}:{stamp}-{i}", f"oci:{out}:t"]))
+            shutil.rmtree(out, ignore_errors=True)
+        regbench.emit(metric=f"pull_{name}_s", median=round(statistics.median(runs), 3),
+                      runs=[round(r, 3) for r in runs])
+
+
 def worker(argv):
     bench_dir, kind, hostport, *rest = argv
     sys.path.insert(0, bench_dir)
@@ -364,34 +400,9 @@ def worker(argv):
 
     stamp_file = os.path.join(tempfile.gettempdir(), "bench-core-quick-push")
     if kind == "push":
-        runs_n = int(rest[0])
-        work = tempfile.mkdtemp(prefix="quick-push-")
-        stamp = str(int(time.time()))
-        for name, sizes in QUICK_IMAGES.items():
-            runs = []
-            for i in range(runs_n):
-                layout = os.path.join(work, f"{name}{i}")
-                subprocess.run([sys.executable, os.path.join(bench_dir, "mkimage.py"), layout, "t", *sizes],
-                               check=True, stdout=subprocess.DEVNULL)
-                runs.append(regbench.timed(["skopeo", "copy", "-q", "--dest-tls-verify=false", f"oci:{layout}:t",
-                                            f"docker://{hostport}/regbench/{name}:{stamp}-{i}"]))
-            regbench.emit(metric=f"push_{name}_s", median=round(statistics.median(runs), 3),
-                          runs=[round(r, 3) for r in runs])
-        shutil.rmtree(work, ignore_errors=True)
-        with open(stamp_file, "w") as f:
-            f.write(f"{stamp} {runs_n}")
+        skopeo_push(regbench, bench_dir, hostport, QUICK_IMAGES, int(rest[0]), stamp_file, "quick")
     elif kind == "pull":
-        with open(stamp_file) as f:
-            stamp, runs_n = f.read().split()
-        for name in QUICK_IMAGES:
-            runs = []
-            for i in range(int(runs_n)):
-                out = tempfile.mkdtemp(prefix="quick-pull-")
-                runs.append(regbench.timed(["skopeo", "copy", "-q", "--src-tls-verify=false",
-                                            f"docker://{hostport}/regbench/{name}:{stamp}-{i}", f"oci:{out}:t"]))
-                shutil.rmtree(out, ignore_errors=True)
-            regbench.emit(metric=f"pull_{name}_s", median=round(statistics.median(runs), 3),
-                          runs=[round(r, 3) for r in runs])
+        skopeo_pull(regbench, hostport, QUICK_IMAGES, stamp_file, "quick")
     elif kind == "blobget":
         mib, seconds = int(rest[0]), int(rest[1])
         digest = regbench.push_blob(hostport, "regbench/blob", os.urandom(mib << 20))
@@ -432,6 +443,18 @@ def label_of(key, args):
     return key
 
 
+def add_ratio(row):
+    """``ratio`` (registryd / reference, None without both) and ``winner`` of a figure's row."""
+    a, b = row.get("registryd"), row.get("reference")
+    row["ratio"] = None
+    if a is not None and b:
+        row["ratio"] = round(a / b, 3)
+        good = a > b if row["better"] == "higher" else a < b
+        # within 2 % is noise on this kind of machine
+        row["winner"] = "equal" if abs(a / b - 1) < 0.02 else ("registryd" if good else "reference")
+    return row
+
+
 def compare(args, result, keys):
     rows = []
     for key in keys:
@@ -451,14 +474,7 @@ def compare(args, result, keys):
                 row[f"{name}_error"] = f["error"]
             else:
                 row[name] = f["value"]
-        a, b = row.get("registryd"), row.get("reference")
-        if a is not None and b:
-            row["ratio"] = round(a / b, 3)
-            good = a > b if row["better"] == "higher" else a < b
-            # within 2 % is noise on this kind of machine
-            row["winner"] = "equal" if abs(a / b - 1) < 0.02 else ("registryd" if good else "reference")
-        else:
-            row["ratio"] = None
+        add_ratio(row)
         rows.append(row)
     return rows
 

@@ -433,13 +433,9 @@ def compare(args, result, keys, labels):
                     px.get("start_error") or ("interrupted" if result.get("interrupted") else "not measured")
             else:
                 row[name] = f["value"]
+        core.add_ratio(row)
         a, b = row.get("registryd"), row.get("reference")
-        row["ratio"] = None
-        if a is not None and b:
-            row["ratio"] = round(a / b, 3)
-            good = a > b if row["better"] == "higher" else a < b
-            row["winner"] = "equal" if abs(a / b - 1) < 0.02 else ("registryd" if good else "reference")
-        elif a is not None and b == 0 and a > 0:
+        if a is not None and b == 0 and a > 0:
             row["winner"] = "reference" if row["better"] == "lower" else "registryd"
         rows.append(row)
     return rows

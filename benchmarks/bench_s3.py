@@ -56,7 +56,6 @@ import re
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -591,35 +590,9 @@ def worker(argv):
     stamp_file = os.path.join(tempfile.gettempdir(), "bench-s3-last-push")
     if kind == "push":
         hostport, runs_n, images = rest[0], int(rest[1]), json.loads(rest[2])
-        work = tempfile.mkdtemp(prefix="s3-push-")
-        stamp = str(int(time.time()))
-        for name, sizes in images.items():
-            runs = []
-            for i in range(runs_n):
-                layout = os.path.join(work, f"{name}{i}")
-                subprocess.run([sys.executable, os.path.join(bench_dir, "mkimage.py"), layout, "t", *sizes],
-                               check=True, stdout=subprocess.DEVNULL)
-                runs.append(regbench.timed(["skopeo", "copy", "-q", "--dest-tls-verify=false", f"oci:{layout}:t",
-                                            f"docker://{hostport}/regbench/{name}:{stamp}-{i}"]))
-                shutil.rmtree(layout, ignore_errors=True)
-            regbench.emit(metric=f"push_{name}_s", median=round(statistics.median(runs), 3),
-                          runs=[round(r, 3) for r in runs])
-        shutil.rmtree(work, ignore_errors=True)
-        with open(stamp_file, "w") as f:
-            f.write(f"{stamp} {runs_n}")
+        core.skopeo_push(regbench, bench_dir, hostport, images, runs_n, stamp_file, "s3")
     elif kind == "pull":
-        hostport, images = rest[0], json.loads(rest[2])
-        with open(stamp_file) as f:
-            stamp, runs_n = f.read().split()
-        for name in images:
-            runs = []
-            for i in range(int(runs_n)):
-                out = tempfile.mkdtemp(prefix="s3-pull-")
-                runs.append(regbench.timed(["skopeo", "copy", "-q", "--src-tls-verify=false",
-                                            f"docker://{hostport}/regbench/{name}:{stamp}-{i}", f"oci:{out}:t"]))
-                shutil.rmtree(out, ignore_errors=True)
-            regbench.emit(metric=f"pull_{name}_s", median=round(statistics.median(runs), 3),
-                          runs=[round(r, 3) for r in runs])
+        core.skopeo_pull(regbench, rest[0], json.loads(rest[2]), stamp_file, "s3")
     elif kind == "blobget":
         hostport, mib, seconds, digest, endpoint = rest[0], int(rest[1]), int(rest[2]), rest[3], rest[4]
         size = mib << 20
@@ -684,13 +657,7 @@ def compare(args, result, keys, labels):
                     reg.get("start_error") or ("interrupted" if result.get("interrupted") else "not measured")
             else:
                 row[name] = f["value"]
-        a, b = row.get("registryd"), row.get("reference")
-        row["ratio"] = None
-        if a is not None and b:
-            row["ratio"] = round(a / b, 3)
-            good = a > b if row["better"] == "higher" else a < b
-            row["winner"] = "equal" if abs(a / b - 1) < 0.02 else ("registryd" if good else "reference")
-        rows.append(row)
+        rows.append(core.add_ratio(row))
     return rows
 
 

@@ -51,7 +51,7 @@ if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
 from bench_core import (  # noqa: E402  (the core benchmark: servers, runner, report)
-    DEFAULT_REFERENCE, REPO, Server, find_twistd, fmt, log, print_table, run_group, tail,
+    DEFAULT_REFERENCE, REPO, Server, add_ratio, find_twistd, fmt, log, print_table, run_group, tail,
 )
 
 PHASES = ("blobget", "auth")
@@ -364,13 +364,7 @@ def compare(args, result, keys):
                                         or ("interrupted" if result.get("interrupted") else "not measured"))
             else:
                 row[name] = f["value"]
-        a, b = row.get("registryd"), row.get("reference")
-        row["ratio"] = None
-        if a is not None and b:
-            row["ratio"] = round(a / b, 3)
-            good = a > b if better == "higher" else a < b
-            row["winner"] = "equal" if abs(a / b - 1) < 0.02 else ("registryd" if good else "reference")
-        rows.append(row)
+        rows.append(add_ratio(row))
     return rows
 
 
