@@ -57,8 +57,28 @@ class Upload:
         return f"/v2/{self.repo}/blobs/uploads/{self.id}"
 
 
+class SpooledBody:
+    """What an upload writer of either driver does with each chunk of a body: spool it to
+    its file, hash it (when it has a hasher) and count it."""
+
+    fd: int
+    hasher: Any
+    start: int
+    end: int
+
+    def write(self, data: bytes) -> None:
+        write_fully(self.fd, data)
+        if self.hasher is not None:
+            self.hasher.update(data)
+        self.end += len(data)
+
+    @property
+    def written(self) -> int:
+        return self.end - self.start
+
+
 @attrs.define(eq=False)
-class UploadWriter:
+class UploadWriter(SpooledBody):
     """Receives one request body into a session, from its acknowledged end.
 
     Hashes into a copy of the session hasher so that a body that is cut off
@@ -72,16 +92,6 @@ class UploadWriter:
     end: int
     limit: int | None = None
     closed: bool = False
-
-    def write(self, data: bytes) -> None:
-        write_fully(self.fd, data)
-        if self.hasher is not None:
-            self.hasher.update(data)
-        self.end += len(data)
-
-    @property
-    def written(self) -> int:
-        return self.end - self.start
 
     def close(self) -> None:
         if not self.closed:

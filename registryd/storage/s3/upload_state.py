@@ -19,7 +19,7 @@ from typing import Any
 
 import attrs
 
-from registryd.storage.files import write_fully
+from registryd.storage.uploads import SpooledBody
 from registryd.storage.s3 import layout
 from registryd.storage.s3.bodies import Sink
 from registryd.storage.s3.documents import Part
@@ -136,7 +136,7 @@ class S3Upload:
 
 
 @attrs.define(eq=False)
-class S3UploadWriter:
+class S3UploadWriter(SpooledBody):
     """Spools one request body after a ``hole`` of one part (room for the tail).
 
     ``base`` is the state the body was opened against; ``explicit`` says the
@@ -155,16 +155,6 @@ class S3UploadWriter:
     explicit: bool
     limit: int | None = None
     closed: bool = False
-
-    def write(self, data: bytes) -> None:
-        write_fully(self.fd, data)
-        if self.hasher is not None:
-            self.hasher.update(data)
-        self.end += len(data)
-
-    @property
-    def written(self) -> int:
-        return self.end - self.start
 
     def close(self) -> None:
         if not self.closed:
