@@ -443,6 +443,17 @@ def label_of(key, args):
     return key
 
 
+def describe_image(sizes):
+    """["1M", "1M", "16M"] -> "2x1M+1x16M"."""
+    parts = []
+    for s in sizes:
+        if parts and parts[-1][1] == s:
+            parts[-1][0] += 1
+        else:
+            parts.append([1, s])
+    return "+".join(f"{n}x{s}" for n, s in parts)
+
+
 def add_ratio(row):
     """``ratio`` (registryd / reference, None without both) and ``winner`` of a figure's row."""
     a, b = row.get("registryd"), row.get("reference")

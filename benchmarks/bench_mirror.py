@@ -203,7 +203,7 @@ def keys_of(args):
 
 def labels_of(args):
     b, c = f"{args.blob_mib}M", args.clients
-    img = describe_image(args.image)
+    img = core.describe_image(args.image)
     k = keys_of(args)
     return dict(zip(k["cold"] + k["warm"] + k["image"], [
         f"cold GET {b}, {c} clients: wall",
@@ -216,16 +216,6 @@ def labels_of(args):
         "image pull warm (cached)",
         "image cold pull: upstream blob GETs",
     ]), rss_idle_MiB="proxy RSS idle", rss_peak_MiB="proxy RSS peak (VmHWM)")
-
-
-def describe_image(sizes):
-    parts = []
-    for s in sizes:
-        if parts and parts[-1][1] == s:
-            parts[-1][0] += 1
-        else:
-            parts.append([1, s])
-    return "+".join(f"{n}x{s}" for n, s in parts)
 
 
 def measure_cold(args, side):
@@ -620,7 +610,7 @@ def run_image_phase(args, sides, result, workdir):
         if why:
             state["broken"][side.name] = why
     runs = {s.name: [] for s in sides}
-    log(f"image: {args.runs} run(s) of a fresh {describe_image(args.image)} image through each proxy ...")
+    log(f"image: {args.runs} run(s) of a fresh {core.describe_image(args.image)} image through each proxy ...")
     try:
         for i, tag in image_runs(args, sides, workdir, state):
             for side in (sides if i % 2 == 0 else sides[::-1]):
@@ -684,7 +674,7 @@ def main(argv):
         "benchmark": "mirror",
         "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "params": {"quick": args.quick, "phases": args.phases, "blob_MiB": args.blob_mib, "clients": args.clients,
-                   "seconds": args.seconds, "image": describe_image(args.image), "image_runs": args.runs,
+                   "seconds": args.seconds, "image": core.describe_image(args.image), "image_runs": args.runs,
                    "regbench_dir": args.regbench_dir},
         "host": {"cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version()},
         "proxies": {},

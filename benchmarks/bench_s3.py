@@ -468,7 +468,7 @@ def keys_of(args):
 
 
 def labels_of(args):
-    big, many = (describe_image(v) for v in args.images.values())
+    big, many = (core.describe_image(v) for v in args.images.values())
     b = f"{args.blob_mib}M"
     labels = {
         "push_big_s": f"push {big} image (skopeo)",
@@ -486,16 +486,6 @@ def labels_of(args):
         labels[f"blob_get_{b}_c{c}_MBps"] = f"blob GET {b}, streamed, c={c} (wrk)"
         labels[f"blob_get_{b}_redirect_c{c}_MBps"] = f"blob GET {b}, 307+radosgw, c={c} (hey)"
     return labels
-
-
-def describe_image(sizes):
-    parts = []
-    for s in sizes:
-        if parts and parts[-1][1] == s:
-            parts[-1][0] += 1
-        else:
-            parts.append([1, s])
-    return "+".join(f"{n}x{s}" for n, s in parts)
 
 
 def phase_timeout(args, phase):
@@ -895,7 +885,7 @@ def main(argv):
         "benchmark": "s3",
         "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "params": {"quick": args.quick, "phases": args.phases, "seconds": args.seconds, "runs": args.runs,
-                   "images": {k: describe_image(v) for k, v in args.images.items()}, "blob_MiB": args.blob_mib,
+                   "images": {k: core.describe_image(v) for k, v in args.images.items()}, "blob_MiB": args.blob_mib,
                    "part_MiB": PART_MIB, "regbench_dir": args.regbench_dir, "hot_cache": args.hot_cache},
         "host": {"cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version()},
         "registries": {},

@@ -12,6 +12,7 @@ import attrs
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.interfaces import IConsumer
+from twisted.internet.task import LoopingCall
 from zope.interface import implementer
 
 from registryd.storage.s3 import S3Client
@@ -106,3 +107,34 @@ async def read(client: S3Client, key: str, byte_range: Any = None) -> bytes:
     sink = PausingSink()
     await client.get_object(key, sink, byte_range)
     return sink.data
+
+
+def rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise KeyError("VmRSS")
+
+
+class PeakRss:
+    """This process's RSS, sampled every 5 ms from ``start`` to ``stop``: how far it rose, in MiB."""
+
+    def __init__(self) -> None:
+        self.baseline = self.peak = rss_kib()
+        self._sampler = LoopingCall(self._sample)
+        self._sampler.clock = reactor
+
+    def _sample(self) -> None:
+        self.peak = max(self.peak, rss_kib())
+
+    def start(self) -> None:
+        self._sampler.start(0.005)
+
+    def stop(self) -> None:
+        self._sampler.stop()
+        self._sample()
+
+    @property
+    def rise_mib(self) -> float:
+        return (self.peak - self.baseline) / 1024

@@ -16,11 +16,11 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, gatherResults
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import LoopingCall, deferLater
+from twisted.internet.task import deferLater
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from s3_helpers import PausingSink, read
+from s3_helpers import PausingSink, PeakRss, read
 from registryd.storage.s3 import (
     FileRegion,
     ObjectTooLarge,
@@ -403,14 +403,6 @@ async def s3(ceph_s3: Any) -> AsyncIterator[S3Client]:
     await client.close()
 
 
-def rss_kib() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise KeyError("VmRSS")
-
-
 def write_file(path: str, size: int, seed: bytes = b"") -> str:
     """A file of ``size`` pseudo-random bytes, written 1 MiB at a time; returns its sha256."""
     hasher = hashlib.sha256()
@@ -464,15 +456,8 @@ async def test_64_mib_is_streamed_both_ways_in_flat_memory(s3: S3Client, tmp_pat
     path = str(tmp_path / "big")
     digest = write_file(path, size, b"big")
     await s3.put_object("warm-up", b"x")
-    peak = baseline = rss_kib()
-
-    def sample() -> None:
-        nonlocal peak
-        peak = max(peak, rss_kib())
-
-    sampler = LoopingCall(sample)
-    sampler.clock = reactor
-    sampler.start(0.005)
+    rss = PeakRss()
+    rss.start()
     try:
         began = time.monotonic()
         etag = await s3.put_object("big", path)
@@ -484,13 +469,12 @@ async def test_64_mib_is_streamed_both_ways_in_flat_memory(s3: S3Client, tmp_pat
         got = await s3.get_object("big", sink)
         download_seconds = time.monotonic() - began
     finally:
-        sampler.stop()
-    sample()
+        rss.stop()
     assert got.size == size and sink.received == size and sink.digest == digest
     # Backpressure: once paused, at most what one read had already pulled off the socket arrives.
     assert sink.pauses >= 10
     assert sink.max_while_paused <= 256 * 1024, sink.max_while_paused
-    rise = (peak - baseline) / 1024
+    rise = rss.rise_mib
     print(f"64 MiB up {upload_seconds:.2f}s, down {download_seconds:.2f}s, RSS rise {rise:.1f} MiB")
     assert rise < 24, f"RSS rose by {rise:.1f} MiB for a 64 MiB object"
 

@@ -16,9 +16,8 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList, gatherResults
-from twisted.internet.task import LoopingCall
 
-from s3_helpers import node_b, read, s3  # noqa: F401  (fixtures)
+from s3_helpers import PeakRss, node_b, read, s3  # noqa: F401  (fixtures)
 from registryd.digest import Digest
 from registryd.errors import RegistryError
 from registryd.storage.guard import BlobGuard
@@ -500,14 +499,6 @@ async def test_reap_old_sessions_and_orphan_multipart_uploads(two_clients: Any, 
 
 # -- memory -------------------------------------------------------------------------------
 
-def rss_kib() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise KeyError("VmRSS")
-
-
 @pytest_twisted.ensureDeferred
 async def test_40_mib_in_flat_memory(s3: S3Client, tmp_path: Any) -> None:
     pool = BlockingPool(reactor, 2)
@@ -516,15 +507,8 @@ async def test_40_mib_in_flat_memory(s3: S3Client, tmp_path: Any) -> None:
     block = content(PIECE, 50)
     hasher = hashlib.sha256()
     upload = await store.create("lib/app")
-    peak = baseline = rss_kib()
-
-    def sample() -> None:
-        nonlocal peak
-        peak = max(peak, rss_kib())
-
-    sampler = LoopingCall(sample)
-    sampler.clock = reactor
-    sampler.start(0.005)
+    rss = PeakRss()
+    rss.start()
     try:
         began = time.monotonic()
         for body in range(4):  # 3 chunks of 13 MiB and 1 MiB + 64 KiB at commit
@@ -540,11 +524,10 @@ async def test_40_mib_in_flat_memory(s3: S3Client, tmp_path: Any) -> None:
                 await store.commit(writer, digest)
         seconds = time.monotonic() - began
     finally:
-        sampler.stop()
+        rss.stop()
         pool.stop()
-    sample()
     info = await s3.head_object(layout.blob_key(digest))
     assert info is not None and info.size == 3 * 13 * MiB + 17 * PIECE
-    rise = (peak - baseline) / 1024
+    rise = rss.rise_mib
     print(f"40 MiB through 4 bodies in {seconds:.2f}s, RSS rise {rise:.1f} MiB")
     assert rise < 16, f"RSS rose by {rise:.1f} MiB for a 40 MiB upload"
