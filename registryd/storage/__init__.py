@@ -13,7 +13,7 @@ from twisted.internet.defer import Deferred, succeed
 
 from registryd.digest import Digest
 from registryd.storage.blobs import BlobStore
-from registryd.storage.files import empty_dir, make_dirs
+from registryd.storage.files import empty_dir, free_space_problem, make_dirs
 from registryd.storage.guard import BlobGuard
 from registryd.storage.local import FileBlobs, FileRepositories
 from registryd.storage.repositories import RepositoryStore
@@ -60,13 +60,9 @@ class Store:
             with open(probe, "wb") as f:
                 f.write(b"ready")
             os.unlink(probe)
-            stats = os.statvfs(self.root)
+            return free_space_problem(self.root, min_free_bytes)
         except OSError as e:
             return f"data directory is not writable: {e.strerror}"
-        free = stats.f_bavail * stats.f_frsize
-        if free < min_free_bytes:
-            return f"only {free} bytes free in the data directory (below {min_free_bytes})"
-        return None
 
     async def check_backend(self) -> str | None:
         """Nothing beyond the data directory to check (readiness_problem does that)."""

@@ -84,6 +84,15 @@ def write_fully(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
+def free_space_problem(root: str, min_free_bytes: int, purpose: str = "") -> str | None:
+    """Why the disk of ``root`` has too little room (or cannot be asked), or None; for /readyz."""
+    stats = os.statvfs(root)
+    free = stats.f_bavail * stats.f_frsize
+    if free < min_free_bytes:
+        return f"only {free} bytes free in the data directory{purpose} (below {min_free_bytes})"
+    return None
+
+
 def empty_dir(path: str) -> None:
     """Remove everything inside ``path`` (crash leftovers), keeping ``path`` itself."""
     for entry in os.scandir(path):

@@ -15,7 +15,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 
-from registryd.storage.files import empty_dir, make_dirs
+from registryd.storage.files import empty_dir, free_space_problem, make_dirs
 from registryd.storage.guard import BlobGuard
 from registryd.storage.s3.blobs import S3BlobStore
 from registryd.storage.s3.client import S3Client
@@ -110,13 +110,9 @@ class S3Store:
         if self._remote_problem is not None:
             return self._remote_problem
         try:
-            stats = os.statvfs(self.root)
+            return free_space_problem(self.root, min_free_bytes, " for spools")
         except OSError as e:
             return f"data directory is not usable: {e.strerror}"
-        free = stats.f_bavail * stats.f_frsize
-        if free < min_free_bytes:
-            return f"only {free} bytes free in the data directory for spools (below {min_free_bytes})"
-        return None
 
     def close(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._close())
