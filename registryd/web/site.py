@@ -5,8 +5,12 @@ from typing import Any
 
 import time
 
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.protocol import connectionDone
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Site
 
@@ -18,6 +22,9 @@ access_log = Logger(namespace="registryd.access")
 log = Logger()
 
 _TLS_HANDSHAKE = 0x16
+#: How often a stop looks whether closing connections have sent what they hold.
+FLUSH_POLL = 0.05
+
 _NOT_TLS = b"HTTP/1.0 400 Bad Request\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n" \
            b"This port speaks plain HTTP, not TLS.\n"
 
@@ -32,6 +39,18 @@ class RegistryChannel(HTTPChannel):
     """
 
     _first_bytes_seen = False
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        site = getattr(self, "site", None)
+        if isinstance(site, RegistrySite):
+            site.channels.add(self)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        site = getattr(self, "site", None)
+        if isinstance(site, RegistrySite):
+            site.channels.discard(self)
+        super().connectionLost(reason)
 
     def dataReceived(self, data: bytes) -> None:
         if not self._first_bytes_seen and data:
@@ -55,6 +74,7 @@ class RegistrySite(Site):
         self.api = api
         self._clock = reactor
         self.active: set[Any] = set()
+        self.channels: set[RegistryChannel] = set()
         self._drained: list[Deferred[None]] = []
 
     def request_started(self, request: Any) -> None:
@@ -69,12 +89,46 @@ class RegistrySite(Site):
                     waiter.callback(None)
 
     def drain(self, timeout: float) -> Deferred[None]:
-        """Fires when no request is running, or after ``timeout`` seconds.
+        """Fires once no request runs and every response has left the process,
+        or after ``timeout`` seconds.
 
         Graceful shutdown: listeners are already closed; transfers under
         way may finish. Whatever still runs then is cut off (and its
         partial files are cleaned at the next start).
         """
+        deadline = self._clock.seconds() + timeout
+        d = self._requests_ended(timeout)
+        d.addCallback(lambda _: self._flush_connections(deadline - self._clock.seconds()))
+        return d
+
+    def _flush_connections(self, timeout: float) -> Deferred[None]:
+        """Close every idle connection and wait until what it holds has left the process.
+
+        A finished request may still have bytes in the transport's buffer or
+        the TLS layer's (a slow client, a body written through Python): the
+        reactor's stop would drop them, so the client gets a short body.
+        Closing flushes each layer; a connection is done when it is gone or
+        its socket-level buffer is empty (the kernel then delivers the rest).
+        """
+        for channel in list(self.channels):
+            if not channel.requests:
+                channel.loseConnection()
+        if timeout <= 0 or all(_unsent(channel) == 0 for channel in self.channels):
+            return succeed(None)
+        log.info("waiting up to {timeout:.0f}s for {count} connections to send what they hold",
+                 timeout=timeout, count=len(self.channels))
+        deadline = self._clock.seconds() + timeout
+
+        def check() -> None:
+            if self._clock.seconds() >= deadline or all(_unsent(c) == 0 for c in self.channels):
+                poll.stop()
+
+        poll = LoopingCall(check)
+        poll.clock = self._clock
+        return poll.start(FLUSH_POLL, now=False).addCallback(lambda _: None)
+
+    def _requests_ended(self, timeout: float) -> Deferred[None]:
+        """Fires when no request is running, or after ``timeout`` seconds."""
         if not self.active:
             return succeed(None)
         log.info("waiting up to {timeout}s for {count} running requests", timeout=timeout,
@@ -117,3 +171,17 @@ class RegistrySite(Site):
             cache_note=f" cache={cache} upstream={request.upstream}" if cache else "",
             access=True,
         )
+
+
+def _unsent(channel: RegistryChannel) -> int:
+    """Bytes a connection still holds in user space on their way to its socket.
+
+    Walks through wrapping transports (TLS) to the socket's own; 0 once
+    the connection is closed.
+    """
+    transport: Any = channel.transport
+    while transport is not None and not isinstance(transport, FileDescriptor):
+        transport = getattr(transport, "transport", None)
+    if transport is None or not transport.connected:
+        return 0
+    return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
