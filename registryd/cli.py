@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import os
 import sys
 from typing import Any, Sequence
 
@@ -15,6 +16,7 @@ from registryd import __version__
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+EXIT_BROKEN_PIPE = 128 + 13   # what a shell reports for a command killed by SIGPIPE
 
 
 class CommandError(Exception):
@@ -186,6 +188,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         return int(args.run(args) or EXIT_OK)
+    except BrokenPipeError:
+        # The reader left (``registryd ls --json | head``): stop quietly, as a
+        # command killed by SIGPIPE does; nothing more may reach the closed pipe.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except CommandError as e:
         print(f"registryd {args.command}: {e}", file=sys.stderr)
         return e.status

@@ -223,7 +223,7 @@ SCHEMA: dict[str, _Section] = {
     "server": {
         "stall_timeout": ("stall_timeout", int, _positive),
         "io_threads": ("io_threads", int, _positive),
-        "min_free_bytes": ("min_free_bytes", int, _positive),
+        "min_free_bytes": ("min_free_bytes", object, _positive),
         "shutdown_timeout": ("shutdown_timeout", int, _positive),
         "usage_interval": ("usage_interval", int, _positive),
     },
@@ -386,6 +386,10 @@ def parse_settings(document: Mapping[str, Any]) -> dict[str, Any]:
                 _check_type(full, item, kind)
             if field == "mirror_max_size":
                 item = parse_size(full, item)
+            elif field == "min_free_bytes":
+                item = parse_size(full, item)
+                if not item:
+                    raise ConfigError(f"'{full}' must be greater than zero, not {item!r}")
             elif field == "listen":
                 try:
                     item = _listen_entries(full, item)

@@ -421,6 +421,31 @@ def test_mirrored_image(reference_upstream: Callable[..., Any], tmp_path: Any) -
         stop_process(process)
 
 
+def test_names_of_the_default_upstream_resolve_with_data_dir_as_with_config(
+        reference_upstream: Callable[..., Any], tmp_path: Any) -> None:
+    """``alpine:3.20`` means the default upstream's image whether the store is named by -c or by -d."""
+    up = reference_upstream("open")
+    image = push_upstream_image(up, "lib/app", "v1", layer_sizes=[2000])
+    config = tmp_path / "registryd.toml"
+    config.write_text(f'[[upstream]]\nnamespace = "{up.host}"\nurl = "{up.url}"\ndefault = true\n')
+    data_dir = str(tmp_path / "data")
+    process, server = start_twistd(data_dir, "--config", str(config))
+    try:
+        assert get(server.host, "/v2/lib/app/manifests/v1", image["media_type"]).status == 200
+        for blob in [image["config"], *image["layers"]]:
+            assert get(server.host, f"/v2/lib/app/blobs/{blob['digest']}").status == 200
+    finally:
+        stop_process(process)
+    images = image_file(tmp_path, ["lib/app:v1"])
+    by_config = run("export", "-c", str(config), "-d", data_dir, "--image-file", images,
+                    "-o", str(tmp_path / "by-config"))
+    assert by_config.returncode == 0, by_config.stderr
+    by_data_dir = run("export", "-d", data_dir, "--image-file", images, "-o", str(tmp_path / "by-data-dir"))
+    assert by_data_dir.returncode == 0, by_data_dir.stderr
+    assert by_data_dir.stdout.splitlines()[0] == by_config.stdout.splitlines()[0]
+    assert by_data_dir.stdout.startswith(f"exported {up.host}/lib/app:v1 {image['digest']} "), by_data_dir.stdout
+
+
 # --- bad input ---------------------------------------------------------------------
 
 

@@ -285,6 +285,38 @@ def test_empty_store(tmp_path: Any) -> None:
     assert json.loads(run("ls", "-d", str(data_dir), "--json").stdout)["repositories"] == []
 
 
+def many_repositories(tmp_path: Any, count: int) -> str:
+    """A data directory with ``count`` repositories that have no manifest yet."""
+    data_dir = tmp_path / "many"
+    for sub in ("blobs", "uploads", "tmp"):
+        (data_dir / sub).mkdir(parents=True)
+    for i in range(count):
+        (data_dir / "repositories" / "team" / f"an-application-with-a-long-name-{i:04d}" / "_manifests" / "tags").mkdir(parents=True)
+    return str(data_dir)
+
+
+def test_a_thousand_repositories(tmp_path: Any) -> None:
+    """Store calls that answer at once do not pile up on one stack (it overflowed past ~150)."""
+    data_dir = many_repositories(tmp_path, 1000)
+    result = run("ls", "-d", data_dir, "--json", timeout=30)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(json.loads(result.stdout)["repositories"]) == 1000
+
+
+def test_a_reader_that_stops_early_is_no_error(tmp_path: Any) -> None:
+    """``registryd ls --json | head``: no BrokenPipeError traceback, the status a closed pipe gives."""
+    data_dir = many_repositories(tmp_path, 1000)
+    for args in (["--json"], []):
+        with subprocess.Popen([REGISTRYD, "ls", "-d", data_dir, *args], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE) as process:
+            assert process.stdout is not None and process.stderr is not None
+            assert process.stdout.read(10)
+            process.stdout.close()
+            stderr = process.stderr.read().decode()
+            assert process.wait(30) == 141, stderr
+        assert stderr == ""
+
+
 def test_errors_are_one_line(tmp_path: Any) -> None:
     missing = str(tmp_path / "nowhere")
     result = run("ls", "--data-dir", missing)

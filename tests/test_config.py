@@ -96,6 +96,17 @@ usage_interval = 30
     assert load_config(write(tmp_path, '[mirror]\nmax_size = "500MB"\n')).mirror_max_size == 500_000_000
 
 
+def test_min_free_bytes_takes_units_like_every_size(tmp_path) -> None:
+    assert load_config(write(tmp_path, '[server]\nmin_free_bytes = "1GiB"\n')).min_free_bytes == 1 << 30
+    assert load_config(write(tmp_path, '[server]\nmin_free_bytes = "500MB"\n')).min_free_bytes == 500_000_000
+    assert load_config(write(tmp_path, "[server]\nmin_free_bytes = 4096\n")).min_free_bytes == 4096
+    for text, message in [('"plenty"', "must be a size in bytes"), ("0", "must be greater than zero"),
+                          ('"0GiB"', "must be greater than zero"), ("-1", "must not be negative")]:
+        with pytest.raises(ConfigError) as caught:
+            load_config(write(tmp_path, f"[server]\nmin_free_bytes = {text}\n"))
+        assert f"'server.min_free_bytes' {message}" in str(caught.value)
+
+
 @pytest.mark.parametrize("text, message", [
     ('[mirror]\nmax_size = "lots"', "'mirror.max_size' must be a size in bytes or a string like"),
     ("[mirror]\nmax_size = -1", "'mirror.max_size' must not be negative"),

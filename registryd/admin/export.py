@@ -191,9 +191,23 @@ class Planner:
         if sep and first.lower() in self.namespaces:
             return self._mirrored(first.lower(), rest)
         local = Repository(name, name, None, self.store.repositories)
-        if self.default is not None and not await local.backend.exists(name):
+        if await local.backend.exists(name):
+            return local
+        if self.default is not None:
             return self._mirrored(self.default, name)
-        return local
+        # No config says which upstream is the default (``-d`` alone): the
+        # mirror cache that holds the name is the one a config would have named.
+        holders = [namespace for namespace in sorted(self.namespaces)
+                   if await self._holds(self._mirrored(namespace, name))]
+        if len(holders) > 1:
+            raise AdminError(f"{name} is cached from {' and '.join(holders)}: name the upstream "
+                             f"({holders[0]}/{name}) or give the config (-c) that says which is the default",
+                             EXIT_USAGE)
+        return self._mirrored(holders[0], name) if holders else local
+
+    @staticmethod
+    async def _holds(repository: Repository) -> bool:
+        return bool(await repository.backend.exists(repository.remote))
 
     async def plan(self, ref: ImageRef) -> Planned:
         label = str(ref)

@@ -17,6 +17,7 @@ from typing import Any, Awaitable, Callable, Coroutine, Mapping, TypeVar
 
 import attrs
 from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import FilteringLogObserver, LogLevel, LogLevelFilterPredicate, globalLogBeginner
 from twisted.logger import textFileLogObserver
 
@@ -158,16 +159,23 @@ async def _gather(work: list[Coroutine[Any, Any, T]]) -> list[T]:
 class _Survey:
     """Summarizes repositories of one store; store calls go ``CONCURRENCY`` at a time."""
 
-    def __init__(self, store: Any, sizes: dict[Digest, int]) -> None:
+    def __init__(self, store: Any, sizes: dict[Digest, int], clock: IReactorTime) -> None:
         self._store = store
+        self._clock = clock
         self._sizes = sizes
         self._limit = DeferredSemaphore(CONCURRENCY)
         #: What each manifest document names, read once for every repository that holds it.
         self._named: dict[Digest, frozenset[Digest]] = {}
 
     async def _call(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
-        async with self._limit:
+        await self._limit.acquire()
+        try:
             return await fn(*args)
+        finally:
+            # Released on the next turn: a release wakes the next waiter on this
+            # stack, and calls that answer at once (no I/O) would chain every
+            # waiting repository onto it until it overflows.
+            self._clock.callLater(0, self._limit.release)
 
     async def repositories(self, namespaces: Mapping[str, str]) -> list[tuple[Repository, RepositoryBackend]]:
         """Local repositories, then mirrored ones by upstream folder, each sorted by name."""
@@ -209,10 +217,10 @@ class _Survey:
                                  len(digests - set(revisions)), len(digests) - len(present), last_pull)
 
 
-async def take_inventory(store: Any, namespaces: Mapping[str, str]) -> Inventory:
+async def take_inventory(store: Any, namespaces: Mapping[str, str], clock: IReactorTime) -> Inventory:
     """Every repository of ``store`` summarized, and its blob store measured (one listing)."""
     sizes = await store.blob_sizes()
-    survey = _Survey(store, sizes)
+    survey = _Survey(store, sizes, clock)
     repositories = await survey.repositories(namespaces)
     summaries = await _gather([survey.summarize(repository, backend) for repository, backend in repositories])
     return Inventory(store.location(), store.driver, summaries, len(sizes), sum(sizes.values()))
@@ -254,7 +262,7 @@ def run(args: argparse.Namespace) -> int:
 
     async def main(store: Any, reactor: Any) -> Inventory:
         with store_errors_reported(store.location()):
-            return await take_inventory(store, namespaces)
+            return await take_inventory(store, namespaces, reactor)
 
     log_problems_to_stderr()
     found = run_with_store(config, main)
