@@ -20,6 +20,7 @@ from registryd.storage import open_store
 from registryd.threads import BlockingPool
 from registryd.upkeep.scheduler import Upkeep
 from registryd.web.app import RegistryAPI
+from registryd.web.probes import ProbesOnly, split_probes
 from registryd.web.site import RegistrySite
 
 log = Logger()
@@ -45,6 +46,7 @@ class RegistryService(MultiService):
             raise StartupError(str(e)) from None
         self.api = RegistryAPI(self.store, config, reactor, auth=self.auth)
         self.site = RegistrySite(self.api, reactor)
+        self.probe_site: RegistrySite | None = None
         self.upkeep = self.api.upkeep = Upkeep(self.store, config, self.api.metrics, reactor)
         self.ports: list[IListeningPort] = []
         self.tls_contexts: list[ServerTLSContext] = []
@@ -65,6 +67,7 @@ class RegistryService(MultiService):
         # Listen here, synchronously, so a port in use stops start-up with
         # one line instead of a server that runs without a socket.
         for description in self.config.listen:
+            probes_only, description = split_probes(description)
             try:
                 endpoint = self._endpoint(description)
             except AuthConfigError as e:
@@ -74,15 +77,22 @@ class RegistryService(MultiService):
                 self._close_ports()
                 raise StartupError(f"bad listen endpoint {description!r}: {e}") from None
             outcome: list[Any] = []
-            endpoint.listen(self.site).addBoth(outcome.append)
+            endpoint.listen(self._probe_site() if probes_only else self.site).addBoth(outcome.append)
             if not outcome or isinstance(outcome[0], Failure):
                 self._close_ports()
                 reason = outcome[0].getErrorMessage() if outcome else "did not listen at once"
                 raise StartupError(f"cannot listen on {description}: {reason}")
             port = outcome[0]
             self.ports.append(port)
-            log.info("registryd listening on {address}", address=str(port.getHost()))
+            log.info("registryd listening on {address}{what}", address=str(port.getHost()),
+                     what=" (health checks only)" if probes_only else "")
         super().privilegedStartService()
+
+    def _probe_site(self) -> RegistrySite:
+        """The site of ``probes:`` listeners: /healthz and /readyz only."""
+        if self.probe_site is None:
+            self.probe_site = RegistrySite(self.api, self._reactor, resource=ProbesOnly(self.site.resource))
+        return self.probe_site
 
     def _endpoint(self, description: str) -> Any:
         """A Twisted endpoint; ``tls:`` ones get our reloadable TLS context."""

@@ -980,3 +980,78 @@ def test_deb_service_under_systemd(debian_root: DebianRoot, packages: dict[str, 
         assert re.search(r"^CapEff:\t0000000000000400$", status, re.M), "CAP_NET_BIND_SERVICE only"
     finally:
         booted.stop()
+
+
+# -- after the README's quick start as root (issue 21) ------------------------------
+
+def http_status(*curl_args: str) -> int:
+    """The status curl gets (000 when it got none)."""
+    result = run([need_tool("curl"), "-s", "-o", "/dev/null", "-w", "%{http_code}", *curl_args], check=False,
+                 timeout=60)
+    return int(result.stdout or 0)
+
+
+def test_deb_after_the_quick_start_as_root_starts_and_auth_takes_effect(
+        debian_root: DebianRoot, packages: dict[str, Any], tmp_path: Any) -> None:
+    """The quick start run as root leaves root-owned folders in /var/lib/registryd; the .deb
+    installed after it still starts. Then the README's [auth] snippet and htpasswd command
+    take effect: anonymous pushes are refused, the added user's are taken without a restart."""
+    from readme_snippets import containing, in_section
+
+    root = debian_root
+    # README, "Quick start": the server part of its command, as root. It runs
+    # here from the test's venv (the root has no build tools) with the data
+    # directory it defaults to as root, inside the Debian root.
+    quick_start = in_section("Quick start", "sh")[0].text.strip()
+    server = quick_start.rsplit("&&", 1)[-1].split()
+    assert server == [".venv/bin/twistd", "-n", "--pidfile=", "registryd"], quick_start
+    assert os.geteuid() == 0
+    port = free_port()
+    data_dir = root / "/var/lib/registryd"
+    first = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "twistd"), *server[1:],
+                              "--data-dir", data_dir, "--listen", f"tcp:{port}:interface=127.0.0.1"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 30
+        while http_status(f"http://127.0.0.1:{port}/v2/") != 200:
+            assert first.poll() is None and time.monotonic() < deadline, "the quick start did not serve"
+            time.sleep(0.2)
+    finally:
+        first.terminate()
+        first.wait(30)
+    made = sorted(os.listdir(data_dir))
+    assert {"blobs", "repositories", "tmp", "uploads"} <= set(made)
+    assert all(os.stat(os.path.join(data_dir, name)).st_uid == 0 for name in made)
+
+    install_deb(root, packages["deb"])
+    uid, gid, _, _ = root.passwd("registryd")
+    for dirpath, dirnames, filenames in os.walk(data_dir):
+        for name in [dirpath] + [os.path.join(dirpath, n) for n in dirnames + filenames]:
+            st = os.lstat(name)
+            assert (st.st_uid, st.st_gid) == (uid, gid), name
+    port = free_port()
+    set_listen(root, port)
+    service = start_deb_service(root, tmp_path, port)
+    upload = f"http://127.0.0.1:{port}/v2/packaging/auth/blobs/uploads/"
+    try:
+        assert http_status(f"http://127.0.0.1:{port}/readyz") == 200, service.output()
+        assert http_status("-X", "POST", upload) == 202       # the packaged config: no authentication
+    finally:
+        service.stop()
+
+    # README, "Install as a service": the [auth] snippet appended, a restart.
+    snippet = containing("Install as a service", "toml", "[auth]").text
+    root.write("/etc/registryd/registryd.toml", root.read("/etc/registryd/registryd.toml") + "\n" + snippet)
+    service = start_deb_service(root, tmp_path, port)
+    try:
+        assert http_status("-X", "POST", upload) == 401
+        assert http_status("-u", "alice:s3cret", "-X", "POST", upload) == 401
+        root.run("sh", "-c", f"echo 's3cret' | {HTPASSWD_COMMAND.format(user='alice')}")
+        deadline = time.monotonic() + 10       # the service notices the file's change by itself
+        while http_status("-u", "alice:s3cret", "-X", "POST", upload) != 202:
+            assert time.monotonic() < deadline, service.output()
+            time.sleep(0.2)
+        assert http_status("-u", "alice:s3cret", f"http://127.0.0.1:{port}/metrics") == 200
+        assert http_status("-X", "POST", upload) == 401
+    finally:
+        service.stop()

@@ -69,8 +69,8 @@ class RegistrySite(Site):
     displayTracebacks = False
     protocol = RegistryChannel  # type: ignore[assignment]
 
-    def __init__(self, api: RegistryAPI, reactor: Any) -> None:
-        super().__init__(api.resource(), requestFactory=RegistryRequest, reactor=reactor)
+    def __init__(self, api: RegistryAPI, reactor: Any, resource: Any = None) -> None:
+        super().__init__(resource or api.resource(), requestFactory=RegistryRequest, reactor=reactor)
         self.api = api
         self._clock = reactor
         self.active: set[Any] = set()
