@@ -73,12 +73,13 @@ class Metrics:
                                  "garbage collection took", registry=r)
 
     def cache_totals(self) -> tuple[int, int]:
-        """Mirrored reads served from cache and from upstream, over every route."""
+        """Mirrored reads served from cache and from upstream, over every route
+        (a stale tag, served while its upstream is down, came from the cache)."""
         totals = {"hit": 0.0, "miss": 0.0}
         for family in self.cache.collect():
             for sample in family.samples:
                 if sample.name.endswith("_total"):
-                    totals[sample.labels["result"]] += sample.value
+                    totals["miss" if sample.labels["result"] == "miss" else "hit"] += sample.value
         return int(totals["hit"]), int(totals["miss"])
 
     def watch_hot_cache(self, cache: Any) -> None:

@@ -73,6 +73,7 @@ class CachedManifest:
     digest: Digest
     media_type: str
     data: bytes
+    stale: bool = False     # a tag past its TTL, served because the upstream is unreachable
 
 
 @attrs.frozen
@@ -257,7 +258,7 @@ class MirrorCache:
                 raise unavailable(upstream, str(e)) from None
             log.warn("serving {repository}:{tag} from cache: {error}", repository=route.remote,
                      tag=reference, error=str(e))
-            return hit[0]
+            return attrs.evolve(hit[0], stale=True)
 
     async def _fetch_manifest(self, mirror: Mirror, remote: str, reference: str, accept: str | None,
                               cached: CachedManifest | None) -> CachedManifest:

@@ -673,7 +673,8 @@ class RegistryAPI:
             request.upstream = route.upstream.namespace
             fetches = self.mirror.manifest_fetches.started
             cached = await self.mirror.manifest(route, reference, accept)
-            request.cache = "miss" if self.mirror.manifest_fetches.started != fetches else "hit"
+            request.cache = "stale" if cached.stale else \
+                "miss" if self.mirror.manifest_fetches.started != fetches else "hit"
             digest, media_type, data = cached.digest, cached.media_type, cached.data
             self.pulls.record(self.mirror.mirror(route).repositories, route.remote, digest)
         else:
