@@ -42,6 +42,16 @@ def default_data_dir() -> str:
 
 DOCKER_HUB = "docker.io"
 DOCKER_HUB_URL = "https://registry-1.docker.io"
+# Hosts besides its own that a well-known upstream sends registryd to, when
+# its ``allowed_hosts`` is not set: Docker Hub's token service and blob CDN,
+# GitHub's blob storage.
+WELL_KNOWN_HOSTS: dict[str, tuple[str, ...]] = {
+    DOCKER_HUB: ("auth.docker.io", "production.cloudflare.docker.com"),
+    "ghcr.io": ("pkg-containers.githubusercontent.com",),
+}
+_HOST_LABEL = r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?"
+_HOST_PATTERN = re.compile(rf"^(?:\*\.)?{_HOST_LABEL}(?:\.{_HOST_LABEL})*(?::[0-9]{{1,5}})?$")
+_LOCAL_PREFIX = re.compile(r"^[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*)*$")
 _NAMESPACE = re.compile(r"^(?:[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*(?::[0-9]{1,5})?$")
 
 
@@ -63,6 +73,10 @@ class UpstreamConfig:
     idle_timeout: int = 60
     user_agent: str = f"registryd/{__version__}"
     offline: bool = False
+    # Hosts besides the upstream's own that it may send registryd to: blob
+    # redirects (object storage, CDNs) and its token realm. "host", "host:port"
+    # or "*.domain".
+    allowed_hosts: tuple[str, ...] = ()
 
 
 STORAGE_DRIVERS = ("filesystem", "s3")
@@ -155,6 +169,8 @@ class Config:
     upstreams: tuple[UpstreamConfig, ...] = ()
     offline: bool = False
     mirror_max_size: int = 0            # bytes; 0: no limit
+    # With a default upstream: where local repositories live (pushes go nowhere else).
+    local_prefixes: tuple[str, ...] = ()
     usage_interval: int = 300
     gc_interval: int = 86400            # 0: no online collection
     gc_delay: int = 3600
@@ -207,6 +223,7 @@ SCHEMA: dict[str, _Section] = {
     "mirror": {
         "offline": ("offline", bool, None),
         "max_size": ("mirror_max_size", object, None),
+        "local_prefixes": ("local_prefixes", list, None),
     },
     "gc": {
         "interval": ("gc_interval", int, _not_negative),
@@ -272,7 +289,7 @@ _UPSTREAM_KEYS: dict[str, tuple[type, bool]] = {
     "credentials_file": (str, False), "ca_file": (str, False), "client_cert": (str, False),
     "client_key": (str, False), "tls_verify": (bool, False), "manifest_ttl": (int, False),
     "connect_timeout": (int, False), "idle_timeout": (int, False), "user_agent": (str, False),
-    "offline": (bool, False),
+    "offline": (bool, False), "allowed_hosts": (list, False),
 }
 
 
@@ -325,7 +342,47 @@ def _upstream(where: str, table: Any) -> UpstreamConfig:
     for key in ("ca_file", "client_cert", "client_key"):
         if key in settings and not os.access(settings[key], os.R_OK):
             raise ConfigError(f"'{where}.{key}': cannot read {settings[key]}")
+    settings["allowed_hosts"] = _allowed_hosts(f"{where}.allowed_hosts", settings.get("allowed_hosts"), namespace)
     return UpstreamConfig(**settings)
+
+
+def _allowed_hosts(key: str, value: list[Any] | None, namespace: str) -> tuple[str, ...]:
+    """``allowed_hosts``: host names, ``host:port`` or ``*.domain``; a well-known
+    upstream's own list when the key is absent."""
+    if value is None:
+        return WELL_KNOWN_HOSTS.get(namespace, ())
+    hosts = []
+    for index, item in enumerate(value):
+        if not isinstance(item, str) or not _HOST_PATTERN.match(item.lower()):
+            raise ConfigError(f"'{key}[{index}]' must be a host such as cdn.example.com, cdn.example.com:8443 "
+                              f"or *.example.com, not {item!r}")
+        hosts.append(item.lower())
+    return tuple(hosts)
+
+
+def _local_prefixes(key: str, value: list[Any]) -> tuple[str, ...]:
+    """``[mirror] local_prefixes``: repository names, each the root of a local namespace."""
+    prefixes = []
+    for index, item in enumerate(value):
+        if not isinstance(item, str) or not _LOCAL_PREFIX.match(item):
+            raise ConfigError(f"'{key}[{index}]' must be a repository path such as \"team\" or \"ci/builds\", "
+                              f"not {item!r}")
+        prefixes.append(item)
+    return tuple(prefixes)
+
+
+def _check_local_prefixes(settings: Mapping[str, Any]) -> None:
+    """A local prefix must not be how clients name an upstream's repositories."""
+    upstreams: tuple[UpstreamConfig, ...] = settings.get("upstreams", ())
+    namespaces = {u.namespace for u in upstreams}
+    default = next((u for u in upstreams if u.default), None)
+    for prefix in settings.get("local_prefixes", ()):
+        first = prefix.split("/", 1)[0]
+        if first in namespaces:
+            raise ConfigError(f"'mirror.local_prefixes': {prefix!r} is the namespace of an upstream")
+        if default is not None and default.namespace == DOCKER_HUB and first == "library":
+            raise ConfigError(f"'mirror.local_prefixes': {prefix!r} would shadow Docker Hub's official images "
+                              f"(docker clients ask for library/<name>)")
 
 
 def _upstreams(key: str, value: list[Any]) -> tuple[UpstreamConfig, ...]:
@@ -393,6 +450,8 @@ def parse_settings(document: Mapping[str, Any]) -> dict[str, Any]:
                     raise ConfigError(str(e)) from None
             elif field == "upstreams":
                 item = _upstreams(full, item)
+            elif field == "local_prefixes":
+                item = _local_prefixes(full, item)
             elif field == "access":
                 try:
                     item = parse_access_rules(item, full)
@@ -403,6 +462,7 @@ def parse_settings(document: Mapping[str, Any]) -> dict[str, Any]:
             elif check is not None and not check(item):
                 raise ConfigError(f"'{full}' must be greater than zero, not {item!r}")
             settings[field] = item
+    _check_local_prefixes(settings)
     return settings
 
 

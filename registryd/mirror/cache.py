@@ -7,7 +7,6 @@ base layer is stored once however it arrived.
 """
 from __future__ import annotations
 
-import json
 import re
 import time
 from typing import Any, Callable
@@ -20,6 +19,7 @@ from twisted.web.client import HTTPConnectionPool
 from registryd.config import Config, UpstreamConfig
 from registryd.digest import Digest, digest_of, is_digest, parse_digest
 from registryd.errors import RegistryError, blob_unknown, manifest_unknown
+from registryd.json_documents import load_json
 from registryd.manifests import MANIFEST_TYPES, parse_manifest
 from registryd.metrics import Metrics
 from registryd.mirror.client import MANIFEST_ACCEPT, UpstreamClient, UpstreamUnavailable, read_limited
@@ -87,7 +87,7 @@ def _media_type(header: bytes | None, data: bytes) -> str | None:
         if value in MANIFEST_TYPES:
             return value
     try:
-        declared = json.loads(data).get("mediaType")
+        declared = load_json(data).get("mediaType")
     except (ValueError, AttributeError):
         return None
     return declared if declared in MANIFEST_TYPES else None
@@ -117,7 +117,7 @@ class MirrorCache:
         self.metrics = metrics or Metrics()
         self._config = config
         self._reactor = reactor
-        self.router = Router(config.upstreams)
+        self.router = Router(config.upstreams, config.local_prefixes)
         self._pool = HTTPConnectionPool(reactor, persistent=True)
         self._pool.maxPersistentPerHost = 16
         self.mirrors: dict[str, Mirror] = {}
@@ -293,6 +293,11 @@ class MirrorCache:
             tags = [reference]
         if digest_of(data, digest.algorithm) != digest:
             raise UpstreamUnavailable(f"{mirror.config.namespace} sent a manifest that does not match {digest}")
+        try:
+            load_json(data)
+        except ValueError as e:
+            raise UpstreamUnavailable(f"{mirror.config.namespace} sent a manifest that is not usable JSON: "
+                                      f"{e}") from None
         await self._store_manifest(mirror, remote, digest, media_type, data, tags)
         return CachedManifest(digest, media_type, data)
 
@@ -335,7 +340,7 @@ class MirrorCache:
                     return cached
                 if response.code != 200:
                     raise UpstreamUnavailable(f"{route.upstream.namespace} answered {response.code}")
-                page = json.loads(data).get("tags") or []
+                page = load_json(data).get("tags") or []
                 tags.extend(tag for tag in page if isinstance(tag, str))
                 path = _next_page(response)
         except (UpstreamUnavailable, ValueError, AttributeError) as e:
@@ -358,7 +363,7 @@ class MirrorCache:
                 data = await read_limited(response, self._config.max_manifest_size)
                 self._upstream_ok(route.upstream.namespace)
                 if response.code == 200:
-                    manifests = json.loads(data).get("manifests")
+                    manifests = load_json(data).get("manifests")
                     if isinstance(manifests, list):
                         return [m for m in manifests if isinstance(m, dict)]
             except (UpstreamUnavailable, ValueError, AttributeError) as e:
@@ -393,7 +398,7 @@ class MirrorCache:
             await mirror.repositories.link_blob(route.remote, digest)
         # For HEAD, Twisted leaves Content-Length among the headers (the body is empty).
         lengths = response.headers.getRawHeaders(b"content-length") or []
-        size = int(lengths[0]) if lengths and lengths[0].isdigit() else None
+        size = int(lengths[0]) if lengths and lengths[0].isdigit() and len(lengths[0]) <= 18 else None
         return BlobHead(size, str(digest))
 
     async def fill(self, route: Route, digest: Digest) -> BlobFill:

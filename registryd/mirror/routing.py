@@ -6,6 +6,10 @@ Three ways a client asks for a mirror, all served by one instance:
 * cri-o / podman ``registries.conf`` path mirrors: ``/v2/docker.io/library/alpine/...``;
 * docker ``registry-mirrors``: ``/v2/library/alpine/...`` goes to the default upstream.
 
+With a default upstream every bare name is ambiguous, so bare names belong
+to it except under the configured local prefixes: a local push can never
+change what a client of the default upstream gets.
+
 Only configured namespaces ever map to an upstream, so no request can make
 registryd contact a host the operator did not list.
 """
@@ -25,7 +29,7 @@ class Route:
 
     upstream: UpstreamConfig
     remote: str
-    # Reached through the default upstream: a local repository of the same name wins.
+    # Reached through the default upstream (a bare name outside the local prefixes).
     by_default: bool = False
 
 
@@ -39,9 +43,14 @@ def _remote_name(upstream: UpstreamConfig, name: str) -> str:
 class Router:
     """Maps a client's repository name (and ``ns``) to an upstream, or to local."""
 
-    def __init__(self, upstreams: tuple[UpstreamConfig, ...]) -> None:
+    def __init__(self, upstreams: tuple[UpstreamConfig, ...], local_prefixes: tuple[str, ...] = ()) -> None:
         self._by_namespace = {u.namespace: u for u in upstreams}
         self._default = next((u for u in upstreams if u.default), None)
+        self._local_prefixes = local_prefixes
+
+    def is_local_name(self, name: str) -> bool:
+        """Is ``name`` under one of the local prefixes (``team`` holds ``team/app``)?"""
+        return any(name == prefix or name.startswith(prefix + "/") for prefix in self._local_prefixes)
 
     @property
     def enabled(self) -> bool:
@@ -51,8 +60,7 @@ class Router:
         """The mirror route for ``name``, or None when it is a local repository.
 
         Without ``is_local``, a name that only the default upstream takes
-        comes back with ``by_default`` set: the caller asks its store whether
-        a local repository of that name exists (which may need I/O).
+        comes back with ``by_default`` set (it is never pushable).
         Raises NAME_INVALID for a name no route can take.
         """
         if not self._by_namespace:
@@ -66,7 +74,7 @@ class Router:
         if upstream is not None:
             return Route(upstream, _remote_name(upstream, rest))
         check_name(name)
-        if self._default is None:
+        if self._default is None or self.is_local_name(name):
             return None
         if is_local is None:
             return Route(self._default, _remote_name(self._default, name), by_default=True)

@@ -61,8 +61,13 @@ from registryd.web.sendfile import send_file_range
 log = Logger()
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-_CONTENT_RANGE = re.compile(r"^(?:bytes[ =])?(\d+)-(\d+)(?:/(?:\d+|\*))?$")
-_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+# ASCII digits only, and few enough of them that int() never refuses.
+_CONTENT_RANGE = re.compile(r"(?:bytes[ =])?([0-9]{1,18})-([0-9]{1,18})(?:/(?:[0-9]{1,18}|\*))?")
+_RANGE = re.compile(r"bytes=([0-9]*)-([0-9]*)")
+# A byte position past any real blob: what a Range position of more digits means.
+_FAR_POSITION = 1 << 62
+_PAGE_SIZE = re.compile(r"[0-9]{1,9}")
+_NOT_READY = "storage is not ready; the server log says why"
 # Stored manifests were capped when pushed or fetched; this only bounds a read.
 MANIFEST_READ_LIMIT = 64 * 1024 * 1024
 # Bytes a client connection may hold before a streamed blob's source is paused.
@@ -102,8 +107,8 @@ def _page_size(request: RegistryRequest) -> int | None:
     text = _arg(request, "n")
     if text is None or text == "":
         return None
-    if not text.isdigit():
-        raise pagination_invalid(text)
+    if not _PAGE_SIZE.fullmatch(text):
+        raise pagination_invalid(text[:20])
     return int(text)
 
 
@@ -121,6 +126,13 @@ def _paginate(request: RegistryRequest, items: list[str], base: str) -> tuple[li
         query = urlencode({"n": n, "last": page[-1]})
         headers["Link"] = f'<{base}?{query}>; rel="next"'
     return page, headers
+
+
+def _position(text: str) -> int | None:
+    """A Range position (ASCII digits); absurdly long ones are simply far away."""
+    if not text:
+        return None
+    return int(text) if len(text) <= 18 else _FAR_POSITION
 
 
 def _policy_name(name: str, route: Route | None) -> str:
@@ -165,6 +177,7 @@ class RegistryAPI:
         self.status = StatusBoard(store, config, self.mirror)
         self.pulls = PullRecorder()
         self.upkeep: Upkeep | None = None   # set by RegistryService: online gc and surveys
+        self._readiness_logged: str | None = None   # the last /readyz problem written to the log
 
     def resource(self) -> Any:
         return self.app.resource()
@@ -180,7 +193,12 @@ class RegistryAPI:
     @app.handle_errors(NotFound)
     def _not_found(self, request: Any, failure: Failure) -> bytes:
         # A known endpoint whose name part the router could not take
-        # (``/v2//a/tags/list``) is a bad name, not a missing endpoint.
+        # (``/v2//a/tags/list``) is a bad name, not a missing endpoint;
+        # one with an encoded separator names nothing (``manifests/x%2f..``).
+        try:
+            check_raw_path(request.path)
+        except RegistryError as e:
+            return self._registry_error(request, Failure(e))
         endpoint = _ENDPOINT.match(request.path.decode("latin-1"))
         error = name_invalid(endpoint[1][:255]) if endpoint else not_found()
         return self._registry_error(request, Failure(error))
@@ -237,23 +255,38 @@ class RegistryAPI:
             raise name_unknown(name)
         raise RegistryError(403, "DENIED", f"{user or 'anonymous'} may not {action} {name}", {"name": name})
 
-    def _local(self, request: RegistryRequest, name: str) -> str:
-        """The name of a repository the request may change: never a mirrored one."""
+    async def _local(self, request: RegistryRequest, name: str) -> str:
+        """The name of a repository the request may change: never a mirrored one.
+
+        A mirrored name is refused only to a requester who may pull it: anyone
+        else gets the answer a pull would get, and learns nothing of the mirrors.
+        """
         check_raw_path(request.path)
-        return self._writable(name, _arg(request, "ns"))
+        ns = _arg(request, "ns")
+        route = self.mirror.router.route(name, ns)
+        if route is not None:
+            user = await self._user(request)
+            verdict = self.auth.policy.verdict(user, _policy_name(name, route), PULL)
+            if verdict is Verdict.AUTHENTICATE:
+                raise self._unauthorized(f"{name} needs credentials")
+            if verdict is not Verdict.ALLOW:
+                raise name_unknown(name)
+        return self._writable(name, ns)
 
     def _writable(self, name: str, ns: str | None) -> str:
         route = self.mirror.router.route(name, ns)
-        if route is not None and not route.by_default:
+        if route is not None and route.by_default:
+            prefixes = ", ".join(self.config.local_prefixes) or "none is configured"
+            raise denied(f"{name} is what clients of the default upstream {route.upstream.namespace} pull: "
+                         f"local repositories live under [mirror] local_prefixes ({prefixes})")
+        if route is not None:
             raise denied(f"{name} mirrors {route.upstream.namespace}: mirrored repositories are read-only")
         return check_name(name)
 
     async def _route(self, name: str, ns: str | None) -> Route | None:
-        """The mirror route for ``name``; a local repository wins over the default upstream."""
-        route = self.mirror.router.route(name, ns)
-        if route is not None and route.by_default and await self.store.repositories.exists(name):
-            return None
-        return route
+        """The mirror route for ``name``. With a default upstream, a name outside
+        ``[mirror] local_prefixes`` is the upstream's, whatever is stored here."""
+        return self.mirror.router.route(name, ns)
 
     async def _target(self, request: RegistryRequest, name: str) -> tuple[str, Route | None]:
         """A repository to read: local, or the mirror route that serves it."""
@@ -293,8 +326,15 @@ class RegistryAPI:
     async def readyz(self, request: RegistryRequest) -> bytes:
         """Ready: the store is writable and has room (and its object store answers). Open to everyone."""
         problem = await self.store.check_backend() or self.store.readiness_problem(self.config.min_free_bytes)
+        if problem != self._readiness_logged:
+            self._readiness_logged = problem
+            if problem is not None:
+                log.warn("not ready: {problem}", problem=problem)
+            else:
+                log.info("ready again")
         if problem is not None:
-            return _json(request, 503, {"status": "unavailable", "reason": problem})
+            # OS error texts and paths are for the log, not for whoever asks.
+            return _json(request, 503, {"status": "unavailable", "reason": _NOT_READY})
         return _json(request, 200, {"status": "ok"})
 
     async def _admin(self, request: RegistryRequest, what: str) -> str | None:
@@ -458,7 +498,8 @@ class RegistryAPI:
 
     @staticmethod
     def _range(request: RegistryRequest, size: int) -> tuple[int, int]:
-        """One ``bytes=`` range as (start, length); 416 if unsatisfiable.
+        """One ``bytes=`` range as (start, length); 416 if unsatisfiable
+        (``bytes=500-0`` included).
 
         Several ranges, or a header we do not understand, get the whole blob
         (RFC 9110 lets a server ignore Range).
@@ -466,18 +507,19 @@ class RegistryAPI:
         header = request.getHeader("Range")
         if header is None:
             return 0, size
-        match = _RANGE.match(header.strip())
+        match = _RANGE.fullmatch(header.strip())
         if match is None or (not match[1] and not match[2]):
             return 0, size
-        first, last = match[1], match[2]
-        if first:
-            start = int(first)
-            end = min(int(last), size - 1) if last else size - 1
-            if last and int(last) < start:
-                return 0, size
+        first, last = _position(match[1]), _position(match[2])
+        if first is not None:
+            start = first
+            end = min(last, size - 1) if last is not None else size - 1
+            if last is not None and last < start:
+                end = -1   # ``bytes=500-0``: no byte satisfies it
         else:
-            start, end = max(size - int(last), 0), size - 1
-            if int(last) == 0:
+            assert last is not None
+            start, end = max(size - last, 0), size - 1
+            if last == 0:
                 start = size
         if start >= size or end < start:
             raise RegistryError(416, "BLOB_UNKNOWN", "requested range not satisfiable",
@@ -486,7 +528,7 @@ class RegistryAPI:
 
     @app.route("/v2/<path:name>/blobs/<digest>", methods=["DELETE"])
     async def delete_blob(self, request: RegistryRequest, name: str, digest: str) -> bytes:
-        name = self._local(request, name)
+        name = await self._local(request, name)
         await self._allow(request, name, DELETE, hide=False)
         self._check_delete_enabled()
         parsed = parse_digest(digest)
@@ -519,7 +561,7 @@ class RegistryAPI:
             header = request.getHeader("Content-Range")
             if header is None:
                 return None
-            match = _CONTENT_RANGE.match(header.strip())
+            match = _CONTENT_RANGE.fullmatch(header.strip())
             if match is None:
                 raise range_invalid(upload.size, upload.location())
             start, end = int(match[1]), int(match[2])
@@ -576,7 +618,7 @@ class RegistryAPI:
 
     @app.route("/v2/<path:name>/blobs/uploads/", methods=["POST"])
     async def start_upload(self, request: RegistryRequest, name: str) -> bytes:
-        name = self._local(request, name)
+        name = await self._local(request, name)
         user = await self._allow(request, name, PUSH, hide=False)
         mount, source = _arg(request, "mount"), _arg(request, "from")
         digest = _arg(request, "digest")
@@ -629,14 +671,14 @@ class RegistryAPI:
 
     @app.route("/v2/<path:name>/blobs/uploads/<upload_id>", methods=["PATCH"])
     async def patch_upload(self, request: RegistryRequest, name: str, upload_id: str) -> bytes:
-        await self._allow(request, self._local(request, name), PUSH, hide=False)
+        await self._allow(request, await self._local(request, name), PUSH, hide=False)
         writer = await self._claim(request)
         await shielded(self.store.uploads.acknowledge(writer))
         return _respond(request, 202, self._upload_headers(writer.upload))
 
     @app.route("/v2/<path:name>/blobs/uploads/<upload_id>", methods=["PUT"])
     async def finish_upload(self, request: RegistryRequest, name: str, upload_id: str) -> bytes:
-        name = self._local(request, name)
+        name = await self._local(request, name)
         await self._allow(request, name, PUSH, hide=False)
         digest = _arg(request, "digest")
         if digest is None:
@@ -648,14 +690,14 @@ class RegistryAPI:
 
     @app.route("/v2/<path:name>/blobs/uploads/<upload_id>", methods=["GET"])
     async def upload_status(self, request: RegistryRequest, name: str, upload_id: str) -> bytes:
-        name = self._local(request, name)
+        name = await self._local(request, name)
         await self._allow(request, name, PUSH, hide=False)
         upload = await self.store.uploads.get(name, upload_id)
         return _respond(request, 204, self._upload_headers(upload))
 
     @app.route("/v2/<path:name>/blobs/uploads/<upload_id>", methods=["DELETE"])
     async def cancel_upload(self, request: RegistryRequest, name: str, upload_id: str) -> bytes:
-        name = self._local(request, name)
+        name = await self._local(request, name)
         await self._allow(request, name, PUSH, hide=False)
         upload = await self.store.uploads.get(name, upload_id)
         await shielded(self.store.uploads.cancel(upload))
@@ -690,7 +732,7 @@ class RegistryAPI:
 
     @app.route("/v2/<path:name>/manifests/<reference>", methods=["PUT"])
     async def put_manifest(self, request: RegistryRequest, name: str, reference: str) -> bytes:
-        name = self._local(request, name)
+        name = await self._local(request, name)
         await self._allow(request, name, PUSH, hide=False)
         body = request.body
         if isinstance(body, RefusedBody):
@@ -722,6 +764,9 @@ class RegistryAPI:
         headers = {"Location": f"/v2/{name}/manifests/{digest}", "Docker-Content-Digest": str(digest)}
         if manifest.subject is not None:
             headers["OCI-Subject"] = str(manifest.subject)
+        if is_digest(reference) and tags:
+            # The spec: one OCI-Tag header per tag a push by digest applied.
+            request.responseHeaders.setRawHeaders("OCI-Tag", tags)
         return _respond(request, 201, headers)
 
     async def _store_manifest(self, name: str, digest: Digest, data: bytes, media_type: str,
@@ -748,7 +793,7 @@ class RegistryAPI:
 
     @app.route("/v2/<path:name>/manifests/<reference>", methods=["DELETE"])
     async def delete_manifest(self, request: RegistryRequest, name: str, reference: str) -> bytes:
-        name = self._local(request, name)
+        name = await self._local(request, name)
         await self._allow(request, name, DELETE, hide=False)
         self._check_delete_enabled()
         repositories = self.store.repositories
