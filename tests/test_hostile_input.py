@@ -172,3 +172,61 @@ async def test_encoded_separators_get_an_error_that_names_no_repository(
     reply = await as_user(registry.url, None).get(path.format(hex="a" * 64))
     assert reply.status in (400, 401, 404), str(reply)
     assert b"team" not in reply.body, str(reply)
+
+
+@pytest.mark.parametrize("what, answer", [
+    ("tags", b'{"tags": 5}'),                                      # not a list: TypeError
+    ("manifest", b'{"schemaVersion": 2, "mediaType": ["x"]}'),     # unhashable media type: TypeError
+    ("manifest", b'{"schemaVersion": 2, "mediaType": {"a": 1}}'),
+    ("realm", 'Bearer realm="{url}/to ken"'),                      # not a valid URI: ValueError
+    ("realm", 'Bearer realm="{url}/to\u00e9ken"'),
+])
+@pytest_twisted.ensureDeferred
+async def test_malformed_upstream_answers_are_upstream_errors(fake_upstream: Any, make_registry: Any, what: str,
+                                                             answer: Any) -> None:
+    fake_upstream.add_image("lib/app", "v1")
+    registry = make_registry(upstreams=(UpstreamConfig(namespace=NS, url=fake_upstream.url),))
+    path = "/v2/lib/app/tags/list" if what == "tags" else "/v2/lib/app/manifests/v1"
+    if what == "realm":
+        fake_upstream.challenge(answer.format(url=fake_upstream.url))
+    else:
+        fake_upstream.serve(path, answer, "application/json")
+    reply = await Client(registry.url).get(f"/v2/{NS}{path.removeprefix('/v2')}", headers={"Accept": OCI_MANIFEST})
+    assert reply.status == 503 and reply.codes == ["UNAVAILABLE"], str(reply)
+
+
+@pytest_twisted.ensureDeferred
+async def test_tags_an_upstream_lists_are_checked(fake_upstream: Any, make_registry: Any) -> None:
+    fake_upstream.add_image("lib/app", "v1")
+    fake_upstream.serve("/v2/lib/app/tags/list", b'{"tags": ["v1", 5, null, "\\u0000bad", "../x", "v2"]}')
+    registry = make_registry(upstreams=(UpstreamConfig(namespace=NS, url=fake_upstream.url),))
+    reply = await Client(registry.url).get(f"/v2/{NS}/lib/app/tags/list")
+    assert reply.status == 200 and reply.json()["tags"] == ["v1", "v2"], str(reply)
+
+
+@pytest.mark.parametrize("method, path, header", [
+    ("GET", f"/v2/{NS}/lib/app/manifests/v1", "Accept"),
+    ("PUT", "/v2/lab/app/manifests/v1", "Content-Type"),
+    ("GET", "/v2/lab/app/manifests/v1", "Authorization"),
+    ("GET", "/v2/lab/app/blobs/{digest}", "Range"),
+])
+@pytest_twisted.ensureDeferred
+async def test_header_values_that_are_not_utf8(fake_upstream: Any, make_registry: Any, method: str, path: str,
+                                               header: str) -> None:
+    fake_upstream.add_image("lib/app", "v1")
+    registry = make_registry(upstreams=(UpstreamConfig(namespace=NS, url=fake_upstream.url),))
+    client = Client(registry.url)
+    digest = await client.push_blob("lab/app", b"a blob")
+    reply = await client.request(method, path.format(digest=digest), b"{}" if method == "PUT" else None,
+                                 headers={header: "\xff\xfe"})   # sent as the bytes ff fe
+    assert reply.status in {"Accept": (200, 404), "Content-Type": (400,), "Authorization": (404,),
+                            "Range": (200,)}[header], str(reply)
+
+
+@pytest.mark.parametrize("path", ["/v2/lab/app/manifests/%ff", "/v2/lab/%ff/tags/list", "/v2/lab/app/blobs/uploads/%c3",
+                                  "/%ff"])
+@pytest_twisted.ensureDeferred
+async def test_paths_that_are_not_utf8_get_the_error_document(make_registry: Any, path: str) -> None:
+    registry = make_registry()
+    reply = await Client(registry.url).get(path)
+    assert reply.status == 400 and reply.codes == ["UNSUPPORTED"], str(reply)

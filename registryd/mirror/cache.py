@@ -26,7 +26,7 @@ from registryd.mirror.client import MANIFEST_ACCEPT, UpstreamClient, UpstreamUna
 from registryd.mirror.coalesce import Coalescer
 from registryd.mirror.fill import BlobFill
 from registryd.mirror.routing import Route, Router
-from registryd.names import check_tag
+from registryd.names import check_tag, is_tag
 from registryd.storage import Store
 from registryd.storage.interface import RepositoryBackend
 
@@ -90,7 +90,7 @@ def _media_type(header: bytes | None, data: bytes) -> str | None:
         declared = load_json(data).get("mediaType")
     except (ValueError, AttributeError):
         return None
-    return declared if declared in MANIFEST_TYPES else None
+    return declared if isinstance(declared, str) and declared in MANIFEST_TYPES else None
 
 
 def _accepts(accept: str | None, media_type: str) -> bool:
@@ -341,7 +341,9 @@ class MirrorCache:
                 if response.code != 200:
                     raise UpstreamUnavailable(f"{route.upstream.namespace} answered {response.code}")
                 page = load_json(data).get("tags") or []
-                tags.extend(tag for tag in page if isinstance(tag, str))
+                if not isinstance(page, list):
+                    raise ValueError("the tag list is not a list")
+                tags.extend(tag for tag in page if isinstance(tag, str) and is_tag(tag))
                 path = _next_page(response)
         except (UpstreamUnavailable, ValueError, AttributeError) as e:
             self._upstream_failed(route.upstream.namespace, str(e))

@@ -132,7 +132,10 @@ class UpstreamClient:
     async def _send(self, method: str, url: str, headers: dict[str, str], elsewhere: bool = False) -> IResponse:
         raw = Headers({k.encode(): [v.encode()] for k, v in headers.items()})
         agent = self._other_agent if elsewhere else self._agent
-        d = agent.request(method.encode(), url.encode(), raw)
+        try:
+            d = agent.request(method.encode(), url.encode(), raw)
+        except ValueError as e:   # a URL an upstream named (realm, Link) that is not a valid URI
+            raise UpstreamUnavailable(f"{self.config.namespace}: cannot request {url[:200]!r}: {e}") from None
         timer = self._reactor.callLater(self.config.idle_timeout, d.cancel)
         try:
             return await d

@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import re
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import unquote_to_bytes, urlencode
 
 from klein import Klein
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.resource import Resource
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 from werkzeug.routing import RequestRedirect
 
@@ -86,6 +87,13 @@ def _args(request: RegistryRequest, key: str) -> list[str]:
     return [v.decode("utf-8", "replace") for v in args.get(key.encode(), [])]
 
 
+def _header(request: RegistryRequest, name: str) -> str | None:
+    """A request header as text. Latin-1 never fails: a client's stray byte is
+    then just an unknown value, not a UnicodeDecodeError."""
+    value = request.getHeader(name.encode())
+    return None if value is None else value.decode("latin-1")
+
+
 def _respond(request: RegistryRequest, status: int, headers: dict[str, str] | None = None,
              body: bytes = b"", content_type: str | None = None) -> bytes:
     request.setResponseCode(status)
@@ -155,6 +163,28 @@ def _blob_headers(digest: str, length: int | None) -> dict[str, str]:
     return headers
 
 
+class _Utf8Paths(Resource):
+    """Answers a path that is not UTF-8 once decoded with the OCI error document.
+
+    Klein would answer it with a plain-text 400 and log the decoding error
+    as a failure.
+    """
+
+    isLeaf = True
+
+    def __init__(self, api: Resource, refuse: Any) -> None:
+        super().__init__()
+        self._api = api
+        self._refuse = refuse
+
+    def render(self, request: Any) -> Any:
+        try:
+            unquote_to_bytes(request.path).decode("utf-8")
+        except UnicodeDecodeError:
+            return self._refuse(request, Failure(unsupported("the request path is not UTF-8", 400)))
+        return self._api.render(request)
+
+
 class RegistryAPI:
     """Every route of the distribution API over one Store."""
 
@@ -180,7 +210,7 @@ class RegistryAPI:
         self._readiness_logged: str | None = None   # the last /readyz problem written to the log
 
     def resource(self) -> Any:
-        return self.app.resource()
+        return _Utf8Paths(self.app.resource(), self._registry_error)
 
     # --- errors ---------------------------------------------------------
 
@@ -229,7 +259,7 @@ class RegistryAPI:
         """Who is asking (None: anonymous); 401 for credentials that fail."""
         address = getattr(request.getClientAddress(), "host", "") or ""
         try:
-            user = await self.auth.authenticator.authenticate(address, request.getHeader("Authorization"))
+            user = await self.auth.authenticator.authenticate(address, _header(request, "Authorization"))
         except AuthenticationFailed as e:
             raise self._unauthorized(str(e)) from None
         request.user = user
@@ -504,7 +534,7 @@ class RegistryAPI:
         Several ranges, or a header we do not understand, get the whole blob
         (RFC 9110 lets a server ignore Range).
         """
-        header = request.getHeader("Range")
+        header = _header(request, "Range")
         if header is None:
             return 0, size
         match = _RANGE.fullmatch(header.strip())
@@ -558,7 +588,7 @@ class RegistryAPI:
 
         def start_of(upload: Any) -> int | None:
             """Where the client says its chunk begins (Content-Range), checked against its length."""
-            header = request.getHeader("Content-Range")
+            header = _header(request, "Content-Range")
             if header is None:
                 return None
             match = _CONTENT_RANGE.fullmatch(header.strip())
@@ -585,7 +615,7 @@ class RegistryAPI:
 
         check_credentials = False
         if self.auth.authenticator.enabled:
-            if request.getHeader("Authorization"):
+            if _header(request, "Authorization"):
                 check_credentials = True
             elif not self.auth.policy.allows(None, name, PUSH):
                 raise self._unauthorized(f"push on {name} needs credentials")
@@ -711,7 +741,7 @@ class RegistryAPI:
         await self._allow(request, _policy_name(name, route), PULL)
         if route is not None:
             # Go clients send one Accept header per media type.
-            accept = ", ".join(request.requestHeaders.getRawHeaders("Accept", [])) or None
+            accept = ", ".join(v.decode("latin-1") for v in request.requestHeaders.getRawHeaders(b"Accept", [])) or None
             request.upstream = route.upstream.namespace
             fetches = self.mirror.manifest_fetches.started
             cached = await self.mirror.manifest(route, reference, accept)
@@ -747,7 +777,7 @@ class RegistryAPI:
         else:
             digest = digest_of(data)
             tags = [check_tag(reference)]
-        manifest = parse_manifest(data, request.getHeader("Content-Type"))
+        manifest = parse_manifest(data, _header(request, "Content-Type"))
         repositories = self.store.repositories
         # Claimed before checking, so an in-server gc cannot remove them
         # between the check and the commit.
