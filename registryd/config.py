@@ -10,6 +10,7 @@ import os
 import re
 import tomllib
 from typing import Any, Mapping
+from urllib.parse import urlsplit
 
 import attrs
 
@@ -318,7 +319,7 @@ def _upstream(where: str, table: Any) -> UpstreamConfig:
                           f"registry.local:5000, not {settings['namespace']!r}")
     settings["namespace"] = namespace
     url = settings.get("url") or (DOCKER_HUB_URL if namespace == DOCKER_HUB else f"https://{namespace}")
-    if not re.match(r"^https?://[^/\s]+/?$", url):
+    if not re.match(r"^https?://[^/\s@]+/?$", url) or not _valid_host_and_port(url):
         raise ConfigError(f"'{where}.url' must be http(s)://host[:port], not {url!r}")
     settings["url"] = url.rstrip("/")
     sources = [k for k in ("password", "password_env", "credentials_file") if k in settings]
@@ -344,6 +345,13 @@ def _upstream(where: str, table: Any) -> UpstreamConfig:
             raise ConfigError(f"'{where}.{key}': cannot read {settings[key]}")
     settings["allowed_hosts"] = _allowed_hosts(f"{where}.allowed_hosts", settings.get("allowed_hosts"), namespace)
     return UpstreamConfig(**settings)
+
+
+def _valid_host_and_port(url: str) -> bool:
+    try:
+        return bool(urlsplit(url).hostname) and urlsplit(url).port != 0
+    except ValueError:   # a port out of range
+        return False
 
 
 def _allowed_hosts(key: str, value: list[Any] | None, namespace: str) -> tuple[str, ...]:

@@ -17,6 +17,7 @@ import pytest_twisted
 from fake_upstream import fake_upstream  # noqa: F401  (fixture)
 from oci_client import OCI_MANIFEST, Client
 from registryd.config import ConfigError, UpstreamConfig, load_config
+from registryd.mirror.routing import Router
 
 HUB = "docker.io"
 
@@ -106,8 +107,10 @@ async def test_without_a_default_upstream_every_other_name_stays_local(fake_upst
     ('[[upstream]]\nnamespace = "x.io"\nallowed_hosts = ["https://cdn.example"]',
      "'upstream[0].allowed_hosts[0]' must be a host"),
     ('[[upstream]]\nnamespace = "x.io"\nallowed_hosts = "cdn.example"', "'upstream[0].allowed_hosts' must be a list"),
+    ('[[upstream]]\nnamespace = "x.io"\nurl = "https://x.io:99999"', "'upstream[0].url' must be http(s)://host[:port]"),
+    ('[[upstream]]\nnamespace = "x.io"\nurl = "https://user@x.io"', "'upstream[0].url' must be http(s)://host[:port]"),
 ])
-def test_bad_local_prefixes_and_allowed_hosts_stop_start_up(tmp_path: Any, text: str, message: str) -> None:
+def test_bad_local_prefixes_allowed_hosts_and_urls_stop_start_up(tmp_path: Any, text: str, message: str) -> None:
     path = tmp_path / "r.toml"
     path.write_text(text)
     with pytest.raises(ConfigError) as info:
@@ -127,3 +130,19 @@ def test_allowed_hosts_defaults(tmp_path: Any) -> None:
     assert hub_config.allowed_hosts == ("auth.docker.io", "production.cloudflare.docker.com")
     assert quay.allowed_hosts == ()
     assert ghcr.allowed_hosts == ("*.example.com", "cdn.example:8443")
+
+
+@pytest.mark.parametrize("name, ns, expected", [
+    ("team", None, None),
+    ("team/app", None, None),
+    ("team/a/b", None, None),
+    ("teams/app", None, ("docker.io", "teams/app")),       # a prefix is whole path components
+    ("good", None, ("docker.io", "library/good")),
+    ("library/good", None, ("docker.io", "library/good")),
+    ("team/app", "docker.io", ("docker.io", "team/app")),  # asked by namespace: the upstream's
+    ("docker.io/team/app", None, ("docker.io", "team/app")),
+])
+def test_routes_with_local_prefixes(name: str, ns: str | None, expected: tuple[str, str] | None) -> None:
+    router = Router((UpstreamConfig(namespace=HUB, url="https://registry-1.docker.io", default=True),), ("team",))
+    route = router.route(name, ns)
+    assert (route.upstream.namespace, route.remote) == expected if expected else route is None

@@ -82,7 +82,7 @@ async def test_blob_redirects_to_hosts_or_schemes_not_allowed_are_refused(
     path = fake_upstream.blob_path("lib/app", layer["digest"])
     settings: dict[str, Any] = {
         "unlisted host": {"tls_verify": False},
-        "plain http": {"allowed_hosts": (OTHER,)},      # allowed host, but https is the rule for an https-checked upstream
+        "plain http": {"allowed_hosts": (OTHER,)},      # an allowed host, but https only (tls_verify)
         "file scheme": {"allowed_hosts": (OTHER,), "tls_verify": False},
         "no location": {"allowed_hosts": (OTHER,), "tls_verify": False},
     }[case]

@@ -135,7 +135,8 @@ class UpstreamClient:
         try:
             d = agent.request(method.encode(), url.encode(), raw)
         except ValueError as e:   # a URL an upstream named (realm, Link) that is not a valid URI
-            raise UpstreamUnavailable(f"{self.config.namespace}: cannot request {url[:200]!r}: {e}") from None
+            shown = url.split("?", 1)[0][:200]
+            raise UpstreamUnavailable(f"{self.config.namespace}: cannot request {shown!r}: {e}") from None
         timer = self._reactor.callLater(self.config.idle_timeout, d.cancel)
         try:
             return await d

@@ -741,7 +741,8 @@ class RegistryAPI:
         await self._allow(request, _policy_name(name, route), PULL)
         if route is not None:
             # Go clients send one Accept header per media type.
-            accept = ", ".join(v.decode("latin-1") for v in request.requestHeaders.getRawHeaders(b"Accept", [])) or None
+            accepted = request.requestHeaders.getRawHeaders(b"Accept", [])
+            accept = ", ".join(v.decode("latin-1") for v in accepted) or None
             request.upstream = route.upstream.namespace
             fetches = self.mirror.manifest_fetches.started
             cached = await self.mirror.manifest(route, reference, accept)
