@@ -35,7 +35,9 @@ it lasts until ``recover(path)``):
 ``Authorization`` header answer 401 with ``WWW-Authenticate: header``.
 ``GET /token`` answers ``{"token": "fake-token"}`` (a token service).
 ``start(interface="127.0.0.2")`` listens on another loopback address: a
-second fake there is "another host" to the first.
+second fake there is "another host" to the first; ``start(tls=options)``
+speaks TLS with those CertificateOptions (``url`` is then https://), and
+each SeenRequest says whether the client offered a certificate.
 
 Body faults do not apply to HEAD (there is no body); status does.
 Requests are counted per (method, path), the query string left out, before
@@ -93,6 +95,7 @@ class SeenRequest:
     path: str
     query: str
     headers: dict[str, str]   # lower-cased names, last value wins
+    client_certificate: bool = False   # over TLS: the client presented one
 
 
 @attrs.define
@@ -139,6 +142,7 @@ class FakeUpstream:
     requests: list[SeenRequest] = attrs.field(factory=list)
     port: int = 0
     interface: str = "127.0.0.1"
+    scheme: str = "http"
     auth_challenge: str | None = None
     _listening: Any = None
     _factory: Any = None
@@ -149,12 +153,16 @@ class FakeUpstream:
 
     # -- lifecycle -------------------------------------------------------------
 
-    def start(self, interface: str = "127.0.0.1") -> FakeUpstream:
+    def start(self, interface: str = "127.0.0.1", tls: Any = None) -> FakeUpstream:
         site = Site(self.app.resource())
         site.displayTracebacks = False
         self._factory = _Tracking(site)
         self.interface = interface
-        self._listening = self.reactor.listenTCP(0, self._factory, interface=interface)
+        if tls is not None:
+            self.scheme = "https"
+            self._listening = self.reactor.listenSSL(0, self._factory, tls, interface=interface)
+        else:
+            self._listening = self.reactor.listenTCP(0, self._factory, interface=interface)
         self.port = self._listening.getHost().port
         return self
 
@@ -172,7 +180,7 @@ class FakeUpstream:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}"
+        return f"{self.scheme}://{self.host}"
 
     # -- content ---------------------------------------------------------------
 
@@ -297,7 +305,8 @@ class FakeUpstream:
         headers = {k.decode("latin-1").lower(): v[-1].decode("latin-1")
                    for k, v in request.requestHeaders.getAllRawHeaders()}
         self.counts[(method, path)] += 1
-        self.requests.append(SeenRequest(method, path, query, headers))
+        peer = getattr(request.channel.transport, "getPeerCertificate", None)
+        self.requests.append(SeenRequest(method, path, query, headers, peer is not None and peer() is not None))
         for waiter in list(self._waiters):
             w_method, w_path, w_n, d = waiter
             if self.count(w_method, w_path) >= w_n:

@@ -11,11 +11,12 @@ from typing import Any, Iterator
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
+from twisted.internet import reactor, ssl
 from twisted.logger import formatEvent, globalLogPublisher
 
 from fake_upstream import FakeUpstream, fake_upstream  # noqa: F401  (fixture)
 from oci_client import OCI_MANIFEST, Client
+from registryd.auth.testing import issue, make_ca
 from registryd.config import UpstreamConfig
 from registryd.mirror.client import MAX_REDIRECTS
 from registryd.mirror.hosts import UpstreamHosts, parse_target
@@ -119,6 +120,43 @@ async def test_a_blob_redirect_to_an_allowed_host_is_followed_without_credential
     assert all("authorization" not in r.headers for r in other_host.requests)
     followed = [line for line in log_lines if "redirected to" in line]
     assert followed and all(OTHER in line and "presigned-secret" not in line for line in followed), log_lines
+
+
+def tls_options(server: Any, client_ca: Any) -> ssl.CertificateOptions:
+    """The other host's TLS: its certificate, asking (not requiring) for a client certificate."""
+    private = ssl.PrivateCertificate.loadPEM(server.cert_pem() + b"\n" + server.key_pem())
+    return ssl.CertificateOptions(privateKey=private.privateKey.original, certificate=private.original,
+                                  verify=True, requireCertificate=False,
+                                  caCerts=[ssl.Certificate.loadPEM(client_ca.cert_pem()).original])
+
+
+@pytest.mark.parametrize("signed_by", ["the upstream's CA", "an unknown CA"])
+@pytest_twisted.ensureDeferred
+async def test_an_https_redirect_is_verified_and_gets_no_client_certificate(
+        fake_upstream: Any, make_registry: Any, tmp_path: Any, signed_by: str) -> None:
+    """Object storage behind the upstream's own CA (ca_file): verified, and the upstream's mTLS
+    client certificate stays with the upstream."""
+    ca = make_ca()
+    ca_file, _ = ca.write(str(tmp_path), "ca")
+    client_cert, client_key = issue(ca, "registryd", client=True).write(str(tmp_path), "client")
+    server = issue(ca if signed_by == "the upstream's CA" else make_ca("someone else"), OTHER, hosts=[OTHER])
+    storage = FakeUpstream(reactor).start(interface=OTHER, tls=tls_options(server, ca))
+    try:
+        layer = fake_upstream.add_image("lib/app", "v1", layer_sizes=[20_000])["layers"][0]
+        storage.add_blob("lib/app", layer["data"])
+        path = fake_upstream.blob_path("lib/app", layer["digest"])
+        fake_upstream.redirect(path, storage.url + path)
+        registry = make_registry(upstreams=(mirror(fake_upstream, allowed_hosts=(OTHER,), ca_file=ca_file,
+                                                   client_cert=client_cert, client_key=client_key),))
+        reply = await Client(registry.url).get(f"/v2/{NS}/lib/app/blobs/{layer['digest']}")
+        if signed_by == "an unknown CA":
+            assert reply.status == 503, str(reply)
+            assert storage.requests == []
+            return
+        assert reply.status == 200 and reply.body == layer["data"], str(reply)
+        assert [(r.path, r.client_certificate) for r in storage.requests] == [(path, False)]
+    finally:
+        await storage.close()
 
 
 @pytest_twisted.ensureDeferred

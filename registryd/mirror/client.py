@@ -55,23 +55,38 @@ class UpstreamUnavailable(Exception):
     """
 
 
+class _PlatformAndBundle(ssl.OpenSSLDefaultPaths):
+    """The platform's CAs and the upstream's bundle: a host an upstream sends
+    registryd to may be public (a CDN) or internal (object storage)."""
+
+    def __init__(self, certificates: list[Any]) -> None:
+        self._bundle = [certificate.original for certificate in certificates]
+
+    def _addCACertsToContext(self, context: Any) -> None:
+        super()._addCACertsToContext(context)
+        store = context.get_cert_store()
+        for certificate in self._bundle:
+            store.add_cert(certificate)
+
+
 @implementer(IPolicyForHTTPS)
 class UpstreamTLSPolicy:
     """TLS for one upstream: its CA bundle, client certificate, verification.
 
-    Without ``client_certificate`` (for other hosts it sends registryd to)
-    no client certificate is offered.
+    ``for_other_hosts`` (the hosts it redirects to, its token service):
+    never the client certificate, and the platform's CAs besides the bundle.
     """
 
-    def __init__(self, config: UpstreamConfig, client_certificate: bool = True) -> None:
+    def __init__(self, config: UpstreamConfig, for_other_hosts: bool = False) -> None:
         self._verify = config.tls_verify
         self._trust: Any = None
         if config.ca_file:
             with open(config.ca_file, "rb") as f:
-                pems = _split_pem(f.read())
-            self._trust = ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(pem) for pem in pems])
+                certificates = [ssl.Certificate.loadPEM(pem) for pem in _split_pem(f.read())]
+            self._trust = (_PlatformAndBundle(certificates) if for_other_hosts
+                           else ssl.trustRootFromCertificates(certificates))
         self._client: Any = None
-        if client_certificate and config.client_cert and config.client_key:
+        if not for_other_hosts and config.client_cert and config.client_key:
             with open(config.client_cert, "rb") as f:
                 cert = f.read()
             with open(config.client_key, "rb") as f:
@@ -109,7 +124,7 @@ class UpstreamClient:
         self._agent = Agent(reactor, contextFactory=UpstreamTLSPolicy(config),
                             connectTimeout=config.connect_timeout, pool=pool)
         # For the other hosts an upstream names (CDN, token service): no client certificate.
-        self._other_agent = Agent(reactor, contextFactory=UpstreamTLSPolicy(config, client_certificate=False),
+        self._other_agent = Agent(reactor, contextFactory=UpstreamTLSPolicy(config, for_other_hosts=True),
                                   connectTimeout=config.connect_timeout, pool=pool)
         self._tokens: dict[str, tuple[str, float]] = {}
         self._use_basic = False
