@@ -42,7 +42,7 @@ class RateLimitedLog:
         self._last[kind] = now
         more = self._suppressed.pop(kind, 0)
         suffix = f" ({more} more since the last report)" if more else ""
-        log.warn(message + suffix, limit=kind, **fields)
+        log.warn(message + suffix, limit_kind=kind, **fields)
 
 
 def error_response(error: RegistryError) -> bytes:
