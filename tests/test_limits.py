@@ -28,8 +28,12 @@ from typing import Any, Iterator
 
 import bcrypt
 import pytest
+from twisted.logger import formatEvent, globalLogPublisher
 
-from conftest import RunningRegistry, start_twistd, stop_process
+from conftest import RunningRegistry, free_port, start_twistd, stop_process, wait_for_port
+from registryd.config import ConfigError, load_config
+from registryd.errors import RegistryError
+from registryd.web.limits import RateLimitedLog, SessionQuota
 from syncclient import push_blob, request, sha256
 
 pytestmark = pytest.mark.timeout(120)
@@ -437,3 +441,81 @@ def test_upload_sessions_are_capped_per_client_and_in_all(tmp_path: Any) -> None
         assert start(alice).status == 429
     log = (tmp_path / f"twistd-{server.host.rsplit(':', 1)[1]}.log").read_text()
     assert "max_sessions_per_client" in log and "max_sessions limit" in log
+
+
+def test_behind_the_proxy_protocol_connections_count_per_real_client(tmp_path: Any) -> None:
+    """README: with a ``haproxy:`` listener the per-address cap applies to each client, not the proxy."""
+    port = free_port()
+    config = tmp_path / "registryd.toml"
+    config.write_text("[server]\nmax_connections_per_client = 2\n")
+    process, _ = start_twistd(str(tmp_path / "data"), "--config", str(config),
+                              "--listen", f"haproxy:tcp:{port}:interface=127.0.0.1")
+    try:
+        wait_for_port("127.0.0.1", port, process)
+        def via_proxy(client: str) -> socket.socket:
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            sock.sendall(f"PROXY TCP4 {client} 10.0.0.254 40000 5000\r\n".encode() + b"G")
+            return sock
+
+        first = [via_proxy("10.0.0.1") for _ in range(2)]
+        time.sleep(0.2)
+        third = via_proxy("10.0.0.1")
+        third.sendall(head("GET", "/v2/")[1:])
+        assert read_response(third)[0] == 503
+        other = via_proxy("10.0.0.2")
+        other.sendall(head("GET", "/v2/")[1:])
+        assert read_response(other)[0] == 200
+        for sock in first:
+            sock.close()
+    finally:
+        stop_process(process)
+
+
+# --- the counters themselves ------------------------------------------------------------------
+
+def test_session_quota_frees_places_of_sessions_the_store_no_longer_knows() -> None:
+    alive = {("r", "a"), ("r", "b")}
+    quota = SessionQuota(3, 2, lambda repo, upload_id: (repo, upload_id) in alive, RateLimitedLog(time.monotonic))
+    for upload_id in ("a", "b"):
+        quota.bind(quota.claim("alice"), "r", upload_id)
+    with pytest.raises(RegistryError) as refused:
+        quota.claim("alice")
+    assert refused.value.status == 429 and refused.value.code == "TOOMANYREQUESTS"
+    ticket = quota.claim("bob")
+    with pytest.raises(RegistryError):
+        quota.claim("carol")        # three in all, one of them not yet created
+    quota.drop(ticket)
+    alive.discard(("r", "a"))       # committed or cancelled
+    quota.bind(quota.claim("alice"), "r", "c")
+    assert quota.open_sessions() == 2
+
+
+def test_limit_warnings_are_rate_limited() -> None:
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    now = [0.0]
+    try:
+        warnings = RateLimitedLog(lambda: now[0], interval=60)
+        for second in range(0, 130):
+            now[0] = float(second)
+            warnings.warn("max_connections", "too many")
+        warnings.warn("header_timeout", "slow")
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    texts = [formatEvent(e) for e in events if e.get("limit_kind")]
+    assert texts == ["too many", "too many (59 more since the last report)",
+                     "too many (59 more since the last report)", "slow"]
+
+
+@pytest.mark.parametrize("toml,message", [
+    ("[server]\nheader_timeout = 0\n", "'server.header_timeout' must be greater than zero"),
+    ("[server]\nmax_connections = \"many\"\n", "'server.max_connections' must be an integer"),
+    ("[uploads]\nmax_sessions_per_client = -1\n", "'uploads.max_sessions_per_client' must be greater than zero"),
+    ("[server]\nmax_pending_body_bytes = 1000\n", "'server.max_pending_body_bytes' (1000) must be at least"),
+])
+def test_bad_limits_are_refused_with_one_line(tmp_path: Any, toml: str, message: str) -> None:
+    path = tmp_path / "registryd.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError) as error:
+        load_config(str(path))
+    assert message in str(error.value) and "\n" not in str(error.value)
