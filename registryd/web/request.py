@@ -318,10 +318,10 @@ class RegistryRequest(server.Request):
         self.code = error.status
         self.error_message = error.message
         site = getattr(self.channel, "site", None)
+        remaining = None if self._declared is None else max(0, self._declared - self.received)
+        self.sentLength = refuse(error, remaining)
         if site is not None and hasattr(site, "api"):
             site.log(self)
-        remaining = None if self._declared is None else max(0, self._declared - self.received)
-        refuse(error, remaining)
         return True
 
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:

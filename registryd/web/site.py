@@ -173,7 +173,7 @@ class RegistryChannel(HTTPChannel):
 
     # --- refusing a request before it is read ------------------------------------
 
-    def refuse(self, error: RegistryError, body_left: int | None = None) -> None:
+    def refuse(self, error: RegistryError, body_left: int | None = None) -> int:
         """Answer ``error`` now and close the connection.
 
         Whatever the client still sends is read and dropped, never parsed or
@@ -182,20 +182,22 @@ class RegistryChannel(HTTPChannel):
         reads the answer instead of a reset connection.
         """
         if self._refusing or self.transport is None:
-            return
+            return 0
         self._refusing = True
         self._cancel_header_deadline()
         self.setTimeout(None)
-        self.transport.write(error_response(error))
+        response = error_response(error)
+        self.transport.write(response)
         self._drain_left = body_left
         if body_left == 0:
             self.loseConnection()
-            return
+            return len(response)
         self._networkProducer.resumeProducing()
         half_close = getattr(self.transport, "loseWriteConnection", None)
         if half_close is not None:
             half_close()
         self._drain_timer = self._clock().callLater(DRAIN_SECONDS, self._stop_draining)
+        return len(response)
 
     def _drain(self, data: bytes) -> None:
         if self._drain_left is not None:
