@@ -20,9 +20,9 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 from werkzeug.routing import RequestRedirect
 
 from registryd.auth.basic import AuthenticationFailed
-from registryd.auth.throttle import client_key
 from registryd.auth.policy import DELETE, PULL, PUSH, Verdict, mirrored_namespaces
 from registryd.auth.settings import Auth, build_auth
+from registryd.auth.throttle import client_key
 from registryd.config import Config
 from registryd.deferreds import shielded
 from registryd.digest import Digest, digest_of, is_digest, parse_digest
@@ -617,7 +617,9 @@ class RegistryAPI:
 
     def _owner(self, request: RegistryRequest, user: str | None) -> str:
         """Whose upload sessions a request counts against: its user, or its address for anonymous."""
-        return user if user is not None else f"anonymous@{client_key(getattr(request.getClientAddress(), 'host', '') or '-')}"
+        if user is not None:
+            return user
+        return "anonymous@" + client_key(getattr(request.getClientAddress(), "host", "") or "-")
 
     def _discard(self, upload: Upload) -> None:
         Deferred.fromCoroutine(self.store.uploads.cancel(upload)).addErrback(
