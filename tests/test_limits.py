@@ -404,6 +404,11 @@ def test_a_disk_that_fills_up_mid_write_answers_507_and_keeps_nothing(tmp_path: 
         os.close(filler)
         reply = request(server.host, "PUT", "/v2/team/app/manifests/v1", manifest, {"Content-Type": OCI_MANIFEST})
         assert reply.status == 507 and b"storage is full" in reply.body, reply.body
+        sessions = sorted(os.listdir(os.path.join(small_disk, "uploads")))
+        reply = request(server.host, "POST", "/v2/team/app/blobs/uploads/")
+        assert reply.status == 507 and b"storage is full" in reply.body, reply.body
+        assert sorted(os.listdir(os.path.join(small_disk, "uploads"))) == sessions
+        assert request(server.host, "GET", "/readyz").status == 503
         assert files_under(os.path.join(small_disk, "tmp")) == []
         # Room again: the same push works.
         os.unlink(os.path.join(small_disk, "filler"))
