@@ -167,6 +167,12 @@ class Config:
     io_threads: int = 4
     min_free_bytes: int = 512 * 1024 * 1024
     shutdown_timeout: int = 30
+    header_timeout: int = 60                        # seconds for a request's head to arrive
+    max_connections: int = 1024
+    max_connections_per_client: int = 128
+    max_pending_body_bytes: int = 64 * 1024 * 1024  # manifest bodies in memory, all requests together
+    max_upload_sessions: int = 5000
+    max_upload_sessions_per_client: int = 200
     upstreams: tuple[UpstreamConfig, ...] = ()
     offline: bool = False
     mirror_max_size: int = 0            # bytes; 0: no limit
@@ -237,6 +243,8 @@ SCHEMA: dict[str, _Section] = {
     "uploads": {
         "expiry": ("upload_expiry", int, _positive),
         "reap_interval": ("upload_reap_interval", int, _positive),
+        "max_sessions": ("max_upload_sessions", int, _positive),
+        "max_sessions_per_client": ("max_upload_sessions_per_client", int, _positive),
     },
     "server": {
         "stall_timeout": ("stall_timeout", int, _positive),
@@ -244,6 +252,10 @@ SCHEMA: dict[str, _Section] = {
         "min_free_bytes": ("min_free_bytes", int, _positive),
         "shutdown_timeout": ("shutdown_timeout", int, _positive),
         "usage_interval": ("usage_interval", int, _positive),
+        "header_timeout": ("header_timeout", int, _positive),
+        "max_connections": ("max_connections", int, _positive),
+        "max_connections_per_client": ("max_connections_per_client", int, _positive),
+        "max_pending_body_bytes": ("max_pending_body_bytes", int, _positive),
     },
 }
 
@@ -499,4 +511,8 @@ def load_config(path: str | None = None, overrides: Mapping[str, Any] | None = N
             settings[key] = value
     if "data_dir" in settings:
         settings["data_dir"] = os.path.abspath(os.path.expanduser(settings["data_dir"]))
-    return Config(**settings)
+    config = Config(**settings)
+    if config.max_pending_body_bytes < config.max_manifest_size:
+        raise ConfigError(f"'server.max_pending_body_bytes' ({config.max_pending_body_bytes}) must be at least "
+                          f"'registry.max_manifest_size' ({config.max_manifest_size}), or no manifest fits")
+    return config

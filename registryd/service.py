@@ -1,6 +1,7 @@
 """The registry as a Twisted service: storage, listeners and timers."""
 from __future__ import annotations
 
+import resource
 from typing import Any
 
 from twisted.application.service import MultiService
@@ -23,6 +24,29 @@ from registryd.web.app import RegistryAPI
 from registryd.web.site import RegistrySite
 
 log = Logger()
+
+
+# Descriptors kept beside client connections: blob files, upload sessions,
+# upstream and object store connections, log files.
+FILES_BESIDE_CONNECTIONS = 1024
+
+
+def make_room_for_connections(max_connections: int) -> None:
+    """Raise the soft descriptor limit (often 1024) so that ``max_connections``
+    clients cannot starve the files of the requests being served; warn if the
+    hard limit does not allow it."""
+    wanted = max_connections + FILES_BESIDE_CONNECTIONS
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        new = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+            soft = new
+        except (ValueError, OSError):
+            pass
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        log.warn("the open-file limit ({soft}) is below [server] max_connections + {extra}: lower "
+                 "max_connections or raise LimitNOFILE", soft=soft, extra=FILES_BESIDE_CONNECTIONS)
 
 
 class StartupError(Exception):
@@ -62,6 +86,7 @@ class RegistryService(MultiService):
             ) from None
 
     def privilegedStartService(self) -> None:
+        make_room_for_connections(self.config.max_connections)
         # Listen here, synchronously, so a port in use stops start-up with
         # one line instead of a server that runs without a socket.
         for description in self.config.listen:

@@ -6,6 +6,7 @@ place (``_registry_error``).
 """
 from __future__ import annotations
 
+import errno
 import json
 import re
 from typing import Any
@@ -22,6 +23,7 @@ from werkzeug.routing import RequestRedirect
 from registryd.auth.basic import AuthenticationFailed
 from registryd.auth.policy import DELETE, PULL, PUSH, Verdict, mirrored_namespaces
 from registryd.auth.settings import Auth, build_auth
+from registryd.auth.throttle import client_key
 from registryd.config import Config
 from registryd.deferreds import shielded
 from registryd.digest import Digest, digest_of, is_digest, parse_digest
@@ -39,6 +41,7 @@ from registryd.errors import (
     not_found,
     pagination_invalid,
     range_invalid,
+    too_large,
     unsupported,
 )
 from registryd.manifests import parse_manifest
@@ -49,12 +52,14 @@ from registryd.mirror.cache import MirrorCache, unavailable
 from registryd.mirror.fill import FillFailed
 from registryd.mirror.routing import Route
 from registryd.storage import Store
+from registryd.storage.files import free_bytes
 from registryd.storage.pulls import PullRecorder
 from registryd.storage.uploads import Upload
 from registryd.upkeep.online_prune import PruneSelection, server_pruner
 from registryd.upkeep.scheduler import Upkeep
 from registryd.web.request import CappedBody, PendingBody, RefusedBody, RegistryRequest, UploadBody
 from registryd.web.follow import FillCommitted, stream_fill
+from registryd.web.limits import BodyBudget, RateLimitedLog, SessionQuota, store_full
 from registryd.web.status import CONTENT_TYPE as STATUS_CONTENT_TYPE
 from registryd.web.status import StatusBoard
 from registryd.web.sendfile import send_file_range
@@ -208,6 +213,11 @@ class RegistryAPI:
         self.pulls = PullRecorder()
         self.upkeep: Upkeep | None = None   # set by RegistryService: online gc and surveys
         self._readiness_logged: str | None = None   # the last /readyz problem written to the log
+        self.warnings = RateLimitedLog(reactor.seconds)
+        self.body_budget = BodyBudget(config.max_pending_body_bytes, self.warnings)
+        self.upload_quota = SessionQuota(config.max_upload_sessions, config.max_upload_sessions_per_client,
+                                         lambda repo, upload_id: store.uploads.known(repo, upload_id) is not None,
+                                         self.warnings)
 
     def resource(self) -> Any:
         return _Utf8Paths(self.app.resource(), self._registry_error)
@@ -248,6 +258,10 @@ class RegistryAPI:
 
     @app.handle_errors(Exception)
     def _internal_error(self, request: Any, failure: Failure) -> bytes:
+        if isinstance(failure.value, OSError) and failure.value.errno in (errno.ENOSPC, errno.EDQUOT):
+            self.warnings.warn("disk_full", "the data directory's disk is full: {method} {uri} refused with 507",
+                               method=request.method.decode("latin-1"), uri=request.uri.decode("latin-1"))
+            return self._registry_error(request, Failure(store_full()))
         log.failure("request {method} {uri} failed", failure,
                     method=request.method.decode("latin-1"), uri=request.uri.decode("latin-1"))
         error = RegistryError(500, "UNKNOWN", "internal server error")
@@ -276,9 +290,14 @@ class RegistryAPI:
         (``hide``) where the spec allows it, else DENIED.
         """
         user = await self._user(request)
+        self._check_verdict(user, name, action, hide)
+        return user
+
+    def _check_verdict(self, user: str | None, name: str, action: str, hide: bool = True) -> None:
+        """Raise what ``_allow`` answers when ``user`` may not ``action`` on ``name``."""
         verdict = self.auth.policy.verdict(user, name, action)
         if verdict is Verdict.ALLOW:
-            return user
+            return
         if verdict is Verdict.AUTHENTICATE:
             raise self._unauthorized(f"{action} on {name} needs credentials")
         if verdict is Verdict.HIDE and hide:
@@ -613,18 +632,66 @@ class RegistryAPI:
             await self._allow(request, name, PUSH, hide=False)
             return await open_body()
 
-        check_credentials = False
-        if self.auth.authenticator.enabled:
-            if _header(request, "Authorization"):
-                check_credentials = True
-            elif not self.auth.policy.allows(None, name, PUSH):
-                raise self._unauthorized(f"push on {name} needs credentials")
+        check_credentials = self._credentials_to_check(request)
+        if not check_credentials:
+            self._check_verdict(None, name, PUSH, hide=False)
+        self.check_room(length)
         if not check_credentials and method != "POST":
             # The common case, answered at once: a session this node has at hand.
             upload = uploads.known(name, upload_id)
             if upload is not None:
                 return UploadBody(uploads.open_writer(upload, start_of(upload), algorithm))
         return PendingBody(authorize_then_open() if check_credentials else open_body())
+
+    def _credentials_to_check(self, request: RegistryRequest) -> bool:
+        """Does the request carry credentials that must be checked (off the reactor) before its body?
+        Without, it is anonymous, and the access rules decide at once."""
+        return bool(self.auth.authenticator.enabled and _header(request, "Authorization"))
+
+    def check_room(self, length: int | None) -> None:
+        """507 unless the disk keeps ``[server] min_free_bytes`` free after ``length`` more bytes."""
+        try:
+            free = free_bytes(self.store.root)
+        except OSError:
+            return  # the write itself will say what is wrong
+        needed = (length or 0) + self.config.min_free_bytes
+        if free < needed:
+            self.warnings.warn("min_free_bytes", "an upload was refused: {free} bytes free, {needed} needed "
+                               "with [server] min_free_bytes", free=free, needed=needed)
+            raise store_full(free, needed)
+
+    def manifest_body(self, request: RegistryRequest, name: str, args: dict[str, list[str]],
+                      length: int | None) -> CappedBody | PendingBody:
+        """Decide, before a manifest's body arrives, whether it may be pushed at all.
+
+        Called from RegistryRequest.gotLength. Anonymous requests are decided
+        by the access rules at once, others once their credentials are
+        checked (the body waits in a PendingBody with its connection paused);
+        a refused one is answered before its body is read. An admitted body
+        is held in memory, reserved from ``[server] max_pending_body_bytes``.
+        """
+        limit = self.config.max_manifest_size
+        if length is not None and length > limit:
+            raise too_large("manifest", limit)
+        name = self._writable(name, args.get("ns", [None])[0])
+
+        def buffer() -> CappedBody:
+            return CappedBody(limit, "manifest", self.body_budget, length)
+
+        async def authorize_then_buffer() -> CappedBody:
+            await self._allow(request, name, PUSH, hide=False)
+            return buffer()
+
+        if self._credentials_to_check(request):
+            return PendingBody(authorize_then_buffer())
+        self._check_verdict(None, name, PUSH, hide=False)
+        return buffer()
+
+    def _owner(self, request: RegistryRequest, user: str | None) -> str:
+        """Whose upload sessions a request counts against: its user, or its address for anonymous."""
+        if user is not None:
+            return user
+        return "anonymous@" + client_key(getattr(request.getClientAddress(), "host", "") or "-")
 
     def _discard(self, upload: Upload) -> None:
         Deferred.fromCoroutine(self.store.uploads.cancel(upload)).addErrback(
@@ -661,7 +728,13 @@ class RegistryAPI:
             return await self._commit(request, name, parse_digest(digest))
         if isinstance(request.body, RefusedBody):
             raise request.body.error
-        upload = await self.store.uploads.create(name)
+        ticket = self.upload_quota.claim(self._owner(request, user))
+        try:
+            upload = await self.store.uploads.create(name)
+        except BaseException:
+            self.upload_quota.drop(ticket)
+            raise
+        self.upload_quota.bind(ticket, upload.repo, upload.id)
         return _respond(request, 202, self._upload_headers(upload))
 
     async def _mount(self, name: str, digest: Digest, source: str | None, user: str | None) -> Digest | None:
@@ -765,7 +838,7 @@ class RegistryAPI:
     async def put_manifest(self, request: RegistryRequest, name: str, reference: str) -> bytes:
         name = await self._local(request, name)
         await self._allow(request, name, PUSH, hide=False)
-        body = request.body
+        body = await request.settled_body()
         if isinstance(body, RefusedBody):
             raise body.error
         assert isinstance(body, CappedBody)
