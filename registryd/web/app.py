@@ -9,7 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import re
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import unquote_to_bytes, urlencode
 
 from klein import Klein
@@ -314,13 +314,30 @@ class RegistryAPI:
         ns = _arg(request, "ns")
         route = self.mirror.router.route(name, ns)
         if route is not None:
-            user = await self._user(request)
-            verdict = self.auth.policy.verdict(user, _policy_name(name, route), PULL)
-            if verdict is Verdict.AUTHENTICATE:
-                raise self._unauthorized(f"{name} needs credentials")
-            if verdict is not Verdict.ALLOW:
-                raise name_unknown(name)
+            await self._refuse_mirrored(request, name, route, ns)
         return self._writable(name, ns)
+
+    async def _refuse_mirrored(self, request: RegistryRequest, name: str, route: Route,
+                               ns: str | None) -> NoReturn:
+        """Refuse a change to a mirrored repository, saying so only to who may pull it."""
+        user = await self._user(request)
+        verdict = self.auth.policy.verdict(user, _policy_name(name, route), PULL)
+        if verdict is Verdict.AUTHENTICATE:
+            raise self._unauthorized(f"{name} needs credentials")
+        if verdict is not Verdict.ALLOW:
+            raise name_unknown(name)
+        self._writable(name, ns)
+        raise denied(f"{name} is read-only")  # not reached: _writable refuses every mirrored name
+
+    def _refuse_mirrored_body(self, request: RegistryRequest, name: str,
+                              args: dict[str, list[str]]) -> PendingBody | None:
+        """Before a body: a change to a mirrored repository is refused once the
+        requester is known (with the connection paused), never earlier."""
+        ns = args.get("ns", [None])[0]
+        route = self.mirror.router.route(name, ns)
+        if route is None:
+            return None
+        return PendingBody(self._refuse_mirrored(request, name, route, ns))
 
     def _writable(self, name: str, ns: str | None) -> str:
         route = self.mirror.router.route(name, ns)
@@ -598,12 +615,15 @@ class RegistryAPI:
         in a PendingBody with the connection paused: nothing of a request
         that will be refused is ever written.
         """
-        self._writable(name, args.get("ns", [None])[0])
         digest = args.get("digest", [None])[0]
-        algorithm = parse_digest(digest).algorithm if digest else None
-        uploads = self.store.uploads
         if method == "POST" and (upload_id or args.get("mount") or not digest):
             return None
+        refusal = self._refuse_mirrored_body(request, name, args)
+        if refusal is not None:
+            return refusal
+        self._writable(name, args.get("ns", [None])[0])
+        algorithm = parse_digest(digest).algorithm if digest else None
+        uploads = self.store.uploads
 
         def start_of(upload: Any) -> int | None:
             """Where the client says its chunk begins (Content-Range), checked against its length."""
@@ -673,6 +693,9 @@ class RegistryAPI:
         limit = self.config.max_manifest_size
         if length is not None and length > limit:
             raise too_large("manifest", limit)
+        refusal = self._refuse_mirrored_body(request, name, args)
+        if refusal is not None:
+            return refusal
         name = self._writable(name, args.get("ns", [None])[0])
 
         def buffer() -> CappedBody:
