@@ -42,3 +42,30 @@ class InlinePool:
 
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return fn(*args, **kwargs)
+
+
+class PoolBusy(Exception):
+    """A BoundedPool's queue is full: the caller should refuse, not wait."""
+
+
+class BoundedPool(BlockingPool):
+    """A BlockingPool that holds at most ``queue`` callables waiting for a
+    thread; past that ``run`` raises PoolBusy at once.
+
+    For work a client can make us do at will (password checks): a flood
+    then gets refusals instead of a queue that grows without bound.
+    """
+
+    def __init__(self, reactor: IReactorThreads, size: int, queue: int, name: str) -> None:
+        super().__init__(reactor, size, name)
+        self._capacity = size + queue
+        self.pending = 0
+
+    async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        if self.pending >= self._capacity:
+            raise PoolBusy(f"{self.pending} {self._pool.name} jobs are already running or waiting")
+        self.pending += 1
+        try:
+            return await super().run(fn, *args, **kwargs)
+        finally:
+            self.pending -= 1

@@ -300,6 +300,12 @@ class HtpasswdChecker:
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
 
+    def known_good(self, username: str, password: bytes) -> bool:
+        """Was this exact password verified for ``username`` within
+        ``cache_seconds`` (and the file not changed since)? No bcrypt."""
+        self.refresh()
+        return self._cached(self._key(username, password))
+
     async def check(self, username: str, password: str | bytes) -> bool:
         """True if ``password`` is ``username``'s password."""
         if isinstance(password, str):

@@ -18,7 +18,9 @@ from twisted.python.failure import Failure
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 from werkzeug.routing import RequestRedirect
 
-from registryd.auth.basic import AuthenticationFailed
+from registryd.auth import tokens
+from registryd.auth.basic import AuthenticationFailed, TooManyChecks
+from registryd.auth.proxies import client_address, forwarded_https, is_loopback
 from registryd.auth.policy import DELETE, PULL, PUSH, Verdict, mirrored_namespaces
 from registryd.auth.settings import Auth, build_auth
 from registryd.config import Config
@@ -209,13 +211,40 @@ class RegistryAPI:
 
     async def _user(self, request: RegistryRequest) -> str | None:
         """Who is asking (None: anonymous); 401 for credentials that fail."""
-        address = getattr(request.getClientAddress(), "host", "") or ""
+        credentials = await self._credentials(request)
+        request.user = credentials[0] if credentials else None
+        return request.user
+
+    async def _credentials(self, request: RegistryRequest) -> tuple[str, bytes] | None:
+        """The checked (user, password) of a request, None when anonymous."""
+        peer = getattr(request.getClientAddress(), "host", "") or ""
+        trusted = self.auth.settings.trusted_proxies
+        address = client_address(peer, request.requestHeaders.getRawHeaders("X-Forwarded-For", []), trusted)
+        authorization = request.getHeader("Authorization")
+        if authorization and self.auth.authenticator.enabled and not self._credentials_allowed(request):
+            raise RegistryError(403, "DENIED", "credentials are accepted only over TLS here ([auth] require_tls): "
+                                               "use the registry's https address")
         try:
-            user = await self.auth.authenticator.authenticate(address, request.getHeader("Authorization"))
+            return await self.auth.authenticator.credentials(address, authorization)
         except AuthenticationFailed as e:
             raise self._unauthorized(str(e)) from None
-        request.user = user
-        return user
+        except TooManyChecks as e:
+            raise RegistryError(429, "TOOMANYREQUESTS", f"too many login attempts: {e}",
+                                headers={"Retry-After": str(e.retry_after)}) from None
+
+    def _secure(self, request: RegistryRequest) -> bool:
+        """Did the request come over TLS (here, or to a trusted proxy that says so)?"""
+        if request.isSecure():
+            return True
+        peer = getattr(request.getClientAddress(), "host", "") or ""
+        return forwarded_https(peer, request.requestHeaders.getRawHeaders("X-Forwarded-Proto", []),
+                               self.auth.settings.trusted_proxies)
+
+    def _credentials_allowed(self, request: RegistryRequest) -> bool:
+        """False on a plain-HTTP, non-loopback listener with ``[auth] require_tls``."""
+        if not self.auth.settings.require_tls or self._secure(request):
+            return True
+        return is_loopback(getattr(request.getHost(), "host", "") or "")
 
     def _unauthorized(self, why: str) -> RegistryError:
         return RegistryError(401, "UNAUTHORIZED", f"authentication required: {why}",
@@ -279,10 +308,37 @@ class RegistryAPI:
 
     @app.route("/v2/", methods=["GET", "HEAD"])
     async def base(self, request: RegistryRequest) -> bytes:
+        """200 for a known user; with users configured, 401 and a challenge
+        for anyone else: clients decide here whether to send credentials at
+        all, and one that holds none carries on anonymously."""
         user = await self._user(request)
+        if user is None and self.auth.authenticator.enabled and self._credentials_allowed(request):
+            raise self._base_challenge(request)
         if user is None and self.auth.authenticator.enabled and not self.auth.policy.grants_anything(None):
-            raise self._unauthorized("this registry needs credentials")
+            raise RegistryError(403, "DENIED", "this registry needs credentials, accepted only over TLS here")
         return _json(request, 200, {})
+
+    def _base_challenge(self, request: RegistryRequest) -> RegistryError:
+        """Bearer to our token endpoint when anonymous users may do something
+        (see Auth.bearer), else Basic as the reference registry does."""
+        realm = tokens.realm(self._secure(request), request.getHeader("Host")) if self.auth.bearer else None
+        if realm is None:
+            return self._unauthorized("this registry needs credentials")
+        return RegistryError(401, "UNAUTHORIZED", "authentication required: log in, or fetch an anonymous token",
+                             headers={"WWW-Authenticate": tokens.bearer_challenge(realm)})
+
+    @app.route("/v2/token", methods=["GET"])
+    async def token(self, request: RegistryRequest) -> bytes:
+        """A bearer token for the Basic credentials given (an anonymous one
+        without): what docker, containers/image and containerd fetch after
+        the Bearer challenge of ``/v2/``. Wrong credentials get 401."""
+        if not self.auth.authenticator.enabled:
+            raise not_found()
+        credentials = await self._credentials(request)
+        request.user = credentials[0] if credentials else None
+        token = tokens.issue(*credentials) if credentials else tokens.issue(None)
+        return _json(request, 200, tokens.response(token, self._reactor.seconds()),
+                     {"Cache-Control": "no-store"})
 
     @app.route("/healthz", methods=["GET", "HEAD"])
     def healthz(self, request: RegistryRequest) -> bytes:
