@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 from klein import Klein
 from twisted.internet.defer import Deferred
@@ -363,6 +363,21 @@ class RegistryAPI:
             raise RegistryError(403, "DENIED", f"{what} are for admin users")
         return user
 
+    @staticmethod
+    def _refuse_cross_site(request: RegistryRequest) -> None:
+        """Admin POSTs change the store, and a browser attaches cached Basic
+        credentials to a cross-site form. A form can only send urlencoded,
+        multipart or text/plain bodies, and a JSON request from another
+        origin needs a CORS preflight registryd never grants: so require
+        JSON, and refuse an ``Origin`` that is not this host."""
+        content_type = (request.getHeader("Content-Type") or "").split(";")[0].strip().lower()
+        if content_type != "application/json":
+            raise RegistryError(415, "UNSUPPORTED", "admin requests must be sent with Content-Type: "
+                                                    "application/json (cross-site form protection)")
+        origin = request.getHeader("Origin")
+        if origin is not None and urlsplit(origin).netloc.lower() != (request.getHeader("Host") or "").lower():
+            raise RegistryError(403, "DENIED", f"admin requests from another origin ({origin}) are refused")
+
     @app.route("/metrics", methods=["GET"])
     async def metrics_page(self, request: RegistryRequest) -> bytes:
         """Prometheus metrics, for admin users."""
@@ -376,6 +391,7 @@ class RegistryAPI:
         ``?delay=SECONDS`` overrides ``[gc] delay`` for this pass; ``?dry_run=1``
         only reports.
         """
+        self._refuse_cross_site(request)
         await self._admin(request, "garbage collections")
         if self.upkeep is None or not self.upkeep.available:
             raise RegistryError(503, "UNAVAILABLE", "garbage collection is not available in this server")
@@ -400,6 +416,7 @@ class RegistryAPI:
         at least one of them; ``?dry_run=1`` only reports. registryd.upkeep.online_prune
         has the rules.
         """
+        self._refuse_cross_site(request)
         await self._admin(request, "prunes")
         try:
             selection = PruneSelection.from_query(_arg(request, "older_than"), _arg(request, "unused_for"),
