@@ -39,10 +39,11 @@ class RegistryService(MultiService):
         self._reactor = reactor
         self.pool = BlockingPool(reactor, config.io_threads)
         self.store = open_store(config, self.pool, reactor)
-        # bcrypt gets threads of its own: a flood of logins never queues
-        # in front of an upload's fsync.
+        # bcrypt gets threads of its own, at a lower CPU priority: a flood
+        # of logins never queues in front of an upload's fsync, nor takes
+        # the CPU from the reactor.
         self.auth_pool = BoundedPool(reactor, config.auth.check_threads, config.auth.check_queue,
-                                     name="registryd-auth")
+                                     name="registryd-auth", nice=10)
         try:
             self.auth = build_auth(config.auth, config.access, self.auth_pool, reactor,
                                    mirrored_namespaces(u.namespace for u in config.upstreams))

@@ -46,7 +46,7 @@ class TooManyChecks(Exception):
 class PasswordChecker(Protocol):
     """What BasicAuthenticator needs of a checker (HtpasswdChecker)."""
 
-    async def authenticate(self, username: str, password: str | bytes) -> str: ...
+    async def authenticate(self, username: str, password: str | bytes, rank: int = 0) -> str: ...
 
     def known_good(self, username: str, password: bytes) -> bool: ...
 
@@ -146,11 +146,15 @@ class BasicAuthenticator:
             if delay > 0:
                 await deferLater(self._clock, delay)
             if not self._throttle.begin_check(address):
+                self._throttle.record_refusal(address)
                 raise TooManyChecks(f"more than {self._throttle.max_concurrent} password checks at once "
                                     f"from {address}")
+            # Addresses that never failed go ahead of those that did.
+            rank = 0 if self._throttle.failures(address) == 0 else 1
             try:
-                await self._checker.authenticate(user, password)
+                await self._checker.authenticate(user, password, rank)
             except PoolBusy:
+                self._throttle.record_refusal(address)
                 raise TooManyChecks("too many password checks are waiting") from None
             finally:
                 self._throttle.end_check(address)

@@ -14,7 +14,8 @@ addresses cannot grow memory without bound.
 
 At most ``max_concurrent`` password checks from one address run at once
 (``begin_check``/``end_check``); the web layer answers more with 429, so
-parallel guesses from one address cannot take every check thread.
+parallel guesses from one address cannot take every check thread. Such a
+refusal counts against the address like a failure (``record_refusal``).
 
 IPv6 clients are counted per /64 network, because one host usually has a
 whole /64 to pick addresses from; IPv4-mapped IPv6 addresses count as IPv4.
@@ -156,6 +157,17 @@ class Throttle:
             user=user, address=address, reason=reason, failures=counted, delay=delay,
         )
         return delay
+
+    def record_refusal(self, address: str) -> None:
+        """Count an attempt refused unchecked (too many at once) against the
+        address, without a log line each: a flood must not flood the log."""
+        now = self._clock.seconds()
+        key = (client_key(address), _ANY_USER)
+        entry = self._entries.pop(key, None) or _Entry(0, now)
+        entry.failures += 1
+        entry.last_failure = now
+        self._entries[key] = entry
+        self._expire(now)
 
     def record_success(self, address: str, user: str) -> None:
         """Forget the failures of ``user`` from ``address`` (not the address's own count)."""
