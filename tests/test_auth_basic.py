@@ -193,6 +193,9 @@ class CountingChecker:
     def known_good(self, username: str, password: bytes) -> bool:
         return (username, password) in self.good
 
+    def checking(self, username: str, password: bytes) -> bool:
+        return False
+
     async def authenticate(self, username: str, password: str | bytes, rank: int = 0) -> str:
         self.ranks.append(rank)
         d: Deferred[None] = Deferred()
@@ -237,3 +240,29 @@ def test_a_full_check_queue_is_too_many_checks(clock: Clock) -> None:
 
     auth = BasicAuthenticator(BusyChecker(), Throttle(clock), clock)
     settled(start(auth, basic("alice", "x"))).trap(TooManyChecks)
+
+
+def test_identical_credentials_at_once_share_one_check(path: str, clock: Clock) -> None:
+    """docker uploads layers in parallel, each request with the same new
+    credentials: they join one check instead of hitting the per-address limit."""
+    from registryd.threads import BoundedPool
+
+    class Gated(BoundedPool):
+        """Runs nothing until released, like a busy bcrypt thread."""
+
+        def __init__(self) -> None:
+            self.calls: list[Deferred[None]] = []
+
+        async def run_ranked(self, rank: int, fn: Any, *args: Any) -> Any:
+            d: Deferred[None] = Deferred()
+            self.calls.append(d)
+            await d
+            return fn(*args)
+
+    pool = Gated()
+    checker = HtpasswdChecker(path, pool, clock)
+    auth = BasicAuthenticator(checker, Throttle(clock, max_concurrent=1), clock)
+    started = [start(auth, basic("alice", "s3cret")) for _ in range(4)]
+    assert len(pool.calls) == 1
+    pool.calls[0].callback(None)
+    assert [settled(d) for d in started] == ["alice"] * 4

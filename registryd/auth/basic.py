@@ -50,6 +50,8 @@ class PasswordChecker(Protocol):
 
     def known_good(self, username: str, password: bytes) -> bool: ...
 
+    def checking(self, username: str, password: bytes) -> bool: ...
+
 
 def parse_basic(header: bytes | str) -> tuple[str, bytes]:
     """``Basic base64(user:password)`` -> (user, password bytes).
@@ -145,7 +147,10 @@ class BasicAuthenticator:
             delay = self._throttle.delay_for(address, user)
             if delay > 0:
                 await deferLater(self._clock, delay)
-            if not self._throttle.begin_check(address):
+            # The same credentials already being checked (docker's parallel
+            # layer uploads) join that check: no slot, no second bcrypt.
+            joining = self._checker.checking(user, password)
+            if not joining and not self._throttle.begin_check(address):
                 self._throttle.record_refusal(address)
                 raise TooManyChecks(f"more than {self._throttle.max_concurrent} password checks at once "
                                     f"from {address}")
@@ -157,7 +162,8 @@ class BasicAuthenticator:
                 self._throttle.record_refusal(address)
                 raise TooManyChecks("too many password checks are waiting") from None
             finally:
-                self._throttle.end_check(address)
+                if not joining:
+                    self._throttle.end_check(address)
         except AuthenticationFailed as e:
             self._throttle.record_failure(address, user, str(e))
             raise

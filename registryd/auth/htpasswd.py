@@ -306,6 +306,10 @@ class HtpasswdChecker:
         self.refresh()
         return self._cached(self._key(username, password))
 
+    def checking(self, username: str, password: bytes) -> bool:
+        """Is a check of exactly these credentials running now (one to join)?"""
+        return self._key(username, password) in self._inflight
+
     async def check(self, username: str, password: str | bytes, rank: int = 0) -> bool:
         """True if ``password`` is ``username``'s password.
 
