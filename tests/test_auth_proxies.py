@@ -153,6 +153,10 @@ async def test_require_tls_refuses_credentials_on_plain_non_loopback_connections
     assert "TLS" in refused.json()["errors"][0]["message"]
     anonymous = await via_proxy_protocol(port, "198.51.100.7", "203.0.113.10", "/v2/", {})
     assert anonymous.status == 200 and anonymous.header("WWW-Authenticate") is None, str(anonymous)
+    for header in ("Bearer anonymous", "Basic Og=="):     # the anonymous forms are no credentials
+        reply = await via_proxy_protocol(port, "198.51.100.7", "203.0.113.10", "/v2/public/app/tags/list",
+                                         {"Authorization": header})
+        assert reply.status == 404 and reply.codes == ["NAME_UNKNOWN"], (header, str(reply))
     token = await via_proxy_protocol(port, "198.51.100.7", "203.0.113.10", "/v2/token", alice)
     assert token.status == 403, str(token)
 

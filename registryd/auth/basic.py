@@ -91,6 +91,15 @@ def parse_authorization(header: bytes | str) -> tuple[str, bytes] | None:
     return (user, password) if user else None
 
 
+def carries_credentials(header: bytes | str) -> bool:
+    """Does this Authorization header hold a password (unreadable ones count
+    as if it did), rather than one of the anonymous forms?"""
+    try:
+        return parse_authorization(header) is not None
+    except AuthenticationFailed:
+        return True
+
+
 class BasicAuthenticator:
     """Basic credentials of a request -> user name, with backoff on failures.
 

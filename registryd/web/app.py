@@ -19,7 +19,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 from werkzeug.routing import RequestRedirect
 
 from registryd.auth import tokens
-from registryd.auth.basic import AuthenticationFailed, TooManyChecks
+from registryd.auth.basic import AuthenticationFailed, TooManyChecks, carries_credentials
 from registryd.auth.proxies import client_address, forwarded_https, is_loopback
 from registryd.auth.policy import DELETE, PULL, PUSH, Verdict, mirrored_namespaces
 from registryd.auth.settings import Auth, build_auth
@@ -221,7 +221,8 @@ class RegistryAPI:
         trusted = self.auth.settings.trusted_proxies
         address = client_address(peer, request.requestHeaders.getRawHeaders("X-Forwarded-For", []), trusted)
         authorization = request.getHeader("Authorization")
-        if authorization and self.auth.authenticator.enabled and not self._credentials_allowed(request):
+        if (authorization and self.auth.authenticator.enabled and carries_credentials(authorization)
+                and not self._credentials_allowed(request)):
             raise RegistryError(403, "DENIED", "credentials are accepted only over TLS here ([auth] require_tls): "
                                                "use the registry's https address")
         try:
