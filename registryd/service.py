@@ -14,11 +14,12 @@ from twisted.python.failure import Failure
 
 from registryd.auth.errors import AuthConfigError
 from registryd.auth.policy import mirrored_namespaces
+from registryd.auth.proxies import is_loopback
 from registryd.auth.settings import build_auth
 from registryd.auth.tls import ServerTLSContext, parse_tls_description, tls_endpoint
 from registryd.config import Config
 from registryd.storage import open_store
-from registryd.threads import BlockingPool
+from registryd.threads import BlockingPool, BoundedPool
 from registryd.upkeep.scheduler import Upkeep
 from registryd.web.app import RegistryAPI
 from registryd.web.site import RegistrySite
@@ -62,8 +63,13 @@ class RegistryService(MultiService):
         self._reactor = reactor
         self.pool = BlockingPool(reactor, config.io_threads)
         self.store = open_store(config, self.pool, reactor)
+        # bcrypt gets threads of its own, at a lower CPU priority: a flood
+        # of logins never queues in front of an upload's fsync, nor takes
+        # the CPU from the reactor.
+        self.auth_pool = BoundedPool(reactor, config.auth.check_threads, config.auth.check_queue,
+                                     name="registryd-auth", nice=10)
         try:
-            self.auth = build_auth(config.auth, config.access, self.pool, reactor,
+            self.auth = build_auth(config.auth, config.access, self.auth_pool, reactor,
                                    mirrored_namespaces(u.namespace for u in config.upstreams))
         except AuthConfigError as e:
             raise StartupError(str(e)) from None
@@ -107,7 +113,23 @@ class RegistryService(MultiService):
             port = outcome[0]
             self.ports.append(port)
             log.info("registryd listening on {address}", address=str(port.getHost()))
+            self._warn_if_credentials_in_clear(description, port)
         super().privilegedStartService()
+
+    def _warn_if_credentials_in_clear(self, description: str, port: IListeningPort) -> None:
+        """Basic credentials on a plain listener others can reach travel in clear text: say so."""
+        if self.config.auth.htpasswd is None or description.startswith(("tls:", "ssl:")):
+            return
+        host = getattr(port.getHost(), "host", None)
+        if host is None or is_loopback(host):
+            return      # a unix socket, or loopback only
+        if self.config.auth.require_tls:
+            log.warn("plain HTTP listener {description} is not loopback-only: credentials sent to it are "
+                     "refused ([auth] require_tls); anonymous requests are served", description=description)
+        else:
+            log.warn("plain HTTP listener {description} is not loopback-only and users are configured: "
+                     "passwords cross the network in clear text; use a TLS listener, or set "
+                     "[auth] require_tls = true to refuse credentials here", description=description)
 
     def _endpoint(self, description: str) -> Any:
         """A Twisted endpoint; ``tls:`` ones get our reloadable TLS context."""
@@ -133,6 +155,7 @@ class RegistryService(MultiService):
     def startService(self) -> None:
         self.prepare_storage()
         self.pool.start()
+        self.auth_pool.start()
         self.store.recover()
         super().startService()
         self._reaper.start(self.config.upload_reap_interval, now=False).addErrback(
@@ -169,4 +192,5 @@ class RegistryService(MultiService):
         d.addBoth(lambda _: self.store.close())
         d.addBoth(lambda _: MultiService.stopService(self))
         d.addBoth(lambda _: self.pool.stop())
+        d.addBoth(lambda _: self.auth_pool.stop())
         return d

@@ -10,7 +10,7 @@ import errno
 import json
 import re
 from typing import Any, NoReturn
-from urllib.parse import unquote_to_bytes, urlencode
+from urllib.parse import unquote_to_bytes, urlencode, urlsplit
 
 from klein import Klein
 from twisted.internet.defer import Deferred
@@ -20,7 +20,9 @@ from twisted.web.resource import Resource
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 from werkzeug.routing import RequestRedirect
 
-from registryd.auth.basic import AuthenticationFailed
+from registryd.auth import tokens
+from registryd.auth.basic import AuthenticationFailed, TooManyChecks, carries_credentials
+from registryd.auth.proxies import client_address, forwarded_https, is_loopback
 from registryd.auth.policy import DELETE, PULL, PUSH, Verdict, mirrored_namespaces
 from registryd.auth.settings import Auth, build_auth
 from registryd.auth.throttle import client_key
@@ -271,13 +273,45 @@ class RegistryAPI:
 
     async def _user(self, request: RegistryRequest) -> str | None:
         """Who is asking (None: anonymous); 401 for credentials that fail."""
-        address = getattr(request.getClientAddress(), "host", "") or ""
+        credentials = await self._credentials(request)
+        request.user = credentials[0] if credentials else None
+        return request.user
+
+    async def _credentials(self, request: RegistryRequest) -> tuple[str, bytes] | None:
+        """The checked (user, password) of a request, None when anonymous."""
+        address = self._client_address(request)
+        authorization = _header(request, "Authorization")
+        if (authorization and self.auth.authenticator.enabled and carries_credentials(authorization)
+                and not self._credentials_allowed(request)):
+            raise RegistryError(403, "DENIED", "credentials are accepted only over TLS here ([auth] require_tls): "
+                                               "use the registry's https address")
         try:
-            user = await self.auth.authenticator.authenticate(address, _header(request, "Authorization"))
+            return await self.auth.authenticator.credentials(address, authorization)
         except AuthenticationFailed as e:
             raise self._unauthorized(str(e)) from None
-        request.user = user
-        return user
+        except TooManyChecks as e:
+            raise RegistryError(429, "TOOMANYREQUESTS", f"too many login attempts: {e}",
+                                headers={"Retry-After": str(e.retry_after)}) from None
+
+    def _client_address(self, request: RegistryRequest) -> str:
+        """The client's address: the peer's, or what a trusted proxy forwarded."""
+        peer = getattr(request.getClientAddress(), "host", "") or ""
+        return client_address(peer, request.requestHeaders.getRawHeaders("X-Forwarded-For", []),
+                              self.auth.settings.trusted_proxies)
+
+    def _secure(self, request: RegistryRequest) -> bool:
+        """Did the request come over TLS (here, or to a trusted proxy that says so)?"""
+        if request.isSecure():
+            return True
+        peer = getattr(request.getClientAddress(), "host", "") or ""
+        return forwarded_https(peer, request.requestHeaders.getRawHeaders("X-Forwarded-Proto", []),
+                               self.auth.settings.trusted_proxies)
+
+    def _credentials_allowed(self, request: RegistryRequest) -> bool:
+        """False on a plain-HTTP, non-loopback listener with ``[auth] require_tls``."""
+        if not self.auth.settings.require_tls or self._secure(request):
+            return True
+        return is_loopback(getattr(request.getHost(), "host", "") or "")
 
     def _unauthorized(self, why: str) -> RegistryError:
         return RegistryError(401, "UNAUTHORIZED", f"authentication required: {why}",
@@ -378,10 +412,37 @@ class RegistryAPI:
 
     @app.route("/v2/", methods=["GET", "HEAD"])
     async def base(self, request: RegistryRequest) -> bytes:
+        """200 for a known user; with users configured, 401 and a challenge
+        for anyone else: clients decide here whether to send credentials at
+        all, and one that holds none carries on anonymously."""
         user = await self._user(request)
+        if user is None and self.auth.authenticator.enabled and self._credentials_allowed(request):
+            raise self._base_challenge(request)
         if user is None and self.auth.authenticator.enabled and not self.auth.policy.grants_anything(None):
-            raise self._unauthorized("this registry needs credentials")
+            raise RegistryError(403, "DENIED", "this registry needs credentials, accepted only over TLS here")
         return _json(request, 200, {})
+
+    def _base_challenge(self, request: RegistryRequest) -> RegistryError:
+        """Bearer to our token endpoint when anonymous users may do something
+        (see Auth.bearer), else Basic as the reference registry does."""
+        realm = tokens.realm(self._secure(request), request.getHeader("Host")) if self.auth.bearer else None
+        if realm is None:
+            return self._unauthorized("this registry needs credentials")
+        return RegistryError(401, "UNAUTHORIZED", "authentication required: log in, or fetch an anonymous token",
+                             headers={"WWW-Authenticate": tokens.bearer_challenge(realm)})
+
+    @app.route("/v2/token", methods=["GET"])
+    async def token(self, request: RegistryRequest) -> bytes:
+        """A bearer token for the Basic credentials given (an anonymous one
+        without): what docker, containers/image and containerd fetch after
+        the Bearer challenge of ``/v2/``. Wrong credentials get 401."""
+        if not self.auth.authenticator.enabled:
+            raise not_found()
+        credentials = await self._credentials(request)
+        request.user = credentials[0] if credentials else None
+        token = tokens.issue(*credentials) if credentials else tokens.issue(None)
+        return _json(request, 200, tokens.response(token, self._reactor.seconds()),
+                     {"Cache-Control": "no-store"})
 
     @app.route("/healthz", methods=["GET", "HEAD"])
     def healthz(self, request: RegistryRequest) -> bytes:
@@ -413,6 +474,21 @@ class RegistryAPI:
             raise RegistryError(403, "DENIED", f"{what} are for admin users")
         return user
 
+    @staticmethod
+    def _refuse_cross_site(request: RegistryRequest) -> None:
+        """Admin POSTs change the store, and a browser attaches cached Basic
+        credentials to a cross-site form. A form can only send urlencoded,
+        multipart or text/plain bodies, and a JSON request from another
+        origin needs a CORS preflight registryd never grants: so require
+        JSON, and refuse an ``Origin`` that is not this host."""
+        content_type = (request.getHeader("Content-Type") or "").split(";")[0].strip().lower()
+        if content_type != "application/json":
+            raise RegistryError(415, "UNSUPPORTED", "admin requests must be sent with Content-Type: "
+                                                    "application/json (cross-site form protection)")
+        origin = request.getHeader("Origin")
+        if origin is not None and urlsplit(origin).netloc.lower() != (request.getHeader("Host") or "").lower():
+            raise RegistryError(403, "DENIED", f"admin requests from another origin ({origin}) are refused")
+
     @app.route("/metrics", methods=["GET"])
     async def metrics_page(self, request: RegistryRequest) -> bytes:
         """Prometheus metrics, for admin users."""
@@ -426,6 +502,7 @@ class RegistryAPI:
         ``?delay=SECONDS`` overrides ``[gc] delay`` for this pass; ``?dry_run=1``
         only reports.
         """
+        self._refuse_cross_site(request)
         await self._admin(request, "garbage collections")
         if self.upkeep is None or not self.upkeep.available:
             raise RegistryError(503, "UNAVAILABLE", "garbage collection is not available in this server")
@@ -450,6 +527,7 @@ class RegistryAPI:
         at least one of them; ``?dry_run=1`` only reports. registryd.upkeep.online_prune
         has the rules.
         """
+        self._refuse_cross_site(request)
         await self._admin(request, "prunes")
         try:
             selection = PruneSelection.from_query(_arg(request, "older_than"), _arg(request, "unused_for"),
@@ -666,7 +744,8 @@ class RegistryAPI:
     def _credentials_to_check(self, request: RegistryRequest) -> bool:
         """Does the request carry credentials that must be checked (off the reactor) before its body?
         Without, it is anonymous, and the access rules decide at once."""
-        return bool(self.auth.authenticator.enabled and _header(request, "Authorization"))
+        authorization = _header(request, "Authorization")
+        return bool(self.auth.authenticator.enabled and authorization and carries_credentials(authorization))
 
     def check_room(self, length: int | None) -> None:
         """507 unless the disk keeps ``[server] min_free_bytes`` free after ``length`` more bytes."""
@@ -714,7 +793,7 @@ class RegistryAPI:
         """Whose upload sessions a request counts against: its user, or its address for anonymous."""
         if user is not None:
             return user
-        return "anonymous@" + client_key(getattr(request.getClientAddress(), "host", "") or "-")
+        return "anonymous@" + client_key(self._client_address(request) or "-")
 
     def _discard(self, upload: Upload) -> None:
         Deferred.fromCoroutine(self.store.uploads.cancel(upload)).addErrback(
