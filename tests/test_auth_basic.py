@@ -168,14 +168,30 @@ def test_empty_basic_and_the_anonymous_token_are_anonymous(auth: BasicAuthentica
     assert settled(start(auth, b"Bearer anonymous")) is None
 
 
-def test_bearer_tokens_carry_checked_credentials(auth: BasicAuthenticator) -> None:
+def test_bearer_tokens_are_signed_expiring_and_carry_no_password(auth: BasicAuthenticator, path: str,
+                                                                  clock: Clock) -> None:
     from registryd.auth import tokens
 
-    token = tokens.issue("alice", b"s3cret")
-    assert tokens.read(token) == ("alice", b"s3cret") and "s3cret" not in token
+    key = auth.token_key("alice")
+    token = tokens.issue("alice", key, clock.seconds())
+    assert "s3cret" not in token and b64encode(b"s3cret").decode().rstrip("=") not in token
     assert settled(start(auth, f"Bearer {token}")) == "alice"
-    for bad in (tokens.issue("alice", b"wrong"), "rd1.", "rd1.Og", "something-else"):
+    forged = [tokens.issue("alice", b"guessed key", clock.seconds()),
+              tokens.issue("bob", key, clock.seconds()),          # alice's key, another user
+              token[:-2] + ("AA" if not token.endswith("AA") else "BB"),
+              "rd2.", "rd2.YWxpY2U.1.x", "rd1.YWxpY2U6czNjcmV0", "something-else"]
+    for bad in forged:
         settled(start(auth, f"Bearer {bad}", address="10.7.7.7")).trap(AuthenticationFailed)
+    # it expires (after its lifetime and a grace for requests in flight)
+    clock.advance(tokens.TOKEN_LIFETIME + tokens.TOKEN_GRACE + 1)
+    settled(start(auth, f"Bearer {token}")).trap(AuthenticationFailed)
+    # a changed password stops the tokens signed before it at once
+    fresh = tokens.issue("alice", auth.token_key("alice"), clock.seconds())
+    assert settled(start(auth, f"Bearer {fresh}")) == "alice"
+    with open(path, "w") as f:
+        f.write("alice:" + bcrypt.hashpw(b"changed", bcrypt.gensalt(4)).decode() + "\n")
+    clock.advance(5)
+    settled(start(auth, f"Bearer {fresh}")).trap(AuthenticationFailed)
     assert tokens.realm(True, "registry.example:5443") == "https://registry.example:5443/v2/token"
     assert tokens.realm(False, "[::1]:5000") == "http://[::1]:5000/v2/token"
     for host in (None, "", 'evil"host', "a b", "host/path"):

@@ -143,6 +143,20 @@ def diff(before: Mapping[str, str], after: Mapping[str, str]) -> list[str]:
     return changes
 
 
+async def quiet_disk(data_dir: str, wait: float = 2.0) -> dict[str, str]:
+    """What is stored once the background writes of earlier requests (a
+    manifest GET's last-pull mark) have landed: two looks alike."""
+    deadline = time.monotonic() + wait
+    last = disk(data_dir)
+    while time.monotonic() < deadline:
+        await sleep(0.1)
+        current = disk(data_dir)
+        if current == last:
+            break
+        last = current
+    return last
+
+
 async def settled_diff(data_dir: str, before: Mapping[str, str], wait: float = 0.5) -> list[str]:
     """Changes on disk, giving a refused request's asynchronous clean-up
     (e.g. removing an abandoned session in the thread pool) ``wait`` s."""
@@ -638,7 +652,7 @@ async def test_pull_only_user_pulls_but_cannot_push(make_registry: Any, tmp_path
     assert blob.status == 200 and digest_of(blob.body) == f.layer
     tags = await reader.get("/v2/team/app/tags/list")
     assert tags.json() == {"name": "team/app", "tags": ["v1"]}
-    before = disk(f.data_dir)
+    before = await quiet_disk(f.data_dir)
     for method, path, body in (("POST", "/v2/team/app/blobs/uploads/", b""),
                                ("PUT", "/v2/team/app/manifests/v9", f.new_manifest),
                                ("DELETE", "/v2/team/app/manifests/v1", None)):

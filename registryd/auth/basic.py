@@ -19,6 +19,7 @@ not slow the users there who already logged in.
 from __future__ import annotations
 
 import binascii
+import secrets
 from base64 import b64decode
 from typing import Protocol
 
@@ -52,6 +53,8 @@ class PasswordChecker(Protocol):
 
     def checking(self, username: str, password: bytes) -> bool: ...
 
+    def token_key(self, username: str) -> bytes | None: ...
+
 
 def parse_basic(header: bytes | str) -> tuple[str, bytes]:
     """``Basic base64(user:password)`` -> (user, password bytes).
@@ -76,9 +79,9 @@ def parse_basic(header: bytes | str) -> tuple[str, bytes]:
         raise AuthenticationFailed("user name is not UTF-8") from None
 
 
-def parse_authorization(header: bytes | str) -> tuple[str, bytes] | None:
-    """(user, password) of a Basic header or a registryd bearer token;
-    None for no credentials (empty Basic, the anonymous token)."""
+def parse_authorization(header: bytes | str) -> tuple[str, bytes] | tokens.UserToken | None:
+    """(user, password) of a Basic header, or the claims of a registryd bearer
+    token; None for no credentials (empty Basic, the anonymous token)."""
     if isinstance(header, str):
         header = header.encode("latin-1", "replace")
     scheme, _, token = header.strip().partition(b" ")
@@ -141,8 +144,22 @@ class BasicAuthenticator:
         credentials = await self.credentials(address, authorization)
         return None if credentials is None else credentials[0]
 
+    def token_key(self, user: str) -> bytes:
+        """The key ``user``'s tokens are signed with (an unknown user gets a useless random one)."""
+        assert self._checker is not None
+        return self._checker.token_key(user) or secrets.token_bytes(32)
+
+    def _token_user(self, token: tokens.UserToken) -> tuple[str, bytes]:
+        """A token's user, if we signed it for that user's current password and it has not expired."""
+        assert self._checker is not None
+        key = self._checker.token_key(token.user)
+        if key is None or not token.valid(key, self._clock.seconds()):
+            raise AuthenticationFailed("invalid or expired token: fetch a new one")
+        return token.user, b""
+
     async def credentials(self, address: str, authorization: bytes | str | None) -> tuple[str, bytes] | None:
-        """Like ``authenticate``, but the checked (user, password) itself (to issue a token)."""
+        """Like ``authenticate``, but the checked (user, password) itself; the
+        password is empty for a bearer token."""
         if self._checker is None or not authorization:
             return None
         user: str | None = None
@@ -150,6 +167,8 @@ class BasicAuthenticator:
             parsed = parse_authorization(authorization)
             if parsed is None:
                 return None
+            if isinstance(parsed, tokens.UserToken):
+                return self._token_user(parsed)
             user, password = parsed
             if self._checker.known_good(user, password):
                 return parsed

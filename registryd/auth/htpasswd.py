@@ -306,6 +306,12 @@ class HtpasswdChecker:
         self.refresh()
         return self._cached(self._key(username, password))
 
+    def token_key(self, username: str) -> bytes | None:
+        """What ``username``'s bearer tokens are signed with: its line's hash
+        (None for an unknown user). A changed password changes it."""
+        self.refresh()
+        return self._users.get(username)
+
     def checking(self, username: str, password: bytes) -> bool:
         """Is a check of exactly these credentials running now (one to join)?"""
         return self._key(username, password) in self._inflight

@@ -440,8 +440,10 @@ class RegistryAPI:
             raise not_found()
         credentials = await self._credentials(request)
         request.user = credentials[0] if credentials else None
-        token = tokens.issue(*credentials) if credentials else tokens.issue(None)
-        return _json(request, 200, tokens.response(token, self._reactor.seconds()),
+        now = self._reactor.seconds()
+        token = tokens.issue(credentials[0], self.auth.authenticator.token_key(credentials[0]), now) \
+            if credentials else tokens.ANONYMOUS_TOKEN
+        return _json(request, 200, tokens.response(token, now),
                      {"Cache-Control": "no-store"})
 
     @app.route("/healthz", methods=["GET", "HEAD"])
