@@ -53,6 +53,9 @@ class Store:
             f.write(b"registryd")
         os.unlink(probe)
 
+    def check_store(self) -> None:
+        """Nothing beyond the data directory to check at start-up (``prepare`` proves it writable)."""
+
     def readiness_problem(self, min_free_bytes: int) -> str | None:
         """Why the store cannot take writes now, or None (cheap: for /readyz)."""
         probe = os.path.join(self.tmp_dir, f"ready-{uuid.uuid4().hex}")

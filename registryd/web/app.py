@@ -48,6 +48,7 @@ from registryd.mirror.cache import MirrorCache, unavailable
 from registryd.mirror.fill import FillFailed
 from registryd.mirror.routing import Route
 from registryd.storage import Store
+from registryd.storage.outage import RETRY_AFTER, outage_reason
 from registryd.storage.pulls import PullRecorder
 from registryd.storage.uploads import Upload
 from registryd.upkeep.online_prune import PruneSelection, server_pruner
@@ -143,6 +144,34 @@ def _blob_headers(digest: str, length: int | None) -> dict[str, str]:
     return headers
 
 
+#: Headers a blob GET sets before its body: not for an error document in its place.
+_BODY_HEADERS = ("Content-Range", "Docker-Content-Digest", "ETag", "Cache-Control", "Accept-Ranges")
+
+
+def store_unavailable() -> RegistryError:
+    """503 for a request the store cannot serve now (down, frozen, bucket gone)."""
+    return RegistryError(503, "UNAVAILABLE", "the storage backend is unavailable; try again later",
+                         headers={"Retry-After": str(RETRY_AFTER)})
+
+
+def _cut(request: Any, why: str) -> Deferred[None] | None:
+    """A failure after the body began: abort the connection, write nothing more.
+
+    An error document after the status line, Content-Length and some bytes
+    would become part of the blob; a cut connection is a short body every
+    client notices (and resumes with Range). Klein finishes nothing: the
+    returned Deferred fires once the request has seen its connection go.
+    """
+    channel = request.channel
+    if channel is None:
+        return None
+    log.warn("{method} {uri}: response cut after {sent} body bytes: {why}", method=request.method.decode("latin-1"),
+             uri=request.uri.decode("latin-1"), sent=request.sentLength, why=why)
+    lost: Deferred[None] = request.notifyFinish()
+    channel.transport.abortConnection()
+    return lost.addErrback(lambda _: None)
+
+
 class RegistryAPI:
     """Every route of the distribution API over one Store."""
 
@@ -172,9 +201,13 @@ class RegistryAPI:
     # --- errors ---------------------------------------------------------
 
     @app.handle_errors(RegistryError)
-    def _registry_error(self, request: Any, failure: Failure) -> bytes:
+    def _registry_error(self, request: Any, failure: Failure) -> Any:
         error = failure.value
+        if request.startedWriting:
+            return _cut(request, str(error))
         request.error_message = error.message  # for the status page's recent errors
+        for name in _BODY_HEADERS:  # a blob's headers, set before its body failed to start
+            request.responseHeaders.removeHeader(name)
         return _json(request, error.status, error.document(), error.headers)
 
     @app.handle_errors(NotFound)
@@ -199,10 +232,18 @@ class RegistryAPI:
         return self._registry_error(request, Failure(method_not_allowed(allowed)))
 
     @app.handle_errors(Exception)
-    def _internal_error(self, request: Any, failure: Failure) -> bytes:
-        log.failure("request {method} {uri} failed", failure,
-                    method=request.method.decode("latin-1"), uri=request.uri.decode("latin-1"))
-        error = RegistryError(500, "UNKNOWN", "internal server error")
+    def _internal_error(self, request: Any, failure: Failure) -> Any:
+        reason = outage_reason(failure.value)
+        if reason is None:
+            log.failure("request {method} {uri} failed", failure,
+                        method=request.method.decode("latin-1"), uri=request.uri.decode("latin-1"))
+            error = RegistryError(500, "UNKNOWN", "internal server error")
+        elif request.startedWriting:
+            return _cut(request, reason)
+        else:
+            log.warn("{method} {uri}: 503, {reason}", method=request.method.decode("latin-1"),
+                     uri=request.uri.decode("latin-1"), reason=reason)
+            error = store_unavailable()
         return self._registry_error(request, Failure(error))
 
     # --- helpers ---------------------------------------------------------
@@ -541,6 +582,17 @@ class RegistryAPI:
             await self._allow(request, name, PUSH, hide=False)
             return await open_body()
 
+        async def unless_store_fails(opening: Any) -> UploadBody:
+            try:
+                return await opening  # type: ignore[no-any-return]
+            except Exception as e:
+                reason = outage_reason(e)
+                if reason is None:
+                    raise
+                log.warn("{method} {uri}: 503, {reason}", method=method,
+                         uri=f"/v2/{name}/blobs/uploads/{upload_id}", reason=reason)
+                raise store_unavailable() from None
+
         check_credentials = False
         if self.auth.authenticator.enabled:
             if request.getHeader("Authorization"):
@@ -552,11 +604,16 @@ class RegistryAPI:
             upload = uploads.known(name, upload_id)
             if upload is not None:
                 return UploadBody(uploads.open_writer(upload, start_of(upload), algorithm))
-        return PendingBody(authorize_then_open() if check_credentials else open_body())
+        return PendingBody(unless_store_fails(authorize_then_open() if check_credentials else open_body()))
 
     def _discard(self, upload: Upload) -> None:
-        Deferred.fromCoroutine(self.store.uploads.cancel(upload)).addErrback(
-            lambda f: log.failure("removing an abandoned upload failed", f))
+        def failed(failure: Failure) -> None:
+            reason = outage_reason(failure.value)
+            if reason is None:
+                log.failure("removing an abandoned upload failed", failure)
+            else:  # the reaper removes it once the store is back
+                log.warn("removing an abandoned upload failed: {reason}", reason=reason)
+        Deferred.fromCoroutine(self.store.uploads.cancel(upload)).addErrback(failed)
 
     async def _claim(self, request: RegistryRequest) -> Any:
         body = await request.settled_body()
