@@ -270,6 +270,40 @@ async def test_an_upload_resumes_after_an_outage_during_its_patch(ceph_s3: Any, 
     assert got.status == 200 and got.body == data
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_commit_the_store_broke_after_completing_its_upload_can_be_sent_again(
+        ceph_s3: Any, node: RunningRegistry, monkeypatch: Any) -> None:
+    """The final PUT completed the multipart upload, then the store froze before the copy
+    to the blob key: 503. Sent again, the same PUT finds the completed object and commits it."""
+    client = Client(node.url)
+    data = blob_bytes(7 * MiB + 99, "commit-after-complete")
+    location = client.path_of(await client.start_upload(REPO))
+    reply = await client.patch(location, data[:6 * MiB], headers={"Content-Range": f"0-{6 * MiB - 1}"})
+    assert reply.status == 202, str(reply)
+    location = client.path_of(reply.location)
+
+    store = node.service.store
+    copy_large = store.client.copy_large
+
+    async def frozen_copy(src: str, dst: str, size: int) -> str:
+        ceph_s3.freeze()
+        return await copy_large(src, dst, size)
+
+    monkeypatch.setattr(store.client, "copy_large", frozen_copy)
+    final = with_query(location, digest=digest_of(data))
+    try:
+        reply = await client.put(final, data[6 * MiB:], headers={"Content-Range": f"{6 * MiB}-{len(data) - 1}"})
+        assert reply.status == 503, str(reply)
+    finally:
+        monkeypatch.setattr(store.client, "copy_large", copy_large)
+        ceph_s3.restore()
+    reply = await client.put(final, data[6 * MiB:], headers={"Content-Range": f"{6 * MiB}-{len(data) - 1}"})
+    assert reply.status == 201, str(reply)
+    got = await client.get(f"/v2/{REPO}/blobs/{digest_of(data)}")
+    assert got.status == 200 and got.body == data
+    assert (await client.get(location)).status == 404
+
+
 # -- 4. readiness: the bucket is written and read, quickly ------------------------------------
 
 @pytest_twisted.ensureDeferred
