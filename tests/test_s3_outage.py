@@ -172,6 +172,34 @@ async def test_a_blob_stream_the_store_breaks_is_cut_at_once(ceph_s3: Any, node:
     assert len(cut) == 1 and "\n" not in cut[0], warnings.lines
 
 
+@pytest_twisted.ensureDeferred
+async def test_any_error_after_the_body_began_cuts_the_connection(make_registry: Any, monkeypatch: Any,
+                                                                  warnings: Warnings) -> None:
+    """The same rule on the filesystem driver, for an error raised by a handler after
+    writing part of a body: no error document after it, no connection left open."""
+    import registryd.web.app as app
+    from registryd.errors import RegistryError
+
+    node = make_registry()
+    data = blob_bytes(300_000, "fs")
+    digest = await Client(node.url).push_blob(REPO, data)
+
+    async def breaks_half_way(request: Any, fileobj: Any, offset: int, length: int, **kw: Any) -> int:
+        fileobj.seek(offset)
+        request.write(fileobj.read(1000))
+        await sleep(0.05)
+        raise RegistryError(503, "UNAVAILABLE", "the source went away")
+
+    monkeypatch.setattr(app, "send_file_range", breaks_half_way)
+    get = await open_get(node.host, f"/v2/{REPO}/blobs/{digest}", pause_after=len(data) + 1, give_up=10)
+    began = time.monotonic()
+    await get.done
+    assert get.status == 200 and get.headers["content-length"] == str(len(data))
+    assert bytes(get.body) == data[:1000]
+    assert get.ended_at - began < 2, "the connection stayed open after the failure"
+    assert any("response cut after 1000 body bytes" in line for line in warnings.lines), warnings.lines
+
+
 # -- 2. new requests during an outage: 503, Retry-After, one line, within the deadline -------
 
 @pytest.mark.parametrize("kind", KINDS)
