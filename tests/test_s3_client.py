@@ -335,6 +335,19 @@ async def test_an_answer_is_awaited_request_timeout_not_idle_timeout(listen: Any
 
 
 @pytest_twisted.ensureDeferred
+async def test_copies_are_awaited_idle_timeout(listen: Any) -> None:
+    """A store may answer a server-side copy only once it is done: that wait is idle_timeout's."""
+    client = fake_client(listen(Silent()), idle_timeout=1, request_timeout=0.2)
+    try:
+        began = time.monotonic()
+        with pytest.raises(S3Unavailable, match=r"no answer within 1s"):
+            await client.copy_object("a", "b")
+        assert 0.9 < time.monotonic() - began < 3
+    finally:
+        await client.close()
+
+
+@pytest_twisted.ensureDeferred
 async def test_retries_share_the_operation_deadline(listen: Any) -> None:
     """A store that keeps answering 503 is not asked ten times: the retries stop at the deadline."""
     resource = Scripted((503, b"<Error><Code>ServiceUnavailable</Code><Message>busy</Message></Error>"))

@@ -80,15 +80,19 @@ class S3Transport:
             await self._pool.closeCachedConnections()
 
     async def send(self, method: str, url: str, what: str, headers: Mapping[str, str] | None = None,
-                   body: RequestBody | None = None) -> IResponse:
+                   body: RequestBody | None = None, patient: bool = False) -> IResponse:
         """The response to ``method url``, after retries; its body is the caller's to read.
 
         ``what`` names the operation and key in error messages. Raises
         S3Unavailable when no answer came before the operation's deadline
-        (``request_timeout``, retries and backoff included).
+        (``request_timeout``, retries and backoff included; ``idle_timeout``
+        when ``patient``: server-side copies and multipart completions,
+        which some stores answer only once the work is done).
         """
         attempts = self._settings.max_attempts
-        deadline = _Deadline(self._reactor, min(self._settings.request_timeout, self._settings.idle_timeout))
+        wait = self._settings.idle_timeout if patient else min(self._settings.request_timeout,
+                                                                self._settings.idle_timeout)
+        deadline = _Deadline(self._reactor, wait)
         failures: list[str] = []
         for attempt in range(1, attempts + 1):
             backoff = BACKOFF[min(attempt, len(BACKOFF)) - 1]
