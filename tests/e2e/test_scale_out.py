@@ -734,3 +734,28 @@ async def test_redirect_node_hands_out_presigned_urls(bucket: S3Client, ceph_s3:
     for descriptor_ in json.loads(manifest)["layers"] + [json.loads(manifest)["config"]]:
         blob_file = tmp_path / "pulled" / "blobs" / "sha256" / descriptor_["digest"].split(":")[1]
         assert digest_of(blob_file.read_bytes()) == descriptor_["digest"]
+
+
+# -- 7. the object store fails under the cluster ------------------------------------------------------
+
+@pytest_twisted.ensureDeferred
+async def test_a_frozen_store_takes_every_node_out_of_the_balancer(bucket: S3Client, ceph_s3: Any,
+                                                                   start_nodes: Any, make_haproxy: Any) -> None:
+    """radosgw frozen: every node's /readyz fails within the health checks' time, so HAProxy
+    sends no request to a node that cannot serve; once radosgw is back, they all return."""
+    a, b, c = start_nodes(bucket.settings)
+    proxy: HAProxy = make_haproxy(servers(a, b, c))
+    repo = "scale/outage"
+    data = seeded("outage", 100_000)
+    digest = await Client(proxy.url).push_blob(repo, data)
+    with ceph_s3.outage("freeze"):
+        began = time.monotonic()
+        await deferToThread(proxy.wait_until, lambda states: len(states) == 3 and all(
+            row["status"] == "DOWN" for row in states.values()), "every node DOWN", 15)
+        took = time.monotonic() - began
+        reply = await a.client.get("/readyz")
+        assert reply.status == 503 and "within 3s" in reply.json()["reason"], str(reply)
+    assert took < 5, f"HAProxy took {took:.1f}s to take the nodes out"
+    await deferToThread(proxy.wait_all_up)
+    got = await Client(proxy.url).get(f"/v2/{repo}/blobs/{digest}")
+    assert got.status == 200 and got.body == data, str(got)
