@@ -744,6 +744,15 @@ async def test_a_frozen_store_takes_every_node_out_of_the_balancer(bucket: S3Cli
     """radosgw frozen: every node's /readyz fails within the health checks' time, so HAProxy
     sends no request to a node that cannot serve; once radosgw is back, they all return."""
     a, b, c = start_nodes(bucket.settings)
+    log_path = os.path.join(os.path.dirname(a.data_dir), f"twistd-{a.host.split(':')[1]}.log")
+    serving = f"registryd serving s3://{bucket.settings.bucket}/site/"   # the bucket, not its data_dir
+    for _ in range(100):
+        with open(log_path) as f:
+            if serving in f.read():
+                break
+        await deferLater(reactor, 0.05, lambda: None)
+    else:
+        raise AssertionError(f"{log_path} never said {serving!r}")
     proxy: HAProxy = make_haproxy(servers(a, b, c))
     repo = "scale/outage"
     data = seeded("outage", 100_000)
