@@ -71,6 +71,10 @@ class Store:
         """Nothing beyond the data directory to check (readiness_problem does that)."""
         return None
 
+    async def check_ready(self) -> str | None:
+        """For /readyz: as ``check_backend`` (readiness_problem writes a probe file)."""
+        return None
+
     def location(self) -> str:
         """Where the content lives, for messages: the data directory."""
         return self.root

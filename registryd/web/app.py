@@ -332,8 +332,9 @@ class RegistryAPI:
 
     @app.route("/readyz", methods=["GET", "HEAD"])
     async def readyz(self, request: RegistryRequest) -> bytes:
-        """Ready: the store is writable and has room (and its object store answers). Open to everyone."""
-        problem = await self.store.check_backend() or self.store.readiness_problem(self.config.min_free_bytes)
+        """Ready: the store is writable and has room (on S3: a probe object written and read back
+        within ``ready_timeout``). Open to everyone."""
+        problem = await self.store.check_ready() or self.store.readiness_problem(self.config.min_free_bytes)
         if problem is not None:
             return _json(request, 503, {"status": "unavailable", "reason": problem})
         return _json(request, 200, {"status": "ok"})

@@ -10,12 +10,13 @@ requests with the standard library, blocking, under ``request_timeout``.
 ``ReadyProbe`` does the same over Twisted for /readyz, on a client of its
 own (no retries, no queueing behind the node's busy connections), within
 ``ready_timeout`` for the whole probe; probes asked for at once share one.
+Admin commands ask it only to read (a missing probe object is fine then):
+they may run with read-only credentials and must change nothing.
 """
 from __future__ import annotations
 
 import http.client
 import ssl
-import time
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -43,7 +44,7 @@ def explain(error: Exception, settings: S3Settings) -> str:
     where = f"bucket {settings.bucket!r} at {settings.endpoint}"
     if isinstance(error, S3Error):
         if error.code == "NoSuchBucket":
-            return f"object store: {where} does not exist (create it first)"
+            return f"object store: {where} does not exist (NoSuchBucket; create it first)"
         if error.code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
             return f"object store: {where} refuses this node's credentials ({error.code} on {error.operation})"
         return f"object store: {where}: {error}"
@@ -63,7 +64,8 @@ def check_bucket(settings: S3Settings) -> None:
 
 
 def _probe_body() -> bytes:
-    return f"registryd readiness probe {time.time():.0f}\n".encode()
+    # The same bytes every time: a probe changes nothing a snapshot of the bucket would see.
+    return b"registryd readiness probe\n"
 
 
 def _blocking(settings: S3Settings, signer: Signer, method: str, url: str, body: bytes) -> bytes:
@@ -104,30 +106,34 @@ class ReadyProbe:
     settings: S3Settings
     reactor: Any
     _client: S3Client | None = None
-    _waiters: list[Deferred[str | None]] = attrs.field(factory=list)
+    _waiters: dict[bool, list[Deferred[str | None]]] = attrs.field(factory=lambda: {True: [], False: []})
 
-    def check(self) -> Deferred[str | None]:
-        """Fires with why the bucket cannot be used now, or None; never fails."""
+    def check(self, write: bool = True) -> Deferred[str | None]:
+        """Fires with why the bucket cannot be used now, or None; never fails.
+
+        ``write``: write the probe object, then read it back; else only read it.
+        """
         waiter: Deferred[str | None] = Deferred()
-        self._waiters.append(waiter)
-        if len(self._waiters) == 1:
-            Deferred.fromCoroutine(self._probe()).addBoth(self._answer)
+        waiters = self._waiters[write]
+        waiters.append(waiter)
+        if len(waiters) == 1:
+            Deferred.fromCoroutine(self._probe(write)).addBoth(self._answer, write)
         return waiter
 
-    def _answer(self, problem: Any) -> None:
+    def _answer(self, problem: Any, write: bool) -> None:
         if not isinstance(problem, str):
             problem = None if problem is None else f"object store probe failed: {problem.getErrorMessage()}"
-        waiters, self._waiters = self._waiters, []
+        waiters, self._waiters[write] = self._waiters[write], []
         for waiter in waiters:
             waiter.callback(problem)
 
-    async def _probe(self) -> str | None:
+    async def _probe(self, write: bool) -> str | None:
         deadline = self.settings.ready_timeout
         if self._client is None:
             # Its own pool and no retries: the probe says how the store is now.
             self._client = S3Client(attrs.evolve(self.settings, max_attempts=1, request_timeout=deadline,
                                                  idle_timeout=deadline), self.reactor)
-        attempt = Deferred.fromCoroutine(self._write_and_read(self._client))
+        attempt = Deferred.fromCoroutine(self._write_and_read(self._client) if write else self._read(self._client))
         timer = self.reactor.callLater(deadline, attempt.cancel)
         try:
             await attempt
@@ -146,6 +152,10 @@ class ReadyProbe:
         await client.put_object(READY_PROBE, _probe_body())
         if await client.get_small(READY_PROBE, PROBE_LIMIT) is None:
             raise S3Error(404, "NoSuchKey", "the probe object just written is not there", READY_PROBE, "GET")
+
+    @staticmethod
+    async def _read(client: S3Client) -> None:
+        await client.get_small(READY_PROBE, PROBE_LIMIT)   # None (no probe yet) is an answer too
 
     async def close(self) -> None:
         if self._client is not None:

@@ -85,9 +85,15 @@ class S3Store:
             raise StoreUnusable(str(e)) from None
 
     async def check_backend(self) -> str | None:
-        """Why the bucket cannot be used now, or None: a probe object written and read
-        back within ``ready_timeout`` (registryd.storage.s3.probe)."""
-        self._remote_problem = await self._ready_probe.check()
+        """Why the bucket cannot be used now, or None: the probe object read within
+        ``ready_timeout`` (a missing one is fine): admin commands change nothing."""
+        self._remote_problem = await self._ready_probe.check(write=False)
+        return self._remote_problem
+
+    async def check_ready(self) -> str | None:
+        """For /readyz: why this node cannot serve now, or None: the probe object written
+        and read back within ``ready_timeout`` (registryd.storage.s3.probe)."""
+        self._remote_problem = await self._ready_probe.check(write=True)
         return self._remote_problem
 
     def location(self) -> str:
