@@ -5,8 +5,10 @@ A HEAD of a missing key cannot tell "no such key" from "no such bucket"
 probe PUTs ``_registryd/ready`` and GETs it back. Every node writes the
 same key, so the bucket holds one probe object however many nodes ran.
 
-At start-up the reactor is not running yet: ``check_bucket`` makes its two
-requests with the standard library, blocking, under ``request_timeout``.
+At start-up the reactor is not running yet: ``check_bucket`` makes its
+requests with the standard library, blocking, under ``request_timeout``,
+on a key of its own that it deletes again: a node that only started has
+changed nothing in the bucket.
 ``ReadyProbe`` does the same over Twisted for /readyz, on a client of its
 own (no retries, no queueing behind the node's busy connections), within
 ``ready_timeout`` for the whole probe; probes asked for at once share one.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import http.client
 import ssl
+import uuid
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -31,6 +34,8 @@ from registryd.storage.s3.settings import S3Settings
 from registryd.storage.s3.signing import Signer
 from registryd.storage.s3.urls import object_url
 
+#: Where start-up probes go (one key per check, deleted after it).
+START_PROBES = "_registryd/start-"
 #: At most this much of the probe object is read back.
 PROBE_LIMIT = 4096
 
@@ -46,19 +51,20 @@ def explain(error: Exception, settings: S3Settings) -> str:
         if error.code == "NoSuchBucket":
             return f"object store: {where} does not exist (NoSuchBucket; create it first)"
         if error.code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-            return f"object store: {where} refuses this node's credentials ({error.code} on {error.operation})"
-        return f"object store: {where}: {error}"
+            return f"object store: {error} ({where} refuses these credentials)"
+        return f"object store: {error} ({where})"
     return f"object store: {where} is unreachable: {error}"
 
 
 def check_bucket(settings: S3Settings) -> None:
-    """Write and read back the probe object, blocking (start-up); raises BucketUnusable."""
+    """Write, read back and delete a probe object, blocking (start-up); raises BucketUnusable."""
     signer = Signer(settings.access_key_id, settings.secret_access_key, settings.region)
-    url = object_url(settings, READY_PROBE)
-    written = _probe_body()
+    key = f"{START_PROBES}{uuid.uuid4().hex}"
+    url = object_url(settings, key)
     try:
-        _blocking(settings, signer, "PUT", url, written)
-        _blocking(settings, signer, "GET", url, b"")
+        _blocking(settings, signer, "PUT", url, key, _probe_body())
+        _blocking(settings, signer, "GET", url, key, b"")
+        _blocking(settings, signer, "DELETE", url, key, b"")
     except (S3Error, S3Unavailable) as e:
         raise BucketUnusable(explain(e, settings)) from None
 
@@ -68,7 +74,7 @@ def _probe_body() -> bytes:
     return b"registryd readiness probe\n"
 
 
-def _blocking(settings: S3Settings, signer: Signer, method: str, url: str, body: bytes) -> bytes:
+def _blocking(settings: S3Settings, signer: Signer, method: str, url: str, key: str, body: bytes) -> bytes:
     headers = signer.sign(method, url, {}, body)
     parts = urlsplit(url)
     timeout = min(settings.request_timeout, settings.idle_timeout)
@@ -82,7 +88,7 @@ def _blocking(settings: S3Settings, signer: Signer, method: str, url: str, body:
     else:
         connection = http.client.HTTPConnection(parts.netloc, timeout=timeout)
     target = parts.path + (f"?{parts.query}" if parts.query else "")
-    what = f"{'PUT' if method == 'PUT' else 'GET'} {READY_PROBE}"
+    what = f"{method} {key}"
     try:
         connection.request(method, target, body=body if method == "PUT" else None, headers=headers)
         response = connection.getresponse()
@@ -92,10 +98,10 @@ def _blocking(settings: S3Settings, signer: Signer, method: str, url: str, body:
         raise S3Unavailable(f"S3 {what}: {reason}") from None
     finally:
         connection.close()
-    if response.status != 200:
+    if response.status not in (200, 204):
         parsed = parse_error(data) if data else None
         code, message = parsed if parsed else (None, "")
-        raise S3Error(response.status, code, message, READY_PROBE, method)
+        raise S3Error(response.status, code, message, key, method)
     return data
 
 
