@@ -34,7 +34,7 @@ from conftest import ROOT, VENV_BIN, RunningRegistry
 from oci_client import OCI_CONFIG, OCI_LAYER, OCI_MANIFEST, Client, descriptor, digest_of, encode, with_query
 from registryd.config import StorageSettings
 from registryd.service import StartupError
-from registryd.storage.s3 import S3Client
+from registryd.storage.s3 import S3Client, S3Error, S3Unavailable
 
 MiB = 1024 * 1024
 REPO = "outage/app"
@@ -385,3 +385,21 @@ async def test_a_node_on_a_missing_bucket_refuses_to_start_with_one_line(ceph_s3
     assert len(lines) == 1, lines
     assert lines[0].startswith("registryd: object store: bucket 'no-such-bucket-here'") \
         and "does not exist" in lines[0], lines
+
+
+@pytest.mark.parametrize("error, outage", [
+    (S3Unavailable("S3 GET k: connection refused"), True),
+    (S3Error(503, "SlowDown", "later", "k", "GET"), True),
+    (S3Error(500, "InternalError", "", "k", "PUT"), True),
+    (S3Error(404, "NoSuchBucket", "", None, "PUT"), True),
+    (S3Error(403, "SignatureDoesNotMatch", "", "k", "GET"), True),
+    (S3Error(404, "NoSuchKey", "", "k", "GET"), False),
+    (S3Error(412, "PreconditionFailed", "", "k", "PUT"), False),
+    (ValueError("a bug"), False),
+])
+def test_which_failures_are_an_outage(error: Exception, outage: bool) -> None:
+    from registryd.storage.outage import outage_reason
+
+    reason = outage_reason(error)
+    assert (reason is not None) == outage
+    assert reason is None or (reason.startswith("object store unavailable: ") and "\n" not in reason)
