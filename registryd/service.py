@@ -19,6 +19,7 @@ from registryd.auth.settings import build_auth
 from registryd.auth.tls import ServerTLSContext, parse_tls_description, tls_endpoint
 from registryd.config import Config
 from registryd.storage import open_store
+from registryd.storage.outage import StoreUnusable, outage_reason
 from registryd.threads import BlockingPool, BoundedPool
 from registryd.upkeep.scheduler import Upkeep
 from registryd.web.app import RegistryAPI
@@ -57,6 +58,8 @@ class StartupError(Exception):
 class RegistryService(MultiService):
     """Owns the store, the HTTP site, the listening ports and the reaper."""
 
+    _store_checked = False
+
     def __init__(self, config: Config, reactor: Any) -> None:
         super().__init__()
         self.config = config
@@ -82,7 +85,8 @@ class RegistryService(MultiService):
         self._reaper.clock = reactor
 
     def prepare_storage(self) -> None:
-        """Create the data directory layout and prove it writable."""
+        """Create the data directory layout and prove it writable; on S3, prove the bucket
+        exists and takes a write and a read (once: twistd and startService both call this)."""
         try:
             self.store.prepare()
         except OSError as e:
@@ -90,6 +94,12 @@ class RegistryService(MultiService):
             raise StartupError(
                 f"data directory {self.config.data_dir} is not usable: {where}{e.strerror}"
             ) from None
+        if not self._store_checked:
+            try:
+                self.store.check_store()
+            except StoreUnusable as e:
+                raise StartupError(str(e)) from None
+            self._store_checked = True
 
     def privilegedStartService(self) -> None:
         make_room_for_connections(self.config.max_connections)
@@ -162,13 +172,17 @@ class RegistryService(MultiService):
             lambda f: log.failure("upload reaper stopped", f)
         )
         self.upkeep.start()
-        log.info("registryd serving {data_dir}", data_dir=self.config.data_dir)
+        log.info("registryd serving {location}", location=self.store.location(), data_dir=self.config.data_dir)
 
     async def _reap_uploads(self) -> None:
         try:
             removed = await self.store.uploads.reap(self.config.upload_expiry)
-        except Exception:
-            log.failure("reaping abandoned uploads failed; will try again")
+        except Exception as e:
+            reason = outage_reason(e)
+            if reason is None:
+                log.failure("reaping abandoned uploads failed; will try again")
+            else:
+                log.warn("reaping abandoned uploads failed ({reason}); will try again", reason=reason)
             return
         if removed:
             log.info("reaped {count} abandoned upload sessions", count=removed)

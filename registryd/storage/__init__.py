@@ -53,6 +53,9 @@ class Store:
             f.write(b"registryd")
         os.unlink(probe)
 
+    def check_store(self) -> None:
+        """Nothing beyond the data directory to check at start-up (``prepare`` proves it writable)."""
+
     def readiness_problem(self, min_free_bytes: int) -> str | None:
         """Why the store cannot take writes now, or None (cheap: for /readyz)."""
         probe = os.path.join(self.tmp_dir, f"ready-{uuid.uuid4().hex}")
@@ -68,6 +71,10 @@ class Store:
 
     async def check_backend(self) -> str | None:
         """Nothing beyond the data directory to check (readiness_problem does that)."""
+        return None
+
+    async def check_ready(self) -> str | None:
+        """For /readyz: as ``check_backend`` (readiness_problem writes a probe file)."""
         return None
 
     def location(self) -> str:

@@ -55,6 +55,7 @@ from registryd.mirror.fill import FillFailed
 from registryd.mirror.routing import Route
 from registryd.storage import Store
 from registryd.storage.files import free_bytes
+from registryd.storage.outage import RETRY_AFTER, outage_reason
 from registryd.storage.pulls import PullRecorder
 from registryd.storage.uploads import Upload
 from registryd.upkeep.online_prune import PruneSelection, server_pruner
@@ -76,6 +77,21 @@ _RANGE = re.compile(r"bytes=([0-9]*)-([0-9]*)")
 _FAR_POSITION = 1 << 62
 _PAGE_SIZE = re.compile(r"[0-9]{1,9}")
 _NOT_READY = "storage is not ready; the server log says why"
+_NO_ANSWER = re.compile(r"did not answer within \S+")
+
+
+def _public_reason(problem: str) -> str:
+    """Why /readyz fails, told to anyone: the kind of trouble, never its details."""
+    if not problem.startswith("object store"):
+        return _NOT_READY
+    if "does not exist" in problem:
+        return "object store: the bucket does not exist; the server log says more"
+    if "credentials" in problem:
+        return "object store: it refuses this node's credentials; the server log says more"
+    late = _NO_ANSWER.search(problem)
+    if late is not None:
+        return f"object store: {late[0]}"
+    return "object store: unreachable or failing; the server log says more"
 # Stored manifests were capped when pushed or fetched; this only bounds a read.
 MANIFEST_READ_LIMIT = 64 * 1024 * 1024
 # Bytes a client connection may hold before a streamed blob's source is paused.
@@ -192,6 +208,34 @@ class _Utf8Paths(Resource):
         return self._api.render(request)
 
 
+#: Headers a blob GET sets before its body: not for an error document in its place.
+_BODY_HEADERS = ("Content-Range", "Docker-Content-Digest", "ETag", "Cache-Control", "Accept-Ranges")
+
+
+def store_unavailable() -> RegistryError:
+    """503 for a request the store cannot serve now (down, frozen, bucket gone)."""
+    return RegistryError(503, "UNAVAILABLE", "the storage backend is unavailable; try again later",
+                         headers={"Retry-After": str(RETRY_AFTER)})
+
+
+def _cut(request: Any, why: str) -> Deferred[None] | None:
+    """A failure after the body began: abort the connection, write nothing more.
+
+    An error document after the status line, Content-Length and some bytes
+    would become part of the blob; a cut connection is a short body every
+    client notices (and resumes with Range). Klein finishes nothing: the
+    returned Deferred fires once the request has seen its connection go.
+    """
+    channel = request.channel
+    if channel is None:
+        return None
+    log.warn("{method} {uri}: response cut after {sent} body bytes: {why}", method=request.method.decode("latin-1"),
+             uri=request.uri.decode("latin-1"), sent=request.sentLength, why=why)
+    lost: Deferred[None] = request.notifyFinish()
+    channel.transport.abortConnection()
+    return lost.addErrback(lambda _: None)
+
+
 class RegistryAPI:
     """Every route of the distribution API over one Store."""
 
@@ -227,9 +271,13 @@ class RegistryAPI:
     # --- errors ---------------------------------------------------------
 
     @app.handle_errors(RegistryError)
-    def _registry_error(self, request: Any, failure: Failure) -> bytes:
+    def _registry_error(self, request: Any, failure: Failure) -> Any:
         error = failure.value
+        if request.startedWriting:
+            return _cut(request, str(error))
         request.error_message = error.message  # for the status page's recent errors
+        for name in _BODY_HEADERS:  # a blob's headers, set before its body failed to start
+            request.responseHeaders.removeHeader(name)
         return _json(request, error.status, error.document(), error.headers)
 
     @app.handle_errors(NotFound)
@@ -259,14 +307,22 @@ class RegistryAPI:
         return self._registry_error(request, Failure(method_not_allowed(allowed)))
 
     @app.handle_errors(Exception)
-    def _internal_error(self, request: Any, failure: Failure) -> bytes:
+    def _internal_error(self, request: Any, failure: Failure) -> Any:
+        reason = outage_reason(failure.value)
         if isinstance(failure.value, OSError) and failure.value.errno in (errno.ENOSPC, errno.EDQUOT):
             self.warnings.warn("disk_full", "the data directory's disk is full: {method} {uri} refused with 507",
                                method=request.method.decode("latin-1"), uri=request.uri.decode("latin-1"))
-            return self._registry_error(request, Failure(store_full()))
-        log.failure("request {method} {uri} failed", failure,
-                    method=request.method.decode("latin-1"), uri=request.uri.decode("latin-1"))
-        error = RegistryError(500, "UNKNOWN", "internal server error")
+            error = store_full()
+        elif reason is None:
+            log.failure("request {method} {uri} failed", failure,
+                        method=request.method.decode("latin-1"), uri=request.uri.decode("latin-1"))
+            error = RegistryError(500, "UNKNOWN", "internal server error")
+        elif request.startedWriting:
+            return _cut(request, reason)
+        else:
+            log.warn("{method} {uri}: 503, {reason}", method=request.method.decode("latin-1"),
+                     uri=request.uri.decode("latin-1"), reason=reason)
+            error = store_unavailable()
         return self._registry_error(request, Failure(error))
 
     # --- helpers ---------------------------------------------------------
@@ -453,8 +509,9 @@ class RegistryAPI:
 
     @app.route("/readyz", methods=["GET", "HEAD"])
     async def readyz(self, request: RegistryRequest) -> bytes:
-        """Ready: the store is writable and has room (and its object store answers). Open to everyone."""
-        problem = await self.store.check_backend() or self.store.readiness_problem(self.config.min_free_bytes)
+        """Ready: the store is writable and has room (on S3: a probe object written and read back
+        within ``ready_timeout``). Open to everyone."""
+        problem = await self.store.check_ready() or self.store.readiness_problem(self.config.min_free_bytes)
         if problem != self._readiness_logged:
             self._readiness_logged = problem
             if problem is not None:
@@ -462,8 +519,8 @@ class RegistryAPI:
             else:
                 log.info("ready again")
         if problem is not None:
-            # OS error texts and paths are for the log, not for whoever asks.
-            return _json(request, 503, {"status": "unavailable", "reason": _NOT_READY})
+            # OS error texts, paths and endpoints are for the log, not for whoever asks.
+            return _json(request, 503, {"status": "unavailable", "reason": _public_reason(problem)})
         return _json(request, 200, {"status": "ok"})
 
     async def _admin(self, request: RegistryRequest, what: str) -> str | None:
@@ -732,6 +789,17 @@ class RegistryAPI:
             await self._allow(request, name, PUSH, hide=False)
             return await open_body()
 
+        async def unless_store_fails(opening: Any) -> UploadBody:
+            try:
+                return await opening  # type: ignore[no-any-return]
+            except Exception as e:
+                reason = outage_reason(e)
+                if reason is None:
+                    raise
+                log.warn("{method} {uri}: 503, {reason}", method=method,
+                         uri=f"/v2/{name}/blobs/uploads/{upload_id}", reason=reason)
+                raise store_unavailable() from None
+
         check_credentials = self._credentials_to_check(request)
         if not check_credentials:
             self._check_verdict(None, name, PUSH, hide=False)
@@ -741,7 +809,7 @@ class RegistryAPI:
             upload = uploads.known(name, upload_id)
             if upload is not None:
                 return UploadBody(uploads.open_writer(upload, start_of(upload), algorithm))
-        return PendingBody(authorize_then_open() if check_credentials else open_body())
+        return PendingBody(unless_store_fails(authorize_then_open() if check_credentials else open_body()))
 
     def _credentials_to_check(self, request: RegistryRequest) -> bool:
         """Does the request carry credentials that must be checked (off the reactor) before its body?
@@ -798,8 +866,13 @@ class RegistryAPI:
         return "anonymous@" + client_key(self._client_address(request) or "-")
 
     def _discard(self, upload: Upload) -> None:
-        Deferred.fromCoroutine(self.store.uploads.cancel(upload)).addErrback(
-            lambda f: log.failure("removing an abandoned upload failed", f))
+        def failed(failure: Failure) -> None:
+            reason = outage_reason(failure.value)
+            if reason is None:
+                log.failure("removing an abandoned upload failed", failure)
+            else:  # the reaper removes it once the store is back
+                log.warn("removing an abandoned upload failed: {reason}", reason=reason)
+        Deferred.fromCoroutine(self.store.uploads.cancel(upload)).addErrback(failed)
 
     async def _claim(self, request: RegistryRequest) -> Any:
         body = await request.settled_body()
