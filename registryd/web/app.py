@@ -77,7 +77,7 @@ _RANGE = re.compile(r"bytes=([0-9]*)-([0-9]*)")
 _FAR_POSITION = 1 << 62
 _PAGE_SIZE = re.compile(r"[0-9]{1,9}")
 _NOT_READY = "storage is not ready; the server log says why"
-_NO_ANSWER = re.compile(r"did not answer within \S+")
+_NO_ANSWER = re.compile(r"(?:did not answer|no answer) within (\d[\d.]*s)")
 
 
 def _public_reason(problem: str) -> str:
@@ -90,7 +90,7 @@ def _public_reason(problem: str) -> str:
         return "object store: it refuses this node's credentials; the server log says more"
     late = _NO_ANSWER.search(problem)
     if late is not None:
-        return f"object store: {late[0]}"
+        return f"object store: no answer within {late[1]}"
     return "object store: unreachable or failing; the server log says more"
 # Stored manifests were capped when pushed or fetched; this only bounds a read.
 MANIFEST_READ_LIMIT = 64 * 1024 * 1024
