@@ -44,7 +44,6 @@ def upstream(namespace: str, default: bool = False) -> UpstreamConfig:
     ("registry.local:5000/team/app", None, False, ("registry.local:5000", "team/app")),
     ("alpine", None, False, ("docker.io", "library/alpine")),  # default upstream
     ("team/app", None, True, None),  # pushed here: stays local
-    ("quay.io/x", "unknown.example", False, ("quay.io", "x")),
 ])
 def test_routes(name, ns, local, expected) -> None:
     router = Router((upstream("docker.io", default=True), upstream("ghcr.io"), upstream("quay.io"),
@@ -62,7 +61,27 @@ def test_without_a_default_unknown_names_are_local() -> None:
 
 def test_no_upstreams_means_no_routing() -> None:
     assert not Router(()).enabled
-    assert Router(()).route("docker.io/library/alpine", "docker.io", lambda _: False) is None
+    assert Router(()).route("docker.io/library/alpine", None, lambda _: False) is None
+
+
+@pytest.mark.parametrize("upstreams", [(), (upstream("docker.io", default=True), upstream("quay.io"))],
+                         ids=["no upstreams", "with a default"])
+def test_an_unconfigured_ns_is_unknown_never_another_registry(upstreams) -> None:
+    """?ns=ghcr.io asks for ghcr.io's image: neither a local repository nor the default
+    upstream's may answer it. ?ns= naming registryd itself (its Host) is no ns at all."""
+    router = Router(upstreams)
+    for name in ("someorg/tools", "quay.io/x"):
+        with pytest.raises(RegistryError) as info:
+            router.route(name, "ghcr.io", lambda _: False, host="registry.example:5000")
+        assert (info.value.status, info.value.code) == (404, "NAME_UNKNOWN")
+        assert "ghcr.io" in info.value.message
+    with pytest.raises(RegistryError):
+        router.route("team/app", "registry.example", lambda _: True, host="registry.example:5000")
+    own = router.route("team/app", "Registry.Example:5000", lambda _: True, host="registry.example:5000")
+    assert own is None
+    same_as_no_ns = router.route("someorg/tools", "registry.example:5000", lambda _: False,
+                                 host="registry.example:5000")
+    assert same_as_no_ns == router.route("someorg/tools", None, lambda _: False)
 
 
 def test_upstream_config(tmp_path, monkeypatch) -> None:

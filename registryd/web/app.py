@@ -240,17 +240,17 @@ class RegistryAPI:
     def _local(self, request: RegistryRequest, name: str) -> str:
         """The name of a repository the request may change: never a mirrored one."""
         check_raw_path(request.path)
-        return self._writable(name, _arg(request, "ns"))
+        return self._writable(name, _arg(request, "ns"), request.getHeader("Host"))
 
-    def _writable(self, name: str, ns: str | None) -> str:
-        route = self.mirror.router.route(name, ns)
+    def _writable(self, name: str, ns: str | None, host: str | None = None) -> str:
+        route = self.mirror.router.route(name, ns, host=host)
         if route is not None and not route.by_default:
             raise denied(f"{name} mirrors {route.upstream.namespace}: mirrored repositories are read-only")
         return check_name(name)
 
-    async def _route(self, name: str, ns: str | None) -> Route | None:
+    async def _route(self, name: str, ns: str | None, host: str | None = None) -> Route | None:
         """The mirror route for ``name``; a local repository wins over the default upstream."""
-        route = self.mirror.router.route(name, ns)
+        route = self.mirror.router.route(name, ns, host=host)
         if route is not None and route.by_default and await self.store.repositories.exists(name):
             return None
         return route
@@ -258,7 +258,7 @@ class RegistryAPI:
     async def _target(self, request: RegistryRequest, name: str) -> tuple[str, Route | None]:
         """A repository to read: local, or the mirror route that serves it."""
         check_raw_path(request.path)
-        route = await self._route(name, _arg(request, "ns"))
+        route = await self._route(name, _arg(request, "ns"), request.getHeader("Host"))
         return (name, route) if route is not None else (check_name(name), None)
 
     def _check_delete_enabled(self) -> None:
@@ -435,15 +435,14 @@ class RegistryAPI:
             request.cache = "hit"
             return await self._send_blob(request, digest)
         request.cache = "miss"
-        if request.method == b"HEAD" or await self.store.blobs.size(digest) is not None:
-            # Ask upstream whether this repository has the blob, without
-            # downloading it; a blob already stored is then linked and served.
+        if request.method == b"HEAD":
+            # Asked of the upstream without downloading; nothing is linked by it.
             head = await mirror.head_blob(route, digest)
-            if await mirror.cached_blob(route, digest):
-                return await self._send_blob(request, digest)
             for key, value in _blob_headers(head.digest, head.size).items():
                 request.setHeader(key, value)
             return b""
+        # Fetched and verified even when the store has these bytes: only that
+        # shows this upstream repository has them (they may be someone's private push).
         fill = await mirror.fill(route, digest)
         for key, value in _blob_headers(str(digest), fill.size).items():
             request.setHeader(key, value)
@@ -507,7 +506,7 @@ class RegistryAPI:
         in a PendingBody with the connection paused: nothing of a request
         that will be refused is ever written.
         """
-        self._writable(name, args.get("ns", [None])[0])
+        self._writable(name, args.get("ns", [None])[0], request.getHeader("Host"))
         digest = args.get("digest", [None])[0]
         algorithm = parse_digest(digest).algorithm if digest else None
         uploads = self.store.uploads
