@@ -32,7 +32,8 @@ from twisted.web.client import Agent, ResponseDone
 from fake_upstream import FakeUpstream, fake_upstream  # noqa: F401  (fixture)
 from oci_client import Client, digest_of
 from registryd.auth.policy import parse_access_rules
-from registryd.config import UpstreamConfig
+from registryd.config import StorageSettings, UpstreamConfig
+from registryd.digest import parse_digest
 from test_mirror import Download, download, sleep, stored_blobs
 from test_security import as_user, auth_settings, write_htpasswd, PASSWORDS
 
@@ -212,6 +213,46 @@ async def test_a_stalled_fill_does_not_hold_up_another_repository(fake_upstream,
     assert stored_blobs(registry.data_dir) == [digest.split(":")[1]]
     for repo in ("lib/a", "lib/b"):
         assert os.path.exists(mirror_link(registry.data_dir, NS, repo, digest))
+
+
+@pytest.fixture(params=["filesystem", "s3"])
+def storage(request: Any) -> Any:
+    """Each driver; for s3 a fresh bucket on the session's Ceph."""
+    if request.param == "filesystem":
+        yield StorageSettings()
+        return
+    bucket = pytest_twisted.blockon(defer.Deferred.fromCoroutine(request.getfixturevalue("ceph_s3").new_bucket()))
+    yield StorageSettings("s3", s3=bucket.settings)
+    pytest_twisted.blockon(defer.Deferred.fromCoroutine(bucket.close()))
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_repositories_commit_one_digest_at_once(fake_upstream, make_registry, storage) -> None:
+    """Two fills of one digest (two upstream repositories) end in the same turn: both
+    commit the one blob into the shared store at once, and both repositories serve it."""
+    data = os.urandom(200_000)
+    repos = ("lib/a", "lib/b")
+    for repo in repos:
+        digest = fake_upstream.add_blob(repo, data)
+        fake_upstream.stall_after(fake_upstream.blob_path(repo, digest), 100_000)
+    registry = make_registry(upstreams=(UpstreamConfig(namespace=NS, url=fake_upstream.url),), storage=storage)
+    pulls = [defer.ensureDeferred(download(registry.host, f"/v2/{NS}/{repo}/blobs/{digest}")) for repo in repos]
+    for repo in repos:
+        await fake_upstream.wait_for("GET", fake_upstream.blob_path(repo, digest))
+    mirror = registry.service.api.mirror
+    assert await until(lambda: len(mirror.fills) == 2 and all(f.written == 100_000 for f in mirror.fills.values()),
+                       5), mirror.fills
+    assert fake_upstream.release_stalled() == 2
+    for got in await defer.gatherResults(pulls):
+        assert (got.status, got.body, got.digest) == (200, len(data), digest)
+    assert not mirror.fills
+    store = registry.service.store
+    assert await store.blobs.size(parse_digest(digest)) == len(data)
+    for repo in repos:
+        assert await mirror.mirrors[NS].repositories.has_blob(repo, parse_digest(digest))
+        reply = await Client(registry.url).get(f"/v2/{NS}/{repo}/blobs/{digest}")
+        assert reply.status == 200 and reply.body == data
+        assert fake_upstream.count("GET", fake_upstream.blob_path(repo, digest)) == 1
 
 
 # --- issue 21 item 1: the tail waits for the digest check -----------------------------------

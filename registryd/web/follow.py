@@ -66,6 +66,10 @@ async def stream_fill(request: Any, fill: BlobFill, *, reactor: Any, stall_timeo
                                       stall_timeout=stall_timeout)
                 sent = available
             elif fill.verified and sent >= fill.written:
+                if not fill.finished:
+                    # The response ends once the blob is stored (or storing it
+                    # failed): the client's next request then finds it cached.
+                    await fill.ended()
                 return sent
             else:
                 await fill.progress(sent if sent == 0 else sent + SMALL_BODY)
