@@ -238,7 +238,7 @@ async def test_two_repositories_commit_one_digest_at_once(fake_upstream, make_re
     registry = make_registry(upstreams=(UpstreamConfig(namespace=NS, url=fake_upstream.url),), storage=storage)
     pulls = [defer.ensureDeferred(download(registry.host, f"/v2/{NS}/{repo}/blobs/{digest}")) for repo in repos]
     for repo in repos:
-        await fake_upstream.wait_for("GET", fake_upstream.blob_path(repo, digest))
+        assert await until(lambda: fake_upstream.count("GET", fake_upstream.blob_path(repo, digest)) == 1, 5), repo
     mirror = registry.service.api.mirror
     assert await until(lambda: len(mirror.fills) == 2 and all(f.written == 100_000 for f in mirror.fills.values()),
                        5), mirror.fills
