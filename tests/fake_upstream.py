@@ -22,6 +22,8 @@ it lasts until ``recover(path)``):
   last body byte is flipped, so only a digest check at the end notices;
 * ``stall_after(path, n)``: ``n`` bytes, then silence with the connection
   open, until ``release_stalled(path)`` sends the rest or ``close()``;
+  ``chunked=True`` sends no Content-Length (a chunked body, whose end only
+  its last chunk marks), so even all the bytes can wait for their end;
 * ``status(path, 429|503|..., retry_after=...)``: an OCI error document
   with that status (and ``Retry-After`` when given), for GET and HEAD;
 * ``slow(path, bytes_per_tick, tick=0.01)``: the body dripped in pieces,
@@ -87,6 +89,7 @@ class Fault:
     location: str = ""
     body: bytes = b""
     content_type: str = ""
+    chunked: bool = False           # no Content-Length: the body's end is its last chunk
 
 
 @attrs.frozen
@@ -226,8 +229,8 @@ class FakeUpstream:
     def wrong_bytes(self, path: str, times: int | None = None) -> None:
         self.faults[path] = Fault("wrong_bytes", times=times)
 
-    def stall_after(self, path: str, n_bytes: int, times: int | None = None) -> None:
-        self.faults[path] = Fault("stall_after", n_bytes=n_bytes, times=times)
+    def stall_after(self, path: str, n_bytes: int, times: int | None = None, chunked: bool = False) -> None:
+        self.faults[path] = Fault("stall_after", n_bytes=n_bytes, times=times, chunked=chunked)
 
     def status(self, path: str, code: int, retry_after: int | str | None = None,
                times: int | None = None) -> None:
@@ -395,7 +398,8 @@ class FakeUpstream:
         return self._error(request, 404, "NAME_UNKNOWN", "not found")
 
     def _body(self, request: Any, path: str, body: bytes, fault: Fault | None) -> Any:
-        request.setHeader(b"Content-Length", str(len(body)).encode())
+        if fault is None or not fault.chunked or request.method == b"HEAD":
+            request.setHeader(b"Content-Length", str(len(body)).encode())
         if request.method == b"HEAD" or fault is None:
             return b"" if request.method == b"HEAD" else body
         if fault.kind == "wrong_bytes":

@@ -141,7 +141,8 @@ async def test_older_than_keeps_young_tags_what_a_kept_index_lists_and_local_con
     for entry in report["removed"]:
         assert not await stored_path(node, entry["path"]), entry
     repos = mirror_repos(node)
-    assert await repos.tags("lib/old") == [] and await revisions(node, "lib/old") == set()
+    # No tag is left (on S3 nothing at all: no blob of it was pulled, so none is linked there).
+    assert await repos.tags("lib/old") in ([], None) and await revisions(node, "lib/old") == set()
     assert await revisions(node, "lib/keep") == {index["digest"], *(c["digest"] for c in children)}
     assert await repos.tags("other/x") == ["1.0"] and await revisions(node, "other/x") == {other}
     store = node.service.store

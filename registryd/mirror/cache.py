@@ -3,7 +3,11 @@
 Mirrored repositories live under ``mirror/<namespace>/<repository>/`` with
 the same layout as local ones; a tag file's mtime is when the upstream last
 confirmed it (the TTL clock). Blobs go to the shared content store, so a
-base layer is stored once however it arrived.
+base layer is stored once however it arrived; but a blob is linked into (and
+so served from) a mirrored repository only once its bytes were fetched from
+that upstream repository and verified. A manifest naming a digest, or an
+upstream answering ``HEAD`` 200, proves nothing: the store may hold those
+bytes for someone else (a private local push).
 """
 from __future__ import annotations
 
@@ -75,6 +79,10 @@ class CachedManifest:
     data: bytes
 
 
+#: One upstream transfer: (upstream namespace, repository upstream, digest).
+FillKey = tuple[str, str, Digest]
+
+
 @attrs.frozen
 class BlobHead:
     size: int | None
@@ -127,7 +135,9 @@ class MirrorCache:
                 upstream, UpstreamClient(upstream, reactor, self._pool), repositories)
         self.manifest_fetches: Coalescer[CachedManifest] = Coalescer()
         self._manifest_limit = max(config.max_manifest_size, 4 * 1024 * 1024)
-        self.fills: dict[Digest, BlobFill] = {}
+        # One per upstream repository and digest: a client joins only the transfer
+        # its own route asked for, never another repository's (or user's).
+        self.fills: dict[FillKey, BlobFill] = {}
         self.fills_started = 0
         self.fill_waiters = 0
         self.metrics.fills_in_flight.set_function(lambda: len(self.fills))
@@ -139,9 +149,9 @@ class MirrorCache:
         return self._pool.closeCachedConnections()
 
     async def fill_ended(self, digest: Digest) -> None:
-        """Wait for the running upstream transfer of ``digest`` (if any) to be stored or fail."""
-        fill = self.fills.get(digest)
-        if fill is not None:
+        """Wait for the running upstream transfers of ``digest`` (if any, from any
+        repository) to be stored or fail."""
+        for fill in [fill for key, fill in self.fills.items() if key[2] == digest]:
             await _ended(fill)
 
     async def settle_fills(self, timeout: float) -> None:
@@ -314,10 +324,8 @@ class MirrorCache:
             referrer = parsed.referrer_entry(digest, len(data), media_type)
         self._store.guard.claim(blobs)
         await self._store.blobs.put(digest, data)
-        # The upstream served this manifest from this repository, so the
-        # blobs it names belong here: later pulls may use cached copies.
-        await gatherResults([Deferred.fromCoroutine(mirror.repositories.link_blob(remote, blob)) for blob in blobs],
-                            consumeErrors=True)
+        # The blobs it names are not linked: naming a digest is no proof that
+        # this repository has those bytes. Each is linked once fetched from here.
         await mirror.repositories.add_manifest(remote, digest, media_type, tags, referrer)
 
     # --- tags and referrers ---------------------------------------------------
@@ -381,7 +389,10 @@ class MirrorCache:
                 and await self._store.blobs.size(digest) is not None)
 
     async def head_blob(self, route: Route, digest: Digest) -> BlobHead:
-        """Size of an uncached blob, asked of the upstream without downloading it."""
+        """Size of an uncached blob, asked of the upstream without downloading it.
+
+        Nothing is linked: a HEAD answered 200 proves nothing about the bytes.
+        """
         upstream = route.upstream
         if self._offline(upstream):
             raise offline_miss(upstream, "blob")
@@ -395,31 +406,32 @@ class MirrorCache:
         self._upstream_ok(upstream.namespace)
         if response.code != 200:
             raise blob_unknown(str(digest))
-        self._store.guard.claim([digest])
-        if await self._store.blobs.size(digest) is not None:
-            await mirror.repositories.link_blob(route.remote, digest)
         # For HEAD, Twisted leaves Content-Length among the headers (the body is empty).
         lengths = response.headers.getRawHeaders(b"content-length") or []
         size = int(lengths[0]) if lengths and lengths[0].isdigit() and len(lengths[0]) <= 18 else None
         return BlobHead(size, str(digest))
 
     async def fill(self, route: Route, digest: Digest) -> BlobFill:
-        """The running (or a new) upstream transfer of ``digest``, once it has begun.
+        """The running (or a new) upstream transfer of ``digest`` from ``route``'s
+        repository, once it has begun.
 
-        However many clients ask, one transfer per digest runs.
+        However many clients ask, one transfer per upstream repository and
+        digest runs; the same digest from two repositories is two transfers
+        (each proves only that its own repository has the bytes).
         """
         upstream = route.upstream
         if self._offline(upstream):
             raise offline_miss(upstream, "blob")
-        fill = self.fills.get(digest)
+        key: FillKey = (upstream.namespace, route.remote, digest)
+        fill = self.fills.get(key)
         if fill is None:
             mirror = self.mirror(route)
             fill = BlobFill(digest, self._store.tmp_dir, self._reactor, upstream.idle_timeout,
                             lambda path, d: self._commit_fill(mirror, route.remote, path, d))
-            self.fills[digest] = fill
+            self.fills[key] = fill
             self.fills_started += 1
             self.metrics.upstream_fetches.labels(upstream.namespace).inc()
-            fill.started = Deferred.fromCoroutine(self._start_fill(mirror, route.remote, fill))
+            fill.started = Deferred.fromCoroutine(self._start_fill(mirror, route.remote, key, fill))
         else:
             self.fill_waiters += 1
             self.metrics.coalesced.inc()
@@ -428,7 +440,7 @@ class MirrorCache:
             raise fill.start_error
         return fill
 
-    async def _start_fill(self, mirror: Mirror, remote: str, fill: BlobFill) -> None:
+    async def _start_fill(self, mirror: Mirror, remote: str, key: FillKey, fill: BlobFill) -> None:
         """Ask upstream for the blob; never fails (the error is kept on the fill)."""
         try:
             response = await mirror.client.request("GET", f"/v2/{remote}/blobs/{fill.digest}", remote)
@@ -438,21 +450,25 @@ class MirrorCache:
             if response.code != 200:
                 await read_limited(response, 64 * 1024)
                 raise UpstreamUnavailable(f"{mirror.config.namespace} answered {response.code}")
-            fill.on_finished(lambda: self._fill_finished(mirror, fill))
+            fill.on_finished(lambda: self._fill_finished(mirror, key, fill))
             fill.begin(response)
             self._upstream_ok(mirror.config.namespace)
         except (RegistryError, UpstreamUnavailable) as e:
-            self.fills.pop(fill.digest, None)
+            self._forget_fill(key, fill)
             if isinstance(e, UpstreamUnavailable):
                 self._upstream_failed(mirror.config.namespace, str(e))
             fill.start_error = e if isinstance(e, RegistryError) else unavailable(mirror.config, str(e))
         except Exception as e:
             log.failure("starting the upstream transfer of {digest} failed", digest=str(fill.digest))
-            self.fills.pop(fill.digest, None)
+            self._forget_fill(key, fill)
             fill.start_error = unavailable(mirror.config, str(e))
 
-    def _fill_finished(self, mirror: Mirror, fill: BlobFill) -> None:
-        self.fills.pop(fill.digest, None)
+    def _forget_fill(self, key: FillKey, fill: BlobFill) -> None:
+        if self.fills.get(key) is fill:
+            del self.fills[key]
+
+    def _fill_finished(self, mirror: Mirror, key: FillKey, fill: BlobFill) -> None:
+        self._forget_fill(key, fill)
         if fill.error is not None:
             self._upstream_failed(mirror.config.namespace, f"transfer of {fill.digest} failed: {fill.error}")
 

@@ -401,14 +401,14 @@ class RegistryAPI:
         else gets the answer a pull would get, and learns nothing of the mirrors.
         """
         check_raw_path(request.path)
-        ns = _arg(request, "ns")
-        route = self.mirror.router.route(name, ns)
+        ns, host = _arg(request, "ns"), _header(request, "Host")
+        route = self.mirror.router.route(name, ns, host=host)
         if route is not None:
-            await self._refuse_mirrored(request, name, route, ns)
-        return self._writable(name, ns)
+            await self._refuse_mirrored(request, name, route, ns, host)
+        return self._writable(name, ns, host)
 
     async def _refuse_mirrored(self, request: RegistryRequest, name: str, route: Route,
-                               ns: str | None) -> NoReturn:
+                               ns: str | None, host: str | None) -> NoReturn:
         """Refuse a change to a mirrored repository, saying so only to who may pull it."""
         user = await self._user(request)
         verdict = self.auth.policy.verdict(user, _policy_name(name, route), PULL)
@@ -416,21 +416,21 @@ class RegistryAPI:
             raise self._unauthorized(f"{name} needs credentials")
         if verdict is not Verdict.ALLOW:
             raise name_unknown(name)
-        self._writable(name, ns)
+        self._writable(name, ns, host)
         raise denied(f"{name} is read-only")  # not reached: _writable refuses every mirrored name
 
     def _refuse_mirrored_body(self, request: RegistryRequest, name: str,
                               args: dict[str, list[str]]) -> PendingBody | None:
         """Before a body: a change to a mirrored repository is refused once the
         requester is known (with the connection paused), never earlier."""
-        ns = args.get("ns", [None])[0]
-        route = self.mirror.router.route(name, ns)
+        ns, host = args.get("ns", [None])[0], _header(request, "Host")
+        route = self.mirror.router.route(name, ns, host=host)
         if route is None:
             return None
-        return PendingBody(self._refuse_mirrored(request, name, route, ns))
+        return PendingBody(self._refuse_mirrored(request, name, route, ns, host))
 
-    def _writable(self, name: str, ns: str | None) -> str:
-        route = self.mirror.router.route(name, ns)
+    def _writable(self, name: str, ns: str | None, host: str | None) -> str:
+        route = self.mirror.router.route(name, ns, host=host)
         if route is not None and route.by_default:
             prefixes = ", ".join(self.config.local_prefixes) or "none is configured"
             raise denied(f"{name} is what clients of the default upstream {route.upstream.namespace} pull: "
@@ -439,15 +439,15 @@ class RegistryAPI:
             raise denied(f"{name} mirrors {route.upstream.namespace}: mirrored repositories are read-only")
         return check_name(name)
 
-    async def _route(self, name: str, ns: str | None) -> Route | None:
+    async def _route(self, name: str, ns: str | None, host: str | None = None) -> Route | None:
         """The mirror route for ``name``. With a default upstream, a name outside
         ``[mirror] local_prefixes`` is the upstream's, whatever is stored here."""
-        return self.mirror.router.route(name, ns)
+        return self.mirror.router.route(name, ns, host=host)
 
     async def _target(self, request: RegistryRequest, name: str) -> tuple[str, Route | None]:
         """A repository to read: local, or the mirror route that serves it."""
         check_raw_path(request.path)
-        route = await self._route(name, _arg(request, "ns"))
+        route = await self._route(name, _arg(request, "ns"), _header(request, "Host"))
         return (name, route) if route is not None else (check_name(name), None)
 
     def _check_delete_enabled(self) -> None:
@@ -678,15 +678,14 @@ class RegistryAPI:
             request.cache = "hit"
             return await self._send_blob(request, digest)
         request.cache = "miss"
-        if request.method == b"HEAD" or await self.store.blobs.size(digest) is not None:
-            # Ask upstream whether this repository has the blob, without
-            # downloading it; a blob already stored is then linked and served.
+        if request.method == b"HEAD":
+            # Asked of the upstream without downloading; nothing is linked by it.
             head = await mirror.head_blob(route, digest)
-            if await mirror.cached_blob(route, digest):
-                return await self._send_blob(request, digest)
             for key, value in _blob_headers(head.digest, head.size).items():
                 request.setHeader(key, value)
             return b""
+        # Fetched and verified even when the store has these bytes: only that
+        # shows this upstream repository has them (they may be someone's private push).
         fill = await mirror.fill(route, digest)
         for key, value in _blob_headers(str(digest), fill.size).items():
             request.setHeader(key, value)
@@ -758,7 +757,7 @@ class RegistryAPI:
         refusal = self._refuse_mirrored_body(request, name, args)
         if refusal is not None:
             return refusal
-        self._writable(name, args.get("ns", [None])[0])
+        self._writable(name, args.get("ns", [None])[0], _header(request, "Host"))
         algorithm = parse_digest(digest).algorithm if digest else None
         uploads = self.store.uploads
 
@@ -845,7 +844,7 @@ class RegistryAPI:
         refusal = self._refuse_mirrored_body(request, name, args)
         if refusal is not None:
             return refusal
-        name = self._writable(name, args.get("ns", [None])[0])
+        name = self._writable(name, args.get("ns", [None])[0], _header(request, "Host"))
 
         def buffer() -> CappedBody:
             return CappedBody(limit, "manifest", self.body_budget, length)
