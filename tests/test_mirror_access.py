@@ -367,7 +367,7 @@ async def test_an_unconfigured_ns_is_name_unknown(fake_upstream, make_registry) 
     repository of that name) exist: 404 NAME_UNKNOWN, and nothing is asked of anyone."""
     image = fake_upstream.add_image("someorg/tools", "v1")
     registry = make_registry(upstreams=(UpstreamConfig(namespace="docker.test", url=fake_upstream.url,
-                                                       default=True),))
+                                                       default=True),), local_prefixes=("team",))
     client = Client(registry.url)
     local = await client.push_image("team/app", "v1")
     for path in ("/v2/someorg/tools/manifests/v1?ns=quay.test", f"/v2/someorg/tools/blobs/{image['config']['digest']}"
@@ -390,7 +390,7 @@ async def test_an_ns_naming_registryd_itself_is_no_ns(fake_upstream, make_regist
     repository is served, and a name that is not local is what it is without ns."""
     image = fake_upstream.add_image("someorg/tools", "v1")
     registry = make_registry(upstreams=(UpstreamConfig(namespace="docker.test", url=fake_upstream.url,
-                                                       default=True),))
+                                                       default=True),), local_prefixes=("team",))
     client = Client(registry.url)
     local = await client.push_image("team/app", "v1")
     reply = await client.get(f"/v2/team/app/manifests/v1?ns={registry.host}", headers={"Accept": OCI_MANIFEST})
