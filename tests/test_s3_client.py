@@ -376,6 +376,21 @@ async def test_body_that_stops_times_out(listen: Any) -> None:
         await client.close()
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_body_that_stops_is_given_up_after_request_timeout(listen: Any) -> None:
+    """A store frozen mid-body is as unavailable as one that does not answer: the
+    short request_timeout applies, not idle_timeout."""
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nETag: \"x\"\r\n\r\n0123456789"
+    client = fake_client(listen(Silent(head)), idle_timeout=30, request_timeout=0.5)
+    try:
+        began = time.monotonic()
+        with pytest.raises(S3Unavailable, match=r"no data for 0.5s after 10 bytes"):
+            await client.get_object("k", Sink())
+        assert time.monotonic() - began < 3
+    finally:
+        await client.close()
+
+
 class DropsFirst(Factory):
     """A server that drops its first connection mid-body, then takes PUTs and keeps their bodies."""
 

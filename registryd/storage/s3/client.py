@@ -122,7 +122,7 @@ class S3Client:
             drop_body(response)
             raise S3Unavailable(f"S3 GET {key}: the endpoint ignored the Range header")
         info = _object_info(response)
-        await pipe_body(response, consumer, self._transport.reactor, self.settings.idle_timeout, f"S3 GET {key}")
+        await pipe_body(response, consumer, self._transport.reactor, self.settings.stall_timeout, f"S3 GET {key}")
         return info
 
     async def get_small(self, key: str, limit: int) -> bytes | None:
@@ -140,7 +140,7 @@ class S3Client:
         def too_large() -> Exception:
             return ObjectTooLarge(key, limit)
 
-        return await read_body(response, self._transport.reactor, self.settings.idle_timeout, f"S3 GET {key}",
+        return await read_body(response, self._transport.reactor, self.settings.stall_timeout, f"S3 GET {key}",
                                limit, too_large)
 
     async def put_object(self, key: str, body: Body, *, if_none_match: bool = False,

@@ -80,6 +80,13 @@ class S3Settings:
     #: CopyObject past 5 GiB. Not a config key: tests lower it.
     copy_threshold: int = 5 * GiB
 
+    @property
+    def stall_timeout(self) -> float:
+        """Seconds a body the store sends may go without a byte while we want
+        more: a store that stops mid-body is as unavailable as one that does
+        not answer (time a slow consumer keeps the body paused is not counted)."""
+        return min(self.request_timeout, self.idle_timeout)
+
     @classmethod
     def from_table(cls, table: Mapping[str, Any], where: str = "storage.s3") -> S3Settings:
         """Validate a parsed TOML table into S3Settings."""

@@ -156,7 +156,7 @@ class S3Transport:
         """A bounded response body (documents, small objects)."""
         def too_large() -> Exception:
             return S3Unavailable(f"S3 {what}: response larger than {limit} bytes")
-        return await read_body(response, self._reactor, self._settings.idle_timeout, f"S3 {what}", limit,
+        return await read_body(response, self._reactor, self._settings.stall_timeout, f"S3 {what}", limit,
                                too_large)
 
     async def discard(self, response: IResponse) -> None:
