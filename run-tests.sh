@@ -6,7 +6,7 @@ cd "$(dirname "$0")"
 SUDO=""
 [ "$(id -u)" = 0 ] || SUDO=sudo
 
-# Real clients (skopeo, containerd's ctr, docker), the reference registry,
+# Real clients (skopeo, podman, containerd's ctr, docker), the reference registry,
 # load generators, what the package build and install tests use, and a
 # one-node Ceph with radosgw as the S3 object store (tests/ceph.py starts it)
 # and HAProxy in front of several nodes (tests/e2e/haproxy.py).
@@ -15,7 +15,7 @@ $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-rec
     skopeo docker-registry containerd docker.io wrk hey openssl curl apache2-utils \
     dpkg-dev debhelper dh-virtualenv python3-venv rpm debootstrap lintian \
     systemd systemd-container chromium \
-    ceph-mon ceph-mgr ceph-osd radosgw ceph-common uuid-runtime haproxy >/dev/null
+    ceph-mon ceph-mgr ceph-osd radosgw ceph-common uuid-runtime haproxy podman >/dev/null
 
 python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip

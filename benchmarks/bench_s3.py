@@ -704,8 +704,8 @@ def parse_args(argv):
                     help="smoke mode: 1x16M and 5x256K images, 16 MiB blob, 1 s load runs")
     ap.add_argument("--seconds", type=int, default=None, help="duration of each wrk/hey run (default 10, quick 1)")
     ap.add_argument("--runs", type=int, default=None, help="pushes and pulls per image (default 3, quick 1)")
-    ap.add_argument("--output", default=None, help="JSON results file (default benchmarks/results/s3-<UTC time>.json;"
-                                                   " a Markdown table is written next to it)")
+    ap.add_argument("--output", default=None, help="JSON results file (default $TMPDIR/registryd-bench/s3-<UTC time>.json, never "
+                                                   "inside the checkout; a Markdown table is written next to it)")
     ap.add_argument("--registries", default=",".join(REGISTRIES),
                     help="which to run: registryd,reference (default both)")
     ap.add_argument("--s3-endpoint", default=None,
@@ -863,13 +863,18 @@ def measure_direct(args, deps, result):
         + (f"  ERROR: {error}" if error else ""))
 
 
+def default_output(stamp):
+    """Where results go without --output: never into the checkout (a run leaves nothing for git to see)."""
+    return os.path.join(tempfile.gettempdir(), "registryd-bench", f"s3-{stamp}.json")
+
+
 def main(argv):
     if argv[:1] == ["_worker"]:
         return worker(argv[1:])
     args = parse_args(argv)
     began = time.monotonic()
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    output = args.output or os.path.join(HERE, "results", f"s3-{stamp}.json")
+    output = args.output or default_output(stamp)
 
     def on_term(signum, frame):
         raise KeyboardInterrupt

@@ -10,6 +10,7 @@ import os
 import re
 import tomllib
 from typing import Any, Mapping
+from urllib.parse import urlsplit
 
 import attrs
 
@@ -42,6 +43,16 @@ def default_data_dir() -> str:
 
 DOCKER_HUB = "docker.io"
 DOCKER_HUB_URL = "https://registry-1.docker.io"
+# Hosts besides its own that a well-known upstream sends registryd to, when
+# its ``allowed_hosts`` is not set: Docker Hub's token service and blob CDN,
+# GitHub's blob storage.
+WELL_KNOWN_HOSTS: dict[str, tuple[str, ...]] = {
+    DOCKER_HUB: ("auth.docker.io", "production.cloudflare.docker.com"),
+    "ghcr.io": ("pkg-containers.githubusercontent.com",),
+}
+_HOST_LABEL = r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?"
+_HOST_PATTERN = re.compile(rf"^(?:\*\.)?{_HOST_LABEL}(?:\.{_HOST_LABEL})*(?::[0-9]{{1,5}})?$")
+_LOCAL_PREFIX = re.compile(r"^[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*)*$")
 _NAMESPACE = re.compile(r"^(?:[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*(?::[0-9]{1,5})?$")
 
 
@@ -63,6 +74,10 @@ class UpstreamConfig:
     idle_timeout: int = 60
     user_agent: str = f"registryd/{__version__}"
     offline: bool = False
+    # Hosts besides the upstream's own that it may send registryd to: blob
+    # redirects (object storage, CDNs) and its token realm. "host", "host:port"
+    # or "*.domain".
+    allowed_hosts: tuple[str, ...] = ()
 
 
 STORAGE_DRIVERS = ("filesystem", "s3")
@@ -152,9 +167,17 @@ class Config:
     io_threads: int = 4
     min_free_bytes: int = 512 * 1024 * 1024
     shutdown_timeout: int = 30
+    header_timeout: int = 60                        # seconds for a request's head to arrive
+    max_connections: int = 1024
+    max_connections_per_client: int = 128
+    max_pending_body_bytes: int = 64 * 1024 * 1024  # manifest bodies in memory, all requests together
+    max_upload_sessions: int = 5000
+    max_upload_sessions_per_client: int = 200
     upstreams: tuple[UpstreamConfig, ...] = ()
     offline: bool = False
     mirror_max_size: int = 0            # bytes; 0: no limit
+    # With a default upstream: where local repositories live (pushes go nowhere else).
+    local_prefixes: tuple[str, ...] = ()
     usage_interval: int = 300
     gc_interval: int = 86400            # 0: no online collection
     gc_delay: int = 3600
@@ -207,6 +230,7 @@ SCHEMA: dict[str, _Section] = {
     "mirror": {
         "offline": ("offline", bool, None),
         "max_size": ("mirror_max_size", object, None),
+        "local_prefixes": ("local_prefixes", list, None),
     },
     "gc": {
         "interval": ("gc_interval", int, _not_negative),
@@ -219,6 +243,8 @@ SCHEMA: dict[str, _Section] = {
     "uploads": {
         "expiry": ("upload_expiry", int, _positive),
         "reap_interval": ("upload_reap_interval", int, _positive),
+        "max_sessions": ("max_upload_sessions", int, _positive),
+        "max_sessions_per_client": ("max_upload_sessions_per_client", int, _positive),
     },
     "server": {
         "stall_timeout": ("stall_timeout", int, _positive),
@@ -226,6 +252,10 @@ SCHEMA: dict[str, _Section] = {
         "min_free_bytes": ("min_free_bytes", object, _positive),
         "shutdown_timeout": ("shutdown_timeout", int, _positive),
         "usage_interval": ("usage_interval", int, _positive),
+        "header_timeout": ("header_timeout", int, _positive),
+        "max_connections": ("max_connections", int, _positive),
+        "max_connections_per_client": ("max_connections_per_client", int, _positive),
+        "max_pending_body_bytes": ("max_pending_body_bytes", int, _positive),
     },
 }
 
@@ -272,7 +302,7 @@ _UPSTREAM_KEYS: dict[str, tuple[type, bool]] = {
     "credentials_file": (str, False), "ca_file": (str, False), "client_cert": (str, False),
     "client_key": (str, False), "tls_verify": (bool, False), "manifest_ttl": (int, False),
     "connect_timeout": (int, False), "idle_timeout": (int, False), "user_agent": (str, False),
-    "offline": (bool, False),
+    "offline": (bool, False), "allowed_hosts": (list, False),
 }
 
 
@@ -301,7 +331,7 @@ def _upstream(where: str, table: Any) -> UpstreamConfig:
                           f"registry.local:5000, not {settings['namespace']!r}")
     settings["namespace"] = namespace
     url = settings.get("url") or (DOCKER_HUB_URL if namespace == DOCKER_HUB else f"https://{namespace}")
-    if not re.match(r"^https?://[^/\s]+/?$", url):
+    if not re.match(r"^https?://[^/\s@]+/?$", url) or not _valid_host_and_port(url):
         raise ConfigError(f"'{where}.url' must be http(s)://host[:port], not {url!r}")
     settings["url"] = url.rstrip("/")
     sources = [k for k in ("password", "password_env", "credentials_file") if k in settings]
@@ -325,7 +355,54 @@ def _upstream(where: str, table: Any) -> UpstreamConfig:
     for key in ("ca_file", "client_cert", "client_key"):
         if key in settings and not os.access(settings[key], os.R_OK):
             raise ConfigError(f"'{where}.{key}': cannot read {settings[key]}")
+    settings["allowed_hosts"] = _allowed_hosts(f"{where}.allowed_hosts", settings.get("allowed_hosts"), namespace)
     return UpstreamConfig(**settings)
+
+
+def _valid_host_and_port(url: str) -> bool:
+    try:
+        return bool(urlsplit(url).hostname) and urlsplit(url).port != 0
+    except ValueError:   # a port out of range
+        return False
+
+
+def _allowed_hosts(key: str, value: list[Any] | None, namespace: str) -> tuple[str, ...]:
+    """``allowed_hosts``: host names, ``host:port`` or ``*.domain``; a well-known
+    upstream's own list when the key is absent."""
+    if value is None:
+        return WELL_KNOWN_HOSTS.get(namespace, ())
+    hosts = []
+    for index, item in enumerate(value):
+        if not isinstance(item, str) or not _HOST_PATTERN.match(item.lower()):
+            raise ConfigError(f"'{key}[{index}]' must be a host such as cdn.example.com, cdn.example.com:8443 "
+                              f"or *.example.com, not {item!r}")
+        hosts.append(item.lower())
+    return tuple(hosts)
+
+
+def _local_prefixes(key: str, value: list[Any]) -> tuple[str, ...]:
+    """``[mirror] local_prefixes``: repository names, each the root of a local namespace."""
+    prefixes = []
+    for index, item in enumerate(value):
+        if not isinstance(item, str) or not _LOCAL_PREFIX.match(item):
+            raise ConfigError(f"'{key}[{index}]' must be a repository path such as \"team\" or \"ci/builds\", "
+                              f"not {item!r}")
+        prefixes.append(item)
+    return tuple(prefixes)
+
+
+def _check_local_prefixes(settings: Mapping[str, Any]) -> None:
+    """A local prefix must not be how clients name an upstream's repositories."""
+    upstreams: tuple[UpstreamConfig, ...] = settings.get("upstreams", ())
+    namespaces = {u.namespace for u in upstreams}
+    default = next((u for u in upstreams if u.default), None)
+    for prefix in settings.get("local_prefixes", ()):
+        first = prefix.split("/", 1)[0]
+        if first in namespaces:
+            raise ConfigError(f"'mirror.local_prefixes': {prefix!r} is the namespace of an upstream")
+        if default is not None and default.namespace == DOCKER_HUB and first == "library":
+            raise ConfigError(f"'mirror.local_prefixes': {prefix!r} would shadow Docker Hub's official images "
+                              f"(docker clients ask for library/<name>)")
 
 
 def _upstreams(key: str, value: list[Any]) -> tuple[UpstreamConfig, ...]:
@@ -397,6 +474,8 @@ def parse_settings(document: Mapping[str, Any]) -> dict[str, Any]:
                     raise ConfigError(str(e)) from None
             elif field == "upstreams":
                 item = _upstreams(full, item)
+            elif field == "local_prefixes":
+                item = _local_prefixes(full, item)
             elif field == "access":
                 try:
                     item = parse_access_rules(item, full)
@@ -407,6 +486,7 @@ def parse_settings(document: Mapping[str, Any]) -> dict[str, Any]:
             elif check is not None and not check(item):
                 raise ConfigError(f"'{full}' must be greater than zero, not {item!r}")
             settings[field] = item
+    _check_local_prefixes(settings)
     return settings
 
 
@@ -435,4 +515,8 @@ def load_config(path: str | None = None, overrides: Mapping[str, Any] | None = N
             settings[key] = value
     if "data_dir" in settings:
         settings["data_dir"] = os.path.abspath(os.path.expanduser(settings["data_dir"]))
-    return Config(**settings)
+    config = Config(**settings)
+    if config.max_pending_body_bytes < config.max_manifest_size:
+        raise ConfigError(f"'server.max_pending_body_bytes' ({config.max_pending_body_bytes}) must be at least "
+                          f"'registry.max_manifest_size' ({config.max_manifest_size}), or no manifest fits")
+    return config

@@ -1,13 +1,13 @@
 """Parsing and validating pushed manifests (OCI image/index, Docker schema 2)."""
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import attrs
 
 from registryd.digest import Digest, parse_digest
 from registryd.errors import RegistryError, manifest_invalid
+from registryd.json_documents import load_json
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -102,8 +102,8 @@ def parse_manifest(data: bytes, content_type: str | None) -> Manifest:
     the client sent none; when both are present they must agree.
     """
     try:
-        document = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as e:
+        document = load_json(data)
+    except ValueError as e:
         raise manifest_invalid(f"not valid JSON: {e}") from None
     if not isinstance(document, dict):
         raise manifest_invalid("not a JSON object")

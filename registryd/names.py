@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 
-from registryd.errors import manifest_invalid, name_invalid
+from registryd.errors import RegistryError, manifest_invalid, name_invalid
 
 _COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
 _NAME = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})*$")
@@ -29,10 +29,12 @@ def check_raw_path(path: bytes) -> None:
     """Refuse encoded '/', '.' and '\\' in a request path.
 
     Routing sees the decoded path, where ``a%2Fb`` would pass as ``a/b``.
+    The error names nothing: which part of such a path is a repository is
+    exactly what cannot be told.
     """
     raw = path.lower()
     if b"%2f" in raw or b"%2e" in raw or b"%5c" in raw:
-        raise name_invalid(path.decode("latin-1")[:255], "encoded '/', '.' or '\\' in the path")
+        raise RegistryError(400, "NAME_INVALID", "encoded '/', '.' or '\\' in the path")
 
 
 def is_tag(reference: str) -> bool:

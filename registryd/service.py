@@ -1,6 +1,7 @@
 """The registry as a Twisted service: storage, listeners and timers."""
 from __future__ import annotations
 
+import resource
 from typing import Any
 
 from twisted.application.service import MultiService
@@ -13,17 +14,42 @@ from twisted.python.failure import Failure
 
 from registryd.auth.errors import AuthConfigError
 from registryd.auth.policy import mirrored_namespaces
+from registryd.auth.proxies import is_loopback
 from registryd.auth.settings import build_auth
 from registryd.auth.tls import ServerTLSContext, parse_tls_description, tls_endpoint
 from registryd.config import Config
 from registryd.storage import open_store
-from registryd.threads import BlockingPool
+from registryd.storage.outage import StoreUnusable, outage_reason
+from registryd.threads import BlockingPool, BoundedPool
 from registryd.upkeep.scheduler import Upkeep
 from registryd.web.app import RegistryAPI
 from registryd.web.probes import ProbesOnly, split_probes
 from registryd.web.site import RegistrySite
 
 log = Logger()
+
+
+# Descriptors kept beside client connections: blob files, upload sessions,
+# upstream and object store connections, log files.
+FILES_BESIDE_CONNECTIONS = 1024
+
+
+def make_room_for_connections(max_connections: int) -> None:
+    """Raise the soft descriptor limit (often 1024) so that ``max_connections``
+    clients cannot starve the files of the requests being served; warn if the
+    hard limit does not allow it."""
+    wanted = max_connections + FILES_BESIDE_CONNECTIONS
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        new = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+            soft = new
+        except (ValueError, OSError):
+            pass
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        log.warn("the open-file limit ({soft}) is below [server] max_connections + {extra}: lower "
+                 "max_connections or raise LimitNOFILE", soft=soft, extra=FILES_BESIDE_CONNECTIONS)
 
 
 class StartupError(Exception):
@@ -33,14 +59,21 @@ class StartupError(Exception):
 class RegistryService(MultiService):
     """Owns the store, the HTTP site, the listening ports and the reaper."""
 
+    _store_checked = False
+
     def __init__(self, config: Config, reactor: Any) -> None:
         super().__init__()
         self.config = config
         self._reactor = reactor
         self.pool = BlockingPool(reactor, config.io_threads)
         self.store = open_store(config, self.pool, reactor)
+        # bcrypt gets threads of its own, at a lower CPU priority: a flood
+        # of logins never queues in front of an upload's fsync, nor takes
+        # the CPU from the reactor.
+        self.auth_pool = BoundedPool(reactor, config.auth.check_threads, config.auth.check_queue,
+                                     name="registryd-auth", nice=10)
         try:
-            self.auth = build_auth(config.auth, config.access, self.pool, reactor,
+            self.auth = build_auth(config.auth, config.access, self.auth_pool, reactor,
                                    mirrored_namespaces(u.namespace for u in config.upstreams))
         except AuthConfigError as e:
             raise StartupError(str(e)) from None
@@ -54,7 +87,8 @@ class RegistryService(MultiService):
         self._reaper.clock = reactor
 
     def prepare_storage(self) -> None:
-        """Create the data directory layout and prove it writable."""
+        """Create the data directory layout and prove it writable; on S3, prove the bucket
+        exists and takes a write and a read (once: twistd and startService both call this)."""
         try:
             self.store.prepare()
         except OSError as e:
@@ -62,8 +96,15 @@ class RegistryService(MultiService):
             raise StartupError(
                 f"data directory {self.config.data_dir} is not usable: {where}{e.strerror}"
             ) from None
+        if not self._store_checked:
+            try:
+                self.store.check_store()
+            except StoreUnusable as e:
+                raise StartupError(str(e)) from None
+            self._store_checked = True
 
     def privilegedStartService(self) -> None:
+        make_room_for_connections(self.config.max_connections)
         # Listen here, synchronously, so a port in use stops start-up with
         # one line instead of a server that runs without a socket.
         for description in self.config.listen:
@@ -86,6 +127,8 @@ class RegistryService(MultiService):
             self.ports.append(port)
             log.info("registryd listening on {address}{what}", address=str(port.getHost()),
                      what=" (health checks only)" if probes_only else "")
+            if not probes_only:
+                self._warn_if_credentials_in_clear(description, port)
         super().privilegedStartService()
 
     def _probe_site(self) -> RegistrySite:
@@ -93,6 +136,21 @@ class RegistryService(MultiService):
         if self.probe_site is None:
             self.probe_site = RegistrySite(self.api, self._reactor, resource=ProbesOnly(self.site.resource))
         return self.probe_site
+
+    def _warn_if_credentials_in_clear(self, description: str, port: IListeningPort) -> None:
+        """Basic credentials on a plain listener others can reach travel in clear text: say so."""
+        if self.config.auth.htpasswd is None or description.startswith(("tls:", "ssl:")):
+            return
+        host = getattr(port.getHost(), "host", None)
+        if host is None or is_loopback(host):
+            return      # a unix socket, or loopback only
+        if self.config.auth.require_tls:
+            log.warn("plain HTTP listener {description} is not loopback-only: credentials sent to it are "
+                     "refused ([auth] require_tls); anonymous requests are served", description=description)
+        else:
+            log.warn("plain HTTP listener {description} is not loopback-only and users are configured: "
+                     "passwords cross the network in clear text; use a TLS listener, or set "
+                     "[auth] require_tls = true to refuse credentials here", description=description)
 
     def _endpoint(self, description: str) -> Any:
         """A Twisted endpoint; ``tls:`` ones get our reloadable TLS context."""
@@ -118,19 +176,24 @@ class RegistryService(MultiService):
     def startService(self) -> None:
         self.prepare_storage()
         self.pool.start()
+        self.auth_pool.start()
         self.store.recover()
         super().startService()
         self._reaper.start(self.config.upload_reap_interval, now=False).addErrback(
             lambda f: log.failure("upload reaper stopped", f)
         )
         self.upkeep.start()
-        log.info("registryd serving {data_dir}", data_dir=self.config.data_dir)
+        log.info("registryd serving {location}", location=self.store.location(), data_dir=self.config.data_dir)
 
     async def _reap_uploads(self) -> None:
         try:
             removed = await self.store.uploads.reap(self.config.upload_expiry)
-        except Exception:
-            log.failure("reaping abandoned uploads failed; will try again")
+        except Exception as e:
+            reason = outage_reason(e)
+            if reason is None:
+                log.failure("reaping abandoned uploads failed; will try again")
+            else:
+                log.warn("reaping abandoned uploads failed ({reason}); will try again", reason=reason)
             return
         if removed:
             log.info("reaped {count} abandoned upload sessions", count=removed)
@@ -154,4 +217,5 @@ class RegistryService(MultiService):
         d.addBoth(lambda _: self.store.close())
         d.addBoth(lambda _: MultiService.stopService(self))
         d.addBoth(lambda _: self.pool.stop())
+        d.addBoth(lambda _: self.auth_pool.stop())
         return d

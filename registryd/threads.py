@@ -5,8 +5,11 @@ it means a slow disk never delays name resolution.
 """
 from __future__ import annotations
 
+import os
+import threading
 from typing import Any, Callable, TypeVar
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
@@ -42,3 +45,78 @@ class InlinePool:
 
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return fn(*args, **kwargs)
+
+
+class PoolBusy(Exception):
+    """A BoundedPool's queue is full: the caller should refuse, not wait."""
+
+
+class BoundedPool(BlockingPool):
+    """A BlockingPool that lets at most ``queue`` callables wait for a
+    thread, best rank first; past that ``run_ranked`` raises PoolBusy at once.
+
+    For work a client can make us do at will (password checks): a flood
+    gets refusals instead of a queue that grows without bound, and work of
+    a better (lower) rank -- a client address without failures -- goes
+    ahead of the flood's and, when the queue is full, takes the place of
+    the newest waiter of a worse rank (which gets PoolBusy).
+    """
+
+    def __init__(self, reactor: IReactorThreads, size: int, queue: int, name: str, nice: int = 0) -> None:
+        super().__init__(reactor, size, name)
+        self._nice = nice
+        self._niced = threading.local()
+        self._size = size
+        self._queue = queue
+        self._running = 0
+        self._sequence = 0
+        self._waiting: list[tuple[int, int, Deferred[None]]] = []
+
+    @property
+    def pending(self) -> int:
+        """Callables running or waiting."""
+        return self._running + len(self._waiting)
+
+    async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return await self.run_ranked(0, fn, *args, **kwargs)
+
+    async def run_ranked(self, rank: int, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        if self._running >= self._size:
+            await self._turn(rank)
+        self._running += 1
+        try:
+            return await super().run(self._call, fn, *args, **kwargs)
+        finally:
+            self._running -= 1
+            self._next()
+
+    def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """In the worker thread: lower its CPU priority once (Linux renices
+        threads one by one), so this work yields to the reactor's thread."""
+        if self._nice and not getattr(self._niced, "done", False):
+            self._niced.done = True
+            try:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self._nice)
+            except (AttributeError, OSError):
+                pass
+        return fn(*args, **kwargs)
+
+    def _turn(self, rank: int) -> Deferred[None]:
+        if len(self._waiting) >= self._queue:
+            worst = max(self._waiting, key=lambda w: (w[0], w[1]))
+            if worst[0] <= rank:
+                raise PoolBusy(f"{self.pending} {self._pool.name} jobs are already running or waiting")
+            self._waiting.remove(worst)
+            worst[2].errback(PoolBusy(f"{self._pool.name}: a job of a better rank took this one's place"))
+        self._sequence += 1
+        entry: tuple[int, int, Deferred[None]]
+        turn: Deferred[None] = Deferred(lambda d: self._waiting.remove(entry) if entry in self._waiting else None)
+        entry = (rank, self._sequence, turn)
+        self._waiting.append(entry)
+        return turn
+
+    def _next(self) -> None:
+        if self._waiting and self._running < self._size:
+            best = min(self._waiting, key=lambda w: (w[0], w[1]))
+            self._waiting.remove(best)
+            best[2].callback(None)

@@ -17,6 +17,7 @@ never skip it. Everything but ``new_bucket`` blocks.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import random
@@ -74,9 +75,57 @@ class CephS3:
         """S3Settings for ``bucket`` on this endpoint (path-style, the test user)."""
         values: dict[str, Any] = {"endpoint": self.endpoint, "bucket": bucket, "access_key_id": self.access_key,
                                   "secret_access_key": self.secret_key, "region": self.region,
-                                  "idle_timeout": 30}
+                                  "idle_timeout": 30, "request_timeout": 30}
         values.update(overrides)
         return S3Settings(**values)
+
+    # -- outages: radosgw frozen or killed, then brought back --------------------------
+
+    @property
+    def _pid_file(self) -> str:
+        return os.path.join(self.directory, "rgw.pid")
+
+    def radosgw_pid(self) -> int:
+        with open(self._pid_file) as f:
+            return int(f.read().strip())
+
+    def freeze(self) -> None:
+        """SIGSTOP radosgw: it keeps its port and accepts connections, but answers nothing."""
+        os.kill(self.radosgw_pid(), signal.SIGSTOP)
+
+    def kill(self) -> None:
+        """SIGKILL radosgw: connections are reset, new ones refused (``restore`` starts it again)."""
+        pid = self.radosgw_pid()
+        os.kill(pid, signal.SIGKILL)
+        for process in [p for p in _children if p.pid == pid]:
+            process.wait(10)
+            _children.remove(process)
+        deadline = time.monotonic() + 10
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    def restore(self) -> None:
+        """Thaw a frozen radosgw or start a killed one again; returns once it answers."""
+        pid = self.radosgw_pid()
+        if _alive(pid):
+            os.kill(pid, signal.SIGCONT)
+        else:
+            port = self.endpoint.rsplit(":", 1)[1]
+            _restart_rgw_nodelay({"CEPH_DIR": self.directory, "RGW_PORT": port})
+        if not _wait_answers(self.endpoint):
+            raise RuntimeError(f"radosgw did not come back on {self.endpoint}")
+
+    @contextlib.contextmanager
+    def outage(self, kind: str) -> Iterator[None]:
+        """``with ceph_s3.outage("freeze" | "kill"):`` radosgw is down inside, and back
+        (answering) after, whatever happened inside: the other tests share it."""
+        if kind not in ("freeze", "kill"):
+            raise ValueError(kind)
+        try:
+            self.freeze() if kind == "freeze" else self.kill()
+            yield
+        finally:
+            self.restore()
 
     async def new_bucket(self, **overrides: Any) -> S3Client:
         """A client on a new, uniquely named bucket (created through the client).
@@ -163,6 +212,7 @@ def _start(directory: str, attempt: int) -> tuple[dict[str, str], str | None, st
     if not _wait_answers(endpoint):
         rgw_log = os.path.join(env["CEPH_DIR"], "log", "client.rgw.a.log")
         return env, f"radosgw did not answer on {endpoint}:\n{_tail(rgw_log)}", endpoint
+    _shorten_watch_timeout(env)
     _restart_rgw_nodelay(env)
     if not _wait_answers(endpoint):
         return env, f"radosgw with tcp_nodelay=1 did not answer on {endpoint}:\n" \
@@ -179,6 +229,18 @@ def _wait_answers(endpoint: str, timeout: float = 60) -> bool:
     return True
 
 
+def _shorten_watch_timeout(env: dict[str, str]) -> None:
+    """Let the OSD forget a killed radosgw's watches after 3 s, not 30.
+
+    radosgw watches its metadata objects; until a dead instance's watches
+    time out, every bucket creation waits for it (25 s after a SIGKILL,
+    measured), which the outage tests would pass on to every later test.
+    Set before radosgw restarts below, so its watches get the short timeout.
+    """
+    subprocess.run(["ceph", "-c", os.path.join(env["CEPH_DIR"], "ceph.conf"), "config", "set", "osd",
+                    "osd_client_watch_timeout", "3"], check=True, capture_output=True, timeout=60)
+
+
 def _restart_rgw_nodelay(env: dict[str, str]) -> None:
     """Run radosgw again with ``tcp_nodelay=1`` on its beast frontend.
 
@@ -191,7 +253,8 @@ def _restart_rgw_nodelay(env: dict[str, str]) -> None:
     pid_file = os.path.join(directory, "rgw.pid")
     with open(pid_file) as f:
         old = int(f.read().strip())
-    os.kill(old, signal.SIGTERM)
+    if _alive(old):
+        os.kill(old, signal.SIGTERM)
     deadline = time.monotonic() + 20
     while _alive(old) and time.monotonic() < deadline:
         time.sleep(0.05)

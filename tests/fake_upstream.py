@@ -22,10 +22,24 @@ it lasts until ``recover(path)``):
   last body byte is flipped, so only a digest check at the end notices;
 * ``stall_after(path, n)``: ``n`` bytes, then silence with the connection
   open, until ``release_stalled(path)`` sends the rest or ``close()``;
+  ``chunked=True`` sends no Content-Length (a chunked body, whose end only
+  its last chunk marks), so even all the bytes can wait for their end;
 * ``status(path, 429|503|..., retry_after=...)``: an OCI error document
   with that status (and ``Retry-After`` when given), for GET and HEAD;
 * ``slow(path, bytes_per_tick, tick=0.01)``: the body dripped in pieces,
-  so a downstream's first byte can arrive before the fake is done.
+  so a downstream's first byte can arrive before the fake is done;
+* ``redirect(path, location, code=307)``: a redirect to ``location`` (any
+  text: another fake's URL, ``file:///etc/passwd``), for GET and HEAD;
+* ``serve(path, body, content_type)``: that body with status 200 instead
+  of what the path holds (a hostile tag list, manifest or token).
+
+``challenge(header)`` makes every ``/v2/`` request without an
+``Authorization`` header answer 401 with ``WWW-Authenticate: header``.
+``GET /token`` answers ``{"token": "fake-token"}`` (a token service).
+``start(interface="127.0.0.2")`` listens on another loopback address: a
+second fake there is "another host" to the first; ``start(tls=options)``
+speaks TLS with those CertificateOptions (``url`` is then https://), and
+each SeenRequest says whether the client offered a certificate.
 
 Body faults do not apply to HEAD (there is no body); status does.
 Requests are counted per (method, path), the query string left out, before
@@ -65,13 +79,17 @@ _RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
 class Fault:
     """What to do to the next requests for one path."""
 
-    kind: str                       # drop_after | wrong_bytes | stall_after | status | slow
+    kind: str                       # drop_after | wrong_bytes | stall_after | status | slow | redirect | serve
     n_bytes: int = 0
     status: int = 0
     retry_after: str | None = None
     bytes_per_tick: int = 0
     tick: float = 0.01
     times: int | None = None        # None: until recover()
+    location: str = ""
+    body: bytes = b""
+    content_type: str = ""
+    chunked: bool = False           # no Content-Length: the body's end is its last chunk
 
 
 @attrs.frozen
@@ -80,6 +98,7 @@ class SeenRequest:
     path: str
     query: str
     headers: dict[str, str]   # lower-cased names, last value wins
+    client_certificate: bool = False   # over TLS: the client presented one
 
 
 @attrs.define
@@ -125,6 +144,9 @@ class FakeUpstream:
     counts: Counter[tuple[str, str]] = attrs.field(factory=Counter)
     requests: list[SeenRequest] = attrs.field(factory=list)
     port: int = 0
+    interface: str = "127.0.0.1"
+    scheme: str = "http"
+    auth_challenge: str | None = None
     _listening: Any = None
     _factory: Any = None
     _stalled: dict[str, list[_Stalled]] = attrs.field(factory=dict)
@@ -134,11 +156,16 @@ class FakeUpstream:
 
     # -- lifecycle -------------------------------------------------------------
 
-    def start(self) -> FakeUpstream:
+    def start(self, interface: str = "127.0.0.1", tls: Any = None) -> FakeUpstream:
         site = Site(self.app.resource())
         site.displayTracebacks = False
         self._factory = _Tracking(site)
-        self._listening = self.reactor.listenTCP(0, self._factory, interface="127.0.0.1")
+        self.interface = interface
+        if tls is not None:
+            self.scheme = "https"
+            self._listening = self.reactor.listenSSL(0, self._factory, tls, interface=interface)
+        else:
+            self._listening = self.reactor.listenTCP(0, self._factory, interface=interface)
         self.port = self._listening.getHost().port
         return self
 
@@ -152,11 +179,11 @@ class FakeUpstream:
 
     @property
     def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.interface}:{self.port}"
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}"
+        return f"{self.scheme}://{self.host}"
 
     # -- content ---------------------------------------------------------------
 
@@ -202,8 +229,8 @@ class FakeUpstream:
     def wrong_bytes(self, path: str, times: int | None = None) -> None:
         self.faults[path] = Fault("wrong_bytes", times=times)
 
-    def stall_after(self, path: str, n_bytes: int, times: int | None = None) -> None:
-        self.faults[path] = Fault("stall_after", n_bytes=n_bytes, times=times)
+    def stall_after(self, path: str, n_bytes: int, times: int | None = None, chunked: bool = False) -> None:
+        self.faults[path] = Fault("stall_after", n_bytes=n_bytes, times=times, chunked=chunked)
 
     def status(self, path: str, code: int, retry_after: int | str | None = None,
                times: int | None = None) -> None:
@@ -212,6 +239,17 @@ class FakeUpstream:
 
     def slow(self, path: str, bytes_per_tick: int, tick: float = 0.01, times: int | None = None) -> None:
         self.faults[path] = Fault("slow", bytes_per_tick=max(1, bytes_per_tick), tick=tick, times=times)
+
+    def redirect(self, path: str, location: str, code: int = 307, times: int | None = None) -> None:
+        self.faults[path] = Fault("redirect", status=code, location=location, times=times)
+
+    def serve(self, path: str, body: bytes, content_type: str = "application/json",
+              times: int | None = None) -> None:
+        self.faults[path] = Fault("serve", body=body, content_type=content_type, times=times)
+
+    def challenge(self, header: str | None) -> None:
+        """Answer 401 with ``WWW-Authenticate: header`` to /v2/ requests without credentials (None: stop)."""
+        self.auth_challenge = header
 
     def recover(self, path: str | None = None) -> None:
         """Clear the fault on ``path`` (every fault when None). Stalled
@@ -270,7 +308,8 @@ class FakeUpstream:
         headers = {k.decode("latin-1").lower(): v[-1].decode("latin-1")
                    for k, v in request.requestHeaders.getAllRawHeaders()}
         self.counts[(method, path)] += 1
-        self.requests.append(SeenRequest(method, path, query, headers))
+        peer = getattr(request.channel.transport, "getPeerCertificate", None)
+        self.requests.append(SeenRequest(method, path, query, headers, peer is not None and peer() is not None))
         for waiter in list(self._waiters):
             w_method, w_path, w_n, d = waiter
             if self.count(w_method, w_path) >= w_n:
@@ -294,12 +333,28 @@ class FakeUpstream:
         return self._json(request, status, {"errors": [{"code": code, "message": message, "detail": None}]},
                           extra)
 
+    @app.route("/token", methods=["GET"])
+    def token(self, request: Any) -> Any:
+        self._record(request)
+        return self._json(request, 200, {"token": "fake-token", "expires_in": 300})
+
     @app.route("/v2/", methods=["GET", "HEAD"])
     @app.route("/v2/<path:rest>", methods=["GET", "HEAD"])
     def v2(self, request: Any, rest: str = "") -> Any:
         request.setHeader(b"Docker-Distribution-API-Version", b"registry/2.0")
         _, path = self._record(request)
+        if self.auth_challenge is not None and not request.getHeader(b"Authorization"):
+            return self._error(request, 401, "UNAUTHORIZED", "authentication required",
+                               {"WWW-Authenticate": self.auth_challenge})
         fault = self._take_fault(path)
+        if fault is not None and fault.kind == "redirect":
+            request.setResponseCode(fault.status)
+            request.setHeader(b"Location", fault.location.encode("latin-1"))
+            request.setHeader(b"Content-Length", b"0")
+            return b""
+        if fault is not None and fault.kind == "serve":
+            request.setHeader(b"Content-Type", fault.content_type.encode())
+            return self._body(request, path, fault.body, None)
         if fault is not None and fault.kind == "status":
             extra = {"Retry-After": fault.retry_after} if fault.retry_after is not None else None
             code = ERROR_CODES.get(fault.status, "UNKNOWN")
@@ -343,7 +398,8 @@ class FakeUpstream:
         return self._error(request, 404, "NAME_UNKNOWN", "not found")
 
     def _body(self, request: Any, path: str, body: bytes, fault: Fault | None) -> Any:
-        request.setHeader(b"Content-Length", str(len(body)).encode())
+        if fault is None or not fault.chunked or request.method == b"HEAD":
+            request.setHeader(b"Content-Length", str(len(body)).encode())
         if request.method == b"HEAD" or fault is None:
             return b"" if request.method == b"HEAD" else body
         if fault.kind == "wrong_bytes":

@@ -56,7 +56,8 @@ SPEC_ERROR_CODES = frozenset({
     "NAME_UNKNOWN", "SIZE_INVALID", "UNAUTHORIZED", "DENIED", "UNSUPPORTED",
     "TOOMANYREQUESTS",
 })
-LEGACY_ERROR_CODES = frozenset({"TAG_INVALID", "MANIFEST_UNVERIFIED"})
+# PAGINATION_NUMBER_INVALID: distribution's answer to an unusable ``n``.
+LEGACY_ERROR_CODES = frozenset({"TAG_INVALID", "MANIFEST_UNVERIFIED", "PAGINATION_NUMBER_INVALID"})
 
 _LINK_NEXT = re.compile(r'<([^>]*)>\s*;\s*rel="?next"?')
 

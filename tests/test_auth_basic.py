@@ -7,6 +7,7 @@ from typing import Any
 import bcrypt
 import pytest
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
@@ -157,3 +158,127 @@ def test_build_auth(path: str, clock: Clock) -> None:
 
     with pytest.raises(HtpasswdError):
         build_auth(AuthSettings(htpasswd=path + ".missing"), (), InlinePool(), clock)
+
+
+# --- anonymous forms, bearer tokens, the cache, limits -------------------------
+
+def test_empty_basic_and_the_anonymous_token_are_anonymous(auth: BasicAuthenticator) -> None:
+    """containers/image sends ``Basic Og==`` (":") when it has no credentials."""
+    assert settled(start(auth, b"Basic " + b64encode(b":"))) is None
+    assert settled(start(auth, b"Bearer anonymous")) is None
+
+
+def test_bearer_tokens_are_signed_expiring_and_carry_no_password(auth: BasicAuthenticator, path: str,
+                                                                  clock: Clock) -> None:
+    from registryd.auth import tokens
+
+    key = auth.token_key("alice")
+    token = tokens.issue("alice", key, clock.seconds())
+    assert "s3cret" not in token and b64encode(b"s3cret").decode().rstrip("=") not in token
+    assert settled(start(auth, f"Bearer {token}")) == "alice"
+    forged = [tokens.issue("alice", b"guessed key", clock.seconds()),
+              tokens.issue("bob", key, clock.seconds()),          # alice's key, another user
+              token[:-2] + ("AA" if not token.endswith("AA") else "BB"),
+              "rd2.", "rd2.YWxpY2U.1.x", "rd1.YWxpY2U6czNjcmV0", "something-else"]
+    for bad in forged:
+        settled(start(auth, f"Bearer {bad}", address="10.7.7.7")).trap(AuthenticationFailed)
+    # it expires (after its lifetime and a grace for requests in flight)
+    clock.advance(tokens.TOKEN_LIFETIME + tokens.TOKEN_GRACE + 1)
+    settled(start(auth, f"Bearer {token}")).trap(AuthenticationFailed)
+    # a changed password stops the tokens signed before it at once
+    fresh = tokens.issue("alice", auth.token_key("alice"), clock.seconds())
+    assert settled(start(auth, f"Bearer {fresh}")) == "alice"
+    with open(path, "w") as f:
+        f.write("alice:" + bcrypt.hashpw(b"changed", bcrypt.gensalt(4)).decode() + "\n")
+    clock.advance(5)
+    settled(start(auth, f"Bearer {fresh}")).trap(AuthenticationFailed)
+    assert tokens.realm(True, "registry.example:5443") == "https://registry.example:5443/v2/token"
+    assert tokens.realm(False, "[::1]:5000") == "http://[::1]:5000/v2/token"
+    for host in (None, "", 'evil"host', "a b", "host/path"):
+        assert tokens.realm(False, host) is None
+
+
+class CountingChecker:
+    """A checker whose checks wait until released: to see what runs at once."""
+
+    def __init__(self) -> None:
+        self.waiting: list[Deferred[None]] = []
+        self.good: set[tuple[str, bytes]] = set()
+        self.ranks: list[int] = []
+
+    def known_good(self, username: str, password: bytes) -> bool:
+        return (username, password) in self.good
+
+    def checking(self, username: str, password: bytes) -> bool:
+        return False
+
+    async def authenticate(self, username: str, password: str | bytes, rank: int = 0) -> str:
+        self.ranks.append(rank)
+        d: Deferred[None] = Deferred()
+        self.waiting.append(d)
+        await d
+        raise UnauthorizedLogin("wrong")
+
+
+def test_concurrent_checks_per_address_and_cached_passwords(clock: Clock) -> None:
+    from registryd.auth.basic import TooManyChecks
+
+    checker = CountingChecker()
+    throttle = Throttle(clock, free_failures=0, max_concurrent=2)
+    auth = BasicAuthenticator(checker, throttle, clock)
+    first = [start(auth, basic("alice", f"guess{i}")) for i in range(2)]
+    third = settled(start(auth, basic("alice", "guess3")))
+    assert isinstance(third, Failure) and third.check(TooManyChecks)
+    assert throttle.failures("10.0.0.1") == 1          # the refusal counts against the address
+    # a password known good from the cache: no wait, no check slot, no bcrypt
+    checker.good.add(("bob", b"right"))
+    assert settled(start(auth, basic("bob", "right"))) == "bob"
+    for d in checker.waiting:
+        d.callback(None)
+    for d in first:
+        settled(d).trap(AuthenticationFailed)
+    assert checker.ranks == [0, 0]
+    # the address now has failures: its next check ranks behind clean addresses
+    clock.advance(100)
+    start(auth, basic("alice", "guess4")).addErrback(lambda f: None)
+    assert checker.ranks[-1] == 1
+    start(auth, basic("carol", "x"), address="10.0.0.9").addErrback(lambda f: None)
+    assert checker.ranks[-1] == 0
+
+
+def test_a_full_check_queue_is_too_many_checks(clock: Clock) -> None:
+    from registryd.auth.basic import TooManyChecks
+    from registryd.threads import PoolBusy
+
+    class BusyChecker(CountingChecker):
+        async def authenticate(self, username: str, password: str | bytes, rank: int = 0) -> str:
+            raise PoolBusy("full")
+
+    auth = BasicAuthenticator(BusyChecker(), Throttle(clock), clock)
+    settled(start(auth, basic("alice", "x"))).trap(TooManyChecks)
+
+
+def test_identical_credentials_at_once_share_one_check(path: str, clock: Clock) -> None:
+    """docker uploads layers in parallel, each request with the same new
+    credentials: they join one check instead of hitting the per-address limit."""
+    from registryd.threads import BoundedPool
+
+    class Gated(BoundedPool):
+        """Runs nothing until released, like a busy bcrypt thread."""
+
+        def __init__(self) -> None:
+            self.calls: list[Deferred[None]] = []
+
+        async def run_ranked(self, rank: int, fn: Any, *args: Any) -> Any:
+            d: Deferred[None] = Deferred()
+            self.calls.append(d)
+            await d
+            return fn(*args)
+
+    pool = Gated()
+    checker = HtpasswdChecker(path, pool, clock)
+    auth = BasicAuthenticator(checker, Throttle(clock, max_concurrent=1), clock)
+    started = [start(auth, basic("alice", "s3cret")) for _ in range(4)]
+    assert len(pool.calls) == 1
+    pool.calls[0].callback(None)
+    assert [settled(d) for d in started] == ["alice"] * 4

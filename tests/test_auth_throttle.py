@@ -25,11 +25,11 @@ def test_first_failures_are_free_then_delay_doubles_to_the_cap() -> None:
     for _ in range(8):
         delays.append(throttle.record_failure("10.0.0.1", "alice"))
     assert delays == [0, 0, 0, 1, 2, 4, 8, 8]
-    assert throttle.delay_for("10.0.0.1") == 8
+    assert throttle.delay_for("10.0.0.1", "alice") == 8
     clock.advance(5)
-    assert throttle.delay_for("10.0.0.1") == 3
+    assert throttle.delay_for("10.0.0.1", "alice") == 3
     clock.advance(3)
-    assert throttle.delay_for("10.0.0.1") == 0
+    assert throttle.delay_for("10.0.0.1", "alice") == 0
     # the count is still there: the next failure waits the cap again
     assert throttle.record_failure("10.0.0.1", "alice") == 8
 
@@ -38,20 +38,61 @@ def test_addresses_are_independent() -> None:
     clock = Clock()
     throttle = Throttle(clock, free_failures=0)
     throttle.record_failure("10.0.0.1", "alice")
-    assert throttle.delay_for("10.0.0.1") == 1
-    assert throttle.delay_for("10.0.0.2") == 0
+    assert throttle.delay_for("10.0.0.1", "alice") == 1
+    assert throttle.delay_for("10.0.0.2", "alice") == 0
 
 
-def test_success_resets() -> None:
+def test_success_resets_only_that_user_name() -> None:
     clock = Clock()
     throttle = Throttle(clock, free_failures=1)
     for _ in range(4):
         throttle.record_failure("10.0.0.1", "alice")
-    assert throttle.delay_for("10.0.0.1") > 0
-    throttle.record_success("10.0.0.1")
-    assert throttle.delay_for("10.0.0.1") == 0
-    assert throttle.failures("10.0.0.1") == 0
+    assert throttle.delay_for("10.0.0.1", "alice") > 0
+    throttle.record_success("10.0.0.1", "alice")
+    assert throttle.delay_for("10.0.0.1", "alice") == 0
+    assert throttle.failures("10.0.0.1", "alice") == 0
     assert throttle.record_failure("10.0.0.1", "alice") == 0
+    # the address keeps its own count
+    assert throttle.failures("10.0.0.1") == 5
+
+
+def test_a_guesser_cannot_reset_its_count_by_logging_in_as_itself() -> None:
+    """Guesses at alice's password, each followed by a good login as
+    mallory from the same address: alice's count and the address's keep
+    growing, and the guesses slow down."""
+    clock = Clock()
+    throttle = Throttle(clock, free_failures=2, address_free_failures=5, max_delay=64)
+    delays = []
+    for _ in range(6):
+        delays.append(throttle.record_failure("10.0.0.1", "alice"))
+        throttle.record_success("10.0.0.1", "mallory")
+    assert delays == [0, 0, 1, 2, 4, 8]
+    assert throttle.failures("10.0.0.1", "alice") == 6
+    assert throttle.delay_for("10.0.0.1", "alice") == 8
+    # a fresh name from that address does not escape the address's count
+    assert throttle.delay_for("10.0.0.1", "bob") == 1
+    assert throttle.delay_for("10.0.0.2", "bob") == 0
+
+
+def test_one_guess_per_name_is_still_counted_per_address() -> None:
+    """Password spraying: one guess for each of many names."""
+    clock = Clock()
+    throttle = Throttle(clock, free_failures=3, address_free_failures=10, max_delay=30)
+    delays = [throttle.record_failure("10.0.0.1", f"user{i}") for i in range(13)]
+    assert delays[:10] == [0] * 10 and delays[10:] == [1, 2, 4], delays
+    assert throttle.delay_for("10.0.0.1", "someone-else") == 4
+
+
+def test_concurrent_checks_per_address_are_bounded() -> None:
+    throttle = Throttle(Clock(), max_concurrent=2)
+    assert throttle.begin_check("10.0.0.1") and throttle.begin_check("10.0.0.1")
+    assert not throttle.begin_check("10.0.0.1")
+    assert throttle.begin_check("10.0.0.2")          # another address has its own
+    throttle.end_check("10.0.0.1")
+    assert throttle.begin_check("10.0.0.1")
+    for _ in range(3):
+        throttle.end_check("10.0.0.1")
+    assert throttle.begin_check("10.0.0.1")
 
 
 def test_entries_expire() -> None:
@@ -63,17 +104,18 @@ def test_entries_expire() -> None:
     assert throttle.failures("10.0.0.1") == 5
     clock.advance(1)
     assert throttle.failures("10.0.0.1") == 0
+    assert throttle.failures("10.0.0.1", "alice") == 0
     assert len(throttle) == 0
     assert throttle.record_failure("10.0.0.1", "alice") == 1
 
 
 def test_memory_is_bounded_oldest_first() -> None:
     clock = Clock()
-    throttle = Throttle(clock, max_entries=3)
+    throttle = Throttle(clock, max_entries=6)
     for i in range(5):
         clock.advance(1)
         throttle.record_failure(f"10.0.0.{i}", "x")
-    assert len(throttle) == 3
+    assert len(throttle) == 6       # an address's count and its (address, user) count
     assert throttle.failures("10.0.0.0") == 0 and throttle.failures("10.0.0.1") == 0
     assert throttle.failures("10.0.0.4") == 1
 
@@ -86,7 +128,7 @@ def test_ipv6_counts_per_64_and_mapped_ipv4_as_ipv4() -> None:
     clock = Clock()
     throttle = Throttle(clock, free_failures=0)
     throttle.record_failure("2001:db8::1", "alice")
-    assert throttle.delay_for("2001:db8::2") == 1
+    assert throttle.delay_for("2001:db8::2", "alice") == 1
 
 
 def test_failure_logged_with_address_and_user(events: list[dict[str, Any]]) -> None:

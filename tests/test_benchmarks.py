@@ -34,3 +34,13 @@ def test_s3_benchmark_quick_mode_measures_everything(ceph_s3: Any, tmp_path) -> 
         capture_output=True, text=True, timeout=240, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert (tmp_path / "r.json").exists() and (tmp_path / "r.md").exists()
+
+
+def test_s3_benchmark_writes_outside_the_checkout_unless_told() -> None:
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import bench_s3
+    finally:
+        sys.path.remove(os.path.join(ROOT, "benchmarks"))
+    output = os.path.abspath(bench_s3.default_output("20260101T000000Z"))
+    assert not output.startswith(os.path.abspath(ROOT) + os.sep), output

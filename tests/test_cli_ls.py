@@ -414,7 +414,7 @@ def test_s3_errors_are_one_line(s3_template: Filled, tmp_path: Any) -> None:
     location = f"s3://{settings.bucket}/site-a/"
     refused = run("ls", "-c", write_s3_config(tmp_path, attrs.evolve(settings, secret_access_key="wrong" * 8)))
     assert refused.returncode == 3 and refused.stdout == ""
-    assert refused.stderr.startswith(f"registryd ls: {location}: object store: S3 HEAD ") and " 403 " in refused.stderr
+    assert refused.stderr.startswith(f"registryd ls: {location}: object store: S3 GET ") and " 403 " in refused.stderr
     assert refused.stderr.count("\n") == 1
 
     nobody = attrs.evolve(settings, endpoint=f"http://127.0.0.1:{free_port()}", max_attempts=1)

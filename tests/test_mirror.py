@@ -153,7 +153,7 @@ async def test_three_ways_to_ask_for_a_mirror(reference_upstream, make_registry)
 async def test_mirrored_repositories_are_read_only_and_local_ones_pushable(reference_upstream, make_registry) -> None:
     registry_blob = b"local blob"
     up = reference_upstream("open")
-    registry = make_registry(upstreams=(upstream_config(up, default=True),))
+    registry = make_registry(upstreams=(upstream_config(up, default=True),), local_prefixes=("team",))
     client = Client(registry.url)
     digest = "sha256:" + hashlib.sha256(registry_blob).hexdigest()
     for method, path in [("POST", f"/v2/{NS}/lib/app/blobs/uploads/"),
@@ -165,7 +165,7 @@ async def test_mirrored_repositories_are_read_only_and_local_ones_pushable(refer
         assert reply.status == 405, str(reply)
         assert reply.codes == ["DENIED"]
         assert "read-only" in reply.json()["errors"][0]["message"]
-    # A name without a namespace is pushable even with a default upstream.
+    # With a default upstream, names under [mirror] local_prefixes are local and pushable.
     reply = await client.post(f"/v2/team/tool/blobs/uploads/?digest={digest}", registry_blob)
     assert reply.status == 201, str(reply)
     assert (await client.get(f"/v2/team/tool/blobs/{digest}")).body == registry_blob
@@ -285,7 +285,8 @@ async def test_a_stop_waits_for_running_fills_to_be_stored(fake_upstream, make_r
     image = fake_upstream.add_image("lib/app", "v1", layer_sizes=[400_000])
     layer = image["layers"][0]
     path = fake_upstream.blob_path("lib/app", layer["digest"])
-    fake_upstream.slow(path, 20_000, tick=0.01)    # about 0.2 s
+    # About 0.4 s: well past send_truncated's 0.2 s, so the fill is still running when it returns.
+    fake_upstream.slow(path, 20_000, tick=0.02)
     registry = make_registry(upstreams=(UpstreamConfig(namespace=NS, url=fake_upstream.url),))
     mirror = registry.service.api.mirror
     await Client(registry.url).send_truncated("GET", f"/v2/{NS}/lib/app/blobs/{layer['digest']}", b"", 0)

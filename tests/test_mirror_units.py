@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+from types import SimpleNamespace
 
 import pytest
+import pytest_twisted
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
@@ -17,6 +19,9 @@ from registryd.mirror.challenge import parse_challenges
 from registryd.mirror.coalesce import Coalescer
 from registryd.mirror.fill import BlobFill
 from registryd.mirror.routing import Router
+from registryd.storage.guard import BlobGuard
+from registryd.storage.s3.blobs import S3BlobStore
+from registryd.storage.s3.errors import S3Error
 
 
 def test_bearer_and_basic_challenges() -> None:
@@ -44,7 +49,6 @@ def upstream(namespace: str, default: bool = False) -> UpstreamConfig:
     ("registry.local:5000/team/app", None, False, ("registry.local:5000", "team/app")),
     ("alpine", None, False, ("docker.io", "library/alpine")),  # default upstream
     ("team/app", None, True, None),  # pushed here: stays local
-    ("quay.io/x", "unknown.example", False, ("quay.io", "x")),
 ])
 def test_routes(name, ns, local, expected) -> None:
     router = Router((upstream("docker.io", default=True), upstream("ghcr.io"), upstream("quay.io"),
@@ -62,7 +66,27 @@ def test_without_a_default_unknown_names_are_local() -> None:
 
 def test_no_upstreams_means_no_routing() -> None:
     assert not Router(()).enabled
-    assert Router(()).route("docker.io/library/alpine", "docker.io", lambda _: False) is None
+    assert Router(()).route("docker.io/library/alpine", None, lambda _: False) is None
+
+
+@pytest.mark.parametrize("upstreams", [(), (upstream("docker.io", default=True), upstream("quay.io"))],
+                         ids=["no upstreams", "with a default"])
+def test_an_unconfigured_ns_is_unknown_never_another_registry(upstreams) -> None:
+    """?ns=ghcr.io asks for ghcr.io's image: neither a local repository nor the default
+    upstream's may answer it. ?ns= naming registryd itself (its Host) is no ns at all."""
+    router = Router(upstreams)
+    for name in ("someorg/tools", "quay.io/x"):
+        with pytest.raises(RegistryError) as info:
+            router.route(name, "ghcr.io", lambda _: False, host="registry.example:5000")
+        assert (info.value.status, info.value.code) == (404, "NAME_UNKNOWN")
+        assert "ghcr.io" in info.value.message
+    with pytest.raises(RegistryError):
+        router.route("team/app", "registry.example", lambda _: True, host="registry.example:5000")
+    own = router.route("team/app", "Registry.Example:5000", lambda _: True, host="registry.example:5000")
+    assert own is None
+    same_as_no_ns = router.route("someorg/tools", "registry.example:5000", lambda _: False,
+                                 host="registry.example:5000")
+    assert same_as_no_ns == router.route("someorg/tools", None, lambda _: False)
 
 
 def test_upstream_config(tmp_path, monkeypatch) -> None:
@@ -206,3 +230,63 @@ def test_fill_failures_remove_the_partial_file(tmp_path, fault: str) -> None:
     assert fill.error is not None and not fill.done
     assert waiter.called
     assert not os.path.exists(fill.path)
+
+
+class ConflictingBucket:
+    """An S3Client whose conditional PUTs answer, in turn, as ``answers`` say (None: stored)."""
+
+    settings = SimpleNamespace(part_size=8 << 20)
+
+    def __init__(self, answers: list[tuple[int, str] | None]) -> None:
+        self.answers = answers
+        self.puts = 0
+
+    async def head_object(self, key: str) -> None:
+        return None
+
+    async def put_object(self, key: str, body: object, *, if_none_match: bool = False) -> None:
+        assert if_none_match
+        self.puts += 1
+        answer = self.answers.pop(0)
+        if answer is not None:
+            raise S3Error(*answer)
+
+
+@pytest.mark.parametrize("answers, puts, stored", [
+    ([None], 1, True),
+    ([(412, "PreconditionFailed")], 1, True),     # the other fill's commit came first
+    ([(409, "ConditionalRequestConflict"), (412, "PreconditionFailed")], 2, True),   # AWS: it was under way
+    ([(409, "ConditionalRequestConflict")] * 3, 3, False),
+    ([(500, "InternalError")], 1, False),
+])
+@pytest_twisted.ensureDeferred
+async def test_two_fills_of_one_digest_commit_safely_on_s3(tmp_path, answers, puts, stored) -> None:
+    path = tmp_path / "fill"
+    path.write_bytes(b"layer")
+    bucket = ConflictingBucket(list(answers))
+    blobs = S3BlobStore(bucket, BlobGuard())  # type: ignore[arg-type]
+    digest = Digest("sha256", hashlib.sha256(b"layer").hexdigest())
+    if stored:
+        await blobs.commit_file(str(path), digest)
+        assert not path.exists()
+    else:
+        with pytest.raises(S3Error):
+            await blobs.commit_file(str(path), digest)
+    assert bucket.puts == puts
+
+
+@pytest.mark.parametrize("length", [1000, None], ids=["known size", "unknown size"])
+@pytest.mark.parametrize("right", [True, False], ids=["right bytes", "wrong bytes"])
+def test_a_fill_releases_its_last_byte_only_once_verified(tmp_path, length, right) -> None:
+    data = os.urandom(1000)
+    fill = make_fill(tmp_path, data)
+    response = FakeResponse(length)
+    fill.begin(response)
+    response.protocol.dataReceived(data[:400])
+    assert fill.releasable == (400 if length else 399)
+    everything = fill.progress(999)
+    response.protocol.dataReceived(data[400:] if right else os.urandom(600))
+    assert fill.releasable == 999 and not everything.called
+    response.protocol.connectionLost(Failure(ResponseDone()))
+    assert everything.called
+    assert (fill.verified, fill.done, fill.releasable) == ((True, True, 1000) if right else (False, False, 999))

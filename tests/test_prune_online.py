@@ -30,6 +30,9 @@ from registryd.upkeep.online_prune import PruneSelection, server_pruner
 from syncclient import request
 from upstreams import build_index, push_image, reference_upstream  # noqa: F401  (fixture)
 
+#: Admin POSTs must be JSON (cross-site form protection).
+JSON = {"Content-Type": "application/json"}
+
 NS = "mirror.test:5000"
 DAY = 86400.0
 #: The keys of ``registryd prune --json``: the server's report has the same shape.
@@ -138,7 +141,8 @@ async def test_older_than_keeps_young_tags_what_a_kept_index_lists_and_local_con
     for entry in report["removed"]:
         assert not await stored_path(node, entry["path"]), entry
     repos = mirror_repos(node)
-    assert await repos.tags("lib/old") == [] and await revisions(node, "lib/old") == set()
+    # No tag is left (on S3 nothing at all: no blob of it was pulled, so none is linked there).
+    assert await repos.tags("lib/old") in ([], None) and await revisions(node, "lib/old") == set()
     assert await revisions(node, "lib/keep") == {index["digest"], *(c["digest"] for c in children)}
     assert await repos.tags("other/x") == ["1.0"] and await revisions(node, "other/x") == {other}
     store = node.service.store
@@ -199,7 +203,7 @@ async def test_the_route_with_patterns_dry_run_and_referrers(node: RunningRegist
     assert [r["digest"] for r in await repos.referrers("lib/a", parse_digest(image["digest"]))] == [sig]
     await sleep(1.1)   # older_than=0: everything written before now, LastModified's second included
 
-    dry = (await client.post(f"/admin/prune?older_than=0&pattern={NS}/lib/a&dry_run=1")).json()
+    dry = (await client.post(f"/admin/prune?older_than=0&pattern={NS}/lib/a&dry_run=1", headers=JSON)).json()
     expected = [("tag", image["digest"]), ("referrer", sig), *sorted([("manifest", sig), ("manifest", image["digest"])],
                                                                        key=lambda item: item[1])]
     assert [(r["kind"], r["digest"]) for r in dry["removed"]] == expected
@@ -211,7 +215,7 @@ async def test_the_route_with_patterns_dry_run_and_referrers(node: RunningRegist
     for entry in dry["removed"]:
         assert await stored_path(node, entry["path"]), entry
 
-    report = (await client.post(f"/admin/prune?older_than=0&pattern={NS}/lib/a")).json()
+    report = (await client.post(f"/admin/prune?older_than=0&pattern={NS}/lib/a", headers=JSON)).json()
     assert report["removed"] == dry["removed"] and report["counts"] == {"tag": 1, "manifest": 2, "referrer": 1}
     for entry in report["removed"]:
         assert not await stored_path(node, entry["path"]), entry
@@ -220,10 +224,10 @@ async def test_the_route_with_patterns_dry_run_and_referrers(node: RunningRegist
     assert await node.service.store.repositories.tags("lib/a") == ["1.0"], "local repositories are never touched"
 
     # Patterns match <namespace>/<repository>: without the namespace nothing matches.
-    missed = (await client.post("/admin/prune?pattern=other/*&pattern=lib/**")).json()
+    missed = (await client.post("/admin/prune?pattern=other/*&pattern=lib/**", headers=JSON)).json()
     assert missed["repositories_matched"] == 0 and missed["removed"] == []
     # A pattern alone: whatever the age; two patterns match either.
-    rest = (await client.post(f"/admin/prune?pattern={NS}/other/*&pattern={NS}/lib/b")).json()
+    rest = (await client.post(f"/admin/prune?pattern={NS}/other/*&pattern={NS}/lib/b", headers=JSON)).json()
     assert {(r["kind"], r["repository"]) for r in rest["removed"]} == {
         (kind, f"{NS}/{repo}") for kind in ("tag", "manifest") for repo in ("lib/b", "other/x")}
     assert rest["repositories_matched"] == 2 and rest["older_than"] is None
@@ -245,9 +249,9 @@ async def test_refused_for_non_admins_and_bad_arguments(make_registry: Any, tmp_
     registry = make_registry(auth=AuthSettings(htpasswd=_htpasswd(tmp_path / "htpasswd", "admin", "dev"),
                                                admin_users=("admin",)))
     client = Client(registry.url)
-    anonymous = await client.post("/admin/prune?pattern=**")
+    anonymous = await client.post("/admin/prune?pattern=**", headers=JSON)
     assert anonymous.status == 401 and anonymous.codes == ["UNAUTHORIZED"]
-    dev = await client.post("/admin/prune?pattern=**", headers=_basic("dev"))
+    dev = await client.post("/admin/prune?pattern=**", headers={**_basic("dev"), **JSON})
     assert dev.status == 403 and dev.codes == ["DENIED"]
     for query, words in [("", "give older_than"), ("?dry_run=1", "give older_than"),
                          ("?older_than=abc", "older_than must be a number of seconds"),
@@ -255,11 +259,11 @@ async def test_refused_for_non_admins_and_bad_arguments(make_registry: Any, tmp_
                          ("?unused_for=inf", "unused_for"), ("?older_than=1e12", "older_than"),
                          ("?pattern=", "not a glob"), ("?pattern=lib/%5Bab%5D", "not a glob"),
                          ("?pattern=**&pattern=Lib/App", "not a glob")]:
-        reply = await client.post(f"/admin/prune{query}", headers=_basic("admin"))
+        reply = await client.post(f"/admin/prune{query}", headers={**_basic("admin"), **JSON})
         assert reply.status == 400 and reply.codes == ["UNSUPPORTED"], query
         assert words in reply.json()["errors"][0]["message"], (query, reply.json())
     assert (await client.get("/admin/prune?pattern=**", headers=_basic("admin"))).status == 405
-    done = await client.post("/admin/prune?pattern=**&older_than=60", headers=_basic("admin"))
+    done = await client.post("/admin/prune?pattern=**&older_than=60", headers={**_basic("admin"), **JSON})
     assert done.status == 200 and done.json()["repositories_matched"] == 0
 
 

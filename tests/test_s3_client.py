@@ -89,13 +89,16 @@ def test_settings_from_table() -> None:
     s = S3Settings.from_table({**BASE, "endpoint": "https://rgw.example/", "region": "eu-west-1",
                                "addressing": "virtual", "verify_tls": False, "prefix": "/site-a/nodes",
                                "part_size": 8 * MiB, "connect_timeout": 5, "idle_timeout": 20,
-                               "max_attempts": 1})
+                               "request_timeout": 4, "ready_timeout": 2, "max_attempts": 1})
+    assert (s.idle_timeout, s.request_timeout, s.ready_timeout) == (20, 4, 2)
     assert s.endpoint == "https://rgw.example"
     assert s.prefix == "site-a/nodes/"
     assert (s.region, s.addressing, s.verify_tls, s.part_size) == ("eu-west-1", "virtual", False, 8 * MiB)
     defaults = S3Settings.from_table(BASE)
     assert (defaults.addressing, defaults.part_size, defaults.prefix, defaults.verify_tls) == ("path", 16 * MiB,
                                                                                             "", True)
+    # An answer is awaited for less than a body may pause; /readyz's whole probe is shorter still.
+    assert (defaults.idle_timeout, defaults.request_timeout, defaults.ready_timeout) == (60, 10, 3)
     assert "SK" not in repr(defaults)
 
 
@@ -124,6 +127,8 @@ def test_secret_from_env_and_file(tmp_path: Any, monkeypatch: Any) -> None:
     ({"part_size": True}, "'storage.s3.part_size' must be an integer, not bool True"),
     ({"verify_tls": "yes"}, "'storage.s3.verify_tls' must be true or false"),
     ({"idle_timeout": 0}, "'storage.s3.idle_timeout' must be greater than zero"),
+    ({"request_timeout": -1}, "'storage.s3.request_timeout' must be greater than zero"),
+    ({"ready_timeout": "3s"}, "'storage.s3.ready_timeout' must be an integer, not str '3s'"),
     ({"region": "US East"}, "'storage.s3.region' must be a region name"),
     ({"secret_access_key": None}, "give exactly one of secret_access_key, secret_access_key_env"),
     ({"secret_access_key_env": "X"}, "give exactly one of"),
@@ -318,6 +323,47 @@ async def test_no_answer_times_out(listen: Any) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_an_answer_is_awaited_request_timeout_not_idle_timeout(listen: Any) -> None:
+    client = fake_client(listen(Silent()), idle_timeout=30, request_timeout=0.5)
+    try:
+        began = time.monotonic()
+        with pytest.raises(S3Unavailable, match=r"no answer within 0.5s"):
+            await client.put_object("k", b"data")
+        assert time.monotonic() - began < 2
+    finally:
+        await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_copies_are_awaited_idle_timeout(listen: Any) -> None:
+    """A store may answer a server-side copy only once it is done: that wait is idle_timeout's."""
+    client = fake_client(listen(Silent()), idle_timeout=1, request_timeout=0.2)
+    try:
+        began = time.monotonic()
+        with pytest.raises(S3Unavailable, match=r"no answer within 1s"):
+            await client.copy_object("a", "b")
+        assert 0.9 < time.monotonic() - began < 3
+    finally:
+        await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_retries_share_the_operation_deadline(listen: Any) -> None:
+    """A store that keeps answering 503 is not asked ten times: the retries stop at the deadline."""
+    resource = Scripted((503, b"<Error><Code>ServiceUnavailable</Code><Message>busy</Message></Error>"))
+    client = fake_client(listen(resource), max_attempts=10, request_timeout=0.4)
+    try:
+        began = time.monotonic()
+        with pytest.raises(S3Error) as caught:
+            await client.head_object("k")
+        assert caught.value.status == 503 and caught.value.retryable
+        assert len(resource.requests) == 2    # backoff 0.1 s, then 0.5 s would pass the deadline
+        assert time.monotonic() - began < 1
+    finally:
+        await client.close()
+
+
+@pytest_twisted.ensureDeferred
 async def test_body_that_stops_times_out(listen: Any) -> None:
     head = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nETag: \"x\"\r\n\r\n0123456789"
     client = fake_client(listen(Silent(head)), idle_timeout=0.5)
@@ -326,6 +372,21 @@ async def test_body_that_stops_times_out(listen: Any) -> None:
         with pytest.raises(S3Unavailable, match=r"no data for 0.5s after 10 bytes"):
             await client.get_object("k", sink)
         assert sink.received == 10
+    finally:
+        await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_body_that_stops_is_given_up_after_request_timeout(listen: Any) -> None:
+    """A store frozen mid-body is as unavailable as one that does not answer: the
+    short request_timeout applies, not idle_timeout."""
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nETag: \"x\"\r\n\r\n0123456789"
+    client = fake_client(listen(Silent(head)), idle_timeout=30, request_timeout=0.5)
+    try:
+        began = time.monotonic()
+        with pytest.raises(S3Unavailable, match=r"no data for 0.5s after 10 bytes"):
+            await client.get_object("k", Sink())
+        assert time.monotonic() - began < 3
     finally:
         await client.close()
 

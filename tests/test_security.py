@@ -143,6 +143,20 @@ def diff(before: Mapping[str, str], after: Mapping[str, str]) -> list[str]:
     return changes
 
 
+async def quiet_disk(data_dir: str, wait: float = 2.0) -> dict[str, str]:
+    """What is stored once the background writes of earlier requests (a
+    manifest GET's last-pull mark) have landed: two looks alike."""
+    deadline = time.monotonic() + wait
+    last = disk(data_dir)
+    while time.monotonic() < deadline:
+        await sleep(0.1)
+        current = disk(data_dir)
+        if current == last:
+            break
+        last = current
+    return last
+
+
 async def settled_diff(data_dir: str, before: Mapping[str, str], wait: float = 0.5) -> list[str]:
     """Changes on disk, giving a refused request's asynchronous clean-up
     (e.g. removing an abandoned session in the thread pool) ``wait`` s."""
@@ -328,15 +342,23 @@ async def test_every_route_refuses_bad_credentials(make_registry: Any, tmp_path:
     """No credentials, a wrong password, an unknown user or a malformed
     header: every route that touches a private repository answers 401
     UNAUTHORIZED with the Basic challenge, and nothing changes on disk.
-    ``/v2/`` and ``_catalog`` let the anonymous request through (a rule
-    grants anonymous pull on public/**), but not bad credentials."""
+    ``_catalog`` lets the anonymous request through (a rule grants
+    anonymous pull on public/**), but not bad credentials; ``/v2/`` asks
+    anonymous requests to authenticate (Bearer, to the token endpoint)."""
     f = await secured_registry(make_registry, tmp_path)
     client = AuthClient(f.url, headers_for(case))
     problems: list[str] = []
     for route in ROUTES:
         before = disk(f.data_dir)
         reply = await send(client, route, f)
-        if route.action in ("base", "catalog") and case == "no credentials":
+        if route.action == "base" and case == "no credentials":
+            # clients decide here to send credentials: challenged, with a token
+            # endpoint since anonymous requests may pull public/**
+            bearer = f'Bearer realm="{f.url}/v2/token",service="registryd"'
+            if reply.status != 401 or reply.header("WWW-Authenticate") != bearer:
+                problems.append(f"{route.label}: anonymous got {reply.status} "
+                                f"{reply.header('WWW-Authenticate')!r}, expected 401 {bearer!r}")
+        elif route.action == "catalog" and case == "no credentials":
             if reply.status != 200:
                 problems.append(f"{route.label}: anonymous got {reply.status}, expected 200")
             elif route.action == "catalog" and route.method == "GET":
@@ -630,7 +652,7 @@ async def test_pull_only_user_pulls_but_cannot_push(make_registry: Any, tmp_path
     assert blob.status == 200 and digest_of(blob.body) == f.layer
     tags = await reader.get("/v2/team/app/tags/list")
     assert tags.json() == {"name": "team/app", "tags": ["v1"]}
-    before = disk(f.data_dir)
+    before = await quiet_disk(f.data_dir)
     for method, path, body in (("POST", "/v2/team/app/blobs/uploads/", b""),
                                ("PUT", "/v2/team/app/manifests/v9", f.new_manifest),
                                ("DELETE", "/v2/team/app/manifests/v1", None)):
@@ -659,9 +681,15 @@ async def test_anonymous_pull_allowed_while_push_needs_a_user(make_registry: Any
     f = await secured_registry(make_registry, tmp_path)
     anonymous = AuthClient(f.url)
     base = await anonymous.get("/v2/")
-    assert base.status == 200, str(base)
+    assert base.status == 401, str(base)
+    assert base.header("WWW-Authenticate") == f'Bearer realm="{f.url}/v2/token",service="registryd"'
     manifest = await anonymous.get("/v2/public/app/manifests/v1", headers={"Accept": ACCEPT})
     assert manifest.status == 200, str(manifest)
+    # what docker does after that challenge without credentials: an anonymous token
+    token = (await anonymous.get("/v2/token?service=registryd&scope=repository:public/app:pull")).json()["token"]
+    with_token = AuthClient(f.url, {"Authorization": f"Bearer {token}"})
+    assert (await with_token.get("/v2/public/app/manifests/v1", headers={"Accept": ACCEPT})).status == 200
+    assert (await with_token.get("/v2/team/app/tags/list")).status == 401
     before = disk(f.data_dir)
     for method, path in (("POST", "/v2/public/app/blobs/uploads/"), ("PUT", "/v2/public/app/manifests/v2"),
                          ("DELETE", "/v2/public/app/manifests/v1")):

@@ -29,6 +29,9 @@ from registryd.upkeep.survey import MirrorLink, MirrorManifest, Survey
 from syncclient import request
 from upstreams import blob_path, push_image, reference_upstream  # noqa: F401
 
+#: Admin POSTs must be JSON (cross-site form protection).
+JSON = {"Content-Type": "application/json"}
+
 NS = "upstream.test"
 
 
@@ -212,7 +215,7 @@ async def test_online_gc_under_continuous_push_pull_and_delete(make_registry) ->
 
     async def collector() -> None:
         while not stop[0]:
-            reply = await client.post("/admin/gc?delay=2")
+            reply = await client.post("/admin/gc?delay=2", headers=JSON)
             assert reply.status == 200, str(reply)
             passes.append(reply.json())
 
@@ -227,7 +230,7 @@ async def test_online_gc_under_continuous_push_pull_and_delete(make_registry) ->
             await _verify(client, slot)
 
     # With the load stopped, one pass without delay leaves exactly what live images use.
-    final = await client.post("/admin/gc?delay=0")
+    final = await client.post("/admin/gc?delay=0", headers=JSON)
     assert final.status == 200
     alive = {digest_of(b) for s in slots if s.digest for b in s.blobs} | {s.digest for s in slots if s.digest}
     for slot in slots:
@@ -272,13 +275,13 @@ async def test_a_failed_scheduled_pass_does_not_stop_the_next(make_registry, mon
 async def test_admin_gc_endpoint_is_for_admins_and_checks_its_delay(make_registry) -> None:
     registry = make_registry()
     client = Client(registry.url)
-    reply = await client.post("/admin/gc?delay=soon")
+    reply = await client.post("/admin/gc?delay=soon", headers=JSON)
     assert reply.status == 400 and reply.codes == ["UNSUPPORTED"]
     assert (await client.get("/admin/gc")).status == 405
     orphan = await client.push_blob("team/app", b"young orphan")
-    report = (await client.post("/admin/gc")).json()      # [gc] delay: an hour
+    report = (await client.post("/admin/gc", headers=JSON)).json()      # [gc] delay: an hour
     assert report["removed_blobs"] == [] and report["kept_young"] == 1
-    report = (await client.post("/admin/gc?delay=0")).json()
+    report = (await client.post("/admin/gc?delay=0", headers=JSON)).json()
     assert [b["digest"] for b in report["removed_blobs"]] == [orphan]
 
 
@@ -378,7 +381,7 @@ async def test_a_blob_reused_while_a_pass_sweeps_is_not_removed(make_registry, m
         return real_delete(self, digest, path)
 
     monkeypatch.setattr(Collector, "_delete", held_delete)
-    gc = defer.ensureDeferred(client.post("/admin/gc?delay=0"))
+    gc = defer.ensureDeferred(client.post("/admin/gc?delay=0", headers=JSON))
     while not paused.is_set():
         await sleep(0.02)
     manifest, blobs = _image(slot)
@@ -483,7 +486,7 @@ async def test_online_gc_on_the_shared_s3_store(make_registry, ceph_s3) -> None:
         slot = Slot("team/app", 4)
         await _push(client, slot)
         orphan = await client.push_blob("team/app", b"pushed, never referenced, on s3")
-        report = (await client.post("/admin/gc?delay=0")).json()
+        report = (await client.post("/admin/gc?delay=0", headers=JSON)).json()
         assert [b["digest"] for b in report["removed_blobs"]] == [orphan]
         assert report["data_dir"].startswith("s3://")
         await _verify(client, slot)

@@ -504,8 +504,6 @@ class LocalServer:
             route = self.api.mirror.router.route(ref.name, None)
         except RegistryError as e:
             return e.message
-        if route is not None and route.by_default and await self.store.repositories.exists(ref.name):
-            route = None  # a local repository of that name wins over the default upstream
         if route is None:
             return "not a mirrored repository (no [[upstream]] namespace or default upstream serves it)"
         return None

@@ -62,7 +62,8 @@ def post_admin(args: argparse.Namespace, path: str, query: Sequence[tuple[str, s
     command's bad arguments (exit 2); anything else that fails exits 3.
     """
     url = check_url(args.url)
-    headers = {"Accept": "application/json"}
+    # JSON, not a form: the server refuses form-encodable POSTs (cross-site forms).
+    headers = {"Accept": "application/json", "Content-Type": "application/json"}
     credentials = authorization(args)
     if credentials is not None:
         headers["Authorization"] = credentials
@@ -73,7 +74,7 @@ def post_admin(args: argparse.Namespace, path: str, query: Sequence[tuple[str, s
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
     target = f"{url}{path}?{urllib.parse.urlencode(list(query))}" if query else f"{url}{path}"
-    request = urllib.request.Request(target, data=b"", method="POST", headers=headers)
+    request = urllib.request.Request(target, data=b"{}", method="POST", headers=headers)
     try:
         # Work on a large store takes long: the server answers when it is done.
         with urllib.request.urlopen(request, context=context, timeout=24 * 3600) as response:

@@ -300,8 +300,27 @@ class HtpasswdChecker:
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
 
-    async def check(self, username: str, password: str | bytes) -> bool:
-        """True if ``password`` is ``username``'s password."""
+    def known_good(self, username: str, password: bytes) -> bool:
+        """Was this exact password verified for ``username`` within
+        ``cache_seconds`` (and the file not changed since)? No bcrypt."""
+        self.refresh()
+        return self._cached(self._key(username, password))
+
+    def token_key(self, username: str) -> bytes | None:
+        """What ``username``'s bearer tokens are signed with: its line's hash
+        (None for an unknown user). A changed password changes it."""
+        self.refresh()
+        return self._users.get(username)
+
+    def checking(self, username: str, password: bytes) -> bool:
+        """Is a check of exactly these credentials running now (one to join)?"""
+        return self._key(username, password) in self._inflight
+
+    async def check(self, username: str, password: str | bytes, rank: int = 0) -> bool:
+        """True if ``password`` is ``username``'s password.
+
+        ``rank`` orders the check in a ranked pool (BoundedPool): lower first.
+        """
         if isinstance(password, str):
             password = password.encode("utf-8")
         self.refresh()
@@ -315,7 +334,7 @@ class HtpasswdChecker:
         # is done before fromCoroutine returns.
         shared = self._inflight[key] = _Shared()
         waiter = shared.wait()
-        work = Deferred.fromCoroutine(self._bcrypt(key, username, password))
+        work = Deferred.fromCoroutine(self._bcrypt(key, username, password, rank))
         work.addBoth(self._done, key)
         shared.attach(work)
         return await waiter
@@ -324,19 +343,23 @@ class HtpasswdChecker:
         self._inflight.pop(key, None)
         return result
 
-    async def _bcrypt(self, key: tuple[str, bytes], username: str, password: bytes) -> bool:
+    async def _bcrypt(self, key: tuple[str, bytes], username: str, password: bytes, rank: int) -> bool:
         users = self._users
-        ok = await self._pool.run(_verify, password, users.get(username), self._cost)
+        run_ranked = getattr(self._pool, "run_ranked", None)
+        if run_ranked is not None:
+            ok = await run_ranked(rank, _verify, password, users.get(username), self._cost)
+        else:
+            ok = await self._pool.run(_verify, password, users.get(username), self._cost)
         # A reload while bcrypt ran may have changed this user: cache only
         # what the current file still says.
         if ok and self._users is users:
             self._remember(key)
         return ok
 
-    async def authenticate(self, username: str, password: str | bytes) -> str:
+    async def authenticate(self, username: str, password: str | bytes, rank: int = 0) -> str:
         """Return ``username`` if the password is right, else raise
         UnauthorizedLogin (the same for an unknown user and a wrong password)."""
-        if await self.check(username, password):
+        if await self.check(username, password, rank):
             return username
         raise UnauthorizedLogin("wrong user name or password")
 

@@ -1,12 +1,21 @@
 """Slow down clients that keep presenting wrong credentials.
 
-Each client address gets a count of consecutive failures. The first
-``free_failures`` cost nothing (a typo, a stale docker config); after that
-each attempt must wait ``base_delay`` seconds, doubling per failure up to
-``max_delay``. A success resets the address; an address that has not failed
-for ``expiry`` seconds is forgotten, and at most ``max_entries`` addresses
-are remembered (the oldest go first), so a flood of addresses cannot grow
-memory without bound.
+Failures are counted twice: per client address and user name tried, and
+per client address across all user names. The first ``free_failures`` for
+one user name cost nothing (a typo, a stale docker config), the first
+``address_free_failures`` across names neither (ten times as many by
+default: several users behind one NAT); after that each attempt must wait
+``base_delay`` seconds, doubling per failure up to ``max_delay``. A success
+forgets the failures for that user name only, never the address's: a
+guesser cannot clear its count by logging in as itself now and then.
+Counts are forgotten ``expiry`` seconds after their last failure, and at
+most ``max_entries`` are remembered (the oldest go first), so a flood of
+addresses cannot grow memory without bound.
+
+At most ``max_concurrent`` password checks from one address run at once
+(``begin_check``/``end_check``); the web layer answers more with 429, so
+parallel guesses from one address cannot take every check thread. Such a
+refusal counts against the address like a failure (``record_refusal``).
 
 IPv6 clients are counted per /64 network, because one host usually has a
 whole /64 to pick addresses from; IPv4-mapped IPv6 addresses count as IPv4.
@@ -42,11 +51,15 @@ class _Entry:
     last_failure: float
 
 
-class Throttle:
-    """Per-address exponential backoff after repeated authentication failures.
+#: The key of an address's own count (a user name is never None there).
+_ANY_USER = None
 
-    ``delay_for(address)`` says how long the next attempt from that address
-    must wait; the caller waits (on the injected clock) before checking the
+
+class Throttle:
+    """Exponential backoff after repeated authentication failures.
+
+    ``delay_for(address, user)`` says how long the next attempt must wait;
+    the caller waits (on the injected clock) before checking the
     credentials, then reports the outcome with ``record_failure`` or
     ``record_success``.
     """
@@ -56,25 +69,33 @@ class Throttle:
         clock: IReactorTime,
         *,
         free_failures: int = 3,
+        address_free_failures: int | None = None,
         base_delay: float = 1.0,
         max_delay: float = 30.0,
         expiry: float = 900.0,
         max_entries: int = 100_000,
+        max_concurrent: int = 2,
     ) -> None:
-        if free_failures < 0 or base_delay <= 0 or max_delay < base_delay or expiry <= 0 or max_entries < 1:
+        if address_free_failures is None:
+            address_free_failures = 10 * free_failures
+        if (free_failures < 0 or address_free_failures < 0 or base_delay <= 0 or max_delay < base_delay
+                or expiry <= 0 or max_entries < 1 or max_concurrent < 1):
             raise ValueError("invalid throttle settings")
         self._clock = clock
         self._free_failures = free_failures
+        self._address_free_failures = address_free_failures
         self._base_delay = base_delay
         self._max_delay = max_delay
         self._expiry = expiry
         self._max_entries = max_entries
+        self.max_concurrent = max_concurrent
         # Ordered by last failure, oldest first, so expiry pops from the front.
-        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._entries: OrderedDict[tuple[str, str | None], _Entry] = OrderedDict()
+        self._running: dict[str, int] = {}
 
-    def backoff(self, failures: int) -> float:
+    def backoff(self, failures: int, free: int | None = None) -> float:
         """The wait imposed after ``failures`` consecutive failures."""
-        excess = failures - self._free_failures
+        excess = failures - (self._free_failures if free is None else free)
         if excess <= 0:
             return 0.0
         # Cap the exponent: a long run of failures must not build a huge int.
@@ -87,20 +108,30 @@ class Throttle:
                 break
             del self._entries[key]
 
-    def failures(self, address: str) -> int:
-        """Consecutive failures currently counted for ``address``."""
+    def _keys(self, address: str, user: str | None) -> list[tuple[tuple[str, str | None], int]]:
+        """(entry key, free failures) of the counts an attempt is judged by."""
+        key = client_key(address)
+        keys: list[tuple[tuple[str, str | None], int]] = [((key, _ANY_USER), self._address_free_failures)]
+        if user is not None:
+            keys.append(((key, user), self._free_failures))
+        return keys
+
+    def failures(self, address: str, user: str | None = None) -> int:
+        """Failures currently counted for ``address`` (with ``user``: for that name)."""
         self._expire(self._clock.seconds())
-        entry = self._entries.get(client_key(address))
+        entry = self._entries.get((client_key(address), user))
         return entry.failures if entry else 0
 
-    def delay_for(self, address: str) -> float:
-        """Seconds the next attempt from ``address`` must wait (0: none)."""
+    def delay_for(self, address: str, user: str | None = None) -> float:
+        """Seconds the next attempt from ``address`` (as ``user``) must wait (0: none)."""
         now = self._clock.seconds()
         self._expire(now)
-        entry = self._entries.get(client_key(address))
-        if entry is None:
-            return 0.0
-        return max(0.0, entry.last_failure + self.backoff(entry.failures) - now)
+        delay = 0.0
+        for key, free in self._keys(address, user):
+            entry = self._entries.get(key)
+            if entry is not None:
+                delay = max(delay, entry.last_failure + self.backoff(entry.failures, free) - now)
+        return delay
 
     def record_failure(self, address: str, user: str | None, reason: str = "wrong credentials") -> float:
         """Count a failed attempt, log it, and return the delay now imposed.
@@ -110,23 +141,52 @@ class Throttle:
         """
         now = self._clock.seconds()
         self._expire(now)
-        key = client_key(address)
+        delay = 0.0
+        counted = 0
+        for key, free in self._keys(address, "" if user is None else user):
+            entry = self._entries.pop(key, None) or _Entry(0, now)
+            entry.failures += 1
+            entry.last_failure = now
+            self._entries[key] = entry
+            delay = max(delay, self.backoff(entry.failures, free))
+            counted = entry.failures
+        self._expire(now)
+        log.warn(
+            "authentication failed for user {user!r} from {address}: {reason}; "
+            "{failures} failures in a row, next attempt delayed {delay}s",
+            user=user, address=address, reason=reason, failures=counted, delay=delay,
+        )
+        return delay
+
+    def record_refusal(self, address: str) -> None:
+        """Count an attempt refused unchecked (too many at once) against the
+        address, without a log line each: a flood must not flood the log."""
+        now = self._clock.seconds()
+        key = (client_key(address), _ANY_USER)
         entry = self._entries.pop(key, None) or _Entry(0, now)
         entry.failures += 1
         entry.last_failure = now
         self._entries[key] = entry
         self._expire(now)
-        delay = self.backoff(entry.failures)
-        log.warn(
-            "authentication failed for user {user!r} from {address}: {reason}; "
-            "{failures} failures in a row, next attempt delayed {delay}s",
-            user=user, address=address, reason=reason, failures=entry.failures, delay=delay,
-        )
-        return delay
 
-    def record_success(self, address: str) -> None:
-        """Forget the failures of ``address``."""
-        self._entries.pop(client_key(address), None)
+    def record_success(self, address: str, user: str) -> None:
+        """Forget the failures of ``user`` from ``address`` (not the address's own count)."""
+        self._entries.pop((client_key(address), user), None)
+
+    def begin_check(self, address: str) -> bool:
+        """Claim one of the address's concurrent checks; False when all are taken."""
+        key = client_key(address)
+        running = self._running.get(key, 0)
+        if running >= self.max_concurrent:
+            return False
+        self._running[key] = running + 1
+        return True
+
+    def end_check(self, address: str) -> None:
+        key = client_key(address)
+        running = self._running.pop(key, 1) - 1
+        if running > 0:
+            self._running[key] = running
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -3,11 +3,14 @@
 Mirrored repositories live under ``mirror/<namespace>/<repository>/`` with
 the same layout as local ones; a tag file's mtime is when the upstream last
 confirmed it (the TTL clock). Blobs go to the shared content store, so a
-base layer is stored once however it arrived.
+base layer is stored once however it arrived; but a blob is linked into (and
+so served from) a mirrored repository only once its bytes were fetched from
+that upstream repository and verified. A manifest naming a digest, or an
+upstream answering ``HEAD`` 200, proves nothing: the store may hold those
+bytes for someone else (a private local push).
 """
 from __future__ import annotations
 
-import json
 import re
 import time
 from typing import Any, Callable
@@ -20,13 +23,14 @@ from twisted.web.client import HTTPConnectionPool
 from registryd.config import Config, UpstreamConfig
 from registryd.digest import Digest, digest_of, is_digest, parse_digest
 from registryd.errors import RegistryError, blob_unknown, manifest_unknown
+from registryd.json_documents import load_json
 from registryd.manifests import MANIFEST_TYPES, parse_manifest
 from registryd.metrics import Metrics
 from registryd.mirror.client import MANIFEST_ACCEPT, UpstreamClient, UpstreamUnavailable, read_limited
 from registryd.mirror.coalesce import Coalescer
 from registryd.mirror.fill import BlobFill
 from registryd.mirror.routing import Route, Router
-from registryd.names import check_tag
+from registryd.names import check_tag, is_tag
 from registryd.storage import Store
 from registryd.storage.interface import RepositoryBackend
 
@@ -76,6 +80,10 @@ class CachedManifest:
     stale: bool = False     # a tag past its TTL, served because the upstream is unreachable
 
 
+#: One upstream transfer: (upstream namespace, repository upstream, digest).
+FillKey = tuple[str, str, Digest]
+
+
 @attrs.frozen
 class BlobHead:
     size: int | None
@@ -88,10 +96,10 @@ def _media_type(header: bytes | None, data: bytes) -> str | None:
         if value in MANIFEST_TYPES:
             return value
     try:
-        declared = json.loads(data).get("mediaType")
+        declared = load_json(data).get("mediaType")
     except (ValueError, AttributeError):
         return None
-    return declared if declared in MANIFEST_TYPES else None
+    return declared if isinstance(declared, str) and declared in MANIFEST_TYPES else None
 
 
 def _accepts(accept: str | None, media_type: str) -> bool:
@@ -118,7 +126,7 @@ class MirrorCache:
         self.metrics = metrics or Metrics()
         self._config = config
         self._reactor = reactor
-        self.router = Router(config.upstreams)
+        self.router = Router(config.upstreams, config.local_prefixes)
         self._pool = HTTPConnectionPool(reactor, persistent=True)
         self._pool.maxPersistentPerHost = 16
         self.mirrors: dict[str, Mirror] = {}
@@ -128,7 +136,9 @@ class MirrorCache:
                 upstream, UpstreamClient(upstream, reactor, self._pool), repositories)
         self.manifest_fetches: Coalescer[CachedManifest] = Coalescer()
         self._manifest_limit = max(config.max_manifest_size, 4 * 1024 * 1024)
-        self.fills: dict[Digest, BlobFill] = {}
+        # One per upstream repository and digest: a client joins only the transfer
+        # its own route asked for, never another repository's (or user's).
+        self.fills: dict[FillKey, BlobFill] = {}
         self.fills_started = 0
         self.fill_waiters = 0
         self.metrics.fills_in_flight.set_function(lambda: len(self.fills))
@@ -140,9 +150,9 @@ class MirrorCache:
         return self._pool.closeCachedConnections()
 
     async def fill_ended(self, digest: Digest) -> None:
-        """Wait for the running upstream transfer of ``digest`` (if any) to be stored or fail."""
-        fill = self.fills.get(digest)
-        if fill is not None:
+        """Wait for the running upstream transfers of ``digest`` (if any, from any
+        repository) to be stored or fail."""
+        for fill in [fill for key, fill in self.fills.items() if key[2] == digest]:
             await _ended(fill)
 
     async def settle_fills(self, timeout: float) -> None:
@@ -294,6 +304,11 @@ class MirrorCache:
             tags = [reference]
         if digest_of(data, digest.algorithm) != digest:
             raise UpstreamUnavailable(f"{mirror.config.namespace} sent a manifest that does not match {digest}")
+        try:
+            load_json(data)
+        except ValueError as e:
+            raise UpstreamUnavailable(f"{mirror.config.namespace} sent a manifest that is not usable JSON: "
+                                      f"{e}") from None
         await self._store_manifest(mirror, remote, digest, media_type, data, tags)
         return CachedManifest(digest, media_type, data)
 
@@ -310,10 +325,8 @@ class MirrorCache:
             referrer = parsed.referrer_entry(digest, len(data), media_type)
         self._store.guard.claim(blobs)
         await self._store.blobs.put(digest, data)
-        # The upstream served this manifest from this repository, so the
-        # blobs it names belong here: later pulls may use cached copies.
-        await gatherResults([Deferred.fromCoroutine(mirror.repositories.link_blob(remote, blob)) for blob in blobs],
-                            consumeErrors=True)
+        # The blobs it names are not linked: naming a digest is no proof that
+        # this repository has those bytes. Each is linked once fetched from here.
         await mirror.repositories.add_manifest(remote, digest, media_type, tags, referrer)
 
     # --- tags and referrers ---------------------------------------------------
@@ -336,8 +349,10 @@ class MirrorCache:
                     return cached
                 if response.code != 200:
                     raise UpstreamUnavailable(f"{route.upstream.namespace} answered {response.code}")
-                page = json.loads(data).get("tags") or []
-                tags.extend(tag for tag in page if isinstance(tag, str))
+                page = load_json(data).get("tags") or []
+                if not isinstance(page, list):
+                    raise ValueError("the tag list is not a list")
+                tags.extend(tag for tag in page if isinstance(tag, str) and is_tag(tag))
                 path = _next_page(response)
         except (UpstreamUnavailable, ValueError, AttributeError) as e:
             self._upstream_failed(route.upstream.namespace, str(e))
@@ -359,7 +374,7 @@ class MirrorCache:
                 data = await read_limited(response, self._config.max_manifest_size)
                 self._upstream_ok(route.upstream.namespace)
                 if response.code == 200:
-                    manifests = json.loads(data).get("manifests")
+                    manifests = load_json(data).get("manifests")
                     if isinstance(manifests, list):
                         return [m for m in manifests if isinstance(m, dict)]
             except (UpstreamUnavailable, ValueError, AttributeError) as e:
@@ -375,7 +390,10 @@ class MirrorCache:
                 and await self._store.blobs.size(digest) is not None)
 
     async def head_blob(self, route: Route, digest: Digest) -> BlobHead:
-        """Size of an uncached blob, asked of the upstream without downloading it."""
+        """Size of an uncached blob, asked of the upstream without downloading it.
+
+        Nothing is linked: a HEAD answered 200 proves nothing about the bytes.
+        """
         upstream = route.upstream
         if self._offline(upstream):
             raise offline_miss(upstream, "blob")
@@ -389,31 +407,32 @@ class MirrorCache:
         self._upstream_ok(upstream.namespace)
         if response.code != 200:
             raise blob_unknown(str(digest))
-        self._store.guard.claim([digest])
-        if await self._store.blobs.size(digest) is not None:
-            await mirror.repositories.link_blob(route.remote, digest)
         # For HEAD, Twisted leaves Content-Length among the headers (the body is empty).
         lengths = response.headers.getRawHeaders(b"content-length") or []
-        size = int(lengths[0]) if lengths and lengths[0].isdigit() else None
+        size = int(lengths[0]) if lengths and lengths[0].isdigit() and len(lengths[0]) <= 18 else None
         return BlobHead(size, str(digest))
 
     async def fill(self, route: Route, digest: Digest) -> BlobFill:
-        """The running (or a new) upstream transfer of ``digest``, once it has begun.
+        """The running (or a new) upstream transfer of ``digest`` from ``route``'s
+        repository, once it has begun.
 
-        However many clients ask, one transfer per digest runs.
+        However many clients ask, one transfer per upstream repository and
+        digest runs; the same digest from two repositories is two transfers
+        (each proves only that its own repository has the bytes).
         """
         upstream = route.upstream
         if self._offline(upstream):
             raise offline_miss(upstream, "blob")
-        fill = self.fills.get(digest)
+        key: FillKey = (upstream.namespace, route.remote, digest)
+        fill = self.fills.get(key)
         if fill is None:
             mirror = self.mirror(route)
             fill = BlobFill(digest, self._store.tmp_dir, self._reactor, upstream.idle_timeout,
                             lambda path, d: self._commit_fill(mirror, route.remote, path, d))
-            self.fills[digest] = fill
+            self.fills[key] = fill
             self.fills_started += 1
             self.metrics.upstream_fetches.labels(upstream.namespace).inc()
-            fill.started = Deferred.fromCoroutine(self._start_fill(mirror, route.remote, fill))
+            fill.started = Deferred.fromCoroutine(self._start_fill(mirror, route.remote, key, fill))
         else:
             self.fill_waiters += 1
             self.metrics.coalesced.inc()
@@ -422,7 +441,7 @@ class MirrorCache:
             raise fill.start_error
         return fill
 
-    async def _start_fill(self, mirror: Mirror, remote: str, fill: BlobFill) -> None:
+    async def _start_fill(self, mirror: Mirror, remote: str, key: FillKey, fill: BlobFill) -> None:
         """Ask upstream for the blob; never fails (the error is kept on the fill)."""
         try:
             response = await mirror.client.request("GET", f"/v2/{remote}/blobs/{fill.digest}", remote)
@@ -432,21 +451,25 @@ class MirrorCache:
             if response.code != 200:
                 await read_limited(response, 64 * 1024)
                 raise UpstreamUnavailable(f"{mirror.config.namespace} answered {response.code}")
-            fill.on_finished(lambda: self._fill_finished(mirror, fill))
+            fill.on_finished(lambda: self._fill_finished(mirror, key, fill))
             fill.begin(response)
             self._upstream_ok(mirror.config.namespace)
         except (RegistryError, UpstreamUnavailable) as e:
-            self.fills.pop(fill.digest, None)
+            self._forget_fill(key, fill)
             if isinstance(e, UpstreamUnavailable):
                 self._upstream_failed(mirror.config.namespace, str(e))
             fill.start_error = e if isinstance(e, RegistryError) else unavailable(mirror.config, str(e))
         except Exception as e:
             log.failure("starting the upstream transfer of {digest} failed", digest=str(fill.digest))
-            self.fills.pop(fill.digest, None)
+            self._forget_fill(key, fill)
             fill.start_error = unavailable(mirror.config, str(e))
 
-    def _fill_finished(self, mirror: Mirror, fill: BlobFill) -> None:
-        self.fills.pop(fill.digest, None)
+    def _forget_fill(self, key: FillKey, fill: BlobFill) -> None:
+        if self.fills.get(key) is fill:
+            del self.fills[key]
+
+    def _fill_finished(self, mirror: Mirror, key: FillKey, fill: BlobFill) -> None:
+        self._forget_fill(key, fill)
         if fill.error is not None:
             self._upstream_failed(mirror.config.namespace, f"transfer of {fill.digest} failed: {fill.error}")
 

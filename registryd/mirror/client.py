@@ -1,15 +1,17 @@
-"""An HTTP client for one upstream registry: TLS, credentials, token flow.
+"""An HTTP client for one upstream registry: TLS, credentials, token flow, redirects.
 
 Built on Twisted's Agent rather than treq's request(): treq always asks for
 gzip and decodes it, and a blob must reach the hasher and the disk exactly
-as the upstream sent it.
+as the upstream sent it. Redirects are handled here, not by RedirectAgent:
+only a blob's are followed, only to hosts the operator allowed, never with
+credentials (registryd.mirror.hosts has the rules).
 """
 from __future__ import annotations
 
 import base64
-import json
+import re
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urljoin
 
 import treq
 
@@ -18,13 +20,15 @@ from twisted.internet.defer import CancelledError
 from twisted.internet.error import ConnectError, ConnectingCancelledError, DNSLookupError, TimeoutError
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.logger import Logger
-from twisted.web.client import Agent, HTTPConnectionPool, RedirectAgent, ResponseFailed
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IPolicyForHTTPS, IResponse
 from zope.interface import implementer
 
 from registryd.config import UpstreamConfig
+from registryd.json_documents import load_json
 from registryd.mirror.challenge import parse_challenges
+from registryd.mirror.hosts import Target, UpstreamHosts, parse_target
 
 log = Logger()
 
@@ -38,6 +42,10 @@ _TOKEN_BODY_LIMIT = 1024 * 1024
 _DEFAULT_TOKEN_LIFETIME = 60
 # Refresh a token this long before the upstream says it expires.
 _TOKEN_MARGIN = 10
+_REDIRECT_CODES = frozenset({301, 302, 303, 307, 308})
+# Docker Hub: registry -> CDN, sometimes one more hop; a chain longer than this is a loop.
+MAX_REDIRECTS = 5
+_BLOB_PATH = re.compile(r"^/v2/.+/blobs/[^/?]+$")
 
 
 class UpstreamUnavailable(Exception):
@@ -47,19 +55,38 @@ class UpstreamUnavailable(Exception):
     """
 
 
+class _PlatformAndBundle(ssl.OpenSSLDefaultPaths):
+    """The platform's CAs and the upstream's bundle: a host an upstream sends
+    registryd to may be public (a CDN) or internal (object storage)."""
+
+    def __init__(self, certificates: list[Any]) -> None:
+        self._bundle = [certificate.original for certificate in certificates]
+
+    def _addCACertsToContext(self, context: Any) -> None:
+        super()._addCACertsToContext(context)
+        store = context.get_cert_store()
+        for certificate in self._bundle:
+            store.add_cert(certificate)
+
+
 @implementer(IPolicyForHTTPS)
 class UpstreamTLSPolicy:
-    """TLS for one upstream: its CA bundle, client certificate, verification."""
+    """TLS for one upstream: its CA bundle, client certificate, verification.
 
-    def __init__(self, config: UpstreamConfig) -> None:
+    ``for_other_hosts`` (the hosts it redirects to, its token service):
+    never the client certificate, and the platform's CAs besides the bundle.
+    """
+
+    def __init__(self, config: UpstreamConfig, for_other_hosts: bool = False) -> None:
         self._verify = config.tls_verify
         self._trust: Any = None
         if config.ca_file:
             with open(config.ca_file, "rb") as f:
-                pems = _split_pem(f.read())
-            self._trust = ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(pem) for pem in pems])
+                certificates = [ssl.Certificate.loadPEM(pem) for pem in _split_pem(f.read())]
+            self._trust = (_PlatformAndBundle(certificates) if for_other_hosts
+                           else ssl.trustRootFromCertificates(certificates))
         self._client: Any = None
-        if config.client_cert and config.client_key:
+        if not for_other_hosts and config.client_cert and config.client_key:
             with open(config.client_cert, "rb") as f:
                 cert = f.read()
             with open(config.client_key, "rb") as f:
@@ -93,8 +120,12 @@ class UpstreamClient:
     def __init__(self, config: UpstreamConfig, reactor: Any, pool: HTTPConnectionPool) -> None:
         self.config = config
         self._reactor = reactor
-        self._agent = RedirectAgent(Agent(reactor, contextFactory=UpstreamTLSPolicy(config),
-                                          connectTimeout=config.connect_timeout, pool=pool))
+        self.hosts = UpstreamHosts(config)
+        self._agent = Agent(reactor, contextFactory=UpstreamTLSPolicy(config),
+                            connectTimeout=config.connect_timeout, pool=pool)
+        # For the other hosts an upstream names (CDN, token service): no client certificate.
+        self._other_agent = Agent(reactor, contextFactory=UpstreamTLSPolicy(config, for_other_hosts=True),
+                                  connectTimeout=config.connect_timeout, pool=pool)
         self._tokens: dict[str, tuple[str, float]] = {}
         self._use_basic = False
         self._bearer: dict[str, str] | None = None
@@ -113,9 +144,14 @@ class UpstreamClient:
             return self._basic_header()
         return None
 
-    async def _send(self, method: str, url: str, headers: dict[str, str]) -> IResponse:
+    async def _send(self, method: str, url: str, headers: dict[str, str], elsewhere: bool = False) -> IResponse:
         raw = Headers({k.encode(): [v.encode()] for k, v in headers.items()})
-        d = self._agent.request(method.encode(), url.encode(), raw)
+        agent = self._other_agent if elsewhere else self._agent
+        try:
+            d = agent.request(method.encode(), url.encode(), raw)
+        except ValueError as e:   # a URL an upstream named (realm, Link) that is not a valid URI
+            shown = url.split("?", 1)[0][:200]
+            raise UpstreamUnavailable(f"{self.config.namespace}: cannot request {shown!r}: {e}") from None
         timer = self._reactor.callLater(self.config.idle_timeout, d.cancel)
         try:
             return await d
@@ -135,7 +171,8 @@ class UpstreamClient:
                       headers: dict[str, str] | None = None) -> IResponse:
         """Send ``method path`` for ``repository``; the body is the caller's to read.
 
-        Raises UpstreamUnavailable for network failures, 5xx and 429.
+        A blob's redirects are followed (see ``_follow``); any other redirect,
+        network failures, 5xx and 429 raise UpstreamUnavailable.
         """
         scope = f"repository:{repository}:pull"
         url = self.config.url + path
@@ -147,10 +184,49 @@ class UpstreamClient:
             await _discard(response)
             if await self._authenticate(challenges, scope):
                 response = await self._send(method, url, self._with_auth(base, scope))
+        if response.code in _REDIRECT_CODES:
+            response = await self._follow(method, path, url, response, base)
         if response.code >= 500 or response.code == 429:
             await _discard(response)
             raise UpstreamUnavailable(f"{self.config.namespace} answered {response.code} for {path}")
         return response
+
+    async def _follow(self, method: str, path: str, url: str, response: IResponse,
+                      headers: dict[str, str]) -> IResponse:
+        """Follow a blob's redirects (object storage, a CDN) to allowed hosts, without credentials.
+
+        The bytes are checked against the digest whoever serves them. A
+        manifest, tag list, referrers list or token is only taken from the
+        upstream itself: their redirects are upstream errors.
+        """
+        namespace = self.config.namespace
+        for _ in range(MAX_REDIRECTS):
+            code = response.code
+            location = (response.headers.getRawHeaders(b"location") or [b""])[0].decode("latin-1")
+            await _discard(response)
+            if not _BLOB_PATH.match(path):
+                raise UpstreamUnavailable(f"{namespace} answered {code} (a redirect) for {path}; "
+                                          f"only blob redirects are followed")
+            try:
+                target = parse_target(urljoin(url, location)) if location else None
+            except ValueError:
+                target = None
+            why = self.hosts.redirect_refusal(target)
+            if target is None or why is not None:
+                shown = target.shown if target is not None else repr(location[:200])
+                log.warn("{namespace}: not following the redirect of {path} to {target}: {why}",
+                         namespace=namespace, path=path, target=shown, why=why)
+                raise UpstreamUnavailable(f"{namespace} redirected {path} to {shown}: {why}")
+            log.info("{namespace}: {path} redirected to {target}", namespace=namespace, path=path,
+                     target=target.shown)
+            url = target.url
+            # Never the upstream's credentials, token or client certificate: the
+            # target may be anyone's storage, and a presigned URL needs none.
+            response = await self._send(method, url, headers, elsewhere=not self.hosts.is_own(target))
+            if response.code not in _REDIRECT_CODES:
+                return response
+        await _discard(response)
+        raise UpstreamUnavailable(f"{namespace}: more than {MAX_REDIRECTS} redirects for {path}")
 
     def _with_auth(self, headers: dict[str, str], scope: str) -> dict[str, str]:
         authorization = self._authorization(scope)
@@ -170,28 +246,46 @@ class UpstreamClient:
 
     async def _fetch_token(self, params: dict[str, str], scope: str) -> None:
         realm = params["realm"]
+        target = parse_target(realm)
+        why = self.hosts.realm_refusal(target)
+        if target is None or why is not None:
+            shown = target.shown if target is not None else repr(realm[:200])
+            log.warn("{namespace}: not asking the token realm {realm}: {why}", namespace=self.config.namespace,
+                     realm=shown, why=why)
+            raise UpstreamUnavailable(f"{self.config.namespace}: token realm {shown}: {why}")
         query = {"scope": scope}
         if params.get("service"):
             query["service"] = params["service"]
         headers = {"User-Agent": self.config.user_agent, "Accept": "application/json"}
-        basic = self._basic_header()
+        basic = self._basic_header() if self._may_have_credentials(target) else None
         if basic is not None:
             headers["Authorization"] = basic
         separator = "&" if "?" in realm else "?"
-        response = await self._send("GET", f"{realm}{separator}{urlencode(query)}", headers)
+        response = await self._send("GET", f"{realm}{separator}{urlencode(query)}", headers,
+                                    elsewhere=not self.hosts.is_own(target))
         body = await read_limited(response, _TOKEN_BODY_LIMIT)
         if response.code != 200:
             raise UpstreamUnavailable(f"{self.config.namespace}: token service answered {response.code}")
         try:
-            document = json.loads(body)
+            document = load_json(body)
             token = document.get("token") or document.get("access_token")
             lifetime = int(document.get("expires_in") or _DEFAULT_TOKEN_LIFETIME)
-        except (ValueError, AttributeError, TypeError):
+        except (ValueError, AttributeError, TypeError, OverflowError):
             raise UpstreamUnavailable(f"{self.config.namespace}: token service sent no usable token") from None
         if not isinstance(token, str) or not token:
             raise UpstreamUnavailable(f"{self.config.namespace}: token service sent no token")
         expires = self._reactor.seconds() + max(lifetime - _TOKEN_MARGIN, 1)
         self._tokens[scope] = (token, expires)
+
+
+    def _may_have_credentials(self, target: Target) -> bool:
+        """Credentials go to a token realm over https or on the upstream's own host, else none."""
+        if self.hosts.may_have_credentials(target):
+            return True
+        if self.config.username is not None:
+            log.warn("{namespace}: asking the token realm {realm} without credentials: it is plain http on "
+                     "another host", namespace=self.config.namespace, realm=target.shown)
+        return False
 
 
 def _describe(error: Exception) -> str:

@@ -3,9 +3,11 @@
 The fetch writes each chunk to ``tmp/fill-<id>`` and into the hasher as it
 arrives; every client, the first included, reads that file at its own pace
 and is woken when more bytes land, so a slow client never slows the fetch
-or the others. On success the digest is checked and the file renamed into
-the blob store; on any failure the partial file is removed and the clients
-are told, so they can abort their connections rather than end a short body.
+or the others. Until the digest is verified a client is never given the
+blob's last byte (``releasable``): whatever goes wrong, no client holds a
+body that looks complete. On success the file is renamed into the blob
+store; on any failure the partial file is removed and the clients are told,
+so they can abort their connections.
 """
 from __future__ import annotations
 
@@ -41,6 +43,8 @@ class BlobFill:
         self.size: int | None = None
         self.written = 0
         self.done = False
+        # The digest matched: every written byte may go to clients (set before the commit).
+        self.verified = False
         self.error: FillFailed | None = None
         self._reactor = reactor
         self._idle_timeout = idle_timeout
@@ -50,6 +54,7 @@ class BlobFill:
         self._watchdog: IDelayedCall | None = None
         self._transport: Any = None
         self._on_finished: list[Callable[[], Any]] = []
+        self._end_waiters: list[Deferred[None]] = []
         # Fires (never fails) once the upstream answered; start_error says how.
         self.started: Deferred[None] = Deferred()
         self.start_error: Exception | None = None
@@ -58,17 +63,39 @@ class BlobFill:
     def finished(self) -> bool:
         return self.done or self.error is not None
 
+    @property
+    def releasable(self) -> int:
+        """How many bytes a client may be sent now: all once verified, else never the last one.
+
+        With a known size the blob's final byte is held back; with an unknown
+        one, the last byte written so far (it may be the final one).
+        """
+        if self.verified:
+            return self.written
+        limit = self.written - 1 if self.size is None else min(self.written, self.size - 1)
+        return max(limit, 0)
+
     def progress(self, position: int) -> Deferred[None]:
-        """Fires once more than ``position`` bytes are written, or the fill ends.
+        """Fires once more than ``position`` bytes are releasable, or the digest is
+        verified, or the fill ends.
 
         Cancelling it removes only this reader's wait.
         """
-        if self.written > position or self.finished:
+        if self._ready(position):
             d: Deferred[None] = Deferred()
             d.callback(None)
             return d
         waiter: Deferred[None] = Deferred(self._forget)
         self._waiters[waiter] = position
+        return waiter
+
+    def ended(self) -> Deferred[None]:
+        """Fires once the fill is stored or failed; cancelling it removes only this wait."""
+        waiter: Deferred[None] = Deferred(self._forget_end)
+        if self.finished:
+            waiter.callback(None)
+        else:
+            self._end_waiters.append(waiter)
         return waiter
 
     def on_finished(self, callback: Callable[[], Any]) -> None:
@@ -78,13 +105,23 @@ class BlobFill:
         callbacks, self._on_finished = self._on_finished, []
         for callback in callbacks:
             callback()
+        waiters, self._end_waiters = self._end_waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
         self._wake()
 
     def _forget(self, waiter: Deferred[None]) -> None:
         self._waiters.pop(waiter, None)
 
+    def _forget_end(self, waiter: Deferred[None]) -> None:
+        if waiter in self._end_waiters:
+            self._end_waiters.remove(waiter)
+
+    def _ready(self, position: int) -> bool:
+        return self.releasable > position or self.verified or self.finished
+
     def _wake(self) -> None:
-        ready = [d for d, position in self._waiters.items() if self.written > position or self.finished]
+        ready = [d for d, position in self._waiters.items() if self._ready(position)]
         for waiter in ready:
             del self._waiters[waiter]
             waiter.callback(None)
@@ -136,6 +173,9 @@ class BlobFill:
         if self._hasher.hexdigest() != self.digest.hex:
             self.fail(FillFailed(f"upstream content does not match {self.digest}"))
             return
+        # Clients may have the tail now: the bytes are right even if storing them fails.
+        self.verified = True
+        self._wake()
         try:
             await self._commit(self.path, self.digest)
         except Exception as e:

@@ -13,7 +13,7 @@ from twisted.internet.defer import Deferred, succeed
 
 from registryd.digest import Digest
 from registryd.storage.blobs import BlobStore
-from registryd.storage.files import empty_dir, free_space_problem, make_dirs
+from registryd.storage.files import empty_dir, free_space_problem, make_dirs, remove_file
 from registryd.storage.guard import BlobGuard
 from registryd.storage.local import FileBlobs, FileRepositories
 from registryd.storage.repositories import RepositoryStore
@@ -53,19 +53,28 @@ class Store:
             f.write(b"registryd")
         os.unlink(probe)
 
+    def check_store(self) -> None:
+        """Nothing beyond the data directory to check at start-up (``prepare`` proves it writable)."""
+
     def readiness_problem(self, min_free_bytes: int) -> str | None:
         """Why the store cannot take writes now, or None (cheap: for /readyz)."""
         probe = os.path.join(self.tmp_dir, f"ready-{uuid.uuid4().hex}")
         try:
-            with open(probe, "wb") as f:
-                f.write(b"ready")
-            os.unlink(probe)
+            try:
+                with open(probe, "wb") as f:
+                    f.write(b"ready")
+            finally:
+                remove_file(probe)  # also when the disk is full: no empty probe stays behind
             return free_space_problem(self.root, min_free_bytes)
         except OSError as e:
             return f"data directory is not writable: {e.strerror}"
 
     async def check_backend(self) -> str | None:
         """Nothing beyond the data directory to check (readiness_problem does that)."""
+        return None
+
+    async def check_ready(self) -> str | None:
+        """For /readyz: as ``check_backend`` (readiness_problem writes a probe file)."""
         return None
 
     def location(self) -> str:

@@ -43,8 +43,11 @@ def write_atomic(tmp_dir: str, target: str, data: bytes, durable: bool = True) -
             view = view[os.write(fd, view):]
         if durable:
             os.fsync(fd)
-    finally:
+    except BaseException:
         os.close(fd)
+        remove_file(tmp)  # a full disk must not leave empty files behind
+        raise
+    os.close(fd)
     parent = os.path.dirname(target)
     try:
         if durable:
@@ -84,10 +87,15 @@ def write_fully(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
+def free_bytes(root: str) -> int:
+    """Bytes an unprivileged writer may still use on the disk of ``root`` (raises OSError)."""
+    stats = os.statvfs(root)
+    return stats.f_bavail * stats.f_frsize
+
+
 def free_space_problem(root: str, min_free_bytes: int, purpose: str = "") -> str | None:
     """Why the disk of ``root`` has too little room (or cannot be asked), or None; for /readyz."""
-    stats = os.statvfs(root)
-    free = stats.f_bavail * stats.f_frsize
+    free = free_bytes(root)
     if free < min_free_bytes:
         return f"only {free} bytes free in the data directory{purpose} (below {min_free_bytes})"
     return None

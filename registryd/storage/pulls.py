@@ -12,9 +12,11 @@ from typing import Callable
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from registryd.digest import Digest
 from registryd.storage.interface import RepositoryBackend
+from registryd.storage.outage import outage_reason
 
 log = Logger()
 
@@ -36,5 +38,11 @@ class PullRecorder:
         if len(self._written) >= _MAX_REMEMBERED:
             self._written.clear()
         self._written[key] = now
-        Deferred.fromCoroutine(repositories.record_pull(name, digest, now)).addErrback(
-            lambda f: log.failure("recording a pull of {name}@{digest} failed", f, name=name, digest=str(digest)))
+        def failed(failure: Failure) -> None:
+            reason = outage_reason(failure.value)
+            if reason is None:
+                log.failure("recording a pull of {name}@{digest} failed", failure, name=name, digest=str(digest))
+            else:   # advisory: a pull time lost to an outage is not worth a traceback
+                log.warn("recording a pull of {name}@{digest} failed: {reason}", name=name, digest=str(digest),
+                         reason=reason)
+        Deferred.fromCoroutine(repositories.record_pull(name, digest, now)).addErrback(failed)

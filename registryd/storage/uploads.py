@@ -125,8 +125,12 @@ class UploadStore:
         directory = os.path.join(self.root, upload_id)
         os.mkdir(directory)
         upload = Upload(upload_id, repo, directory, 0, time.time())
-        open(upload.data_path, "wb").close()
-        self._save_state(upload)
+        try:
+            open(upload.data_path, "wb").close()
+            self._save_state(upload)
+        except BaseException:
+            shutil.rmtree(directory, ignore_errors=True)  # a full disk must not leave a half session
+            raise
         self._sessions[upload_id] = upload
         return upload
 

@@ -6,21 +6,26 @@ place (``_registry_error``).
 """
 from __future__ import annotations
 
+import errno
 import json
 import re
-from typing import Any
-from urllib.parse import urlencode
+from typing import Any, NoReturn
+from urllib.parse import unquote_to_bytes, urlencode, urlsplit
 
 from klein import Klein
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.resource import Resource
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 from werkzeug.routing import RequestRedirect
 
-from registryd.auth.basic import AuthenticationFailed
+from registryd.auth import tokens
+from registryd.auth.basic import AuthenticationFailed, TooManyChecks, carries_credentials
+from registryd.auth.proxies import client_address, forwarded_https, is_loopback
 from registryd.auth.policy import DELETE, PULL, PUSH, Verdict, mirrored_namespaces
 from registryd.auth.settings import Auth, build_auth
+from registryd.auth.throttle import client_key
 from registryd.config import Config
 from registryd.deferreds import shielded
 from registryd.digest import Digest, digest_of, is_digest, parse_digest
@@ -38,6 +43,7 @@ from registryd.errors import (
     not_found,
     pagination_invalid,
     range_invalid,
+    too_large,
     unsupported,
 )
 from registryd.manifests import parse_manifest
@@ -48,12 +54,15 @@ from registryd.mirror.cache import MirrorCache, unavailable
 from registryd.mirror.fill import FillFailed
 from registryd.mirror.routing import Route
 from registryd.storage import Store
+from registryd.storage.files import free_bytes
+from registryd.storage.outage import RETRY_AFTER, outage_reason
 from registryd.storage.pulls import PullRecorder
 from registryd.storage.uploads import Upload
 from registryd.upkeep.online_prune import PruneSelection, server_pruner
 from registryd.upkeep.scheduler import Upkeep
 from registryd.web.request import CappedBody, PendingBody, RefusedBody, RegistryRequest, UploadBody
 from registryd.web.follow import FillCommitted, stream_fill
+from registryd.web.limits import BodyBudget, RateLimitedLog, SessionQuota, store_full
 from registryd.web.status import CONTENT_TYPE as STATUS_CONTENT_TYPE
 from registryd.web.status import StatusBoard
 from registryd.web.sendfile import send_file_range
@@ -61,8 +70,28 @@ from registryd.web.sendfile import send_file_range
 log = Logger()
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-_CONTENT_RANGE = re.compile(r"^(?:bytes[ =])?(\d+)-(\d+)(?:/(?:\d+|\*))?$")
-_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+# ASCII digits only, and few enough of them that int() never refuses.
+_CONTENT_RANGE = re.compile(r"(?:bytes[ =])?([0-9]{1,18})-([0-9]{1,18})(?:/(?:[0-9]{1,18}|\*))?")
+_RANGE = re.compile(r"bytes=([0-9]*)-([0-9]*)")
+# A byte position past any real blob: what a Range position of more digits means.
+_FAR_POSITION = 1 << 62
+_PAGE_SIZE = re.compile(r"[0-9]{1,9}")
+_NOT_READY = "storage is not ready; the server log says why"
+_NO_ANSWER = re.compile(r"(?:did not answer|no answer) within (\d[\d.]*s)")
+
+
+def _public_reason(problem: str) -> str:
+    """Why /readyz fails, told to anyone: the kind of trouble, never its details."""
+    if not problem.startswith("object store"):
+        return _NOT_READY
+    if "does not exist" in problem:
+        return "object store: the bucket does not exist; the server log says more"
+    if "credentials" in problem:
+        return "object store: it refuses this node's credentials; the server log says more"
+    late = _NO_ANSWER.search(problem)
+    if late is not None:
+        return f"object store: no answer within {late[1]}"
+    return "object store: unreachable or failing; the server log says more"
 # Stored manifests were capped when pushed or fetched; this only bounds a read.
 MANIFEST_READ_LIMIT = 64 * 1024 * 1024
 # Bytes a client connection may hold before a streamed blob's source is paused.
@@ -79,6 +108,13 @@ def _arg(request: RegistryRequest, key: str) -> str | None:
 def _args(request: RegistryRequest, key: str) -> list[str]:
     args: dict[bytes, list[bytes]] = request.args or {}
     return [v.decode("utf-8", "replace") for v in args.get(key.encode(), [])]
+
+
+def _header(request: RegistryRequest, name: str) -> str | None:
+    """A request header as text. Latin-1 never fails: a client's stray byte is
+    then just an unknown value, not a UnicodeDecodeError."""
+    value = request.getHeader(name.encode())
+    return None if value is None else value.decode("latin-1")
 
 
 def _respond(request: RegistryRequest, status: int, headers: dict[str, str] | None = None,
@@ -102,8 +138,8 @@ def _page_size(request: RegistryRequest) -> int | None:
     text = _arg(request, "n")
     if text is None or text == "":
         return None
-    if not text.isdigit():
-        raise pagination_invalid(text)
+    if not _PAGE_SIZE.fullmatch(text):
+        raise pagination_invalid(text[:20])
     return int(text)
 
 
@@ -121,6 +157,13 @@ def _paginate(request: RegistryRequest, items: list[str], base: str) -> tuple[li
         query = urlencode({"n": n, "last": page[-1]})
         headers["Link"] = f'<{base}?{query}>; rel="next"'
     return page, headers
+
+
+def _position(text: str) -> int | None:
+    """A Range position (ASCII digits); absurdly long ones are simply far away."""
+    if not text:
+        return None
+    return int(text) if len(text) <= 18 else _FAR_POSITION
 
 
 def _policy_name(name: str, route: Route | None) -> str:
@@ -141,6 +184,56 @@ def _blob_headers(digest: str, length: int | None) -> dict[str, str]:
     if length is not None:
         headers["Content-Length"] = str(length)
     return headers
+
+
+class _Utf8Paths(Resource):
+    """Answers a path that is not UTF-8 once decoded with the OCI error document.
+
+    Klein would answer it with a plain-text 400 and log the decoding error
+    as a failure.
+    """
+
+    isLeaf = True
+
+    def __init__(self, api: Resource, refuse: Any) -> None:
+        super().__init__()
+        self._api = api
+        self._refuse = refuse
+
+    def render(self, request: Any) -> Any:
+        try:
+            unquote_to_bytes(request.path).decode("utf-8")
+        except UnicodeDecodeError:
+            return self._refuse(request, Failure(unsupported("the request path is not UTF-8", 400)))
+        return self._api.render(request)
+
+
+#: Headers a blob GET sets before its body: not for an error document in its place.
+_BODY_HEADERS = ("Content-Range", "Docker-Content-Digest", "ETag", "Cache-Control", "Accept-Ranges")
+
+
+def store_unavailable() -> RegistryError:
+    """503 for a request the store cannot serve now (down, frozen, bucket gone)."""
+    return RegistryError(503, "UNAVAILABLE", "the storage backend is unavailable; try again later",
+                         headers={"Retry-After": str(RETRY_AFTER)})
+
+
+def _cut(request: Any, why: str) -> Deferred[None] | None:
+    """A failure after the body began: abort the connection, write nothing more.
+
+    An error document after the status line, Content-Length and some bytes
+    would become part of the blob; a cut connection is a short body every
+    client notices (and resumes with Range). Klein finishes nothing: the
+    returned Deferred fires once the request has seen its connection go.
+    """
+    channel = request.channel
+    if channel is None:
+        return None
+    log.warn("{method} {uri}: response cut after {sent} body bytes: {why}", method=request.method.decode("latin-1"),
+             uri=request.uri.decode("latin-1"), sent=request.sentLength, why=why)
+    lost: Deferred[None] = request.notifyFinish()
+    channel.transport.abortConnection()
+    return lost.addErrback(lambda _: None)
 
 
 class RegistryAPI:
@@ -165,22 +258,37 @@ class RegistryAPI:
         self.status = StatusBoard(store, config, self.mirror)
         self.pulls = PullRecorder()
         self.upkeep: Upkeep | None = None   # set by RegistryService: online gc and surveys
+        self._readiness_logged: str | None = None   # the last /readyz problem written to the log
+        self.warnings = RateLimitedLog(reactor.seconds)
+        self.body_budget = BodyBudget(config.max_pending_body_bytes, self.warnings)
+        self.upload_quota = SessionQuota(config.max_upload_sessions, config.max_upload_sessions_per_client,
+                                         lambda repo, upload_id: store.uploads.known(repo, upload_id) is not None,
+                                         self.warnings)
 
     def resource(self) -> Any:
-        return self.app.resource()
+        return _Utf8Paths(self.app.resource(), self._registry_error)
 
     # --- errors ---------------------------------------------------------
 
     @app.handle_errors(RegistryError)
-    def _registry_error(self, request: Any, failure: Failure) -> bytes:
+    def _registry_error(self, request: Any, failure: Failure) -> Any:
         error = failure.value
+        if request.startedWriting:
+            return _cut(request, str(error))
         request.error_message = error.message  # for the status page's recent errors
+        for name in _BODY_HEADERS:  # a blob's headers, set before its body failed to start
+            request.responseHeaders.removeHeader(name)
         return _json(request, error.status, error.document(), error.headers)
 
     @app.handle_errors(NotFound)
     def _not_found(self, request: Any, failure: Failure) -> bytes:
         # A known endpoint whose name part the router could not take
-        # (``/v2//a/tags/list``) is a bad name, not a missing endpoint.
+        # (``/v2//a/tags/list``) is a bad name, not a missing endpoint;
+        # one with an encoded separator names nothing (``manifests/x%2f..``).
+        try:
+            check_raw_path(request.path)
+        except RegistryError as e:
+            return self._registry_error(request, Failure(e))
         endpoint = _ENDPOINT.match(request.path.decode("latin-1"))
         error = name_invalid(endpoint[1][:255]) if endpoint else not_found()
         return self._registry_error(request, Failure(error))
@@ -199,23 +307,67 @@ class RegistryAPI:
         return self._registry_error(request, Failure(method_not_allowed(allowed)))
 
     @app.handle_errors(Exception)
-    def _internal_error(self, request: Any, failure: Failure) -> bytes:
-        log.failure("request {method} {uri} failed", failure,
-                    method=request.method.decode("latin-1"), uri=request.uri.decode("latin-1"))
-        error = RegistryError(500, "UNKNOWN", "internal server error")
+    def _internal_error(self, request: Any, failure: Failure) -> Any:
+        reason = outage_reason(failure.value)
+        if isinstance(failure.value, OSError) and failure.value.errno in (errno.ENOSPC, errno.EDQUOT):
+            self.warnings.warn("disk_full", "the data directory's disk is full: {method} {uri} refused with 507",
+                               method=request.method.decode("latin-1"), uri=request.uri.decode("latin-1"))
+            error = store_full()
+        elif reason is None:
+            log.failure("request {method} {uri} failed", failure,
+                        method=request.method.decode("latin-1"), uri=request.uri.decode("latin-1"))
+            error = RegistryError(500, "UNKNOWN", "internal server error")
+        elif request.startedWriting:
+            return _cut(request, reason)
+        else:
+            log.warn("{method} {uri}: 503, {reason}", method=request.method.decode("latin-1"),
+                     uri=request.uri.decode("latin-1"), reason=reason)
+            error = store_unavailable()
         return self._registry_error(request, Failure(error))
 
     # --- helpers ---------------------------------------------------------
 
     async def _user(self, request: RegistryRequest) -> str | None:
         """Who is asking (None: anonymous); 401 for credentials that fail."""
-        address = getattr(request.getClientAddress(), "host", "") or ""
+        credentials = await self._credentials(request)
+        request.user = credentials[0] if credentials else None
+        return request.user
+
+    async def _credentials(self, request: RegistryRequest) -> tuple[str, bytes] | None:
+        """The checked (user, password) of a request, None when anonymous."""
+        address = self._client_address(request)
+        authorization = _header(request, "Authorization")
+        if (authorization and self.auth.authenticator.enabled and carries_credentials(authorization)
+                and not self._credentials_allowed(request)):
+            raise RegistryError(403, "DENIED", "credentials are accepted only over TLS here ([auth] require_tls): "
+                                               "use the registry's https address")
         try:
-            user = await self.auth.authenticator.authenticate(address, request.getHeader("Authorization"))
+            return await self.auth.authenticator.credentials(address, authorization)
         except AuthenticationFailed as e:
             raise self._unauthorized(str(e)) from None
-        request.user = user
-        return user
+        except TooManyChecks as e:
+            raise RegistryError(429, "TOOMANYREQUESTS", f"too many login attempts: {e}",
+                                headers={"Retry-After": str(e.retry_after)}) from None
+
+    def _client_address(self, request: RegistryRequest) -> str:
+        """The client's address: the peer's, or what a trusted proxy forwarded."""
+        peer = getattr(request.getClientAddress(), "host", "") or ""
+        return client_address(peer, request.requestHeaders.getRawHeaders("X-Forwarded-For", []),
+                              self.auth.settings.trusted_proxies)
+
+    def _secure(self, request: RegistryRequest) -> bool:
+        """Did the request come over TLS (here, or to a trusted proxy that says so)?"""
+        if request.isSecure():
+            return True
+        peer = getattr(request.getClientAddress(), "host", "") or ""
+        return forwarded_https(peer, request.requestHeaders.getRawHeaders("X-Forwarded-Proto", []),
+                               self.auth.settings.trusted_proxies)
+
+    def _credentials_allowed(self, request: RegistryRequest) -> bool:
+        """False on a plain-HTTP, non-loopback listener with ``[auth] require_tls``."""
+        if not self.auth.settings.require_tls or self._secure(request):
+            return True
+        return is_loopback(getattr(request.getHost(), "host", "") or "")
 
     def _unauthorized(self, why: str) -> RegistryError:
         return RegistryError(401, "UNAUTHORIZED", f"authentication required: {why}",
@@ -228,37 +380,74 @@ class RegistryAPI:
         (``hide``) where the spec allows it, else DENIED.
         """
         user = await self._user(request)
+        self._check_verdict(user, name, action, hide)
+        return user
+
+    def _check_verdict(self, user: str | None, name: str, action: str, hide: bool = True) -> None:
+        """Raise what ``_allow`` answers when ``user`` may not ``action`` on ``name``."""
         verdict = self.auth.policy.verdict(user, name, action)
         if verdict is Verdict.ALLOW:
-            return user
+            return
         if verdict is Verdict.AUTHENTICATE:
             raise self._unauthorized(f"{action} on {name} needs credentials")
         if verdict is Verdict.HIDE and hide:
             raise name_unknown(name)
         raise RegistryError(403, "DENIED", f"{user or 'anonymous'} may not {action} {name}", {"name": name})
 
-    def _local(self, request: RegistryRequest, name: str) -> str:
-        """The name of a repository the request may change: never a mirrored one."""
-        check_raw_path(request.path)
-        return self._writable(name, _arg(request, "ns"))
+    async def _local(self, request: RegistryRequest, name: str) -> str:
+        """The name of a repository the request may change: never a mirrored one.
 
-    def _writable(self, name: str, ns: str | None) -> str:
-        route = self.mirror.router.route(name, ns)
-        if route is not None and not route.by_default:
+        A mirrored name is refused only to a requester who may pull it: anyone
+        else gets the answer a pull would get, and learns nothing of the mirrors.
+        """
+        check_raw_path(request.path)
+        ns, host = _arg(request, "ns"), _header(request, "Host")
+        route = self.mirror.router.route(name, ns, host=host)
+        if route is not None:
+            await self._refuse_mirrored(request, name, route, ns, host)
+        return self._writable(name, ns, host)
+
+    async def _refuse_mirrored(self, request: RegistryRequest, name: str, route: Route,
+                               ns: str | None, host: str | None) -> NoReturn:
+        """Refuse a change to a mirrored repository, saying so only to who may pull it."""
+        user = await self._user(request)
+        verdict = self.auth.policy.verdict(user, _policy_name(name, route), PULL)
+        if verdict is Verdict.AUTHENTICATE:
+            raise self._unauthorized(f"{name} needs credentials")
+        if verdict is not Verdict.ALLOW:
+            raise name_unknown(name)
+        self._writable(name, ns, host)
+        raise denied(f"{name} is read-only")  # not reached: _writable refuses every mirrored name
+
+    def _refuse_mirrored_body(self, request: RegistryRequest, name: str,
+                              args: dict[str, list[str]]) -> PendingBody | None:
+        """Before a body: a change to a mirrored repository is refused once the
+        requester is known (with the connection paused), never earlier."""
+        ns, host = args.get("ns", [None])[0], _header(request, "Host")
+        route = self.mirror.router.route(name, ns, host=host)
+        if route is None:
+            return None
+        return PendingBody(self._refuse_mirrored(request, name, route, ns, host))
+
+    def _writable(self, name: str, ns: str | None, host: str | None) -> str:
+        route = self.mirror.router.route(name, ns, host=host)
+        if route is not None and route.by_default:
+            prefixes = ", ".join(self.config.local_prefixes) or "none is configured"
+            raise denied(f"{name} is what clients of the default upstream {route.upstream.namespace} pull: "
+                         f"local repositories live under [mirror] local_prefixes ({prefixes})")
+        if route is not None:
             raise denied(f"{name} mirrors {route.upstream.namespace}: mirrored repositories are read-only")
         return check_name(name)
 
-    async def _route(self, name: str, ns: str | None) -> Route | None:
-        """The mirror route for ``name``; a local repository wins over the default upstream."""
-        route = self.mirror.router.route(name, ns)
-        if route is not None and route.by_default and await self.store.repositories.exists(name):
-            return None
-        return route
+    async def _route(self, name: str, ns: str | None, host: str | None = None) -> Route | None:
+        """The mirror route for ``name``. With a default upstream, a name outside
+        ``[mirror] local_prefixes`` is the upstream's, whatever is stored here."""
+        return self.mirror.router.route(name, ns, host=host)
 
     async def _target(self, request: RegistryRequest, name: str) -> tuple[str, Route | None]:
         """A repository to read: local, or the mirror route that serves it."""
         check_raw_path(request.path)
-        route = await self._route(name, _arg(request, "ns"))
+        route = await self._route(name, _arg(request, "ns"), _header(request, "Host"))
         return (name, route) if route is not None else (check_name(name), None)
 
     def _check_delete_enabled(self) -> None:
@@ -279,10 +468,39 @@ class RegistryAPI:
 
     @app.route("/v2/", methods=["GET", "HEAD"])
     async def base(self, request: RegistryRequest) -> bytes:
+        """200 for a known user; with users configured, 401 and a challenge
+        for anyone else: clients decide here whether to send credentials at
+        all, and one that holds none carries on anonymously."""
         user = await self._user(request)
+        if user is None and self.auth.authenticator.enabled and self._credentials_allowed(request):
+            raise self._base_challenge(request)
         if user is None and self.auth.authenticator.enabled and not self.auth.policy.grants_anything(None):
-            raise self._unauthorized("this registry needs credentials")
+            raise RegistryError(403, "DENIED", "this registry needs credentials, accepted only over TLS here")
         return _json(request, 200, {})
+
+    def _base_challenge(self, request: RegistryRequest) -> RegistryError:
+        """Bearer to our token endpoint when anonymous users may do something
+        (see Auth.bearer), else Basic as the reference registry does."""
+        realm = tokens.realm(self._secure(request), request.getHeader("Host")) if self.auth.bearer else None
+        if realm is None:
+            return self._unauthorized("this registry needs credentials")
+        return RegistryError(401, "UNAUTHORIZED", "authentication required: log in, or fetch an anonymous token",
+                             headers={"WWW-Authenticate": tokens.bearer_challenge(realm)})
+
+    @app.route("/v2/token", methods=["GET"])
+    async def token(self, request: RegistryRequest) -> bytes:
+        """A bearer token for the Basic credentials given (an anonymous one
+        without): what docker, containers/image and containerd fetch after
+        the Bearer challenge of ``/v2/``. Wrong credentials get 401."""
+        if not self.auth.authenticator.enabled:
+            raise not_found()
+        credentials = await self._credentials(request)
+        request.user = credentials[0] if credentials else None
+        now = self._reactor.seconds()
+        token = tokens.issue(credentials[0], self.auth.authenticator.token_key(credentials[0]), now) \
+            if credentials else tokens.ANONYMOUS_TOKEN
+        return _json(request, 200, tokens.response(token, now),
+                     {"Cache-Control": "no-store"})
 
     @app.route("/healthz", methods=["GET", "HEAD"])
     def healthz(self, request: RegistryRequest) -> bytes:
@@ -291,10 +509,18 @@ class RegistryAPI:
 
     @app.route("/readyz", methods=["GET", "HEAD"])
     async def readyz(self, request: RegistryRequest) -> bytes:
-        """Ready: the store is writable and has room (and its object store answers). Open to everyone."""
-        problem = await self.store.check_backend() or self.store.readiness_problem(self.config.min_free_bytes)
+        """Ready: the store is writable and has room (on S3: a probe object written and read back
+        within ``ready_timeout``). Open to everyone."""
+        problem = await self.store.check_ready() or self.store.readiness_problem(self.config.min_free_bytes)
+        if problem != self._readiness_logged:
+            self._readiness_logged = problem
+            if problem is not None:
+                log.warn("not ready: {problem}", problem=problem)
+            else:
+                log.info("ready again")
         if problem is not None:
-            return _json(request, 503, {"status": "unavailable", "reason": problem})
+            # OS error texts, paths and endpoints are for the log, not for whoever asks.
+            return _json(request, 503, {"status": "unavailable", "reason": _public_reason(problem)})
         return _json(request, 200, {"status": "ok"})
 
     async def _admin(self, request: RegistryRequest, what: str) -> str | None:
@@ -306,6 +532,21 @@ class RegistryAPI:
         if verdict is not Verdict.ALLOW:
             raise RegistryError(403, "DENIED", f"{what} are for admin users")
         return user
+
+    @staticmethod
+    def _refuse_cross_site(request: RegistryRequest) -> None:
+        """Admin POSTs change the store, and a browser attaches cached Basic
+        credentials to a cross-site form. A form can only send urlencoded,
+        multipart or text/plain bodies, and a JSON request from another
+        origin needs a CORS preflight registryd never grants: so require
+        JSON, and refuse an ``Origin`` that is not this host."""
+        content_type = (request.getHeader("Content-Type") or "").split(";")[0].strip().lower()
+        if content_type != "application/json":
+            raise RegistryError(415, "UNSUPPORTED", "admin requests must be sent with Content-Type: "
+                                                    "application/json (cross-site form protection)")
+        origin = request.getHeader("Origin")
+        if origin is not None and urlsplit(origin).netloc.lower() != (request.getHeader("Host") or "").lower():
+            raise RegistryError(403, "DENIED", f"admin requests from another origin ({origin}) are refused")
 
     @app.route("/metrics", methods=["GET"])
     async def metrics_page(self, request: RegistryRequest) -> bytes:
@@ -320,6 +561,7 @@ class RegistryAPI:
         ``?delay=SECONDS`` overrides ``[gc] delay`` for this pass; ``?dry_run=1``
         only reports.
         """
+        self._refuse_cross_site(request)
         await self._admin(request, "garbage collections")
         if self.upkeep is None or not self.upkeep.available:
             raise RegistryError(503, "UNAVAILABLE", "garbage collection is not available in this server")
@@ -344,6 +586,7 @@ class RegistryAPI:
         at least one of them; ``?dry_run=1`` only reports. registryd.upkeep.online_prune
         has the rules.
         """
+        self._refuse_cross_site(request)
         await self._admin(request, "prunes")
         try:
             selection = PruneSelection.from_query(_arg(request, "older_than"), _arg(request, "unused_for"),
@@ -435,15 +678,14 @@ class RegistryAPI:
             request.cache = "hit"
             return await self._send_blob(request, digest)
         request.cache = "miss"
-        if request.method == b"HEAD" or await self.store.blobs.size(digest) is not None:
-            # Ask upstream whether this repository has the blob, without
-            # downloading it; a blob already stored is then linked and served.
+        if request.method == b"HEAD":
+            # Asked of the upstream without downloading; nothing is linked by it.
             head = await mirror.head_blob(route, digest)
-            if await mirror.cached_blob(route, digest):
-                return await self._send_blob(request, digest)
             for key, value in _blob_headers(head.digest, head.size).items():
                 request.setHeader(key, value)
             return b""
+        # Fetched and verified even when the store has these bytes: only that
+        # shows this upstream repository has them (they may be someone's private push).
         fill = await mirror.fill(route, digest)
         for key, value in _blob_headers(str(digest), fill.size).items():
             request.setHeader(key, value)
@@ -458,26 +700,28 @@ class RegistryAPI:
 
     @staticmethod
     def _range(request: RegistryRequest, size: int) -> tuple[int, int]:
-        """One ``bytes=`` range as (start, length); 416 if unsatisfiable.
+        """One ``bytes=`` range as (start, length); 416 if unsatisfiable
+        (``bytes=500-0`` included).
 
         Several ranges, or a header we do not understand, get the whole blob
         (RFC 9110 lets a server ignore Range).
         """
-        header = request.getHeader("Range")
+        header = _header(request, "Range")
         if header is None:
             return 0, size
-        match = _RANGE.match(header.strip())
+        match = _RANGE.fullmatch(header.strip())
         if match is None or (not match[1] and not match[2]):
             return 0, size
-        first, last = match[1], match[2]
-        if first:
-            start = int(first)
-            end = min(int(last), size - 1) if last else size - 1
-            if last and int(last) < start:
-                return 0, size
+        first, last = _position(match[1]), _position(match[2])
+        if first is not None:
+            start = first
+            end = min(last, size - 1) if last is not None else size - 1
+            if last is not None and last < start:
+                end = -1   # ``bytes=500-0``: no byte satisfies it
         else:
-            start, end = max(size - int(last), 0), size - 1
-            if int(last) == 0:
+            assert last is not None
+            start, end = max(size - last, 0), size - 1
+            if last == 0:
                 start = size
         if start >= size or end < start:
             raise RegistryError(416, "BLOB_UNKNOWN", "requested range not satisfiable",
@@ -486,7 +730,7 @@ class RegistryAPI:
 
     @app.route("/v2/<path:name>/blobs/<digest>", methods=["DELETE"])
     async def delete_blob(self, request: RegistryRequest, name: str, digest: str) -> bytes:
-        name = self._local(request, name)
+        name = await self._local(request, name)
         await self._allow(request, name, DELETE, hide=False)
         self._check_delete_enabled()
         parsed = parse_digest(digest)
@@ -507,19 +751,22 @@ class RegistryAPI:
         in a PendingBody with the connection paused: nothing of a request
         that will be refused is ever written.
         """
-        self._writable(name, args.get("ns", [None])[0])
         digest = args.get("digest", [None])[0]
-        algorithm = parse_digest(digest).algorithm if digest else None
-        uploads = self.store.uploads
         if method == "POST" and (upload_id or args.get("mount") or not digest):
             return None
+        refusal = self._refuse_mirrored_body(request, name, args)
+        if refusal is not None:
+            return refusal
+        self._writable(name, args.get("ns", [None])[0], _header(request, "Host"))
+        algorithm = parse_digest(digest).algorithm if digest else None
+        uploads = self.store.uploads
 
         def start_of(upload: Any) -> int | None:
             """Where the client says its chunk begins (Content-Range), checked against its length."""
-            header = request.getHeader("Content-Range")
+            header = _header(request, "Content-Range")
             if header is None:
                 return None
-            match = _CONTENT_RANGE.match(header.strip())
+            match = _CONTENT_RANGE.fullmatch(header.strip())
             if match is None:
                 raise range_invalid(upload.size, upload.location())
             start, end = int(match[1]), int(match[2])
@@ -541,22 +788,90 @@ class RegistryAPI:
             await self._allow(request, name, PUSH, hide=False)
             return await open_body()
 
-        check_credentials = False
-        if self.auth.authenticator.enabled:
-            if request.getHeader("Authorization"):
-                check_credentials = True
-            elif not self.auth.policy.allows(None, name, PUSH):
-                raise self._unauthorized(f"push on {name} needs credentials")
+        async def unless_store_fails(opening: Any) -> UploadBody:
+            try:
+                return await opening  # type: ignore[no-any-return]
+            except Exception as e:
+                reason = outage_reason(e)
+                if reason is None:
+                    raise
+                log.warn("{method} {uri}: 503, {reason}", method=method,
+                         uri=f"/v2/{name}/blobs/uploads/{upload_id}", reason=reason)
+                raise store_unavailable() from None
+
+        check_credentials = self._credentials_to_check(request)
+        if not check_credentials:
+            self._check_verdict(None, name, PUSH, hide=False)
+        self.check_room(length)
         if not check_credentials and method != "POST":
             # The common case, answered at once: a session this node has at hand.
             upload = uploads.known(name, upload_id)
             if upload is not None:
                 return UploadBody(uploads.open_writer(upload, start_of(upload), algorithm))
-        return PendingBody(authorize_then_open() if check_credentials else open_body())
+        return PendingBody(unless_store_fails(authorize_then_open() if check_credentials else open_body()))
+
+    def _credentials_to_check(self, request: RegistryRequest) -> bool:
+        """Does the request carry credentials that must be checked (off the reactor) before its body?
+        Without, it is anonymous, and the access rules decide at once."""
+        authorization = _header(request, "Authorization")
+        return bool(self.auth.authenticator.enabled and authorization and carries_credentials(authorization))
+
+    def check_room(self, length: int | None) -> None:
+        """507 unless the disk keeps ``[server] min_free_bytes`` free after ``length`` more bytes."""
+        try:
+            free = free_bytes(self.store.root)
+        except OSError:
+            return  # the write itself will say what is wrong
+        needed = (length or 0) + self.config.min_free_bytes
+        if free < needed:
+            self.warnings.warn("min_free_bytes", "an upload was refused: {free} bytes free, {needed} needed "
+                               "with [server] min_free_bytes", free=free, needed=needed)
+            raise store_full(free, needed)
+
+    def manifest_body(self, request: RegistryRequest, name: str, args: dict[str, list[str]],
+                      length: int | None) -> CappedBody | PendingBody:
+        """Decide, before a manifest's body arrives, whether it may be pushed at all.
+
+        Called from RegistryRequest.gotLength. Anonymous requests are decided
+        by the access rules at once, others once their credentials are
+        checked (the body waits in a PendingBody with its connection paused);
+        a refused one is answered before its body is read. An admitted body
+        is held in memory, reserved from ``[server] max_pending_body_bytes``.
+        """
+        limit = self.config.max_manifest_size
+        if length is not None and length > limit:
+            raise too_large("manifest", limit)
+        refusal = self._refuse_mirrored_body(request, name, args)
+        if refusal is not None:
+            return refusal
+        name = self._writable(name, args.get("ns", [None])[0], _header(request, "Host"))
+
+        def buffer() -> CappedBody:
+            return CappedBody(limit, "manifest", self.body_budget, length)
+
+        async def authorize_then_buffer() -> CappedBody:
+            await self._allow(request, name, PUSH, hide=False)
+            return buffer()
+
+        if self._credentials_to_check(request):
+            return PendingBody(authorize_then_buffer())
+        self._check_verdict(None, name, PUSH, hide=False)
+        return buffer()
+
+    def _owner(self, request: RegistryRequest, user: str | None) -> str:
+        """Whose upload sessions a request counts against: its user, or its address for anonymous."""
+        if user is not None:
+            return user
+        return "anonymous@" + client_key(self._client_address(request) or "-")
 
     def _discard(self, upload: Upload) -> None:
-        Deferred.fromCoroutine(self.store.uploads.cancel(upload)).addErrback(
-            lambda f: log.failure("removing an abandoned upload failed", f))
+        def failed(failure: Failure) -> None:
+            reason = outage_reason(failure.value)
+            if reason is None:
+                log.failure("removing an abandoned upload failed", failure)
+            else:  # the reaper removes it once the store is back
+                log.warn("removing an abandoned upload failed: {reason}", reason=reason)
+        Deferred.fromCoroutine(self.store.uploads.cancel(upload)).addErrback(failed)
 
     async def _claim(self, request: RegistryRequest) -> Any:
         body = await request.settled_body()
@@ -576,7 +891,7 @@ class RegistryAPI:
 
     @app.route("/v2/<path:name>/blobs/uploads/", methods=["POST"])
     async def start_upload(self, request: RegistryRequest, name: str) -> bytes:
-        name = self._local(request, name)
+        name = await self._local(request, name)
         user = await self._allow(request, name, PUSH, hide=False)
         mount, source = _arg(request, "mount"), _arg(request, "from")
         digest = _arg(request, "digest")
@@ -589,7 +904,13 @@ class RegistryAPI:
             return await self._commit(request, name, parse_digest(digest))
         if isinstance(request.body, RefusedBody):
             raise request.body.error
-        upload = await self.store.uploads.create(name)
+        ticket = self.upload_quota.claim(self._owner(request, user))
+        try:
+            upload = await self.store.uploads.create(name)
+        except BaseException:
+            self.upload_quota.drop(ticket)
+            raise
+        self.upload_quota.bind(ticket, upload.repo, upload.id)
         return _respond(request, 202, self._upload_headers(upload))
 
     async def _mount(self, name: str, digest: Digest, source: str | None, user: str | None) -> Digest | None:
@@ -629,14 +950,14 @@ class RegistryAPI:
 
     @app.route("/v2/<path:name>/blobs/uploads/<upload_id>", methods=["PATCH"])
     async def patch_upload(self, request: RegistryRequest, name: str, upload_id: str) -> bytes:
-        await self._allow(request, self._local(request, name), PUSH, hide=False)
+        await self._allow(request, await self._local(request, name), PUSH, hide=False)
         writer = await self._claim(request)
         await shielded(self.store.uploads.acknowledge(writer))
         return _respond(request, 202, self._upload_headers(writer.upload))
 
     @app.route("/v2/<path:name>/blobs/uploads/<upload_id>", methods=["PUT"])
     async def finish_upload(self, request: RegistryRequest, name: str, upload_id: str) -> bytes:
-        name = self._local(request, name)
+        name = await self._local(request, name)
         await self._allow(request, name, PUSH, hide=False)
         digest = _arg(request, "digest")
         if digest is None:
@@ -648,14 +969,14 @@ class RegistryAPI:
 
     @app.route("/v2/<path:name>/blobs/uploads/<upload_id>", methods=["GET"])
     async def upload_status(self, request: RegistryRequest, name: str, upload_id: str) -> bytes:
-        name = self._local(request, name)
+        name = await self._local(request, name)
         await self._allow(request, name, PUSH, hide=False)
         upload = await self.store.uploads.get(name, upload_id)
         return _respond(request, 204, self._upload_headers(upload))
 
     @app.route("/v2/<path:name>/blobs/uploads/<upload_id>", methods=["DELETE"])
     async def cancel_upload(self, request: RegistryRequest, name: str, upload_id: str) -> bytes:
-        name = self._local(request, name)
+        name = await self._local(request, name)
         await self._allow(request, name, PUSH, hide=False)
         upload = await self.store.uploads.get(name, upload_id)
         await shielded(self.store.uploads.cancel(upload))
@@ -669,7 +990,8 @@ class RegistryAPI:
         await self._allow(request, _policy_name(name, route), PULL)
         if route is not None:
             # Go clients send one Accept header per media type.
-            accept = ", ".join(request.requestHeaders.getRawHeaders("Accept", [])) or None
+            accepted = request.requestHeaders.getRawHeaders(b"Accept", [])
+            accept = ", ".join(v.decode("latin-1") for v in accepted) or None
             request.upstream = route.upstream.namespace
             fetches = self.mirror.manifest_fetches.started
             cached = await self.mirror.manifest(route, reference, accept)
@@ -691,9 +1013,9 @@ class RegistryAPI:
 
     @app.route("/v2/<path:name>/manifests/<reference>", methods=["PUT"])
     async def put_manifest(self, request: RegistryRequest, name: str, reference: str) -> bytes:
-        name = self._local(request, name)
+        name = await self._local(request, name)
         await self._allow(request, name, PUSH, hide=False)
-        body = request.body
+        body = await request.settled_body()
         if isinstance(body, RefusedBody):
             raise body.error
         assert isinstance(body, CappedBody)
@@ -706,7 +1028,7 @@ class RegistryAPI:
         else:
             digest = digest_of(data)
             tags = [check_tag(reference)]
-        manifest = parse_manifest(data, request.getHeader("Content-Type"))
+        manifest = parse_manifest(data, _header(request, "Content-Type"))
         repositories = self.store.repositories
         # Claimed before checking, so an in-server gc cannot remove them
         # between the check and the commit.
@@ -723,6 +1045,9 @@ class RegistryAPI:
         headers = {"Location": f"/v2/{name}/manifests/{digest}", "Docker-Content-Digest": str(digest)}
         if manifest.subject is not None:
             headers["OCI-Subject"] = str(manifest.subject)
+        if is_digest(reference) and tags:
+            # The spec: one OCI-Tag header per tag a push by digest applied.
+            request.responseHeaders.setRawHeaders("OCI-Tag", tags)
         return _respond(request, 201, headers)
 
     async def _store_manifest(self, name: str, digest: Digest, data: bytes, media_type: str,
@@ -749,7 +1074,7 @@ class RegistryAPI:
 
     @app.route("/v2/<path:name>/manifests/<reference>", methods=["DELETE"])
     async def delete_manifest(self, request: RegistryRequest, name: str, reference: str) -> bytes:
-        name = self._local(request, name)
+        name = await self._local(request, name)
         await self._allow(request, name, DELETE, hide=False)
         self._check_delete_enabled()
         repositories = self.store.repositories

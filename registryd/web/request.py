@@ -8,9 +8,14 @@ a second temporary file. Every other body is capped.
 The decision is taken in ``gotLength``, after the headers and before the
 body. The request line is then still on the channel (``_command`` and
 ``_path``, private but stable for years); tests/test_request.py pins this.
+A body that is refused there (credentials, access rules, size, room on
+disk, memory) is answered at once and its connection closed
+(``RegistryChannel.refuse``): nothing of it is kept, and its client does
+not have to send it all before it learns why.
 """
 from __future__ import annotations
 
+import errno
 import io
 import re
 import time
@@ -25,12 +30,15 @@ from twisted.web import server
 from registryd.errors import RegistryError, too_large
 from registryd.names import check_raw_path
 from registryd.storage.uploads import UploadWriter
+from registryd.web.limits import BodyBudget, store_full
 
 log = Logger()
 
 _UPLOAD = re.compile(rb"^/v2/(?P<name>.+)/blobs/uploads/(?P<id>[^/]*)$")
 _MANIFEST = re.compile(rb"^/v2/(?P<name>.+)/manifests/(?P<reference>[^/]+)$")
 SMALL_BODY_LIMIT = 64 * 1024
+# How often (in bytes of an upload body) the free space of the disk is looked at again.
+ROOM_CHECK_INTERVAL = 8 * 1024 * 1024
 
 
 class BodySink(Protocol):
@@ -42,29 +50,72 @@ class BodySink(Protocol):
 
 
 class CappedBody:
-    """Keeps up to ``limit`` bytes in memory; past it, remembers a 413."""
+    """Keeps up to ``limit`` bytes in memory; past it, remembers a 413.
 
-    def __init__(self, limit: int, what: str) -> None:
+    With a ``budget`` the bytes are reserved from it first: the declared
+    ``length`` at once (which may refuse the body with 503), a chunked body
+    as it grows; they are given back by ``abandon`` (when the request is done).
+    """
+
+    def __init__(self, limit: int, what: str, budget: BodyBudget | None = None,
+                 length: int | None = None) -> None:
         self._buffer = io.BytesIO()
         self._limit = limit
         self._what = what
+        self._budget = budget
+        self._reserved = 0
         self.error: RegistryError | None = None
+        if budget is not None and length:
+            budget.reserve(length)
+            self._reserved = length
 
     def write(self, data: bytes) -> None:
         if self.error is None:
-            if self._buffer.tell() + len(data) > self._limit:
-                self.error = too_large(self._what, self._limit)
-                self._buffer = io.BytesIO()
-            else:
-                self._buffer.write(data)
+            size = self._buffer.tell() + len(data)
+            if size > self._limit:
+                self._fail(too_large(self._what, self._limit))
+                return
+            if self._budget is not None and size > self._reserved:
+                try:
+                    self._budget.reserve(size - self._reserved)
+                except RegistryError as e:
+                    self._fail(e)
+                    return
+                self._reserved = size
+            self._buffer.write(data)
+
+    def _fail(self, error: RegistryError) -> None:
+        self.error = error
+        self.abandon()
 
     def abandon(self) -> None:
         self._buffer = io.BytesIO()
+        if self._budget is not None:
+            self._budget.release(self._reserved)
+        self._reserved = 0
 
     def data(self) -> bytes:
         if self.error is not None:
             raise self.error
         return self._buffer.getvalue()
+
+
+class IgnoredBody:
+    """A body no handler reads (no other route takes one): counted against its cap, never kept."""
+
+    def __init__(self, limit: int, what: str) -> None:
+        self._size = 0
+        self._limit = limit
+        self._what = what
+        self.error: RegistryError | None = None
+
+    def write(self, data: bytes) -> None:
+        self._size += len(data)
+        if self._size > self._limit and self.error is None:
+            self.error = too_large(self._what, self._limit)
+
+    def abandon(self) -> None:
+        pass
 
 
 class RefusedBody:
@@ -140,10 +191,9 @@ class PendingBody:
             try:
                 for chunk in self._buffer:
                     sink.write(chunk)
-            except Exception:
-                log.failure("writing a request body failed")
+            except Exception as e:
                 sink.abandon()
-                sink = RefusedBody(RegistryError(500, "UNKNOWN", "could not store the request body"))
+                sink = RefusedBody(body_write_error(e))
         self._buffer = []
         self._sink = sink
         if self._transport is not None and not self._abandoned:
@@ -164,6 +214,11 @@ class PendingBody:
         if self._sink is not None:
             self._sink.abandon()
 
+    @property
+    def current(self) -> BodySink | None:
+        """The sink once the check is done, else None."""
+        return self._sink
+
     def settled(self) -> Deferred[BodySink]:
         d: Deferred[BodySink] = Deferred()
         if self._sink is not None:
@@ -171,6 +226,17 @@ class PendingBody:
         else:
             self._waiters.append(d)
         return d
+
+
+def body_write_error(e: Exception) -> RegistryError:
+    """What to tell a client whose body could not be written: a full disk is said so (507)."""
+    if isinstance(e, RegistryError):
+        return e
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        log.warn("a request body did not fit on the disk: {error}", error=str(e))
+        return store_full()
+    log.failure("writing a request body failed", Failure())
+    return RegistryError(500, "UNKNOWN", "could not store the request body")
 
 
 class RegistryRequest(server.Request):
@@ -183,6 +249,10 @@ class RegistryRequest(server.Request):
     cache: str | None = None  # mirrored reads: "hit" or "miss"
     upstream: str | None = None
     received = 0
+    complete = False        # the whole request is in: its handler answers
+    refused = False         # answered before its body (refuse_now)
+    _declared: int | None = None
+    _early: tuple[bytes, bytes] = (b"", b"")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -193,15 +263,20 @@ class RegistryRequest(server.Request):
         path, _, query = getattr(self.channel, "_path", b"").partition(b"?")
         api = getattr(getattr(self.channel, "site", None), "api", None)
         self.content = io.BytesIO()  # type: ignore[assignment]
+        self._declared = length
+        self._early = (command, getattr(self.channel, "_path", b""))
         try:
             self.body = self._choose_sink(api, command, path, query, length)
             if isinstance(self.body, PendingBody):
                 self.body.start(getattr(self.channel, "transport", None))
+                self.body.settled().addCallback(self._settled)
         except RegistryError as e:
             self.body = RefusedBody(e)
         except Exception:
             log.failure("choosing where a request body goes failed")
             self.body = RefusedBody(RegistryError(500, "UNKNOWN", "internal error"))
+        if isinstance(self.body, RefusedBody):
+            self.refuse_now(self.body.error)
 
     def _choose_sink(self, api: Any, command: bytes, path: bytes, query: bytes,
                      length: int | None) -> BodySink:
@@ -216,14 +291,42 @@ class RegistryRequest(server.Request):
                 )
                 if sink is not None:
                     return sink
-            elif command == b"PUT" and _MANIFEST.match(path):
-                limit = api.config.max_manifest_size
-                if length is not None and length > limit:
-                    raise too_large("manifest", limit)
-                return CappedBody(limit, "manifest")
+            else:
+                manifest = _MANIFEST.match(path) if command == b"PUT" else None
+                if manifest is not None:
+                    check_raw_path(path)
+                    return api.manifest_body(self, unquote(manifest["name"].decode("latin-1")),
+                                             parse_qs(query.decode("latin-1")), length)
         if length is not None and length > SMALL_BODY_LIMIT:
             raise too_large("request body", SMALL_BODY_LIMIT)
-        return CappedBody(SMALL_BODY_LIMIT, "request body")
+        return IgnoredBody(SMALL_BODY_LIMIT, "request body")
+
+    def _settled(self, sink: BodySink) -> BodySink:
+        if isinstance(sink, RefusedBody):
+            self.refuse_now(sink.error)
+        return sink
+
+    def refuse_now(self, error: RegistryError) -> bool:
+        """Answer ``error`` before the body is read, and close; False once the whole
+        request is in (its handler answers then)."""
+        refuse = getattr(self.channel, "refuse", None)
+        if refuse is None or self.complete or self.refused or self._declared == 0:
+            return False
+        self.refused = True
+        command, uri = self._early
+        self.method, self.uri, self.path = command, uri, uri.partition(b"?")[0]
+        self.code = error.status
+        self.error_message = error.message
+        site = getattr(self.channel, "site", None)
+        remaining = None if self._declared is None else max(0, self._declared - self.received)
+        self.sentLength = refuse(error, remaining)
+        if site is not None and hasattr(site, "api"):
+            site.log(self)
+        return True
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        self.complete = True
+        super().requestReceived(command, path, version)
 
     async def settled_body(self) -> Any:
         """The body's sink, once any credential check before it is done."""
@@ -232,15 +335,26 @@ class RegistryRequest(server.Request):
         return self.body
 
     def handleContentChunk(self, data: bytes) -> None:
+        before = self.received
         self.received += len(data)
+        sink = self.body.current if isinstance(self.body, PendingBody) else self.body
         try:
+            if isinstance(sink, UploadBody) and before // ROOM_CHECK_INTERVAL != self.received // ROOM_CHECK_INTERVAL:
+                # A body without Content-Length was not measured against the reserve up front.
+                api = getattr(getattr(self.channel, "site", None), "api", None)
+                if api is not None:
+                    api.check_room(0)
             self.body.write(data)
-        except Exception:
-            # A full disk or a vanished session: refuse, keep draining.
-            failure = Failure()
-            log.failure("writing a request body failed", failure)
+        except Exception as e:
+            # A full disk or a vanished session: refuse, drop the rest.
+            error = body_write_error(e)
             self.body.abandon()
-            self.body = RefusedBody(RegistryError(500, "UNKNOWN", "could not store the request body"))
+            self.body = RefusedBody(error)
+            self.refuse_now(error)
+            return
+        refusal = getattr(sink, "error", None)
+        if refusal is not None:
+            self.refuse_now(refusal)
 
     def process(self) -> None:
         self.setHeader(b"Docker-Distribution-API-Version", b"registry/2.0")

@@ -14,8 +14,10 @@ from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.server import Site
 
+from registryd.errors import RegistryError
 from registryd.metrics import route_of
 from registryd.web.app import RegistryAPI
+from registryd.web.limits import ConnectionLimits, RateLimitedLog, error_response, unavailable_busy
 from registryd.web.request import RegistryRequest
 
 access_log = Logger(namespace="registryd.access")
@@ -27,6 +29,9 @@ FLUSH_POLL = 0.05
 
 _NOT_TLS = b"HTTP/1.0 400 Bad Request\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n" \
            b"This port speaks plain HTTP, not TLS.\n"
+# How long a refused request's client may go on sending (the rest is read and dropped)
+# before its connection is closed: long enough for it to read the answer.
+DRAIN_SECONDS = 2.0
 
 
 class RegistryChannel(HTTPChannel):
@@ -39,20 +44,33 @@ class RegistryChannel(HTTPChannel):
     """
 
     _first_bytes_seen = False
+    _counted = False                    # in the site's count of all connections
+    _client: str | None = None          # the key it is counted under per client
+    _refusing = False
+    _drain_left: int | None = None
+    _drain_timer: Any = None
+    _header_timer: Any = None
+    _head_started = False
 
     def connectionMade(self) -> None:
         super().connectionMade()
         site = getattr(self, "site", None)
         if isinstance(site, RegistrySite):
             site.channels.add(self)
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        site = getattr(self, "site", None)
-        if isinstance(site, RegistrySite):
-            site.channels.discard(self)
-        super().connectionLost(reason)
+        limits = self._limits()
+        if limits is None:
+            return
+        if not limits.open(self._peer_host()):
+            # Past max_connections: no drain, the descriptor is what is short.
+            self.refuse(unavailable_busy("the registry has too many connections open; retry shortly"), 0)
+            return
+        self._counted = True
+        self._start_header_deadline()
 
     def dataReceived(self, data: bytes) -> None:
+        if self._refusing:
+            self._drain(data)
+            return
         if not self._first_bytes_seen and data:
             self._first_bytes_seen = True
             if data[0] == _TLS_HANDSHAKE:
@@ -60,7 +78,164 @@ class RegistryChannel(HTTPChannel):
                 self.transport.write(_NOT_TLS)
                 self.transport.loseConnection()
                 return
+            # Counted per client at its first bytes: behind the PROXY protocol
+            # the client's address is known only from then on.
+            limits = self._limits()
+            if limits is not None and self._counted:
+                self._client = limits.identify(self._peer_host())
+                if self._client is None:
+                    self.refuse(unavailable_busy("too many connections from your address; retry shortly"))
+                    return
+        if self._header_timer is not None:
+            self._head_started = True
         super().dataReceived(data)
+
+    def _limits(self) -> ConnectionLimits | None:
+        return getattr(getattr(self, "site", None), "limits", None)
+
+    def _clock(self) -> Any:
+        clock = getattr(getattr(self, "site", None), "_clock", None)
+        if clock is None:
+            from twisted.internet import reactor as clock
+        return clock
+
+    def _peer_host(self) -> str:
+        try:
+            return str(getattr(self.transport.getPeer(), "host", "-"))  # type: ignore[union-attr]
+        except Exception:
+            return "-"
+
+    # --- a deadline for each request's head -------------------------------------
+
+    def _start_header_deadline(self) -> None:
+        site = getattr(self, "site", None)
+        timeout = getattr(site, "header_timeout", None)
+        if timeout and not self._refusing:
+            self._cancel_header_deadline()
+            self._head_started = False
+            self._header_timer = self._clock().callLater(timeout, self._header_deadline_passed)
+
+    def _cancel_header_deadline(self) -> None:
+        if self._header_timer is not None:
+            if self._header_timer.active():
+                self._header_timer.cancel()
+            self._header_timer = None
+
+    def _header_deadline_passed(self) -> None:
+        """No complete request head in time: 408 for one begun, silence for an idle connection."""
+        self._header_timer = None
+        site: Any = getattr(self, "site", None)
+        if site is not None:
+            site.warnings.warn("header_timeout", "a client sent no complete request head within [server] "
+                               "header_timeout ({timeout}s): closing its connection (latest {client})",
+                               timeout=site.header_timeout, client=self._peer_host())
+        if self._head_started:
+            self.refuse(RegistryError(408, "UNSUPPORTED", "the request head did not arrive in time"), 0)
+        else:
+            self.loseConnection()
+
+    def allHeadersReceived(self) -> None:
+        self._cancel_header_deadline()
+        super().allHeadersReceived()
+
+    def requestDone(self, request: Any) -> None:
+        # The next request's head is due from now (pipelined bytes may complete it at once).
+        if self.persistent:
+            self._start_header_deadline()
+        super().requestDone(request)
+
+    # --- heads past the limits: 414 and 431 instead of a bare close ------------------
+
+    def _too_long(self) -> RegistryError:
+        if getattr(self, "_command", None) is None:
+            return RegistryError(414, "UNSUPPORTED", f"the request line is longer than {self.MAX_LENGTH} bytes")
+        return RegistryError(431, "UNSUPPORTED",
+                             f"the request headers are larger than {self.totalHeadersSize} bytes")
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._refusing:
+            return
+        if self._receivedHeaderSize + len(line) > self.totalHeadersSize:
+            self.refuse(self._too_long())
+            return
+        super().lineReceived(line)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self.refuse(self._too_long())
+
+    def headerReceived(self, line: bytes) -> bool:
+        if self._receivedHeaderCount >= self.maxHeaders:
+            self.refuse(RegistryError(431, "UNSUPPORTED", f"a request may have at most {self.maxHeaders} headers"))
+            return False
+        return bool(super().headerReceived(line))
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if self._refusing:
+            self._drain(data)
+            return
+        super().rawDataReceived(data)
+
+    def _send100Continue(self) -> None:
+        if not self._refusing:
+            super()._send100Continue()
+
+    # --- refusing a request before it is read ------------------------------------
+
+    def refuse(self, error: RegistryError, body_left: int | None = None) -> int:
+        """Answer ``error`` now and close the connection.
+
+        Whatever the client still sends is read and dropped, never parsed or
+        kept, until ``body_left`` bytes (what its request declared) have come
+        or for DRAIN_SECONDS: a client that is still writing its body then
+        reads the answer instead of a reset connection.
+        """
+        if self._refusing or self.transport is None:
+            return 0
+        self._refusing = True
+        self._cancel_header_deadline()
+        self.setTimeout(None)
+        response = error_response(error)
+        self.transport.write(response)
+        self._drain_left = body_left
+        if body_left == 0:
+            self.loseConnection()
+            return len(response)
+        self._networkProducer.resumeProducing()
+        half_close = getattr(self.transport, "loseWriteConnection", None)
+        if half_close is not None:
+            half_close()
+        self._drain_timer = self._clock().callLater(DRAIN_SECONDS, self._stop_draining)
+        return len(response)
+
+    def _drain(self, data: bytes) -> None:
+        if self._drain_left is not None:
+            self._drain_left -= len(data)
+            if self._drain_left <= 0:
+                self._stop_draining()
+
+    def _stop_draining(self) -> None:
+        if self._drain_timer is not None and self._drain_timer.active():
+            self._drain_timer.cancel()
+        self._drain_timer = None
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        site = getattr(self, "site", None)
+        if isinstance(site, RegistrySite):
+            site.channels.discard(self)
+        self._cancel_header_deadline()
+        if self._drain_timer is not None and self._drain_timer.active():
+            self._drain_timer.cancel()
+        limits = self._limits()
+        if limits is not None:
+            if self._client is not None:
+                limits.forget(self._client)
+                self._client = None
+            if self._counted:
+                limits.close()
+                self._counted = False
+        super().connectionLost(reason)
 
 
 class RegistrySite(Site):
@@ -73,6 +248,10 @@ class RegistrySite(Site):
         super().__init__(resource or api.resource(), requestFactory=RegistryRequest, reactor=reactor)
         self.api = api
         self._clock = reactor
+        config = api.config
+        self.warnings = RateLimitedLog(reactor.seconds)
+        self.limits = ConnectionLimits(config.max_connections, config.max_connections_per_client, self.warnings)
+        self.header_timeout = config.header_timeout
         self.active: set[Any] = set()
         self.channels: set[RegistryChannel] = set()
         self._drained: list[Deferred[None]] = []

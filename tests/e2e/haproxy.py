@@ -1,29 +1,33 @@
 """Debian's HAProxy in front of several registryd nodes, for the scale-out tests.
 
-``make_haproxy(servers, balance=...)`` writes an ``haproxy.cfg`` into the
-test's temporary directory and runs ``haproxy -db -f haproxy.cfg`` (the
-foreground, no daemon) on a free loopback port; the fixture stops exactly
-the processes it started, never any other haproxy. Use it from a test module
-with ``from e2e.haproxy import make_haproxy`` (the fixture has to be
-imported to be found)::
+``make_haproxy(servers)`` writes an ``haproxy.cfg`` into the test's
+temporary directory and runs ``haproxy -db -f haproxy.cfg -f stats.cfg``
+(the foreground, no daemon) on a free loopback port; the fixture stops
+exactly the processes it started, never any other haproxy. Use it from a
+test module with ``from e2e.haproxy import make_haproxy`` (the fixture has
+to be imported to be found)::
 
-    proxy = make_haproxy({"a": "127.0.0.1:5001", "b": "127.0.0.1:5002"}, balance="roundrobin")
+    proxy = make_haproxy({"a": "127.0.0.1:5001", "b": "127.0.0.1:5002", "c": "127.0.0.1:5003"})
     proxy.url                         # http://127.0.0.1:PORT
-    proxy.wait_until("a", "DOWN")     # the health checks' view, read from the stats socket
+    proxy.wait_down("a")              # the health checks' view, read from the stats socket
 
-The configuration is what we would tell an operator to run (see
-``config_text``): HTTP mode, ``GET /readyz`` health checks every half
-second, ``retries`` with ``option redispatch 1`` so that a request whose
-connection to a dead node fails is sent to another node before the health
-checks have noticed, and an ``X-Served-By`` response header naming the node
-that answered (for the tests only). A missing haproxy fails the test with
-the apt-get line to run; it never skips it.
+``haproxy.cfg`` is the one README.md gives operators ("Several nodes on one
+S3 bucket"), byte for byte but for the addresses: the ``bind`` line gets a
+free loopback port and each ``server`` line its node's address. Routing by
+path with consistent hashing, ``GET /readyz`` health checks every half
+second, ``retries`` with ``option redispatch 1`` (a request whose connection
+to a dead node fails goes to another node before the health checks have
+noticed), httplog lines on stdout and an ``X-Served-By`` response header
+naming the node that answered. ``stats.cfg`` adds only a ``global`` stats
+socket, which the tests read server states from. A missing haproxy fails
+the test with the apt-get line to run; it never skips it.
 """
 from __future__ import annotations
 
 import csv
 import io
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -37,11 +41,27 @@ import pytest
 HAPROXY = "/usr/sbin/haproxy"
 PACKAGE = "haproxy"
 
-#: Balance lines the tests use. ``uri`` hashes the path (without the query
-#: string); ``hash-type consistent`` keeps most paths on their node when a
-#: node leaves or comes back.
-ROUNDROBIN = "balance roundrobin"
-BY_PATH = "balance uri path-only\n    hash-type consistent"
+README = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "README.md")
+_BLOCK = re.compile(r"^```haproxy\n(.*?)^```$", re.S | re.M)
+_BIND = re.compile(r"^(    bind )(\S+)(.*)$", re.M)
+_SERVER = re.compile(r"^(    server )(\S+) (\S+)(.*)$", re.M)
+
+
+def readme_config() -> str:
+    """The haproxy.cfg README.md gives operators (its one ``haproxy`` code block)."""
+    with open(README, encoding="utf-8") as f:
+        blocks = _BLOCK.findall(f.read())
+    assert len(blocks) == 1, f"README.md should hold one haproxy code block, not {len(blocks)}"
+    return blocks[0]
+
+
+def with_addresses(config: str, bind: str, servers: Mapping[str, str]) -> str:
+    """``config`` with its ``bind`` address and each named server's address replaced, nothing else."""
+    config, binds = _BIND.subn(lambda m: f"{m[1]}{bind}{m[3]}", config)
+    assert binds == 1, f"the README's haproxy.cfg should bind once, not {binds} times"
+    named = [m[2] for m in _SERVER.finditer(config)]
+    assert sorted(named) == sorted(servers), f"the README names servers {named}; the test has {list(servers)}"
+    return _SERVER.sub(lambda m: f"{m[1]}{m[2]} {servers[m[2]]}{m[4]}", config)
 
 
 def find_haproxy() -> str:
@@ -64,10 +84,8 @@ class HAProxy:
     """One haproxy process; see the module docstring."""
 
     directory: str
-    servers: Mapping[str, str]      # name -> host:port
-    balance: str = ROUNDROBIN
+    servers: Mapping[str, str]      # name -> host:port, the names the README's servers have
     port: int = 0
-    check_interval_ms: int = 500
     process: subprocess.Popen[Any] | None = None
     _log: Any = None
     _socket_dir: str | None = None
@@ -85,6 +103,10 @@ class HAProxy:
         return os.path.join(self.directory, "haproxy.cfg")
 
     @property
+    def stats_config_path(self) -> str:
+        return os.path.join(self.directory, "stats.cfg")
+
+    @property
     def log_path(self) -> str:
         return os.path.join(self.directory, "haproxy.log")
 
@@ -99,41 +121,11 @@ class HAProxy:
         return os.path.join(self._socket_dir, "admin.sock")
 
     def config_text(self) -> str:
-        """The whole haproxy.cfg."""
-        servers = "\n".join(f"    server {name} {address}" for name, address in self.servers.items())
-        return f"""\
-global
-    maxconn 1024
-    log stdout format raw local0 info
-    stats socket {self.stats_socket} mode 600 level admin
+        """The whole haproxy.cfg: README.md's, with our addresses."""
+        return with_addresses(readme_config(), f"127.0.0.1:{self.port}", self.servers)
 
-defaults
-    mode http
-    log global
-    option httplog
-    timeout connect 2s
-    timeout client 120s
-    timeout server 120s
-    timeout http-request 30s
-    timeout queue 30s
-    # A request whose connection to a node fails (a dead node that the health
-    # checks have not marked down yet) is tried again, on another node at once.
-    retries 3
-    option redispatch 1
-
-frontend registry
-    bind 127.0.0.1:{self.port}
-    default_backend registryd
-
-backend registryd
-    {self.balance}
-    option httpchk GET /readyz
-    http-check expect status 200
-    default-server check inter {self.check_interval_ms}ms fall 2 rise 1
-    # For the tests: which node answered.
-    http-response set-header X-Served-By %[srv_name]
-{servers}
-"""
+    def stats_config_text(self) -> str:
+        return f"global\n    stats socket {self.stats_socket} mode 600 level admin\n"
 
     def start(self, timeout: float = 20) -> None:
         binary = find_haproxy()
@@ -142,13 +134,16 @@ backend registryd
             self.port = _free_port()
             with open(self.config_path, "w") as f:
                 f.write(self.config_text())
-            check = subprocess.run([binary, "-c", "-f", self.config_path], capture_output=True,
+            with open(self.stats_config_path, "w") as f:
+                f.write(self.stats_config_text())
+            files = ["-f", self.config_path, "-f", self.stats_config_path]
+            check = subprocess.run([binary, "-c", *files], capture_output=True,
                                    stdin=subprocess.DEVNULL, timeout=30)
             if check.returncode != 0:
                 raise RuntimeError(f"haproxy refused {self.config_path}:\n"
                                    f"{(check.stdout + check.stderr).decode(errors='replace')}")
             self._log = open(self.log_path, "ab")
-            self.process = subprocess.Popen([binary, "-db", "-f", self.config_path], stdout=self._log,
+            self.process = subprocess.Popen([binary, "-db", *files], stdout=self._log,
                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
             try:
                 self._wait_listening(timeout)
@@ -250,16 +245,14 @@ backend registryd
 
 @pytest.fixture
 def make_haproxy(tmp_path: Any) -> Iterator[Callable[..., HAProxy]]:
-    """Factory: ``make(servers, balance=ROUNDROBIN, check_interval_ms=500) -> HAProxy``,
-    started, every server seen UP by a health check; each stopped at teardown."""
+    """Factory: ``make(servers) -> HAProxy`` (README.md's haproxy.cfg), started, every
+    server seen UP by a health check; each stopped at teardown."""
     # Not looked up here: a missing haproxy must fail the test that needs it
     # (in its call, like a missing skopeo), not error its set-up or skip it.
     started: list[HAProxy] = []
 
-    def make(servers: Mapping[str, str], balance: str = ROUNDROBIN, check_interval_ms: int = 500,
-             wait_up: bool = True) -> HAProxy:
-        proxy = HAProxy(str(tmp_path / f"haproxy{len(started)}"), dict(servers), balance,
-                        check_interval_ms=check_interval_ms)
+    def make(servers: Mapping[str, str], wait_up: bool = True) -> HAProxy:
+        proxy = HAProxy(str(tmp_path / f"haproxy{len(started)}"), dict(servers))
         started.append(proxy)
         proxy.start()
         if wait_up:

@@ -105,3 +105,35 @@ async def test_containerd_pulls_through_hosts_toml_mirror(
     assert refetched == set(blobs), second
     for digest in blobs:
         assert await up.acount("GET", blob_path("lib/app", digest)) == 1, digest
+
+
+@pytest_twisted.ensureDeferred
+async def test_containerd_pull_of_an_unconfigured_registry_gets_nothing(
+        reference_upstream: Any, make_registry: Any, make_containerd: Any, request_tap: Any,
+        tmp_path: Any) -> None:
+    """A hosts.toml for quay.test points at registryd, which mirrors only upstream.test (its
+    default upstream, which has someorg/tools:v1): containerd's ``?ns=quay.test`` requests are
+    404 NAME_UNKNOWN, so the pull fails; it never receives upstream.test's image."""
+    up = reference_upstream("open")
+    push_unpackable_image(up, "someorg/tools", "v1", marker="not-quay")
+    registry = make_registry(upstreams=(UpstreamConfig(namespace="upstream.test", url=up.url, default=True),))
+    tap = request_tap(registry.host)
+    hosts_dir = write_hosts_dir(tmp_path / "hosts.d", "quay.test", tap.url)
+    with open(os.path.join(hosts_dir, "quay.test", "hosts.toml")) as f:
+        text = f.read().replace("https://upstream.test", "https://quay.test")
+    with open(os.path.join(hosts_dir, "quay.test", "hosts.toml"), "w") as f:
+        f.write(text)
+    daemon = await make_containerd()
+
+    pulled = await daemon.ctr("images", "pull", "--hosts-dir", hosts_dir, "--snapshotter", "native",
+                              "quay.test/someorg/tools:v1", check=False)
+    assert pulled.returncode != 0, pulled.stdout
+    asked = repo_requests(tap.requests, "someorg/tools")
+    assert asked, f"containerd sent nothing for someorg/tools to the mirror: {tap.requests}"
+    assert all(query.get("ns") == ["quay.test"] for _, _, query in asked), asked
+    # containerd's log line for the mirror's answer (it then tries quay.test itself, which is unreachable).
+    assert "response was http.StatusNotFound" in pulled.stderr, pulled.stderr
+    for method in ("GET", "HEAD"):
+        assert await up.acount(method, manifest_path("someorg/tools", "v1")) == 0
+    listing = await daemon.ctr("images", "ls")
+    assert "quay.test/someorg/tools:v1" not in listing.stdout

@@ -21,31 +21,10 @@ Every node runs with::
     prefix = "site/"
     part_size = 5242880         # the S3 minimum, so uploads cross part boundaries
 
-HAProxy, as the tests run it (``e2e/haproxy.py`` writes the whole file)::
-
-    defaults
-        mode http
-        timeout connect 2s
-        timeout client 120s
-        timeout server 120s
-        retries 3
-        option redispatch 1         # a failed connection is retried on another node at once
-
-    frontend registry
-        bind 127.0.0.1:PORT
-        default_backend registryd
-
-    backend registryd
-        balance roundrobin          # or, for the pull-through cache, the two lines below
-        option httpchk GET /readyz
-        http-check expect status 200
-        default-server check inter 500ms fall 2 rise 1
-        server a 127.0.0.1:PORT_A
-        server b 127.0.0.1:PORT_B
-        server c 127.0.0.1:PORT_C
-
-Routing a mirror by digest (``test_pull_through_coalesces_across_nodes``):
-replace ``balance roundrobin`` with::
+HAProxy runs the ``haproxy.cfg`` of README.md ("Several nodes on one S3
+bucket"), byte for byte but for the ``bind`` and ``server`` addresses
+(``e2e/haproxy.py`` extracts it; ``test_the_readme_haproxy_config_is_valid_as_written``
+checks it as an operator would copy it). It routes by path::
 
         balance uri path-only
         hash-type consistent
@@ -96,7 +75,7 @@ from registryd.storage.s3.repositories import S3RepositoryStore
 from upstreams import SeededBlob, blob_path, push_blob, push_image, reference_upstream  # noqa: F401
 
 from . import oci_layout as oci
-from .haproxy import BY_PATH, ROUNDROBIN, HAProxy, make_haproxy  # noqa: F401  (fixture)
+from .haproxy import HAProxy, find_haproxy, make_haproxy, readme_config, with_addresses  # noqa: F401  (fixture)
 from .skopeo_cli import Skopeo
 from .test_skopeo import assert_pulled, expected_blobs, image_with_layers
 
@@ -408,14 +387,32 @@ def served_by(log_text: str, path_part: str) -> set[str]:
     return names
 
 
+# -- 0. the README's haproxy.cfg ----------------------------------------------------
+
+def test_the_readme_haproxy_config_is_valid_as_written(tmp_path: Any) -> None:
+    """An operator copies README.md's haproxy.cfg: ``haproxy -c`` accepts it without a
+    warning, and the tests' copy differs from it in addresses only."""
+    config = readme_config()
+    path = tmp_path / "haproxy.cfg"
+    path.write_text(config)
+    check = subprocess.run([find_haproxy(), "-c", "-f", str(path)], capture_output=True, text=True, timeout=30)
+    assert check.returncode == 0 and "WARNING" not in check.stdout + check.stderr, check
+    assert "frontend registry" in config and "bind " in config and "option httpchk GET /readyz" in config
+    ours = with_addresses(config, "127.0.0.1:1", {"a": "127.0.0.1:2", "b": "127.0.0.1:3", "c": "127.0.0.1:4"})
+    changed = [(theirs, mine) for theirs, mine in zip(config.splitlines(), ours.splitlines()) if theirs != mine]
+    assert len(ours.splitlines()) == len(config.splitlines()) and len(changed) == 4, changed
+    assert all(mine.split()[:-1] == theirs.split()[:-1] or mine.split()[0] == "bind"
+               for theirs, mine in changed), changed
+
+
 # -- 1. skopeo across nodes --------------------------------------------------------
 
 @pytest_twisted.ensureDeferred
 async def test_skopeo_push_through_one_node_pull_through_another(bucket: S3Client, start_nodes: Any,
                                                                  make_haproxy: Any, tmp_path: Any) -> None:
-    """Push through A, pull through B, and through HAProxy (round robin over A, B, C)."""
+    """Push through A, pull through B, and through HAProxy (routing by path over A, B, C)."""
     a, b, c = start_nodes(bucket.settings)
-    proxy: HAProxy = make_haproxy(servers(a, b, c), ROUNDROBIN)
+    proxy: HAProxy = make_haproxy(servers(a, b, c))
     layout = oci.OCILayout(tmp_path / "src")
     # 6 MiB crosses the 5 MiB part size: a multipart upload on A's side.
     image = layout.add_image(image_with_layers("scale", [1500, 3 * MiB, 700_000, 6 * MiB + 17, 20_000]), tag="v1")
@@ -432,7 +429,7 @@ async def test_skopeo_push_through_one_node_pull_through_another(bucket: S3Clien
         raw = await skopeo.inspect_raw(f"docker://{target.host}/scale/app@{image.digest}")
         assert raw == image.manifest.data
 
-    # Round robin spread skopeo's blob GETs: more than one node answered them.
+    # Routing by path spread skopeo's blob GETs (six digests): more than one node answered them.
     assert len(served_by(proxy.log_tail(200_000), "/v2/scale/app/blobs/")) >= 2, proxy.log_tail()
 
 
@@ -499,7 +496,7 @@ async def test_chunked_upload_alternates_nodes(bucket: S3Client, start_nodes: An
                        "layers": [{"mediaType": OCI_LAYER, "digest": digest, "size": len(data)}]})
     await put_manifest(c.client, repo, "v1", manifest)
 
-    proxy: HAProxy = make_haproxy(servers(a, b, c), ROUNDROBIN)
+    proxy: HAProxy = make_haproxy(servers(a, b, c))
     for client in (a.client, b.client, c.client, Client(proxy.url), Client(proxy.url), Client(proxy.url)):
         blob = await client.get(f"/v2/{repo}/blobs/{digest}")
         assert blob.status == 200 and blob.header("Docker-Content-Digest") == digest, str(blob)
@@ -586,15 +583,15 @@ async def test_node_killed_mid_pull_client_retry_succeeds(bucket: S3Client, star
     HAProxy; the client's retry (a Range request for the rest) succeeds through
     another node, and every byte verifies.
 
-    Health checks are slowed down here (every 2 s, two failures to mark a
-    node down), so that the requests just after the kill still meet a dead
-    node HAProxy believes alive: ``option redispatch 1`` must carry them.
+    The path hashes to the dead node, which HAProxy believes alive until two
+    health checks failed (about a second): ``option redispatch 1`` must carry
+    the requests that meet it meanwhile.
     """
     a, b, c = start_nodes(bucket.settings)
     repo = "scale/big"
     blob = SeededBlob("killed-mid-pull", 64 * MiB)
     await deferToThread(push_blob, a.registry, repo, blob)
-    proxy: HAProxy = make_haproxy(servers(a, b, c), ROUNDROBIN, check_interval_ms=2000)
+    proxy: HAProxy = make_haproxy(servers(a, b, c))
     path = f"/v2/{repo}/blobs/{blob.digest}"
     nodes = {node.name: node for node in (a, b, c)}
 
@@ -619,7 +616,7 @@ async def test_node_killed_mid_pull_client_retry_succeeds(bucket: S3Client, star
     assert hasher.hexdigest() == blob.digest.split(":")[1], "the resumed download does not verify"
     assert rest.headers["x-served-by"] != victim.name
 
-    # More requests right away: round robin sends some to the dead node, every one succeeds elsewhere.
+    # More requests right away: while the dead node looks alive they hash to it, and every one succeeds elsewhere.
     log_before = len(proxy.log_tail(1 << 30))
     for _ in range(6):
         head = await fetch(proxy.host, path, method="HEAD")
@@ -629,8 +626,8 @@ async def test_node_killed_mid_pull_client_retry_succeeds(bucket: S3Client, star
         assert piece.status == 206 and piece.received == MiB, str(piece)
         assert piece.headers["x-served-by"] != victim.name
     if proxy.server_states()[victim.name]["status"].startswith("UP"):
-        # HAProxy listed the dead node all along: round robin picked it for some
-        # of those 12 requests, and each of those was redispatched.
+        # HAProxy listed the dead node all along: the path hashed to it for
+        # those 12 requests, and each of them was redispatched.
         redispatched = [line for line in proxy.log_tail(1 << 30)[log_before:].splitlines()
                         if retries_field(line).startswith("+")]
         assert redispatched, proxy.log_tail()
@@ -654,7 +651,7 @@ async def test_pull_through_coalesces_across_nodes(bucket: S3Client, start_nodes
     digest, size = layer["digest"], layer["size"]
     a, b, c = start_nodes(bucket.settings, upstream_url=up.url)
     nodes = {node.name: node for node in (a, b, c)}
-    proxy: HAProxy = make_haproxy(servers(a, b, c), BY_PATH)
+    proxy: HAProxy = make_haproxy(servers(a, b, c))
     path = f"/v2/{NS}/lib/big/blobs/{digest}"
     upstream_blob = blob_path("lib/big", digest)
     pushed = await up.acount(None, upstream_blob)     # push_image's own HEAD and upload
@@ -737,3 +734,37 @@ async def test_redirect_node_hands_out_presigned_urls(bucket: S3Client, ceph_s3:
     for descriptor_ in json.loads(manifest)["layers"] + [json.loads(manifest)["config"]]:
         blob_file = tmp_path / "pulled" / "blobs" / "sha256" / descriptor_["digest"].split(":")[1]
         assert digest_of(blob_file.read_bytes()) == descriptor_["digest"]
+
+
+# -- 7. the object store fails under the cluster ------------------------------------------------------
+
+@pytest_twisted.ensureDeferred
+async def test_a_frozen_store_takes_every_node_out_of_the_balancer(bucket: S3Client, ceph_s3: Any,
+                                                                   start_nodes: Any, make_haproxy: Any) -> None:
+    """radosgw frozen: every node's /readyz fails within the health checks' time, so HAProxy
+    sends no request to a node that cannot serve; once radosgw is back, they all return."""
+    a, b, c = start_nodes(bucket.settings)
+    log_path = os.path.join(os.path.dirname(a.data_dir), f"twistd-{a.host.split(':')[1]}.log")
+    serving = f"registryd serving s3://{bucket.settings.bucket}/site/"   # the bucket, not its data_dir
+    for _ in range(100):
+        with open(log_path) as f:
+            if serving in f.read():
+                break
+        await deferLater(reactor, 0.05, lambda: None)
+    else:
+        raise AssertionError(f"{log_path} never said {serving!r}")
+    proxy: HAProxy = make_haproxy(servers(a, b, c))
+    repo = "scale/outage"
+    data = seeded("outage", 100_000)
+    digest = await Client(proxy.url).push_blob(repo, data)
+    with ceph_s3.outage("freeze"):
+        began = time.monotonic()
+        await deferToThread(proxy.wait_until, lambda states: len(states) == 3 and all(
+            row["status"] == "DOWN" for row in states.values()), "every node DOWN", 15)
+        took = time.monotonic() - began
+        reply = await a.client.get("/readyz")
+        assert reply.status == 503 and "within 3s" in reply.json()["reason"], str(reply)
+    assert took < 5, f"HAProxy took {took:.1f}s to take the nodes out"
+    await deferToThread(proxy.wait_all_up)
+    got = await Client(proxy.url).get(f"/v2/{repo}/blobs/{digest}")
+    assert got.status == 200 and got.body == data, str(got)

@@ -42,6 +42,8 @@ log = Logger()
 #: Parts of one multipart upload in flight at once: S3 rewards parallel
 #: connections, and each part streams from disk, so memory stays flat.
 PART_CONCURRENCY = 4
+#: Conditional PUTs of one key that conflict with another under way, before giving up.
+CONFLICT_ATTEMPTS = 3
 
 
 class S3BlobSource:
@@ -193,12 +195,18 @@ class S3BlobStore:
             self.hot_cache.discard(digest)
 
     async def _put_once(self, key: str, body: bytes | str) -> None:
-        try:
-            await self._client.put_object(key, body, if_none_match=True)
-        except S3Error as e:
-            # Already there: content-addressed, so the same bytes.
-            if e.code != "PreconditionFailed":
-                raise
+        for attempt in range(CONFLICT_ATTEMPTS):
+            try:
+                await self._client.put_object(key, body, if_none_match=True)
+                return
+            except S3Error as e:
+                # Already there: content-addressed, so the same bytes.
+                if e.code == "PreconditionFailed":
+                    return
+                # AWS: another conditional PUT of this key is under way (two mirror
+                # fills of one digest commit at once); the next attempt sees how it ended.
+                if e.code != "ConditionalRequestConflict" or attempt == CONFLICT_ATTEMPTS - 1:
+                    raise
 
     async def _multipart(self, key: str, path: str, size: int, part_size: int) -> None:
         upload_id = await self._client.create_multipart(key)

@@ -55,10 +55,15 @@ class S3Client:
     # -- plumbing -------------------------------------------------------------
 
     async def _call(self, method: str, url: str, operation: str, key: str | None, ok: Sequence[int] = (200,),
-                    headers: Mapping[str, str] | None = None, body: RequestBody | None = None) -> IResponse:
-        """Send; an answer whose status is not in ``ok`` raises its S3Error."""
+                    headers: Mapping[str, str] | None = None, body: RequestBody | None = None,
+                    patient: bool = False) -> IResponse:
+        """Send; an answer whose status is not in ``ok`` raises its S3Error.
+
+        ``patient``: the store answers once it has done the work (copies,
+        completions), so wait ``idle_timeout`` for it, not ``request_timeout``.
+        """
         what = f"{operation} {key}" if key else operation
-        response = await self._transport.send(method, url, what, headers, body)
+        response = await self._transport.send(method, url, what, headers, body, patient)
         if response.code not in ok:
             raise await self._transport.error(response, operation, key)
         return response
@@ -117,7 +122,7 @@ class S3Client:
             drop_body(response)
             raise S3Unavailable(f"S3 GET {key}: the endpoint ignored the Range header")
         info = _object_info(response)
-        await pipe_body(response, consumer, self._transport.reactor, self.settings.idle_timeout, f"S3 GET {key}")
+        await pipe_body(response, consumer, self._transport.reactor, self.settings.stall_timeout, f"S3 GET {key}")
         return info
 
     async def get_small(self, key: str, limit: int) -> bytes | None:
@@ -135,7 +140,7 @@ class S3Client:
         def too_large() -> Exception:
             return ObjectTooLarge(key, limit)
 
-        return await read_body(response, self._transport.reactor, self.settings.idle_timeout, f"S3 GET {key}",
+        return await read_body(response, self._transport.reactor, self.settings.stall_timeout, f"S3 GET {key}",
                                limit, too_large)
 
     async def put_object(self, key: str, body: Body, *, if_none_match: bool = False,
@@ -158,7 +163,8 @@ class S3Client:
     async def copy_object(self, src_key: str, dst_key: str) -> str:
         """Server-side copy (at most 5 GiB; see ``copy_large``); returns the new ETag."""
         headers = {"x-amz-copy-source": copy_source(self.settings, src_key)}
-        response = await self._call("PUT", object_url(self.settings, dst_key), "COPY", dst_key, headers=headers)
+        response = await self._call("PUT", object_url(self.settings, dst_key), "COPY", dst_key, headers=headers,
+                                    patient=True)
         return documents.parse_etag(await self._document(response, "COPY", dst_key))
 
     async def copy_large(self, src_key: str, dst_key: str, size: int) -> str:
@@ -279,7 +285,7 @@ class S3Client:
         headers = {"x-amz-copy-source": copy_source(self.settings, src_key),
                    "x-amz-copy-source-range": _range_header(byte_range)}
         url = object_url(self.settings, key, _part_query(number, upload_id))
-        response = await self._call("PUT", url, "UploadPartCopy", key, headers=headers)
+        response = await self._call("PUT", url, "UploadPartCopy", key, headers=headers, patient=True)
         return documents.parse_etag(await self._document(response, "UploadPartCopy", key))
 
     async def complete_multipart(self, key: str, upload_id: str, parts: Sequence[Part]) -> str:
@@ -287,7 +293,7 @@ class S3Client:
         body = BytesBody(documents.complete_document(parts))
         url = object_url(self.settings, key, [("uploadId", upload_id)])
         response = await self._call("POST", url, "CompleteMultipartUpload", key, body=body,
-                                    headers={"Content-Type": "application/xml"})
+                                    headers={"Content-Type": "application/xml"}, patient=True)
         etag = documents.parse_etag(await self._document(response, "CompleteMultipartUpload", key))
         if not etag:
             # Ceph 16's radosgw answers with an empty <ETag>; the object has one.

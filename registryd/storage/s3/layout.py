@@ -11,6 +11,8 @@ BLOBS = "blobs/"
 REPOSITORIES = "repositories/"
 MIRROR = "mirror/"
 UPLOADS = "uploads/"
+#: The small object every node writes and reads back to prove the bucket usable.
+READY_PROBE = "_registryd/ready"
 
 
 def blob_key(digest: Digest) -> str:

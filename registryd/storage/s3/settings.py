@@ -17,6 +17,8 @@
     part_size = 16777216                   # multipart part size, 5 MiB .. 5 GiB
     connect_timeout = 10                   # seconds
     idle_timeout = 60                      # seconds without a byte either way
+    request_timeout = 10                   # seconds an operation waits for the store's answer
+    ready_timeout = 3                      # seconds /readyz gives its write-and-read probe
     max_attempts = 3                       # tries for 5xx/429 and lost connections
 
 The secret sources mirror ``[[upstream]]`` credentials: exactly one of a
@@ -68,10 +70,22 @@ class S3Settings:
     part_size: int = 16 * MiB
     connect_timeout: float = 10
     idle_timeout: float = 60
+    #: The deadline for the store's answer to one operation, retries included
+    #: (never longer than ``idle_timeout``): past it the store is unavailable.
+    request_timeout: float = 10
+    #: The whole of /readyz's probe (write, then read back a small object).
+    ready_timeout: float = 3
     max_attempts: int = 3
     #: Copies larger than this go through multipart UploadPartCopy; S3 refuses
     #: CopyObject past 5 GiB. Not a config key: tests lower it.
     copy_threshold: int = 5 * GiB
+
+    @property
+    def stall_timeout(self) -> float:
+        """Seconds a body the store sends may go without a byte while we want
+        more: a store that stops mid-body is as unavailable as one that does
+        not answer (time a slow consumer keeps the body paused is not counted)."""
+        return min(self.request_timeout, self.idle_timeout)
 
     @classmethod
     def from_table(cls, table: Mapping[str, Any], where: str = "storage.s3") -> S3Settings:
@@ -86,7 +100,8 @@ _KEYS: dict[str, tuple[type, bool]] = {
     "secret_access_key_env": (str, False), "credentials_file": (str, False),
     "addressing": (str, False), "ca_file": (str, False), "verify_tls": (bool, False),
     "prefix": (str, False), "part_size": (int, False), "connect_timeout": (int, False),
-    "idle_timeout": (int, False), "max_attempts": (int, False),
+    "idle_timeout": (int, False), "request_timeout": (int, False), "ready_timeout": (int, False),
+    "max_attempts": (int, False),
 }
 _SECRET_SOURCES = ("secret_access_key", "secret_access_key_env", "credentials_file")
 _TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false"}
@@ -163,7 +178,7 @@ def _parse(table: Mapping[str, Any], where: str) -> S3Settings:
     if not MIN_PART_SIZE <= part_size <= MAX_PART_SIZE:
         raise S3ConfigError(f"'{where}.part_size' must be between {MIN_PART_SIZE} (5 MiB) and "
                             f"{MAX_PART_SIZE} (5 GiB), not {part_size!r}")
-    for key in ("connect_timeout", "idle_timeout", "max_attempts"):
+    for key in ("connect_timeout", "idle_timeout", "request_timeout", "ready_timeout", "max_attempts"):
         if key in settings and settings[key] <= 0:
             raise S3ConfigError(f"'{where}.{key}' must be greater than zero, not {settings[key]!r}")
     return S3Settings(**settings)

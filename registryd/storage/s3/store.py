@@ -19,16 +19,15 @@ from registryd.storage.files import empty_dir, free_space_problem, make_dirs
 from registryd.storage.guard import BlobGuard
 from registryd.storage.s3.blobs import S3BlobStore
 from registryd.storage.s3.client import S3Client
-from registryd.storage.s3.errors import S3Error, S3Unavailable
 from registryd.storage.s3.hot_cache import HotCache
 from registryd.digest import Digest
 from registryd.storage.s3.layout import MIRROR, repositories_root
+from registryd.storage.s3.probe import BucketUnusable, ReadyProbe, check_bucket
 from registryd.storage.s3.repositories import S3RepositoryStore
 from registryd.storage.s3.settings import S3Settings
 from registryd.storage.s3.uploads import S3UploadStore
 from registryd.threads import BlockingPool, InlinePool
-
-_READY_PROBE = "_registryd/ready"
+from registryd.storage.outage import StoreUnusable
 
 
 class S3Store:
@@ -52,6 +51,7 @@ class S3Store:
                                      settings.part_size, pool=pool)
         self.blob_files = None      # no blob is a local file here
         self._remote_problem: str | None = None
+        self._ready_probe = ReadyProbe(settings, reactor)
 
     def mirror_repositories(self, namespace: str) -> S3RepositoryStore:
         return S3RepositoryStore(self.client, repositories_root(namespace))
@@ -77,13 +77,23 @@ class S3Store:
         if self.hot_cache is not None:
             self.hot_cache.start()
 
-    async def check_backend(self) -> str | None:
-        """Why the bucket cannot be used now, or None (a HEAD of a probe key: 404 is fine)."""
+    def check_store(self) -> None:
+        """At start-up: the bucket exists and takes a write and a read (raises StoreUnusable, one line)."""
         try:
-            await self.client.head_object(_READY_PROBE)
-            self._remote_problem = None
-        except (S3Error, S3Unavailable) as e:
-            self._remote_problem = f"object store: {e}"
+            check_bucket(self.client.settings)
+        except BucketUnusable as e:
+            raise StoreUnusable(str(e)) from None
+
+    async def check_backend(self) -> str | None:
+        """Why the bucket cannot be used now, or None: the probe object read within
+        ``ready_timeout`` (a missing one is fine): admin commands change nothing."""
+        self._remote_problem = await self._ready_probe.check(write=False)
+        return self._remote_problem
+
+    async def check_ready(self) -> str | None:
+        """For /readyz: why this node cannot serve now, or None: the probe object written
+        and read back within ``ready_timeout`` (registryd.storage.s3.probe)."""
+        self._remote_problem = await self._ready_probe.check(write=True)
         return self._remote_problem
 
     def location(self) -> str:
@@ -120,4 +130,5 @@ class S3Store:
     async def _close(self) -> None:
         if self.hot_cache is not None:
             await self.hot_cache.settle()   # renames and removals still in the pool
+        await self._ready_probe.close()
         await self.client.close()

@@ -5,8 +5,11 @@ time). Attempts are repeated, with a short backoff, when the connection
 failed before an answer came (a pooled connection the store had closed,
 a refused connect) or when the store answered 500/502/503/504 or 429
 (S3's "slow down"): S3 operations are idempotent, and each attempt gets a
-new body producer. Timeouts are not retried: one stalled store should cost
-a caller one ``idle_timeout``, not several.
+new body producer. Every operation has one deadline for its answer,
+``request_timeout`` (at most ``idle_timeout``), which its retries and
+backoff share; a request body the store keeps taking in pushes it back.
+Timeouts are not retried: a frozen store costs a caller one deadline, and
+the caller (a client's request) hears "unavailable" within it.
 
 Twisted's Agent is used directly, not treq: nothing here wants treq's
 gzip negotiation or buffering.
@@ -77,50 +80,66 @@ class S3Transport:
             await self._pool.closeCachedConnections()
 
     async def send(self, method: str, url: str, what: str, headers: Mapping[str, str] | None = None,
-                   body: RequestBody | None = None) -> IResponse:
+                   body: RequestBody | None = None, patient: bool = False) -> IResponse:
         """The response to ``method url``, after retries; its body is the caller's to read.
 
         ``what`` names the operation and key in error messages. Raises
-        S3Unavailable when no answer came.
+        S3Unavailable when no answer came before the operation's deadline
+        (``request_timeout``, retries and backoff included; ``idle_timeout``
+        when ``patient``: server-side copies and multipart completions,
+        which some stores answer only once the work is done).
         """
         attempts = self._settings.max_attempts
+        wait = self._settings.idle_timeout if patient else min(self._settings.request_timeout,
+                                                                self._settings.idle_timeout)
+        deadline = _Deadline(self._reactor, wait)
+        failures: list[str] = []
         for attempt in range(1, attempts + 1):
+            backoff = BACKOFF[min(attempt, len(BACKOFF)) - 1]
             last = attempt == attempts
             try:
-                response = await self._attempt(method, url, what, headers or {}, body)
+                response = await self._attempt(method, url, what, headers or {}, body, deadline)
             except _NO_ANSWER as e:
-                if last:
-                    raise S3Unavailable(f"S3 {what}: {_describe(e)} ({self._settings.endpoint})") from None
-                log.info("S3 {what}: {error}; trying again", what=what, error=_describe(e))
+                failures.append(_describe(e))
+                if last or deadline.remaining() <= backoff:
+                    tries = f" after {attempt} attempts" if attempt > 1 else ""
+                    raise S3Unavailable(f"S3 {what}: {_describe(e)}{tries} ({self._settings.endpoint})") from None
             else:
-                if response.code not in RETRY_STATUSES or last:
+                if response.code not in RETRY_STATUSES or last or deadline.remaining() <= backoff:
+                    if failures:
+                        # One line for a hiccup the retries covered (an outage is the caller's one line).
+                        log.info("S3 {what}: answered on attempt {attempt} (before: {errors})", what=what,
+                                 attempt=attempt, errors="; ".join(failures))
                     return response
                 await self.discard(response)
-                log.info("S3 {what}: status {status}; trying again", what=what, status=response.code)
-            await deferLater(self._reactor, BACKOFF[min(attempt, len(BACKOFF)) - 1], lambda: None)
+                failures.append(f"status {response.code}")
+            await deferLater(self._reactor, backoff, lambda: None)
         raise AssertionError("unreachable")
 
     async def _attempt(self, method: str, url: str, what: str, headers: Mapping[str, str],
-                       body: RequestBody | None) -> IResponse:
+                       body: RequestBody | None, deadline: _Deadline) -> IResponse:
         signed = self._signer.sign(method, url, headers, body.signed_payload if body is not None else b"")
         raw = Headers({name.encode("latin-1"): [value.encode("latin-1")] for name, value in signed.items()})
-        idle = self._settings.idle_timeout
+        if deadline.remaining() <= 0:
+            raise S3Unavailable(f"S3 {what}: no answer within {deadline.wait:g}s ({self._settings.endpoint})")
         timer: Any = None
 
         def progress() -> None:
-            # The body is still going out: the store is not (yet) silent.
+            # The body is still going out: the store is taking it, so it is not (yet) silent.
+            deadline.extend()
             if timer is not None and timer.active():
-                timer.reset(idle)
+                timer.reset(deadline.remaining())
 
         producer = body.producer(self._cooperator, progress) if body is not None else None
         d = self._agent.request(method.encode("ascii"), url.encode("ascii"), raw, producer)
-        timer = self._reactor.callLater(idle, d.cancel)
+        timer = self._reactor.callLater(deadline.remaining(), d.cancel)
         try:
             return await d
         except Exception as e:
             if not timer.active():
                 # Our timer cancelled the request (Agent may wrap that in ResponseNeverReceived).
-                raise S3Unavailable(f"S3 {what}: no answer within {idle:g}s ({self._settings.endpoint})") from None
+                raise S3Unavailable(f"S3 {what}: no answer within {deadline.wait:g}s "
+                                    f"({self._settings.endpoint})") from None
             if _cancelled(e):
                 raise CancelledError() from None  # our caller's: never retried
             if isinstance(e, TimeoutError):
@@ -137,7 +156,7 @@ class S3Transport:
         """A bounded response body (documents, small objects)."""
         def too_large() -> Exception:
             return S3Unavailable(f"S3 {what}: response larger than {limit} bytes")
-        return await read_body(response, self._reactor, self._settings.idle_timeout, f"S3 {what}", limit,
+        return await read_body(response, self._reactor, self._settings.stall_timeout, f"S3 {what}", limit,
                                too_large)
 
     async def discard(self, response: IResponse) -> None:
@@ -155,6 +174,22 @@ class S3Transport:
         parsed = parse_error(body) if body else None
         code, message = parsed if parsed else (None, "")
         return S3Error(response.code, code, message, key, operation)
+
+
+class _Deadline:
+    """When one operation stops waiting for the store: ``wait`` seconds from its start,
+    pushed back while a request body is still being taken in."""
+
+    def __init__(self, reactor: Any, wait: float) -> None:
+        self._reactor = reactor
+        self.wait = wait
+        self._at = reactor.seconds() + wait
+
+    def remaining(self) -> float:
+        return self._at - self._reactor.seconds()
+
+    def extend(self) -> None:
+        self._at = max(self._at, self._reactor.seconds() + self.wait)
 
 
 def _describe(error: Exception) -> str:

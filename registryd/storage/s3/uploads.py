@@ -201,6 +201,13 @@ class S3UploadStore:
             state, hasher = await self._current(writer)
             if hasher is not None and hasher.name != digest.algorithm:
                 hasher = None
+            if await self._completed_before(upload.id, state, writer):
+                # An earlier try of this commit completed the upload, then the store failed:
+                # the object is whole in the bucket; verify and copy it as it is.
+                await self._verify_and_copy(upload.id, state.data_key(upload.id), None, digest,
+                                            state.size + writer.written)
+                await self._remove(upload.id, None)
+                return
             offset, length = await self._pending(writer, state)
             multipart, key, parts, offset, length = await self._store_parts(upload.id, state, writer.path,
                                                                             offset, length, final=True)
@@ -215,17 +222,33 @@ class S3UploadStore:
             else:
                 assert key is not None
                 await self._client.complete_multipart(key, multipart, parts)
-                if hasher is None:
-                    sink = HashSink(digest.hasher())
-                    await self._client.get_object(key, sink)
-                    hasher = sink.hasher
-                await self._verify(upload.id, hasher, digest)
-                self._guard.claim([digest])
-                await self._client.copy_large(key, layout.blob_key(digest), state.size + writer.written)
+                await self._verify_and_copy(upload.id, key, hasher, digest, state.size + writer.written)
             await self._remove(upload.id, None)
         finally:
             writer.close()
             upload.busy = False
+
+    async def _completed_before(self, upload_id: str, state: SessionState, writer: S3UploadWriter) -> bool:
+        """Did a failed try of this commit already complete the multipart upload into its object?
+
+        Then the upload is gone (no part can be added), and the object holds
+        the session and this same final body, if it has their size.
+        """
+        if state.multipart is None:
+            return False
+        info = await self._client.head_object(state.data_key(upload_id))
+        return info is not None and info.size == state.size + writer.written
+
+    async def _verify_and_copy(self, upload_id: str, key: str, hasher: Any, digest: Digest, size: int) -> None:
+        """Check the completed object against ``digest`` (streaming it through a hasher
+        unless ``hasher`` saw every byte), then copy it to the blob key."""
+        if hasher is None:
+            sink = HashSink(digest.hasher())
+            await self._client.get_object(key, sink)
+            hasher = sink.hasher
+        await self._verify(upload_id, hasher, digest)
+        self._guard.claim([digest])
+        await self._client.copy_large(key, layout.blob_key(digest), size)
 
     async def _current(self, writer: S3UploadWriter) -> tuple[SessionState, Any]:
         """The session's state in the bucket, and the hasher still valid for it (or None).
