@@ -24,6 +24,7 @@ from twisted.web.client import ResponseDone
 from twisted.web.iweb import IResponse
 
 from registryd.digest import Digest
+from registryd.storage.outage import outage_reason
 
 log = Logger()
 
@@ -179,8 +180,12 @@ class BlobFill:
         try:
             await self._commit(self.path, self.digest)
         except Exception as e:
-            log.failure("committing {digest} failed", digest=str(self.digest))
-            self.fail(FillFailed(f"storing the blob failed: {e}"))
+            reason = outage_reason(e)
+            if reason is None:
+                log.failure("committing {digest} failed", digest=str(self.digest))
+            else:
+                log.warn("storing {digest} failed: {reason}", digest=str(self.digest), reason=reason)
+            self.fail(FillFailed(f"storing the blob failed: {reason or e}"))
             return
         self.done = True
         self._finish()

@@ -26,6 +26,7 @@ from registryd.config import Config
 from registryd.metrics import Metrics
 from registryd.storage import Store
 from registryd.upkeep.collector import Collection, Collector
+from registryd.storage.outage import outage_reason
 from registryd.storage.s3.errors import S3Error, S3Unavailable
 from registryd.storage.s3.store import S3Store
 from registryd.upkeep.s3_collector import S3Collector
@@ -131,9 +132,13 @@ class Upkeep:
             self._metrics.gc_runs.labels("failed").inc()
             log.error("garbage collection failed: {error}; the next pass runs as planned", error=str(e))
             raise
-        except Exception:
+        except Exception as e:
             self._metrics.gc_runs.labels("failed").inc()
-            log.failure("garbage collection failed; the next pass runs as planned")
+            reason = outage_reason(e)
+            if reason is None:
+                log.failure("garbage collection failed; the next pass runs as planned")
+            else:
+                log.error("garbage collection failed: {error}; the next pass runs as planned", error=reason)
             raise
         finally:
             self._lock.release()
