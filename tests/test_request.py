@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+from typing import Any
 
 from twisted.internet import reactor
+from twisted.internet.error import ConnectionDone
 from twisted.internet.defer import Deferred
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.web import http
 
 from registryd.config import Config
@@ -38,7 +41,14 @@ def feed(site, raw: bytes, one_byte_at_a_time: bool = True) -> bytes:
             channel.dataReceived(raw[i:i + 1])
     else:
         channel.dataReceived(raw)
+    hang_up(channel)
     return transport.value()
+
+
+def hang_up(channel: Any) -> None:
+    """End a channel on a StringTransport, whose timers run on the real reactor:
+    left open, its idle timeout would fire in some later test."""
+    channel.connectionLost(Failure(ConnectionDone("the test is over")))
 
 
 def test_request_line_is_on_the_channel_when_gotLength_runs() -> None:
@@ -58,6 +68,7 @@ def test_request_line_is_on_the_channel_when_gotLength_runs() -> None:
     channel.requestFactory = Probe
     channel.makeConnection(StringTransport())
     channel.dataReceived(b"PATCH /v2/a/b?x=1 HTTP/1.1\r\nHost: h\r\nX-Probe: yes\r\nContent-Length: 3\r\n\r\nabc")
+    hang_up(channel)
     assert seen == {"command": b"PATCH", "path": b"/v2/a/b?x=1", "length": 3, "header": [b"yes"]}
 
 
@@ -121,3 +132,4 @@ def test_tls_handshake_on_the_plain_port_is_answered_at_once(tmp_path) -> None:
     channel.dataReceived(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
     assert transport.value().startswith(b"HTTP/1.0 400 Bad Request\r\n")
     assert transport.disconnecting
+    hang_up(channel)

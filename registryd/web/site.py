@@ -7,6 +7,7 @@ import time
 
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import connectionDone
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -201,8 +202,12 @@ class RegistryChannel(HTTPChannel):
             self.loseConnection()
             return len(response)
         self._networkProducer.resumeProducing()
+        # A half-close tells a client still sending that the answer is whole.
+        # Not under TLS: Twisted's TLS layer can then fail on the peer's
+        # close_notify (an unhandled AttributeError); the answer says
+        # "Connection: close" anyway.
         half_close = getattr(self.transport, "loseWriteConnection", None)
-        if half_close is not None:
+        if half_close is not None and not ISSLTransport.providedBy(self.transport):
             half_close()
         self._drain_timer = self._clock().callLater(DRAIN_SECONDS, self._stop_draining)
         return len(response)
