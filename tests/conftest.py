@@ -17,6 +17,32 @@ from ceph import ceph_s3  # noqa: F401  (one Ceph for the whole session: defined
 from registryd.config import Config
 from registryd.service import RegistryService
 
+# The fast tier (`./run-tests.sh -m fast`, under a minute): parsers, state
+# machines and the request paths that need no external daemon, store or
+# upstream registry. The whole suite is the default.
+FAST_MODULES = frozenset({
+    "test_parsing", "test_config", "test_config_docs", "test_readme_snippets", "test_request",
+    "test_auth_basic", "test_auth_htpasswd", "test_auth_policy", "test_auth_throttle", "test_auth_pool",
+    "test_auth_proxies", "test_auth_challenge", "test_auth_admin", "test_mirror_units", "test_sendfile",
+    "test_hostile_input", "test_local_prefixes", "test_push_by_digest", "test_upstream_hosts",
+    "test_probes", "test_status_page", "test_observability", "test_security",
+})
+
+
+def pytest_configure(config: Any) -> None:
+    config.addinivalue_line("markers", "fast: the fast tier, run with -m fast")
+    here = os.path.dirname(__file__)
+    missing = sorted(m for m in FAST_MODULES if not os.path.exists(os.path.join(here, f"{m}.py")))
+    if missing:
+        raise pytest.UsageError(f"FAST_MODULES names modules that do not exist: {', '.join(missing)}")
+
+
+def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
+    for item in items:
+        if item.path.stem in FAST_MODULES:
+            item.add_marker(pytest.mark.fast)
+
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 VENV_BIN = os.path.dirname(sys.executable)
