@@ -7,16 +7,14 @@ place (``_registry_error``).
 from __future__ import annotations
 
 import errno
-import json
 import re
 from typing import Any, NoReturn
-from urllib.parse import unquote_to_bytes, urlencode, urlsplit
+from urllib.parse import urlsplit
 
 from klein import Klein
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.resource import Resource
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 from werkzeug.routing import RequestRedirect
 
@@ -41,7 +39,6 @@ from registryd.errors import (
     name_invalid,
     name_unknown,
     not_found,
-    pagination_invalid,
     range_invalid,
     too_large,
     unsupported,
@@ -55,11 +52,25 @@ from registryd.mirror.fill import FillFailed
 from registryd.mirror.routing import Route
 from registryd.storage import Store
 from registryd.storage.files import free_bytes
-from registryd.storage.outage import RETRY_AFTER, outage_reason
+from registryd.storage.outage import outage_reason
 from registryd.storage.pulls import PullRecorder
 from registryd.storage.uploads import Upload
 from registryd.upkeep.online_prune import PruneSelection, server_pruner
 from registryd.upkeep.scheduler import Upkeep
+from registryd.web.replies import (
+    BODY_HEADERS,
+    Utf8Paths,
+    blob_headers,
+    cut_response,
+    header_text,
+    paginate,
+    public_readiness_reason,
+    query_arg,
+    query_args,
+    respond,
+    respond_json,
+    store_unavailable,
+)
 from registryd.web.request import CappedBody, PendingBody, RefusedBody, RegistryRequest, UploadBody
 from registryd.web.follow import FillCommitted, stream_fill
 from registryd.web.limits import BodyBudget, RateLimitedLog, SessionQuota, store_full
@@ -75,88 +86,11 @@ _CONTENT_RANGE = re.compile(r"(?:bytes[ =])?([0-9]{1,18})-([0-9]{1,18})(?:/(?:[0
 _RANGE = re.compile(r"bytes=([0-9]*)-([0-9]*)")
 # A byte position past any real blob: what a Range position of more digits means.
 _FAR_POSITION = 1 << 62
-_PAGE_SIZE = re.compile(r"[0-9]{1,9}")
-_NOT_READY = "storage is not ready; the server log says why"
-_NO_ANSWER = re.compile(r"(?:did not answer|no answer) within (\d[\d.]*s)")
-
-
-def _public_reason(problem: str) -> str:
-    """Why /readyz fails, told to anyone: the kind of trouble, never its details."""
-    if not problem.startswith("object store"):
-        return _NOT_READY
-    if "does not exist" in problem:
-        return "object store: the bucket does not exist; the server log says more"
-    if "credentials" in problem:
-        return "object store: it refuses this node's credentials; the server log says more"
-    late = _NO_ANSWER.search(problem)
-    if late is not None:
-        return f"object store: no answer within {late[1]}"
-    return "object store: unreachable or failing; the server log says more"
 # Stored manifests were capped when pushed or fetched; this only bounds a read.
 MANIFEST_READ_LIMIT = 64 * 1024 * 1024
 # Bytes a client connection may hold before a streamed blob's source is paused.
 STREAM_BUFFER = 1024 * 1024
 _ENDPOINT = re.compile(r"^/v2/(.*)/(?:blobs/uploads/[^/]*|blobs/[^/]+|manifests/[^/]+|tags/list|referrers/[^/]+)$")
-
-
-def _arg(request: RegistryRequest, key: str) -> str | None:
-    args: dict[bytes, list[bytes]] = request.args or {}
-    values = args.get(key.encode())
-    return values[0].decode("utf-8", "replace") if values else None
-
-
-def _args(request: RegistryRequest, key: str) -> list[str]:
-    args: dict[bytes, list[bytes]] = request.args or {}
-    return [v.decode("utf-8", "replace") for v in args.get(key.encode(), [])]
-
-
-def _header(request: RegistryRequest, name: str) -> str | None:
-    """A request header as text. Latin-1 never fails: a client's stray byte is
-    then just an unknown value, not a UnicodeDecodeError."""
-    value = request.getHeader(name.encode())
-    return None if value is None else value.decode("latin-1")
-
-
-def _respond(request: RegistryRequest, status: int, headers: dict[str, str] | None = None,
-             body: bytes = b"", content_type: str | None = None) -> bytes:
-    request.setResponseCode(status)
-    for key, value in (headers or {}).items():
-        request.setHeader(key, value)
-    if content_type is not None:
-        request.setHeader("Content-Type", content_type)
-    request.setHeader("Content-Length", str(len(body)))
-    return body
-
-
-def _json(request: RegistryRequest, status: int, document: Any, headers: dict[str, str] | None = None,
-          content_type: str = "application/json") -> bytes:
-    body = json.dumps(document, separators=(",", ":")).encode()
-    return _respond(request, status, headers, body, content_type)
-
-
-def _page_size(request: RegistryRequest) -> int | None:
-    text = _arg(request, "n")
-    if text is None or text == "":
-        return None
-    if not _PAGE_SIZE.fullmatch(text):
-        raise pagination_invalid(text[:20])
-    return int(text)
-
-
-def _paginate(request: RegistryRequest, items: list[str], base: str) -> tuple[list[str], dict[str, str]]:
-    """Apply ``last`` and ``n``; add the spec's ``Link`` header when more remain."""
-    last = _arg(request, "last")
-    if last:
-        items = [item for item in items if item > last]
-    n = _page_size(request)
-    if n is None or len(items) <= n:
-        return items, {}
-    page = items[:n]
-    headers = {}
-    if page:
-        query = urlencode({"n": n, "last": page[-1]})
-        headers["Link"] = f'<{base}?{query}>; rel="next"'
-    return page, headers
 
 
 def _position(text: str) -> int | None:
@@ -171,69 +105,6 @@ def _policy_name(name: str, route: Route | None) -> str:
     a mirrored one is ``<namespace>/<name upstream>`` (``docker.io/library/alpine``)
     whether asked for by path prefix, ``?ns=`` or the default upstream."""
     return f"{route.upstream.namespace}/{route.remote}" if route is not None else name
-
-
-def _blob_headers(digest: str, length: int | None) -> dict[str, str]:
-    headers = {
-        "Docker-Content-Digest": digest,
-        "ETag": f'"{digest}"',
-        "Accept-Ranges": "bytes",
-        "Cache-Control": "max-age=31536000",
-        "Content-Type": "application/octet-stream",
-    }
-    if length is not None:
-        headers["Content-Length"] = str(length)
-    return headers
-
-
-class _Utf8Paths(Resource):
-    """Answers a path that is not UTF-8 once decoded with the OCI error document.
-
-    Klein would answer it with a plain-text 400 and log the decoding error
-    as a failure.
-    """
-
-    isLeaf = True
-
-    def __init__(self, api: Resource, refuse: Any) -> None:
-        super().__init__()
-        self._api = api
-        self._refuse = refuse
-
-    def render(self, request: Any) -> Any:
-        try:
-            unquote_to_bytes(request.path).decode("utf-8")
-        except UnicodeDecodeError:
-            return self._refuse(request, Failure(unsupported("the request path is not UTF-8", 400)))
-        return self._api.render(request)
-
-
-#: Headers a blob GET sets before its body: not for an error document in its place.
-_BODY_HEADERS = ("Content-Range", "Docker-Content-Digest", "ETag", "Cache-Control", "Accept-Ranges")
-
-
-def store_unavailable() -> RegistryError:
-    """503 for a request the store cannot serve now (down, frozen, bucket gone)."""
-    return RegistryError(503, "UNAVAILABLE", "the storage backend is unavailable; try again later",
-                         headers={"Retry-After": str(RETRY_AFTER)})
-
-
-def _cut(request: Any, why: str) -> Deferred[None] | None:
-    """A failure after the body began: abort the connection, write nothing more.
-
-    An error document after the status line, Content-Length and some bytes
-    would become part of the blob; a cut connection is a short body every
-    client notices (and resumes with Range). Klein finishes nothing: the
-    returned Deferred fires once the request has seen its connection go.
-    """
-    channel = request.channel
-    if channel is None:
-        return None
-    log.warn("{method} {uri}: response cut after {sent} body bytes: {why}", method=request.method.decode("latin-1"),
-             uri=request.uri.decode("latin-1"), sent=request.sentLength, why=why)
-    lost: Deferred[None] = request.notifyFinish()
-    channel.transport.abortConnection()
-    return lost.addErrback(lambda _: None)
 
 
 class RegistryAPI:
@@ -266,7 +137,7 @@ class RegistryAPI:
                                          self.warnings)
 
     def resource(self) -> Any:
-        return _Utf8Paths(self.app.resource(), self._registry_error)
+        return Utf8Paths(self.app.resource(), self._registry_error)
 
     # --- errors ---------------------------------------------------------
 
@@ -274,11 +145,11 @@ class RegistryAPI:
     def _registry_error(self, request: Any, failure: Failure) -> Any:
         error = failure.value
         if request.startedWriting:
-            return _cut(request, str(error))
+            return cut_response(request, str(error))
         request.error_message = error.message  # for the status page's recent errors
-        for name in _BODY_HEADERS:  # a blob's headers, set before its body failed to start
+        for name in BODY_HEADERS:  # a blob's headers, set before its body failed to start
             request.responseHeaders.removeHeader(name)
-        return _json(request, error.status, error.document(), error.headers)
+        return respond_json(request, error.status, error.document(), error.headers)
 
     @app.handle_errors(NotFound)
     def _not_found(self, request: Any, failure: Failure) -> bytes:
@@ -299,7 +170,7 @@ class RegistryAPI:
         location = request.path.decode("latin-1") + "/"
         if request.uri.find(b"?") >= 0:
             location += "?" + request.uri.split(b"?", 1)[1].decode("latin-1")
-        return _respond(request, 308, {"Location": location})
+        return respond(request, 308, {"Location": location})
 
     @app.handle_errors(MethodNotAllowed)
     def _method_not_allowed(self, request: Any, failure: Failure) -> bytes:
@@ -318,7 +189,7 @@ class RegistryAPI:
                         method=request.method.decode("latin-1"), uri=request.uri.decode("latin-1"))
             error = RegistryError(500, "UNKNOWN", "internal server error")
         elif request.startedWriting:
-            return _cut(request, reason)
+            return cut_response(request, reason)
         else:
             log.warn("{method} {uri}: 503, {reason}", method=request.method.decode("latin-1"),
                      uri=request.uri.decode("latin-1"), reason=reason)
@@ -336,7 +207,7 @@ class RegistryAPI:
     async def _credentials(self, request: RegistryRequest) -> tuple[str, bytes] | None:
         """The checked (user, password) of a request, None when anonymous."""
         address = self._client_address(request)
-        authorization = _header(request, "Authorization")
+        authorization = header_text(request, "Authorization")
         if (authorization and self.auth.authenticator.enabled and carries_credentials(authorization)
                 and not self._credentials_allowed(request)):
             raise RegistryError(403, "DENIED", "credentials are accepted only over TLS here ([auth] require_tls): "
@@ -401,7 +272,7 @@ class RegistryAPI:
         else gets the answer a pull would get, and learns nothing of the mirrors.
         """
         check_raw_path(request.path)
-        ns, host = _arg(request, "ns"), _header(request, "Host")
+        ns, host = query_arg(request, "ns"), header_text(request, "Host")
         route = self.mirror.router.route(name, ns, host=host)
         if route is not None:
             await self._refuse_mirrored(request, name, route, ns, host)
@@ -423,7 +294,7 @@ class RegistryAPI:
                               args: dict[str, list[str]]) -> PendingBody | None:
         """Before a body: a change to a mirrored repository is refused once the
         requester is known (with the connection paused), never earlier."""
-        ns, host = args.get("ns", [None])[0], _header(request, "Host")
+        ns, host = args.get("ns", [None])[0], header_text(request, "Host")
         route = self.mirror.router.route(name, ns, host=host)
         if route is None:
             return None
@@ -447,7 +318,7 @@ class RegistryAPI:
     async def _target(self, request: RegistryRequest, name: str) -> tuple[str, Route | None]:
         """A repository to read: local, or the mirror route that serves it."""
         check_raw_path(request.path)
-        route = await self._route(name, _arg(request, "ns"), _header(request, "Host"))
+        route = await self._route(name, query_arg(request, "ns"), header_text(request, "Host"))
         return (name, route) if route is not None else (check_name(name), None)
 
     def _check_delete_enabled(self) -> None:
@@ -476,7 +347,7 @@ class RegistryAPI:
             raise self._base_challenge(request)
         if user is None and self.auth.authenticator.enabled and not self.auth.policy.grants_anything(None):
             raise RegistryError(403, "DENIED", "this registry needs credentials, accepted only over TLS here")
-        return _json(request, 200, {})
+        return respond_json(request, 200, {})
 
     def _base_challenge(self, request: RegistryRequest) -> RegistryError:
         """Bearer to our token endpoint when anonymous users may do something
@@ -499,13 +370,13 @@ class RegistryAPI:
         now = self._reactor.seconds()
         token = tokens.issue(credentials[0], self.auth.authenticator.token_key(credentials[0]), now) \
             if credentials else tokens.ANONYMOUS_TOKEN
-        return _json(request, 200, tokens.response(token, now),
+        return respond_json(request, 200, tokens.response(token, now),
                      {"Cache-Control": "no-store"})
 
     @app.route("/healthz", methods=["GET", "HEAD"])
     def healthz(self, request: RegistryRequest) -> bytes:
         """Alive: the process answers. Open to everyone."""
-        return _json(request, 200, {"status": "ok"})
+        return respond_json(request, 200, {"status": "ok"})
 
     @app.route("/readyz", methods=["GET", "HEAD"])
     async def readyz(self, request: RegistryRequest) -> bytes:
@@ -520,8 +391,8 @@ class RegistryAPI:
                 log.info("ready again")
         if problem is not None:
             # OS error texts, paths and endpoints are for the log, not for whoever asks.
-            return _json(request, 503, {"status": "unavailable", "reason": _public_reason(problem)})
-        return _json(request, 200, {"status": "ok"})
+            return respond_json(request, 503, {"status": "unavailable", "reason": public_readiness_reason(problem)})
+        return respond_json(request, 200, {"status": "ok"})
 
     async def _admin(self, request: RegistryRequest, what: str) -> str | None:
         """Refuse unless the requester is an admin (everyone, without htpasswd)."""
@@ -552,7 +423,7 @@ class RegistryAPI:
     async def metrics_page(self, request: RegistryRequest) -> bytes:
         """Prometheus metrics, for admin users."""
         await self._admin(request, "metrics")
-        return _respond(request, 200, body=self.metrics.render(), content_type=METRICS_CONTENT_TYPE)
+        return respond(request, 200, body=self.metrics.render(), content_type=METRICS_CONTENT_TYPE)
 
     @app.route("/admin/gc", methods=["POST"])
     async def run_gc(self, request: RegistryRequest) -> bytes:
@@ -565,7 +436,7 @@ class RegistryAPI:
         await self._admin(request, "garbage collections")
         if self.upkeep is None or not self.upkeep.available:
             raise RegistryError(503, "UNAVAILABLE", "garbage collection is not available in this server")
-        delay_arg = _arg(request, "delay")
+        delay_arg = query_arg(request, "delay")
         try:
             delay = float(delay_arg) if delay_arg is not None else None
         except ValueError:
@@ -573,10 +444,10 @@ class RegistryAPI:
         if delay is not None and not 0 <= delay < 1e9:
             raise RegistryError(400, "UNSUPPORTED", f"delay must be a number of seconds, not {delay_arg!r}")
         try:
-            report = await self.upkeep.collect(delay, dry_run=_arg(request, "dry_run") in ("1", "true"))
+            report = await self.upkeep.collect(delay, dry_run=query_arg(request, "dry_run") in ("1", "true"))
         except Exception:
             raise RegistryError(500, "UNKNOWN", "garbage collection failed; the server log says why") from None
-        return _json(request, 200, report.as_json())
+        return respond_json(request, 200, report.as_json())
 
     @app.route("/admin/prune", methods=["POST"])
     async def run_prune(self, request: RegistryRequest) -> bytes:
@@ -589,12 +460,12 @@ class RegistryAPI:
         self._refuse_cross_site(request)
         await self._admin(request, "prunes")
         try:
-            selection = PruneSelection.from_query(_arg(request, "older_than"), _arg(request, "unused_for"),
-                                                  _args(request, "pattern"), _arg(request, "dry_run"))
+            selection = PruneSelection.from_query(query_arg(request, "older_than"), query_arg(request, "unused_for"),
+                                                  query_args(request, "pattern"), query_arg(request, "dry_run"))
         except ValueError as e:
             raise unsupported(str(e), 400) from None
         pruner = server_pruner(self.mirror, self.store, self.config.max_manifest_size, self._reactor.seconds)
-        return _json(request, 200, await pruner.run(selection))
+        return respond_json(request, 200, await pruner.run(selection))
 
     @app.route("/", methods=["GET", "HEAD"])
     async def status_page(self, request: RegistryRequest) -> bytes:
@@ -605,7 +476,7 @@ class RegistryAPI:
                    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; "
                                               "frame-ancestors 'none'",
                    "Referrer-Policy": "no-referrer"}
-        body = _respond(request, 200, headers, body, STATUS_CONTENT_TYPE)
+        body = respond(request, 200, headers, body, STATUS_CONTENT_TYPE)
         return b"" if request.method == b"HEAD" else body
 
     @app.route("/v2/_catalog", methods=["GET"])
@@ -613,8 +484,8 @@ class RegistryAPI:
         user = await self._user(request)
         names = await self.store.repositories.catalog()
         names = list(self.auth.policy.visible(user, names))
-        page, headers = _paginate(request, names, "/v2/_catalog")
-        return _json(request, 200, {"repositories": page}, headers)
+        page, headers = paginate(request, names, "/v2/_catalog")
+        return respond_json(request, 200, {"repositories": page}, headers)
 
     # --- blobs -------------------------------------------------------------
 
@@ -640,7 +511,7 @@ class RegistryAPI:
         try:
             size = blob.size
             start, length = self._range(request, size)
-            headers = _blob_headers(str(digest), length)
+            headers = blob_headers(str(digest), length)
             if length != size:
                 request.setResponseCode(206)
                 headers["Content-Range"] = f"bytes {start}-{start + length - 1}/{size}"
@@ -681,13 +552,13 @@ class RegistryAPI:
         if request.method == b"HEAD":
             # Asked of the upstream without downloading; nothing is linked by it.
             head = await mirror.head_blob(route, digest)
-            for key, value in _blob_headers(head.digest, head.size).items():
+            for key, value in blob_headers(head.digest, head.size).items():
                 request.setHeader(key, value)
             return b""
         # Fetched and verified even when the store has these bytes: only that
         # shows this upstream repository has them (they may be someone's private push).
         fill = await mirror.fill(route, digest)
-        for key, value in _blob_headers(str(digest), fill.size).items():
+        for key, value in blob_headers(str(digest), fill.size).items():
             request.setHeader(key, value)
         try:
             await stream_fill(request, fill, reactor=self._reactor, stall_timeout=self.config.stall_timeout)
@@ -706,7 +577,7 @@ class RegistryAPI:
         Several ranges, or a header we do not understand, get the whole blob
         (RFC 9110 lets a server ignore Range).
         """
-        header = _header(request, "Range")
+        header = header_text(request, "Range")
         if header is None:
             return 0, size
         match = _RANGE.fullmatch(header.strip())
@@ -737,7 +608,7 @@ class RegistryAPI:
         removed = await shielded(self.store.repositories.unlink_blob(name, parsed))
         if not removed:
             raise blob_unknown(digest)
-        return _respond(request, 202, {"Docker-Content-Digest": digest})
+        return respond(request, 202, {"Docker-Content-Digest": digest})
 
     # --- uploads -----------------------------------------------------------
 
@@ -757,13 +628,13 @@ class RegistryAPI:
         refusal = self._refuse_mirrored_body(request, name, args)
         if refusal is not None:
             return refusal
-        self._writable(name, args.get("ns", [None])[0], _header(request, "Host"))
+        self._writable(name, args.get("ns", [None])[0], header_text(request, "Host"))
         algorithm = parse_digest(digest).algorithm if digest else None
         uploads = self.store.uploads
 
         def start_of(upload: Any) -> int | None:
             """Where the client says its chunk begins (Content-Range), checked against its length."""
-            header = _header(request, "Content-Range")
+            header = header_text(request, "Content-Range")
             if header is None:
                 return None
             match = _CONTENT_RANGE.fullmatch(header.strip())
@@ -813,7 +684,7 @@ class RegistryAPI:
     def _credentials_to_check(self, request: RegistryRequest) -> bool:
         """Does the request carry credentials that must be checked (off the reactor) before its body?
         Without, it is anonymous, and the access rules decide at once."""
-        authorization = _header(request, "Authorization")
+        authorization = header_text(request, "Authorization")
         return bool(self.auth.authenticator.enabled and authorization and carries_credentials(authorization))
 
     def check_room(self, length: int | None) -> None:
@@ -844,7 +715,7 @@ class RegistryAPI:
         refusal = self._refuse_mirrored_body(request, name, args)
         if refusal is not None:
             return refusal
-        name = self._writable(name, args.get("ns", [None])[0], _header(request, "Host"))
+        name = self._writable(name, args.get("ns", [None])[0], header_text(request, "Host"))
 
         def buffer() -> CappedBody:
             return CappedBody(limit, "manifest", self.body_budget, length)
@@ -893,12 +764,12 @@ class RegistryAPI:
     async def start_upload(self, request: RegistryRequest, name: str) -> bytes:
         name = await self._local(request, name)
         user = await self._allow(request, name, PUSH, hide=False)
-        mount, source = _arg(request, "mount"), _arg(request, "from")
-        digest = _arg(request, "digest")
+        mount, source = query_arg(request, "mount"), query_arg(request, "from")
+        digest = query_arg(request, "digest")
         if mount is not None:
             mounted = await self._mount(name, parse_digest(mount), source, user)
             if mounted is not None:
-                return _respond(request, 201, {"Location": f"/v2/{name}/blobs/{mounted}",
+                return respond(request, 201, {"Location": f"/v2/{name}/blobs/{mounted}",
                                                "Docker-Content-Digest": str(mounted)})
         elif digest is not None:
             return await self._commit(request, name, parse_digest(digest))
@@ -911,7 +782,7 @@ class RegistryAPI:
             self.upload_quota.drop(ticket)
             raise
         self.upload_quota.bind(ticket, upload.repo, upload.id)
-        return _respond(request, 202, self._upload_headers(upload))
+        return respond(request, 202, self._upload_headers(upload))
 
     async def _mount(self, name: str, digest: Digest, source: str | None, user: str | None) -> Digest | None:
         """Link a blob from ``source`` (local or a mirrored repository's cache),
@@ -941,7 +812,7 @@ class RegistryAPI:
     async def _commit(self, request: RegistryRequest, name: str, digest: Digest) -> bytes:
         writer = await self._claim(request)
         await shielded(self._commit_and_link(writer, name, digest))
-        return _respond(request, 201, {"Location": f"/v2/{name}/blobs/{digest}",
+        return respond(request, 201, {"Location": f"/v2/{name}/blobs/{digest}",
                                        "Docker-Content-Digest": str(digest)})
 
     async def _commit_and_link(self, writer: Any, name: str, digest: Digest) -> None:
@@ -953,13 +824,13 @@ class RegistryAPI:
         await self._allow(request, await self._local(request, name), PUSH, hide=False)
         writer = await self._claim(request)
         await shielded(self.store.uploads.acknowledge(writer))
-        return _respond(request, 202, self._upload_headers(writer.upload))
+        return respond(request, 202, self._upload_headers(writer.upload))
 
     @app.route("/v2/<path:name>/blobs/uploads/<upload_id>", methods=["PUT"])
     async def finish_upload(self, request: RegistryRequest, name: str, upload_id: str) -> bytes:
         name = await self._local(request, name)
         await self._allow(request, name, PUSH, hide=False)
-        digest = _arg(request, "digest")
+        digest = query_arg(request, "digest")
         if digest is None:
             body = await request.settled_body()
             if isinstance(body, UploadBody):
@@ -972,7 +843,7 @@ class RegistryAPI:
         name = await self._local(request, name)
         await self._allow(request, name, PUSH, hide=False)
         upload = await self.store.uploads.get(name, upload_id)
-        return _respond(request, 204, self._upload_headers(upload))
+        return respond(request, 204, self._upload_headers(upload))
 
     @app.route("/v2/<path:name>/blobs/uploads/<upload_id>", methods=["DELETE"])
     async def cancel_upload(self, request: RegistryRequest, name: str, upload_id: str) -> bytes:
@@ -980,7 +851,7 @@ class RegistryAPI:
         await self._allow(request, name, PUSH, hide=False)
         upload = await self.store.uploads.get(name, upload_id)
         await shielded(self.store.uploads.cancel(upload))
-        return _respond(request, 204)
+        return respond(request, 204)
 
     # --- manifests -----------------------------------------------------------
 
@@ -1008,7 +879,7 @@ class RegistryAPI:
             media_type, data = found, stored
             self.pulls.record(self.store.repositories, name, digest)
         headers = {"Docker-Content-Digest": str(digest), "ETag": f'"{digest}"'}
-        body = _respond(request, 200, headers, data, media_type)
+        body = respond(request, 200, headers, data, media_type)
         return b"" if request.method == b"HEAD" else body
 
     @app.route("/v2/<path:name>/manifests/<reference>", methods=["PUT"])
@@ -1024,11 +895,11 @@ class RegistryAPI:
             digest = parse_digest(reference)
             if digest_of(data, digest.algorithm) != digest:
                 raise digest_invalid("manifest content does not match the digest it was pushed by", reference)
-            tags = [check_tag(tag) for tag in _args(request, "tag")]
+            tags = [check_tag(tag) for tag in query_args(request, "tag")]
         else:
             digest = digest_of(data)
             tags = [check_tag(reference)]
-        manifest = parse_manifest(data, _header(request, "Content-Type"))
+        manifest = parse_manifest(data, header_text(request, "Content-Type"))
         repositories = self.store.repositories
         # Claimed before checking, so an in-server gc cannot remove them
         # between the check and the commit.
@@ -1048,7 +919,7 @@ class RegistryAPI:
         if is_digest(reference) and tags:
             # The spec: one OCI-Tag header per tag a push by digest applied.
             request.responseHeaders.setRawHeaders("OCI-Tag", tags)
-        return _respond(request, 201, headers)
+        return respond(request, 201, headers)
 
     async def _store_manifest(self, name: str, digest: Digest, data: bytes, media_type: str,
                               tags: list[str], referrer: Any, blobs: tuple[Digest, ...]) -> None:
@@ -1082,7 +953,7 @@ class RegistryAPI:
             check_tag(reference)
             if not await shielded(repositories.delete_tag(name, reference)):
                 raise manifest_unknown(reference)
-            return _respond(request, 202)
+            return respond(request, 202)
         digest = parse_digest(reference)
         media_type = await repositories.manifest_media_type(name, digest)
         data = await self.store.blobs.read(digest, MANIFEST_READ_LIMIT) if media_type is not None else None
@@ -1091,7 +962,7 @@ class RegistryAPI:
         subject = parse_manifest(data, media_type).subject
         if not await shielded(repositories.delete_manifest(name, digest, subject)):
             raise manifest_unknown(reference)
-        return _respond(request, 202)
+        return respond(request, 202)
 
     # --- tags and referrers -------------------------------------------------------
 
@@ -1105,8 +976,8 @@ class RegistryAPI:
             tags = await self.store.repositories.tags(name)
         if tags is None:
             raise name_unknown(name)
-        page, headers = _paginate(request, tags, f"/v2/{name}/tags/list")
-        return _json(request, 200, {"name": name, "tags": page}, headers)
+        page, headers = paginate(request, tags, f"/v2/{name}/tags/list")
+        return respond_json(request, 200, {"name": name, "tags": page}, headers)
 
     @app.route("/v2/<path:name>/referrers/<digest>", methods=["GET"])
     async def referrers(self, request: RegistryRequest, name: str, digest: str) -> bytes:
@@ -1118,10 +989,10 @@ class RegistryAPI:
         else:
             found = await self.store.repositories.referrers(name, subject)
         headers = {}
-        wanted = _args(request, "artifactType")
+        wanted = query_args(request, "artifactType")
         if wanted:
             found = [d for d in found if d.get("artifactType") in wanted]
             headers["OCI-Filters-Applied"] = "artifactType"
         index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": found}
-        return _json(request, 200, index, headers, content_type=OCI_INDEX)
+        return respond_json(request, 200, index, headers, content_type=OCI_INDEX)
 
