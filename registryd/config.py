@@ -168,6 +168,7 @@ class Config:
     min_free_bytes: int = 512 * 1024 * 1024
     shutdown_timeout: int = 30
     header_timeout: int = 60                        # seconds for a request's head to arrive
+    min_body_rate: int = 1024                       # bytes/s a request body must keep up (0: no floor)
     max_connections: int = 1024
     max_connections_per_client: int = 128
     max_pending_body_bytes: int = 64 * 1024 * 1024  # manifest bodies in memory, all requests together
@@ -253,6 +254,7 @@ SCHEMA: dict[str, _Section] = {
         "shutdown_timeout": ("shutdown_timeout", int, _positive),
         "usage_interval": ("usage_interval", int, _positive),
         "header_timeout": ("header_timeout", int, _positive),
+        "min_body_rate": ("min_body_rate", int, _not_negative),
         "max_connections": ("max_connections", int, _positive),
         "max_connections_per_client": ("max_connections_per_client", int, _positive),
         "max_pending_body_bytes": ("max_pending_body_bytes", int, _positive),

@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import hashlib
 import os
 import select
 import socket
@@ -282,6 +283,42 @@ def test_a_trickled_request_head_gets_408_at_the_header_deadline(tmp_path: Any) 
     assert log.count("header_timeout") == 1, "the deadline is logged once a minute, not once a socket"
 
 
+def test_a_trickled_request_body_gets_408_under_the_body_rate_floor(tmp_path: Any) -> None:
+    """A byte now and then would keep an idle timer alive forever: below [server]
+    min_body_rate over a header_timeout window, the request is answered 408 and
+    dropped, and nothing of its body stays; a body at a decent pace is taken."""
+    toml = "[server]\nheader_timeout = 1\nmin_body_rate = 200\n"
+    with registryd(tmp_path, toml) as server:
+        data = os.urandom(20_000)
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        trickler = connect(server)
+        trickler.sendall(head("POST", f"/v2/team/slow/blobs/uploads/?digest={digest}",
+                              {"Content-Length": str(len(data)), "Content-Type": "application/octet-stream"}))
+        started = time.monotonic()
+        sent = 0
+        while not select.select([trickler], [], [], 0)[0] and time.monotonic() - started < 5:
+            trickler.send(data[sent:sent + 20])          # 100 bytes/s: half the floor
+            sent += 20
+            time.sleep(0.2)
+        status, _, body = read_response(trickler, timeout=3)
+        assert status == 408 and b"slower than 200 bytes/s" in body, body
+        assert time.monotonic() - started < 3.5
+        assert closed_by_server(trickler)
+        assert eventually_empty(os.path.join(server.data_dir, "uploads")) == []
+        assert files_under(os.path.join(server.data_dir, "repositories")) == []
+        # The same body at a pace above the floor (5 KB/s, over several windows) is stored.
+        steady = connect(server)
+        steady.sendall(head("POST", f"/v2/team/steady/blobs/uploads/?digest={digest}",
+                            {"Content-Length": str(len(data)), "Content-Type": "application/octet-stream"}))
+        for offset in range(0, len(data), 1000):
+            steady.sendall(data[offset:offset + 1000])
+            time.sleep(0.2)
+        status, _, body = read_response(steady)
+        assert status == 201, body
+    log = (tmp_path / f"twistd-{server.host.rsplit(':', 1)[1]}.log").read_text()
+    assert log.count("min_body_rate") == 1, log
+
+
 def test_connections_are_capped_per_client_and_in_all(tmp_path: Any) -> None:
     toml = "[server]\nmax_connections = 8\nmax_connections_per_client = 3\nheader_timeout = 30\n"
     with registryd(tmp_path, toml) as server:
@@ -514,6 +551,7 @@ def test_limit_warnings_are_rate_limited() -> None:
 
 @pytest.mark.parametrize("toml,message", [
     ("[server]\nheader_timeout = 0\n", "'server.header_timeout' must be greater than zero"),
+    ("[server]\nmin_body_rate = -5\n", "'server.min_body_rate' must not be negative"),
     ("[server]\nmax_connections = \"many\"\n", "'server.max_connections' must be an integer"),
     ("[uploads]\nmax_sessions_per_client = -1\n", "'uploads.max_sessions_per_client' must be greater than zero"),
     ("[server]\nmax_pending_body_bytes = 1000\n", "'server.max_pending_body_bytes' (1000) must be at least"),

@@ -19,7 +19,7 @@ from registryd.errors import RegistryError
 from registryd.metrics import route_of
 from registryd.web.app import RegistryAPI
 from registryd.web.limits import ConnectionLimits, RateLimitedLog, error_response, unavailable_busy
-from registryd.web.request import RegistryRequest
+from registryd.web.request import PendingBody, RegistryRequest
 
 access_log = Logger(namespace="registryd.access")
 log = Logger()
@@ -52,6 +52,8 @@ class RegistryChannel(HTTPChannel):
     _drain_timer: Any = None
     _header_timer: Any = None
     _head_started = False
+    _body_timer: Any = None
+    _body_bytes = 0
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -138,6 +140,47 @@ class RegistryChannel(HTTPChannel):
     def allHeadersReceived(self) -> None:
         self._cancel_header_deadline()
         super().allHeadersReceived()
+        self._start_body_watch()
+
+    # --- a floor under the rate of each request's body ---------------------------------
+
+    def _start_body_watch(self) -> None:
+        """A body must keep up ``[server] min_body_rate`` over each ``header_timeout``
+        window: a client trickling its body (a byte now and then, which would
+        keep an idle timer alive forever) is answered 408 and dropped."""
+        site = getattr(self, "site", None)
+        rate, window = getattr(site, "min_body_rate", 0), getattr(site, "header_timeout", None)
+        self._stop_body_watch()
+        if rate and window and not self._refusing:
+            self._body_bytes = 0
+            self._body_timer = self._clock().callLater(window, self._check_body_rate, rate, window)
+
+    def _stop_body_watch(self) -> None:
+        if self._body_timer is not None:
+            if self._body_timer.active():
+                self._body_timer.cancel()
+            self._body_timer = None
+
+    def _check_body_rate(self, rate: int, window: float) -> None:
+        self._body_timer = None
+        request = self.requests[-1] if self.requests else None
+        body = getattr(request, "body", None)
+        waiting_on_us = isinstance(body, PendingBody) and not body.is_settled
+        if not waiting_on_us and self._body_bytes < rate * window:
+            site: Any = getattr(self, "site", None)
+            if site is not None:
+                site.warnings.warn("min_body_rate", "a request body arrived slower than [server] min_body_rate "
+                                   "({rate} bytes/s): closing its connection (latest {client})",
+                                   rate=rate, client=self._peer_host())
+            self.refuse(RegistryError(408, "UNSUPPORTED", f"the request body arrived slower than {rate} bytes/s"),
+                        0)
+            return
+        self._body_bytes = 0
+        self._body_timer = self._clock().callLater(window, self._check_body_rate, rate, window)
+
+    def allContentReceived(self) -> None:
+        self._stop_body_watch()
+        super().allContentReceived()
 
     def requestDone(self, request: Any) -> None:
         # The next request's head is due from now (pipelined bytes may complete it at once).
@@ -174,6 +217,7 @@ class RegistryChannel(HTTPChannel):
         if self._refusing:
             self._drain(data)
             return
+        self._body_bytes += len(data)
         super().rawDataReceived(data)
 
     def _send100Continue(self) -> None:
@@ -194,6 +238,7 @@ class RegistryChannel(HTTPChannel):
             return 0
         self._refusing = True
         self._cancel_header_deadline()
+        self._stop_body_watch()
         self.setTimeout(None)
         response = error_response(error)
         self.transport.write(response)
@@ -230,6 +275,7 @@ class RegistryChannel(HTTPChannel):
         if isinstance(site, RegistrySite):
             site.channels.discard(self)
         self._cancel_header_deadline()
+        self._stop_body_watch()
         if self._drain_timer is not None and self._drain_timer.active():
             self._drain_timer.cancel()
         limits = self._limits()
@@ -257,6 +303,7 @@ class RegistrySite(Site):
         self.warnings = RateLimitedLog(reactor.seconds)
         self.limits = ConnectionLimits(config.max_connections, config.max_connections_per_client, self.warnings)
         self.header_timeout = config.header_timeout
+        self.min_body_rate = config.min_body_rate
         self.active: set[Any] = set()
         self.channels: set[RegistryChannel] = set()
         self._drained: list[Deferred[None]] = []
