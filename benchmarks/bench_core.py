@@ -38,9 +38,9 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-# The shared measurement scripts live in ../shared/bench beside the checkout.
+# The measurement scripts (regbench.py, mkimage.py) live in benchmarks/tools.
 DEFAULT_REGBENCH_DIR = os.environ.get("REGBENCH_DIR") or os.path.normpath(
-    os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "bench"))
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), "tools"))
 DEFAULT_REFERENCE = "/usr/bin/docker-registry"
 PHASES = ("push", "pull", "blobget", "small")
 SERVERS = ("registryd", "reference")
@@ -548,7 +548,7 @@ def parse_args(argv):
     ap.add_argument("--twistd", default=None, help="twistd to start registryd with (default: next to python)")
     ap.add_argument("--reference-bin", default=DEFAULT_REFERENCE, help=f"reference registry (default {DEFAULT_REFERENCE})")
     ap.add_argument("--regbench-dir", default=DEFAULT_REGBENCH_DIR,
-                    help="folder holding regbench.py and mkimage.py (default $REGBENCH_DIR or ../shared/bench beside the checkout)")
+                    help="folder holding regbench.py and mkimage.py (default $REGBENCH_DIR or benchmarks/tools)")
     ap.add_argument("--start-timeout", type=float, default=30, help="seconds to wait for GET /v2/ (default 30)")
     ap.add_argument("--keep-temp", action="store_true", help="keep the temp dir (storage, server logs)")
     args = ap.parse_args(argv)

@@ -491,7 +491,7 @@ def parse_args(argv):
     ap.add_argument("--reference-bin", default=DEFAULT_REFERENCE,
                     help=f"docker-registry for the upstreams and the reference proxy (default {DEFAULT_REFERENCE})")
     ap.add_argument("--regbench-dir", default=DEFAULT_REGBENCH_DIR,
-                    help="folder holding regbench.py and mkimage.py (default $REGBENCH_DIR or ../shared/bench beside the checkout)")
+                    help="folder holding regbench.py and mkimage.py (default $REGBENCH_DIR or benchmarks/tools)")
     ap.add_argument("--start-timeout", type=float, default=30, help="seconds to wait for GET /v2/ (default 30)")
     args = ap.parse_args(argv)
     args.phases = [p.strip() for p in args.only.split(",") if p.strip()]

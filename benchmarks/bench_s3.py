@@ -2,7 +2,7 @@
 """Side-by-side S3 storage benchmark: registryd against the reference registry.
 
 Both registries keep everything in the same radosgw (a one-node Ceph started
-with ``../shared/s3/start-ceph.sh`` on free loopback ports, or an endpoint
+with ``scripts/ceph/start-ceph.sh`` on free loopback ports, or an endpoint
 given with ``--s3-endpoint``), each in a bucket of its own. Each registry runs
 as two nodes on its bucket, as two nodes of one deployment would:
 
@@ -74,9 +74,9 @@ from bench_core import (  # noqa: E402
     summarize, tail,
 )
 
-#: ../shared/s3 beside the checkout, as tests/ceph.py finds it.
+#: The repository's one-node Ceph launcher, as tests/ceph.py finds it.
 DEFAULT_S3_TOOLS = os.environ.get("REGISTRYD_S3_TOOLS") or os.path.normpath(
-    os.path.join(REPO, "..", "shared", "s3"))
+    os.path.join(REPO, "scripts", "ceph"))
 #: The S3 user start-ceph.sh creates (the same constants as tests/ceph.py).
 CEPH_ACCESS_KEY = "CIACCESSKEY0000000"
 CEPH_SECRET_KEY = "cisecretkey0000000000000000000000000000"
@@ -717,7 +717,7 @@ def parse_args(argv):
     ap.add_argument("--s3-region", default=CEPH_REGION, help=f"(default {CEPH_REGION})")
     ap.add_argument("--s3-tools-dir", default=DEFAULT_S3_TOOLS,
                     help="folder holding start-ceph.sh and stop-ceph.sh (default $REGISTRYD_S3_TOOLS or "
-                         "../shared/s3 beside the checkout)")
+                         "scripts/ceph)")
     ap.add_argument("--rgw-nodelay", action="store_true",
                     help="restart the radosgw this script starts with beast tcp_nodelay=1 (Ceph 16's default leaves "
                          "Nagle on: about 40 ms per small GET on a kept-alive connection); not with --s3-endpoint")
@@ -728,7 +728,7 @@ def parse_args(argv):
     ap.add_argument("--reference-bin", default=DEFAULT_REFERENCE,
                     help=f"reference registry (default {DEFAULT_REFERENCE})")
     ap.add_argument("--regbench-dir", default=DEFAULT_REGBENCH_DIR,
-                    help="folder holding regbench.py and mkimage.py (default $REGBENCH_DIR or ../shared/bench)")
+                    help="folder holding regbench.py and mkimage.py (default $REGBENCH_DIR or benchmarks/tools)")
     ap.add_argument("--start-timeout", type=float, default=30, help="seconds to wait for GET /v2/ (default 30)")
     ap.add_argument("--keep-temp", action="store_true",
                     help="keep the temp dir (configs, server logs, Ceph logs) and, on a given endpoint, the buckets")

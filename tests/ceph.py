@@ -1,6 +1,6 @@
 """A real S3 endpoint for the tests: a one-node Ceph with radosgw on loopback.
 
-``../shared/s3/start-ceph.sh`` (1 mon, 1 mgr, 1 RAM-backed memstore OSD,
+``scripts/ceph/start-ceph.sh`` (1 mon, 1 mgr, 1 RAM-backed memstore OSD,
 radosgw; about 15 s) runs once per session on free ports, in a temporary
 directory; at the end only the daemons it recorded are stopped. conftest.py
 imports the fixture once, so every module shares that one cluster (a test
@@ -37,9 +37,9 @@ import pytest
 
 from registryd.storage.s3 import S3Client, S3Settings
 
-#: ../shared/s3 beside the repository, as CI and the sessions lay it out.
+#: The repository's own one-node Ceph launcher (scripts/ceph).
 S3_TOOLS_DIR = os.environ.get("REGISTRYD_S3_TOOLS") or os.path.normpath(
-    os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "s3"))
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts", "ceph"))
 START = os.path.join(S3_TOOLS_DIR, "start-ceph.sh")
 #: What start-ceph.sh runs, and the Debian package that has it.
 TOOLS = {
@@ -48,7 +48,7 @@ TOOLS = {
     "monmaptool": "ceph-base", "uuidgen": "uuid-runtime", "curl": "curl",
 }
 PACKAGES = "ceph-mon ceph-mgr ceph-osd radosgw ceph-common uuid-runtime curl"
-#: The S3 user start-ceph.sh creates (see ../shared/s3/README.md).
+#: The S3 user start-ceph.sh creates (see scripts/ceph/README.md).
 ACCESS_KEY = "CIACCESSKEY0000000"
 SECRET_KEY = "cisecretkey0000000000000000000000000000"
 REGION = "us-east-1"

@@ -40,7 +40,7 @@ from conftest import free_port
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 BUILD_SCRIPT = os.path.join(ROOT, "scripts", "build-packages")
-MKIMAGE = os.path.join(os.path.dirname(ROOT), "shared", "bench", "mkimage.py")
+MKIMAGE = os.path.join(ROOT, "benchmarks", "tools", "mkimage.py")
 UNIT_SOURCE = os.path.join(ROOT, "etc", "registryd", "registryd.service")
 PACKAGED_CONFIG = os.path.join(ROOT, "packaging", "common", "registryd.toml")
 SUITE = "bookworm"
@@ -342,8 +342,8 @@ insecure = true
 
 
 def make_image(path: str, tag: str) -> dict[str, Any]:
-    """A small OCI layout (two layers), made with the shared mkimage.py."""
-    assert os.path.exists(MKIMAGE), f"{MKIMAGE} is missing (shared/ beside the repository)"
+    """A small OCI layout (two layers), made with benchmarks/tools/mkimage.py."""
+    assert os.path.exists(MKIMAGE), f"{MKIMAGE} is missing"
     out = run([sys.executable, MKIMAGE, path, tag, "64K", "300K"]).stdout
     return json.loads(out.strip().splitlines()[-1])
 
