@@ -481,11 +481,8 @@ class MirrorCache:
 async def _ended(fill: BlobFill) -> None:
     """Fires once ``fill`` is stored or failed (at once if its start failed)."""
     await _independent(fill.started)
-    if fill.start_error is not None or fill.finished:
-        return
-    ended: Deferred[None] = Deferred()
-    fill.on_finished(lambda: ended.callback(None))
-    await ended
+    if fill.start_error is None:
+        await fill.ended()
 
 
 async def _independent(shared: Deferred[Any]) -> Any:

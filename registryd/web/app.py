@@ -310,15 +310,11 @@ class RegistryAPI:
             raise denied(f"{name} mirrors {route.upstream.namespace}: mirrored repositories are read-only")
         return check_name(name)
 
-    async def _route(self, name: str, ns: str | None, host: str | None = None) -> Route | None:
-        """The mirror route for ``name``. With a default upstream, a name outside
-        ``[mirror] local_prefixes`` is the upstream's, whatever is stored here."""
-        return self.mirror.router.route(name, ns, host=host)
-
     async def _target(self, request: RegistryRequest, name: str) -> tuple[str, Route | None]:
-        """A repository to read: local, or the mirror route that serves it."""
+        """A repository to read: local, or the mirror route that serves it. With a default
+        upstream, a name outside ``[mirror] local_prefixes`` is the upstream's, whatever is stored here."""
         check_raw_path(request.path)
-        route = await self._route(name, query_arg(request, "ns"), header_text(request, "Host"))
+        route = self.mirror.router.route(name, query_arg(request, "ns"), host=header_text(request, "Host"))
         return (name, route) if route is not None else (check_name(name), None)
 
     def _check_delete_enabled(self) -> None:
@@ -793,7 +789,7 @@ class RegistryAPI:
             return None
         if source is not None:
             try:
-                route = await self._route(source, None)
+                route = self.mirror.router.route(source, None)
                 if not self.auth.policy.allows(user, _policy_name(check_name(source) if route is None
                                                                   else source, route), PULL):
                     return None  # a plain upload follows; the other repository stays unseen

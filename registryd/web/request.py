@@ -219,11 +219,6 @@ class PendingBody:
         """The sink once the check is done, else None."""
         return self._sink
 
-    @property
-    def is_settled(self) -> bool:
-        """Has the check decided where the body goes (the connection reads again)?"""
-        return self._sink is not None
-
     def settled(self) -> Deferred[BodySink]:
         d: Deferred[BodySink] = Deferred()
         if self._sink is not None:

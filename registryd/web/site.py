@@ -18,7 +18,7 @@ from twisted.web.server import Site
 from registryd.errors import RegistryError
 from registryd.metrics import route_of
 from registryd.web.app import RegistryAPI
-from registryd.web.limits import ConnectionLimits, RateLimitedLog, error_response, unavailable_busy
+from registryd.web.limits import ConnectionLimits, error_response, unavailable_busy
 from registryd.web.request import PendingBody, RegistryRequest
 
 access_log = Logger(namespace="registryd.access")
@@ -33,6 +33,12 @@ _NOT_TLS = b"HTTP/1.0 400 Bad Request\r\nContent-Type: text/plain\r\nConnection:
 # How long a refused request's client may go on sending (the rest is read and dropped)
 # before its connection is closed: long enough for it to read the answer.
 DRAIN_SECONDS = 2.0
+
+
+def _cancel(timer: Any) -> None:
+    """Cancel a delayed call if it is still pending."""
+    if timer is not None and timer.active():
+        timer.cancel()
 
 
 class RegistryChannel(HTTPChannel):
@@ -119,10 +125,8 @@ class RegistryChannel(HTTPChannel):
             self._header_timer = self._clock().callLater(timeout, self._header_deadline_passed)
 
     def _cancel_header_deadline(self) -> None:
-        if self._header_timer is not None:
-            if self._header_timer.active():
-                self._header_timer.cancel()
-            self._header_timer = None
+        _cancel(self._header_timer)
+        self._header_timer = None
 
     def _header_deadline_passed(self) -> None:
         """No complete request head in time: 408 for one begun, silence for an idle connection."""
@@ -156,16 +160,14 @@ class RegistryChannel(HTTPChannel):
             self._body_timer = self._clock().callLater(window, self._check_body_rate, rate, window)
 
     def _stop_body_watch(self) -> None:
-        if self._body_timer is not None:
-            if self._body_timer.active():
-                self._body_timer.cancel()
-            self._body_timer = None
+        _cancel(self._body_timer)
+        self._body_timer = None
 
     def _check_body_rate(self, rate: int, window: float) -> None:
         self._body_timer = None
         request = self.requests[-1] if self.requests else None
         body = getattr(request, "body", None)
-        waiting_on_us = isinstance(body, PendingBody) and not body.is_settled
+        waiting_on_us = isinstance(body, PendingBody) and body.current is None
         if not waiting_on_us and self._body_bytes < rate * window:
             site: Any = getattr(self, "site", None)
             if site is not None:
@@ -264,8 +266,7 @@ class RegistryChannel(HTTPChannel):
                 self._stop_draining()
 
     def _stop_draining(self) -> None:
-        if self._drain_timer is not None and self._drain_timer.active():
-            self._drain_timer.cancel()
+        _cancel(self._drain_timer)
         self._drain_timer = None
         if self.transport is not None:
             self.transport.loseConnection()
@@ -276,8 +277,8 @@ class RegistryChannel(HTTPChannel):
             site.channels.discard(self)
         self._cancel_header_deadline()
         self._stop_body_watch()
-        if self._drain_timer is not None and self._drain_timer.active():
-            self._drain_timer.cancel()
+        _cancel(self._drain_timer)
+        self._drain_timer = None
         limits = self._limits()
         if limits is not None:
             if self._client is not None:
@@ -300,7 +301,7 @@ class RegistrySite(Site):
         self.api = api
         self._clock = reactor
         config = api.config
-        self.warnings = RateLimitedLog(reactor.seconds)
+        self.warnings = api.warnings    # one "at most once a minute" per kind of limit, node-wide
         self.limits = ConnectionLimits(config.max_connections, config.max_connections_per_client, self.warnings)
         self.header_timeout = config.header_timeout
         self.min_body_rate = config.min_body_rate
