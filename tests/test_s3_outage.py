@@ -25,12 +25,10 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import formatEvent, globalLogPublisher, LogLevel
-from twisted.python.failure import Failure
 
 from conftest import ROOT, VENV_BIN, RunningRegistry
+from raw_http import RawGet, open_get
 from oci_client import OCI_CONFIG, OCI_LAYER, OCI_MANIFEST, Client, descriptor, digest_of, encode, with_query
 from registryd.config import StorageSettings
 from registryd.service import StartupError
@@ -94,57 +92,9 @@ async def sleep(seconds: float) -> None:
     await d
 
 
-class RawGet(Protocol):
-    """One GET on its own connection, every byte kept; reading stops after ``pause_after``
-    body bytes until ``resume``."""
-
-    transport: Any
-
-    def __init__(self, path: str, pause_after: int) -> None:
-        self.path = path
-        self.pause_after = pause_after
-        self.status = 0
-        self.headers: dict[str, str] = {}
-        self.body = bytearray()
-        self._head = b""
-        self.paused: Deferred[None] = Deferred()
-        self.done: Deferred[None] = Deferred()
-        self.ended_at = 0.0
-
-    def connectionMade(self) -> None:
-        self.transport.write(f"GET {self.path} HTTP/1.1\r\nHost: registry\r\n\r\n".encode())
-
-    def dataReceived(self, data: bytes) -> None:
-        if not self.status:
-            self._head += data
-            if b"\r\n\r\n" not in self._head:
-                return
-            head, data = self._head.split(b"\r\n\r\n", 1)
-            status_line, *fields = head.decode("latin-1").split("\r\n")
-            self.status = int(status_line.split()[1])
-            self.headers = {k.strip().lower(): v.strip() for k, _, v in (f.partition(":") for f in fields)}
-        self.body += data
-        if len(self.body) >= self.pause_after and not self.paused.called:
-            self.transport.pauseProducing()
-            self.paused.callback(None)
-
-    def resume(self) -> None:
-        self.transport.resumeProducing()
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self.ended_at = time.monotonic()
-        if not self.paused.called:
-            self.paused.callback(None)
-        self.done.callback(None)
-
-
-async def open_get(host: str, path: str, pause_after: int, give_up: float = 30) -> RawGet:
-    hostname, port = host.split(":")
-    protocol = RawGet(path, pause_after)
-    await connectProtocol(TCP4ClientEndpoint(reactor, hostname, int(port), timeout=10), protocol)
-    timer = reactor.callLater(give_up, protocol.transport.abortConnection)
-    protocol.done.addBoth(lambda result: timer.cancel() if timer.active() else None)
-    return protocol
+async def open_blob_get(host: str, path: str, pause_after: int, give_up: float = 30) -> RawGet:
+    """A GET whose every byte is kept, on a keep-alive connection (so only a cut ends it early)."""
+    return await open_get(host, path, pause_after=pause_after, timeout=give_up, keep_body=True, close=False)
 
 
 # -- 1. a body under way is cut, never followed by an error document -------------------------
@@ -155,7 +105,7 @@ async def test_a_blob_stream_the_store_breaks_is_cut_at_once(ceph_s3: Any, node:
                                                              warnings: Warnings, kind: str) -> None:
     data = blob_bytes(64 * MiB, f"stream-{kind}")
     digest = await Client(node.url).push_blob(REPO, data)
-    get = await open_get(node.host, f"/v2/{REPO}/blobs/{digest}", pause_after=2 * MiB)
+    get = await open_blob_get(node.host, f"/v2/{REPO}/blobs/{digest}", pause_after=2 * MiB)
     await get.paused
     assert get.status == 200 and get.headers["content-length"] == str(len(data)), get.headers
     with ceph_s3.outage(kind):
@@ -191,7 +141,7 @@ async def test_any_error_after_the_body_began_cuts_the_connection(make_registry:
         raise RegistryError(503, "UNAVAILABLE", "the source went away")
 
     monkeypatch.setattr(app, "send_file_range", breaks_half_way)
-    get = await open_get(node.host, f"/v2/{REPO}/blobs/{digest}", pause_after=len(data) + 1, give_up=10)
+    get = await open_blob_get(node.host, f"/v2/{REPO}/blobs/{digest}", pause_after=len(data) + 1, give_up=10)
     began = time.monotonic()
     await get.done
     assert get.status == 200 and get.headers["content-length"] == str(len(data))

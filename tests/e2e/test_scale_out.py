@@ -58,15 +58,13 @@ import treq
 from treq.client import HTTPClient
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.protocol import Protocol, connectionDone
-from twisted.python.failure import Failure
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 
 from conftest import ROOT, VENV_BIN, RunningRegistry, free_port, stop_process, wait_for_port
+from raw_http import RawGet, open_get
 from oci_client import OCI_CONFIG, OCI_LAYER, OCI_MANIFEST, Client, descriptor, digest_of, encode, with_query
 from registryd.digest import parse_digest
 from registryd.storage.s3 import S3Client, S3Settings
@@ -232,92 +230,6 @@ def servers(*nodes: Node) -> dict[str, str]:
 
 
 # -- HTTP helpers ----------------------------------------------------------------
-
-class RawGet(Protocol):
-    """One HTTP/1.1 request on its own connection; the body is hashed as it
-    arrives and never kept. ``pause_after``: stop reading once that many body
-    bytes came in (a slow client), until ``resume``."""
-
-    transport: Any      # a TCP transport: pauseProducing, abortConnection
-
-    def __init__(self, method: str, path: str, headers: dict[str, str] | None, hasher: Any,
-                 pause_after: int | None) -> None:
-        self.method = method
-        self.path = path
-        self.request_headers = headers or {}
-        self.hasher = hasher
-        self.pause_after = pause_after
-        self.status = 0
-        self.headers: dict[str, str] = {}
-        self.received = 0
-        self._head = b""
-        self.paused: Deferred[RawGet] = Deferred()
-        self.done: Deferred[RawGet] = Deferred()
-
-    def connectionMade(self) -> None:
-        lines = [f"{self.method} {self.path} HTTP/1.1", "Host: registry", "Connection: close"]
-        lines += [f"{k}: {v}" for k, v in self.request_headers.items()]
-        self.transport.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
-
-    def dataReceived(self, data: bytes) -> None:
-        if not self.status:
-            self._head += data
-            if b"\r\n\r\n" not in self._head:
-                return
-            head, data = self._head.split(b"\r\n\r\n", 1)
-            status_line, *fields = head.decode("latin-1").split("\r\n")
-            self.status = int(status_line.split()[1])
-            for field in fields:
-                key, _, value = field.partition(":")
-                self.headers[key.strip().lower()] = value.strip()
-        if data:
-            self.received += len(data)
-            self.hasher.update(data)
-        if self.pause_after is not None and self.received >= self.pause_after and not self.paused.called:
-            self.transport.pauseProducing()
-            self.paused.callback(self)
-
-    def resume(self) -> None:
-        self.transport.resumeProducing()
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if not self.paused.called:      # ended before it was paused: whoever waits looks at why
-            self.paused.callback(self)
-        self.done.callback(self)
-
-    @property
-    def length(self) -> int | None:
-        value = self.headers.get("content-length")
-        return int(value) if value is not None else None
-
-    @property
-    def complete(self) -> bool:
-        return self.length is not None and self.received == self.length
-
-    @property
-    def digest(self) -> str:
-        return "sha256:" + self.hasher.hexdigest()
-
-    def __str__(self) -> str:
-        return f"{self.method} {self.path} -> {self.status} {self.headers} ({self.received} body bytes)"
-
-
-async def open_get(host: str, path: str, method: str = "GET", headers: dict[str, str] | None = None,
-                   hasher: Any = None, pause_after: int | None = None, timeout: float = 240) -> RawGet:
-    """Connect and send; returns once connected (await ``.done`` for the end)."""
-    hostname, port = host.split(":")
-    protocol = RawGet(method, path, headers, hasher or hashlib.sha256(), pause_after)
-    await connectProtocol(TCP4ClientEndpoint(reactor, hostname, int(port), timeout=10), protocol)
-    timer = reactor.callLater(timeout, protocol.transport.abortConnection)
-
-    def stop_timer(result: RawGet) -> RawGet:
-        if timer.active():
-            timer.cancel()
-        return result
-
-    protocol.done.addCallback(stop_timer)
-    return protocol
-
 
 async def fetch(host: str, path: str, method: str = "GET", headers: dict[str, str] | None = None,
                 hasher: Any = None) -> RawGet:
