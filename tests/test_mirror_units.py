@@ -1,4 +1,4 @@
-"""Fast unit tests of the mirror's parts: challenges, routing, coalescing, fills."""
+"""Fast unit tests of the mirror's parts: challenges, routing, fills (coalescing: test_deferreds)."""
 from __future__ import annotations
 
 import hashlib
@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import pytest_twisted
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone, ResponseFailed
@@ -16,7 +16,6 @@ from registryd.config import ConfigError, UpstreamConfig, load_config
 from registryd.digest import Digest
 from registryd.errors import RegistryError
 from registryd.mirror.challenge import parse_challenges
-from registryd.mirror.coalesce import Coalescer
 from registryd.mirror.fill import BlobFill
 from registryd.mirror.routing import Router
 from registryd.storage.guard import BlobGuard
@@ -138,31 +137,6 @@ def test_bad_upstream_config(tmp_path, text, message) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(str(path))
     assert message in str(info.value)
-
-
-def test_coalescer_runs_one_job_and_survives_a_cancelled_waiter() -> None:
-    started: list[Deferred[str]] = []
-
-    async def job() -> str:
-        d: Deferred[str] = Deferred()
-        started.append(d)
-        return await d
-
-    coalescer: Coalescer[str] = Coalescer()
-    first = coalescer.run("k", job)
-    second = coalescer.run("k", job)
-    third = coalescer.run("k", job)
-    assert len(started) == 1 and coalescer.joined == 2
-    second.cancel()
-    results: list[object] = []
-    first.addBoth(results.append)
-    third.addBoth(results.append)
-    second.addErrback(lambda f: results.append(f.type))
-    started[0].callback("done")
-    assert results == [CancelledError, "done", "done"]
-    assert coalescer.running() == 0
-    coalescer.run("k", job)
-    assert len(started) == 2
 
 
 class FakeResponse:

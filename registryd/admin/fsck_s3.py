@@ -69,6 +69,7 @@ from registryd.admin.layout import (
 from registryd.admin.progress import Progress, human_size
 from registryd.admin.store_access import run_with_store
 from registryd.config import Config
+from registryd.deferreds import bounded_each
 from registryd.digest import Digest
 from registryd.storage.s3.client import S3Client
 from registryd.storage.s3.documents import ObjectEntry
@@ -82,7 +83,6 @@ from registryd.upkeep.s3_marker import (
     BlobEntry,
     RepositoryKey,
     TrashEntry,
-    each,
     list_blobs,
     list_trash,
     read_document,
@@ -235,7 +235,7 @@ class S3Fsck(Checker):
         states: dict[Digest, BlobState] = {}
         progress = self._progress("re-hashing blobs", len(blobs), sum(b.size for b in blobs))
         try:
-            await each(blobs, lambda blob: self._hash(blob, progress, states), BLOB_CONCURRENCY)
+            await bounded_each(blobs, lambda blob: self._hash(blob, progress, states), BLOB_CONCURRENCY)
         finally:
             progress.close()
         for blob in blobs:  # in key order, whichever finished first
@@ -305,7 +305,7 @@ class S3Fsck(Checker):
             progress.advance(items=1)
 
         try:
-            await each(enumerate(ordered), check, REPOSITORY_CONCURRENCY)
+            await bounded_each(enumerate(ordered), check, REPOSITORY_CONCURRENCY)
         finally:
             progress.close()
         for index in range(len(ordered)):
@@ -322,7 +322,7 @@ class S3Fsck(Checker):
         async def fetch(key: str) -> None:
             read[key] = await self._small(key)
 
-        await each(wanted, fetch, READ_CONCURRENCY)
+        await bounded_each(wanted, fetch, READ_CONCURRENCY)
         scan = RepositoryScan(keys.repository, dict(keys.links), unexpected=list(keys.unexpected))
         for digest, key in keys.revisions.items():
             found, data = read[key]

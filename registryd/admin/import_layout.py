@@ -24,11 +24,10 @@ import shutil
 import sys
 import uuid
 from functools import partial
-from typing import Any, Awaitable, Callable, TypeVar, cast
+from typing import Any, Awaitable, Callable, TypeVar
 
 import attrs
-from twisted.internet.defer import Deferred, DeferredList, DeferredLock, DeferredSemaphore
-from twisted.python.failure import Failure
+from twisted.internet.defer import DeferredLock
 
 from registryd.admin import EXIT_DAMAGE, EXIT_OK, EXIT_USAGE, AdminError
 from registryd.admin.image_list import ImageListError, describe_platform, parse_reference
@@ -48,6 +47,7 @@ from registryd.admin.oci_layout import (
 from registryd.admin.progress import Progress, human_size
 from registryd.admin.store_access import load_admin_config, run_reactor, run_with_store
 from registryd.config import DOCKER_HUB, Config
+from registryd.deferreds import bounded_gather
 from registryd.digest import Digest, digest_of
 from registryd.errors import RegistryError
 from registryd.manifests import NON_DISTRIBUTABLE, parse_manifest
@@ -332,7 +332,7 @@ class Importer:
     async def run(self) -> Outcome:
         outcome = self.outcome
         everything = [*self.blobs.items(), *((d, len(data)) for d, data in self.manifests.items())]
-        stored = await _bounded([digest for digest, _ in everything], self.store.blobs.size)
+        stored = await bounded_gather([digest for digest, _ in everything], self.store.blobs.size, CONCURRENCY)
         for (digest, size), found in zip(everything, stored):
             outcome.blobs += 1
             outcome.size += size
@@ -430,10 +430,12 @@ class Importer:
             progress.advance(self.blobs[digest], items=1)
 
         try:
-            await _bounded(list(self.blobs), commit)
+            # Every blob is tried even after a failure (the first is raised then).
+            await bounded_gather(self.blobs, commit, CONCURRENCY, keep_going=True)
         finally:
             progress.close()
-        await _bounded(list(self.manifests), lambda digest: store.blobs.put(digest, self.manifests[digest]))
+        await bounded_gather(self.manifests, lambda digest: store.blobs.put(digest, self.manifests[digest]),
+                             CONCURRENCY, keep_going=True)
         for image in self.images:
             backend = image.target.backend(store)
             for manifest in image.manifests.values():
@@ -456,7 +458,7 @@ class Importer:
         """
         store = self.store
         everything = [*self.blobs, *self.manifests]
-        sizes = await _bounded(everything, store.blobs.size)
+        sizes = await bounded_gather(everything, store.blobs.size, CONCURRENCY)
         for digest, size in zip(everything, sizes):
             if size is not None:
                 continue
@@ -466,22 +468,6 @@ class Importer:
             path = await self._copy_in_pool(digest, self.blobs[digest], staging, None)
             assert path is not None
             await store.blobs.commit_file(path, digest)
-
-
-async def _bounded(items: list[Digest], fn: Callable[[Digest], Awaitable[T]]) -> list[T]:
-    """``fn`` over ``items``, CONCURRENCY at a time, results in order; the first failure is
-    raised once every call has ended (nothing keeps running behind the caller's back)."""
-    limit = DeferredSemaphore(CONCURRENCY)
-
-    async def one(item: Digest) -> T:
-        async with limit:
-            return await fn(item)
-
-    results = await DeferredList([Deferred.fromCoroutine(one(item)) for item in items], consumeErrors=True)
-    for ok, value in results:
-        if not ok:
-            cast(Failure, value).raiseException()
-    return [value for _, value in results]
 
 
 def _make_dirs(path: str) -> list[str]:

@@ -13,10 +13,10 @@ import argparse
 import json
 import sys
 import time
-from typing import Any, Awaitable, Callable, Coroutine, Mapping, TypeVar
+from typing import Any, Awaitable, Callable, Mapping, TypeVar
 
 import attrs
-from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore
+from twisted.internet.defer import DeferredSemaphore
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import FilteringLogObserver, LogLevel, LogLevelFilterPredicate, globalLogBeginner
 from twisted.logger import textFileLogObserver
@@ -24,6 +24,7 @@ from twisted.logger import textFileLogObserver
 from registryd.admin import EXIT_OK
 from registryd.admin.layout import add_store_arguments, store_errors_reported
 from registryd.admin.progress import human_size
+from registryd.deferreds import bounded_gather
 from registryd.admin.store_access import load_admin_config, run_with_store
 from registryd.digest import Digest
 from registryd.errors import RegistryError
@@ -145,17 +146,6 @@ class Inventory:
     size: int
 
 
-async def _gather(work: list[Coroutine[Any, Any, T]]) -> list[T]:
-    """Every result in order, once all have ended; the first failure is raised then
-    (never before: nothing is left running behind the caller's back)."""
-    results: list[tuple[bool, Any]] = await DeferredList([Deferred.fromCoroutine(w) for w in work],
-                                                         consumeErrors=True)
-    for ok, value in results:
-        if not ok:
-            value.raiseException()
-    return [value for _, value in results]
-
-
 class _Survey:
     """Summarizes repositories of one store; store calls go ``CONCURRENCY`` at a time."""
 
@@ -209,7 +199,7 @@ class _Survey:
         tags = await self._call(backend.tags, remote)
         pulls = await self._call(backend.pulls, remote)
         digests: set[Digest] = set(revisions)
-        for named in await _gather([self._named_by(digest) for digest in revisions]):
+        for named in await bounded_gather(revisions, self._named_by, None):
             digests.update(named)
         present = [self._sizes[d] for d in digests if d in self._sizes]
         last_pull = max((pulls[d] for d in revisions if d in pulls), default=None)
@@ -222,7 +212,7 @@ async def take_inventory(store: Any, namespaces: Mapping[str, str], clock: IReac
     sizes = await store.blob_sizes()
     survey = _Survey(store, sizes, clock)
     repositories = await survey.repositories(namespaces)
-    summaries = await _gather([survey.summarize(repository, backend) for repository, backend in repositories])
+    summaries = await bounded_gather(repositories, lambda found: survey.summarize(*found), None)
     return Inventory(store.location(), store.driver, summaries, len(sizes), sum(sizes.values()))
 
 

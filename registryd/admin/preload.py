@@ -11,11 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any, Awaitable, Callable, Iterable, TypeVar
+from typing import Any, Awaitable, Callable, Iterable
 
 import attrs
 import treq
-from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, gatherResults, maybeDeferred
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.error import CannotListenError, ConnectError, DNSLookupError
 from twisted.internet.error import ConnectionRefusedError as Refused
@@ -49,12 +49,12 @@ from registryd.admin.progress import Progress, human_size
 from registryd.admin.remote import add_remote_arguments, authorization
 from registryd.admin.store_access import check_data_dir, load_admin_config, run_reactor
 from registryd.config import Config, UpstreamConfig
+from registryd.deferreds import Shared, bounded_gather
 from registryd.digest import Digest, digest_of, parse_digest
 from registryd.errors import RegistryError
 from registryd.manifests import INDEX_TYPES, MANIFEST_TYPES, NON_DISTRIBUTABLE, parse_manifest
 
 log = Logger()
-T = TypeVar("T")
 
 HELP = "pull images through the pull-through cache now, so they are on disk before anyone asks"
 
@@ -287,18 +287,6 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
-def _follow(shared: Deferred[T]) -> Deferred[T]:
-    """A Deferred of ``shared``'s result (which never fails) for one more waiter."""
-    mine: Deferred[T] = Deferred()
-
-    def relay(result: T) -> T:
-        mine.callback(result)
-        return result
-
-    shared.addCallback(relay)
-    return mine
-
-
 class Preloader:
     """Pulls images through one registry, reporting each as it finishes."""
 
@@ -308,18 +296,17 @@ class Preloader:
                  confirm: Callable[[Iterable[Digest]], Awaitable[str | None]] | None = None) -> None:
         self._client = client
         self._platforms = platforms
-        self._jobs = DeferredSemaphore(jobs)
+        self._jobs = jobs
         self._max_manifest_size = max_manifest_size
         self._progress = progress
         self._on_done = on_done
         self._check = check
         self._confirm = confirm
         # (repository, digest) -> error or None: a blob two tags share is pulled once.
-        self._blobs: dict[tuple[str, Digest], Deferred[str | None]] = {}
+        self._blobs: dict[tuple[str, Digest], Shared[str | None]] = {}
 
     async def run(self, refs: list[ImageRef]) -> list[ImageResult]:
-        started = [self._jobs.run(lambda ref: Deferred.fromCoroutine(self.image(ref)), ref) for ref in refs]
-        return list(await gatherResults(started))
+        return await bounded_gather(refs, self.image, self._jobs)
 
     async def image(self, ref: ImageRef) -> ImageResult:
         """Never fails: the reason is kept on the result."""
@@ -395,9 +382,8 @@ class Preloader:
 
     async def _fetch_blobs(self, name: str, blobs: dict[Digest, int]) -> None:
         """A few at once; FetchError naming the first blob that failed."""
-        limit = DeferredSemaphore(BLOBS_AT_ONCE)
-        errors = [e for e in await gatherResults([limit.run(self._blob, name, d, s) for d, s in blobs.items()])
-                  if e is not None]
+        found = await bounded_gather(blobs.items(), lambda blob: self._blob(name, *blob), BLOBS_AT_ONCE)
+        errors = [e for e in found if e is not None]
         if errors:
             more = f" (and {_plural(len(errors) - 1, 'more blob')} failed)" if len(errors) > 1 else ""
             raise FetchError(errors[0] + more)
@@ -405,8 +391,8 @@ class Preloader:
     def _blob(self, name: str, digest: Digest, size: int) -> Deferred[str | None]:
         shared = self._blobs.get((name, digest))
         if shared is None:
-            shared = self._blobs[(name, digest)] = Deferred.fromCoroutine(self._download(name, digest, size))
-        return _follow(shared)
+            shared = self._blobs[(name, digest)] = Shared(self._download(name, digest, size))
+        return shared.wait()
 
     async def _download(self, name: str, digest: Digest, size: int) -> str | None:
         """Stream one blob into its hasher; the error, or None. Never fails."""

@@ -41,6 +41,7 @@ from zope.interface import implementer
 
 from registryd.auth.errors import AuthConfigError
 from registryd.auth.policy import RESERVED_USER_NAMES
+from registryd.deferreds import Coalescer
 
 log = Logger()
 T = TypeVar("T")
@@ -152,33 +153,8 @@ def _verify(password: bytes, hashed: bytes | None, cost: int) -> bool:
         return False
 
 
-class _Shared:
-    """One running check that several requests wait on.
-
-    A waiter that is cancelled (its client went away) stops waiting; the
-    check itself goes on for the others and for the cache.
-    """
-
-    def __init__(self) -> None:
-        self._waiters: list[Deferred[bool]] = []
-
-    def attach(self, work: Deferred[bool]) -> None:
-        work.addBoth(self._settle)
-
-    def wait(self) -> Deferred[bool]:
-        waiter: Deferred[bool] = Deferred(self._waiters.remove)
-        self._waiters.append(waiter)
-        return waiter
-
-    def _settle(self, result: bool | Failure) -> None:
-        waiters, self._waiters = self._waiters, []
-        if isinstance(result, Failure) and not waiters:
-            log.failure("password check failed with nobody waiting", result)
-        for waiter in waiters:
-            if isinstance(result, Failure):
-                waiter.errback(result)
-            else:
-                waiter.callback(result)
+def _orphaned_check(key: object, failure: Failure) -> None:
+    log.failure("password check failed with nobody waiting", failure)
 
 
 @implementer(ICredentialsChecker)
@@ -209,7 +185,9 @@ class HtpasswdChecker:
         self._cache_size = cache_size
         self._cache_key = secrets.token_bytes(32)
         self._cache: OrderedDict[tuple[str, bytes], float] = OrderedDict()
-        self._inflight: dict[tuple[str, bytes], _Shared] = {}
+        # One bcrypt run per credentials at a time: a waiter that is cancelled (its client
+        # went away) stops waiting; the check goes on for the others and for the cache.
+        self._inflight: Coalescer[bool] = Coalescer(_orphaned_check)
         self._users: dict[str, bytes] = {}
         self._cost = 10
         self._loaded: tuple[int, ...] | None = None
@@ -314,7 +292,7 @@ class HtpasswdChecker:
 
     def checking(self, username: str, password: bytes) -> bool:
         """Is a check of exactly these credentials running now (one to join)?"""
-        return self._key(username, password) in self._inflight
+        return self._inflight.running_for(self._key(username, password))
 
     async def check(self, username: str, password: str | bytes, rank: int = 0) -> bool:
         """True if ``password`` is ``username``'s password.
@@ -327,21 +305,7 @@ class HtpasswdChecker:
         key = self._key(username, password)
         if self._cached(key):
             return True
-        shared = self._inflight.get(key)
-        if shared is not None:
-            return await shared.wait()
-        # Register and wait before starting: with an inline pool the work
-        # is done before fromCoroutine returns.
-        shared = self._inflight[key] = _Shared()
-        waiter = shared.wait()
-        work = Deferred.fromCoroutine(self._bcrypt(key, username, password, rank))
-        work.addBoth(self._done, key)
-        shared.attach(work)
-        return await waiter
-
-    def _done(self, result: Any, key: tuple[str, bytes]) -> Any:
-        self._inflight.pop(key, None)
-        return result
+        return await self._inflight.run(key, lambda: self._bcrypt(key, username, password, rank))
 
     async def _bcrypt(self, key: tuple[str, bytes], username: str, password: bytes, rank: int) -> bool:
         users = self._users

@@ -21,13 +21,13 @@ from twisted.logger import Logger
 from twisted.web.client import HTTPConnectionPool
 
 from registryd.config import Config, UpstreamConfig
+from registryd.deferreds import Coalescer, Shared
 from registryd.digest import Digest, digest_of, is_digest, parse_digest
 from registryd.errors import RegistryError, blob_unknown, manifest_unknown
 from registryd.json_documents import load_json
 from registryd.manifests import MANIFEST_TYPES, parse_manifest
 from registryd.metrics import Metrics
 from registryd.mirror.client import MANIFEST_ACCEPT, UpstreamClient, UpstreamUnavailable, read_limited
-from registryd.mirror.coalesce import Coalescer
 from registryd.mirror.fill import BlobFill
 from registryd.mirror.routing import Route, Router
 from registryd.names import check_tag, is_tag
@@ -432,11 +432,11 @@ class MirrorCache:
             self.fills[key] = fill
             self.fills_started += 1
             self.metrics.upstream_fetches.labels(upstream.namespace).inc()
-            fill.started = Deferred.fromCoroutine(self._start_fill(mirror, route.remote, key, fill))
+            fill.started = Shared(self._start_fill(mirror, route.remote, key, fill))
         else:
             self.fill_waiters += 1
             self.metrics.coalesced.inc()
-        await _independent(fill.started)
+        await fill.started.wait()
         if fill.start_error is not None:
             raise fill.start_error
         return fill
@@ -480,19 +480,7 @@ class MirrorCache:
 
 async def _ended(fill: BlobFill) -> None:
     """Fires once ``fill`` is stored or failed (at once if its start failed)."""
-    await _independent(fill.started)
+    await fill.started.wait()
     if fill.start_error is None:
         await fill.ended()
 
-
-async def _independent(shared: Deferred[Any]) -> Any:
-    """Wait for ``shared`` without letting this waiter's cancellation cancel it."""
-    waiter: Deferred[Any] = Deferred(lambda d: None)
-
-    def relay(result: Any) -> Any:
-        if not waiter.called:
-            waiter.callback(result)
-        return result
-
-    shared.addBoth(relay)
-    return await waiter

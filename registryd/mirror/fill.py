@@ -23,6 +23,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.iweb import IResponse
 
+from registryd.deferreds import Shared
 from registryd.digest import Digest
 from registryd.storage.outage import outage_reason
 
@@ -56,8 +57,9 @@ class BlobFill:
         self._transport: Any = None
         self._on_finished: list[Callable[[], Any]] = []
         self._end_waiters: list[Deferred[None]] = []
-        # Fires (never fails) once the upstream answered; start_error says how.
-        self.started: Deferred[None] = Deferred()
+        # Ends (never fails) once the upstream answered; start_error says how.
+        # The cache sets it to its request of the upstream.
+        self.started: Shared[None] = Shared(Deferred())
         self.start_error: Exception | None = None
 
     @property

@@ -39,6 +39,7 @@ import attrs
 from twisted.logger import Logger
 
 from registryd.admin.layout import digest_or_none
+from registryd.deferreds import bounded_each
 from registryd.digest import Digest
 from registryd.storage.s3.client import S3Client
 from registryd.storage.s3.errors import ObjectTooLarge
@@ -47,7 +48,7 @@ from registryd.storage.s3.store import S3Store
 from registryd.upkeep.collector import referenced_digests
 from registryd.upkeep.eviction import Eviction, EvictionPlan
 from registryd.upkeep.s3_marker import (
-    TrashEntry, each, list_blobs, list_trash, read_document, repository_entries,
+    CONCURRENCY, TrashEntry, list_blobs, list_trash, read_document, repository_entries,
 )
 from registryd.upkeep.survey import MirrorLink, MirrorManifest, Survey, subject_of
 
@@ -110,7 +111,7 @@ class Documents:
             found[digest] = self._known[digest] = Document(
                 frozenset({digest, *referenced_digests(content)}), subject_of(content))
 
-        await each(sorted(digests - found.keys(), key=str), read_one)
+        await bounded_each(sorted(digests - found.keys(), key=str), read_one, CONCURRENCY)
         self._known = {digest: document for digest, document in self._known.items() if digest in digests}
         return found
 
@@ -242,8 +243,8 @@ async def evict_s3(store: S3Store, survey: Survey, plan: EvictionPlan) -> S3Evic
         if await store.mirror_repositories(repository.folder).unlink_blob(repository.remote, link.digest):
             done.links += 1
 
-    await each(by_repository.items(), evict_manifests)
-    await each(_freed_links(survey.links, plan), unlink)
+    await bounded_each(by_repository.items(), evict_manifests, CONCURRENCY)
+    await bounded_each(_freed_links(survey.links, plan), unlink, CONCURRENCY)
     return done
 
 

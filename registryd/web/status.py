@@ -21,7 +21,7 @@ from twisted.logger import Logger
 from registryd import __version__
 from registryd.config import Config
 from registryd.mirror.cache import MirrorCache
-from registryd.mirror.coalesce import Coalescer
+from registryd.deferreds import Coalescer
 from registryd.storage import Store
 
 log = Logger()

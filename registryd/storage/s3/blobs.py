@@ -21,11 +21,11 @@ from __future__ import annotations
 import os
 from typing import Any, BinaryIO
 
-from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IConsumer
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from registryd.deferreds import bounded_gather
 from registryd.digest import Digest
 from registryd.storage.guard import BlobGuard
 from registryd.storage.local import FileBlobSource
@@ -220,27 +220,13 @@ class S3BlobStore:
     async def _send_parts(self, key: str, upload_id: str, path: str, size: int, part_size: int) -> list[Part]:
         """Every part, ``part_concurrency`` at a time; on a failure, the first one raised
         once every part in flight has ended (so an abort comes after the last of them)."""
-        pending = iter(enumerate(range(0, size, part_size), start=1))
-        parts: list[Part] = []
-        failed: list[BaseException] = []
 
-        async def worker() -> None:
-            for number, offset in pending:
-                if failed:
-                    return
-                length = min(part_size, size - offset)
-                try:
-                    etag = await self._client.upload_part(key, upload_id, number, path, offset, length)
-                except BaseException as e:
-                    failed.append(e)
-                    return
-                parts.append(Part(number, etag, length))
+        async def send(part: tuple[int, int]) -> Part:
+            number, offset = part
+            length = min(part_size, size - offset)
+            return Part(number, await self._client.upload_part(key, upload_id, number, path, offset, length), length)
 
-        workers = [Deferred.fromCoroutine(worker()) for _ in range(self._part_concurrency)]
-        await DeferredList(workers, consumeErrors=True)
-        if failed:
-            raise failed[0]
-        return parts
+        return await bounded_gather(enumerate(range(0, size, part_size), start=1), send, self._part_concurrency)
 
     async def _abort(self, key: str, upload_id: str) -> None:
         try:

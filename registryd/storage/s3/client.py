@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import base64
 import hashlib
-from typing import Any, AsyncIterator, Iterator, Mapping, Sequence
+from typing import Any, AsyncIterator, Mapping, Sequence
 
-from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.interfaces import IConsumer
 from twisted.web.client import HTTPConnectionPool
 from twisted.web.iweb import IResponse
 
+from registryd.deferreds import bounded_gather
 from registryd.storage.s3 import documents
 from registryd.storage.s3.bodies import BytesBody, FileBody, FileRegion, RequestBody, drop_body, pipe_body, read_body
 from registryd.storage.s3.documents import DeleteFailure, ObjectEntry, ObjectInfo, Part, UploadInfo
@@ -175,32 +175,21 @@ class S3Client:
         if size <= self.settings.copy_threshold:
             return await self.copy_object(src_key, dst_key)
         part_size = min(max(self.settings.part_size, -(-size // MAX_PARTS)), MAX_PART_SIZE)
-        ranges = iter([(number, (start, min(start + part_size, size) - 1))
-                       for number, start in enumerate(range(0, size, part_size), start=1)])
+        ranges = [(number, (start, min(start + part_size, size) - 1))
+                  for number, start in enumerate(range(0, size, part_size), start=1)]
         upload_id = await self.create_multipart(dst_key)
-        parts: list[Part] = []
-        try:
-            workers = [Deferred.fromCoroutine(self._copy_parts(dst_key, upload_id, src_key, ranges, parts))
-                       for _ in range(COPY_CONCURRENCY)]
-            await gatherResults(workers, consumeErrors=True)
-            return await self.complete_multipart(dst_key, upload_id, parts)
-        except BaseException as e:
-            await self._abort_quietly(dst_key, upload_id)
-            first = getattr(e, "subFailure", None)
-            if first is not None:
-                first.raiseException()
-            raise
 
-    async def _copy_parts(self, key: str, upload_id: str, src_key: str,
-                          ranges: Iterator[tuple[int, tuple[int, int]]], parts: list[Part]) -> None:
-        # Workers share one iterator: each takes the next part when it is free.
+        async def copy_part(part: tuple[int, tuple[int, int]]) -> Part:
+            number, (first, last) = part
+            etag = await self.upload_part_copy(dst_key, upload_id, number, src_key, (first, last))
+            return Part(number, etag, last - first + 1)
+
         try:
-            for number, byte_range in ranges:
-                etag = await self.upload_part_copy(key, upload_id, number, src_key, byte_range)
-                parts.append(Part(number, etag, byte_range[1] - byte_range[0] + 1))
+            # On a failure, the abort comes once every part in flight has ended.
+            parts = await bounded_gather(ranges, copy_part, COPY_CONCURRENCY)
+            return await self.complete_multipart(dst_key, upload_id, parts)
         except BaseException:
-            for _ in ranges:
-                pass  # the other workers stop after their current part
+            await self._abort_quietly(dst_key, upload_id)
             raise
 
     async def _abort_quietly(self, key: str, upload_id: str) -> None:

@@ -25,7 +25,9 @@ from urllib.parse import urlsplit
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.python.failure import Failure
 
+from registryd.deferreds import Coalescer
 from registryd.storage.s3.client import S3Client
 from registryd.storage.s3.documents import parse_error
 from registryd.storage.s3.errors import S3Error, S3Unavailable
@@ -112,26 +114,21 @@ class ReadyProbe:
     settings: S3Settings
     reactor: Any
     _client: S3Client | None = None
-    _waiters: dict[bool, list[Deferred[str | None]]] = attrs.field(factory=lambda: {True: [], False: []})
+    _running: Coalescer[str | None] = attrs.field(factory=Coalescer)
 
     def check(self, write: bool = True) -> Deferred[str | None]:
         """Fires with why the bucket cannot be used now, or None; never fails.
 
         ``write``: write the probe object, then read it back; else only read it.
+        A waiter that goes away (its client hung up) leaves the probe to the others.
         """
-        waiter: Deferred[str | None] = Deferred()
-        waiters = self._waiters[write]
-        waiters.append(waiter)
-        if len(waiters) == 1:
-            Deferred.fromCoroutine(self._probe(write)).addBoth(self._answer, write)
-        return waiter
+        return self._running.run(write, lambda: self._answer(write))
 
-    def _answer(self, problem: Any, write: bool) -> None:
-        if not isinstance(problem, str):
-            problem = None if problem is None else f"object store probe failed: {problem.getErrorMessage()}"
-        waiters, self._waiters[write] = self._waiters[write], []
-        for waiter in waiters:
-            waiter.callback(problem)
+    async def _answer(self, write: bool) -> str | None:
+        try:
+            return await self._probe(write)
+        except Exception:
+            return f"object store probe failed: {Failure().getErrorMessage()}"
 
     async def _probe(self, write: bool) -> str | None:
         deadline = self.settings.ready_timeout

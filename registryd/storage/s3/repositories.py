@@ -20,17 +20,16 @@ from __future__ import annotations
 import json
 import re
 from contextlib import aclosing
-from typing import Any, AsyncGenerator, AsyncIterator, Awaitable, Callable, TypeVar, cast
+from typing import Any, AsyncGenerator, AsyncIterator, cast
 
-from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore
+from twisted.internet.defer import DeferredSemaphore
 
+from registryd.deferreds import bounded_gather
 from registryd.digest import HEX_LENGTHS, Digest, parse_digest
 from registryd.errors import RegistryError, digest_invalid, name_invalid
 from registryd.names import check_name, check_tag, is_tag
 from registryd.storage.s3.client import S3Client
 from registryd.storage.s3.documents import ObjectEntry
-
-T = TypeVar("T")
 
 #: A repository is a prefix with one of these below it (components never start with ``_``).
 _MARKERS = ("_manifests", "_blobs")
@@ -159,7 +158,7 @@ class S3RepositoryStore:
             return []
         keys = [entry.key async for entry in self._client.list_objects(folder) if "/" not in entry.key[len(folder):]]
         # An entry deleted between the listing and its read is simply gone.
-        found = await _bounded(keys, self._get)
+        found = await bounded_gather(keys, self._get, CONCURRENCY)
         return [json.loads(data) for data in found if data is not None]
 
     async def revisions(self, name: str) -> dict[Digest, float]:
@@ -192,7 +191,7 @@ class S3RepositoryStore:
                         names.add(path[:-1])
                 elif component and not component.startswith("_"):
                     below.append(path + component + "/")
-            await _all([Deferred.fromCoroutine(walk(child)) for child in below])
+            await bounded_gather(below, walk, None)
 
         await walk("")
         return sorted(names)
@@ -240,7 +239,7 @@ class S3RepositoryStore:
         if revision is None or folder is None or await self._client.head_object(revision) is None:
             return False
         tag_keys = [entry.key async for entry in self._client.list_objects(folder)]
-        targets = await _bounded(tag_keys, self._get)
+        targets = await bounded_gather(tag_keys, self._get, CONCURRENCY)
         for key, target in zip(tag_keys, targets):
             if target is not None and target.decode().strip() == str(digest):
                 await self._client.delete_object(key)
@@ -313,24 +312,3 @@ class S3RepositoryStore:
 
 async def _collect(listing: AsyncIterator[ObjectEntry]) -> list[ObjectEntry]:
     return [entry async for entry in listing]
-
-
-async def _all(work: list[Deferred[Any]]) -> list[Any]:
-    """Every result in order, once all of ``work`` has ended; the first failure is raised
-    then (never before: nothing is left running behind the caller's back)."""
-    results = await DeferredList(work, consumeErrors=True)
-    for ok, value in results:
-        if not ok:
-            value.raiseException()
-    return [value for _, value in results]
-
-
-async def _bounded(items: list[str], fn: Callable[[str], Awaitable[T]]) -> list[T]:
-    """``fn`` over ``items``, CONCURRENCY at a time, results in order."""
-    limit = DeferredSemaphore(CONCURRENCY)
-
-    async def one(item: str) -> T:
-        async with limit:
-            return await fn(item)
-
-    return await _all([Deferred.fromCoroutine(one(item)) for item in items])
