@@ -67,10 +67,6 @@ def name_unknown(name: str) -> RegistryError:
     return RegistryError(404, "NAME_UNKNOWN", "repository name not known to registry", {"name": name})
 
 
-def size_invalid(why: str) -> RegistryError:
-    return RegistryError(400, "SIZE_INVALID", f"content length invalid: {why}")
-
-
 def range_invalid(size: int, location: str | None = None) -> RegistryError:
     """416 for an upload chunk that does not start where the upload ends."""
     headers = {"Range": f"0-{max(size - 1, 0)}"}

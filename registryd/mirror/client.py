@@ -128,7 +128,6 @@ class UpstreamClient:
                                   connectTimeout=config.connect_timeout, pool=pool)
         self._tokens: dict[str, tuple[str, float]] = {}
         self._use_basic = False
-        self._bearer: dict[str, str] | None = None
 
     def _basic_header(self) -> str | None:
         if self.config.username is None:

@@ -9,7 +9,7 @@
 * ``_referrers/<alg>/<subject hex>/<alg>-<hex>`` — the descriptor of a
   manifest whose ``subject`` is that digest;
 * ``_pulls/<alg>/<hex>`` — empty file whose mtime is when the manifest was
-  last pulled (advisory: written at most once a minute, never fsynced).
+  last pulled (advisory: written at most once a second, never fsynced).
 
 Name components never start with ``_``, so these never collide with a
 nested repository. Methods that write or walk block: run them in the pool.

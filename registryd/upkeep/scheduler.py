@@ -77,11 +77,6 @@ class Upkeep:
         self._loops: list[LoopingCall] = []
         metrics.mirror_max_size.set(config.mirror_max_size)
 
-    @property
-    def available(self) -> bool:
-        """Online collection: on the data directory, or on the bucket every node shares."""
-        return True
-
     def start(self) -> None:
         if self._config.gc_interval > 0:
             self._every(self._config.gc_interval, self._scheduled_gc, now=False)

@@ -430,7 +430,7 @@ class RegistryAPI:
         """
         self._refuse_cross_site(request)
         await self._admin(request, "garbage collections")
-        if self.upkeep is None or not self.upkeep.available:
+        if self.upkeep is None:
             raise RegistryError(503, "UNAVAILABLE", "garbage collection is not available in this server")
         delay_arg = query_arg(request, "delay")
         try:

@@ -1,8 +1,7 @@
 """Stream a byte range of an open file into a twisted.web response, fast.
 
 Blob GETs dominate a registry's traffic.  On plain TCP the bytes go from the
-page cache to the socket with ``os.sendfile`` and never enter Python: DESIGN.md
-("Serving fast") measured that at 1.5-3x ``twisted.web.static.File``.  TLS and
+page cache to the socket with ``os.sendfile`` and never enter Python.  TLS and
 any other transport get an ordinary push producer writing large chunks.
 
 Either way one producer per transfer is registered with the request, so

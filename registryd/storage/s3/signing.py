@@ -14,8 +14,6 @@ from __future__ import annotations
 import types
 from typing import Any, Mapping
 
-#: The x-amz-content-sha256 value for bodies that are not hashed.
-UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
 #: SigV4 presigned URLs live at most 7 days.
 MAX_PRESIGN_SECONDS = 7 * 24 * 3600
 
