@@ -54,11 +54,6 @@ class Shared(Generic[T]):
     def done(self) -> bool:
         return self._outcome is not _PENDING
 
-    @property
-    def waiting(self) -> int:
-        """How many waiters the work will answer (cancelled ones are gone)."""
-        return len(self._waiters)
-
     def wait(self) -> Deferred[T]:
         """A Deferred of the work's result; cancelling it cancels nothing else."""
         if self.done:
