@@ -135,7 +135,8 @@ async def bounded_each(items: Iterable[T], work: Callable[[T], Awaitable[object]
     worker has stopped: nothing keeps running behind the caller's back (an
     abort after a failed multipart upload must come after its last part).
     After a failure no new item is begun, unless ``keep_going`` (a restore:
-    every item that can still be done must be); after a cancellation, never.
+    every item that can still be done must be); after a cancellation, never,
+    and the cancellation too is raised only once the work in flight has ended.
     """
     pending = iter(items)
     failures: list[BaseException] = []
@@ -152,6 +153,7 @@ async def bounded_each(items: Iterable[T], work: Callable[[T], Awaitable[object]
                 failures.append(e)
                 cancelled = cancelled or isinstance(e, CancelledError)
 
+    # Cancelling a DeferredList cancels each worker, and it fires only once they have all ended.
     await DeferredList([Deferred.fromCoroutine(worker()) for _ in range(max(limit, 1))], consumeErrors=True)
     if failures:
         raise failures[0]

@@ -318,6 +318,28 @@ def test_cancelling_stops_even_a_gather_that_keeps_going() -> None:
     assert work.begun == [0, 1] and work.running == set() and clock.getDelayedCalls() == []
 
 
+def test_a_cancellation_is_raised_once_the_work_in_flight_has_cleaned_up() -> None:
+    clock = Clock()
+    begun: list[int] = []
+    cleaned: list[int] = []
+
+    async def careful(item: int) -> None:
+        begun.append(item)
+        try:
+            await deferLater(clock, 10.0, lambda: None)
+        except CancelledError:
+            await deferLater(clock, 1.0, lambda: None)   # an abort, say
+            cleaned.append(item)
+            raise
+
+    ended = Deferred.fromCoroutine(bounded_each(range(6), careful, 2, keep_going=True))
+    ended.cancel()
+    seen = outcome(ended)
+    assert seen == [] and cleaned == []
+    clock.advance(1.0)
+    assert seen[0].check(CancelledError) and cleaned == [0, 1] and begun == [0, 1]
+
+
 def test_work_that_answers_at_once_does_not_deepen_the_stack() -> None:
     async def at_once(item: int) -> int:
         return item
