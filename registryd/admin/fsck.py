@@ -27,24 +27,13 @@ from typing import Any, Coroutine, Iterator, Protocol, TypeVar, Union
 import attrs
 
 from registryd.admin import EXIT_DAMAGE, EXIT_OK, AdminError
-from registryd.admin.layout import (
-    BlobFile,
-    DataDir,
-    RepositoryScan,
-    Tag,
-    add_store_arguments,
-    open_data_dir,
-    os_errors_reported,
-    read_file,
-    read_tag,
-    scan_repository,
-)
 from registryd.admin.progress import Progress, human_size
-from registryd.admin.store_access import load_admin_config
+from registryd.admin.store_access import add_store_arguments, load_admin_config, open_data_dir, os_errors_reported
 from registryd.digest import Digest
 from registryd.errors import RegistryError
 from registryd.manifests import Manifest, parse_manifest
 from registryd.storage.files import fsync_dir
+from registryd.storage.scan import BlobFile, DataDir, RepositoryScan, Tag, read_file, read_tag, scan_repository
 
 T = TypeVar("T")
 

@@ -21,9 +21,8 @@ from typing import Any
 from registryd.admin import EXIT_USAGE, EXIT_OK, AdminError
 from registryd.admin.gc import parse_duration
 from registryd.admin.inventory import log_problems_to_stderr, mirror_namespaces, namespace_of
-from registryd.admin.layout import add_store_arguments, store_errors_reported
 from registryd.admin.remote import add_remote_arguments, post_admin
-from registryd.admin.store_access import load_admin_config, run_with_store
+from registryd.admin.store_access import add_store_arguments, load_admin_config, run_with_store, store_errors_reported
 
 HELP = "remove cached tags and manifests of mirrored repositories (--older-than, --unused-for, --pattern)"
 

@@ -33,7 +33,8 @@ from registryd.manifests import parse_manifest
 from registryd.mirror.cache import MirrorCache
 from registryd.storage import Store
 from registryd.storage.interface import BlobBackend, RepositoryBackend
-from registryd.storage.s3.layout import repositories_root
+from registryd.storage import layout
+from registryd.storage.layout import repositories_root
 from registryd.storage.s3.store import S3Store
 from registryd.upkeep.collector import referenced_digests
 
@@ -150,7 +151,7 @@ class _Repository:
             # Re-checked: the upstream may have confirmed it, a client pulled it, since the scan.
             if self.dry_run or (self._old(await self.backend.tag_mtime(self.remote, tag), digest, pulls)
                                 and await self.backend.delete_tag(self.remote, tag)):
-                self._report("tag", f"_manifests/tags/{tag}", digest, tag=tag)
+                self._report("tag", layout.tag_key(tag), digest, tag=tag)
         if not self.dry_run:
             # Tags written meanwhile (not in the scan) keep their manifests too.
             for tag in await self.backend.tags(self.remote) or []:
@@ -179,10 +180,9 @@ class _Repository:
         for digest in gone:
             subject = subjects[digest]
             if digest in listed and subject is not None:
-                self._report("referrer", f"_referrers/{subject.algorithm}/{subject.hex}/"
-                                         f"{digest.algorithm}-{digest.hex}", digest, subject=str(subject))
+                self._report("referrer", layout.referrer_key(subject, digest), digest, subject=str(subject))
         for digest in gone:
-            self._report("manifest", f"_manifests/revisions/{digest.algorithm}/{digest.hex}", digest)
+            self._report("manifest", layout.revision_key(digest), digest)
 
     async def _resolve(self, tag: str) -> Digest | None:
         try:

@@ -18,12 +18,12 @@ from typing import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequen
 import attrs
 from twisted.internet.defer import Deferred, DeferredList
 
-from registryd.admin.layout import digest_or_none
+from registryd.storage.scan import digest_or_none
 from registryd.digest import Digest, parse_digest
 from registryd.errors import RegistryError
 from registryd.storage.s3.client import S3Client
 from registryd.storage.s3.documents import ObjectEntry
-from registryd.storage.s3.layout import BLOBS, MIRROR, REPOSITORIES, blob_key
+from registryd.storage.layout import BLOBS, MIRROR, REPOSITORIES, blob_key
 from registryd.upkeep.collector import referenced_digests
 
 T = TypeVar("T")

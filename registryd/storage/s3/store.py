@@ -21,7 +21,8 @@ from registryd.storage.s3.blobs import S3BlobStore
 from registryd.storage.s3.client import S3Client
 from registryd.storage.s3.hot_cache import HotCache
 from registryd.digest import Digest
-from registryd.storage.s3.layout import MIRROR, repositories_root
+from registryd.storage import layout
+from registryd.storage.layout import MIRROR, repositories_root
 from registryd.storage.s3.probe import BucketUnusable, ReadyProbe, check_bucket
 from registryd.storage.s3.repositories import S3RepositoryStore
 from registryd.storage.s3.settings import S3Settings
@@ -39,7 +40,7 @@ class S3Store:
                  presign: bool = False, cache_size: int = 0, cache_dir: str | None = None) -> None:
         self.root = root
         self.pool = pool
-        self.tmp_dir = os.path.join(root, "tmp")
+        self.tmp_dir = layout.local_path(root, layout.TMP)
         self.guard = BlobGuard()
         self.client = S3Client(settings, reactor)
         # Redirected GETs never pass through the node: nothing to cache then.

@@ -20,7 +20,7 @@ from typing import Any
 import attrs
 
 from registryd.storage.uploads import SpooledBody
-from registryd.storage.s3 import layout
+from registryd.storage import layout
 from registryd.storage.s3.bodies import Sink
 from registryd.storage.s3.documents import Part
 
