@@ -18,7 +18,7 @@ from twisted.internet.task import deferLater
 
 from conftest import start_twistd, stop_process
 from registryd.admin.gc import collect_on_s3
-from registryd.admin.progress import human_size
+from registryd.units import human_size
 from registryd.config import StorageSettings
 from registryd.digest import parse_digest
 from registryd.storage.layout import blob_key

@@ -47,7 +47,7 @@ from registryd.admin.oci_layout import (
     is_tar,
     open_writer,
 )
-from registryd.admin.progress import Progress, human_size
+from registryd.admin.progress import Progress
 from registryd.admin.store_access import (
     add_store_arguments,
     load_admin_config,
@@ -60,7 +60,8 @@ from registryd.digest import Digest, digest_of, parse_digest
 from registryd.errors import RegistryError
 from registryd.manifests import INDEX_TYPES, NON_DISTRIBUTABLE, parse_manifest
 from registryd.storage import layout
-from registryd.storage.s3.bodies import Sink
+from registryd.storage.sink import Sink
+from registryd.units import human_size
 
 HELP = "write images and all their content to an OCI image layout (a directory or a .tar)"
 

@@ -1,6 +1,6 @@
 """``registryd fsck [--repair]`` on the S3 driver: the data directory's checks and repair, on a bucket.
 
-The rules are registryd.admin.fsck's (``Checker``); this module reads the
+The rules are registryd.admin.fsck_rules' (``Checker``); this module reads the
 bucket for them. Every key is listed once, with its size and LastModified,
 one top-level prefix after the other:
 
@@ -44,7 +44,7 @@ from typing import Any, Callable
 import attrs
 
 from registryd.admin import AdminError
-from registryd.admin.fsck import (
+from registryd.admin.fsck_rules import (
     BlobState,
     BlobUnchanged,
     Checker,
@@ -56,13 +56,14 @@ from registryd.admin.fsck import (
     plural,
     quarantine_names,
 )
-from registryd.admin.progress import Progress, human_size
+from registryd.admin.progress import Progress
 from registryd.admin.store_access import run_with_store
 from registryd.config import Config
 from registryd.digest import Digest
 from registryd.storage.s3.client import S3Client
 from registryd.storage.s3.documents import ObjectEntry
 from registryd.storage.s3.errors import ObjectTooLarge, S3Error, S3Unavailable
+from registryd.storage.s3.listing import BlobEntry, list_blobs
 from registryd.storage.s3.upload_state import HashSink
 from registryd.storage import layout
 from registryd.storage.layout import BLOBS, MIRROR, REPOSITORIES, UPLOADS, blob_key
@@ -77,14 +78,13 @@ from registryd.storage.scan import (
     parse_revision,
     parse_tag,
 )
+from registryd.units import human_size
 from registryd.upkeep.s3_collector import LEFTOVER_AGE
 from registryd.upkeep.s3_marker import (
     TRASH,
-    BlobEntry,
     RepositoryKey,
     TrashEntry,
     each,
-    list_blobs,
     list_trash,
     read_document,
     split_repository_key,

@@ -44,7 +44,7 @@ from registryd.admin.oci_layout import (
     read_index,
     verify_stream,
 )
-from registryd.admin.progress import Progress, human_size
+from registryd.admin.progress import Progress
 from registryd.admin.store_access import (
     add_store_arguments,
     load_admin_config,
@@ -61,6 +61,7 @@ from registryd.manifests import NON_DISTRIBUTABLE, parse_manifest
 from registryd.names import check_name, is_tag
 from registryd.storage import layout
 from registryd.threads import InlinePool
+from registryd.units import human_size
 
 T = TypeVar("T")
 

@@ -22,13 +22,13 @@ from twisted.logger import FilteringLogObserver, LogLevel, LogLevelFilterPredica
 from twisted.logger import textFileLogObserver
 
 from registryd.admin import EXIT_OK
-from registryd.admin.progress import human_size
 from registryd.admin.store_access import add_store_arguments, load_admin_config, run_with_store, store_errors_reported
 from registryd.digest import Digest
 from registryd.errors import RegistryError
 from registryd.manifests import parse_manifest
 from registryd.storage import layout
 from registryd.storage.interface import RepositoryBackend
+from registryd.units import human_size
 
 T = TypeVar("T")
 

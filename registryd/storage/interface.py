@@ -29,6 +29,10 @@ from registryd.digest import Digest
 from registryd.storage.guard import BlobGuard
 
 
+class StoreUnusable(Exception):
+    """At start-up: the store cannot be written and read; the message is one line for the operator."""
+
+
 class BlobSource(Protocol):
     """An open blob, ready to be sent to a client."""
 

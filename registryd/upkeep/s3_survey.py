@@ -41,6 +41,7 @@ from twisted.logger import Logger
 from registryd.digest import Digest
 from registryd.storage.s3.client import S3Client
 from registryd.storage.s3.errors import ObjectTooLarge
+from registryd.storage.s3.listing import list_blobs
 from registryd.storage import layout
 from registryd.storage.layout import repositories_root
 from registryd.storage.s3.store import S3Store
@@ -48,7 +49,7 @@ from registryd.storage.scan import digest_or_none
 from registryd.upkeep.collector import referenced_digests
 from registryd.upkeep.eviction import Eviction, EvictionPlan
 from registryd.upkeep.s3_marker import (
-    TrashEntry, each, list_blobs, list_trash, read_document, repository_entries,
+    TrashEntry, each, list_trash, read_document, repository_entries,
 )
 from registryd.upkeep.survey import MirrorLink, MirrorManifest, Survey, subject_of
 

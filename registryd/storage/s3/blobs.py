@@ -29,7 +29,7 @@ from zope.interface import implementer
 from registryd.digest import Digest
 from registryd.storage.guard import BlobGuard
 from registryd.storage.local import FileBlobSource
-from registryd.storage.s3.bodies import Sink
+from registryd.storage.sink import Sink
 from registryd.storage.s3.client import MAX_PARTS, S3Client
 from registryd.storage.s3.documents import Part
 from registryd.storage.s3.errors import ObjectTooLarge, S3Error, S3Unavailable

@@ -20,6 +20,7 @@ from registryd.storage.guard import BlobGuard
 from registryd.storage.s3.blobs import S3BlobStore
 from registryd.storage.s3.client import S3Client
 from registryd.storage.s3.hot_cache import HotCache
+from registryd.storage.s3.listing import list_blobs
 from registryd.digest import Digest
 from registryd.storage import layout
 from registryd.storage.layout import MIRROR, repositories_root
@@ -28,7 +29,7 @@ from registryd.storage.s3.repositories import S3RepositoryStore
 from registryd.storage.s3.settings import S3Settings
 from registryd.storage.s3.uploads import S3UploadStore
 from registryd.threads import BlockingPool, InlinePool
-from registryd.storage.outage import StoreUnusable
+from registryd.storage.interface import StoreUnusable
 
 
 class S3Store:
@@ -112,8 +113,6 @@ class S3Store:
 
     async def blob_sizes(self) -> dict[Digest, int]:
         """Every stored blob and its size (one listing of ``blobs/``)."""
-        from registryd.upkeep.s3_marker import list_blobs
-
         return {digest: entry.size for digest, entry in (await list_blobs(self.client)).items()}
 
     def readiness_problem(self, min_free_bytes: int) -> str | None:
