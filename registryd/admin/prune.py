@@ -41,9 +41,9 @@ again from the upstream on the next pull.
 it (docker.io/library/alpine), as [[access]] rules match names: * matches
 within one path component, ** as a whole component across components
 (docker.io/** is every repository of docker.io); give it several times to
-match any of them. Without --pattern,
-every mirrored repository; without --older-than or --unused-for, whatever
-its age (at least one of the three is required).
+match any of them. Without --pattern, every mirrored repository; without
+--older-than or --unused-for, whatever its age (at least one of the three
+is required).
 
 Blobs are not removed by prune: layers may be shared with content that is
 kept. Run `registryd gc` afterwards to reclaim the space of blobs nothing

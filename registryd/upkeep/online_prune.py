@@ -33,7 +33,6 @@ from registryd.mirror.cache import MirrorCache
 from registryd.storage import Store
 from registryd.storage.interface import BlobBackend, RepositoryBackend
 from registryd.storage import layout
-from registryd.storage.layout import repositories_root
 from registryd.storage.s3.store import S3Store
 from registryd.upkeep.collector import referenced_digests
 
@@ -237,7 +236,7 @@ class OnlinePruner:
                     continue
                 matched += 1
                 await _Repository(backend=backend, blobs=self._blobs, manifest_limit=self._limit, name=name,
-                                  remote=remote, path=f"{repositories_root(namespace)}{remote}/", cutoff=cutoff,
+                                  remote=remote, path=f"{layout.repositories_root(namespace)}{remote}/", cutoff=cutoff,
                                   unused_cutoff=unused_cutoff, dry_run=selection.dry_run, removed=removed).prune()
         counts = {kind: sum(1 for entry in removed if entry["kind"] == kind)
                   for kind in ("tag", "manifest", "referrer")}

@@ -43,7 +43,6 @@ from registryd.storage.s3.client import S3Client
 from registryd.storage.s3.errors import ObjectTooLarge
 from registryd.storage.s3.listing import list_blobs
 from registryd.storage import layout
-from registryd.storage.layout import repositories_root
 from registryd.storage.s3.store import S3Store
 from registryd.storage.scan import digest_or_none
 from registryd.upkeep.collector import referenced_digests
@@ -67,7 +66,7 @@ class S3Repository:
 
     @property
     def root(self) -> str:
-        return repositories_root(self.folder)
+        return layout.repositories_root(self.folder)
 
     def link_key(self, digest: Digest) -> str:
         return f"{self.root}{self.remote}/{layout.link_key(digest)}"

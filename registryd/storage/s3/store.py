@@ -23,7 +23,6 @@ from registryd.storage.s3.hot_cache import HotCache
 from registryd.storage.s3.listing import list_blobs
 from registryd.digest import Digest
 from registryd.storage import layout
-from registryd.storage.layout import MIRROR, repositories_root
 from registryd.storage.s3.probe import BucketUnusable, ReadyProbe, check_bucket
 from registryd.storage.s3.repositories import S3RepositoryStore
 from registryd.storage.s3.settings import S3Settings
@@ -48,7 +47,7 @@ class S3Store:
         self.hot_cache = (HotCache(cache_dir or os.path.join(root, "cache"), cache_size, pool)
                           if cache_size > 0 and not presign else None)
         self.blobs = S3BlobStore(self.client, self.guard, presign=presign, hot_cache=self.hot_cache)
-        self.repositories = S3RepositoryStore(self.client, repositories_root(None))
+        self.repositories = S3RepositoryStore(self.client, layout.repositories_root(None))
         self.uploads = S3UploadStore(self.client, self.guard, os.path.join(self.tmp_dir, "uploads"),
                                      settings.part_size, pool=pool)
         self.blob_files = None      # no blob is a local file here
@@ -56,7 +55,7 @@ class S3Store:
         self._ready_probe = ReadyProbe(settings, reactor)
 
     def mirror_repositories(self, namespace: str) -> S3RepositoryStore:
-        return S3RepositoryStore(self.client, repositories_root(namespace))
+        return S3RepositoryStore(self.client, layout.repositories_root(namespace))
 
     def prepare(self) -> None:
         """Create the local ``tmp/`` (and the hot cache's folders) and prove it writable (raises OSError)."""
@@ -106,9 +105,9 @@ class S3Store:
     async def mirror_folders(self) -> list[str]:
         """The upstream folders under ``mirror/`` (a namespace with ``:`` as ``_``), sorted."""
         found = []
-        async for entry in self.client.list_objects(MIRROR, delimiter="/"):
+        async for entry in self.client.list_objects(layout.MIRROR, delimiter="/"):
             if entry.is_prefix:
-                found.append(entry.key[len(MIRROR):].rstrip("/"))
+                found.append(entry.key[len(layout.MIRROR):].rstrip("/"))
         return sorted(f for f in found if f)
 
     async def blob_sizes(self) -> dict[Digest, int]:
