@@ -19,7 +19,8 @@ from registryd.auth.settings import build_auth
 from registryd.auth.tls import ServerTLSContext, parse_tls_description, tls_endpoint
 from registryd.config import Config
 from registryd.storage import open_store
-from registryd.storage.outage import StoreUnusable, outage_reason
+from registryd.storage.interface import StoreUnusable
+from registryd.storage.outage import outage_reason
 from registryd.threads import BlockingPool, BoundedPool
 from registryd.upkeep.scheduler import Upkeep
 from registryd.web.app import RegistryAPI

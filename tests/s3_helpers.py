@@ -16,7 +16,7 @@ from twisted.internet.task import LoopingCall
 from zope.interface import implementer
 
 from registryd.storage.s3 import S3Client
-from registryd.storage.s3.layout import repositories_root
+from registryd.storage.layout import repositories_root
 from registryd.storage.s3.repositories import S3RepositoryStore
 
 

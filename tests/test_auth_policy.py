@@ -9,10 +9,10 @@ from registryd.auth.errors import AuthConfigError
 from registryd.auth.policy import (
     AccessPolicy,
     Verdict,
-    compile_pattern,
     mirrored_namespaces,
     parse_access_rules,
 )
+from registryd.globs import Glob
 
 GLOBS = [
     # pattern, repository, matches
@@ -54,7 +54,7 @@ GLOBS = [
 
 @pytest.mark.parametrize("pattern,repository,expected", GLOBS)
 def test_glob_semantics(pattern: str, repository: str, expected: bool) -> None:
-    assert bool(compile_pattern(pattern).fullmatch(repository)) is expected
+    assert Glob.parse(pattern).matches(repository) is expected
 
 
 RULES = [

@@ -29,7 +29,7 @@ from registryd.admin.fsck_s3 import S3Fsck
 from registryd.config import StorageSettings, UpstreamConfig
 from registryd.digest import parse_digest
 from registryd.storage.s3 import S3Client
-from registryd.storage.s3.layout import blob_key
+from registryd.storage.layout import blob_key
 from registryd.upkeep.s3_marker import trash_key
 from test_cli_ls import NS, REGISTRYD, Filled, _fill
 

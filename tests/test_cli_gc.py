@@ -18,10 +18,10 @@ from twisted.internet.task import deferLater
 
 from conftest import start_twistd, stop_process
 from registryd.admin.gc import collect_on_s3
-from registryd.admin.progress import human_size
+from registryd.units import human_size
 from registryd.config import StorageSettings
 from registryd.digest import parse_digest
-from registryd.storage.s3.layout import blob_key
+from registryd.storage.layout import blob_key
 from registryd.upkeep.s3_collector import S3Collector
 from registryd.upkeep.s3_marker import list_trash
 from oci_client import OCI_CONFIG, OCI_INDEX, OCI_LAYER, OCI_MANIFEST, Client, descriptor, digest_of, encode

@@ -35,7 +35,7 @@ from oci_client import (
     digest_of,
     encode,
 )
-from registryd.admin.progress import human_size
+from registryd.units import human_size
 from registryd.config import Config, StorageSettings, UpstreamConfig
 from registryd.service import RegistryService
 from registryd.storage.s3 import S3Settings

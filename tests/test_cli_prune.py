@@ -16,7 +16,7 @@ from fake_upstream import FakeUpstream, fake_upstream  # noqa: F401  (fixture)
 from oci_client import Client
 from registryd.config import StorageSettings, UpstreamConfig
 from registryd.digest import parse_digest
-from registryd.storage.s3.layout import blob_key
+from registryd.storage.layout import blob_key
 from test_cli_ls import blob_file, bucket_objects, files_under, run, write_s3_config
 
 NS = "mirror.test:5000"

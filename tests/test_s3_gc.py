@@ -16,12 +16,12 @@ from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.task import deferLater
 
 from s3_helpers import node_b, repos, s3  # noqa: F401  (fixtures)
-from registryd.admin.layout import DataDir
+from registryd.storage.scan import DataDir
 from registryd.digest import Digest, digest_of
 from registryd.storage.guard import BlobGuard
 from registryd.storage.s3 import S3Client, S3Unavailable
 from registryd.storage.s3.blobs import S3BlobStore
-from registryd.storage.s3.layout import blob_key
+from registryd.storage.layout import blob_key
 from registryd.upkeep.collector import Collector
 from registryd.upkeep.s3_collector import S3Collector
 from registryd.upkeep.s3_marker import trash_key

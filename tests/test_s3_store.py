@@ -21,7 +21,7 @@ from registryd.errors import RegistryError
 from registryd.storage.guard import BlobGuard
 from registryd.storage.s3 import S3Client, S3Error
 from registryd.storage.s3.blobs import S3BlobStore
-from registryd.storage.s3.layout import blob_key
+from registryd.storage.layout import blob_key
 
 MiB = 1024 * 1024
 INDEX = "application/vnd.oci.image.index.v1+json"

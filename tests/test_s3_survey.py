@@ -25,7 +25,7 @@ from registryd.digest import Digest, parse_digest
 from registryd.storage.guard import BlobGuard
 from registryd.storage.s3 import S3Client
 from registryd.storage.s3.blobs import S3BlobStore
-from registryd.storage.s3.layout import blob_key, repositories_root
+from registryd.storage.layout import blob_key, repositories_root
 from registryd.storage.s3.repositories import S3RepositoryStore
 from registryd.upkeep import scheduler
 from registryd.upkeep.collector import referenced_digests

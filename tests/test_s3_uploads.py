@@ -21,7 +21,8 @@ from s3_helpers import PeakRss, node_b, read, s3  # noqa: F401  (fixtures)
 from registryd.digest import Digest
 from registryd.errors import RegistryError
 from registryd.storage.guard import BlobGuard
-from registryd.storage.s3 import Part, S3Client, S3Error, S3Unavailable, layout
+from registryd.storage import layout
+from registryd.storage.s3 import Part, S3Client, S3Error, S3Unavailable
 from registryd.storage.s3.upload_state import SessionState, data_key, state_key
 from registryd.storage.s3.uploads import S3Upload, S3UploadStore
 from registryd.threads import BlockingPool

@@ -19,7 +19,7 @@ from twisted.internet.task import deferLater
 
 from conftest import VENV_BIN, free_port, start_twistd, stop_process
 from oci_client import OCI_CONFIG, OCI_LAYER, OCI_MANIFEST, Client, descriptor, digest_of, encode
-from registryd.admin.layout import DataDir, Repository
+from registryd.storage.scan import DataDir, Repository
 from registryd.config import StorageSettings, UpstreamConfig
 from registryd.digest import parse_digest
 from registryd.storage.guard import BlobGuard

@@ -3,10 +3,10 @@
 - ``store_access``: the configured store (the data directory, or the S3
   bucket of ``[storage] driver = "s3"``) opened through the storage
   interface, as the server opens it; ls, prune, preload, export and import
-  work through it on either driver.
-- ``layout``: the data directory as fsck, the offline gc and the upkeep read
-  it (repositories, local and mirrored, their links, revisions, tags and
-  referrers; blobs); ``fsck_s3`` reads a bucket the same way.
+  work through it on either driver. Also the ``--config``/``--data-dir``
+  options and the context managers that turn I/O and store errors into one
+  line. fsck and the offline gc read the data directory with
+  ``registryd.storage.scan``; ``fsck_s3`` reads a bucket the same way.
 - ``remote``: ``--url``, for commands that ask a running server to do the work.
 - ``progress``: a progress bar on stderr, only when it is a terminal.
 

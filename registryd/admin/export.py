@@ -35,7 +35,6 @@ from registryd.admin.image_list import (
     read_image_file,
     unique,
 )
-from registryd.admin.layout import add_store_arguments, no_empty_dirs_left, store_errors_reported
 from registryd.admin.oci_layout import (
     CONTAINERD_NAME,
     REF_NAME,
@@ -48,13 +47,21 @@ from registryd.admin.oci_layout import (
     is_tar,
     open_writer,
 )
-from registryd.admin.progress import Progress, human_size
-from registryd.admin.store_access import load_admin_config, run_with_store
+from registryd.admin.progress import Progress
+from registryd.admin.store_access import (
+    add_store_arguments,
+    load_admin_config,
+    no_empty_dirs_left,
+    run_with_store,
+    store_errors_reported,
+)
 from registryd.config import DOCKER_HUB
 from registryd.digest import Digest, digest_of, parse_digest
 from registryd.errors import RegistryError
 from registryd.manifests import INDEX_TYPES, NON_DISTRIBUTABLE, parse_manifest
-from registryd.storage.s3.bodies import Sink
+from registryd.storage import layout
+from registryd.storage.sink import Sink
+from registryd.units import human_size
 
 HELP = "write images and all their content to an OCI image layout (a directory or a .tar)"
 
@@ -499,7 +506,7 @@ def run(args: argparse.Namespace) -> int:
     except LayoutError as e:
         raise AdminError(str(e), EXIT_USAGE) from None
     config = load_admin_config(args)
-    folders = {u.namespace.replace(":", "_"): u.namespace for u in config.upstreams}
+    folders = layout.namespace_folders(u.namespace for u in config.upstreams)
     default = next((u.namespace for u in config.upstreams if u.default), None)
 
     async def main(store: Any, reactor: Any) -> Exported:

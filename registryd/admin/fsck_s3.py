@@ -1,6 +1,6 @@
 """``registryd fsck [--repair]`` on the S3 driver: the data directory's checks and repair, on a bucket.
 
-The rules are registryd.admin.fsck's (``Checker``); this module reads the
+The rules are registryd.admin.fsck_rules' (``Checker``); this module reads the
 bucket for them. Every key is listed once, with its size and LastModified,
 one top-level prefix after the other:
 
@@ -44,7 +44,7 @@ from typing import Any, Callable
 import attrs
 
 from registryd.admin import AdminError
-from registryd.admin.fsck import (
+from registryd.admin.fsck_rules import (
     BlobState,
     BlobUnchanged,
     Checker,
@@ -56,7 +56,19 @@ from registryd.admin.fsck import (
     plural,
     quarantine_names,
 )
-from registryd.admin.layout import (
+from registryd.admin.progress import Progress
+from registryd.admin.store_access import run_with_store
+from registryd.config import Config
+from registryd.digest import Digest
+from registryd.storage.s3.client import S3Client
+from registryd.storage.s3.documents import ObjectEntry
+from registryd.storage.s3.errors import ObjectTooLarge, S3Error, S3Unavailable
+from registryd.storage.s3.listing import BlobEntry, list_blobs
+from registryd.storage.s3.upload_state import HashSink
+from registryd.storage import layout
+from registryd.storage.layout import BLOBS, MIRROR, REPOSITORIES, UPLOADS, blob_key
+from registryd.storage.s3.upload_state import session_of
+from registryd.storage.scan import (
     Repository,
     RepositoryScan,
     Revision,
@@ -66,24 +78,13 @@ from registryd.admin.layout import (
     parse_revision,
     parse_tag,
 )
-from registryd.admin.progress import Progress, human_size
-from registryd.admin.store_access import run_with_store
-from registryd.config import Config
 from registryd.deferreds import bounded_each
-from registryd.digest import Digest
-from registryd.storage.s3.client import S3Client
-from registryd.storage.s3.documents import ObjectEntry
-from registryd.storage.s3.errors import ObjectTooLarge, S3Error, S3Unavailable
-from registryd.storage.s3.upload_state import HashSink
-from registryd.storage.s3.layout import BLOBS, MIRROR, REPOSITORIES, UPLOADS, blob_key
-from registryd.storage.s3.upload_state import session_of
+from registryd.units import human_size
 from registryd.upkeep.s3_collector import LEFTOVER_AGE
 from registryd.upkeep.s3_marker import (
     TRASH,
-    BlobEntry,
     RepositoryKey,
     TrashEntry,
-    list_blobs,
     list_trash,
     read_document,
     split_repository_key,
@@ -128,22 +129,22 @@ class _Keys:
 
     def add(self, place: RepositoryKey, key: str) -> None:
         rest = place.rest
-        if place.marker in ("_manifests", "_blobs"):
+        if place.marker in layout.MARKERS:
             self.real = True
-        if place.marker == "_blobs" and len(rest) == 2 and (digest := digest_or_none(*rest)) is not None:
+        if place.marker == layout.LINKS_MARKER and len(rest) == 2 and (digest := digest_or_none(*rest)) is not None:
             self.links[digest] = key
-        elif place.marker == "_manifests" and len(rest) == 3 and rest[0] == "revisions" \
+        elif place.marker == layout.MANIFESTS_MARKER and len(rest) == 3 and rest[0] == layout.REVISIONS_FOLDER \
                 and (digest := digest_or_none(rest[1], rest[2])) is not None:
             self.revisions[digest] = key
-        elif place.marker == "_manifests" and len(rest) == 2 and rest[0] == "tags" and rest[1]:
+        elif place.marker == layout.MANIFESTS_MARKER and len(rest) == 2 and rest[0] == layout.TAGS_FOLDER and rest[1]:
             self.tags[rest[1]] = key
-        elif place.marker == "_referrers" and len(rest) == 3:
+        elif place.marker == layout.REFERRERS_MARKER and len(rest) == 3:
             self.referrers.append((digest_or_none(rest[0], rest[1]), key))
-        elif place.marker != "_pulls":
+        elif place.marker != layout.PULLS_MARKER:
             self.unexpected.append(key)
 
 
-# The small objects, as registryd.admin.layout reads their files; ``data`` None: too large to be one.
+# The small objects, as registryd.storage.scan reads their files; ``data`` None: too large to be one.
 
 def _revision(digest: Digest, key: str, data: bytes | None) -> Revision:
     if data is None:
@@ -445,7 +446,7 @@ class S3Fsck(Checker):
 
 def run_s3(config: Config, args: argparse.Namespace) -> int:
     """``registryd fsck`` on the bucket ``config`` names (exit status 3 when it cannot be done)."""
-    namespaces = {u.namespace.replace(":", "_"): u.namespace for u in config.upstreams}
+    namespaces = layout.namespace_folders(u.namespace for u in config.upstreams)
 
     async def main(store: Any, reactor: Any) -> tuple[S3Fsck, str, str | None, list[dict[str, str]]]:
         fsck = S3Fsck(store.client, namespaces, config.upload_expiry, config.gc_delay)

@@ -16,8 +16,8 @@ from twisted.internet.defer import Deferred
 
 from registryd.admin import EXIT_OK
 from registryd.admin.inventory import log_problems_to_stderr
-from registryd.admin.layout import add_store_arguments, open_data_dir, os_errors_reported, store_errors_reported
-from registryd.admin.progress import human_size
+from registryd.admin.store_access import add_store_arguments, open_data_dir, os_errors_reported, store_errors_reported
+from registryd.units import human_size
 from registryd.admin.remote import add_remote_arguments, post_admin
 from registryd.admin.store_access import load_admin_config, run_with_store
 from registryd.config import Config

@@ -31,7 +31,6 @@ from twisted.internet.defer import DeferredLock
 
 from registryd.admin import EXIT_DAMAGE, EXIT_OK, EXIT_USAGE, AdminError
 from registryd.admin.image_list import ImageListError, describe_platform, parse_reference
-from registryd.admin.layout import add_store_arguments, no_empty_dirs_left, os_errors_reported, store_errors_reported
 from registryd.admin.oci_layout import (
     CONTAINERD_NAME,
     REF_NAME,
@@ -44,22 +43,30 @@ from registryd.admin.oci_layout import (
     read_index,
     verify_stream,
 )
-from registryd.admin.progress import Progress, human_size
-from registryd.admin.store_access import load_admin_config, run_reactor, run_with_store
+from registryd.admin.progress import Progress
+from registryd.admin.store_access import (
+    add_store_arguments,
+    load_admin_config,
+    no_empty_dirs_left,
+    os_errors_reported,
+    run_reactor,
+    run_with_store,
+    store_errors_reported,
+)
 from registryd.config import DOCKER_HUB, Config
 from registryd.deferreds import bounded_gather
 from registryd.digest import Digest, digest_of
 from registryd.errors import RegistryError
 from registryd.manifests import NON_DISTRIBUTABLE, parse_manifest
 from registryd.names import check_name, is_tag
+from registryd.storage import layout
 from registryd.threads import InlinePool
+from registryd.units import human_size
 
 T = TypeVar("T")
 
 #: Store calls (a HEAD, an upload) one phase keeps in flight: S3 answers each over the network.
 CONCURRENCY = 4
-#: What a non-empty data directory must have to be taken for registryd's.
-_DATA_DIR_MARKERS = ("blobs", "repositories", "mirror", "uploads", "tmp")
 
 HELP = "import images from an OCI image layout (a directory or a tar file) into the store"
 
@@ -487,7 +494,7 @@ def _check_data_dir(root: str, dry_run: bool) -> None:
     On S3 too: the data directory holds the node's ``tmp/``, where blobs are staged.
     """
     if os.path.isdir(root):
-        if os.listdir(root) and not any(os.path.isdir(os.path.join(root, sub)) for sub in _DATA_DIR_MARKERS):
+        if os.listdir(root) and not any(os.path.isdir(layout.local_path(root, sub)) for sub in layout.TOP_LEVEL):
             raise AdminError(f"{root} is not a registryd data directory (it has no blobs/, repositories/ or "
                              f"mirror/) and is not empty")
         if not dry_run and not os.access(root, os.W_OK | os.X_OK):

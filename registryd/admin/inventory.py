@@ -22,14 +22,14 @@ from twisted.logger import FilteringLogObserver, LogLevel, LogLevelFilterPredica
 from twisted.logger import textFileLogObserver
 
 from registryd.admin import EXIT_OK
-from registryd.admin.layout import add_store_arguments, store_errors_reported
-from registryd.admin.progress import human_size
+from registryd.admin.store_access import add_store_arguments, load_admin_config, run_with_store, store_errors_reported
 from registryd.deferreds import bounded_gather
-from registryd.admin.store_access import load_admin_config, run_with_store
 from registryd.digest import Digest
 from registryd.errors import RegistryError
 from registryd.manifests import parse_manifest
+from registryd.storage import layout
 from registryd.storage.interface import RepositoryBackend
+from registryd.units import human_size
 
 T = TypeVar("T")
 
@@ -88,12 +88,11 @@ def log_problems_to_stderr() -> None:
 
 def mirror_namespaces(config: Any) -> dict[str, str]:
     """Folder under ``mirror/`` -> the upstream namespace it caches, for the configured upstreams."""
-    return {u.namespace.replace(":", "_"): u.namespace for u in config.upstreams}
+    return layout.namespace_folders(u.namespace for u in config.upstreams)
 
 
 def namespace_of(folder: str, namespaces: Mapping[str, str]) -> str:
-    # A namespace is a host[:port]; only the port's ':' is '_' in the store.
-    return namespaces.get(folder) or folder.replace("_", ":")
+    return layout.folder_namespace(folder, dict(namespaces))
 
 
 @attrs.frozen

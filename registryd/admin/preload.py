@@ -44,15 +44,15 @@ from registryd.admin.image_list import (
     read_image_file,
     unique,
 )
-from registryd.admin.layout import add_store_arguments
-from registryd.admin.progress import Progress, human_size
+from registryd.admin.progress import Progress
 from registryd.admin.remote import add_remote_arguments, authorization
-from registryd.admin.store_access import check_data_dir, load_admin_config, run_reactor
+from registryd.admin.store_access import add_store_arguments, check_data_dir, load_admin_config, run_reactor
 from registryd.config import Config, UpstreamConfig
 from registryd.deferreds import Shared, bounded_gather
 from registryd.digest import Digest, digest_of, parse_digest
 from registryd.errors import RegistryError
 from registryd.manifests import INDEX_TYPES, MANIFEST_TYPES, NON_DISTRIBUTABLE, parse_manifest
+from registryd.units import human_size
 
 log = Logger()
 

@@ -5,18 +5,7 @@ import sys
 import time
 from typing import TextIO
 
-_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
-
-
-def human_size(size: int) -> str:
-    """``1536`` -> ``1.5 KiB``."""
-    value = float(size)
-    for unit in _UNITS:
-        if value < 1024 or unit == _UNITS[-1]:
-            return f"{int(value)} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
-
+from registryd.units import human_size
 
 class Progress:
     """Counts items and bytes done out of a known total; redraws at most 10 times a second."""

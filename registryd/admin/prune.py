@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from typing import Any
 
 from registryd.admin import EXIT_USAGE, EXIT_OK, AdminError
 from registryd.admin.gc import parse_duration
 from registryd.admin.inventory import log_problems_to_stderr, mirror_namespaces, namespace_of
-from registryd.admin.layout import add_store_arguments, store_errors_reported
 from registryd.admin.remote import add_remote_arguments, post_admin
-from registryd.admin.store_access import load_admin_config, run_with_store
+from registryd.admin.store_access import add_store_arguments, load_admin_config, run_with_store, store_errors_reported
+from registryd.globs import Glob
 
 HELP = "remove cached tags and manifests of mirrored repositories (--older-than, --unused-for, --pattern)"
 
@@ -39,10 +38,12 @@ Local (pushed) repositories are never touched. Removed content is fetched
 again from the upstream on the next pull.
 
 --pattern GLOB is matched against <namespace>/<repository>, as clients pull
-it (docker.io/library/alpine): * matches within one path component, ** across
-components; give it several times to match any of them. Without --pattern,
-every mirrored repository; without --older-than or --unused-for, whatever
-its age (at least one of the three is required).
+it (docker.io/library/alpine), as [[access]] rules match names: * matches
+within one path component, ** as a whole component across components
+(docker.io/** is every repository of docker.io); give it several times to
+match any of them. Without --pattern, every mirrored repository; without
+--older-than or --unused-for, whatever its age (at least one of the three
+is required).
 
 Blobs are not removed by prune: layers may be shared with content that is
 kept. Run `registryd gc` afterwards to reclaim the space of blobs nothing
@@ -60,7 +61,7 @@ from the upstream. The removals are listed once the prune is done."""
 EPILOG = """\
 exit status:
   0  done (with --dry-run: nothing was removed)
-  2  bad arguments (a bad duration, or none of --older-than, --unused-for, --pattern)
+  2  bad arguments (a bad duration or glob, or none of --older-than, --unused-for, --pattern)
   3  prune could not be done: missing or unreadable data directory, the S3
      bucket cannot be reached or refused, bad config file, permission denied,
      an unlink that failed; with --url: the server cannot be reached or
@@ -74,7 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--unused-for", type=parse_duration, metavar="DURATION",
                         help="only content neither cached nor pulled for this long (last pull times as "
                              "`registryd ls` shows them)")
-    parser.add_argument("-p", "--pattern", action="append", metavar="GLOB", default=[],
+    parser.add_argument("-p", "--pattern", action="append", type=parse_pattern, metavar="GLOB", default=[],
                         help="only repositories matching <namespace>/<repository> "
                              "(* within a component, ** across); repeatable")
     parser.add_argument("-n", "--dry-run", action="store_true",
@@ -84,27 +85,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_remote_arguments(parser, "prune in (POST /admin/prune, for an admin user; either storage driver)")
 
 
-def compile_glob(pattern: str) -> re.Pattern[str]:
-    """``*`` within one component, ``**`` across (``a/**/b`` also matches ``a/b``)."""
-    out = []
-    i = 0
-    while i < len(pattern):
-        if pattern.startswith("**/", i):
-            out.append("(?:.*/)?")
-            i += 3
-        elif pattern.startswith("**", i):
-            out.append(".*")
-            i += 2
-        elif pattern[i] == "*":
-            out.append("[^/]*")
-            i += 1
-        elif pattern[i] == "?":
-            out.append("[^/]")
-            i += 1
-        else:
-            out.append(re.escape(pattern[i]))
-            i += 1
-    return re.compile("".join(out))
+def parse_pattern(text: str) -> str:
+    """A ``--pattern`` that is a glob of registryd.globs (argparse type)."""
+    try:
+        Glob.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text[:100]!r} is not a glob of <namespace>/<repository>: it {e}") from None
+    return text
 
 
 def describe(entry: dict[str, Any]) -> str:

@@ -6,24 +6,37 @@ on either driver: the data directory, or the S3 bucket the config names.
 Opening never runs ``Store.recover()``: a server may be running beside the
 command (on S3 there always is one, on another node) and ``tmp/`` holds its
 transfers.
+
+Also what every such command shares: the options naming the store, and
+the context managers that turn an I/O or store error into one line.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import os
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Any, Awaitable, Callable, Iterator, TypeVar
 
 import attrs
 from twisted.internet.task import react
 
 from registryd.admin import AdminError
 from registryd.config import Config
+from registryd.storage import layout
+from registryd.storage.scan import DataDir
 
 T = TypeVar("T")
 
-#: What a data directory of registryd's has (at least one of).
-_DATA_DIR_MARKERS = ("blobs", "repositories", "mirror", "uploads", "tmp")
+
+def add_store_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--config`` and ``--data-dir``, as ``twistd registryd`` takes them."""
+    parser.add_argument("-c", "--config", metavar="FILE",
+                        help="the registryd TOML config file: its data_dir or its [storage] "
+                             "section (driver = \"s3\": the bucket), and its upstreams to name "
+                             "mirrored repositories")
+    parser.add_argument("-d", "--data-dir", metavar="DIR",
+                        help="the data directory (overrides the config file's data_dir); without "
+                             "either option, the default that `twistd registryd` uses")
 
 
 def load_admin_config(args: argparse.Namespace) -> Config:
@@ -46,7 +59,7 @@ def check_data_dir(root: str, allow_empty: bool = False) -> None:
         raise AdminError(f"cannot read the data directory {root}: permission denied")
     if allow_empty and not os.listdir(root):
         return
-    if not any(os.path.isdir(os.path.join(root, sub)) for sub in _DATA_DIR_MARKERS):
+    if not any(os.path.isdir(layout.local_path(root, sub)) for sub in layout.TOP_LEVEL):
         raise AdminError(f"{root} is not a registryd data directory (it has no blobs/, "
                          f"repositories/ or mirror/)")
 
@@ -125,3 +138,64 @@ def run_with_store(config: Config, main: Callable[[Any, Any], Awaitable[T]], all
             pool.stop()
 
     return run_reactor(session)
+
+
+@contextlib.contextmanager
+def os_errors_reported() -> Iterator[None]:
+    """Turn an OSError the command cannot get past into one line (exit status 3)."""
+    try:
+        yield
+    except PermissionError as e:
+        raise AdminError(f"cannot read {e.filename}: permission denied (run as the user registryd "
+                         f"runs as, or root)") from None
+    except OSError as e:
+        where = f" {e.filename}" if e.filename else ""
+        raise AdminError(f"I/O error on{where}: {e.strerror or e}") from None
+
+
+@contextlib.contextmanager
+def store_errors_reported(location: str) -> Iterator[None]:
+    """``os_errors_reported``, and a store that fails to answer, as one line (exit status 3).
+
+    For commands that work through the storage interface: on S3 a read or a
+    write can fail with the object store's own error (an access denied, a
+    store that cannot be reached); ``location`` says which store.
+    """
+    from registryd.storage.s3.errors import S3Error, S3Unavailable
+
+    with os_errors_reported():
+        try:
+            yield
+        except (S3Error, S3Unavailable) as e:
+            raise AdminError(f"{location}: {e}") from None
+
+
+@contextlib.contextmanager
+def no_empty_dirs_left(root: str, keep: bool = False) -> Iterator[None]:
+    """If ``root`` does not exist before: afterwards, remove the empty directories left in it.
+
+    Opening a store may make its local directories (the S3 store makes
+    ``tmp/uploads/``); a command that found no data directory, and failed or
+    had nothing to keep, should not leave one behind. Only empty directories
+    go; ``keep`` (the command did what it should) keeps them all.
+    """
+    existed = os.path.lexists(root)
+    ok = False
+    try:
+        yield
+        ok = True
+    finally:
+        if not existed and not (keep and ok):
+            for directory, _, _ in os.walk(root, topdown=False):
+                try:
+                    os.rmdir(directory)
+                except OSError:
+                    pass
+
+
+def open_data_dir(args: argparse.Namespace) -> DataDir:
+    """The data directory ``--config``/``--data-dir`` name, checked to be one."""
+    config = load_admin_config(args)
+    check_data_dir(config.data_dir)
+    namespaces = layout.namespace_folders(u.namespace for u in config.upstreams)
+    return DataDir(config.data_dir, namespaces)

@@ -20,14 +20,13 @@ Users
     ``"anonymous"`` for a request without credentials. ``"*"`` does not
     include anonymous requests: list both to mean everybody.
 
-Repository patterns (matched against the whole name, case-sensitively;
-repository names are lowercase anyway)
-    ``*`` matches any run of characters within one path component (never a
-    ``/``), ``?`` matches one such character, and ``**`` as a whole
-    component matches zero or more components. So ``team/*`` matches
-    ``team/app`` but not ``team/app/web`` nor ``team``; ``team/**`` matches
-    ``team``, ``team/app`` and ``team/app/web``; ``**/cache`` matches
-    ``cache`` and ``a/b/cache``; ``**`` matches every repository.
+Repository patterns
+    globs of registryd.globs, matched against the whole name (a mirrored
+    repository's is ``<namespace>/<name upstream>``): ``*`` matches within
+    one path component, ``?`` one character of it, and ``**`` as a whole
+    component zero or more components. So ``team/*`` matches ``team/app``
+    but not ``team/app/web`` nor ``team``; ``team/**`` matches ``team``,
+    ``team/app`` and ``team/app/web``; ``**`` matches every repository.
 
 Actions
     ``pull`` (manifests, blobs, tags, referrers, the catalog listing),
@@ -52,6 +51,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import attrs
 
 from registryd.auth.errors import AuthConfigError
+from registryd.globs import Glob
 
 ANONYMOUS = "anonymous"
 ANY_USER = "*"
@@ -64,7 +64,6 @@ PUSH = "push"
 DELETE = "delete"
 ACTIONS = (PULL, PUSH, DELETE)
 
-_PATTERN_COMPONENT = re.compile(r"^[a-z0-9._*?-]+$")
 _BAD_USER_CHARACTERS = re.compile(r"[:\s\x00-\x1f\x7f]")
 _RULE_KEYS = ("users", "repositories", "actions")
 
@@ -90,49 +89,6 @@ class Verdict(enum.Enum):
     HIDE = "hide"
 
 
-def compile_pattern(pattern: str) -> re.Pattern[str]:
-    """Translate one repository glob (see the module docstring) to a regex.
-
-    Raises ValueError with a short reason for a pattern no name can match.
-    """
-    if not pattern:
-        raise ValueError("is empty")
-    components = pattern.split("/")
-    collapsed: list[str] = []
-    for component in components:
-        if not component:
-            raise ValueError("has an empty path component (leading, trailing or double '/')")
-        if not _PATTERN_COMPONENT.match(component):
-            raise ValueError("may hold only lowercase letters, digits, '.', '_', '-', '/', '*' and '?'")
-        if "**" in component and component != "**":
-            raise ValueError("uses '**' inside a component; '**' must be a whole component")
-        if component == "**" and collapsed and collapsed[-1] == "**":
-            continue
-        collapsed.append(component)
-    regex = ""
-    last = len(collapsed) - 1
-    for index, component in enumerate(collapsed):
-        if component == "**":
-            if index == 0 and index == last:
-                regex += r"[^/]+(?:/[^/]+)*"
-            elif index == last:
-                # "a/**": drop the separator already written so "a" matches too.
-                regex = regex[:-1] + r"(?:/[^/]+)*"
-            else:
-                regex += r"(?:[^/]+/)*"
-            continue
-        for character in component:
-            if character == "*":
-                regex += r"[^/]*"
-            elif character == "?":
-                regex += r"[^/]"
-            else:
-                regex += re.escape(character)
-        if index != last:
-            regex += "/"
-    return re.compile(regex)
-
-
 @attrs.frozen
 class AccessRule:
     """One ``[[access]]`` table: ``users`` may do ``actions`` on ``repositories``."""
@@ -140,10 +96,10 @@ class AccessRule:
     users: tuple[str, ...]
     repositories: tuple[str, ...]
     actions: frozenset[str]
-    _compiled: tuple[re.Pattern[str], ...] = attrs.field(init=False, repr=False, eq=False)
+    _globs: tuple[Glob, ...] = attrs.field(init=False, repr=False, eq=False)
 
     def __attrs_post_init__(self) -> None:
-        object.__setattr__(self, "_compiled", tuple(compile_pattern(p) for p in self.repositories))
+        object.__setattr__(self, "_globs", tuple(Glob.parse(p) for p in self.repositories))
 
     def matches_user(self, user: str | None) -> bool:
         if user is None:
@@ -151,7 +107,7 @@ class AccessRule:
         return ANY_USER in self.users or user in self.users
 
     def matches_repository(self, repository: str) -> bool:
-        return any(p.fullmatch(repository) for p in self._compiled)
+        return any(glob.matches(repository) for glob in self._globs)
 
     def grants(self, user: str | None, repository: str, action: str) -> bool:
         return action in self.actions and self.matches_user(user) and self.matches_repository(repository)
@@ -197,7 +153,7 @@ def parse_access_rules(value: Any, where: str = "access") -> tuple[AccessRule, .
         patterns = _string_list(f"{at}.repositories", table["repositories"])
         for pattern in patterns:
             try:
-                compile_pattern(pattern)
+                Glob.parse(pattern)
             except ValueError as e:
                 raise AuthConfigError(f"'{at}.repositories': pattern {pattern!r} {e}") from None
         actions = _string_list(f"{at}.actions", table["actions"])

@@ -12,6 +12,7 @@ from typing import Any
 from twisted.internet.defer import Deferred, succeed
 
 from registryd.digest import Digest
+from registryd.storage import layout
 from registryd.storage.blobs import BlobStore
 from registryd.storage.files import empty_dir, free_space_problem, make_dirs, remove_file
 from registryd.storage.guard import BlobGuard
@@ -31,23 +32,23 @@ class Store:
     def __init__(self, root: str, pool: BlockingPool | InlinePool) -> None:
         self.root = root
         self.pool = pool
-        self.tmp_dir = os.path.join(root, "tmp")
+        self.tmp_dir = layout.local_path(root, layout.TMP)
         self.guard = BlobGuard()
         # The blocking stores on disk, and the storage interface over them.
-        self.blob_files = BlobStore(os.path.join(root, "blobs"), self.tmp_dir, self.guard)
+        self.blob_files = BlobStore(layout.local_path(root, layout.BLOBS), self.tmp_dir, self.guard)
         self.blobs = FileBlobs(self.blob_files, pool)
-        self.repositories = FileRepositories(RepositoryStore(os.path.join(root, "repositories"), self.tmp_dir), pool)
-        self.uploads = UploadStore(os.path.join(root, "uploads"), self.tmp_dir, self.blob_files, pool)  # type: ignore[arg-type]
+        self.repositories = FileRepositories(RepositoryStore(layout.local_path(root, layout.REPOSITORIES), self.tmp_dir), pool)
+        self.uploads = UploadStore(layout.local_path(root, layout.UPLOADS), self.tmp_dir, self.blob_files, pool)  # type: ignore[arg-type]
 
     def mirror_repositories(self, namespace: str) -> FileRepositories:
-        """The cached repositories of one upstream (``mirror/<namespace with : as _>``)."""
-        root = os.path.join(self.root, "mirror", namespace.replace(":", "_"))
+        """The cached repositories of one upstream (``mirror/<namespace folder>``)."""
+        root = layout.local_path(self.root, layout.repositories_root(namespace))
         return FileRepositories(RepositoryStore(root, self.tmp_dir), self.pool, durable_links=False)
 
     def prepare(self) -> None:
         """Create the layout and prove it writable (raises OSError)."""
-        for sub in ("blobs", "repositories", "uploads", "tmp"):
-            make_dirs(os.path.join(self.root, sub))
+        for sub in (layout.BLOBS, layout.REPOSITORIES, layout.UPLOADS, layout.TMP):
+            make_dirs(layout.local_path(self.root, sub))
         probe = os.path.join(self.tmp_dir, f"probe-{uuid.uuid4().hex}")
         with open(probe, "wb") as f:
             f.write(b"registryd")
@@ -89,7 +90,7 @@ class Store:
         """
         def folders() -> list[str]:
             try:
-                with os.scandir(os.path.join(self.root, "mirror")) as it:
+                with os.scandir(layout.local_path(self.root, layout.MIRROR)) as it:
                     return sorted(e.name for e in it if e.is_dir(follow_symlinks=False))
             except (FileNotFoundError, NotADirectoryError):
                 return []
@@ -97,7 +98,7 @@ class Store:
 
     async def blob_sizes(self) -> dict[Digest, int]:
         """Every stored blob and its size (one walk of ``blobs/``, in the pool)."""
-        from registryd.admin.layout import DataDir
+        from registryd.storage.scan import DataDir
 
         def walk() -> dict[Digest, int]:
             return {blob.digest: blob.size for blob in DataDir(self.root).blob_files([])}

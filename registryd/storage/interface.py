@@ -6,16 +6,8 @@ several registryd nodes can share. Everything is async, because an object
 store answers over the network; the filesystem answers at once where a call
 is cheap (a stat, a small read) and uses the IO pool where it is not.
 
-Layout, the same on both (S3 keys under the bucket's prefix)::
-
-    blobs/<alg>/<2 hex>/<hex>                         immutable content
-    repositories/<name>/_blobs/<alg>/<hex>            link: the blob is in <name>
-    repositories/<name>/_manifests/revisions/<alg>/<hex>  {"mediaType": ...}
-    repositories/<name>/_manifests/tags/<tag>         the digest it points at
-    repositories/<name>/_referrers/<alg>/<subject hex>/<alg>-<hex>  a descriptor
-    repositories/<name>/_pulls/<alg>/<hex>            last pull (mtime / LastModified)
-    mirror/<namespace with : as _>/<name>/...         the same, for a mirrored repository
-    uploads/<id>/...                                  upload sessions
+The layout is the same on both (S3 keys under the bucket's prefix):
+registryd.storage.layout maps every path.
 
 Rules every implementation keeps:
 
@@ -35,6 +27,10 @@ from twisted.internet.interfaces import IConsumer
 
 from registryd.digest import Digest
 from registryd.storage.guard import BlobGuard
+
+
+class StoreUnusable(Exception):
+    """At start-up: the store cannot be written and read; the message is one line for the operator."""
 
 
 class BlobSource(Protocol):

@@ -16,10 +16,6 @@ _UNUSABLE = frozenset({"NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "Si
                        "AccountProblem", "AllAccessDisabled"})
 
 
-class StoreUnusable(Exception):
-    """At start-up: the store cannot be written and read; the message is one line for the operator."""
-
-
 def outage_reason(error: BaseException) -> str | None:
     """One line saying why the store cannot serve, or None if ``error`` is something else."""
     if isinstance(error, S3Unavailable):

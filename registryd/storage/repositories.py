@@ -22,6 +22,7 @@ from typing import Any, Iterator
 
 from registryd.digest import Digest, parse_digest
 from registryd.errors import RegistryError
+from registryd.storage import layout
 from registryd.storage.files import (
     fsync_dir,
     make_dirs,
@@ -30,9 +31,6 @@ from registryd.storage.files import (
     remove_file,
     write_atomic,
 )
-
-_MARKERS = ("_manifests", "_blobs")
-
 
 class RepositoryStore:
     """Reads and writes the metadata of every repository."""
@@ -44,25 +42,29 @@ class RepositoryStore:
     def _path(self, name: str, *parts: str) -> str:
         return os.path.join(self.root, name, *parts)
 
+    def _key(self, name: str, key: str) -> str:
+        """The path of ``key`` (registryd.storage.layout) in the repository ``name``."""
+        return layout.local_path(self._path(name), key)
+
     def _blob_link(self, name: str, digest: Digest) -> str:
-        return self._path(name, "_blobs", digest.algorithm, digest.hex)
+        return self._key(name, layout.link_key(digest))
 
     def _revision(self, name: str, digest: Digest) -> str:
-        return self._path(name, "_manifests", "revisions", digest.algorithm, digest.hex)
+        return self._key(name, layout.revision_key(digest))
 
     def _tag(self, name: str, tag: str) -> str:
-        return self._path(name, "_manifests", "tags", tag)
+        return self._key(name, layout.tag_key(tag))
 
     def _referrers(self, name: str, subject: Digest) -> str:
-        return self._path(name, "_referrers", subject.algorithm, subject.hex)
+        return self._key(name, layout.referrers_key(subject))
 
     def _pull(self, name: str, digest: Digest) -> str:
-        return self._path(name, "_pulls", digest.algorithm, digest.hex)
+        return self._key(name, layout.pull_key(digest))
 
     # Reads: cheap enough for the reactor (a stat or a small file).
 
     def exists(self, name: str) -> bool:
-        return any(os.path.isdir(self._path(name, marker)) for marker in _MARKERS)
+        return any(os.path.isdir(self._path(name, marker)) for marker in layout.MARKERS)
 
     def has_blob(self, name: str, digest: Digest) -> bool:
         return os.path.exists(self._blob_link(name, digest))
@@ -84,7 +86,7 @@ class RepositoryStore:
         if not self.exists(name):
             return None
         try:
-            return sorted(os.listdir(self._path(name, "_manifests", "tags")))
+            return sorted(os.listdir(self._key(name, layout.TAGS)))
         except FileNotFoundError:
             return []
 
@@ -131,16 +133,16 @@ class RepositoryStore:
         write_atomic(self._tmp, self._revision(name, digest), json.dumps({"mediaType": media_type}).encode())
         if referrer is not None:
             subject, descriptor = referrer
-            path = os.path.join(self._referrers(name, subject), f"{digest.algorithm}-{digest.hex}")
+            path = self._key(name, layout.referrer_key(subject, digest))
             write_atomic(self._tmp, path, json.dumps(descriptor).encode())
         for tag in tags:
             write_atomic(self._tmp, self._tag(name, tag), str(digest).encode())
-        make_dirs(self._path(name, "_manifests", "tags"))
+        make_dirs(self._key(name, layout.TAGS))
 
     def set_tags(self, name: str, digest: Digest, tags: list[str]) -> None:
         for tag in tags:
             write_atomic(self._tmp, self._tag(name, tag), str(digest).encode())
-        make_dirs(self._path(name, "_manifests", "tags"))
+        make_dirs(self._key(name, layout.TAGS))
 
     def record_pull(self, name: str, digest: Digest, when: float) -> None:
         """Note that ``digest`` was pulled from ``name`` at ``when`` (if it is still there)."""
@@ -169,12 +171,12 @@ class RepositoryStore:
         path = self._revision(name, digest)
         if not os.path.exists(path):
             return False
-        tags_dir = self._path(name, "_manifests", "tags")
+        tags_dir = self._key(name, layout.TAGS)
         for tag in self.tags(name) or []:
             if self.resolve_tag(name, tag) == digest:
                 remove_file(os.path.join(tags_dir, tag))
         if subject is not None:
-            entry = os.path.join(self._referrers(name, subject), f"{digest.algorithm}-{digest.hex}")
+            entry = self._key(name, layout.referrer_key(subject, digest))
             if remove_file(entry):
                 prune_empty_dirs(os.path.dirname(entry), self._path(name))
         remove_file(path)
@@ -202,11 +204,11 @@ class RepositoryStore:
 
     def revisions(self, name: str) -> dict[Digest, float]:
         """Each manifest revision and its file's mtime (when it was written)."""
-        return _stamps(self._path(name, "_manifests", "revisions"))
+        return _stamps(self._key(name, layout.REVISIONS))
 
     def pulls(self, name: str) -> dict[Digest, float]:
         """Each pull marker's mtime: when its manifest was last pulled."""
-        return _stamps(self._path(name, "_pulls"))
+        return _stamps(self._key(name, layout.PULLS))
 
     def catalog(self) -> list[str]:
         """Every repository name, sorted."""
@@ -218,7 +220,7 @@ class RepositoryStore:
         except FileNotFoundError:
             return
         names = {entry.name for entry in entries}
-        if prefix and any(marker in names for marker in _MARKERS):
+        if prefix and any(marker in names for marker in layout.MARKERS):
             yield prefix.rstrip("/")
         for entry in entries:
             if not entry.name.startswith("_") and entry.is_dir(follow_symlinks=False):

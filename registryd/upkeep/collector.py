@@ -21,8 +21,8 @@ from typing import Any, Callable, Iterator
 
 import attrs
 
-from registryd.admin.layout import DataDir, Repository, read_file, scan_repository
-from registryd.admin.progress import human_size
+from registryd.storage.scan import DataDir, Repository, read_file, scan_repository
+from registryd.units import human_size
 from registryd.digest import Digest, parse_digest
 from registryd.errors import RegistryError
 from registryd.storage.files import mtime_of, prune_empty_dirs, unlink_durably

@@ -24,11 +24,12 @@ from typing import Callable
 
 import attrs
 
-from registryd.admin.layout import DataDir, Repository
 from registryd.digest import Digest
+from registryd.storage import layout
 from registryd.storage.files import prune_empty_dirs, unlink_durably
 from registryd.storage.guard import BlobGuard
 from registryd.storage.repositories import RepositoryStore
+from registryd.storage.scan import DataDir, Repository
 from registryd.upkeep.survey import MirrorLink, MirrorManifest, Survey, last_used
 
 
@@ -106,5 +107,5 @@ def evict(data: DataDir, plan: EvictionPlan, guard: BlobGuard, since: float,
         if guard.delete_unless_claimed(digest, since, lambda: unlink_durably(path)):
             done.blobs += 1
             done.bytes += size
-            prune_empty_dirs(os.path.dirname(path), os.path.join(data.root, "blobs", digest.algorithm))
+            prune_empty_dirs(os.path.dirname(path), layout.local_path(data.root, f"{layout.BLOBS}{digest.algorithm}"))
     return done

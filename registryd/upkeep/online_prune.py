@@ -20,20 +20,19 @@ the mirror cached again, meanwhile stays.
 from __future__ import annotations
 
 import math
-import re
 import time
 from typing import Any, Callable, Mapping
 
 import attrs
 
-from registryd.admin.prune import compile_glob
 from registryd.digest import Digest
 from registryd.errors import RegistryError
+from registryd.globs import Glob
 from registryd.manifests import parse_manifest
 from registryd.mirror.cache import MirrorCache
 from registryd.storage import Store
 from registryd.storage.interface import BlobBackend, RepositoryBackend
-from registryd.storage.s3.layout import repositories_root
+from registryd.storage import layout
 from registryd.storage.s3.store import S3Store
 from registryd.upkeep.collector import referenced_digests
 
@@ -41,8 +40,6 @@ from registryd.upkeep.collector import referenced_digests
 MIN_MANIFEST_LIMIT = 4 * 1024 * 1024
 #: A duration past this (about 3000 years) is a typo, not a policy.
 MAX_SECONDS = 1e11
-#: What a glob may hold: the characters of namespaces and names, and the wildcards.
-_GLOB = re.compile(r"[a-z0-9._:/*?-]{1,512}")
 
 Clock = Callable[[], float]
 
@@ -75,9 +72,11 @@ class PruneSelection:
         selection = cls(_seconds("older_than", older_than), _seconds("unused_for", unused_for),
                         tuple(patterns), dry_run in ("1", "true"))
         for pattern in patterns:
-            if not _GLOB.fullmatch(pattern):
+            try:
+                Glob.parse(pattern)
+            except ValueError as e:
                 raise ValueError(f"pattern {pattern[:100]!r} is not a glob of <namespace>/<repository>: "
-                                 "1 to 512 of a-z 0-9 . _ - : / and the wildcards * ** ?")
+                                 f"it {e}") from None
         if selection.older_than is None and selection.unused_for is None and not patterns:
             raise ValueError("give older_than=SECONDS, unused_for=SECONDS, pattern=GLOB or several "
                              "(pattern=** selects the whole mirror cache)")
@@ -150,7 +149,7 @@ class _Repository:
             # Re-checked: the upstream may have confirmed it, a client pulled it, since the scan.
             if self.dry_run or (self._old(await self.backend.tag_mtime(self.remote, tag), digest, pulls)
                                 and await self.backend.delete_tag(self.remote, tag)):
-                self._report("tag", f"_manifests/tags/{tag}", digest, tag=tag)
+                self._report("tag", layout.tag_key(tag), digest, tag=tag)
         if not self.dry_run:
             # Tags written meanwhile (not in the scan) keep their manifests too.
             for tag in await self.backend.tags(self.remote) or []:
@@ -179,10 +178,9 @@ class _Repository:
         for digest in gone:
             subject = subjects[digest]
             if digest in listed and subject is not None:
-                self._report("referrer", f"_referrers/{subject.algorithm}/{subject.hex}/"
-                                         f"{digest.algorithm}-{digest.hex}", digest, subject=str(subject))
+                self._report("referrer", layout.referrer_key(subject, digest), digest, subject=str(subject))
         for digest in gone:
-            self._report("manifest", f"_manifests/revisions/{digest.algorithm}/{digest.hex}", digest)
+            self._report("manifest", layout.revision_key(digest), digest)
 
     async def _resolve(self, tag: str) -> Digest | None:
         try:
@@ -227,18 +225,18 @@ class OnlinePruner:
         now = self._clock()
         cutoff = now - selection.older_than if selection.older_than is not None else math.inf
         unused_cutoff = now - selection.unused_for if selection.unused_for is not None else None
-        patterns = [compile_glob(pattern) for pattern in selection.patterns]
+        patterns = [Glob.parse(pattern) for pattern in selection.patterns]
         removed: list[dict[str, Any]] = []
         matched = 0
         for namespace in sorted(self._mirrors):
             backend = self._mirrors[namespace]
             for remote in await backend.catalog():
                 name = f"{namespace}/{remote}"
-                if patterns and not any(pattern.fullmatch(name) for pattern in patterns):
+                if patterns and not any(pattern.matches(name) for pattern in patterns):
                     continue
                 matched += 1
                 await _Repository(backend=backend, blobs=self._blobs, manifest_limit=self._limit, name=name,
-                                  remote=remote, path=f"{repositories_root(namespace)}{remote}/", cutoff=cutoff,
+                                  remote=remote, path=f"{layout.repositories_root(namespace)}{remote}/", cutoff=cutoff,
                                   unused_cutoff=unused_cutoff, dry_run=selection.dry_run, removed=removed).prune()
         counts = {kind: sum(1 for entry in removed if entry["kind"] == kind)
                   for kind in ("tag", "manifest", "referrer")}

@@ -47,9 +47,10 @@ from registryd.digest import Digest
 from registryd.storage.guard import BlobGuard
 from registryd.storage.s3.client import S3Client
 from registryd.storage.s3.errors import S3Error, S3Unavailable
-from registryd.storage.s3.layout import blob_key
+from registryd.storage.layout import blob_key
 from registryd.upkeep.collector import Collection, collection_report
-from registryd.upkeep.s3_marker import BlobEntry, S3Marker, TrashEntry, each, list_blobs, list_trash, trash_key
+from registryd.storage.s3.listing import BlobEntry, list_blobs
+from registryd.upkeep.s3_marker import S3Marker, TrashEntry, each, list_trash, trash_key
 
 log = Logger()
 

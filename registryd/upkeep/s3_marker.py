@@ -18,12 +18,13 @@ from typing import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequen
 import attrs
 from twisted.internet.defer import Deferred, DeferredList
 
-from registryd.admin.layout import digest_or_none
+from registryd.storage.scan import digest_or_none
 from registryd.digest import Digest, parse_digest
 from registryd.errors import RegistryError
 from registryd.storage.s3.client import S3Client
 from registryd.storage.s3.documents import ObjectEntry
-from registryd.storage.s3.layout import BLOBS, MIRROR, REPOSITORIES, blob_key
+from registryd.storage.s3.listing import blob_digest
+from registryd.storage.layout import BLOBS, MIRROR, REPOSITORIES, blob_key
 from registryd.upkeep.collector import referenced_digests
 
 T = TypeVar("T")
@@ -35,14 +36,6 @@ MANIFEST_LIMIT = 64 * 1024 * 1024
 TAG_LIMIT = 4096
 #: Small reads, copies and HEADs in flight at once (Agent's pool does not bound connections).
 CONCURRENCY = 8
-
-
-@attrs.frozen
-class BlobEntry:
-    digest: Digest
-    key: str
-    size: int
-    last_modified: float | None
 
 
 @attrs.frozen
@@ -68,29 +61,6 @@ class TrashEntry:
 
 def trash_key(run: str, digest: Digest) -> str:
     return f"{TRASH}{run}/{blob_key(digest)[len(BLOBS):]}"
-
-
-def blob_digest(parts: Sequence[str]) -> Digest | None:
-    """``<alg>/<2 hex>/<hex>`` as under ``blobs/``, or None."""
-    if len(parts) != 3:
-        return None
-    digest = digest_or_none(parts[0], parts[2])
-    return digest if digest is not None and digest.hex[:2] == parts[1] else None
-
-
-async def list_blobs(client: S3Client, unexpected: list[ObjectEntry] | None = None) -> dict[Digest, BlobEntry]:
-    """Every object under ``blobs/`` that is named by its digest.
-
-    Anything else is fsck's business: it goes to ``unexpected`` when given.
-    """
-    found: dict[Digest, BlobEntry] = {}
-    async for entry in client.list_objects(BLOBS):
-        digest = blob_digest(entry.key[len(BLOBS):].split("/"))
-        if digest is not None:
-            found[digest] = BlobEntry(digest, entry.key, entry.size, entry.last_modified)
-        elif unexpected is not None:
-            unexpected.append(entry)
-    return found
 
 
 async def list_trash(client: S3Client) -> dict[Digest, list[TrashEntry]]:

@@ -38,17 +38,18 @@ from typing import Callable, Iterable, Mapping
 import attrs
 from twisted.logger import Logger
 
-from registryd.admin.layout import digest_or_none
 from registryd.deferreds import bounded_each
 from registryd.digest import Digest
 from registryd.storage.s3.client import S3Client
 from registryd.storage.s3.errors import ObjectTooLarge
-from registryd.storage.s3.layout import repositories_root
+from registryd.storage.s3.listing import list_blobs
+from registryd.storage import layout
 from registryd.storage.s3.store import S3Store
+from registryd.storage.scan import digest_or_none
 from registryd.upkeep.collector import referenced_digests
 from registryd.upkeep.eviction import Eviction, EvictionPlan
 from registryd.upkeep.s3_marker import (
-    CONCURRENCY, TrashEntry, list_blobs, list_trash, read_document, repository_entries,
+    CONCURRENCY, TrashEntry, list_trash, read_document, repository_entries,
 )
 from registryd.upkeep.survey import MirrorLink, MirrorManifest, Survey, subject_of
 
@@ -66,10 +67,10 @@ class S3Repository:
 
     @property
     def root(self) -> str:
-        return repositories_root(self.folder)
+        return layout.repositories_root(self.folder)
 
     def link_key(self, digest: Digest) -> str:
-        return f"{self.root}{self.remote}/_blobs/{digest.algorithm}/{digest.hex}"
+        return f"{self.root}{self.remote}/{layout.link_key(digest)}"
 
 
 @attrs.frozen
@@ -139,21 +140,20 @@ async def _list_repositories(client: S3Client, namespaces: Mapping[str, str]) ->
             if place.folder is None:
                 repository = S3Repository(place.remote, place.remote, None, None)
             else:
-                # As DataDir.namespace: only a port's ':' is '_' in a stored namespace.
-                namespace = namespaces.get(place.folder) or place.folder.replace("_", ":")
+                namespace = layout.folder_namespace(place.folder, dict(namespaces))
                 repository = S3Repository(f"{namespace}/{place.remote}", place.remote, namespace, place.folder)
             names[(place.folder, place.remote)] = repository
         when = entry.last_modified or 0.0
         digest: Digest | None
-        if place.marker == "_manifests" and place.rest[:1] == ["revisions"]:
+        if place.marker == layout.MANIFESTS_MARKER and place.rest[:1] == [layout.REVISIONS_FOLDER]:
             digest = _digest(place.rest[1:])
             if digest is not None:
                 found.setdefault(repository, _Listed()).revisions[digest] = when
-        elif place.marker == "_pulls":
+        elif place.marker == layout.PULLS_MARKER:
             digest = _digest(place.rest)
             if digest is not None:
                 found.setdefault(repository, _Listed()).pulls[digest] = when
-        elif place.marker == "_blobs":
+        elif place.marker == layout.LINKS_MARKER:
             digest = _digest(place.rest)
             if digest is not None:
                 found.setdefault(repository, _Listed()).links[digest] = when

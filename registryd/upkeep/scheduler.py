@@ -21,14 +21,14 @@ from twisted.internet.defer import Deferred, DeferredLock
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from registryd.admin.layout import DataDir
 from registryd.config import Config
 from registryd.metrics import Metrics
-from registryd.storage import Store
+from registryd.storage import Store, layout
 from registryd.upkeep.collector import Collection, Collector
 from registryd.storage.outage import outage_reason
 from registryd.storage.s3.errors import S3Error, S3Unavailable
 from registryd.storage.s3.store import S3Store
+from registryd.storage.scan import DataDir
 from registryd.upkeep.s3_collector import S3Collector
 from registryd.upkeep.eviction import Eviction, EvictionPlan, evict, plan_eviction
 from registryd.upkeep.s3_survey import Documents, S3Eviction, evict_s3, take_s3_survey
@@ -69,7 +69,7 @@ class Upkeep:
         self._config = config
         self._metrics = metrics
         self._reactor = reactor
-        namespaces = {u.namespace.replace(":", "_"): u.namespace for u in config.upstreams}
+        namespaces = layout.namespace_folders(u.namespace for u in config.upstreams)
         self._data = DataDir(store.root, namespaces)
         self._lock = DeferredLock()
         self.last_size: StoreSize | None = None

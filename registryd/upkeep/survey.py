@@ -21,10 +21,10 @@ from typing import Callable, Protocol
 
 import attrs
 
-from registryd.admin.layout import DataDir, Repository, read_file, scan_repository
 from registryd.digest import Digest, parse_digest
 from registryd.errors import RegistryError
 from registryd.storage.files import mtime_of
+from registryd.storage.scan import DataDir, Repository, read_file, scan_repository
 from registryd.upkeep.collector import referenced_digests
 
 
@@ -36,7 +36,7 @@ def last_used(repository: Repository, digest: Digest, cached_at: float | None) -
 
 class SurveyedRepository(Protocol):
     """A mirrored repository as a survey names it; each driver's eviction knows its own kind
-    (``admin.layout.Repository`` in a data directory, ``s3_survey.S3Repository`` in a bucket)."""
+    (``storage.scan.Repository`` in a data directory, ``s3_survey.S3Repository`` in a bucket)."""
 
     @property
     def name(self) -> str:

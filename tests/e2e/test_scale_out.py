@@ -68,7 +68,7 @@ from raw_http import RawGet, open_get
 from oci_client import OCI_CONFIG, OCI_LAYER, OCI_MANIFEST, Client, descriptor, digest_of, encode, with_query
 from registryd.digest import parse_digest
 from registryd.storage.s3 import S3Client, S3Settings
-from registryd.storage.s3.layout import blob_key, repositories_root
+from registryd.storage.layout import blob_key, repositories_root
 from registryd.storage.s3.repositories import S3RepositoryStore
 from upstreams import SeededBlob, blob_path, push_blob, push_image, reference_upstream  # noqa: F401
 

@@ -29,12 +29,12 @@ from registryd.deferreds import bounded_gather
 from registryd.digest import Digest
 from registryd.storage.guard import BlobGuard
 from registryd.storage.local import FileBlobSource
-from registryd.storage.s3.bodies import Sink
+from registryd.storage.sink import Sink
 from registryd.storage.s3.client import MAX_PARTS, S3Client
 from registryd.storage.s3.documents import Part
 from registryd.storage.s3.errors import ObjectTooLarge, S3Error, S3Unavailable
 from registryd.storage.s3.hot_cache import CacheFill, HotCache
-from registryd.storage.s3.layout import blob_key
+from registryd.storage.layout import blob_key
 from registryd.storage.s3.settings import MAX_PART_SIZE
 
 log = Logger()

@@ -322,24 +322,6 @@ class _Pipe(_BodyReader):
         self._abort(None)
 
 
-@implementer(IConsumer)
-class Sink:
-    """A consumer for ``pipe_body``: keeps the producer it is given (to pause or stop
-    it); subclasses say what ``write`` does with each chunk."""
-
-    def __init__(self) -> None:
-        self.producer: Any = None
-
-    def registerProducer(self, producer: Any, streaming: bool) -> None:
-        self.producer = producer
-
-    def unregisterProducer(self) -> None:
-        self.producer = None
-
-    def write(self, data: bytes) -> None:
-        raise NotImplementedError
-
-
 def read_body(response: IResponse, reactor: IReactorTime, idle_timeout: float, what: str, limit: int,
               too_large: Callable[[], Exception]) -> Deferred[bytes]:
     """The whole body, at most ``limit`` bytes (else ``too_large()`` is raised)."""

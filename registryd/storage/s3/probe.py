@@ -31,7 +31,7 @@ from registryd.deferreds import Coalescer
 from registryd.storage.s3.client import S3Client
 from registryd.storage.s3.documents import parse_error
 from registryd.storage.s3.errors import S3Error, S3Unavailable
-from registryd.storage.s3.layout import READY_PROBE
+from registryd.storage.layout import READY_PROBE
 from registryd.storage.s3.settings import S3Settings
 from registryd.storage.s3.signing import Signer
 from registryd.storage.s3.urls import object_url

@@ -1,7 +1,7 @@
 """Repository metadata in an S3-compatible store: the RepositoryBackend several nodes share.
 
 The keys are the filesystem's paths under ``root`` (``repositories/`` or one
-upstream's ``mirror/<namespace>/``); registryd.storage.interface has the
+upstream's ``mirror/<namespace>/``); registryd.storage.layout maps the
 layout. S3 has no directories, so a repository exists while it has a
 revision or a blob link, and "directories" are listings by prefix.
 
@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import re
 from contextlib import aclosing
-from typing import Any, AsyncGenerator, AsyncIterator, cast
+from typing import Any, AsyncGenerator, AsyncIterator, Callable, cast
 
 from twisted.internet.defer import DeferredSemaphore
 
@@ -28,11 +28,10 @@ from registryd.deferreds import bounded_gather
 from registryd.digest import HEX_LENGTHS, Digest, parse_digest
 from registryd.errors import RegistryError, digest_invalid, name_invalid
 from registryd.names import check_name, check_tag, is_tag
+from registryd.storage import layout
 from registryd.storage.s3.client import S3Client
 from registryd.storage.s3.documents import ObjectEntry
 
-#: A repository is a prefix with one of these below it (components never start with ``_``).
-_MARKERS = ("_manifests", "_blobs")
 #: Revisions, tags and referrer descriptors are small; a manifest's limit bounds them all.
 METADATA_LIMIT = 4 * 1024 * 1024
 #: Listings and reads one call keeps in flight (Agent's pool does not bound connections).
@@ -65,34 +64,34 @@ class S3RepositoryStore:
     def _repo(self, name: str) -> str | None:
         return f"{self.root}{name}/" if _name_ok(name) else None
 
-    def _under(self, name: str, digest: Digest, folder: str) -> str | None:
+    def _under(self, name: str, digest: Digest, key: Callable[[Digest], str]) -> str | None:
+        """The key ``key(digest)`` (registryd.storage.layout) in the repository ``name``."""
         repo = self._repo(name)
         if repo is None or not _digest_ok(digest):
             return None
-        return f"{repo}{folder}{digest.algorithm}/{digest.hex}"
+        return repo + key(digest)
 
     def _link(self, name: str, digest: Digest) -> str | None:
-        return self._under(name, digest, "_blobs/")
+        return self._under(name, digest, layout.link_key)
 
     def _revision(self, name: str, digest: Digest) -> str | None:
-        return self._under(name, digest, "_manifests/revisions/")
+        return self._under(name, digest, layout.revision_key)
 
     def _pull(self, name: str, digest: Digest) -> str | None:
-        return self._under(name, digest, "_pulls/")
+        return self._under(name, digest, layout.pull_key)
 
     def _referrers(self, name: str, subject: Digest) -> str | None:
-        folder = self._under(name, subject, "_referrers/")
-        return folder + "/" if folder is not None else None
+        return self._under(name, subject, layout.referrers_key)
 
     def _referrer(self, name: str, subject: Digest, digest: Digest) -> str | None:
         folder = self._referrers(name, subject)
         if folder is None or not _digest_ok(digest):
             return None
-        return f"{folder}{digest.algorithm}-{digest.hex}"
+        return folder + layout.referrer_entry(digest)
 
     def _tags(self, name: str) -> str | None:
         repo = self._repo(name)
-        return f"{repo}_manifests/tags/" if repo is not None else None
+        return repo + layout.TAGS if repo is not None else None
 
     def _tag(self, name: str, tag: str) -> str | None:
         folder = self._tags(name)
@@ -116,7 +115,7 @@ class S3RepositoryStore:
         repo = self._repo(name)
         if repo is None:
             return False
-        for marker in _MARKERS:
+        for marker in layout.MARKERS:
             if await self._any_key(f"{repo}{marker}/"):
                 return True
         return False
@@ -163,11 +162,11 @@ class S3RepositoryStore:
 
     async def revisions(self, name: str) -> dict[Digest, float]:
         """One listing of ``_manifests/revisions/``: LastModified is when each was written."""
-        return await self._stamps(name, "_manifests/revisions/")
+        return await self._stamps(name, layout.REVISIONS)
 
     async def pulls(self, name: str) -> dict[Digest, float]:
         """One listing of ``_pulls/``: each marker's LastModified is its manifest's last pull."""
-        return await self._stamps(name, "_pulls/")
+        return await self._stamps(name, layout.PULLS)
 
     async def catalog(self) -> list[str]:
         """Every repository name, sorted: a walk of the prefixes, one listing per "directory".
@@ -186,7 +185,7 @@ class S3RepositoryStore:
                 if not entry.is_prefix:
                     continue
                 component = entry.key[len(self.root + path):-1]
-                if component in _MARKERS:
+                if component in layout.MARKERS:
                     if path and _name_ok(path[:-1]):
                         names.add(path[:-1])
                 elif component and not component.startswith("_"):

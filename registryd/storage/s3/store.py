@@ -20,14 +20,15 @@ from registryd.storage.guard import BlobGuard
 from registryd.storage.s3.blobs import S3BlobStore
 from registryd.storage.s3.client import S3Client
 from registryd.storage.s3.hot_cache import HotCache
+from registryd.storage.s3.listing import list_blobs
 from registryd.digest import Digest
-from registryd.storage.s3.layout import MIRROR, repositories_root
+from registryd.storage import layout
 from registryd.storage.s3.probe import BucketUnusable, ReadyProbe, check_bucket
 from registryd.storage.s3.repositories import S3RepositoryStore
 from registryd.storage.s3.settings import S3Settings
 from registryd.storage.s3.uploads import S3UploadStore
 from registryd.threads import BlockingPool, InlinePool
-from registryd.storage.outage import StoreUnusable
+from registryd.storage.interface import StoreUnusable
 
 
 class S3Store:
@@ -39,14 +40,14 @@ class S3Store:
                  presign: bool = False, cache_size: int = 0, cache_dir: str | None = None) -> None:
         self.root = root
         self.pool = pool
-        self.tmp_dir = os.path.join(root, "tmp")
+        self.tmp_dir = layout.local_path(root, layout.TMP)
         self.guard = BlobGuard()
         self.client = S3Client(settings, reactor)
         # Redirected GETs never pass through the node: nothing to cache then.
         self.hot_cache = (HotCache(cache_dir or os.path.join(root, "cache"), cache_size, pool)
                           if cache_size > 0 and not presign else None)
         self.blobs = S3BlobStore(self.client, self.guard, presign=presign, hot_cache=self.hot_cache)
-        self.repositories = S3RepositoryStore(self.client, repositories_root(None))
+        self.repositories = S3RepositoryStore(self.client, layout.repositories_root(None))
         self.uploads = S3UploadStore(self.client, self.guard, os.path.join(self.tmp_dir, "uploads"),
                                      settings.part_size, pool=pool)
         self.blob_files = None      # no blob is a local file here
@@ -54,7 +55,7 @@ class S3Store:
         self._ready_probe = ReadyProbe(settings, reactor)
 
     def mirror_repositories(self, namespace: str) -> S3RepositoryStore:
-        return S3RepositoryStore(self.client, repositories_root(namespace))
+        return S3RepositoryStore(self.client, layout.repositories_root(namespace))
 
     def prepare(self) -> None:
         """Create the local ``tmp/`` (and the hot cache's folders) and prove it writable (raises OSError)."""
@@ -104,15 +105,13 @@ class S3Store:
     async def mirror_folders(self) -> list[str]:
         """The upstream folders under ``mirror/`` (a namespace with ``:`` as ``_``), sorted."""
         found = []
-        async for entry in self.client.list_objects(MIRROR, delimiter="/"):
+        async for entry in self.client.list_objects(layout.MIRROR, delimiter="/"):
             if entry.is_prefix:
-                found.append(entry.key[len(MIRROR):].rstrip("/"))
+                found.append(entry.key[len(layout.MIRROR):].rstrip("/"))
         return sorted(f for f in found if f)
 
     async def blob_sizes(self) -> dict[Digest, int]:
         """Every stored blob and its size (one listing of ``blobs/``)."""
-        from registryd.upkeep.s3_marker import list_blobs
-
         return {digest: entry.size for digest, entry in (await list_blobs(self.client)).items()}
 
     def readiness_problem(self, min_free_bytes: int) -> str | None:

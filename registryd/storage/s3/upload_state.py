@@ -20,8 +20,8 @@ from typing import Any
 import attrs
 
 from registryd.storage.uploads import SpooledBody
-from registryd.storage.s3 import layout
-from registryd.storage.s3.bodies import Sink
+from registryd.storage import layout
+from registryd.storage.sink import Sink
 from registryd.storage.s3.documents import Part
 
 #: A state lists at most 10000 parts of ~100 bytes each.

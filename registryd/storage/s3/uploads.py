@@ -45,7 +45,7 @@ from twisted.logger import Logger
 from registryd.digest import Digest
 from registryd.errors import blob_upload_unknown, digest_invalid, range_invalid
 from registryd.storage.guard import BlobGuard
-from registryd.storage.s3 import layout
+from registryd.storage import layout
 from registryd.storage.s3.bodies import FileRegion
 from registryd.storage.s3.client import S3Client
 from registryd.storage.s3.documents import Part

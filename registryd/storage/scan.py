@@ -1,45 +1,22 @@
-"""The data directory as the admin commands read it.
+"""The data directory as a reader sees it: repositories, their links, revisions, tags and referrers; blobs.
 
-Only reads: listing directories and reading small files. The layout is the
-one ``registryd.storage`` writes::
-
-    blobs/<alg>/<2 hex>/<hex>                           content, named by its digest
-    repositories/<name>/_blobs/<alg>/<hex>              link: the blob is in <name>
-    repositories/<name>/_manifests/revisions/<alg>/<hex>  {"mediaType": ...}
-    repositories/<name>/_manifests/tags/<tag>           the digest the tag points at
-    repositories/<name>/_referrers/<alg>/<subject hex>/<alg>-<hex>  a descriptor
-    repositories/<name>/_pulls/<alg>/<hex>              mtime: when the manifest was last pulled
-    mirror/<namespace>/<name>/...                       the same, for a cached upstream
-
-(``:`` in a mirror namespace is ``_`` on disk.) Anything else found where
-these live is reported as unexpected, never touched.
+Only reads: listing directories and reading small files, blocking (run it in
+a thread). The layout is registryd.storage.layout's, the one the store
+writes; fsck, the offline gc and the upkeep read the data directory through
+this. Anything else found where these live is reported as unexpected, never
+touched.
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
 import json
 import os
 from typing import Iterator
 
 import attrs
 
-from registryd.admin import AdminError
 from registryd.digest import Digest, parse_digest
 from registryd.errors import RegistryError
-
-_MARKERS = ("_manifests", "_blobs")
-
-
-def add_store_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--config`` and ``--data-dir``, as ``twistd registryd`` takes them."""
-    parser.add_argument("-c", "--config", metavar="FILE",
-                        help="the registryd TOML config file: its data_dir or its [storage] "
-                             "section (driver = \"s3\": the bucket), and its upstreams to name "
-                             "mirrored repositories")
-    parser.add_argument("-d", "--data-dir", metavar="DIR",
-                        help="the data directory (overrides the config file's data_dir); without "
-                             "either option, the default that `twistd registryd` uses")
+from registryd.storage import layout
 
 
 def digest_or_none(algorithm: str, hexpart: str) -> Digest | None:
@@ -93,14 +70,14 @@ class Repository:
         return os.path.join(self.root, self.remote)
 
     def revision_path(self, digest: Digest) -> str:
-        return os.path.join(self.path, "_manifests", "revisions", digest.algorithm, digest.hex)
+        return layout.local_path(self.path, layout.revision_key(digest))
 
     def link_path(self, digest: Digest) -> str:
-        return os.path.join(self.path, "_blobs", digest.algorithm, digest.hex)
+        return layout.local_path(self.path, layout.link_key(digest))
 
     def pull_path(self, digest: Digest) -> str:
         """The marker whose mtime is when the manifest was last pulled."""
-        return os.path.join(self.path, "_pulls", digest.algorithm, digest.hex)
+        return layout.local_path(self.path, layout.pull_key(digest))
 
 
 @attrs.frozen
@@ -219,17 +196,17 @@ def scan_repository(repository: Repository) -> RepositoryScan:
     """Read one repository's links, revisions, tags and referrer entries."""
     scan = RepositoryScan(repository)
     base = repository.path
-    for digest, path in _digest_files(os.path.join(base, "_blobs"), scan.unexpected):
+    for digest, path in _digest_files(layout.local_path(base, layout.LINKS), scan.unexpected):
         scan.links[digest] = path
-    revisions = os.path.join(base, "_manifests", "revisions")
+    revisions = layout.local_path(base, layout.REVISIONS)
     for digest, path in _digest_files(revisions, scan.unexpected):
         scan.revisions[digest] = _read_revision(digest, path)
-    for entry in _entries(os.path.join(base, "_manifests", "tags")):
+    for entry in _entries(layout.local_path(base, layout.TAGS)):
         if _is_file(entry):
             scan.tags.append(read_tag(entry.name, entry.path))
         else:
             scan.unexpected.append(entry.path)
-    for alg in _entries(os.path.join(base, "_referrers")):
+    for alg in _entries(layout.local_path(base, layout.REFERRERS)):
         if not _is_dir(alg):
             scan.unexpected.append(alg.path)
             continue
@@ -247,7 +224,7 @@ def _walk_names(directory: str, prefix: str) -> Iterator[str]:
     """Repository names under a store root (as RepositoryStore.catalog finds them)."""
     entries = _entries(directory)
     names = {entry.name for entry in entries}
-    if prefix and any(marker in names for marker in _MARKERS):
+    if prefix and any(marker in names for marker in layout.MARKERS):
         yield prefix.rstrip("/")
     for entry in entries:
         if not entry.name.startswith("_") and _is_dir(entry):
@@ -265,17 +242,16 @@ class DataDir:
         return os.path.relpath(path, self.root)
 
     def blob_path(self, digest: Digest) -> str:
-        return os.path.join(self.root, "blobs", digest.algorithm, digest.hex[:2], digest.hex)
+        return layout.local_path(self.root, layout.blob_key(digest))
 
     def namespace(self, folder: str) -> str:
-        # A namespace is a host[:port]; only the port's ':' becomes '_' on disk.
-        return self.namespaces.get(folder) or folder.replace("_", ":")
+        return layout.folder_namespace(folder, self.namespaces)
 
     def repositories(self) -> list[Repository]:
         """Local repositories, then mirrored ones, each sorted by name."""
-        local_root = os.path.join(self.root, "repositories")
+        local_root = layout.local_path(self.root, layout.REPOSITORIES)
         found = [Repository(name, name, None, local_root) for name in sorted(_walk_names(local_root, ""))]
-        for folder in _entries(os.path.join(self.root, "mirror")):
+        for folder in _entries(layout.local_path(self.root, layout.MIRROR)):
             if not _is_dir(folder):
                 continue
             namespace = self.namespace(folder.name)
@@ -285,7 +261,7 @@ class DataDir:
 
     def blob_files(self, unexpected: list[str]) -> Iterator[BlobFile]:
         """Every file in the blob store that is named by a digest (and where it belongs)."""
-        for alg in _entries(os.path.join(self.root, "blobs")):
+        for alg in _entries(layout.local_path(self.root, layout.BLOBS)):
             if not _is_dir(alg):
                 unexpected.append(alg.path)
                 continue
@@ -303,66 +279,3 @@ class DataDir:
                     except FileNotFoundError:
                         continue  # removed while we looked (a running server's delete)
                     yield BlobFile(entry.path, digest, size)
-
-
-@contextlib.contextmanager
-def os_errors_reported() -> Iterator[None]:
-    """Turn an OSError the command cannot get past into one line (exit status 3)."""
-    try:
-        yield
-    except PermissionError as e:
-        raise AdminError(f"cannot read {e.filename}: permission denied (run as the user registryd "
-                         f"runs as, or root)") from None
-    except OSError as e:
-        where = f" {e.filename}" if e.filename else ""
-        raise AdminError(f"I/O error on{where}: {e.strerror or e}") from None
-
-
-@contextlib.contextmanager
-def store_errors_reported(location: str) -> Iterator[None]:
-    """``os_errors_reported``, and a store that fails to answer, as one line (exit status 3).
-
-    For commands that work through the storage interface: on S3 a read or a
-    write can fail with the object store's own error (an access denied, a
-    store that cannot be reached); ``location`` says which store.
-    """
-    from registryd.storage.s3.errors import S3Error, S3Unavailable
-
-    with os_errors_reported():
-        try:
-            yield
-        except (S3Error, S3Unavailable) as e:
-            raise AdminError(f"{location}: {e}") from None
-
-
-@contextlib.contextmanager
-def no_empty_dirs_left(root: str, keep: bool = False) -> Iterator[None]:
-    """If ``root`` does not exist before: afterwards, remove the empty directories left in it.
-
-    Opening a store may make its local directories (the S3 store makes
-    ``tmp/uploads/``); a command that found no data directory, and failed or
-    had nothing to keep, should not leave one behind. Only empty directories
-    go; ``keep`` (the command did what it should) keeps them all.
-    """
-    existed = os.path.lexists(root)
-    ok = False
-    try:
-        yield
-        ok = True
-    finally:
-        if not existed and not (keep and ok):
-            for directory, _, _ in os.walk(root, topdown=False):
-                try:
-                    os.rmdir(directory)
-                except OSError:
-                    pass
-
-
-def open_data_dir(args: argparse.Namespace) -> DataDir:
-    """The data directory ``--config``/``--data-dir`` name, checked to be one."""
-    from registryd.admin.store_access import check_data_dir, load_admin_config
-
-    config = load_admin_config(args)
-    check_data_dir(config.data_dir)
-    namespaces = {u.namespace.replace(":", "_"): u.namespace for u in config.upstreams}
-    return DataDir(config.data_dir, namespaces)
