@@ -49,10 +49,15 @@ class Entry:
 class TooLarge(Exception):
     """``read`` found a value larger than the caller's limit."""
 
-    def __init__(self, key: str, limit: int) -> None:
-        super().__init__(f"{key} is larger than {limit} bytes")
-        self.key: str | None = key
-        self.limit = limit
+
+def too_large(key: str, limit: int) -> TooLarge:
+    return TooLarge(f"{key} is larger than {limit} bytes")
+
+
+def check_key(key: str) -> None:
+    """ValueError for what is not a key (absolute, empty components, ``.``/``..``): it could leave the root."""
+    if not key or any(part in ("", ".", "..") for part in key.split("/")) or "\0" in key:
+        raise ValueError(f"not a storage key: {key!r}")
 
 
 class Pool(Protocol):
@@ -98,14 +103,18 @@ class Driver(Protocol):
     async def copy(self, src: str, dst: str) -> bool:
         """Make ``dst`` a copy of ``src`` (atomic, durable; server-side on S3); False if ``src`` is missing."""
 
-    async def move(self, src: str, dst: str, expect: Entry | None = None) -> bool:
+    async def move(self, src: str, dst: str, expect: Entry | None = None,
+                   unless: Callable[[], bool] | None = None) -> bool:
         """Move ``src`` to ``dst`` (replacing it), durably; False, with nothing moved, if ``src`` is missing.
 
         A rename on disk and in memory (atomic); a copy, then a delete of
         ``src`` on S3 (a reader may see both for a moment, never neither).
         ``expect``: move only the value that entry describes; False,
         ``src`` left in place, if it was written again since (its version
-        on disk, a later LastModified on S3). Emptied directories go.
+        on disk, a later LastModified on S3). ``unless`` is asked once the
+        value is safe at ``dst`` and before ``src`` goes (on disk: right
+        after the rename); True puts it back, and the move returns False.
+        Emptied directories go.
         """
 
     async def delete(self, key: str) -> bool:

@@ -14,8 +14,7 @@ from typing import AsyncIterator, Callable, Sequence
 
 import attrs
 
-from registryd.storage.driver import Entry, Pool, TooLarge
-from registryd.storage.fs.driver import check_key
+from registryd.storage.driver import Entry, Pool, check_key, too_large
 
 
 @attrs.frozen
@@ -66,7 +65,7 @@ class MemoryDriver:
         if value is None:
             return None
         if len(value.data) > limit:
-            raise TooLarge(key, limit)
+            raise too_large(key, limit)
         return value.data
 
     async def write(self, key: str, data: bytes, if_absent: bool = False) -> bool:
@@ -82,10 +81,13 @@ class MemoryDriver:
         self._set(dst, value.data)
         return True
 
-    async def move(self, src: str, dst: str, expect: Entry | None = None) -> bool:
+    async def move(self, src: str, dst: str, expect: Entry | None = None,
+                   unless: Callable[[], bool] | None = None) -> bool:
         check_key(dst)
         value = self._values.get(src)
         if value is None or (expect is not None and expect.version and value.version != expect.version):
+            return False
+        if unless is not None and unless():
             return False
         self._values[dst] = self._values.pop(src)
         return True

@@ -21,21 +21,14 @@ import os
 import shutil
 import stat
 import uuid
-from typing import AsyncIterator, Iterator, Sequence
+from typing import AsyncIterator, Callable, Iterator, Sequence
 
-from registryd.storage.driver import Entry, Pool, TooLarge
+from registryd.storage.driver import Entry, Pool, check_key, too_large
 from registryd.storage.files import fsync_dir, make_dirs, remove_file
 from registryd.threads import InlinePool
 
 #: Entries walked per trip to the pool: a listing's memory stays flat.
 LIST_BATCH = 1000
-
-
-def check_key(key: str) -> None:
-    """Refuse what is not a key (absolute, empty components, ``.``/``..``): it would leave the root."""
-    parts = key.split("/")
-    if not key or any(part in ("", ".", "..") for part in parts) or "\0" in key:
-        raise ValueError(f"not a storage key: {key!r}")
 
 
 def _version(info: os.stat_result) -> str:
@@ -126,7 +119,7 @@ class FsDriver:
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return None
         if len(data) > limit:
-            raise TooLarge(key, limit)
+            raise too_large(key, limit)
         return data
 
     # -- writes -----------------------------------------------------------------
@@ -189,10 +182,11 @@ class FsDriver:
             raise
         return self._place(tmp, target, False)
 
-    async def move(self, src: str, dst: str, expect: Entry | None = None) -> bool:
-        return await self._pool.run(self._move, src, dst, expect)
+    async def move(self, src: str, dst: str, expect: Entry | None = None,
+                   unless: Callable[[], bool] | None = None) -> bool:
+        return await self._pool.run(self._move, src, dst, expect, unless)
 
-    def _move(self, src: str, dst: str, expect: Entry | None) -> bool:
+    def _move(self, src: str, dst: str, expect: Entry | None, unless: Callable[[], bool] | None) -> bool:
         source, target = self.path(src), self.path(dst)
         try:
             before = os.stat(source, follow_symlinks=False)
@@ -206,14 +200,16 @@ class FsDriver:
             os.rename(source, target)
         except (FileNotFoundError, NotADirectoryError):
             return False
+        replaced = False
         if expect is not None and expect.version:
             after = os.stat(target, follow_symlinks=False)
-            if (after.st_dev, after.st_ino) != (before.st_dev, before.st_ino):
-                # Written again between our look and the rename: that value stays where it was.
-                make_dirs(os.path.dirname(source))
-                os.rename(target, source)
-                fsync_dir(os.path.dirname(source))
-                return False
+            # Written again between our look and the rename: that value stays where it was.
+            replaced = (after.st_dev, after.st_ino) != (before.st_dev, before.st_ino)
+        if replaced or (unless is not None and unless()):
+            make_dirs(os.path.dirname(source))
+            os.rename(target, source)
+            fsync_dir(os.path.dirname(source))
+            return False
         fsync_dir(os.path.dirname(target))
         fsync_dir(os.path.dirname(source))
         self._prune(src)

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import builtins
 import math
-from typing import AsyncIterator, Sequence
+from typing import AsyncIterator, Callable, Sequence
 
-from registryd.storage.driver import Entry, Pool
+from registryd.storage.driver import Entry, Pool, check_key
 from registryd.storage.s3.client import S3Client
 from registryd.storage.s3.documents import ObjectEntry
 from registryd.storage.s3.errors import S3Error, S3Unavailable
@@ -54,6 +54,7 @@ class S3Driver:
         return await self.client.get_small(key, limit)
 
     async def write(self, key: str, data: bytes, if_absent: bool = False) -> bool:
+        check_key(key)
         try:
             await self.client.put_object(key, data, if_none_match=if_absent)
         except S3Error as e:
@@ -69,6 +70,7 @@ class S3Driver:
         return await self._copy(src, dst, info.size)
 
     async def _copy(self, src: str, dst: str, size: int) -> bool:
+        check_key(dst)
         try:
             await self.client.copy_large(src, dst, size)
         except S3Error as e:
@@ -77,7 +79,8 @@ class S3Driver:
             return False
         return True
 
-    async def move(self, src: str, dst: str, expect: Entry | None = None) -> bool:
+    async def move(self, src: str, dst: str, expect: Entry | None = None,
+                   unless: Callable[[], bool] | None = None) -> bool:
         if expect is None:
             info = await self.client.head_object(src)
             if info is None:
@@ -95,6 +98,9 @@ class S3Driver:
                         or now.last_modified >= math.floor(expect.modified) + 1:
                     await self.client.delete_object(dst)
                     return False
+            if unless is not None and unless():
+                await self.client.delete_object(dst)
+                return False
         except BaseException:
             # Cancelled or failed: the source is still in place, so a copy would only be clutter.
             await self._drop(dst)

@@ -51,5 +51,4 @@ class ObjectTooLarge(S3Error, TooLarge):
     """A small object (``get_small``) was larger than the caller accepts."""
 
     def __init__(self, key: str, limit: int) -> None:
-        S3Error.__init__(self, 200, "ObjectTooLarge", f"larger than {limit} bytes", key, "GET")
-        self.limit = limit
+        super().__init__(200, "ObjectTooLarge", f"larger than {limit} bytes", key, "GET")
