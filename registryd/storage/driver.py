@@ -24,7 +24,7 @@ each to it):
 from __future__ import annotations
 
 import builtins
-from typing import Any, AsyncIterator, Callable, Coroutine, Protocol, Sequence, TypeVar
+from typing import Any, AsyncIterator, Callable, Coroutine, Protocol, Sequence, TypeVar, runtime_checkable
 
 import attrs
 
@@ -66,6 +66,7 @@ class Pool(Protocol):
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T: ...
 
 
+@runtime_checkable
 class Driver(Protocol):
     """A store of keys and bytes (see the module's docstring for the shared contract)."""
 
