@@ -232,8 +232,19 @@ class FsDriver:
         return await self._pool.run(self._delete_many, keys)
 
     def _delete_many(self, keys: Sequence[str]) -> builtins.list[str]:
+        """Unlink every key, then fsync each directory once (a purge empties a few hundred)."""
+        removed = []
         for key in keys:
-            self._delete(key)
+            try:
+                os.unlink(self.path(key))
+            except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+                continue
+            removed.append(key)
+        folders = {key.rpartition("/")[0]: key for key in removed}
+        for folder, key in sorted(folders.items()):
+            fsync_dir(os.path.dirname(self.path(key)))
+        for folder, key in sorted(folders.items(), reverse=True):
+            self._prune(key)
         return []
 
     def _prune(self, key: str) -> None:
