@@ -142,17 +142,19 @@ class Driver(Protocol):
 def finish(work: Coroutine[Any, Any, T]) -> T:
     """The result of ``work``, which must complete without waiting (over a driver's threaded twin).
 
-    For a pass running whole in a worker thread, or a command without a reactor.
+    For a pass running whole in a worker thread, or a command without a
+    reactor. Work that waits is cancelled, and RuntimeError raised.
     """
     from twisted.internet.defer import ensureDeferred
-
-    outcome: list[Any] = []
-    ensureDeferred(work).addBoth(outcome.append)
-    if not outcome:
-        raise RuntimeError("the work waited on the reactor: run it over a driver whose calls block")
-    result = outcome[0]
     from twisted.python.failure import Failure
 
+    outcome: list[Any] = []
+    running = ensureDeferred(work)
+    running.addBoth(outcome.append)
+    if not outcome:
+        running.cancel()
+        raise RuntimeError("the work waited on the reactor: run it over a driver whose calls block")
+    result = outcome[0]
     if isinstance(result, Failure):
         result.raiseException()
     return result  # type: ignore[no-any-return]
