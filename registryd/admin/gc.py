@@ -1,8 +1,8 @@
 """``registryd gc [--dry-run]``: mark and sweep the blob store.
 
-The data directory: registryd.upkeep.collector, in this process. An S3
-bucket (``[storage] driver = "s3"``): one pass of registryd.upkeep.s3_collector,
-the collector every node runs, which is safe alongside them.
+One pass of registryd.upkeep.collector on the configured store, the data
+directory or an S3 bucket: the collector every server runs, which is safe
+alongside them.
 """
 from __future__ import annotations
 
@@ -16,13 +16,12 @@ from twisted.internet.defer import Deferred
 
 from registryd.admin import EXIT_OK
 from registryd.admin.inventory import log_problems_to_stderr
-from registryd.admin.store_access import add_store_arguments, open_data_dir, os_errors_reported, store_errors_reported
+from registryd.admin.store_access import add_store_arguments, store_errors_reported
 from registryd.units import human_size
 from registryd.admin.remote import add_remote_arguments, post_admin
 from registryd.admin.store_access import load_admin_config, run_with_store
 from registryd.config import Config
 from registryd.upkeep.collector import Collector, referenced_digests
-from registryd.upkeep.s3_collector import S3Collector
 
 __all__ = ["parse_duration", "referenced_digests"]
 
@@ -37,42 +36,33 @@ when it, and every repository link to it, are older than --delay (default
 3600 seconds); then repository blob links (_blobs/...) to blobs that are
 gone, and the directories this leaves empty. Each removed blob is one line
 with its size; the last line gives the bytes reclaimed. uploads/, tmp/ and
-quarantine/ are never touched. On the filesystem, deletions are unlinks,
-each made durable (the directory is fsynced).
+quarantine/ are never touched.
 
-Where it runs:
+A blob to remove is first moved to trash/ (a rename on the filesystem, a
+copy and a delete in a bucket); then every repository is marked again, and
+a blob that a manifest committed meanwhile names, or that got a new link,
+is put back; only the rest is purged (each deletion made durable). A push
+that reuses a blob while it is in trash/ fails cleanly
+(MANIFEST_BLOB_UNKNOWN), and pushing again uploads it. An interrupted run
+(Ctrl-C) puts back every blob it removed before it exits; what a crashed
+one left in trash/ a later run restores or purges after an hour. --json
+also gives "restored".
+
+Where it runs (the same collection everywhere, safe alongside running
+servers and other collections):
 
   --url URL   one pass inside a running server (POST /admin/gc, for an
-              admin user), on either storage driver. The server knows which
-              blobs its uploads, pushes and mirror fills are using at that
-              moment and keeps them, so on the filesystem this is the safe
-              way while it serves. The server also collects by itself every
-              [gc] interval.
-  -d/-c       on the data directory, with the server stopped.
-  -d/-c       on the data directory alongside a running server: a blob pushed
-              or fetched moments ago, whose manifest has not arrived yet, is
-              younger than --delay and stays, and a manifest committed
-              before the sweep starts keeps its blobs. Keep --delay well
-              above the longest push (never --delay 0 while the server
-              runs). One case remains: a manifest pushed during the sweep
-              that reuses a blob nothing referenced before (an image
-              re-pushed right after its manifests were deleted) can lose
-              that blob; `registryd fsck` reports it and pushing the image
-              again restores it. --url has no such case.
+              admin user). The server also knows which blobs its uploads,
+              pushes and mirror fills are using at that moment and keeps
+              them. It collects by itself every [gc] interval too.
+  -d/-c       on the data directory, the server stopped or alongside a
+              running server: a blob pushed or fetched moments ago, whose
+              manifest has not arrived yet, is younger than --delay and
+              stays. Keep --delay well above the longest push (never
+              --delay 0 while a server runs).
   -c          with [storage] driver = "s3" in the config: one pass on the
-              bucket, the same collection every node runs on its own, and
-              as safe alongside running nodes. Times are the bucket's
-              LastModified (to the second), so --delay keeps blobs whose
-              manifest has not arrived yet, as above. A blob to remove is
-              first moved to trash/; then every repository is marked again,
-              and a blob a manifest committed meanwhile names, or that got
-              a new link, is put back; only the rest is purged. A push that
-              reuses a blob while it is in trash/ fails cleanly
-              (MANIFEST_BLOB_UNKNOWN), and pushing again uploads it. An
-              interrupted run (Ctrl-C) puts back every blob it removed
-              before it exits; what a crashed one left in trash/ (and the
-              copies an interrupted one was making) a later run restores or
-              purges after an hour. --json also gives "restored".
+              bucket, the same collection every node runs on its own.
+              Times are the bucket's LastModified (to the second).
 
 To reclaim the space of mirrored images, first remove their tags and
 manifests with `registryd prune`, then run gc."""
@@ -124,14 +114,15 @@ def _run_remote(args: argparse.Namespace) -> dict[str, Any]:
     return post_admin(args, "/admin/gc", query, "the collection")
 
 
-async def collect_on_s3(collector: S3Collector, reactor: Any) -> dict[str, Any] | None:
+async def collect_in_command(collector: Collector, reactor: Any) -> dict[str, Any] | None:
     """One run of ``collector``: its report, or None when an interrupt (SIGINT, SIGTERM) cancelled it.
 
     A cancelled run puts back every blob it moved to ``trash/`` before it
-    ends, and shutdown waits for that: without it a blob that is still
-    referenced would stay missing until a later run finds the leftover.
+    ends, and shutdown waits for that (on a data directory, the pool's
+    thread finishes the run): without it a blob that is still referenced
+    would stay missing until a later run finds the leftover.
     """
-    run = Deferred.fromCoroutine(collector.run())
+    run = Deferred.fromCoroutine(collector.collect())
     ended: Deferred[None] = Deferred()
     interrupted: list[bool] = []
 
@@ -154,11 +145,15 @@ async def collect_on_s3(collector: S3Collector, reactor: Any) -> dict[str, Any] 
     return None if interrupted else collector.report()
 
 
-def _run_s3(args: argparse.Namespace, config: Config) -> dict[str, Any]:
-    """One pass of the S3 collector on the configured bucket, as a node runs it."""
+#: Its name from when only the bucket was collected this way.
+collect_on_s3 = collect_in_command
+
+
+def _run_on_store(args: argparse.Namespace, config: Config) -> dict[str, Any]:
+    """One pass of the collector on the configured store, as a server runs it."""
     async def main(store: Any, reactor: Any) -> dict[str, Any] | None:
         with store_errors_reported(store.location()):
-            return await collect_on_s3(S3Collector(store.client, args.delay, args.dry_run), reactor)
+            return await collect_in_command(Collector(store.objects, args.delay, args.dry_run), reactor)
 
     log_problems_to_stderr()
     document = run_with_store(config, main)
@@ -167,7 +162,7 @@ def _run_s3(args: argparse.Namespace, config: Config) -> dict[str, Any]:
 
 
 def _echo(document: dict[str, Any], dry_run: bool) -> None:
-    """The lines the filesystem collector prints as it goes, from a report."""
+    """A line for each blob and link removed, from a report."""
     verb = "would remove" if dry_run else "removed"
     for blob in document["removed_blobs"]:
         print(f"{verb} blob {blob['digest']} ({human_size(blob['size'])}, {blob['size']} bytes)")
@@ -181,17 +176,9 @@ def run(args: argparse.Namespace) -> int:
         if not args.json:
             _echo(document, args.dry_run)
     else:
-        config = load_admin_config(args)
-        if config.storage.driver == "s3":
-            document = _run_s3(args, config)
-            if not args.json:
-                _echo(document, args.dry_run)
-        else:
-            data = open_data_dir(args)
-            collector = Collector(data, args.delay, args.dry_run, echo=not args.json)
-            with os_errors_reported():
-                collector.run()
-            document = collector.report()
+        document = _run_on_store(args, load_admin_config(args))
+        if not args.json:
+            _echo(document, args.dry_run)
     if args.json:
         json.dump(document, sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -201,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
     blobs, links, reclaimed = document["removed_blobs"], document["removed_links"], document["bytes_reclaimed"]
     young = (f"; {_plural(document['kept_young'], 'unreferenced blob')} younger than {args.delay:g}s kept"
              if document["kept_young"] else "")
-    # S3 only: blobs moved to trash/ and put back (named again meanwhile, or a crashed run's leftovers).
+    # Blobs moved to trash/ and put back (named again meanwhile, or a crashed run's leftovers).
     restored = f"; {_plural(document['restored'], 'blob')} put back from trash/" if document.get("restored") else ""
     print(f"{_plural(len(blobs), 'blob')} {verb}, {human_size(reclaimed)} ({reclaimed} bytes) "
           f"{reclaim}; {_plural(len(links), 'link')} {verb}; {_plural(document['kept_referenced'], 'blob')} "

@@ -15,6 +15,7 @@ from registryd.digest import Digest
 from registryd.storage import layout
 from registryd.storage.blobs import BlobStore
 from registryd.storage.files import empty_dir, free_space_problem, make_dirs, remove_file
+from registryd.storage.fs.driver import FsDriver
 from registryd.storage.guard import BlobGuard
 from registryd.storage.local import FileBlobs, FileRepositories
 from registryd.storage.repositories import RepositoryStore
@@ -34,6 +35,8 @@ class Store:
         self.pool = pool
         self.tmp_dir = layout.local_path(root, layout.TMP)
         self.guard = BlobGuard()
+        # The data directory as keys and bytes: what maintenance (gc) works on.
+        self.objects = FsDriver(root, pool, self.tmp_dir)
         # The blocking stores on disk, and the storage interface over them.
         self.blob_files = BlobStore(layout.local_path(root, layout.BLOBS), self.tmp_dir, self.guard)
         self.blobs = FileBlobs(self.blob_files, pool)

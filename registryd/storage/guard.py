@@ -3,15 +3,17 @@
 A collection judges a blob unused from a walk of the store that takes time;
 meanwhile the server may commit an upload of that blob, link it into a
 repository or accept a manifest that names it. Every such path *claims* the
-digest before it looks at or writes the blob, and the collector deletes only
-under the same lock, only if nothing claimed the digest since the collection
-began. Either the claim comes first and the blob stays, or the deletion comes
-first and the claimer finds the blob gone (an upload writes it again; a
-manifest naming it is refused as MANIFEST_BLOB_UNKNOWN).
+digest before it looks at or writes the blob. The collector
+(registryd.upkeep.collector) only reads the claims, with no lock held
+across any I/O: before it moves a blob to the trash, once the blob is
+there (before the original goes), and when it judges what to put back. A
+claim after the last look finds the blob gone (an upload writes it again;
+a manifest naming it is refused as MANIFEST_BLOB_UNKNOWN).
 
-The claims are kept in memory, so this only protects against collections run
-by the same process; ``registryd gc`` run beside a server relies on its
-``--delay`` instead.
+The claims are kept in memory, so they only speak for this process; the
+collector's second mark protects what other processes and nodes commit.
+``delete_unless_claimed`` serves the mirror cache's eviction on a data
+directory, which deletes under the lock.
 """
 from __future__ import annotations
 

@@ -1,107 +1,82 @@
-"""Mark and sweep of the blob store, shared by ``registryd gc`` and the server.
+"""Garbage collection of the blob store, over any storage driver, safe across processes and nodes.
 
-Mark: every manifest revision of every repository, local and mirrored, keeps
-its own content and every digest its document names (config, layers, child
-manifests, subject, anything in a descriptor). Tags and referrer entries keep
-the digests they name too. Sweep: a blob nothing keeps goes only when its
-file, every repository link to it and its last claim (see
-``registryd.storage.guard``) are older than the delay; then links to blobs
-that are gone, and the directories this emptied.
+One protocol for the data directory, an S3 bucket every node shares, and
+memory (unit tests); it is chosen by nothing but the driver given. Run by
+``registryd gc`` and by the server (every ``[gc] interval``, and
+``POST /admin/gc``), alongside the server(s) serving.
 
-Run inside the server, deletions go through the store's BlobGuard, so a blob
-an upload, a mount, a manifest or a mirror fill claimed during the run stays.
+1. List ``blobs/`` and ``trash/``, then mark (registryd.upkeep.marker):
+   revisions, tags and referrer entries of ``repositories/`` and
+   ``mirror/`` keep what they name; links are remembered with their times.
+2. Candidates: blobs nothing keeps whose time, every link's and this
+   process's last claim (registryd.storage.guard) are older than
+   ``now - delay``.
+3. Move each candidate to ``trash/<run>/<alg>/<2 hex>/<hex>`` (a rename on
+   disk; a copy, a look and a delete on S3): not if it vanished, was
+   written again since the listing, or was claimed here (checked before
+   the move, and again once it is in the trash, before the original goes).
+   Then mark again. A trashed blob that is kept now, that got a new link
+   or a claim since the run began, is put back; the rest is purged.
+4. Links older than the delay to blobs that are gone are deleted.
+5. At the start of a run, trash older than ``max(delay, LEFTOVER_AGE)`` is
+   what a crashed run left: put back if kept, purged otherwise.
+
+Why the second mark closes the race with a manifest PUT elsewhere: that
+PUT writes its revision, then looks at every blob it names (its own
+document too), and answers MANIFEST_BLOB_UNKNOWN (removing the revision)
+if one is gone; only then does it write tags. If its look found the blob,
+the look came before our move, so the revision was written before our
+second mark began: the mark sees it and the blob comes back. If the look
+came after our move, the push fails cleanly. Either way no committed
+manifest names a missing blob, and no lock is held across any I/O: the
+BlobGuard's claims are only read.
+
+Trash keys carry the run's id, so two collections running at once never
+share one: a run only purges what it moved itself, and one that still has
+to put a blob back always finds its own copy. Anything in the trash can be
+the only copy of a manifest document, so the mark reads documents there
+too (a revision committed meanwhile names layers only its document knows).
 ``uploads/``, ``tmp/`` and ``quarantine/`` are never looked at.
 """
 from __future__ import annotations
 
-import json
-import os
 import time
-from typing import Any, Callable, Iterator
+import uuid
+from typing import Any, Callable, Iterable, Protocol
 
 import attrs
+from twisted.logger import Logger
 
-from registryd.storage.scan import DataDir, Repository, read_file, scan_repository
-from registryd.units import human_size
-from registryd.digest import Digest, parse_digest
-from registryd.errors import RegistryError
-from registryd.storage.files import mtime_of, prune_empty_dirs, unlink_durably
+from registryd.deferreds import bounded_each
+from registryd.digest import Digest
+from registryd.storage.driver import Driver, finish
+from registryd.storage.fs.driver import FsDriver
 from registryd.storage.guard import BlobGuard
+from registryd.storage.layout import blob_key
+from registryd.threads import InlinePool
+from registryd.upkeep.marker import (
+    CONCURRENCY, BlobEntry, Marker, TrashEntry, list_blobs, list_trash, referenced_digests, trash_key,
+)
 
+__all__ = ["Collection", "Collector", "LEFTOVER_AGE", "collection_report", "referenced_digests"]
 
-def referenced_digests(content: bytes) -> Iterator[Digest]:
-    """Every digest a manifest document names in a descriptor (``"digest": ...``).
+log = Logger()
 
-    Wider than parse_manifest on purpose: it also covers non-distributable
-    layers that were pushed anyway, subjects, and documents kept as an
-    upstream sent them that do not parse as a manifest.
-    """
-    try:
-        document = json.loads(content)
-    except (ValueError, UnicodeDecodeError):
-        return
-    stack: list[Any] = [document]
-    while stack:
-        value = stack.pop()
-        if isinstance(value, dict):
-            digest = value.get("digest")
-            if isinstance(digest, str):
-                try:
-                    yield parse_digest(digest)
-                except RegistryError:
-                    pass
-            stack.extend(value.values())
-        elif isinstance(value, list):
-            stack.extend(value)
-
-
-@attrs.define
-class Marker:
-    """What the repositories keep; ``update`` re-reads only revisions not seen yet."""
-
-    data: DataDir
-    keep: set[Digest] = attrs.field(factory=set)
-    links: dict[Digest, list[tuple[Repository, str]]] = attrs.field(factory=dict)
-    seen: set[str] = attrs.field(factory=set)
-    manifests: int = 0
-    repositories: int = 0
-
-    def update(self) -> None:
-        self.links = {}
-        self.repositories = 0
-        for repository in self.data.repositories():
-            self.repositories += 1
-            scan = scan_repository(repository)
-            for digest, path in scan.links.items():
-                self.links.setdefault(digest, []).append((repository, path))
-            for tag in scan.tags:
-                if tag.digest is not None:
-                    self.keep.add(tag.digest)
-            for referrer in scan.referrers:
-                self.keep.update(d for d in (referrer.subject, referrer.digest) if d is not None)
-            for digest, revision in scan.revisions.items():
-                self.keep.add(digest)
-                if revision.path in self.seen:
-                    continue
-                content = read_file(self.data.blob_path(digest))
-                if content is None:
-                    continue  # not cached yet, or damaged: fsck's business
-                self.seen.add(revision.path)
-                self.manifests += 1
-                self.keep.update(referenced_digests(content))
-
-
+#: Trash younger than this may belong to a collection running in another process or on another
+#: node; every run must get from its first move to its last restore well within it.
+LEFTOVER_AGE = 3600.0
 
 
 @attrs.define
 class Collection:
-    """One run's outcome."""
+    """One run's outcome; ``restored``: blobs moved to the trash and put back."""
 
     blobs: list[dict[str, Any]] = attrs.field(factory=list)
     links: list[dict[str, Any]] = attrs.field(factory=list)
     young: int = 0
     kept: int = 0
     directories: int = 0
+    restored: int = 0
 
     @property
     def reclaimed(self) -> int:
@@ -109,7 +84,7 @@ class Collection:
 
 
 def collection_report(where: str, dry_run: bool, delay: float, result: Collection, marker: Any) -> dict[str, Any]:
-    """A collection as one JSON document, the same for both drivers (``where``: the store)."""
+    """A collection as one JSON document (``where``: the store)."""
     return {
         "data_dir": where,
         "dry_run": dry_run,
@@ -122,94 +97,267 @@ def collection_report(where: str, dry_run: bool, delay: float, result: Collectio
         "kept_young": result.young,
         "repositories": marker.repositories,
         "manifests": marker.manifests,
+        "restored": result.restored,
     }
 
 
-class Collector:
-    """One mark and sweep; ``guard`` is the server's BlobGuard when run inside it."""
+class DataDirectory(Protocol):
+    """A data directory as the admin commands name it (registryd.storage.scan.DataDir)."""
 
-    def __init__(self, data: DataDir, delay: float, dry_run: bool, echo: bool,
+    @property
+    def root(self) -> str: ...
+
+
+@attrs.define
+class _Moved:
+    blob: BlobEntry
+    trash: str | None = None    # None in a dry run
+
+
+class Collector:
+    """One mark and sweep of ``store``; ``guard``: this process's BlobGuard when run inside the server.
+
+    ``store`` is a driver, or a data directory (opened with calls that
+    block, for ``run`` in a command or a worker thread). ``echo`` is for
+    the callers of the filesystem's former collector: ``registryd gc``
+    prints its lines from the report.
+    """
+
+    def __init__(self, store: Driver | DataDirectory, delay: float, dry_run: bool, echo: bool = False,
                  guard: BlobGuard | None = None, clock: Callable[[], float] = time.time) -> None:
-        self.data = data
+        self.driver: Driver = store if isinstance(store, Driver) else FsDriver(store.root, InlinePool())
         self.delay = delay
         self.dry_run = dry_run
-        self.echo = echo
         self.guard = guard or BlobGuard()
-        self._clock = clock
         self.result = Collection()
-        self.verb = "would remove" if dry_run else "removed"
+        self.marker = Marker(self.driver)
+        self.run_id = uuid.uuid4().hex[:16]
+        self.started = 0.0
+        self._clock = clock
 
-    def _say(self, line: str) -> None:
-        if self.echo:
-            print(line, flush=True)
-
-    def _delete(self, digest: Digest, path: str) -> bool:
-        """Unlink ``path`` unless ``digest`` was claimed since the run began."""
-        return self.guard.delete_unless_claimed(digest, self.started, lambda: unlink_durably(path))
+    async def collect(self) -> Collection:
+        """One run, where it costs least: on a driver with blocking calls (a data directory) whole
+        in one worker thread of its pool (``run``); elsewhere here, on the reactor."""
+        threaded = self.driver.threaded()
+        if threaded is None:
+            return await self._run()
+        self.driver, pool = threaded
+        self.marker.driver = self.driver
+        return await pool.run(self.run)
 
     def run(self) -> Collection:
-        self.started = self._clock()
-        # Blobs are listed before marking: a blob committed later is no
-        # candidate, and a manifest committed before the mark is seen by it.
-        blobs = list(self.data.blob_files([]))
-        marker = Marker(self.data)
-        marker.update()
-        self.marker = marker
-        candidates = [b for b in blobs if b.digest not in marker.keep]
-        self.result.kept = len(blobs) - len(candidates)
-        if candidates:
-            marker.update()  # manifests committed during the first pass
-        cutoff = self.started - self.delay
-        gone: set[Digest] = set()
-        for blob in candidates:
-            if blob.digest in marker.keep:
-                self.result.kept += 1
-                continue
-            times = [mtime_of(blob.path), self.guard.last_claim(blob.digest)]
-            times += [mtime_of(path) for _, path in marker.links.get(blob.digest, [])]
-            if times[0] is None:
-                gone.add(blob.digest)  # removed meanwhile
-                continue
-            if any(t is not None and t > cutoff for t in times):
-                self.result.young += 1
-                continue
-            if not self.dry_run:
-                if not self._delete(blob.digest, blob.path):
-                    if os.path.exists(blob.path):
-                        self.result.young += 1  # claimed meanwhile: in use
-                    else:
-                        gone.add(blob.digest)
-                    continue
-                self._prune(os.path.dirname(blob.path), os.path.join(self.data.root, "blobs", blob.digest.algorithm))
-            gone.add(blob.digest)
-            self.result.blobs.append({"digest": str(blob.digest), "size": blob.size,
-                                      "path": self.data.rel(blob.path)})
-            self._say(f"{self.verb} blob {blob.digest} ({human_size(blob.size)}, {blob.size} bytes)")
-        self._sweep_links(gone, cutoff)
-        return self.result
+        """One run, to its end, in this thread: over a driver whose calls block (a data directory)."""
+        threaded = self.driver.threaded()
+        if threaded is not None:
+            self.driver = self.marker.driver = threaded[0]
+        return finish(self._run())
 
     def report(self) -> dict[str, Any]:
         """The run as one JSON document (``registryd gc --json`` and ``POST /admin/gc``)."""
-        return collection_report(self.data.root, self.dry_run, self.delay, self.result, self.marker)
+        return collection_report(self.driver.location, self.dry_run, self.delay, self.result, self.marker)
 
-    def _sweep_links(self, gone: set[Digest], cutoff: float) -> None:
-        for digest, places in sorted(self.marker.links.items(), key=lambda item: str(item[0])):
-            if digest not in gone and os.path.isfile(self.data.blob_path(digest)):
+    async def _run(self) -> Collection:
+        self.started = self._clock()
+        cutoff = self.started - self.delay
+        # Blobs are listed before marking: a blob stored later is no
+        # candidate, and a manifest committed before the mark is seen by it.
+        blobs = await list_blobs(self.driver)
+        trash = await list_trash(self.driver)
+        await self.marker.update(trash)
+        if not self.dry_run:
+            await self._leftovers(trash, set(blobs), self.started - max(self.delay, LEFTOVER_AGE))
+        candidates = self._candidates(blobs.values(), cutoff)
+        gone: set[Digest] = set()
+        if candidates:
+            gone = await self._collect(candidates, cutoff)
+        await self._sweep_links(set(blobs) - gone, gone, cutoff)
+        return self.result
+
+    def _removed_blob(self, digest: Digest, size: int, key: str) -> None:
+        self.result.blobs.append({"digest": str(digest), "size": size, "path": key})
+
+    # -- candidates -------------------------------------------------------------
+
+    def _claimed(self, digest: Digest) -> bool:
+        claim = self.guard.last_claim(digest)
+        return claim is not None and claim >= self.started
+
+    def _candidates(self, blobs: Iterable[BlobEntry], cutoff: float) -> list[BlobEntry]:
+        candidates = []
+        for blob in blobs:
+            if blob.digest in self.marker.keep:
+                self.result.kept += 1
                 continue
-            for repository, path in places:
-                mtime = mtime_of(path)
-                if mtime is None or (mtime > cutoff and digest not in gone):
-                    continue  # gone, or just made (its blob may be on its way)
-                if not self.dry_run:
-                    if os.path.isfile(self.data.blob_path(digest)) or not self._delete(digest, path):
-                        continue  # the blob came back, or was claimed, meanwhile
-                    self._prune(os.path.dirname(path), os.path.join(repository.path, "_blobs"))
-                self.result.links.append({"repository": repository.name, "digest": str(digest),
-                                          "path": self.data.rel(path)})
-                self._say(f"{self.verb} link {repository.name} -> {digest} (its blob is gone)")
+            times = [blob.last_modified, *(link.last_modified for link in self.marker.links.get(blob.digest, []))]
+            claim = self.guard.last_claim(blob.digest)
+            if any(t is None or t > cutoff for t in times) or (claim is not None and claim > cutoff):
+                self.result.young += 1
+                continue
+            candidates.append(blob)
+        return candidates
 
-    def _prune(self, directory: str, stop: str) -> None:
-        if os.path.isdir(directory):
-            prune_empty_dirs(directory, stop)
-            if not os.path.isdir(directory):
-                self.result.directories += 1
+    def _link_times(self, digest: Digest) -> dict[str, float | None]:
+        return {link.key: link.last_modified for link in self.marker.links.get(digest, [])}
+
+    # -- move, mark again, restore or purge ---------------------------------------
+
+    async def _collect(self, candidates: list[BlobEntry], cutoff: float) -> set[Digest]:
+        """Steps 3 and 4's input: the digests whose blob is gone (or would be) after this run."""
+        links_before = {blob.digest: self._link_times(blob.digest) for blob in candidates}
+        unreadable_before = {key for key, _ in self.marker.unreadable}
+        moved: dict[Digest, _Moved] = {}
+        gone: set[Digest] = set()
+        try:
+            if self.dry_run:
+                moved = {blob.digest: _Moved(blob) for blob in candidates}
+            else:
+                await bounded_each(candidates, lambda blob: self._move(blob, moved, gone), CONCURRENCY)
+            if not moved:
+                return gone
+            await self._remark()
+            restore, purge = self._judge(moved, links_before, unreadable_before, cutoff)
+            if not self.dry_run:
+                await bounded_each(restore, self._restore, CONCURRENCY, keep_going=True)
+        except BaseException:
+            if not self.dry_run:
+                await self._put_back(list(moved.values()))
+            raise
+        failed = set()
+        if purge and not self.dry_run:
+            failed = set(await self.driver.delete_many([m.trash for m in purge if m.trash is not None]))
+            for key in failed:
+                log.warn("could not purge {key} from the trash; a later run purges it", key=key)
+        for m in purge:
+            if m.trash not in failed:
+                gone.add(m.blob.digest)
+                self._removed_blob(m.blob.digest, m.blob.size, m.blob.key)
+        return gone
+
+    def _delete(self, digest: Digest, key: str) -> bool:
+        """May the blob at ``key`` go to the trash now? Not if this process claimed it since the run
+        began. Asked just before each move (on a data directory, in the run's worker thread)."""
+        return not self._claimed(digest)
+
+    async def _move(self, blob: BlobEntry, moved: dict[Digest, _Moved], gone: set[Digest]) -> None:
+        """Into this run's trash: unless it vanished, was written again since the listing (an
+        upload committed it anew) or was claimed here, before or during the move."""
+        if not self._delete(blob.digest, blob.key):
+            self.result.young += 1
+            return
+        key = trash_key(self.run_id, blob.digest)
+        # Recorded before the move: a failure from here on puts it back.
+        moved[blob.digest] = _Moved(blob, key)
+        if await self.driver.move(blob.key, key, expect=blob.entry, unless=lambda: self._claimed(blob.digest)):
+            return
+        del moved[blob.digest]
+        if await self.driver.stat(blob.key) is None:
+            gone.add(blob.digest)
+        else:
+            self.result.young += 1
+
+    async def _remark(self) -> None:
+        """The second mark, once every move is done (tests hook in before it)."""
+        await self.marker.update(await list_trash(self.driver))
+
+    def _judge(self, moved: dict[Digest, _Moved], links_before: dict[Digest, dict[str, float | None]],
+               unreadable_before: set[str], cutoff: float) -> tuple[list[_Moved], list[_Moved]]:
+        """(to put back, to purge) after the second mark.
+
+        A revision whose document is nowhere (not in ``blobs/``, not in any
+        trash) names blobs we cannot know. An old one is fsck's business; one
+        written during the run or within the delay is a push in flight, and
+        its layers may be among ours: all go back.
+        """
+        unsure = [key for key, t in self.marker.unreadable
+                  if key not in unreadable_before or t is None or t > cutoff]
+        if unsure:
+            log.warn("revision {key} is new but its manifest is nowhere to be read; "
+                     "nothing is removed this run", key=unsure[0])
+        restore, purge = [], []
+        for digest, m in moved.items():
+            if digest in self.marker.keep or unsure:
+                self.result.kept += 1
+                restore.append(m)
+            elif self._link_times(digest) != links_before[digest] or self._claimed(digest):
+                self.result.young += 1
+                restore.append(m)
+            else:
+                purge.append(m)
+        return restore, purge
+
+    async def _restore(self, m: _Moved) -> None:
+        assert m.trash is not None
+        if await self._move_back(m.trash, m.blob.key):
+            self.result.restored += 1
+
+    async def _move_back(self, source: str, key: str) -> bool:
+        if await self.driver.move(source, key):
+            return True
+        if await self.driver.stat(key) is None:
+            log.error("{key} was to be put back, but its trash copy {source} is gone", key=key, source=source)
+        return False
+
+    async def _put_back(self, moved: list[_Moved]) -> None:
+        """A run that failed half-way leaves nothing in the trash it could not judge."""
+        try:
+            await bounded_each(moved, self._restore, CONCURRENCY, keep_going=True)
+        except Exception as e:
+            log.error("garbage collection failed and could not put every moved blob back ({error}); "
+                      "the next run restores those still referenced", error=str(e))
+
+    # -- leftovers and links ------------------------------------------------------
+
+    async def _leftovers(self, trash: dict[Digest, list[TrashEntry]], listed: set[Digest], before: float) -> None:
+        """What crashed runs left in the trash: kept ones back, the rest purged."""
+        restore: list[tuple[Digest, list[TrashEntry]]] = []
+        purge: list[tuple[Digest, list[TrashEntry]]] = []
+        for digest, entries in trash.items():
+            old = [e for e in entries if e.last_modified is not None and e.last_modified <= before]
+            if old:
+                (restore if digest in self.marker.keep else purge).append((digest, old))
+
+        async def put_back(item: tuple[Digest, list[TrashEntry]]) -> None:
+            digest, entries = item
+            rest = entries
+            if digest not in listed:
+                rest = entries[1:]
+                if await self._move_back(entries[0].key, blob_key(digest)):
+                    self.result.restored += 1
+            if rest:
+                await self.driver.delete_many([entry.key for entry in rest])
+
+        await bounded_each(restore, put_back, CONCURRENCY, keep_going=True)
+        keys = [entry.key for _, entries in purge for entry in entries]
+        failed = set(await self.driver.delete_many(keys)) if keys else set()
+        for digest, entries in purge:
+            if digest not in listed and entries[0].key not in failed:
+                self._removed_blob(digest, entries[0].size, entries[0].key)
+
+    async def _sweep_links(self, listed: set[Digest], gone: set[Digest], cutoff: float) -> None:
+        """Links older than the delay whose blob is gone: none in ``blobs/``, none in any trash."""
+        stale = {}
+        for digest, links in self.marker.links.items():
+            if digest in listed or self._claimed(digest):
+                continue
+            old = [link for link in links if link.last_modified is not None and link.last_modified <= cutoff]
+            if old:
+                stale[digest] = old
+        if not stale:
+            return
+        # A collection elsewhere may be about to put one back.
+        in_trash = await list_trash(self.driver)
+        absent: set[Digest] = set()
+
+        async def check(digest: Digest) -> None:
+            if (self.dry_run and digest in gone) or await self.driver.stat(blob_key(digest)) is None:
+                absent.add(digest)
+
+        await bounded_each([digest for digest in stale if digest not in in_trash], check, CONCURRENCY)
+        links = sorted((link for digest in absent for link in stale[digest]), key=lambda link: link.key)
+        failed = set()
+        if links and not self.dry_run:
+            failed = set(await self.driver.delete_many([link.key for link in links]))
+        for link in links:
+            if link.key not in failed:
+                self.result.links.append({"repository": link.repository, "digest": str(link.digest),
+                                          "path": link.key})

@@ -1,255 +1,49 @@
-"""The mark of a shared S3 store: what the repositories of every node keep.
+"""The mark over an S3Client, for the S3 survey and fsck: registryd.upkeep.marker on an S3Driver.
 
-The rules are the filesystem Marker's (``registryd.upkeep.collector``), read
-from one flat listing each of ``repositories/`` and ``mirror/``: a revision
-keeps its digest and every digest its manifest document names, a tag keeps
-the digest it holds, a referrer entry keeps its subject and its manifest.
-Blob links are remembered with their LastModified, for the collector's young
-check and its link sweep.
-
-A document that is not under ``blobs/`` may be in ``trash/``, moved there by
-a collection in progress (this one or another node's): the trash copy is
-read then, or layers of a manifest committed meanwhile would look unused.
+Listings come back as the client's ObjectEntry (``last_modified``), as
+those callers read them; the mark itself is written once, over any driver.
 """
 from __future__ import annotations
 
-from typing import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence, TypeVar
+from typing import AsyncIterator, Mapping, Sequence
 
-import attrs
-from twisted.internet.defer import Deferred, DeferredList
-
-from registryd.storage.scan import digest_or_none
-from registryd.digest import Digest, parse_digest
-from registryd.errors import RegistryError
+from registryd.digest import Digest
+from registryd.storage.driver import Entry
 from registryd.storage.s3.client import S3Client
 from registryd.storage.s3.documents import ObjectEntry
-from registryd.storage.s3.listing import blob_digest
-from registryd.storage.layout import BLOBS, MIRROR, REPOSITORIES, blob_key
-from registryd.upkeep.collector import referenced_digests
-
-T = TypeVar("T")
-
-TRASH = "trash/"
-#: Manifest documents are read whole; the API serves none larger (MANIFEST_READ_LIMIT).
-MANIFEST_LIMIT = 64 * 1024 * 1024
-#: A tag holds one digest.
-TAG_LIMIT = 4096
-#: Small reads, copies and HEADs in flight at once (Agent's pool does not bound connections).
-CONCURRENCY = 8
+from registryd.storage.s3.driver import S3Driver
+from registryd.upkeep import marker
+from registryd.upkeep.marker import (  # noqa: F401  (the names these callers import from here)
+    CONCURRENCY, MANIFEST_LIMIT, TAG_LIMIT, TRASH, BlobEntry, Link, RepositoryKey, TrashEntry, blob_digest,
+    repository_place, split_repository_key, trash_key,
+)
 
 
-@attrs.frozen
-class Link:
-    """``<root><name>/_blobs/<alg>/<hex>``: the blob is in ``repository``."""
-
-    digest: Digest
-    repository: str
-    key: str
-    last_modified: float | None
+def _object_entry(entry: Entry) -> ObjectEntry:
+    return ObjectEntry(entry.key, entry.size, entry.modified, entry.version, entry.is_prefix)
 
 
-@attrs.frozen
-class TrashEntry:
-    """``trash/<run>/<alg>/<2 hex>/<hex>``: a blob that collection ``run`` moved aside."""
-
-    digest: Digest
-    key: str
-    run: str
-    size: int
-    last_modified: float | None
-
-
-def trash_key(run: str, digest: Digest) -> str:
-    return f"{TRASH}{run}/{blob_key(digest)[len(BLOBS):]}"
+async def list_blobs(client: S3Client, unexpected: list[ObjectEntry] | None = None) -> dict[Digest, BlobEntry]:
+    """Every object under ``blobs/`` named by its digest; the others go to ``unexpected`` when given."""
+    others: list[Entry] = []
+    found = await marker.list_blobs(S3Driver(client), others)
+    if unexpected is not None:
+        unexpected.extend(_object_entry(entry) for entry in others)
+    return found
 
 
 async def list_trash(client: S3Client) -> dict[Digest, list[TrashEntry]]:
     """What every collection, running or crashed, holds in ``trash/``."""
-    found: dict[Digest, list[TrashEntry]] = {}
-    async for entry in client.list_objects(TRASH):
-        run, _, rest = entry.key[len(TRASH):].partition("/")
-        digest = blob_digest(rest.split("/"))
-        if run and digest is not None:
-            found.setdefault(digest, []).append(TrashEntry(digest, entry.key, run, entry.size, entry.last_modified))
-    return found
-
-
-@attrs.frozen
-class RepositoryKey:
-    """Where a key under ``repositories/`` or ``mirror/<folder>/`` sits in its repository."""
-
-    root: str               # "repositories/" or "mirror/<folder>/"
-    folder: str | None      # the mirror folder (a namespace with ':' as '_'); None for a local repository
-    remote: str             # the repository's path under ``root``
-    marker: str             # the first component that starts with '_': "_manifests", "_blobs", ...
-    rest: list[str]         # the components after the marker
-
-
-def split_repository_key(key: str) -> RepositoryKey | None:
-    """A key under ``repositories/`` or ``mirror/`` taken apart, or None if it is in no repository.
-
-    Name components never start with ``_``: the first one that does is the marker.
-    """
-    folder: str | None = None
-    if key.startswith(REPOSITORIES):
-        root = REPOSITORIES
-    elif key.startswith(MIRROR):
-        folder = key[len(MIRROR):].partition("/")[0]
-        if not folder:
-            return None
-        root = f"{MIRROR}{folder}/"
-    else:
-        return None
-    parts = key[len(root):].split("/")
-    for index, part in enumerate(parts):
-        if part.startswith("_"):
-            if index == 0:
-                return None
-            return RepositoryKey(root, folder, "/".join(parts[:index]), part, parts[index + 1:])
-    return None
-
-
-def repository_place(key: str) -> tuple[str, str, list[str]] | None:
-    """``(repository name, marker folder, rest)`` of a key under ``repositories/`` or ``mirror/``."""
-    place = split_repository_key(key)
-    if place is None:
-        return None
-    # As DataDir.namespace: only a port's ':' is '_' in a stored namespace.
-    namespace = "" if place.folder is None else place.folder.replace("_", ":") + "/"
-    return namespace + place.remote, place.marker, place.rest
+    return await marker.list_trash(S3Driver(client))
 
 
 async def repository_entries(client: S3Client) -> AsyncIterator[tuple[RepositoryKey, ObjectEntry]]:
-    """Every key in a repository, local ones then mirrored ones: one flat listing of each root.
-
-    Keys in no repository (fsck's business) are left out.
-    """
-    for root in (REPOSITORIES, MIRROR):
-        async for entry in client.list_objects(root):
-            place = split_repository_key(entry.key)
-            if place is not None:
-                yield place, entry
-
-
-@attrs.define
-class S3Marker:
-    """What the repositories keep; ``update`` lists afresh and reads only documents not read yet.
-
-    ``keep`` only grows, as the filesystem Marker's: a digest kept by the
-    first mark stays kept through the second.
-    """
-
-    client: S3Client
-    keep: set[Digest] = attrs.field(factory=set)
-    links: dict[Digest, list[Link]] = attrs.field(factory=dict)
-    #: Revisions of this pass whose document was nowhere to be read: (key, LastModified).
-    unreadable: list[tuple[str, float | None]] = attrs.field(factory=list)
-    manifests: int = 0
-    repositories: int = 0
-    _documents: set[Digest] = attrs.field(factory=set)
-    _revisions: set[str] = attrs.field(factory=set)
-    _tags: set[tuple[str, str]] = attrs.field(factory=set)
-
-    async def update(self, trash: Mapping[Digest, Sequence[TrashEntry]]) -> None:
-        self.links = {}
-        self.unreadable = []
-        names: set[str] = set()
-        unread: dict[Digest, list[ObjectEntry]] = {}
-        tags: list[ObjectEntry] = []
-        for root in (REPOSITORIES, MIRROR):
-            async for entry in self.client.list_objects(root):
-                place = repository_place(entry.key)
-                if place is None:
-                    continue
-                name, folder, rest = place
-                if folder in ("_manifests", "_blobs"):
-                    names.add(name)
-                if folder == "_blobs" and len(rest) == 2:
-                    digest = digest_or_none(*rest)
-                    if digest is not None:
-                        link = Link(digest, name, entry.key, entry.last_modified)
-                        self.links.setdefault(digest, []).append(link)
-                elif folder == "_manifests" and len(rest) == 3 and rest[0] == "revisions":
-                    digest = digest_or_none(rest[1], rest[2])
-                    if digest is not None:
-                        self.keep.add(digest)
-                        if entry.key not in self._revisions:
-                            unread.setdefault(digest, []).append(entry)
-                elif folder == "_manifests" and len(rest) == 2 and rest[0] == "tags":
-                    if (entry.key, entry.etag) not in self._tags:
-                        tags.append(entry)
-                elif folder == "_referrers" and len(rest) == 3:
-                    algorithm, _, hexpart = rest[2].partition("-")
-                    self.keep.update(d for d in (digest_or_none(rest[0], rest[1]), digest_or_none(algorithm, hexpart))
-                                     if d is not None)
-        self.repositories = len(names)
-        await each(tags, self._read_tag)
-        await each(unread.items(), lambda item: self._read_revisions(item[0], item[1], trash))
-
-    async def _read_tag(self, entry: ObjectEntry) -> None:
-        data = await self.client.get_small(entry.key, TAG_LIMIT)
-        if data is None:
-            return  # deleted since the listing
-        try:
-            self.keep.add(parse_digest(data.decode("utf-8").strip()))
-        except (UnicodeDecodeError, RegistryError):
-            pass  # not a digest: fsck reports it
-        self._tags.add((entry.key, entry.etag))
-
-    async def _read_revisions(self, digest: Digest, entries: list[ObjectEntry],
-                              trash: Mapping[Digest, Sequence[TrashEntry]]) -> None:
-        if digest not in self._documents:
-            content = await self._document(digest, trash)
-            if content is None:
-                self.unreadable.extend((entry.key, entry.last_modified) for entry in entries)
-                return
-            self._documents.add(digest)
-            self.keep.update(referenced_digests(content))
-        self._revisions.update(entry.key for entry in entries)
-        self.manifests += len(entries)
-
-    async def _document(self, digest: Digest, trash: Mapping[Digest, Sequence[TrashEntry]]) -> bytes | None:
-        """ObjectTooLarge propagates: a document we cannot read whole could
-        name anything, so the collection stops rather than guess."""
-        return await read_document(self.client, digest, trash)
+    """Every key in a repository, local ones then mirrored ones (see marker.repository_entries)."""
+    async for place, entry in marker.repository_entries(S3Driver(client)):
+        yield place, _object_entry(entry)
 
 
 async def read_document(client: S3Client, digest: Digest,
                         trash: Mapping[Digest, Sequence[TrashEntry]]) -> bytes | None:
-    """A manifest document from ``blobs/``, a trash copy, or ``blobs/`` again (restored meanwhile).
-
-    None when it is nowhere; ObjectTooLarge past MANIFEST_LIMIT.
-    """
-    content = await client.get_small(blob_key(digest), MANIFEST_LIMIT)
-    for entry in trash.get(digest, ()):
-        if content is not None:
-            break
-        content = await client.get_small(entry.key, MANIFEST_LIMIT)
-    if content is None and trash.get(digest):
-        content = await client.get_small(blob_key(digest), MANIFEST_LIMIT)
-    return content
-
-
-async def each(items: Iterable[T], work: Callable[[T], Awaitable[object]], concurrency: int = CONCURRENCY,
-               keep_going: bool = False) -> None:
-    """``work`` on every item, ``concurrency`` at a time, from one shared iterator (memory stays flat).
-
-    The first failure is raised once every worker has stopped; the other
-    workers stop after their current item, unless ``keep_going`` (restores:
-    each one that can still be done must be).
-    """
-    pending = iter(items)
-    failures: list[BaseException] = []
-
-    async def worker() -> None:
-        for item in pending:
-            if failures and not keep_going:
-                return
-            try:
-                await work(item)
-            except BaseException as e:
-                failures.append(e)
-
-    await DeferredList([Deferred.fromCoroutine(worker()) for _ in range(concurrency)], consumeErrors=True)
-    if failures:
-        raise failures[0]
+    """A manifest document from ``blobs/`` or a trash copy (see marker.read_document)."""
+    return await marker.read_document(S3Driver(client), digest, trash)

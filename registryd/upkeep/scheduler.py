@@ -2,7 +2,7 @@
 
 Both go over the whole store, one at a time (a DeferredLock): in the IO pool
 on a data directory, over the network on a shared S3 bucket, where every
-node runs them (registryd.upkeep.s3_collector and registryd.upkeep.s3_survey
+node runs them (registryd.upkeep.collector and registryd.upkeep.s3_survey
 say why overlapping runs are safe). A pass that fails is logged and
 counted; the timers go on, so the next pass runs as planned.
 
@@ -29,7 +29,6 @@ from registryd.storage.outage import outage_reason
 from registryd.storage.s3.errors import S3Error, S3Unavailable
 from registryd.storage.s3.store import S3Store
 from registryd.storage.scan import DataDir
-from registryd.upkeep.s3_collector import S3Collector
 from registryd.upkeep.eviction import Eviction, EvictionPlan, evict, plan_eviction
 from registryd.upkeep.s3_survey import Documents, S3Eviction, evict_s3, take_s3_survey
 from registryd.upkeep.survey import Survey, take_survey
@@ -109,20 +108,14 @@ class Upkeep:
             log.failure("surveying the store failed; the next survey runs as planned")
 
     async def collect(self, delay: float | None = None, dry_run: bool = False) -> GCReport:
-        """One mark and sweep in the IO pool, protected by the store's BlobGuard."""
+        """One mark and sweep (registryd.upkeep.collector), sparing what the store's BlobGuard saw claimed."""
         delay = self._config.gc_delay if delay is None else delay
         await self._lock.acquire()
         started = time.time()
-        collector: Collector | S3Collector
-        collection: Collection
+        # Every process and node may collect: runs overlap safely (see collector).
+        collector = Collector(self._store.objects, delay, dry_run=dry_run, guard=self._store.guard)
         try:
-            if self._store.driver == "s3":
-                # Every node may collect: runs overlap safely (see s3_collector).
-                collector = S3Collector(self._store.client, delay, dry_run, guard=self._store.guard)
-                collection = await collector.run()
-            else:
-                collector = Collector(self._data, delay, dry_run=dry_run, echo=False, guard=self._store.guard)
-                collection = await self._store.pool.run(collector.run)
+            collection = await collector.collect()
         except OSError as e:
             self._metrics.gc_runs.labels("failed").inc()
             log.error("garbage collection failed: {error}; the next pass runs as planned", error=str(e))

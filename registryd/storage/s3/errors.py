@@ -8,6 +8,8 @@ again later. Both print as one line.
 """
 from __future__ import annotations
 
+from registryd.storage.driver import TooLarge
+
 # Codes for answers without a body (HEAD) or with one we cannot read.
 _STATUS_CODES = {
     301: "PermanentRedirect", 304: "NotModified", 400: "BadRequest", 403: "AccessDenied",
@@ -45,7 +47,7 @@ class S3Unavailable(Exception):
     """The object store could not be reached, or stopped answering."""
 
 
-class ObjectTooLarge(S3Error):
+class ObjectTooLarge(S3Error, TooLarge):
     """A small object (``get_small``) was larger than the caller accepts."""
 
     def __init__(self, key: str, limit: int) -> None:

@@ -19,6 +19,7 @@ from registryd.storage.files import empty_dir, free_space_problem, make_dirs
 from registryd.storage.guard import BlobGuard
 from registryd.storage.s3.blobs import S3BlobStore
 from registryd.storage.s3.client import S3Client
+from registryd.storage.s3.driver import S3Driver
 from registryd.storage.s3.hot_cache import HotCache
 from registryd.storage.s3.listing import list_blobs
 from registryd.digest import Digest
@@ -43,6 +44,8 @@ class S3Store:
         self.tmp_dir = layout.local_path(root, layout.TMP)
         self.guard = BlobGuard()
         self.client = S3Client(settings, reactor)
+        # The bucket as keys and bytes: what maintenance (gc) works on.
+        self.objects = S3Driver(self.client)
         # Redirected GETs never pass through the node: nothing to cache then.
         self.hot_cache = (HotCache(cache_dir or os.path.join(root, "cache"), cache_size, pool)
                           if cache_size > 0 and not presign else None)

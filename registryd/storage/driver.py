@@ -1,0 +1,160 @@
+"""The storage driver: a flat store of keys and bytes, beneath registryd's layout.
+
+A data directory and an S3 bucket are both this: a key is a relative path
+(``blobs/sha256/ab/ab12...``, ``repositories/team/app/_manifests/tags/v1``),
+its value the bytes of one file or object. Maintenance (garbage collection,
+surveys, fsck) is written once over this interface, and so runs on every
+driver: ``registryd.storage.fs.driver`` (the data directory),
+``registryd.storage.s3.driver`` (a bucket) and ``registryd.storage.memory``
+(unit tests).
+
+Contract shared by every driver (``tests/test_driver_contract.py`` holds
+each to it):
+
+- Keys are ``/``-separated, relative, never start or end with ``/`` and
+  have no empty, ``.`` or ``..`` component.
+- A reader sees a whole value or none: ``write``, ``copy`` and ``move``
+  never expose a partial one, and are durable once they return.
+- Times are seconds since the epoch as the store keeps them (a bucket's
+  LastModified is to the second, a file's mtime finer).
+- A missing key is not an error: ``stat``/``read`` return None, ``delete``
+  and ``move`` return False. Failures of the store itself raise (OSError on
+  disk, S3Error/S3Unavailable on S3).
+"""
+from __future__ import annotations
+
+import builtins
+from typing import Any, AsyncIterator, Callable, Coroutine, Protocol, Sequence, TypeVar, runtime_checkable
+
+import attrs
+
+T = TypeVar("T")
+
+
+@attrs.frozen
+class Entry:
+    """One key of a listing or a ``stat``; ``is_prefix`` for a common prefix (with a delimiter).
+
+    ``version`` changes whenever the value is written again (an ETag, or a
+    file's inode, mtime and size); compare it only with the same driver's.
+    """
+
+    key: str
+    size: int = 0
+    modified: float | None = None
+    version: str = ""
+    is_prefix: bool = False
+
+
+class TooLarge(Exception):
+    """``read`` found a value larger than the caller's limit."""
+
+
+def too_large(key: str, limit: int) -> TooLarge:
+    return TooLarge(f"{key} is larger than {limit} bytes")
+
+
+def check_key(key: str) -> None:
+    """ValueError for what is not a key (absolute, empty components, ``.``/``..``): it could leave the root."""
+    if not key or any(part in ("", ".", "..") for part in key.split("/")) or "\0" in key:
+        raise ValueError(f"not a storage key: {key!r}")
+
+
+class Pool(Protocol):
+    """Where blocking work runs (registryd.threads.BlockingPool, or InlinePool)."""
+
+    async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T: ...
+
+
+@runtime_checkable
+class Driver(Protocol):
+    """A store of keys and bytes (see the module's docstring for the shared contract)."""
+
+    #: "filesystem", "s3" or "memory": for messages and metrics, never for choosing an algorithm.
+    name: str
+
+    @property
+    def location(self) -> str:
+        """Where the content lives, for messages: a directory, ``s3://bucket/prefix``, ``memory``."""
+
+    def list(self, prefix: str, delimiter: str | None = None) -> AsyncIterator[Entry]:
+        """Every key that starts with ``prefix``, in key order (by code point, as S3 sorts).
+
+        ``prefix`` is a plain string prefix (``"blobs/"``, ``"trash/run1"``).
+        With ``delimiter`` (only ``"/"``), keys with a ``/`` after the prefix
+        are rolled up into one entry per common prefix (``is_prefix``, its
+        key ending in ``/``), in the same order. A listing runs alongside
+        writes: a key written or deleted during it may or may not be in it.
+        """
+
+    async def stat(self, key: str) -> Entry | None:
+        """The value's entry, or None when there is none (a directory on disk is none)."""
+
+    async def read(self, key: str, limit: int) -> bytes | None:
+        """The whole value of a small key, or None if missing; TooLarge past ``limit`` bytes."""
+
+    async def write(self, key: str, data: bytes, if_absent: bool = False) -> bool:
+        """Store ``data`` as ``key``, atomically and durably: readers see the old value or the new one.
+
+        ``if_absent``: only if ``key`` does not exist, decided atomically
+        (one of two racing writers wins); returns False when it existed.
+        Otherwise True.
+        """
+
+    async def copy(self, src: str, dst: str) -> bool:
+        """Make ``dst`` a copy of ``src`` (atomic, durable; server-side on S3); False if ``src`` is missing."""
+
+    async def move(self, src: str, dst: str, expect: Entry | None = None,
+                   unless: Callable[[], bool] | None = None) -> bool:
+        """Move ``src`` to ``dst`` (replacing it), durably; False, with nothing moved, if ``src`` is missing.
+
+        A rename on disk and in memory (atomic); a copy, then a delete of
+        ``src`` on S3 (a reader may see both for a moment, never neither).
+        ``expect``: move only the value that entry describes; False,
+        ``src`` left in place, if it was written again since (its version
+        on disk, a later LastModified on S3). ``unless`` is asked once the
+        value is safe at ``dst`` and before ``src`` goes (on disk: right
+        after the rename); True puts it back, and the move returns False.
+        Emptied directories go.
+        """
+
+    async def delete(self, key: str) -> bool:
+        """Remove ``key`` durably; False if it was missing. Emptied directories go."""
+
+    async def delete_many(self, keys: Sequence[str]) -> builtins.list[str]:
+        """Remove every key (missing ones are fine); returns those the store refused one by one."""
+
+    def local_path(self, key: str) -> str | None:
+        """The file holding ``key``'s value (for sendfile, rename-on-commit), or None off disk."""
+
+    def presign(self, key: str, expires: int) -> str | None:
+        """A URL that GETs ``key`` for ``expires`` seconds without credentials, or None if unsupported."""
+
+    def threaded(self) -> tuple[Driver, Pool] | None:
+        """A twin of this driver whose calls block and finish before they return, and the pool to
+        run it in; None when calls need the reactor (S3) or cost nothing (memory).
+
+        A pass of many small calls (a garbage collection) runs whole in one
+        worker thread over the twin: one thread hop instead of one per file.
+        """
+
+
+def finish(work: Coroutine[Any, Any, T]) -> T:
+    """The result of ``work``, which must complete without waiting (over a driver's threaded twin).
+
+    For a pass running whole in a worker thread, or a command without a
+    reactor. Work that waits is cancelled, and RuntimeError raised.
+    """
+    from twisted.internet.defer import ensureDeferred
+    from twisted.python.failure import Failure
+
+    outcome: list[Any] = []
+    running = ensureDeferred(work)
+    running.addBoth(outcome.append)
+    if not outcome:
+        running.cancel()
+        raise RuntimeError("the work waited on the reactor: run it over a driver whose calls block")
+    result = outcome[0]
+    if isinstance(result, Failure):
+        result.raiseException()
+    return result  # type: ignore[no-any-return]

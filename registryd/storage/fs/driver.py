@@ -1,0 +1,272 @@
+"""A data directory as a registryd.storage.driver.Driver: a key is a path under the root.
+
+Writes go through ``tmp/`` of the data directory: a temporary file, fsync,
+rename into place, fsync of the directory (as registryd.storage.files
+does), so a crash leaves the old value or the new one, and the start-up
+clean-up of ``tmp/`` takes what was half-written. Moves are renames (the
+data directory is one filesystem); deletes and moves remove the
+directories they empty, up to the top-level folder and never a
+repository's ``_``-folders.
+
+Every call that touches the disk runs in the pool given, so the reactor
+never waits on a walk or an fsync; ``threaded()`` gives the twin whose
+calls block, for a pass that runs whole in one worker thread.
+"""
+from __future__ import annotations
+
+import builtins
+import errno
+import itertools
+import os
+import shutil
+import stat
+import uuid
+from typing import AsyncIterator, Callable, Iterator, Sequence
+
+from registryd.storage.driver import Entry, Pool, check_key, too_large
+from registryd.storage.files import fsync_dir, make_dirs, remove_file
+from registryd.threads import InlinePool
+
+#: Entries walked per trip to the pool: a listing's memory stays flat.
+LIST_BATCH = 1000
+
+
+def _version(info: os.stat_result) -> str:
+    return f"{info.st_dev}:{info.st_ino}:{info.st_mtime_ns}:{info.st_size}"
+
+
+def _entry(key: str, info: os.stat_result) -> Entry:
+    return Entry(key, info.st_size, info.st_mtime, _version(info))
+
+
+class FsDriver:
+    """The Driver on the data directory ``root`` (see the module docstring)."""
+
+    name = "filesystem"
+
+    def __init__(self, root: str, pool: Pool, tmp_dir: str | None = None) -> None:
+        self.root = root
+        self.tmp_dir = tmp_dir or os.path.join(root, "tmp")
+        self._pool = pool
+
+    @property
+    def location(self) -> str:
+        return self.root
+
+    def path(self, key: str) -> str:
+        check_key(key)
+        return os.path.join(self.root, *key.split("/"))
+
+    # -- reads ------------------------------------------------------------------
+
+    async def list(self, prefix: str, delimiter: str | None = None) -> AsyncIterator[Entry]:
+        if delimiter not in (None, "/"):
+            raise ValueError(f"the filesystem driver lists with the delimiter '/' only, not {delimiter!r}")
+        walk = self._walk(prefix, delimiter is not None)
+        while True:
+            batch = await self._pool.run(lambda: builtins.list(itertools.islice(walk, LIST_BATCH)))
+            for entry in batch:
+                yield entry
+            if len(batch) < LIST_BATCH:
+                return
+
+    def _walk(self, prefix: str, rolled_up: bool) -> Iterator[Entry]:
+        """Blocking: the listing, in key order (a directory sorts as its name plus ``/``)."""
+        folder, _, start = prefix.rpartition("/")
+        if folder:
+            check_key(folder)
+        base = f"{folder}/" if folder else ""
+        yield from self._walk_dir(os.path.join(self.root, *folder.split("/")) if folder else self.root,
+                                  base, start, rolled_up)
+
+    def _walk_dir(self, directory: str, base: str, start: str, rolled_up: bool) -> Iterator[Entry]:
+        try:
+            with os.scandir(directory) as it:
+                found = [(e.name + "/" if e.is_dir(follow_symlinks=False) else e.name, e)
+                         for e in it if e.name.startswith(start)]
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        for name, entry in sorted(found, key=lambda item: item[0]):
+            if name.endswith("/"):
+                if rolled_up:
+                    yield Entry(base + name, is_prefix=True)
+                else:
+                    yield from self._walk_dir(entry.path, base + name, "", False)
+            elif entry.is_file(follow_symlinks=False):
+                try:
+                    info = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue  # deleted while we looked
+                yield _entry(base + name, info)
+
+    async def stat(self, key: str) -> Entry | None:
+        return self._stat(key)
+
+    def _stat(self, key: str) -> Entry | None:
+        try:
+            info = os.stat(self.path(key), follow_symlinks=False)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return _entry(key, info) if stat.S_ISREG(info.st_mode) else None
+
+    async def read(self, key: str, limit: int) -> bytes | None:
+        return await self._pool.run(self._read, key, limit)
+
+    def _read(self, key: str, limit: int) -> bytes | None:
+        try:
+            with open(self.path(key), "rb") as f:
+                data = f.read(limit + 1)
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return None
+        if len(data) > limit:
+            raise too_large(key, limit)
+        return data
+
+    # -- writes -----------------------------------------------------------------
+
+    async def write(self, key: str, data: bytes, if_absent: bool = False) -> bool:
+        return await self._pool.run(self._write, key, data, if_absent)
+
+    def _temporary(self) -> str:
+        make_dirs(self.tmp_dir)
+        return os.path.join(self.tmp_dir, uuid.uuid4().hex)
+
+    def _place(self, tmp: str, target: str, if_absent: bool) -> bool:
+        """Blocking: the fsynced ``tmp`` becomes ``target``, durably (``if_absent``: by a link, which fails if it exists)."""
+        parent = os.path.dirname(target)
+        try:
+            make_dirs(parent)
+            if if_absent:
+                try:
+                    os.link(tmp, target)
+                except FileExistsError:
+                    return False
+            else:
+                os.rename(tmp, target)
+        finally:
+            remove_file(tmp)
+        fsync_dir(parent)
+        return True
+
+    def _write(self, key: str, data: bytes, if_absent: bool) -> bool:
+        target = self.path(key)
+        tmp = self._temporary()
+        try:
+            with open(tmp, "xb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            remove_file(tmp)  # a full disk must not leave empty files behind
+            raise
+        return self._place(tmp, target, if_absent)
+
+    async def copy(self, src: str, dst: str) -> bool:
+        return await self._pool.run(self._copy, src, dst)
+
+    def _copy(self, src: str, dst: str) -> bool:
+        target = self.path(dst)
+        tmp = self._temporary()
+        try:
+            try:
+                shutil.copyfile(self.path(src), tmp, follow_symlinks=False)
+            except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+                return False
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except BaseException:
+            remove_file(tmp)
+            raise
+        return self._place(tmp, target, False)
+
+    async def move(self, src: str, dst: str, expect: Entry | None = None,
+                   unless: Callable[[], bool] | None = None) -> bool:
+        return await self._pool.run(self._move, src, dst, expect, unless)
+
+    def _move(self, src: str, dst: str, expect: Entry | None, unless: Callable[[], bool] | None) -> bool:
+        source, target = self.path(src), self.path(dst)
+        try:
+            before = os.stat(source, follow_symlinks=False)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        if not stat.S_ISREG(before.st_mode) or (expect is not None and expect.version
+                                                 and _version(before) != expect.version):
+            return False
+        make_dirs(os.path.dirname(target))
+        try:
+            os.rename(source, target)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        replaced = False
+        if expect is not None and expect.version:
+            after = os.stat(target, follow_symlinks=False)
+            # Written again between our look and the rename: that value stays where it was.
+            replaced = (after.st_dev, after.st_ino) != (before.st_dev, before.st_ino)
+        if replaced or (unless is not None and unless()):
+            make_dirs(os.path.dirname(source))
+            os.rename(target, source)
+            fsync_dir(os.path.dirname(source))
+            return False
+        fsync_dir(os.path.dirname(target))
+        fsync_dir(os.path.dirname(source))
+        self._prune(src)
+        return True
+
+    async def delete(self, key: str) -> bool:
+        return await self._pool.run(self._delete, key)
+
+    def _delete(self, key: str) -> bool:
+        path = self.path(key)
+        try:
+            os.unlink(path)
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return False
+        fsync_dir(os.path.dirname(path))
+        self._prune(key)
+        return True
+
+    async def delete_many(self, keys: Sequence[str]) -> builtins.list[str]:
+        return await self._pool.run(self._delete_many, keys)
+
+    def _delete_many(self, keys: Sequence[str]) -> builtins.list[str]:
+        """Unlink every key, then fsync each directory once (a purge empties a few hundred)."""
+        removed = []
+        for key in keys:
+            try:
+                os.unlink(self.path(key))
+            except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+                continue
+            removed.append(key)
+        folders = {key.rpartition("/")[0]: key for key in removed}
+        for folder, key in sorted(folders.items()):
+            fsync_dir(os.path.dirname(self.path(key)))
+        for folder, key in sorted(folders.items(), reverse=True):
+            self._prune(key)
+        return []
+
+    def _prune(self, key: str) -> None:
+        """Remove the directories ``key``'s removal emptied: never the top-level folder, never a
+        ``_``-folder of a repository (``_blobs``, ``_manifests``...) nor what holds it."""
+        parts = key.split("/")[:-1]
+        while len(parts) > 1 and not parts[-1].startswith("_"):
+            try:
+                os.rmdir(os.path.join(self.root, *parts))
+            except OSError as e:
+                if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT, errno.ENOTDIR):
+                    return
+                raise
+            parts.pop()
+
+    # -- capabilities -----------------------------------------------------------
+
+    def local_path(self, key: str) -> str | None:
+        return self.path(key)
+
+    def presign(self, key: str, expires: int) -> str | None:
+        return None
+
+    def threaded(self) -> tuple[FsDriver, Pool] | None:
+        return FsDriver(self.root, InlinePool(), self.tmp_dir), self._pool

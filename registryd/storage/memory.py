@@ -1,0 +1,110 @@
+"""A registryd.storage.driver.Driver held in a dict: for unit tests that should take milliseconds.
+
+It keeps the shared contract to the letter (listings in key order with
+common prefixes, None for a missing key, TooLarge, if_absent, versions
+that change on every write), and its times come from an injectable clock,
+so a test makes a value "old" by moving the clock, not by sleeping.
+"""
+from __future__ import annotations
+
+import builtins
+import itertools
+import time
+from typing import AsyncIterator, Callable, Sequence
+
+import attrs
+
+from registryd.storage.driver import Entry, Pool, check_key, too_large
+
+
+@attrs.frozen
+class _Value:
+    data: bytes
+    modified: float
+    version: str
+
+
+class MemoryDriver:
+    """Keys and bytes in memory; ``clock`` stamps every write (``modified``)."""
+
+    name = "memory"
+    location = "memory"
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self.clock = clock
+        self._values: dict[str, _Value] = {}
+        self._writes = itertools.count(1)
+
+    def _entry(self, key: str, value: _Value) -> Entry:
+        return Entry(key, len(value.data), value.modified, value.version)
+
+    def _set(self, key: str, data: bytes) -> None:
+        check_key(key)
+        self._values[key] = _Value(bytes(data), self.clock(), str(next(self._writes)))
+
+    async def list(self, prefix: str, delimiter: str | None = None) -> AsyncIterator[Entry]:
+        if delimiter not in (None, "/"):
+            raise ValueError(f"the memory driver lists with the delimiter '/' only, not {delimiter!r}")
+        last_prefix = None
+        # A snapshot: writes during the listing do not disturb it.
+        for key, value in sorted((k, v) for k, v in self._values.items() if k.startswith(prefix)):
+            if delimiter is not None and "/" in key[len(prefix):]:
+                rolled = key[:key.index("/", len(prefix)) + 1]
+                if rolled != last_prefix:
+                    last_prefix = rolled
+                    yield Entry(rolled, is_prefix=True)
+                continue
+            yield self._entry(key, value)
+
+    async def stat(self, key: str) -> Entry | None:
+        value = self._values.get(key)
+        return None if value is None else self._entry(key, value)
+
+    async def read(self, key: str, limit: int) -> bytes | None:
+        value = self._values.get(key)
+        if value is None:
+            return None
+        if len(value.data) > limit:
+            raise too_large(key, limit)
+        return value.data
+
+    async def write(self, key: str, data: bytes, if_absent: bool = False) -> bool:
+        if if_absent and key in self._values:
+            return False
+        self._set(key, data)
+        return True
+
+    async def copy(self, src: str, dst: str) -> bool:
+        value = self._values.get(src)
+        if value is None:
+            return False
+        self._set(dst, value.data)
+        return True
+
+    async def move(self, src: str, dst: str, expect: Entry | None = None,
+                   unless: Callable[[], bool] | None = None) -> bool:
+        check_key(dst)
+        value = self._values.get(src)
+        if value is None or (expect is not None and expect.version and value.version != expect.version):
+            return False
+        if unless is not None and unless():
+            return False
+        self._values[dst] = self._values.pop(src)
+        return True
+
+    async def delete(self, key: str) -> bool:
+        return self._values.pop(key, None) is not None
+
+    async def delete_many(self, keys: Sequence[str]) -> builtins.list[str]:
+        for key in keys:
+            self._values.pop(key, None)
+        return []
+
+    def local_path(self, key: str) -> str | None:
+        return None
+
+    def presign(self, key: str, expires: int) -> str | None:
+        return None
+
+    def threaded(self) -> tuple[MemoryDriver, Pool] | None:
+        return None

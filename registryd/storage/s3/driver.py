@@ -1,0 +1,136 @@
+"""An S3 bucket (one S3Client, its prefix) as a registryd.storage.driver.Driver.
+
+Keys are the client's (the configured prefix is its business). Times are
+LastModified, to the second; ``version`` is the ETag. A move is a
+server-side copy (multipart above the copy threshold), a HEAD of the source
+when ``expect`` is given, then a delete of the source: a reader may find
+the value in both places for a moment, never in neither.
+"""
+from __future__ import annotations
+
+import builtins
+import math
+from typing import AsyncIterator, Callable, Sequence
+
+from registryd.storage.driver import Entry, Pool, check_key
+from registryd.storage.s3.client import S3Client
+from registryd.storage.s3.documents import ObjectEntry
+from registryd.storage.s3.errors import S3Error, S3Unavailable
+
+
+def entry_of(entry: ObjectEntry) -> Entry:
+    return Entry(entry.key, entry.size, entry.last_modified, entry.etag, entry.is_prefix)
+
+
+class S3Driver:
+    """The Driver on the bucket and prefix ``client`` works on."""
+
+    name = "s3"
+
+    def __init__(self, client: S3Client) -> None:
+        self.client = client
+
+    @property
+    def location(self) -> str:
+        settings = self.client.settings
+        return f"s3://{settings.bucket}/{settings.prefix}"
+
+    async def list(self, prefix: str, delimiter: str | None = None) -> AsyncIterator[Entry]:
+        if delimiter is None:
+            async for found in self.client.list_objects(prefix):
+                yield entry_of(found)
+            return
+        # A page lists its keys, then its common prefixes: sorted here (such listings are short).
+        rolled = [entry_of(found) async for found in self.client.list_objects(prefix, delimiter)]
+        for entry in sorted(rolled, key=lambda e: e.key):
+            yield entry
+
+    async def stat(self, key: str) -> Entry | None:
+        info = await self.client.head_object(key)
+        return None if info is None else Entry(key, info.size, info.last_modified, info.etag)
+
+    async def read(self, key: str, limit: int) -> bytes | None:
+        # ObjectTooLarge is a registryd.storage.driver.TooLarge.
+        return await self.client.get_small(key, limit)
+
+    async def write(self, key: str, data: bytes, if_absent: bool = False) -> bool:
+        check_key(key)
+        try:
+            await self.client.put_object(key, data, if_none_match=if_absent)
+        except S3Error as e:
+            if if_absent and e.code in ("PreconditionFailed", "ConditionalRequestConflict"):
+                return False
+            raise
+        return True
+
+    async def copy(self, src: str, dst: str) -> bool:
+        info = await self.client.head_object(src)
+        if info is None:
+            return False
+        return await self._copy(src, dst, info.size)
+
+    async def _copy(self, src: str, dst: str, size: int) -> bool:
+        check_key(dst)
+        try:
+            await self.client.copy_large(src, dst, size)
+        except S3Error as e:
+            if e.status != 404:
+                raise
+            return False
+        return True
+
+    async def move(self, src: str, dst: str, expect: Entry | None = None,
+                   unless: Callable[[], bool] | None = None) -> bool:
+        if expect is None:
+            info = await self.client.head_object(src)
+            if info is None:
+                return False
+            size = info.size
+        else:
+            size = expect.size
+        try:
+            if not await self._copy(src, dst, size):
+                return False
+            if expect is not None:
+                now = await self.client.head_object(src)
+                # A HEAD's Last-Modified is to the second; the listing's may be finer.
+                if now is None or now.last_modified is None or expect.modified is None \
+                        or now.last_modified >= math.floor(expect.modified) + 1:
+                    await self.client.delete_object(dst)
+                    return False
+            if unless is not None and unless():
+                await self.client.delete_object(dst)
+                return False
+        except BaseException:
+            # Cancelled or failed: the source is still in place, so a copy would only be clutter.
+            await self._drop(dst)
+            raise
+        await self.client.delete_object(src)
+        return True
+
+    async def _drop(self, key: str) -> None:
+        """Best effort: a copy left behind is found by whoever lists its folder (a later collection)."""
+        try:
+            await self.client.delete_object(key)
+        except (S3Error, S3Unavailable):
+            pass
+
+    async def delete(self, key: str) -> bool:
+        if await self.client.head_object(key) is None:
+            return False
+        await self.client.delete_object(key)
+        return True
+
+    async def delete_many(self, keys: Sequence[str]) -> builtins.list[str]:
+        if not keys:
+            return []
+        return [failure.key for failure in await self.client.delete_objects(keys)]
+
+    def local_path(self, key: str) -> str | None:
+        return None
+
+    def presign(self, key: str, expires: int) -> str | None:
+        return self.client.presign_get(key, expires)
+
+    def threaded(self) -> tuple[S3Driver, Pool] | None:
+        return None

@@ -1,0 +1,248 @@
+"""One contract, every storage driver: the data directory, a bucket on the Ceph of tests/ceph.py, memory.
+
+The shared contract is registryd.storage.driver's docstring; each test
+below runs once per driver with the same assertions.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, AsyncIterator
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+
+from registryd.storage.driver import Driver, Entry, TooLarge, finish
+from registryd.storage.fs.driver import FsDriver
+from registryd.storage.memory import MemoryDriver
+from registryd.storage.s3.driver import S3Driver
+from registryd.threads import BlockingPool
+
+DRIVERS = ["filesystem", "memory", "s3"]
+
+
+@pytest_twisted.async_yield_fixture(params=DRIVERS)
+async def driver(request: Any, tmp_path: Any) -> AsyncIterator[Driver]:
+    if request.param == "filesystem":
+        pool = BlockingPool(reactor, 2, name="contract")
+        pool.start()
+        yield FsDriver(str(tmp_path / "data"), pool)
+        pool.stop()
+    elif request.param == "memory":
+        yield MemoryDriver()
+    else:
+        client = await request.getfixturevalue("ceph_s3").new_bucket(prefix="site/")
+        yield S3Driver(client)
+        await client.close()
+
+
+async def keys(driver: Driver, prefix: str = "", delimiter: str | None = None) -> list[str]:
+    return [entry.key async for entry in driver.list(prefix, delimiter)]
+
+
+async def written_again_later(driver: Driver, key: str, data: bytes) -> None:
+    """A second write that the driver can tell from the first (a bucket's times are whole seconds)."""
+    if driver.name == "s3":
+        await deferLater(reactor, 1.1, lambda: None)
+    await driver.write(key, data)
+
+
+@pytest_twisted.ensureDeferred
+async def test_write_read_stat(driver: Driver) -> None:
+    before = time.time()
+    assert await driver.write("blobs/sha256/ab/abc", b"hello") is True
+    assert await driver.read("blobs/sha256/ab/abc", 100) == b"hello"
+    entry = await driver.stat("blobs/sha256/ab/abc")
+    assert entry is not None and entry.key == "blobs/sha256/ab/abc" and entry.size == 5 and not entry.is_prefix
+    assert entry.modified is not None and before - 2 <= entry.modified <= time.time() + 2
+    assert entry.version
+    # Missing keys are no error; a folder is no key.
+    assert await driver.stat("blobs/sha256/ab/nothing") is None
+    assert await driver.read("blobs/sha256/ab/nothing", 100) is None
+    assert await driver.stat("blobs/sha256/ab") is None
+    assert await driver.read("blobs/sha256", 100) is None
+    # A second write replaces the value and its version.
+    await driver.write("blobs/sha256/ab/abc", b"hello again")
+    again = await driver.stat("blobs/sha256/ab/abc")
+    assert again is not None and again.size == 11 and await driver.read("blobs/sha256/ab/abc", 100) == b"hello again"
+    await written_again_later(driver, "blobs/sha256/ab/abc", b"hello once more")
+    third = await driver.stat("blobs/sha256/ab/abc")
+    assert third is not None and (third.version, third.modified) != (entry.version, entry.modified)
+
+
+@pytest_twisted.ensureDeferred
+async def test_read_limit(driver: Driver) -> None:
+    await driver.write("tags/v1", b"x" * 10)
+    assert await driver.read("tags/v1", 10) == b"x" * 10
+    with pytest.raises(TooLarge):
+        await driver.read("tags/v1", 9)
+
+
+@pytest_twisted.ensureDeferred
+async def test_write_if_absent(driver: Driver) -> None:
+    assert await driver.write("uploads/u1/state", b"first", if_absent=True) is True
+    assert await driver.write("uploads/u1/state", b"second", if_absent=True) is False
+    assert await driver.read("uploads/u1/state", 100) == b"first"
+    assert await driver.write("uploads/u1/state", b"third") is True
+    assert await driver.read("uploads/u1/state", 100) == b"third"
+
+
+@pytest_twisted.ensureDeferred
+async def test_listing_is_in_key_order_with_sizes(driver: Driver) -> None:
+    # "a-b" sorts before "a/...": '-' is below '/' (a directory walk must not put "a/" first).
+    written = ["r/a/z", "r/a-b", "r/a/b/c", "r/b", "r/ab", "r/a/b-c", "s/x"]
+    for n, key in enumerate(written):
+        await driver.write(key, b"v" * n)
+    listed = [entry async for entry in driver.list("r/")]
+    assert [e.key for e in listed] == sorted(k for k in written if k.startswith("r/"))
+    assert {e.key: e.size for e in listed} == {k: n for n, k in enumerate(written) if k.startswith("r/")}
+    assert all(e.modified is not None and not e.is_prefix for e in listed)
+    # A prefix is a string prefix, not a folder.
+    assert await keys(driver, "r/a") == ["r/a-b", "r/a/b-c", "r/a/b/c", "r/a/z", "r/ab"]
+    assert await keys(driver, "r/a/b") == ["r/a/b-c", "r/a/b/c"]
+    assert await keys(driver, "nothing/") == []
+    assert await keys(driver, "") == sorted(written)
+
+
+@pytest_twisted.ensureDeferred
+async def test_listing_with_a_delimiter_rolls_up_common_prefixes(driver: Driver) -> None:
+    for key in ("m/docker.io/lib/x", "m/docker.io/y", "m/ghcr.io/z", "m/file", "m/docker-hub/q"):
+        await driver.write(key, b"1")
+    listed = [entry async for entry in driver.list("m/", "/")]
+    assert [(e.key, e.is_prefix) for e in listed] == [
+        ("m/docker-hub/", True), ("m/docker.io/", True), ("m/file", False), ("m/ghcr.io/", True)]
+    assert await keys(driver, "m/docker.io/", "/") == ["m/docker.io/lib/", "m/docker.io/y"]
+    assert await keys(driver, "m/d", "/") == ["m/docker-hub/", "m/docker.io/"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_copy(driver: Driver) -> None:
+    await driver.write("blobs/a", b"content")
+    assert await driver.copy("blobs/a", "trash/run/a") is True
+    assert await driver.read("blobs/a", 100) == b"content"
+    assert await driver.read("trash/run/a", 100) == b"content"
+    assert await driver.copy("blobs/missing", "trash/run/missing") is False
+    assert await driver.stat("trash/run/missing") is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_move(driver: Driver) -> None:
+    await driver.write("blobs/sha256/ab/abc", b"content")
+    await driver.write("trash/old", b"replaced")
+    assert await driver.move("blobs/sha256/ab/abc", "trash/old") is True
+    assert await driver.stat("blobs/sha256/ab/abc") is None
+    assert await driver.read("trash/old", 100) == b"content"
+    assert await driver.move("blobs/sha256/ab/abc", "trash/again") is False
+    assert await driver.stat("trash/again") is None
+    # Emptied folders go with the value (a data directory would list them as prefixes).
+    assert await keys(driver, "blobs/", "/") == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_move_of_an_expected_value(driver: Driver) -> None:
+    await driver.write("blobs/x", b"old value")
+    listed = await driver.stat("blobs/x")
+    assert listed is not None
+    assert await driver.move("blobs/x", "trash/r/x", expect=listed) is True
+    assert await driver.move("trash/r/x", "blobs/x") is True
+    # Written again since it was listed: not moved, left in place.
+    stale = await driver.stat("blobs/x")
+    assert stale is not None
+    await written_again_later(driver, "blobs/x", b"old value")
+    assert await driver.move("blobs/x", "trash/r/x", expect=stale) is False
+    assert await driver.read("blobs/x", 100) == b"old value"
+    assert await driver.stat("trash/r/x") is None
+    assert await driver.move("blobs/gone", "trash/r/gone", expect=Entry("blobs/gone", 1, 0.0, "v")) is False
+
+
+@pytest_twisted.ensureDeferred
+async def test_move_unless_puts_the_value_back(driver: Driver) -> None:
+    await driver.write("blobs/y", b"claimed meanwhile")
+    asked: list[bool] = []
+
+    async def where() -> tuple[bool, bool]:
+        return await driver.stat("blobs/y") is not None, await driver.stat("trash/r/y") is not None
+
+    def unless() -> bool:
+        asked.append(True)
+        return True
+
+    assert await driver.move("blobs/y", "trash/r/y", expect=await driver.stat("blobs/y"), unless=unless) is False
+    assert asked == [True] and await where() == (True, False)
+    assert await driver.read("blobs/y", 100) == b"claimed meanwhile"
+    assert await driver.move("blobs/y", "trash/r/y", unless=lambda: False) is True
+    assert await where() == (False, True)
+
+
+@pytest_twisted.ensureDeferred
+async def test_delete(driver: Driver) -> None:
+    for key in ("repositories/a/_blobs/sha256/1", "repositories/a/_blobs/sha256/2", "blobs/sha256/cd/3"):
+        await driver.write(key, b"x")
+    assert await driver.delete("blobs/sha256/cd/3") is True
+    assert await driver.delete("blobs/sha256/cd/3") is False
+    assert await keys(driver, "blobs/", "/") == []
+    assert await driver.delete_many(["repositories/a/_blobs/sha256/1", "repositories/a/_blobs/sha256/2",
+                                     "repositories/a/_blobs/sha256/missing"]) == []
+    assert await keys(driver, "repositories/") == []
+    assert await driver.delete_many([]) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_keys_that_could_leave_the_store_are_refused(driver: Driver) -> None:
+    for bad in ("../escape", "/absolute", "a//b", "a/./b", "trailing/", ""):
+        with pytest.raises(ValueError):
+            await driver.write(bad, b"x")
+        await driver.write("ok", b"x")
+        with pytest.raises(ValueError):
+            await driver.copy("ok", bad)
+
+
+@pytest_twisted.ensureDeferred
+async def test_optional_capabilities(driver: Driver) -> None:
+    await driver.write("blobs/a", b"on disk?")
+    path = driver.local_path("blobs/a")
+    url = driver.presign("blobs/a", 60)
+    if driver.name == "filesystem":
+        assert path is not None and open(path, "rb").read() == b"on disk?" and url is None
+    elif driver.name == "s3":
+        assert path is None and url is not None and "X-Amz-Signature=" in url
+    else:
+        assert path is None and url is None
+    threaded = driver.threaded()
+    if driver.name == "filesystem":
+        assert threaded is not None
+        twin, pool = threaded
+
+        def blocking() -> bytes | None:
+            assert finish(twin.write("blobs/b", b"from a worker thread"))
+            return finish(twin.read("blobs/b", 100))
+
+        assert await pool.run(blocking) == b"from a worker thread"
+        assert await driver.read("blobs/b", 100) == b"from a worker thread"
+    else:
+        assert threaded is None
+
+
+def test_the_filesystem_driver_writes_through_tmp_and_leaves_nothing_there(tmp_path: Any) -> None:
+    from registryd.threads import InlinePool
+
+    fs = FsDriver(str(tmp_path), InlinePool())
+    assert finish(fs.write("blobs/a", b"1")) and finish(fs.copy("blobs/a", "blobs/b"))
+    assert not finish(fs.write("blobs/a", b"2", if_absent=True))
+    assert os.listdir(tmp_path / "tmp") == []
+    assert sorted(os.listdir(tmp_path / "blobs")) == ["a", "b"]
+
+
+def test_the_memory_driver_stamps_writes_with_its_clock() -> None:
+    now = [1000.0]
+    memory = MemoryDriver(clock=lambda: now[0])
+    finish(memory.write("a", b"1"))
+    now[0] = 2000.0
+    finish(memory.copy("a", "b"))
+    assert [(e.key, e.modified) for e in finish(_all(memory))] == [("a", 1000.0), ("b", 2000.0)]
+
+
+async def _all(driver: Driver) -> list[Entry]:
+    return [entry async for entry in driver.list("")]
