@@ -14,6 +14,7 @@ from twisted.internet.defer import Deferred, succeed
 from registryd.digest import Digest
 from registryd.storage.blobs import BlobStore
 from registryd.storage.files import empty_dir, free_space_problem, make_dirs, remove_file
+from registryd.storage.fs.driver import FsDriver
 from registryd.storage.guard import BlobGuard
 from registryd.storage.local import FileBlobs, FileRepositories
 from registryd.storage.repositories import RepositoryStore
@@ -27,12 +28,16 @@ class Store:
     """The data directory and the three stores inside it."""
 
     driver = "filesystem"
+    #: One process serves a data directory: its BlobGuard sees every claim (see upkeep.eviction).
+    shared = False
 
     def __init__(self, root: str, pool: BlockingPool | InlinePool) -> None:
         self.root = root
         self.pool = pool
         self.tmp_dir = os.path.join(root, "tmp")
         self.guard = BlobGuard()
+        # The data directory as keys and bytes: what maintenance (gc) works on.
+        self.objects = FsDriver(root, pool, self.tmp_dir)
         # The blocking stores on disk, and the storage interface over them.
         self.blob_files = BlobStore(os.path.join(root, "blobs"), self.tmp_dir, self.guard)
         self.blobs = FileBlobs(self.blob_files, pool)

@@ -19,6 +19,7 @@ from registryd.storage.files import empty_dir, free_space_problem, make_dirs
 from registryd.storage.guard import BlobGuard
 from registryd.storage.s3.blobs import S3BlobStore
 from registryd.storage.s3.client import S3Client
+from registryd.storage.s3.driver import S3Driver
 from registryd.storage.s3.hot_cache import HotCache
 from registryd.digest import Digest
 from registryd.storage.s3.layout import MIRROR, repositories_root
@@ -34,6 +35,8 @@ class S3Store:
     """The storage interface on one bucket, with the same faces as the filesystem Store."""
 
     driver = "s3"
+    #: Every node writes the bucket: this node's BlobGuard sees only its own claims (see upkeep.eviction).
+    shared = True
 
     def __init__(self, root: str, pool: BlockingPool | InlinePool, settings: S3Settings, reactor: Any,
                  presign: bool = False, cache_size: int = 0, cache_dir: str | None = None) -> None:
@@ -42,6 +45,8 @@ class S3Store:
         self.tmp_dir = os.path.join(root, "tmp")
         self.guard = BlobGuard()
         self.client = S3Client(settings, reactor)
+        # The bucket as keys and bytes: what maintenance (gc) works on.
+        self.objects = S3Driver(self.client)
         # Redirected GETs never pass through the node: nothing to cache then.
         self.hot_cache = (HotCache(cache_dir or os.path.join(root, "cache"), cache_size, pool)
                           if cache_size > 0 and not presign else None)
