@@ -81,6 +81,21 @@ async def test_read_limit(driver: Driver) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_stream_feeds_the_whole_value_in_order(driver: Driver) -> None:
+    value = os.urandom(3 * 1024 * 1024 + 17)     # past one chunk on every driver
+    await driver.write("blobs/sha256/cd/cde", value)
+    chunks: list[bytes] = []
+    entry = await driver.stream("blobs/sha256/cd/cde", chunks.append)
+    assert b"".join(chunks) == value and len(chunks) > 1
+    listed = await driver.stat("blobs/sha256/cd/cde")
+    assert entry is not None and listed is not None
+    assert (entry.key, entry.size, entry.version, entry.modified) == (listed.key, len(value), listed.version,
+                                                                      listed.modified)
+    assert await driver.stream("blobs/sha256/cd/nothing", chunks.append) is None
+    assert await driver.stream("blobs/sha256", chunks.append) is None      # a folder is no key
+
+
+@pytest_twisted.ensureDeferred
 async def test_write_if_absent(driver: Driver) -> None:
     assert await driver.write("uploads/u1/state", b"first", if_absent=True) is True
     assert await driver.write("uploads/u1/state", b"second", if_absent=True) is False

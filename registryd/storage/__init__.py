@@ -29,6 +29,8 @@ class Store:
     """The data directory and the three stores inside it."""
 
     driver = "filesystem"
+    #: One process serves a data directory: its BlobGuard sees every claim (see upkeep.eviction).
+    shared = False
 
     def __init__(self, root: str, pool: BlockingPool | InlinePool) -> None:
         self.root = root

@@ -93,6 +93,13 @@ class Driver(Protocol):
     async def read(self, key: str, limit: int) -> bytes | None:
         """The whole value of a small key, or None if missing; TooLarge past ``limit`` bytes."""
 
+    async def stream(self, key: str, write: Callable[[bytes], None]) -> Entry | None:
+        """Feed the whole value of ``key`` to ``write``, a chunk at a time, for a value of any size
+        (fsck hashes blobs so: memory stays flat); the entry of the value read, or None if missing.
+
+        On disk the file is read, and ``write`` called, in the driver's pool.
+        """
+
     async def write(self, key: str, data: bytes, if_absent: bool = False) -> bool:
         """Store ``data`` as ``key``, atomically and durably: readers see the old value or the new one.
 

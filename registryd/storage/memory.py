@@ -16,6 +16,9 @@ import attrs
 
 from registryd.storage.driver import Entry, Pool, check_key, too_large
 
+#: What ``stream`` hands over at once: small, so a test sees a value come in pieces.
+STREAM_CHUNK = 4096
+
 
 @attrs.frozen
 class _Value:
@@ -67,6 +70,14 @@ class MemoryDriver:
         if len(value.data) > limit:
             raise too_large(key, limit)
         return value.data
+
+    async def stream(self, key: str, write: Callable[[bytes], None]) -> Entry | None:
+        value = self._values.get(key)
+        if value is None:
+            return None
+        for start in range(0, len(value.data), STREAM_CHUNK):
+            write(value.data[start:start + STREAM_CHUNK])
+        return self._entry(key, value)
 
     async def write(self, key: str, data: bytes, if_absent: bool = False) -> bool:
         if if_absent and key in self._values:

@@ -8,29 +8,43 @@ a blob-only pull go by when they were fetched; a blob is freed once nothing
 left in the cache keeps it. Whatever is evicted is fetched again from the
 upstream on its next pull.
 
-``plan_eviction`` is the same for both drivers; carrying the plan out is not.
-In a data directory (``evict``), deletions go through the store's
-BlobGuard: a blob claimed since the survey (by a push, a manifest, a fill)
-stays. On a shared S3 bucket another node's claims are out of reach, so
-registryd.upkeep.s3_survey deletes only manifests and links and leaves the
-freed blobs to a collection (registryd.upkeep.s3_collector). Either way a
-manifest pulled since the survey stays, and so do its blobs.
+``plan_eviction`` decides; ``evict`` carries the plan out over any storage
+driver. It deletes the planned manifests (their tags, referrer entry and
+pull marker with them, tags first, so a tag never outlives its revision)
+and the blob-only links whose blobs the plan frees. Every deletion is
+checked first against times listed again: a manifest pulled (or cached
+again) since the survey stays, and so do its blobs; a link written again
+since (a fill) stays.
+
+The freed blobs themselves: given the BlobGuard that sees every claim on
+the store (a data directory, which one process serves), ``evict`` deletes
+each one unless it was claimed (by a push, a manifest, a fill) since the
+survey began. Without it (a bucket every node shares: another node's claim
+is in that node's memory), they are left to the collection and its
+trash/re-mark protocol (registryd.upkeep.collector), which the scheduler
+runs right after and which removes those older than ``[gc] delay``. Every
+node may evict at the same time: deletions are idempotent, so overlapping
+runs only find less to do.
 """
 from __future__ import annotations
 
-import os
+import math
 from collections import Counter
-from typing import Callable
+from typing import Callable, Iterable
 
 import attrs
+from twisted.logger import Logger
 
+from registryd.deferreds import bounded_each
 from registryd.digest import Digest
-from registryd.storage import layout
-from registryd.storage.files import prune_empty_dirs, unlink_durably
+from registryd.storage.driver import Driver, finish
 from registryd.storage.guard import BlobGuard
-from registryd.storage.repositories import RepositoryStore
-from registryd.storage.scan import DataDir, Repository
-from registryd.upkeep.survey import MirrorLink, MirrorManifest, Survey, last_used
+from registryd.storage.layout import blob_key
+from registryd.threads import InlinePool
+from registryd.upkeep.marker import CONCURRENCY, TAG_LIMIT
+from registryd.upkeep.survey import MirrorLink, MirrorManifest, Survey, SurveyedRepository
+
+log = Logger()
 
 
 @attrs.define
@@ -43,13 +57,20 @@ class EvictionPlan:
 
 @attrs.define
 class Eviction:
-    """What an eviction did: manifests and blobs (and their bytes) deleted."""
+    """What an eviction did: manifests, links and blobs (and their bytes) deleted.
+
+    ``blobs``/``bytes`` also count those the collection that follows removes (the scheduler adds them).
+    """
 
     manifests: int = 0
     blobs: int = 0
     bytes: int = 0
     kept: int = 0       # planned manifests left: pulled since the survey
-    links: int = 0      # blob-only links deleted (S3; in a data directory the collector sweeps them)
+    links: int = 0      # blob-only links deleted
+    gone: int = 0       # planned manifests already removed elsewhere
+    kept_back: set[Digest] = attrs.field(factory=set)       # what the manifests pulled since keep
+    #: Freed blobs left to the collection: digest -> size.
+    left: dict[Digest, int] = attrs.field(factory=dict)
 
 
 def plan_eviction(survey: Survey, max_size: int) -> EvictionPlan:
@@ -81,31 +102,96 @@ def plan_eviction(survey: Survey, max_size: int) -> EvictionPlan:
     return plan
 
 
-def evict(data: DataDir, plan: EvictionPlan, guard: BlobGuard, since: float,
-          say: Callable[[str], None] = lambda line: None) -> Eviction:
-    """Carry out ``plan`` on a data directory (blocking). ``since`` is when the survey began."""
+async def _listed_times(driver: Driver, prefix: str) -> dict[str, float]:
+    """The last component of each key under ``prefix`` (``<alg>/<hex>``), with its time."""
+    return {entry.key[len(prefix):]: entry.modified or 0.0 async for entry in driver.list(prefix)}
+
+
+async def delete_manifest(driver: Driver, repository: SurveyedRepository, digest: Digest,
+                          subject: Digest | None) -> bool:
+    """Tags pointing at it, its referrer entry, its pull marker, then the revision; False if it was gone.
+
+    A tag moved to another digest between our read and our delete is deleted
+    too: a bucket has no conditional DELETE.
+    """
+    revision = repository.key("_manifests", "revisions", digest.algorithm, digest.hex)
+    if await driver.stat(revision) is None:
+        return False
+    tags = [entry.key async for entry in driver.list(repository.key("_manifests", "tags", ""))]
+
+    async def untag(key: str) -> None:
+        target = await driver.read(key, TAG_LIMIT)
+        if target is not None and target.decode("utf-8", "replace").strip() == str(digest):
+            await driver.delete(key)
+
+    await bounded_each(tags, untag, CONCURRENCY)
+    if subject is not None:
+        await driver.delete(repository.key("_referrers", subject.algorithm, subject.hex,
+                                           f"{digest.algorithm}-{digest.hex}"))
+    await driver.delete(repository.key("_pulls", digest.algorithm, digest.hex))
+    return await driver.delete(revision)
+
+
+async def evict(driver: Driver, survey: Survey, plan: EvictionPlan, guard: BlobGuard | None,
+                say: Callable[[str], None] = lambda line: None) -> Eviction:
+    """Carry ``plan`` out; ``guard``: the one that sees every claim on the store, or None (see the module)."""
     done = Eviction()
-    stores: dict[str, RepositoryStore] = {}
-    kept_back: set[Digest] = set()
+    by_repository: dict[SurveyedRepository, list[MirrorManifest]] = {}
     for manifest in plan.manifests:
-        repository = manifest.repository
-        assert isinstance(repository, Repository), "a survey of a data directory"
-        revision = repository.revision_path(manifest.digest)
-        if last_used(repository, manifest.digest, None) > since:
-            kept_back.update(manifest.keeps)  # pulled again since the survey: it and its blobs stay
-            done.kept += 1
-            continue
-        store = stores.setdefault(repository.root, RepositoryStore(repository.root, os.path.join(data.root, "tmp")))
-        if store.delete_manifest(repository.remote, manifest.digest, manifest.subject):
-            done.manifests += 1
-            say(f"evicted manifest {repository.name}@{manifest.digest}")
-        prune_empty_dirs(os.path.dirname(revision), repository.path)
-    for digest, size in plan.blobs.items():
-        if digest in kept_back:
-            continue
-        path = data.blob_path(digest)
-        if guard.delete_unless_claimed(digest, since, lambda: unlink_durably(path)):
-            done.blobs += 1
-            done.bytes += size
-            prune_empty_dirs(os.path.dirname(path), layout.local_path(data.root, f"{layout.BLOBS}{digest.algorithm}"))
+        by_repository.setdefault(manifest.repository, []).append(manifest)
+
+    async def evict_manifests(item: tuple[SurveyedRepository, list[MirrorManifest]]) -> None:
+        repository, manifests = item
+        # Listed again now: a pull, or a caching again, since the survey moved these times.
+        revisions = await _listed_times(driver, repository.key("_manifests", "revisions", ""))
+        pulls = await _listed_times(driver, repository.key("_pulls", ""))
+        for manifest in manifests:
+            name = f"{manifest.digest.algorithm}/{manifest.digest.hex}"
+            written = revisions.get(name)
+            if written is None:
+                done.gone += 1
+            elif max(written, pulls.get(name, 0.0)) > manifest.last_used:
+                done.kept += 1
+                done.kept_back.update(manifest.keeps)
+            elif await delete_manifest(driver, repository, manifest.digest, manifest.subject):
+                done.manifests += 1
+                say(f"evicted manifest {repository.name}@{manifest.digest}")
+                log.debug("evicted manifest {name}@{digest}", name=repository.name, digest=str(manifest.digest))
+            else:
+                done.gone += 1
+
+    async def unlink(link: MirrorLink) -> None:
+        found = await driver.stat(link.repository.link_key(link.digest))
+        # A bucket's HEAD gives its time to the second; a listing's may be finer.
+        if found is None or found.modified is None or found.modified >= math.floor(link.last_used) + 1:
+            return  # gone already, or written again by a fill since the survey
+        if await driver.delete(found.key):
+            done.links += 1
+
+    await bounded_each(by_repository.items(), evict_manifests, CONCURRENCY)
+    await bounded_each(_freed_links(survey.links, plan), unlink, CONCURRENCY)
+    freed = {digest: size for digest, size in plan.blobs.items() if digest not in done.kept_back}
+    if guard is None:
+        done.left = freed
+    else:
+        await _delete_blobs(driver, freed, guard, survey.taken_at, done)
     return done
+
+
+async def _delete_blobs(driver: Driver, freed: dict[Digest, int], guard: BlobGuard, since: float,
+                        done: Eviction) -> None:
+    """Each freed blob, unless claimed since ``since``: under the guard's lock, in one worker thread."""
+    blocking, pool = driver.threaded() or (driver, InlinePool())
+
+    def delete_all() -> None:
+        for digest, size in freed.items():
+            key = blob_key(digest)
+            if guard.delete_unless_claimed(digest, since, lambda: finish(blocking.delete(key))):
+                done.blobs += 1
+                done.bytes += size
+
+    await pool.run(delete_all)
+
+
+def _freed_links(links: Iterable[MirrorLink], plan: EvictionPlan) -> list[MirrorLink]:
+    return [link for link in links if link.digest in plan.blobs]

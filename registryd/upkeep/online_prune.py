@@ -252,10 +252,6 @@ def server_pruner(cache: MirrorCache, store: Store | S3Store, manifest_limit: in
     ``manifest_limit`` is ``max_manifest_size``: nothing larger was cached, and
     a document cut short would hide the children of a kept index.
     """
-    if isinstance(store, S3Store):
-        settings = store.client.settings
-        where = f"s3://{settings.bucket}/{settings.prefix}"
-    else:
-        where = store.root
+    where = store.objects.location
     mirrors = {namespace: mirror.repositories for namespace, mirror in cache.mirrors.items()}
     return OnlinePruner(mirrors, store.blobs, where, max(manifest_limit, MIN_MANIFEST_LIMIT), clock)

@@ -7,9 +7,9 @@ say why overlapping runs are safe). A pass that fails is logged and
 counted; the timers go on, so the next pass runs as planned.
 
 A survey sets the store-size metrics and, over ``[mirror] max_size``,
-evicts from the mirror cache. On S3 the eviction deletes manifests and
-links only, then runs one collection (``collect``, with ``[gc] delay``) to
-remove the blobs that freed.
+evicts from the mirror cache, on whichever driver the store has. Where the
+eviction leaves the freed blobs to a collection (a shared bucket), one
+runs right after (``collect``, with ``[gc] delay``).
 """
 from __future__ import annotations
 
@@ -30,10 +30,12 @@ from registryd.storage.s3.errors import S3Error, S3Unavailable
 from registryd.storage.s3.store import S3Store
 from registryd.storage.scan import DataDir
 from registryd.upkeep.eviction import Eviction, EvictionPlan, evict, plan_eviction
-from registryd.upkeep.s3_survey import Documents, S3Eviction, evict_s3, take_s3_survey
-from registryd.upkeep.survey import Survey, take_survey
+from registryd.upkeep.survey import Documents, Survey, take_survey
 
 log = Logger()
+
+#: The survey a pass takes, under the name tests/test_s3_survey.py replaces to pull between survey and eviction.
+take_s3_survey = take_survey
 
 
 @attrs.define
@@ -144,62 +146,44 @@ class Upkeep:
         return report
 
     async def survey(self) -> StoreSize:
-        """Measure the store, and evict from the mirror cache if it is over ``max_size``."""
-        if self._store.driver == "s3":
-            await self._survey_bucket()
-        else:
-            await self._survey_data_dir()
-        assert self.last_size is not None
-        return self.last_size
+        """Measure the store, and evict from the mirror cache if it is over ``max_size``.
 
-    async def _survey_data_dir(self) -> None:
-        await self._lock.acquire()
-        try:
-            survey = await self._store.pool.run(take_survey, self._data)
-            self._measured(survey)
-            limit = self._config.mirror_max_size
-            if limit:
-                plan = plan_eviction(survey, limit)
-                if plan.manifests or plan.blobs:
-                    done: Eviction = await self._store.pool.run(evict, self._data, plan, self._store.guard,
-                                                                survey.taken_at)
-                    self._evicted(plan.size_before, limit, done)
-                    survey = await self._store.pool.run(take_survey, self._data)
-                    self._measured(survey)
-        finally:
-            self._lock.release()
-
-    async def _survey_bucket(self) -> None:
-        """As on a data directory; but blobs leave through a collection (see s3_survey)."""
+        The freed blobs go with the eviction where this process's BlobGuard
+        sees every claim; otherwise through one collection right after (see
+        upkeep.eviction).
+        """
         limit = self._config.mirror_max_size
-        client = self._store.client
+        driver = self._store.objects
         await self._lock.acquire()
         try:
-            survey = await take_s3_survey(client, self._data.namespaces, self._documents)
+            survey = await take_s3_survey(driver, self._data.namespaces, self._documents)
             self._measured(survey)
             plan = plan_eviction(survey, limit) if limit else EvictionPlan()
             if not (plan.manifests or plan.blobs):
-                return
-            done = await evict_s3(self._store, survey, plan)
+                assert self.last_size is not None
+                return self.last_size
+            done = await evict(driver, survey, plan, None if self._store.shared else self._store.guard)
         finally:
             self._lock.release()
-        freed = {digest: size for digest, size in plan.blobs.items() if digest not in done.kept_back}
-        if freed or done.manifests or done.links:
+        left = len(done.left)
+        if done.left:
             try:
-                # Through collect: its lock, its metrics, its log line; never delay 0 (see s3_collector).
+                # Through collect: its lock, its metrics, its log line; never delay 0 (see collector).
                 report = await self.collect()
             except Exception:
                 pass  # logged and counted by collect; a later collection removes the blobs
             else:
                 removed = {entry["digest"] for entry in report.collection.blobs}
-                taken = [size for digest, size in freed.items() if str(digest) in removed]
-                done.blobs, done.bytes = len(taken), sum(taken)
-        self._evicted_from_bucket(plan.size_before, limit, done, len(freed))
+                taken = [size for digest, size in done.left.items() if str(digest) in removed]
+                done.blobs, done.bytes = done.blobs + len(taken), done.bytes + sum(taken)
+        self._evicted(plan.size_before, limit, done, left)
         await self._lock.acquire()
         try:
-            self._measured(await take_s3_survey(client, self._data.namespaces, self._documents))
+            self._measured(await take_s3_survey(driver, self._data.namespaces, self._documents))
         finally:
             self._lock.release()
+        assert self.last_size is not None
+        return self.last_size
 
     def _measured(self, survey: Survey) -> None:
         mirror = survey.mirror_bytes
@@ -210,22 +194,15 @@ class Upkeep:
         self._metrics.store_bytes.labels("unreferenced").set(max(0, survey.total_bytes - local - mirror))
         self._metrics.store_blobs.set(len(survey.blob_sizes))
 
-    def _evicted(self, before: int, limit: int, done: Eviction) -> None:
+    def _evicted(self, before: int, limit: int, done: Eviction, left: int) -> None:
+        """The eviction counters: what the eviction deleted, with the blobs the collection that followed removed."""
         self._metrics.evicted_manifests.inc(done.manifests)
         self._metrics.evicted_blobs.inc(done.blobs)
         self._metrics.evicted_bytes.inc(done.bytes)
-        log.info("mirror cache at {before} bytes is over max_size {limit}: evicted {manifests} manifests and "
-                 "{blobs} blobs ({bytes} bytes), least recently pulled first", before=before, limit=limit,
-                 manifests=done.manifests, blobs=done.blobs, bytes=done.bytes)
-
-    def _evicted_from_bucket(self, before: int, limit: int, done: S3Eviction, freed: int) -> None:
-        """The eviction counters: manifests deleted; blobs and bytes the collection that followed removed."""
-        self._metrics.evicted_manifests.inc(done.manifests)
-        self._metrics.evicted_blobs.inc(done.blobs)
-        self._metrics.evicted_bytes.inc(done.bytes)
-        log.info("mirror cache at {before} bytes is over max_size {limit}: evicted {manifests} manifests and "
-                 "{links} blob-only links, least recently pulled first ({kept} pulled since the survey stay, "
-                 "{gone} were gone already); the collection that followed removed {blobs} of the {freed} blobs "
-                 "this freed ({bytes} bytes); later collections remove the rest once older than [gc] delay",
-                 before=before, limit=limit, manifests=done.manifests, links=done.links, kept=done.kept,
-                 gone=done.gone, blobs=done.blobs, freed=freed, bytes=done.bytes)
+        log.info("mirror cache at {before} bytes is over max_size {limit}: evicted {manifests} manifests, "
+                 "{links} blob-only links and {blobs} blobs ({bytes} bytes), least recently pulled first "
+                 "({kept} pulled since the survey stay, {gone} were gone already){rest}",
+                 before=before, limit=limit, manifests=done.manifests, links=done.links, blobs=done.blobs,
+                 bytes=done.bytes, kept=done.kept, gone=done.gone,
+                 rest=f"; {left} freed blobs were left to the collection that followed, later collections "
+                      "remove those younger than [gc] delay" if left else "")

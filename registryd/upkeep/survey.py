@@ -1,54 +1,67 @@
-"""One walk of the store: what each byte is kept for, and when mirror content was last used.
+"""One survey of the store: what each byte is kept for, and when mirror content was last used.
 
 The result (a Survey) feeds the store-size metrics and the mirror cache
-limit (registryd.upkeep.eviction), whichever the driver: ``take_survey``
-walks the data directory (blocking: it lists every blob and reads every
-manifest, so run it in the IO pool); registryd.upkeep.s3_survey builds the
-same Survey from listings of a shared bucket.
+limit (registryd.upkeep.eviction). It is built from listings, over any
+storage driver (a data directory, a bucket, memory): one of ``blobs/``
+(sizes), one flat listing each of ``repositories/`` and ``mirror/``
+(revisions, pull markers and blob links with their times; the keys are
+taken apart by registryd.upkeep.marker), and each manifest document read
+once, a few at a time. Documents are content-addressed, so what one names
+is remembered from one survey to the next (``Documents``): a survey of a
+store that changed little costs its listings. On a driver with a threaded
+twin (the data directory) the whole pass runs in one worker thread, so
+thousands of stats never reach the reactor.
 
 The rules: a local repository's revisions keep what their documents name,
-and its tags and blob links keep what they name (a pushed layer's manifest
-may still be on its way); that is never evicted. Everything else a
-mirrored repository holds is the mirror cache: its manifests, used when
-last pulled (or else when cached), and blob links that no cached manifest
+and its blob links keep their blobs (a pushed layer's manifest may still
+be on its way); that is never evicted. Tags are not read: a tag points at
+a revision of its own repository, which keeps the same digests already (a
+tag without its revision is fsck's business). Everything else a mirrored
+repository holds is the mirror cache: its manifests, used when last
+pulled (or else when cached), and blob links that no cached manifest
 names (a blob-only pull), used when written.
 """
 from __future__ import annotations
 
 import json
 import time
-from typing import Callable, Protocol
+from typing import Callable, Mapping
 
 import attrs
+from twisted.logger import Logger
 
+from registryd.deferreds import bounded_each
 from registryd.digest import Digest, parse_digest
 from registryd.errors import RegistryError
-from registryd.storage.files import mtime_of
-from registryd.storage.scan import DataDir, Repository, read_file, scan_repository
-from registryd.upkeep.collector import referenced_digests
+from registryd.storage.driver import Driver, TooLarge, finish
+from registryd.storage.layout import repositories_root
+from registryd.upkeep.marker import (
+    CONCURRENCY, TrashEntry, digest_or_none, list_blobs, list_trash, read_document, referenced_digests,
+    repository_entries,
+)
+
+log = Logger()
 
 
-def last_used(repository: Repository, digest: Digest, cached_at: float | None) -> float:
-    """When a manifest was last pulled, or else when it was cached or pushed."""
-    times = [t for t in (mtime_of(repository.pull_path(digest)), cached_at) if t is not None]
-    return max(times, default=0.0)
+@attrs.frozen
+class SurveyedRepository:
+    """A repository as the survey names it, and where eviction finds its keys."""
 
-
-class SurveyedRepository(Protocol):
-    """A mirrored repository as a survey names it; each driver's eviction knows its own kind
-    (``storage.scan.Repository`` in a data directory, ``s3_survey.S3Repository`` in a bucket)."""
-
-    @property
-    def name(self) -> str:
-        """As a client pulls it: ``<namespace>/<repository>``."""
-
-    @property
-    def remote(self) -> str:
-        """Its name in its upstream, and in its mirror folder's RepositoryBackend."""
+    name: str               # as a client pulls it: "team/app", "docker.io/library/alpine"
+    remote: str             # its name under its root (in its upstream, for a mirrored one)
+    upstream: str | None    # the upstream namespace of a mirrored repository
+    folder: str | None      # its folder under ``mirror/`` (the namespace with ':' as '_')
 
     @property
-    def upstream(self) -> str | None:
-        """The upstream namespace (None for a local repository)."""
+    def root(self) -> str:
+        return repositories_root(self.folder)
+
+    def key(self, *parts: str) -> str:
+        """``<root><remote>/<parts...>``: one of the repository's keys."""
+        return "/".join([f"{self.root}{self.remote}", *parts])
+
+    def link_key(self, digest: Digest) -> str:
+        return self.key("_blobs", digest.algorithm, digest.hex)
 
 
 @attrs.frozen
@@ -108,35 +121,135 @@ def subject_of(content: bytes | None) -> Digest | None:
         return None
 
 
-def take_survey(data: DataDir, clock: Callable[[], float] = time.time) -> Survey:
-    """The survey of a data directory (blocking)."""
+@attrs.frozen
+class Document:
+    """What one manifest document keeps: itself and every digest it names; and its subject."""
+
+    keeps: frozenset[Digest]
+    subject: Digest | None
+
+
+class Documents:
+    """What each manifest document names, remembered from one survey to the next."""
+
+    def __init__(self) -> None:
+        self._known: dict[Digest, Document] = {}
+
+    async def read(self, driver: Driver, digests: set[Digest],
+                   trash: Mapping[Digest, list[TrashEntry]]) -> dict[Digest, Document]:
+        """Those of ``digests``; documents read only for the ones not known yet.
+
+        One that is nowhere (a revision whose push is still in flight, a
+        broken store) keeps only its digest this time and is read again next
+        time. What is no longer listed is forgotten.
+        """
+        found = {digest: self._known[digest] for digest in digests if digest in self._known}
+
+        async def read_one(digest: Digest) -> None:
+            try:
+                content = await read_document(driver, digest, trash)
+            except TooLarge:
+                # No manifest is that large (the API refuses them): fsck's business.
+                log.warn("manifest {digest} is too large to read; the survey counts it alone",
+                         digest=str(digest))
+                found[digest] = self._known[digest] = Document(frozenset([digest]), None)
+                return
+            if content is None:
+                found[digest] = Document(frozenset([digest]), None)
+                return
+            found[digest] = self._known[digest] = Document(
+                frozenset({digest, *referenced_digests(content)}), subject_of(content))
+
+        await bounded_each(sorted(digests - found.keys(), key=str), read_one, CONCURRENCY)
+        self._known = {digest: document for digest, document in self._known.items() if digest in digests}
+        return found
+
+
+@attrs.define
+class _Listed:
+    """One repository's keys: digest -> time written."""
+
+    revisions: dict[Digest, float] = attrs.field(factory=dict)
+    pulls: dict[Digest, float] = attrs.field(factory=dict)
+    links: dict[Digest, float] = attrs.field(factory=dict)
+
+
+def _digest(parts: list[str]) -> Digest | None:
+    return digest_or_none(parts[0], parts[1]) if len(parts) == 2 else None
+
+
+async def list_repositories(driver: Driver, namespaces: Mapping[str, str]) -> dict[SurveyedRepository, _Listed]:
+    """Local repositories, then mirrored ones, in key order (``namespaces``: mirror folder -> namespace)."""
+    found: dict[SurveyedRepository, _Listed] = {}
+    names: dict[tuple[str | None, str], SurveyedRepository] = {}
+    async for place, entry in repository_entries(driver):
+        repository = names.get((place.folder, place.remote))
+        if repository is None:
+            if place.folder is None:
+                repository = SurveyedRepository(place.remote, place.remote, None, None)
+            else:
+                # Only a port's ':' is '_' in a stored namespace.
+                namespace = namespaces.get(place.folder) or place.folder.replace("_", ":")
+                repository = SurveyedRepository(f"{namespace}/{place.remote}", place.remote, namespace,
+                                                place.folder)
+            names[(place.folder, place.remote)] = repository
+        when = entry.modified or 0.0
+        digest: Digest | None
+        if place.marker == "_manifests" and place.rest[:1] == ["revisions"]:
+            digest = _digest(place.rest[1:])
+            if digest is not None:
+                found.setdefault(repository, _Listed()).revisions[digest] = when
+        elif place.marker == "_pulls":
+            digest = _digest(place.rest)
+            if digest is not None:
+                found.setdefault(repository, _Listed()).pulls[digest] = when
+        elif place.marker == "_blobs":
+            digest = _digest(place.rest)
+            if digest is not None:
+                found.setdefault(repository, _Listed()).links[digest] = when
+    return found
+
+
+async def take_survey(driver: Driver, namespaces: Mapping[str, str], documents: Documents | None = None,
+                      clock: Callable[[], float] = time.time) -> Survey:
+    """The survey of the store ``driver`` holds (``namespaces``: mirror folder -> namespace).
+
+    Whole in one worker thread over the driver's threaded twin, if it has one.
+    """
+    twin = driver.threaded()
+    if twin is None:
+        return await _take_survey(driver, namespaces, documents or Documents(), clock)
+    blocking, pool = twin
+    known = documents or Documents()
+    return await pool.run(lambda: finish(_take_survey(blocking, namespaces, known, clock)))
+
+
+async def _take_survey(driver: Driver, namespaces: Mapping[str, str], documents: Documents,
+                       clock: Callable[[], float]) -> Survey:
     survey = Survey(taken_at=clock())
-    for blob in data.blob_files([]):
-        survey.blob_sizes[blob.digest] = blob.size
+    survey.blob_sizes = {digest: blob.size for digest, blob in (await list_blobs(driver)).items()}
+    repositories = await list_repositories(driver, namespaces)
+    wanted = {digest for listed in repositories.values() for digest in listed.revisions}
+    # A collection in progress (in any process or node) may hold a document in its trash.
+    read = await documents.read(driver, wanted, await list_trash(driver) if wanted else {})
     named: set[Digest] = set()
-    link_candidates: list[tuple[Repository, Digest, str]] = []
-    for repository in data.repositories():
-        scan = scan_repository(repository)
+    link_candidates: list[tuple[SurveyedRepository, Digest, float]] = []
+    for repository, listed in repositories.items():
         local = repository.upstream is None
-        for digest, revision in scan.revisions.items():
-            content = read_file(data.blob_path(digest))
-            keeps = frozenset({digest, *referenced_digests(content or b"")})
+        for digest, written in listed.revisions.items():
+            document = read[digest]
             if local:
-                survey.local.update(keeps)
+                survey.local.update(document.keeps)
                 continue
-            named.update(keeps)
-            survey.manifests.append(MirrorManifest(
-                repository, digest, last_used(repository, digest, mtime_of(revision.path)), keeps,
-                subject_of(content)))
-        for tag in scan.tags:
-            if local and tag.digest is not None:
-                survey.local.add(tag.digest)
-        for digest, path in scan.links.items():
+            named.update(document.keeps)
+            survey.manifests.append(MirrorManifest(repository, digest, max(written, listed.pulls.get(digest, 0.0)),
+                                                   document.keeps, document.subject))
+        for digest, written in listed.links.items():
             if local:
                 survey.local.add(digest)   # pushed, its manifest maybe still on its way
             else:
-                link_candidates.append((repository, digest, path))
-    for repository, digest, path in link_candidates:
+                link_candidates.append((repository, digest, written))
+    for repository, digest, written in link_candidates:
         if digest not in named:
-            survey.links.append(MirrorLink(repository, digest, mtime_of(path) or 0.0))
+            survey.links.append(MirrorLink(repository, digest, written))
     return survey

@@ -29,6 +29,8 @@ from registryd.threads import InlinePool
 
 #: Entries walked per trip to the pool: a listing's memory stays flat.
 LIST_BATCH = 1000
+#: What ``stream`` reads at once.
+STREAM_CHUNK = 1024 * 1024
 
 
 def _version(info: os.stat_result) -> str:
@@ -121,6 +123,20 @@ class FsDriver:
         if len(data) > limit:
             raise too_large(key, limit)
         return data
+
+    async def stream(self, key: str, write: Callable[[bytes], None]) -> Entry | None:
+        return await self._pool.run(self._stream, key, write)
+
+    def _stream(self, key: str, write: Callable[[bytes], None]) -> Entry | None:
+        try:
+            f = open(self.path(key), "rb")
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return None
+        with f:
+            info = os.fstat(f.fileno())
+            while chunk := f.read(STREAM_CHUNK):
+                write(chunk)
+        return _entry(key, info)
 
     # -- writes -----------------------------------------------------------------
 

@@ -13,9 +13,21 @@ import math
 from typing import AsyncIterator, Callable, Sequence
 
 from registryd.storage.driver import Entry, Pool, check_key
+from registryd.storage.sink import Sink
 from registryd.storage.s3.client import S3Client
 from registryd.storage.s3.documents import ObjectEntry
 from registryd.storage.s3.errors import S3Error, S3Unavailable
+
+
+class _Feed(Sink):
+    """A GET's body, chunk by chunk, to a ``write`` callable."""
+
+    def __init__(self, write: Callable[[bytes], None]) -> None:
+        super().__init__()
+        self._write = write
+
+    def write(self, data: bytes) -> None:
+        self._write(data)
 
 
 def entry_of(entry: ObjectEntry) -> Entry:
@@ -52,6 +64,15 @@ class S3Driver:
     async def read(self, key: str, limit: int) -> bytes | None:
         # ObjectTooLarge is a registryd.storage.driver.TooLarge.
         return await self.client.get_small(key, limit)
+
+    async def stream(self, key: str, write: Callable[[bytes], None]) -> Entry | None:
+        try:
+            info = await self.client.get_object(key, _Feed(write))
+        except S3Error as e:
+            if e.status != 404:
+                raise
+            return None
+        return Entry(key, info.size, info.last_modified, info.etag)
 
     async def write(self, key: str, data: bytes, if_absent: bool = False) -> bool:
         check_key(key)
