@@ -15,7 +15,7 @@ class ExitCode(enum.IntEnum):
     OK = 0
     #: The command ran, and what it checked or handled has problems, each one reported.
     PROBLEMS = 1
-    #: Bad arguments, or a bad line in a file of arguments; nothing was done.
+    #: Bad arguments, or a file of arguments missing or with a bad line; nothing was done.
     USAGE = 2
     #: The command could not be done at all.
     ERROR = 3
@@ -31,7 +31,9 @@ TABLE: tuple[tuple[ExitCode, str], ...] = (
     (ExitCode.PROBLEMS, "the command ran and found problems, each reported: damage (fsck), an image that "
                         "failed or is unknown or incomplete (preload, export), an invalid layout (import), "
                         "a user or password htpasswd refuses"),
-    (ExitCode.USAGE, "bad arguments, or a bad line in a file of arguments (--image-file); nothing was done"),
+    (ExitCode.USAGE, "bad arguments: an unknown option, a bad value, a file an option names (--input, "
+                     "--image-file, --ca-file, --password-file) that is missing or has a bad line; nothing "
+                     "was done"),
     (ExitCode.ERROR, "the command could not be done: a bad config file or a secret it names; a data "
                      "directory, htpasswd file or directory that is missing or unreadable; an S3 bucket or "
                      "--url server that cannot be reached or refuses; permission denied; an I/O error"),
