@@ -158,21 +158,21 @@ class UpstreamConfig:
     namespace: str = setting(kind=str, check=_namespace, required=True, doc="docker.io, registry.local:5000")
     url: str = setting(kind=str, check=_url, doc="http(s)://host[:port]; https://<namespace> if unset")
     default: bool = setting(False, bool, doc="serve repository names without a namespace from it")
-    _username: str | Secret | None = setting(None, str, alias="username")
-    _password: str | Secret | None = setting(None, str, repr=False, alias="password")
+    _username: str | Secret | None = setting(None, str, doc="the login, with a password", alias="username")
+    _password: str | Secret | None = setting(None, str, doc="in this file itself", repr=False, alias="password")
     ca_file: str | None = setting(None, str, _readable, "trust this CA instead of the system's")
     client_cert: str | None = setting(None, str, _readable, "client certificate (with client_key)")
     client_key: str | None = setting(None, str, _readable, "its key")
-    tls_verify: bool = setting(True, bool)
+    tls_verify: bool = setting(True, bool, doc="check the upstream's certificate")
     manifest_ttl: int = setting(300, int, positive, "seconds a tag is served from the cache before asking again")
     connect_timeout: int = setting(10, int, positive, "seconds")
     idle_timeout: int = setting(60, int, positive, "seconds without a byte")
-    user_agent: str = setting(f"registryd/{__version__}", str)
+    user_agent: str = setting(f"registryd/{__version__}", str, doc="sent with every request")
     offline: bool = setting(False, bool, doc="serve from the cache only")
     # Hosts besides the upstream's own that it may send registryd to: blob
     # redirects (object storage, CDNs) and its token realm. "host", "host:port"
     # or "*.domain"; a well-known upstream's own list when unset.
-    allowed_hosts: tuple[str, ...] = setting((), list, _allowed_hosts)
+    allowed_hosts: tuple[str, ...] = setting((), list, _allowed_hosts, "other hosts it may send registryd to")
 
     #: The password's other sources (at most one of password, password_env, credentials_file).
     EXTRA_KEYS: ClassVar[dict[str, Key]] = {

@@ -48,3 +48,9 @@ def test_the_documented_keys_are_keys() -> None:
 def test_the_example_loads_with_its_defaults() -> None:
     config = load_config(EXAMPLE)
     assert (config.min_free_bytes, config.shutdown_timeout) == (512 << 20, 30)
+
+
+def test_every_key_says_what_it_is_in_the_schema() -> None:
+    """Each key is declared once, with its type, default, check and a line of documentation."""
+    undocumented = sorted((table, key) for table, key, declared in schema_keys() if not declared.doc.strip())
+    assert not undocumented, f"keys declared without a doc: {undocumented}"

@@ -104,22 +104,23 @@ class S3Settings:
     """
 
     endpoint: str = setting(kind=str, check=_endpoint, required=True, doc="http(s)://host[:port]")
-    bucket: str = setting(kind=str, check=_bucket, required=True)
-    _access_key_id: str | Secret = setting(kind=str, alias="access_key_id")
-    _secret_access_key: str | Secret = setting(kind=str, repr=False, alias="secret_access_key")
+    bucket: str = setting(kind=str, check=_bucket, required=True, doc="the bucket, created beforehand")
+    _access_key_id: str | Secret = setting(kind=str, doc="the access key", alias="access_key_id")
+    _secret_access_key: str | Secret = setting(kind=str, doc="its secret, in this file itself", repr=False,
+                                               alias="secret_access_key")
     region: str = setting("us-east-1", str, _region, "the SigV4 signing region")
     addressing: str = setting("path", str, one_of(*ADDRESSING), "path, or virtual (bucket.host)")
     ca_file: str | None = setting(None, str, _readable, "trust this CA instead of the system's")
-    verify_tls: bool = setting(True, bool)
+    verify_tls: bool = setting(True, bool, doc="check the store's certificate")
     prefix: str = setting("", str, _normalize_prefix, "every key lives under this prefix")
     part_size: int = setting(16 * MiB, int, _part_size, "multipart part size, 5 MiB .. 5 GiB")
     connect_timeout: float = setting(10, int, positive, "seconds")
     idle_timeout: float = setting(60, int, positive, "seconds without a byte either way")
     #: The deadline for the store's answer to one operation, retries included
     #: (never longer than ``idle_timeout``): past it the store is unavailable.
-    request_timeout: float = setting(10, int, positive)
+    request_timeout: float = setting(10, int, positive, "seconds an operation waits for the store's answer")
     #: The whole of /readyz's probe (write, then read back a small object).
-    ready_timeout: float = setting(3, int, positive)
+    ready_timeout: float = setting(3, int, positive, "seconds /readyz gives its write-and-read probe")
     max_attempts: int = setting(3, int, positive, "tries for 5xx/429 and lost connections")
     #: Copies larger than this go through multipart UploadPartCopy; S3 refuses
     #: CopyObject past 5 GiB. Not a config key: tests lower it.
