@@ -46,9 +46,6 @@ from registryd.schema import (
 from registryd.secrets import Secret, in_file, reveal
 from registryd.storage.s3.settings import S3Settings
 
-__all__ = ["Config", "ConfigError", "StorageSettings", "UpstreamConfig", "load_config", "parse_size"]
-
-
 def default_data_dir() -> str:
     """Where data lives when neither the file nor the command line says.
 

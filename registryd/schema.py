@@ -81,10 +81,6 @@ def sections_of(model: type) -> list[str]:
     return list(found)
 
 
-def type_name(kind: type) -> str:
-    return _TYPE_NAMES[kind]
-
-
 def check_type(where: str, value: Any, kind: type) -> None:
     """SettingError unless ``value`` has the TOML type ``kind``."""
     # bool is a subclass of int: `expiry = true` must not pass as 1.

@@ -142,6 +142,10 @@ class S3Settings:
         secret = self._secret_access_key
         return secret.reveal() if isinstance(secret, Secret) else secret
 
+    def with_secrets_read(self) -> S3Settings:
+        """The same, holding the keys' values: read from their variable or file once (SecretUnavailable)."""
+        return attrs.evolve(self, access_key_id=self.access_key_id, secret_access_key=self.secret_access_key)
+
     def secrets(self) -> tuple[str | Secret, ...]:
         return (self._access_key_id, self._secret_access_key)
 

@@ -41,6 +41,8 @@ class S3Store:
         self.pool = pool
         self.tmp_dir = os.path.join(root, "tmp")
         self.guard = BlobGuard()
+        # The keys, from the config's variable or file if it names one: read once, here (SecretUnavailable).
+        settings = settings.with_secrets_read()
         self.client = S3Client(settings, reactor)
         # Redirected GETs never pass through the node: nothing to cache then.
         self.hot_cache = (HotCache(cache_dir or os.path.join(root, "cache"), cache_size, pool)
