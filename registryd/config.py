@@ -27,7 +27,7 @@ from registryd import __version__
 from registryd.auth.errors import AuthConfigError
 from registryd.auth.policy import AccessRule, parse_access_rules
 from registryd.auth.settings import AuthSettings
-from registryd.auth.tls import parse_tls_table
+from registryd.auth.tls import TLSSettings, parse_tls_table
 from registryd.schema import (
     ConfigError,
     Key,
@@ -288,10 +288,9 @@ class ListenTable:
     """A ``[[listen]]`` table: an endpoint, and TLS files for it (``registryd.auth.tls``)."""
 
     endpoint: str = setting(kind=str, check=not_empty, required=True, doc="a Twisted endpoint: tcp:5000")
-    tls_cert: str | None = setting(None, doc="the server certificate (and intermediates)")
-    tls_key: str | None = setting(None, doc="its private key")
-    tls_chain: str | None = setting(None, doc="more intermediates")
-    tls_client_ca: str | None = setting(None, doc="require client certificates from this CA")
+
+    #: The TLS files, as TLSSettings declares them (``tls_cert``, ``tls_key``...).
+    EXTRA_KEYS: ClassVar[dict[str, Key]] = {name: key for name, (_, key) in keys_of(TLSSettings).items()}
 
 
 def _listen_entries(key: str, value: list[Any]) -> tuple[str, ...]:
@@ -306,7 +305,7 @@ def _listen_entries(key: str, value: list[Any]) -> tuple[str, ...]:
             table = read_table(ListenTable, item, where, needs="needs an")
             try:
                 tls = parse_tls_table(item, where)
-            except AuthConfigError as e:
+            except AuthConfigError as e:   # tls_cert without tls_key
                 raise ConfigError(str(e)) from None
             item = table["endpoint"] if tls is None else _tls_description(where, table["endpoint"], tls)
         elif not isinstance(item, str):
