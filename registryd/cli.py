@@ -12,17 +12,13 @@ import sys
 from typing import Any, Sequence
 
 from registryd import __version__
-
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
-EXIT_BROKEN_PIPE = 128 + 13   # what a shell reports for a command killed by SIGPIPE
+from registryd.admin.exit_codes import ExitCode, describe
 
 
 class CommandError(Exception):
-    """A failure to report as one line, with the exit status to use."""
+    """A failure to report as one line, with the exit status to use (``exit_codes``)."""
 
-    def __init__(self, message: str, status: int = EXIT_FAILURE) -> None:
+    def __init__(self, message: str, status: int = ExitCode.PROBLEMS) -> None:
         super().__init__(message)
         self.status = status
 
@@ -31,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="registryd",
         description="Administer a registryd registry. The server itself runs as `twistd -n registryd`.",
+        epilog=describe(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"registryd {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -85,7 +83,7 @@ def _read_password(args: argparse.Namespace) -> bytes:
             raise CommandError("the passwords do not match")
         password = first.encode("utf-8")
     else:
-        raise CommandError("standard input is not a terminal; use --password-stdin", EXIT_USAGE)
+        raise CommandError("standard input is not a terminal; use --password-stdin", ExitCode.USAGE)
     if not password:
         raise CommandError("the password is empty")
     if b"\0" in password:
@@ -95,13 +93,19 @@ def _read_password(args: argparse.Namespace) -> bytes:
 
 def run_htpasswd(args: argparse.Namespace) -> int:
     from registryd.auth.htpasswd import check_user_name
-    from registryd.auth.htpasswd_file import HtpasswdFileError, delete_user, refused_entries, set_password
+    from registryd.auth.htpasswd_file import (
+        HtpasswdFileError,
+        HtpasswdFileUnusable,
+        delete_user,
+        refused_entries,
+        set_password,
+    )
 
     problem = check_user_name(args.user)
     if problem:
-        raise CommandError(problem, EXIT_USAGE)
+        raise CommandError(problem, ExitCode.USAGE)
     if not 4 <= args.cost <= 31:
-        raise CommandError(f"--cost must be between 4 and 31, not {args.cost}", EXIT_USAGE)
+        raise CommandError(f"--cost must be between 4 and 31, not {args.cost}", ExitCode.USAGE)
     try:
         if args.delete:
             delete_user(args.file, args.user)
@@ -115,9 +119,11 @@ def run_htpasswd(args: argparse.Namespace) -> int:
         for message in refused_entries(args.file):
             print(f"registryd htpasswd: warning: {args.file} {message}; registryd refuses "
                   f"the file until it is bcrypt", file=sys.stderr)
-    except HtpasswdFileError as e:
-        raise CommandError(str(e)) from None
-    return EXIT_OK
+    except HtpasswdFileUnusable as e:
+        raise CommandError(str(e), ExitCode.ERROR) from None
+    except HtpasswdFileError as e:   # the user is not there, the password is refused
+        raise CommandError(str(e), ExitCode.PROBLEMS) from None
+    return ExitCode.OK
 
 
 # --- registryd ls, registryd fsck (registryd.admin) -------------------------
@@ -185,19 +191,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "run", None) is None:
         parser.print_help()
-        return EXIT_USAGE
+        return ExitCode.USAGE
     try:
-        return int(args.run(args) or EXIT_OK)
+        return int(args.run(args) or ExitCode.OK)
     except BrokenPipeError:
         # The reader left (``registryd ls --json | head``): stop quietly, as a
         # command killed by SIGPIPE does; nothing more may reach the closed pipe.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_BROKEN_PIPE
+        return ExitCode.BROKEN_PIPE
     except CommandError as e:
         print(f"registryd {args.command}: {e}", file=sys.stderr)
         return e.status
     except KeyboardInterrupt:
-        return 130
+        return ExitCode.INTERRUPTED
 
 
 if __name__ == "__main__":

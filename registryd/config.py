@@ -1,15 +1,24 @@
 """One typed configuration, read from a TOML file and the command line.
 
-Every key is declared once in ``SCHEMA`` with its type and default, so an
-unknown key or a value of the wrong type is refused with one line that names
-it, before anything listens or touches the disk.
+Every key is declared once, on the class of its section, with its type,
+default, check and documentation (``registryd.schema``): ``Config`` holds
+the top level and the ``[server]``, ``[registry]``, ``[uploads]``, ``[gc]``
+and ``[mirror]`` tables; ``[auth]`` is ``AuthSettings``, ``[[access]]``
+``AccessRule``, ``[storage]`` ``StorageSettings``, ``[storage.s3]``
+``S3Settings``, ``[[upstream]]`` ``UpstreamConfig``, a ``[[listen]]`` table
+``ListenTable``. One loop reads them all, and the command line's values go
+through the same checks, so an unknown key or a bad value is refused with
+one line that names it, before anything listens or touches the disk.
+
+Secrets (``password_env``, ``credentials_file``, ``secret_access_key_env``)
+are kept as references and read where they are used (``registryd.secrets``).
 """
 from __future__ import annotations
 
 import os
 import re
 import tomllib
-from typing import Any, Mapping
+from typing import Any, ClassVar, Iterator, Mapping
 from urllib.parse import urlsplit
 
 import attrs
@@ -17,15 +26,25 @@ import attrs
 from registryd import __version__
 from registryd.auth.errors import AuthConfigError
 from registryd.auth.policy import AccessRule, parse_access_rules
-from registryd.auth.settings import AuthSettings, parse_auth_table
-from registryd.auth.tls import TLS_LISTEN_KEYS, parse_tls_table
-from registryd.credentials import read_credentials_file
-from registryd.storage.s3.settings import S3ConfigError, S3Settings
-
-
-class ConfigError(Exception):
-    """A configuration problem, phrased as one line an operator can act on."""
-
+from registryd.auth.settings import AuthSettings
+from registryd.auth.tls import TLSSettings, parse_tls_table
+from registryd.schema import (
+    ConfigError,
+    Key,
+    SettingError,
+    between,
+    check_type,
+    keys_of,
+    not_empty,
+    not_negative,
+    one_of,
+    positive,
+    read_table,
+    sections_of,
+    setting,
+)
+from registryd.secrets import Secret, in_file, reveal
+from registryd.storage.s3.settings import S3Settings
 
 def default_data_dir() -> str:
     """Where data lives when neither the file nor the command line says.
@@ -56,149 +75,6 @@ _LOCAL_PREFIX = re.compile(r"^[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+
 _NAMESPACE = re.compile(r"^(?:[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*(?::[0-9]{1,5})?$")
 
 
-@attrs.frozen
-class UpstreamConfig:
-    """One registry to mirror, as the operator listed it."""
-
-    namespace: str
-    url: str
-    default: bool = False
-    username: str | None = None
-    password: str | None = attrs.field(default=None, repr=False)
-    ca_file: str | None = None
-    client_cert: str | None = None
-    client_key: str | None = None
-    tls_verify: bool = True
-    manifest_ttl: int = 300
-    connect_timeout: int = 10
-    idle_timeout: int = 60
-    user_agent: str = f"registryd/{__version__}"
-    offline: bool = False
-    # Hosts besides the upstream's own that it may send registryd to: blob
-    # redirects (object storage, CDNs) and its token realm. "host", "host:port"
-    # or "*.domain".
-    allowed_hosts: tuple[str, ...] = ()
-
-
-STORAGE_DRIVERS = ("filesystem", "s3")
-
-
-@attrs.frozen
-class StorageSettings:
-    """``[storage]``: where content and metadata live. The filesystem (data_dir) by default."""
-
-    driver: str = "filesystem"
-    redirect: bool = False          # s3: blob GETs answered with a presigned URL
-    redirect_expiry: int = 600      # seconds such a URL stays valid
-    s3: S3Settings | None = None
-    cache_size: int = 0             # s3: bytes of hot blobs kept on local disk; 0: no cache
-    cache_dir: str | None = None    # where; None: <data_dir>/cache
-
-
-def _storage(table: Any) -> StorageSettings:
-    if not isinstance(table, dict):
-        raise ConfigError("'storage' must be a table ([storage])")
-    known = {"driver": str, "redirect": bool, "redirect_expiry": int, "s3": dict, "cache_size": object,
-             "cache_dir": str}
-    for key, value in table.items():
-        if key not in known:
-            raise ConfigError(f"unknown key 'storage.{key}'")
-        if key == "s3":
-            if not isinstance(value, dict):
-                raise ConfigError("'storage.s3' must be a table ([storage.s3])")
-            continue
-        if known[key] is object:
-            continue
-        _check_type(f"storage.{key}", value, known[key])
-    driver = table.get("driver", "filesystem")
-    if driver not in STORAGE_DRIVERS:
-        raise ConfigError(f"'storage.driver' must be \"filesystem\" or \"s3\", not {driver!r}")
-    expiry = table.get("redirect_expiry", 600)
-    if not 1 <= expiry <= 7 * 86400:
-        raise ConfigError(f"'storage.redirect_expiry' must be between 1 and 604800 seconds, not {expiry}")
-    s3 = None
-    if driver == "s3":
-        if "s3" not in table:
-            raise ConfigError("'storage.driver' is \"s3\" but there is no [storage.s3] table")
-        try:
-            s3 = S3Settings.from_table(table["s3"])
-        except S3ConfigError as e:
-            raise ConfigError(str(e)) from None
-    elif "s3" in table:
-        raise ConfigError("[storage.s3] is only used with storage.driver = \"s3\"")
-    if table.get("redirect") and driver != "s3":
-        raise ConfigError("'storage.redirect' needs storage.driver = \"s3\" (a filesystem has no URL to hand out)")
-    cache_size, cache_dir = _hot_cache(table, driver)
-    return StorageSettings(driver, bool(table.get("redirect", False)), expiry, s3, cache_size, cache_dir)
-
-
-def _hot_cache(table: dict[str, Any], driver: str) -> tuple[int, str | None]:
-    """``cache_size`` and ``cache_dir``: a local disk cache of hot blobs, for a node on S3."""
-    cache_size = parse_size("storage.cache_size", table.get("cache_size", 0))
-    cache_dir = table.get("cache_dir")
-    if cache_dir is not None:
-        if not cache_dir.strip():
-            raise ConfigError("'storage.cache_dir' is empty")
-        if "cache_size" not in table:
-            raise ConfigError("'storage.cache_dir' needs a storage.cache_size (the cache is off without one)")
-        cache_dir = os.path.abspath(os.path.expanduser(cache_dir))
-    if cache_size or cache_dir is not None:
-        if driver != "s3":
-            key = "cache_size" if cache_size else "cache_dir"
-            raise ConfigError(f"'storage.{key}' needs storage.driver = \"s3\" (on the filesystem every "
-                              f"blob is local already)")
-        if cache_size and table.get("redirect"):
-            raise ConfigError("'storage.cache_size' has no use with storage.redirect = true (clients fetch "
-                              "blobs from the object store, not through this node)")
-    return cache_size, cache_dir
-
-
-@attrs.frozen
-class Config:
-    """The whole configuration, after defaults, file and command line."""
-
-    listen: tuple[str, ...] = ("tcp:5000",)
-    data_dir: str = attrs.field(factory=default_data_dir)
-    delete_enabled: bool = True
-    max_manifest_size: int = 4 * 1024 * 1024
-    upload_expiry: int = 24 * 3600
-    upload_reap_interval: int = 600
-    stall_timeout: int = 300
-    io_threads: int = 4
-    min_free_bytes: int = 512 * 1024 * 1024
-    shutdown_timeout: int = 30
-    header_timeout: int = 60                        # seconds for a request's head to arrive
-    min_body_rate: int = 1024                       # bytes/s a request body must keep up (0: no floor)
-    max_connections: int = 1024
-    max_connections_per_client: int = 128
-    max_pending_body_bytes: int = 64 * 1024 * 1024  # manifest bodies in memory, all requests together
-    max_upload_sessions: int = 5000
-    max_upload_sessions_per_client: int = 200
-    upstreams: tuple[UpstreamConfig, ...] = ()
-    offline: bool = False
-    mirror_max_size: int = 0            # bytes; 0: no limit
-    # With a default upstream: where local repositories live (pushes go nowhere else).
-    local_prefixes: tuple[str, ...] = ()
-    usage_interval: int = 300
-    gc_interval: int = 86400            # 0: no online collection
-    gc_delay: int = 3600
-    auth: AuthSettings = AuthSettings()
-    access: tuple[AccessRule, ...] = ()
-    storage: StorageSettings = attrs.field(factory=lambda: StorageSettings())
-
-
-# (toml path) -> (Config field, python type, check, description of check)
-_Section = Mapping[str, tuple[str, type, Any]]
-
-
-def _positive(value: int) -> bool:
-    return value > 0
-
-
-def _not_negative(value: int) -> bool:
-    return value >= 0
-
-
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?)(b?)\s*$", re.IGNORECASE)
 
 
@@ -209,156 +85,45 @@ def parse_size(key: str, value: Any) -> int:
     """
     if isinstance(value, int) and not isinstance(value, bool):
         if value < 0:
-            raise ConfigError(f"'{key}' must not be negative, not {value}")
+            raise SettingError(f"'{key}' must not be negative, not {value}")
         return value
     match = _SIZE.match(value) if isinstance(value, str) else None
     if match is None or (match[2] == "" and match[3]):
-        raise ConfigError(f"'{key}' must be a size in bytes or a string like \"50GiB\" or \"500MB\", "
-                          f"not {value!r}")
+        raise SettingError(f"'{key}' must be a size in bytes or a string like \"50GiB\" or \"500MB\", "
+                           f"not {value!r}")
     number, unit, binary, b = match.groups()
     power = "kmgtp".index(unit.lower()) + 1 if unit else 0
     base = 1000 if unit and b and not binary else 1024
     return int(float(number) * base ** power)
 
 
-SCHEMA: dict[str, _Section] = {
-    "": {
-        "listen": ("listen", list, None),
-        "data_dir": ("data_dir", str, None),
-        "upstream": ("upstreams", list, None),
-        "access": ("access", list, None),
-    },
-    "mirror": {
-        "offline": ("offline", bool, None),
-        "max_size": ("mirror_max_size", object, None),
-        "local_prefixes": ("local_prefixes", list, None),
-    },
-    "gc": {
-        "interval": ("gc_interval", int, _not_negative),
-        "delay": ("gc_delay", int, _not_negative),
-    },
-    "registry": {
-        "delete_enabled": ("delete_enabled", bool, None),
-        "max_manifest_size": ("max_manifest_size", int, _positive),
-    },
-    "uploads": {
-        "expiry": ("upload_expiry", int, _positive),
-        "reap_interval": ("upload_reap_interval", int, _positive),
-        "max_sessions": ("max_upload_sessions", int, _positive),
-        "max_sessions_per_client": ("max_upload_sessions_per_client", int, _positive),
-    },
-    "server": {
-        "stall_timeout": ("stall_timeout", int, _positive),
-        "io_threads": ("io_threads", int, _positive),
-        "min_free_bytes": ("min_free_bytes", object, _positive),
-        "shutdown_timeout": ("shutdown_timeout", int, _positive),
-        "usage_interval": ("usage_interval", int, _positive),
-        "header_timeout": ("header_timeout", int, _positive),
-        "min_body_rate": ("min_body_rate", int, _not_negative),
-        "max_connections": ("max_connections", int, _positive),
-        "max_connections_per_client": ("max_connections_per_client", int, _positive),
-        "max_pending_body_bytes": ("max_pending_body_bytes", int, _positive),
-    },
-}
-
-_TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false", list: "a list"}
+def _positive_size(key: str, value: Any) -> int:
+    return positive(key, parse_size(key, value))
 
 
-def _check_type(key: str, value: Any, kind: type) -> None:
-    # bool is a subclass of int: `expiry = true` must not pass as 1.
-    if kind is int and isinstance(value, bool) or not isinstance(value, kind):
-        raise ConfigError(
-            f"'{key}' must be {_TYPE_NAMES[kind]}, not {type(value).__name__} {value!r}"
-        )
+def _directory(key: str, value: str) -> str:
+    return os.path.abspath(os.path.expanduser(not_empty(key, value)))
 
 
-def _listen_entries(key: str, value: list[Any]) -> tuple[str, ...]:
-    """``listen`` holds endpoint strings or ``{endpoint = "..."}`` tables."""
-    entries = []
-    for index, item in enumerate(value):
-        where = f"{key}[{index}]"
-        tls = None
-        if isinstance(item, dict):
-            unknown = sorted(set(item) - {"endpoint"} - set(TLS_LISTEN_KEYS))
-            if unknown:
-                raise ConfigError(f"unknown key '{where}.{unknown[0]}'")
-            if "endpoint" not in item:
-                raise ConfigError(f"'{where}' needs an 'endpoint'")
-            tls = parse_tls_table(item, where)
-            item = item["endpoint"]
-        _check_type(where, item, str)
-        if not item.strip():
-            raise ConfigError(f"'{where}' is empty")
-        if tls is not None:
-            item = _tls_description(where, item, tls)
-        entries.append(item)
-    if not entries:
-        raise ConfigError(f"'{key}' must name at least one endpoint")
-    return tuple(entries)
+def _readable(key: str, value: str) -> str:
+    if not os.access(value, os.R_OK):
+        raise SettingError(f"'{key}': cannot read {value}")
+    return value
 
 
-# key -> (type, required)
-_UPSTREAM_KEYS: dict[str, tuple[type, bool]] = {
-    "namespace": (str, True), "url": (str, False), "default": (bool, False),
-    "username": (str, False), "password": (str, False), "password_env": (str, False),
-    "credentials_file": (str, False), "ca_file": (str, False), "client_cert": (str, False),
-    "client_key": (str, False), "tls_verify": (bool, False), "manifest_ttl": (int, False),
-    "connect_timeout": (int, False), "idle_timeout": (int, False), "user_agent": (str, False),
-    "offline": (bool, False), "allowed_hosts": (list, False),
-}
+# --- [[upstream]] ---------------------------------------------------------------------------
+
+def _namespace(key: str, value: str) -> str:
+    if not _NAMESPACE.match(value.lower()):
+        raise SettingError(f"'{key}' must be a registry host such as docker.io or registry.local:5000, "
+                           f"not {value!r}")
+    return value.lower()
 
 
-def _read_secret_file(where: str, path: str) -> tuple[str, str]:
-    """A credentials file holds one line ``username:password``."""
-    try:
-        return read_credentials_file(path, ("username", "password"), secret_required=False)
-    except ValueError as e:
-        raise ConfigError(f"'{where}': {e}") from None
-
-
-def _upstream(where: str, table: Any) -> UpstreamConfig:
-    if not isinstance(table, dict):
-        raise ConfigError(f"'{where}' must be a table ([[upstream]])")
-    for key, value in table.items():
-        if key not in _UPSTREAM_KEYS:
-            raise ConfigError(f"unknown key '{where}.{key}'")
-        _check_type(f"{where}.{key}", value, _UPSTREAM_KEYS[key][0])
-    for key, (_, required) in _UPSTREAM_KEYS.items():
-        if required and key not in table:
-            raise ConfigError(f"'{where}' needs a '{key}'")
-    settings = dict(table)
-    namespace = settings["namespace"].lower()
-    if not _NAMESPACE.match(namespace):
-        raise ConfigError(f"'{where}.namespace' must be a registry host such as docker.io or "
-                          f"registry.local:5000, not {settings['namespace']!r}")
-    settings["namespace"] = namespace
-    url = settings.get("url") or (DOCKER_HUB_URL if namespace == DOCKER_HUB else f"https://{namespace}")
+def _url(key: str, url: str) -> str:
     if not re.match(r"^https?://[^/\s@]+/?$", url) or not _valid_host_and_port(url):
-        raise ConfigError(f"'{where}.url' must be http(s)://host[:port], not {url!r}")
-    settings["url"] = url.rstrip("/")
-    sources = [k for k in ("password", "password_env", "credentials_file") if k in settings]
-    if len(sources) > 1:
-        raise ConfigError(f"'{where}': give only one of password, password_env, credentials_file")
-    if "password_env" in settings:
-        variable = settings.pop("password_env")
-        if variable not in os.environ:
-            raise ConfigError(f"'{where}.password_env': environment variable {variable} is not set")
-        settings["password"] = os.environ[variable]
-    if "credentials_file" in settings:
-        settings["username"], settings["password"] = _read_secret_file(
-            f"{where}.credentials_file", settings.pop("credentials_file"))
-    if ("password" in settings) != ("username" in settings):
-        raise ConfigError(f"'{where}': username and password go together")
-    for key in ("manifest_ttl", "connect_timeout", "idle_timeout"):
-        if key in settings and settings[key] <= 0:
-            raise ConfigError(f"'{where}.{key}' must be greater than zero, not {settings[key]!r}")
-    if ("client_cert" in settings) != ("client_key" in settings):
-        raise ConfigError(f"'{where}': client_cert and client_key go together")
-    for key in ("ca_file", "client_cert", "client_key"):
-        if key in settings and not os.access(settings[key], os.R_OK):
-            raise ConfigError(f"'{where}.{key}': cannot read {settings[key]}")
-    settings["allowed_hosts"] = _allowed_hosts(f"{where}.allowed_hosts", settings.get("allowed_hosts"), namespace)
-    return UpstreamConfig(**settings)
+        raise SettingError(f"'{key}' must be http(s)://host[:port], not {url!r}")
+    return url.rstrip("/")
 
 
 def _valid_host_and_port(url: str) -> bool:
@@ -368,43 +133,90 @@ def _valid_host_and_port(url: str) -> bool:
         return False
 
 
-def _allowed_hosts(key: str, value: list[Any] | None, namespace: str) -> tuple[str, ...]:
-    """``allowed_hosts``: host names, ``host:port`` or ``*.domain``; a well-known
-    upstream's own list when the key is absent."""
-    if value is None:
-        return WELL_KNOWN_HOSTS.get(namespace, ())
+def _allowed_hosts(key: str, value: list[Any]) -> tuple[str, ...]:
+    """``allowed_hosts``: host names, ``host:port`` or ``*.domain``."""
     hosts = []
     for index, item in enumerate(value):
         if not isinstance(item, str) or not _HOST_PATTERN.match(item.lower()):
-            raise ConfigError(f"'{key}[{index}]' must be a host such as cdn.example.com, cdn.example.com:8443 "
-                              f"or *.example.com, not {item!r}")
+            raise SettingError(f"'{key}[{index}]' must be a host such as cdn.example.com, cdn.example.com:8443 "
+                               f"or *.example.com, not {item!r}")
         hosts.append(item.lower())
     return tuple(hosts)
 
 
-def _local_prefixes(key: str, value: list[Any]) -> tuple[str, ...]:
-    """``[mirror] local_prefixes``: repository names, each the root of a local namespace."""
-    prefixes = []
-    for index, item in enumerate(value):
-        if not isinstance(item, str) or not _LOCAL_PREFIX.match(item):
-            raise ConfigError(f"'{key}[{index}]' must be a repository path such as \"team\" or \"ci/builds\", "
-                              f"not {item!r}")
-        prefixes.append(item)
-    return tuple(prefixes)
+@attrs.frozen
+class UpstreamConfig:
+    """One registry to mirror, as the operator listed it (``[[upstream]]``).
+
+    ``username`` and ``password`` may come from ``password_env`` or
+    ``credentials_file``: then they are read on access (``registryd.secrets``).
+    """
+
+    namespace: str = setting(kind=str, check=_namespace, required=True, doc="docker.io, registry.local:5000")
+    url: str = setting(kind=str, check=_url, doc="http(s)://host[:port]; https://<namespace> if unset")
+    default: bool = setting(False, bool, doc="serve repository names without a namespace from it")
+    _username: str | Secret | None = setting(None, str, doc="the login, with a password", alias="username")
+    _password: str | Secret | None = setting(None, str, doc="in this file itself", repr=False, alias="password")
+    ca_file: str | None = setting(None, str, _readable, "trust this CA instead of the system's")
+    client_cert: str | None = setting(None, str, _readable, "client certificate (with client_key)")
+    client_key: str | None = setting(None, str, _readable, "its key")
+    tls_verify: bool = setting(True, bool, doc="check the upstream's certificate")
+    manifest_ttl: int = setting(300, int, positive, "seconds a tag is served from the cache before asking again")
+    connect_timeout: int = setting(10, int, positive, "seconds")
+    idle_timeout: int = setting(60, int, positive, "seconds without a byte")
+    user_agent: str = setting(f"registryd/{__version__}", str, doc="sent with every request")
+    offline: bool = setting(False, bool, doc="serve from the cache only")
+    # Hosts besides the upstream's own that it may send registryd to: blob
+    # redirects (object storage, CDNs) and its token realm. "host", "host:port"
+    # or "*.domain"; a well-known upstream's own list when unset.
+    allowed_hosts: tuple[str, ...] = setting((), list, _allowed_hosts, "other hosts it may send registryd to")
+
+    #: The password's other sources (at most one of password, password_env, credentials_file).
+    EXTRA_KEYS: ClassVar[dict[str, Key]] = {
+        "password_env": Key(str, doc="the environment variable holding the password (or token)"),
+        "credentials_file": Key(str, doc="a file with one line username:password"),
+    }
+
+    @property
+    def username(self) -> str | None:
+        return reveal(self._username)
+
+    @property
+    def password(self) -> str | None:
+        """Read from its variable or file now, if the config named one (SecretUnavailable otherwise)."""
+        return reveal(self._password)
+
+    def secrets(self) -> tuple[str | Secret | None, ...]:
+        return (self._username, self._password)
+
+    def in_file(self, origin: str | None) -> UpstreamConfig:
+        """The same, with secret errors naming the config file ``origin``."""
+        return attrs.evolve(self, username=in_file(self._username, origin),
+                            password=in_file(self._password, origin))
 
 
-def _check_local_prefixes(settings: Mapping[str, Any]) -> None:
-    """A local prefix must not be how clients name an upstream's repositories."""
-    upstreams: tuple[UpstreamConfig, ...] = settings.get("upstreams", ())
-    namespaces = {u.namespace for u in upstreams}
-    default = next((u for u in upstreams if u.default), None)
-    for prefix in settings.get("local_prefixes", ()):
-        first = prefix.split("/", 1)[0]
-        if first in namespaces:
-            raise ConfigError(f"'mirror.local_prefixes': {prefix!r} is the namespace of an upstream")
-        if default is not None and default.namespace == DOCKER_HUB and first == "library":
-            raise ConfigError(f"'mirror.local_prefixes': {prefix!r} would shadow Docker Hub's official images "
-                              f"(docker clients ask for library/<name>)")
+def _upstream(where: str, table: Any) -> UpstreamConfig:
+    settings = read_table(UpstreamConfig, table, where, shape="[[upstream]]")
+    namespace = settings["namespace"]
+    if "url" not in settings:
+        default_url = DOCKER_HUB_URL if namespace == DOCKER_HUB else f"https://{namespace}"
+        settings["url"] = _url(f"{where}.url", default_url)
+    sources = [k for k in ("password", "password_env", "credentials_file") if k in settings]
+    if len(sources) > 1:
+        raise ConfigError(f"'{where}': give only one of password, password_env, credentials_file")
+    if "password_env" in settings:
+        settings["password"] = Secret(f"{where}.password_env", variable=settings.pop("password_env"))
+    if "credentials_file" in settings:
+        path = settings.pop("credentials_file")
+        settings["username"], settings["password"] = (
+            Secret(f"{where}.credentials_file", path=path, half=half, secret_required=False) for half in (0, 1))
+    if ("password" in settings) != ("username" in settings):
+        raise ConfigError(f"'{where}': username and password go together")
+    if ("client_cert" in settings) != ("client_key" in settings):
+        raise ConfigError(f"'{where}': client_cert and client_key go together")
+    if "allowed_hosts" not in settings:
+        settings["allowed_hosts"] = WELL_KNOWN_HOSTS.get(namespace, ())
+    return UpstreamConfig(**settings)
 
 
 def _upstreams(key: str, value: list[Any]) -> tuple[UpstreamConfig, ...]:
@@ -417,6 +229,91 @@ def _upstreams(key: str, value: list[Any]) -> tuple[UpstreamConfig, ...]:
     if sum(u.default for u in upstreams) > 1:
         raise ConfigError("only one upstream may be the default")
     return upstreams
+
+
+# --- [storage] ------------------------------------------------------------------------------
+
+STORAGE_DRIVERS = ("filesystem", "s3")
+
+
+@attrs.frozen
+class StorageSettings:
+    """``[storage]``: where content and metadata live. The filesystem (data_dir) by default."""
+
+    driver: str = setting("filesystem", str, one_of(*STORAGE_DRIVERS), "filesystem (data_dir) or s3")
+    redirect: bool = setting(False, bool, doc="s3: blob GETs answered with a presigned URL")
+    redirect_expiry: int = setting(600, int, between(1, 7 * 86400, " seconds"), "seconds such a URL stays valid")
+    # Read after the driver is known: [storage.s3] (S3Settings).
+    s3: S3Settings | None = setting(None, object, doc="[storage.s3]")
+    cache_size: int = setting(0, object, parse_size, "s3: bytes of hot blobs kept on local disk; 0: no cache")
+    cache_dir: str | None = setting(None, str, _directory, "where; None: <data_dir>/cache")
+
+
+def _storage(where: str, table: Any) -> StorageSettings:
+    settings = read_table(StorageSettings, table, where)
+    driver = settings.get("driver", "filesystem")
+    if driver == "s3":
+        if "s3" not in settings:
+            raise ConfigError("'storage.driver' is \"s3\" but there is no [storage.s3] table")
+        settings["s3"] = _s3_table(settings["s3"])
+    elif "s3" in settings:
+        raise ConfigError("[storage.s3] is only used with storage.driver = \"s3\"")
+    if settings.get("redirect") and driver != "s3":
+        raise ConfigError("'storage.redirect' needs storage.driver = \"s3\" (a filesystem has no URL to hand out)")
+    cache_size, cache_dir = settings.get("cache_size", 0), settings.get("cache_dir")
+    if cache_dir is not None and "cache_size" not in settings:
+        raise ConfigError("'storage.cache_dir' needs a storage.cache_size (the cache is off without one)")
+    if cache_size or cache_dir is not None:
+        if driver != "s3":
+            key = "cache_size" if cache_size else "cache_dir"
+            raise ConfigError(f"'storage.{key}' needs storage.driver = \"s3\" (on the filesystem every "
+                              f"blob is local already)")
+        if cache_size and settings.get("redirect"):
+            raise ConfigError("'storage.cache_size' has no use with storage.redirect = true (clients fetch "
+                              "blobs from the object store, not through this node)")
+    return StorageSettings(**settings)
+
+
+def _s3_table(table: Any) -> S3Settings:
+    try:
+        return S3Settings.from_table(table)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+# --- listen ---------------------------------------------------------------------------------
+
+@attrs.frozen
+class ListenTable:
+    """A ``[[listen]]`` table: an endpoint, and TLS files for it (``registryd.auth.tls``)."""
+
+    endpoint: str = setting(kind=str, check=not_empty, required=True, doc="a Twisted endpoint: tcp:5000")
+
+    #: The TLS files, as TLSSettings declares them (``tls_cert``, ``tls_key``...).
+    EXTRA_KEYS: ClassVar[dict[str, Key]] = {name: key for name, (_, key) in keys_of(TLSSettings).items()}
+
+
+def _listen_entries(key: str, value: list[Any]) -> tuple[str, ...]:
+    """``listen`` holds endpoint strings or ``{endpoint = "..."}`` tables.
+
+    On the command line (``key`` is ``--listen``) the message names the option.
+    """
+    entries = []
+    for index, item in enumerate(value):
+        where = key if key.startswith("--") else f"{key}[{index}]"
+        if isinstance(item, dict):
+            table = read_table(ListenTable, item, where, needs="needs an")
+            try:
+                tls = parse_tls_table(item, where)
+            except AuthConfigError as e:   # tls_cert without tls_key
+                raise ConfigError(str(e)) from None
+            item = table["endpoint"] if tls is None else _tls_description(where, table["endpoint"], tls)
+        elif not isinstance(item, str):
+            raise ConfigError(f"'{where}' must be a string, not {type(item).__name__} {item!r}")
+        entries.append(not_empty(where, item))
+    if not entries:
+        raise ConfigError(f"'{key}' must name at least one endpoint")
+    return tuple(entries)
 
 
 def _escape_endpoint_value(value: str) -> str:
@@ -434,61 +331,156 @@ def _tls_description(where: str, endpoint: str, tls: Any) -> str:
     return f"tls:{rest}{extra}"
 
 
+# --- [mirror] -------------------------------------------------------------------------------
+
+def _local_prefixes(key: str, value: list[Any]) -> tuple[str, ...]:
+    """``[mirror] local_prefixes``: repository names, each the root of a local namespace."""
+    prefixes = []
+    for index, item in enumerate(value):
+        if not isinstance(item, str) or not _LOCAL_PREFIX.match(item):
+            raise SettingError(f"'{key}[{index}]' must be a repository path such as \"team\" or \"ci/builds\", "
+                               f"not {item!r}")
+        prefixes.append(item)
+    return tuple(prefixes)
+
+
+def _access(key: str, value: Any) -> tuple[AccessRule, ...]:
+    return parse_access_rules(value, key)
+
+
+def _auth(key: str, value: Any) -> AuthSettings:
+    return AuthSettings(**read_table(AuthSettings, value, key))
+
+
+# --- the whole ------------------------------------------------------------------------------
+
+def _top(default: Any = attrs.NOTHING, kind: type = object, check: Any = None, doc: str = "", **kw: Any) -> Any:
+    return setting(default, kind, check, doc, section="", **kw)
+
+
+def _server(default: Any, kind: type, check: Any, doc: str, name: str | None = None) -> Any:
+    return setting(default, kind, check, doc, section="server", name=name)
+
+
+@attrs.frozen
+class Config:
+    """The whole configuration, after defaults, file and command line.
+
+    The attributes keep flat names (``upload_expiry`` is ``[uploads] expiry``);
+    each field says its table and key.
+    """
+
+    listen: tuple[str, ...] = _top(("tcp:5000",), list, _listen_entries,
+                                   "Twisted endpoints, or [[listen]] tables with TLS files")
+    data_dir: str = _top(kind=str, check=_directory, doc="blobs, repositories, uploads", factory=default_data_dir)
+    delete_enabled: bool = setting(True, bool, None, "DELETE of manifests, tags and blobs", section="registry")
+    max_manifest_size: int = setting(4 * 1024 * 1024, int, positive, "bytes", section="registry")
+    upload_expiry: int = setting(24 * 3600, int, positive, "seconds an idle upload session lives",
+                                 section="uploads", name="expiry")
+    upload_reap_interval: int = setting(600, int, positive, "seconds between sweeps of expired uploads",
+                                        section="uploads", name="reap_interval")
+    stall_timeout: int = _server(300, int, positive, "seconds a transfer may go without a byte")
+    io_threads: int = _server(4, int, positive, "threads for disk work")
+    min_free_bytes: int = _server(512 * 1024 * 1024, object, _positive_size, "uploads refused below this")
+    shutdown_timeout: int = _server(30, int, positive, "seconds open requests get on stop")
+    header_timeout: int = _server(60, int, positive, "seconds for a request's head to arrive")
+    min_body_rate: int = _server(1024, int, not_negative, "bytes/s a request body must keep up (0: no floor)")
+    max_connections: int = _server(1024, int, positive, "client connections at once")
+    max_connections_per_client: int = _server(128, int, positive, "from one address")
+    max_pending_body_bytes: int = _server(64 * 1024 * 1024, int, positive,
+                                          "manifest bodies in memory, all requests together")
+    max_upload_sessions: int = setting(5000, int, positive, "open upload sessions", section="uploads",
+                                       name="max_sessions")
+    max_upload_sessions_per_client: int = setting(200, int, positive, "from one address", section="uploads",
+                                                  name="max_sessions_per_client")
+    upstreams: tuple[UpstreamConfig, ...] = _top((), list, _upstreams, "[[upstream]] tables", name="upstream")
+    offline: bool = setting(False, bool, None, "serve mirrored content from the cache only", section="mirror")
+    mirror_max_size: int = setting(0, object, parse_size, "bytes; 0: no limit", section="mirror", name="max_size")
+    # With a default upstream: where local repositories live (pushes go nowhere else).
+    local_prefixes: tuple[str, ...] = setting((), list, _local_prefixes, "repository paths that stay local",
+                                              section="mirror")
+    usage_interval: int = _server(300, int, positive, "seconds between disk usage surveys")
+    gc_interval: int = setting(86400, int, not_negative, "seconds between online collections (0: none)",
+                               section="gc", name="interval")
+    gc_delay: int = setting(3600, int, not_negative, "seconds unreferenced content is kept", section="gc",
+                            name="delay")
+    auth: AuthSettings = _top(AuthSettings(), object, _auth, "[auth]")
+    access: tuple[AccessRule, ...] = _top((), object, _access, "[[access]] tables")
+    storage: StorageSettings = _top(kind=object, check=_storage, doc="[storage]", factory=StorageSettings)
+
+    def secrets(self) -> Iterator[str | Secret | None]:
+        """Every credential the server uses: each upstream's login, the object store's keys."""
+        for upstream in self.upstreams:
+            yield from upstream.secrets()
+        if self.storage.s3 is not None:
+            yield from self.storage.s3.secrets()
+
+
+#: Every table a config file may hold -> the class that declares its keys (and the section in it).
+TABLES: dict[str, tuple[type, str | None]] = {
+    **{name: (Config, name) for name in sections_of(Config)},
+    "listen": (ListenTable, None),
+    "upstream": (UpstreamConfig, None),
+    "access": (AccessRule, None),
+    "auth": (AuthSettings, None),
+    "storage": (StorageSettings, None),
+    "storage.s3": (S3Settings, None),
+}
+
+
+def accepted_keys() -> Iterator[tuple[str, str, Key]]:
+    """(table, key, Key) for every key a config file may set; "" is the top level."""
+    for table, (model, section) in TABLES.items():
+        for name, (_, key) in keys_of(model, section).items():
+            # A key that holds a table is documented by its keys; ``listen`` takes plain endpoints too.
+            if f"{table}.{name}".lstrip(".") not in TABLES or name == "listen":
+                yield table, name, key
+
+
+def _check_local_prefixes(settings: Mapping[str, Any]) -> None:
+    """A local prefix must not be how clients name an upstream's repositories."""
+    upstreams: tuple[UpstreamConfig, ...] = settings.get("upstreams", ())
+    namespaces = {u.namespace for u in upstreams}
+    default = next((u for u in upstreams if u.default), None)
+    for prefix in settings.get("local_prefixes", ()):
+        first = prefix.split("/", 1)[0]
+        if first in namespaces:
+            raise ConfigError(f"'mirror.local_prefixes': {prefix!r} is the namespace of an upstream")
+        if default is not None and default.namespace == DOCKER_HUB and first == "library":
+            raise ConfigError(f"'mirror.local_prefixes': {prefix!r} would shadow Docker Hub's official images "
+                              f"(docker clients ask for library/<name>)")
+
+
 def parse_settings(document: Mapping[str, Any]) -> dict[str, Any]:
     """Turn a parsed TOML document into Config keyword arguments."""
-    settings: dict[str, Any] = {}
-    for key, value in document.items():
-        items: list[tuple[str, Any]]
-        if key == "auth":
-            try:
-                settings["auth"] = parse_auth_table(value)
-            except AuthConfigError as e:
-                raise ConfigError(str(e)) from None
-            continue
-        if key == "storage":
-            settings["storage"] = _storage(value)
-            continue
-        if key in SCHEMA and key != "":
-            if not isinstance(value, dict):
-                raise ConfigError(f"'{key}' must be a table ([{key}])")
-            section, prefix, items = SCHEMA[key], key + ".", list(value.items())
-        elif key in SCHEMA[""]:
-            section, prefix, items = SCHEMA[""], "", [(key, value)]
-        else:
-            raise ConfigError(f"unknown key '{key}'")
-        for name, item in items:
-            full = prefix + name
-            if name not in section:
-                raise ConfigError(f"unknown key '{full}'")
-            field, kind, check = section[name]
-            if kind is not object:
-                _check_type(full, item, kind)
-            if field == "mirror_max_size":
-                item = parse_size(full, item)
-            elif field == "min_free_bytes":
-                item = parse_size(full, item)
-                if not item:
-                    raise ConfigError(f"'{full}' must be greater than zero, not {item!r}")
-            elif field == "listen":
-                try:
-                    item = _listen_entries(full, item)
-                except AuthConfigError as e:
-                    raise ConfigError(str(e)) from None
-            elif field == "upstreams":
-                item = _upstreams(full, item)
-            elif field == "local_prefixes":
-                item = _local_prefixes(full, item)
-            elif field == "access":
-                try:
-                    item = parse_access_rules(item, full)
-                except AuthConfigError as e:
-                    raise ConfigError(str(e)) from None
-            elif check is _not_negative and not check(item):
-                raise ConfigError(f"'{full}' must not be negative, not {item!r}")
-            elif check is not None and not check(item):
-                raise ConfigError(f"'{full}' must be greater than zero, not {item!r}")
-            settings[field] = item
+    tables = [name for name in sections_of(Config) if name]
+    settings = read_table(Config, {k: v for k, v in document.items() if k not in tables}, "", section="")
+    for name in tables:
+        if name in document:
+            settings.update(read_table(Config, document[name], name, section=name))
     _check_local_prefixes(settings)
+    return settings
+
+
+#: Command-line options that override top-level keys: Config field -> (option, key).
+_OPTIONS = {"listen": "--listen", "data_dir": "--data-dir"}
+
+
+def parse_overrides(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Command-line values (None: not given), through the checks of their config keys: ``--data-dir ""``
+    is refused as ``data_dir = ""`` is, in one line that names the option."""
+    keys = {field: key for field, key in keys_of(Config, "").values()}
+    settings: dict[str, Any] = {}
+    for field, value in overrides.items():
+        if value is None:
+            continue
+        key, option = keys[field], _OPTIONS.get(field, field)
+        value = list(value) if isinstance(value, tuple) else value
+        try:
+            check_type(option, value, key.kind)
+            settings[field] = key.check(option, value) if key.check is not None else value
+        except ValueError as e:   # a check's AuthConfigError
+            raise ConfigError(str(e)) from None
     return settings
 
 
@@ -496,6 +488,7 @@ def load_config(path: str | None = None, overrides: Mapping[str, Any] | None = N
     """Read ``path`` (if any), apply command-line ``overrides``, validate.
 
     Raises ConfigError with a one-line message naming the file and key.
+    Secrets the file names are not read here (``Config.secrets``).
     """
     settings: dict[str, Any] = {}
     if path is not None:
@@ -512,13 +505,20 @@ def load_config(path: str | None = None, overrides: Mapping[str, Any] | None = N
             settings = parse_settings(document)
         except ConfigError as e:
             raise ConfigError(f"config file {path}: {e}") from None
-    for key, value in (overrides or {}).items():
-        if value is not None:
-            settings[key] = value
-    if "data_dir" in settings:
-        settings["data_dir"] = os.path.abspath(os.path.expanduser(settings["data_dir"]))
+        settings = _secrets_in_file(settings, path)
+    settings.update(parse_overrides(overrides or {}))
     config = Config(**settings)
     if config.max_pending_body_bytes < config.max_manifest_size:
         raise ConfigError(f"'server.max_pending_body_bytes' ({config.max_pending_body_bytes}) must be at least "
                           f"'registry.max_manifest_size' ({config.max_manifest_size}), or no manifest fits")
     return config
+
+
+def _secrets_in_file(settings: dict[str, Any], path: str) -> dict[str, Any]:
+    """A secret that cannot be read says which config file named it."""
+    if "upstreams" in settings:
+        settings["upstreams"] = tuple(u.in_file(path) for u in settings["upstreams"])
+    storage = settings.get("storage")
+    if storage is not None and storage.s3 is not None:
+        settings["storage"] = attrs.evolve(storage, s3=storage.s3.in_file(path))
+    return settings

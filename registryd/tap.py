@@ -12,6 +12,7 @@ from twisted.python import usage
 
 from registryd import __version__
 from registryd.config import ConfigError, load_config
+from registryd.secrets import require_secrets
 from registryd.service import RegistryService, StartupError
 
 
@@ -74,6 +75,8 @@ def makeService(options: Options) -> IService:
     }
     try:
         config = load_config(options["config"], overrides)
+        # The server uses every credential the config names: a missing one stops it now, in one line.
+        require_secrets(config.secrets())
         service = TwistdRegistryService(config, reactor)
         service.prepare_storage()
     except (ConfigError, StartupError) as e:

@@ -121,7 +121,7 @@ def test_delete(tmp_path: Any) -> None:
     assert again.returncode == 1
     assert again.stderr == f"registryd htpasswd: user 'alice' is not in {path}\n"
     missing = run("-D", str(tmp_path / "nope"), "alice")
-    assert missing.returncode == 1
+    assert missing.returncode == 3   # the exit-code table: a missing file or directory is 3, as for ls
     assert missing.stderr == f"registryd htpasswd: {tmp_path / 'nope'} does not exist\n"
 
 
@@ -144,7 +144,7 @@ def test_symlink_edits_the_target(tmp_path: Any) -> None:
     (("F", "alice"), "x" * 73 + "\n", 1, "the password is longer than 72 bytes, bcrypt's limit"),
     (("F", "alice"), "a\0b\n", 1, "the password contains a NUL byte"),
     (("--cost", "3", "F", "alice"), "pw\n", 2, "--cost must be between 4 and 31, not 3"),
-    (("NODIR/htpasswd", "alice"), "pw\n", 1, "directory NODIR does not exist"),
+    (("NODIR/htpasswd", "alice"), "pw\n", 3, "directory NODIR does not exist"),   # 3 as for ls
 ])
 def test_errors(tmp_path: Any, args: tuple[str, ...], stdin: str, status: int, message: str) -> None:
     args = tuple(a.replace("F", str(tmp_path / "htpasswd")).replace("NODIR", str(tmp_path / "nodir"))

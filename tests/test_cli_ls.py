@@ -275,6 +275,29 @@ def test_config_file_names_the_data_directory(store: Filled, tmp_path: Any) -> N
     assert json.loads(by_config.stdout) == json.loads(by_dir.stdout)
 
 
+def test_a_listing_needs_no_upstream_secret_but_the_server_does(store: Filled, tmp_path: Any) -> None:
+    """The upstream's token is only in the server's environment: ls lists anyway (issue 14; it
+    used to stop with exit 3 and "environment variable ... is not set"); twistd still refuses
+    to start without it, in one line."""
+    config = write_config(tmp_path, store.data_dir)
+    with open(config, "a") as f:
+        f.write('username = "robot"\npassword_env = "REGISTRYD_TEST_UNSET_TOKEN"\n')
+    env = {k: v for k, v in os.environ.items() if k != "REGISTRYD_TEST_UNSET_TOKEN"}
+    listed = subprocess.run([REGISTRYD, "ls", "-c", config, "--json"], capture_output=True, text=True, timeout=60,
+                            env=env)
+    assert listed.returncode == 0, listed.stderr
+    assert json.loads(listed.stdout) == json.loads(run("ls", "--data-dir", store.data_dir, "--json").stdout)
+    twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+    served = subprocess.run([twistd, "-n", "--pidfile=", "registryd", "-c", config, "--listen",
+                             f"tcp:{free_port()}:interface=127.0.0.1"], capture_output=True, text=True,
+                            timeout=60, env=env)
+    assert served.returncode == 1
+    assert (served.stderr + served.stdout).strip().splitlines()[-1] == (
+        f"registryd: config file {config}: 'upstream[0].password_env': environment variable "
+        f"REGISTRYD_TEST_UNSET_TOKEN is not set")
+    assert "Traceback" not in served.stderr + served.stdout
+
+
 def test_empty_store(tmp_path: Any) -> None:
     data_dir = tmp_path / "data"
     for sub in ("blobs", "repositories", "uploads", "tmp"):

@@ -52,6 +52,21 @@ def test_command_line_overrides_file(tmp_path) -> None:
     assert config.data_dir == "/b"
 
 
+@pytest.mark.parametrize("overrides, text, message", [
+    ({"data_dir": ""}, 'data_dir = ""', "'--data-dir' is empty"),
+    ({"data_dir": " "}, 'data_dir = " "', "'--data-dir' is empty"),
+    ({"listen": ("tcp:5000", "")}, 'listen = ["tcp:5000", ""]', "'--listen' is empty"),
+])
+def test_command_line_values_go_through_the_checks_of_their_keys(tmp_path, overrides, text, message) -> None:
+    """A value from the command line is refused as the same value in the file is, naming the option."""
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, overrides)
+    assert str(caught.value) == message
+    with pytest.raises(ConfigError) as in_file:
+        load_config(write(tmp_path, text))
+    assert message.replace("--data-dir", "data_dir").replace("'--listen'", "'listen[1]'") in str(in_file.value)
+
+
 @pytest.mark.parametrize("text, message", [
     ("foo = 1", "unknown key 'foo'"),
     ("[registry]\nbar = 1", "unknown key 'registry.bar'"),

@@ -16,6 +16,7 @@ from registryd.config import ConfigError, UpstreamConfig, load_config
 from registryd.digest import Digest
 from registryd.errors import RegistryError
 from registryd.mirror.challenge import parse_challenges
+from registryd.mirror.client import UpstreamClient
 from registryd.mirror.fill import BlobFill
 from registryd.mirror.routing import Router
 from registryd.storage.guard import BlobGuard
@@ -116,7 +117,6 @@ manifest_ttl = 60
     ('[[upstream]]\nurl = "https://x"', "needs a 'namespace'"),
     ('[[upstream]]\nnamespace = "a b"', "must be a registry host"),
     ('[[upstream]]\nnamespace = "x.io"\nurl = "ftp://x"', "must be http(s)://host"),
-    ('[[upstream]]\nnamespace = "x.io"\npassword_env = "NOPE_NOT_SET"\nusername = "u"', "NOPE_NOT_SET is not set"),
     ('[[upstream]]\nnamespace = "x.io"\npassword = "p"', "username and password go together"),
     ('[[upstream]]\nnamespace = "x.io"\nmanifest_ttl = 0', "'upstream[0].manifest_ttl' must be greater"),
     ('[[upstream]]\nnamespace = "x.io"\nbogus = 1', "unknown key 'upstream[0].bogus'"),
@@ -124,19 +124,37 @@ manifest_ttl = 60
     ('[[upstream]]\nnamespace = "a.io"\ndefault = true\n[[upstream]]\nnamespace = "b.io"\ndefault = true',
      "only one upstream may be the default"),
     ('[[upstream]]\nnamespace = "x.io"\nca_file = "/nonexistent/ca.pem"', "cannot read /nonexistent/ca.pem"),
+])
+def test_bad_upstream_config(tmp_path, text, message) -> None:
+    path = tmp_path / "r.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path))
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[[upstream]]\nnamespace = "x.io"\npassword_env = "NOPE_NOT_SET"\nusername = "u"',
+     "'upstream[0].password_env': environment variable NOPE_NOT_SET is not set"),
     ('[[upstream]]\nnamespace = "x.io"\ncredentials_file = "/nonexistent/creds"',
      "'upstream[0].credentials_file': cannot read /nonexistent/creds: No such file or directory"),
     ('[[upstream]]\nnamespace = "x.io"\ncredentials_file = "{no_colon}"',
      "must hold one line 'username:password'"),
 ])
-def test_bad_upstream_config(tmp_path, text, message) -> None:
+def test_upstream_secrets_are_read_when_used(tmp_path, monkeypatch, text, message) -> None:
+    """The config loads (a read-only command needs no upstream login); the login is read when
+    the mirror needs it, with the same one line naming the file and the key."""
+    monkeypatch.delenv("NOPE_NOT_SET", raising=False)
     no_colon = tmp_path / "creds"
     no_colon.write_text("just-a-token\n")
     path = tmp_path / "r.toml"
     path.write_text(text.replace("{no_colon}", str(no_colon)))
-    with pytest.raises(ConfigError) as info:
-        load_config(str(path))
-    assert message in str(info.value)
+    (upstream,) = load_config(str(path)).upstreams
+    for read in (lambda: upstream.password, lambda: UpstreamClient(upstream, None, None)):
+        with pytest.raises(ConfigError) as info:
+            read()
+        assert message in str(info.value) and f"config file {path}: " in str(info.value)
+        assert "\n" not in str(info.value)
 
 
 class FakeResponse:

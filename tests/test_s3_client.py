@@ -16,7 +16,7 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, gatherResults
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock, deferLater
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
@@ -32,6 +32,7 @@ from registryd.storage.s3 import (
     S3Unavailable,
 )
 from registryd.storage.s3.documents import parse_error, parse_object_list
+from registryd.secrets import SecretUnavailable
 from registryd.storage.s3.urls import bucket_url, copy_source, object_url, with_query
 
 MiB = 1024 * 1024
@@ -132,10 +133,6 @@ def test_secret_from_env_and_file(tmp_path: Any, monkeypatch: Any) -> None:
     ({"region": "US East"}, "'storage.s3.region' must be a region name"),
     ({"secret_access_key": None}, "give exactly one of secret_access_key, secret_access_key_env"),
     ({"secret_access_key_env": "X"}, "give exactly one of"),
-    ({"secret_access_key": None, "secret_access_key_env": "REGISTRYD_TEST_UNSET_VARIABLE"},
-     "'storage.s3.secret_access_key_env': environment variable REGISTRYD_TEST_UNSET_VARIABLE is not set"),
-    ({"secret_access_key": None, "access_key_id": None, "credentials_file": "/nonexistent/creds"},
-     "'storage.s3.credentials_file': cannot read /nonexistent/creds"),
     ({"secret_access_key": None, "credentials_file": "/nonexistent/creds"},
      "access_key_id comes from credentials_file; give only one"),
     ({"access_key_id": None}, "'storage.s3' needs an 'access_key_id'"),
@@ -151,12 +148,30 @@ def test_settings_errors_are_one_line(change: dict[str, Any], message: str, monk
     assert "\n" not in str(caught.value)
 
 
+@pytest.mark.parametrize("change, message", [
+    ({"secret_access_key": None, "secret_access_key_env": "REGISTRYD_TEST_UNSET_VARIABLE"},
+     "'storage.s3.secret_access_key_env': environment variable REGISTRYD_TEST_UNSET_VARIABLE is not set"),
+    ({"secret_access_key": None, "access_key_id": None, "credentials_file": "/nonexistent/creds"},
+     "'storage.s3.credentials_file': cannot read /nonexistent/creds"),
+])
+def test_secrets_are_read_when_the_client_is_made(change: dict[str, Any], message: str, monkeypatch: Any) -> None:
+    """The table is valid without the secret at hand; the S3 client reads it, or says in one line why not."""
+    monkeypatch.delenv("REGISTRYD_TEST_UNSET_VARIABLE", raising=False)
+    table = {k: v for k, v in {**BASE, **change}.items() if v is not None}
+    settings = S3Settings.from_table(table)
+    for read in (lambda: settings.secret_access_key, lambda: S3Client(settings, Clock())):
+        with pytest.raises(SecretUnavailable) as caught:
+            read()
+        assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
 def test_malformed_credentials_file(tmp_path: Any) -> None:
     creds = tmp_path / "creds"
     creds.write_text("only-a-key\n")
     table = {k: v for k, v in BASE.items() if k not in ("secret_access_key", "access_key_id")}
-    with pytest.raises(S3ConfigError, match="must hold one line 'access_key_id:secret_access_key'"):
-        S3Settings.from_table({**table, "credentials_file": str(creds)})
+    settings = S3Settings.from_table({**table, "credentials_file": str(creds)})
+    with pytest.raises(SecretUnavailable, match="must hold one line 'access_key_id:secret_access_key'"):
+        settings.secret_access_key
 
 
 def test_botocore_is_imported_only_for_a_client() -> None:

@@ -86,6 +86,14 @@ def test_bad_config_stops_with_one_line(tmp_path, text: str, message: str) -> No
     assert not (tmp_path / "d").exists()
 
 
+def test_bad_command_line_value_stops_with_one_line(tmp_path) -> None:
+    """--listen and --data-dir go through the checks of listen and data_dir in the file."""
+    result = run_twistd("--listen", "", "--data-dir", str(tmp_path / "d"))
+    assert result.returncode == 1
+    assert last_line(result) == "registryd: '--listen' is empty"
+    assert not (tmp_path / "d").exists()
+
+
 def test_port_in_use_stops_with_one_line(tmp_path) -> None:
     process, server = start_twistd(str(tmp_path / "a"))
     try:

@@ -10,14 +10,12 @@
 - ``remote``: ``--url``, for commands that ask a running server to do the work.
 - ``progress``: a progress bar on stderr, only when it is a terminal.
 
-Problems that stop a command raise AdminError (one line, exit status 3).
+Problems that stop a command raise AdminError (one line, exit status 3);
+every status comes from the one table, ``exit_codes``.
 """
 from __future__ import annotations
 
-EXIT_OK = 0
-EXIT_DAMAGE = 1
-EXIT_USAGE = 2
-EXIT_ERROR = 3
+from registryd.admin.exit_codes import EXIT_DAMAGE, EXIT_ERROR, EXIT_OK, EXIT_USAGE, ExitCode
 
 
 class AdminError(Exception):
@@ -28,4 +26,4 @@ class AdminError(Exception):
         self.status = status
 
 
-__all__ = ["AdminError", "EXIT_OK", "EXIT_DAMAGE", "EXIT_USAGE", "EXIT_ERROR"]
+__all__ = ["AdminError", "ExitCode", "EXIT_OK", "EXIT_DAMAGE", "EXIT_USAGE", "EXIT_ERROR"]

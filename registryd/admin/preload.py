@@ -33,7 +33,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IPolicyForHTTPS, IResponse
 
 from registryd import __version__
-from registryd.admin import EXIT_OK, EXIT_USAGE, AdminError
+from registryd.admin import EXIT_DAMAGE, EXIT_OK, EXIT_USAGE, AdminError
 from registryd.admin.image_list import (
     ImageListError,
     ImageRef,
@@ -112,7 +112,7 @@ exit status:
   3  preload could not start: bad config, data directory or bucket, cannot listen
      on 127.0.0.1, --url unreachable or refusing the credentials"""
 
-EXIT_FAILED = 1
+EXIT_FAILED = EXIT_DAMAGE
 DEFAULT_JOBS = 4
 BLOBS_AT_ONCE = 3
 IDLE_TIMEOUT = 300.0

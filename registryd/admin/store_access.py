@@ -20,8 +20,8 @@ from typing import Any, Awaitable, Callable, Iterator, TypeVar
 import attrs
 from twisted.internet.task import react
 
-from registryd.admin import AdminError
-from registryd.config import Config
+from registryd.admin import AdminError, ExitCode
+from registryd.config import Config, ConfigError
 from registryd.storage import layout
 from registryd.storage.scan import DataDir
 
@@ -41,12 +41,12 @@ def add_store_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_admin_config(args: argparse.Namespace) -> Config:
     """The config ``--config``/``--data-dir`` name, as ``twistd registryd`` would load it."""
-    from registryd.config import ConfigError, load_config
+    from registryd.config import load_config
 
     try:
         return load_config(args.config, {"data_dir": args.data_dir})
     except ConfigError as e:
-        raise AdminError(str(e)) from None
+        raise AdminError(str(e), ExitCode.ERROR) from None
 
 
 def check_data_dir(root: str, allow_empty: bool = False) -> None:
@@ -77,6 +77,8 @@ def run_reactor(main: Callable[[Any], Awaitable[T]]) -> T:
             result: Any = await main(reactor)
         except AdminError as e:
             result = e
+        except ConfigError as e:   # a secret the config names, read when the store or an upstream needs it
+            result = AdminError(str(e), ExitCode.ERROR)
         if not interrupted:
             reactor.removeSystemEventTrigger(trigger)
             outcome.append(result)
@@ -87,7 +89,7 @@ def run_reactor(main: Callable[[Any], Awaitable[T]]) -> T:
         if e.code:
             raise  # react logged the failure: a bug
     if not outcome:
-        raise AdminError("interrupted", 130)
+        raise AdminError("interrupted", ExitCode.INTERRUPTED)
     if isinstance(outcome[0], AdminError):
         raise outcome[0]
     return outcome[0]  # type: ignore[no-any-return]

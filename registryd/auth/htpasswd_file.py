@@ -27,6 +27,10 @@ class HtpasswdFileError(Exception):
     """The edit cannot be made; the message is one line."""
 
 
+class HtpasswdFileUnusable(HtpasswdFileError):
+    """The file or its directory is missing, or cannot be read or written (not the input's fault)."""
+
+
 def hash_password(password: bytes, cost: int = DEFAULT_COST) -> str:
     """A bcrypt hash with the ``$2y$`` prefix ``htpasswd -B`` writes."""
     if not password:
@@ -54,7 +58,7 @@ def _read(path: str) -> bytes | None:
     except FileNotFoundError:
         return None
     except OSError as e:
-        raise HtpasswdFileError(f"cannot read {path}: {e.strerror}") from None
+        raise HtpasswdFileUnusable(f"cannot read {path}: {e.strerror}") from None
 
 
 class _DirectoryLock:
@@ -62,7 +66,7 @@ class _DirectoryLock:
         try:
             self._fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
         except OSError as e:
-            raise HtpasswdFileError(f"cannot open directory {directory}: {e.strerror}") from None
+            raise HtpasswdFileUnusable(f"cannot open directory {directory}: {e.strerror}") from None
         fcntl.flock(self._fd, fcntl.LOCK_EX)
 
     def fsync(self) -> None:
@@ -79,11 +83,11 @@ def _write_atomically(path: str, data: bytes, lock: _DirectoryLock) -> None:
     except FileNotFoundError:
         current = None
     except OSError as e:
-        raise HtpasswdFileError(f"cannot stat {path}: {e.strerror}") from None
+        raise HtpasswdFileUnusable(f"cannot stat {path}: {e.strerror}") from None
     try:
         fd, temporary = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".")
     except OSError as e:
-        raise HtpasswdFileError(f"cannot write in {directory}: {e.strerror}") from None
+        raise HtpasswdFileUnusable(f"cannot write in {directory}: {e.strerror}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -104,19 +108,19 @@ def _write_atomically(path: str, data: bytes, lock: _DirectoryLock) -> None:
             os.unlink(temporary)
         except OSError:
             pass
-        raise HtpasswdFileError(f"cannot write {path}: {e.strerror}") from None
+        raise HtpasswdFileUnusable(f"cannot write {path}: {e.strerror}") from None
 
 
 def _edit(path: str, user: str, new_line: bytes | None, must_exist: bool) -> tuple[str, bytes]:
     target = os.path.realpath(path)
     directory = os.path.dirname(target)
     if not os.path.isdir(directory):
-        raise HtpasswdFileError(f"directory {directory} does not exist")
+        raise HtpasswdFileUnusable(f"directory {directory} does not exist")
     lock = _DirectoryLock(directory)
     try:
         data = _read(target)
         if data is None and must_exist:
-            raise HtpasswdFileError(f"{path} does not exist")
+            raise HtpasswdFileUnusable(f"{path} does not exist")
         lines = (data or b"").splitlines(keepends=True)
         name = user.encode("utf-8")
         out: list[bytes] = []

@@ -52,6 +52,7 @@ import attrs
 
 from registryd.auth.errors import AuthConfigError
 from registryd.globs import Glob
+from registryd.schema import read_table, setting
 
 ANONYMOUS = "anonymous"
 ANY_USER = "*"
@@ -93,9 +94,13 @@ class Verdict(enum.Enum):
 class AccessRule:
     """One ``[[access]]`` table: ``users`` may do ``actions`` on ``repositories``."""
 
-    users: tuple[str, ...]
-    repositories: tuple[str, ...]
-    actions: frozenset[str]
+    # (The checks are defined below the class; the lambdas find them when a table is read.)
+    users: tuple[str, ...] = setting(required=True, check=lambda where, value: check_user_tokens(where, value),
+                                     doc='user names, "*" (any authenticated user), "anonymous"')
+    repositories: tuple[str, ...] = setting(required=True, check=lambda where, value: _patterns(where, value),
+                                            doc="repository globs: *, ?, ** as a whole component")
+    actions: frozenset[str] = setting(required=True, check=lambda where, value: _actions(where, value),
+                                      doc="pull, push, delete")
     _globs: tuple[Glob, ...] = attrs.field(init=False, repr=False, eq=False)
 
     def __attrs_post_init__(self) -> None:
@@ -138,31 +143,28 @@ def parse_access_rules(value: Any, where: str = "access") -> tuple[AccessRule, .
     """
     if not isinstance(value, list):
         raise AuthConfigError(f"'{where}' must be a list of tables ([[{where}]])")
-    rules = []
-    for index, table in enumerate(value):
-        at = f"{where}[{index}]"
-        if not isinstance(table, dict):
-            raise AuthConfigError(f"'{at}' must be a table ([[{where}]])")
-        for key in table:
-            if key not in _RULE_KEYS:
-                raise AuthConfigError(f"unknown key '{at}.{key}' (use {', '.join(_RULE_KEYS)})")
-        for key in _RULE_KEYS:
-            if key not in table:
-                raise AuthConfigError(f"'{at}' needs '{key}'")
-        users = check_user_tokens(f"{at}.users", table["users"])
-        patterns = _string_list(f"{at}.repositories", table["repositories"])
-        for pattern in patterns:
-            try:
-                Glob.parse(pattern)
-            except ValueError as e:
-                raise AuthConfigError(f"'{at}.repositories': pattern {pattern!r} {e}") from None
-        actions = _string_list(f"{at}.actions", table["actions"])
-        for action in actions:
-            if action not in ACTIONS:
-                raise AuthConfigError(
-                    f"'{at}.actions' has an unknown action {action!r} (use {', '.join(ACTIONS)})")
-        rules.append(AccessRule(users, tuple(dict.fromkeys(patterns)), frozenset(actions)))
-    return tuple(rules)
+    hint = f" (use {', '.join(_RULE_KEYS)})"
+    return tuple(AccessRule(**read_table(AccessRule, table, f"{where}[{index}]", AuthConfigError, hint=hint,
+                                         shape=f"[[{where}]]", needs="needs"))
+                 for index, table in enumerate(value))
+
+
+def _patterns(where: str, value: Any) -> tuple[str, ...]:
+    patterns = _string_list(where, value)
+    for pattern in patterns:
+        try:
+            Glob.parse(pattern)
+        except ValueError as e:
+            raise AuthConfigError(f"'{where}': pattern {pattern!r} {e}") from None
+    return tuple(dict.fromkeys(patterns))
+
+
+def _actions(where: str, value: Any) -> frozenset[str]:
+    actions = _string_list(where, value)
+    for action in actions:
+        if action not in ACTIONS:
+            raise AuthConfigError(f"'{where}' has an unknown action {action!r} (use {', '.join(ACTIONS)})")
+    return frozenset(actions)
 
 
 def never_mirrored(repository: str) -> bool:

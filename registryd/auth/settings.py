@@ -33,64 +33,47 @@ from registryd.auth.htpasswd import HtpasswdChecker, Pool
 from registryd.auth.policy import AccessPolicy, AccessRule, check_user_tokens, never_mirrored
 from registryd.auth.proxies import Network, parse_networks
 from registryd.auth.throttle import Throttle
+from registryd.schema import not_negative, positive, read_table, setting
+
+
+def _not_empty(where: str, value: str) -> str:
+    if not value.strip():
+        raise AuthConfigError(f"'{where}' is empty")
+    return value
+
+
+def _realm(where: str, value: str) -> str:
+    _not_empty(where, value)
+    if '"' in value or "\\" in value or not value.isprintable():
+        raise AuthConfigError(f"'{where}' cannot hold quotes, backslashes or control characters")
+    return value
+
+
+def _admin_users(where: str, value: list[Any]) -> tuple[str, ...]:
+    return check_user_tokens(where, value) if value else ()
 
 
 @attrs.frozen
 class AuthSettings:
     """The ``[auth]`` table after validation."""
 
-    htpasswd: str | None = None
-    realm: str = DEFAULT_REALM
-    cache_seconds: int = 60
-    admin_users: tuple[str, ...] | None = None
-    failures_before_delay: int = 3
-    max_delay: int = 30
-    check_threads: int = 2
-    check_queue: int = 32
-    checks_per_address: int = 2
-    trusted_proxies: tuple[Network, ...] = ()
-    require_tls: bool = False
-
-
-_KEYS: dict[str, type] = {
-    "htpasswd": str, "realm": str, "cache_seconds": int, "admin_users": list,
-    "failures_before_delay": int, "max_delay": int, "check_threads": int, "check_queue": int,
-    "checks_per_address": int, "trusted_proxies": list, "require_tls": bool,
-}
-_TYPE_NAMES = {str: "a string", int: "an integer", list: "a list", bool: "true or false"}
-
-
-def _has_type(value: Any, kind: type) -> bool:
-    # bool is a subclass of int: `max_delay = true` must not pass as 1.
-    return isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    htpasswd: str | None = setting(None, str, _not_empty, "the htpasswd file; unset: no authentication")
+    realm: str = setting(DEFAULT_REALM, str, _realm, "WWW-Authenticate realm")
+    cache_seconds: int = setting(60, int, not_negative, "remember a good password (0: never)")
+    admin_users: tuple[str, ...] | None = setting(None, list, _admin_users, "who may use metrics/admin endpoints")
+    failures_before_delay: int = setting(3, int, not_negative, "free failures per address and user name")
+    max_delay: int = setting(30, int, positive, "backoff cap, seconds")
+    check_threads: int = setting(2, int, positive, "threads for bcrypt, apart from disk work")
+    check_queue: int = setting(32, int, positive, "checks waiting for them; more get 429")
+    checks_per_address: int = setting(2, int, positive, "concurrent checks from one address; more get 429")
+    trusted_proxies: tuple[Network, ...] = setting((), list, lambda where, value: parse_networks(value, where),
+                                                   "X-Forwarded-For/-Proto believed from these")
+    require_tls: bool = setting(False, bool, doc="refuse credentials on plain non-loopback listeners")
 
 
 def parse_auth_table(table: Mapping[str, Any], where: str = "auth") -> AuthSettings:
     """Validate the ``[auth]`` table into AuthSettings."""
-    if not isinstance(table, Mapping):
-        raise AuthConfigError(f"'{where}' must be a table ([{where}])")
-    settings: dict[str, Any] = {}
-    for key, value in table.items():
-        full = f"{where}.{key}"
-        if key not in _KEYS:
-            raise AuthConfigError(f"unknown key '{full}'")
-        kind = _KEYS[key]
-        if not _has_type(value, kind):
-            raise AuthConfigError(f"'{full}' must be {_TYPE_NAMES[kind]}, not {type(value).__name__} {value!r}")
-        if key == "admin_users":
-            value = check_user_tokens(full, value) if value else ()
-        elif key in ("htpasswd", "realm") and not value.strip():
-            raise AuthConfigError(f"'{full}' is empty")
-        elif key == "realm" and ('"' in value or "\\" in value or not value.isprintable()):
-            raise AuthConfigError(f"'{full}' cannot hold quotes, backslashes or control characters")
-        elif key in ("cache_seconds", "failures_before_delay") and value < 0:
-            raise AuthConfigError(f"'{full}' must not be negative, not {value!r}")
-        elif key in ("max_delay", "check_threads", "check_queue", "checks_per_address") and value <= 0:
-            raise AuthConfigError(f"'{full}' must be greater than zero, not {value!r}")
-        elif key == "trusted_proxies":
-            value = parse_networks(value, full)
-        settings[key] = value
-    return AuthSettings(**settings)
+    return AuthSettings(**read_table(AuthSettings, table, where, AuthConfigError))
 
 
 @attrs.define

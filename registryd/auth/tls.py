@@ -47,6 +47,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from zope.interface import implementer
 
 from registryd.auth.errors import AuthConfigError
+from registryd.schema import read_table, setting
 
 log = Logger()
 
@@ -65,6 +66,12 @@ class TLSConfigError(AuthConfigError):
     """The TLS files of a listener cannot be used; one readable line."""
 
 
+def _file_name(where: str, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise TLSConfigError(f"'{where}' must be a file name, not {value!r}")
+    return value
+
+
 @attrs.frozen
 class TLSSettings:
     """The files of one TLS listener.
@@ -72,12 +79,14 @@ class TLSSettings:
     ``cert`` holds the server certificate first, optionally followed by its
     intermediates (a "fullchain" file); ``chain`` may hold (more)
     intermediates; ``client_ca`` turns on client-certificate verification.
+    In a ``[[listen]]`` table the keys are ``tls_cert``, ``tls_key``...
     """
 
-    cert: str
-    key: str
-    chain: str | None = None
-    client_ca: str | None = None
+    cert: str = setting(check=_file_name, name="tls_cert", doc="the server certificate, then intermediates")
+    key: str = setting(check=_file_name, name="tls_key", doc="its private key (not encrypted)")
+    chain: str | None = setting(None, check=_file_name, name="tls_chain", doc="more intermediates")
+    client_ca: str | None = setting(None, check=_file_name, name="tls_client_ca",
+                                    doc="require client certificates that chain to this CA")
 
 
 def parse_tls_table(table: Mapping[str, Any], where: str = "listen") -> TLSSettings | None:
@@ -86,13 +95,8 @@ def parse_tls_table(table: Mapping[str, Any], where: str = "listen") -> TLSSetti
     Reads ``tls_cert``, ``tls_key``, ``tls_chain``, ``tls_client_ca`` (all
     strings; cert and key go together) and ignores other keys.
     """
-    values: dict[str, str] = {}
-    for key, field in TLS_LISTEN_KEYS.items():
-        if key in table:
-            value = table[key]
-            if not isinstance(value, str) or not value:
-                raise TLSConfigError(f"'{where}.{key}' must be a file name, not {value!r}")
-            values[field] = value
+    values = read_table(TLSSettings, {k: v for k, v in table.items() if k in TLS_LISTEN_KEYS}, where,
+                        TLSConfigError)
     if not values:
         return None
     if "cert" not in values or "key" not in values:

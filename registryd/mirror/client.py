@@ -126,13 +126,15 @@ class UpstreamClient:
         # For the other hosts an upstream names (CDN, token service): no client certificate.
         self._other_agent = Agent(reactor, contextFactory=UpstreamTLSPolicy(config, for_other_hosts=True),
                                   connectTimeout=config.connect_timeout, pool=pool)
+        # Read once, here: from the config's variable or file, if it names one (SecretUnavailable if gone).
+        self._username, self._password = config.username, config.password
         self._tokens: dict[str, tuple[str, float]] = {}
         self._use_basic = False
 
     def _basic_header(self) -> str | None:
-        if self.config.username is None:
+        if self._username is None:
             return None
-        raw = f"{self.config.username}:{self.config.password or ''}".encode()
+        raw = f"{self._username}:{self._password or ''}".encode()
         return "Basic " + base64.b64encode(raw).decode()
 
     def _authorization(self, scope: str) -> str | None:
@@ -238,7 +240,7 @@ class UpstreamClient:
                 await self._fetch_token(challenge.params, scope)
                 return True
         for challenge in challenges:
-            if challenge.scheme == "basic" and self.config.username is not None and not self._use_basic:
+            if challenge.scheme == "basic" and self._username is not None and not self._use_basic:
                 self._use_basic = True
                 return True
         return False
@@ -281,7 +283,7 @@ class UpstreamClient:
         """Credentials go to a token realm over https or on the upstream's own host, else none."""
         if self.hosts.may_have_credentials(target):
             return True
-        if self.config.username is not None:
+        if self._username is not None:
             log.warn("{namespace}: asking the token realm {realm} without credentials: it is plain http on "
                      "another host", namespace=self.config.namespace, realm=target.shown)
         return False

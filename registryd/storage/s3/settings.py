@@ -22,19 +22,22 @@
     max_attempts = 3                       # tries for 5xx/429 and lost connections
 
 The secret sources mirror ``[[upstream]]`` credentials: exactly one of a
-value, an environment variable's name, or a file. ``S3Settings.from_table``
-raises S3ConfigError with one line naming the key; the config loader turns
-it into its own ConfigError, as it does for AuthConfigError.
+value, an environment variable's name, or a file; the variable or the file
+is read when the S3 client is made (``registryd.secrets``), not here.
+``S3Settings.from_table`` raises S3ConfigError with one line naming the key;
+the config loader reads the same table with ``registryd.schema`` and raises
+its own ConfigError.
 """
 from __future__ import annotations
 
 import os
 import re
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import attrs
 
-from registryd.credentials import read_credentials_file
+from registryd.schema import Key, one_of, positive, read_table, setting
+from registryd.secrets import Secret, in_file
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -54,31 +57,104 @@ class S3ConfigError(ValueError):
     """An S3 setting that cannot be used; the message is one line naming the key."""
 
 
+def _endpoint(where: str, value: str) -> str:
+    if not _ENDPOINT.match(value):
+        raise S3ConfigError(f"'{where}' must be http(s)://host[:port], not {value!r}")
+    return value.rstrip("/")
+
+
+def _bucket(where: str, value: str) -> str:
+    if not _BUCKET.match(value) or ".." in value:
+        raise S3ConfigError(f"'{where}' must be 3-63 lowercase letters, digits, dots and hyphens, not {value!r}")
+    return value
+
+
+def _region(where: str, value: str) -> str:
+    if not _REGION.match(value):
+        raise S3ConfigError(f"'{where}' must be a region name such as us-east-1, not {value!r}")
+    return value
+
+
+def _readable(where: str, value: str) -> str:
+    if not os.access(value, os.R_OK):
+        raise S3ConfigError(f"'{where}': cannot read {value}")
+    return value
+
+
+def _part_size(where: str, value: int) -> int:
+    if not MIN_PART_SIZE <= value <= MAX_PART_SIZE:
+        raise S3ConfigError(f"'{where}' must be between {MIN_PART_SIZE} (5 MiB) and "
+                            f"{MAX_PART_SIZE} (5 GiB), not {value!r}")
+    return value
+
+
+def _normalize_prefix(where: str, prefix: str) -> str:
+    """``"a/b"``, ``"/a/b/"`` -> ``"a/b/"``: the prefix is a folder, never half a name."""
+    prefix = prefix.strip("/")
+    return prefix + "/" if prefix else ""
+
+
 @attrs.frozen
 class S3Settings:
-    """The object store a node uses, after validation."""
+    """The object store a node uses, after validation.
 
-    endpoint: str
-    bucket: str
-    access_key_id: str
-    secret_access_key: str = attrs.field(repr=False)
-    region: str = "us-east-1"
-    addressing: str = "path"
-    ca_file: str | None = None
-    verify_tls: bool = True
-    prefix: str = ""
-    part_size: int = 16 * MiB
-    connect_timeout: float = 10
-    idle_timeout: float = 60
+    The keys are secrets only by reference until the client needs them
+    (``registryd.secrets``): ``access_key_id`` and ``secret_access_key`` read
+    the variable or the file on access.
+    """
+
+    endpoint: str = setting(kind=str, check=_endpoint, required=True, doc="http(s)://host[:port]")
+    bucket: str = setting(kind=str, check=_bucket, required=True, doc="the bucket, created beforehand")
+    _access_key_id: str | Secret = setting(kind=str, doc="the access key", alias="access_key_id")
+    _secret_access_key: str | Secret = setting(kind=str, doc="its secret, in this file itself", repr=False,
+                                               alias="secret_access_key")
+    region: str = setting("us-east-1", str, _region, "the SigV4 signing region")
+    addressing: str = setting("path", str, one_of(*ADDRESSING), "path, or virtual (bucket.host)")
+    ca_file: str | None = setting(None, str, _readable, "trust this CA instead of the system's")
+    verify_tls: bool = setting(True, bool, doc="check the store's certificate")
+    prefix: str = setting("", str, _normalize_prefix, "every key lives under this prefix")
+    part_size: int = setting(16 * MiB, int, _part_size, "multipart part size, 5 MiB .. 5 GiB")
+    connect_timeout: float = setting(10, int, positive, "seconds")
+    idle_timeout: float = setting(60, int, positive, "seconds without a byte either way")
     #: The deadline for the store's answer to one operation, retries included
     #: (never longer than ``idle_timeout``): past it the store is unavailable.
-    request_timeout: float = 10
+    request_timeout: float = setting(10, int, positive, "seconds an operation waits for the store's answer")
     #: The whole of /readyz's probe (write, then read back a small object).
-    ready_timeout: float = 3
-    max_attempts: int = 3
+    ready_timeout: float = setting(3, int, positive, "seconds /readyz gives its write-and-read probe")
+    max_attempts: int = setting(3, int, positive, "tries for 5xx/429 and lost connections")
     #: Copies larger than this go through multipart UploadPartCopy; S3 refuses
     #: CopyObject past 5 GiB. Not a config key: tests lower it.
     copy_threshold: int = 5 * GiB
+
+    #: The secret's other sources (exactly one of the three is given).
+    EXTRA_KEYS: ClassVar[dict[str, Key]] = {
+        "secret_access_key_env": Key(str, doc="the environment variable holding the secret"),
+        "credentials_file": Key(str, doc="a file with one line access_key_id:secret_access_key"),
+    }
+
+    @property
+    def access_key_id(self) -> str:
+        return self._access_key_id.reveal() if isinstance(self._access_key_id, Secret) else self._access_key_id
+
+    @property
+    def secret_access_key(self) -> str:
+        """Read from its variable or file now, if the config named one (SecretUnavailable otherwise)."""
+        secret = self._secret_access_key
+        return secret.reveal() if isinstance(secret, Secret) else secret
+
+    def with_secrets_read(self) -> S3Settings:
+        """The same, holding the keys' values: read from their variable or file once (SecretUnavailable)."""
+        return attrs.evolve(self, access_key_id=self.access_key_id, secret_access_key=self.secret_access_key)
+
+    def secrets(self) -> tuple[str | Secret, ...]:
+        return (self._access_key_id, self._secret_access_key)
+
+    def in_file(self, origin: str | None) -> S3Settings:
+        """The same, with secret errors naming the config file ``origin``."""
+        access_key_id, secret_access_key = (in_file(self._access_key_id, origin),
+                                            in_file(self._secret_access_key, origin))
+        assert access_key_id is not None and secret_access_key is not None
+        return attrs.evolve(self, access_key_id=access_key_id, secret_access_key=secret_access_key)
 
     @property
     def stall_timeout(self) -> float:
@@ -93,92 +169,28 @@ class S3Settings:
         return _parse(table, where)
 
 
-# key -> (type, required)
-_KEYS: dict[str, tuple[type, bool]] = {
-    "endpoint": (str, True), "bucket": (str, True), "region": (str, False),
-    "access_key_id": (str, False), "secret_access_key": (str, False),
-    "secret_access_key_env": (str, False), "credentials_file": (str, False),
-    "addressing": (str, False), "ca_file": (str, False), "verify_tls": (bool, False),
-    "prefix": (str, False), "part_size": (int, False), "connect_timeout": (int, False),
-    "idle_timeout": (int, False), "request_timeout": (int, False), "ready_timeout": (int, False),
-    "max_attempts": (int, False),
-}
 _SECRET_SOURCES = ("secret_access_key", "secret_access_key_env", "credentials_file")
-_TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false"}
-
-
-def _check_type(key: str, value: Any, kind: type) -> None:
-    # bool is a subclass of int: `part_size = true` must not pass as 1.
-    if kind is int and isinstance(value, bool) or not isinstance(value, kind):
-        raise S3ConfigError(f"'{key}' must be {_TYPE_NAMES[kind]}, not {type(value).__name__} {value!r}")
-
-
-def _read_credentials_file(where: str, path: str) -> tuple[str, str]:
-    """A credentials file holds one line ``access_key_id:secret_access_key``."""
-    try:
-        return read_credentials_file(path, ("access_key_id", "secret_access_key"))
-    except ValueError as e:
-        raise S3ConfigError(f"'{where}': {e}") from None
-
-
-def _normalize_prefix(prefix: str) -> str:
-    """``"a/b"``, ``"/a/b/"`` -> ``"a/b/"``: the prefix is a folder, never half a name."""
-    prefix = prefix.strip("/")
-    return prefix + "/" if prefix else ""
 
 
 def _parse(table: Mapping[str, Any], where: str) -> S3Settings:
-    if not isinstance(table, Mapping):
-        raise S3ConfigError(f"'{where}' must be a table ([{where}])")
-    for key, value in table.items():
-        if key not in _KEYS:
-            raise S3ConfigError(f"unknown key '{where}.{key}'")
-        _check_type(f"{where}.{key}", value, _KEYS[key][0])
-    for key, (_, required) in _KEYS.items():
-        if required and key not in table:
-            raise S3ConfigError(f"'{where}' needs a '{key}'")
-    settings = dict(table)
-
-    if not _ENDPOINT.match(settings["endpoint"]):
-        raise S3ConfigError(f"'{where}.endpoint' must be http(s)://host[:port], not {settings['endpoint']!r}")
-    settings["endpoint"] = settings["endpoint"].rstrip("/")
-    if not _BUCKET.match(settings["bucket"]) or ".." in settings["bucket"]:
-        raise S3ConfigError(f"'{where}.bucket' must be 3-63 lowercase letters, digits, dots and hyphens, "
-                            f"not {settings['bucket']!r}")
-    if "region" in settings and not _REGION.match(settings["region"]):
-        raise S3ConfigError(f"'{where}.region' must be a region name such as us-east-1, not {settings['region']!r}")
-    addressing = settings.get("addressing", "path")
-    if addressing not in ADDRESSING:
-        raise S3ConfigError(f"'{where}.addressing' must be \"path\" or \"virtual\", not {addressing!r}")
-
+    settings = read_table(S3Settings, table, where, S3ConfigError)
     sources = [k for k in _SECRET_SOURCES if k in settings]
     if len(sources) != 1:
         raise S3ConfigError(f"'{where}': give exactly one of secret_access_key, secret_access_key_env, "
                             f"credentials_file")
     if "secret_access_key_env" in settings:
-        variable = settings.pop("secret_access_key_env")
-        if not os.environ.get(variable):
-            raise S3ConfigError(f"'{where}.secret_access_key_env': environment variable {variable} is not set")
-        settings["secret_access_key"] = os.environ[variable]
+        settings["secret_access_key"] = Secret(f"{where}.secret_access_key_env",
+                                               variable=settings.pop("secret_access_key_env"),
+                                               empty_is_unset=True)
     if "credentials_file" in settings:
         if "access_key_id" in settings:
             raise S3ConfigError(f"'{where}': access_key_id comes from credentials_file; give only one")
-        settings["access_key_id"], settings["secret_access_key"] = _read_credentials_file(
-            f"{where}.credentials_file", settings.pop("credentials_file"))
+        path = settings.pop("credentials_file")
+        names = ("access_key_id", "secret_access_key")
+        settings["access_key_id"] = Secret(f"{where}.credentials_file", path=path, half=0, names=names)
+        settings["secret_access_key"] = Secret(f"{where}.credentials_file", path=path, half=1, names=names)
     if not settings.get("access_key_id"):
         raise S3ConfigError(f"'{where}' needs an 'access_key_id'")
     if not settings["secret_access_key"]:
         raise S3ConfigError(f"'{where}.secret_access_key' is empty")
-
-    if "ca_file" in settings and not os.access(settings["ca_file"], os.R_OK):
-        raise S3ConfigError(f"'{where}.ca_file': cannot read {settings['ca_file']}")
-    if "prefix" in settings:
-        settings["prefix"] = _normalize_prefix(settings["prefix"])
-    part_size = settings.get("part_size", MIN_PART_SIZE)
-    if not MIN_PART_SIZE <= part_size <= MAX_PART_SIZE:
-        raise S3ConfigError(f"'{where}.part_size' must be between {MIN_PART_SIZE} (5 MiB) and "
-                            f"{MAX_PART_SIZE} (5 GiB), not {part_size!r}")
-    for key in ("connect_timeout", "idle_timeout", "request_timeout", "ready_timeout", "max_attempts"):
-        if key in settings and settings[key] <= 0:
-            raise S3ConfigError(f"'{where}.{key}' must be greater than zero, not {settings[key]!r}")
     return S3Settings(**settings)

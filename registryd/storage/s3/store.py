@@ -45,6 +45,8 @@ class S3Store:
         self.pool = pool
         self.tmp_dir = layout.local_path(root, layout.TMP)
         self.guard = BlobGuard()
+        # The keys, from the config's variable or file if it names one: read once, here (SecretUnavailable).
+        settings = settings.with_secrets_read()
         self.client = S3Client(settings, reactor)
         # The bucket as keys and bytes: what maintenance (gc) works on.
         self.objects = S3Driver(self.client)
