@@ -215,7 +215,7 @@ async def test_a_stalled_fill_does_not_hold_up_another_repository(fake_upstream,
         assert os.path.exists(mirror_link(registry.data_dir, NS, repo, digest))
 
 
-@pytest.fixture(params=["filesystem", "s3"])
+@pytest.fixture(params=["filesystem", pytest.param("s3", marks=pytest.mark.s3)])
 def storage(request: Any) -> Any:
     """Each driver; for s3 a fresh bucket on the session's Ceph."""
     if request.param == "filesystem":

@@ -44,7 +44,7 @@ async def sleep(seconds: float) -> None:
     await deferLater(reactor, seconds, lambda: None)
 
 
-@pytest.fixture(params=["filesystem", "s3"])
+@pytest.fixture(params=["filesystem", pytest.param("s3", marks=pytest.mark.s3)])
 def storage(request: Any) -> Iterator[StorageSettings]:
     """Each driver; for s3 a fresh bucket on the session's Ceph."""
     if request.param == "filesystem":
