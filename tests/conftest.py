@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
 from typing import Any, Iterator
 
 import attrs
@@ -16,6 +14,8 @@ from twisted.logger import globalLogPublisher
 from ceph import ceph_s3  # noqa: F401  (one Ceph for the whole session: defined here, not per module)
 from registryd.config import Config
 from registryd.service import RegistryService
+from support.ports import free_port
+from support.wait import wait_for_port
 
 # Every test module's tier, in one place. A tier is what the tests need to run:
 #   unit         in-process only: parsers, state machines, the API on a loopback
@@ -159,25 +159,6 @@ def make_registry(tmp_path: Any) -> Iterator[Any]:
 def registry(make_registry: Any) -> RunningRegistry:
     """An in-process registryd with the default configuration."""
     return make_registry()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_port(host: str, port: int, process: subprocess.Popen[Any], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}")
-        try:
-            socket.create_connection((host, port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"{host}:{port} did not open within {timeout}s")
 
 
 def start_twistd(data_dir: str, *extra: str, port: int | None = None) -> tuple[subprocess.Popen[Any], RunningRegistry]:

@@ -12,7 +12,6 @@ import pytest_twisted
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
-from twisted.internet.task import deferLater
 
 from e2e.skopeo_cli import Skopeo
 from fake_upstream import fake_upstream  # noqa: F401
@@ -20,6 +19,7 @@ from oci_client import Client
 from registryd.config import UpstreamConfig
 from support.clock import WallClock
 from upstreams import SeededBlob, blob_path, manifest_path, push_blob, push_image, reference_upstream  # noqa: F401
+from support.wait import sleep
 
 NS = "upstream.test"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -33,10 +33,6 @@ def upstream_config(up: Any, **extra: Any) -> UpstreamConfig:
         settings["ca_file"] = up.ca_file
     settings.update(extra)
     return UpstreamConfig(**settings)
-
-
-async def sleep(seconds: float) -> None:
-    await deferLater(reactor, seconds, lambda: None)
 
 
 class Download(Protocol):

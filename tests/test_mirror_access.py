@@ -34,7 +34,8 @@ from oci_client import Client, digest_of
 from registryd.auth.policy import parse_access_rules
 from registryd.config import StorageSettings, UpstreamConfig
 from registryd.digest import parse_digest
-from test_mirror import Download, download, sleep, stored_blobs
+from support.wait import sleep
+from test_mirror import Download, download, stored_blobs
 from test_security import as_user, auth_settings, write_htpasswd, PASSWORDS
 
 pytestmark = pytest.mark.timeout(60)

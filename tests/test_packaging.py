@@ -36,6 +36,7 @@ from typing import Any, Iterator
 import pytest
 
 from conftest import free_port
+from support.wait import wait_for_port
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -245,16 +246,10 @@ class Service:
                                         stdin=subprocess.DEVNULL, env=env)
 
     def wait_for_port(self, port: int, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"{shlex.join(self.argv)} exited {self.process.returncode}:\n{self.output()}")
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                return
-            except OSError:
-                time.sleep(0.1)
-        raise AssertionError(f"nothing listens on 127.0.0.1:{port} after {timeout}s:\n{self.output()}")
+        try:
+            wait_for_port("127.0.0.1", port, self.process, timeout)
+        except RuntimeError as e:
+            raise AssertionError(f"{shlex.join(self.argv)}: {e}:\n{self.output()}") from None
 
     def output(self) -> str:
         with open(self.log_path, "rb") as f:
@@ -915,15 +910,11 @@ def free_low_port() -> int:
 
 
 def wait_active(booted: BootedRoot, port: int, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.2)
-    journal = booted.run("journalctl", "-u", "registryd", "--no-pager", check=False).stdout
-    raise AssertionError(f"registryd.service does not listen on {port}:\n{journal[-3000:]}")
+    try:
+        wait_for_port("127.0.0.1", port, timeout=timeout)
+    except RuntimeError:
+        journal = booted.run("journalctl", "-u", "registryd", "--no-pager", check=False).stdout
+        raise AssertionError(f"registryd.service does not listen on {port}:\n{journal[-3000:]}") from None
 
 
 def test_deb_service_under_systemd(debian_root: DebianRoot, packages: dict[str, Any], tmp_path: Any) -> None:
