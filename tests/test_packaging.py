@@ -31,6 +31,7 @@ import subprocess
 import sys
 import time
 import types
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Iterator
 
 import pytest
@@ -380,10 +381,8 @@ def build(kind: str, out: str, version: str | None = None) -> str:
     return result.stdout
 
 
-@pytest.fixture(scope="session")
-def packages(tmp_path_factory: Any) -> dict[str, Any]:
-    """Both packages of the tree's version, built once per test session."""
-    out = str(tmp_path_factory.mktemp("packages"))
+def build_current(out: str) -> dict[str, Any]:
+    """Both packages of the tree's version, timed, with the tree listed before and after."""
     before = repo_entries()
     started = time.monotonic()
     build("all", out)
@@ -395,34 +394,72 @@ def packages(tmp_path_factory: Any) -> dict[str, Any]:
             "repo_before": before, "repo_after": repo_entries()}
 
 
-@pytest.fixture(scope="session")
-def next_deb(tmp_path_factory: Any, packages: dict[str, Any]) -> str:
-    """The .deb of the next version, built from the same tree (left unchanged)."""
-    out = str(tmp_path_factory.mktemp("next"))
+def build_next(out: str, current: Future[dict[str, Any]]) -> str:
+    """The .deb of the next version, built from the same tree (left unchanged), after the
+    tree's own build (so that build's time is its own)."""
+    current.result()
     build("deb", out, next_version(VERSION))
     debs = glob.glob(os.path.join(out, "registryd_*.deb"))
     assert len(debs) == 1, os.listdir(out)
     return debs[0]
 
 
-@pytest.fixture(scope="session")
-def base_root(tmp_path_factory: Any, packages: dict[str, Any]) -> Iterator[DebianRoot]:
-    """debootstrap --variant=minbase, with the host's apt and pip settings and
-    the .deb's dependencies (and systemd, for systemd-analyze --root)
-    installed, so that each test starts from a copy of it."""
-    assert os.geteuid() == 0, "the install tests need root (debootstrap, chroot)"
-    need_tool("debootstrap")
-    path = str(tmp_path_factory.mktemp("debootstrap") / SUITE)
+def bootstrap(path: str) -> DebianRoot:
+    """debootstrap --variant=minbase, with the host's apt and pip settings and systemd
+    (for systemd-analyze --root); the .deb's dependencies come once it is built."""
     run(["debootstrap", "--variant=minbase", SUITE, path, host_debian_mirror()], timeout=900)
     root = DebianRoot(path)
     copy_host_settings(root)
     root.run("apt-get", "update", "-q", timeout=600)
+    root.apt_install("--no-install-recommends", "systemd")
+    return root
+
+
+@pytest.fixture(scope="session")
+def background(request: Any, tmp_path_factory: Any) -> Iterator[dict[str, Future[Any]]]:
+    """The session's builds and debootstrap, started together in threads as soon as a test
+    needs one of them: each takes a minute, mostly waiting on the disk and the mirrors, so
+    they overlap (the next version's .deb after the tree's, which is timed). Only what the
+    selected tests use is started."""
+    needed = {name for item in request.session.items for name in getattr(item, "fixturenames", ())}
+    jobs: dict[str, Future[Any]] = {}
+    with ThreadPoolExecutor(max_workers=3, thread_name_prefix="packaging") as pool:
+        jobs["packages"] = pool.submit(build_current, str(tmp_path_factory.mktemp("packages")))
+        if "next_deb" in needed:
+            jobs["next_deb"] = pool.submit(build_next, str(tmp_path_factory.mktemp("next")), jobs["packages"])
+        if "base_root" in needed and os.geteuid() == 0 and shutil.which("debootstrap"):
+            jobs["root"] = pool.submit(bootstrap, str(tmp_path_factory.mktemp("debootstrap") / SUITE))
+        try:
+            yield jobs
+        finally:
+            for job in jobs.values():
+                job.cancel()
+
+
+@pytest.fixture(scope="session")
+def packages(background: dict[str, Future[Any]]) -> dict[str, Any]:
+    """Both packages of the tree's version, built once per test session."""
+    return background["packages"].result()
+
+
+@pytest.fixture(scope="session")
+def next_deb(background: dict[str, Future[Any]]) -> str:
+    """The .deb of the next version, built from the same tree (left unchanged)."""
+    return background["next_deb"].result()
+
+
+@pytest.fixture(scope="session")
+def base_root(background: dict[str, Future[Any]], packages: dict[str, Any]) -> Iterator[DebianRoot]:
+    """The debootstrapped root with the .deb's dependencies installed, so that each
+    test starts from a copy of it."""
+    assert os.geteuid() == 0, "the install tests need root (debootstrap, chroot)"
+    need_tool("debootstrap")
+    root = background["root"].result()
     depends = run(["dpkg-deb", "-f", packages["deb"], "Depends"]).stdout.strip()
     root.run("apt-get", "satisfy", "-y", "-q", depends, timeout=900)
-    root.apt_install("--no-install-recommends", "systemd")
     root.run("apt-get", "clean")
     yield root
-    shutil.rmtree(path, ignore_errors=True)
+    shutil.rmtree(root.path, ignore_errors=True)
 
 
 @pytest.fixture
