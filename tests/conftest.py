@@ -18,10 +18,12 @@ from support.ports import free_port
 from support.wait import wait_for_port
 
 # Every test module's tier, in one place. A tier is what the tests need to run:
-#   unit         in-process only: parsers, state machines, the API on a loopback
-#                port, fakes written here; no daemon, store or tool (under a minute)
-#   integration  real processes: twistd, the admin command, the reference registry
-#                (docker-registry) as an upstream, openssl; filesystem storage
+#   unit         parsers, state machines, the API in-process on a loopback port with
+#                the fakes written here; no upstream registry, object store or client
+#                tool (under a minute)
+#   integration  real processes and longer runs: twistd restarts and signals, the
+#                admin command, the reference registry (docker-registry) as an upstream,
+#                the conformance matrix
 #   s3           the session's one-node Ceph with radosgw (tests/ceph.py)
 #   e2e          real clients: skopeo, podman, containerd, dockerd, HAProxy
 #   packaging    builds and installs the Debian and RPM packages
@@ -35,13 +37,12 @@ TIERS: dict[str, frozenset[str]] = {
         "test_auth_basic", "test_auth_htpasswd", "test_auth_policy", "test_auth_throttle", "test_auth_pool",
         "test_auth_proxies", "test_auth_challenge", "test_auth_admin", "test_mirror_units", "test_sendfile",
         "test_hostile_input", "test_local_prefixes", "test_push_by_digest", "test_upstream_hosts",
-        "test_probes", "test_status_page", "test_observability", "test_security",
+        "test_probes", "test_status_page", "test_observability", "test_security", "test_mirror_access",
     }),
     "integration": frozenset({
         "test_auth_flood", "test_auth_tls", "test_cache_stale", "test_cli_export_import", "test_cli_fsck",
         "test_cli_gc", "test_cli_htpasswd", "test_cli_ls", "test_cli_preload", "test_cli_prune",
-        "test_conformance", "test_durability", "test_limits", "test_memory", "test_mirror",
-        "test_mirror_access", "test_prune_online", "test_shutdown", "test_twistd", "test_upkeep",
+        "test_conformance", "test_durability", "test_limits", "test_memory", "test_mirror", "test_prune_online", "test_shutdown", "test_twistd", "test_upkeep",
         "test_upstream_fixtures",
     }),
     "s3": frozenset({
