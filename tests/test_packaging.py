@@ -404,9 +404,10 @@ def build_next(out: str, current: Future[dict[str, Any]]) -> str:
     return debs[0]
 
 
-def bootstrap(path: str) -> DebianRoot:
+def bootstrap(path: str, current: Future[dict[str, Any]]) -> DebianRoot:
     """debootstrap --variant=minbase, with the host's apt and pip settings and systemd
-    (for systemd-analyze --root); the .deb's dependencies come once it is built."""
+    (for systemd-analyze --root), after the tree's build; the .deb's dependencies come later."""
+    current.result()
     run(["debootstrap", "--variant=minbase", SUITE, path, host_debian_mirror()], timeout=900)
     root = DebianRoot(path)
     copy_host_settings(root)
@@ -417,10 +418,10 @@ def bootstrap(path: str) -> DebianRoot:
 
 @pytest.fixture(scope="session")
 def background(request: Any, tmp_path_factory: Any) -> Iterator[dict[str, Future[Any]]]:
-    """The session's builds and debootstrap, started together in threads as soon as a test
-    needs one of them: each takes a minute, mostly waiting on the disk and the mirrors, so
-    they overlap (the next version's .deb after the tree's, which is timed). Only what the
-    selected tests use is started."""
+    """The session's builds and debootstrap, in threads, started as soon as a test needs one:
+    the tree's two packages first (build-packages all builds both at once: one core each,
+    and timed), then the next version's .deb beside the debootstrap, while the tests of the
+    built packages run. Only what the selected tests use is started."""
     needed = {name for item in request.session.items for name in getattr(item, "fixturenames", ())}
     jobs: dict[str, Future[Any]] = {}
     with ThreadPoolExecutor(max_workers=3, thread_name_prefix="packaging") as pool:
@@ -428,7 +429,8 @@ def background(request: Any, tmp_path_factory: Any) -> Iterator[dict[str, Future
         if "next_deb" in needed:
             jobs["next_deb"] = pool.submit(build_next, str(tmp_path_factory.mktemp("next")), jobs["packages"])
         if "base_root" in needed and os.geteuid() == 0 and shutil.which("debootstrap"):
-            jobs["root"] = pool.submit(bootstrap, str(tmp_path_factory.mktemp("debootstrap") / SUITE))
+            jobs["root"] = pool.submit(bootstrap, str(tmp_path_factory.mktemp("debootstrap") / SUITE),
+                                       jobs["packages"])
         try:
             yield jobs
         finally:
