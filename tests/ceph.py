@@ -36,6 +36,7 @@ import attrs
 import pytest
 
 from registryd.storage.s3 import S3Client, S3Settings
+from support.ports import free_port
 
 #: The repository's own one-node Ceph launcher (scripts/ceph).
 S3_TOOLS_DIR = os.environ.get("REGISTRYD_S3_TOOLS") or os.path.normpath(
@@ -154,12 +155,6 @@ def _port_is_free(port: int) -> bool:
     return True
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _free_range() -> int:
     """The first of PORT_RANGE free ports, below the kernel's ephemeral range
     (so that outgoing connections never take one of them later)."""
@@ -196,9 +191,9 @@ def _tail(path: str, size: int = 3000) -> str:
 
 def _start(directory: str, attempt: int) -> tuple[dict[str, str], str | None, str]:
     """Run start-ceph.sh once; returns (env, error or None, endpoint)."""
-    rgw_port = _free_port()
+    rgw_port = free_port()
     env = {**os.environ, "CEPH_DIR": os.path.join(directory, f"cluster{attempt}"), "RGW_PORT": str(rgw_port),
-           "MON1": str(_free_port()), "MON2": str(_free_port()), "PMIN": str(_free_range())}
+           "MON1": str(free_port()), "MON2": str(free_port()), "PMIN": str(_free_range())}
     endpoint = f"http://127.0.0.1:{rgw_port}"
     log_path = os.path.join(directory, f"start{attempt}.log")
     with open(log_path, "wb") as log:

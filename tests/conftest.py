@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
 from typing import Any, Iterator
 
 import attrs
@@ -16,34 +14,102 @@ from twisted.logger import globalLogPublisher
 from ceph import ceph_s3  # noqa: F401  (one Ceph for the whole session: defined here, not per module)
 from registryd.config import Config
 from registryd.service import RegistryService
+from support.ports import free_port
+from support.wait import wait_for_port
 
-# The fast tier (`./run-tests.sh -m fast`, under a minute): parsers, state
-# machines and the request paths that need no external daemon, store or
-# upstream registry. The whole suite is the default.
-FAST_MODULES = frozenset({
-    "test_parsing", "test_config", "test_config_docs", "test_readme_snippets", "test_request",
-    "test_auth_basic", "test_auth_htpasswd", "test_auth_policy", "test_auth_throttle", "test_auth_pool",
-    "test_auth_proxies", "test_auth_challenge", "test_auth_admin", "test_mirror_units", "test_sendfile",
-    "test_hostile_input", "test_local_prefixes", "test_push_by_digest", "test_upstream_hosts",
-    "test_probes", "test_status_page", "test_observability", "test_security",
-})
+# Every test module's tier, in one place. A tier is what the tests need to run:
+#   unit         parsers, state machines, the API in-process on a loopback port with
+#                the fakes written here; no upstream registry, object store or client
+#                tool (under a minute)
+#   integration  real processes and longer runs: twistd restarts and signals, the
+#                admin command, the reference registry (docker-registry) as an upstream,
+#                the conformance matrix
+#   s3           the session's one-node Ceph with radosgw (tests/ceph.py)
+#   e2e          real clients: skopeo, podman, containerd, dockerd, HAProxy
+#   packaging    builds and installs the Debian and RPM packages
+#   bench        the benchmarks, in their quick mode
+# A test whose fixtures start Ceph (ceph_s3), or a parameter marked s3, is in the
+# s3 tier even in a unit or integration module. Run one tier with `-m TIER`
+# (`./run-tests.sh -m unit`); `-m fast` is the unit tier under its old name.
+TIERS: dict[str, frozenset[str]] = {
+    "unit": frozenset({
+        "test_parsing", "test_config", "test_config_docs", "test_readme_snippets", "test_request",
+        "test_auth_basic", "test_auth_htpasswd", "test_auth_policy", "test_auth_throttle", "test_auth_pool",
+        "test_auth_proxies", "test_auth_challenge", "test_auth_admin", "test_mirror_units", "test_sendfile",
+        "test_hostile_input", "test_local_prefixes", "test_push_by_digest", "test_upstream_hosts",
+        "test_probes", "test_status_page", "test_observability", "test_security", "test_mirror_access",
+        "test_deferreds", "test_layering", "test_globs", "test_driver_contract", "test_gc_units",
+        "test_survey_driver", "test_fsck_driver",
+    }),
+    "integration": frozenset({
+        "test_auth_flood", "test_auth_tls", "test_cache_stale", "test_cli_export_import", "test_cli_fsck",
+        "test_cli_exit_codes", "test_cli_gc", "test_cli_htpasswd", "test_cli_ls", "test_cli_preload", "test_cli_prune",
+        "test_conformance", "test_durability", "test_limits", "test_memory", "test_mirror", "test_prune_online", "test_shutdown", "test_twistd", "test_upkeep",
+        "test_upstream_fixtures",
+    }),
+    "s3": frozenset({
+        "test_cli_fsck_s3", "test_s3_client", "test_s3_gc", "test_s3_hot_cache", "test_s3_outage",
+        "test_s3_store", "test_s3_survey", "test_s3_uploads",
+    }),
+    "e2e": frozenset({
+        "e2e/test_auth_clients", "e2e/test_containerd", "e2e/test_dockerd", "e2e/test_scale_out",
+        "e2e/test_skopeo", "e2e/test_skopeo_tls",
+    }),
+    "packaging": frozenset({"test_packaging"}),
+    "bench": frozenset({"test_benchmarks"}),
+}
+TIER_ORDER = ("unit", "integration", "s3", "e2e", "packaging", "bench")   # a test is in its heaviest
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _test_modules() -> set[str]:
+    found = set()
+    for directory, _, files in os.walk(HERE):
+        for name in files:
+            if name.startswith("test_") and name.endswith(".py"):
+                found.add(os.path.relpath(os.path.join(directory, name[:-3]), HERE).replace(os.sep, "/"))
+    return found
+
+
+def module_tier(path: Any) -> str:
+    """The tier TIERS gives the test module at ``path``."""
+    name = os.path.relpath(os.path.splitext(str(path))[0], HERE).replace(os.sep, "/")
+    for tier, modules in TIERS.items():
+        if name in modules:
+            return tier
+    raise pytest.UsageError(f"tests/{name}.py has no tier: add it to TIERS in tests/conftest.py")
 
 
 def pytest_configure(config: Any) -> None:
-    config.addinivalue_line("markers", "fast: the fast tier, run with -m fast")
-    here = os.path.dirname(__file__)
-    missing = sorted(m for m in FAST_MODULES if not os.path.exists(os.path.join(here, f"{m}.py")))
+    assert tuple(TIERS) == TIER_ORDER
+    listed = [m for modules in TIERS.values() for m in modules]
+    twice = sorted({m for m in listed if listed.count(m) > 1})
+    if twice:
+        raise pytest.UsageError(f"TIERS names these modules in more than one tier: {', '.join(twice)}")
+    present = _test_modules()
+    missing = sorted(set(listed) - present)
     if missing:
-        raise pytest.UsageError(f"FAST_MODULES names modules that do not exist: {', '.join(missing)}")
+        raise pytest.UsageError(f"TIERS names modules that do not exist: {', '.join(missing)}")
+    untiered = sorted(present - set(listed))
+    if untiered:
+        raise pytest.UsageError(f"these test modules have no tier in TIERS (tests/conftest.py): {', '.join(untiered)}")
 
 
 def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
     for item in items:
-        if item.path.stem in FAST_MODULES:
+        tier = module_tier(item.path)
+        needs_ceph = item.get_closest_marker("s3") is not None or "ceph_s3" in getattr(item, "fixturenames", ())
+        if needs_ceph and TIER_ORDER.index(tier) < TIER_ORDER.index("s3"):
+            tier = "s3"
+        marked = [t for t in TIER_ORDER if t != tier and item.get_closest_marker(t) is not None]
+        if marked:
+            raise pytest.UsageError(f"{item.nodeid} is marked {', '.join(marked)} but its tier is {tier}")
+        if item.get_closest_marker(tier) is None:
+            item.add_marker(getattr(pytest.mark, tier))
+        if tier == "unit":
             item.add_marker(pytest.mark.fast)
 
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 VENV_BIN = os.path.dirname(sys.executable)
 
@@ -96,25 +162,6 @@ def make_registry(tmp_path: Any) -> Iterator[Any]:
 def registry(make_registry: Any) -> RunningRegistry:
     """An in-process registryd with the default configuration."""
     return make_registry()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_port(host: str, port: int, process: subprocess.Popen[Any], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}")
-        try:
-            socket.create_connection((host, port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"{host}:{port} did not open within {timeout}s")
 
 
 def start_twistd(data_dir: str, *extra: str, port: int | None = None) -> tuple[subprocess.Popen[Any], RunningRegistry]:

@@ -32,7 +32,7 @@ from twisted.web.server import Site
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from registryd.auth.testing import Issued, issue, make_ca
+from support.pki import Issued, issue, make_ca
 from registryd.auth.tls import (
     ServerTLSContext,
     TLSConfigError,

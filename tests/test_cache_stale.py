@@ -8,7 +8,8 @@ from twisted.logger import globalLogPublisher
 
 from oci_client import OCI_MANIFEST, Client
 from registryd.config import UpstreamConfig
-from test_mirror import NS, sleep
+from support.clock import WallClock
+from test_mirror import NS
 from upstreams import push_image, reference_upstream  # noqa: F401
 
 
@@ -18,6 +19,7 @@ async def test_a_stale_tag_is_logged_as_stale(reference_upstream: Any, make_regi
     push_image(up, "lib/app", "v1")
     registry = make_registry(upstreams=(UpstreamConfig(namespace=NS, url=up.url, manifest_ttl=1,
                                                        connect_timeout=2),))
+    clock = registry.service.api.mirror.clock = WallClock()
     events: list[dict[str, Any]] = []
 
     def observe(event: dict[str, Any]) -> None:
@@ -31,7 +33,7 @@ async def test_a_stale_tag_is_logged_as_stale(reference_upstream: Any, make_regi
         assert (await client.get(path, headers={"Accept": OCI_MANIFEST})).status == 200    # fetched
         assert (await client.get(path, headers={"Accept": OCI_MANIFEST})).status == 200    # within the TTL
         up.stop()
-        await sleep(1.1)
+        clock.advance(1.1)
         assert (await client.get(path, headers={"Accept": OCI_MANIFEST})).status == 200    # stale
     finally:
         globalLogPublisher.removeObserver(observe)

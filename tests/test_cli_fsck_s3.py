@@ -19,7 +19,6 @@ import attrs
 import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred
-from twisted.internet.task import deferLater
 
 from terminal import run_with_terminal_stderr
 from conftest import RunningRegistry
@@ -32,6 +31,7 @@ from registryd.storage.s3 import S3Client
 from registryd.storage.layout import blob_key
 from registryd.upkeep.s3_marker import trash_key
 from test_cli_ls import NS, REGISTRYD, Filled, _fill
+from support.wait import sleep
 
 PREFIX = "site/"
 SECRET_ENV = "REGISTRYD_TEST_S3_SECRET"
@@ -45,12 +45,6 @@ class Bucket:
     filled: Filled
     config: str
     registry: RunningRegistry
-
-
-async def sleep(seconds: float) -> None:
-    from twisted.internet import reactor
-
-    await deferLater(reactor, seconds, lambda: None)
 
 
 def block(coroutine: Any) -> Any:

@@ -14,7 +14,6 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.task import deferLater
 
 from conftest import start_twistd, stop_process
 from registryd.admin.gc import collect_on_s3
@@ -27,6 +26,7 @@ from registryd.upkeep.s3_marker import list_trash
 from oci_client import OCI_CONFIG, OCI_INDEX, OCI_LAYER, OCI_MANIFEST, Client, descriptor, digest_of, encode
 from syncclient import push_blob, request, sha256
 from test_cli_ls import blob_file, bucket_objects, files_under, run, write_s3_config
+from support.wait import sleep
 
 HOUR = 3600
 
@@ -261,10 +261,6 @@ def test_errors(tmp_path: Any) -> None:
 #: The keys of ``registryd gc --json`` on the data directory; S3 adds "restored".
 REPORT_KEYS = {"data_dir", "dry_run", "delay", "removed_blobs", "removed_links", "removed_directories",
                "bytes_reclaimed", "kept_referenced", "kept_young", "repositories", "manifests"}
-
-
-async def sleep(seconds: float) -> None:
-    await deferLater(reactor, seconds, lambda: None)
 
 
 def key(digest: str) -> str:

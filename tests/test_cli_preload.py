@@ -18,7 +18,7 @@ import pytest_twisted
 from conftest import free_port, start_twistd, stop_process
 from registryd.admin.image_list import ImageListError, ImageRef, parse_lines, parse_reference
 from registryd.units import human_size
-from registryd.auth.testing import issue, make_ca
+from support.pki import issue, make_ca
 from syncclient import request
 from upstreams import blob_path, client_for, manifest_path, push_image, push_index, reference_upstream  # noqa: F401
 

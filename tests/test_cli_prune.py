@@ -17,6 +17,8 @@ from oci_client import Client
 from registryd.config import StorageSettings, UpstreamConfig
 from registryd.digest import parse_digest
 from registryd.storage.layout import blob_key
+from registryd.storage.pulls import PullRecorder
+from support.clock import WallClock
 from test_cli_ls import blob_file, bucket_objects, files_under, run, write_s3_config
 
 NS = "mirror.test:5000"
@@ -127,6 +129,8 @@ async def test_prune_old_mirror_content_then_gc(make_registry: Any, fake_upstrea
 async def test_prune_unused_for_goes_by_last_pull(make_registry: Any, fake_upstream: FakeUpstream) -> None:
     """Both images were cached ten days ago; one was pulled (by digest) just now and stays."""
     registry = make_registry(upstreams=(UpstreamConfig(namespace=NS, url=fake_upstream.url),))
+    clock = WallClock()
+    registry.service.api.pulls = PullRecorder(clock=clock)
     client = Client(registry.url)
     digests = {}
     for repo in ("lib/idle", "lib/busy"):
@@ -135,7 +139,7 @@ async def test_prune_unused_for_goes_by_last_pull(make_registry: Any, fake_upstr
         assert reply.status == 200, str(reply)
         digests[repo] = reply.header("Docker-Content-Digest")
     age(registry.data_dir, 10 * DAY)
-    await deferLater(reactor, 1.1, lambda: None)   # pulls are recorded at most once a second
+    clock.advance(1.1)   # pulls are recorded at most once a second
     reply = await client.get(f"/v2/lib/busy/manifests/{digests['lib/busy']}?ns={NS}")
     assert reply.status == 200
     marker = os.path.join(mirror_dir(registry.data_dir, "lib/busy"), "_pulls", *digests["lib/busy"].split(":"))

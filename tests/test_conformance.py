@@ -62,7 +62,7 @@ SIGNATURE_CONFIG_TYPE = "application/vnd.example.signature.config.v1+json"
 BUNDLE_TYPE = "application/vnd.example.bundle.v1"
 
 
-@pytest.fixture(params=["filesystem", "s3"])
+@pytest.fixture(params=["filesystem", pytest.param("s3", marks=pytest.mark.s3)])
 def registry(request: Any, make_registry: Any) -> Any:
     """The whole suite runs against both storage drivers; s3 gets a fresh bucket on a real radosgw."""
     if request.param == "filesystem":

@@ -20,7 +20,7 @@ from registryd.storage.memory import MemoryDriver
 from registryd.storage.s3.driver import S3Driver
 from registryd.threads import BlockingPool
 
-DRIVERS = ["filesystem", "memory", "s3"]
+DRIVERS = ["filesystem", "memory", pytest.param("s3", marks=pytest.mark.s3)]
 
 
 @pytest_twisted.async_yield_fixture(params=DRIVERS)

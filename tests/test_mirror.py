@@ -12,13 +12,14 @@ import pytest_twisted
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
-from twisted.internet.task import deferLater
 
 from e2e.skopeo_cli import Skopeo
 from fake_upstream import fake_upstream  # noqa: F401
 from oci_client import Client
 from registryd.config import UpstreamConfig
+from support.clock import WallClock
 from upstreams import SeededBlob, blob_path, manifest_path, push_blob, push_image, reference_upstream  # noqa: F401
+from support.wait import sleep
 
 NS = "upstream.test"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -32,10 +33,6 @@ def upstream_config(up: Any, **extra: Any) -> UpstreamConfig:
         settings["ca_file"] = up.ca_file
     settings.update(extra)
     return UpstreamConfig(**settings)
-
-
-async def sleep(seconds: float) -> None:
-    await deferLater(reactor, seconds, lambda: None)
 
 
 class Download(Protocol):
@@ -336,6 +333,7 @@ async def test_tags_are_revalidated_with_head_after_their_ttl(reference_upstream
     up = reference_upstream("open")
     first = push_image(up, "lib/app", "v1", seed=1)
     registry = make_registry(upstreams=(upstream_config(up, manifest_ttl=1),))
+    clock = registry.service.api.mirror.clock = WallClock()
     client = Client(registry.url)
     path = f"/v2/{NS}/lib/app/manifests/v1"
     headers = {"Accept": OCI_MANIFEST}
@@ -343,12 +341,12 @@ async def test_tags_are_revalidated_with_head_after_their_ttl(reference_upstream
     assert (await client.get(path, headers=headers)).header("Docker-Content-Digest") == first["digest"]
     assert await up.acount("GET", manifest_path("lib/app", "v1")) == 1
     assert await up.acount("HEAD", manifest_path("lib/app", "v1")) == 0
-    await sleep(1.1)
+    clock.advance(1.1)
     assert (await client.get(path, headers=headers)).header("Docker-Content-Digest") == first["digest"]
     assert await up.acount("HEAD", manifest_path("lib/app", "v1")) == 1
     assert await up.acount("GET", manifest_path("lib/app", "v1")) == 1
     second = push_image(up, "lib/app", "v1", seed=2)
-    await sleep(1.1)
+    clock.advance(1.1)
     reply = await client.get(path, headers=headers)
     assert reply.header("Docker-Content-Digest") == second["digest"]
     assert reply.body == second["manifest"]
@@ -378,13 +376,14 @@ async def test_cached_content_is_served_while_upstream_is_down(reference_upstrea
     up = reference_upstream("open")
     image = push_image(up, "lib/app", "v1", layer_sizes=[5000])
     registry = make_registry(upstreams=(upstream_config(up, manifest_ttl=1, connect_timeout=2),))
+    clock = registry.service.api.mirror.clock = WallClock()
     client = Client(registry.url)
     headers = {"Accept": OCI_MANIFEST}
     layer = image["layers"][0]
     assert (await client.get(f"/v2/{NS}/lib/app/manifests/v1", headers=headers)).status == 200
     assert (await client.get(f"/v2/{NS}/lib/app/blobs/{layer['digest']}")).body == layer["data"]
     up.stop()
-    await sleep(1.1)
+    clock.advance(1.1)
     stale = await client.get(f"/v2/{NS}/lib/app/manifests/v1", headers=headers)
     assert stale.status == 200 and stale.body == image["manifest"]
     assert (await client.get(f"/v2/{NS}/lib/app/blobs/{layer['digest']}")).body == layer["data"]
@@ -412,7 +411,7 @@ async def test_offline_mode_never_contacts_upstream(where, fake_upstream, make_r
     else:
         offline = make_registry(data_dir=data_dir, upstreams=(
             UpstreamConfig(namespace=NS, url=fake_upstream.url, manifest_ttl=1, offline=True),))
-    await sleep(1.1)
+    offline.service.api.mirror.clock = WallClock(ahead=1.1)
     client = Client(offline.url)
     assert (await client.get(f"/v2/{NS}/lib/app/manifests/v1", headers=headers)).body == image["manifest"]
     assert (await client.get(f"/v2/{NS}/lib/app/blobs/{layer['digest']}")).body == layer["data"]

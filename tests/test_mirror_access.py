@@ -34,7 +34,8 @@ from oci_client import Client, digest_of
 from registryd.auth.policy import parse_access_rules
 from registryd.config import StorageSettings, UpstreamConfig
 from registryd.digest import parse_digest
-from test_mirror import Download, download, sleep, stored_blobs
+from support.wait import sleep
+from test_mirror import Download, download, stored_blobs
 from test_security import as_user, auth_settings, write_htpasswd, PASSWORDS
 
 pytestmark = pytest.mark.timeout(60)
@@ -215,7 +216,7 @@ async def test_a_stalled_fill_does_not_hold_up_another_repository(fake_upstream,
         assert os.path.exists(mirror_link(registry.data_dir, NS, repo, digest))
 
 
-@pytest.fixture(params=["filesystem", "s3"])
+@pytest.fixture(params=["filesystem", pytest.param("s3", marks=pytest.mark.s3)])
 def storage(request: Any) -> Any:
     """Each driver; for s3 a fresh bucket on the session's Ceph."""
     if request.param == "filesystem":

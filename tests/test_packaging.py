@@ -31,11 +31,13 @@ import subprocess
 import sys
 import time
 import types
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Iterator
 
 import pytest
 
 from conftest import free_port
+from support.wait import wait_for_port
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -245,16 +247,10 @@ class Service:
                                         stdin=subprocess.DEVNULL, env=env)
 
     def wait_for_port(self, port: int, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"{shlex.join(self.argv)} exited {self.process.returncode}:\n{self.output()}")
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                return
-            except OSError:
-                time.sleep(0.1)
-        raise AssertionError(f"nothing listens on 127.0.0.1:{port} after {timeout}s:\n{self.output()}")
+        try:
+            wait_for_port("127.0.0.1", port, self.process, timeout)
+        except RuntimeError as e:
+            raise AssertionError(f"{shlex.join(self.argv)}: {e}:\n{self.output()}") from None
 
     def output(self) -> str:
         with open(self.log_path, "rb") as f:
@@ -385,10 +381,8 @@ def build(kind: str, out: str, version: str | None = None) -> str:
     return result.stdout
 
 
-@pytest.fixture(scope="session")
-def packages(tmp_path_factory: Any) -> dict[str, Any]:
-    """Both packages of the tree's version, built once per test session."""
-    out = str(tmp_path_factory.mktemp("packages"))
+def build_current(out: str) -> dict[str, Any]:
+    """Both packages of the tree's version, timed, with the tree listed before and after."""
     before = repo_entries()
     started = time.monotonic()
     build("all", out)
@@ -400,34 +394,74 @@ def packages(tmp_path_factory: Any) -> dict[str, Any]:
             "repo_before": before, "repo_after": repo_entries()}
 
 
-@pytest.fixture(scope="session")
-def next_deb(tmp_path_factory: Any, packages: dict[str, Any]) -> str:
-    """The .deb of the next version, built from the same tree (left unchanged)."""
-    out = str(tmp_path_factory.mktemp("next"))
+def build_next(out: str, current: Future[dict[str, Any]]) -> str:
+    """The .deb of the next version, built from the same tree (left unchanged), after the
+    tree's own build (so that build's time is its own)."""
+    current.result()
     build("deb", out, next_version(VERSION))
     debs = glob.glob(os.path.join(out, "registryd_*.deb"))
     assert len(debs) == 1, os.listdir(out)
     return debs[0]
 
 
-@pytest.fixture(scope="session")
-def base_root(tmp_path_factory: Any, packages: dict[str, Any]) -> Iterator[DebianRoot]:
-    """debootstrap --variant=minbase, with the host's apt and pip settings and
-    the .deb's dependencies (and systemd, for systemd-analyze --root)
-    installed, so that each test starts from a copy of it."""
-    assert os.geteuid() == 0, "the install tests need root (debootstrap, chroot)"
-    need_tool("debootstrap")
-    path = str(tmp_path_factory.mktemp("debootstrap") / SUITE)
+def bootstrap(path: str, current: Future[dict[str, Any]]) -> DebianRoot:
+    """debootstrap --variant=minbase, with the host's apt and pip settings and systemd
+    (for systemd-analyze --root), after the tree's build; the .deb's dependencies come later."""
+    current.result()
     run(["debootstrap", "--variant=minbase", SUITE, path, host_debian_mirror()], timeout=900)
     root = DebianRoot(path)
     copy_host_settings(root)
     root.run("apt-get", "update", "-q", timeout=600)
+    root.apt_install("--no-install-recommends", "systemd")
+    return root
+
+
+@pytest.fixture(scope="session")
+def background(request: Any, tmp_path_factory: Any) -> Iterator[dict[str, Future[Any]]]:
+    """The session's builds and debootstrap, in threads, started as soon as a test needs one:
+    the tree's two packages first (build-packages all builds both at once: one core each,
+    and timed), then the next version's .deb beside the debootstrap, while the tests of the
+    built packages run. Only what the selected tests use is started."""
+    needed = {name for item in request.session.items for name in getattr(item, "fixturenames", ())}
+    jobs: dict[str, Future[Any]] = {}
+    with ThreadPoolExecutor(max_workers=3, thread_name_prefix="packaging") as pool:
+        jobs["packages"] = pool.submit(build_current, str(tmp_path_factory.mktemp("packages")))
+        if "next_deb" in needed:
+            jobs["next_deb"] = pool.submit(build_next, str(tmp_path_factory.mktemp("next")), jobs["packages"])
+        if "base_root" in needed and os.geteuid() == 0 and shutil.which("debootstrap"):
+            jobs["root"] = pool.submit(bootstrap, str(tmp_path_factory.mktemp("debootstrap") / SUITE),
+                                       jobs["packages"])
+        try:
+            yield jobs
+        finally:
+            for job in jobs.values():
+                job.cancel()
+
+
+@pytest.fixture(scope="session")
+def packages(background: dict[str, Future[Any]]) -> dict[str, Any]:
+    """Both packages of the tree's version, built once per test session."""
+    return background["packages"].result()
+
+
+@pytest.fixture(scope="session")
+def next_deb(background: dict[str, Future[Any]]) -> str:
+    """The .deb of the next version, built from the same tree (left unchanged)."""
+    return background["next_deb"].result()
+
+
+@pytest.fixture(scope="session")
+def base_root(background: dict[str, Future[Any]], packages: dict[str, Any]) -> Iterator[DebianRoot]:
+    """The debootstrapped root with the .deb's dependencies installed, so that each
+    test starts from a copy of it."""
+    assert os.geteuid() == 0, "the install tests need root (debootstrap, chroot)"
+    need_tool("debootstrap")
+    root = background["root"].result()
     depends = run(["dpkg-deb", "-f", packages["deb"], "Depends"]).stdout.strip()
     root.run("apt-get", "satisfy", "-y", "-q", depends, timeout=900)
-    root.apt_install("--no-install-recommends", "systemd")
     root.run("apt-get", "clean")
     yield root
-    shutil.rmtree(path, ignore_errors=True)
+    shutil.rmtree(root.path, ignore_errors=True)
 
 
 @pytest.fixture
@@ -915,15 +949,11 @@ def free_low_port() -> int:
 
 
 def wait_active(booted: BootedRoot, port: int, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.2)
-    journal = booted.run("journalctl", "-u", "registryd", "--no-pager", check=False).stdout
-    raise AssertionError(f"registryd.service does not listen on {port}:\n{journal[-3000:]}")
+    try:
+        wait_for_port("127.0.0.1", port, timeout=timeout)
+    except RuntimeError:
+        journal = booted.run("journalctl", "-u", "registryd", "--no-pager", check=False).stdout
+        raise AssertionError(f"registryd.service does not listen on {port}:\n{journal[-3000:]}") from None
 
 
 def test_deb_service_under_systemd(debian_root: DebianRoot, packages: dict[str, Any], tmp_path: Any) -> None:

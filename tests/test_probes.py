@@ -11,17 +11,13 @@ from typing import Any
 import pytest
 
 from conftest import ROOT, VENV_BIN, free_port, stop_process, wait_for_port
+from syncclient import request
 from upstreams import upstream_pki  # noqa: F401
 
 
 def get(port: int, path: str) -> tuple[int, bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        conn.request("GET", path)
-        response = conn.getresponse()
-        return response.status, response.read()
-    finally:
-        conn.close()
+    reply = request(f"127.0.0.1:{port}", "GET", path, timeout=10)
+    return reply.status, reply.body
 
 
 def test_probes_listener_beside_an_mtls_listener(tmp_path: Any, upstream_pki: Any) -> None:

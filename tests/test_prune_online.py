@@ -13,9 +13,7 @@ import attrs
 import bcrypt
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.task import deferLater
 
 from conftest import VENV_BIN, RunningRegistry, start_twistd, stop_process
 from fake_upstream import FakeUpstream, fake_upstream  # noqa: F401  (fixture)
@@ -29,6 +27,7 @@ from registryd.threads import InlinePool
 from registryd.upkeep.online_prune import PruneSelection, server_pruner
 from syncclient import request
 from upstreams import build_index, push_image, reference_upstream  # noqa: F401  (fixture)
+from support.wait import sleep
 
 #: Admin POSTs must be JSON (cross-site form protection).
 JSON = {"Content-Type": "application/json"}
@@ -40,11 +39,7 @@ REPORT_KEYS = {"data_dir", "dry_run", "older_than", "unused_for", "patterns", "r
                "removed", "counts"}
 
 
-async def sleep(seconds: float) -> None:
-    await deferLater(reactor, seconds, lambda: None)
-
-
-@pytest.fixture(params=["filesystem", "s3"])
+@pytest.fixture(params=["filesystem", pytest.param("s3", marks=pytest.mark.s3)])
 def storage(request: Any) -> Iterator[StorageSettings]:
     """Each driver; for s3 a fresh bucket on the session's Ceph."""
     if request.param == "filesystem":

@@ -122,3 +122,17 @@ def test_containerd_tls_hosts_toml() -> None:
     hosts = tomllib.loads(containing("Clients of a TLS listener", "toml", "client = ").text)
     host = hosts["host"]["https://registry.example:5443"]
     assert host["ca"].endswith("/ca.crt") and len(host["client"][0]) == 2
+
+
+def test_readme_says_how_to_run_every_tier() -> None:
+    """The tiers README.md lists are the ones tests/conftest.py assigns and pyproject.toml registers."""
+    from conftest import TIER_ORDER
+
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    listed = re.findall(r"^\| (\w+) \|.*\| `\./run-tests\.sh -m (\w+)` \|$", readme, re.M)
+    assert [tier for tier, _ in listed] == list(TIER_ORDER)
+    assert all(tier == run for tier, run in listed)
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        markers = tomllib.load(f)["tool"]["pytest"]["ini_options"]["markers"]
+    assert set(TIER_ORDER) <= {m.split(":")[0] for m in markers}

@@ -21,6 +21,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from s3_helpers import PausingSink, PeakRss, read
+from support.ports import free_port
 from registryd.storage.s3 import (
     FileRegion,
     ObjectTooLarge,
@@ -312,11 +313,7 @@ async def test_error_inside_a_200_answer(listen: Any) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_connection_refused_is_unavailable() -> None:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    client = fake_client(f"http://127.0.0.1:{port}", max_attempts=2)
+    client = fake_client(f"http://127.0.0.1:{free_port()}", max_attempts=2)
     try:
         with pytest.raises(S3Unavailable) as caught:
             await client.head_object("k")

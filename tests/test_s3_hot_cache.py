@@ -22,7 +22,6 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol, connectionDone
-from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
 from conftest import RunningRegistry
@@ -34,14 +33,12 @@ from registryd.storage.s3.client import S3Client
 from registryd.storage.s3.hot_cache import BLOBS, FILLS, HotCache, LruIndex
 from registryd.storage.layout import blob_key
 from registryd.threads import InlinePool
+from support.wait import sleep
 
 REPO = "hot/app"
 
 
 # --- helpers ---------------------------------------------------------------------------------------------
-
-async def sleep(seconds: float) -> None:
-    await deferLater(reactor, seconds, lambda: None)
 
 
 async def until(condition: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:

@@ -23,8 +23,6 @@ from typing import Any, AsyncIterator, Iterator
 import attrs
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
-from twisted.internet.defer import Deferred
 from twisted.logger import formatEvent, globalLogPublisher, LogLevel
 
 from conftest import ROOT, VENV_BIN, RunningRegistry
@@ -33,6 +31,7 @@ from oci_client import OCI_CONFIG, OCI_LAYER, OCI_MANIFEST, Client, descriptor, 
 from registryd.config import StorageSettings
 from registryd.service import StartupError
 from registryd.storage.s3 import S3Client, S3Error, S3Unavailable
+from support.wait import sleep
 
 MiB = 1024 * 1024
 REPO = "outage/app"
@@ -84,12 +83,6 @@ def warnings() -> Iterator[Warnings]:
     globalLogPublisher.addObserver(observer)
     yield observer
     globalLogPublisher.removeObserver(observer)
-
-
-async def sleep(seconds: float) -> None:
-    d: Deferred[None] = Deferred()
-    reactor.callLater(seconds, d.callback, None)
-    await d
 
 
 async def open_blob_get(host: str, path: str, pause_after: int, give_up: float = 30) -> RawGet:

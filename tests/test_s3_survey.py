@@ -15,7 +15,6 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.task import deferLater
 
 from conftest import RunningRegistry
 from fake_upstream import FakeUpstream
@@ -32,12 +31,9 @@ from registryd.upkeep.collector import referenced_digests
 from registryd.upkeep.eviction import plan_eviction
 from registryd.upkeep.s3_survey import S3Repository, take_s3_survey
 from test_upkeep import metric
+from support.wait import sleep
 
 NS = "mirror.test:5000"      # its folder in the bucket: mirror/mirror.test_5000/
-
-
-async def sleep(seconds: float) -> None:
-    await deferLater(reactor, seconds, lambda: None)
 
 
 @pytest.fixture

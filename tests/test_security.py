@@ -42,7 +42,6 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent, globalLogPublisher
 
@@ -51,8 +50,9 @@ from fake_upstream import fake_upstream  # noqa: F401  (fixture)
 from oci_client import OCI_MANIFEST, Client, Reply, digest_of, encode, snapshot
 from registryd.auth.policy import parse_access_rules
 from registryd.auth.settings import AuthSettings
-from registryd.auth.testing import issue, make_ca
+from support.pki import issue, make_ca
 from registryd.config import UpstreamConfig
+from support.wait import sleep
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -120,10 +120,6 @@ def as_user(url: str, user: str | None, password: str | None = None) -> AuthClie
     if user is None:
         return AuthClient(url)
     return AuthClient(url, basic(user, PASSWORDS[user] if password is None else password))
-
-
-async def sleep(seconds: float) -> None:
-    await deferLater(reactor, seconds, lambda: None)
 
 
 def disk(data_dir: str) -> dict[str, str]:

@@ -6,20 +6,14 @@ Clock for the fallback producer and the stall watchdog.
 """
 from __future__ import annotations
 
-import datetime
 import errno
 import hashlib
-import ipaddress
 import os
 from typing import Any, Callable, Iterator
 
 import attrs
 import pytest
 import pytest_twisted
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from klein import Klein
 from treq.client import HTTPClient
 from twisted.internet import ssl
@@ -38,6 +32,7 @@ from zope.interface import implementer
 
 from registryd.web import sendfile
 from registryd.web.sendfile import TransferAborted, send_file_range
+from support.pki import issue, make_ca
 
 MiB = 1024 * 1024
 BIG = 128 * MiB
@@ -711,41 +706,15 @@ def test_range_past_end_of_file_fails_before_writing(harness: Any, big_file: Big
 # --- TLS: the fallback path over a real socket ----------------------------------------
 
 
-def self_signed() -> tuple[bytes, bytes]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    return key_pem, cert.public_bytes(serialization.Encoding.PEM)
-
-
 @pytest.mark.filterwarnings("ignore:Passing pyOpenSSL:DeprecationWarning")  # Twisted's own ssl glue
 @pytest_twisted.ensureDeferred
 async def test_tls_uses_the_chunked_producer_and_delivers_exact_bytes(
     listen: Any, big_file: BigFile, sendfile_calls: dict[str, int]
 ) -> None:
-    key_pem, cert_pem = self_signed()
-    server_tls = ssl.PrivateCertificate.loadPEM(key_pem + cert_pem).options()
-    client_tls = ssl.optionsForClientTLS("localhost", trustRoot=ssl.Certificate.loadPEM(cert_pem))
+    ca = make_ca()
+    server = issue(ca, "localhost", hosts=["localhost", "127.0.0.1"])
+    server_tls = ssl.PrivateCertificate.loadPEM(server.key_pem() + server.cert_pem()).options()
+    client_tls = ssl.optionsForClientTLS("localhost", trustRoot=ssl.Certificate.loadPEM(ca.cert_pem()))
     server = KleinFileServer(big_file.path, big_file.size)
     port = listen(server.app.resource(), tls=server_tls)
     client = await connect(port, RawClient(pause_after=MiB, pause_for=0.2), tls=client_tls)

@@ -14,8 +14,7 @@ import attrs
 import pytest
 import pytest_twisted
 from prometheus_client.parser import text_string_to_metric_families
-from twisted.internet import defer, reactor
-from twisted.internet.task import deferLater
+from twisted.internet import defer
 
 from conftest import VENV_BIN, free_port, start_twistd, stop_process
 from oci_client import OCI_CONFIG, OCI_LAYER, OCI_MANIFEST, Client, descriptor, digest_of, encode
@@ -23,9 +22,11 @@ from registryd.storage.scan import DataDir, Repository
 from registryd.config import StorageSettings, UpstreamConfig
 from registryd.digest import parse_digest
 from registryd.storage.guard import BlobGuard
+from registryd.storage.pulls import PullRecorder
 from registryd.upkeep.collector import Collector
 from registryd.upkeep.eviction import plan_eviction
 from registryd.upkeep.survey import MirrorLink, MirrorManifest, Survey
+from support.wait import sleep, wait_until
 from syncclient import request
 from upstreams import blob_path, push_image, reference_upstream  # noqa: F401
 
@@ -33,10 +34,6 @@ from upstreams import blob_path, push_image, reference_upstream  # noqa: F401
 JSON = {"Content-Type": "application/json"}
 
 NS = "upstream.test"
-
-
-async def sleep(seconds: float) -> None:
-    await deferLater(reactor, seconds, lambda: None)
 
 
 def metric(text: str, name: str, **labels: str) -> float:
@@ -219,8 +216,14 @@ async def test_online_gc_under_continuous_push_pull_and_delete(make_registry) ->
             assert reply.status == 200, str(reply)
             passes.append(reply.json())
 
+    def enough() -> bool:   # what is asserted of the load below
+        return (len(passes) >= 5 and all(a > 10 for a in actions.values())
+                and sum(len(p["removed_blobs"]) for p in passes) > 0)
+
     load = [defer.ensureDeferred(worker()) for _ in range(6)] + [defer.ensureDeferred(collector())]
-    await sleep(10)
+    deadline = time.monotonic() + 10
+    while not enough() and time.monotonic() < deadline:    # the load goes on until then, 10 s at most
+        await sleep(0.1)
     stop[0] = True
     await defer.gatherResults(load, consumeErrors=True)
     assert len(passes) >= 5 and all(a > 10 for a in actions.values()), (len(passes), actions)
@@ -297,18 +300,25 @@ async def test_mirror_cache_evicts_least_recently_pulled_and_never_local(referen
     registry = make_registry(upstreams=(UpstreamConfig(namespace=NS, url=up.url),),
                              mirror_max_size=int(2.5 * mib), usage_interval=3600)
     upkeep = registry.service.upkeep
+    # Every pull recorded, not once a second per manifest: what is tested is eviction's order.
+    registry.service.api.pulls = PullRecorder(interval=0)
+    mirrored = registry.service.api.mirror.mirrors[NS].repositories
     client = Client(registry.url)
     local_layer = os.urandom(3 * mib)   # alone bigger than the limit: local content is never evicted
     local_digest = await client.push_blob("team/big", local_layer)
 
     async def pull(name: str) -> None:
         image = images[name]
+        began = time.time()
         reply = await client.get(f"/v2/{NS}/lib/{name}/manifests/v1", headers={"Accept": image["media_type"]})
         assert reply.status == 200, str(reply)
         for blob in (image["config"], *image["layers"]):
             reply = await client.get(f"/v2/{NS}/lib/{name}/blobs/{blob['digest']}")
             assert reply.status == 200 and hashlib.sha256(reply.body).hexdigest() == blob["digest"][7:]
-        await sleep(1.1)   # pull times are recorded at most once a second
+
+        async def recorded() -> bool:   # in the background
+            return (await mirrored.pulls(f"lib/{name}")).get(parse_digest(image["digest"]), 0.0) >= began
+        await wait_until(recorded, 10, f"a pull time of lib/{name}")
 
     def cached(name: str) -> bool:
         return stored(registry.data_dir, images[name]["layers"][0]["digest"])

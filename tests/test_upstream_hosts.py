@@ -16,7 +16,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 
 from fake_upstream import FakeUpstream, fake_upstream  # noqa: F401  (fixture)
 from oci_client import OCI_MANIFEST, Client
-from registryd.auth.testing import issue, make_ca
+from support.pki import issue, make_ca
 from registryd.config import UpstreamConfig
 from registryd.mirror.client import MAX_REDIRECTS
 from registryd.mirror.hosts import UpstreamHosts, parse_target

@@ -31,16 +31,13 @@ client aborted mid-body is still logged, with the bytes actually written.
 from __future__ import annotations
 
 import base64
-import datetime
 import hashlib
 import http.client
-import ipaddress
 import json
 import os
 import random
 import re
 import shutil
-import socket
 import ssl
 import subprocess
 import sys
@@ -51,10 +48,10 @@ from typing import Any, Callable, Iterable, Iterator
 import attrs
 import bcrypt
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from support.pki import issue, make_ca
+from support.ports import free_port
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DOCKER_REGISTRY = "/usr/bin/docker-registry"
@@ -227,8 +224,6 @@ class UpstreamPKI:
     server_key_file: str
     token_key_file: str     # RSA, for RS256
     token_chain_file: str   # the token signer's certificate (leaf), signed by the CA
-    ca_key: Any = None
-    ca_cert: Any = None
 
 
 def _write(path: str, data: bytes) -> str:
@@ -237,63 +232,18 @@ def _write(path: str, data: bytes) -> str:
     return path
 
 
-def _cert(subject: str, public_key: Any, issuer_name: x509.Name | None, issuer_key: Any,
-          ca: bool, extensions: list[tuple[Any, bool]]) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.timezone.utc)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
-    builder = (x509.CertificateBuilder()
-               .subject_name(name)
-               .issuer_name(issuer_name or name)
-               .public_key(public_key)
-               .serial_number(x509.random_serial_number())
-               .not_valid_before(now - datetime.timedelta(hours=1))
-               .not_valid_after(now + datetime.timedelta(days=2))
-               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-    for extension, critical in extensions:
-        builder = builder.add_extension(extension, critical=critical)
-    return builder.sign(issuer_key, hashes.SHA256())
-
-
 def make_pki(directory: str) -> UpstreamPKI:
     """Generate the test PKI into ``directory`` (EC for TLS: fast; RSA for RS256)."""
     os.makedirs(directory, exist_ok=True)
-    pem = serialization.Encoding.PEM
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_cert = _cert("registryd test CA", ca_key.public_key(), None, ca_key, True, [
-        (x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
-                       data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
-                       encipher_only=False, decipher_only=False), True),
-        (x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False),
-    ])
-    server_key = ec.generate_private_key(ec.SECP256R1())
-    server_cert = _cert("127.0.0.1", server_key.public_key(), ca_cert.subject, ca_key, False, [
-        (x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                                      x509.DNSName("localhost")]), False),
-        (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False),
-        (x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False),
-    ])
+    ca = make_ca("registryd test CA")
+    server = issue(ca, "127.0.0.1", hosts=["127.0.0.1", "localhost"])
     token_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    token_cert = _cert("registryd test token signer", token_key.public_key(), ca_cert.subject, ca_key,
-                       False, [
-                           (x509.KeyUsage(digital_signature=True, content_commitment=False,
-                                          key_encipherment=False, data_encipherment=False,
-                                          key_agreement=False, key_cert_sign=False, crl_sign=False,
-                                          encipher_only=False, decipher_only=False), True),
-                           (x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False),
-                       ])
-    no_encryption = serialization.NoEncryption()
-    key_format = serialization.PrivateFormat.PKCS8
-    return UpstreamPKI(
-        directory=directory,
-        ca_file=_write(os.path.join(directory, "ca.pem"), ca_cert.public_bytes(pem)),
-        server_cert_file=_write(os.path.join(directory, "server.pem"), server_cert.public_bytes(pem)),
-        server_key_file=_write(os.path.join(directory, "server-key.pem"),
-                               server_key.private_bytes(pem, key_format, no_encryption)),
-        token_key_file=_write(os.path.join(directory, "token-key.pem"),
-                              token_key.private_bytes(pem, key_format, no_encryption)),
-        token_chain_file=_write(os.path.join(directory, "token-chain.pem"), token_cert.public_bytes(pem)),
-        ca_key=ca_key, ca_cert=ca_cert,
-    )
+    token = issue(ca, "registryd test token signer", key=token_key, signer=True)
+    server_cert_file, server_key_file = server.write(directory, "server", key_suffix="-key.pem")
+    token_chain_file, token_key_file = token.write(directory, "token", cert_suffix="-chain.pem", key_suffix="-key.pem")
+    return UpstreamPKI(directory=directory, ca_file=_write(os.path.join(directory, "ca.pem"), ca.cert_pem()),
+                       server_cert_file=server_cert_file, server_key_file=server_key_file,
+                       token_key_file=token_key_file, token_chain_file=token_chain_file)
 
 
 _session_pki: list[UpstreamPKI] = []
@@ -553,12 +503,6 @@ class AccessEntry:
 
 
 _ACCESS_LINE = re.compile(r'^\S+ \S+ \S+ \[[^\]]*\] "(\S+) (\S+) [^"]*" (\d{3}) (\d+|-)')
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _docker_registry() -> str:
@@ -878,7 +822,7 @@ def reference_upstream(tmp_path: Any, tmp_path_factory: Any) -> Iterator[Callabl
                 directory, pki, upstream.token_issuer, upstream.token_service, username, password,
                 allow_anonymous, expires_in)
         for attempt in range(3):   # a free port can be taken before docker-registry binds it
-            upstream.port = _free_port()
+            upstream.port = free_port()
             try:
                 upstream.start()
                 break

@@ -9,7 +9,6 @@
 - ``settings``: the ``[auth]`` table and ``build_auth``.
 - ``tls``: ServerTLSContext and TLSServerEndpoint for TLS listeners.
 - ``htpasswd_file``: the file edits behind ``registryd htpasswd``.
-- ``testing``: a throw-away PKI for tests.
 
 Configuration problems raise AuthConfigError (one line).
 """

@@ -121,8 +121,10 @@ class Mirror:
 class MirrorCache:
     """Answers reads of mirrored repositories from cache or upstream."""
 
-    def __init__(self, store: Store, config: Config, reactor: Any, metrics: Metrics | None = None) -> None:
+    def __init__(self, store: Store, config: Config, reactor: Any, metrics: Metrics | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
         self._store = store
+        self.clock = clock   # the wall clock that a cached tag's age is measured on (tests move it ahead)
         self.metrics = metrics or Metrics()
         self._config = config
         self._reactor = reactor
@@ -219,7 +221,7 @@ class MirrorCache:
         confirmed = await mirror.repositories.tag_mtime(remote, tag)
         if confirmed is None:
             return None
-        return cached, time.time() - confirmed
+        return cached, self.clock() - confirmed
 
     async def manifest(self, route: Route, reference: str, accept: str | None) -> CachedManifest:
         """The manifest ``reference`` of a mirrored repository."""

@@ -38,6 +38,8 @@ from typing import Any, Callable, Iterator, Mapping
 import attrs
 import pytest
 
+from support.ports import free_port
+
 HAPROXY = "/usr/sbin/haproxy"
 PACKAGE = "haproxy"
 
@@ -71,12 +73,6 @@ def find_haproxy() -> str:
         pytest.fail(f"haproxy is not installed: the scale-out tests need it "
                     f"(apt-get install -y --no-install-recommends {PACKAGE})", pytrace=False)
     return path
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @attrs.define
@@ -131,7 +127,7 @@ class HAProxy:
         binary = find_haproxy()
         os.makedirs(self.directory, exist_ok=True)
         for attempt in range(3):   # a free port can be taken before haproxy binds it
-            self.port = _free_port()
+            self.port = free_port()
             with open(self.config_path, "w") as f:
                 f.write(self.config_text())
             with open(self.stats_config_path, "w") as f:

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
-import time
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 import pytest
+
+from support.ports import free_port
+from support.wait import wait_for_port
 
 DOCKER_REGISTRY = "/usr/bin/docker-registry"
 
@@ -45,25 +46,6 @@ class ReferenceRegistry:
     process: Any = None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for_port(port: int, process: subprocess.Popen[Any], timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"docker-registry exited with {process.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"docker-registry did not listen on {port} within {timeout}s")
-
-
 @pytest.fixture
 def reference_registry(tmp_path: Any) -> Iterator[ReferenceRegistry]:
     """A docker-registry on a free loopback port with deletes enabled."""
@@ -72,14 +54,14 @@ def reference_registry(tmp_path: Any) -> Iterator[ReferenceRegistry]:
         pytest.fail("docker-registry (the reference registry) is not installed")
     root = tmp_path / "reference-data"
     root.mkdir()
-    port = _free_port()
+    port = free_port()
     config = tmp_path / "reference-config.yml"
     config.write_text(CONFIG.format(root=root, port=port))
     log = open(tmp_path / "reference.log", "wb")
     process = subprocess.Popen([binary, "serve", str(config)], stdout=log, stderr=subprocess.STDOUT,
                                stdin=subprocess.DEVNULL)
     try:
-        _wait_for_port(port, process)
+        wait_for_port("127.0.0.1", port, process, timeout=20)
         host = f"127.0.0.1:{port}"
         yield ReferenceRegistry(f"http://{host}", host, str(root), process)
     finally:

@@ -36,7 +36,7 @@ import pytest_twisted
 from twisted.internet.threads import deferToThread
 
 from conftest import ROOT, VENV_BIN, _start_in_process
-from registryd.auth.testing import issue, make_ca
+from support.pki import issue, make_ca
 from registryd.config import load_config
 
 from . import oci_layout as oci

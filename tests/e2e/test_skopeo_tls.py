@@ -2,7 +2,7 @@
 
 One in-process registryd listens three times: plain HTTP, TLS, and TLS
 that requires a client certificate (mTLS) from a separate client CA. The
-throw-away PKI comes from ``registryd.auth.testing``; skopeo trusts it the
+throw-away PKI comes from ``tests/support/pki.py``; skopeo trusts it the
 way operators configure it, with a certificate directory holding
 ``ca.crt`` (and ``client.cert`` + ``client.key`` for mTLS), and TLS
 verification left on. Users come from an htpasswd file (bcrypt) and
@@ -25,7 +25,7 @@ import pytest_twisted
 from oci_client import snapshot
 from registryd.auth.policy import parse_access_rules
 from registryd.auth.settings import AuthSettings
-from registryd.auth.testing import issue, make_ca
+from support.pki import issue, make_ca
 
 from . import oci_layout as oci
 from .skopeo_cli import Skopeo, SkopeoError

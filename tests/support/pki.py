@@ -1,4 +1,4 @@
-"""Test helpers: a throw-away PKI made with ``cryptography``.
+"""A throw-away PKI made with ``cryptography``, for every test that needs certificates.
 
 For unit tests and for end-to-end tests that point skopeo at a TLS
 registryd (``--cert-dir`` wants ``ca.crt``, ``client.cert``, ``client.key``).
@@ -74,9 +74,10 @@ def make_ca(common_name: str = "registryd test CA", *, not_before: datetime.date
 
 def issue(ca: Issued, common_name: str, *, hosts: Sequence[str] = (), client: bool = False,
           not_before: datetime.datetime | None = None, not_after: datetime.datetime | None = None,
-          key: Any = None) -> Issued:
+          key: Any = None, signer: bool = False) -> Issued:
     """A leaf certificate signed by ``ca``: a server certificate for
-    ``hosts`` (DNS names or IP addresses), or a client certificate."""
+    ``hosts`` (DNS names or IP addresses), a client certificate, or (``signer``)
+    one that only signs, such as a token server's."""
     now = datetime.datetime.now(datetime.timezone.utc)
     key = key or ec.generate_private_key(ec.SECP256R1())
     builder = (
@@ -88,10 +89,16 @@ def issue(ca: Issued, common_name: str, *, hosts: Sequence[str] = (), client: bo
         .not_valid_before(not_before or now - _DAY)
         .not_valid_after(not_after or now + 30 * _DAY)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage(
-            [ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()), critical=False)
     )
+    if signer:
+        builder = builder.add_extension(x509.KeyUsage(
+            digital_signature=True, content_commitment=False, key_encipherment=False, data_encipherment=False,
+            key_agreement=False, key_cert_sign=False, crl_sign=False, encipher_only=False, decipher_only=False),
+            critical=True)
+    else:
+        builder = builder.add_extension(x509.ExtendedKeyUsage(
+            [ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
     if hosts:
         names: list[x509.GeneralName] = []
         for host in hosts:

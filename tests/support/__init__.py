@@ -1,0 +1,1 @@
+"""Helpers every test module may use, each written once: ports, waiting, clocks, PKI."""
