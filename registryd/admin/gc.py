@@ -41,7 +41,7 @@ quarantine/ are never touched.
 A blob to remove is first moved to trash/ (a rename on the filesystem, a
 copy and a delete in a bucket); then every repository is marked again, and
 a blob that a manifest committed meanwhile names, or that got a new link,
-is put back; only the rest is purged (each deletion made durable). A push
+is put back; only the rest is purged. A push
 that reuses a blob while it is in trash/ fails cleanly
 (MANIFEST_BLOB_UNKNOWN), and pushing again uploads it. An interrupted run
 (Ctrl-C) puts back every blob it removed before it exits; what a crashed
