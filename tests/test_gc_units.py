@@ -305,3 +305,25 @@ def test_on_a_data_directory_trash_is_a_rename_and_leftovers_come_back(tmp_path:
     # The folders the purge emptied go at the start of the next run.
     again = Collector(DataDir(str(root)), delay=0, dry_run=False).run()
     assert again.blobs == [] and again.directories > 0 and os.listdir(root / "trash") == []
+
+
+def test_a_write_whose_folder_a_collection_pruned_meanwhile_still_lands(tmp_path: Any, monkeypatch: Any) -> None:
+    """A collection prunes a blob folder it emptied while a writer had just made it: the
+    writer's rename finds no folder, makes it again and lands (it used to fail with ENOENT)."""
+    from registryd.storage import files
+
+    target = tmp_path / "blobs" / "sha256" / "ab" / "abcd"
+    (tmp_path / "tmp").mkdir()
+    real_rename = os.rename
+    pruned: list[str] = []
+
+    def rename(src: str, dst: str) -> None:
+        if not pruned:
+            pruned.append(dst)
+            os.rmdir(os.path.dirname(dst))   # the collector's prune, between make_dirs and rename
+        real_rename(src, dst)
+
+    monkeypatch.setattr(files.os, "rename", rename)
+    files.write_atomic(str(tmp_path / "tmp"), str(target), b"manifest")
+    assert pruned and target.read_bytes() == b"manifest"
+    assert os.listdir(tmp_path / "tmp") == []

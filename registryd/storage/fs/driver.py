@@ -24,7 +24,7 @@ import uuid
 from typing import AsyncIterator, Callable, Iterator, Sequence
 
 from registryd.storage.driver import Entry, Pool, check_key, too_large
-from registryd.storage.files import fsync_dir, make_dirs, remove_file
+from registryd.storage.files import fsync_dir, make_dirs, remove_file, rename_into
 from registryd.threads import InlinePool
 
 #: Entries walked per trip to the pool: a listing's memory stays flat.
@@ -135,14 +135,19 @@ class FsDriver:
         """Blocking: the fsynced ``tmp`` becomes ``target``, durably (``if_absent``: by a link, which fails if it exists)."""
         parent = os.path.dirname(target)
         try:
-            make_dirs(parent)
             if if_absent:
-                try:
-                    os.link(tmp, target)
-                except FileExistsError:
-                    return False
+                for attempt in range(5):
+                    make_dirs(parent)
+                    try:
+                        os.link(tmp, target)
+                        break
+                    except FileExistsError:
+                        return False
+                    except FileNotFoundError:
+                        if attempt == 4:
+                            raise  # the folder keeps vanishing: a collection prunes it
             else:
-                os.rename(tmp, target)
+                rename_into(tmp, target)
         finally:
             remove_file(tmp)
         fsync_dir(parent)
@@ -196,9 +201,8 @@ class FsDriver:
         if not stat.S_ISREG(before.st_mode) or (expect is not None and expect.version
                                                  and _version(before) != expect.version):
             return False
-        make_dirs(os.path.dirname(target))
         try:
-            os.rename(source, target)
+            rename_into(source, target, durable)
         except (FileNotFoundError, NotADirectoryError):
             return False
         replaced = False
@@ -207,8 +211,7 @@ class FsDriver:
             # Written again between our look and the rename: that value stays where it was.
             replaced = (after.st_dev, after.st_ino) != (before.st_dev, before.st_ino)
         if replaced or (unless is not None and unless()):
-            make_dirs(os.path.dirname(source))
-            os.rename(target, source)
+            rename_into(target, source)
             fsync_dir(os.path.dirname(source))
             return False
         if durable:
