@@ -153,7 +153,11 @@ def _run_on_store(args: argparse.Namespace, config: Config) -> dict[str, Any]:
     """One pass of the collector on the configured store, as a server runs it."""
     async def main(store: Any, reactor: Any) -> dict[str, Any] | None:
         with store_errors_reported(store.location()):
-            return await collect_in_command(Collector(store.objects, args.delay, args.dry_run), reactor)
+            document = await collect_in_command(Collector(store.objects, args.delay, args.dry_run), reactor)
+            if document is not None and not args.dry_run:
+                # The blob folders the run emptied (a server's runs leave them: they are reused).
+                document["removed_directories"] += await store.objects.tidy("blobs/")
+            return document
 
     log_problems_to_stderr()
     document = run_with_store(config, main)

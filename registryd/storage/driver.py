@@ -119,7 +119,8 @@ class Driver(Protocol):
         value is safe at ``dst`` and before ``src`` goes (on disk: right
         after the rename); True puts it back, and the move returns False.
         Emptied directories go. ``durable`` False: the caller can live
-        with a crash undoing the move (no fsync on disk; S3 is always durable).
+        with a crash undoing the move, and the folder emptied stays until
+        ``tidy`` (on disk: no fsync, no rmdir; S3 is always durable).
         """
 
     async def delete(self, key: str) -> bool:

@@ -257,6 +257,7 @@ class Collector:
         # Recorded before the move: a failure from here on puts it back.
         moved[blob.digest] = _Moved(blob, key)
         # Not durable: a crash that undoes it leaves the blob where it was, which is as good.
+        # (The blob folder it empties stays: it is reused, and `registryd gc` tidies blobs/.)
         if await self.driver.move(blob.key, key, expect=blob.entry, unless=lambda: self._claimed(blob.digest),
                                   durable=False):
             return

@@ -217,7 +217,7 @@ class FsDriver:
         if durable:
             fsync_dir(os.path.dirname(target))
             fsync_dir(os.path.dirname(source))
-        self._prune(src)
+            self._prune(src)
         return True
 
     async def delete(self, key: str) -> bool:
