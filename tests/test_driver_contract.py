@@ -151,7 +151,9 @@ async def test_move(driver: Driver) -> None:
     assert await driver.read("trash/old", 100) == b"content"
     assert await driver.move("blobs/sha256/ab/abc", "trash/again") is False
     assert await driver.stat("trash/again") is None
-    # Emptied folders go with the value (a data directory would list them as prefixes).
+    # Emptied folders go with the value (a data directory would list them as prefixes), below the top two.
+    assert await keys(driver, "blobs/sha256/", "/") == []
+    await driver.tidy("blobs/")
     assert await keys(driver, "blobs/", "/") == []
 
 
@@ -197,11 +199,26 @@ async def test_delete(driver: Driver) -> None:
         await driver.write(key, b"x")
     assert await driver.delete("blobs/sha256/cd/3") is True
     assert await driver.delete("blobs/sha256/cd/3") is False
-    assert await keys(driver, "blobs/", "/") == []
+    assert await keys(driver, "blobs/sha256/", "/") == []
     assert await driver.delete_many(["repositories/a/_blobs/sha256/1", "repositories/a/_blobs/sha256/2",
                                      "repositories/a/_blobs/sha256/missing"]) == []
     assert await keys(driver, "repositories/") == []
+    assert await keys(driver, "repositories/a/_blobs/", "/") == []
     assert await driver.delete_many([]) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_quick_delete_leaves_folders_for_tidy(driver: Driver) -> None:
+    await driver.write("trash/run1/sha256/ab/1", b"x")
+    await driver.write("trash/run2/sha256/cd/2", b"x")
+    assert await driver.delete_many(["trash/run1/sha256/ab/1"], durable=False) == []
+    assert await keys(driver, "trash/") == ["trash/run2/sha256/cd/2"]
+    if driver.name == "filesystem":
+        assert await keys(driver, "trash/", "/") == ["trash/run1/", "trash/run2/"]
+    tidied = await driver.tidy("trash/")
+    assert await keys(driver, "trash/", "/") == ["trash/run2/"]
+    assert tidied == (3 if driver.name == "filesystem" else 0)
+    assert await driver.tidy("nothing/") == 0
 
 
 @pytest_twisted.ensureDeferred

@@ -170,12 +170,13 @@ async def test_a_claim_in_this_process_keeps_the_blob(store: MemoryDriver, clock
     elif when == "during the move":
         real_move = store.move
 
-        async def move(src: str, dst: str, expect: Any = None, unless: Callable[[], bool] | None = None) -> bool:
+        async def move(src: str, dst: str, expect: Any = None, unless: Callable[[], bool] | None = None,
+                       **kw: Any) -> bool:
             def claimed_then_asked() -> bool:
                 guard.claim([blob])
                 return unless is not None and unless()
             return await real_move(src, dst, expect=expect, unless=claimed_then_asked if src.startswith("blobs/")
-                                   else unless)
+                                   else unless, **kw)
 
         monkeypatch.setattr(store, "move", move)
     else:
@@ -300,5 +301,29 @@ def test_on_a_data_directory_trash_is_a_rename_and_leftovers_come_back(tmp_path:
     result = Collector(DataDir(str(root)), delay=HOUR, dry_run=False).run()
     assert result.restored == 1 and [b["digest"] for b in result.blobs] == [str(garbage)]
     assert (root / blob_key(layer)).read_bytes() == layer_data
-    assert os.listdir(root / "trash") == []
-    assert Collector(DataDir(str(root)), delay=0, dry_run=False).run().blobs == []
+    assert [path for path in (root / "trash").rglob("*") if path.is_file()] == []
+    # The folders the purge emptied go at the start of the next run.
+    again = Collector(DataDir(str(root)), delay=0, dry_run=False).run()
+    assert again.blobs == [] and again.directories > 0 and os.listdir(root / "trash") == []
+
+
+def test_a_write_whose_folder_a_collection_pruned_meanwhile_still_lands(tmp_path: Any, monkeypatch: Any) -> None:
+    """A collection prunes a blob folder it emptied while a writer had just made it: the
+    writer's rename finds no folder, makes it again and lands (it used to fail with ENOENT)."""
+    from registryd.storage import files
+
+    target = tmp_path / "blobs" / "sha256" / "ab" / "abcd"
+    (tmp_path / "tmp").mkdir()
+    real_rename = os.rename
+    pruned: list[str] = []
+
+    def rename(src: str, dst: str) -> None:
+        if not pruned:
+            pruned.append(dst)
+            os.rmdir(os.path.dirname(dst))   # the collector's prune, between make_dirs and rename
+        real_rename(src, dst)
+
+    monkeypatch.setattr(files.os, "rename", rename)
+    files.write_atomic(str(tmp_path / "tmp"), str(target), b"manifest")
+    assert pruned and target.read_bytes() == b"manifest"
+    assert os.listdir(tmp_path / "tmp") == []

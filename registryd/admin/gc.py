@@ -41,7 +41,7 @@ quarantine/ are never touched.
 A blob to remove is first moved to trash/ (a rename on the filesystem, a
 copy and a delete in a bucket); then every repository is marked again, and
 a blob that a manifest committed meanwhile names, or that got a new link,
-is put back; only the rest is purged (each deletion made durable). A push
+is put back; only the rest is purged. A push
 that reuses a blob while it is in trash/ fails cleanly
 (MANIFEST_BLOB_UNKNOWN), and pushing again uploads it. An interrupted run
 (Ctrl-C) puts back every blob it removed before it exits; what a crashed
@@ -153,7 +153,11 @@ def _run_on_store(args: argparse.Namespace, config: Config) -> dict[str, Any]:
     """One pass of the collector on the configured store, as a server runs it."""
     async def main(store: Any, reactor: Any) -> dict[str, Any] | None:
         with store_errors_reported(store.location()):
-            return await collect_in_command(Collector(store.objects, args.delay, args.dry_run), reactor)
+            document = await collect_in_command(Collector(store.objects, args.delay, args.dry_run), reactor)
+            if document is not None and not args.dry_run:
+                # The blob folders the run emptied (a server's runs leave them: they are reused).
+                document["removed_directories"] += await store.objects.tidy("blobs/")
+            return document
 
     log_problems_to_stderr()
     document = run_with_store(config, main)

@@ -10,7 +10,7 @@ from typing import BinaryIO
 
 from registryd.digest import Digest
 from registryd.storage.guard import BlobGuard
-from registryd.storage.files import fsync_dir, make_dirs, read_small, remove_file, write_atomic
+from registryd.storage.files import fsync_dir, read_small, remove_file, rename_into, write_atomic
 
 
 class BlobStore:
@@ -55,8 +55,7 @@ class BlobStore:
         finally:
             os.close(fd)
         target = self.path(digest)
-        make_dirs(os.path.dirname(target))
-        os.rename(source, target)
+        rename_into(source, target)
         fsync_dir(os.path.dirname(target))
 
     def put(self, digest: Digest, data: bytes) -> None:

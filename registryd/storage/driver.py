@@ -17,6 +17,9 @@ each to it):
   never expose a partial one, and are durable once they return.
 - Times are seconds since the epoch as the store keeps them (a bucket's
   LastModified is to the second, a file's mtime finer).
+- Folders are the filesystem's business: a removal takes the folders it
+  empties with it, below the top two levels (``blobs/<alg>/``,
+  ``trash/<run>/``), which ``tidy`` removes when empty.
 - A missing key is not an error: ``stat``/``read`` return None, ``delete``
   and ``move`` return False. Failures of the store itself raise (OSError on
   disk, S3Error/S3Unavailable on S3).
@@ -112,7 +115,7 @@ class Driver(Protocol):
         """Make ``dst`` a copy of ``src`` (atomic, durable; server-side on S3); False if ``src`` is missing."""
 
     async def move(self, src: str, dst: str, expect: Entry | None = None,
-                   unless: Callable[[], bool] | None = None) -> bool:
+                   unless: Callable[[], bool] | None = None, durable: bool = True) -> bool:
         """Move ``src`` to ``dst`` (replacing it), durably; False, with nothing moved, if ``src`` is missing.
 
         A rename on disk and in memory (atomic); a copy, then a delete of
@@ -122,14 +125,25 @@ class Driver(Protocol):
         on disk, a later LastModified on S3). ``unless`` is asked once the
         value is safe at ``dst`` and before ``src`` goes (on disk: right
         after the rename); True puts it back, and the move returns False.
-        Emptied directories go.
+        Emptied directories go. ``durable`` False: the caller can live
+        with a crash undoing the move, and the folder emptied stays until
+        ``tidy`` (on disk: no fsync, no rmdir; S3 is always durable).
         """
 
     async def delete(self, key: str) -> bool:
         """Remove ``key`` durably; False if it was missing. Emptied directories go."""
 
-    async def delete_many(self, keys: Sequence[str]) -> builtins.list[str]:
-        """Remove every key (missing ones are fine); returns those the store refused one by one."""
+    async def delete_many(self, keys: Sequence[str], durable: bool = True) -> builtins.list[str]:
+        """Remove every key (missing ones are fine); returns those the store refused one by one.
+
+        ``durable`` False: the caller can live with a crash bringing some
+        back, and the folders emptied stay until ``tidy`` (on disk: no fsync,
+        no rmdir; the caller's work ends sooner).
+        """
+
+    async def tidy(self, prefix: str) -> int:
+        """Remove the empty folders under ``prefix`` (a data directory's; a bucket and memory
+        have none): how many went. ``prefix`` itself stays."""
 
     def local_path(self, key: str) -> str | None:
         """The file holding ``key``'s value (for sendfile, rename-on-commit), or None off disk."""

@@ -50,16 +50,29 @@ def write_atomic(tmp_dir: str, target: str, data: bytes, durable: bool = True) -
     os.close(fd)
     parent = os.path.dirname(target)
     try:
-        if durable:
-            make_dirs(parent)
-        else:
-            os.makedirs(parent, exist_ok=True)
-        os.rename(tmp, target)
+        rename_into(tmp, target, durable)
     except BaseException:
         remove_file(tmp)
         raise
     if durable:
         fsync_dir(parent)
+
+
+def rename_into(source: str, target: str, durable: bool = True) -> None:
+    """Rename ``source`` to ``target``, making the target's folder first, and again if a
+    garbage collection removed that folder (it had emptied it) in between."""
+    parent = os.path.dirname(target)
+    for attempt in range(5):
+        if durable:
+            make_dirs(parent)
+        else:
+            os.makedirs(parent, exist_ok=True)
+        try:
+            os.rename(source, target)
+            return
+        except FileNotFoundError:
+            if attempt == 4 or not os.path.lexists(source):
+                raise
 
 
 def read_small(path: str, limit: int = -1) -> bytes | None:

@@ -93,7 +93,7 @@ class MemoryDriver:
         return True
 
     async def move(self, src: str, dst: str, expect: Entry | None = None,
-                   unless: Callable[[], bool] | None = None) -> bool:
+                   unless: Callable[[], bool] | None = None, durable: bool = True) -> bool:
         check_key(dst)
         value = self._values.get(src)
         if value is None or (expect is not None and expect.version and value.version != expect.version):
@@ -106,10 +106,13 @@ class MemoryDriver:
     async def delete(self, key: str) -> bool:
         return self._values.pop(key, None) is not None
 
-    async def delete_many(self, keys: Sequence[str]) -> builtins.list[str]:
+    async def delete_many(self, keys: Sequence[str], durable: bool = True) -> builtins.list[str]:
         for key in keys:
             self._values.pop(key, None)
         return []
+
+    async def tidy(self, prefix: str) -> int:
+        return 0  # no folders here
 
     def local_path(self, key: str) -> str | None:
         return None

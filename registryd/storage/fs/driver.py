@@ -5,7 +5,7 @@ rename into place, fsync of the directory (as registryd.storage.files
 does), so a crash leaves the old value or the new one, and the start-up
 clean-up of ``tmp/`` takes what was half-written. Moves are renames (the
 data directory is one filesystem); deletes and moves remove the
-directories they empty, up to the top-level folder and never a
+directories they empty, below the top two levels and never a
 repository's ``_``-folders.
 
 Every call that touches the disk runs in the pool given, so the reactor
@@ -24,7 +24,7 @@ import uuid
 from typing import AsyncIterator, Callable, Iterator, Sequence
 
 from registryd.storage.driver import Entry, Pool, check_key, too_large
-from registryd.storage.files import fsync_dir, make_dirs, remove_file
+from registryd.storage.files import fsync_dir, make_dirs, remove_file, rename_into
 from registryd.threads import InlinePool
 
 #: Entries walked per trip to the pool: a listing's memory stays flat.
@@ -151,14 +151,19 @@ class FsDriver:
         """Blocking: the fsynced ``tmp`` becomes ``target``, durably (``if_absent``: by a link, which fails if it exists)."""
         parent = os.path.dirname(target)
         try:
-            make_dirs(parent)
             if if_absent:
-                try:
-                    os.link(tmp, target)
-                except FileExistsError:
-                    return False
+                for attempt in range(5):
+                    make_dirs(parent)
+                    try:
+                        os.link(tmp, target)
+                        break
+                    except FileExistsError:
+                        return False
+                    except FileNotFoundError:
+                        if attempt == 4:
+                            raise  # the folder keeps vanishing: a collection prunes it
             else:
-                os.rename(tmp, target)
+                rename_into(tmp, target)
         finally:
             remove_file(tmp)
         fsync_dir(parent)
@@ -199,10 +204,11 @@ class FsDriver:
         return self._place(tmp, target, False)
 
     async def move(self, src: str, dst: str, expect: Entry | None = None,
-                   unless: Callable[[], bool] | None = None) -> bool:
-        return await self._pool.run(self._move, src, dst, expect, unless)
+                   unless: Callable[[], bool] | None = None, durable: bool = True) -> bool:
+        return await self._pool.run(self._move, src, dst, expect, unless, durable)
 
-    def _move(self, src: str, dst: str, expect: Entry | None, unless: Callable[[], bool] | None) -> bool:
+    def _move(self, src: str, dst: str, expect: Entry | None, unless: Callable[[], bool] | None,
+              durable: bool = True) -> bool:
         source, target = self.path(src), self.path(dst)
         try:
             before = os.stat(source, follow_symlinks=False)
@@ -211,9 +217,8 @@ class FsDriver:
         if not stat.S_ISREG(before.st_mode) or (expect is not None and expect.version
                                                  and _version(before) != expect.version):
             return False
-        make_dirs(os.path.dirname(target))
         try:
-            os.rename(source, target)
+            rename_into(source, target, durable)
         except (FileNotFoundError, NotADirectoryError):
             return False
         replaced = False
@@ -222,13 +227,13 @@ class FsDriver:
             # Written again between our look and the rename: that value stays where it was.
             replaced = (after.st_dev, after.st_ino) != (before.st_dev, before.st_ino)
         if replaced or (unless is not None and unless()):
-            make_dirs(os.path.dirname(source))
-            os.rename(target, source)
+            rename_into(target, source)
             fsync_dir(os.path.dirname(source))
             return False
-        fsync_dir(os.path.dirname(target))
-        fsync_dir(os.path.dirname(source))
-        self._prune(src)
+        if durable:
+            fsync_dir(os.path.dirname(target))
+            fsync_dir(os.path.dirname(source))
+            self._prune(src)
         return True
 
     async def delete(self, key: str) -> bool:
@@ -244,10 +249,10 @@ class FsDriver:
         self._prune(key)
         return True
 
-    async def delete_many(self, keys: Sequence[str]) -> builtins.list[str]:
-        return await self._pool.run(self._delete_many, keys)
+    async def delete_many(self, keys: Sequence[str], durable: bool = True) -> builtins.list[str]:
+        return await self._pool.run(self._delete_many, keys, durable)
 
-    def _delete_many(self, keys: Sequence[str]) -> builtins.list[str]:
+    def _delete_many(self, keys: Sequence[str], durable: bool = True) -> builtins.list[str]:
         """Unlink every key, then fsync each directory once (a purge empties a few hundred)."""
         removed = []
         for key in keys:
@@ -256,6 +261,8 @@ class FsDriver:
             except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
                 continue
             removed.append(key)
+        if not durable:
+            return []
         folders = {key.rpartition("/")[0]: key for key in removed}
         for folder, key in sorted(folders.items()):
             fsync_dir(os.path.dirname(self.path(key)))
@@ -263,11 +270,30 @@ class FsDriver:
             self._prune(key)
         return []
 
+    async def tidy(self, prefix: str) -> int:
+        return await self._pool.run(self._tidy, prefix)
+
+    def _tidy(self, prefix: str) -> int:
+        check_key(prefix.rstrip("/"))
+        top = self.path(prefix.rstrip("/"))
+        removed = 0
+        for directory, folders, files in os.walk(top, topdown=False):
+            if directory != top and not files and not any(os.path.isdir(os.path.join(directory, f))
+                                                          for f in folders):
+                try:
+                    os.rmdir(directory)
+                    removed += 1
+                except OSError as e:
+                    if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT):
+                        raise
+        return removed
+
     def _prune(self, key: str) -> None:
-        """Remove the directories ``key``'s removal emptied: never the top-level folder, never a
-        ``_``-folder of a repository (``_blobs``, ``_manifests``...) nor what holds it."""
+        """Remove the directories ``key``'s removal emptied: never the top two levels
+        (``blobs/<alg>``, ``trash/<run>``: ``tidy`` takes those), never a ``_``-folder of a
+        repository (``_blobs``, ``_manifests``...) nor what holds it."""
         parts = key.split("/")[:-1]
-        while len(parts) > 1 and not parts[-1].startswith("_"):
+        while len(parts) > 2 and not parts[-1].startswith("_"):
             try:
                 os.rmdir(os.path.join(self.root, *parts))
             except OSError as e:

@@ -101,7 +101,7 @@ class S3Driver:
         return True
 
     async def move(self, src: str, dst: str, expect: Entry | None = None,
-                   unless: Callable[[], bool] | None = None) -> bool:
+                   unless: Callable[[], bool] | None = None, durable: bool = True) -> bool:
         if expect is None:
             info = await self.client.head_object(src)
             if info is None:
@@ -142,10 +142,13 @@ class S3Driver:
         await self.client.delete_object(key)
         return True
 
-    async def delete_many(self, keys: Sequence[str]) -> builtins.list[str]:
+    async def delete_many(self, keys: Sequence[str], durable: bool = True) -> builtins.list[str]:
         if not keys:
             return []
         return [failure.key for failure in await self.client.delete_objects(keys)]
+
+    async def tidy(self, prefix: str) -> int:
+        return 0  # no folders here
 
     def local_path(self, key: str) -> str | None:
         return None
