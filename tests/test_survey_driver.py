@@ -200,3 +200,29 @@ def test_a_blob_claimed_since_the_survey_is_not_deleted_and_a_referrer_entry_goe
     assert (done.manifests, done.blobs) == (1, 1)
     assert store.keys(f"mirror/{FOLDER}/lib/app/_referrers") == []
     assert layer in store.survey().blob_sizes and signature not in store.survey().blob_sizes
+
+
+def test_a_claim_made_while_a_freed_blob_moves_to_the_trash_puts_it_back() -> None:
+    """No lock spans the move: the claims are looked at once the blob is in the trash."""
+    store = Layout()
+    base, _ = store.at(5).image("lib/base", [b"base" * 10], tag="v0")
+    signature, (layer,) = store.at(10).image("lib/app", [b"sig" * 100], tag=None, subject=base)
+    store.at(50).pull("lib/base", base)
+    guard = BlobGuard(clock=store.clock)
+    survey = store.at(60).survey()
+    plan = plan_eviction(survey, survey.mirror_bytes - 1)
+    assert layer in plan.blobs
+    store.at(61)
+    real_move = store.driver.move
+
+    async def claim_during_the_move(src: str, dst: str, **options: Any) -> bool:
+        if src.endswith(layer.hex):
+            guard.claim([layer])            # a manifest naming the layer, pushed just now
+        return await real_move(src, dst, **options)
+
+    store.driver.move = claim_during_the_move  # type: ignore[method-assign]
+    done = finish(evict(store.driver, survey, plan, guard))
+
+    assert done.blobs == 1                  # the signature's own document went; the layer came back
+    assert layer in store.survey().blob_sizes and signature not in store.survey().blob_sizes
+    assert store.keys("trash") == []

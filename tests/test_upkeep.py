@@ -55,16 +55,16 @@ def fake_digest(n: int) -> Any:
 
 # --- units ---------------------------------------------------------------------
 
-def test_guard_refuses_a_deletion_after_a_claim() -> None:
+def test_guard_says_whether_a_digest_was_claimed_since_a_time() -> None:
     now = [100.0]
     guard = BlobGuard(clock=lambda: now[0])
     digest = fake_digest(1)
-    deleted: list[int] = []
-    assert guard.delete_unless_claimed(digest, 50.0, lambda: deleted.append(1) or True)
+    assert not guard.claimed_since(digest, 50.0)
     guard.claim([digest])
-    assert not guard.delete_unless_claimed(digest, 100.0, lambda: deleted.append(2) or True)
-    assert guard.delete_unless_claimed(digest, 100.5, lambda: deleted.append(3) or True)
-    assert deleted == [1, 3]
+    assert guard.claimed_since(digest, 100.0)
+    assert guard.claimed_since(digest, 50.0)
+    assert not guard.claimed_since(digest, 100.5)
+    assert not guard.claimed_since(fake_digest(2), 0.0)
     assert guard.last_claim(digest) == 100.0
 
 

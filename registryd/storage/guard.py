@@ -12,8 +12,8 @@ a manifest naming it is refused as MANIFEST_BLOB_UNKNOWN).
 
 The claims are kept in memory, so they only speak for this process; the
 collector's second mark protects what other processes and nodes commit.
-``delete_unless_claimed`` serves the mirror cache's eviction on a data
-directory, which deletes under the lock.
+The mirror cache's eviction on a data directory deletes the blobs it freed
+the same way: into the trash, a look at the claims, then the purge.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ _PRUNE_EVERY = 100_000
 
 
 class BlobGuard:
-    """Digest claims with their times, and deletions serialized against them."""
+    """Digest claims with their times; the lock guards the table only, never any I/O."""
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
@@ -51,16 +51,10 @@ class BlobGuard:
         with self._lock:
             return self._claims.get(digest)
 
-    def delete_unless_claimed(self, digest: Digest, since: float, delete: Callable[[], bool]) -> bool:
-        """Run ``delete`` only if ``digest`` was not claimed at or after ``since``.
-
-        Returns what ``delete`` returned, or False when a claim kept the blob.
-        """
-        with self._lock:
-            claimed = self._claims.get(digest)
-            if claimed is not None and claimed >= since:
-                return False
-            return delete()
+    def claimed_since(self, digest: Digest, since: float) -> bool:
+        """Was ``digest`` claimed at or after ``since``? (A look, not a lock: see the module.)"""
+        claim = self.last_claim(digest)
+        return claim is not None and claim >= since
 
     def _forget_before(self, cutoff: float) -> None:
         self._claims = {d: t for d, t in self._claims.items() if t >= cutoff}

@@ -187,8 +187,7 @@ class Collector:
     # -- candidates -------------------------------------------------------------
 
     def _claimed(self, digest: Digest) -> bool:
-        claim = self.guard.last_claim(digest)
-        return claim is not None and claim >= self.started
+        return self.guard.claimed_since(digest, self.started)
 
     def _candidates(self, blobs: Iterable[BlobEntry], cutoff: float) -> list[BlobEntry]:
         candidates = []

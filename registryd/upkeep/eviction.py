@@ -19,7 +19,8 @@ since (a fill) stays.
 The freed blobs themselves: given the BlobGuard that sees every claim on
 the store (a data directory, which one process serves), ``evict`` deletes
 each one unless it was claimed (by a push, a manifest, a fill) since the
-survey began. Without it (a bucket every node shares: another node's claim
+survey began, as the collector does: moved into the trash, the claims looked
+at once it is there, then purged; no lock is held across the I/O. Without it (a bucket every node shares: another node's claim
 is in that node's memory), they are left to the collection and its
 trash/re-mark protocol (registryd.upkeep.collector), which the scheduler
 runs right after and which removes those older than ``[gc] delay``. Every
@@ -29,6 +30,7 @@ runs only find less to do.
 from __future__ import annotations
 
 import math
+import uuid
 from collections import Counter
 from typing import Callable, Iterable
 
@@ -37,11 +39,10 @@ from twisted.logger import Logger
 
 from registryd.deferreds import bounded_each
 from registryd.digest import Digest
-from registryd.storage.driver import Driver, finish
+from registryd.storage.driver import Driver
 from registryd.storage.guard import BlobGuard
 from registryd.storage.layout import blob_key
-from registryd.threads import InlinePool
-from registryd.upkeep.marker import CONCURRENCY, TAG_LIMIT
+from registryd.upkeep.marker import CONCURRENCY, TAG_LIMIT, trash_key
 from registryd.upkeep.survey import MirrorLink, MirrorManifest, Survey, SurveyedRepository
 
 log = Logger()
@@ -180,17 +181,23 @@ async def evict(driver: Driver, survey: Survey, plan: EvictionPlan, guard: BlobG
 
 async def _delete_blobs(driver: Driver, freed: dict[Digest, int], guard: BlobGuard, since: float,
                         done: Eviction) -> None:
-    """Each freed blob, unless claimed since ``since``: under the guard's lock, in one worker thread."""
-    blocking, pool = driver.threaded() or (driver, InlinePool())
+    """Each freed blob, unless claimed since ``since``, as the collector removes one: moved into a
+    trash of its own, the claims looked at once it is there (a claim since puts it back), then
+    purged. No lock is held across the I/O; a crash leaves a trash the next collection handles."""
+    run = f"evict-{uuid.uuid4().hex}"
 
-    def delete_all() -> None:
-        for digest, size in freed.items():
-            key = blob_key(digest)
-            if guard.delete_unless_claimed(digest, since, lambda: finish(blocking.delete(key))):
-                done.blobs += 1
-                done.bytes += size
+    async def delete(item: tuple[Digest, int]) -> None:
+        digest, size = item
+        if guard.claimed_since(digest, since):
+            return
+        trash = trash_key(run, digest)
+        if await driver.move(blob_key(digest), trash, unless=lambda: guard.claimed_since(digest, since),
+                             durable=False):
+            await driver.delete(trash)
+            done.blobs += 1
+            done.bytes += size
 
-    await pool.run(delete_all)
+    await bounded_each(freed.items(), delete, CONCURRENCY)
 
 
 def _freed_links(links: Iterable[MirrorLink], plan: EvictionPlan) -> list[MirrorLink]:
