@@ -24,4 +24,6 @@ python3 -m venv .venv
 
 .venv/bin/python -m mypy registryd
 scripts/build-packages versions >/dev/null
-.venv/bin/python -m pytest "$@"
+# Two workers (pytest-xdist) by default: TEST_WORKERS=N to change, `-n 0` for one process.
+# A module's tests stay in one worker, and everything on Ceph in one (tests/conftest.py).
+.venv/bin/python -m pytest -n "${TEST_WORKERS:-2}" --dist loadgroup --no-loadscope-reorder "$@"

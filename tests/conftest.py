@@ -71,9 +71,14 @@ def _test_modules() -> set[str]:
     return found
 
 
+def module_name(path: Any) -> str:
+    """``test_x`` or ``e2e/test_y``: the test module at ``path`` as TIERS names it."""
+    return os.path.relpath(os.path.splitext(str(path))[0], HERE).replace(os.sep, "/")
+
+
 def module_tier(path: Any) -> str:
     """The tier TIERS gives the test module at ``path``."""
-    name = os.path.relpath(os.path.splitext(str(path))[0], HERE).replace(os.sep, "/")
+    name = module_name(path)
     for tier, modules in TIERS.items():
         if name in modules:
             return tier
@@ -95,7 +100,13 @@ def pytest_configure(config: Any) -> None:
         raise pytest.UsageError(f"these test modules have no tier in TIERS (tests/conftest.py): {', '.join(untiered)}")
 
 
+#: The order groups start in, longest first, so that two workers finish together: everything
+#: on Ceph (one group: one Ceph), then the package builds, then the rest by tier.
+_START_ORDER = ("ceph", "packaging", "e2e", "bench", "integration", "s3", "unit")
+
+
 def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
+    rank: dict[Any, int] = {}
     for item in items:
         tier = module_tier(item.path)
         needs_ceph = item.get_closest_marker("s3") is not None or "ceph_s3" in getattr(item, "fixturenames", ())
@@ -108,6 +119,11 @@ def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
             item.add_marker(getattr(pytest.mark, tier))
         if tier == "unit":
             item.add_marker(pytest.mark.fast)
+        # With workers (pytest-xdist, --dist loadgroup): a module's tests stay together (its
+        # fixtures start once), and every test needing Ceph runs in one worker (one Ceph).
+        item.add_marker(pytest.mark.xdist_group("ceph" if needs_ceph else module_name(item.path)))
+        rank[item] = _START_ORDER.index("ceph" if needs_ceph else tier)
+    items.sort(key=rank.__getitem__)    # stable: a module's tests keep their order
 
 
 ROOT = os.path.dirname(HERE)
