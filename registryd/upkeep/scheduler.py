@@ -28,7 +28,6 @@ from registryd.upkeep.collector import Collection, Collector
 from registryd.storage.outage import outage_reason
 from registryd.storage.s3.errors import S3Error, S3Unavailable
 from registryd.storage.s3.store import S3Store
-from registryd.storage.scan import DataDir
 from registryd.upkeep.eviction import Eviction, EvictionPlan, evict, plan_eviction
 from registryd.upkeep.survey import Documents, Survey, take_survey
 
@@ -66,8 +65,8 @@ class Upkeep:
         self._config = config
         self._metrics = metrics
         self._reactor = reactor
-        namespaces = layout.namespace_folders(u.namespace for u in config.upstreams)
-        self._data = DataDir(store.root, namespaces)
+        # Folder under mirror/ -> namespace: how the survey names mirrored repositories.
+        self._namespaces = layout.namespace_folders(u.namespace for u in config.upstreams)
         self._lock = DeferredLock()
         self.last_size: StoreSize | None = None
         self._documents = Documents()     # S3: what each manifest names, kept between surveys
@@ -152,7 +151,7 @@ class Upkeep:
         driver = self._store.objects
         await self._lock.acquire()
         try:
-            survey = await take_survey(driver, self._data.namespaces, self._documents)
+            survey = await take_survey(driver, self._namespaces, self._documents)
             self._measured(survey)
             plan = plan_eviction(survey, limit) if limit else EvictionPlan()
             if not (plan.manifests or plan.blobs):
@@ -175,7 +174,7 @@ class Upkeep:
         self._evicted(plan.size_before, limit, done, left)
         await self._lock.acquire()
         try:
-            self._measured(await take_survey(driver, self._data.namespaces, self._documents))
+            self._measured(await take_survey(driver, self._namespaces, self._documents))
         finally:
             self._lock.release()
         assert self.last_size is not None
