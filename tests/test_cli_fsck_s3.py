@@ -24,12 +24,12 @@ from terminal import run_with_terminal_stderr
 from conftest import RunningRegistry
 from fake_upstream import FakeUpstream
 from oci_client import OCI_MANIFEST, Client, digest_of
-from registryd.admin.fsck_s3 import S3Fsck
+from registryd.admin.fsck import StoreFsck
 from registryd.config import StorageSettings, UpstreamConfig
 from registryd.digest import parse_digest
 from registryd.storage.s3 import S3Client
-from registryd.storage.layout import blob_key
-from registryd.upkeep.s3_marker import trash_key
+from registryd.storage.layout import blob_key, trash_key
+from registryd.storage.s3.driver import S3Driver
 from test_cli_ls import NS, REGISTRYD, Filled, _fill
 from support.wait import sleep
 
@@ -369,7 +369,7 @@ async def test_trash_and_expired_uploads_are_information(bucket: Bucket, tmp_pat
     assert status == 0 and {i["kind"] for i in report["info"]} == {"not-cached", "trash"}
     # Trash older than a collection can run is what a stopped one left (LastModified cannot be
     # backdated: a clock two hours ahead makes it old).
-    checker = S3Fsck(bucket.client, {}, 86400, 3600, progress=False, clock=lambda: time.time() + 7200)
+    checker = StoreFsck(S3Driver(bucket.client), {}, 86400, 3600, progress=False, clock=lambda: time.time() + 7200)
     await checker.check()
     trash = next(f for f in checker.findings if f.kind == "trash")
     assert re.fullmatch(r"1 blob \(\d+ B\) set aside on \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ by a garbage collection "
@@ -390,7 +390,7 @@ async def test_a_repair_leaves_alone_what_was_mended_meanwhile(bucket: Bucket) -
     await bucket.client.put_object(tag_key("team/app", "ghost"), ghost.encode())
     await bucket.client.put_object(tag_key("team/app", "stale"), ghost.encode())
 
-    checker = S3Fsck(bucket.client, {NS.replace(":", "_"): NS}, 86400, 3600, progress=False)
+    checker = StoreFsck(S3Driver(bucket.client), {NS.replace(":", "_"): NS}, 86400, 3600, progress=False)
     await checker.check()
     assert sorted(f.kind for f in checker.findings if f.severity == "damage") == [
         "blob-corrupt", "manifest-blob-corrupt", "tag-dangling", "tag-dangling"]

@@ -16,13 +16,14 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 
 from conftest import start_twistd, stop_process
-from registryd.admin.gc import collect_on_s3
+from registryd.admin.gc import collect_in_command
 from registryd.units import human_size
 from registryd.config import StorageSettings
 from registryd.digest import parse_digest
 from registryd.storage.layout import blob_key
-from registryd.upkeep.s3_collector import S3Collector
-from registryd.upkeep.s3_marker import list_trash
+from registryd.storage.s3.driver import S3Driver
+from registryd.upkeep.collector import Collector
+from registryd.upkeep.marker import list_trash
 from oci_client import OCI_CONFIG, OCI_INDEX, OCI_LAYER, OCI_MANIFEST, Client, descriptor, digest_of, encode
 from syncclient import push_blob, request, sha256
 from test_cli_ls import blob_file, bucket_objects, files_under, run, write_s3_config
@@ -341,7 +342,7 @@ async def test_s3_gc_collects_the_bucket_and_every_image_still_pulls(make_regist
 
 
 class _Shutdown:
-    """The part of a reactor collect_on_s3 uses: before-shutdown triggers, fired by the test."""
+    """The part of a reactor collect_in_command uses: before-shutdown triggers, fired by the test."""
 
     def __init__(self) -> None:
         self.triggers: list[Any] = []
@@ -373,21 +374,21 @@ async def test_s3_interrupted_gc_puts_back_what_it_moved(make_registry: Any, cep
         shutdown = _Shutdown()
         in_trash: set[str] = set()
 
-        class Interrupted(S3Collector):
+        class Interrupted(Collector):
             async def _remark(self) -> None:
-                in_trash.update(str(digest) for digest in await list_trash(bucket))
+                in_trash.update(str(digest) for digest in await list_trash(S3Driver(bucket)))
                 # Once this run awaits the store again: cancellation reaches a request in flight.
                 reactor.callLater(0, shutdown.fire)
                 await super()._remark()
 
-        assert await collect_on_s3(Interrupted(bucket, 0, False), shutdown) is None
+        assert await collect_in_command(Interrupted(S3Driver(bucket), 0, False), shutdown) is None
         assert in_trash == garbage, "the interrupt came while the garbage was in trash/"
         assert len(shutdown.waits) == 1 and shutdown.waits[0].called
         assert await bucket_objects(bucket) == before, "every moved blob is back, and trash/ is empty"
 
         # Uninterrupted, the same run collects, and leaves no trigger behind.
         shutdown = _Shutdown()
-        report = await collect_on_s3(S3Collector(bucket, 0, False), shutdown)
+        report = await collect_in_command(Collector(S3Driver(bucket), 0, False), shutdown)
         assert report is not None and {b["digest"] for b in report["removed_blobs"]} == garbage
         assert shutdown.triggers == []
         left = await bucket_objects(bucket)

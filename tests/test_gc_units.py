@@ -10,14 +10,14 @@ from typing import Any, Callable
 import pytest
 import pytest_twisted
 
-from registryd.storage.scan import DataDir
 from registryd.digest import Digest, digest_of
 from registryd.storage.driver import Driver
+from registryd.storage.fs.driver import FsDriver
 from registryd.storage.guard import BlobGuard
 from registryd.storage.memory import MemoryDriver
-from registryd.storage.layout import blob_key
+from registryd.storage.layout import blob_key, trash_key
+from registryd.threads import InlinePool
 from registryd.upkeep.collector import LEFTOVER_AGE, Collector
-from registryd.upkeep.marker import trash_key
 
 MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 HOUR = 3600.0
@@ -298,12 +298,12 @@ def test_on_a_data_directory_trash_is_a_rename_and_leftovers_come_back(tmp_path:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
         os.utime(path, (1, 1))
-    result = Collector(DataDir(str(root)), delay=HOUR, dry_run=False).run()
+    result = Collector(FsDriver(str(root), InlinePool()), delay=HOUR, dry_run=False).run()
     assert result.restored == 1 and [b["digest"] for b in result.blobs] == [str(garbage)]
     assert (root / blob_key(layer)).read_bytes() == layer_data
     assert [path for path in (root / "trash").rglob("*") if path.is_file()] == []
     # The folders the purge emptied go at the start of the next run.
-    again = Collector(DataDir(str(root)), delay=0, dry_run=False).run()
+    again = Collector(FsDriver(str(root), InlinePool()), delay=0, dry_run=False).run()
     assert again.blobs == [] and again.directories > 0 and os.listdir(root / "trash") == []
 
 

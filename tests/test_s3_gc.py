@@ -1,4 +1,4 @@
-"""Garbage collection of a shared S3 store (S3Collector) against a real radosgw.
+"""Garbage collection of a shared S3 store (the Collector on an S3Driver) against a real radosgw.
 
 LastModified cannot be set, so "old" is made with the collector's clock: a
 clock a day ahead makes everything written now older than a one-hour delay.
@@ -16,15 +16,15 @@ from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.task import deferLater
 
 from s3_helpers import node_b, repos, s3  # noqa: F401  (fixtures)
-from registryd.storage.scan import DataDir
 from registryd.digest import Digest, digest_of
+from registryd.storage.fs.driver import FsDriver
 from registryd.storage.guard import BlobGuard
 from registryd.storage.s3 import S3Client, S3Unavailable
 from registryd.storage.s3.blobs import S3BlobStore
-from registryd.storage.layout import blob_key
+from registryd.storage.s3.driver import S3Driver
+from registryd.storage.layout import blob_key, trash_key
+from registryd.threads import InlinePool
 from registryd.upkeep.collector import Collector
-from registryd.upkeep.s3_collector import S3Collector
-from registryd.upkeep.s3_marker import trash_key
 
 MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 INDEX = "application/vnd.oci.image.index.v1+json"
@@ -151,8 +151,8 @@ async def test_keeps_everything_referenced(s3: S3Client) -> None:
     orphan = await put_blob(s3, b"nothing names me")
 
     kept = [*image, *child_a, *child_b, index, *signature, by_referrer, tag_only, *mirrored]
-    collector = S3Collector(s3, 3600, dry_run=False, clock=ahead(DAY))
-    await collector.run()
+    collector = Collector(S3Driver(s3), 3600, dry_run=False, clock=ahead(DAY))
+    await collector.collect()
 
     for digest in kept:
         assert await exists(s3, digest), digest
@@ -175,8 +175,8 @@ async def test_removes_old_unreferenced_blobs_and_their_links(s3: S3Client) -> N
     never_stored = digest_of(b"a link whose blob never arrived")
     await repos(s3).link_blob("lib/app", never_stored)
 
-    collector = S3Collector(s3, 3600, dry_run=False, clock=ahead(DAY))
-    result = await collector.run()
+    collector = Collector(S3Driver(s3), 3600, dry_run=False, clock=ahead(DAY))
+    result = await collector.collect()
 
     assert [await exists(s3, digest) for digest in dropped] == [False, False, False]
     assert all([await exists(s3, digest) for digest in image])
@@ -194,8 +194,8 @@ async def test_removes_old_unreferenced_blobs_and_their_links(s3: S3Client) -> N
 @pytest_twisted.ensureDeferred
 async def test_keeps_young_blobs(s3: S3Client) -> None:
     young = await put_blob(s3, b"just pushed")
-    collector = S3Collector(s3, 3600, dry_run=False)
-    await collector.run()
+    collector = Collector(S3Driver(s3), 3600, dry_run=False)
+    await collector.collect()
     assert await exists(s3, young)
     assert collector.report()["kept_young"] == 1 and collector.report()["removed_blobs"] == []
 
@@ -218,8 +218,8 @@ async def test_a_young_link_or_a_claim_keeps_an_old_blob(s3: S3Client) -> None:
     guard = BlobGuard(clock=clock)
     guard.claim([claimed])
 
-    collector = S3Collector(s3, 10, dry_run=False, guard=guard, clock=clock)
-    await collector.run()
+    collector = Collector(S3Driver(s3), 10, dry_run=False, guard=guard, clock=clock)
+    await collector.collect()
     assert await exists(s3, linked) and await exists(s3, claimed)
     assert not await exists(s3, orphan)
     assert collector.report()["kept_young"] == 2
@@ -234,8 +234,8 @@ async def test_dry_run_removes_nothing(s3: S3Client) -> None:
     await repos(s3).link_blob("lib/app", dangling)
     before = await keys(s3)
 
-    collector = S3Collector(s3, 3600, dry_run=True, clock=ahead(DAY))
-    await collector.run()
+    collector = Collector(S3Driver(s3), 3600, dry_run=True, clock=ahead(DAY))
+    await collector.collect()
 
     assert await keys(s3) == before
     report = collector.report()
@@ -256,7 +256,7 @@ async def test_a_revision_added_before_the_second_mark_brings_its_blobs_back(s3:
     # its copy in the trash can tell the second mark what it names.
     old_doc = manifest_doc(config, [layer])
     old_manifest = await put_blob(s3, old_doc)
-    collector = S3Collector(s3, 3600, dry_run=False, clock=ahead(DAY))
+    collector = Collector(S3Driver(s3), 3600, dry_run=False, clock=ahead(DAY))
     remark = collector._remark
 
     async def another_node_pushes() -> None:
@@ -265,7 +265,7 @@ async def test_a_revision_added_before_the_second_mark_brings_its_blobs_back(s3:
         await remark()
 
     monkeypatch.setattr(collector, "_remark", another_node_pushes)
-    await collector.run()
+    await collector.collect()
 
     for digest in (layer, config, old_manifest):
         assert await exists(s3, digest)
@@ -309,8 +309,8 @@ async def test_a_push_during_the_move_commits_whole_or_fails(s3: S3Client, node_
         pushed.callback(None)
 
     monkeypatch.setattr(s3, "delete_object", delete)
-    collector = S3Collector(s3, 3600, dry_run=False, clock=ahead(DAY))
-    await collector.run()
+    collector = Collector(S3Driver(s3), 3600, dry_run=False, clock=ahead(DAY))
+    await collector.collect()
 
     committed = outcome == [True]
     assert committed == (moment == "before the delete")
@@ -332,7 +332,7 @@ async def test_a_use_during_the_run_brings_the_blob_back(s3: S3Client, node_b: S
     await deferLater(reactor, 1.1, lambda: None)  # so the new link has a later LastModified
     clock = ahead(DAY)
     guard = BlobGuard(clock=clock)
-    collector = S3Collector(s3, 3600, dry_run=False, guard=guard, clock=clock)
+    collector = Collector(S3Driver(s3), 3600, dry_run=False, guard=guard, clock=clock)
     remark = collector._remark
 
     async def used_then_remark() -> None:
@@ -343,7 +343,7 @@ async def test_a_use_during_the_run_brings_the_blob_back(s3: S3Client, node_b: S
         await remark()
 
     monkeypatch.setattr(collector, "_remark", used_then_remark)
-    await collector.run()
+    await collector.collect()
     assert await exists(s3, blob)
     report = collector.report()
     assert report["restored"] == 1 and report["kept_young"] == 1
@@ -364,8 +364,8 @@ async def test_a_blob_written_again_during_the_move_stays(s3: S3Client, node_b: 
         return etag
 
     monkeypatch.setattr(s3, "copy_large", copy)
-    collector = S3Collector(s3, 3600, dry_run=False, clock=ahead(DAY))
-    await collector.run()
+    collector = Collector(S3Driver(s3), 3600, dry_run=False, clock=ahead(DAY))
+    await collector.collect()
     assert await exists(s3, blob)
     assert collector.report()["kept_young"] == 1 and collector.report()["removed_blobs"] == []
     assert await keys(s3, "trash/") == []
@@ -377,7 +377,7 @@ async def test_a_new_revision_without_its_document_holds_everything_back(s3: S3C
     broken = await push_image(s3, "lib/old", ["v1"], [b"old"])
     await s3.delete_object(blob_key(broken[0]))  # an old revision without its manifest: fsck's business
     orphan = await put_blob(s3, b"its layer, perhaps")
-    collector = S3Collector(s3, 3600, dry_run=False, clock=ahead(DAY))
+    collector = Collector(S3Driver(s3), 3600, dry_run=False, clock=ahead(DAY))
     remark = collector._remark
 
     async def a_revision_nothing_can_read() -> None:
@@ -385,27 +385,27 @@ async def test_a_new_revision_without_its_document_holds_everything_back(s3: S3C
         await remark()
 
     monkeypatch.setattr(collector, "_remark", a_revision_nothing_can_read)
-    await collector.run()
+    await collector.collect()
     assert await exists(s3, orphan)
     assert collector.report()["removed_blobs"] == [] and collector.report()["restored"] == 3
 
     # Once it is old, it no longer holds anything back (as on the filesystem).
-    again = S3Collector(s3, 3600, dry_run=False, clock=ahead(DAY))
-    await again.run()
+    again = Collector(S3Driver(s3), 3600, dry_run=False, clock=ahead(DAY))
+    await again.collect()
     assert not await exists(s3, orphan)
 
 
 @pytest_twisted.ensureDeferred
 async def test_a_failed_run_puts_moved_blobs_back(s3: S3Client, monkeypatch: Any) -> None:
     blobs = [await put_blob(s3, f"orphan {n}".encode()) for n in range(3)]
-    collector = S3Collector(s3, 3600, dry_run=False, clock=ahead(DAY))
+    collector = Collector(S3Driver(s3), 3600, dry_run=False, clock=ahead(DAY))
 
     async def store_goes_away() -> None:
         raise S3Unavailable("the store stopped answering")
 
     monkeypatch.setattr(collector, "_remark", store_goes_away)
     with pytest.raises(S3Unavailable):
-        await collector.run()
+        await collector.collect()
     assert [await exists(s3, digest) for digest in blobs] == [True, True, True]
     assert await keys(s3, "trash/") == []
 
@@ -426,12 +426,12 @@ async def test_leftovers_of_a_crashed_run(s3: S3Client) -> None:
     await repos(s3).add_manifest("lib/app", manifest, MANIFEST, ["v1"], None)
 
     # Within the leftover age, a run leaves them alone: it may be another node's, in progress.
-    early = S3Collector(s3, 0, dry_run=False)
-    await early.run()
+    early = Collector(S3Driver(s3), 0, dry_run=False)
+    await early.collect()
     assert len(await keys(s3, "trash/")) == 4 and early.report()["restored"] == 0
 
-    collector = S3Collector(s3, 3600, dry_run=False, clock=ahead(DAY))
-    await collector.run()
+    collector = Collector(S3Driver(s3), 3600, dry_run=False, clock=ahead(DAY))
+    await collector.collect()
     assert await keys(s3, "trash/") == []
     for digest in (layer, config, manifest):
         assert await exists(s3, digest)
@@ -454,8 +454,8 @@ async def test_link_sweep(s3: S3Client) -> None:
     await s3.put_object(trash_key("running", digest_of(b"in another run's trash")), b"in another run's trash")
 
     # Blobs and links are past the delay; the trash entry is within the leftover age.
-    collector = S3Collector(s3, 600, dry_run=False, clock=ahead(1800))
-    await collector.run()
+    collector = Collector(S3Driver(s3), 600, dry_run=False, clock=ahead(1800))
+    await collector.collect()
     removed = sorted((link["repository"], link["digest"]) for link in collector.report()["removed_links"])
     assert removed == sorted([("lib/app", str(digest_of(b"gone long ago"))),
                               ("docker.io/library/alpine", str(digest_of(b"gone long ago")))])
@@ -464,8 +464,8 @@ async def test_link_sweep(s3: S3Client) -> None:
 
     # A young link to a missing blob stays (its blob may be on its way).
     await r.link_blob("lib/app", digest_of(b"on its way"))
-    young = S3Collector(s3, 3600, dry_run=False)
-    await young.run()
+    young = Collector(S3Driver(s3), 3600, dry_run=False)
+    await young.collect()
     assert young.report()["removed_links"] == []
 
 
@@ -499,8 +499,8 @@ async def test_two_collectors_at_once_lose_nothing_referenced(s3: S3Client, node
         hook_before(monkeypatch, s3, "delete_object", before_delete)
         hook_before(monkeypatch, node_b, "delete_object", before_delete)
         # Trash of the other run is within the leftover age; blobs are past the delay.
-        first = S3Collector(s3, 0, dry_run=False, clock=ahead(2))
-        second = S3Collector(node_b, 0, dry_run=False, clock=ahead(2))
+        first = Collector(S3Driver(s3), 0, dry_run=False, clock=ahead(2))
+        second = Collector(S3Driver(node_b), 0, dry_run=False, clock=ahead(2))
         remark = first._remark
 
         async def pushes_then_remark() -> None:
@@ -509,7 +509,7 @@ async def test_two_collectors_at_once_lose_nothing_referenced(s3: S3Client, node
             await remark()
 
         monkeypatch.setattr(first, "_remark", pushes_then_remark)
-        await gatherResults([Deferred.fromCoroutine(c.run()) for c in (first, second)])
+        await gatherResults([Deferred.fromCoroutine(c.collect()) for c in (first, second)])
 
         for image in images:
             for digest in image:
@@ -535,12 +535,12 @@ async def test_a_run_puts_back_from_its_own_trash_copy(s3: S3Client, node_b: S3C
     blob = await put_blob(s3, b"moved by both")
     clock = ahead(2)
     guard = BlobGuard(clock=clock)
-    ours = S3Collector(s3, 0, dry_run=False, guard=guard, clock=clock)
-    theirs = S3Collector(node_b, 0, dry_run=False, clock=clock)
+    ours = Collector(S3Driver(s3), 0, dry_run=False, guard=guard, clock=clock)
+    theirs = Collector(S3Driver(node_b), 0, dry_run=False, clock=clock)
 
     async def the_other_node_collects_first(key: str) -> None:
         if key == blob_key(blob) and not theirs.started:
-            await theirs.run()
+            await theirs.collect()
 
     hook_before(monkeypatch, s3, "delete_object", the_other_node_collects_first)
     remark = ours._remark
@@ -550,7 +550,7 @@ async def test_a_run_puts_back_from_its_own_trash_copy(s3: S3Client, node_b: S3C
         await remark()
 
     monkeypatch.setattr(ours, "_remark", claim_then_remark)
-    await ours.run()
+    await ours.collect()
     assert [b["digest"] for b in theirs.report()["removed_blobs"]] == [str(blob)]
     assert ours.report()["restored"] == 1
     assert await S3BlobStore(s3, BlobGuard()).read(blob, 100) == b"moved by both"
@@ -561,10 +561,10 @@ async def test_a_run_puts_back_from_its_own_trash_copy(s3: S3Client, node_b: S3C
 
 @pytest_twisted.ensureDeferred
 async def test_report_has_the_filesystem_collectors_keys(s3: S3Client, tmp_path: Any) -> None:
-    filesystem = Collector(DataDir(str(tmp_path)), 0, dry_run=True, echo=False)
+    filesystem = Collector(FsDriver(str(tmp_path), InlinePool()), 0, dry_run=True)
     filesystem.run()
-    collector = S3Collector(s3, 0, dry_run=True)
-    await collector.run()
+    collector = Collector(S3Driver(s3), 0, dry_run=True)
+    await collector.collect()
     report = collector.report()
     assert set(report) == set(filesystem.report()) | {"restored"}
     assert report["data_dir"] == f"s3://{s3.settings.bucket}/site/"

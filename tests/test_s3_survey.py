@@ -24,12 +24,13 @@ from registryd.digest import Digest, parse_digest
 from registryd.storage.guard import BlobGuard
 from registryd.storage.s3 import S3Client
 from registryd.storage.s3.blobs import S3BlobStore
+from registryd.storage.s3.driver import S3Driver
 from registryd.storage.layout import blob_key, repositories_root
 from registryd.storage.s3.repositories import S3RepositoryStore
 from registryd.upkeep import scheduler
 from registryd.upkeep.collector import referenced_digests
 from registryd.upkeep.eviction import plan_eviction
-from registryd.upkeep.s3_survey import S3Repository, take_s3_survey
+from registryd.upkeep.survey import SurveyedRepository, take_survey
 from test_upkeep import metric
 from support.wait import sleep
 
@@ -179,9 +180,9 @@ async def test_the_survey_names_mirrored_repositories_by_namespace(upstream, buc
     reply = await client.get(f"/v2/lib/deep/app/manifests/v1?ns={NS}", headers={"Accept": image["media_type"]})
     assert reply.status == 200
     await push_local(client, "team/app", b"local layer")
-    survey = await take_s3_survey(bucket, {"mirror.test_5000": NS})
+    survey = await take_survey(S3Driver(bucket), {"mirror.test_5000": NS})
     assert [(m.repository, str(m.digest)) for m in survey.manifests] == [
-        (S3Repository(f"{NS}/lib/deep/app", "lib/deep/app", NS, "mirror.test_5000"), image["digest"])]
+        (SurveyedRepository(f"{NS}/lib/deep/app", "lib/deep/app", NS, "mirror.test_5000"), image["digest"])]
     # The manifest linked its blobs, not fetched yet: links, but nothing they hold is stored.
     assert plan_eviction(survey, 1).blobs == {parse_digest(image["digest"]): len(image["manifest"])}
 
@@ -239,7 +240,7 @@ async def test_a_manifest_pulled_after_the_survey_stays_with_its_blobs(
     client = Client(node.url)
     await pull_in_turn(client, bucket, [a, b])
     await sleep(1.1)
-    real_survey = scheduler.take_s3_survey
+    real_survey = scheduler.take_survey
     plans: list[list[str]] = []
 
     async def then_pull_a(*args: Any, **kwargs: Any) -> Any:
@@ -252,7 +253,7 @@ async def test_a_manifest_pulled_after_the_survey_stays_with_its_blobs(
             await wait_pulled(bucket, a, began)
         return survey
 
-    monkeypatch.setattr(scheduler, "take_s3_survey", then_pull_a)
+    monkeypatch.setattr(scheduler, "take_survey", then_pull_a)
     await node.service.upkeep.survey()
 
     assert plans == [sorted([a["digest"], b["digest"]])]     # both were to go

@@ -18,11 +18,13 @@ from twisted.internet import defer
 
 from conftest import VENV_BIN, free_port, start_twistd, stop_process
 from oci_client import OCI_CONFIG, OCI_LAYER, OCI_MANIFEST, Client, descriptor, digest_of, encode
-from registryd.storage.scan import DataDir, Repository
+from registryd.storage.fs.driver import FsDriver
+from registryd.storage.scan import Repository
 from registryd.config import StorageSettings, UpstreamConfig
 from registryd.digest import parse_digest
 from registryd.storage.guard import BlobGuard
 from registryd.storage.pulls import PullRecorder
+from registryd.threads import InlinePool
 from registryd.upkeep.collector import Collector
 from registryd.upkeep.eviction import plan_eviction
 from registryd.upkeep.survey import MirrorLink, MirrorManifest, Survey
@@ -122,12 +124,12 @@ def test_a_collection_spares_what_was_claimed_while_it_ran(tmp_path) -> None:
     (data_dir / "repositories").mkdir()
     guard = BlobGuard()
     times = iter([1000.0])
-    collector = Collector(DataDir(str(data_dir)), delay=0, dry_run=False, echo=False, guard=guard,
+    collector = Collector(FsDriver(str(data_dir), InlinePool()), delay=0, dry_run=False, guard=guard,
                           clock=lambda: next(times))
     guard.claim([digest])  # at the real time, which is after the run's start (1000.0)
     result = collector.run()
     assert result.blobs == [] and path.exists()
-    result = Collector(DataDir(str(data_dir)), delay=0, dry_run=False, echo=False, guard=guard).run()
+    result = Collector(FsDriver(str(data_dir), InlinePool()), delay=0, dry_run=False, guard=guard).run()
     assert [b["digest"] for b in result.blobs] == [str(digest)] and not path.exists()
 
 

@@ -5,8 +5,8 @@
   interface, as the server opens it; ls, prune, preload, export and import
   work through it on either driver. Also the ``--config``/``--data-dir``
   options and the context managers that turn I/O and store errors into one
-  line. fsck and the offline gc read the data directory with
-  ``registryd.storage.scan``; ``fsck_s3`` reads a bucket the same way.
+  line. fsck and gc work on the store's driver (``store.objects``), so on
+  a data directory and a bucket alike.
 - ``remote``: ``--url``, for commands that ask a running server to do the work.
 - ``progress``: a progress bar on stderr, only when it is a terminal.
 

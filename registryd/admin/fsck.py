@@ -48,7 +48,11 @@ from registryd.errors import RegistryError
 from registryd.manifests import Manifest, parse_manifest
 from registryd.storage.driver import Driver, Entry, TooLarge
 from registryd.storage.driver import finish as completed
-from registryd.storage.layout import BLOBS, MIRROR, REPOSITORIES, UPLOADS, blob_key
+from registryd.storage.layout import (
+    BLOBS, LINKS_MARKER, MANIFESTS_MARKER, MARKERS, MIRROR, PULLS_MARKER, REFERRERS_MARKER, REPOSITORIES,
+    REVISIONS_FOLDER, TAGS_FOLDER, TMP, TRASH, UPLOADS, blob_key, folder_namespace,
+)
+from registryd.storage.listing import BlobEntry, list_blobs
 from registryd.storage.s3.upload_state import session_of
 from registryd.storage.scan import (
     Repository,
@@ -61,18 +65,15 @@ from registryd.storage.scan import (
     parse_tag,
 )
 from registryd.units import human_size
+from registryd.upkeep.collector import LEFTOVER_AGE
 from registryd.upkeep.marker import (
     CONCURRENCY,
-    TRASH,
-    BlobEntry,
     RepositoryKey,
     TrashEntry,
-    list_blobs,
     list_trash,
     read_document,
     split_repository_key,
 )
-from registryd.upkeep.s3_collector import LEFTOVER_AGE
 
 HELP = "re-hash every blob and check every repository; --repair quarantines what is damaged"
 
@@ -141,7 +142,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 QUARANTINE = "quarantine/"
 #: Top-level folders of a registryd store (``_registryd/`` holds a bucket's readiness probe's key,
 #: ``tmp/`` a data directory's files being written).
-LAYOUT = (BLOBS, REPOSITORIES, MIRROR, UPLOADS, TRASH, QUARANTINE, "_registryd/", "tmp/")
+LAYOUT = (BLOBS, REPOSITORIES, MIRROR, UPLOADS, TRASH, QUARANTINE, "_registryd/", TMP)
 #: Blobs streamed through a hasher at once.
 BLOB_CONCURRENCY = 4
 #: Repositories checked at once; each reads its small objects READ_CONCURRENCY at a time.
@@ -166,18 +167,18 @@ class _Keys:
 
     def add(self, place: RepositoryKey, key: str) -> None:
         rest = place.rest
-        if place.marker in ("_manifests", "_blobs"):
+        if place.marker in MARKERS:
             self.real = True
-        if place.marker == "_blobs" and len(rest) == 2 and (digest := digest_or_none(*rest)) is not None:
+        if place.marker == LINKS_MARKER and len(rest) == 2 and (digest := digest_or_none(*rest)) is not None:
             self.links[digest] = key
-        elif place.marker == "_manifests" and len(rest) == 3 and rest[0] == "revisions" \
+        elif place.marker == MANIFESTS_MARKER and len(rest) == 3 and rest[0] == REVISIONS_FOLDER \
                 and (digest := digest_or_none(rest[1], rest[2])) is not None:
             self.revisions[digest] = key
-        elif place.marker == "_manifests" and len(rest) == 2 and rest[0] == "tags" and rest[1]:
+        elif place.marker == MANIFESTS_MARKER and len(rest) == 2 and rest[0] == TAGS_FOLDER and rest[1]:
             self.tags[rest[1]] = key
-        elif place.marker == "_referrers" and len(rest) == 3:
+        elif place.marker == REFERRERS_MARKER and len(rest) == 3:
             self.referrers.append((digest_or_none(rest[0], rest[1]), key))
-        elif place.marker != "_pulls":
+        elif place.marker != PULLS_MARKER:
             self.unexpected.append(key)
 
 
@@ -370,8 +371,7 @@ class StoreFsck(Checker):
         root = place.root.rstrip("/")
         if place.folder is None:
             return Repository(place.remote, place.remote, None, root)
-        # The config's upstreams name their folders; else only a port's ':' is '_'.
-        namespace = self.namespaces.get(place.folder) or place.folder.replace("_", ":")
+        namespace = folder_namespace(place.folder, self.namespaces)
         return Repository(f"{namespace}/{place.remote}", place.remote, namespace, root)
 
     async def check_repositories(self) -> None:

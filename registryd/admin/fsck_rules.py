@@ -2,9 +2,8 @@
 
 What is damage and what is information, how each finding reads, which
 files a repair moves and what it looks at again right before moving one,
-and the report the command prints. A driver's side reads the store for
-them: ``registryd.admin.fsck.Fsck`` the data directory,
-``registryd.admin.fsck_s3.S3Fsck`` a bucket.
+and the report the command prints. ``registryd.admin.fsck.StoreFsck``
+reads the store for them over its driver (a data directory, a bucket, memory).
 """
 from __future__ import annotations
 

@@ -21,6 +21,7 @@ from registryd.units import human_size
 from registryd.admin.remote import add_remote_arguments, post_admin
 from registryd.admin.store_access import load_admin_config, run_with_store
 from registryd.config import Config
+from registryd.storage.layout import BLOBS
 from registryd.upkeep.collector import Collector, referenced_digests
 
 __all__ = ["parse_duration", "referenced_digests"]
@@ -145,10 +146,6 @@ async def collect_in_command(collector: Collector, reactor: Any) -> dict[str, An
     return None if interrupted else collector.report()
 
 
-#: Its name from when only the bucket was collected this way.
-collect_on_s3 = collect_in_command
-
-
 def _run_on_store(args: argparse.Namespace, config: Config) -> dict[str, Any]:
     """One pass of the collector on the configured store, as a server runs it."""
     async def main(store: Any, reactor: Any) -> dict[str, Any] | None:
@@ -156,7 +153,7 @@ def _run_on_store(args: argparse.Namespace, config: Config) -> dict[str, Any]:
             document = await collect_in_command(Collector(store.objects, args.delay, args.dry_run), reactor)
             if document is not None and not args.dry_run:
                 # The blob folders the run emptied (a server's runs leave them: they are reused).
-                document["removed_directories"] += await store.objects.tidy("blobs/")
+                document["removed_directories"] += await store.objects.tidy(BLOBS)
             return document
 
     log_problems_to_stderr()

@@ -23,7 +23,6 @@ from twisted.internet.task import react
 from registryd.admin import AdminError, ExitCode
 from registryd.config import Config, ConfigError
 from registryd.storage import layout
-from registryd.storage.scan import DataDir
 
 T = TypeVar("T")
 
@@ -193,11 +192,3 @@ def no_empty_dirs_left(root: str, keep: bool = False) -> Iterator[None]:
                     os.rmdir(directory)
                 except OSError:
                     pass
-
-
-def open_data_dir(args: argparse.Namespace) -> DataDir:
-    """The data directory ``--config``/``--data-dir`` name, checked to be one."""
-    config = load_admin_config(args)
-    check_data_dir(config.data_dir)
-    namespaces = layout.namespace_folders(u.namespace for u in config.upstreams)
-    return DataDir(config.data_dir, namespaces)

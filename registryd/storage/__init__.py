@@ -17,6 +17,7 @@ from registryd.storage.blobs import BlobStore
 from registryd.storage.files import empty_dir, free_space_problem, make_dirs, remove_file
 from registryd.storage.fs.driver import FsDriver
 from registryd.storage.guard import BlobGuard
+from registryd.storage.listing import list_blobs
 from registryd.storage.local import FileBlobs, FileRepositories
 from registryd.storage.repositories import RepositoryStore
 from registryd.storage.uploads import UploadStore
@@ -102,12 +103,8 @@ class Store:
         return await self.pool.run(folders)
 
     async def blob_sizes(self) -> dict[Digest, int]:
-        """Every stored blob and its size (one walk of ``blobs/``, in the pool)."""
-        from registryd.storage.scan import DataDir
-
-        def walk() -> dict[Digest, int]:
-            return {blob.digest: blob.size for blob in DataDir(self.root).blob_files([])}
-        return await self.pool.run(walk)
+        """Every stored blob and its size (one listing of ``blobs/``)."""
+        return {digest: blob.size for digest, blob in (await list_blobs(self.objects)).items()}
 
     def close(self) -> Deferred[None]:
         return succeed(None)

@@ -12,6 +12,7 @@ prefix (the S3 client adds the prefix), a path under the data directory
     repositories/<name>/_pulls/<alg>/<hex>            last pull (mtime / LastModified)
     mirror/<namespace folder>/<name>/...              the same, for a mirrored repository
     uploads/<id>/...                                  upload sessions
+    trash/<run>/<alg>/<2 hex>/<hex>                   a blob a garbage collection moved aside
 
 A namespace folder is the upstream's namespace (a host, with an optional
 ``:port``) with ``:`` as ``_``. Name components never start with ``_``, so
@@ -20,7 +21,7 @@ a repository's own folders never collide with a nested repository.
 from __future__ import annotations
 
 import os
-from typing import Iterable
+from typing import Iterable, Mapping
 
 from registryd.digest import Digest
 
@@ -29,6 +30,8 @@ REPOSITORIES = "repositories/"
 MIRROR = "mirror/"
 UPLOADS = "uploads/"
 TMP = "tmp/"
+#: Blobs a garbage collection (registryd.upkeep.collector) moved aside, one folder per run.
+TRASH = "trash/"
 #: What a registryd data directory has (at least one of).
 TOP_LEVEL = (BLOBS, REPOSITORIES, MIRROR, UPLOADS, TMP)
 #: The small object every node writes and reads back to prove the bucket usable.
@@ -59,12 +62,17 @@ def blob_key(digest: Digest) -> str:
     return f"{BLOBS}{digest.algorithm}/{digest.hex[:2]}/{digest.hex}"
 
 
+def trash_key(run: str, digest: Digest) -> str:
+    """Where collection ``run`` puts the blob ``digest`` aside."""
+    return f"{TRASH}{run}/{blob_key(digest)[len(BLOBS):]}"
+
+
 def namespace_folder(namespace: str) -> str:
     """The folder under ``mirror/`` of an upstream namespace: ``registry.local:5000`` -> ``registry.local_5000``."""
     return namespace.replace(":", "_")
 
 
-def folder_namespace(folder: str, known: dict[str, str] | None = None) -> str:
+def folder_namespace(folder: str, known: Mapping[str, str] | None = None) -> str:
     """The namespace a folder under ``mirror/`` stands for: a configured one, else the folder
     read back (a namespace is a host[:port]; only the port's ``:`` became ``_``)."""
     return (known or {}).get(folder) or folder.replace("_", ":")

@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Callable, Iterable
 
 import attrs
 from twisted.logger import Logger
@@ -55,13 +55,10 @@ from twisted.logger import Logger
 from registryd.deferreds import bounded_each
 from registryd.digest import Digest
 from registryd.storage.driver import Driver, finish
-from registryd.storage.fs.driver import FsDriver
 from registryd.storage.guard import BlobGuard
-from registryd.storage.layout import blob_key
-from registryd.threads import InlinePool
-from registryd.upkeep.marker import (
-    CONCURRENCY, TRASH, BlobEntry, Marker, TrashEntry, list_blobs, list_trash, referenced_digests, trash_key,
-)
+from registryd.storage.layout import TRASH, blob_key, trash_key
+from registryd.storage.listing import BlobEntry, list_blobs
+from registryd.upkeep.marker import CONCURRENCY, Marker, TrashEntry, list_trash, referenced_digests
 
 __all__ = ["Collection", "Collector", "LEFTOVER_AGE", "collection_report", "referenced_digests"]
 
@@ -106,13 +103,6 @@ def collection_report(where: str, dry_run: bool, delay: float, result: Collectio
     }
 
 
-class DataDirectory(Protocol):
-    """A data directory as the admin commands name it (registryd.storage.scan.DataDir)."""
-
-    @property
-    def root(self) -> str: ...
-
-
 @attrs.define
 class _Moved:
     blob: BlobEntry
@@ -120,17 +110,12 @@ class _Moved:
 
 
 class Collector:
-    """One mark and sweep of ``store``; ``guard``: this process's BlobGuard when run inside the server.
+    """One mark and sweep of the store ``driver`` holds; ``guard``: this process's BlobGuard when run
+    inside the server."""
 
-    ``store`` is a driver, or a data directory (opened with calls that
-    block, for ``run`` in a command or a worker thread). ``echo`` is for
-    the callers of the filesystem's former collector: ``registryd gc``
-    prints its lines from the report.
-    """
-
-    def __init__(self, store: Driver | DataDirectory, delay: float, dry_run: bool, echo: bool = False,
-                 guard: BlobGuard | None = None, clock: Callable[[], float] = time.time) -> None:
-        self.driver: Driver = store if isinstance(store, Driver) else FsDriver(store.root, InlinePool())
+    def __init__(self, driver: Driver, delay: float, dry_run: bool, guard: BlobGuard | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.driver = driver
         self.delay = delay
         self.dry_run = dry_run
         self.guard = guard or BlobGuard()

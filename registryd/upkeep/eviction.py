@@ -41,8 +41,8 @@ from registryd.deferreds import bounded_each
 from registryd.digest import Digest
 from registryd.storage.driver import Driver
 from registryd.storage.guard import BlobGuard
-from registryd.storage.layout import blob_key
-from registryd.upkeep.marker import CONCURRENCY, TAG_LIMIT, trash_key
+from registryd.storage.layout import PULLS, REVISIONS, TAGS, blob_key, pull_key, referrer_key, revision_key, trash_key
+from registryd.upkeep.marker import CONCURRENCY, TAG_LIMIT
 from registryd.upkeep.survey import MirrorLink, MirrorManifest, Survey, SurveyedRepository
 
 log = Logger()
@@ -115,10 +115,10 @@ async def delete_manifest(driver: Driver, repository: SurveyedRepository, digest
     A tag moved to another digest between our read and our delete is deleted
     too: a bucket has no conditional DELETE.
     """
-    revision = repository.key("_manifests", "revisions", digest.algorithm, digest.hex)
+    revision = repository.key(revision_key(digest))
     if await driver.stat(revision) is None:
         return False
-    tags = [entry.key async for entry in driver.list(repository.key("_manifests", "tags", ""))]
+    tags = [entry.key async for entry in driver.list(repository.key(TAGS))]
 
     async def untag(key: str) -> None:
         target = await driver.read(key, TAG_LIMIT)
@@ -127,9 +127,8 @@ async def delete_manifest(driver: Driver, repository: SurveyedRepository, digest
 
     await bounded_each(tags, untag, CONCURRENCY)
     if subject is not None:
-        await driver.delete(repository.key("_referrers", subject.algorithm, subject.hex,
-                                           f"{digest.algorithm}-{digest.hex}"))
-    await driver.delete(repository.key("_pulls", digest.algorithm, digest.hex))
+        await driver.delete(repository.key(referrer_key(subject, digest)))
+    await driver.delete(repository.key(pull_key(digest)))
     return await driver.delete(revision)
 
 
@@ -144,8 +143,8 @@ async def evict(driver: Driver, survey: Survey, plan: EvictionPlan, guard: BlobG
     async def evict_manifests(item: tuple[SurveyedRepository, list[MirrorManifest]]) -> None:
         repository, manifests = item
         # Listed again now: a pull, or a caching again, since the survey moved these times.
-        revisions = await _listed_times(driver, repository.key("_manifests", "revisions", ""))
-        pulls = await _listed_times(driver, repository.key("_pulls", ""))
+        revisions = await _listed_times(driver, repository.key(REVISIONS))
+        pulls = await _listed_times(driver, repository.key(PULLS))
         for manifest in manifests:
             name = f"{manifest.digest.algorithm}/{manifest.digest.hex}"
             written = revisions.get(name)

@@ -14,7 +14,7 @@ would look unused.
 from __future__ import annotations
 
 import json
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
+from typing import Any, AsyncIterator, Iterator, Mapping, Sequence
 
 import attrs
 from registryd.deferreds import bounded_each
@@ -22,11 +22,13 @@ from registryd.deferreds import bounded_each
 from registryd.digest import Digest, parse_digest
 from registryd.errors import RegistryError
 from registryd.storage.driver import Driver, Entry
-from registryd.storage.layout import BLOBS, MIRROR, REPOSITORIES, blob_key
+from registryd.storage.layout import (
+    LINKS_MARKER, MANIFESTS_MARKER, MARKERS, MIRROR, REFERRERS_MARKER, REPOSITORIES, REVISIONS_FOLDER, TAGS_FOLDER,
+    TRASH, blob_key, folder_namespace,
+)
+from registryd.storage.listing import blob_digest
+from registryd.storage.scan import digest_or_none
 
-T = TypeVar("T")
-
-TRASH = "trash/"
 #: Manifest documents are read whole; the API serves none larger (MANIFEST_READ_LIMIT).
 MANIFEST_LIMIT = 64 * 1024 * 1024
 #: A tag holds one digest.
@@ -61,27 +63,6 @@ def referenced_digests(content: bytes) -> Iterator[Digest]:
             stack.extend(value)
 
 
-def digest_or_none(algorithm: str, hexpart: str) -> Digest | None:
-    try:
-        return parse_digest(f"{algorithm}:{hexpart}")
-    except RegistryError:
-        return None
-
-
-@attrs.frozen
-class BlobEntry:
-    digest: Digest
-    key: str
-    size: int
-    last_modified: float | None
-    version: str = ""
-
-    @property
-    def entry(self) -> Entry:
-        """As listed: what a move of exactly this value expects."""
-        return Entry(self.key, self.size, self.last_modified, self.version)
-
-
 @attrs.frozen
 class Link:
     """``<root><name>/_blobs/<alg>/<hex>``: the blob is in ``repository``."""
@@ -103,33 +84,6 @@ class TrashEntry:
     last_modified: float | None
 
 
-def trash_key(run: str, digest: Digest) -> str:
-    return f"{TRASH}{run}/{blob_key(digest)[len(BLOBS):]}"
-
-
-def blob_digest(parts: Sequence[str]) -> Digest | None:
-    """``<alg>/<2 hex>/<hex>`` as under ``blobs/``, or None."""
-    if len(parts) != 3:
-        return None
-    digest = digest_or_none(parts[0], parts[2])
-    return digest if digest is not None and digest.hex[:2] == parts[1] else None
-
-
-async def list_blobs(driver: Driver, unexpected: list[Entry] | None = None) -> dict[Digest, BlobEntry]:
-    """Every value under ``blobs/`` that is named by its digest.
-
-    Anything else is fsck's business: it goes to ``unexpected`` when given.
-    """
-    found: dict[Digest, BlobEntry] = {}
-    async for entry in driver.list(BLOBS):
-        digest = blob_digest(entry.key[len(BLOBS):].split("/"))
-        if digest is not None:
-            found[digest] = BlobEntry(digest, entry.key, entry.size, entry.modified, entry.version)
-        elif unexpected is not None:
-            unexpected.append(entry)
-    return found
-
-
 async def list_trash(driver: Driver) -> dict[Digest, list[TrashEntry]]:
     """What every collection, running or crashed, holds in ``trash/``."""
     found: dict[Digest, list[TrashEntry]] = {}
@@ -148,8 +102,13 @@ class RepositoryKey:
     root: str               # "repositories/" or "mirror/<folder>/"
     folder: str | None      # the mirror folder (a namespace with ':' as '_'); None for a local repository
     remote: str             # the repository's path under ``root``
-    marker: str             # the first component that starts with '_': "_manifests", "_blobs", ...
+    marker: str             # the first component that starts with '_': MANIFESTS_MARKER, LINKS_MARKER, ...
     rest: list[str]         # the components after the marker
+
+    @property
+    def name(self) -> str:
+        """The repository as a client names it (a mirror folder read back as its namespace)."""
+        return self.remote if self.folder is None else f"{folder_namespace(self.folder)}/{self.remote}"
 
 
 def split_repository_key(key: str) -> RepositoryKey | None:
@@ -174,16 +133,6 @@ def split_repository_key(key: str) -> RepositoryKey | None:
                 return None
             return RepositoryKey(root, folder, "/".join(parts[:index]), part, parts[index + 1:])
     return None
-
-
-def repository_place(key: str) -> tuple[str, str, list[str]] | None:
-    """``(repository name, marker folder, rest)`` of a key under ``repositories/`` or ``mirror/``."""
-    place = split_repository_key(key)
-    if place is None:
-        return None
-    # As DataDir.namespace: only a port's ':' is '_' in a stored namespace.
-    namespace = "" if place.folder is None else place.folder.replace("_", ":") + "/"
-    return namespace + place.remote, place.marker, place.rest
 
 
 async def repository_entries(driver: Driver) -> AsyncIterator[tuple[RepositoryKey, Entry]]:
@@ -223,24 +172,23 @@ class Marker:
         unread: dict[Digest, list[Entry]] = {}
         tags: list[Entry] = []
         async for place, entry in repository_entries(self.driver):
-            namespace = "" if place.folder is None else place.folder.replace("_", ":") + "/"
-            name, folder, rest = namespace + place.remote, place.marker, place.rest
-            if folder in ("_manifests", "_blobs"):
+            name, folder, rest = place.name, place.marker, place.rest
+            if folder in MARKERS:
                 names.add(name)
-            if folder == "_blobs" and len(rest) == 2:
+            if folder == LINKS_MARKER and len(rest) == 2:
                 digest = digest_or_none(*rest)
                 if digest is not None:
                     self.links.setdefault(digest, []).append(Link(digest, name, entry.key, entry.modified))
-            elif folder == "_manifests" and len(rest) == 3 and rest[0] == "revisions":
+            elif folder == MANIFESTS_MARKER and len(rest) == 3 and rest[0] == REVISIONS_FOLDER:
                 digest = digest_or_none(rest[1], rest[2])
                 if digest is not None:
                     self.keep.add(digest)
                     if entry.key not in self._revisions:
                         unread.setdefault(digest, []).append(entry)
-            elif folder == "_manifests" and len(rest) == 2 and rest[0] == "tags":
+            elif folder == MANIFESTS_MARKER and len(rest) == 2 and rest[0] == TAGS_FOLDER:
                 if (entry.key, entry.version) not in self._tags:
                     tags.append(entry)
-            elif folder == "_referrers" and len(rest) == 3:
+            elif folder == REFERRERS_MARKER and len(rest) == 3:
                 algorithm, _, hexpart = rest[2].partition("-")
                 self.keep.update(d for d in (digest_or_none(rest[0], rest[1]), digest_or_none(algorithm, hexpart))
                                  if d is not None)

@@ -2,7 +2,7 @@
 
 Both go over the whole store, one at a time (a DeferredLock): in the IO pool
 on a data directory, over the network on a shared S3 bucket, where every
-node runs them (registryd.upkeep.collector and registryd.upkeep.s3_survey
+node runs them (registryd.upkeep.collector and registryd.upkeep.eviction
 say why overlapping runs are safe). A pass that fails is logged and
 counted; the timers go on, so the next pass runs as planned.
 
@@ -28,15 +28,10 @@ from registryd.upkeep.collector import Collection, Collector
 from registryd.storage.outage import outage_reason
 from registryd.storage.s3.errors import S3Error, S3Unavailable
 from registryd.storage.s3.store import S3Store
-from registryd.storage.scan import DataDir
 from registryd.upkeep.eviction import Eviction, EvictionPlan, evict, plan_eviction
 from registryd.upkeep.survey import Documents, Survey, take_survey
 
 log = Logger()
-
-#: The survey a pass takes, under the name tests/test_s3_survey.py replaces to pull between survey and eviction.
-take_s3_survey = take_survey
-
 
 @attrs.define
 class GCReport:
@@ -70,8 +65,8 @@ class Upkeep:
         self._config = config
         self._metrics = metrics
         self._reactor = reactor
-        namespaces = layout.namespace_folders(u.namespace for u in config.upstreams)
-        self._data = DataDir(store.root, namespaces)
+        # Folder under mirror/ -> namespace: how the survey names mirrored repositories.
+        self._namespaces = layout.namespace_folders(u.namespace for u in config.upstreams)
         self._lock = DeferredLock()
         self.last_size: StoreSize | None = None
         self._documents = Documents()     # S3: what each manifest names, kept between surveys
@@ -156,7 +151,7 @@ class Upkeep:
         driver = self._store.objects
         await self._lock.acquire()
         try:
-            survey = await take_s3_survey(driver, self._data.namespaces, self._documents)
+            survey = await take_survey(driver, self._namespaces, self._documents)
             self._measured(survey)
             plan = plan_eviction(survey, limit) if limit else EvictionPlan()
             if not (plan.manifests or plan.blobs):
@@ -179,7 +174,7 @@ class Upkeep:
         self._evicted(plan.size_before, limit, done, left)
         await self._lock.acquire()
         try:
-            self._measured(await take_s3_survey(driver, self._data.namespaces, self._documents))
+            self._measured(await take_survey(driver, self._namespaces, self._documents))
         finally:
             self._lock.release()
         assert self.last_size is not None

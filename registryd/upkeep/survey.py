@@ -34,10 +34,13 @@ from registryd.deferreds import bounded_each
 from registryd.digest import Digest, parse_digest
 from registryd.errors import RegistryError
 from registryd.storage.driver import Driver, TooLarge, finish
-from registryd.storage.layout import repositories_root
+from registryd.storage.layout import (
+    LINKS_MARKER, MANIFESTS_MARKER, PULLS_MARKER, REVISIONS_FOLDER, folder_namespace, link_key, repositories_root,
+)
+from registryd.storage.listing import list_blobs
+from registryd.storage.scan import digest_or_none
 from registryd.upkeep.marker import (
-    CONCURRENCY, TrashEntry, digest_or_none, list_blobs, list_trash, read_document, referenced_digests,
-    repository_entries,
+    CONCURRENCY, TrashEntry, list_trash, read_document, referenced_digests, repository_entries,
 )
 
 log = Logger()
@@ -61,7 +64,7 @@ class SurveyedRepository:
         return "/".join([f"{self.root}{self.remote}", *parts])
 
     def link_key(self, digest: Digest) -> str:
-        return self.key("_blobs", digest.algorithm, digest.hex)
+        return self.key(link_key(digest))
 
 
 @attrs.frozen
@@ -188,22 +191,21 @@ async def list_repositories(driver: Driver, namespaces: Mapping[str, str]) -> di
             if place.folder is None:
                 repository = SurveyedRepository(place.remote, place.remote, None, None)
             else:
-                # Only a port's ':' is '_' in a stored namespace.
-                namespace = namespaces.get(place.folder) or place.folder.replace("_", ":")
+                namespace = folder_namespace(place.folder, namespaces)
                 repository = SurveyedRepository(f"{namespace}/{place.remote}", place.remote, namespace,
                                                 place.folder)
             names[(place.folder, place.remote)] = repository
         when = entry.modified or 0.0
         digest: Digest | None
-        if place.marker == "_manifests" and place.rest[:1] == ["revisions"]:
+        if place.marker == MANIFESTS_MARKER and place.rest[:1] == [REVISIONS_FOLDER]:
             digest = _digest(place.rest[1:])
             if digest is not None:
                 found.setdefault(repository, _Listed()).revisions[digest] = when
-        elif place.marker == "_pulls":
+        elif place.marker == PULLS_MARKER:
             digest = _digest(place.rest)
             if digest is not None:
                 found.setdefault(repository, _Listed()).pulls[digest] = when
-        elif place.marker == "_blobs":
+        elif place.marker == LINKS_MARKER:
             digest = _digest(place.rest)
             if digest is not None:
                 found.setdefault(repository, _Listed()).links[digest] = when

@@ -21,7 +21,7 @@ from registryd.storage.s3.blobs import S3BlobStore
 from registryd.storage.s3.client import S3Client
 from registryd.storage.s3.driver import S3Driver
 from registryd.storage.s3.hot_cache import HotCache
-from registryd.storage.s3.listing import list_blobs
+from registryd.storage.listing import list_blobs
 from registryd.digest import Digest
 from registryd.storage import layout
 from registryd.storage.s3.probe import BucketUnusable, ReadyProbe, check_bucket
@@ -119,7 +119,7 @@ class S3Store:
 
     async def blob_sizes(self) -> dict[Digest, int]:
         """Every stored blob and its size (one listing of ``blobs/``)."""
-        return {digest: entry.size for digest, entry in (await list_blobs(self.client)).items()}
+        return {digest: entry.size for digest, entry in (await list_blobs(self.objects)).items()}
 
     def readiness_problem(self, min_free_bytes: int) -> str | None:
         """The last known state of the bucket, and room for spools on the local disk."""

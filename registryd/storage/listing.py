@@ -1,4 +1,8 @@
-"""The blobs of a bucket, in one listing of ``blobs/``: each with its size and LastModified."""
+"""The blobs of a store, in one listing of ``blobs/`` over its driver: each with its size and time.
+
+The one blob listing: the GC's mark and sweep, the survey, fsck and both
+stores' ``blob_sizes`` read ``blobs/`` through it.
+"""
 from __future__ import annotations
 
 from typing import Sequence
@@ -6,9 +10,8 @@ from typing import Sequence
 import attrs
 
 from registryd.digest import Digest
+from registryd.storage.driver import Driver, Entry
 from registryd.storage.layout import BLOBS
-from registryd.storage.s3.client import S3Client
-from registryd.storage.s3.documents import ObjectEntry
 from registryd.storage.scan import digest_or_none
 
 
@@ -18,6 +21,12 @@ class BlobEntry:
     key: str
     size: int
     last_modified: float | None
+    version: str = ""
+
+    @property
+    def entry(self) -> Entry:
+        """As listed: what a move of exactly this value expects."""
+        return Entry(self.key, self.size, self.last_modified, self.version)
 
 
 def blob_digest(parts: Sequence[str]) -> Digest | None:
@@ -28,16 +37,16 @@ def blob_digest(parts: Sequence[str]) -> Digest | None:
     return digest if digest is not None and digest.hex[:2] == parts[1] else None
 
 
-async def list_blobs(client: S3Client, unexpected: list[ObjectEntry] | None = None) -> dict[Digest, BlobEntry]:
-    """Every object under ``blobs/`` that is named by its digest.
+async def list_blobs(driver: Driver, unexpected: list[Entry] | None = None) -> dict[Digest, BlobEntry]:
+    """Every value under ``blobs/`` that is named by its digest.
 
     Anything else is fsck's business: it goes to ``unexpected`` when given.
     """
     found: dict[Digest, BlobEntry] = {}
-    async for entry in client.list_objects(BLOBS):
+    async for entry in driver.list(BLOBS):
         digest = blob_digest(entry.key[len(BLOBS):].split("/"))
         if digest is not None:
-            found[digest] = BlobEntry(digest, entry.key, entry.size, entry.last_modified)
+            found[digest] = BlobEntry(digest, entry.key, entry.size, entry.modified, entry.version)
         elif unexpected is not None:
             unexpected.append(entry)
     return found
