@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from registryd.admin.exit_codes import ExitCode, describe
+from support.cli import run_main
 
 REGISTRYD = os.path.join(os.path.dirname(sys.executable), "registryd")
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
@@ -16,6 +17,14 @@ README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 
 def run(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
     return subprocess.run([REGISTRYD, *args], capture_output=True, text=True, timeout=60, input=stdin)
+
+
+def test_the_console_script_and_main_in_process_agree(tmp_path: Any) -> None:
+    """The tests below call main() here; the installed command answers the same."""
+    args = ("ls", "-d", " ")
+    spawned, here = run(*args), run_main(*args)
+    assert (spawned.returncode, spawned.stdout, spawned.stderr) == (here.returncode, here.stdout, here.stderr)
+    assert spawned.returncode == ExitCode.ERROR
 
 
 def test_help_and_readme_show_the_table() -> None:
@@ -64,8 +73,8 @@ def test_a_bad_config_value_and_a_bad_option_are_the_same_status_for_every_comma
                                                 f"zero, not 0"),
                            (["-d", " "], "'--data-dir' is empty")):
         args[1:3] = where
-        result = run(*args)
+        result = run_main(*args)
         assert result.returncode == ExitCode.ERROR, result.stderr
         assert result.stderr == f"registryd {name}: {message}\n"
-    assert run(name, "--no-such-option").returncode == ExitCode.USAGE
+    assert run_main(name, "--no-such-option").returncode == ExitCode.USAGE
     assert os.listdir(tmp_path) == ["bad.toml"]

@@ -12,6 +12,7 @@ import pytest
 
 from terminal import run_with_terminal_stderr
 from oci_client import OCI_MANIFEST, digest_of
+from support.cli import run_main
 from test_cli_ls import (  # noqa: F401  (fixtures)
     NS,
     REGISTRYD,
@@ -305,12 +306,12 @@ def test_arguments_and_errors(store: Filled, tmp_path: Any) -> None:
 
     bad = tmp_path / "bad.toml"
     bad.write_text("[registry]\nbogus = 1\n")
-    result = run("fsck", "--config", str(bad))
+    result = run_main("fsck", "--config", str(bad))
     assert result.returncode == 3
     assert result.stderr == f"registryd fsck: config file {bad}: unknown key 'registry.bogus'\n"
 
     for args in (["--bogus"], ["--data-dir"], ["--repair=yes"], ["extra"]):
-        result = run("fsck", *args)
+        result = run_main("fsck", *args)
         assert result.returncode == 2, args
         assert result.stderr.splitlines()[-1].startswith("registryd"), result.stderr
         assert result.stdout == ""

@@ -28,6 +28,7 @@ from oci_client import OCI_CONFIG, OCI_INDEX, OCI_LAYER, OCI_MANIFEST, Client, d
 from syncclient import push_blob, request, sha256
 from test_cli_ls import blob_file, bucket_objects, files_under, run, write_s3_config
 from support.wait import sleep
+from support.cli import run_main
 
 HOUR = 3600
 
@@ -252,7 +253,7 @@ def test_errors(tmp_path: Any) -> None:
     result = gc(str(tmp_path / "empty"))
     assert result.returncode == 3 and result.stderr.startswith("registryd gc: ") and "not a registryd" in result.stderr
     for bad in (["--delay", "soon"], ["--delay", "-5"], ["--frobnicate"]):
-        result = gc(str(tmp_path), *bad)
+        result = run_main("gc", "--data-dir", str(tmp_path), *bad)
         assert result.returncode == 2, bad
         assert "usage: registryd" in result.stderr
 

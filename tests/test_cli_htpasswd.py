@@ -19,6 +19,7 @@ from twisted.internet.task import Clock
 
 from registryd.auth.htpasswd import HtpasswdChecker, parse_htpasswd
 from registryd.threads import InlinePool
+from support.cli import run_main
 
 REGISTRYD = os.path.join(os.path.dirname(sys.executable), "registryd")
 
@@ -149,22 +150,22 @@ def test_symlink_edits_the_target(tmp_path: Any) -> None:
 def test_errors(tmp_path: Any, args: tuple[str, ...], stdin: str, status: int, message: str) -> None:
     args = tuple(a.replace("F", str(tmp_path / "htpasswd")).replace("NODIR", str(tmp_path / "nodir"))
                  for a in args)
-    result = run("--password-stdin", *args, stdin=stdin)
+    result = run_main("htpasswd", "--password-stdin", *args, stdin=stdin)
     assert result.returncode == status
     assert result.stderr == f"registryd htpasswd: {message.replace('NODIR', str(tmp_path / 'nodir'))}\n"
     assert not os.path.exists(tmp_path / "htpasswd")
 
 
 def test_no_terminal_and_no_password_stdin(tmp_path: Any) -> None:
-    result = run(str(tmp_path / "htpasswd"), "alice", stdin="pw\n")
+    result = run_main("htpasswd", str(tmp_path / "htpasswd"), "alice", stdin="pw\n")
     assert result.returncode == 2
     assert result.stderr == "registryd htpasswd: standard input is not a terminal; use --password-stdin\n"
 
 
 def test_usage_errors() -> None:
-    result = run("--delete", "--password-stdin", "F", "alice")
+    result = run_main("htpasswd", "--delete", "--password-stdin", "F", "alice")
     assert result.returncode == 2 and "not allowed with argument" in result.stderr
-    assert run("onlyfile").returncode == 2
+    assert run_main("htpasswd", "onlyfile").returncode == 2
 
 
 def on_terminal(args: list[str], answers: list[bytes]) -> tuple[int, bytes]:

@@ -20,6 +20,7 @@ from registryd.storage.layout import blob_key
 from registryd.storage.pulls import PullRecorder
 from support.clock import WallClock
 from test_cli_ls import blob_file, bucket_objects, files_under, run, write_s3_config
+from support.cli import run_main
 
 NS = "mirror.test:5000"
 DAY = 86400
@@ -167,7 +168,7 @@ def test_errors(tmp_path: Any) -> None:
     assert result.returncode == 2
     assert result.stderr.startswith("registryd prune: give --older-than") and result.stderr.count("\n") == 1
     for bad in (["--older-than", "7 days"], ["--older-than", "-1d"], ["--unused-for", "soon"]):
-        result = run("prune", "-d", data_dir, *bad)
+        result = run_main("prune", "-d", data_dir, *bad)
         assert result.returncode == 2, bad
         assert "usage: registryd" in result.stderr
     missing = str(tmp_path / "nothing")
