@@ -17,12 +17,12 @@ from registryd.storage.blobs import BlobStore
 from registryd.storage.files import empty_dir, free_space_problem, make_dirs, remove_file
 from registryd.storage.fs.driver import FsDriver
 from registryd.storage.guard import BlobGuard
-from registryd.storage.local import FileBlobs, FileRepositories
-from registryd.storage.repositories import RepositoryStore
+from registryd.storage.local import FileBlobs
+from registryd.storage.repositories import Repositories
 from registryd.storage.uploads import UploadStore
 from registryd.threads import BlockingPool, InlinePool
 
-__all__ = ["Store", "BlobGuard", "BlobStore", "RepositoryStore", "UploadStore"]
+__all__ = ["Store", "BlobGuard", "BlobStore", "Repositories", "UploadStore"]
 
 
 class Store:
@@ -42,13 +42,12 @@ class Store:
         # The blocking stores on disk, and the storage interface over them.
         self.blob_files = BlobStore(layout.local_path(root, layout.BLOBS), self.tmp_dir, self.guard)
         self.blobs = FileBlobs(self.blob_files, pool)
-        self.repositories = FileRepositories(RepositoryStore(layout.local_path(root, layout.REPOSITORIES), self.tmp_dir), pool)
+        self.repositories = Repositories(self.objects, layout.repositories_root(None))
         self.uploads = UploadStore(layout.local_path(root, layout.UPLOADS), self.tmp_dir, self.blob_files, pool)  # type: ignore[arg-type]
 
-    def mirror_repositories(self, namespace: str) -> FileRepositories:
+    def mirror_repositories(self, namespace: str) -> Repositories:
         """The cached repositories of one upstream (``mirror/<namespace folder>``)."""
-        root = layout.local_path(self.root, layout.repositories_root(namespace))
-        return FileRepositories(RepositoryStore(root, self.tmp_dir), self.pool, durable_links=False)
+        return Repositories(self.objects, layout.repositories_root(namespace), durable_links=False)
 
     def prepare(self) -> None:
         """Create the layout and prove it writable (raises OSError)."""

@@ -221,7 +221,7 @@ def scan_repository(repository: Repository) -> RepositoryScan:
 
 
 def _walk_names(directory: str, prefix: str) -> Iterator[str]:
-    """Repository names under a store root (as RepositoryStore.catalog finds them)."""
+    """Repository names under a store root (as Repositories.catalog finds them)."""
     entries = _entries(directory)
     names = {entry.name for entry in entries}
     if prefix and any(marker in names for marker in layout.MARKERS):
