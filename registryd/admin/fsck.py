@@ -48,6 +48,7 @@ from registryd.errors import RegistryError
 from registryd.manifests import Manifest, parse_manifest
 from registryd.storage.driver import Driver, Entry, TooLarge
 from registryd.storage.driver import finish as completed
+from registryd.storage.interface import Store
 from registryd.storage.layout import BLOBS, MIRROR, REPOSITORIES, UPLOADS, blob_key
 from registryd.storage.s3.upload_state import session_of
 from registryd.storage.scan import (
@@ -539,7 +540,7 @@ def run(args: argparse.Namespace) -> int:
     config = load_admin_config(args)
     namespaces = {u.namespace.replace(":", "_"): u.namespace for u in config.upstreams}
 
-    async def main(store: Any, reactor: Any) -> tuple[StoreFsck, str, str | None, list[dict[str, str]]]:
+    async def main(store: Store, reactor: Any) -> tuple[StoreFsck, str, str | None, list[dict[str, str]]]:
         fsck = StoreFsck(store.objects, namespaces, config.upload_expiry, config.gc_delay)
         location = fsck.driver.location
         with store_errors_reported(location):

@@ -27,7 +27,6 @@ from registryd.storage import Store, layout
 from registryd.upkeep.collector import Collection, Collector
 from registryd.storage.outage import outage_reason
 from registryd.storage.s3.errors import S3Error, S3Unavailable
-from registryd.storage.s3.store import S3Store
 from registryd.storage.scan import DataDir
 from registryd.upkeep.eviction import Eviction, EvictionPlan, evict, plan_eviction
 from registryd.upkeep.survey import Documents, Survey, take_survey
@@ -65,8 +64,8 @@ class StoreSize:
 class Upkeep:
     """Runs collections every ``[gc] interval`` and surveys every ``[server] usage_interval``."""
 
-    def __init__(self, store: Store | S3Store, config: Config, metrics: Metrics, reactor: Any) -> None:
-        self._store: Any = store
+    def __init__(self, store: Store, config: Config, metrics: Metrics, reactor: Any) -> None:
+        self._store = store
         self._config = config
         self._metrics = metrics
         self._reactor = reactor

@@ -29,7 +29,7 @@ from registryd.storage.repositories import Repositories
 from registryd.storage.s3.settings import S3Settings
 from registryd.storage.s3.uploads import S3UploadStore
 from registryd.threads import BlockingPool, InlinePool
-from registryd.storage.interface import StoreUnusable
+from registryd.storage.interface import Store, StoreUnusable
 
 
 class S3Store:
@@ -57,7 +57,6 @@ class S3Store:
         self.repositories = Repositories(self.objects, layout.repositories_root(None))
         self.uploads = S3UploadStore(self.client, self.guard, os.path.join(self.tmp_dir, "uploads"),
                                      settings.part_size, pool=pool)
-        self.blob_files = None      # no blob is a local file here
         self._remote_problem: str | None = None
         self._ready_probe = ReadyProbe(settings, reactor)
 
@@ -122,6 +121,10 @@ class S3Store:
         """Every stored blob and its size (one listing of ``blobs/``)."""
         return {digest: entry.size for digest, entry in (await list_blobs(self.client)).items()}
 
+    async def blob_usage(self) -> tuple[int, int] | None:
+        """Not counted: that would be a listing of the whole bucket for a page view."""
+        return None
+
     def readiness_problem(self, min_free_bytes: int) -> str | None:
         """The last known state of the bucket, and room for spools on the local disk."""
         if self._remote_problem is not None:
@@ -139,3 +142,7 @@ class S3Store:
             await self.hot_cache.settle()   # renames and removals still in the pool
         await self._ready_probe.close()
         await self.client.close()
+
+
+#: mypy proves here that the bucket's store is a registryd.storage.interface.Store.
+_IS_A_STORE: type[Store] = S3Store
