@@ -42,7 +42,7 @@ class FsStore:
         self.blob_files = BlobStore(layout.local_path(root, layout.BLOBS), self.tmp_dir, self.guard)
         self.blobs = FileBlobs(self.blob_files, pool)
         self.repositories = Repositories(self.objects, layout.repositories_root(None))
-        self.uploads = UploadStore(layout.local_path(root, layout.UPLOADS), self.tmp_dir, self.blob_files, pool)  # type: ignore[arg-type]
+        self.uploads = UploadStore(layout.local_path(root, layout.UPLOADS), self.tmp_dir, self.blobs, pool)
         self.hot_cache: HotCache | None = None   # every blob is a local file here already
 
     def mirror_repositories(self, namespace: str) -> Repositories:
