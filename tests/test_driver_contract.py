@@ -298,6 +298,48 @@ def test_the_filesystem_driver_skips_fsync_only_when_told(tmp_path: Any, monkeyp
     assert finish(fs.read("mirror/ns/app/_blobs/sha256/ab", 10)) == b""
 
 
+def test_the_filesystem_driver_deletes_beside_a_concurrent_prune(tmp_path: Any, monkeypatch: Any) -> None:
+    """Two tags deleted at once in two threads: the other delete may prune the emptied folder
+    between this one's unlink and its fsync of the folder; the delete still succeeds."""
+    from registryd.storage.fs import driver as fs_driver
+    from registryd.threads import InlinePool
+
+    fs = FsDriver(str(tmp_path), InlinePool())
+    finish(fs.write("repositories/app/_manifests/tags/v1", b"sha256:ab"))
+    real = fs_driver.fsync_dir
+
+    def pruned_meanwhile(path: str) -> None:
+        if path.endswith(os.path.join("_manifests", "tags")) and os.path.isdir(path):
+            os.rmdir(path)      # what the other thread's _prune does once the folder is empty
+        real(path)
+
+    monkeypatch.setattr(fs_driver, "fsync_dir", pruned_meanwhile)
+    assert finish(fs.delete("repositories/app/_manifests/tags/v1")) is True
+    assert finish(fs.stat("repositories/app/_manifests/tags/v1")) is None
+
+
+def test_the_filesystem_driver_writes_beside_a_concurrent_prune(tmp_path: Any, monkeypatch: Any) -> None:
+    """A tag written while another thread deletes the folder's last tag: the folder may be pruned
+    between its creation and the rename into it; the write makes it again."""
+    from registryd.storage.fs import driver as fs_driver
+    from registryd.threads import InlinePool
+
+    fs = FsDriver(str(tmp_path), InlinePool())
+    real = fs_driver.make_dirs
+    pruned: list[str] = []
+
+    def made_then_pruned(path: str) -> None:
+        real(path)
+        if path.endswith(os.path.join("_manifests", "tags")) and not pruned:
+            os.rmdir(path)
+            pruned.append(path)
+
+    monkeypatch.setattr(fs_driver, "make_dirs", made_then_pruned)
+    assert finish(fs.write("repositories/app/_manifests/tags/v2", b"sha256:cd")) is True
+    assert pruned and finish(fs.read("repositories/app/_manifests/tags/v2", 100)) == b"sha256:cd"
+    assert os.listdir(tmp_path / "tmp") == []
+
+
 def test_the_filesystem_driver_reads_a_tiny_value_without_its_pool(tmp_path: Any) -> None:
     """A tag or a revision is read on the caller's thread (as cheap as a stat): a manifest GET waits
     on no thread hop. A larger value is read in the pool."""

@@ -223,9 +223,10 @@ class Repositories:
     # -- writes -------------------------------------------------------------------
 
     async def link_blob(self, name: str, digest: Digest) -> None:
-        # One write whether or not the link exists (if absent: an existing one is not rewritten).
+        # Written again when it exists: a link's new time is a use that a running gc's re-mark
+        # sees (upkeep.collector), on this node or another. One write, no stat first.
         await self.driver.write(self._checked(self._link(name, digest), name, None, digest), b"",
-                                if_absent=True, durable=self._durable_links)
+                                durable=self._durable_links)
 
     async def unlink_blob(self, name: str, digest: Digest) -> bool:
         key = self._link(name, digest)

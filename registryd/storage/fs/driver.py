@@ -36,6 +36,16 @@ STREAM_CHUNK = 1024 * 1024
 #: A value this small is read at once on the caller's thread (a tag, a revision: the cost of a
 #: stat), so a manifest GET waits on no thread hop; a larger one is read in the pool.
 INLINE_READ = 64 * 1024
+#: Tries to put a value in a folder that concurrent deletes keep pruning (each loses one race).
+PLACE_ATTEMPTS = 5
+
+
+def _fsync_dir_if_there(path: str) -> None:
+    """fsync a folder a concurrent delete may have pruned (emptied) since: then there is nothing to sync."""
+    try:
+        fsync_dir(path)
+    except FileNotFoundError:
+        pass
 
 
 def _version(info: os.stat_result) -> str:
@@ -170,21 +180,28 @@ class FsDriver:
         """Blocking: the fsynced ``tmp`` becomes ``target``, durably (``if_absent``: by a link, which fails if it exists)."""
         parent = os.path.dirname(target)
         try:
-            if durable:
-                make_dirs(parent)
-            else:
-                os.makedirs(parent, exist_ok=True)
-            if if_absent:
+            for attempt in range(PLACE_ATTEMPTS):
                 try:
-                    os.link(tmp, target)
-                except FileExistsError:
-                    return False
-            else:
-                os.rename(tmp, target)
+                    if durable:
+                        make_dirs(parent)
+                    else:
+                        os.makedirs(parent, exist_ok=True)
+                    if if_absent:
+                        try:
+                            os.link(tmp, target)
+                        except FileExistsError:
+                            return False
+                    else:
+                        os.rename(tmp, target)
+                    break
+                except FileNotFoundError:
+                    # A delete in another thread pruned the emptied parent meanwhile: make it again.
+                    if attempt == PLACE_ATTEMPTS - 1 or not os.path.exists(tmp):
+                        raise
         finally:
             remove_file(tmp)
         if durable:
-            fsync_dir(parent)
+            _fsync_dir_if_there(parent)
         return True
 
     def _write(self, key: str, data: bytes, if_absent: bool, durable: bool = True) -> bool:
@@ -281,7 +298,7 @@ class FsDriver:
             os.unlink(path)
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return False
-        fsync_dir(os.path.dirname(path))
+        _fsync_dir_if_there(os.path.dirname(path))
         self._prune(key)
         return True
 
