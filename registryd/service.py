@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import resource
-from typing import Any
+from typing import Any, Callable
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
@@ -19,7 +19,7 @@ from registryd.auth.settings import build_auth
 from registryd.auth.tls import ServerTLSContext, parse_tls_description, tls_endpoint
 from registryd.config import Config
 from registryd.storage import open_store
-from registryd.storage.interface import StoreUnusable
+from registryd.storage.interface import Store, StoreUnusable
 from registryd.storage.outage import outage_reason
 from registryd.threads import BlockingPool, BoundedPool
 from registryd.upkeep.scheduler import Upkeep
@@ -62,12 +62,14 @@ class RegistryService(MultiService):
 
     _store_checked = False
 
-    def __init__(self, config: Config, reactor: Any) -> None:
+    def __init__(self, config: Config, reactor: Any,
+                 store: Callable[[BlockingPool], Store] | None = None) -> None:
+        """``store``: opens another store than the config's on the IO pool (a test's memory store)."""
         super().__init__()
         self.config = config
         self._reactor = reactor
         self.pool = BlockingPool(reactor, config.io_threads)
-        self.store = open_store(config, self.pool, reactor)
+        self.store = store(self.pool) if store is not None else open_store(config, self.pool, reactor)
         # bcrypt gets threads of its own, at a lower CPU priority: a flood
         # of logins never queues in front of an upload's fsync, nor takes
         # the CPU from the reactor.

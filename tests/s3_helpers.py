@@ -17,7 +17,8 @@ from zope.interface import implementer
 
 from registryd.storage.s3 import S3Client
 from registryd.storage.layout import repositories_root
-from registryd.storage.s3.repositories import S3RepositoryStore
+from registryd.storage.repositories import Repositories
+from registryd.storage.s3.driver import S3Driver
 
 
 @pytest_twisted.async_yield_fixture
@@ -36,8 +37,8 @@ async def node_b(s3: S3Client) -> AsyncIterator[S3Client]:
     await client.close()
 
 
-def repos(client: S3Client, namespace: str | None = None) -> S3RepositoryStore:
-    return S3RepositoryStore(client, repositories_root(namespace))
+def repos(client: S3Client, namespace: str | None = None) -> Repositories:
+    return Repositories(S3Driver(client), repositories_root(namespace))
 
 
 @implementer(IConsumer)

@@ -27,8 +27,12 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer
 
-from registryd.config import StorageSettings
+from registryd.config import Config, StorageSettings
+from registryd.service import RegistryService
+from registryd.storage.memory import MemoryDriver
+from registryd.storage.memory_store import DriverStore
 
+from conftest import RunningRegistry
 from oci_client import (
     DOCKER_CONFIG,
     DOCKER_FOREIGN_LAYER,
@@ -62,11 +66,14 @@ SIGNATURE_CONFIG_TYPE = "application/vnd.example.signature.config.v1+json"
 BUNDLE_TYPE = "application/vnd.example.bundle.v1"
 
 
-@pytest.fixture(params=["filesystem", pytest.param("s3", marks=pytest.mark.s3)])
-def registry(request: Any, make_registry: Any) -> Any:
-    """The whole suite runs against both storage drivers; s3 gets a fresh bucket on a real radosgw."""
+@pytest.fixture(params=["filesystem", pytest.param("s3", marks=pytest.mark.s3), "memory"])
+def registry(request: Any, make_registry: Any, tmp_path: Any) -> Any:
+    """The whole suite runs against every storage driver; s3 gets a fresh bucket on a real radosgw,
+    memory a DriverStore over a MemoryDriver, in this process."""
     if request.param == "filesystem":
         return make_registry()
+    if request.param == "memory":
+        return memory_registry(request, tmp_path)
     ceph = request.getfixturevalue("ceph_s3")
     bucket = pytest_twisted.blockon(defer.ensureDeferred(ceph.new_bucket()))
     running = make_registry(storage=StorageSettings("s3", s3=bucket.settings))
@@ -81,6 +88,22 @@ def registry(request: Any, make_registry: Any) -> Any:
     return running
 
 
+def memory_registry(request: Any, tmp_path: Any) -> RunningRegistry:
+    """An in-process registryd whose blobs and repositories are a MemoryDriver's keys."""
+    from twisted.internet import reactor
+
+    data_dir = str(tmp_path / "memory")
+    memory = MemoryDriver()
+    service = RegistryService(Config(listen=("tcp:0:interface=127.0.0.1",), data_dir=data_dir), reactor,
+                              store=lambda pool: DriverStore(data_dir, pool, memory))
+    service.prepare_storage()
+    service.privilegedStartService()
+    service.startService()
+    request.addfinalizer(lambda: pytest_twisted.blockon(service.stopService()))
+    host = f"127.0.0.1:{service.ports[0].getHost().port}"
+    return RunningRegistry(f"http://{host}", host, data_dir, service=service)
+
+
 @pytest.fixture
 def oci(registry: Any) -> Client:
     """A client for the default in-process registry."""
@@ -90,6 +113,11 @@ def oci(registry: Any) -> Client:
 async def store_snapshot(registry: Any, ignore_uploads: bool = False) -> dict[str, str]:
     """What the store holds: files under the data directory, and objects in the bucket for s3."""
     found = snapshot(registry.data_dir, ignore_uploads=ignore_uploads)
+    memory = registry.service.store.objects if registry.service is not None else None
+    if isinstance(memory, MemoryDriver):
+        async for entry in memory.list(""):
+            if not (ignore_uploads and entry.key.startswith("uploads/")):
+                found[f"memory:{entry.key}"] = f"{entry.size}:{entry.version}"
     bucket = getattr(registry, "bucket", None)
     if bucket is not None:
         async for entry in bucket.list_objects(""):

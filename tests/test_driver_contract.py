@@ -105,6 +105,36 @@ async def test_write_if_absent(driver: Driver) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_write_that_need_not_be_durable_is_still_a_whole_value(driver: Driver) -> None:
+    """``durable=False`` (a mirror's links) spares the fsyncs, not the atomicity nor ``if_absent``."""
+    key = "mirror/docker.io/lib/app/_blobs/sha256/ab"
+    assert await driver.write(key, b"", if_absent=True, durable=False) is True
+    assert await driver.write(key, b"again", if_absent=True, durable=False) is False
+    entry = await driver.stat(key)
+    assert entry is not None and entry.size == 0 and await driver.read(key, 10) == b""
+    assert await driver.write(key, b"new", durable=False) is True
+    assert await driver.read(key, 10) == b"new"
+
+
+@pytest_twisted.ensureDeferred
+async def test_touch_dates_an_empty_marker(driver: Driver) -> None:
+    """A pull time: the writer's ``when`` where the store keeps it, else the store's own now."""
+    key = "repositories/app/_pulls/sha256/ab"
+    before = time.time()
+    await driver.touch(key, 2000.0)
+    entry = await driver.stat(key)
+    assert entry is not None and entry.size == 0 and entry.modified is not None
+    if driver.name == "s3":
+        assert before - 2 <= entry.modified <= time.time() + 2
+    else:
+        assert entry.modified == 2000.0
+    await driver.touch(key, 3000.0)
+    again = await driver.stat(key)
+    assert again is not None and again.size == 0 and (driver.name == "s3" or again.modified == 3000.0)
+    assert [entry.key async for entry in driver.list("repositories/")] == [key]
+
+
+@pytest_twisted.ensureDeferred
 async def test_listing_is_in_key_order_with_sizes(driver: Driver) -> None:
     # "a-b" sorts before "a/...": '-' is below '/' (a directory walk must not put "a/" first).
     written = ["r/a/z", "r/a-b", "r/a/b/c", "r/b", "r/ab", "r/a/b-c", "s/x"]
@@ -265,6 +295,94 @@ def test_the_filesystem_driver_writes_through_tmp_and_leaves_nothing_there(tmp_p
     assert not finish(fs.write("blobs/a", b"2", if_absent=True))
     assert os.listdir(tmp_path / "tmp") == []
     assert sorted(os.listdir(tmp_path / "blobs")) == ["a", "b"]
+
+
+def test_the_filesystem_driver_skips_fsync_only_when_told(tmp_path: Any, monkeypatch: Any) -> None:
+    """A durable write fsyncs the file and its folder; ``durable=False`` neither (a mirror link per layer)."""
+    from registryd.storage.fs import driver as fs_driver
+    from registryd.threads import InlinePool
+
+    synced: list[str] = []
+    monkeypatch.setattr(fs_driver, "fsync_dir", lambda path: synced.append(path))
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append("file"), real_fsync(fd))[1])
+    fs = FsDriver(str(tmp_path), InlinePool())
+    assert finish(fs.write("repositories/app/_blobs/sha256/ab", b""))
+    assert "file" in synced and str(tmp_path / "repositories" / "app" / "_blobs" / "sha256") in synced
+    synced.clear()
+    assert finish(fs.write("mirror/ns/app/_blobs/sha256/ab", b"", durable=False))
+    assert synced == [] and os.listdir(tmp_path / "tmp") == []
+    assert finish(fs.read("mirror/ns/app/_blobs/sha256/ab", 10)) == b""
+
+
+def test_the_filesystem_driver_deletes_beside_a_concurrent_prune(tmp_path: Any, monkeypatch: Any) -> None:
+    """Two tags deleted at once in two threads: the other delete may prune the emptied folder
+    between this one's unlink and its fsync of the folder; the delete still succeeds."""
+    from registryd.storage.fs import driver as fs_driver
+    from registryd.threads import InlinePool
+
+    fs = FsDriver(str(tmp_path), InlinePool())
+    finish(fs.write("repositories/app/_manifests/tags/v1", b"sha256:ab"))
+    real = fs_driver.fsync_dir
+
+    def pruned_meanwhile(path: str) -> None:
+        if path.endswith(os.path.join("_manifests", "tags")) and os.path.isdir(path):
+            os.rmdir(path)      # what the other thread's _prune does once the folder is empty
+        real(path)
+
+    monkeypatch.setattr(fs_driver, "fsync_dir", pruned_meanwhile)
+    assert finish(fs.delete("repositories/app/_manifests/tags/v1")) is True
+    assert finish(fs.stat("repositories/app/_manifests/tags/v1")) is None
+
+
+def test_the_filesystem_driver_writes_beside_a_concurrent_prune(tmp_path: Any, monkeypatch: Any) -> None:
+    """A tag written while another thread deletes the folder's last tag: the folder may be pruned
+    between its creation and the rename into it; the write makes it again."""
+    from registryd.storage.fs import driver as fs_driver
+    from registryd.threads import InlinePool
+
+    fs = FsDriver(str(tmp_path), InlinePool())
+    real = fs_driver.make_dirs
+    pruned: list[str] = []
+
+    def made_then_pruned(path: str) -> None:
+        real(path)
+        if path.endswith(os.path.join("_manifests", "tags")) and not pruned:
+            os.rmdir(path)
+            pruned.append(path)
+
+    monkeypatch.setattr(fs_driver, "make_dirs", made_then_pruned)
+    assert finish(fs.write("repositories/app/_manifests/tags/v2", b"sha256:cd")) is True
+    assert pruned and finish(fs.read("repositories/app/_manifests/tags/v2", 100)) == b"sha256:cd"
+    assert os.listdir(tmp_path / "tmp") == []
+
+
+def test_the_filesystem_driver_reads_a_tiny_value_without_its_pool(tmp_path: Any) -> None:
+    """A tag or a revision is read on the caller's thread (as cheap as a stat): a manifest GET waits
+    on no thread hop. A larger value is read in the pool."""
+    class CountingPool:
+        calls = 0
+
+        async def run(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+            CountingPool.calls += 1
+            return fn(*args, **kwargs)
+
+    fs = FsDriver(str(tmp_path), CountingPool())
+    finish(fs.write("repositories/app/_manifests/tags/v1", b"sha256:ab"))
+    finish(fs.write("blobs/big", b"x" * (fs_driver_inline() + 1)))
+    CountingPool.calls = 0
+    assert finish(fs.read("repositories/app/_manifests/tags/v1", 100)) == b"sha256:ab"
+    assert finish(fs.read("repositories/app/_manifests/tags/missing", 100)) is None
+    assert CountingPool.calls == 0
+    assert finish(fs.read("blobs/big", 1 << 20)) == b"x" * (fs_driver_inline() + 1)
+    assert CountingPool.calls == 1
+    with pytest.raises(TooLarge):
+        finish(fs.read("repositories/app/_manifests/tags/v1", 4))
+
+
+def fs_driver_inline() -> int:
+    from registryd.storage.fs.driver import INLINE_READ
+    return INLINE_READ
 
 
 def test_the_memory_driver_stamps_writes_with_its_clock() -> None:

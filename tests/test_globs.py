@@ -11,8 +11,8 @@ from registryd.auth.errors import AuthConfigError
 from registryd.auth.policy import PULL, AccessPolicy, parse_access_rules
 from registryd.digest import digest_of
 from registryd.globs import MAX_LENGTH, Glob
-from registryd.storage.local import FileRepositories
-from registryd.storage.repositories import RepositoryStore
+from registryd.storage.fs.driver import FsDriver
+from registryd.storage.repositories import Repositories
 from registryd.threads import InlinePool
 from registryd.upkeep.online_prune import OnlinePruner, PruneSelection
 from test_cli_ls import run
@@ -102,7 +102,7 @@ def test_the_prune_command_refuses_a_bad_glob_as_a_bad_argument(tmp_path: Any, p
 @pytest_twisted.ensureDeferred
 async def test_prune_selects_as_access_rules_do(tmp_path: Any) -> None:
     """``<namespace>/lib/**`` selects the mirrored repository ``lib`` itself too, as ``[[access]]`` does."""
-    mirror = FileRepositories(RepositoryStore(str(tmp_path / "mirror"), str(tmp_path)), InlinePool())
+    mirror = Repositories(FsDriver(str(tmp_path), InlinePool()), "mirror/")
     for name in ("lib", "lib/app", "lib/app/web", "libx", "other/lib"):
         await mirror.link_blob(name, digest_of(name.encode()))
     pruner = OnlinePruner({NS: mirror}, blobs=None, where=str(tmp_path), manifest_limit=1 << 20)  # type: ignore[arg-type]

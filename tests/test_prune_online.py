@@ -21,8 +21,8 @@ from oci_client import OCI_EMPTY, OCI_MANIFEST, Client
 from registryd.auth.settings import AuthSettings
 from registryd.config import StorageSettings, UpstreamConfig
 from registryd.digest import digest_of, parse_digest
-from registryd.storage.local import FileRepositories
-from registryd.storage.repositories import RepositoryStore
+from registryd.storage.fs.driver import FsDriver
+from registryd.storage.repositories import Repositories
 from registryd.threads import InlinePool
 from registryd.upkeep.online_prune import PruneSelection, server_pruner
 from syncclient import request
@@ -88,7 +88,7 @@ async def revisions(node: RunningRegistry, remote: str) -> set[str]:
 @pytest_twisted.ensureDeferred
 async def test_revisions_and_pulls_on_the_filesystem(tmp_path: Any) -> None:
     root = tmp_path / "repositories"
-    repos = FileRepositories(RepositoryStore(str(root), str(tmp_path)), InlinePool())
+    repos = Repositories(FsDriver(str(tmp_path), InlinePool()), "repositories/")
     one, two = digest_of(b"one"), digest_of(b"two")
     assert await repos.revisions("app") == {} and await repos.pulls("app") == {}
     await repos.add_manifest("app", one, OCI_MANIFEST, ["v1"], None)

@@ -18,7 +18,7 @@ from twisted.python.failure import Failure
 from twisted.web import http
 
 from registryd.config import Config
-from registryd.storage import Store
+from registryd.storage import FsStore
 from registryd.threads import InlinePool
 from registryd.web.app import RegistryAPI
 from registryd.web.request import RegistryRequest
@@ -27,7 +27,7 @@ from registryd.web.site import RegistrySite
 
 def make_site(tmp_path, **settings):
     config = Config(data_dir=str(tmp_path), **settings)
-    store = Store(config.data_dir, InlinePool())
+    store = FsStore(config.data_dir, InlinePool())
     store.prepare()
     return RegistrySite(RegistryAPI(store, config, reactor), reactor), store
 

@@ -1,4 +1,4 @@
-"""The S3 storage backends (S3BlobStore, S3RepositoryStore) against a real radosgw."""
+"""The S3 storage backends (S3BlobStore, Repositories over the S3 driver) against a real radosgw."""
 from __future__ import annotations
 
 import hashlib

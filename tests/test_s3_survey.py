@@ -26,7 +26,8 @@ from registryd.storage.s3 import S3Client
 from registryd.storage.s3.blobs import S3BlobStore
 from registryd.storage.s3.driver import S3Driver
 from registryd.storage.layout import blob_key, repositories_root
-from registryd.storage.s3.repositories import S3RepositoryStore
+from registryd.storage.repositories import Repositories
+from registryd.storage.s3.driver import S3Driver
 from registryd.upkeep import scheduler
 from registryd.upkeep.collector import referenced_digests
 from registryd.upkeep.eviction import plan_eviction
@@ -88,7 +89,7 @@ async def pull(client: Client, image: dict[str, Any]) -> None:
 
 async def wait_pulled(bucket: S3Client, image: dict[str, Any], since: float) -> None:
     """Until the bucket holds a pull time of ``image`` from ``since`` on (pulls are recorded in the background)."""
-    mirror = S3RepositoryStore(bucket, repositories_root(NS))
+    mirror = Repositories(S3Driver(bucket), repositories_root(NS))
     digest = parse_digest(image["digest"])
     for _ in range(100):
         if (await mirror.pulls(image["repo"])).get(digest, 0.0) >= math.floor(since):
@@ -122,7 +123,7 @@ async def in_bucket(bucket: S3Client, digest: str) -> bool:
 
 
 async def cached_revisions(bucket: S3Client, repo: str) -> set[str]:
-    return {str(d) for d in await S3RepositoryStore(bucket, repositories_root(NS)).revisions(repo)}
+    return {str(d) for d in await Repositories(S3Driver(bucket), repositories_root(NS)).revisions(repo)}
 
 
 async def missing_blobs(bucket: S3Client) -> list[str]:

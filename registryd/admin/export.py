@@ -60,6 +60,7 @@ from registryd.digest import Digest, digest_of, parse_digest
 from registryd.errors import RegistryError
 from registryd.manifests import INDEX_TYPES, NON_DISTRIBUTABLE, parse_manifest
 from registryd.storage import layout
+from registryd.storage.interface import Store
 from registryd.storage.sink import Sink
 from registryd.units import human_size
 
@@ -175,7 +176,7 @@ class Planned:
 class Planner:
     """Resolves references against the store, as the server's router would."""
 
-    def __init__(self, store: Any, folders: dict[str, str], default: str | None, platforms: list[Platform]) -> None:
+    def __init__(self, store: Store, folders: dict[str, str], default: str | None, platforms: list[Platform]) -> None:
         self.store = store
         self.location = store.location()
         self.default = default
@@ -408,7 +409,7 @@ def _references(args: argparse.Namespace) -> list[ImageRef]:
     return unique(refs)
 
 
-async def _copy_blob(store: Any, reactor: Any, writer: LayoutWriter, planned: Planned, blob: Blob,
+async def _copy_blob(store: Store, reactor: Any, writer: LayoutWriter, planned: Planned, blob: Blob,
                      progress: Progress) -> None:
     source = await store.blobs.open(blob.digest)
     if source is None:
@@ -435,7 +436,7 @@ async def _copy_blob(store: Any, reactor: Any, writer: LayoutWriter, planned: Pl
         source.close()
 
 
-async def _copy(store: Any, reactor: Any, writer: LayoutWriter, plans: list[Planned], progress: Progress) -> None:
+async def _copy(store: Store, reactor: Any, writer: LayoutWriter, plans: list[Planned], progress: Progress) -> None:
     written: set[Digest] = set()
     for planned in plans:
         for blob in planned.blobs.values():
@@ -461,7 +462,7 @@ class Exported:
     size: int
 
 
-async def _export(store: Any, reactor: Any, args: argparse.Namespace, refs: list[ImageRef], output: str,
+async def _export(store: Store, reactor: Any, args: argparse.Namespace, refs: list[ImageRef], output: str,
                   folders: dict[str, str], default: str | None) -> Exported:
     location = store.location()
     with store_errors_reported(location):
@@ -509,7 +510,7 @@ def run(args: argparse.Namespace) -> int:
     folders = layout.namespace_folders(u.namespace for u in config.upstreams)
     default = next((u.namespace for u in config.upstreams if u.default), None)
 
-    async def main(store: Any, reactor: Any) -> Exported:
+    async def main(store: Store, reactor: Any) -> Exported:
         return await _export(store, reactor, args, refs, output, folders, default)
 
     # Opening a store may make local directories (tmp/ on S3): none is left where there was none.

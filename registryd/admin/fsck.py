@@ -53,6 +53,7 @@ from registryd.storage.layout import (
     REVISIONS_FOLDER, TAGS_FOLDER, TMP, TRASH, UPLOADS, blob_key, folder_namespace,
 )
 from registryd.storage.listing import BlobEntry, list_blobs
+from registryd.storage.interface import Store
 from registryd.storage.s3.upload_state import session_of
 from registryd.storage.scan import (
     Repository,
@@ -539,7 +540,7 @@ def run(args: argparse.Namespace) -> int:
     config = load_admin_config(args)
     namespaces = {u.namespace.replace(":", "_"): u.namespace for u in config.upstreams}
 
-    async def main(store: Any, reactor: Any) -> tuple[StoreFsck, str, str | None, list[dict[str, str]]]:
+    async def main(store: Store, reactor: Any) -> tuple[StoreFsck, str, str | None, list[dict[str, str]]]:
         fsck = StoreFsck(store.objects, namespaces, config.upload_expiry, config.gc_delay)
         location = fsck.driver.location
         with store_errors_reported(location):

@@ -22,6 +22,7 @@ from registryd.admin.remote import add_remote_arguments, post_admin
 from registryd.admin.store_access import load_admin_config, run_with_store
 from registryd.config import Config
 from registryd.storage.layout import BLOBS
+from registryd.storage.interface import Store
 from registryd.upkeep.collector import Collector, referenced_digests
 
 __all__ = ["parse_duration", "referenced_digests"]
@@ -148,7 +149,7 @@ async def collect_in_command(collector: Collector, reactor: Any) -> dict[str, An
 
 def _run_on_store(args: argparse.Namespace, config: Config) -> dict[str, Any]:
     """One pass of the collector on the configured store, as a server runs it."""
-    async def main(store: Any, reactor: Any) -> dict[str, Any] | None:
+    async def main(store: Store, reactor: Any) -> dict[str, Any] | None:
         with store_errors_reported(store.location()):
             document = await collect_in_command(Collector(store.objects, args.delay, args.dry_run), reactor)
             if document is not None and not args.dry_run:

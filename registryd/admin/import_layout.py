@@ -60,6 +60,7 @@ from registryd.errors import RegistryError
 from registryd.manifests import NON_DISTRIBUTABLE, parse_manifest
 from registryd.names import check_name, is_tag
 from registryd.storage import layout
+from registryd.storage.interface import RepositoryBackend, Store
 from registryd.threads import InlinePool
 from registryd.units import human_size
 
@@ -149,7 +150,7 @@ class Target:
     remote: str               # its name in the local repositories or the upstream's mirror cache
     namespace: str | None     # the upstream namespace of a mirrored repository
 
-    def backend(self, store: Any) -> Any:
+    def backend(self, store: Store) -> RepositoryBackend:
         """Its RepositoryBackend in ``store``: the local repositories, or the upstream's mirror cache."""
         return store.repositories if self.namespace is None else store.mirror_repositories(self.namespace)
 
@@ -321,7 +322,7 @@ class Outcome:
 class Importer:
     """Phases 2 and 3 on the store: stage the blobs, then commit everything."""
 
-    def __init__(self, store: Any, reactor: Any, reader: LayoutReader, images: list[Image], dry_run: bool) -> None:
+    def __init__(self, store: Store, reactor: Any, reader: LayoutReader, images: list[Image], dry_run: bool) -> None:
         self.store = store
         self.reactor = reactor
         self.reader = reader
@@ -609,7 +610,7 @@ def run(args: argparse.Namespace) -> int:
             except LayoutError as e:
                 raise Invalid(str(e)) from None
 
-            async def main(store: Any, reactor: Any) -> Imported:
+            async def main(store: Store, reactor: Any) -> Imported:
                 with store_errors_reported(store.location()):
                     outcome = await Importer(store, reactor, reader, images, args.dry_run).run()
                 return Imported(store.location(), images, outcome)

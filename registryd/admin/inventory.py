@@ -28,7 +28,7 @@ from registryd.digest import Digest
 from registryd.errors import RegistryError
 from registryd.manifests import parse_manifest
 from registryd.storage import layout
-from registryd.storage.interface import RepositoryBackend
+from registryd.storage.interface import RepositoryBackend, Store
 from registryd.units import human_size
 
 T = TypeVar("T")
@@ -148,7 +148,7 @@ class Inventory:
 class _Survey:
     """Summarizes repositories of one store; store calls go ``CONCURRENCY`` at a time."""
 
-    def __init__(self, store: Any, sizes: dict[Digest, int], clock: IReactorTime) -> None:
+    def __init__(self, store: Store, sizes: dict[Digest, int], clock: IReactorTime) -> None:
         self._store = store
         self._clock = clock
         self._sizes = sizes
@@ -206,7 +206,7 @@ class _Survey:
                                  len(digests - set(revisions)), len(digests) - len(present), last_pull)
 
 
-async def take_inventory(store: Any, namespaces: Mapping[str, str], clock: IReactorTime) -> Inventory:
+async def take_inventory(store: Store, namespaces: Mapping[str, str], clock: IReactorTime) -> Inventory:
     """Every repository of ``store`` summarized, and its blob store measured (one listing)."""
     sizes = await store.blob_sizes()
     survey = _Survey(store, sizes, clock)
@@ -249,7 +249,7 @@ def run(args: argparse.Namespace) -> int:
     config = load_admin_config(args)
     namespaces = mirror_namespaces(config)
 
-    async def main(store: Any, reactor: Any) -> Inventory:
+    async def main(store: Store, reactor: Any) -> Inventory:
         with store_errors_reported(store.location()):
             return await take_inventory(store, namespaces, reactor)
 

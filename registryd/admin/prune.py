@@ -23,6 +23,7 @@ from registryd.admin.inventory import log_problems_to_stderr, mirror_namespaces,
 from registryd.admin.remote import add_remote_arguments, post_admin
 from registryd.admin.store_access import add_store_arguments, load_admin_config, run_with_store, store_errors_reported
 from registryd.globs import Glob
+from registryd.storage.interface import Store
 
 HELP = "remove cached tags and manifests of mirrored repositories (--older-than, --unused-for, --pattern)"
 
@@ -127,7 +128,7 @@ def _run_local(args: argparse.Namespace) -> dict[str, Any]:
     # Nothing larger than max_manifest_size was cached; a document cut short would hide an index's children.
     limit = max(config.max_manifest_size, MIN_MANIFEST_LIMIT)
 
-    async def main(store: Any, reactor: Any) -> dict[str, Any]:
+    async def main(store: Store, reactor: Any) -> dict[str, Any]:
         with store_errors_reported(store.location()):
             # Every upstream folder in the store, configured or not (as `registryd ls` lists them).
             mirrors = {namespace_of(folder, namespaces): store.mirror_repositories(folder)

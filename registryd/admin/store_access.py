@@ -23,6 +23,7 @@ from twisted.internet.task import react
 from registryd.admin import AdminError, ExitCode
 from registryd.config import Config, ConfigError
 from registryd.storage import layout
+from registryd.storage.interface import Store
 
 T = TypeVar("T")
 
@@ -94,7 +95,7 @@ def run_reactor(main: Callable[[Any], Awaitable[T]]) -> T:
     return outcome[0]  # type: ignore[no-any-return]
 
 
-async def open_admin_store(config: Config, reactor: Any, pool: Any, allow_empty: bool = False) -> Any:
+async def open_admin_store(config: Config, reactor: Any, pool: Any, allow_empty: bool = False) -> Store:
     """The store ``config`` names, checked to be usable; the caller closes it.
 
     The filesystem: the data directory must exist and be registryd's. S3:
@@ -118,7 +119,7 @@ async def open_admin_store(config: Config, reactor: Any, pool: Any, allow_empty:
     return store
 
 
-def run_with_store(config: Config, main: Callable[[Any, Any], Awaitable[T]], allow_empty: bool = False) -> T:
+def run_with_store(config: Config, main: Callable[[Store, Any], Awaitable[T]], allow_empty: bool = False) -> T:
     """Run ``main(store, reactor)`` on the configured store, with an IO pool, and close it after."""
     from registryd.threads import BlockingPool
 

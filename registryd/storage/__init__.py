@@ -1,120 +1,25 @@
-"""The on-disk store: content-addressed blobs, repositories, upload sessions.
+"""Storage: a driver (registryd.storage.driver) and, written once above it, the layout,
+blobs, repositories and uploads behind one typed Store (registryd.storage.interface).
 
-``tmp/`` holds every file being written before its rename; it is emptied at
-start-up, which is how a crash's leftovers are cleaned.
+``open_store`` opens the store ``[storage] driver`` names: a data directory
+(registryd.storage.fs) or a shared S3 bucket (registryd.storage.s3).
 """
 from __future__ import annotations
 
-import os
-import uuid
 from typing import Any
 
-from twisted.internet.defer import Deferred, succeed
-
-from registryd.digest import Digest
-from registryd.storage import layout
 from registryd.storage.blobs import BlobStore
-from registryd.storage.files import empty_dir, free_space_problem, make_dirs, remove_file
-from registryd.storage.fs.driver import FsDriver
+from registryd.storage.fs.store import FsStore
 from registryd.storage.guard import BlobGuard
-from registryd.storage.listing import list_blobs
-from registryd.storage.local import FileBlobs, FileRepositories
-from registryd.storage.repositories import RepositoryStore
+from registryd.storage.interface import Store
+from registryd.storage.repositories import Repositories
 from registryd.storage.uploads import UploadStore
 from registryd.threads import BlockingPool, InlinePool
 
-__all__ = ["Store", "BlobGuard", "BlobStore", "RepositoryStore", "UploadStore"]
+__all__ = ["Store", "FsStore", "BlobGuard", "BlobStore", "Repositories", "UploadStore", "open_store"]
 
 
-class Store:
-    """The data directory and the three stores inside it."""
-
-    driver = "filesystem"
-    #: One process serves a data directory: its BlobGuard sees every claim (see upkeep.eviction).
-    shared = False
-
-    def __init__(self, root: str, pool: BlockingPool | InlinePool) -> None:
-        self.root = root
-        self.pool = pool
-        self.tmp_dir = layout.local_path(root, layout.TMP)
-        self.guard = BlobGuard()
-        # The data directory as keys and bytes: what maintenance (gc) works on.
-        self.objects = FsDriver(root, pool, self.tmp_dir)
-        # The blocking stores on disk, and the storage interface over them.
-        self.blob_files = BlobStore(layout.local_path(root, layout.BLOBS), self.tmp_dir, self.guard)
-        self.blobs = FileBlobs(self.blob_files, pool)
-        self.repositories = FileRepositories(RepositoryStore(layout.local_path(root, layout.REPOSITORIES), self.tmp_dir), pool)
-        self.uploads = UploadStore(layout.local_path(root, layout.UPLOADS), self.tmp_dir, self.blob_files, pool)  # type: ignore[arg-type]
-
-    def mirror_repositories(self, namespace: str) -> FileRepositories:
-        """The cached repositories of one upstream (``mirror/<namespace folder>``)."""
-        root = layout.local_path(self.root, layout.repositories_root(namespace))
-        return FileRepositories(RepositoryStore(root, self.tmp_dir), self.pool, durable_links=False)
-
-    def prepare(self) -> None:
-        """Create the layout and prove it writable (raises OSError)."""
-        for sub in (layout.BLOBS, layout.REPOSITORIES, layout.UPLOADS, layout.TMP):
-            make_dirs(layout.local_path(self.root, sub))
-        probe = os.path.join(self.tmp_dir, f"probe-{uuid.uuid4().hex}")
-        with open(probe, "wb") as f:
-            f.write(b"registryd")
-        os.unlink(probe)
-
-    def check_store(self) -> None:
-        """Nothing beyond the data directory to check at start-up (``prepare`` proves it writable)."""
-
-    def readiness_problem(self, min_free_bytes: int) -> str | None:
-        """Why the store cannot take writes now, or None (cheap: for /readyz)."""
-        probe = os.path.join(self.tmp_dir, f"ready-{uuid.uuid4().hex}")
-        try:
-            try:
-                with open(probe, "wb") as f:
-                    f.write(b"ready")
-            finally:
-                remove_file(probe)  # also when the disk is full: no empty probe stays behind
-            return free_space_problem(self.root, min_free_bytes)
-        except OSError as e:
-            return f"data directory is not writable: {e.strerror}"
-
-    async def check_backend(self) -> str | None:
-        """Nothing beyond the data directory to check (readiness_problem does that)."""
-        return None
-
-    async def check_ready(self) -> str | None:
-        """For /readyz: as ``check_backend`` (readiness_problem writes a probe file)."""
-        return None
-
-    def location(self) -> str:
-        """Where the content lives, for messages: the data directory."""
-        return self.root
-
-    async def mirror_folders(self) -> list[str]:
-        """The upstream folders under ``mirror/`` (a namespace with ``:`` as ``_``), sorted.
-
-        Each can be passed to ``mirror_repositories`` as it is; the config's
-        upstreams say which namespace a folder stands for.
-        """
-        def folders() -> list[str]:
-            try:
-                with os.scandir(layout.local_path(self.root, layout.MIRROR)) as it:
-                    return sorted(e.name for e in it if e.is_dir(follow_symlinks=False))
-            except (FileNotFoundError, NotADirectoryError):
-                return []
-        return await self.pool.run(folders)
-
-    async def blob_sizes(self) -> dict[Digest, int]:
-        """Every stored blob and its size (one listing of ``blobs/``)."""
-        return {digest: blob.size for digest, blob in (await list_blobs(self.objects)).items()}
-
-    def close(self) -> Deferred[None]:
-        return succeed(None)
-
-    def recover(self) -> None:
-        """Drop what a crash left half-written: everything under ``tmp/``."""
-        empty_dir(self.tmp_dir)
-
-
-def open_store(config: Any, pool: BlockingPool | InlinePool, reactor: Any) -> Any:
+def open_store(config: Any, pool: BlockingPool | InlinePool, reactor: Any) -> Store:
     """The store ``[storage] driver`` names: the data directory, or a shared S3 bucket."""
     if config.storage.driver == "s3":
         from registryd.storage.s3.store import S3Store
@@ -122,4 +27,4 @@ def open_store(config: Any, pool: BlockingPool | InlinePool, reactor: Any) -> An
         storage = config.storage
         return S3Store(config.data_dir, pool, storage.s3, reactor, presign=storage.redirect,
                        cache_size=storage.cache_size, cache_dir=storage.cache_dir)
-    return Store(config.data_dir, pool)
+    return FsStore(config.data_dir, pool)

@@ -59,6 +59,8 @@ def too_large(key: str, limit: int) -> TooLarge:
 
 def check_key(key: str) -> None:
     """ValueError for what is not a key (absolute, empty components, ``.``/``..``): it could leave the root."""
+    if key and key[0] != "/" and key[-1] != "/" and "//" not in key and "." not in key and "\0" not in key:
+        return  # the common case, decided without splitting (a request's key is checked on each call)
     if not key or any(part in ("", ".", "..") for part in key.split("/")) or "\0" in key:
         raise ValueError(f"not a storage key: {key!r}")
 
@@ -103,12 +105,20 @@ class Driver(Protocol):
         On disk the file is read, and ``write`` called, in the driver's pool.
         """
 
-    async def write(self, key: str, data: bytes, if_absent: bool = False) -> bool:
+    async def write(self, key: str, data: bytes, if_absent: bool = False, durable: bool = True) -> bool:
         """Store ``data`` as ``key``, atomically and durably: readers see the old value or the new one.
 
         ``if_absent``: only if ``key`` does not exist, decided atomically
         (one of two racing writers wins); returns False when it existed.
-        Otherwise True.
+        Otherwise True. ``durable`` False: still atomic, but a crash may lose
+        it (no fsync on disk) — for what is made again anyway (a mirror's links).
+        """
+
+    async def touch(self, key: str, when: float) -> None:
+        """Make ``key`` an empty marker dated ``when`` (a pull time): advisory, never durable.
+
+        Where the store keeps the writer's time (disk, memory) ``stat`` then
+        says ``when``; a bucket keeps its own clock (LastModified: now).
         """
 
     async def copy(self, src: str, dst: str) -> bool:

@@ -4,7 +4,6 @@ These functions block; callers on the reactor run them in the IO pool.
 """
 from __future__ import annotations
 
-import errno
 import os
 import shutil
 import uuid
@@ -138,16 +137,3 @@ def mtime_of(path: str) -> float | None:
     except (FileNotFoundError, NotADirectoryError):
         return None
 
-
-def prune_empty_dirs(path: str, stop: str) -> None:
-    """Remove ``path`` and its parents while empty, never ``stop`` itself."""
-    stop = os.path.abspath(stop)
-    path = os.path.abspath(path)
-    while path != stop and path.startswith(stop + os.sep):
-        try:
-            os.rmdir(path)
-        except OSError as e:
-            if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT):
-                return
-            raise
-        path = os.path.dirname(path)

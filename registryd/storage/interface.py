@@ -21,12 +21,15 @@ Rules every implementation keeps:
 """
 from __future__ import annotations
 
-from typing import Any, BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol, TypeVar
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IConsumer
 
 from registryd.digest import Digest
+from registryd.storage.driver import Driver
 from registryd.storage.guard import BlobGuard
+from registryd.threads import BlockingPool, InlinePool
 
 
 class StoreUnusable(Exception):
@@ -149,7 +152,11 @@ class UploadWriter(Protocol):
         """The body never completed: the session stays as it was acknowledged."""
 
 
-class UploadBackend(Protocol):
+#: The writer type of one upload backend: it takes back only the writers it opened.
+W = TypeVar("W", bound=UploadWriter)
+
+
+class UploadBackend(Protocol[W]):
     """Upload sessions that any node can continue and commit."""
 
     def known(self, repo: str, upload_id: str) -> Any | None:
@@ -162,16 +169,129 @@ class UploadBackend(Protocol):
         """The session, or raise BLOB_UPLOAD_UNKNOWN."""
 
     def open_writer(self, upload: Any, start: int | None, algorithm: str | None,
-                    limit: int | None = None) -> UploadWriter:
+                    limit: int | None = None) -> W:
         """Append the next body at the acknowledged end (416 for any other ``start``)."""
 
-    async def acknowledge(self, writer: UploadWriter) -> None:
+    async def acknowledge(self, writer: W) -> None:
         """Make the body durable and count it; 202 may be sent after this."""
 
-    async def commit(self, writer: UploadWriter, digest: Digest) -> None:
+    async def commit(self, writer: W, digest: Digest) -> None:
         """Verify the whole session against ``digest`` and store it as that blob."""
 
     async def cancel(self, upload: Any) -> None: ...
 
     async def reap(self, expiry: float) -> int:
         """Remove sessions untouched for ``expiry`` seconds; how many went."""
+
+
+class HotCacheCounts(Protocol):
+    """What a hot cache did since start-up (registryd.storage.s3.hot_cache.HotCacheStats)."""
+
+    @property
+    def hits(self) -> int: ...
+    @property
+    def misses(self) -> int: ...
+    @property
+    def filled_bytes(self) -> int: ...
+    @property
+    def evicted_bytes(self) -> int: ...
+    @property
+    def rejected(self) -> int: ...
+
+
+class HotCache(Protocol):
+    """A node's local cache of hot blobs (registryd.storage.s3.hot_cache.HotCache), as metrics read it."""
+
+    @property
+    def stats(self) -> HotCacheCounts: ...
+    @property
+    def used(self) -> int: ...
+    @property
+    def capacity(self) -> int: ...
+    def __len__(self) -> int: ...
+
+
+class Store(Protocol):
+    """A store, whichever its driver: what the web layer, the mirror, upkeep and the admin commands use.
+
+    ``registryd.storage.open_store`` returns one: ``registryd.storage.fs.store.FsStore``
+    (a data directory) or ``registryd.storage.s3.store.S3Store`` (a bucket).
+    Optional capabilities are attributes that may be None, never asked with getattr.
+    """
+
+    @property
+    def driver(self) -> str:
+        """``"filesystem"`` or ``"s3"``: for messages and reports."""
+
+    @property
+    def shared(self) -> bool:
+        """Whether other nodes write the same store (then this node's BlobGuard sees only its own claims)."""
+
+    @property
+    def root(self) -> str:
+        """The local data directory (on S3: spools, the hot cache)."""
+
+    @property
+    def pool(self) -> BlockingPool | InlinePool:
+        """Where blocking work runs."""
+
+    @property
+    def tmp_dir(self) -> str:
+        """The local folder for files on their way into the store; emptied by ``recover``."""
+
+    @property
+    def guard(self) -> BlobGuard: ...
+
+    @property
+    def objects(self) -> Driver:
+        """The store as keys and bytes: what maintenance (gc, surveys, fsck) works on."""
+
+    @property
+    def blobs(self) -> BlobBackend: ...
+
+    @property
+    def repositories(self) -> RepositoryBackend:
+        """The local repositories."""
+
+    @property
+    def uploads(self) -> UploadBackend[Any]: ...
+
+    @property
+    def hot_cache(self) -> HotCache | None:
+        """The local cache of hot blobs of a bucket (``[storage] cache_size``), or None."""
+
+    def mirror_repositories(self, namespace: str) -> RepositoryBackend:
+        """The cached repositories of one upstream (``mirror/<namespace folder>``)."""
+
+    def prepare(self) -> None:
+        """Create the local folders and prove them writable (raises OSError)."""
+
+    def recover(self) -> None:
+        """Drop what a crash left half-written locally (``tmp/``)."""
+
+    def check_store(self) -> None:
+        """At start-up: the store takes a write and a read (raises StoreUnusable, one line)."""
+
+    async def check_backend(self) -> str | None:
+        """Why the store cannot be used now, or None; changes nothing (admin commands)."""
+
+    async def check_ready(self) -> str | None:
+        """For /readyz: why this node cannot serve now, or None."""
+
+    def readiness_problem(self, min_free_bytes: int) -> str | None:
+        """Why the store cannot take writes now, or None (cheap: for /readyz)."""
+
+    def location(self) -> str:
+        """Where the content lives, for messages: a directory or ``s3://bucket/prefix``."""
+
+    async def mirror_folders(self) -> list[str]:
+        """The upstream folders under ``mirror/`` (a namespace with ``:`` as ``_``), sorted."""
+
+    async def blob_sizes(self) -> dict[Digest, int]:
+        """Every stored blob and its size."""
+
+    async def blob_usage(self) -> tuple[int, int] | None:
+        """Bytes and files under ``blobs/`` for the status page, or None where counting them
+        would be a listing of a whole bucket (not done for a page view)."""
+
+    def close(self) -> Deferred[None]: ...

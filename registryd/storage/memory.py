@@ -79,11 +79,15 @@ class MemoryDriver:
             write(value.data[start:start + STREAM_CHUNK])
         return self._entry(key, value)
 
-    async def write(self, key: str, data: bytes, if_absent: bool = False) -> bool:
+    async def write(self, key: str, data: bytes, if_absent: bool = False, durable: bool = True) -> bool:
         if if_absent and key in self._values:
             return False
         self._set(key, data)
         return True
+
+    async def touch(self, key: str, when: float) -> None:
+        check_key(key)
+        self._values[key] = _Value(b"", when, str(next(self._writes)))
 
     async def copy(self, src: str, dst: str) -> bool:
         value = self._values.get(src)

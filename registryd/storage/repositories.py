@@ -1,254 +1,324 @@
-"""Per-repository metadata: blob links, manifest revisions, tags, referrers.
+"""Per-repository metadata over a storage driver: the one RepositoryBackend of every store.
 
-``repositories/<name>/`` holds
+A repository ``<name>`` under ``root`` (``repositories/`` or one upstream's
+``mirror/<namespace folder>/``) holds the keys registryd.storage.layout maps:
 
-* ``_blobs/<alg>/<hex>`` — empty file: the blob is visible in this repository;
+* ``_blobs/<alg>/<hex>`` — empty: the blob is visible in this repository;
 * ``_manifests/revisions/<alg>/<hex>`` — JSON ``{"mediaType": ...}``: the
   manifest (content in the blob store) belongs to this repository;
 * ``_manifests/tags/<tag>`` — the digest the tag points at;
 * ``_referrers/<alg>/<subject hex>/<alg>-<hex>`` — the descriptor of a
   manifest whose ``subject`` is that digest;
-* ``_pulls/<alg>/<hex>`` — empty file whose mtime is when the manifest was
-  last pulled (advisory: written at most once a second, never fsynced).
+* ``_pulls/<alg>/<hex>`` — empty; its time is when the manifest was last
+  pulled (advisory: never made durable).
 
-Name components never start with ``_``, so these never collide with a
-nested repository. Methods that write or walk block: run them in the pool.
+A repository exists while it has a ``_manifests`` or ``_blobs`` folder (on
+a bucket: a key in one). Writes keep the interface's order — revision,
+referrer entry, then tags, each done before the next starts — so neither
+a crash nor another node's read sees a tag without its revision. A driver
+gives read-after-write consistency for single keys (S3 since 2020, RGW
+always, a rename on disk), which is what lets another node see a tag the
+moment its write returned.
+
+Names and tags arrive validated (registryd.names). Keys are still built
+only from strings that pass the same grammar: a read with an odd name
+finds nothing, a write raises the registry's own NAME_INVALID or
+MANIFEST_INVALID; nothing odd ever becomes part of a key.
 """
 from __future__ import annotations
 
+import functools
 import json
-import os
-from typing import Any, Iterator
+import re
+from typing import Any, Callable
 
-from registryd.digest import Digest, parse_digest
-from registryd.errors import RegistryError
+from twisted.internet.defer import DeferredSemaphore
+
+from registryd.deferreds import bounded_gather
+from registryd.digest import HEX_LENGTHS, Digest, parse_digest
+from registryd.errors import RegistryError, digest_invalid, name_invalid
+from registryd.names import check_name, check_tag, is_tag
 from registryd.storage import layout
-from registryd.storage.files import (
-    fsync_dir,
-    make_dirs,
-    prune_empty_dirs,
-    read_small,
-    remove_file,
-    write_atomic,
-)
+from registryd.storage.driver import Driver, finish
 
-class RepositoryStore:
-    """Reads and writes the metadata of every repository."""
+#: Revisions, tags and referrer descriptors are small; a manifest's limit bounds them all.
+METADATA_LIMIT = 4 * 1024 * 1024
+#: Listings and reads one call keeps in flight (on S3, Agent's pool does not bound connections).
+CONCURRENCY = 8
+_HEX = re.compile(r"^[a-f0-9]+$")
 
-    def __init__(self, root: str, tmp_dir: str) -> None:
-        self.root = root
-        self._tmp = tmp_dir
 
-    def _path(self, name: str, *parts: str) -> str:
-        return os.path.join(self.root, name, *parts)
+@functools.lru_cache(maxsize=4096)
+def _name_ok(name: str) -> bool:
+    try:
+        check_name(name)
+    except RegistryError:
+        return False
+    return True
 
-    def _key(self, name: str, key: str) -> str:
-        """The path of ``key`` (registryd.storage.layout) in the repository ``name``."""
-        return layout.local_path(self._path(name), key)
 
-    def _blob_link(self, name: str, digest: Digest) -> str:
-        return self._key(name, layout.link_key(digest))
+def _digest_ok(digest: Digest) -> bool:
+    expected = HEX_LENGTHS.get(digest.algorithm)
+    return expected is not None and len(digest.hex) == expected and bool(_HEX.match(digest.hex))
 
-    def _revision(self, name: str, digest: Digest) -> str:
-        return self._key(name, layout.revision_key(digest))
 
-    def _tag(self, name: str, tag: str) -> str:
-        return self._key(name, layout.tag_key(tag))
+class Repositories:
+    """RepositoryBackend for the repositories under ``root`` (a key prefix ending in ``/``) of ``driver``.
 
-    def _referrers(self, name: str, subject: Digest) -> str:
-        return self._key(name, layout.referrers_key(subject))
+    ``durable_links`` False is for the mirror cache: a link lost in a crash
+    is made again by the next pull, so it is not worth an fsync per layer.
+    """
 
-    def _pull(self, name: str, digest: Digest) -> str:
-        return self._key(name, layout.pull_key(digest))
+    def __init__(self, driver: Driver, root: str, durable_links: bool = True) -> None:
+        self.driver = driver
+        self.root = root if root.endswith("/") else root + "/"
+        self._durable_links = durable_links
 
-    # Reads: cheap enough for the reactor (a stat or a small file).
+    # -- keys: None for a name, tag or digest that fails validation --------------
 
-    def exists(self, name: str) -> bool:
-        return any(os.path.isdir(self._path(name, marker)) for marker in layout.MARKERS)
+    def _repo(self, name: str) -> str | None:
+        return f"{self.root}{name}/" if _name_ok(name) else None
 
-    def has_blob(self, name: str, digest: Digest) -> bool:
-        return os.path.exists(self._blob_link(name, digest))
+    def _under(self, name: str, digest: Digest, key: Callable[[Digest], str]) -> str | None:
+        """The key ``key(digest)`` (registryd.storage.layout) in the repository ``name``."""
+        repo = self._repo(name)
+        if repo is None or not _digest_ok(digest):
+            return None
+        return repo + key(digest)
 
-    def manifest_media_type(self, name: str, digest: Digest) -> str | None:
-        data = read_small(self._revision(name, digest))
+    def _link(self, name: str, digest: Digest) -> str | None:
+        return self._under(name, digest, layout.link_key)
+
+    def _revision(self, name: str, digest: Digest) -> str | None:
+        return self._under(name, digest, layout.revision_key)
+
+    def _pull(self, name: str, digest: Digest) -> str | None:
+        return self._under(name, digest, layout.pull_key)
+
+    def _referrers(self, name: str, subject: Digest) -> str | None:
+        return self._under(name, subject, layout.referrers_key)
+
+    def _referrer(self, name: str, subject: Digest, digest: Digest) -> str | None:
+        folder = self._referrers(name, subject)
+        if folder is None or not _digest_ok(digest):
+            return None
+        return folder + layout.referrer_entry(digest)
+
+    def _tags(self, name: str) -> str | None:
+        repo = self._repo(name)
+        return repo + layout.TAGS if repo is not None else None
+
+    def _tag(self, name: str, tag: str) -> str | None:
+        folder = self._tags(name)
+        return folder + tag if folder is not None and is_tag(tag) else None
+
+    def _checked(self, key: str | None, name: str, tag: str | None = None, *digests: Digest) -> str:
+        """``key`` for a write, or the registry error saying which part was unusable."""
+        if key is not None:
+            return key
+        check_name(name)
+        if tag is not None:
+            check_tag(tag)
+        for digest in digests:
+            if not _digest_ok(digest):
+                raise digest_invalid(f"invalid digest {str(digest)[:150]!r}")
+        raise name_invalid(name)
+
+    # -- reads --------------------------------------------------------------------
+
+    async def exists(self, name: str) -> bool:
+        """One listing of the repository's own ``_``-folders (never of its nested repositories)."""
+        repo = self._repo(name)
+        if repo is None:
+            return False
+        async for entry in self.driver.list(repo + "_", delimiter="/"):
+            if entry.is_prefix and entry.key[len(repo):-1] in layout.MARKERS:
+                return True
+        return False
+
+    async def has_blob(self, name: str, digest: Digest) -> bool:
+        key = self._link(name, digest)
+        return key is not None and await self.driver.stat(key) is not None
+
+    async def manifest_media_type(self, name: str, digest: Digest) -> str | None:
+        data = await self._get(self._revision(name, digest))
         if data is None:
             return None
-        return json.loads(data)["mediaType"]
+        media_type: str = json.loads(data)["mediaType"]
+        return media_type
 
-    def resolve_tag(self, name: str, tag: str) -> Digest | None:
-        data = read_small(self._tag(name, tag))
+    async def resolve_tag(self, name: str, tag: str) -> Digest | None:
+        data = await self._get(self._tag(name, tag))
         if data is None:
             return None
         return parse_digest(data.decode().strip())
 
-    def tags(self, name: str) -> list[str] | None:
-        """Sorted tags, or None when the repository does not exist."""
-        if not self.exists(name):
+    async def tag_mtime(self, name: str, tag: str) -> float | None:
+        key = self._tag(name, tag)
+        entry = await self.driver.stat(key) if key is not None else None
+        return entry.modified if entry is not None else None
+
+    async def tags(self, name: str) -> list[str] | None:
+        folder = self._tags(name)
+        if folder is None:
             return None
-        try:
-            return sorted(os.listdir(self._key(name, layout.TAGS)))
-        except FileNotFoundError:
+        found = [entry.key[len(folder):] async for entry in self.driver.list(folder)]
+        if not found and not await self.exists(name):
+            return None
+        return sorted(tag for tag in found if is_tag(tag))
+
+    async def referrers(self, name: str, subject: Digest) -> list[dict[str, Any]]:
+        folder = self._referrers(name, subject)
+        if folder is None:
             return []
+        keys = [entry.key async for entry in self.driver.list(folder) if "/" not in entry.key[len(folder):]]
+        # An entry deleted between the listing and its read is simply gone.
+        found = await bounded_gather(keys, self._get, CONCURRENCY)
+        return [json.loads(data) for data in found if data is not None]
 
-    # Writes and walks: blocking.
+    async def revisions(self, name: str) -> dict[Digest, float]:
+        """One listing of ``_manifests/revisions/``: each one's time is when it was written."""
+        return await self._stamps(name, layout.REVISIONS)
 
-    def link_blob(self, name: str, digest: Digest, durable: bool = True) -> None:
-        """Make the blob visible in ``name`` (an empty file: its creation is atomic)."""
-        path = self._blob_link(name, digest)
-        if os.path.exists(path):
-            return
-        directory = os.path.dirname(path)
-        if durable:
-            make_dirs(directory)
-        else:
-            os.makedirs(directory, exist_ok=True)
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o644))
-        if durable:
-            fsync_dir(directory)
+    async def pulls(self, name: str) -> dict[Digest, float]:
+        """One listing of ``_pulls/``: each marker's time is its manifest's last pull."""
+        return await self._stamps(name, layout.PULLS)
 
-    def tag_mtime(self, name: str, tag: str) -> float:
-        """When the tag was last written or confirmed (raises OSError if absent)."""
-        return os.stat(self._tag(name, tag)).st_mtime
+    async def catalog(self) -> list[str]:
+        """Every repository name, sorted: a walk of the folders, one listing per folder.
 
-    def touch_tag(self, name: str, tag: str) -> None:
-        try:
-            os.utime(self._tag(name, tag))
-        except FileNotFoundError:
-            pass
-
-    def unlink_blob(self, name: str, digest: Digest) -> bool:
-        path = self._blob_link(name, digest)
-        removed = remove_file(path)
-        if removed:
-            fsync_dir(os.path.dirname(path))
-        return removed
-
-    def add_manifest(self, name: str, digest: Digest, media_type: str, tags: list[str],
-                     referrer: tuple[Digest, dict[str, Any]] | None) -> None:
-        """Link a stored manifest, its referrer entry, then its tags.
-
-        The order makes a crash harmless: a tag never points at a manifest
-        the repository does not have.
+        A walk, not one listing of every key: a mirror holds a link per layer
+        pulled, and those would dominate a flat listing many times over. Over
+        a driver with a blocking twin (the data directory) the whole walk is
+        one trip to its pool.
         """
-        write_atomic(self._tmp, self._revision(name, digest), json.dumps({"mediaType": media_type}).encode())
+        threaded = self.driver.threaded()
+        if threaded is not None:
+            twin, pool = threaded
+            return await pool.run(lambda: finish(Repositories(twin, self.root)._catalog()))
+        return await self._catalog()
+
+    async def _catalog(self) -> list[str]:
+        names: set[str] = set()
+        limit = DeferredSemaphore(CONCURRENCY)
+
+        async def walk(path: str) -> None:
+            async with limit:
+                entries = [entry async for entry in self.driver.list(self.root + path, delimiter="/")]
+            below = []
+            for entry in entries:
+                if not entry.is_prefix:
+                    continue
+                component = entry.key[len(self.root + path):-1]
+                if component in layout.MARKERS:
+                    if path and _name_ok(path[:-1]):
+                        names.add(path[:-1])
+                elif component and not component.startswith("_"):
+                    below.append(path + component + "/")
+            await bounded_gather(below, walk, None)
+
+        await walk("")
+        return sorted(names)
+
+    # -- writes -------------------------------------------------------------------
+
+    async def link_blob(self, name: str, digest: Digest) -> None:
+        # Written again when it exists: a link's new time is a use that a running gc's re-mark
+        # sees (upkeep.collector), on this node or another. One write, no stat first.
+        await self.driver.write(self._checked(self._link(name, digest), name, None, digest), b"",
+                                durable=self._durable_links)
+
+    async def unlink_blob(self, name: str, digest: Digest) -> bool:
+        key = self._link(name, digest)
+        return key is not None and await self.driver.delete(key)
+
+    async def add_manifest(self, name: str, digest: Digest, media_type: str, tags: list[str],
+                           referrer: tuple[Digest, dict[str, Any]] | None) -> None:
+        """Revision, referrer entry, then tags, each write done before the next starts:
+        neither this node's crash nor another node's read sees a tag without its revision."""
+        # Every key first: an unusable tag must not leave a revision behind.
+        writes = [(self._checked(self._revision(name, digest), name, None, digest),
+                   json.dumps({"mediaType": media_type}).encode())]
         if referrer is not None:
             subject, descriptor = referrer
-            path = self._key(name, layout.referrer_key(subject, digest))
-            write_atomic(self._tmp, path, json.dumps(descriptor).encode())
-        for tag in tags:
-            write_atomic(self._tmp, self._tag(name, tag), str(digest).encode())
-        make_dirs(self._key(name, layout.TAGS))
+            writes.append((self._checked(self._referrer(name, subject, digest), name, None, subject, digest),
+                           json.dumps(descriptor).encode()))
+        tag_keys = [self._checked(self._tag(name, tag), name, tag) for tag in tags]
+        for key, body in writes:
+            await self.driver.write(key, body)
+        for key in tag_keys:
+            await self.driver.write(key, str(digest).encode())
 
-    def set_tags(self, name: str, digest: Digest, tags: list[str]) -> None:
-        for tag in tags:
-            write_atomic(self._tmp, self._tag(name, tag), str(digest).encode())
-        make_dirs(self._key(name, layout.TAGS))
+    async def set_tags(self, name: str, digest: Digest, tags: list[str]) -> None:
+        tag_keys = [self._checked(self._tag(name, tag), name, tag) for tag in tags]
+        for key in tag_keys:
+            await self.driver.write(key, str(digest).encode())
 
-    def record_pull(self, name: str, digest: Digest, when: float) -> None:
-        """Note that ``digest`` was pulled from ``name`` at ``when`` (if it is still there)."""
-        if not os.path.exists(self._revision(name, digest)):
-            return
-        path = self._pull(name, digest)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
-        except FileNotFoundError:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
-        try:
-            os.utime(fd, (when, when))
-        finally:
-            os.close(fd)
+    async def delete_manifest(self, name: str, digest: Digest, subject: Digest | None) -> bool:
+        """Tags pointing at it, its referrer entry, its pull marker, then the revision:
+        the reverse of ``add_manifest``, so a tag never outlives its revision.
 
-    def delete_tag(self, name: str, tag: str) -> bool:
-        path = self._tag(name, tag)
-        removed = remove_file(path)
-        if removed:
-            fsync_dir(os.path.dirname(path))
-        return removed
-
-    def delete_manifest(self, name: str, digest: Digest, subject: Digest | None) -> bool:
-        """Unlink a manifest revision, every tag pointing at it, its referrer entry."""
-        path = self._revision(name, digest)
-        if not os.path.exists(path):
+        A tag moved to another digest by another node between our read and our
+        delete is deleted too: no driver has a conditional delete.
+        """
+        revision = self._revision(name, digest)
+        folder = self._tags(name)
+        if revision is None or folder is None or await self.driver.stat(revision) is None:
             return False
-        tags_dir = self._key(name, layout.TAGS)
-        for tag in self.tags(name) or []:
-            if self.resolve_tag(name, tag) == digest:
-                remove_file(os.path.join(tags_dir, tag))
+        tag_keys = [entry.key async for entry in self.driver.list(folder)]
+        targets = await bounded_gather(tag_keys, self._get, CONCURRENCY)
+        for key, target in zip(tag_keys, targets):
+            if target is not None and target.decode().strip() == str(digest):
+                await self.driver.delete(key)
         if subject is not None:
-            entry = self._key(name, layout.referrer_key(subject, digest))
-            if remove_file(entry):
-                prune_empty_dirs(os.path.dirname(entry), self._path(name))
-        remove_file(path)
-        fsync_dir(os.path.dirname(path))
+            entry = self._referrer(name, subject, digest)
+            if entry is not None:
+                await self.driver.delete(entry)
         pull = self._pull(name, digest)
-        if remove_file(pull):
-            prune_empty_dirs(os.path.dirname(pull), self._path(name))
-        if os.path.isdir(tags_dir):
-            fsync_dir(tags_dir)
+        if pull is not None:
+            await self.driver.delete(pull)
+        await self.driver.delete(revision)
         return True
 
-    def referrers(self, name: str, subject: Digest) -> list[dict[str, Any]]:
-        """Descriptors of the manifests in ``name`` whose subject is ``subject``."""
-        directory = self._referrers(name, subject)
-        try:
-            entries = sorted(os.listdir(directory))
-        except (FileNotFoundError, NotADirectoryError):
-            return []
-        found = []
-        for entry in entries:
-            data = read_small(os.path.join(directory, entry))
-            if data is not None:
-                found.append(json.loads(data))
-        return found
+    async def touch_tag(self, name: str, tag: str, digest: Digest) -> None:
+        """Move the tag's time to now by writing the digest the upstream just confirmed.
 
-    def revisions(self, name: str) -> dict[Digest, float]:
-        """Each manifest revision and its file's mtime (when it was written)."""
-        return _stamps(self._key(name, layout.REVISIONS))
+        One write: whatever another node wrote meanwhile, the tag ends as the
+        upstream says it is. A bucket's LastModified has one-second
+        resolution, so a touch within the second of the write may not show.
+        """
+        key = self._tag(name, tag)
+        if key is not None:
+            await self.driver.write(key, str(digest).encode())
 
-    def pulls(self, name: str) -> dict[Digest, float]:
-        """Each pull marker's mtime: when its manifest was last pulled."""
-        return _stamps(self._key(name, layout.PULLS))
+    async def delete_tag(self, name: str, tag: str) -> bool:
+        key = self._tag(name, tag)
+        return key is not None and await self.driver.delete(key)
 
-    def catalog(self) -> list[str]:
-        """Every repository name, sorted."""
-        return sorted(self._walk(self.root, ""))
-
-    def _walk(self, directory: str, prefix: str) -> Iterator[str]:
-        try:
-            entries = list(os.scandir(directory))
-        except FileNotFoundError:
+    async def record_pull(self, name: str, digest: Digest, when: float) -> None:
+        """Date the pull marker ``when`` (on a bucket: the store's clock, to the second),
+        only while the revision exists. Advisory: never made durable."""
+        revision = self._revision(name, digest)
+        pull = self._pull(name, digest)
+        if revision is None or pull is None or await self.driver.stat(revision) is None:
             return
-        names = {entry.name for entry in entries}
-        if prefix and any(marker in names for marker in layout.MARKERS):
-            yield prefix.rstrip("/")
-        for entry in entries:
-            if not entry.name.startswith("_") and entry.is_dir(follow_symlinks=False):
-                yield from self._walk(entry.path, prefix + entry.name + "/")
+        await self.driver.touch(pull, when)
 
+    # -- helpers ------------------------------------------------------------------
 
+    async def _get(self, key: str | None) -> bytes | None:
+        return await self.driver.read(key, METADATA_LIMIT) if key is not None else None
 
-def _stamps(directory: str) -> dict[Digest, float]:
-    """``<alg>/<hex>`` files below ``directory`` by digest, with their mtimes.
-
-    A file removed between the listing and its stat is simply gone; a name
-    that is no digest is not ours to report.
-    """
-    found: dict[Digest, float] = {}
-    try:
-        algorithms = [entry for entry in os.scandir(directory) if entry.is_dir(follow_symlinks=False)]
-    except (FileNotFoundError, NotADirectoryError):
+    async def _stamps(self, name: str, folder: str) -> dict[Digest, float]:
+        """``<alg>/<hex>`` keys under the repository's ``folder`` by digest, with their times."""
+        repo = self._repo(name)
+        if repo is None:
+            return {}
+        prefix = repo + folder
+        found: dict[Digest, float] = {}
+        async for entry in self.driver.list(prefix):
+            algorithm, _, hexpart = entry.key[len(prefix):].partition("/")
+            digest = Digest(algorithm, hexpart)
+            if entry.modified is not None and _digest_ok(digest):
+                found[digest] = entry.modified
         return found
-    for algorithm in algorithms:
-        try:
-            entries = list(os.scandir(algorithm.path))
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        for entry in entries:
-            try:
-                digest = parse_digest(f"{algorithm.name}:{entry.name}")
-                if entry.is_file(follow_symlinks=False):
-                    found[digest] = entry.stat(follow_symlinks=False).st_mtime
-            except (RegistryError, FileNotFoundError):
-                continue
-    return found

@@ -24,9 +24,9 @@ import attrs
 
 from registryd.digest import Digest
 from registryd.errors import blob_upload_unknown, digest_invalid, range_invalid
-from registryd.storage.blobs import BlobStore
+from registryd.storage.interface import BlobBackend
 from registryd.storage.files import write_atomic, write_fully
-from registryd.threads import BlockingPool
+from registryd.threads import BlockingPool, InlinePool
 
 _ID = re.compile(r"^[0-9a-f]{32}$")
 DEFAULT_ALGORITHM = "sha256"
@@ -112,7 +112,7 @@ class UploadWriter(SpooledBody):
 class UploadStore:
     """Creates, resumes, commits and reaps upload sessions."""
 
-    def __init__(self, root: str, tmp_dir: str, blobs: BlobStore, pool: BlockingPool) -> None:
+    def __init__(self, root: str, tmp_dir: str, blobs: BlobBackend, pool: BlockingPool | InlinePool) -> None:
         self.root = root
         self._tmp = tmp_dir
         self._blobs = blobs
@@ -219,7 +219,7 @@ class UploadStore:
             if actual != digest.hex:
                 await self.cancel(upload)
                 raise digest_invalid("provided digest did not match uploaded content", str(digest))
-            await self._pool.run(self._blobs.commit_file, upload.data_path, digest)
+            await self._blobs.commit_file(upload.data_path, digest)
             await self.cancel(upload)
         finally:
             upload.busy = False

@@ -33,7 +33,6 @@ from registryd.mirror.cache import MirrorCache
 from registryd.storage import Store
 from registryd.storage.interface import BlobBackend, RepositoryBackend
 from registryd.storage import layout
-from registryd.storage.s3.store import S3Store
 from registryd.upkeep.collector import referenced_digests
 
 #: MirrorCache reads cached manifests up to at least this much, whatever max_manifest_size says.
@@ -245,7 +244,7 @@ class OnlinePruner:
                 "repositories_matched": matched, "removed": removed, "counts": counts}
 
 
-def server_pruner(cache: MirrorCache, store: Store | S3Store, manifest_limit: int,
+def server_pruner(cache: MirrorCache, store: Store, manifest_limit: int,
                   clock: Clock = time.time) -> OnlinePruner:
     """The pruner of a server's mirror cache; its report names the store as gc's does.
 

@@ -120,9 +120,8 @@ class RegistryAPI:
         self.config = config
         self._reactor = reactor
         self.metrics = metrics or Metrics()
-        hot_cache = getattr(store.blobs, "hot_cache", None)
-        if hot_cache is not None:
-            self.metrics.watch_hot_cache(hot_cache)
+        if store.hot_cache is not None:
+            self.metrics.watch_hot_cache(store.hot_cache)
         self.mirror = mirror or MirrorCache(store, config, reactor, self.metrics)
         self.auth = auth or build_auth(config.auth, config.access, store.pool, reactor,
                                        mirrored_namespaces(u.namespace for u in config.upstreams))

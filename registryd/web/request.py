@@ -29,7 +29,7 @@ from twisted.web import server
 
 from registryd.errors import RegistryError, too_large
 from registryd.names import check_raw_path
-from registryd.storage.uploads import UploadWriter
+from registryd.storage.interface import UploadWriter
 from registryd.web.limits import BodyBudget, store_full
 
 log = Logger()

@@ -58,19 +58,6 @@ class RecentError:
     message: str
 
 
-def _walk_blobs(root: str) -> tuple[int, int]:
-    """Bytes and file count under ``blobs/`` (runs in the IO pool)."""
-    total = files = 0
-    for directory, _, names in os.walk(root):
-        for name in names:
-            try:
-                total += os.lstat(os.path.join(directory, name)).st_size
-            except OSError:
-                continue  # removed by GC meanwhile
-            files += 1
-    return total, files
-
-
 def _free_bytes(root: str) -> tuple[int, int] | None:
     """(free for us, total) bytes of the data filesystem (runs in the IO pool)."""
     try:
@@ -94,7 +81,7 @@ class StatusBoard:
         self.pulls: dict[str, int] = {}
         self.errors: collections.deque[RecentError] = collections.deque(maxlen=MAX_ERRORS)
         self._usage: StoreUsage | None = None
-        self._measure: Coalescer[StoreUsage] = Coalescer()
+        self._measure: Coalescer[StoreUsage | None] = Coalescer()
         mirror.error_listeners.append(self.upstream_failed)
 
     # --- feeding -------------------------------------------------------------
@@ -138,23 +125,25 @@ class StatusBoard:
     def top_repositories(self, n: int = TOP) -> list[tuple[str, int]]:
         return sorted(self.pulls.items(), key=lambda item: (-item[1], item[0]))[:n]
 
-    async def usage(self) -> StoreUsage:
-        """Bytes and files in ``blobs/``: walked in the IO pool, at most once per ``usage_ttl``."""
+    async def usage(self) -> StoreUsage | None:
+        """Bytes and files in ``blobs/``: walked in the IO pool, at most once per ``usage_ttl``
+        (None on a bucket: see Store.blob_usage)."""
         cached = self._usage
         if cached is not None and self._clock() - cached.measured_at < self._usage_ttl:
             return cached
         usage = await self._measure.run("usage", self._walk)
         return usage
 
-    async def _walk(self) -> StoreUsage:
-        total, files = await self.store.pool.run(_walk_blobs, self.store.blob_files.root)
-        usage = self._usage = StoreUsage(total, files, self._clock())
+    async def _walk(self) -> StoreUsage | None:
+        counted = await self.store.blob_usage()
+        if counted is None:
+            return None     # blobs in an object store are not listed for a page view
+        usage = self._usage = StoreUsage(counted[0], counted[1], self._clock())
         return usage
 
     async def render(self) -> bytes:
         try:
-            # Blobs in an object store are not walked for a page view.
-            usage: StoreUsage | None = await self.usage() if self.store.blob_files is not None else None
+            usage = await self.usage()
         except Exception:
             log.failure("measuring the store for the status page failed")
             usage = None

@@ -69,7 +69,8 @@ from oci_client import OCI_CONFIG, OCI_LAYER, OCI_MANIFEST, Client, descriptor, 
 from registryd.digest import parse_digest
 from registryd.storage.s3 import S3Client, S3Settings
 from registryd.storage.layout import blob_key, repositories_root
-from registryd.storage.s3.repositories import S3RepositoryStore
+from registryd.storage.repositories import Repositories
+from registryd.storage.s3.driver import S3Driver
 from upstreams import SeededBlob, blob_path, push_blob, push_image, reference_upstream  # noqa: F401
 
 from . import oci_layout as oci
@@ -275,7 +276,7 @@ async def tags_of(client: Client, repo: str) -> list[str] | None:
 async def wait_for_fill_commit(bucket: S3Client, remote: str, digest: str, timeout: float = 120) -> None:
     """Until a mirror fill of ``digest`` is in the bucket: the blob and the mirrored repository's link."""
     parsed = parse_digest(digest)
-    mirrored = S3RepositoryStore(bucket, repositories_root(NS))
+    mirrored = Repositories(S3Driver(bucket), repositories_root(NS))
     deadline = time.monotonic() + timeout
     while not (await bucket.head_object(blob_key(parsed)) is not None
                and await mirrored.has_blob(remote, parsed)):

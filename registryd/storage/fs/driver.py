@@ -9,8 +9,10 @@ directories they empty, below the top two levels and never a
 repository's ``_``-folders.
 
 Every call that touches the disk runs in the pool given, so the reactor
-never waits on a walk or an fsync; ``threaded()`` gives the twin whose
-calls block, for a pass that runs whole in one worker thread.
+never waits on a walk or an fsync — except what costs no more than a stat:
+``stat`` itself and the ``read`` of a tiny file (``INLINE_READ``), which
+answer at once. ``threaded()`` gives the twin whose calls block, for a pass
+that runs whole in one worker thread.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import os
 import shutil
 import stat
 import uuid
-from typing import AsyncIterator, Callable, Iterator, Sequence
+from typing import AsyncIterator, BinaryIO, Callable, Iterator, Sequence
 
 from registryd.storage.driver import Entry, Pool, check_key, too_large
 from registryd.storage.files import fsync_dir, make_dirs, remove_file, rename_into
@@ -31,6 +33,19 @@ from registryd.threads import InlinePool
 LIST_BATCH = 1000
 #: What ``stream`` reads at once.
 STREAM_CHUNK = 1024 * 1024
+#: A value this small is read at once on the caller's thread (a tag, a revision: the cost of a
+#: stat), so a manifest GET waits on no thread hop; a larger one is read in the pool.
+INLINE_READ = 64 * 1024
+#: Tries to put a value in a folder that concurrent deletes keep pruning (each loses one race).
+PLACE_ATTEMPTS = 5
+
+
+def _fsync_dir_if_there(path: str) -> None:
+    """fsync a folder a concurrent delete may have pruned (emptied) since: then there is nothing to sync."""
+    try:
+        fsync_dir(path)
+    except FileNotFoundError:
+        pass
 
 
 def _version(info: os.stat_result) -> str:
@@ -57,7 +72,7 @@ class FsDriver:
 
     def path(self, key: str) -> str:
         check_key(key)
-        return os.path.join(self.root, *key.split("/"))
+        return os.path.join(self.root, key)   # checked: relative, and "/" is the separator here
 
     # -- reads ------------------------------------------------------------------
 
@@ -112,14 +127,28 @@ class FsDriver:
         return _entry(key, info) if stat.S_ISREG(info.st_mode) else None
 
     async def read(self, key: str, limit: int) -> bytes | None:
-        return await self._pool.run(self._read, key, limit)
-
-    def _read(self, key: str, limit: int) -> bytes | None:
+        f: BinaryIO | None
         try:
-            with open(self.path(key), "rb") as f:
-                data = f.read(limit + 1)
+            f = open(self.path(key), "rb")
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return None
+        try:
+            size = os.fstat(f.fileno()).st_size
+            if size <= INLINE_READ:
+                return self._read_open(f, key, limit, size)
+            opened, f = f, None
+            return await self._pool.run(self._read_open, opened, key, limit, size)
+        finally:
+            if f is not None:
+                f.close()
+
+    @staticmethod
+    def _read_open(f: BinaryIO, key: str, limit: int, size: int) -> bytes:
+        """The value of the open ``f``, ``size`` bytes when opened (no buffer of ``limit`` bytes for a tag)."""
+        with f:
+            data = f.read(min(limit, size) + 1)
+            if size < len(data) <= limit:   # written again since the fstat
+                data += f.read(limit + 1 - len(data))
         if len(data) > limit:
             raise too_large(key, limit)
         return data
@@ -140,47 +169,71 @@ class FsDriver:
 
     # -- writes -----------------------------------------------------------------
 
-    async def write(self, key: str, data: bytes, if_absent: bool = False) -> bool:
-        return await self._pool.run(self._write, key, data, if_absent)
+    async def write(self, key: str, data: bytes, if_absent: bool = False, durable: bool = True) -> bool:
+        return await self._pool.run(self._write, key, data, if_absent, durable)
 
     def _temporary(self) -> str:
         make_dirs(self.tmp_dir)
         return os.path.join(self.tmp_dir, uuid.uuid4().hex)
 
-    def _place(self, tmp: str, target: str, if_absent: bool) -> bool:
+    def _place(self, tmp: str, target: str, if_absent: bool, durable: bool = True) -> bool:
         """Blocking: the fsynced ``tmp`` becomes ``target``, durably (``if_absent``: by a link, which fails if it exists)."""
         parent = os.path.dirname(target)
         try:
-            if if_absent:
-                for attempt in range(5):
-                    make_dirs(parent)
-                    try:
-                        os.link(tmp, target)
-                        break
-                    except FileExistsError:
-                        return False
-                    except FileNotFoundError:
-                        if attempt == 4:
-                            raise  # the folder keeps vanishing: a collection prunes it
-            else:
-                rename_into(tmp, target)
+            for attempt in range(PLACE_ATTEMPTS):
+                try:
+                    if durable:
+                        make_dirs(parent)
+                    else:
+                        os.makedirs(parent, exist_ok=True)
+                    if if_absent:
+                        try:
+                            os.link(tmp, target)
+                        except FileExistsError:
+                            return False
+                    else:
+                        os.rename(tmp, target)
+                    break
+                except FileNotFoundError:
+                    # A delete in another thread pruned the emptied parent meanwhile: make it again.
+                    if attempt == PLACE_ATTEMPTS - 1 or not os.path.exists(tmp):
+                        raise
         finally:
             remove_file(tmp)
-        fsync_dir(parent)
+        if durable:
+            _fsync_dir_if_there(parent)
         return True
 
-    def _write(self, key: str, data: bytes, if_absent: bool) -> bool:
+    def _write(self, key: str, data: bytes, if_absent: bool, durable: bool = True) -> bool:
         target = self.path(key)
+        if if_absent and os.path.lexists(target):
+            return False  # the common case, decided without a temporary file (the link still decides a race)
         tmp = self._temporary()
         try:
             with open(tmp, "xb") as f:
                 f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+                if durable:
+                    f.flush()
+                    os.fsync(f.fileno())
         except BaseException:
             remove_file(tmp)  # a full disk must not leave empty files behind
             raise
-        return self._place(tmp, target, if_absent)
+        return self._place(tmp, target, if_absent, durable)
+
+    async def touch(self, key: str, when: float) -> None:
+        await self._pool.run(self._touch, key, when)
+
+    def _touch(self, key: str, when: float) -> None:
+        path = self.path(key)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        except FileNotFoundError:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.utime(fd, (when, when))
+        finally:
+            os.close(fd)
 
     async def copy(self, src: str, dst: str) -> bool:
         return await self._pool.run(self._copy, src, dst)
@@ -245,7 +298,7 @@ class FsDriver:
             os.unlink(path)
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return False
-        fsync_dir(os.path.dirname(path))
+        _fsync_dir_if_there(os.path.dirname(path))
         self._prune(key)
         return True
 

@@ -74,7 +74,8 @@ class S3Driver:
             return None
         return Entry(key, info.size, info.last_modified, info.etag)
 
-    async def write(self, key: str, data: bytes, if_absent: bool = False) -> bool:
+    async def write(self, key: str, data: bytes, if_absent: bool = False, durable: bool = True) -> bool:
+        # A completed PUT is durable whatever ``durable`` says.
         check_key(key)
         try:
             await self.client.put_object(key, data, if_none_match=if_absent)
@@ -83,6 +84,11 @@ class S3Driver:
                 return False
             raise
         return True
+
+    async def touch(self, key: str, when: float) -> None:
+        """PUT the empty marker: its LastModified (the bucket's clock, to the second) is now, not ``when``."""
+        check_key(key)
+        await self.client.put_object(key, b"")
 
     async def copy(self, src: str, dst: str) -> bool:
         info = await self.client.head_object(src)

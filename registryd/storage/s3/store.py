@@ -25,11 +25,11 @@ from registryd.storage.listing import list_blobs
 from registryd.digest import Digest
 from registryd.storage import layout
 from registryd.storage.s3.probe import BucketUnusable, ReadyProbe, check_bucket
-from registryd.storage.s3.repositories import S3RepositoryStore
+from registryd.storage.repositories import Repositories
 from registryd.storage.s3.settings import S3Settings
 from registryd.storage.s3.uploads import S3UploadStore
 from registryd.threads import BlockingPool, InlinePool
-from registryd.storage.interface import StoreUnusable
+from registryd.storage.interface import Store, StoreUnusable
 
 
 class S3Store:
@@ -54,15 +54,15 @@ class S3Store:
         self.hot_cache = (HotCache(cache_dir or os.path.join(root, "cache"), cache_size, pool)
                           if cache_size > 0 and not presign else None)
         self.blobs = S3BlobStore(self.client, self.guard, presign=presign, hot_cache=self.hot_cache)
-        self.repositories = S3RepositoryStore(self.client, layout.repositories_root(None))
+        self.repositories = Repositories(self.objects, layout.repositories_root(None))
         self.uploads = S3UploadStore(self.client, self.guard, os.path.join(self.tmp_dir, "uploads"),
                                      settings.part_size, pool=pool)
-        self.blob_files = None      # no blob is a local file here
         self._remote_problem: str | None = None
         self._ready_probe = ReadyProbe(settings, reactor)
 
-    def mirror_repositories(self, namespace: str) -> S3RepositoryStore:
-        return S3RepositoryStore(self.client, layout.repositories_root(namespace))
+    def mirror_repositories(self, namespace: str) -> Repositories:
+        """The cached repositories of one upstream (``mirror/<namespace folder>``): a PUT is durable anyway."""
+        return Repositories(self.objects, layout.repositories_root(namespace))
 
     def prepare(self) -> None:
         """Create the local ``tmp/`` (and the hot cache's folders) and prove it writable (raises OSError)."""
@@ -121,6 +121,10 @@ class S3Store:
         """Every stored blob and its size (one listing of ``blobs/``)."""
         return {digest: entry.size for digest, entry in (await list_blobs(self.objects)).items()}
 
+    async def blob_usage(self) -> tuple[int, int] | None:
+        """Not counted: that would be a listing of the whole bucket for a page view."""
+        return None
+
     def readiness_problem(self, min_free_bytes: int) -> str | None:
         """The last known state of the bucket, and room for spools on the local disk."""
         if self._remote_problem is not None:
@@ -138,3 +142,7 @@ class S3Store:
             await self.hot_cache.settle()   # renames and removals still in the pool
         await self._ready_probe.close()
         await self.client.close()
+
+
+#: mypy proves here that the bucket's store is a registryd.storage.interface.Store.
+_IS_A_STORE: type[Store] = S3Store
