@@ -48,13 +48,13 @@ from registryd.errors import RegistryError
 from registryd.manifests import Manifest, parse_manifest
 from registryd.storage.driver import Driver, Entry, TooLarge
 from registryd.storage.driver import finish as completed
+from registryd.storage import layout
 from registryd.storage.layout import (
     BLOBS, LINKS_MARKER, MANIFESTS_MARKER, MARKERS, MIRROR, PULLS_MARKER, REFERRERS_MARKER, REPOSITORIES,
     REVISIONS_FOLDER, TAGS_FOLDER, TMP, TRASH, UPLOADS, blob_key, folder_namespace,
 )
 from registryd.storage.listing import BlobEntry, list_blobs
 from registryd.storage.interface import Store
-from registryd.storage.s3.upload_state import session_of
 from registryd.storage.scan import (
     Repository,
     RepositoryScan,
@@ -461,7 +461,7 @@ class StoreFsck(Checker):
     async def check_uploads(self) -> None:
         newest: dict[str, float] = {}
         async for entry in self.driver.list(UPLOADS):
-            upload_id = session_of(entry.key)
+            upload_id = layout.session_of(entry.key)
             if upload_id is not None:
                 newest[upload_id] = max(newest.get(upload_id, 0.0), entry.modified or 0.0)
         cutoff = self._clock() - self.upload_expiry

@@ -24,6 +24,7 @@ from registryd.admin import AdminError, ExitCode
 from registryd.config import Config, ConfigError
 from registryd.storage import layout
 from registryd.storage.interface import Store
+from registryd.storage.outage import OBJECT_STORE_ERRORS
 
 T = TypeVar("T")
 
@@ -163,12 +164,10 @@ def store_errors_reported(location: str) -> Iterator[None]:
     write can fail with the object store's own error (an access denied, a
     store that cannot be reached); ``location`` says which store.
     """
-    from registryd.storage.s3.errors import S3Error, S3Unavailable
-
     with os_errors_reported():
         try:
             yield
-        except (S3Error, S3Unavailable) as e:
+        except OBJECT_STORE_ERRORS as e:
             raise AdminError(f"{location}: {e}") from None
 
 

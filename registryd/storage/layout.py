@@ -94,6 +94,13 @@ def upload_prefix(upload_id: str) -> str:
     return f"{UPLOADS}{upload_id}/"
 
 
+def session_of(key: str) -> str | None:
+    """The upload session id in a key under ``uploads/``, or None."""
+    rest = key[len(UPLOADS):] if key.startswith(UPLOADS) else ""
+    upload_id = rest.partition("/")[0]
+    return upload_id or None
+
+
 # Keys inside one repository's folder (``<root><name>/`` + key).
 
 def link_key(digest: Digest) -> str:

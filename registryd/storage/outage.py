@@ -9,6 +9,11 @@ from __future__ import annotations
 
 from registryd.storage.s3.errors import S3Error, S3Unavailable
 
+#: What a store's own failures raise (a disk's, an object store's), beside bugs.
+STORE_ERRORS: tuple[type[Exception], ...] = (OSError, S3Error, S3Unavailable)
+#: An object store's failures only (a disk's OSError is reported with its path elsewhere).
+OBJECT_STORE_ERRORS: tuple[type[Exception], ...] = (S3Error, S3Unavailable)
+
 #: Seconds a client is asked to wait before trying again.
 RETRY_AFTER = 5
 #: S3 refusals that no request can get past: the bucket or our access is gone.

@@ -25,9 +25,7 @@ from registryd.config import Config
 from registryd.metrics import Metrics
 from registryd.storage import Store, layout
 from registryd.upkeep.collector import Collection, Collector
-from registryd.storage.outage import outage_reason
-from registryd.storage.s3.errors import S3Error, S3Unavailable
-from registryd.storage.s3.store import S3Store
+from registryd.storage.outage import STORE_ERRORS, outage_reason
 from registryd.upkeep.eviction import Eviction, EvictionPlan, evict, plan_eviction
 from registryd.upkeep.survey import Documents, Survey, take_survey
 
@@ -60,8 +58,8 @@ class StoreSize:
 class Upkeep:
     """Runs collections every ``[gc] interval`` and surveys every ``[server] usage_interval``."""
 
-    def __init__(self, store: Store | S3Store, config: Config, metrics: Metrics, reactor: Any) -> None:
-        self._store: Any = store
+    def __init__(self, store: Store, config: Config, metrics: Metrics, reactor: Any) -> None:
+        self._store = store
         self._config = config
         self._metrics = metrics
         self._reactor = reactor
@@ -99,7 +97,7 @@ class Upkeep:
     async def _scheduled_survey(self) -> None:
         try:
             await self.survey()
-        except (OSError, S3Error, S3Unavailable) as e:
+        except STORE_ERRORS as e:
             log.error("surveying the store failed: {error}; the next survey runs as planned", error=str(e))
         except Exception:
             log.failure("surveying the store failed; the next survey runs as planned")

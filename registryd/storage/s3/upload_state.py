@@ -48,13 +48,6 @@ def tail_key(upload_id: str, revision: str) -> str:
     return layout.upload_prefix(upload_id) + f"tail-{revision}"
 
 
-def session_of(key: str) -> str | None:
-    """The session id in a key under ``uploads/``."""
-    rest = key[len(layout.UPLOADS):] if key.startswith(layout.UPLOADS) else ""
-    upload_id = rest.partition("/")[0]
-    return upload_id or None
-
-
 def new_revision() -> str:
     return uuid.uuid4().hex
 

@@ -62,7 +62,6 @@ from registryd.storage.s3.upload_state import (
     data_key,
     hash_region,
     new_revision,
-    session_of,
     state_key,
     tail_key,
 )
@@ -370,7 +369,7 @@ class S3UploadStore:
         busy = {upload.id for upload in self._sessions.values() if upload.busy}
         newest: dict[str, float] = {}
         async for entry in self._client.list_objects(layout.UPLOADS):
-            upload_id = session_of(entry.key)
+            upload_id = layout.session_of(entry.key)
             if upload_id is not None:
                 newest[upload_id] = max(newest.get(upload_id, 0.0), entry.last_modified or 0.0)
         expired = {upload_id for upload_id, when in newest.items() if when < cutoff and upload_id not in busy}
@@ -378,7 +377,7 @@ class S3UploadStore:
             await self._remove(upload_id, None)
         orphans = 0
         async for multipart in self._client.list_multipart_uploads(layout.UPLOADS):
-            upload_id = session_of(multipart.key)
+            upload_id = layout.session_of(multipart.key)
             if upload_id in expired or upload_id in busy or (multipart.initiated or 0.0) >= cutoff:
                 continue
             if upload_id in newest:
