@@ -299,11 +299,11 @@ def test_the_filesystem_driver_writes_through_tmp_and_leaves_nothing_there(tmp_p
 
 def test_the_filesystem_driver_skips_fsync_only_when_told(tmp_path: Any, monkeypatch: Any) -> None:
     """A durable write fsyncs the file and its folder; ``durable=False`` neither (a mirror link per layer)."""
-    from registryd.storage.fs import driver as fs_driver
+    from registryd.storage import files  # where the driver's placing and syncing live
     from registryd.threads import InlinePool
 
     synced: list[str] = []
-    monkeypatch.setattr(fs_driver, "fsync_dir", lambda path: synced.append(path))
+    monkeypatch.setattr(files, "fsync_dir", lambda path: synced.append(path))
     real_fsync = os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: (synced.append("file"), real_fsync(fd))[1])
     fs = FsDriver(str(tmp_path), InlinePool())
@@ -318,19 +318,19 @@ def test_the_filesystem_driver_skips_fsync_only_when_told(tmp_path: Any, monkeyp
 def test_the_filesystem_driver_deletes_beside_a_concurrent_prune(tmp_path: Any, monkeypatch: Any) -> None:
     """Two tags deleted at once in two threads: the other delete may prune the emptied folder
     between this one's unlink and its fsync of the folder; the delete still succeeds."""
-    from registryd.storage.fs import driver as fs_driver
+    from registryd.storage import files  # where the driver's placing and syncing live
     from registryd.threads import InlinePool
 
     fs = FsDriver(str(tmp_path), InlinePool())
     finish(fs.write("repositories/app/_manifests/tags/v1", b"sha256:ab"))
-    real = fs_driver.fsync_dir
+    real = files.fsync_dir
 
     def pruned_meanwhile(path: str) -> None:
         if path.endswith(os.path.join("_manifests", "tags")) and os.path.isdir(path):
             os.rmdir(path)      # what the other thread's _prune does once the folder is empty
         real(path)
 
-    monkeypatch.setattr(fs_driver, "fsync_dir", pruned_meanwhile)
+    monkeypatch.setattr(files, "fsync_dir", pruned_meanwhile)
     assert finish(fs.delete("repositories/app/_manifests/tags/v1")) is True
     assert finish(fs.stat("repositories/app/_manifests/tags/v1")) is None
 
@@ -338,11 +338,11 @@ def test_the_filesystem_driver_deletes_beside_a_concurrent_prune(tmp_path: Any, 
 def test_the_filesystem_driver_writes_beside_a_concurrent_prune(tmp_path: Any, monkeypatch: Any) -> None:
     """A tag written while another thread deletes the folder's last tag: the folder may be pruned
     between its creation and the rename into it; the write makes it again."""
-    from registryd.storage.fs import driver as fs_driver
+    from registryd.storage import files  # where the driver's placing and syncing live
     from registryd.threads import InlinePool
 
     fs = FsDriver(str(tmp_path), InlinePool())
-    real = fs_driver.make_dirs
+    real = files.make_dirs
     pruned: list[str] = []
 
     def made_then_pruned(path: str) -> None:
@@ -351,7 +351,7 @@ def test_the_filesystem_driver_writes_beside_a_concurrent_prune(tmp_path: Any, m
             os.rmdir(path)
             pruned.append(path)
 
-    monkeypatch.setattr(fs_driver, "make_dirs", made_then_pruned)
+    monkeypatch.setattr(files, "make_dirs", made_then_pruned)
     assert finish(fs.write("repositories/app/_manifests/tags/v2", b"sha256:cd")) is True
     assert pruned and finish(fs.read("repositories/app/_manifests/tags/v2", 100)) == b"sha256:cd"
     assert os.listdir(tmp_path / "tmp") == []

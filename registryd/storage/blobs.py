@@ -10,7 +10,7 @@ from typing import BinaryIO
 
 from registryd.digest import Digest
 from registryd.storage.guard import BlobGuard
-from registryd.storage.files import fsync_dir, read_small, remove_file, rename_into, write_atomic
+from registryd.storage.files import read_small, remove_file, rename_into, write_atomic
 
 
 class BlobStore:
@@ -54,9 +54,7 @@ class BlobStore:
             os.fsync(fd)
         finally:
             os.close(fd)
-        target = self.path(digest)
-        rename_into(source, target)
-        fsync_dir(os.path.dirname(target))
+        rename_into(source, self.path(digest))
 
     def put(self, digest: Digest, data: bytes) -> None:
         """Store small verified content such as a manifest (blocking)."""

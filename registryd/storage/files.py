@@ -32,6 +32,15 @@ def make_dirs(path: str) -> None:
         fsync_dir(os.path.dirname(directory))
 
 
+def fsync_dir_if_there(path: str) -> None:
+    """``fsync_dir``, for a folder a concurrent delete may have pruned since (it emptied it):
+    then there is nothing left to make durable."""
+    try:
+        fsync_dir(path)
+    except FileNotFoundError:
+        pass
+
+
 def write_atomic(tmp_dir: str, target: str, data: bytes, durable: bool = True) -> None:
     """Replace ``target`` with ``data``: readers see the old file or the new one."""
     tmp = os.path.join(tmp_dir, uuid.uuid4().hex)
@@ -47,31 +56,47 @@ def write_atomic(tmp_dir: str, target: str, data: bytes, durable: bool = True) -
         remove_file(tmp)  # a full disk must not leave empty files behind
         raise
     os.close(fd)
-    parent = os.path.dirname(target)
     try:
         rename_into(tmp, target, durable)
     except BaseException:
         remove_file(tmp)
         raise
-    if durable:
-        fsync_dir(parent)
 
 
-def rename_into(source: str, target: str, durable: bool = True) -> None:
+#: Tries to put a file in a folder that concurrent deletes keep pruning (each loses one race).
+PLACE_ATTEMPTS = 5
+
+
+def rename_into(source: str, target: str, durable: bool = True, exclusive: bool = False) -> bool:
     """Rename ``source`` to ``target``, making the target's folder first, and again if a
-    garbage collection removed that folder (it had emptied it) in between."""
+    concurrent delete or a garbage collection pruned that folder (it had emptied it) in
+    between; ``durable``: fsync the folders made and the target's folder after.
+
+    ``exclusive``: hard-link instead, only if ``target`` does not exist (False then; the
+    caller removes ``source`` either way): one of two racing writers wins.
+    """
     parent = os.path.dirname(target)
-    for attempt in range(5):
+    for attempt in range(PLACE_ATTEMPTS):
         if durable:
             make_dirs(parent)
         else:
             os.makedirs(parent, exist_ok=True)
         try:
-            os.rename(source, target)
-            return
-        except FileNotFoundError:
-            if attempt == 4 or not os.path.lexists(source):
+            if exclusive:
+                os.link(source, target)
+            else:
+                os.rename(source, target)
+            break
+        except FileExistsError:
+            if not exclusive:
                 raise
+            return False
+        except FileNotFoundError:
+            if attempt == PLACE_ATTEMPTS - 1 or not os.path.lexists(source):
+                raise
+    if durable:
+        fsync_dir_if_there(parent)
+    return True
 
 
 def read_small(path: str, limit: int = -1) -> bytes | None:
@@ -120,20 +145,4 @@ def empty_dir(path: str) -> None:
             shutil.rmtree(entry.path, ignore_errors=True)
         else:
             os.unlink(entry.path)
-
-
-def unlink_durably(path: str) -> bool:
-    """Unlink ``path`` and make the removal durable; False if it was not there."""
-    if not remove_file(path):
-        return False
-    fsync_dir(os.path.dirname(path))
-    return True
-
-
-def mtime_of(path: str) -> float | None:
-    """The modification time of ``path`` itself, or None if it is gone."""
-    try:
-        return os.stat(path, follow_symlinks=False).st_mtime
-    except (FileNotFoundError, NotADirectoryError):
-        return None
 

@@ -26,7 +26,7 @@ import uuid
 from typing import AsyncIterator, BinaryIO, Callable, Iterator, Sequence
 
 from registryd.storage.driver import Entry, Pool, check_key, too_large
-from registryd.storage.files import fsync_dir, make_dirs, remove_file, rename_into
+from registryd.storage.files import fsync_dir_if_there, make_dirs, remove_file, rename_into
 from registryd.threads import InlinePool
 
 #: Entries walked per trip to the pool: a listing's memory stays flat.
@@ -36,18 +36,6 @@ STREAM_CHUNK = 1024 * 1024
 #: A value this small is read at once on the caller's thread (a tag, a revision: the cost of a
 #: stat), so a manifest GET waits on no thread hop; a larger one is read in the pool.
 INLINE_READ = 64 * 1024
-#: Tries to put a value in a folder that concurrent deletes keep pruning (each loses one race).
-PLACE_ATTEMPTS = 5
-
-
-def _fsync_dir_if_there(path: str) -> None:
-    """fsync a folder a concurrent delete may have pruned (emptied) since: then there is nothing to sync."""
-    try:
-        fsync_dir(path)
-    except FileNotFoundError:
-        pass
-
-
 def _version(info: os.stat_result) -> str:
     return f"{info.st_dev}:{info.st_ino}:{info.st_mtime_ns}:{info.st_size}"
 
@@ -177,32 +165,11 @@ class FsDriver:
         return os.path.join(self.tmp_dir, uuid.uuid4().hex)
 
     def _place(self, tmp: str, target: str, if_absent: bool, durable: bool = True) -> bool:
-        """Blocking: the fsynced ``tmp`` becomes ``target``, durably (``if_absent``: by a link, which fails if it exists)."""
-        parent = os.path.dirname(target)
+        """Blocking: the written ``tmp`` becomes ``target`` (``if_absent``: by a link, which fails if it exists)."""
         try:
-            for attempt in range(PLACE_ATTEMPTS):
-                try:
-                    if durable:
-                        make_dirs(parent)
-                    else:
-                        os.makedirs(parent, exist_ok=True)
-                    if if_absent:
-                        try:
-                            os.link(tmp, target)
-                        except FileExistsError:
-                            return False
-                    else:
-                        os.rename(tmp, target)
-                    break
-                except FileNotFoundError:
-                    # A delete in another thread pruned the emptied parent meanwhile: make it again.
-                    if attempt == PLACE_ATTEMPTS - 1 or not os.path.exists(tmp):
-                        raise
+            return rename_into(tmp, target, durable, exclusive=if_absent)
         finally:
             remove_file(tmp)
-        if durable:
-            _fsync_dir_if_there(parent)
-        return True
 
     def _write(self, key: str, data: bytes, if_absent: bool, durable: bool = True) -> bool:
         target = self.path(key)
@@ -281,11 +248,9 @@ class FsDriver:
             replaced = (after.st_dev, after.st_ino) != (before.st_dev, before.st_ino)
         if replaced or (unless is not None and unless()):
             rename_into(target, source)
-            fsync_dir(os.path.dirname(source))
             return False
         if durable:
-            fsync_dir(os.path.dirname(target))
-            fsync_dir(os.path.dirname(source))
+            fsync_dir_if_there(os.path.dirname(source))
             self._prune(src)
         return True
 
@@ -298,7 +263,7 @@ class FsDriver:
             os.unlink(path)
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return False
-        _fsync_dir_if_there(os.path.dirname(path))
+        fsync_dir_if_there(os.path.dirname(path))
         self._prune(key)
         return True
 
@@ -316,10 +281,11 @@ class FsDriver:
             removed.append(key)
         if not durable:
             return []
-        folders = {key.rpartition("/")[0]: key for key in removed}
-        for folder, key in sorted(folders.items()):
-            fsync_dir(os.path.dirname(self.path(key)))
-        for folder, key in sorted(folders.items(), reverse=True):
+        # One key per folder: each folder is made durable once, then pruned deepest first.
+        last_in_folder = {key.rpartition("/")[0]: key for key in removed}
+        for key in last_in_folder.values():
+            fsync_dir_if_there(os.path.dirname(self.path(key)))
+        for _, key in sorted(last_in_folder.items(), reverse=True):
             self._prune(key)
         return []
 
