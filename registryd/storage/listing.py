@@ -1,7 +1,8 @@
 """The blobs of a store, in one listing of ``blobs/`` over its driver: each with its size and time.
 
-The one blob listing: the GC's mark and sweep, the survey, fsck and both
-stores' ``blob_sizes`` read ``blobs/`` through it.
+The one blob listing: the GC's mark and sweep, the survey, fsck and every
+store's ``blob_sizes``, ``blob_usage`` and ``mirror_folders`` read the store
+through these.
 """
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from typing import Sequence
 import attrs
 
 from registryd.digest import Digest
-from registryd.storage.driver import Driver, Entry
-from registryd.storage.layout import BLOBS
+from registryd.storage.driver import Driver, Entry, finish
+from registryd.storage.layout import BLOBS, MIRROR
 from registryd.storage.scan import digest_or_none
 
 
@@ -50,3 +51,28 @@ async def list_blobs(driver: Driver, unexpected: list[Entry] | None = None) -> d
         elif unexpected is not None:
             unexpected.append(entry)
     return found
+
+
+async def blob_usage(driver: Driver) -> tuple[int, int]:
+    """Bytes and values under ``blobs/``; on a driver with a blocking twin, one walk in one trip
+    to its pool."""
+
+    async def count(over: Driver) -> tuple[int, int]:
+        total = values = 0
+        async for entry in over.list(BLOBS):
+            total += entry.size
+            values += 1
+        return total, values
+
+    threaded = driver.threaded()
+    if threaded is None:
+        return await count(driver)
+    twin, pool = threaded
+    return await pool.run(lambda: finish(count(twin)))
+
+
+async def mirror_folders(driver: Driver) -> list[str]:
+    """The upstream folders under ``mirror/`` (a namespace with ``:`` as ``_``), sorted."""
+    found = [entry.key[len(MIRROR):].rstrip("/")
+             async for entry in driver.list(MIRROR, delimiter="/") if entry.is_prefix]
+    return sorted(folder for folder in found if folder)

@@ -20,7 +20,7 @@ from registryd.storage.files import empty_dir, make_dirs
 from registryd.storage.guard import BlobGuard
 from registryd.storage.interface import HotCache, Store
 from registryd.storage.repositories import Repositories
-from registryd.storage.listing import list_blobs
+from registryd.storage.listing import blob_usage, list_blobs, mirror_folders
 from registryd.storage.uploads import UploadStore
 from registryd.threads import BlockingPool, InlinePool
 
@@ -127,19 +127,13 @@ class DriverStore:
         return self.objects.location
 
     async def mirror_folders(self) -> list[str]:
-        found = [entry.key[len(layout.MIRROR):].rstrip("/")
-                 async for entry in self.objects.list(layout.MIRROR, delimiter="/") if entry.is_prefix]
-        return sorted(folder for folder in found if folder)
+        return await mirror_folders(self.objects)
 
     async def blob_sizes(self) -> dict[Digest, int]:
         return {digest: entry.size for digest, entry in (await list_blobs(self.objects)).items()}
 
     async def blob_usage(self) -> tuple[int, int] | None:
-        total = files = 0
-        async for entry in self.objects.list(layout.BLOBS):
-            total += entry.size
-            files += 1
-        return total, files
+        return await blob_usage(self.objects)
 
     def close(self) -> Deferred[None]:
         return succeed(None)

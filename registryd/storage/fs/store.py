@@ -12,7 +12,6 @@ from twisted.internet.defer import Deferred, succeed
 from registryd.digest import Digest
 from registryd.storage import layout
 from registryd.storage.blobs import BlobStore
-from registryd.storage.driver import finish
 from registryd.storage.files import empty_dir, free_space_problem, make_dirs, remove_file
 from registryd.storage.fs.driver import FsDriver
 from registryd.storage.guard import BlobGuard
@@ -21,7 +20,7 @@ from registryd.storage.local import FileBlobs
 from registryd.storage.repositories import Repositories
 from registryd.storage.uploads import UploadStore
 from registryd.threads import BlockingPool, InlinePool
-from registryd.storage.listing import list_blobs
+from registryd.storage.listing import blob_usage, list_blobs, mirror_folders
 
 
 class FsStore:
@@ -38,7 +37,6 @@ class FsStore:
         self.guard = BlobGuard()
         # The data directory as keys and bytes: what maintenance (gc) works on.
         self.objects = FsDriver(root, pool, self.tmp_dir)
-        self._threaded = FsDriver(root, InlinePool(), self.tmp_dir), pool   # for a walk in one trip to the pool
         # The blocking stores on disk, and the storage interface over them.
         self.blob_files = BlobStore(layout.local_path(root, layout.BLOBS), self.tmp_dir, self.guard)
         self.blobs = FileBlobs(self.blob_files, pool)
@@ -93,25 +91,11 @@ class FsStore:
         Each can be passed to ``mirror_repositories`` as it is; the config's
         upstreams say which namespace a folder stands for.
         """
-        def folders() -> list[str]:
-            try:
-                with os.scandir(layout.local_path(self.root, layout.MIRROR)) as it:
-                    return sorted(e.name for e in it if e.is_dir(follow_symlinks=False))
-            except (FileNotFoundError, NotADirectoryError):
-                return []
-        return await self.pool.run(folders)
+        return await mirror_folders(self.objects)
 
     async def blob_usage(self) -> tuple[int, int] | None:
         """Bytes and files under ``blobs/``: one walk, in one trip to the pool."""
-        twin, pool = self._threaded
-
-        async def count() -> tuple[int, int]:
-            total = files = 0
-            async for entry in twin.list(layout.BLOBS):
-                total += entry.size
-                files += 1
-            return total, files
-        return await pool.run(lambda: finish(count()))
+        return await blob_usage(self.objects)
 
     async def blob_sizes(self) -> dict[Digest, int]:
         """Every stored blob and its size (one listing of ``blobs/``, walked in the pool)."""

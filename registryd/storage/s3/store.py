@@ -21,7 +21,7 @@ from registryd.storage.s3.blobs import S3BlobStore
 from registryd.storage.s3.client import S3Client
 from registryd.storage.s3.driver import S3Driver
 from registryd.storage.s3.hot_cache import HotCache
-from registryd.storage.listing import list_blobs
+from registryd.storage.listing import blob_usage, list_blobs, mirror_folders
 from registryd.digest import Digest
 from registryd.storage import layout
 from registryd.storage.s3.probe import BucketUnusable, ReadyProbe, check_bucket
@@ -111,11 +111,7 @@ class S3Store:
 
     async def mirror_folders(self) -> list[str]:
         """The upstream folders under ``mirror/`` (a namespace with ``:`` as ``_``), sorted."""
-        found = []
-        async for entry in self.client.list_objects(layout.MIRROR, delimiter="/"):
-            if entry.is_prefix:
-                found.append(entry.key[len(layout.MIRROR):].rstrip("/"))
-        return sorted(f for f in found if f)
+        return await mirror_folders(self.objects)
 
     async def blob_sizes(self) -> dict[Digest, int]:
         """Every stored blob and its size (one listing of ``blobs/``)."""
