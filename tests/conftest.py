@@ -44,6 +44,7 @@ TIERS: dict[str, frozenset[str]] = {
     "integration": frozenset({
         "test_auth_flood", "test_auth_tls", "test_cache_stale", "test_cli_export_import", "test_cli_fsck",
         "test_cli_exit_codes", "test_cli_gc", "test_cli_htpasswd", "test_cli_ls", "test_cli_preload", "test_cli_prune",
+        "test_cli_retention",
         "test_conformance", "test_durability", "test_limits", "test_memory", "test_mirror", "test_prune_online", "test_shutdown", "test_twistd", "test_upkeep",
         "test_upstream_fixtures",
     }),
