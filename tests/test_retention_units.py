@@ -229,6 +229,19 @@ async def test_referrers_of_a_removed_manifest_go_with_it_recursively(store: Dri
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_kept_referrer_keeps_its_subject(store: DriverStore, clock: WallClock) -> None:
+    """An SBOM under a pinned tag needs the image it describes: v1's tag goes, its manifest stays."""
+    v1 = await push_image(store, "team/app", "v1", ["v1"])
+    sbom = await push_image(store, "team/app", "sbom", ["sbom-v1"], subject=v1)
+    clock.advance(HOUR)
+    v2 = await push_image(store, "team/app", "v2", ["v2"])
+    report = await retention(store, clock, {"repositories": ["team/app"], "keep_latest": 1,
+                                            "keep_tags": ["sbom-*"], "untagged_after": 0}).run()
+    assert removed(report, "tag") == ["v1"] and removed(report, "manifest") == []
+    assert await state(store, "team/app") == ({"sbom-v1": sbom, "v2": v2}, {v1, v2, sbom})
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_dry_run_changes_nothing_and_reports_what_the_run_removes(store: DriverStore,
                                                                           clock: WallClock) -> None:
     children = [await push_image(store, "team/app", f"c{i}") for i in range(2)]

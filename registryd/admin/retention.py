@@ -31,8 +31,9 @@ keeps it:
                others by push time (when the tag was last written);
                without keep_latest, all of them
   manifests    those a kept tag points at, with everything they need: the
-               manifests they name (an index's children) and their
-               referrers (signatures, SBOMs, attestations), recursively;
+               manifests they name (an index's children, a referrer's
+               subject) and their referrers (signatures, SBOMs,
+               attestations), recursively;
                untagged manifests until they are older than untagged_after
   the rest     removed: tags, then manifests (with their referrer entries);
                a referrer goes with its subject

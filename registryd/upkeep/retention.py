@@ -18,8 +18,9 @@ them keeps it):
   name: they count toward no ``keep_latest``, stay while it stays and go
   with it.
 * Manifests: kept are the manifests kept tags point at, and everything
-  they need: the manifests they name (an index's children), and their
-  referrers (signatures, SBOMs, attestations), recursively. Untagged
+  they need: the manifests they name (an index's children; a referrer's
+  subject), and their referrers (signatures, SBOMs, attestations),
+  recursively. Untagged
   manifests (that no tag reaches at all) stay until they are older than
   ``untagged_after`` (by their write time) in every rule, and keep what
   they need while they stay; a rule without ``untagged_after`` keeps them.
@@ -66,7 +67,7 @@ Clock = Callable[[], float]
 
 @attrs.frozen
 class Document:
-    """What one manifest names: the other manifests it needs, and its subject."""
+    """What one manifest names (the other manifests it needs, its subject among them), and its subject."""
 
     names: frozenset[Digest]
     subject: Digest | None
@@ -248,9 +249,9 @@ class _Repository:
             subject = parse_manifest(content, media_type).subject
         except (RegistryError, ValueError, KeyError, TypeError):
             pass    # not a manifest this registry parses: no referrer entry was made for it
-        # Every digest it names counts (a wider net than the parser's children), but its subject
-        # is not something it needs: a signature does not keep its image.
-        return Document(frozenset(d for d in referenced_digests(content) if d != subject), subject)
+        # Every digest it names counts (a wider net than the parser's children), its subject too:
+        # a kept referrer (a tagged SBOM) keeps its image. An untagged one is no root (see plan).
+        return Document(frozenset(referenced_digests(content)), subject)
 
     def _report(self, kind: str, key: str, digest: Digest | None, **extra: Any) -> None:
         entry: dict[str, Any] = {"kind": kind, "repository": self.name,
