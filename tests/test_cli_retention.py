@@ -15,8 +15,12 @@ import pytest_twisted
 
 from conftest import RunningRegistry, start_twistd, stop_process
 from oci_client import Client, Image, digest_of
-from support.wait import wait_until
-from test_cli_ls import files_under, run
+from registryd.config import StorageSettings
+from registryd.retention_rules import parse_retention_rules
+from registryd.storage.layout import blob_key
+from registryd.digest import parse_digest
+from support.wait import sleep, wait_until
+from test_cli_ls import bucket_objects, files_under, run, write_s3_config
 from test_twistd import last_line, run_twistd
 
 JSON = {"Content-Type": "application/json"}
@@ -231,3 +235,50 @@ def test_the_command_refuses_a_missing_data_directory(tmp_path: Any) -> None:
     result = run("retention", "-c", write_config(tmp_path), "-d", str(tmp_path / "absent"))
     assert result.returncode == 3
     assert result.stderr == f"registryd retention: the data directory {tmp_path / 'absent'} does not exist\n"
+
+
+@pytest.mark.s3
+@pytest_twisted.ensureDeferred
+async def test_on_a_bucket_the_command_applies_the_rules_by_last_modified(make_registry: Any, ceph_s3: Any,
+                                                                          tmp_path: Any) -> None:
+    """The same policy on S3: push times are LastModified (to the second), so pushes a second apart."""
+    bucket = await ceph_s3.new_bucket()
+    try:
+        rules = parse_retention_rules("retention", [{"repositories": ["team/*"], "keep_latest": 1,
+                                                     "untagged_after": "1s", "interval": 0}])
+        node = make_registry(storage=StorageSettings("s3", s3=bucket.settings), retention=rules)
+        client = Client(node.url)
+        v1 = await client.push_image("team/app", "v1", seed="v1")
+        signature = await client.push_image("team/app", seed="sig", artifact_type="application/vnd.example.sig",
+                                            subject=v1.descriptor())
+        await sleep(1.1)
+        loose = await client.push_image("team/app", seed="loose")
+        await sleep(1.1)
+        v2 = await client.push_image("team/app", "v2", seed="v2")
+        await sleep(1.1)
+        config = write_s3_config(tmp_path, bucket.settings)
+        with open(config, "a") as f:
+            f.write('\n[[retention]]\nrepositories = ["team/*"]\nkeep_latest = 1\nuntagged_after = "1s"\n')
+        before = await bucket_objects(bucket)
+
+        dry = run("retention", "-c", config, "--dry-run", "--json")
+        assert dry.returncode == 0, dry.stderr
+        assert await bucket_objects(bucket) == before
+        result = run("retention", "-c", config, "--json")
+        assert result.returncode == 0, result.stderr
+        report = json.loads(result.stdout)
+        assert report["removed"] == json.loads(dry.stdout)["removed"]
+        assert [(e["kind"], e.get("tag") or e["digest"]) for e in report["removed"]] == [
+            ("tag", "v1"), *sorted([("manifest", loose.digest), ("manifest", signature.digest)]),
+            ("manifest", v1.digest)]
+        after = await bucket_objects(bucket)
+        assert all(entry["path"] in before and entry["path"] not in after for entry in report["removed"])
+        assert (await client.get("/v2/team/app/tags/list")).json()["tags"] == ["v2"]
+
+        gone = {d for image in (v1, signature, loose) for d in (image.digest, *map(digest_of, image.blobs))}
+        await node.service.upkeep.collect(delay=0)
+        after = await bucket_objects(bucket)
+        assert not {blob_key(parse_digest(d)) for d in gone} & set(after)
+        assert await pull(client, "team/app", "v2") == 200
+    finally:
+        await bucket.close()
