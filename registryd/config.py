@@ -6,7 +6,7 @@ the top level and the ``[server]``, ``[registry]``, ``[uploads]``, ``[gc]``
 and ``[mirror]`` tables; ``[auth]`` is ``AuthSettings``, ``[[access]]``
 ``AccessRule``, ``[storage]`` ``StorageSettings``, ``[storage.s3]``
 ``S3Settings``, ``[[upstream]]`` ``UpstreamConfig``, a ``[[listen]]`` table
-``ListenTable``. One loop reads them all, and the command line's values go
+``ListenTable``, ``[[retention]]`` ``RetentionRule``. One loop reads them all, and the command line's values go
 through the same checks, so an unknown key or a bad value is refused with
 one line that names it, before anything listens or touches the disk.
 
