@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_fsck_command(commands)
     add_gc_command(commands)
     add_prune_command(commands)
+    add_retention_command(commands)
     add_preload_command(commands)
     add_export_command(commands)
     add_import_command(commands)
@@ -166,6 +167,12 @@ def add_prune_command(commands: Any) -> None:
     from registryd.admin import prune
 
     _add_admin_command(commands, "prune", prune)
+
+
+def add_retention_command(commands: Any) -> None:
+    from registryd.admin import retention
+
+    _add_admin_command(commands, "retention", retention)
 
 
 def add_preload_command(commands: Any) -> None:

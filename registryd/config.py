@@ -6,7 +6,7 @@ the top level and the ``[server]``, ``[registry]``, ``[uploads]``, ``[gc]``
 and ``[mirror]`` tables; ``[auth]`` is ``AuthSettings``, ``[[access]]``
 ``AccessRule``, ``[storage]`` ``StorageSettings``, ``[storage.s3]``
 ``S3Settings``, ``[[upstream]]`` ``UpstreamConfig``, a ``[[listen]]`` table
-``ListenTable``. One loop reads them all, and the command line's values go
+``ListenTable``, ``[[retention]]`` ``RetentionRule``. One loop reads them all, and the command line's values go
 through the same checks, so an unknown key or a bad value is refused with
 one line that names it, before anything listens or touches the disk.
 
@@ -28,6 +28,7 @@ from registryd.auth.errors import AuthConfigError
 from registryd.auth.policy import AccessRule, parse_access_rules
 from registryd.auth.settings import AuthSettings
 from registryd.auth.tls import TLSSettings, parse_tls_table
+from registryd.retention_rules import RetentionRule, parse_retention_rules
 from registryd.schema import (
     ConfigError,
     Key,
@@ -407,6 +408,7 @@ class Config:
     auth: AuthSettings = _top(AuthSettings(), object, _auth, "[auth]")
     access: tuple[AccessRule, ...] = _top((), object, _access, "[[access]] tables")
     storage: StorageSettings = _top(kind=object, check=_storage, doc="[storage]", factory=StorageSettings)
+    retention: tuple[RetentionRule, ...] = _top((), object, parse_retention_rules, "[[retention]] tables")
 
     def secrets(self) -> Iterator[str | Secret | None]:
         """Every credential the server uses: each upstream's login, the object store's keys."""
@@ -425,6 +427,7 @@ TABLES: dict[str, tuple[type, str | None]] = {
     "auth": (AuthSettings, None),
     "storage": (StorageSettings, None),
     "storage.s3": (S3Settings, None),
+    "retention": (RetentionRule, None),
 }
 
 

@@ -39,11 +39,12 @@ TIERS: dict[str, frozenset[str]] = {
         "test_hostile_input", "test_local_prefixes", "test_push_by_digest", "test_upstream_hosts",
         "test_probes", "test_status_page", "test_observability", "test_security", "test_mirror_access",
         "test_deferreds", "test_layering", "test_globs", "test_driver_contract", "test_gc_units",
-        "test_survey_driver", "test_fsck_driver",
+        "test_survey_driver", "test_fsck_driver", "test_retention_units", "test_retention_config",
     }),
     "integration": frozenset({
         "test_auth_flood", "test_auth_tls", "test_cache_stale", "test_cli_export_import", "test_cli_fsck",
         "test_cli_exit_codes", "test_cli_gc", "test_cli_htpasswd", "test_cli_ls", "test_cli_preload", "test_cli_prune",
+        "test_cli_retention",
         "test_conformance", "test_durability", "test_limits", "test_memory", "test_mirror", "test_prune_online", "test_shutdown", "test_twistd", "test_upkeep",
         "test_upstream_fixtures",
     }),

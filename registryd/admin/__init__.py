@@ -1,4 +1,4 @@
-"""Admin subcommands: ls, fsck, gc, prune, preload, export, import.
+"""Admin subcommands: ls, fsck, gc, prune, retention, preload, export, import.
 
 - ``store_access``: the configured store (the data directory, or the S3
   bucket of ``[storage] driver = "s3"``) opened through the storage

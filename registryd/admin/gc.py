@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from typing import Any
 
@@ -17,6 +16,7 @@ from twisted.internet.defer import Deferred
 from registryd.admin import EXIT_OK
 from registryd.admin.inventory import log_problems_to_stderr
 from registryd.admin.store_access import add_store_arguments, store_errors_reported
+from registryd import units
 from registryd.units import human_size
 from registryd.admin.remote import add_remote_arguments, post_admin
 from registryd.admin.store_access import load_admin_config, run_with_store
@@ -81,17 +81,12 @@ exit status:
 
 DEFAULT_DELAY = 3600.0
 
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw]?)")
-
-
 def parse_duration(text: str) -> float:
-    """``90`` or ``90s``, ``30m``, ``12h``, ``7d``, ``2w`` -> seconds (argparse type)."""
-    match = _DURATION.fullmatch(text.strip().lower())
-    if match is None:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a duration: a number with an optional unit s, m, h, d or w (like 90s, 12h, 7d)")
-    return float(match.group(1)) * _UNITS[match.group(2) or "s"]
+    """``90`` or ``90s``, ``30m``, ``12h``, ``7d``, ``2w`` -> seconds (argparse type; registryd.units' grammar)."""
+    try:
+        return units.parse_duration(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

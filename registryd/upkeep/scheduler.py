@@ -27,6 +27,7 @@ from registryd.storage import Store, layout
 from registryd.upkeep.collector import Collection, Collector
 from registryd.storage.outage import STORE_ERRORS, outage_reason
 from registryd.upkeep.eviction import Eviction, EvictionPlan, evict, plan_eviction
+from registryd.upkeep.retention_runs import RetentionRuns
 from registryd.upkeep.survey import Documents, Survey, take_survey
 
 log = Logger()
@@ -70,11 +71,16 @@ class Upkeep:
         self._documents = Documents()     # S3: what each manifest names, kept between surveys
         self._loops: list[LoopingCall] = []
         metrics.mirror_max_size.set(config.mirror_max_size)
+        # [[retention]] rules on their own intervals (registryd.upkeep.retention_runs).
+        self.retention = RetentionRuns(store, config.retention, config.max_manifest_size, metrics.registry,
+                                       reactor.seconds)
 
     def start(self) -> None:
         if self._config.gc_interval > 0:
             self._every(self._config.gc_interval, self._scheduled_gc, now=False)
         self._every(self._config.usage_interval, self._scheduled_survey, now=True)
+        for interval, rules in self.retention.schedules():
+            self._every(interval, lambda rules=rules: self.retention.scheduled(rules), now=False)
 
     def _every(self, interval: float, work: Any, now: bool) -> None:
         loop = LoopingCall(lambda: Deferred.fromCoroutine(work()))

@@ -462,6 +462,22 @@ class RegistryAPI:
         pruner = server_pruner(self.mirror, self.store, self.config.max_manifest_size, self._reactor.seconds)
         return respond_json(request, 200, await pruner.run(selection))
 
+    @app.route("/admin/retention", methods=["POST"])
+    async def run_retention(self, request: RegistryRequest) -> bytes:
+        """Apply the ``[[retention]]`` rules now (``registryd retention --url``), for admin users;
+        ``?dry_run=1`` only reports. registryd.upkeep.retention has the rules."""
+        self._refuse_cross_site(request)
+        await self._admin(request, "retention runs")
+        if self.upkeep is None:
+            raise RegistryError(503, "UNAVAILABLE", "retention is not available in this server")
+        if not self.upkeep.retention.rules:
+            raise unsupported("this server's config has no [[retention]] rules", 400)
+        try:
+            report = await self.upkeep.retention.run(dry_run=query_arg(request, "dry_run") in ("1", "true"))
+        except Exception:
+            raise RegistryError(500, "UNKNOWN", "the retention run failed; the server log says why") from None
+        return respond_json(request, 200, report)
+
     @app.route("/", methods=["GET", "HEAD"])
     async def status_page(self, request: RegistryRequest) -> bytes:
         """The status page for a person with a browser, for admin users."""
