@@ -33,13 +33,14 @@ from support.wait import wait_for_port
 # (`./run-tests.sh -m unit`); `-m fast` is the unit tier under its old name.
 TIERS: dict[str, frozenset[str]] = {
     "unit": frozenset({
+        "test_blobs",
         "test_parsing", "test_config", "test_config_docs", "test_readme_snippets", "test_request",
         "test_auth_basic", "test_auth_htpasswd", "test_auth_policy", "test_auth_throttle", "test_auth_pool",
         "test_auth_proxies", "test_auth_challenge", "test_auth_admin", "test_mirror_units", "test_sendfile",
         "test_hostile_input", "test_local_prefixes", "test_push_by_digest", "test_upstream_hosts",
         "test_probes", "test_status_page", "test_observability", "test_security", "test_mirror_access",
         "test_deferreds", "test_layering", "test_globs", "test_driver_contract", "test_gc_units",
-        "test_survey_driver", "test_fsck_driver", "test_blobs",
+        "test_survey_driver", "test_fsck_driver",
     }),
     "integration": frozenset({
         "test_auth_flood", "test_auth_tls", "test_cache_stale", "test_cli_export_import", "test_cli_fsck",
