@@ -12,6 +12,7 @@ from typing import Any, AsyncIterator
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.internet.defer import CancelledError
 from twisted.internet.task import deferLater
 
 from registryd.storage.driver import Driver, Entry, TooLarge, finish
@@ -19,6 +20,7 @@ from registryd.storage.fs.driver import FsDriver
 from registryd.storage.memory import MemoryDriver
 from registryd.storage.s3.driver import S3Driver
 from registryd.threads import BlockingPool
+from s3_helpers import PausingSink
 
 DRIVERS = ["filesystem", "memory", pytest.param("s3", marks=pytest.mark.s3)]
 
@@ -36,6 +38,15 @@ async def driver(request: Any, tmp_path: Any) -> AsyncIterator[Driver]:
         client = await request.getfixturevalue("ceph_s3").new_bucket(prefix="site/")
         yield S3Driver(client)
         await client.close()
+
+
+class StoppingSink(PausingSink):
+    """A client that goes away after the first bytes: it stops the producer at its first write."""
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        if self.producer is not None and self.received == len(data):
+            self.producer.stopProducing()
 
 
 async def keys(driver: Driver, prefix: str = "", delimiter: str | None = None) -> list[str]:
@@ -93,6 +104,52 @@ async def test_stream_feeds_the_whole_value_in_order(driver: Driver) -> None:
                                                                       listed.modified)
     assert await driver.stream("blobs/sha256/cd/nothing", chunks.append) is None
     assert await driver.stream("blobs/sha256", chunks.append) is None      # a folder is no key
+
+
+@pytest_twisted.ensureDeferred
+async def test_send_streams_a_range_at_the_consumers_pace(driver: Driver) -> None:
+    value = os.urandom(3 * 1024 * 1024 + 17)     # past one chunk on every driver
+    await driver.write("blobs/sha256/cd/cde", value)
+    whole = PausingSink(pause_every=256 * 1024)
+    assert await driver.send("blobs/sha256/cd/cde", whole, 0, len(value)) is True
+    assert whole.data == value and whole.pauses >= 3
+    assert whole.registrations == 1 and whole.producer is None      # registered, then let go
+    # Once paused, no more than what one socket read had pulled in arrives.
+    assert whole.while_paused <= 256 * 1024
+    for start, end in [(0, 1), (10, 20), (1024 * 1024, 2 * 1024 * 1024 + 5), (len(value) - 3, len(value))]:
+        part = PausingSink()
+        assert await driver.send("blobs/sha256/cd/cde", part, start, end) is True
+        assert part.data == value[start:end], (start, end)
+    missing = PausingSink()
+    assert await driver.send("blobs/sha256/cd/nothing", missing, 0, 10) is False
+    assert missing.data == b"" and missing.registrations == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_send_ends_when_the_consumer_stops_it(driver: Driver) -> None:
+    """A client that goes away stops the producer: the send ends with CancelledError, the rest unsent."""
+    value = os.urandom(3 * 1024 * 1024 + 17)
+    await driver.write("blobs/sha256/cd/cde", value)
+    stopping = StoppingSink()
+    with pytest.raises(CancelledError):
+        await driver.send("blobs/sha256/cd/cde", stopping, 0, len(value))
+    assert 0 < stopping.received < len(value) and stopping.producer is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_put_file_consumes_a_local_file(driver: Driver, tmp_path: Any) -> None:
+    key = "blobs/sha256/ef/efg"
+    path = tmp_path / "verified"         # beside the data directory: one filesystem
+    value = os.urandom(100_000)
+    path.write_bytes(value)
+    await driver.put_file(key, str(path))
+    assert not path.exists()
+    assert await driver.read(key, len(value)) == value
+    # The same content again (another node's fill, a second push): one value, the file consumed.
+    path.write_bytes(value)
+    await driver.put_file(key, str(path))
+    assert not path.exists()
+    assert await driver.read(key, len(value)) == value and await keys(driver, "blobs/") == [key]
 
 
 @pytest_twisted.ensureDeferred

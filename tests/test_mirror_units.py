@@ -20,7 +20,8 @@ from registryd.mirror.client import UpstreamClient
 from registryd.mirror.fill import BlobFill
 from registryd.mirror.routing import Router
 from registryd.storage.guard import BlobGuard
-from registryd.storage.s3.blobs import S3BlobStore
+from registryd.storage.blobs import Blobs
+from registryd.storage.s3.driver import S3Driver
 from registryd.storage.s3.errors import S3Error
 
 
@@ -256,7 +257,7 @@ async def test_two_fills_of_one_digest_commit_safely_on_s3(tmp_path, answers, pu
     path = tmp_path / "fill"
     path.write_bytes(b"layer")
     bucket = ConflictingBucket(list(answers))
-    blobs = S3BlobStore(bucket, BlobGuard())  # type: ignore[arg-type]
+    blobs = Blobs(S3Driver(bucket), BlobGuard())  # type: ignore[arg-type]
     digest = Digest("sha256", hashlib.sha256(b"layer").hexdigest())
     if stored:
         await blobs.commit_file(str(path), digest)

@@ -20,7 +20,7 @@ from registryd.digest import Digest, digest_of
 from registryd.storage.fs.driver import FsDriver
 from registryd.storage.guard import BlobGuard
 from registryd.storage.s3 import S3Client, S3Unavailable
-from registryd.storage.s3.blobs import S3BlobStore
+from registryd.storage.blobs import Blobs
 from registryd.storage.s3.driver import S3Driver
 from registryd.storage.layout import blob_key, trash_key
 from registryd.threads import InlinePool
@@ -37,7 +37,7 @@ def ahead(seconds: float) -> Callable[[], float]:
 
 async def put_blob(client: S3Client, data: bytes) -> Digest:
     digest = digest_of(data)
-    await S3BlobStore(client, BlobGuard()).put(digest, data)
+    await Blobs(S3Driver(client), BlobGuard()).put(digest, data)
     return digest
 
 
@@ -79,7 +79,7 @@ async def push_image(client: S3Client, name: str, tags: list[str], layers: list[
 async def push_like_api(client: S3Client, name: str, doc: bytes, named: list[Digest], tag: str) -> bool:
     """A manifest PUT on another node, the API half of the protocol: check, write the revision,
     look again at every blob (its own content too), then tag. False: MANIFEST_BLOB_UNKNOWN."""
-    blobs, r = S3BlobStore(client, BlobGuard()), repos(client)
+    blobs, r = Blobs(S3Driver(client), BlobGuard()), repos(client)
     for digest in named:
         if await blobs.size(digest) is None:
             return False
@@ -269,7 +269,7 @@ async def test_a_revision_added_before_the_second_mark_brings_its_blobs_back(s3:
 
     for digest in (layer, config, old_manifest):
         assert await exists(s3, digest)
-    assert await S3BlobStore(s3, BlobGuard()).read(layer, 100) == b"an old layer nobody names yet"
+    assert await Blobs(S3Driver(s3), BlobGuard()).read(layer, 100) == b"an old layer nobody names yet"
     report = collector.report()
     assert report["restored"] == 3 and report["kept_referenced"] == 3 and report["removed_blobs"] == []
     assert await keys(s3, "trash/") == []
@@ -553,7 +553,7 @@ async def test_a_run_puts_back_from_its_own_trash_copy(s3: S3Client, node_b: S3C
     await ours.collect()
     assert [b["digest"] for b in theirs.report()["removed_blobs"]] == [str(blob)]
     assert ours.report()["restored"] == 1
-    assert await S3BlobStore(s3, BlobGuard()).read(blob, 100) == b"moved by both"
+    assert await Blobs(S3Driver(s3), BlobGuard()).read(blob, 100) == b"moved by both"
     assert await keys(s3, "trash/") == []
 
 

@@ -30,7 +30,7 @@ from registryd.config import StorageSettings
 from registryd.digest import Digest, digest_of, parse_digest
 from registryd.metrics import Metrics
 from registryd.storage.s3.client import S3Client
-from registryd.storage.s3.hot_cache import BLOBS, FILLS, HotCache, LruIndex
+from registryd.storage.hot_cache import BLOBS, FILLS, HotCache, LruIndex
 from registryd.storage.layout import blob_key
 from registryd.threads import InlinePool
 from support.wait import sleep

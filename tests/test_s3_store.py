@@ -1,4 +1,4 @@
-"""The S3 storage backends (S3BlobStore, Repositories over the S3 driver) against a real radosgw."""
+"""The S3 storage backends (Blobs and Repositories over the S3 driver) against a real radosgw."""
 from __future__ import annotations
 
 import hashlib
@@ -20,7 +20,8 @@ from registryd.digest import Digest, digest_of
 from registryd.errors import RegistryError
 from registryd.storage.guard import BlobGuard
 from registryd.storage.s3 import S3Client, S3Error
-from registryd.storage.s3.blobs import S3BlobStore
+from registryd.storage.blobs import Blobs
+from registryd.storage.s3.driver import S3Driver
 from registryd.storage.layout import blob_key
 
 MiB = 1024 * 1024
@@ -338,7 +339,7 @@ async def test_a_second_node_sees_writes_at_once(s3: S3Client, node_b: S3Client)
 @pytest_twisted.ensureDeferred
 async def test_put_read_size_delete(s3: S3Client) -> None:
     guard = BlobGuard()
-    blobs = S3BlobStore(s3, guard)
+    blobs = Blobs(S3Driver(s3), guard)
     data = b'{"schemaVersion": 2}'
     digest = digest_of(data)
     assert await blobs.size(digest) is None
@@ -359,7 +360,7 @@ async def test_put_read_size_delete(s3: S3Client) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_open_and_send_ranges_with_backpressure(s3: S3Client) -> None:
-    blobs = S3BlobStore(s3, BlobGuard())
+    blobs = Blobs(S3Driver(s3), BlobGuard())
     data = os.urandom(3 * MiB + 17)
     digest = digest_of(data)
     await blobs.put(digest, data)
@@ -388,7 +389,7 @@ async def test_open_and_send_ranges_with_backpressure(s3: S3Client) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_redirect_url_is_presigned(s3: S3Client) -> None:
-    blobs = S3BlobStore(s3, BlobGuard(), presign=True)
+    blobs = Blobs(S3Driver(s3), BlobGuard(), redirect=True)
     data = os.urandom(1000)
     digest = digest_of(data)
     await blobs.put(digest, data)
@@ -419,7 +420,7 @@ async def test_commit_file_goes_multipart_above_the_part_size(ceph_s3: Any, tmp_
     client = await ceph_s3.new_bucket(part_size=5 * MiB)
     try:
         guard = BlobGuard()
-        blobs = S3BlobStore(client, guard)
+        blobs = Blobs(S3Driver(client), guard)
         path = str(tmp_path / "fill")
         data = write_file(path, 20 * MiB + 123)
         digest = digest_of(data)
@@ -449,7 +450,7 @@ async def test_commit_file_goes_multipart_above_the_part_size(ceph_s3: Any, tmp_
 @pytest_twisted.ensureDeferred
 async def test_commit_file_single_put(s3: S3Client, tmp_path: Any) -> None:
     guard = BlobGuard()
-    blobs = S3BlobStore(s3, guard)
+    blobs = Blobs(S3Driver(s3), guard)
     path = str(tmp_path / "small")
     data = write_file(path, 100_000)
     digest = digest_of(data)
@@ -466,7 +467,7 @@ async def test_failed_multipart_is_aborted_and_the_file_kept(ceph_s3: Any, tmp_p
                                                              monkeypatch: Any) -> None:
     client = await ceph_s3.new_bucket(part_size=5 * MiB)
     try:
-        blobs = S3BlobStore(client, BlobGuard())
+        blobs = Blobs(S3Driver(client), BlobGuard())
         path = str(tmp_path / "fill")
         data = write_file(path, 16 * MiB)
         digest = digest_of(data)

@@ -23,7 +23,7 @@ from registryd.config import StorageSettings, UpstreamConfig
 from registryd.digest import Digest, parse_digest
 from registryd.storage.guard import BlobGuard
 from registryd.storage.s3 import S3Client
-from registryd.storage.s3.blobs import S3BlobStore
+from registryd.storage.blobs import Blobs
 from registryd.storage.s3.driver import S3Driver
 from registryd.storage.layout import blob_key, repositories_root
 from registryd.storage.repositories import Repositories
@@ -156,7 +156,7 @@ async def test_a_survey_of_the_bucket_sets_the_store_size_metrics(make_registry,
     shared = a["layers"][0]["blob"].data()
     local = await push_local(client, "team/app", shared)       # a local image using a's layer
     orphan = b"in the bucket, in no repository" * 10
-    await S3BlobStore(bucket, BlobGuard()).put(parse_digest(digest_of(orphan)), orphan)
+    await Blobs(S3Driver(bucket), BlobGuard()).put(parse_digest(digest_of(orphan)), orphan)
 
     size = await node.service.upkeep.survey()
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from registryd.storage.blobs import BlobStore
+from registryd.storage.blobs import Blobs
 from registryd.storage.fs.store import FsStore
 from registryd.storage.guard import BlobGuard
 from registryd.storage.interface import Store
@@ -16,7 +16,7 @@ from registryd.storage.repositories import Repositories
 from registryd.storage.uploads import UploadStore
 from registryd.threads import BlockingPool, InlinePool
 
-__all__ = ["Store", "FsStore", "BlobGuard", "BlobStore", "Repositories", "UploadStore", "open_store"]
+__all__ = ["Store", "FsStore", "BlobGuard", "Blobs", "Repositories", "UploadStore", "open_store"]
 
 
 def open_store(config: Any, pool: BlockingPool | InlinePool, reactor: Any) -> Store:

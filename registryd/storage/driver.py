@@ -30,6 +30,7 @@ import builtins
 from typing import Any, AsyncIterator, Callable, Coroutine, Protocol, Sequence, TypeVar, runtime_checkable
 
 import attrs
+from twisted.internet.interfaces import IConsumer
 
 T = TypeVar("T")
 
@@ -167,6 +168,27 @@ class Driver(Protocol):
 
         A pass of many small calls (a garbage collection) runs whole in one
         worker thread over the twin: one thread hop instead of one per file.
+        """
+
+    # -- what blobs need (registryd.storage.blobs) ----------------------------
+
+    async def send(self, key: str, consumer: IConsumer, start: int, end: int) -> bool:
+        """Write bytes ``[start, end)`` of ``key``'s value into ``consumer``, within the value
+        (``0 <= start < end <= size``), registered as its streaming producer: paced by its
+        backpressure, and ended by its ``stopProducing`` (CancelledError). False, with nothing
+        written, if ``key`` is missing.
+
+        A bucket streams one ranged GET; the disk and memory write chunks they read.
+        """
+
+    async def put_file(self, key: str, path: str) -> None:
+        """Make the local file at ``path`` the value of ``key``, atomically and durably, consuming
+        it: gone once this returns (left in place if it raises).
+
+        For content-addressed keys (a blob), whose every writer brings the same bytes, so a value
+        already there may be kept instead. On disk the file is fsynced and renamed into place
+        (it must be on the data directory's filesystem); a bucket keeps a value of the same size
+        (no upload) or takes one PUT up to its part size, a multipart upload above it.
         """
 
 

@@ -185,7 +185,7 @@ class UploadBackend(Protocol[W]):
 
 
 class HotCacheCounts(Protocol):
-    """What a hot cache did since start-up (registryd.storage.s3.hot_cache.HotCacheStats)."""
+    """What a hot cache did since start-up (registryd.storage.hot_cache.HotCacheStats)."""
 
     @property
     def hits(self) -> int: ...
@@ -200,7 +200,7 @@ class HotCacheCounts(Protocol):
 
 
 class HotCache(Protocol):
-    """A node's local cache of hot blobs (registryd.storage.s3.hot_cache.HotCache), as metrics read it."""
+    """A node's local cache of hot blobs (registryd.storage.hot_cache.HotCache), as metrics read it."""
 
     @property
     def stats(self) -> HotCacheCounts: ...

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import builtins
 import itertools
+import os
 import time
 from typing import AsyncIterator, Callable, Sequence
 
 import attrs
+from twisted.internet.interfaces import IConsumer
 
 from registryd.storage.driver import Entry, Pool, check_key, too_large
+from registryd.storage.paced import send_paced
 
 #: What ``stream`` hands over at once: small, so a test sees a value come in pieces.
 STREAM_CHUNK = 4096
@@ -126,3 +129,24 @@ class MemoryDriver:
 
     def threaded(self) -> tuple[MemoryDriver, Pool] | None:
         return None
+
+    # -- what blobs need (registryd.storage.blobs) ------------------------------
+
+    async def send(self, key: str, consumer: IConsumer, start: int, end: int) -> bool:
+        value = self._values.get(key)
+        if value is None:
+            return False
+
+        async def chunks() -> AsyncIterator[bytes]:
+            for offset in range(start, end, STREAM_CHUNK):
+                yield value.data[offset:min(offset + STREAM_CHUNK, end)]
+
+        await send_paced(consumer, chunks())
+        return True
+
+    async def put_file(self, key: str, path: str) -> None:
+        """Read the file and write it (a value already there is kept), then remove the file."""
+        with open(path, "rb") as f:
+            data = f.read()
+        await self.write(key, data, if_absent=True)
+        os.unlink(path)

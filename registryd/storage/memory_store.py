@@ -2,19 +2,16 @@
 upload sessions spooled in the local ``uploads/`` and written into it on commit.
 
 For tests that run the whole API in seconds: no fsync, no bucket. Blobs
-have none of the other stores' fast paths (sendfile, presigned redirects):
-a GET reads the value and writes it to the client.
+are registryd.storage.blobs over the driver, as on the other stores; without
+a local file or presigned URLs, a GET streams the value to the client.
 """
 from __future__ import annotations
 
-import os
-from typing import BinaryIO
-
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IConsumer
 
 from registryd.digest import Digest
 from registryd.storage import layout
+from registryd.storage.blobs import Blobs
 from registryd.storage.driver import Driver
 from registryd.storage.files import empty_dir, make_dirs
 from registryd.storage.guard import BlobGuard
@@ -23,65 +20,6 @@ from registryd.storage.repositories import Repositories
 from registryd.storage.listing import blob_usage, list_blobs, mirror_folders
 from registryd.storage.uploads import UploadStore
 from registryd.threads import BlockingPool, InlinePool
-
-#: A blob is read whole before it is sent: test content is small.
-BLOB_LIMIT = 1 << 30
-
-
-class BytesSource:
-    """A blob read from the driver, sent from memory."""
-
-    def __init__(self, data: bytes) -> None:
-        self._data = data
-        self.size = len(data)
-
-    def local_file(self) -> BinaryIO | None:
-        return None
-
-    async def send(self, consumer: IConsumer, start: int, end: int) -> None:
-        consumer.write(self._data[start:end])
-
-    def redirect_url(self, expires: int) -> str | None:
-        return None
-
-    def close(self) -> None:
-        self._data = b""
-
-
-class DriverBlobs:
-    """BlobBackend over a driver's ``blobs/`` keys: size is a stat, open a read, put a write."""
-
-    def __init__(self, driver: Driver, guard: BlobGuard, pool: BlockingPool | InlinePool) -> None:
-        self._driver = driver
-        self.guard = guard
-        self._pool = pool
-
-    async def size(self, digest: Digest) -> int | None:
-        entry = await self._driver.stat(layout.blob_key(digest))
-        return entry.size if entry is not None else None
-
-    async def open(self, digest: Digest) -> BytesSource | None:
-        data = await self._driver.read(layout.blob_key(digest), BLOB_LIMIT)
-        return BytesSource(data) if data is not None else None
-
-    async def read(self, digest: Digest, limit: int) -> bytes | None:
-        data = await self._driver.read(layout.blob_key(digest), BLOB_LIMIT)
-        return data[:limit] if data is not None else None
-
-    async def put(self, digest: Digest, data: bytes) -> None:
-        self.guard.claim([digest])
-        await self._driver.write(layout.blob_key(digest), data, if_absent=True)
-
-    async def commit_file(self, path: str, digest: Digest) -> None:
-        def consume() -> bytes:
-            with open(path, "rb") as f:
-                data = f.read()
-            os.unlink(path)
-            return data
-        await self.put(digest, await self._pool.run(consume))
-
-    async def delete(self, digest: Digest) -> bool:
-        return await self._driver.delete(layout.blob_key(digest))
 
 
 class DriverStore:
@@ -97,7 +35,7 @@ class DriverStore:
         self.guard = BlobGuard()
         self.objects = driver
         self.hot_cache: HotCache | None = None
-        self.blobs = DriverBlobs(driver, self.guard, pool)
+        self.blobs = Blobs(driver, self.guard)
         self.repositories = Repositories(driver, layout.repositories_root(None))
         self.uploads = UploadStore(layout.local_path(root, layout.UPLOADS), self.tmp_dir, self.blobs, pool)
 

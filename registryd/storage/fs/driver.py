@@ -25,8 +25,11 @@ import stat
 import uuid
 from typing import AsyncIterator, BinaryIO, Callable, Iterator, Sequence
 
+from twisted.internet.interfaces import IConsumer
+
 from registryd.storage.driver import Entry, Pool, check_key, too_large
 from registryd.storage.files import fsync_dir_if_there, make_dirs, remove_file, rename_into
+from registryd.storage.paced import send_paced
 from registryd.threads import InlinePool
 
 #: Entries walked per trip to the pool: a listing's memory stays flat.
@@ -331,3 +334,45 @@ class FsDriver:
 
     def threaded(self) -> tuple[FsDriver, Pool] | None:
         return FsDriver(self.root, InlinePool(), self.tmp_dir), self._pool
+
+    # -- what blobs need (registryd.storage.blobs) ------------------------------
+
+    async def send(self, key: str, consumer: IConsumer, start: int, end: int) -> bool:
+        path = self.path(key)
+        if self._stat(key) is None:
+            return False
+
+        async def chunks() -> AsyncIterator[bytes]:
+            offset = start
+            while offset < end:
+                chunk = await self._pool.run(_read_at, path, offset, min(STREAM_CHUNK, end - offset))
+                offset += len(chunk)
+                yield chunk
+
+        await send_paced(consumer, chunks())
+        return True
+
+    async def put_file(self, key: str, path: str) -> None:
+        await self._pool.run(self._put_file, self.path(key), path)
+
+    @staticmethod
+    def _put_file(target: str, path: str) -> None:
+        """fsync the file, then rename it into place: a second commit of the same content
+        replaces identical bytes, so one copy remains."""
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        rename_into(path, target)
+
+
+def _read_at(path: str, offset: int, length: int) -> bytes:
+    """Blocking: ``length`` bytes of ``path`` from ``offset``. Each chunk opens the file, so a send
+    cancelled while a read runs in the pool leaves nothing open behind it."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        chunk = f.read(length)
+    if len(chunk) < length:
+        raise OSError(errno.EIO, f"the file ended {length - len(chunk)} bytes short of a read at {offset}", path)
+    return chunk

@@ -11,12 +11,11 @@ from twisted.internet.defer import Deferred, succeed
 
 from registryd.digest import Digest
 from registryd.storage import layout
-from registryd.storage.blobs import BlobStore
+from registryd.storage.blobs import Blobs
 from registryd.storage.files import empty_dir, free_space_problem, make_dirs, remove_file
 from registryd.storage.fs.driver import FsDriver
 from registryd.storage.guard import BlobGuard
 from registryd.storage.interface import HotCache, Store
-from registryd.storage.local import FileBlobs
 from registryd.storage.repositories import Repositories
 from registryd.storage.uploads import UploadStore
 from registryd.threads import BlockingPool, InlinePool
@@ -37,9 +36,8 @@ class FsStore:
         self.guard = BlobGuard()
         # The data directory as keys and bytes: what maintenance (gc) works on.
         self.objects = FsDriver(root, pool, self.tmp_dir)
-        # The blocking stores on disk, and the storage interface over them.
-        self.blob_files = BlobStore(layout.local_path(root, layout.BLOBS), self.tmp_dir, self.guard)
-        self.blobs = FileBlobs(self.blob_files, pool)
+        # Blobs are sent with sendfile from their files and committed by a rename.
+        self.blobs = Blobs(self.objects, self.guard)
         self.repositories = Repositories(self.objects, layout.repositories_root(None))
         self.uploads = UploadStore(layout.local_path(root, layout.UPLOADS), self.tmp_dir, self.blobs, pool)
         self.hot_cache: HotCache | None = None   # every blob is a local file here already

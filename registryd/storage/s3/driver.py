@@ -4,19 +4,36 @@ Keys are the client's (the configured prefix is its business). Times are
 LastModified, to the second; ``version`` is the ETag. A move is a
 server-side copy (multipart above the copy threshold), a HEAD of the source
 when ``expect`` is given, then a delete of the source: a reader may find
-the value in both places for a moment, never in neither.
+the value in both places for a moment, never in neither. A local file goes
+up straight from disk (``put_file``: one PUT up to the part size, multipart
+above it), and ``send`` streams one ranged GET: bytes never pass through
+memory whole.
 """
 from __future__ import annotations
 
 import builtins
 import math
+import os
 from typing import AsyncIterator, Callable, Sequence
 
+from twisted.internet.interfaces import IConsumer
+from twisted.logger import Logger
+
+from registryd.deferreds import bounded_gather
 from registryd.storage.driver import Entry, Pool, check_key
 from registryd.storage.sink import Sink
-from registryd.storage.s3.client import S3Client
-from registryd.storage.s3.documents import ObjectEntry
+from registryd.storage.s3.client import MAX_PARTS, S3Client
+from registryd.storage.s3.documents import ObjectEntry, Part
 from registryd.storage.s3.errors import S3Error, S3Unavailable
+from registryd.storage.s3.settings import MAX_PART_SIZE
+
+log = Logger()
+
+#: Parts of one multipart upload in flight at once: S3 rewards parallel
+#: connections, and each part streams from disk, so memory stays flat.
+PART_CONCURRENCY = 4
+#: Conditional PUTs of one key that conflict with another under way, before giving up.
+CONFLICT_ATTEMPTS = 3
 
 
 class _Feed(Sink):
@@ -77,12 +94,9 @@ class S3Driver:
     async def write(self, key: str, data: bytes, if_absent: bool = False, durable: bool = True) -> bool:
         # A completed PUT is durable whatever ``durable`` says.
         check_key(key)
-        try:
-            await self.client.put_object(key, data, if_none_match=if_absent)
-        except S3Error as e:
-            if if_absent and e.code in ("PreconditionFailed", "ConditionalRequestConflict"):
-                return False
-            raise
+        if if_absent:
+            return await self._put_if_absent(key, data)
+        await self.client.put_object(key, data)
         return True
 
     async def touch(self, key: str, when: float) -> None:
@@ -164,3 +178,75 @@ class S3Driver:
 
     def threaded(self) -> tuple[S3Driver, Pool] | None:
         return None
+
+    # -- what blobs need (registryd.storage.blobs) ------------------------------
+
+    async def send(self, key: str, consumer: IConsumer, start: int, end: int) -> bool:
+        try:
+            await self.client.get_object(key, consumer, (start, end - 1))
+        except S3Error as e:
+            if e.code != "NoSuchKey":
+                raise
+            return False
+        return True
+
+    async def put_file(self, key: str, path: str) -> None:
+        """A HEAD first: a value of the same size is the same content, and nothing goes up.
+        The file stays in place if the upload fails (a multipart one is aborted)."""
+        check_key(key)
+        size = os.stat(path).st_size
+        existing = await self.client.head_object(key)
+        if existing is None or existing.size != size:
+            part_size = _part_size(self.client.settings.part_size, size)
+            if size <= part_size:
+                await self._put_if_absent(key, path)
+            else:
+                await self._multipart(key, path, size, part_size)
+        os.unlink(path)
+
+    async def _put_if_absent(self, key: str, body: bytes | str) -> bool:
+        """A conditional PUT: False if ``key`` exists. AWS refuses one while another conditional
+        PUT of the key is under way (two mirror fills of one digest commit at once): the next
+        attempt sees how that one ended."""
+        for attempt in range(CONFLICT_ATTEMPTS):
+            try:
+                await self.client.put_object(key, body, if_none_match=True)
+                return True
+            except S3Error as e:
+                if e.code == "PreconditionFailed":
+                    return False
+                if e.code != "ConditionalRequestConflict" or attempt == CONFLICT_ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    async def _multipart(self, key: str, path: str, size: int, part_size: int) -> None:
+        upload_id = await self.client.create_multipart(key)
+        try:
+            parts = await self._send_parts(key, upload_id, path, size, part_size)
+            await self.client.complete_multipart(key, upload_id, parts)
+        except BaseException:
+            await self._abort(key, upload_id)
+            raise
+
+    async def _send_parts(self, key: str, upload_id: str, path: str, size: int, part_size: int) -> builtins.list[Part]:
+        """Every part, PART_CONCURRENCY at a time; on a failure, the first one raised
+        once every part in flight has ended (so an abort comes after the last of them)."""
+
+        async def send(part: tuple[int, int]) -> Part:
+            number, offset = part
+            length = min(part_size, size - offset)
+            return Part(number, await self.client.upload_part(key, upload_id, number, path, offset, length), length)
+
+        return await bounded_gather(enumerate(range(0, size, part_size), start=1), send, PART_CONCURRENCY)
+
+    async def _abort(self, key: str, upload_id: str) -> None:
+        try:
+            await self.client.abort_multipart(key, upload_id)
+        except (S3Error, S3Unavailable) as e:
+            log.warn("could not abort the multipart upload of {key} ({error}); "
+                     "it stays until uploads are reaped", key=key, error=str(e))
+
+
+def _part_size(configured: int, size: int) -> int:
+    """The configured part size, raised if ``size`` would otherwise need more than 10000 parts."""
+    return min(max(configured, -(-size // MAX_PARTS)), MAX_PART_SIZE)

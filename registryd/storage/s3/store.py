@@ -15,12 +15,12 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 
+from registryd.storage.blobs import Blobs
 from registryd.storage.files import empty_dir, free_space_problem, make_dirs
 from registryd.storage.guard import BlobGuard
-from registryd.storage.s3.blobs import S3BlobStore
 from registryd.storage.s3.client import S3Client
 from registryd.storage.s3.driver import S3Driver
-from registryd.storage.s3.hot_cache import HotCache
+from registryd.storage.hot_cache import HotCache
 from registryd.storage.listing import blob_usage, list_blobs, mirror_folders
 from registryd.digest import Digest
 from registryd.storage import layout
@@ -53,7 +53,7 @@ class S3Store:
         # Redirected GETs never pass through the node: nothing to cache then.
         self.hot_cache = (HotCache(cache_dir or os.path.join(root, "cache"), cache_size, pool)
                           if cache_size > 0 and not presign else None)
-        self.blobs = S3BlobStore(self.client, self.guard, presign=presign, hot_cache=self.hot_cache)
+        self.blobs = Blobs(self.objects, self.guard, redirect=presign, hot_cache=self.hot_cache)
         self.repositories = Repositories(self.objects, layout.repositories_root(None))
         self.uploads = S3UploadStore(self.client, self.guard, os.path.join(self.tmp_dir, "uploads"),
                                      settings.part_size, pool=pool)

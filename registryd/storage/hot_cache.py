@@ -1,7 +1,8 @@
-"""A bounded local disk cache of hot blobs in front of the S3 bucket (``[storage] cache_size``).
+"""A bounded local disk cache of hot blobs in front of a store without local files: the S3
+bucket's ``[storage] cache_size`` (registryd.storage.blobs consults it).
 
-The bucket stays the truth. Every blob GET still asks it (one HEAD, the one
-``S3BlobStore.open`` always made) whether the blob exists and how large it
+The bucket stays the truth. Every blob GET still asks it (one HEAD, the
+stat ``Blobs.open`` always makes) whether the blob exists and how large it
 is, so a blob that garbage collection on any node removed is a 404 here
 too, and its cached copy is dropped. Only then does a cached copy answer,
 as a local file that goes out through sendfile.
