@@ -83,7 +83,7 @@ class Metrics:
         return int(totals["hit"]), int(totals["miss"])
 
     def watch_hot_cache(self, cache: Any) -> None:
-        """Export a node's S3 hot blob cache (registryd.storage.s3.hot_cache.HotCache), read at each scrape."""
+        """Export a node's S3 hot blob cache (registryd.storage.hot_cache.HotCache), read at each scrape."""
         self.registry.register(HotCacheCollector(cache))
 
     def render(self) -> bytes:
