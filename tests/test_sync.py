@@ -26,7 +26,8 @@ from registryd.sync_settings import SyncJob, sync_jobs
 from support.wait import wait_until
 from sync_upstream import TagSpec, build_tags, load_into, push_tags, version_tags
 from terminal import run_with_terminal_stderr
-from upstreams import ReferenceUpstream, reference_upstream, shared_pki  # noqa: F401
+from fake_upstream import fake_upstream  # noqa: F401
+from upstreams import ReferenceUpstream, client_for, reference_upstream, shared_pki  # noqa: F401
 from support.ports import free_port
 
 NS = "upstream.test:5000"
@@ -113,3 +114,127 @@ async def test_a_job_copies_the_selected_tags_of_globbed_repositories_through_to
     again = await run_job(registry, "base")
     assert set(outcomes(again).values()) == {"unchanged"} and again["images"] == 0
     assert await up.acount("GET", r"/v2/.*/(manifests|blobs)/.*") == gets
+
+
+@pytest_twisted.ensureDeferred
+async def test_moved_tags_are_updated_and_vanished_ones_kept_or_removed_per_mirror_deletes(
+        seeded: dict[str, Any], reference_upstream: Any, make_registry: Any, tmp_path: Any) -> None:
+    up = reference_upstream("open")
+    load_into(up, seeded["data"])
+    table = job_table(repositories=["lib/versions"], include_tags=[r"1\.0\.\d+"], keep_latest=3, interval=86400)
+    data_dir = str(tmp_path / "mirror-data")
+    registry = make_registry(data_dir=data_dir, **sync_config(up, table))
+    first = await run_job(registry, "base")
+    assert outcomes(first) == {f"lib/versions:1.0.{i}": "copied" for i in (29, 30, 31)}
+    # Upstream, 1.0.31 moves to a new image and 1.0.30 is deleted.
+    moved = await deferToThread(push_tags, up.host, [TagSpec("lib/versions", "1.0.31", salt="moved")],
+                                str(tmp_path / "push"))
+    client = client_for(up)
+    await deferToThread(client.expect, 202, "DELETE",
+                        f"/v2/lib/versions/manifests/{seeded['digests'][('lib/versions', '1.0.30')]}")
+    second = await run_job(registry, "base")
+    assert outcomes(second) == {"lib/versions:1.0.31": "updated", "lib/versions:1.0.29": "unchanged",
+                                "lib/versions:1.0.28": "copied", "lib/versions:1.0.30": "kept"}, second["report"]
+    repositories = registry.service.store.mirror_repositories(NS)
+    assert str(await repositories.resolve_tag("lib/versions", "1.0.31")) == moved[("lib/versions", "1.0.31")]
+    assert await mirror_tags(registry, "lib/versions") == ["1.0.28", "1.0.29", "1.0.30", "1.0.31"]
+    # The same job with mirror_deletes removes the vanished tag from the cache.
+    await registry.service.stopService()
+    again = make_registry(data_dir=data_dir, **sync_config(up, {**table, "mirror_deletes": True}))
+    third = await run_job(again, "base")
+    assert outcomes(third)["lib/versions:1.0.30"] == "deleted"
+    assert await mirror_tags(again, "lib/versions") == ["1.0.28", "1.0.29", "1.0.31"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_eviction_and_prune_spare_what_a_job_lists(seeded: dict[str, Any], reference_upstream: Any,
+                                                           make_registry: Any) -> None:
+    up = reference_upstream("open")
+    load_into(up, seeded["data"])
+    registry = make_registry(mirror_max_size=1, **sync_config(up, job_table(repositories=["other/app"])))
+    assert (await run_job(registry, "base"))["images"] == 3
+    # A pull of another image: ordinary cache, the eviction's to take.
+    client = Client(registry.url)
+    pulled = await client.get(f"/v2/{NS}/lib/builds/manifests/build-00",
+                              headers={"Accept": "application/vnd.oci.image.manifest.v1+json"})
+    for descriptor in [pulled.json()["config"], *pulled.json()["layers"]]:
+        assert (await client.get(f"/v2/{NS}/lib/builds/blobs/{descriptor['digest']}")).status == 200
+    await registry.service.upkeep.survey()      # the cache is over max_size (1 byte)
+    repositories = registry.service.store.mirror_repositories(NS)
+    assert await repositories.tags("lib/builds") in (None, [])      # evicted
+    assert await mirror_tags(registry, "other/app") == ["v0", "v1", "v2"]
+    for tag in ("v0", "v1", "v2"):
+        reply = await client.get(f"/v2/{NS}/other/app/manifests/{tag}",
+                                 headers={"Accept": "application/vnd.oci.image.manifest.v1+json"})
+        for descriptor in [reply.json()["config"], *reply.json()["layers"]]:
+            assert await registry.service.store.blobs.size(parse_digest(descriptor["digest"])) is not None
+    # prune of the whole cache leaves the synced tags and manifests alone.
+    reply = await client.post("/admin/prune?pattern=**", b"{}", headers=ADMIN)
+    assert reply.status == 200, reply
+    assert not [e for e in reply.json()["removed"] if e["repository"] == f"{NS}/other/app"]
+    assert await mirror_tags(registry, "other/app") == ["v0", "v1", "v2"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_restart_mid_job_resumes_without_fetching_anything_twice(
+        seeded: dict[str, Any], reference_upstream: Any, make_registry: Any, tmp_path: Any) -> None:
+    up = reference_upstream("open")
+    load_into(up, seeded["data"])
+    data_dir = str(tmp_path / "mirror-data")
+    config = sync_config(up, job_table(repositories=["lib/builds"], concurrency=1))
+    first = make_registry(data_dir=data_dir, **config)     # a job that never ran starts at once
+    slot = first.service.sync.slots["base"]
+    await wait_until(lambda: slot.progress is not None and slot.progress.done >= 8, 20, "8 images synced")
+    await first.service.stopService()                    # mid-job
+    done_before = slot.progress.done
+    assert slot.last is None and done_before < 32
+    second = make_registry(data_dir=data_dir, **config)   # resumes at once
+    resumed = second.service.sync.slots["base"]
+    await wait_until(lambda: resumed.last is not None, 30, "the resumed run to end")
+    assert resumed.last.errors == 0 and await mirror_tags(second, "lib/builds") == sorted(
+        s.tag for s in seeded["specs"] if s.repository == "lib/builds")
+    entries = await deferToThread(up.requests, 0.1)
+    gets = [e.path for e in entries if e.method == "GET" and re.search(r"/(blobs|manifests)/sha256:", e.path)]
+    assert gets and len(gets) == len(set(gets)), "something was fetched twice"
+    heads = [e.path for e in entries if e.method == "HEAD" and "/manifests/" in e.path]
+    # The images done before the restart are not even asked about again: at most the one in flight
+    # and one whose state was being written when the stop came are asked twice.
+    twice = [h for h in set(heads) if heads.count(h) > 1]
+    assert len(set(heads)) == 32 and len(twice) <= 2 and len(heads) <= 34, twice
+
+
+@pytest_twisted.ensureDeferred
+async def test_429_is_waited_out_as_retry_after_says_then_with_a_backoff(
+        fake_upstream: Any, make_registry: Any, monkeypatch: Any) -> None:
+    import registryd.sync.job
+    monkeypatch.setattr(registryd.sync.job, "BACKOFF", 0.2)
+    image = fake_upstream.add_image("lib/app", "v1", layer_sizes=[2000])
+    manifest = fake_upstream.manifest_path("lib/app", "v1")
+    layer = fake_upstream.blob_path("lib/app", image["layers"][0]["digest"])
+    fake_upstream.status(manifest, 429, retry_after=1, times=2)
+    fake_upstream.status(layer, 429, times=2)            # no Retry-After: 0.2 s, then 0.4 s
+    registry = make_registry(upstreams=(UpstreamConfig(NS, fake_upstream.url),),
+                             syncs=sync_jobs("sync", [job_table(repositories=["lib/app"], interval=86400)]))
+    started = time.monotonic()
+    document = await run_job(registry, "base")
+    elapsed = time.monotonic() - started
+    assert document["errors"] == 0 and outcomes(document) == {"lib/app:v1": "copied"}, document
+    assert document["throttled"] >= 4
+    assert fake_upstream.count("HEAD", manifest) == 3 and fake_upstream.count("GET", layer) == 3
+    assert elapsed >= 2 + 0.6
+
+
+@pytest_twisted.ensureDeferred
+async def test_offline_pauses_jobs(reference_upstream: Any, make_registry: Any) -> None:
+    up = reference_upstream("open")
+    registry = make_registry(offline=True, **sync_config(up, job_table(repositories=["lib/app"], interval=1)))
+    client = Client(registry.url)
+    reply = await client.post("/admin/sync?job=base", b"{}", headers=ADMIN)
+    assert reply.status == 409 and "paused" in reply.json()["errors"][0]["message"]
+    status = await client.get("/admin/sync?job=base")
+    assert status.json()["paused"] is True and status.json()["next_run"] is None
+    page = await client.get("/")
+    assert "paused (offline)" in page.body.decode()
+    from support.wait import sleep
+    await sleep(1.5)                                      # past the interval: still nothing asked
+    assert await up.acount(None, r"/v2/.+") == 0

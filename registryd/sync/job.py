@@ -55,6 +55,7 @@ ACCEPT = ", ".join([
 _LIST_LIMIT = 16 * 1024 * 1024
 _CONFIG_LIMIT = 4 * 1024 * 1024
 _MAX_PAGES = 1000
+PAGE_SIZE = 1000        # names asked for per page of a tag list or the catalog
 _MAX_DEPTH = 4          # an index of indexes of ..., and referrers of referrers
 #: 429 and 5xx: tries in all, first backoff, longest wait.
 ATTEMPTS = 8
@@ -406,7 +407,7 @@ class SyncRun:
         globs = [g for g in self.job.repositories if _is_glob(g.text)]
         names = set(self._upstream_name(name) for name in exact)
         if globs:
-            catalog = await self._paged("/v2/_catalog?n=1000", "", "repositories")
+            catalog = await self._paged(f"/v2/_catalog?n={PAGE_SIZE}", "", "repositories")
             if catalog is None:
                 raise JobFailed(f"{self.job.upstream} has no catalog (or refuses it) to expand "
                                 f"{', '.join(g.text for g in globs)}: list those repositories by name")
@@ -419,7 +420,7 @@ class SyncRun:
         return name
 
     async def tags(self, remote: str) -> list[str] | None:
-        listed = await self._paged(f"/v2/{remote}/tags/list?n=1000", remote, "tags")
+        listed = await self._paged(f"/v2/{remote}/tags/list?n={PAGE_SIZE}", remote, "tags")
         return None if listed is None else sorted(set(listed))
 
     async def choose(self, remote: str, listed: list[str]) -> list[str]:

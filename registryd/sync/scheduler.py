@@ -143,7 +143,8 @@ class SyncScheduler:
         shared.wait().addBoth(lambda result: self._ended(slot, shared, result))
         return shared
 
-    def _ended(self, slot: JobSlot, shared: Shared[RunResult], result: Any) -> Any:
+    def _ended(self, slot: JobSlot, shared: Shared[RunResult], result: Any) -> None:
+        """Count the run, and plan the next one; a failure is logged here (and so handled)."""
         if slot.running is shared:
             slot.running = slot.work = None
         if isinstance(result, RunResult):
@@ -164,7 +165,6 @@ class SyncScheduler:
             else:
                 log.warn("sync {job} failed: {reason}; trying again later", job=slot.job.name, reason=reason)
             self._arm(slot, RETRY_AFTER_FAILURE)
-        return result
 
     async def _run(self, slot: JobSlot, dry_run: bool, progress: Progress) -> RunResult:
         turns = self._turns[slot.job.upstream]
