@@ -27,7 +27,7 @@ import attrs
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from registryd.deferreds import bounded_each
+from registryd.deferreds import bounded_each, shielded
 from registryd.digest import Digest, digest_of, parse_digest
 from registryd.errors import RegistryError
 from registryd.json_documents import load_json
@@ -291,8 +291,9 @@ class SyncRun:
         if stored is not None:
             return stored
         try:
-            cached = await self._patiently(f"manifest {digest}", lambda: self._cache.fetch_manifest(
-                self._mirror, remote, digest, ACCEPT))
+            # Shielded: a stop mid-job must not leave a manifest fetched but not stored (fetched again).
+            cached = await self._patiently(f"manifest {digest}", lambda: shielded(self._cache.fetch_manifest(
+                self._mirror, remote, digest, ACCEPT)))
         except UpstreamUnavailable as e:
             raise ImageFailed(f"manifest {digest}: {e}") from None
         except RegistryError as e:
