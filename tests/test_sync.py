@@ -238,3 +238,91 @@ async def test_offline_pauses_jobs(reference_upstream: Any, make_registry: Any) 
     from support.wait import sleep
     await sleep(1.5)                                      # past the interval: still nothing asked
     assert await up.acount(None, r"/v2/.+") == 0
+
+
+def oras_push(host: str, target: str, payload: bytes, media_type: str, subject: dict[str, Any] | None,
+              workdir: str) -> str:
+    """Push a one-file artifact with the ORAS Python SDK (a real client); its manifest digest."""
+    import oras.client
+    import oras.oci
+
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, target.replace("/", "_").replace(":", "_"))
+    with open(path, "wb") as f:
+        f.write(payload)
+    client = oras.client.OrasClient(hostname=host, insecure=True)
+    response = client.push(target=f"{host}/{target}", files=[f"{path}:{media_type}"], disable_path_validation=True,
+                           subject=oras.oci.Subject(**subject) if subject else None, quiet=True)
+    assert response.status_code == 201, response.text
+    return str(response.headers["Docker-Content-Digest"])
+
+
+async def manifest_descriptor(url: str, repository: str, reference: str) -> dict[str, Any]:
+    reply = await Client(url).get(f"/v2/{repository}/manifests/{reference}",
+                                  headers={"Accept": "application/vnd.oci.image.manifest.v1+json"})
+    assert reply.status == 200, reply
+    return {"mediaType": reply.header("Content-Type"), "digest": reply.header("Docker-Content-Digest"),
+            "size": len(reply.body)}
+
+
+@pytest_twisted.ensureDeferred
+async def test_cosign_style_tags_come_along_from_an_upstream_without_the_referrers_api(
+        reference_upstream: Any, make_registry: Any, tmp_path: Any) -> None:
+    up = reference_upstream("open")     # distribution 2.8: no referrers API
+    digests = await deferToThread(push_tags, up.host, [TagSpec("lib/signed", "v1"), TagSpec("lib/signed", "v2")],
+                                  str(tmp_path / "push"))
+    prefix = digests[("lib/signed", "v1")].replace(":", "-")
+    signature = await deferToThread(oras_push, up.host, f"lib/signed:{prefix}.sig", b"a signature",
+                                    "application/vnd.dev.cosign.simplesigning.v1+json", None, str(tmp_path / "oras"))
+    sbom = await deferToThread(oras_push, up.host, f"lib/signed:{prefix}.sbom", b'{"spdxVersion": "SPDX-2.3"}',
+                               "text/spdx+json", None, str(tmp_path / "oras"))
+    registry = make_registry(**sync_config(up, job_table(repositories=["lib/signed"], include_tags=[r"v\d+"])))
+    document = await run_job(registry, "base")
+    assert document["errors"] == 0 and document["images"] == 2, document["messages"]
+    assert await up.acount("GET", r"/v2/lib/signed/referrers/.*") == 1     # asked once, then the tag schema only
+    assert await mirror_tags(registry, "lib/signed") == sorted([f"{prefix}.sbom", f"{prefix}.sig", "v1", "v2"])
+    up.stop()      # everything is served from the cache now
+    client = Client(registry.url)
+    for tag, digest, payload in ((f"{prefix}.sig", signature, b"a signature"),
+                                 (f"{prefix}.sbom", sbom, b'{"spdxVersion": "SPDX-2.3"}')):
+        reply = await client.get(f"/v2/{NS}/lib/signed/manifests/{tag}",
+                                 headers={"Accept": "application/vnd.oci.image.manifest.v1+json"})
+        assert reply.status == 200 and reply.header("Docker-Content-Digest") == digest
+        layer = reply.json()["layers"][0]["digest"]
+        assert (await client.get(f"/v2/{NS}/lib/signed/blobs/{layer}")).body == payload
+
+
+@pytest_twisted.ensureDeferred
+async def test_referrers_come_along_recursively_from_an_upstream_with_the_referrers_api(
+        make_registry: Any, tmp_path: Any, monkeypatch: Any) -> None:
+    import registryd.sync.job
+    monkeypatch.setattr(registryd.sync.job, "PAGE_SIZE", 2)     # the tag list in pages, by Link
+    upstream = make_registry()           # registryd itself, which has the referrers API
+    digests = await deferToThread(push_tags, upstream.host, [TagSpec("lib/signed", f"v{i}") for i in range(5)],
+                                  str(tmp_path / "push"))
+    image = await manifest_descriptor(upstream.url, "lib/signed", "v0")
+    signature = await deferToThread(oras_push, upstream.host, "lib/signed:sig-v0", b"a signature",
+                                    "application/vnd.dev.cosign.simplesigning.v1+json", image, str(tmp_path / "o"))
+    signed = await manifest_descriptor(upstream.url, "lib/signed", "sig-v0")
+    attestation = await deferToThread(oras_push, upstream.host, "lib/signed:att-of-sig", b'{"predicate": {}}',
+                                      "application/vnd.in-toto+json", signed, str(tmp_path / "o"))
+    registry = make_registry(upstreams=(UpstreamConfig(NS, upstream.url),), syncs=sync_jobs("sync", [
+        job_table(repositories=["lib/signed"], include_tags=[r"v\d+"], interval=86400)]))
+    document = await run_job(registry, "base")
+    assert document["errors"] == 0 and document["images"] == 5, document["messages"]
+    assert digests[("lib/signed", "v0")] == image["digest"]
+    metrics = (await Client(upstream.url).get("/metrics")).body.decode()
+    pages = sum(float(m) for m in re.findall(r'registryd_http_requests_total\{[^}]*route="tags"[^}]*\} (\S+)',
+                                             metrics))
+    assert pages >= 4        # 7 tags, 2 a page
+    await upstream.service.stopService()      # from the cache from now on
+    client = Client(registry.url)
+    found = (await client.get(f"/v2/{NS}/lib/signed/referrers/{image['digest']}")).json()["manifests"]
+    assert [entry["digest"] for entry in found] == [signature]
+    nested = (await client.get(f"/v2/{NS}/lib/signed/referrers/{signature}")).json()["manifests"]
+    assert [entry["digest"] for entry in nested] == [attestation]
+    reply = await client.get(f"/v2/{NS}/lib/signed/manifests/{attestation}",
+                             headers={"Accept": "application/vnd.oci.image.manifest.v1+json"})
+    assert reply.status == 200
+    layer = reply.json()["layers"][0]["digest"]
+    assert (await client.get(f"/v2/{NS}/lib/signed/blobs/{layer}")).body == b'{"predicate": {}}'
