@@ -326,3 +326,67 @@ async def test_referrers_come_along_recursively_from_an_upstream_with_the_referr
     assert reply.status == 200
     layer = reply.json()["layers"][0]["digest"]
     assert (await client.get(f"/v2/{NS}/lib/signed/blobs/{layer}")).body == b'{"predicate": {}}'
+
+
+def write_config(path: str, data_dir: str, up: Any, job: str = 'repositories = ["other/app"]') -> str:
+    with open(path, "w") as f:
+        f.write(f'data_dir = "{data_dir}"\n[[upstream]]\nnamespace = "{NS}"\nurl = "{up.url}"\n'
+                f'[[sync]]\nname = "base"\nupstream = "{NS}"\n{job}\n')
+    return path
+
+
+REGISTRYD = os.path.join(VENV_BIN, "registryd")
+
+
+@pytest_twisted.ensureDeferred
+async def test_registryd_sync_now_in_the_server_with_dry_run_report_metrics_and_status_page(
+        seeded: dict[str, Any], reference_upstream: Any, make_registry: Any) -> None:
+    up = reference_upstream("open")
+    load_into(up, seeded["data"])
+    registry = make_registry(**sync_config(up, job_table(repositories=["other/app"], interval=86400)))
+    slot = registry.service.sync.slots["base"]
+    await wait_until(lambda: slot.running is None and slot.last is not None, 10, "the first scheduled run")
+    await registry.service.store.mirror_repositories(NS).delete_tag("other/app", "v1")   # to copy again
+    dry = await deferToThread(subprocess.run, [REGISTRYD, "sync", "--now", "base", "--dry-run", "--url",
+                                               registry.url], capture_output=True, text=True, timeout=60)
+    assert dry.returncode == 0, dry.stderr
+    lines = dry.stdout.splitlines()
+    assert any(line.startswith("would copy other/app:v1 sha256:") for line in lines), lines
+    assert any(line.startswith("unchanged other/app:v0") for line in lines), lines
+    assert "v1" not in await mirror_tags(registry, "other/app")          # the dry run copied nothing
+    done = await deferToThread(subprocess.run, [REGISTRYD, "sync", "--now", "base", "--url", registry.url],
+                               capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    # Its manifest and blobs were still stored: only the tag is written again, nothing fetched.
+    assert re.search(r"^copied other/app:v1 sha256:\S+ \(0 manifests, 0 blobs fetched", done.stdout, re.M), \
+        done.stdout
+    assert "sync base: copied 1 images" in done.stdout
+    assert await mirror_tags(registry, "other/app") == ["v0", "v1", "v2"]
+    client = Client(registry.url)
+    metrics = (await client.get("/metrics")).body.decode()
+    assert 'registryd_sync_last_images{job="base"} 1.0' in metrics
+    assert 'registryd_sync_runs_total{job="base"} 2.0' in metrics
+    assert re.search(r'registryd_sync_last_duration_seconds\{job="base"\} \d', metrics)
+    page = (await client.get("/")).body.decode()
+    assert 'id="sync"' in page and "<b>base</b>" in page
+
+
+@pytest_twisted.ensureDeferred
+async def test_registryd_sync_now_alongside_draws_a_progress_bar_and_reports_each_image(
+        seeded: dict[str, Any], reference_upstream: Any, tmp_path: Any) -> None:
+    up = reference_upstream("open")
+    load_into(up, seeded["data"])
+    os.makedirs(tmp_path / "data")      # a new site: empty
+    config = write_config(str(tmp_path / "registryd.toml"), str(tmp_path / "data"), up)
+    status, out, terminal = await deferToThread(run_with_terminal_stderr,
+                                                [REGISTRYD, "sync", "--now", "base", "-c", config])
+    assert status == 0, terminal
+    assert b"registryd sync base [" in terminal
+    assert sorted(line.split()[1] for line in out.splitlines() if line.startswith("copied ")) == \
+        ["other/app:v0", "other/app:v1", "other/app:v2"]
+    listed = await deferToThread(subprocess.run, [REGISTRYD, "sync", "-c", config], capture_output=True,
+                                 text=True, timeout=60)
+    assert listed.returncode == 0 and re.match(r"base \(upstream.test:5000\): last run .*: 3 images", listed.stdout)
+    unknown = await deferToThread(subprocess.run, [REGISTRYD, "sync", "--now", "nope", "-c", config],
+                                  capture_output=True, text=True, timeout=60)
+    assert unknown.returncode == 2 and "no [[sync]] job named 'nope'" in unknown.stderr

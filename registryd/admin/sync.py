@@ -140,6 +140,11 @@ def _run_local(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
         progress.advance(size=state.bytes - progress.size_done, items=state.done - progress.items_done)
 
     async def main(store: Any, reactor: Any) -> dict[str, Any]:
+        try:
+            store.prepare()  # creates missing directories (tmp/ for the fills); never recover(): a server may run
+        except OSError as e:
+            raise AdminError(f"the data directory {config.data_dir} is not usable: {e.filename}: {e.strerror}") \
+                from None
         cache = MirrorCache(store, config, reactor)
         try:
             with store_errors_reported(store.location()):
