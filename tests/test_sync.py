@@ -148,7 +148,9 @@ async def test_moved_tags_are_updated_and_vanished_ones_kept_or_removed_per_mirr
 
 @pytest_twisted.ensureDeferred
 async def test_eviction_and_prune_spare_what_a_job_lists(seeded: dict[str, Any], reference_upstream: Any,
-                                                           make_registry: Any) -> None:
+                                                           make_registry: Any, monkeypatch: Any) -> None:
+    import registryd.sync.job
+    monkeypatch.setattr(registryd.sync.job, "BACKOFF", 0.05)    # the retries of the run without upstream
     up = reference_upstream("open")
     load_into(up, seeded["data"])
     registry = make_registry(mirror_max_size=1, **sync_config(up, job_table(repositories=["other/app"])))
@@ -172,6 +174,12 @@ async def test_eviction_and_prune_spare_what_a_job_lists(seeded: dict[str, Any],
     reply = await client.post("/admin/prune?pattern=**", b"{}", headers=ADMIN)
     assert reply.status == 200, reply
     assert not [e for e in reply.json()["removed"] if e["repository"] == f"{NS}/other/app"]
+    assert await mirror_tags(registry, "other/app") == ["v0", "v1", "v2"]
+    # A run that cannot reach the upstream keeps listing what the job copied before.
+    up.stop()
+    failed = await run_job(registry, "base")
+    assert failed["errors"] == 1 and "connection refused" in failed["messages"][0].lower(), failed["messages"]
+    await registry.service.upkeep.survey()
     assert await mirror_tags(registry, "other/app") == ["v0", "v1", "v2"]
 
 

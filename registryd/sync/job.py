@@ -381,10 +381,10 @@ class SyncRun:
             self._pin(remote, [str(d) for d in [digest, *sorted(keeps - {digest}, key=str)]])
             self._state.done[key] = [str(digest), *sorted(str(d) for d in keeps - {digest})]
             self._state.synced.setdefault(remote, {})[tag] = self._state.done[key]
-        except ImageFailed as e:
+        except (ImageFailed, UpstreamUnavailable) as e:
             report.outcome, report.error = "failed", str(e)
-        except UpstreamUnavailable as e:
-            report.outcome, report.error = "failed", str(e)
+            # What an earlier run copied for this tag stays listed (so never evicted) until one succeeds.
+            self._pin(remote, self._state.synced.get(remote, {}).get(tag, []))
         return report
 
     async def _local_tag(self, remote: str, tag: str) -> Digest | None:
@@ -516,12 +516,13 @@ class SyncRun:
             await bounded_each(plan, one, self.job.concurrency)
             planned = {(remote, tag) for remote, tag, _ in plan}
             await self._vanished(listed_by_repository, planned, result)
-        except JobFailed as e:
+        except (JobFailed, UpstreamUnavailable) as e:
             summary.errors += 1
-            summary.messages.append(str(e))
-        except UpstreamUnavailable as e:
-            summary.errors += 1
-            summary.messages.append(f"{self.job.upstream}: {e}")
+            summary.messages.append(str(e) if isinstance(e, JobFailed) else f"{self.job.upstream}: {e}")
+            # A run that could not look (the upstream away) keeps listing what earlier runs copied.
+            for remote, tags in self._state.synced.items():
+                for keeps in tags.values():
+                    self._pin(remote, keeps)
         summary.ended = self._reactor.seconds()
         if not self.dry_run:
             await write_pins(driver, self.job.name, self.job.upstream, self._pins)
@@ -542,6 +543,8 @@ class SyncRun:
                 if not gone_upstream:
                     if remote in listed or remote not in result.repositories:
                         del self._state.synced[remote][tag]     # deselected, or the repository left the job
+                    else:
+                        self._pin(remote, keeps)     # its tag list could not be read this time
                     continue
                 if self.job.mirror_deletes:
                     outcome = "would delete" if self.dry_run else "deleted"
