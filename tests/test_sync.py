@@ -398,3 +398,17 @@ async def test_registryd_sync_now_alongside_draws_a_progress_bar_and_reports_eac
     unknown = await deferToThread(subprocess.run, [REGISTRYD, "sync", "--now", "nope", "-c", config],
                                   capture_output=True, text=True, timeout=60)
     assert unknown.returncode == 2 and "no [[sync]] job named 'nope'" in unknown.stderr
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_jobs_of_one_upstream_take_turns(seeded: dict[str, Any], reference_upstream: Any,
+                                                     make_registry: Any) -> None:
+    up = reference_upstream("open")
+    load_into(up, seeded["data"])
+    registry = make_registry(**sync_config(up, job_table(name="a", repositories=["lib/builds"]),
+                                           job_table(name="b", repositories=["lib/versions"])))
+    slots = registry.service.sync.slots      # both never ran: both are due at once
+    await wait_until(lambda: all(slot.last is not None for slot in slots.values()), 30, "both runs")
+    first, second = sorted((slot.last for slot in slots.values()), key=lambda last: last.started)
+    assert first.ended <= second.started, (first, second)
+    assert first.images and second.images
