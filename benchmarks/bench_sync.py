@@ -19,7 +19,7 @@ ratio registryd / skopeo:
   cold_wall_s, warm_wall_s                     wall time of the command, s
   cold_upstream_requests, warm_upstream_requests   requests the upstream saw
   cold_upstream_gets, warm_upstream_gets       of which GETs (HEADs are free on Docker Hub)
-  cold_upstream_MiB                            bytes the upstream sent, MiB
+  cold_upstream_MiB                            body bytes the upstream sent (GETs), MiB
 
 Only the stdlib is used (plus bench_core.py and bench_mirror.py next to
 this file), and skopeo and docker-registry on PATH. Loopback only.
@@ -115,7 +115,8 @@ def upstream_since(upstream, offset):
     for method, _, _, size in _ACCESS.findall(text):
         requests += 1
         gets += method == "GET"
-        sent += 0 if size == "-" else int(size)
+        # docker-registry logs a HEAD with the size it would have sent: only GET bodies count.
+        sent += 0 if size == "-" or method != "GET" else int(size)
     return requests, gets, sent
 
 
