@@ -377,6 +377,9 @@ async def test_registryd_sync_now_in_the_server_with_dry_run_report_metrics_and_
     assert re.search(r'registryd_sync_last_duration_seconds\{job="base"\} \d', metrics)
     page = (await client.get("/")).body.decode()
     assert 'id="sync"' in page and "<b>base</b>" in page
+    unknown = await deferToThread(subprocess.run, [REGISTRYD, "sync", "--now", "nope", "--url", registry.url],
+                                  capture_output=True, text=True, timeout=60)
+    assert unknown.returncode == 2 and "no [[sync]] job is named 'nope'" in unknown.stderr, unknown.stderr
 
 
 @pytest_twisted.ensureDeferred

@@ -495,7 +495,7 @@ class RegistryAPI:
         if name is None:
             raise unsupported("give job=NAME (a [[sync]] job of the config)", 400)
         if self.sync is None or name not in self.sync.slots:
-            raise RegistryError(404, "NAME_UNKNOWN", f"no [[sync]] job is named {name[:100]!r}")
+            raise unsupported(f"no [[sync]] job is named {name[:100]!r}", 400)    # the command's exit 2
         return self.sync, name
 
     @app.route("/", methods=["GET", "HEAD"])
