@@ -415,3 +415,23 @@ async def test_the_jobs_of_one_upstream_take_turns(seeded: dict[str, Any], refer
     first, second = sorted((slot.last for slot in slots.values()), key=lambda last: last.started)
     assert first.ended <= second.started, (first, second)
     assert first.images and second.images
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_platform_filter_copies_only_those_children_of_an_index(reference_upstream: Any,
+                                                                          make_registry: Any) -> None:
+    from upstreams import push_image, push_index
+
+    up = reference_upstream("open")
+    amd64 = await deferToThread(push_image, up, "lib/multi", None, [1500])
+    arm64 = await deferToThread(push_image, up, "lib/multi", None, [2500])
+    index = await deferToThread(push_index, up, "lib/multi", "v1", [amd64, arm64])   # amd64, then arm64
+    registry = make_registry(**sync_config(up, job_table(repositories=["lib/multi"], platforms=["linux/arm64"])))
+    document = await run_job(registry, "base")
+    assert document["errors"] == 0 and outcomes(document) == {"lib/multi:v1": "copied"}, document["messages"]
+    assert await up.acount("GET", rf"/v2/lib/multi/manifests/{arm64['digest']}") == 1
+    assert await up.acount("GET", rf"/v2/lib/multi/manifests/{amd64['digest']}") == 0
+    assert await up.acount("GET", rf"/v2/lib/multi/blobs/{amd64['layers'][0]['digest']}") == 0
+    repositories = registry.service.store.mirror_repositories(NS)
+    assert str(await repositories.resolve_tag("lib/multi", "v1")) == index["digest"]
+    assert await repositories.has_blob("lib/multi", parse_digest(arm64["layers"][0]["digest"]))

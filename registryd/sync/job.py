@@ -184,6 +184,7 @@ class SyncRun:
         self._result: RunResult | None = None
         self._pins: dict[str, set[Digest]] = {}
         self.referrers_api = True       # until the upstream shows it has none (registryd.sync.referrers)
+        self._looked: set[str] = set()  # images whose creation time this run needed
 
     @property
     def _client(self) -> Any:
@@ -443,6 +444,7 @@ class SyncRun:
             digest = await self.head_manifest(remote, tag)
             if digest is None:
                 return None
+            self._looked.add(str(digest))
             known = self._state.created.get(str(digest))
             if known is not None:
                 return known
@@ -528,6 +530,8 @@ class SyncRun:
             await write_pins(driver, self.job.name, self.job.upstream, self._pins)
             self._state.last = summary
             self._state.running_since = None
+            # Creation times of images no longer looked at are forgotten (the state stays small).
+            self._state.created = {d: t for d, t in self._state.created.items() if d in self._looked}
             self._state.done = {}
             await save_state(driver, self.job.name, self._state)
         return result
