@@ -217,8 +217,8 @@ class RegistryService(MultiService):
         if self._reaper.running:
             self._reaper.stop()
         self.upkeep.stop()
-        self.sync.stop()
         d = self._close_ports()
+        d.addBoth(lambda _: self.sync.stop(self.config.shutdown_timeout))
         d.addBoth(lambda _: self.site.drain(self.config.shutdown_timeout))
         d.addBoth(lambda _: Deferred.fromCoroutine(self.api.mirror.settle_fills(self.config.shutdown_timeout)))
         d.addBoth(lambda _: self.api.mirror.close())

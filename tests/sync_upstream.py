@@ -68,7 +68,11 @@ def push_tags(host: str, specs: Iterable[TagSpec], workdir: str, creds: str | No
         argv = [find_skopeo(), *skopeo.global_args, "copy", "-q", "--dest-tls-verify=false",
                 *(["--dest-creds", creds] if creds else []),
                 f"oci:{layout.root}:{ref}", f"docker://{host}/{spec.repository}:{spec.tag}"]
-        done = subprocess.run(argv, env=skopeo.env, capture_output=True, timeout=120, stdin=subprocess.DEVNULL)
+        for attempt in range(3):
+            # docker-registry may answer 500 when pushes of a shared layer race on its disk: try again.
+            done = subprocess.run(argv, env=skopeo.env, capture_output=True, timeout=120, stdin=subprocess.DEVNULL)
+            if done.returncode == 0 or b"500" not in done.stderr:
+                break
         assert done.returncode == 0, done.stderr.decode(errors="replace")
 
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:

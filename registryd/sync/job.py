@@ -68,6 +68,10 @@ class JobFailed(Exception):
     """The whole run could not go on (the message says why, in one line)."""
 
 
+class RunStopped(Exception):
+    """The server is stopping: the images under way were finished, the rest resume at the next start."""
+
+
 class ImageFailed(Exception):
     """One image could not be copied; the run goes on with the others."""
 
@@ -185,6 +189,9 @@ class SyncRun:
         self._pins: dict[str, set[Digest]] = {}
         self.referrers_api = True       # until the upstream shows it has none (registryd.sync.referrers)
         self._looked: set[str] = set()  # images whose creation time this run needed
+        self._heads: dict[tuple[str, str], Digest | None] = {}     # what this run's HEADs found
+        #: Set by a stopping server: no image is begun any more, and the run ends in RunStopped.
+        self.stopping = False
 
     @property
     def _client(self) -> Any:
@@ -253,7 +260,13 @@ class SyncRun:
         raise JobFailed(f"{self.job.upstream}: more than {_MAX_PAGES} pages for {path}")
 
     async def head_manifest(self, remote: str, reference: str) -> Digest | None:
-        """The digest the upstream has for ``reference`` now (a HEAD), or None when it has none."""
+        """The digest the upstream has for ``reference`` now (a HEAD, once a run), or None when it has none."""
+        key = (remote, reference)
+        if key not in self._heads:
+            self._heads[key] = await self._head_manifest(remote, reference)
+        return self._heads[key]
+
+    async def _head_manifest(self, remote: str, reference: str) -> Digest | None:
         async def once() -> tuple[int, str]:
             response = await self._client.request("HEAD", f"/v2/{remote}/manifests/{reference}", remote,
                                                   {"Accept": ACCEPT})
@@ -499,6 +512,8 @@ class SyncRun:
             self.progress.tell(None)
 
             async def one(item: tuple[str, str, set[str]]) -> None:
+                if self.stopping:
+                    return
                 report = await self._image(*item)
                 if report.outcome == "resumed":
                     result.resumed += 1
@@ -516,6 +531,8 @@ class SyncRun:
                 self.progress.tell(report)
 
             await bounded_each(plan, one, self.job.concurrency)
+            if self.stopping:
+                raise RunStopped()      # its state says what is done: the next start resumes it
             planned = {(remote, tag) for remote, tag, _ in plan}
             await self._vanished(listed_by_repository, planned, result)
         except (JobFailed, UpstreamUnavailable) as e:

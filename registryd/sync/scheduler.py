@@ -20,7 +20,7 @@ from typing import Any, Iterator
 
 import attrs
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, DeferredSemaphore
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
@@ -30,7 +30,7 @@ from registryd.metrics import Metrics
 from registryd.mirror.cache import MirrorCache
 from registryd.storage import Store
 from registryd.storage.outage import outage_reason
-from registryd.sync.job import Progress, RunResult, SyncRun
+from registryd.sync.job import Progress, RunResult, RunStopped, SyncRun
 from registryd.sync.schedule import LastRun, delay_until_next
 from registryd.sync.state import RunSummary, load_state
 from registryd.sync_settings import SyncJob
@@ -52,6 +52,7 @@ class JobSlot:
     last: RunSummary | None = None
     running: Shared[RunResult] | None = None
     work: Deferred[RunResult] | None = None     # the run itself, to cancel at a stop
+    run: SyncRun | None = None
     progress: Progress | None = None
     timer: IDelayedCall | None = None
     next_at: float | None = None
@@ -85,15 +86,22 @@ class SyncScheduler:
             Deferred.fromCoroutine(self._plan(slot)).addErrback(
                 lambda f: log.failure("planning a sync job failed", f))
 
-    def stop(self) -> None:
-        """Cancel the timers and the runs under way (their state resumes them at the next start)."""
+    def stop(self, timeout: float) -> Deferred[None]:
+        """Cancel the timers; let the runs under way finish the images they began (for at most
+        ``timeout`` seconds, then cancel them) and stop. Their state resumes them at the next start."""
         self._started = False
+        waits = []
         for slot in self.slots.values():
             if slot.timer is not None and slot.timer.active():
                 slot.timer.cancel()
             slot.timer = None
-            if slot.work is not None:
-                slot.work.cancel()
+            if slot.running is not None and slot.work is not None:
+                if slot.run is not None:
+                    slot.run.stopping = True
+                wait = slot.running.wait()
+                wait.addTimeout(timeout, self._reactor, onTimeoutCancel=_cancelling(slot.work))
+                waits.append(wait)
+        return DeferredList(waits, consumeErrors=True).addCallback(lambda _: None)
 
     async def _plan(self, slot: JobSlot) -> None:
         """Arm the job's timer from its state (a paused job gets none)."""
@@ -146,7 +154,7 @@ class SyncScheduler:
     def _ended(self, slot: JobSlot, shared: Shared[RunResult], result: Any) -> None:
         """Count the run, and plan the next one; a failure is logged here (and so handled)."""
         if slot.running is shared:
-            slot.running = slot.work = None
+            slot.running = slot.work = slot.run = None
         if isinstance(result, RunResult):
             slot.last = result.summary
             slot.runs += 1
@@ -157,6 +165,8 @@ class SyncScheduler:
                      job=slot.job.name, images=result.summary.images, size=human_size(result.summary.bytes),
                      errors=result.summary.errors, seconds=result.summary.duration)
             Deferred.fromCoroutine(self._plan(slot)).addErrback(lambda f: log.failure("planning failed", f))
+        elif result.check(RunStopped):
+            log.info("sync {job} stopped with the server; it resumes at the next start", job=slot.job.name)
         elif not result.check(CancelledError):
             slot.errors += 1
             reason = outage_reason(result.value)
@@ -172,6 +182,8 @@ class SyncScheduler:
         try:
             run = SyncRun(slot.job, self._cache, self._store, self._reactor, dry_run, progress,
                           self._config.max_manifest_size)
+            if not dry_run:
+                slot.run = run
             return await run.run()
         finally:
             turns.release()
@@ -213,6 +225,14 @@ class SyncScheduler:
         head = "".join(f"<th>{h}</th>" for h in ("Job", "Last run", "Images", "Bytes", "Errors"))
         return (f'<section id="sync"><h2>Sync jobs</h2><table><thead><tr>{head}</tr></thead>'
                 f'<tbody>{"".join(rows)}</tbody></table></section>')
+
+
+def _cancelling(work: Deferred[RunResult]) -> Any:
+    """What a stop does to a run that did not end in time: cancel it (its state resumes it)."""
+    def cancel(result: Any, timeout: float) -> Any:
+        work.cancel()
+        return result
+    return cancel
 
 
 class SyncCollector:
