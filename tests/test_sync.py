@@ -149,8 +149,8 @@ async def test_moved_tags_are_updated_and_vanished_ones_kept_or_removed_per_mirr
 @pytest_twisted.ensureDeferred
 async def test_eviction_and_prune_spare_what_a_job_lists(seeded: dict[str, Any], reference_upstream: Any,
                                                            make_registry: Any, monkeypatch: Any) -> None:
-    import registryd.sync.job
-    monkeypatch.setattr(registryd.sync.job, "BACKOFF", 0.05)    # the retries of the run without upstream
+    import registryd.sync.upstream
+    monkeypatch.setattr(registryd.sync.upstream, "BACKOFF", 0.05)    # the retries of the run without upstream
     up = reference_upstream("open")
     load_into(up, seeded["data"])
     registry = make_registry(mirror_max_size=1, **sync_config(up, job_table(repositories=["other/app"])))
@@ -211,8 +211,8 @@ async def test_a_restart_mid_job_resumes_without_fetching_anything_twice(
 @pytest_twisted.ensureDeferred
 async def test_429_is_waited_out_as_retry_after_says_then_with_a_backoff(
         fake_upstream: Any, make_registry: Any, monkeypatch: Any) -> None:
-    import registryd.sync.job
-    monkeypatch.setattr(registryd.sync.job, "BACKOFF", 0.2)
+    import registryd.sync.upstream
+    monkeypatch.setattr(registryd.sync.upstream, "BACKOFF", 0.2)
     image = fake_upstream.add_image("lib/app", "v1", layer_sizes=[2000])
     manifest = fake_upstream.manifest_path("lib/app", "v1")
     layer = fake_upstream.blob_path("lib/app", image["layers"][0]["digest"])
@@ -284,7 +284,8 @@ async def test_cosign_style_tags_come_along_from_an_upstream_without_the_referre
     registry = make_registry(**sync_config(up, job_table(repositories=["lib/signed"], include_tags=[r"v\d+"])))
     document = await run_job(registry, "base")
     assert document["errors"] == 0 and document["images"] == 2, document["messages"]
-    assert await up.acount("GET", r"/v2/lib/signed/referrers/.*") == 1     # asked once, then the tag schema only
+    # Asked by the images copied at once (concurrency 2) until its first 404, then the tag schema only.
+    assert await up.acount("GET", r"/v2/lib/signed/referrers/.*") in (1, 2)
     assert await mirror_tags(registry, "lib/signed") == sorted([f"{prefix}.sbom", f"{prefix}.sig", "v1", "v2"])
     up.stop()      # everything is served from the cache now
     client = Client(registry.url)
@@ -300,8 +301,8 @@ async def test_cosign_style_tags_come_along_from_an_upstream_without_the_referre
 @pytest_twisted.ensureDeferred
 async def test_referrers_come_along_recursively_from_an_upstream_with_the_referrers_api(
         make_registry: Any, tmp_path: Any, monkeypatch: Any) -> None:
-    import registryd.sync.job
-    monkeypatch.setattr(registryd.sync.job, "PAGE_SIZE", 2)     # the tag list in pages, by Link
+    import registryd.sync.upstream
+    monkeypatch.setattr(registryd.sync.upstream, "PAGE_SIZE", 2)     # the tag list in pages, by Link
     upstream = make_registry()           # registryd itself, which has the referrers API
     digests = await deferToThread(push_tags, upstream.host, [TagSpec("lib/signed", f"v{i}") for i in range(5)],
                                   str(tmp_path / "push"))

@@ -7,7 +7,8 @@ import pytest
 
 from registryd.config import ConfigError, parse_settings
 from registryd.digest import digest_of
-from registryd.sync.job import created_time, retry_after_seconds
+from registryd.sync.job import created_time
+from registryd.sync.upstream import retry_after_seconds
 from registryd.sync.referrers import referrer_tags
 from registryd.sync.schedule import LastRun, next_run
 from registryd.sync.state import JobState, RunSummary

@@ -123,8 +123,9 @@ def _run_remote(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
 
 def _run_local(args: argparse.Namespace, progress: Progress) -> dict[str, Any]:
     from registryd.mirror.cache import MirrorCache
-    from registryd.sync.job import ImageReport, SyncRun
-    from registryd.sync.job import Progress as RunProgress
+    from registryd.sync.job import SyncRun
+    from registryd.sync.report import ImageReport
+    from registryd.sync.report import Progress as RunProgress
 
     config = load_admin_config(args)
     job = next((j for j in config.syncs if j.name == args.now), None)
@@ -204,7 +205,7 @@ def run(args: argparse.Namespace) -> int:
         json.dump(document, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
-        from registryd.sync.job import ImageReport
+        from registryd.sync.report import ImageReport
 
         for entry in document["report"]:
             print(ImageReport(**entry).line())

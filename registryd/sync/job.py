@@ -19,136 +19,34 @@ a restart mid-run resumes with the images not done yet.
 from __future__ import annotations
 
 import datetime
-import email.utils
 import re
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Any
 
-import attrs
-from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from registryd.deferreds import bounded_each, shielded
-from registryd.digest import Digest, digest_of, parse_digest
+from registryd.digest import Digest, parse_digest
 from registryd.errors import RegistryError
 from registryd.json_documents import load_json
 from registryd.manifests import INDEX_TYPES, parse_manifest
-from registryd.mirror.cache import Mirror, MirrorCache, next_page
-from registryd.mirror.client import UpstreamThrottled, UpstreamUnavailable, read_limited
+from registryd.mirror.cache import Mirror, MirrorCache
+from registryd.mirror.client import UpstreamUnavailable
 from registryd.mirror.routing import Route
 from registryd.storage import Store
+from registryd.sync.errors import ImageFailed, JobFailed, RunStopped
 from registryd.sync.referrers import referrer_tags, referrers_of
+from registryd.sync.report import ImageReport, Progress, RunResult
 from registryd.sync.state import JobState, RunSummary, load_state, save_state
+from registryd.sync.upstream import ACCEPT, PatientUpstream
 from registryd.sync.versions import all_versions, newest
 from registryd.sync_settings import SyncJob
-from registryd.units import human_size
 from registryd.upkeep.pins import write_pins
 
 log = Logger()
-T = TypeVar("T")
 
-ACCEPT = ", ".join([
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.oci.image.manifest.v1+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-    "application/vnd.docker.distribution.manifest.v2+json",
-])
-_LIST_LIMIT = 16 * 1024 * 1024
-_CONFIG_LIMIT = 4 * 1024 * 1024
-_MAX_PAGES = 1000
-PAGE_SIZE = 1000        # names asked for per page of a tag list or the catalog
 _MAX_DEPTH = 4          # an index of indexes of ..., and referrers of referrers
-#: 429 and 5xx: tries in all, first backoff, longest wait.
-ATTEMPTS = 8
-BACKOFF = 1.0
-MAX_WAIT = 300.0
 _SHOWN_ERRORS = 10
-
-
-class JobFailed(Exception):
-    """The whole run could not go on (the message says why, in one line)."""
-
-
-class RunStopped(Exception):
-    """The server is stopping: the images under way were finished, the rest resume at the next start."""
-
-
-class ImageFailed(Exception):
-    """One image could not be copied; the run goes on with the others."""
-
-
-@attrs.define
-class ImageReport:
-    """What happened to one tag."""
-
-    repository: str
-    tag: str
-    outcome: str        # copied, updated, unchanged, resumed, deleted, kept, failed; dry run: would copy/update
-    digest: str | None = None
-    previous: str | None = None
-    manifests: int = 0
-    blobs: int = 0          # fetched
-    bytes: int = 0          # fetched
-    error: str | None = None
-
-    def line(self) -> str:
-        ref = f"{self.repository}:{self.tag}"
-        if self.error is not None:
-            return f"FAILED {ref}: {self.error}"
-        detail = ""
-        if self.outcome in ("copied", "updated"):
-            detail = f" ({self.manifests} manifests, {self.blobs} blobs fetched, {human_size(self.bytes)})"
-        moved = f" (was {self.previous})" if self.previous and self.previous != self.digest else ""
-        return f"{self.outcome} {ref} {self.digest or ''}{moved}{detail}".replace("  ", " ").rstrip()
-
-    def as_json(self) -> dict[str, Any]:
-        return attrs.asdict(self)
-
-
-@attrs.define
-class RunResult:
-    job: str
-    dry_run: bool
-    summary: RunSummary
-    images: list[ImageReport] = attrs.field(factory=list)
-    repositories: list[str] = attrs.field(factory=list)
-    resumed: int = 0        # images a cut-off run had finished, skipped
-    throttled: int = 0      # 429 answers waited out
-
-    def as_json(self) -> dict[str, Any]:
-        return {"job": self.job, "dry_run": self.dry_run, **self.summary.as_json(),
-                "repositories": self.repositories, "resumed": self.resumed, "throttled": self.throttled,
-                "report": [image.as_json() for image in self.images]}
-
-
-@attrs.define
-class Progress:
-    """What a running job has done so far (for ``registryd sync`` and the status page)."""
-
-    planned: int = 0
-    done: int = 0
-    bytes: int = 0
-    listeners: list[Callable[[Progress, ImageReport | None], None]] = attrs.field(factory=list)
-
-    def tell(self, report: ImageReport | None) -> None:
-        for listener in list(self.listeners):
-            try:
-                listener(self, report)
-            except Exception:
-                log.failure("a sync progress listener failed")
-
-
-def retry_after_seconds(value: str | None, now: float) -> float | None:
-    """A Retry-After header (seconds, or an HTTP date) as seconds from ``now``; None if absent or unreadable."""
-    if value is None:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - now)
+_CONFIG_LIMIT = 4 * 1024 * 1024
 
 
 def created_time(config: bytes) -> float | None:
@@ -185,110 +83,14 @@ class SyncRun:
         self.progress = progress or Progress()
         self._state = JobState()
         self._limit = max(max_manifest_size, 4 * 1024 * 1024)   # as the mirror cache reads them
-        self._result: RunResult | None = None
         self._pins: dict[str, set[Digest]] = {}
-        self.referrers_api = True       # until the upstream shows it has none (registryd.sync.referrers)
         self._looked: set[str] = set()  # images whose creation time this run needed
-        self._heads: dict[tuple[str, str], Digest | None] = {}     # what this run's HEADs found
+        self.upstream = PatientUpstream(self._mirror.client, reactor, job.name, self._limit)
         #: Set by a stopping server: no image is begun any more, and the run ends in RunStopped.
         self.stopping = False
 
-    @property
-    def _client(self) -> Any:
-        return self._mirror.client
-
     def _route(self, remote: str) -> Route:
         return Route(self._mirror.config, remote)
-
-    # --- talking to the upstream ---------------------------------------------------
-
-    async def _sleep(self, seconds: float) -> None:
-        await deferLater(self._reactor, seconds, lambda: None)
-
-    async def _patiently(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
-        """``call()``, waiting out a 429 (its Retry-After, else a doubling backoff) and retrying
-        an unreachable upstream or a 5xx a few times."""
-        wait = BACKOFF
-        for attempt in range(ATTEMPTS):
-            try:
-                return await call()
-            except (UpstreamUnavailable, RegistryError) as e:
-                cause = e if isinstance(e, UpstreamUnavailable) else e.__cause__
-                if not isinstance(cause, UpstreamUnavailable) or attempt == ATTEMPTS - 1:
-                    raise
-                if isinstance(cause, UpstreamThrottled):
-                    assert self._result is not None
-                    self._result.throttled += 1
-                    asked = retry_after_seconds(cause.retry_after, self._reactor.seconds())
-                    delay = min(MAX_WAIT, asked if asked is not None else wait)
-                    log.info("sync {job}: {upstream} asks us to slow down ({what}); waiting {delay:.1f}s",
-                             job=self.job.name, upstream=self.job.upstream, what=what, delay=delay)
-                elif attempt >= 2:
-                    raise
-                else:
-                    delay = wait
-                await self._sleep(delay)
-                wait = min(MAX_WAIT, wait * 2)
-        raise AssertionError("unreachable")
-
-    async def _get(self, path: str, remote: str, headers: dict[str, str], limit: int) -> tuple[int, bytes, Any]:
-        scope = "registry:catalog:*" if path.startswith("/v2/_catalog") else None
-
-        async def once() -> tuple[int, bytes, Any]:
-            response = await self._client.request("GET", path, remote, headers, scope)
-            return response.code, await read_limited(response, limit), response
-        return await self._patiently(f"GET {path}", once)
-
-    async def _paged(self, path: str, remote: str, key: str) -> list[str] | None:
-        """Every name of a paginated list (``Link: <...>; rel="next"``); None if refused (401/403/404)."""
-        names: list[str] = []
-        next_path: str | None = path
-        for _ in range(_MAX_PAGES):
-            if next_path is None:
-                return names
-            code, body, response = await self._get(next_path, remote, {"Accept": "application/json"}, _LIST_LIMIT)
-            if code in (401, 403, 404):
-                return None
-            if code != 200:
-                raise JobFailed(f"{self.job.upstream} answered {code} for {next_path}")
-            try:
-                page = load_json(body).get(key) or []
-            except (ValueError, AttributeError):
-                raise JobFailed(f"{self.job.upstream} sent an unreadable list for {next_path}") from None
-            names.extend(name for name in page if isinstance(name, str))
-            next_path = next_page(response)
-        raise JobFailed(f"{self.job.upstream}: more than {_MAX_PAGES} pages for {path}")
-
-    async def head_manifest(self, remote: str, reference: str) -> Digest | None:
-        """The digest the upstream has for ``reference`` now (a HEAD, once a run), or None when it has none."""
-        key = (remote, reference)
-        if key not in self._heads:
-            self._heads[key] = await self._head_manifest(remote, reference)
-        return self._heads[key]
-
-    async def _head_manifest(self, remote: str, reference: str) -> Digest | None:
-        async def once() -> tuple[int, str]:
-            response = await self._client.request("HEAD", f"/v2/{remote}/manifests/{reference}", remote,
-                                                  {"Accept": ACCEPT})
-            await read_limited(response, 0)
-            found = (response.headers.getRawHeaders(b"docker-content-digest") or [b""])[0].decode("latin-1")
-            return response.code, found
-        code, found = await self._patiently(f"HEAD {remote}:{reference}", once)
-        if code in (401, 403, 404):
-            return None
-        if code != 200:
-            raise ImageFailed(f"HEAD of the manifest answered {code}")
-        if not found:
-            # No digest on the HEAD: the GET's content gives it.
-            status, body, _ = await self._get(f"/v2/{remote}/manifests/{reference}", remote, {"Accept": ACCEPT},
-                                              self._limit)
-            if status != 200:
-                return None
-            return digest_of(body)
-        try:
-            return parse_digest(found)
-        except RegistryError:
-            raise ImageFailed(f"the upstream sent an unusable digest {found[:100]!r}") from None
 
     # --- the store ----------------------------------------------------------------
 
@@ -306,7 +108,7 @@ class SyncRun:
             return stored
         try:
             # Shielded: a stop mid-job must not leave a manifest fetched but not stored (fetched again).
-            cached = await self._patiently(f"manifest {digest}", lambda: shielded(self._cache.fetch_manifest(
+            cached = await self.upstream.patiently(f"manifest {digest}", lambda: shielded(self._cache.fetch_manifest(
                 self._mirror, remote, digest, ACCEPT)))
         except UpstreamUnavailable as e:
             raise ImageFailed(f"manifest {digest}: {e}") from None
@@ -321,7 +123,7 @@ class SyncRun:
         if await self._cache.cached_blob(route, digest):
             return
         try:
-            fill = await self._patiently(f"blob {digest}", lambda: self._cache.fill(route, digest))
+            fill = await self.upstream.patiently(f"blob {digest}", lambda: self._cache.fill(route, digest))
         except RegistryError as e:
             raise ImageFailed(f"blob {digest}: {e.message}") from None
         await fill.ended()
@@ -353,7 +155,7 @@ class SyncRun:
         else:
             await bounded_each(parsed.blobs, lambda blob: self._blob(remote, blob, report), 3)
         if self.job.referrers:
-            for attached in await referrers_of(self, remote, digest, tags):
+            for attached in await referrers_of(self.upstream, remote, digest, tags):
                 await self._copy_tree(remote, attached.digest, report, keeps, tags, depth + 1)
                 if attached.tag is not None:
                     await self._mirror.repositories.touch_tag(remote, attached.tag, attached.digest)
@@ -378,7 +180,7 @@ class SyncRun:
             self._pin(remote, done)
             return report
         try:
-            digest = await self.head_manifest(remote, tag)
+            digest = await self.upstream.head_manifest(remote, tag)
             if digest is None:
                 raise ImageFailed("the upstream no longer has this tag")
             report.digest = str(digest)
@@ -422,7 +224,7 @@ class SyncRun:
         globs = [g for g in self.job.repositories if _is_glob(g.text)]
         names = set(self._upstream_name(name) for name in exact)
         if globs:
-            catalog = await self._paged(f"/v2/_catalog?n={PAGE_SIZE}", "", "repositories")
+            catalog = await self.upstream.catalog()
             if catalog is None:
                 raise JobFailed(f"{self.job.upstream} has no catalog (or refuses it) to expand "
                                 f"{', '.join(g.text for g in globs)}: list those repositories by name")
@@ -433,10 +235,6 @@ class SyncRun:
         if self.job.upstream == "docker.io" and "/" not in name:
             return f"library/{name}"
         return name
-
-    async def tags(self, remote: str) -> list[str] | None:
-        listed = await self._paged(f"/v2/{remote}/tags/list?n={PAGE_SIZE}", remote, "tags")
-        return None if listed is None else sorted(set(listed))
 
     async def choose(self, remote: str, listed: list[str]) -> list[str]:
         """The tags of ``remote`` to copy: selected by the patterns (never a tag-schema referrer tag),
@@ -454,7 +252,7 @@ class SyncRun:
     async def _created(self, remote: str, tag: str) -> float | None:
         """The creation time of the image ``tag`` names (its config's ``created``), remembered by digest."""
         try:
-            digest = await self.head_manifest(remote, tag)
+            digest = await self.upstream.head_manifest(remote, tag)
             if digest is None:
                 return None
             self._looked.add(str(digest))
@@ -472,7 +270,7 @@ class SyncRun:
             stored = await self._store.blobs.read(config, _CONFIG_LIMIT) \
                 if await self._cache.cached_blob(self._route(remote), config) else None
             if stored is None:
-                status, stored, _ = await self._get(f"/v2/{remote}/blobs/{config}", remote, {}, _CONFIG_LIMIT)
+                status, stored, _ = await self.upstream.get(f"/v2/{remote}/blobs/{config}", remote, {}, _CONFIG_LIMIT)
                 if status != 200:
                     return None
             when = created_time(stored)
@@ -495,13 +293,13 @@ class SyncRun:
             self._state.running_since = self._state.running_since if resuming else started
             await save_state(driver, self.job.name, self._state)
         summary = RunSummary(started, started)
-        result = self._result = RunResult(self.job.name, self.dry_run, summary)
+        result = RunResult(self.job.name, self.dry_run, summary)
         try:
             repositories = result.repositories = await self.repositories()
             plan: list[tuple[str, str, set[str]]] = []
             listed_by_repository: dict[str, set[str]] = {}
             for remote in repositories:
-                listed = await self.tags(remote)
+                listed = await self.upstream.tags(remote)
                 if listed is None:
                     summary.errors += 1
                     summary.messages.append(f"{remote}: the upstream has no such repository (or refuses it)")
@@ -543,6 +341,7 @@ class SyncRun:
                 for keeps in tags.values():
                     self._pin(remote, keeps)
         summary.ended = self._reactor.seconds()
+        result.throttled = self.upstream.throttled
         if not self.dry_run:
             await write_pins(driver, self.job.name, self.job.upstream, self._pins)
             self._state.last = summary

@@ -19,14 +19,13 @@ that look for it by tag (cosign) find it there.
 from __future__ import annotations
 
 import re
-from typing import Any
-
 import attrs
 
 from registryd.digest import Digest, parse_digest
 from registryd.errors import RegistryError
 from registryd.json_documents import load_json
 from registryd.mirror.cache import next_page
+from registryd.sync.upstream import PatientUpstream
 
 #: Tags of the tag schema: an index of referrers, or cosign's signature, attestation, SBOM.
 referrer_tags = re.compile(r"^(sha256-[0-9a-f]{64}|sha512-[0-9a-f]{128})(\.(sig|att|sbom))?$")
@@ -43,28 +42,28 @@ class Attached:
     tag: str | None = None
 
 
-async def referrers_of(run: Any, remote: str, subject: Digest, tags: set[str]) -> list[Attached]:
-    """Every manifest attached to ``subject`` in ``remote`` (``run``: the SyncRun asking; ``tags``: the
+async def referrers_of(run: PatientUpstream, remote: str, subject: Digest, tags: set[str]) -> list[Attached]:
+    """Every manifest attached to ``subject`` in ``remote`` (``run``: the run's upstream; ``tags``: the
     repository's upstream tags)."""
     found: dict[Digest, Attached] = {}
-    if getattr(run, "referrers_api", True):
+    if run.referrers_api:
         for digest in await _from_api(run, remote, subject):
             found.setdefault(digest, Attached(digest))
     prefix = f"{subject.algorithm}-{subject.hex}"
     for suffix in _SUFFIXES:
         tag = prefix + suffix
         if tag in tags:
-            digest = await run.head_manifest(remote, tag)
-            if digest is not None and digest != subject:
-                found[digest] = Attached(digest, tag)
+            tagged = await run.head_manifest(remote, tag)
+            if tagged is not None and tagged != subject:
+                found[tagged] = Attached(tagged, tag)
     return list(found.values())
 
 
-async def _from_api(run: Any, remote: str, subject: Digest) -> list[Digest]:
+async def _from_api(run: PatientUpstream, remote: str, subject: Digest) -> list[Digest]:
     digests: list[Digest] = []
     path: str | None = f"/v2/{remote}/referrers/{subject}"
     while path is not None:
-        status, body, response = await run._get(path, remote, {"Accept": _INDEX}, _LIMIT)
+        status, body, response = await run.get(path, remote, {"Accept": _INDEX}, _LIMIT)
         if status != 200:
             run.referrers_api = False    # no such API here: the tag schema only, for the rest of the run
             return digests

@@ -30,7 +30,9 @@ from registryd.metrics import Metrics
 from registryd.mirror.cache import MirrorCache
 from registryd.storage import Store
 from registryd.storage.outage import outage_reason
-from registryd.sync.job import Progress, RunResult, RunStopped, SyncRun
+from registryd.sync.errors import RunStopped
+from registryd.sync.job import SyncRun
+from registryd.sync.report import Progress, RunResult
 from registryd.sync.schedule import LastRun, delay_until_next
 from registryd.sync.state import RunSummary, load_state
 from registryd.sync_settings import SyncJob
