@@ -81,7 +81,7 @@ class Pusher:
         return {"digest": digest, "size": len(data)}
 
     def image(self, tag, layers):
-        config = json.dumps({"architecture": "amd64", "os": "linux", "created": f"2024-01-01T00:00:00Z",
+        config = json.dumps({"architecture": "amd64", "os": "linux", "created": "2024-01-01T00:00:00Z",
                              "rootfs": {"type": "layers", "diff_ids": [d["digest"] for d in layers]},
                              "config": {"Labels": {"tag": tag}}}).encode()
         manifest = json.dumps({

@@ -6,11 +6,9 @@ the ORAS Python SDK. Upstream requests are counted from docker-registry's access
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
-import sys
 import time
 from typing import Any
 
@@ -20,9 +18,9 @@ from twisted.internet.threads import deferToThread
 
 from conftest import VENV_BIN
 from oci_client import Client
-from registryd.config import Config, UpstreamConfig
+from registryd.config import UpstreamConfig
 from registryd.digest import parse_digest
-from registryd.sync_settings import SyncJob, sync_jobs
+from registryd.sync_settings import sync_jobs
 from support.wait import wait_until
 from sync_upstream import TagSpec, build_tags, load_into, push_tags, version_tags
 from terminal import run_with_terminal_stderr
