@@ -6,6 +6,7 @@ the ORAS Python SDK. Upstream requests are counted from docker-registry's access
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -25,7 +26,8 @@ from support.wait import wait_until
 from sync_upstream import TagSpec, build_tags, load_into, push_tags, version_tags
 from terminal import run_with_terminal_stderr
 from fake_upstream import fake_upstream  # noqa: F401
-from upstreams import ReferenceUpstream, client_for, reference_upstream, shared_pki  # noqa: F401
+from upstreams import OCI_INDEX, ReferenceUpstream, client_for, push_manifest, reference_upstream  # noqa: F401
+from upstreams import shared_pki
 from support.ports import free_port
 
 NS = "upstream.test:5000"
@@ -279,14 +281,23 @@ async def test_cosign_style_tags_come_along_from_an_upstream_without_the_referre
                                     "application/vnd.dev.cosign.simplesigning.v1+json", None, str(tmp_path / "oras"))
     sbom = await deferToThread(oras_push, up.host, f"lib/signed:{prefix}.sbom", b'{"spdxVersion": "SPDX-2.3"}',
                                "text/spdx+json", None, str(tmp_path / "oras"))
+    # The distribution spec's fallback: an artifact with a subject, listed by an index tagged sha256-<hex>.
+    image = await manifest_descriptor(up.url, "lib/signed", "v1")
+    attestation = await deferToThread(oras_push, up.host, "lib/signed:attestation", b'{"predicate": {}}',
+                                      "application/vnd.in-toto+json", image, str(tmp_path / "oras"))
+    described = await manifest_descriptor(up.url, "lib/signed", attestation)
+    fallback = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [described]}).encode()
+    await deferToThread(push_manifest, up, "lib/signed", prefix, fallback, OCI_INDEX)
     registry = make_registry(**sync_config(up, job_table(repositories=["lib/signed"], include_tags=[r"v\d+"])))
     document = await run_job(registry, "base")
     assert document["errors"] == 0 and document["images"] == 2, document["messages"]
     # Asked by the images copied at once (concurrency 2) until its first 404, then the tag schema only.
     assert await up.acount("GET", r"/v2/lib/signed/referrers/.*") in (1, 2)
-    assert await mirror_tags(registry, "lib/signed") == sorted([f"{prefix}.sbom", f"{prefix}.sig", "v1", "v2"])
+    assert await mirror_tags(registry, "lib/signed") == sorted([prefix, f"{prefix}.sbom", f"{prefix}.sig", "v1", "v2"])
     up.stop()      # everything is served from the cache now
     client = Client(registry.url)
+    found = (await client.get(f"/v2/{NS}/lib/signed/referrers/{image['digest']}")).json()["manifests"]
+    assert [entry["digest"] for entry in found] == [attestation]
     for tag, digest, payload in ((f"{prefix}.sig", signature, b"a signature"),
                                  (f"{prefix}.sbom", sbom, b'{"spdxVersion": "SPDX-2.3"}')):
         reply = await client.get(f"/v2/{NS}/lib/signed/manifests/{tag}",
