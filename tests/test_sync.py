@@ -442,3 +442,54 @@ async def test_a_platform_filter_copies_only_those_children_of_an_index(referenc
     repositories = registry.service.store.mirror_repositories(NS)
     assert str(await repositories.resolve_tag("lib/multi", "v1")) == index["digest"]
     assert await repositories.has_blob("lib/multi", parse_digest(arm64["layers"][0]["digest"]))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_job_killed_mid_run_resumes_after_the_restart(seeded: dict[str, Any], reference_upstream: Any,
+                                                               tmp_path: Any) -> None:
+    """A crash (SIGKILL), not a stop: the state written after each image is all there is."""
+    import signal
+
+    from conftest import start_twistd, stop_process
+
+    up = reference_upstream("open")
+    load_into(up, seeded["data"])
+    config = str(tmp_path / "registryd.toml")
+    with open(config, "w") as f:
+        f.write(f'[[upstream]]\nnamespace = "{NS}"\nurl = "{up.url}"\n'
+                f'[[sync]]\nname = "base"\nupstream = "{NS}"\nrepositories = ["lib/builds"]\nconcurrency = 1\n')
+    data_dir = str(tmp_path / "data")
+    state = os.path.join(data_dir, "_registryd", "sync", "base", "state.json")
+
+    def done() -> int:
+        try:
+            with open(state) as f:
+                return len(json.load(f)["done"])
+        except (OSError, ValueError):
+            return 0
+
+    process, _ = await deferToThread(start_twistd, data_dir, "--config", config)
+    try:
+        await wait_until(lambda: done() >= 8, 30, "8 images synced")
+    finally:
+        process.send_signal(signal.SIGKILL)
+        await deferToThread(process.wait)
+    killed_at = done()
+    assert 8 <= killed_at < 32
+    process, running = await deferToThread(start_twistd, data_dir, "--config", config)
+    try:
+        await wait_until(lambda: os.path.exists(state) and json.load(open(state))["last"] is not None, 30,
+                         "the resumed run to end")
+        with open(state) as f:
+            last = json.load(f)["last"]
+        # The images done before the kill are not copied again (the one under way may have been whole).
+        assert last["errors"] == 0 and 32 - killed_at - 1 <= last["images"] <= 32 - killed_at
+    finally:
+        await deferToThread(stop_process, process)
+    entries = await deferToThread(up.requests, 0.1)
+    gets = [e.path for e in entries if e.method == "GET" and re.search(r"/(blobs|manifests)/sha256:", e.path)]
+    twice = {g for g in gets if gets.count(g) > 1}
+    # Only what the image under way when it was killed had fetched (its manifest, config, layer) comes again.
+    assert len(twice) <= 3, twice
+    heads = [e.path for e in entries if e.method == "HEAD" and "/manifests/" in e.path]
+    assert len(set(heads)) == 32 and len(heads) - 32 <= 1, len(heads)
