@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_preload_command(commands)
     add_export_command(commands)
     add_import_command(commands)
+    add_sync_command(commands)
     return parser
 
 
@@ -191,6 +192,12 @@ def add_import_command(commands: Any) -> None:
     from registryd.admin import import_layout
 
     _add_admin_command(commands, "import", import_layout)
+
+
+def add_sync_command(commands: Any) -> None:
+    from registryd.admin import sync
+
+    _add_admin_command(commands, "sync", sync)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -46,6 +46,8 @@ from registryd.schema import (
 )
 from registryd.secrets import Secret, in_file, reveal
 from registryd.storage.s3.settings import S3Settings
+from registryd.sync_settings import SyncJob, check_sync_upstreams
+from registryd.sync_settings import sync_jobs as _sync_jobs
 
 def default_data_dir() -> str:
     """Where data lives when neither the file nor the command line says.
@@ -167,6 +169,7 @@ class UpstreamConfig:
     idle_timeout: int = setting(60, int, positive, "seconds without a byte")
     user_agent: str = setting(f"registryd/{__version__}", str, doc="sent with every request")
     offline: bool = setting(False, bool, doc="serve from the cache only")
+    sync_jobs: int = setting(1, int, positive, "its [[sync]] jobs that run at once")
     # Hosts besides the upstream's own that it may send registryd to: blob
     # redirects (object storage, CDNs) and its token realm. "host", "host:port"
     # or "*.domain"; a well-known upstream's own list when unset.
@@ -409,6 +412,7 @@ class Config:
     access: tuple[AccessRule, ...] = _top((), object, _access, "[[access]] tables")
     storage: StorageSettings = _top(kind=object, check=_storage, doc="[storage]", factory=StorageSettings)
     retention: tuple[RetentionRule, ...] = _top((), object, parse_retention_rules, "[[retention]] tables")
+    syncs: tuple[SyncJob, ...] = _top((), list, _sync_jobs, "[[sync]] tables", name="sync")
 
     def secrets(self) -> Iterator[str | Secret | None]:
         """Every credential the server uses: each upstream's login, the object store's keys."""
@@ -428,6 +432,7 @@ TABLES: dict[str, tuple[type, str | None]] = {
     "storage": (StorageSettings, None),
     "storage.s3": (S3Settings, None),
     "retention": (RetentionRule, None),
+    "sync": (SyncJob, None),
 }
 
 
@@ -462,6 +467,7 @@ def parse_settings(document: Mapping[str, Any]) -> dict[str, Any]:
         if name in document:
             settings.update(read_table(Config, document[name], name, section=name))
     _check_local_prefixes(settings)
+    check_sync_upstreams(settings.get("syncs", ()), {u.namespace for u in settings.get("upstreams", ())})
     return settings
 
 

@@ -21,6 +21,7 @@ from registryd.config import Config
 from registryd.storage import open_store
 from registryd.storage.interface import Store, StoreUnusable
 from registryd.storage.outage import outage_reason
+from registryd.sync.scheduler import SyncScheduler
 from registryd.threads import BlockingPool, BoundedPool
 from registryd.upkeep.scheduler import Upkeep
 from registryd.web.app import RegistryAPI
@@ -84,6 +85,8 @@ class RegistryService(MultiService):
         self.site = RegistrySite(self.api, reactor)
         self.probe_site: RegistrySite | None = None
         self.upkeep = self.api.upkeep = Upkeep(self.store, config, self.api.metrics, reactor)
+        self.sync = self.api.sync = SyncScheduler(config, self.api.mirror, self.store, self.api.metrics, reactor)
+        self.api.status.sections.append(self.sync.render_section)
         self.ports: list[IListeningPort] = []
         self.tls_contexts: list[ServerTLSContext] = []
         self._reaper = LoopingCall(lambda: Deferred.fromCoroutine(self._reap_uploads()))
@@ -186,6 +189,7 @@ class RegistryService(MultiService):
             lambda f: log.failure("upload reaper stopped", f)
         )
         self.upkeep.start()
+        self.sync.start()
         log.info("registryd serving {location}", location=self.store.location(), data_dir=self.config.data_dir)
 
     async def _reap_uploads(self) -> None:
@@ -214,6 +218,7 @@ class RegistryService(MultiService):
             self._reaper.stop()
         self.upkeep.stop()
         d = self._close_ports()
+        d.addBoth(lambda _: self.sync.stop(self.config.shutdown_timeout))
         d.addBoth(lambda _: self.site.drain(self.config.shutdown_timeout))
         d.addBoth(lambda _: Deferred.fromCoroutine(self.api.mirror.settle_fills(self.config.shutdown_timeout)))
         d.addBoth(lambda _: self.api.mirror.close())

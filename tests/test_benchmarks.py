@@ -5,6 +5,7 @@ a script exits non-zero when any figure could not be measured for both.
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -25,6 +26,17 @@ def test_benchmark_quick_mode_measures_everything(script: str, tmp_path) -> None
         capture_output=True, text=True, timeout=240, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert (tmp_path / "r.json").exists()
+
+
+def test_sync_benchmark_quick_mode_measures_everything(tmp_path) -> None:
+    """bench_sync.py: a registryd [[sync]] job and skopeo sync of the same tags, both measured."""
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "bench_sync.py"), "--quick", "--output",
+         str(tmp_path / "r.json")],
+        capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    figures = json.loads((tmp_path / "r.json").read_text())
+    assert figures["registryd"]["cold_upstream_requests"] > 0 and figures["skopeo"]["cold_upstream_requests"] > 0
 
 
 def test_s3_benchmark_quick_mode_measures_everything(ceph_s3: Any, tmp_path) -> None:

@@ -121,6 +121,7 @@ def _run_remote(args: argparse.Namespace) -> dict[str, Any]:
 def _run_local(args: argparse.Namespace) -> dict[str, Any]:
     """Prune the configured store in this process, as a server does for POST /admin/prune."""
     from registryd.upkeep.online_prune import MIN_MANIFEST_LIMIT, OnlinePruner, PruneSelection
+    from registryd.upkeep.pins import read_pins
 
     config = load_admin_config(args)
     namespaces = mirror_namespaces(config)
@@ -133,7 +134,8 @@ def _run_local(args: argparse.Namespace) -> dict[str, Any]:
             # Every upstream folder in the store, configured or not (as `registryd ls` lists them).
             mirrors = {namespace_of(folder, namespaces): store.mirror_repositories(folder)
                        for folder in await store.mirror_folders()}
-            return await OnlinePruner(mirrors, store.blobs, store.location(), limit).run(selection)
+            pinned = await read_pins(store.objects, [job.name for job in config.syncs])
+            return await OnlinePruner(mirrors, store.blobs, store.location(), limit, pinned=pinned).run(selection)
 
     log_problems_to_stderr()
     return run_with_store(config, main)

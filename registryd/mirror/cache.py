@@ -42,7 +42,7 @@ _TAG_LIST_LIMIT = 16 * 1024 * 1024
 _LINK_NEXT = re.compile(r'<([^>]+)>\s*;\s*rel="?next"?')
 
 
-def _next_page(response: Any) -> str | None:
+def next_page(response: Any) -> str | None:
     """The path of the next page from a ``Link`` header, kept on the same upstream."""
     for value in response.headers.getRawHeaders(b"link", []):
         match = _LINK_NEXT.search(value.decode("latin-1"))
@@ -272,6 +272,11 @@ class MirrorCache:
                      tag=reference, error=str(e))
             return attrs.evolve(hit[0], stale=True)
 
+    async def fetch_manifest(self, mirror: Mirror, remote: str, digest: Digest, accept: str | None = None
+                             ) -> CachedManifest:
+        """GET the manifest ``digest`` from the upstream and store it as a pull by digest would (a sync)."""
+        return await self._fetch_manifest(mirror, remote, str(digest), accept, None)
+
     async def _fetch_manifest(self, mirror: Mirror, remote: str, reference: str, accept: str | None,
                               cached: CachedManifest | None) -> CachedManifest:
         path = f"/v2/{remote}/manifests/{reference}"
@@ -355,7 +360,7 @@ class MirrorCache:
                 if not isinstance(page, list):
                     raise ValueError("the tag list is not a list")
                 tags.extend(tag for tag in page if isinstance(tag, str) and is_tag(tag))
-                path = _next_page(response)
+                path = next_page(response)
         except (UpstreamUnavailable, ValueError, AttributeError) as e:
             self._upstream_failed(route.upstream.namespace, str(e))
             if cached is None:
@@ -460,7 +465,11 @@ class MirrorCache:
             self._forget_fill(key, fill)
             if isinstance(e, UpstreamUnavailable):
                 self._upstream_failed(mirror.config.namespace, str(e))
-            fill.start_error = e if isinstance(e, RegistryError) else unavailable(mirror.config, str(e))
+            if isinstance(e, RegistryError):
+                fill.start_error = e
+            else:
+                fill.start_error = unavailable(mirror.config, str(e))
+                fill.start_error.__cause__ = e   # a sync backs off on a 429 (UpstreamThrottled)
         except Exception as e:
             log.failure("starting the upstream transfer of {digest} failed", digest=str(fill.digest))
             self._forget_fill(key, fill)

@@ -55,6 +55,14 @@ class UpstreamUnavailable(Exception):
     """
 
 
+class UpstreamThrottled(UpstreamUnavailable):
+    """The upstream answered 429: ``retry_after`` is its Retry-After, as it sent it (or None)."""
+
+    def __init__(self, message: str, retry_after: str | None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class _PlatformAndBundle(ssl.OpenSSLDefaultPaths):
     """The platform's CAs and the upstream's bundle: a host an upstream sends
     registryd to may be public (a CDN) or internal (object storage)."""
@@ -169,13 +177,16 @@ class UpstreamClient:
                 timer.cancel()
 
     async def request(self, method: str, path: str, repository: str,
-                      headers: dict[str, str] | None = None) -> IResponse:
+                      headers: dict[str, str] | None = None, scope: str | None = None) -> IResponse:
         """Send ``method path`` for ``repository``; the body is the caller's to read.
+
+        ``scope``: the token scope to ask for instead of the repository's pull
+        (``registry:catalog:*`` for the catalog a sync job expands globs with).
 
         A blob's redirects are followed (see ``_follow``); any other redirect,
         network failures, 5xx and 429 raise UpstreamUnavailable.
         """
-        scope = f"repository:{repository}:pull"
+        scope = scope or f"repository:{repository}:pull"
         url = self.config.url + path
         base = {"User-Agent": self.config.user_agent, **(headers or {})}
         response = await self._send(method, url, self._with_auth(base, scope))
@@ -187,7 +198,12 @@ class UpstreamClient:
                 response = await self._send(method, url, self._with_auth(base, scope))
         if response.code in _REDIRECT_CODES:
             response = await self._follow(method, path, url, response, base)
-        if response.code >= 500 or response.code == 429:
+        if response.code == 429:
+            await _discard(response)
+            retry_after = (response.headers.getRawHeaders(b"retry-after") or [None])[0]
+            raise UpstreamThrottled(f"{self.config.namespace} answered 429 for {path}",
+                                    retry_after.decode("latin-1") if retry_after is not None else None)
+        if response.code >= 500:
             await _discard(response)
             raise UpstreamUnavailable(f"{self.config.namespace} answered {response.code} for {path}")
         return response

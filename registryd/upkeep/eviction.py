@@ -96,7 +96,7 @@ def plan_eviction(survey: Survey, max_size: int) -> EvictionPlan:
             plan.manifests.append(unit)
         for digest in keeps:
             holders[digest] -= 1
-            if holders[digest] == 0 and digest in evictable and digest not in plan.blobs:
+            if holders[digest] == 0 and digest in evictable and digest not in survey.pinned and digest not in plan.blobs:
                 plan.blobs[digest] = survey.blob_sizes[digest]
                 size -= survey.blob_sizes[digest]
     plan.size_after = size

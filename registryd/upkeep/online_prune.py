@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable, Mapping
+from typing import AbstractSet, Any, Callable, Mapping
 
 import attrs
 
@@ -34,6 +34,7 @@ from registryd.storage import Store
 from registryd.storage.interface import BlobBackend, RepositoryBackend
 from registryd.storage import layout
 from registryd.upkeep.collector import referenced_digests
+from registryd.upkeep.pins import Pin
 
 #: MirrorCache reads cached manifests up to at least this much, whatever max_manifest_size says.
 MIN_MANIFEST_LIMIT = 4 * 1024 * 1024
@@ -97,6 +98,8 @@ class _Repository:
     dry_run: bool
     removed: list[dict[str, Any]]
     contents: dict[Digest, bytes | None] = attrs.field(factory=dict)
+    #: Manifests a [[sync]] job lists (upkeep.pins): kept, with the tags pointing at them.
+    pinned: frozenset[Digest] = frozenset()
 
     def _old(self, written: float | None, digest: Digest | None, pulls: dict[Digest, float]) -> bool:
         """Written before the older_than cutoff, and neither written nor pulled since unused_for's."""
@@ -120,7 +123,8 @@ class _Repository:
         revisions = await self.backend.revisions(self.remote)
         pulls = await self._pulls()
         todo = await self._prune_tags(pulls)
-        todo += [digest for digest, written in revisions.items() if not self._old(written, digest, pulls)]
+        todo += [digest for digest, written in revisions.items()
+                 if digest in self.pinned or not self._old(written, digest, pulls)]
         keep: set[Digest] = set()
         while todo:
             digest = todo.pop()
@@ -138,7 +142,7 @@ class _Repository:
         old: list[tuple[str, Digest | None]] = []
         for tag in await self.backend.tags(self.remote) or []:
             digest = await self._resolve(tag)
-            if self._old(await self.backend.tag_mtime(self.remote, tag), digest, pulls):
+            if digest not in self.pinned and self._old(await self.backend.tag_mtime(self.remote, tag), digest, pulls):
                 old.append((tag, digest))
             elif digest is not None:
                 kept.append(digest)
@@ -212,7 +216,8 @@ class OnlinePruner:
     """Prunes the mirror cache of a running server: one backend per upstream namespace."""
 
     def __init__(self, mirrors: Mapping[str, RepositoryBackend], blobs: BlobBackend, where: str,
-                 manifest_limit: int, clock: Clock = time.time) -> None:
+                 manifest_limit: int, clock: Clock = time.time, pinned: AbstractSet[Pin] = frozenset()) -> None:
+        self._pinned = pinned
         self._mirrors = mirrors
         self._blobs = blobs
         self._where = where
@@ -236,7 +241,9 @@ class OnlinePruner:
                 matched += 1
                 await _Repository(backend=backend, blobs=self._blobs, manifest_limit=self._limit, name=name,
                                   remote=remote, path=f"{layout.repositories_root(namespace)}{remote}/", cutoff=cutoff,
-                                  unused_cutoff=unused_cutoff, dry_run=selection.dry_run, removed=removed).prune()
+                                  unused_cutoff=unused_cutoff, dry_run=selection.dry_run, removed=removed,
+                                  pinned=frozenset(d for n, r, d in self._pinned if (n, r) == (namespace, remote))
+                                  ).prune()
         counts = {kind: sum(1 for entry in removed if entry["kind"] == kind)
                   for kind in ("tag", "manifest", "referrer")}
         return {"data_dir": self._where, "dry_run": selection.dry_run, "older_than": selection.older_than,
@@ -245,7 +252,7 @@ class OnlinePruner:
 
 
 def server_pruner(cache: MirrorCache, store: Store, manifest_limit: int,
-                  clock: Clock = time.time) -> OnlinePruner:
+                  clock: Clock = time.time, pinned: AbstractSet[Pin] = frozenset()) -> OnlinePruner:
     """The pruner of a server's mirror cache; its report names the store as gc's does.
 
     ``manifest_limit`` is ``max_manifest_size``: nothing larger was cached, and
@@ -253,4 +260,4 @@ def server_pruner(cache: MirrorCache, store: Store, manifest_limit: int,
     """
     where = store.objects.location
     mirrors = {namespace: mirror.repositories for namespace, mirror in cache.mirrors.items()}
-    return OnlinePruner(mirrors, store.blobs, where, max(manifest_limit, MIN_MANIFEST_LIMIT), clock)
+    return OnlinePruner(mirrors, store.blobs, where, max(manifest_limit, MIN_MANIFEST_LIMIT), clock, pinned)

@@ -26,6 +26,7 @@ from registryd.metrics import Metrics
 from registryd.storage import Store, layout
 from registryd.upkeep.collector import Collection, Collector
 from registryd.storage.outage import STORE_ERRORS, outage_reason
+from registryd.upkeep.pins import read_pins
 from registryd.upkeep.eviction import Eviction, EvictionPlan, evict, plan_eviction
 from registryd.upkeep.retention_runs import RetentionRuns
 from registryd.upkeep.survey import Documents, Survey, take_survey
@@ -66,6 +67,7 @@ class Upkeep:
         self._reactor = reactor
         # Folder under mirror/ -> namespace: how the survey names mirrored repositories.
         self._namespaces = layout.namespace_folders(u.namespace for u in config.upstreams)
+        self._sync_jobs = [job.name for job in config.syncs]     # whose pins eviction spares
         self._lock = DeferredLock()
         self.last_size: StoreSize | None = None
         self._documents = Documents()     # S3: what each manifest names, kept between surveys
@@ -155,7 +157,8 @@ class Upkeep:
         driver = self._store.objects
         await self._lock.acquire()
         try:
-            survey = await take_survey(driver, self._namespaces, self._documents)
+            survey = await take_survey(driver, self._namespaces, self._documents,
+                                       pinned=await read_pins(driver, self._sync_jobs))
             self._measured(survey)
             plan = plan_eviction(survey, limit) if limit else EvictionPlan()
             if not (plan.manifests or plan.blobs):

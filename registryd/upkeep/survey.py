@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Callable, Mapping
+from typing import AbstractSet, Callable, Mapping
 
 import attrs
 from twisted.logger import Logger
@@ -39,6 +39,7 @@ from registryd.storage.layout import (
 )
 from registryd.storage.listing import list_blobs
 from registryd.storage.scan import digest_or_none
+from registryd.upkeep.pins import Pin
 from registryd.upkeep.marker import (
     CONCURRENCY, TrashEntry, list_trash, read_document, referenced_digests, repository_entries,
 )
@@ -96,6 +97,8 @@ class Survey:
     local: set[Digest] = attrs.field(factory=set)        # never evicted
     manifests: list[MirrorManifest] = attrs.field(factory=list)
     links: list[MirrorLink] = attrs.field(factory=list)
+    #: What the manifests a [[sync]] job lists keep (upkeep.pins): mirror content, never evicted.
+    pinned: set[Digest] = attrs.field(factory=set)
 
     @property
     def total_bytes(self) -> int:
@@ -103,7 +106,7 @@ class Survey:
 
     def mirror_only(self) -> set[Digest]:
         """Stored blobs that only mirror content keeps: what eviction may free."""
-        held = {d for m in self.manifests for d in m.keeps} | {link.digest for link in self.links}
+        held = {d for m in self.manifests for d in m.keeps} | {link.digest for link in self.links} | self.pinned
         return {d for d in held - self.local if d in self.blob_sizes}
 
     @property
@@ -213,21 +216,22 @@ async def list_repositories(driver: Driver, namespaces: Mapping[str, str]) -> di
 
 
 async def take_survey(driver: Driver, namespaces: Mapping[str, str], documents: Documents | None = None,
-                      clock: Callable[[], float] = time.time) -> Survey:
+                      clock: Callable[[], float] = time.time, pinned: AbstractSet[Pin] = frozenset()) -> Survey:
     """The survey of the store ``driver`` holds (``namespaces``: mirror folder -> namespace).
 
+    ``pinned``: the manifests [[sync]] jobs list (upkeep.pins), kept out of eviction.
     Whole in one worker thread over the driver's threaded twin, if it has one.
     """
     twin = driver.threaded()
     if twin is None:
-        return await _take_survey(driver, namespaces, documents or Documents(), clock)
+        return await _take_survey(driver, namespaces, documents or Documents(), clock, pinned)
     blocking, pool = twin
     known = documents or Documents()
-    return await pool.run(lambda: finish(_take_survey(blocking, namespaces, known, clock)))
+    return await pool.run(lambda: finish(_take_survey(blocking, namespaces, known, clock, pinned)))
 
 
 async def _take_survey(driver: Driver, namespaces: Mapping[str, str], documents: Documents,
-                       clock: Callable[[], float]) -> Survey:
+                       clock: Callable[[], float], pinned: AbstractSet[Pin] = frozenset()) -> Survey:
     survey = Survey(taken_at=clock())
     survey.blob_sizes = {digest: blob.size for digest, blob in (await list_blobs(driver)).items()}
     repositories = await list_repositories(driver, namespaces)
@@ -244,6 +248,9 @@ async def _take_survey(driver: Driver, namespaces: Mapping[str, str], documents:
                 survey.local.update(document.keeps)
                 continue
             named.update(document.keeps)
+            if (repository.upstream, repository.remote, digest) in pinned:
+                survey.pinned.update(document.keeps)
+                continue
             survey.manifests.append(MirrorManifest(repository, digest, max(written, listed.pulls.get(digest, 0.0)),
                                                    document.keeps, document.subject))
         for digest, written in listed.links.items():

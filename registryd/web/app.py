@@ -56,7 +56,9 @@ from registryd.storage.outage import outage_reason
 from registryd.storage.pulls import PullRecorder
 from registryd.storage.uploads import Upload
 from registryd.upkeep.online_prune import PruneSelection, server_pruner
+from registryd.upkeep.pins import read_pins
 from registryd.upkeep.scheduler import Upkeep
+from registryd.sync.scheduler import JobPaused, SyncScheduler
 from registryd.web.replies import (
     BODY_HEADERS,
     Utf8Paths,
@@ -128,6 +130,7 @@ class RegistryAPI:
         self.status = StatusBoard(store, config, self.mirror)
         self.pulls = PullRecorder()
         self.upkeep: Upkeep | None = None   # set by RegistryService: online gc and surveys
+        self.sync: SyncScheduler | None = None   # set by RegistryService: the [[sync]] jobs
         self._readiness_logged: str | None = None   # the last /readyz problem written to the log
         self.warnings = RateLimitedLog(reactor.seconds)
         self.body_budget = BodyBudget(config.max_pending_body_bytes, self.warnings)
@@ -459,7 +462,8 @@ class RegistryAPI:
                                                   query_args(request, "pattern"), query_arg(request, "dry_run"))
         except ValueError as e:
             raise unsupported(str(e), 400) from None
-        pruner = server_pruner(self.mirror, self.store, self.config.max_manifest_size, self._reactor.seconds)
+        pinned = await read_pins(self.store.objects, [job.name for job in self.config.syncs])
+        pruner = server_pruner(self.mirror, self.store, self.config.max_manifest_size, self._reactor.seconds, pinned)
         return respond_json(request, 200, await pruner.run(selection))
 
     @app.route("/admin/retention", methods=["POST"])
@@ -477,6 +481,37 @@ class RegistryAPI:
         except Exception:
             raise RegistryError(500, "UNKNOWN", "the retention run failed; the server log says why") from None
         return respond_json(request, 200, report)
+    @app.route("/admin/sync", methods=["POST"])
+    async def run_sync(self, request: RegistryRequest) -> bytes:
+        """Run a [[sync]] job now (``registryd sync --now JOB --url``), for admin users: ``?job=NAME``,
+        ``?dry_run=1`` only lists what would be copied. Answers with the run's report once it ends
+        (joining the run already under way, if any)."""
+        self._refuse_cross_site(request)
+        await self._admin(request, "sync runs")
+        scheduler, name = self._sync_job(request)
+        try:
+            result = await scheduler.run_now(name, dry_run=query_arg(request, "dry_run") in ("1", "true"))
+        except JobPaused as e:
+            raise RegistryError(409, "DENIED", str(e)) from None
+        return respond_json(request, 200, result.as_json())
+
+    @app.route("/admin/sync", methods=["GET"])
+    async def sync_status(self, request: RegistryRequest) -> bytes:
+        """The [[sync]] jobs' state and progress (``?job=NAME``: that one), for admin users."""
+        await self._admin(request, "sync status")
+        if query_arg(request, "job") is None:
+            jobs = sorted(self.sync.slots) if self.sync is not None else []
+            return respond_json(request, 200, {"jobs": [self.sync.status(n) for n in jobs] if self.sync else []})
+        scheduler, name = self._sync_job(request)
+        return respond_json(request, 200, scheduler.status(name))
+
+    def _sync_job(self, request: RegistryRequest) -> tuple[SyncScheduler, str]:
+        name = query_arg(request, "job")
+        if name is None:
+            raise unsupported("give job=NAME (a [[sync]] job of the config)", 400)
+        if self.sync is None or name not in self.sync.slots:
+            raise unsupported(f"no [[sync]] job is named {name[:100]!r}", 400)    # the command's exit 2
+        return self.sync, name
 
     @app.route("/", methods=["GET", "HEAD"])
     async def status_page(self, request: RegistryRequest) -> bytes:

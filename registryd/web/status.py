@@ -83,6 +83,8 @@ class StatusBoard:
         self._usage: StoreUsage | None = None
         self._measure: Coalescer[StoreUsage | None] = Coalescer()
         mirror.error_listeners.append(self.upstream_failed)
+        #: More sections, each HTML for the time given (the server's sync jobs).
+        self.sections: list[Callable[[float], str]] = []
 
     # --- feeding -------------------------------------------------------------
 
@@ -288,6 +290,8 @@ def render_page(board: StatusBoard, usage: StoreUsage | None, space: tuple[int, 
     body = f'<ul class="cards">{"".join(items)}</ul>' if items else \
         '<p class="muted">No upstreams configured: this registry serves local content only.</p>'
     parts.append(f'<section id="upstreams"><h2>Upstream health</h2>{body}</section>')
+
+    parts.extend(section(now) for section in board.sections)   # sync jobs, ...
 
     # Recent errors: stacked cards rather than a table, to stay readable on a phone.
     items = []
