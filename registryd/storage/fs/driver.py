@@ -26,6 +26,7 @@ import uuid
 from typing import AsyncIterator, BinaryIO, Callable, Iterator, Sequence
 
 from registryd.storage.driver import Entry, Pool, check_key, too_large
+from registryd.storage.fs.appendable import FileAppendable
 from registryd.storage.files import fsync_dir_if_there, make_dirs, remove_file, rename_into
 from registryd.threads import InlinePool
 
@@ -331,3 +332,9 @@ class FsDriver:
 
     def threaded(self) -> tuple[FsDriver, Pool] | None:
         return FsDriver(self.root, InlinePool(), self.tmp_dir), self._pool
+
+    # -- appendable values: upload sessions ----------------------------------------
+
+    def appendable(self, spool_dir: str, pool: Pool) -> FileAppendable:
+        """Bodies appended to one file per session, renamed into place on commit (no spool)."""
+        return FileAppendable(self.path, self._pool)

@@ -14,6 +14,7 @@ from typing import AsyncIterator, Callable, Sequence
 
 from registryd.storage.driver import Entry, Pool, check_key
 from registryd.storage.sink import Sink
+from registryd.storage.s3.appendable import S3Appendable
 from registryd.storage.s3.client import S3Client
 from registryd.storage.s3.documents import ObjectEntry
 from registryd.storage.s3.errors import S3Error, S3Unavailable
@@ -164,3 +165,9 @@ class S3Driver:
 
     def threaded(self) -> tuple[S3Driver, Pool] | None:
         return None
+
+    # -- appendable values: upload sessions ----------------------------------------
+
+    def appendable(self, spool_dir: str, pool: Pool) -> S3Appendable:
+        """Bodies spooled in ``spool_dir``, then parts and a tail recorded in the session's state."""
+        return S3Appendable(self.client, spool_dir, self.client.settings.part_size, pool)
