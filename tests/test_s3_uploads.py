@@ -26,7 +26,7 @@ from registryd.storage.s3 import Part, S3Client, S3Error, S3Unavailable
 from registryd.storage.s3.appendable import Record, S3Appendable, data_key
 from registryd.storage.s3.blobs import S3BlobStore
 from registryd.storage.s3.driver import S3Driver
-from registryd.storage.uploads import SessionState, Upload as S3Upload, UploadStore as S3UploadStore, state_key
+from registryd.storage.uploads import SessionState, Upload, UploadStore, state_key
 from registryd.threads import BlockingPool, InlinePool
 
 MiB = 1024 * 1024
@@ -41,9 +41,9 @@ def two_clients(s3: S3Client, node_b: S3Client) -> tuple[S3Client, S3Client]:
     return s3, node_b
 
 
-def node(client: S3Client, tmp_path: Any, name: str = "a", **overrides: Any) -> S3UploadStore:
+def node(client: S3Client, tmp_path: Any, name: str = "a", **overrides: Any) -> UploadStore:
     data = S3Appendable(client, str(tmp_path / f"spool-{name}"), PART, overrides.pop("pool", InlinePool()))
-    return S3UploadStore(S3Driver(client), data, S3BlobStore(client, overrides.pop("guard", BlobGuard())),
+    return UploadStore(S3Driver(client), data, S3BlobStore(client, overrides.pop("guard", BlobGuard())),
                          **overrides)
 
 
@@ -66,13 +66,13 @@ def feed(writer: Any, data: bytes) -> None:
         writer.write(data[i:i + PIECE])
 
 
-async def patch(store: S3UploadStore, upload: S3Upload, data: bytes, start: int | None = None) -> None:
+async def patch(store: UploadStore, upload: Upload, data: bytes, start: int | None = None) -> None:
     writer = store.open_writer(upload, upload.size if start is None else start, None)
     feed(writer, data)
     await store.acknowledge(writer)
 
 
-async def finish(store: S3UploadStore, upload: S3Upload, data: bytes, digest: Digest) -> None:
+async def finish(store: UploadStore, upload: Upload, data: bytes, digest: Digest) -> None:
     writer = store.open_writer(upload, None, digest.algorithm)
     feed(writer, data)
     await store.commit(writer, digest)
@@ -110,7 +110,7 @@ def downloads(client: S3Client) -> list[str]:
     return seen
 
 
-async def assert_session_gone(client: S3Client, store: S3UploadStore, upload: S3Upload) -> None:
+async def assert_session_gone(client: S3Client, store: UploadStore, upload: Upload) -> None:
     assert await keys(client, layout.UPLOADS) == []
     assert await multiparts(client) == []
     with pytest.raises(RegistryError) as caught:
