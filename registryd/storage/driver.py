@@ -23,6 +23,8 @@ each to it):
 - A missing key is not an error: ``stat``/``read`` return None, ``delete``
   and ``move`` return False. Failures of the store itself raise (OSError on
   disk, S3Error/S3Unavailable on S3).
+- Upload sessions are built body by body through ``appendable`` (see
+  Appendable), each driver its own way, with the same contract.
 """
 from __future__ import annotations
 
