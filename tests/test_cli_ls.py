@@ -412,7 +412,7 @@ async def test_s3_json_lists_the_bucket(s3_template: Filled, template: Filled, t
     blobs = _blob_objects(before)
     assert document["store"]["blobs"] == len(blobs) > len(sizes)
     assert document["store"]["size"] == sum(blobs.values())
-    # ls only reads: not one object written, and no local file (S3UploadStore makes its spool folder).
+    # ls only reads: not one object written, and no local file (S3Appendable makes its spool folder).
     assert await bucket_objects(s3_template.bucket) == before
     assert files_under(str(tmp_path / "node-data")) == {}
 

@@ -5,7 +5,10 @@ below runs once per driver with the same assertions.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
+import random
 import time
 from typing import Any, AsyncIterator
 
@@ -15,13 +18,14 @@ from twisted.internet import reactor
 from twisted.internet.defer import CancelledError
 from twisted.internet.task import deferLater
 
-from registryd.storage.driver import Driver, Entry, TooLarge, finish
+from registryd.storage.driver import Appendable, BodySpool, Driver, Entry, TooLarge, finish
 from registryd.storage.fs.driver import FsDriver
 from registryd.storage.memory import MemoryDriver
 from registryd.storage.s3.driver import S3Driver
-from registryd.threads import BlockingPool
+from registryd.threads import BlockingPool, InlinePool
 from s3_helpers import PausingSink
 
+MiB = 1024 * 1024
 DRIVERS = ["filesystem", "memory", pytest.param("s3", marks=pytest.mark.s3)]
 
 
@@ -35,7 +39,8 @@ async def driver(request: Any, tmp_path: Any) -> AsyncIterator[Driver]:
     elif request.param == "memory":
         yield MemoryDriver()
     else:
-        client = await request.getfixturevalue("ceph_s3").new_bucket(prefix="site/")
+        # The smallest parts S3 takes: a few MiB of appended bodies make parts and a tail.
+        client = await request.getfixturevalue("ceph_s3").new_bucket(prefix="site/", part_size=5 * MiB)
         yield S3Driver(client)
         await client.close()
 
@@ -453,3 +458,145 @@ def test_the_memory_driver_stamps_writes_with_its_clock() -> None:
 
 async def _all(driver: Driver) -> list[Entry]:
     return [entry async for entry in driver.list("")]
+
+
+# -- appendable values: upload sessions (registryd.storage.uploads) ---------------------------
+
+def appendable(driver: Driver, tmp_path: Any) -> Appendable:
+    return driver.appendable(str(tmp_path / "spool"), InlinePool())
+
+
+def another_node(driver: Driver, tmp_path: Any) -> Appendable:
+    """The same store seen by another instance: a restarted process, another node on the bucket."""
+    if isinstance(driver, FsDriver):
+        return FsDriver(driver.root, InlinePool()).appendable(str(tmp_path / "spool-b"), InlinePool())
+    if isinstance(driver, S3Driver):
+        return S3Driver(driver.client).appendable(str(tmp_path / "spool-b"), InlinePool())
+    return driver.appendable(str(tmp_path / "spool-b"), InlinePool())   # memory is one process's
+
+
+def spooled(data: Appendable, prefix: str, size: int, body: bytes) -> BodySpool:
+    spool = data.spool(prefix, size)
+    for start in range(0, len(body), 64 * 1024):
+        spool.write(body[start:start + 64 * 1024])
+    return spool
+
+
+async def append(data: Appendable, prefix: str, record: dict[str, Any], size: int,
+                 body: bytes) -> dict[str, Any]:
+    """Append ``body`` after ``size`` bytes; the record to keep (saved once where recorded)."""
+    saved: list[dict[str, Any]] = []
+
+    async def save(new: dict[str, Any]) -> None:
+        saved.append(new)
+
+    spool = spooled(data, prefix, size, body)
+    try:
+        await data.append(prefix, record, spool, len(body), save, unmoved)
+    finally:
+        spool.close()
+    assert len(saved) == (1 if data.recorded and body else 0)
+    return saved[0] if saved else record
+
+
+async def unmoved() -> None:
+    pass
+
+
+async def sealed_value(driver: Driver, data: Appendable, prefix: str, record: dict[str, Any],
+                       final: bytes, size: int) -> bytes:
+    """Seal with ``final``: the value read back (placed at a key unless it is a local file), checked
+    against its hash."""
+    spool = spooled(data, prefix, size, final)
+    try:
+        sealed = await data.seal(prefix, record, spool, len(final), unmoved)
+        assert sealed.seen
+        digest = (await data.hash(sealed, hashlib.sha256())).hexdigest()
+        if sealed.path is not None:
+            with open(sealed.path, "rb") as f:
+                value = f.read()
+        else:
+            await data.place(sealed, "blobs/sha256/placed")
+            value = await driver.read("blobs/sha256/placed", 64 * MiB) or b""
+    finally:
+        spool.close()
+    assert hashlib.sha256(value).hexdigest() == digest
+    return value
+
+
+@pytest_twisted.ensureDeferred
+async def test_appended_bodies_make_one_value_any_instance_continues(driver: Driver, tmp_path: Any) -> None:
+    data = appendable(driver, tmp_path)
+    bodies = [random.Random(n).randbytes(size) for n, size in enumerate((3 * MiB, 4 * MiB + 5, 1000))]
+    prefix, record, size = "uploads/s1/", {}, 0
+    await driver.write(prefix + "state", b"{}")
+    assert await data.measure(prefix, record, 0) == 0
+    for body in bodies:
+        record = await append(data, prefix, record, size, body)
+        size += len(body)
+        assert await data.measure(prefix, record, size) == size
+    record = await append(data, prefix, record, size, b"")   # an empty body changes nothing
+    # Another instance knows how far it got (a file's size, or the record) and continues it.
+    other = another_node(driver, tmp_path)
+    assert await other.measure(prefix, record, size) == size
+    if data.recorded:
+        with pytest.raises(ValueError):
+            await other.measure(prefix, record, size + 1)
+    final = random.Random(9).randbytes(2 * MiB)
+    assert await sealed_value(driver, other, prefix, record, final, size) == b"".join(bodies) + final
+    await other.remove(prefix, record, prefix + "state")
+    assert await keys(driver, "uploads/") == []
+    assert await other.reap_strays("uploads/", time.time() + 3600, set(), no_record) == 0
+
+
+async def no_record(folder: str) -> dict[str, Any] | None:
+    return None
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_dropped_body_leaves_the_value_as_appended(driver: Driver, tmp_path: Any) -> None:
+    data = appendable(driver, tmp_path)
+    first, cut, again = b"a" * 1000, b"b" * 3000, b"c" * 500
+    prefix = "uploads/s2/"
+    record = await append(data, prefix, {}, 0, first)
+    spool = spooled(data, prefix, len(first), cut)
+    spool.drop()
+    assert await another_node(driver, tmp_path).measure(prefix, record, len(first)) == len(first)
+    record = await append(data, prefix, record, len(first), again)
+    assert await sealed_value(driver, data, prefix, record, b"", len(first + again)) == first + again
+    assert not os.path.isdir(tmp_path / "spool") or os.listdir(tmp_path / "spool") == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_empty_value(driver: Driver, tmp_path: Any) -> None:
+    data = appendable(driver, tmp_path)
+    assert await sealed_value(driver, data, "uploads/s3/", {}, b"", 0) == b""
+
+
+@pytest_twisted.ensureDeferred
+async def test_what_no_record_names_is_reaped(driver: Driver, tmp_path: Any) -> None:
+    """A node that died between its parts and its record (a bucket) leaves a stray that reap_strays
+    removes once it is old, unless a record names it; a value that is its keys leaves none."""
+    data = appendable(driver, tmp_path)
+    prefix, named = "uploads/s4/", []
+
+    async def dies(new: dict[str, Any]) -> None:
+        named.append(new)
+        raise RuntimeError("the node died")
+
+    spool = spooled(data, prefix, 0, random.Random(4).randbytes(6 * MiB))
+    with pytest.raises(RuntimeError) if data.recorded else contextlib.nullcontext():
+        await data.append(prefix, {}, spool, 6 * MiB, dies, unmoved)
+    spool.close()
+
+    async def record_of(folder: str) -> dict[str, Any] | None:
+        return named[0] if folder == "s4" and named else None
+
+    later = time.time() + 3600
+    assert await data.reap_strays("uploads/", time.time() - 3600, set(), no_record) == 0   # too young
+    assert await data.reap_strays("uploads/", later, {"s4"}, no_record) == 0               # skipped
+    assert await data.reap_strays("uploads/", later, set(), record_of) == 0                # named
+    assert await data.reap_strays("uploads/", later, set(), no_record) == (1 if data.recorded else 0)
+    assert await data.reap_strays("uploads/", later, set(), no_record) == 0
+    await data.remove(prefix, None, prefix + "state")
+    assert await keys(driver, "uploads/") == []

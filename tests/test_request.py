@@ -91,7 +91,7 @@ def test_patch_body_goes_to_the_session_file_not_memory(tmp_path) -> None:
         RegistryRequest.handleContentChunk = original
     assert response.startswith(b"HTTP/1.1 202 ")
     assert set(captured) == {0}, "the body was buffered in request.content"
-    with open(upload.data_path, "rb") as f:
+    with open(os.path.join(str(tmp_path), "uploads", upload.id, "data"), "rb") as f:
         assert f.read() == data
     assert upload.size == len(data)
     assert upload.hasher.hexdigest() == hashlib.sha256(data).hexdigest()

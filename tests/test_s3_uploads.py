@@ -1,4 +1,4 @@
-"""Upload sessions in a shared bucket (S3UploadStore) against a real radosgw.
+"""Upload sessions in a shared bucket (UploadStore over S3Appendable) against a real radosgw.
 
 Writers are fed directly, as RegistryRequest.handleContentChunk would: no
 HTTP in front. Two stores with their own S3Client and spool directory play
@@ -23,9 +23,11 @@ from registryd.errors import RegistryError
 from registryd.storage.guard import BlobGuard
 from registryd.storage import layout
 from registryd.storage.s3 import Part, S3Client, S3Error, S3Unavailable
-from registryd.storage.s3.upload_state import SessionState, data_key, state_key
-from registryd.storage.s3.uploads import S3Upload, S3UploadStore
-from registryd.threads import BlockingPool
+from registryd.storage.s3.appendable import Record, S3Appendable, data_key
+from registryd.storage.s3.blobs import S3BlobStore
+from registryd.storage.s3.driver import S3Driver
+from registryd.storage.uploads import SessionState, Upload, UploadStore, state_key
+from registryd.threads import BlockingPool, InlinePool
 
 MiB = 1024 * 1024
 #: The smallest part S3 (and radosgw, see the first test) accepts but for the last.
@@ -39,9 +41,15 @@ def two_clients(s3: S3Client, node_b: S3Client) -> tuple[S3Client, S3Client]:
     return s3, node_b
 
 
-def node(client: S3Client, tmp_path: Any, name: str = "a", **overrides: Any) -> S3UploadStore:
-    return S3UploadStore(client, overrides.pop("guard", BlobGuard()), str(tmp_path / f"spool-{name}"), PART,
+def node(client: S3Client, tmp_path: Any, name: str = "a", **overrides: Any) -> UploadStore:
+    data = S3Appendable(client, str(tmp_path / f"spool-{name}"), PART, overrides.pop("pool", InlinePool()))
+    return UploadStore(S3Driver(client), data, S3BlobStore(client, overrides.pop("guard", BlobGuard())),
                          **overrides)
+
+
+def record(state: SessionState) -> Record:
+    """What the state says of the session's data in the bucket (its parts and tail)."""
+    return Record.of(state.record)
 
 
 def content(size: int, seed: int = 0) -> bytes:
@@ -58,13 +66,13 @@ def feed(writer: Any, data: bytes) -> None:
         writer.write(data[i:i + PIECE])
 
 
-async def patch(store: S3UploadStore, upload: S3Upload, data: bytes, start: int | None = None) -> None:
+async def patch(store: UploadStore, upload: Upload, data: bytes, start: int | None = None) -> None:
     writer = store.open_writer(upload, upload.size if start is None else start, None)
     feed(writer, data)
     await store.acknowledge(writer)
 
 
-async def finish(store: S3UploadStore, upload: S3Upload, data: bytes, digest: Digest) -> None:
+async def finish(store: UploadStore, upload: Upload, data: bytes, digest: Digest) -> None:
     writer = store.open_writer(upload, None, digest.algorithm)
     feed(writer, data)
     await store.commit(writer, digest)
@@ -102,7 +110,7 @@ def downloads(client: S3Client) -> list[str]:
     return seen
 
 
-async def assert_session_gone(client: S3Client, store: S3UploadStore, upload: S3Upload) -> None:
+async def assert_session_gone(client: S3Client, store: UploadStore, upload: Upload) -> None:
     assert await keys(client, layout.UPLOADS) == []
     assert await multiparts(client) == []
     with pytest.raises(RegistryError) as caught:
@@ -129,7 +137,7 @@ async def test_radosgw_enforces_the_minimum_part_size(s3: S3Client, tmp_path: An
     assert (caught.value.status, caught.value.code) == (400, "EntityTooSmall")
     await s3.abort_multipart("small-parts", upload_id)
     with pytest.raises(ValueError, match="part_size"):
-        S3UploadStore(s3, BlobGuard(), str(tmp_path / "spool"), PART - 1)
+        S3Appendable(s3, str(tmp_path / "spool"), PART - 1, InlinePool())
 
 
 # -- one node ---------------------------------------------------------------------
@@ -174,11 +182,12 @@ async def test_chunks_become_full_parts_and_one_tail(s3: S3Client, tmp_path: Any
         total += len(chunk)
         saved = await state(s3, upload.id)
         assert saved == upload.state and saved.size == total
-        assert [p.size for p in saved.parts] == [PART] * (total // PART)
-        assert [p.number for p in saved.parts] == list(range(1, total // PART + 1))
-        assert (saved.tail.size if saved.tail else 0) == total % PART
+        parts, tail = record(saved).parts, record(saved).tail
+        assert [p.size for p in parts] == [PART] * (total // PART)
+        assert [p.number for p in parts] == list(range(1, total // PART + 1))
+        assert (tail.size if tail else 0) == total % PART
         # The state, at most one tail, nothing else (the parts are in the multipart upload).
-        expected = [state_key(upload.id)] + ([saved.tail.key] if saved.tail else [])
+        expected = [state_key(upload.id)] + ([tail.key] if tail else [])
         assert sorted(await keys(s3, layout.upload_prefix(upload.id))) == sorted(expected)
     assert (total, total % PART) == (25 * MiB, 0)  # the last chunk ended exactly on a part
     final = content(MiB, 99)
@@ -318,9 +327,10 @@ async def test_cancel(s3: S3Client, tmp_path: Any) -> None:
     store = node(s3, tmp_path)
     upload = await store.create("lib/app")
     await patch(store, upload, content(7 * MiB))
-    assert upload.state.multipart is not None and upload.state.tail is not None
-    assert await multiparts(s3) == [upload.state.data_key(upload.id)]
-    assert is_data(upload.state.data_key(upload.id), upload.id)
+    data = record(upload.state)
+    assert data.multipart is not None and data.tail is not None
+    assert await multiparts(s3) == [data.data_key(layout.upload_prefix(upload.id))]
+    assert is_data(data.data_key(layout.upload_prefix(upload.id)), upload.id)
     await store.cancel(upload)
     await assert_session_gone(s3, store, upload)
     await store.cancel(upload)  # again: nothing left to remove is fine
@@ -476,7 +486,7 @@ async def test_reap_old_sessions_and_orphan_multipart_uploads(two_clients: Any, 
     await patch(a, old, content(6 * MiB, 40))
     busy = await a.create("lib/app")
     writer = a.open_writer(busy, 0, None)
-    orphan = await client_a.create_multipart(data_key("f" * 32))  # its node died before writing a state
+    orphan = await client_a.create_multipart(data_key(layout.upload_prefix("f" * 32)))  # its node died before writing a state
     assert await a.reap(3600) == 0
     assert len(await multiparts(client_a)) == 2
     now[0] += 7200
@@ -484,13 +494,13 @@ async def test_reap_old_sessions_and_orphan_multipart_uploads(two_clients: Any, 
     assert await keys(client_a) == [state_key(busy.id)]
     assert await multiparts(client_a) == []
     with pytest.raises(S3Error):
-        await client_a.list_parts(data_key("f" * 32), orphan)
+        await client_a.list_parts(data_key(layout.upload_prefix("f" * 32)), orphan)
     assert a.known("lib/app", old.id) is None and a.known("lib/app", busy.id) is busy
     writer.abandon()
     # Both nodes reap at once: each step tolerates the other having done it.
     for seed in (41, 42):
         await patch(b, await b.create("lib/app"), content(6 * MiB, seed))
-    await client_b.create_multipart(data_key("e" * 32))
+    await client_b.create_multipart(data_key(layout.upload_prefix("e" * 32)))
     now[0] += 7200
     counts = await gatherResults([Deferred.fromCoroutine(a.reap(3600)), Deferred.fromCoroutine(b.reap(3600))])
     assert sum(counts) >= 4

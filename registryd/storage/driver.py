@@ -23,11 +23,13 @@ each to it):
 - A missing key is not an error: ``stat``/``read`` return None, ``delete``
   and ``move`` return False. Failures of the store itself raise (OSError on
   disk, S3Error/S3Unavailable on S3).
+- Upload sessions are built body by body through ``appendable`` (see
+  Appendable), each driver its own way, with the same contract.
 """
 from __future__ import annotations
 
 import builtins
-from typing import Any, AsyncIterator, Callable, Coroutine, Protocol, Sequence, TypeVar, runtime_checkable
+from typing import Any, AsyncIterator, Awaitable, Callable, Coroutine, Protocol, Sequence, TypeVar, runtime_checkable
 
 import attrs
 from twisted.internet.interfaces import IConsumer
@@ -190,6 +192,97 @@ class Driver(Protocol):
         (it must be on the data directory's filesystem); a bucket keeps a value of the same size
         (no upload) or takes one PUT up to its part size, a multipart upload above it.
         """
+    # -- appendable values: upload sessions (registryd.storage.uploads) ------------
+
+    def appendable(self, spool_dir: str, pool: Pool) -> Appendable:
+        """Values built body by body under a prefix of their own (see Appendable); bodies on their
+        way may be spooled in ``spool_dir`` and hashed in ``pool``."""
+
+
+class BodySpool(Protocol):
+    """One request body on its way into an appendable value, written chunk by chunk and
+    synchronously (from handleContentChunk), to a local file or the driver's memory."""
+
+    def write(self, data: bytes) -> None: ...
+
+    def close(self) -> None:
+        """Release the spool once its body is appended, or sealed."""
+
+    def drop(self) -> None:
+        """The body never completed: forget what of it was written, and release the spool."""
+
+
+class Sealed(Protocol):
+    """An appendable value made whole by ``Appendable.seal``: ready to be hashed and placed."""
+
+    @property
+    def path(self) -> str | None:
+        """A local file holding exactly the value (renamed into place on commit), or None."""
+
+    @property
+    def seen(self) -> bool:
+        """Whether the value is what the spooled bodies said it is (so the caller's hasher covers
+        it); False when a failed earlier seal left a whole value that must be hashed again."""
+
+
+#: Stores a new record, the acknowledgement of a body (see Appendable.append).
+Save = Callable[[dict[str, Any]], Awaitable[None]]
+#: Raises if another writer moved the value since its record was read (see Appendable).
+Check = Callable[[], Awaitable[None]]
+
+
+class Appendable(Protocol):
+    """A driver's way to build a value body by body: the data of upload sessions.
+
+    A value lives under a ``prefix`` of its own (``uploads/<id>/``), where
+    the caller keeps its state too. Between two bodies it is described by a
+    *record*, a small JSON object the caller stores with its state and
+    hands back: where the value is in several pieces that several nodes
+    continue (a bucket's multipart upload and tail), the record is the truth
+    (``recorded``), rewritten through ``save`` on every body, ``check``ed
+    before anything is made final. Where the value is one local file, the
+    record is ``{}`` and the file's size is the value's, also after a
+    restart. A body is spooled (``spool``), then ``append``ed, durably, or
+    sealed with the value (``seal``), then hashed and ``place``d at its key.
+    """
+
+    #: True: the record says what the value holds and is rewritten on every append (several nodes);
+    #: False: the value describes itself (``measure``) and ``save`` is never called.
+    recorded: bool
+
+    async def measure(self, prefix: str, record: dict[str, Any], size: int) -> int:
+        """The value's acknowledged size: ``size`` (as stored with the record) once checked against
+        ``record`` (ValueError if they disagree) where it is recorded, else the value's own (0 if none)."""
+
+    def spool(self, prefix: str, size: int) -> BodySpool:
+        """Where the next body goes, after the first ``size`` bytes (anything beyond, a body cut off,
+        is dropped); cheap enough for the reactor."""
+
+    async def append(self, prefix: str, record: dict[str, Any], spool: BodySpool, length: int,
+                     save: Save, check: Check) -> None:
+        """Make the ``length`` spooled bytes part of the value, durably; where recorded, ``save``
+        the new record (its store is the acknowledgement), then drop what only the old one named."""
+
+    async def seal(self, prefix: str, record: dict[str, Any], spool: BodySpool, length: int,
+                   check: Check) -> Sealed:
+        """The value with the ``length`` spooled bytes after it, whole (``check`` is called
+        before anything is made final)."""
+
+    async def hash(self, sealed: Sealed, hasher: Any) -> Any:
+        """Feed the whole sealed value to ``hasher`` (read back: a file, an object); returns it."""
+
+    async def place(self, sealed: Sealed, key: str) -> None:
+        """Store a sealed value that has no local ``path`` as ``key`` (a server-side copy, a PUT)."""
+
+    async def remove(self, prefix: str, record: dict[str, Any] | None, last: str) -> None:
+        """Remove the value and every key under ``prefix``, ``last`` at the very end; safe to run
+        twice at once (every step accepts "already gone")."""
+
+    async def reap_strays(self, prefix: str, cutoff: float, skip: set[str],
+                          record_of: Callable[[str], Awaitable[dict[str, Any] | None]]) -> int:
+        """Remove what values keep beside their keys (a bucket's multipart uploads) under ``prefix``,
+        begun before ``cutoff``, whose record (``record_of`` its folder's name) does not name it,
+        except in the folders ``skip`` names; how many went."""
 
 
 def finish(work: Coroutine[Any, Any, T]) -> T:

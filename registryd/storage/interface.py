@@ -157,19 +157,19 @@ W = TypeVar("W", bound=UploadWriter)
 
 
 class UploadBackend(Protocol[W]):
-    """Upload sessions that any node can continue and commit."""
+    """Upload sessions (registryd.storage.uploads, written once over the driver): where the
+    driver records them in the store (a bucket), any node can continue and commit them."""
 
     def known(self, repo: str, upload_id: str) -> Any | None:
-        """The session if this node can answer without waiting (memory, a small local read),
-        else None: then ``get`` says whether it exists."""
+        """The session if this node has it in memory (no waiting), else None: then ``get``
+        says whether it exists."""
 
     async def create(self, repo: str) -> Any: ...
 
     async def get(self, repo: str, upload_id: str) -> Any:
         """The session, or raise BLOB_UPLOAD_UNKNOWN."""
 
-    def open_writer(self, upload: Any, start: int | None, algorithm: str | None,
-                    limit: int | None = None) -> W:
+    def open_writer(self, upload: Any, start: int | None, algorithm: str | None) -> W:
         """Append the next body at the acknowledged end (416 for any other ``start``)."""
 
     async def acknowledge(self, writer: W) -> None:

@@ -1,5 +1,5 @@
-"""A Store over any driver's plain keys (the MemoryDriver in tests): blobs and repositories in it,
-upload sessions spooled in the local ``uploads/`` and written into it on commit.
+"""A Store over any driver's plain keys (the MemoryDriver in tests): blobs, repositories and
+upload sessions in it.
 
 For tests that run the whole API in seconds: no fsync, no bucket. Blobs
 are registryd.storage.blobs over the driver, as on the other stores; without
@@ -37,14 +37,13 @@ class DriverStore:
         self.hot_cache: HotCache | None = None
         self.blobs = Blobs(driver, self.guard)
         self.repositories = Repositories(driver, layout.repositories_root(None))
-        self.uploads = UploadStore(layout.local_path(root, layout.UPLOADS), self.tmp_dir, self.blobs, pool)
+        self.uploads = UploadStore(driver, driver.appendable(self.tmp_dir, pool), self.blobs)
 
     def mirror_repositories(self, namespace: str) -> Repositories:
         return Repositories(self.objects, layout.repositories_root(namespace), durable_links=False)
 
     def prepare(self) -> None:
-        for sub in (layout.UPLOADS, layout.TMP):
-            make_dirs(layout.local_path(self.root, sub))
+        make_dirs(self.tmp_dir)
 
     def recover(self) -> None:
         empty_dir(self.tmp_dir)

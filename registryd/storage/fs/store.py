@@ -39,7 +39,7 @@ class FsStore:
         # Blobs are sent with sendfile from their files and committed by a rename.
         self.blobs = Blobs(self.objects, self.guard)
         self.repositories = Repositories(self.objects, layout.repositories_root(None))
-        self.uploads = UploadStore(layout.local_path(root, layout.UPLOADS), self.tmp_dir, self.blobs, pool)
+        self.uploads = UploadStore(self.objects, self.objects.appendable(self.tmp_dir, pool), self.blobs)
         self.hot_cache: HotCache | None = None   # every blob is a local file here already
 
     def mirror_repositories(self, namespace: str) -> Repositories:

@@ -24,6 +24,7 @@ from registryd.storage.driver import Entry, Pool, check_key
 from registryd.storage.sink import Sink
 from registryd.storage.s3.client import MAX_PARTS, S3Client
 from registryd.storage.s3.documents import ObjectEntry, Part
+from registryd.storage.s3.appendable import S3Appendable
 from registryd.storage.s3.errors import S3Error, S3Unavailable
 from registryd.storage.s3.settings import MAX_PART_SIZE
 
@@ -246,6 +247,11 @@ class S3Driver:
             log.warn("could not abort the multipart upload of {key} ({error}); "
                      "it stays until uploads are reaped", key=key, error=str(e))
 
+    # -- appendable values: upload sessions ----------------------------------------
+
+    def appendable(self, spool_dir: str, pool: Pool) -> S3Appendable:
+        """Bodies spooled in ``spool_dir``, then parts and a tail recorded in the session's state."""
+        return S3Appendable(self.client, spool_dir, self.client.settings.part_size, pool)
 
 def _part_size(configured: int, size: int) -> int:
     """The configured part size, raised if ``size`` would otherwise need more than 10000 parts."""

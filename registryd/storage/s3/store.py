@@ -27,7 +27,7 @@ from registryd.storage import layout
 from registryd.storage.s3.probe import BucketUnusable, ReadyProbe, check_bucket
 from registryd.storage.repositories import Repositories
 from registryd.storage.s3.settings import S3Settings
-from registryd.storage.s3.uploads import S3UploadStore
+from registryd.storage.uploads import UploadStore
 from registryd.threads import BlockingPool, InlinePool
 from registryd.storage.interface import Store, StoreUnusable
 
@@ -55,8 +55,8 @@ class S3Store:
                           if cache_size > 0 and not presign else None)
         self.blobs = Blobs(self.objects, self.guard, redirect=presign, hot_cache=self.hot_cache)
         self.repositories = Repositories(self.objects, layout.repositories_root(None))
-        self.uploads = S3UploadStore(self.client, self.guard, os.path.join(self.tmp_dir, "uploads"),
-                                     settings.part_size, pool=pool)
+        self.uploads = UploadStore(self.objects, self.objects.appendable(os.path.join(self.tmp_dir, "uploads"), pool),
+                                   self.blobs)
         self._remote_problem: str | None = None
         self._ready_probe = ReadyProbe(settings, reactor)
 
