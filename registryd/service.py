@@ -10,14 +10,16 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.protocols.haproxy import proxyEndpoint
 from twisted.python.failure import Failure
 
 from registryd.auth.errors import AuthConfigError
 from registryd.auth.policy import mirrored_namespaces
 from registryd.auth.proxies import is_loopback
 from registryd.auth.settings import build_auth
-from registryd.auth.tls import ServerTLSContext, parse_tls_description, tls_endpoint
+from registryd.auth.tls import ServerTLSContext, TLSServerEndpoint, parse_tls_description, tls_endpoint
 from registryd.config import Config
+from registryd.listeners import HAPROXY, Inherited, WorkerRole
 from registryd.storage import open_store
 from registryd.storage.interface import Store, StoreUnusable
 from registryd.storage.outage import outage_reason
@@ -63,10 +65,12 @@ class RegistryService(MultiService):
     _store_checked = False
 
     def __init__(self, config: Config, reactor: Any,
-                 store: Callable[[BlockingPool], Store] | None = None) -> None:
-        """``store``: opens another store than the config's on the IO pool (a test's memory store)."""
+                 store: Callable[[BlockingPool], Store] | None = None, role: WorkerRole | None = None) -> None:
+        """``store``: opens another store than the config's on the IO pool (a test's memory store);
+        ``role``: this process is one worker of a node (registryd.supervisor), on inherited sockets."""
         super().__init__()
         self.config = config
+        self.role = role
         self._reactor = reactor
         self.pool = BlockingPool(reactor, config.io_threads)
         self.store = store(self.pool) if store is not None else open_store(config, self.pool, reactor)
@@ -110,10 +114,10 @@ class RegistryService(MultiService):
         make_room_for_connections(self.config.max_connections)
         # Listen here, synchronously, so a port in use stops start-up with
         # one line instead of a server that runs without a socket.
-        for description in self.config.listen:
+        for index, description in enumerate(self.config.listen):
             probes_only, description = split_probes(description)
             try:
-                endpoint = self._endpoint(description)
+                endpoint = self._endpoint(description, self.role.sockets[index] if self.role else None)
             except AuthConfigError as e:
                 self._close_ports()
                 raise StartupError(str(e)) from None
@@ -128,9 +132,10 @@ class RegistryService(MultiService):
                 raise StartupError(f"cannot listen on {description}: {reason}")
             port = outcome[0]
             self.ports.append(port)
-            log.info("registryd listening on {address}{what}", address=str(port.getHost()),
-                     what=" (health checks only)" if probes_only else "")
-            if not probes_only:
+            if self.role is None:
+                log.info("registryd listening on {address}{what}", address=str(port.getHost()),
+                         what=" (health checks only)" if probes_only else "")
+            if not probes_only and (self.role is None or self.role.runs_upkeep):
                 self._warn_if_credentials_in_clear(description, port)
         super().privilegedStartService()
 
@@ -155,9 +160,17 @@ class RegistryService(MultiService):
                      "passwords cross the network in clear text; use a TLS listener, or set "
                      "[auth] require_tls = true to refuse credentials here", description=description)
 
-    def _endpoint(self, description: str) -> Any:
-        """A Twisted endpoint; ``tls:`` ones get our reloadable TLS context."""
+    def _endpoint(self, description: str, inherited: Inherited | None = None) -> Any:
+        """A Twisted endpoint; ``tls:`` ones get our reloadable TLS context. With ``inherited``
+        (a worker) it accepts on the supervisor's socket, with the same TLS or PROXY protocol on top."""
         tls = parse_tls_description(description)
+        if inherited is not None:
+            adopted = inherited.endpoint(self._reactor)
+            if tls is not None:
+                context = ServerTLSContext(tls[1])
+                self.tls_contexts.append(context)
+                return TLSServerEndpoint(adopted, context, clock=self._reactor)
+            return proxyEndpoint(adopted) if description.startswith(HAPROXY) else adopted
         if tls is None:
             return serverFromString(self._reactor, description)
         plain, settings = tls
@@ -180,13 +193,18 @@ class RegistryService(MultiService):
         self.prepare_storage()
         self.pool.start()
         self.auth_pool.start()
-        self.store.recover()
+        # A worker leaves tmp/ to the supervisor: the other workers' fills and spools are in it.
+        self.store.recover(keep_tmp=self.role is not None)
         super().startService()
-        self._reaper.start(self.config.upload_reap_interval, now=False).addErrback(
-            lambda f: log.failure("upload reaper stopped", f)
-        )
-        self.upkeep.start()
-        log.info("registryd serving {location}", location=self.store.location(), data_dir=self.config.data_dir)
+        if self.role is None or self.role.runs_upkeep:
+            self._reaper.start(self.config.upload_reap_interval, now=False).addErrback(
+                lambda f: log.failure("upload reaper stopped", f)
+            )
+            self.upkeep.start()
+        if self.role is None:
+            log.info("registryd serving {location}", location=self.store.location(), data_dir=self.config.data_dir)
+        else:
+            log.info("registryd worker {index} serving", index=self.role.index)
 
     async def _reap_uploads(self) -> None:
         try:

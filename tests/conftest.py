@@ -128,6 +128,9 @@ def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
 
 ROOT = os.path.dirname(HERE)
 VENV_BIN = os.path.dirname(sys.executable)
+# Every registryd the tests start runs in one process unless its config says otherwise
+# ([server] workers); tests/test_workers.py and one e2e test run several.
+os.environ.setdefault("REGISTRYD_WORKERS", "1")
 
 
 @attrs.define

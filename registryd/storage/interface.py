@@ -266,8 +266,9 @@ class Store(Protocol):
     def prepare(self) -> None:
         """Create the local folders and prove them writable (raises OSError)."""
 
-    def recover(self) -> None:
-        """Drop what a crash left half-written locally (``tmp/``)."""
+    def recover(self, keep_tmp: bool = False) -> None:
+        """Drop what a crash left half-written locally (``tmp/``; not with ``keep_tmp``: a worker
+        process of a node, whose ``tmp/`` other workers are using)."""
 
     def check_store(self) -> None:
         """At start-up: the store takes a write and a read (raises StoreUnusable, one line)."""

@@ -108,8 +108,9 @@ class DriverStore:
         for sub in (layout.UPLOADS, layout.TMP):
             make_dirs(layout.local_path(self.root, sub))
 
-    def recover(self) -> None:
-        empty_dir(self.tmp_dir)
+    def recover(self, keep_tmp: bool = False) -> None:
+        if not keep_tmp:
+            empty_dir(self.tmp_dir)
 
     def check_store(self) -> None:
         """Nothing to check: memory takes every write."""

@@ -9,9 +9,18 @@ a chunk that was cut off are dropped by the next write; after a restart the
 file's size is the session's size (a tail cut off just before a crash can
 only be the client's own bytes in order, and the digest is checked at the
 end in any case).
+
+Several worker processes serve one data directory, and a session's chunks
+may land on any of them: what one process remembers of a session is used
+only while the data file still has the size it acknowledged (another
+process's chunk since then makes it read the session from disk again, and
+the commit hashes the file), and a writer holds an exclusive ``flock`` on
+the data file, so two processes never append to one session at once (the
+kernel drops the lock of a process that dies).
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -139,6 +148,8 @@ class UploadStore:
         if not _ID.match(upload_id):
             return None
         upload = self._sessions.get(upload_id)
+        if upload is not None and not upload.busy and not self._unchanged(upload):
+            upload = None      # another process wrote to it (or removed it) since
         if upload is None:
             upload = self._load(upload_id)
         if upload is None or upload.repo != repo:
@@ -151,7 +162,16 @@ class UploadStore:
             raise blob_upload_unknown(upload_id[:64])
         return upload
 
+    @staticmethod
+    def _unchanged(upload: Upload) -> bool:
+        """Is the data file still what this process acknowledged? (One stat.)"""
+        try:
+            return os.stat(upload.data_path).st_size == upload.size
+        except OSError:
+            return False
+
     def _load(self, upload_id: str) -> Upload | None:
+        self._sessions.pop(upload_id, None)
         directory = os.path.join(self.root, upload_id)
         try:
             with open(os.path.join(directory, "state.json"), "rb") as f:
@@ -179,10 +199,22 @@ class UploadStore:
             raise range_invalid(upload.size, upload.location())
         fd = os.open(upload.data_path, os.O_WRONLY | os.O_CREAT, 0o644)
         try:
+            # Another process is writing a chunk of this session: as busy here.
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise range_invalid(upload.size, upload.location()) from None
+        try:
+            on_disk = os.fstat(fd).st_size
+            if on_disk > upload.size:
+                # Another process appended to the session since this one looked: its end counts.
+                upload.size, upload.hasher = on_disk, None
+                if start is not None and start != on_disk:
+                    raise range_invalid(upload.size, upload.location())
             # Drop whatever a cut-off body left behind the acknowledged end.
             os.ftruncate(fd, upload.size)
             os.lseek(fd, upload.size, os.SEEK_SET)
-        except OSError:
+        except BaseException:
             os.close(fd)
             raise
         hasher = None
