@@ -1,0 +1,269 @@
+"""A node of several worker processes ([server] workers = 2): one real twistd on real ports.
+
+Each response names its worker (X-Registryd-Worker, set only when the test
+asks for it with REGISTRYD_WORKER_HEADER), so a test can see which process
+answered, and which pids the supervisor runs (/proc).
+"""
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import time
+from typing import Any, Callable
+
+import attrs
+import pytest
+
+from conftest import ROOT, VENV_BIN, stop_process
+from support.pki import issue, make_ca
+from support.ports import free_port
+from support.wait import wait_for_port
+from syncclient import request, sha256
+
+WORKER = "x-registryd-worker"
+
+
+@attrs.define
+class Node:
+    process: subprocess.Popen[Any]
+    host: str
+    data_dir: str
+    tls_port: int | None = None
+
+    @property
+    def port(self) -> int:
+        return int(self.host.rsplit(":", 1)[1])
+
+    def workers(self) -> list[int]:
+        """The worker pids the supervisor runs now."""
+        try:
+            with open(f"/proc/{self.process.pid}/task/{self.process.pid}/children") as f:
+                return sorted(int(pid) for pid in f.read().split())
+        except FileNotFoundError:
+            return []
+
+
+def start_node(tmp_path: Any, extra: str = "", workers: int = 2, tls: Any = None) -> Node:
+    port = free_port()
+    data_dir = str(tmp_path / "data")
+    listen = [f'"tcp:{port}:interface=127.0.0.1"']
+    tls_port = None
+    if tls is not None:
+        tls_port = free_port()
+        listen.append(f'"tls:{tls_port}:interface=127.0.0.1:cert={tls[0]}:key={tls[1]}"')
+    config = tmp_path / "registryd.toml"
+    config.write_text(f"listen = [{', '.join(listen)}]\ndata_dir = \"{data_dir}\"\n"
+                      f"[server]\nworkers = {workers}\nshutdown_timeout = 10\n{extra}")
+    log = open(tmp_path / f"twistd-{port}.log", "ab")
+    env = {**os.environ, "REGISTRYD_WORKER_HEADER": "1"}
+    process = subprocess.Popen([os.path.join(VENV_BIN, "twistd"), "-n", "--pidfile=", "registryd", "-c", str(config)],
+                               stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+    wait_for_port("127.0.0.1", port, process)
+    node = Node(process, f"127.0.0.1:{port}", data_dir, tls_port)
+    seen_workers(node, workers)
+    return node
+
+
+def seen_workers(node: Node, count: int, timeout: float = 30) -> set[str]:
+    """Ask until ``count`` different workers answered."""
+    seen: set[str] = set()
+    deadline = time.monotonic() + timeout
+    while len(seen) < count:
+        assert time.monotonic() < deadline, f"only workers {seen} answered"
+        response = request(node.host, "GET", "/v2/")
+        assert response.status == 200
+        seen.add(response.header(WORKER) or "")
+    return seen
+
+
+@pytest.fixture
+def node(tmp_path: Any) -> Any:
+    running = start_node(tmp_path)
+    yield running
+    stop_process(running.process)
+
+
+def until(done: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+# --- uploads --------------------------------------------------------------------------------
+
+def test_the_chunks_of_one_upload_land_on_different_workers(node: Node) -> None:
+    """A worker that took chunk 1 and sees chunk 3 after another worker took chunk 2 must go
+    on from the session's end on disk, not from what it remembered (416 on the old code)."""
+    location = request(node.host, "POST", "/v2/spread/chunks/blobs/uploads/").header("Location")
+    assert location
+    data = b""
+    answered: list[str] = []
+    for index in range(80):
+        chunk = os.urandom(1000 + index)
+        response = request(node.host, "PATCH", location, chunk,
+                           {"Content-Type": "application/octet-stream",
+                            "Content-Range": f"{len(data)}-{len(data) + len(chunk) - 1}"})
+        assert response.status == 202, (index, answered, response.body)
+        data += chunk
+        assert response.header("Range") == f"0-{len(data) - 1}"
+        location = response.header("Location") or location
+        answered.append(response.header(WORKER) or "")
+        # A worker came back to the session after the other one wrote to it.
+        if len(answered) >= 3 and any(a == c != b for a, b, c in zip(answered, answered[1:], answered[2:])):
+            break
+    else:
+        pytest.fail(f"the chunks never moved between workers: {answered}")
+    digest = sha256(data)
+    separator = "&" if "?" in location else "?"
+    response = request(node.host, "PUT", f"{location}{separator}digest={digest}")
+    assert response.status == 201, response.body
+    assert request(node.host, "GET", f"/v2/spread/chunks/blobs/{digest}").body == data
+
+
+def _lock_holder(path: str) -> int | None:
+    """The pid holding an flock on ``path`` (/proc/locks names locks by device and inode)."""
+    inode = os.stat(path).st_ino
+    with open("/proc/locks") as f:
+        for line in f:
+            fields = line.split()
+            # "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF"
+            if "FLOCK" in fields and int(fields[5].rsplit(":", 1)[1]) == inode:
+                return int(fields[4])
+    return None
+
+
+def test_a_worker_killed_during_a_push_is_restarted_and_the_push_goes_on(node: Node) -> None:
+    location = request(node.host, "POST", "/v2/killed/push/blobs/uploads/").header("Location") or ""
+    upload_id = location.rstrip("/").rsplit("/", 1)[-1].split("?")[0]
+    data_file = os.path.join(node.data_dir, "uploads", upload_id, "data")
+    first = os.urandom(300_000)
+    assert request(node.host, "PATCH", location, first, {"Content-Range": f"0-{len(first) - 1}"}).status == 202
+    # A second chunk sent half-way: the worker writing it holds the session's lock.
+    conn = socket.create_connection(("127.0.0.1", node.port))
+    conn.sendall((f"PATCH {location} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n"
+                  f"Content-Range: {len(first)}-{len(first) + 999_999}\r\n\r\n").encode() + os.urandom(200_000))
+    until(lambda: _lock_holder(data_file) is not None, 10, "no worker took the chunk")
+    victim = _lock_holder(data_file)
+    before = node.workers()
+    assert victim in before
+    os.kill(victim, signal.SIGKILL)
+    conn.settimeout(10)
+    assert conn.recv(100) == b""    # cut off, never answered
+    conn.close()
+    until(lambda: len(node.workers()) == 2 and victim not in node.workers(), 15, "the worker was not restarted")
+    seen_workers(node, 2)
+    # The client asks where the session stands and sends the rest from there.
+    status = request(node.host, "GET", location)
+    assert status.status == 204
+    end = int((status.header("Range") or "0-0").split("-")[1]) + 1
+    assert end >= len(first)
+    with open(data_file, "rb") as f:
+        kept = f.read(end)
+    assert kept[:len(first)] == first
+    rest = os.urandom(100_000)
+    response = request(node.host, "PATCH", location, rest, {"Content-Range": f"{end}-{end + len(rest) - 1}"})
+    assert response.status == 202, response.body
+    blob = kept + rest
+    response = request(node.host, "PUT", f"{location}{'&' if '?' in location else '?'}digest={sha256(blob)}")
+    assert response.status == 201, response.body
+    assert request(node.host, "GET", f"/v2/killed/push/blobs/{sha256(blob)}").body == blob
+
+
+# --- the supervisor -------------------------------------------------------------------------
+
+def test_a_killed_worker_is_started_again_and_a_crash_loop_backs_off(node: Node) -> None:
+    first = node.workers()
+    assert len(first) == 2
+    os.kill(first[0], signal.SIGKILL)
+    until(lambda: len(node.workers()) == 2 and first[0] not in node.workers(), 15, "no new worker")
+    assert seen_workers(node, 2) == {"0", "1"}
+    # Killed again at once: the next start waits (backoff) instead of spinning.
+    again = [pid for pid in node.workers() if pid not in first][0]
+    os.kill(again, signal.SIGKILL)
+    until(lambda: again not in node.workers(), 5, "the worker did not die")
+    time.sleep(0.2)
+    assert len(node.workers()) == 1, "restarted without a pause"
+    until(lambda: len(node.workers()) == 2, 15, "not restarted after the backoff")
+    assert seen_workers(node, 2) == {"0", "1"}
+
+
+def test_sigterm_drains_every_worker_then_the_supervisor_exits(node: Node) -> None:
+    data = os.urandom(16 * 1024 * 1024)
+    digest = sha256(data)
+    response = request(node.host, "POST", f"/v2/shut/down/blobs/uploads/?digest={digest}", data)
+    assert response.status == 201
+    conn = http.client.HTTPConnection("127.0.0.1", node.port, timeout=60)
+    conn.request("GET", f"/v2/shut/down/blobs/{digest}")
+    reply = conn.getresponse()
+    hasher = hashlib.sha256(reply.read(1024 * 1024))
+    workers = node.workers()
+    node.process.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    with socket.socket() as probe:
+        assert probe.connect_ex(("127.0.0.1", node.port)) != 0, "still accepting"
+    while chunk := reply.read(1024 * 1024):
+        hasher.update(chunk)
+        time.sleep(0.01)
+    conn.close()
+    assert "sha256:" + hasher.hexdigest() == digest
+    assert node.process.wait(30) in (0, -signal.SIGTERM)
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in workers)
+
+
+def _served_certificate(port: int, ca: str) -> tuple[str, str]:
+    """(the certificate's common name, the worker) of one new TLS connection."""
+    context = ssl.create_default_context(cafile=ca)
+    with socket.create_connection(("127.0.0.1", port)) as raw:
+        with context.wrap_socket(raw, server_hostname="localhost") as tls:
+            subject = dict(item[0] for item in tls.getpeercert()["subject"])
+            tls.sendall(b"GET /v2/ HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            answer = b""
+            while chunk := tls.recv(65536):
+                answer += chunk
+    worker = next(line.split(b":", 1)[1].strip().decode() for line in answer.split(b"\r\n")
+                  if line.lower().startswith(WORKER.encode()))
+    return subject["commonName"], worker
+
+
+def test_sighup_reloads_the_certificates_in_every_worker(tmp_path: Any) -> None:
+    ca = make_ca()
+    ca_file = tmp_path / "ca.pem"
+    ca_file.write_bytes(ca.cert_pem())
+    cert, key = issue(ca, "old", hosts=["localhost", "127.0.0.1"]).write(str(tmp_path), "live")
+    node = start_node(tmp_path, tls=(cert, key))
+    try:
+        assert node.tls_port is not None
+        served = {_served_certificate(node.tls_port, str(ca_file)) for _ in range(6)}
+        assert {name for name, _ in served} == {"old"}
+        issue(ca, "new", hosts=["localhost", "127.0.0.1"]).write(str(tmp_path), "live")
+        node.process.send_signal(signal.SIGHUP)
+        workers: set[str] = set()
+        deadline = time.monotonic() + 20
+        while workers != {"0", "1"}:
+            assert time.monotonic() < deadline, f"only workers {workers} answered over TLS"
+            name, worker = _served_certificate(node.tls_port, str(ca_file))
+            if name == "old":
+                time.sleep(0.1)     # the signal is on its way to that worker
+                continue
+            assert name == "new"
+            workers.add(worker)
+        # Once reloaded, a worker never serves the old certificate again.
+        for _ in range(10):
+            assert _served_certificate(node.tls_port, str(ca_file))[0] == "new"
+    finally:
+        stop_process(node.process)
+
+
+def test_one_worker_is_one_process(tmp_path: Any) -> None:
+    node = start_node(tmp_path, workers=1)
+    try:
+        assert node.workers() == []
+        assert request(node.host, "GET", "/v2/").header(WORKER) is None
+    finally:
+        stop_process(node.process)
