@@ -85,6 +85,8 @@ class RegistryService(MultiService):
         except AuthConfigError as e:
             raise StartupError(str(e)) from None
         self.api = RegistryAPI(self.store, config, reactor, auth=self.auth)
+        # Every worker of a node fetches a blob for all of them (registryd.mirror.shared_fill).
+        self.api.mirror.shared_fills = role is not None
         self.site = RegistrySite(self.api, reactor)
         self.probe_site: RegistrySite | None = None
         self.upkeep = self.api.upkeep = Upkeep(self.store, config, self.api.metrics, reactor)

@@ -18,11 +18,17 @@ from typing import Any, Callable
 
 import attrs
 import pytest
+import pytest_twisted
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
+from twisted.internet.threads import deferToThread
 
 from conftest import ROOT, VENV_BIN, stop_process
 from support.pki import issue, make_ca
 from support.ports import free_port
-from support.wait import wait_for_port
+from support.wait import wait_for_port, wait_until
+from fake_upstream import fake_upstream  # noqa: F401  (the fixture)
 from syncclient import request, sha256
 
 WORKER = "x-registryd-worker"
@@ -267,3 +273,123 @@ def test_one_worker_is_one_process(tmp_path: Any) -> None:
         assert request(node.host, "GET", "/v2/").header(WORKER) is None
     finally:
         stop_process(node.process)
+
+
+# --- one upstream fetch per blob across the workers ----------------------------------------
+
+NS = "upstream.test"
+
+
+class Download(Protocol):
+    """A raw GET that hashes its body as it streams in and notes the worker that answered."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.head = b""
+        self.status = 0
+        self.length: int | None = None
+        self.worker: str | None = None
+        self.body = 0
+        self.hasher = hashlib.sha256()
+        self.done: Deferred[None] = Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(f"GET {self.path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.status == 0:
+            self.head += data
+            if b"\r\n\r\n" not in self.head:
+                return
+            head, data = self.head.split(b"\r\n\r\n", 1)
+            lines = head.decode("latin-1").split("\r\n")
+            self.status = int(lines[0].split()[1])
+            for line in lines[1:]:
+                key, _, value = line.partition(":")
+                if key.lower() == "content-length":
+                    self.length = int(value)
+                elif key.lower() == WORKER:
+                    self.worker = value.strip()
+        self.body += len(data)
+        self.hasher.update(data)
+
+    def connectionLost(self, reason: Any) -> None:
+        self.done.callback(None)
+
+    @property
+    def complete(self) -> bool:
+        return self.status == 200 and self.length is not None and self.body == self.length
+
+    @property
+    def digest(self) -> str:
+        return "sha256:" + self.hasher.hexdigest()
+
+
+async def start_download(node: Node, path: str) -> Download:
+    from twisted.internet import reactor
+
+    protocol = Download(path)
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", node.port), protocol)
+    return protocol
+
+
+def mirror_config(fake: Any) -> str:
+    return f'[[upstream]]\nnamespace = "{NS}"\nurl = "{fake.url}"\nidle_timeout = 5\n'
+
+
+@pytest_twisted.ensureDeferred
+async def test_sixteen_clients_on_both_workers_share_one_upstream_get(tmp_path: Any, fake_upstream: Any) -> None:
+    blob = os.urandom(2 * 1024 * 1024)
+    digest = fake_upstream.add_blob("lib/app", blob)
+    upstream_path = fake_upstream.blob_path("lib/app", digest)
+    fake_upstream.slow(upstream_path, 32 * 1024, tick=0.01)    # about a second: every client comes during it
+    node = await deferToThread(start_node, tmp_path, mirror_config(fake_upstream))
+    try:
+        path = f"/v2/{NS}/lib/app/blobs/{digest}"
+        downloads = [await start_download(node, path) for _ in range(16)]
+        await DeferredList([d.done for d in downloads])
+        for d in downloads:
+            assert (d.status, d.body, d.digest) == (200, len(blob), digest), vars(d)
+        assert {d.worker for d in downloads} == {"0", "1"}, "one worker took every client"
+        assert fake_upstream.count("GET", upstream_path) == 1
+        # Cached now, in every worker.
+        again = [await start_download(node, path) for _ in range(6)]
+        await DeferredList([d.done for d in again])
+        assert all(d.digest == digest for d in again)
+        assert fake_upstream.count("GET", upstream_path) == 1
+    finally:
+        await deferToThread(stop_process, node.process)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_worker_killed_during_a_fill_cuts_every_client_short_and_the_fill_starts_again(
+        tmp_path: Any, fake_upstream: Any) -> None:
+    blob = os.urandom(4 * 1024 * 1024)
+    digest = fake_upstream.add_blob("lib/app", blob)
+    upstream_path = fake_upstream.blob_path("lib/app", digest)
+    fake_upstream.slow(upstream_path, 16 * 1024, tick=0.01, times=1)
+    node = await deferToThread(start_node, tmp_path, mirror_config(fake_upstream))
+    try:
+        path = f"/v2/{NS}/lib/app/blobs/{digest}"
+        downloads = [await start_download(node, path) for _ in range(10)]
+        await wait_until(lambda: all(d.body > 0 for d in downloads), 20, "every client gets its first bytes")
+        assert {d.worker for d in downloads} == {"0", "1"}, "one worker took every client"
+        fills = os.path.join(node.data_dir, "tmp", "fills")
+        locks = [os.path.join(fills, name) for name in os.listdir(fills) if name.endswith(".lock")]
+        assert len(locks) == 1
+        filler = _lock_holder(locks[0])
+        assert filler in node.workers()
+        os.kill(filler, signal.SIGKILL)
+        await DeferredList([d.done for d in downloads])
+        # Every client of both workers was cut off: none holds a body that looks complete.
+        assert not any(d.complete for d in downloads), [vars(d) for d in downloads]
+        assert sum(d.body for d in downloads) > 0
+        await wait_until(lambda: len(node.workers()) == 2 and filler not in node.workers(), 15, "restart")
+        # The next request fetches it again, in full, and it is served from the cache after that.
+        retry = [await start_download(node, path) for _ in range(4)]
+        await DeferredList([d.done for d in retry])
+        for d in retry:
+            assert (d.status, d.body, d.digest) == (200, len(blob), digest), vars(d)
+        assert fake_upstream.count("GET", upstream_path) == 2
+    finally:
+        await deferToThread(stop_process, node.process)
