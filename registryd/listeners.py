@@ -30,6 +30,9 @@ HEADER_ENV = "REGISTRYD_WORKER_HEADER"
 #: The default of ``[server] workers`` when the config does not set it (the test launcher sets 1).
 DEFAULT_ENV = "REGISTRYD_WORKERS"
 
+#: The folder of the data directory where the workers of a node share state (claims).
+RUN = "run"
+
 _PLAIN = ("tcp", "tcp6", "unix")
 HAPROXY = "haproxy:"
 FIRST_FD = 3

@@ -1,6 +1,7 @@
 """The registry as a Twisted service: storage, listeners and timers."""
 from __future__ import annotations
 
+import os
 import resource
 from typing import Any, Callable
 
@@ -19,8 +20,9 @@ from registryd.auth.proxies import is_loopback
 from registryd.auth.settings import build_auth
 from registryd.auth.tls import ServerTLSContext, TLSServerEndpoint, parse_tls_description, tls_endpoint
 from registryd.config import Config
-from registryd.listeners import HAPROXY, Inherited, WorkerRole
+from registryd.listeners import HAPROXY, RUN, Inherited, WorkerRole
 from registryd.storage import open_store
+from registryd.storage.claim_table import ClaimTable
 from registryd.storage.interface import Store, StoreUnusable
 from registryd.storage.outage import outage_reason
 from registryd.threads import BlockingPool, BoundedPool
@@ -87,6 +89,9 @@ class RegistryService(MultiService):
         self.api = RegistryAPI(self.store, config, reactor, auth=self.auth)
         # Every worker of a node fetches a blob for all of them (registryd.mirror.shared_fill).
         self.api.mirror.shared_fills = role is not None
+        if role is not None:
+            # A collection in one worker sees the blobs every worker claimed.
+            self.store.guard.share(ClaimTable(os.path.join(config.data_dir, RUN, "claims")))
         self.site = RegistrySite(self.api, reactor)
         self.probe_site: RegistrySite | None = None
         self.upkeep = self.api.upkeep = Upkeep(self.store, config, self.api.metrics, reactor)

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import json
 import os
 import signal
 import socket
 import ssl
 import subprocess
+import threading
 import time
 from typing import Any, Callable
 
@@ -393,3 +395,126 @@ async def test_a_worker_killed_during_a_fill_cuts_every_client_short_and_the_fil
         assert fake_upstream.count("GET", upstream_path) == 2
     finally:
         await deferToThread(stop_process, node.process)
+
+
+# --- collections while every worker takes pushes --------------------------------------------
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
+
+
+def _manifest(config: tuple[str, int], layers: list[tuple[str, int]]) -> bytes:
+    return json.dumps({
+        "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config[0], "size": config[1]},
+        "layers": [{"mediaType": LAYER, "digest": d, "size": s} for d, s in layers],
+    }).encode()
+
+
+def _push(host: str, repo: str, data: bytes) -> tuple[str, int]:
+    digest = sha256(data)
+    response = request(host, "POST", f"/v2/{repo}/blobs/uploads/?digest={digest}", data)
+    assert response.status == 201, response.body
+    return digest, len(data)
+
+
+def _connections_to_both_workers(node: Node) -> dict[str, http.client.HTTPConnection]:
+    """One open connection to each worker (asked with GET /v2/, which claims nothing)."""
+    found: dict[str, http.client.HTTPConnection] = {}
+    for _ in range(100):
+        conn = http.client.HTTPConnection("127.0.0.1", node.port, timeout=30)
+        conn.request("GET", "/v2/")
+        reply = conn.getresponse()
+        reply.read()
+        worker = reply.getheader(WORKER) or ""
+        if worker in found:
+            conn.close()
+        else:
+            found[worker] = conn
+        if len(found) == 2:
+            return found
+    pytest.fail(f"only workers {set(found)} answered")
+
+
+def _ask(conn: http.client.HTTPConnection, method: str, path: str, body: bytes | None = None,
+         headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    conn.request(method, path, body=body, headers=headers or {})
+    reply = conn.getresponse()
+    return reply.status, reply.read()
+
+
+def test_a_blob_claimed_in_one_worker_is_kept_by_a_collection_in_the_other(node: Node) -> None:
+    """An old unreferenced blob a client just found (HEAD) in worker 0, then a collection in
+    worker 1, then the manifest naming it: pushed (on the old code worker 1 removed it: 400)."""
+    config = _push(node.host, "gc/race", b'{"architecture": "amd64", "os": "linux"}')
+    layer = _push(node.host, "gc/race", os.urandom(5000))
+    workers = _connections_to_both_workers(node)
+    time.sleep(1.2)     # older than the collection's delay below, and referenced by nothing
+    for digest, _size in (config, layer):
+        assert _ask(workers["0"], "HEAD", f"/v2/gc/race/blobs/{digest}")[0] == 200
+    status, body = _ask(workers["1"], "POST", "/admin/gc?delay=1", b"{}", {"Content-Type": "application/json"})
+    assert status == 200, body
+    assert json.loads(body)["removed_blobs"] == []
+    response = request(node.host, "PUT", "/v2/gc/race/manifests/v1", _manifest(config, [layer]),
+                       {"Content-Type": OCI_MANIFEST})
+    assert response.status == 201, response.body
+    for conn in workers.values():
+        conn.close()
+
+
+def test_collections_during_pushes_on_every_worker_lose_nothing(node: Node) -> None:
+    """Pushes on both workers, reusing old unreferenced layers and uploading new ones, while
+    collections run over and over: every push succeeds and every blob it names stays."""
+    contents = {}
+    for data in [b'{"architecture": "amd64", "os": "linux"}', *(os.urandom(3000 + i) for i in range(6))]:
+        contents[_push(node.host, "gc/busy", data)] = data
+    config, *old = contents
+    time.sleep(1.2)
+    pushed: list[tuple[str, list[tuple[str, int]]]] = []
+    failures: list[str] = []
+    done = threading.Event()
+
+    def pusher(worker_index: int) -> None:
+        try:
+            for n in range(6):
+                tag = f"w{worker_index}-{n}"
+                conn = http.client.HTTPConnection("127.0.0.1", node.port, timeout=30)
+                for blob in (config, *old):
+                    conn.request("HEAD", f"/v2/gc/busy/blobs/{blob[0]}")
+                    reply = conn.getresponse()
+                    reply.read()
+                    if reply.status == 404:     # collected meanwhile: as a client does, upload it again
+                        _push(node.host, "gc/busy", contents[blob])
+                    elif reply.status != 200:
+                        failures.append(f"{tag}: HEAD {blob[0]} {reply.status}")
+                conn.close()
+                layers = [*old, _push(node.host, "gc/busy", os.urandom(2000))]
+                response = request(node.host, "PUT", f"/v2/gc/busy/manifests/{tag}", _manifest(config, layers),
+                                   {"Content-Type": OCI_MANIFEST})
+                if response.status != 201:
+                    failures.append(f"{tag}: {response.status} {response.body[:200]!r}")
+                pushed.append((tag, layers))
+        except Exception as e:   # reported below, with the rest
+            failures.append(repr(e))
+
+    def collector() -> None:
+        while not done.is_set():
+            gc = request(node.host, "POST", "/admin/gc?delay=1", b"{}", {"Content-Type": "application/json"})
+            if gc.status != 200:
+                failures.append(f"gc {gc.status}")
+
+    threads = [threading.Thread(target=pusher, args=(i,)) for i in range(4)]
+    gc_thread = threading.Thread(target=collector)
+    gc_thread.start()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    done.set()
+    gc_thread.join(60)
+    assert failures == []
+    assert len(pushed) == 24
+    for tag, layers in pushed:
+        assert request(node.host, "GET", f"/v2/gc/busy/manifests/{tag}", headers={"Accept": OCI_MANIFEST}).status == 200
+        for digest, _size in (config, *layers):
+            assert request(node.host, "HEAD", f"/v2/gc/busy/blobs/{digest}").status == 200, (tag, digest)
