@@ -19,6 +19,7 @@ import socket
 from typing import Any
 
 import attrs
+from twisted.internet import tcp
 from twisted.internet.endpoints import AdoptedStreamServerEndpoint
 from twisted.internet.interfaces import IStreamServerEndpoint
 
@@ -112,3 +113,23 @@ def family_of(port: Any) -> int:
     if isinstance(sock, socket.socket):
         return int(sock.family)
     raise TypeError(f"{port!r} has no socket to share")
+
+
+class _OneAcceptPort(tcp.Port):
+    """A port that takes one connection per readiness event, never a burst of them."""
+
+    @property  # type: ignore[override]
+    def numberAccepts(self) -> int:
+        return 1
+
+    @numberAccepts.setter
+    def numberAccepts(self, value: int) -> None:
+        pass
+
+
+def accept_one_at_a_time(port: Any) -> None:
+    """Twisted accepts up to 100 waiting connections at once (more under load): in a worker that
+    would take a whole burst of clients from the others, which wake for the same socket. One at
+    a time, every idle worker gets its share, and a busy one leaves them to the others."""
+    if type(port) is tcp.Port:
+        port.__class__ = _OneAcceptPort

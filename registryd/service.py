@@ -20,7 +20,7 @@ from registryd.auth.proxies import is_loopback
 from registryd.auth.settings import build_auth
 from registryd.auth.tls import ServerTLSContext, TLSServerEndpoint, parse_tls_description, tls_endpoint
 from registryd.config import Config
-from registryd.listeners import HAPROXY, RUN, Inherited, WorkerRole
+from registryd.listeners import HAPROXY, RUN, Inherited, WorkerRole, accept_one_at_a_time
 from registryd.storage import open_store
 from registryd.storage.claim_table import ClaimTable
 from registryd.storage.interface import Store, StoreUnusable
@@ -138,6 +138,8 @@ class RegistryService(MultiService):
                 reason = outcome[0].getErrorMessage() if outcome else "did not listen at once"
                 raise StartupError(f"cannot listen on {description}: {reason}")
             port = outcome[0]
+            if self.role is not None:
+                accept_one_at_a_time(port)
             self.ports.append(port)
             if self.role is None:
                 log.info("registryd listening on {address}{what}", address=str(port.getHost()),

@@ -69,6 +69,18 @@ class TwistdRegistryService(RegistryService):
 
         # Signals arrive between reactor iterations; do the work in one.
         signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(self.reload))  # type: ignore[attr-defined]
+        if self.role is not None:
+            # A worker may get SIGTERM twice (from its supervisor, and from a terminal's or
+            # systemd's signal to the whole group): the second must not stop a stopping reactor.
+            stopping: list[bool] = []
+
+            def stop(*_: Any) -> None:
+                if not stopping:
+                    stopping.append(True)
+                    reactor.callFromThread(reactor.stop)  # type: ignore[attr-defined]
+
+            signal.signal(signal.SIGTERM, stop)
+            signal.signal(signal.SIGINT, stop)
 
 
 def makeService(options: Options) -> IService:

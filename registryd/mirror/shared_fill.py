@@ -197,8 +197,10 @@ class RemoteFill(BlobFill):
             size = meta.get("size")
             self.size = size if isinstance(size, int) else None
             try:
-                self._part_fd = os.open(str(meta.get("part")), os.O_RDONLY)
-                self.path = f"/proc/self/fd/{self._part_fd}"   # the same file, even once moved or removed
+                part = str(meta.get("part"))
+                self._part_fd = os.open(part, os.O_RDONLY)
+                # The same file, even once moved into the store or removed (by name without /proc).
+                self.path = f"/proc/self/fd/{self._part_fd}" if os.path.isdir("/proc/self/fd") else part
             except FileNotFoundError:
                 self._read_end()    # ended already: stored, failed, or its process died
                 if not self.finished:
