@@ -18,10 +18,12 @@ passed on to every worker (certificates and htpasswd reload there).
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sys
 from typing import Any, Callable
 
+from prometheus_client.multiprocess import mark_process_dead
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
@@ -33,7 +35,8 @@ from twisted.python.failure import Failure
 from registryd.auth.errors import AuthConfigError
 from registryd.auth.tls import ServerTLSContext, parse_tls_description
 from registryd.config import Config
-from registryd.listeners import FIRST_FD, Inherited, WorkerRole, family_of, plain_part
+from registryd.listeners import FIRST_FD, RUN, Inherited, WorkerRole, family_of, plain_part
+from registryd.metrics import MULTIPROC_ENV
 from registryd.service import StartupError, make_room_for_connections
 from registryd.storage.files import empty_dir
 from registryd.web.probes import split_probes
@@ -110,6 +113,7 @@ class Supervisor(Service):
 
     def __init__(self, config: Config, reactor: Any, workers: int, tmp_dir: str,
                  argv: list[str] | None = None, header: bool = False) -> None:
+        """``tmp_dir``: the store's, emptied before the workers start."""
         self.config = config
         self._reactor = reactor
         self.workers = workers
@@ -121,6 +125,8 @@ class Supervisor(Service):
         self.restarts = 0
         self._failures: dict[int, int] = {}
         self._timers: dict[int, IDelayedCall] = {}
+        #: prometheus_client's multiprocess folder: every worker's metrics, added up by any worker.
+        self.metrics_dir = os.path.join(config.data_dir, RUN, "metrics")
 
     # -- start ------------------------------------------------------------------
 
@@ -158,6 +164,8 @@ class Supervisor(Service):
     def startService(self) -> None:
         super().startService()
         empty_dir(self._tmp_dir)     # what a crash left; no worker runs yet
+        shutil.rmtree(self.metrics_dir, ignore_errors=True)     # counters start at 0, as in one process
+        os.makedirs(self.metrics_dir)
         for index in range(self.workers):
             self._spawn(index)
         signal.signal(signal.SIGHUP, lambda *_: self._reactor.callFromThread(self.reload))
@@ -172,7 +180,7 @@ class Supervisor(Service):
         if not self.running:
             return
         role = self._role(index)
-        env = {**os.environ, **role.environment()}
+        env = {**os.environ, **role.environment(), MULTIPROC_ENV: self.metrics_dir}
         fds: dict[int, Any] = {0: 0, 1: 1, 2: 2}
         for i, port in enumerate(self.ports):
             fds[FIRST_FD + i] = port.fileno()
@@ -184,6 +192,8 @@ class Supervisor(Service):
     def _worker_ended(self, worker: _Worker, reason: Failure) -> None:
         if self.running_workers.get(worker.index) is worker:
             del self.running_workers[worker.index]
+        if worker.pid is not None:
+            mark_process_dead(worker.pid, self.metrics_dir)    # its live gauges go; its counters stay
         if not self.running:
             return
         ran = self._reactor.seconds() - worker.started_at

@@ -527,3 +527,29 @@ def test_collections_during_pushes_on_every_worker_lose_nothing(node: Node) -> N
         assert request(node.host, "GET", f"/v2/gc/busy/manifests/{tag}", headers={"Accept": OCI_MANIFEST}).status == 200
         for digest, _size in (config, *layers):
             assert request(node.host, "HEAD", f"/v2/gc/busy/blobs/{digest}").status == 200, (tag, digest)
+
+
+# --- the whole node in /metrics -------------------------------------------------------------
+
+def _base_requests(metrics: bytes) -> float:
+    for line in metrics.decode().splitlines():
+        if line.startswith("registryd_http_requests_total{") and 'route="base"' in line \
+                and 'method="GET"' in line and 'status="200"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_metrics_of_any_worker_count_the_requests_of_every_worker(node: Node) -> None:
+    workers = _connections_to_both_workers(node)
+    for conn in workers.values():
+        for _ in range(3):
+            assert _ask(conn, "GET", "/v2/")[0] == 200
+    counts = {}
+    for name, conn in workers.items():
+        status, body = _ask(conn, "GET", "/metrics")
+        assert status == 200
+        counts[name] = _base_requests(body)
+    # Each worker answered at least four GET /v2/ here: each sees the other's too.
+    assert counts["0"] == counts["1"] >= 8, counts
+    for conn in workers.values():
+        conn.close()

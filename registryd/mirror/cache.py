@@ -148,7 +148,8 @@ class MirrorCache:
         self.shared_fills = False
         self.fills_started = 0
         self.fill_waiters = 0
-        self.metrics.fills_in_flight.set_function(lambda: len(self.fills))
+        if self.metrics.shared_dir is None:
+            self.metrics.fills_in_flight.set_function(lambda: len(self.fills))
         self.health: dict[str, UpstreamHealth] = {u.namespace: UpstreamHealth() for u in config.upstreams}
         # Called with (namespace, message) on every upstream failure.
         self.error_listeners: list[Callable[[str, str], None]] = []
@@ -458,6 +459,7 @@ class MirrorCache:
             if claim is None:
                 remote = RemoteFill(digest, prefix, self._reactor, upstream.idle_timeout)
                 self.fills[key] = remote
+                self._count_fills()
                 self.fill_waiters += 1
                 self.metrics.coalesced.inc()
                 remote.on_finished(lambda: self._forget_fill(key, remote))
@@ -466,6 +468,7 @@ class MirrorCache:
         fill = BlobFill(digest, self._store.tmp_dir, self._reactor, upstream.idle_timeout,
                         lambda path, d: self._commit_fill(mirror, route.remote, path, d), claim=claim)
         self.fills[key] = fill
+        self._count_fills()
         fill.started = Shared(self._start_fill(mirror, route, key, fill, claim))
         return fill
 
@@ -510,6 +513,12 @@ class MirrorCache:
     def _forget_fill(self, key: FillKey, fill: BlobFill) -> None:
         if self.fills.get(key) is fill:
             del self.fills[key]
+            self._count_fills()
+
+    def _count_fills(self) -> None:
+        """The running fills gauge, where it is not read at each scrape (a worker of a node)."""
+        if self.metrics.shared_dir is not None:
+            self.metrics.fills_in_flight.set(len(self.fills))
 
     def _fill_finished(self, mirror: Mirror, key: FillKey, fill: BlobFill) -> None:
         self._forget_fill(key, fill)
