@@ -18,6 +18,7 @@ from registryd.auth.errors import AuthConfigError
 from registryd.auth.policy import mirrored_namespaces
 from registryd.auth.proxies import is_loopback
 from registryd.auth.settings import build_auth
+from registryd.auth.shared_failures import SharedFailures
 from registryd.auth.tls import ServerTLSContext, TLSServerEndpoint, parse_tls_description, tls_endpoint
 from registryd.config import Config
 from registryd.listeners import HAPROXY, RUN, Inherited, WorkerRole, accept_one_at_a_time
@@ -92,6 +93,9 @@ class RegistryService(MultiService):
         if role is not None:
             # A collection in one worker sees the blobs every worker claimed.
             self.store.guard.share(ClaimTable(os.path.join(config.data_dir, RUN, "claims")))
+            # A guesser meets one count of failed logins, whichever worker it reaches.
+            throttle = self.auth.authenticator.throttle
+            throttle.share(SharedFailures(os.path.join(config.data_dir, RUN, "login-failures"), throttle.expiry))
         self.site = RegistrySite(self.api, reactor)
         self.probe_site: RegistrySite | None = None
         self.upkeep = self.api.upkeep = Upkeep(self.store, config, self.api.metrics, reactor)

@@ -84,7 +84,7 @@ def seen_workers(node: Node, count: int, timeout: float = 30) -> set[str]:
     while len(seen) < count:
         assert time.monotonic() < deadline, f"only workers {seen} answered"
         response = request(node.host, "GET", "/v2/")
-        assert response.status == 200
+        assert response.status in (200, 401)    # 401: users are configured
         seen.add(response.header(WORKER) or "")
     return seen
 
@@ -553,3 +553,30 @@ def test_metrics_of_any_worker_count_the_requests_of_every_worker(node: Node) ->
     assert counts["0"] == counts["1"] >= 8, counts
     for conn in workers.values():
         conn.close()
+
+
+# --- the login throttle counts per node -----------------------------------------------------
+
+def test_failed_logins_on_both_workers_meet_one_count(tmp_path: Any) -> None:
+    """Three free failures per user: two on each worker are four for the node, so the next
+    attempt waits (one count per worker would let it through at once)."""
+    import base64
+
+    import bcrypt
+
+    htpasswd = tmp_path / "htpasswd"
+    htpasswd.write_bytes(b"alice:" + bcrypt.hashpw(b"right", bcrypt.gensalt(rounds=4)) + b"\n")
+    node = start_node(tmp_path, f'[auth]\nhtpasswd = "{htpasswd}"\nfailures_before_delay = 3\n')
+    try:
+        wrong = {"Authorization": "Basic " + base64.b64encode(b"alice:wrong").decode()}
+        workers = _connections_to_both_workers(node)
+        for conn in workers.values():
+            for _ in range(2):
+                assert _ask(conn, "GET", "/v2/", headers=wrong)[0] == 401
+        for conn in workers.values():
+            started = time.monotonic()
+            assert _ask(conn, "GET", "/v2/", headers=wrong)[0] == 401
+            assert time.monotonic() - started >= 0.9, "the node's count was not met"
+            conn.close()
+    finally:
+        stop_process(node.process)
