@@ -60,7 +60,10 @@ def shareable(config: Config) -> list[str]:
 
 
 def _plain(description: str) -> str:
-    tls = parse_tls_description(description)
+    try:
+        tls = parse_tls_description(description)
+    except AuthConfigError:
+        return description      # not shareable: one process, which says what is wrong with it
     return tls[0] if tls is not None else description
 
 
@@ -132,6 +135,13 @@ class Supervisor(Service):
 
     def privilegedStartService(self) -> None:
         """Bind every listener (a port in use, a bad TLS file: one line, exit 1)."""
+        try:
+            self._bind()
+        except StartupError as e:
+            raise SystemExit(f"registryd: {e}") from None
+        super().privilegedStartService()
+
+    def _bind(self) -> None:
         make_room_for_connections(self.config.max_connections)
         for description in self.config.listen:
             probes_only, description = split_probes(description)
@@ -159,7 +169,6 @@ class Supervisor(Service):
             self.ports.append(port)
             log.info("registryd listening on {address}{what}", address=str(port.getHost()),
                      what=" (health checks only)" if probes_only else "")
-        super().privilegedStartService()
 
     def startService(self) -> None:
         super().startService()

@@ -580,3 +580,19 @@ def test_failed_logins_on_both_workers_meet_one_count(tmp_path: Any) -> None:
             conn.close()
     finally:
         stop_process(node.process)
+
+
+def test_a_port_in_use_stops_the_supervisor_with_one_line(tmp_path: Any) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "registryd.toml"
+        config.write_text("[server]\nworkers = 2\n")
+        result = subprocess.run([os.path.join(VENV_BIN, "twistd"), "-n", "--pidfile=", "registryd", "-c", str(config),
+                                 "--listen", f"tcp:{port}:interface=127.0.0.1", "--data-dir", str(tmp_path / "data")],
+                                capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert result.returncode == 1
+    output = result.stdout + result.stderr
+    assert "Traceback" not in output, output
+    assert f"registryd: cannot listen on tcp:{port}:interface=127.0.0.1" in output
