@@ -25,6 +25,7 @@ from twisted.internet.interfaces import IStreamServerEndpoint
 
 #: The environment a worker is started with: its index, and its listening descriptors.
 WORKER_ENV = "REGISTRYD_WORKER"
+COUNT_ENV = "REGISTRYD_WORKER_COUNT"
 FDS_ENV = "REGISTRYD_LISTEN_FDS"
 #: Tests only: every response names the worker that answered it (X-Registryd-Worker).
 HEADER_ENV = "REGISTRYD_WORKER_HEADER"
@@ -68,6 +69,7 @@ class WorkerRole:
     index: int
     sockets: tuple[Inherited, ...]
     header: bool = False
+    count: int = 1
 
     @property
     def runs_upkeep(self) -> bool:
@@ -75,7 +77,7 @@ class WorkerRole:
         return self.index == 0
 
     def environment(self) -> dict[str, str]:
-        env = {WORKER_ENV: str(self.index),
+        env = {WORKER_ENV: str(self.index), COUNT_ENV: str(self.count),
                FDS_ENV: ",".join(f"{s.fd}:{s.family}" for s in self.sockets)}
         if self.header:
             env[HEADER_ENV] = "1"
@@ -92,7 +94,8 @@ def role_from_environment(environ: dict[str, str] | None = None) -> WorkerRole |
     for item in filter(None, environ.get(FDS_ENV, "").split(",")):
         fd, _, family = item.partition(":")
         sockets.append(Inherited(int(fd), int(family)))
-    return WorkerRole(int(index), tuple(sockets), header=environ.get(HEADER_ENV) == "1")
+    return WorkerRole(int(index), tuple(sockets), header=environ.get(HEADER_ENV) == "1",
+                      count=int(environ.get(COUNT_ENV, "1")))
 
 
 def default_workers(environ: dict[str, str] | None = None) -> int:

@@ -182,7 +182,7 @@ class Supervisor(Service):
 
     def _role(self, index: int) -> WorkerRole:
         sockets = tuple(Inherited(FIRST_FD + i, family_of(port)) for i, port in enumerate(self.ports))
-        return WorkerRole(index, sockets, header=self._header)
+        return WorkerRole(index, sockets, header=self._header, count=self.workers)
 
     def _spawn(self, index: int) -> None:
         self._timers.pop(index, None)

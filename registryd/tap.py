@@ -10,12 +10,13 @@ import signal
 import sys
 from typing import Any
 
+import attrs
 from twisted.application.service import IService
 from twisted.python import usage
 
 from registryd import __version__
-from registryd.config import ConfigError, load_config
-from registryd.listeners import HEADER_ENV, default_workers, role_from_environment
+from registryd.config import Config, ConfigError, load_config
+from registryd.listeners import HEADER_ENV, WorkerRole, default_workers, role_from_environment
 from registryd.secrets import require_secrets
 from registryd.service import RegistryService, StartupError
 from registryd.supervisor import Supervisor, shareable, watch_parent
@@ -96,6 +97,8 @@ def makeService(options: Options) -> IService:
         # The server uses every credential the config names: a missing one stops it now, in one line.
         require_secrets(config.secrets())
         workers = 1 if role is not None else _workers(config.workers, shareable(config))
+        if role is not None and config.storage.cache_size:
+            config = own_hot_cache(config, role)
         service = TwistdRegistryService(config, reactor, role=role)
         service.prepare_storage()
     except (ConfigError, StartupError) as e:
@@ -121,6 +124,15 @@ def _workers(configured: int, unshared: list[str]) -> int:
                               f"use tcp:, tcp6:, unix:, tls: or haproxy:, or set [server] workers = 1")
         return 1
     return configured or default_workers()
+
+
+def own_hot_cache(config: Config, role: WorkerRole) -> Config:
+    """An S3 node's hot blob cache, split between its workers: each keeps its share of
+    ``cache_size`` in a folder of its own (one index per folder, as one process has)."""
+    base = config.storage.cache_dir or os.path.join(config.data_dir, "cache")
+    storage = attrs.evolve(config.storage, cache_dir=os.path.join(base, f"worker-{role.index}"),
+                           cache_size=max(1, config.storage.cache_size // max(1, role.count)))
+    return attrs.evolve(config, storage=storage)
 
 
 def _test_header() -> bool:

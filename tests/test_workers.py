@@ -596,3 +596,19 @@ def test_a_port_in_use_stops_the_supervisor_with_one_line(tmp_path: Any) -> None
     output = result.stdout + result.stderr
     assert "Traceback" not in output, output
     assert f"registryd: cannot listen on tcp:{port}:interface=127.0.0.1" in output
+
+
+def test_each_worker_of_an_s3_node_keeps_its_share_of_the_hot_cache(tmp_path: Any) -> None:
+    """One index per folder, as with one process: worker i gets cache_size / N in a folder of its own."""
+    import attrs as attrs_
+
+    from registryd.config import Config, StorageSettings
+    from registryd.listeners import WorkerRole
+    from registryd.tap import own_hot_cache
+
+    config = Config(data_dir=str(tmp_path), storage=StorageSettings(driver="s3", cache_size=1000))
+    second = own_hot_cache(config, WorkerRole(1, (), count=2))
+    assert (second.storage.cache_dir, second.storage.cache_size) == (str(tmp_path / "cache" / "worker-1"), 500)
+    chosen = attrs_.evolve(config, storage=attrs_.evolve(config.storage, cache_dir=str(tmp_path / "hot")))
+    first = own_hot_cache(chosen, WorkerRole(0, (), count=2))
+    assert first.storage.cache_dir == str(tmp_path / "hot" / "worker-0")
