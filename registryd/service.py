@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import resource
+import time
 from typing import Any, Callable
 
 from twisted.application.service import MultiService
@@ -22,6 +23,7 @@ from registryd.auth.shared_failures import SharedFailures
 from registryd.auth.tls import ServerTLSContext, TLSServerEndpoint, parse_tls_description, tls_endpoint
 from registryd.config import Config
 from registryd.listeners import HAPROXY, RUN, Inherited, WorkerRole, accept_one_at_a_time
+from registryd.mirror.shared_fill import sweep_abandoned
 from registryd.storage import open_store
 from registryd.storage.claim_table import ClaimTable
 from registryd.storage.interface import Store, StoreUnusable
@@ -231,6 +233,12 @@ class RegistryService(MultiService):
             return
         if removed:
             log.info("reaped {count} abandoned upload sessions", count=removed)
+        if self.role is not None:
+            # A worker killed while fetching a blob left its partial file (registryd.mirror.shared_fill).
+            try:
+                await self.pool.run(sweep_abandoned, self.store.tmp_dir, self.config.upload_reap_interval, time.time())
+            except OSError as e:
+                log.warn("sweeping abandoned fills failed ({error}); will try again", error=str(e))
 
     def _close_ports(self) -> Deferred:
         ports, self.ports = self.ports, []

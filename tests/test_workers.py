@@ -612,3 +612,28 @@ def test_each_worker_of_an_s3_node_keeps_its_share_of_the_hot_cache(tmp_path: An
     chosen = attrs_.evolve(config, storage=attrs_.evolve(config.storage, cache_dir=str(tmp_path / "hot")))
     first = own_hot_cache(chosen, WorkerRole(0, (), count=2))
     assert first.storage.cache_dir == str(tmp_path / "hot" / "worker-0")
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_partial_file_of_a_worker_killed_mid_fill_is_swept(tmp_path: Any, fake_upstream: Any) -> None:
+    """Nobody asks for the blob again: worker 0's timer removes what the dead worker left."""
+    blob = os.urandom(4 * 1024 * 1024)
+    digest = fake_upstream.add_blob("lib/app", blob)
+    fake_upstream.slow(fake_upstream.blob_path("lib/app", digest), 16 * 1024, tick=0.01)
+    node = await deferToThread(start_node, tmp_path, "[uploads]\nreap_interval = 1\n" + mirror_config(fake_upstream))
+    try:
+        download = await start_download(node, f"/v2/{NS}/lib/app/blobs/{digest}")
+        await wait_until(lambda: download.body > 0, 20, "the first bytes")
+        fills = os.path.join(node.data_dir, "tmp", "fills")
+        parts = [name for name in os.listdir(fills) if name.endswith(".part")]
+        assert len(parts) == 1
+        lock = [os.path.join(fills, name) for name in os.listdir(fills) if name.endswith(".lock")][0]
+        filler = _lock_holder(lock)
+        assert filler is not None
+        os.kill(filler, signal.SIGKILL)
+        await download.done
+        assert not download.complete
+        await wait_until(lambda: not any(name.endswith(".part") for name in os.listdir(fills)), 15,
+                         "the dead worker's partial file is swept")
+    finally:
+        await deferToThread(stop_process, node.process)

@@ -269,3 +269,36 @@ class RemoteFill(BlobFill):
 
 async def _no_commit(path: str, digest: Digest) -> None:
     raise AssertionError("a followed fill is stored by the process that fetches it")
+
+
+def sweep_abandoned(tmp_dir: str, older_than: float, now: float) -> int:
+    """Remove the files of fills whose worker died and whose blob nobody asked for since
+    (blocking: for the IO pool); returns how many. Run by the worker that runs the timers.
+
+    A dead worker's partial file stays until the next request for its blob takes the claim;
+    this takes it instead, once the files are ``older_than`` seconds old.
+    """
+    folder = os.path.join(tmp_dir, FOLDER)
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return 0
+    removed = 0
+    for name in names:
+        if not name.endswith(".lock"):
+            continue
+        prefix = os.path.join(folder, name[:-len(".lock")])
+        try:
+            if now - os.stat(prefix + ".lock").st_mtime < older_than:
+                continue
+        except FileNotFoundError:
+            continue
+        claim = FillClaim.take(prefix, None)
+        if claim is None:
+            continue    # a live transfer
+        parts = glob.glob(glob.escape(prefix) + ".*.part")
+        claim.prepare()
+        _unlink(prefix + ".end")
+        claim.release()
+        removed += len(parts)
+    return removed
