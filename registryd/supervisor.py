@@ -49,9 +49,6 @@ FIRST_BACKOFF = 0.5
 MAX_BACKOFF = 30.0
 #: Seconds past shutdown_timeout a worker gets before it is killed.
 KILL_GRACE = 15.0
-#: twistd options the workers must not inherit: they run in the foreground, without a pid file.
-_OWN_OPTIONS = {"-n", "--nodaemon"}
-_VALUE_OPTIONS = {"--pidfile"}
 
 
 def shareable(config: Config) -> list[str]:
@@ -69,20 +66,39 @@ def _plain(description: str) -> str:
 
 def worker_command(argv: list[str]) -> list[str]:
     """The command line of a worker: twistd with the supervisor's own arguments, in the
-    foreground and without its pid file (``argv``: ``sys.argv``)."""
+    foreground and without its pid file (``argv``: ``sys.argv``).
+
+    twistd's options are told from the subcommand as twistd's own parser does (options that
+    take a value consume it), so a value that happens to read ``registryd`` stays a value.
+    """
+    from twisted.scripts.twistd import ServerOptions
+
+    options = ServerOptions()
+    valued_long = {name[:-1] for name in options.longOpt if name.endswith("=")}
+    valued_short = {options.shortOpt[i - 1] for i, c in enumerate(options.shortOpt) if c == ":"}
     args: list[str] = []
     rest = iter(argv[1:])
     for arg in rest:
-        if arg == "registryd":
+        if arg == "--" or not arg.startswith("-") or arg == "-":
             args.append(arg)
-            args.extend(rest)
+            args.extend(rest)     # the subcommand and its own options, as given
             break
-        if arg in _OWN_OPTIONS or arg.startswith("--pidfile="):
+        if arg.startswith("--"):
+            name = arg[2:].partition("=")[0]
+            value = [] if "=" in arg or name not in valued_long else [next(rest, "")]
+            if name == "pidfile" or name == "nodaemon":
+                continue
+            args.extend([arg, *value])
             continue
-        if arg in _VALUE_OPTIONS:
-            next(rest, None)
+        flags, value = arg[1:], []
+        for i, flag in enumerate(flags):
+            if flag in valued_short:
+                if i == len(flags) - 1:
+                    value = [next(rest, "")]
+                break
+        if flags == "n":
             continue
-        args.append(arg)
+        args.extend([arg, *value])
     return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=", *args]
 
 

@@ -637,3 +637,13 @@ async def test_the_partial_file_of_a_worker_killed_mid_fill_is_swept(tmp_path: A
                          "the dead worker's partial file is swept")
     finally:
         await deferToThread(stop_process, node.process)
+
+
+def test_a_worker_runs_twistd_with_the_same_options_in_the_foreground_without_the_pid_file() -> None:
+    from registryd.supervisor import worker_command
+
+    command = worker_command(["twistd", "--prefix", "registryd", "--pidfile", "/run/registryd.pid", "-l", "registryd",
+                              "--logger=registryd.logs.json_lines", "registryd", "-c", "/etc/registryd.toml"])
+    assert command[3:] == ["-n", "--pidfile=", "--prefix", "registryd", "-l", "registryd",
+                           "--logger=registryd.logs.json_lines", "registryd", "-c", "/etc/registryd.toml"]
+    assert worker_command(["twistd", "-n", "--pidfile=/run/x.pid", "registryd"])[3:] == ["-n", "--pidfile=", "registryd"]
