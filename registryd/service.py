@@ -32,6 +32,7 @@ from registryd.threads import BlockingPool, BoundedPool
 from registryd.upkeep.scheduler import Upkeep
 from registryd.web.app import RegistryAPI
 from registryd.web.probes import ProbesOnly, split_probes
+from registryd.web.shared_sessions import SharedSessionQuota
 from registryd.web.site import RegistrySite
 
 log = Logger()
@@ -98,6 +99,12 @@ class RegistryService(MultiService):
             # A guesser meets one count of failed logins, whichever worker it reaches.
             throttle = self.auth.authenticator.throttle
             throttle.share(SharedFailures(os.path.join(config.data_dir, RUN, "login-failures"), throttle.expiry))
+            # Upload sessions count against [uploads] limits wherever they started.
+            store_uploads = self.store.uploads
+            self.api.upload_quota = SharedSessionQuota(
+                os.path.join(config.data_dir, RUN, "sessions"), config.max_upload_sessions,
+                config.max_upload_sessions_per_client,
+                lambda repo, upload_id: store_uploads.known(repo, upload_id) is not None, self.api.warnings)
         self.site = RegistrySite(self.api, reactor)
         self.probe_site: RegistrySite | None = None
         self.upkeep = self.api.upkeep = Upkeep(self.store, config, self.api.metrics, reactor)

@@ -647,3 +647,27 @@ def test_a_worker_runs_twistd_with_the_same_options_in_the_foreground_without_th
     assert command[3:] == ["-n", "--pidfile=", "--prefix", "registryd", "-l", "registryd",
                            "--logger=registryd.logs.json_lines", "registryd", "-c", "/etc/registryd.toml"]
     assert worker_command(["twistd", "-n", "--pidfile=/run/x.pid", "registryd"])[3:] == ["-n", "--pidfile=", "registryd"]
+
+
+def test_upload_session_limits_count_the_sessions_of_every_worker(tmp_path: Any) -> None:
+    """max_sessions_per_client = 3: two sessions started on each worker are four for the node, so
+    the fourth is refused (per worker it was let in); one ended on the other worker makes room."""
+    node = start_node(tmp_path, "[uploads]\nmax_sessions_per_client = 3\n")
+    try:
+        workers = _connections_to_both_workers(node)
+        answers = []
+        for name in ("0", "1"):
+            for _ in range(2):
+                workers[name].request("POST", "/v2/quota/app/blobs/uploads/")
+                reply = workers[name].getresponse()
+                reply.read()
+                answers.append((name, reply.status, reply.getheader("Location")))
+        assert [status for _, status, _ in answers] == [202, 202, 202, 429], answers
+        # The first session (started on worker 0) is cancelled through worker 1: room for one more.
+        assert _ask(workers["1"], "DELETE", answers[0][2] or "")[0] == 204
+        assert _ask(workers["1"], "POST", "/v2/quota/app/blobs/uploads/")[0] == 202
+        assert _ask(workers["0"], "POST", "/v2/quota/app/blobs/uploads/")[0] == 429
+        for conn in workers.values():
+            conn.close()
+    finally:
+        stop_process(node.process)
