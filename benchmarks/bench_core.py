@@ -92,17 +92,27 @@ def free_port():
 
 
 def read_status(pid):
-    """VmRSS / VmHWM of a process in MiB (the fields regbench.py rss prints)."""
+    """VmRSS / VmHWM in MiB (the fields regbench.py rss prints) of a process and its children
+    (registryd's worker processes, [server] workers), added up."""
     out = {}
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                k, _, v = line.partition(":")
-                if k in ("VmRSS", "VmHWM"):
-                    out[k] = round(int(v.split()[0]) / 1024, 1)
-    except OSError:
-        pass
+    for process in [pid, *_children(pid)]:
+        try:
+            with open(f"/proc/{process}/status") as f:
+                for line in f:
+                    k, _, v = line.partition(":")
+                    if k in ("VmRSS", "VmHWM"):
+                        out[k] = round(out.get(k, 0) + int(v.split()[0]) / 1024, 1)
+        except OSError:
+            pass
     return out
+
+
+def _children(pid):
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(child) for child in f.read().split()]
+    except OSError:
+        return []
 
 
 def tail(path, n=40):
@@ -208,11 +218,16 @@ class Server:
 
 
 class Registryd(Server):
-    def __init__(self, workdir, twistd):
+    def __init__(self, workdir, twistd, workers=None):
         super().__init__("registryd", workdir)
         self.cwd = REPO
         self.cmd = [twistd, "-n", "--pidfile=", "registryd",
                     "--listen", f"tcp:{self.port}:interface=127.0.0.1", "--data-dir", self.data]
+        if workers is not None:
+            config = os.path.join(self.dir, "registryd.toml")
+            with open(config, "w") as f:
+                f.write(f"[server]\nworkers = {workers}\n")
+            self.cmd += ["--config", config]
 
 
 class Reference(Server):
@@ -546,6 +561,8 @@ def parse_args(argv):
     ap.add_argument("--servers", default=",".join(SERVERS),
                     help="which to run: registryd,reference (default both)")
     ap.add_argument("--twistd", default=None, help="twistd to start registryd with (default: next to python)")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="registryd's [server] workers (default: its own, one per CPU); RSS counts them all")
     ap.add_argument("--reference-bin", default=DEFAULT_REFERENCE, help=f"reference registry (default {DEFAULT_REFERENCE})")
     ap.add_argument("--regbench-dir", default=DEFAULT_REGBENCH_DIR,
                     help="folder holding regbench.py and mkimage.py (default $REGBENCH_DIR or benchmarks/tools)")
@@ -600,7 +617,7 @@ def main(argv):
     interrupted = False
     try:
         if "registryd" in args.servers:
-            servers["registryd"] = Registryd(workdir, args.twistd or find_twistd())
+            servers["registryd"] = Registryd(workdir, args.twistd or find_twistd(), args.workers)
         if "reference" in args.servers:
             servers["reference"] = Reference(workdir, args.reference_bin)
         for name, srv in servers.items():

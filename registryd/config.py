@@ -385,6 +385,7 @@ class Config:
                                         section="uploads", name="reap_interval")
     stall_timeout: int = _server(300, int, positive, "seconds a transfer may go without a byte")
     io_threads: int = _server(4, int, positive, "threads for disk work")
+    workers: int = _server(0, int, not_negative, "worker processes sharing the listeners; 0: one per CPU")
     min_free_bytes: int = _server(512 * 1024 * 1024, object, _positive_size, "uploads refused below this")
     shutdown_timeout: int = _server(30, int, positive, "seconds open requests get on stop")
     header_timeout: int = _server(60, int, positive, "seconds for a request's head to arrive")

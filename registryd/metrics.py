@@ -1,13 +1,24 @@
-"""Prometheus metrics of one registryd (its own registry, so several can run in one process)."""
+"""Prometheus metrics of one registryd (its own registry, so several can run in one process).
+
+In a worker process of a node ([server] workers), prometheus_client runs in
+its multiprocess mode (the supervisor sets PROMETHEUS_MULTIPROC_DIR to
+``<data_dir>/run/metrics``): every worker writes its values to files there,
+and any worker's /metrics (and the status page's hit rate) adds up the
+whole node's.
+"""
 from __future__ import annotations
 
+import os
 import re
 from typing import Any, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+#: Where the workers of a node keep their values (prometheus_client's multiprocess mode).
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 _ROUTES = [
     ("base", re.compile(r"^/v2/?$")),
@@ -36,6 +47,10 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        #: The folder every worker of the node writes its values to (None: one process).
+        self.shared_dir = os.environ.get(MULTIPROC_ENV) or None
+        self._node: CollectorRegistry | None = None
+        self._own: list[Any] = []     # collectors of this process's state, not in the shared files
         self.requests = Counter("registryd_http_requests", "HTTP requests by route, method and status",
                                 ["route", "method", "status"], registry=r)
         self.bytes_in = Counter("registryd_http_received_bytes", "Request body bytes received", ["route"],
@@ -50,13 +65,14 @@ class Metrics:
         self.upstream_errors = Counter("registryd_upstream_errors", "Upstream failures (network, 5xx, 429, "
                                        "bad content)", ["upstream"], registry=r)
         self.fills_in_flight = Gauge("registryd_upstream_fills_in_flight", "Blob transfers from upstreams now "
-                                     "running", registry=r)
+                                     "running", registry=r, multiprocess_mode="livesum")
         self.store_bytes = Gauge("registryd_store_bytes", "Bytes of blobs in the store, by what keeps them "
                                  "(local content, only the mirror cache, nothing yet), at the last survey",
-                                 ["kind"], registry=r)
-        self.store_blobs = Gauge("registryd_store_blobs", "Blobs in the store at the last survey", registry=r)
+                                 ["kind"], registry=r, multiprocess_mode="livemax")
+        self.store_blobs = Gauge("registryd_store_blobs", "Blobs in the store at the last survey", registry=r,
+                                 multiprocess_mode="livemax")
         self.mirror_max_size = Gauge("registryd_mirror_cache_max_bytes", "The mirror cache limit "
-                                     "([mirror] max_size; 0: none)", registry=r)
+                                     "([mirror] max_size; 0: none)", registry=r, multiprocess_mode="max")
         self.evicted_manifests = Counter("registryd_mirror_evicted_manifests", "Cached manifests evicted to "
                                          "keep the mirror cache under max_size", registry=r)
         self.evicted_blobs = Counter("registryd_mirror_evicted_blobs", "Cached blobs evicted", registry=r)
@@ -68,15 +84,17 @@ class Metrics:
         self.gc_reclaimed = Counter("registryd_gc_reclaimed_bytes", "Bytes reclaimed by online garbage "
                                     "collection", registry=r)
         self.gc_last_success = Gauge("registryd_gc_last_success_timestamp_seconds", "When the last successful "
-                                     "online garbage collection ended", registry=r)
+                                     "online garbage collection ended", registry=r, multiprocess_mode="max")
         self.gc_duration = Gauge("registryd_gc_last_duration_seconds", "How long the last successful online "
-                                 "garbage collection took", registry=r)
+                                 "garbage collection took", registry=r, multiprocess_mode="mostrecent")
 
     def cache_totals(self) -> tuple[int, int]:
         """Mirrored reads served from cache and from upstream, over every route
         (a stale tag, served while its upstream is down, came from the cache)."""
         totals = {"hit": 0.0, "miss": 0.0}
-        for family in self.cache.collect():
+        families = self.cache.collect() if self.shared_dir is None else [
+            family for family in self._node_registry().collect() if family.name == "registryd_mirror_cache_requests"]
+        for family in families:
             for sample in family.samples:
                 if sample.name.endswith("_total"):
                     totals["miss" if sample.labels["result"] == "miss" else "hit"] += sample.value
@@ -84,10 +102,21 @@ class Metrics:
 
     def watch_hot_cache(self, cache: Any) -> None:
         """Export a node's S3 hot blob cache (registryd.storage.hot_cache.HotCache), read at each scrape."""
-        self.registry.register(HotCacheCollector(cache))
+        collector = HotCacheCollector(cache)
+        self.registry.register(collector)
+        self._own.append(collector)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self.registry if self.shared_dir is None else self._node_registry())
+
+    def _node_registry(self) -> CollectorRegistry:
+        """Every worker's values, added up from the shared folder (and this process's own collectors)."""
+        if self._node is None:
+            self._node = CollectorRegistry()
+            MultiProcessCollector(self._node, self.shared_dir)
+            for collector in self._own:
+                self._node.register(collector)
+        return self._node
 
 
 class HotCacheCollector:

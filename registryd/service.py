@@ -1,7 +1,9 @@
 """The registry as a Twisted service: storage, listeners and timers."""
 from __future__ import annotations
 
+import os
 import resource
+import time
 from typing import Any, Callable
 
 from twisted.application.service import MultiService
@@ -10,15 +12,20 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.protocols.haproxy import proxyEndpoint
 from twisted.python.failure import Failure
 
 from registryd.auth.errors import AuthConfigError
 from registryd.auth.policy import mirrored_namespaces
 from registryd.auth.proxies import is_loopback
 from registryd.auth.settings import build_auth
-from registryd.auth.tls import ServerTLSContext, parse_tls_description, tls_endpoint
+from registryd.auth.shared_failures import SharedFailures
+from registryd.auth.tls import ServerTLSContext, TLSServerEndpoint, parse_tls_description, tls_endpoint
 from registryd.config import Config
+from registryd.listeners import HAPROXY, RUN, Inherited, WorkerRole, accept_one_at_a_time
+from registryd.mirror.shared_fill import sweep_abandoned
 from registryd.storage import open_store
+from registryd.storage.claim_table import ClaimTable
 from registryd.storage.interface import Store, StoreUnusable
 from registryd.storage.outage import outage_reason
 from registryd.sync.scheduler import SyncScheduler
@@ -26,6 +33,7 @@ from registryd.threads import BlockingPool, BoundedPool
 from registryd.upkeep.scheduler import Upkeep
 from registryd.web.app import RegistryAPI
 from registryd.web.probes import ProbesOnly, split_probes
+from registryd.web.shared_sessions import SharedSessionQuota
 from registryd.web.site import RegistrySite
 
 log = Logger()
@@ -64,10 +72,12 @@ class RegistryService(MultiService):
     _store_checked = False
 
     def __init__(self, config: Config, reactor: Any,
-                 store: Callable[[BlockingPool], Store] | None = None) -> None:
-        """``store``: opens another store than the config's on the IO pool (a test's memory store)."""
+                 store: Callable[[BlockingPool], Store] | None = None, role: WorkerRole | None = None) -> None:
+        """``store``: opens another store than the config's on the IO pool (a test's memory store);
+        ``role``: this process is one worker of a node (registryd.supervisor), on inherited sockets."""
         super().__init__()
         self.config = config
+        self.role = role
         self._reactor = reactor
         self.pool = BlockingPool(reactor, config.io_threads)
         self.store = store(self.pool) if store is not None else open_store(config, self.pool, reactor)
@@ -82,6 +92,20 @@ class RegistryService(MultiService):
         except AuthConfigError as e:
             raise StartupError(str(e)) from None
         self.api = RegistryAPI(self.store, config, reactor, auth=self.auth)
+        # Every worker of a node fetches a blob for all of them (registryd.mirror.shared_fill).
+        self.api.mirror.shared_fills = role is not None
+        if role is not None:
+            # A collection in one worker sees the blobs every worker claimed.
+            self.store.guard.share(ClaimTable(os.path.join(config.data_dir, RUN, "claims")))
+            # A guesser meets one count of failed logins, whichever worker it reaches.
+            throttle = self.auth.authenticator.throttle
+            throttle.share(SharedFailures(os.path.join(config.data_dir, RUN, "login-failures"), throttle.expiry))
+            # Upload sessions count against [uploads] limits wherever they started.
+            store_uploads = self.store.uploads
+            self.api.upload_quota = SharedSessionQuota(
+                os.path.join(config.data_dir, RUN, "sessions"), config.max_upload_sessions,
+                config.max_upload_sessions_per_client,
+                store_uploads.open_here, self.api.warnings)
         self.site = RegistrySite(self.api, reactor)
         self.probe_site: RegistrySite | None = None
         self.upkeep = self.api.upkeep = Upkeep(self.store, config, self.api.metrics, reactor)
@@ -113,10 +137,10 @@ class RegistryService(MultiService):
         make_room_for_connections(self.config.max_connections)
         # Listen here, synchronously, so a port in use stops start-up with
         # one line instead of a server that runs without a socket.
-        for description in self.config.listen:
+        for index, description in enumerate(self.config.listen):
             probes_only, description = split_probes(description)
             try:
-                endpoint = self._endpoint(description)
+                endpoint = self._endpoint(description, self.role.sockets[index] if self.role else None)
             except AuthConfigError as e:
                 self._close_ports()
                 raise StartupError(str(e)) from None
@@ -130,10 +154,13 @@ class RegistryService(MultiService):
                 reason = outcome[0].getErrorMessage() if outcome else "did not listen at once"
                 raise StartupError(f"cannot listen on {description}: {reason}")
             port = outcome[0]
+            if self.role is not None:
+                accept_one_at_a_time(port)
             self.ports.append(port)
-            log.info("registryd listening on {address}{what}", address=str(port.getHost()),
-                     what=" (health checks only)" if probes_only else "")
-            if not probes_only:
+            if self.role is None:
+                log.info("registryd listening on {address}{what}", address=str(port.getHost()),
+                         what=" (health checks only)" if probes_only else "")
+            if not probes_only and (self.role is None or self.role.runs_upkeep):
                 self._warn_if_credentials_in_clear(description, port)
         super().privilegedStartService()
 
@@ -158,9 +185,17 @@ class RegistryService(MultiService):
                      "passwords cross the network in clear text; use a TLS listener, or set "
                      "[auth] require_tls = true to refuse credentials here", description=description)
 
-    def _endpoint(self, description: str) -> Any:
-        """A Twisted endpoint; ``tls:`` ones get our reloadable TLS context."""
+    def _endpoint(self, description: str, inherited: Inherited | None = None) -> Any:
+        """A Twisted endpoint; ``tls:`` ones get our reloadable TLS context. With ``inherited``
+        (a worker) it accepts on the supervisor's socket, with the same TLS or PROXY protocol on top."""
         tls = parse_tls_description(description)
+        if inherited is not None:
+            adopted = inherited.endpoint(self._reactor)
+            if tls is not None:
+                context = ServerTLSContext(tls[1])
+                self.tls_contexts.append(context)
+                return TLSServerEndpoint(adopted, context, clock=self._reactor)
+            return proxyEndpoint(adopted) if description.startswith(HAPROXY) else adopted
         if tls is None:
             return serverFromString(self._reactor, description)
         plain, settings = tls
@@ -183,14 +218,19 @@ class RegistryService(MultiService):
         self.prepare_storage()
         self.pool.start()
         self.auth_pool.start()
-        self.store.recover()
+        # A worker leaves tmp/ to the supervisor: the other workers' fills and spools are in it.
+        self.store.recover(keep_tmp=self.role is not None)
         super().startService()
-        self._reaper.start(self.config.upload_reap_interval, now=False).addErrback(
-            lambda f: log.failure("upload reaper stopped", f)
-        )
-        self.upkeep.start()
-        self.sync.start()
-        log.info("registryd serving {location}", location=self.store.location(), data_dir=self.config.data_dir)
+        if self.role is None or self.role.runs_upkeep:
+            self._reaper.start(self.config.upload_reap_interval, now=False).addErrback(
+                lambda f: log.failure("upload reaper stopped", f)
+            )
+            self.upkeep.start()
+            self.sync.start()      # [[sync]] jobs run once per node, beside the upkeep
+        if self.role is None:
+            log.info("registryd serving {location}", location=self.store.location(), data_dir=self.config.data_dir)
+        else:
+            log.info("registryd worker {index} serving", index=self.role.index)
 
     async def _reap_uploads(self) -> None:
         try:
@@ -204,6 +244,12 @@ class RegistryService(MultiService):
             return
         if removed:
             log.info("reaped {count} abandoned upload sessions", count=removed)
+        if self.role is not None:
+            # A worker killed while fetching a blob left its partial file (registryd.mirror.shared_fill).
+            try:
+                await self.pool.run(sweep_abandoned, self.store.tmp_dir, self.config.upload_reap_interval, time.time())
+            except OSError as e:
+                log.warn("sweeping abandoned fills failed ({error}); will try again", error=str(e))
 
     def _close_ports(self) -> Deferred:
         ports, self.ports = self.ports, []

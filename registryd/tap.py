@@ -5,15 +5,21 @@ it gets the reactor injected.
 """
 from __future__ import annotations
 
+import os
 import signal
 import sys
+from typing import Any
+
+import attrs
 from twisted.application.service import IService
 from twisted.python import usage
 
 from registryd import __version__
-from registryd.config import ConfigError, load_config
+from registryd.config import Config, ConfigError, load_config
+from registryd.listeners import HEADER_ENV, WorkerRole, default_workers, role_from_environment
 from registryd.secrets import require_secrets
 from registryd.service import RegistryService, StartupError
+from registryd.supervisor import Supervisor, shareable, watch_parent
 
 
 class Options(usage.Options):
@@ -64,6 +70,18 @@ class TwistdRegistryService(RegistryService):
 
         # Signals arrive between reactor iterations; do the work in one.
         signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(self.reload))  # type: ignore[attr-defined]
+        if self.role is not None:
+            # A worker may get SIGTERM twice (from its supervisor, and from a terminal's or
+            # systemd's signal to the whole group): the second must not stop a stopping reactor.
+            stopping: list[bool] = []
+
+            def stop(*_: Any) -> None:
+                if not stopping:
+                    stopping.append(True)
+                    reactor.callFromThread(reactor.stop)  # type: ignore[attr-defined]
+
+            signal.signal(signal.SIGTERM, stop)
+            signal.signal(signal.SIGINT, stop)
 
 
 def makeService(options: Options) -> IService:
@@ -73,12 +91,61 @@ def makeService(options: Options) -> IService:
         "listen": tuple(options["listen"]) or None,
         "data_dir": options["data-dir"],
     }
+    role = role_from_environment()
     try:
         config = load_config(options["config"], overrides)
         # The server uses every credential the config names: a missing one stops it now, in one line.
         require_secrets(config.secrets())
-        service = TwistdRegistryService(config, reactor)
+        workers = 1 if role is not None else _workers(config.workers, shareable(config))
+        if role is not None and config.storage.cache_size:
+            config = own_hot_cache(config, role)
+        service = TwistdRegistryService(config, reactor, role=role)
         service.prepare_storage()
     except (ConfigError, StartupError) as e:
         raise SystemExit(f"registryd: {e}") from None
+    if role is not None:
+        watch_parent(reactor)
+        if role.header:
+            tag_responses(service, str(role.index))
+    if workers > 1:
+        # Checked above like a single process (config, store, htpasswd); the workers serve.
+        return Supervisor(config, reactor, workers, service.store.tmp_dir, header=_test_header())
     return service
+
+
+def _workers(configured: int, unshared: list[str]) -> int:
+    """How many processes serve: ``[server] workers``, or one per CPU when it is 0. A listener
+    workers cannot share (ssl:, systemd:) keeps the default to one process, and refuses more."""
+    if configured == 1:
+        return 1
+    if unshared:
+        if configured > 1:
+            raise ConfigError(f"listen endpoint {unshared[0]!r} cannot be shared by worker processes: "
+                              f"use tcp:, tcp6:, unix:, tls: or haproxy:, or set [server] workers = 1")
+        return 1
+    return configured or default_workers()
+
+
+def own_hot_cache(config: Config, role: WorkerRole) -> Config:
+    """An S3 node's hot blob cache, split between its workers: each keeps its share of
+    ``cache_size`` in a folder of its own (one index per folder, as one process has)."""
+    base = config.storage.cache_dir or os.path.join(config.data_dir, "cache")
+    storage = attrs.evolve(config.storage, cache_dir=os.path.join(base, f"worker-{role.index}"),
+                           cache_size=max(1, config.storage.cache_size // max(1, role.count)))
+    return attrs.evolve(config, storage=storage)
+
+
+def _test_header() -> bool:
+    return os.environ.get(HEADER_ENV) == "1"
+
+
+def tag_responses(service: RegistryService, value: str) -> None:
+    """Tests only: every response names the worker that answered it."""
+    base = service.site.requestFactory
+
+    class Tagged(base):  # type: ignore[valid-type,misc]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.responseHeaders.setRawHeaders(b"x-registryd-worker", [value.encode()])
+
+    service.site.requestFactory = Tagged

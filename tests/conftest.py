@@ -48,7 +48,7 @@ TIERS: dict[str, frozenset[str]] = {
         "test_cli_exit_codes", "test_cli_gc", "test_cli_htpasswd", "test_cli_ls", "test_cli_preload", "test_cli_prune",
         "test_cli_retention",
         "test_conformance", "test_durability", "test_limits", "test_memory", "test_mirror", "test_prune_online", "test_shutdown", "test_twistd", "test_upkeep",
-        "test_upstream_fixtures", "test_sync",
+        "test_upstream_fixtures", "test_sync", "test_workers",
     }),
     "s3": frozenset({
         "test_cli_fsck_s3", "test_s3_client", "test_s3_gc", "test_s3_hot_cache", "test_s3_outage",
@@ -131,6 +131,9 @@ def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
 
 ROOT = os.path.dirname(HERE)
 VENV_BIN = os.path.dirname(sys.executable)
+# Every registryd the tests start runs in one process unless its config says otherwise
+# ([server] workers); tests/test_workers.py and one e2e test run several.
+os.environ.setdefault("REGISTRYD_WORKERS", "1")
 
 
 @attrs.define

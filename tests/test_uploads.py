@@ -131,3 +131,31 @@ async def test_a_session_acknowledged_before_the_upgrade_is_continued_after_it(t
     await store.uploads.commit(writer, digest)
     assert await store.blobs.read(digest, 200) == b"a" * 100 + b"b" * 5
     assert os.listdir(tmp_path / "uploads") == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_processes_on_one_data_directory_continue_each_others_sessions(tmp_path: Any) -> None:
+    """Worker processes share a data directory: what one remembers of a session is used only while
+    the data file still has the size it acknowledged, and one body at a time is written to it."""
+    one, two = FsStore(str(tmp_path), InlinePool()), FsStore(str(tmp_path), InlinePool())
+    one.prepare()
+    upload = await one.uploads.create("team/app")
+    await patch(one.uploads, upload, b"a" * 10)
+    other = await two.uploads.get("team/app", upload.id)
+    await patch(two.uploads, other, b"b" * 5)
+    assert one.uploads.known("team/app", upload.id) is None       # moved on elsewhere: read it again
+    again = await one.uploads.get("team/app", upload.id)
+    assert (again.size, again.hasher) == (15, None)
+    assert one.uploads.open_here("team/app", upload.id)
+    writing = two.uploads.open_writer(await two.uploads.get("team/app", upload.id), 15, None)
+    with pytest.raises(RegistryError) as caught:                  # the other process holds the session
+        one.uploads.open_writer(again, 15, None)
+    assert caught.value.status == 416
+    writing.write(b"c" * 3)
+    await two.uploads.acknowledge(writing)
+    with pytest.raises(RegistryError) as caught:                  # a stale look at it: 416 with the end
+        one.uploads.open_writer(again, 15, None)
+    assert (caught.value.status, caught.value.detail) == (416, {"size": 18})
+    last = one.uploads.open_writer(await one.uploads.get("team/app", upload.id), 18, None)
+    await one.uploads.commit(last, sha256(b"a" * 10 + b"b" * 5 + b"c" * 3))
+    assert not two.uploads.open_here("team/app", upload.id)

@@ -126,6 +126,10 @@ class BasicAuthenticator:
         self.realm = realm
 
     @property
+    def throttle(self) -> Throttle:
+        return self._throttle
+
+    @property
     def enabled(self) -> bool:
         return self._checker is not None
 

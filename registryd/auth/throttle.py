@@ -19,6 +19,10 @@ refusal counts against the address like a failure (``record_refusal``).
 
 IPv6 clients are counted per /64 network, because one host usually has a
 whole /64 to pick addresses from; IPv4-mapped IPv6 addresses count as IPv4.
+
+The worker processes of a node ([server] workers) ``share`` their counts
+(registryd.auth.shared_failures), so a guesser meets one count whichever
+worker its connections reach; the concurrent checks stay per process.
 """
 from __future__ import annotations
 
@@ -28,6 +32,8 @@ from collections import OrderedDict
 import attrs
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+
+from registryd.auth.shared_failures import SharedFailures
 
 log = Logger()
 
@@ -92,6 +98,31 @@ class Throttle:
         # Ordered by last failure, oldest first, so expiry pops from the front.
         self._entries: OrderedDict[tuple[str, str | None], _Entry] = OrderedDict()
         self._running: dict[str, int] = {}
+        self._shared: SharedFailures | None = None
+
+    @property
+    def expiry(self) -> float:
+        return self._expiry
+
+    def share(self, table: SharedFailures) -> None:
+        """Count in ``table``, which the other worker processes of the node count in too."""
+        self._shared = table
+
+    def _entry(self, key: tuple[str, str | None], now: float) -> _Entry | None:
+        if self._shared is not None:
+            found = self._shared.get(key[0], key[1], now)
+            return _Entry(*found) if found is not None else None
+        return self._entries.get(key)
+
+    def _count(self, key: tuple[str, str | None], now: float) -> int:
+        """One more failure for ``key`` now; its count."""
+        if self._shared is not None:
+            return self._shared.bump(key[0], key[1], now)
+        entry = self._entries.pop(key, None) or _Entry(0, now)
+        entry.failures += 1
+        entry.last_failure = now
+        self._entries[key] = entry
+        return entry.failures
 
     def backoff(self, failures: int, free: int | None = None) -> float:
         """The wait imposed after ``failures`` consecutive failures."""
@@ -118,8 +149,9 @@ class Throttle:
 
     def failures(self, address: str, user: str | None = None) -> int:
         """Failures currently counted for ``address`` (with ``user``: for that name)."""
-        self._expire(self._clock.seconds())
-        entry = self._entries.get((client_key(address), user))
+        now = self._clock.seconds()
+        self._expire(now)
+        entry = self._entry((client_key(address), user), now)
         return entry.failures if entry else 0
 
     def delay_for(self, address: str, user: str | None = None) -> float:
@@ -128,7 +160,7 @@ class Throttle:
         self._expire(now)
         delay = 0.0
         for key, free in self._keys(address, user):
-            entry = self._entries.get(key)
+            entry = self._entry(key, now)
             if entry is not None:
                 delay = max(delay, entry.last_failure + self.backoff(entry.failures, free) - now)
         return delay
@@ -144,12 +176,8 @@ class Throttle:
         delay = 0.0
         counted = 0
         for key, free in self._keys(address, "" if user is None else user):
-            entry = self._entries.pop(key, None) or _Entry(0, now)
-            entry.failures += 1
-            entry.last_failure = now
-            self._entries[key] = entry
-            delay = max(delay, self.backoff(entry.failures, free))
-            counted = entry.failures
+            counted = self._count(key, now)
+            delay = max(delay, self.backoff(counted, free))
         self._expire(now)
         log.warn(
             "authentication failed for user {user!r} from {address}: {reason}; "
@@ -162,15 +190,13 @@ class Throttle:
         """Count an attempt refused unchecked (too many at once) against the
         address, without a log line each: a flood must not flood the log."""
         now = self._clock.seconds()
-        key = (client_key(address), _ANY_USER)
-        entry = self._entries.pop(key, None) or _Entry(0, now)
-        entry.failures += 1
-        entry.last_failure = now
-        self._entries[key] = entry
+        self._count((client_key(address), _ANY_USER), now)
         self._expire(now)
 
     def record_success(self, address: str, user: str) -> None:
         """Forget the failures of ``user`` from ``address`` (not the address's own count)."""
+        if self._shared is not None:
+            self._shared.forget(client_key(address), user)
         self._entries.pop((client_key(address), user), None)
 
     def begin_check(self, address: str) -> bool:
@@ -189,4 +215,4 @@ class Throttle:
             self._running[key] = running
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._shared) if self._shared is not None else len(self._entries)

@@ -29,6 +29,7 @@ from registryd.manifests import MANIFEST_TYPES, parse_manifest
 from registryd.metrics import Metrics
 from registryd.mirror.client import MANIFEST_ACCEPT, UpstreamClient, UpstreamUnavailable, read_limited
 from registryd.mirror.fill import BlobFill
+from registryd.mirror.shared_fill import FillClaim, RemoteFill, fill_prefix
 from registryd.mirror.routing import Route, Router
 from registryd.names import check_tag, is_tag
 from registryd.storage import Store
@@ -38,6 +39,8 @@ log = Logger()
 
 
 _MAX_TAG_PAGES = 100
+#: Tries to join or take one fill whose claim another worker process let go of before it began.
+_FILL_ATTEMPTS = 5
 _TAG_LIST_LIMIT = 16 * 1024 * 1024
 _LINK_NEXT = re.compile(r'<([^>]+)>\s*;\s*rel="?next"?')
 
@@ -141,9 +144,12 @@ class MirrorCache:
         # One per upstream repository and digest: a client joins only the transfer
         # its own route asked for, never another repository's (or user's).
         self.fills: dict[FillKey, BlobFill] = {}
+        # Set for a worker process of a node: fills are claimed and followed across processes.
+        self.shared_fills = False
         self.fills_started = 0
         self.fill_waiters = 0
-        self.metrics.fills_in_flight.set_function(lambda: len(self.fills))
+        if self.metrics.shared_dir is None:
+            self.metrics.fills_in_flight.set_function(lambda: len(self.fills))
         self.health: dict[str, UpstreamHealth] = {u.namespace: UpstreamHealth() for u in config.upstreams}
         # Called with (namespace, message) on every upstream failure.
         self.error_listeners: list[Callable[[str, str], None]] = []
@@ -431,26 +437,60 @@ class MirrorCache:
         if self._offline(upstream):
             raise offline_miss(upstream, "blob")
         key: FillKey = (upstream.namespace, route.remote, digest)
-        fill = self.fills.get(key)
-        if fill is None:
-            mirror = self.mirror(route)
-            fill = BlobFill(digest, self._store.tmp_dir, self._reactor, upstream.idle_timeout,
-                            lambda path, d: self._commit_fill(mirror, route.remote, path, d))
-            self.fills[key] = fill
-            self.fills_started += 1
-            self.metrics.upstream_fetches.labels(upstream.namespace).inc()
-            fill.started = Shared(self._start_fill(mirror, route.remote, key, fill))
-        else:
-            self.fill_waiters += 1
-            self.metrics.coalesced.inc()
-        await fill.started.wait()
-        if fill.start_error is not None:
-            raise fill.start_error
+        for _ in range(_FILL_ATTEMPTS):
+            fill = self.fills.get(key)
+            if fill is None:
+                fill = self._new_fill(route, key)
+            else:
+                self.fill_waiters += 1
+                self.metrics.coalesced.inc()
+            await fill.started.wait()
+            if isinstance(fill, RemoteFill) and fill.retry:
+                self._forget_fill(key, fill)   # its claim came free before it began: take it
+                continue
+            if fill.start_error is not None:
+                raise fill.start_error
+            return fill
+        raise unavailable(upstream, "the transfer did not begin in another worker process")
+
+    def _new_fill(self, route: Route, key: FillKey) -> BlobFill:
+        """A transfer of ``key`` in this process, or, when another worker process of the node
+        runs it (``shared_fills``), one followed through its files (registryd.mirror.shared_fill)."""
+        upstream, digest = route.upstream, key[2]
+        claim = None
+        if self.shared_fills:
+            prefix = fill_prefix(self._store.tmp_dir, *key)
+            claim = FillClaim.take(prefix, self._reactor)
+            if claim is None:
+                remote = RemoteFill(digest, prefix, self._reactor, upstream.idle_timeout)
+                self.fills[key] = remote
+                self._count_fills()
+                self.fill_waiters += 1
+                self.metrics.coalesced.inc()
+                remote.on_finished(lambda: self._forget_fill(key, remote))
+                return remote
+        mirror = self.mirror(route)
+        fill = BlobFill(digest, self._store.tmp_dir, self._reactor, upstream.idle_timeout,
+                        lambda path, d: self._commit_fill(mirror, route.remote, path, d), claim=claim)
+        self.fills[key] = fill
+        self._count_fills()
+        fill.started = Shared(self._start_fill(mirror, route, key, fill, claim))
         return fill
 
-    async def _start_fill(self, mirror: Mirror, remote: str, key: FillKey, fill: BlobFill) -> None:
+    async def _start_fill(self, mirror: Mirror, route: Route, key: FillKey, fill: BlobFill,
+                          claim: FillClaim | None) -> None:
         """Ask upstream for the blob; never fails (the error is kept on the fill)."""
+        remote = route.remote
         try:
+            if claim is not None:
+                if await self.cached_blob(route, fill.digest):
+                    # Stored by another worker process between this client's look and the claim.
+                    self._forget_fill(key, fill)
+                    fill.stored_elsewhere()
+                    return
+                claim.prepare()
+            self.fills_started += 1
+            self.metrics.upstream_fetches.labels(mirror.config.namespace).inc()
             response = await mirror.client.request("GET", f"/v2/{remote}/blobs/{fill.digest}", remote)
             if response.code in (401, 403, 404):
                 await read_limited(response, 64 * 1024)
@@ -463,6 +503,8 @@ class MirrorCache:
             self._upstream_ok(mirror.config.namespace)
         except (RegistryError, UpstreamUnavailable) as e:
             self._forget_fill(key, fill)
+            if claim is not None:
+                claim.release()
             if isinstance(e, UpstreamUnavailable):
                 self._upstream_failed(mirror.config.namespace, str(e))
             if isinstance(e, RegistryError):
@@ -473,11 +515,19 @@ class MirrorCache:
         except Exception as e:
             log.failure("starting the upstream transfer of {digest} failed", digest=str(fill.digest))
             self._forget_fill(key, fill)
+            if claim is not None:
+                claim.release()
             fill.start_error = unavailable(mirror.config, str(e))
 
     def _forget_fill(self, key: FillKey, fill: BlobFill) -> None:
         if self.fills.get(key) is fill:
             del self.fills[key]
+            self._count_fills()
+
+    def _count_fills(self) -> None:
+        """The running fills gauge, where it is not read at each scrape (a worker of a node)."""
+        if self.metrics.shared_dir is not None:
+            self.metrics.fills_in_flight.set(len(self.fills))
 
     def _fill_finished(self, mirror: Mirror, key: FillKey, fill: BlobFill) -> None:
         self._forget_fill(key, fill)

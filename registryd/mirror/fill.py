@@ -38,10 +38,12 @@ class BlobFill:
     """The state of one blob's transfer from upstream, shared by its readers."""
 
     def __init__(self, digest: Digest, tmp_dir: str, reactor: Any, idle_timeout: float,
-                 commit: Callable[[str, Digest], Awaitable[None]]) -> None:
+                 commit: Callable[[str, Digest], Awaitable[None]], claim: Any = None) -> None:
+        """``claim``: a registryd.mirror.shared_fill.FillClaim when other worker processes follow this fill."""
         self.digest = digest
         self._commit = commit
-        self.path = os.path.join(tmp_dir, f"fill-{uuid.uuid4().hex}")
+        self._claim = claim
+        self.path = claim.part_path if claim is not None else os.path.join(tmp_dir, f"fill-{uuid.uuid4().hex}")
         self.size: int | None = None
         self.written = 0
         self.done = False
@@ -135,6 +137,8 @@ class BlobFill:
         """Start writing ``response``'s body (status already checked)."""
         self.size = response.length if isinstance(response.length, int) else None
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        if self._claim is not None:
+            self._claim.started(self.size)
         self._arm_watchdog()
         response.deliverBody(_FillProtocol(self))
 
@@ -178,6 +182,8 @@ class BlobFill:
             return
         # Clients may have the tail now: the bytes are right even if storing them fails.
         self.verified = True
+        if self._claim is not None:
+            self._claim.verified()
         self._wake()
         try:
             await self._commit(self.path, self.digest)
@@ -189,6 +195,15 @@ class BlobFill:
                 log.warn("storing {digest} failed: {reason}", digest=str(self.digest), reason=reason)
             self.fail(FillFailed(f"storing the blob failed: {reason or e}"))
             return
+        self.done = True
+        if self._claim is not None:
+            self._claim.finished(None)
+        self._finish()
+
+    def stored_elsewhere(self) -> None:
+        """Another process stored the blob just before this one claimed the fill: nothing to fetch."""
+        if self._claim is not None:
+            self._claim.release()
         self.done = True
         self._finish()
 
@@ -202,6 +217,8 @@ class BlobFill:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
+        if self._claim is not None:
+            self._claim.finished(str(error))
         log.warn("fetching {digest} failed: {error}", digest=str(self.digest), error=str(error))
         self._finish()
 

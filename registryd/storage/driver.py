@@ -231,6 +231,15 @@ Save = Callable[[dict[str, Any]], Awaitable[None]]
 Check = Callable[[], Awaitable[None]]
 
 
+class SessionMoved(Exception):
+    """Another process writes a body of this appendable value now (``size`` None), or has made it
+    ``size`` bytes long since the caller looked: the caller's idea of the value is stale."""
+
+    def __init__(self, size: int | None) -> None:
+        super().__init__("another process moved the value on" if size is not None else "another process writes to the value")
+        self.size = size
+
+
 class Appendable(Protocol):
     """A driver's way to build a value body by body: the data of upload sessions.
 
@@ -256,7 +265,12 @@ class Appendable(Protocol):
 
     def spool(self, prefix: str, size: int) -> BodySpool:
         """Where the next body goes, after the first ``size`` bytes (anything beyond, a body cut off,
-        is dropped); cheap enough for the reactor."""
+        is dropped); cheap enough for the reactor. SessionMoved where the value shows at once that
+        another process writes to it, or has made it longer than ``size``."""
+
+    def size_now(self, prefix: str) -> int | None:
+        """The value's size where the driver can tell at once (a local file: one stat), else None:
+        how a worker process sees that another one moved a session on."""
 
     async def append(self, prefix: str, record: dict[str, Any], spool: BodySpool, length: int,
                      save: Save, check: Check) -> None:

@@ -164,6 +164,11 @@ class UploadBackend(Protocol[W]):
         """The session if this node has it in memory (no waiting), else None: then ``get``
         says whether it exists."""
 
+    def open_here(self, repo: str, upload_id: str) -> bool:
+        """Whether the session is open, answered without waiting: from memory, or from its state
+        file where the driver keeps one locally (a session another worker process of this node
+        started); False where only the store could say (then a limit counts what this process knows)."""
+
     async def create(self, repo: str) -> Any: ...
 
     async def get(self, repo: str, upload_id: str) -> Any:
@@ -266,8 +271,9 @@ class Store(Protocol):
     def prepare(self) -> None:
         """Create the local folders and prove them writable (raises OSError)."""
 
-    def recover(self) -> None:
-        """Drop what a crash left half-written locally (``tmp/``)."""
+    def recover(self, keep_tmp: bool = False) -> None:
+        """Drop what a crash left half-written locally (``tmp/``; not with ``keep_tmp``: a worker
+        process of a node, whose ``tmp/`` other workers are using)."""
 
     def check_store(self) -> None:
         """At start-up: the store takes a write and a read (raises StoreUnusable, one line)."""

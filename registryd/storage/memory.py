@@ -192,6 +192,9 @@ class MemoryAppendable:
         entry = await self._driver.stat(prefix + "data")
         return 0 if entry is None else entry.size
 
+    def size_now(self, prefix: str) -> int | None:
+        return None   # one process: its sessions are in memory
+
     def spool(self, prefix: str, size: int) -> MemorySpool:
         return MemorySpool()
 

@@ -45,8 +45,9 @@ class DriverStore:
     def prepare(self) -> None:
         make_dirs(self.tmp_dir)
 
-    def recover(self) -> None:
-        empty_dir(self.tmp_dir)
+    def recover(self, keep_tmp: bool = False) -> None:
+        if not keep_tmp:
+            empty_dir(self.tmp_dir)
 
     def check_store(self) -> None:
         """Nothing to check: memory takes every write."""

@@ -34,6 +34,7 @@ far the session got.
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 import uuid
@@ -45,7 +46,7 @@ from twisted.logger import Logger
 from registryd.digest import Digest
 from registryd.errors import blob_upload_unknown, digest_invalid, range_invalid
 from registryd.storage import layout
-from registryd.storage.driver import Appendable, BodySpool, Driver, TooLarge
+from registryd.storage.driver import Appendable, BodySpool, Driver, SessionMoved, TooLarge
 from registryd.storage.interface import BlobBackend
 
 log = Logger()
@@ -179,7 +180,19 @@ class UploadStore:
         """The session if this node has it in memory (no I/O); where the state is recorded,
         its size may lag another node's."""
         upload = self._sessions.get(upload_id)
-        return upload if upload is not None and upload.repo == repo else None
+        if upload is None or upload.repo != repo:
+            return None
+        if not upload.busy and self._data.size_now(upload.prefix) not in (None, upload.size):
+            # Another worker process of this node appended to it (or finished it) since.
+            del self._sessions[upload_id]
+            return None
+        return upload
+
+    def open_here(self, repo: str, upload_id: str) -> bool:
+        if self.known(repo, upload_id) is not None:
+            return True
+        path = self._driver.local_path(state_key(upload_id)) if _ID.match(upload_id) else None
+        return path is not None and os.path.exists(path)
 
     async def create(self, repo: str) -> Upload:
         upload_id = uuid.uuid4().hex
@@ -205,7 +218,8 @@ class UploadStore:
 
     async def _remember(self, upload_id: str, state: SessionState) -> Upload | None:
         upload = self._sessions.get(upload_id)
-        if upload is not None and upload.state.revision == state.revision:
+        if upload is not None and upload.state.revision == state.revision and (
+                upload.busy or self._data.size_now(upload.prefix) in (None, upload.size)):
             return upload
         try:
             size = await self._data.measure(layout.upload_prefix(upload_id), state.record, state.size)
@@ -261,7 +275,11 @@ class UploadStore:
                 hasher = upload.hasher.copy()
             elif upload.size == 0:
                 hasher = Digest(algorithm or DEFAULT_ALGORITHM, "").hasher()
-        spool = self._data.spool(upload.prefix, upload.size)
+        try:
+            spool = self._data.spool(upload.prefix, upload.size)
+        except SessionMoved as moved:
+            self._sessions.pop(upload.id, None)   # read it again next time
+            raise range_invalid(upload.size if moved.size is None else moved.size, upload.location()) from None
         upload.busy = True
         begin = upload.size if start is None else start
         return UploadWriter(upload, upload.state, spool, hasher, begin, begin, start is not None)

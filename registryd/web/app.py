@@ -135,7 +135,7 @@ class RegistryAPI:
         self.warnings = RateLimitedLog(reactor.seconds)
         self.body_budget = BodyBudget(config.max_pending_body_bytes, self.warnings)
         self.upload_quota = SessionQuota(config.max_upload_sessions, config.max_upload_sessions_per_client,
-                                         lambda repo, upload_id: store.uploads.known(repo, upload_id) is not None,
+                                         store.uploads.open_here,
                                          self.warnings)
 
     def resource(self) -> Any:

@@ -170,6 +170,33 @@ async def test_image_round_trip_twistd(twistd_registry: Any, skopeo: Skopeo, lay
 
 
 @pytest_twisted.ensureDeferred
+async def test_image_round_trip_two_workers(skopeo: Skopeo, layout: oci.OCILayout, tmp_path: Any) -> None:
+    """The same round trip against a node of two worker processes ([server] workers = 2):
+    skopeo's parallel blob uploads and downloads land on both."""
+    from twisted.internet.threads import deferToThread
+
+    from conftest import start_twistd, stop_process
+
+    config = tmp_path / "workers.toml"
+    config.write_text("[server]\nworkers = 2\n")
+    # Off the reactor: start_twistd blocks until the port answers.
+    process, node = await deferToThread(start_twistd, str(tmp_path / "data"), "--config", str(config))
+    try:
+        image = layout.add_image(image_with_layers("workers", [1500, 300_000, 2 * 1024 * 1024, 4096, 80_000]), tag="v1")
+        ref = docker_ref(node, "e2e/workers", "v1")
+        pushed = await skopeo.copy_digest(f"oci:{layout.root}:v1", ref, "--preserve-digests")
+        assert pushed == image.digest
+        for attempt in range(3):
+            out = tmp_path / f"out{attempt}"
+            await skopeo.copy(ref, f"oci:{out}:v1", "--preserve-digests")
+            assert_pulled(out, "v1", image.digest, expected_blobs(image))
+        with open(f"/proc/{process.pid}/task/{process.pid}/children") as f:
+            assert len(f.read().split()) == 2, "not two worker processes"
+    finally:
+        stop_process(process)
+
+
+@pytest_twisted.ensureDeferred
 async def test_inspect_and_list_tags(target: Any, skopeo: Skopeo, layout: oci.OCILayout) -> None:
     image = layout.add_image(image_with_layers("inspect", [2000, 3000, 4000]), tag="v1")
     src = f"oci:{layout.root}:v1"

@@ -10,13 +10,14 @@ value is the file itself. Nothing is recorded: the state is written once.
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 from typing import Any, Awaitable, Callable
 
 import attrs
 
-from registryd.storage.driver import BodySpool, Check, Pool, Save, Sealed
+from registryd.storage.driver import BodySpool, Check, Pool, Save, Sealed, SessionMoved
 from registryd.storage.files import write_fully
 
 DATA = "data"
@@ -80,13 +81,28 @@ class FileAppendable:
             os.makedirs(os.path.dirname(path), exist_ok=True)   # the state is usually there first
             fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
         try:
+            # Worker processes share the data directory: one body at a time per session, and the
+            # kernel drops the lock of a process that dies mid-body.
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            on_disk = os.fstat(fd).st_size
+            if on_disk > size:
+                raise SessionMoved(on_disk)   # another process acknowledged a body since
             # Drop whatever a cut-off body left behind the acknowledged end.
             os.ftruncate(fd, size)
             os.lseek(fd, size, os.SEEK_SET)
-        except OSError:
+        except BlockingIOError:
+            os.close(fd)
+            raise SessionMoved(None) from None
+        except BaseException:
             os.close(fd)
             raise
         return FileSpool(fd, size)
+
+    def size_now(self, prefix: str) -> int | None:
+        try:
+            return os.stat(self._data(prefix)).st_size
+        except FileNotFoundError:
+            return 0   # nothing written yet (or the session is gone: then its state is too)
 
     async def append(self, prefix: str, record: dict[str, Any], spool: BodySpool, length: int,
                      save: Save, check: Check) -> None:

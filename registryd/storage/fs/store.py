@@ -102,9 +102,10 @@ class FsStore:
     def close(self) -> Deferred[None]:
         return succeed(None)
 
-    def recover(self) -> None:
+    def recover(self, keep_tmp: bool = False) -> None:
         """Drop what a crash left half-written: everything under ``tmp/``."""
-        empty_dir(self.tmp_dir)
+        if not keep_tmp:
+            empty_dir(self.tmp_dir)
 
 
 #: mypy proves here that the data directory's store is a registryd.storage.interface.Store.

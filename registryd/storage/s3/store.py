@@ -74,13 +74,14 @@ class S3Store:
         if self.hot_cache is not None:
             self.hot_cache.prepare()
 
-    def recover(self) -> None:
+    def recover(self, keep_tmp: bool = False) -> None:
         """Drop local leftovers of a crash: spools and fills are re-sent by their clients.
 
         The hot cache rebuilds its index in the IO pool (which must be running)
         and answers once that is done.
         """
-        empty_dir(self.tmp_dir)
+        if not keep_tmp:
+            empty_dir(self.tmp_dir)
         make_dirs(os.path.join(self.tmp_dir, "uploads"))
         if self.hot_cache is not None:
             self.hot_cache.start()
