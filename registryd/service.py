@@ -21,7 +21,8 @@ from registryd.config import Config
 from registryd.storage import open_store
 from registryd.storage.interface import Store, StoreUnusable
 from registryd.storage.outage import outage_reason
-from registryd.threads import BlockingPool, BoundedPool
+from registryd.reactor_lag import ReactorLag
+from registryd.threads import MAINTENANCE_THREADS, BlockingPool, BoundedPool
 from registryd.upkeep.scheduler import Upkeep
 from registryd.web.app import RegistryAPI
 from registryd.web.probes import ProbesOnly, split_probes
@@ -68,8 +69,13 @@ class RegistryService(MultiService):
         super().__init__()
         self.config = config
         self._reactor = reactor
+        # Three pools: request I/O (fsync, commits, reads: ``pool``), whole-store passes
+        # (gc, surveys, usage walks: ``maintenance_pool``) and password checks (``auth_pool``),
+        # so none of them waits behind another's queue.
         self.pool = BlockingPool(reactor, config.io_threads)
-        self.store = store(self.pool) if store is not None else open_store(config, self.pool, reactor)
+        self.maintenance_pool = BlockingPool(reactor, MAINTENANCE_THREADS, name="registryd-maintenance")
+        self.store = (store(self.pool) if store is not None
+                      else open_store(config, self.pool, reactor, maintenance=self.maintenance_pool))
         # bcrypt gets threads of its own, at a lower CPU priority: a flood
         # of logins never queues in front of an upload's fsync, nor takes
         # the CPU from the reactor.
@@ -86,6 +92,7 @@ class RegistryService(MultiService):
         self.upkeep = self.api.upkeep = Upkeep(self.store, config, self.api.metrics, reactor)
         self.ports: list[IListeningPort] = []
         self.tls_contexts: list[ServerTLSContext] = []
+        self.reactor_lag = ReactorLag(reactor, self.api.metrics.reactor_lag)
         self._reaper = LoopingCall(lambda: Deferred.fromCoroutine(self._reap_uploads()))
         self._reaper.clock = reactor
 
@@ -179,7 +186,9 @@ class RegistryService(MultiService):
     def startService(self) -> None:
         self.prepare_storage()
         self.pool.start()
+        self.maintenance_pool.start()
         self.auth_pool.start()
+        self.reactor_lag.start()
         self.store.recover()
         super().startService()
         self._reaper.start(self.config.upload_reap_interval, now=False).addErrback(
@@ -213,6 +222,7 @@ class RegistryService(MultiService):
         if self._reaper.running:
             self._reaper.stop()
         self.upkeep.stop()
+        self.reactor_lag.stop()
         d = self._close_ports()
         d.addBoth(lambda _: self.site.drain(self.config.shutdown_timeout))
         d.addBoth(lambda _: Deferred.fromCoroutine(self.api.mirror.settle_fills(self.config.shutdown_timeout)))
@@ -220,5 +230,6 @@ class RegistryService(MultiService):
         d.addBoth(lambda _: self.store.close())
         d.addBoth(lambda _: MultiService.stopService(self))
         d.addBoth(lambda _: self.pool.stop())
+        d.addBoth(lambda _: self.maintenance_pool.stop())
         d.addBoth(lambda _: self.auth_pool.stop())
         return d

@@ -12,7 +12,9 @@ Every call that touches the disk runs in the pool given, so the reactor
 never waits on a walk or an fsync — except what costs no more than a stat:
 ``stat`` itself and the ``read`` of a tiny file (``INLINE_READ``), which
 answer at once. ``threaded()`` gives the twin whose calls block, for a pass
-that runs whole in one worker thread.
+that runs whole in one worker thread: of the ``maintenance`` pool when one
+is given, so a long walk (a collection, a survey) never holds the threads
+a request's fsync waits for.
 """
 from __future__ import annotations
 
@@ -49,10 +51,11 @@ class FsDriver:
 
     name = "filesystem"
 
-    def __init__(self, root: str, pool: Pool, tmp_dir: str | None = None) -> None:
+    def __init__(self, root: str, pool: Pool, tmp_dir: str | None = None, maintenance: Pool | None = None) -> None:
         self.root = root
         self.tmp_dir = tmp_dir or os.path.join(root, "tmp")
         self._pool = pool
+        self._maintenance = maintenance or pool
 
     @property
     def location(self) -> str:
@@ -330,4 +333,4 @@ class FsDriver:
         return None
 
     def threaded(self) -> tuple[FsDriver, Pool] | None:
-        return FsDriver(self.root, InlinePool(), self.tmp_dir), self._pool
+        return FsDriver(self.root, InlinePool(), self.tmp_dir), self._maintenance

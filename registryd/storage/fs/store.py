@@ -30,13 +30,15 @@ class FsStore:
     #: One process serves a data directory: its BlobGuard sees every claim (see upkeep.eviction).
     shared = False
 
-    def __init__(self, root: str, pool: BlockingPool | InlinePool) -> None:
+    def __init__(self, root: str, pool: BlockingPool | InlinePool,
+                 maintenance: BlockingPool | InlinePool | None = None) -> None:
+        """``maintenance``: the pool of whole-store passes (gc, surveys, usage walks); ``pool`` by default."""
         self.root = root
         self.pool = pool
         self.tmp_dir = layout.local_path(root, layout.TMP)
         self.guard = BlobGuard()
         # The data directory as keys and bytes: what maintenance (gc) works on.
-        self.objects = FsDriver(root, pool, self.tmp_dir)
+        self.objects = FsDriver(root, pool, self.tmp_dir, maintenance)
         # The blocking stores on disk, and the storage interface over them.
         self.blob_files = BlobStore(layout.local_path(root, layout.BLOBS), self.tmp_dir, self.guard)
         self.blobs = FileBlobs(self.blob_files, pool)
