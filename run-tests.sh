@@ -12,7 +12,7 @@ SUDO=""
 # and HAProxy in front of several nodes (tests/e2e/haproxy.py).
 $SUDO apt-get update -qq
 $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-    skopeo docker-registry containerd docker.io wrk hey openssl curl apache2-utils \
+    skopeo docker-registry containerd docker.io wrk hey openssl curl apache2-utils nginx-light \
     dpkg-dev debhelper dh-virtualenv python3-venv rpm debootstrap lintian \
     systemd systemd-container chromium \
     ceph-mon ceph-mgr ceph-osd radosgw ceph-common uuid-runtime haproxy podman >/dev/null

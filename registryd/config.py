@@ -379,6 +379,8 @@ class Config:
     data_dir: str = _top(kind=str, check=_directory, doc="blobs, repositories, uploads", factory=default_data_dir)
     delete_enabled: bool = setting(True, bool, None, "DELETE of manifests, tags and blobs", section="registry")
     max_manifest_size: int = setting(4 * 1024 * 1024, int, positive, "bytes", section="registry")
+    manifest_cache_size: int = setting(16 * 1024 * 1024, object, parse_size,
+                                       "bytes of manifests kept in memory by digest; 0: none", section="registry")
     upload_expiry: int = setting(24 * 3600, int, positive, "seconds an idle upload session lives",
                                  section="uploads", name="expiry")
     upload_reap_interval: int = setting(600, int, positive, "seconds between sweeps of expired uploads",

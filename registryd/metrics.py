@@ -12,9 +12,11 @@ import os
 import re
 from typing import Any, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from registryd.reactor_lag import BUCKETS as LAG_BUCKETS
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 #: Where the workers of a node keep their values (prometheus_client's multiprocess mode).
@@ -87,6 +89,9 @@ class Metrics:
                                      "online garbage collection ended", registry=r, multiprocess_mode="max")
         self.gc_duration = Gauge("registryd_gc_last_duration_seconds", "How long the last successful online "
                                  "garbage collection took", registry=r, multiprocess_mode="mostrecent")
+        self.reactor_lag = Histogram("registryd_reactor_lag_seconds", "How late the reactor ran a timer due "
+                                     "every 0.1 s: the wait of every request while its thread is busy",
+                                     buckets=LAG_BUCKETS, registry=r)
 
     def cache_totals(self) -> tuple[int, int]:
         """Mirrored reads served from cache and from upstream, over every route

@@ -29,7 +29,8 @@ from registryd.storage.claim_table import ClaimTable
 from registryd.storage.interface import Store, StoreUnusable
 from registryd.storage.outage import outage_reason
 from registryd.sync.scheduler import SyncScheduler
-from registryd.threads import BlockingPool, BoundedPool
+from registryd.reactor_lag import ReactorLag
+from registryd.threads import MAINTENANCE_THREADS, BlockingPool, BoundedPool
 from registryd.upkeep.scheduler import Upkeep
 from registryd.web.app import RegistryAPI
 from registryd.web.probes import ProbesOnly, split_probes
@@ -79,8 +80,13 @@ class RegistryService(MultiService):
         self.config = config
         self.role = role
         self._reactor = reactor
+        # Three pools: request I/O (fsync, commits, reads: ``pool``), whole-store passes
+        # (gc, surveys, usage walks: ``maintenance_pool``) and password checks (``auth_pool``),
+        # so none of them waits behind another's queue.
         self.pool = BlockingPool(reactor, config.io_threads)
-        self.store = store(self.pool) if store is not None else open_store(config, self.pool, reactor)
+        self.maintenance_pool = BlockingPool(reactor, MAINTENANCE_THREADS, name="registryd-maintenance")
+        self.store = (store(self.pool) if store is not None
+                      else open_store(config, self.pool, reactor, maintenance=self.maintenance_pool))
         # bcrypt gets threads of its own, at a lower CPU priority: a flood
         # of logins never queues in front of an upload's fsync, nor takes
         # the CPU from the reactor.
@@ -113,6 +119,7 @@ class RegistryService(MultiService):
         self.api.status.sections.append(self.sync.render_section)
         self.ports: list[IListeningPort] = []
         self.tls_contexts: list[ServerTLSContext] = []
+        self.reactor_lag = ReactorLag(reactor, self.api.metrics.reactor_lag)
         self._reaper = LoopingCall(lambda: Deferred.fromCoroutine(self._reap_uploads()))
         self._reaper.clock = reactor
 
@@ -217,7 +224,9 @@ class RegistryService(MultiService):
     def startService(self) -> None:
         self.prepare_storage()
         self.pool.start()
+        self.maintenance_pool.start()
         self.auth_pool.start()
+        self.reactor_lag.start()
         # A worker leaves tmp/ to the supervisor: the other workers' fills and spools are in it.
         self.store.recover(keep_tmp=self.role is not None)
         super().startService()
@@ -263,6 +272,7 @@ class RegistryService(MultiService):
         if self._reaper.running:
             self._reaper.stop()
         self.upkeep.stop()
+        self.reactor_lag.stop()
         d = self._close_ports()
         d.addBoth(lambda _: self.sync.stop(self.config.shutdown_timeout))
         d.addBoth(lambda _: self.site.drain(self.config.shutdown_timeout))
@@ -271,5 +281,6 @@ class RegistryService(MultiService):
         d.addBoth(lambda _: self.store.close())
         d.addBoth(lambda _: MultiService.stopService(self))
         d.addBoth(lambda _: self.pool.stop())
+        d.addBoth(lambda _: self.maintenance_pool.stop())
         d.addBoth(lambda _: self.auth_pool.stop())
         return d

@@ -12,11 +12,14 @@ from typing import Any
 
 import attrs
 from twisted.application.service import IService
+from twisted.logger import ILogObserver
 from twisted.python import usage
+from twisted.python.components import Componentized
 
 from registryd import __version__
 from registryd.config import Config, ConfigError, load_config
 from registryd.listeners import HEADER_ENV, WorkerRole, default_workers, role_from_environment
+from registryd.logs import text
 from registryd.secrets import require_secrets
 from registryd.service import RegistryService, StartupError
 from registryd.supervisor import Supervisor, shareable, watch_parent
@@ -58,6 +61,16 @@ class TwistdRegistryService(RegistryService):
     twistd would otherwise log a traceback and keep running without a port.
     """
 
+    #: The observer twistd logs to instead of its own (see default_log_observer).
+    log_observer: ILogObserver | None = None
+
+    def setServiceParent(self, parent: Any) -> None:
+        # twistd's application: an ILogObserver component on it is what twistd logs to
+        # (unless --logger names another).
+        if self.log_observer is not None and isinstance(parent, Componentized):
+            parent.setComponent(ILogObserver, self.log_observer)
+        super().setServiceParent(parent)
+
     def privilegedStartService(self) -> None:
         try:
             super().privilegedStartService()
@@ -84,6 +97,20 @@ class TwistdRegistryService(RegistryService):
             signal.signal(signal.SIGINT, stop)
 
 
+def default_log_observer(twistd_options: Any) -> ILogObserver | None:
+    """registryd.logs.text when twistd would write its own text lines to stdout (``-n``
+    without ``--logfile``, ``--syslog`` or ``--logger``): the same lines, cheaper per
+    request. None leaves twistd's choice (a log file, syslog, a --logger)."""
+    if twistd_options is None:
+        return None
+    if twistd_options.get("logger") or twistd_options.get("syslog"):
+        return None
+    logfile = twistd_options.get("logfile")
+    if logfile == "-" or (twistd_options.get("nodaemon") and not logfile):
+        return text()
+    return None
+
+
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
@@ -100,6 +127,7 @@ def makeService(options: Options) -> IService:
         if role is not None and config.storage.cache_size:
             config = own_hot_cache(config, role)
         service = TwistdRegistryService(config, reactor, role=role)
+        service.log_observer = default_log_observer(getattr(options, "parent", None))
         service.prepare_storage()
     except (ConfigError, StartupError) as e:
         raise SystemExit(f"registryd: {e}") from None

@@ -16,6 +16,11 @@ from twisted.python.threadpool import ThreadPool
 
 T = TypeVar("T")
 
+#: Threads of the maintenance pool: whole-store passes (online gc, surveys, the status
+#: page's usage walk) run there, so they never hold the threads of a request's fsync.
+#: Passes are few and mostly serialised (one gc or survey at a time), hence two.
+MAINTENANCE_THREADS = 2
+
 
 class BlockingPool:
     """Runs blocking callables in dedicated threads and awaits them."""

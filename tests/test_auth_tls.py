@@ -212,6 +212,18 @@ async def test_versions_ciphers_alpn(pki: PKI, serve: Any) -> None:
     assert received.count(b"hello\n") == 2
 
 
+@pytest_twisted.ensureDeferred
+async def test_aes128_gcm_is_preferred(pki: PKI, serve: Any) -> None:
+    """Blob bodies over TLS cost less with AES-128-GCM (what Go's TLS and the reference pick);
+    a client offering AES-256 first still gets AES-128, in TLS 1.3 and 1.2."""
+    port, _ = await serve(tls_context(pki))
+    best = await deferToThread(connect, port, pki.ca)
+    assert best.ok and best.cipher == "TLS_AES_128_GCM_SHA256", best.cipher
+    tls12 = await deferToThread(connect, port, pki.ca, version=ssl.TLSVersion.TLSv1_2,
+                                ciphers="ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-ECDSA-AES128-GCM-SHA256")
+    assert tls12.ok and tls12.cipher == "ECDHE-ECDSA-AES128-GCM-SHA256", tls12.cipher
+
+
 @implementer(IOpenSSLContextFactory)
 class Permissive:
     """A control server that still speaks TLS 1.0/1.1: proves our clients

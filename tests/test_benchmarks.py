@@ -16,7 +16,7 @@ import pytest
 from conftest import ROOT
 
 
-@pytest.mark.parametrize("script", ["bench_core.py", "bench_mirror.py"])
+@pytest.mark.parametrize("script", ["bench_core.py", "bench_mirror.py", "bench_tls.py"])
 def test_benchmark_quick_mode_measures_everything(script: str, tmp_path) -> None:
     result = subprocess.run(
         # One second per wrk/hey run (quick mode's least, as bench_s3.py's): what is tested is that

@@ -52,7 +52,10 @@ from registryd.schema import read_table, setting
 log = Logger()
 
 #: TLS 1.2 suites with forward secrecy and authenticated encryption only.
-MODERN_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL"
+MODERN_CIPHERS = "ECDHE+AESGCM+AES128:ECDHE+AESGCM+AES256:ECDHE+CHACHA20:!aNULL:!eNULL"
+#: TLS 1.3 suites, AES-128-GCM first as Go's TLS and the reference registry choose: as safe
+#: today, and its 10 AES rounds (against 14) make every byte of a blob body cheaper to send.
+TLS13_SUITES = "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
 #: What ALPN offers; HTTP/2 needs twisted[http2] (h2, priority), not installed.
 ALPN_PROTOCOLS = (b"http/1.1",)
 
@@ -216,6 +219,7 @@ def _context(chain: list[x509.Certificate], key: Any, client_cas: list[x509.Cert
                         | SSL.OP_NO_RENEGOTIATION | SSL.OP_NO_TICKET)
     context.set_mode(SSL.MODE_RELEASE_BUFFERS)
     context.set_cipher_list(MODERN_CIPHERS.encode("ascii"))
+    context.set_tls13_ciphersuites(TLS13_SUITES.encode("ascii"))
     context.use_certificate(chain[0])
     context.use_privatekey(key)
     for certificate in chain[1:]:

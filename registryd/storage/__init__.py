@@ -19,12 +19,15 @@ from registryd.threads import BlockingPool, InlinePool
 __all__ = ["Store", "FsStore", "BlobGuard", "Blobs", "Repositories", "UploadStore", "open_store"]
 
 
-def open_store(config: Any, pool: BlockingPool | InlinePool, reactor: Any) -> Store:
-    """The store ``[storage] driver`` names: the data directory, or a shared S3 bucket."""
+def open_store(config: Any, pool: BlockingPool | InlinePool, reactor: Any,
+               maintenance: BlockingPool | InlinePool | None = None) -> Store:
+    """The store ``[storage] driver`` names: the data directory, or a shared S3 bucket.
+
+    ``maintenance``: where whole-store passes over a data directory run (a bucket's go over the network)."""
     if config.storage.driver == "s3":
         from registryd.storage.s3.store import S3Store
 
         storage = config.storage
         return S3Store(config.data_dir, pool, storage.s3, reactor, presign=storage.redirect,
                        cache_size=storage.cache_size, cache_dir=storage.cache_dir)
-    return FsStore(config.data_dir, pool)
+    return FsStore(config.data_dir, pool, maintenance)

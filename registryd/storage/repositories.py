@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+import time
 from typing import Any, Callable
 
 from twisted.internet.defer import DeferredSemaphore
@@ -37,6 +38,7 @@ from twisted.internet.defer import DeferredSemaphore
 from registryd.deferreds import bounded_gather
 from registryd.digest import HEX_LENGTHS, Digest, parse_digest
 from registryd.errors import RegistryError, digest_invalid, name_invalid
+from registryd.lru import SizedLRU
 from registryd.names import check_name, check_tag, is_tag
 from registryd.storage import layout
 from registryd.storage.driver import Driver, finish
@@ -57,6 +59,12 @@ def _name_ok(name: str) -> bool:
     return True
 
 
+#: Tags and revisions whose values a Repositories keeps with their versions (a few hundred bytes each).
+KNOWN_VALUES = 4096
+#: Seconds a tag or revision must be older than for its value to be kept (see _validated).
+SETTLED = 2.0
+
+
 def _digest_ok(digest: Digest) -> bool:
     expected = HEX_LENGTHS.get(digest.algorithm)
     return expected is not None and len(digest.hex) == expected and bool(_HEX.match(digest.hex))
@@ -73,6 +81,9 @@ class Repositories:
         self.driver = driver
         self.root = root if root.endswith("/") else root + "/"
         self._durable_links = durable_links
+        # What a tag or a revision said, by key and the version it had then: a stat
+        # proves it still says so (any write changes the version), without a read and a parse.
+        self._known: SizedLRU[str, tuple[str, Any]] = SizedLRU(KNOWN_VALUES)
 
     # -- keys: None for a name, tag or digest that fails validation --------------
 
@@ -141,17 +152,14 @@ class Repositories:
         return key is not None and await self.driver.stat(key) is not None
 
     async def manifest_media_type(self, name: str, digest: Digest) -> str | None:
-        data = await self._get(self._revision(name, digest))
-        if data is None:
-            return None
-        media_type: str = json.loads(data)["mediaType"]
+        media_type: str | None = await self._validated(self._revision(name, digest),
+                                                       lambda data: json.loads(data)["mediaType"])
         return media_type
 
     async def resolve_tag(self, name: str, tag: str) -> Digest | None:
-        data = await self._get(self._tag(name, tag))
-        if data is None:
-            return None
-        return parse_digest(data.decode().strip())
+        found: Digest | None = await self._validated(self._tag(name, tag),
+                                                     lambda data: parse_digest(data.decode().strip()))
+        return found
 
     async def tag_mtime(self, name: str, tag: str) -> float | None:
         key = self._tag(name, tag)
@@ -308,6 +316,31 @@ class Repositories:
 
     async def _get(self, key: str | None) -> bytes | None:
         return await self.driver.read(key, METADATA_LIMIT) if key is not None else None
+
+    async def _validated(self, key: str | None, parse: Callable[[bytes], Any]) -> Any:
+        """``parse`` of the value of ``key`` (None when absent), read and parsed again only
+        when a stat finds it written since: a tag or revision read on every manifest GET
+        costs a stat. Checked on every call, so a write or delete by any process shows at once."""
+        if key is None:
+            return None
+        entry = await self.driver.stat(key)
+        if entry is None:
+            self._known.discard(key)
+            return None
+        known = self._known.get(key)
+        if known is not None and entry.version and known[0] == entry.version:
+            return known[1]
+        data = await self._get(key)
+        if data is None:
+            return None
+        value = parse(data)
+        if entry.version and entry.modified is not None and entry.modified <= time.time() - SETTLED:
+            # The version of the stat before the read: a write between them makes the next stat
+            # differ. Only for a value older than SETTLED seconds: a file's version (inode, mtime
+            # to the clock tick, size) could repeat for writes within one tick, never for a write
+            # made after a version learned this late.
+            self._known.put(key, (entry.version, value))
+        return value
 
     async def _stamps(self, name: str, folder: str) -> dict[Digest, float]:
         """``<alg>/<hex>`` keys under the repository's ``folder`` by digest, with their times."""

@@ -43,6 +43,7 @@ from registryd.errors import (
     too_large,
     unsupported,
 )
+from registryd.lru import SizedLRU
 from registryd.manifests import parse_manifest
 from registryd.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from registryd.metrics import Metrics
@@ -129,6 +130,8 @@ class RegistryAPI:
                                        mirrored_namespaces(u.namespace for u in config.upstreams))
         self.status = StatusBoard(store, config, self.mirror)
         self.pulls = PullRecorder()
+        # Manifests by digest (content never changes); their repositories are checked on each GET.
+        self.manifest_cache: SizedLRU[Digest, bytes] = SizedLRU(config.manifest_cache_size, len)
         self.upkeep: Upkeep | None = None   # set by RegistryService: online gc and surveys
         self.sync: SyncScheduler | None = None   # set by RegistryService: the [[sync]] jobs
         self._readiness_logged: str | None = None   # the last /readyz problem written to the log
@@ -919,7 +922,11 @@ class RegistryAPI:
         else:
             digest = await self._resolve(name, reference)
             found = await self.store.repositories.manifest_media_type(name, digest)
-            stored = await self.store.blobs.read(digest, MANIFEST_READ_LIMIT) if found is not None else None
+            stored = self.manifest_cache.get(digest) if found is not None else None
+            if found is not None and stored is None:
+                stored = await self.store.blobs.read(digest, MANIFEST_READ_LIMIT)
+                if stored is not None:
+                    self.manifest_cache.put(digest, stored)
             if found is None or stored is None:
                 raise manifest_unknown(reference)
             media_type, data = found, stored
@@ -1006,6 +1013,7 @@ class RegistryAPI:
         if data is None:
             raise manifest_unknown(reference)
         subject = parse_manifest(data, media_type).subject
+        self.manifest_cache.discard(digest)
         if not await shielded(repositories.delete_manifest(name, digest, subject)):
             raise manifest_unknown(reference)
         return respond(request, 202)

@@ -12,8 +12,10 @@ Every call that touches the disk runs in the pool given, so the reactor
 never waits on a walk or an fsync — except what costs no more than a stat:
 ``stat`` itself, the ``read`` of a tiny file (``INLINE_READ``) and the
 write of one that need not be durable (``INLINE_WRITE``), which answer at
-once. ``threaded()`` gives the twin whose calls block, for a pass
-that runs whole in one worker thread.
+once. ``threaded()`` gives the twin whose calls block, for a pass that runs
+whole in one worker thread: of the ``maintenance`` pool when one is given,
+so a long walk (a collection, a survey) never holds the threads a request's
+fsync waits for.
 """
 from __future__ import annotations
 
@@ -57,10 +59,11 @@ class FsDriver:
 
     name = "filesystem"
 
-    def __init__(self, root: str, pool: Pool, tmp_dir: str | None = None) -> None:
+    def __init__(self, root: str, pool: Pool, tmp_dir: str | None = None, maintenance: Pool | None = None) -> None:
         self.root = root
         self.tmp_dir = tmp_dir or os.path.join(root, "tmp")
         self._pool = pool
+        self._maintenance = maintenance or pool
 
     @property
     def location(self) -> str:
@@ -340,7 +343,7 @@ class FsDriver:
         return None
 
     def threaded(self) -> tuple[FsDriver, Pool] | None:
-        return FsDriver(self.root, InlinePool(), self.tmp_dir), self._pool
+        return FsDriver(self.root, InlinePool(), self.tmp_dir), self._maintenance
 
     # -- what blobs need (registryd.storage.blobs) ------------------------------
 

@@ -29,13 +29,15 @@ class FsStore:
     #: One process serves a data directory: its BlobGuard sees every claim (see upkeep.eviction).
     shared = False
 
-    def __init__(self, root: str, pool: BlockingPool | InlinePool) -> None:
+    def __init__(self, root: str, pool: BlockingPool | InlinePool,
+                 maintenance: BlockingPool | InlinePool | None = None) -> None:
+        """``maintenance``: the pool of whole-store passes (gc, surveys, usage walks); ``pool`` by default."""
         self.root = root
         self.pool = pool
         self.tmp_dir = layout.local_path(root, layout.TMP)
         self.guard = BlobGuard()
         # The data directory as keys and bytes: what maintenance (gc) works on.
-        self.objects = FsDriver(root, pool, self.tmp_dir)
+        self.objects = FsDriver(root, pool, self.tmp_dir, maintenance)
         # Blobs are sent with sendfile from their files and committed by a rename.
         self.blobs = Blobs(self.objects, self.guard)
         self.repositories = Repositories(self.objects, layout.repositories_root(None))
