@@ -221,6 +221,8 @@ async def test_a_public_only_viewer_sees_nothing_else_anywhere(make_registry, fa
             "/ui/api/repositories/public/hello", "/ui/repositories/public/hello/manifests/1.0",
             "/ui/api/repositories/public/hello/manifests/1.0")]
         for body in bodies:
+            # What the viewer typed comes back in the search box and links; nothing else may.
+            body = body.replace("upstream=up.test", "").replace('value="team"', "").replace("q=team", "")
             for secret in hidden:
                 assert secret not in body, (secret, body[:500])
         assert "public/hello" in bodies[0]
@@ -243,6 +245,14 @@ async def test_a_public_only_viewer_sees_nothing_else_anywhere(make_registry, fa
     assert logged.status == 303 and logged.header("Location") == "/ui/"
     wrong = await page(anonymous, "/ui/", headers={"Authorization": "Basic dmlld2VyOm5vcGU="})
     assert wrong.status == 401
+    assert (await page(anonymous, "/ui/repositories/public/hello?login=1")).status == 401
+    assert (await page(viewer, "/ui/repositories/public/hello?login=1")).status == 200
+    assert 'href="/ui/?q=x&amp;login=1"' in (await page(anonymous, "/ui/?q=x")).body.decode()
+    back = await page(viewer, "/ui/login?next=/ui/repositories/public/hello")
+    assert back.header("Location") == "/ui/repositories/public/hello"
+    for elsewhere in ("https://evil.example/", "//evil.example/ui/", "/v2/_catalog"):
+        away = await page(viewer, "/ui/login?next=" + elsewhere)
+        assert away.header("Location") == "/ui/", elsewhere
 
     # The admin sees everything.
     assert (await api(admin, "/ui/api/repositories"))["total"] == 4

@@ -50,6 +50,8 @@ TAGS_PER_PAGE = 100
 MAX_PER_PAGE = 1000
 _MANIFEST_PATH = re.compile(r"^/v2/(.+)/manifests/[^/]+$")
 _HOST = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252})|\[[0-9A-Fa-f:.]{2,45}\])(?::[0-9]{1,5})?$")
+#: Where a login may send the browser back to: a page of the UI, nothing else.
+_LOCAL_TARGET = re.compile(r"^/ui/[A-Za-z0-9._~!$&'()*+,;=:@%/?-]*$")
 STATIC = {"ui.css": "text/css; charset=utf-8", "copy.js": "text/javascript; charset=utf-8"}
 
 
@@ -131,6 +133,7 @@ class WebUI:
                                      autoescape=select_autoescape(default=True, default_for_string=True),
                                      undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
         self.templates.filters.update(bytes=_bytes, short=_short, iso=iso)
+        self.templates.globals["query"] = _query_string
         self._static = {}
         for name in STATIC:
             with open(os.path.join(HERE, "static", name), "rb") as f:
@@ -205,7 +208,7 @@ class WebUI:
     def _render(self, template: str, request: Any, user: str | None, **context: Any) -> bytes:
         policy = self.gate.policy()
         return self.templates.get_template(template).render(
-            version=__version__, user=user, login=self.gate.authentication() and user is None,
+            version=__version__, user=user, login_url=_with_login(request.uri.decode("latin-1")), login=self.gate.authentication() and user is None,
             mirror_link=bool(self.upstreams) and policy.is_admin(user), **context).encode("utf-8")
 
     def _host(self, request: Any) -> str:
@@ -216,9 +219,17 @@ class WebUI:
         own = request.getHost()
         return f"{getattr(own, 'host', '127.0.0.1')}:{getattr(own, 'port', 5000)}"
 
+    async def _viewer(self, request: Any) -> str | None:
+        """Who is looking (None: anonymous). ``?login`` on any page asks an anonymous
+        browser for credentials first (a Basic challenge), then shows that page."""
+        user = await self.gate.user_of(request)
+        if user is None and query_arg(request, "login") is not None and self.gate.authentication():
+            raise RegistryError(401, "UNAUTHORIZED", "log in with your registry user name and password")
+        return user
+
     async def _may_pull(self, request: Any, name: str) -> tuple[str | None, RepoRef]:
         """The viewer and the repository, or the answer a pull would get (404 for a hidden one)."""
-        user = await self.gate.user_of(request)
+        user = await self._viewer(request)
         ref = self.inventory.ref(name)
         if ref is None:
             raise RegistryError(404, "NAME_UNKNOWN", "repository name not known to registry")
@@ -240,7 +251,7 @@ class WebUI:
     # --- the repositories ------------------------------------------------------------
 
     async def _repositories(self, request: Any) -> dict[str, Any]:
-        user = await self.gate.user_of(request)
+        user = await self._viewer(request)
         policy = self.gate.policy()
         search, source = _search(request), (query_arg(request, "upstream") or "").strip()
         refs = await self.inventory.names()
@@ -259,8 +270,7 @@ class WebUI:
     @app.route("/ui/", methods=["GET", "HEAD"])
     async def repositories_page(self, request: Any) -> bytes:
         found = await self._repositories(request)
-        return self._page(request, "repositories.html", found.pop("user"), title="Repositories",
-                          query=_query_string, **found)
+        return self._page(request, "repositories.html", found.pop("user"), title="Repositories", **found)
 
     @app.route("/ui/api/repositories", methods=["GET", "HEAD"])
     async def repositories_json(self, request: Any) -> bytes:
@@ -296,8 +306,7 @@ class WebUI:
     @app.route("/ui/repositories/<path:name>", methods=["GET", "HEAD"])
     async def repository_page(self, request: Any, name: str) -> bytes:
         found = await self._repository(request, name)
-        return self._page(request, "repository.html", found.pop("user"), title=name, query=_query_string,
-                          **found)
+        return self._page(request, "repository.html", found.pop("user"), title=name, **found)
 
     @app.route("/ui/api/repositories/<path:name>", methods=["GET", "HEAD"])
     async def repository_json(self, request: Any, name: str) -> bytes:
@@ -359,7 +368,7 @@ class WebUI:
     # --- the mirror -------------------------------------------------------------------------
 
     async def _mirror(self, request: Any) -> dict[str, Any]:
-        user = await self.gate.user_of(request)
+        user = await self._viewer(request)
         verdict = self.gate.policy().admin_verdict(user)
         if verdict is Verdict.AUTHENTICATE:
             raise RegistryError(401, "UNAUTHORIZED", "the mirror's statistics need an admin user: log in")
@@ -420,10 +429,13 @@ class WebUI:
     @app.route("/ui/login", methods=["GET", "HEAD"])
     async def login(self, request: Any) -> bytes:
         """Asks the browser for credentials (a Basic challenge) until it sends some that work."""
-        user = await self.gate.user_of(request)
+        user = await self._viewer(request)
         if user is None and self.gate.authentication():
             raise RegistryError(401, "UNAUTHORIZED", "log in with your registry user name and password")
-        return respond(request, 303, {"Location": "/ui/", "Cache-Control": "no-store"})
+        target = query_arg(request, "next") or "/ui/"
+        if not _LOCAL_TARGET.match(target):
+            target = "/ui/"     # never a redirect off this site
+        return respond(request, 303, {"Location": target, "Cache-Control": "no-store"})
 
     @app.route("/ui/static/<file>", methods=["GET", "HEAD"])
     def static(self, request: Any, file: str) -> bytes:
@@ -436,6 +448,13 @@ class WebUI:
 def _query_string(**params: Any) -> str:
     """A link's query: only the parameters that are set, page 1 left out (escaped by the template)."""
     return urlencode({k: v for k, v in params.items() if v and not (k == "page" and v == 1)})
+
+
+def _with_login(uri: str) -> str:
+    """The page the browser is on, with ``login=1``: the same page, once logged in."""
+    path, _, query = uri.partition("?")
+    kept = [part for part in query.split("&") if part and not part.startswith("login")]
+    return path + "?" + "&".join([*kept, "login=1"])
 
 
 class _FromRoot(Resource):
