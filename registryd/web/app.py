@@ -130,7 +130,7 @@ class RegistryAPI:
         self.ui = WebUI(store, self.mirror, config.upstreams,
                         Gate(self._user, lambda: self.auth.policy, lambda: self.auth.authenticator.enabled,
                              self._secure, lambda: self.status.errors,
-                             lambda: self.auth.authenticator.challenge), reactor.seconds)
+                             lambda: self.auth.authenticator.challenge), reactor)
         self.pulls = PullRecorder()
         self.upkeep: Upkeep | None = None   # set by RegistryService: online gc and surveys
         self._readiness_logged: str | None = None   # the last /readyz problem written to the log

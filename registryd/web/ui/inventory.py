@@ -18,9 +18,10 @@ is remembered across summaries (bounded).
 """
 from __future__ import annotations
 
+import bisect
 import collections
 import time
-from typing import Any, Callable, Iterable
+from typing import Any, Awaitable, Callable, Iterable, TypeVar
 
 import attrs
 from twisted.logger import Logger
@@ -34,6 +35,7 @@ from registryd.storage.interface import RepositoryBackend, Store
 from registryd.web.ui.images import MANIFEST_LIMIT
 
 log = Logger()
+T = TypeVar("T")
 
 NAMES_TTL = 30.0
 SUMMARY_TTL = 60.0
@@ -109,12 +111,13 @@ class Inventory:
 
     def __init__(self, store: Store, namespaces: Iterable[str], clock: Callable[[], float],
                  names_ttl: float = NAMES_TTL, summary_ttl: float = SUMMARY_TTL,
-                 totals_ttl: float = TOTALS_TTL) -> None:
+                 totals_ttl: float = TOTALS_TTL, pace: Callable[[], Any] | None = None) -> None:
         self.store = store
         # Longest first: a name is matched against the most specific namespace.
         self.namespaces = sorted(namespaces, key=len, reverse=True)
         self._clock = clock
         self.names_ttl, self.summary_ttl, self.totals_ttl = names_ttl, summary_ttl, totals_ttl
+        self._pace = pace       # a Pacer factory: long loops give the reactor back (registryd.web.ui.pacing)
         self._names: dict[str | None, tuple[float, list[RepoRef], frozenset[str]]] = {}
         self._summaries: _Bounded = _Bounded(KEPT)
         self._named: _Bounded = _Bounded(KEPT)     # manifest digest -> the blobs it names
@@ -149,8 +152,13 @@ class Inventory:
         return found
 
     async def _source_names(self, source: str | None) -> list[RepoRef]:
+        """The cached names; past their time the walk starts anew behind the page, which
+        shows what was known (only the very first view of a source waits for a walk)."""
         cached = self._names.get(source)
-        if cached is not None and self._clock() - cached[0] < self.names_ttl:
+        if cached is not None:
+            if self._clock() - cached[0] >= self.names_ttl:
+                refresh = self._walks.run(source or "", lambda: self._walk(source))
+                refresh.addErrback(lambda failure: log.failure("listing repositories for the UI failed", failure))
             return cached[1]
         return await self._walks.run(source or "", lambda: self._walk(source))
 
@@ -172,7 +180,9 @@ class Inventory:
         self._epoch += 1
         if upstream is not None:
             self._upstream_changed[upstream] = self._epoch
-            self._names.pop(upstream, None)
+            cached = self._names.get(upstream)
+            if cached is not None:      # listed again at the next view (behind it)
+                self._names[upstream] = (float("-inf"), cached[1], cached[2])
             return
         if name is None:
             return
@@ -181,8 +191,11 @@ class Inventory:
             self._changed.clear()
             self._upstream_changed[None] = self._epoch
         cached = self._names.get(None)
-        if cached is not None and name not in cached[2]:
-            self._names.pop(None, None)
+        if cached is not None and name not in cached[2] and _valid(name):
+            # A new repository shows at once, without a walk of all the others.
+            refs = list(cached[1])
+            bisect.insort(refs, RepoRef(name, name, None), key=lambda ref: ref.name)
+            self._names[None] = (cached[0], refs, cached[2] | {name})
 
     # --- summaries -----------------------------------------------------------------------
 
@@ -209,12 +222,23 @@ class Inventory:
         tags = await backend.tags(ref.remote)
         pulls = await backend.pulls(ref.remote)
         digests: set[Digest] = set(revisions)
-        for named in await bounded_gather(list(revisions), self._named_by, CONCURRENCY):
+        for named in await bounded_gather(list(revisions), self._paced(self._named_by), CONCURRENCY):
             digests.update(named)
-        sizes = await bounded_gather(sorted(digests), self._size, CONCURRENCY)
+        sizes = await bounded_gather(sorted(digests), self._paced(self._size), CONCURRENCY)
         last_pull = max((pulls[d] for d in revisions if d in pulls), default=None)
         return RepoSummary(ref, len(tags or []), len(revisions), sum(s for s in sizes if s is not None),
                            max(revisions.values(), default=None), last_pull)
+
+    def _paced(self, work: Callable[[Digest], Awaitable[T]]) -> Callable[[Digest], Awaitable[T]]:
+        """``work``, giving the reactor back now and then over a long run of cheap calls."""
+        if self._pace is None:
+            return work
+        pacer = self._pace()
+
+        async def paced(digest: Digest) -> T:
+            await pacer.step()
+            return await work(digest)
+        return paced
 
     async def _named_by(self, digest: Digest) -> frozenset[Digest]:
         """The blobs a manifest names (nothing if it is not stored or not a manifest)."""
@@ -268,11 +292,11 @@ class Inventory:
                 revisions = await backend.revisions(ref.remote)
                 images += len(revisions)
                 digests.update(revisions)
-                for named in await bounded_gather(list(revisions), self._named_by, CONCURRENCY):
+                for named in await bounded_gather(list(revisions), self._paced(self._named_by), CONCURRENCY):
                     digests.update(named)
 
             await bounded_gather(refs, one, CONCURRENCY)
-            sizes = await bounded_gather(sorted(digests), self._size, CONCURRENCY)
+            sizes = await bounded_gather(sorted(digests), self._paced(self._size), CONCURRENCY)
             upstreams[namespace] = MirrorTotals(len(refs), images, sum(s for s in sizes if s is not None))
         self._totals = TotalsReport(started, upstreams)
         return self._totals

@@ -35,6 +35,7 @@ from registryd.web.replies import header_text, query_arg, respond, respond_json
 from registryd.web.ui.charts import traffic_charts
 from registryd.web.ui.images import ImageReader, read_detail
 from registryd.web.ui.inventory import Inventory, RepoRef, iso
+from registryd.web.ui.pacing import Pacer
 from registryd.web.ui.traffic import Traffic
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -119,14 +120,16 @@ class WebUI:
     app.url_map.merge_slashes = False
 
     def __init__(self, store: Store, mirror: MirrorCache, upstreams: Iterable[Any], gate: Gate,
-                 clock: Callable[[], float]) -> None:
+                 reactor: Any) -> None:
         self.store = store
         self.mirror = mirror
         self.upstreams = list(upstreams)
         namespaces = [u.namespace for u in self.upstreams]
         self.gate = gate
-        self.clock = clock
-        self.inventory = Inventory(store, namespaces, clock)
+        self.reactor = reactor
+        self.clock: Callable[[], float] = reactor.seconds
+        clock = self.clock
+        self.inventory = Inventory(store, namespaces, clock, pace=lambda: Pacer(reactor))
         self.images = ImageReader(store.blobs)
         self.traffic = Traffic(namespaces, clock)
         self.templates = Environment(loader=FileSystemLoader(os.path.join(HERE, "templates")),
@@ -134,6 +137,8 @@ class WebUI:
                                      undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
         self.templates.filters.update(bytes=_bytes, short=_short, iso=iso)
         self.templates.globals["query"] = _query_string
+        for name in ("repositories.html", "repository.html", "image.html", "mirror.html", "error.html"):
+            self.templates.get_template(name)   # compiled now, not on the reactor at a first view
         self._static = {}
         for name in STATIC:
             with open(os.path.join(HERE, "static", name), "rb") as f:
@@ -255,10 +260,14 @@ class WebUI:
         policy = self.gate.policy()
         search, source = _search(request), (query_arg(request, "upstream") or "").strip()
         refs = await self.inventory.names()
-        chosen = [ref for ref in refs
-                  if (not search or search in ref.name)
-                  and (not source or (source == "local" and ref.upstream is None) or ref.upstream == source)
-                  and policy.allows(user, ref.name, PULL)]
+        chosen = []
+        pacer = Pacer(self.reactor)
+        for start in range(0, len(refs), 2000):
+            await pacer.step()
+            chosen += [ref for ref in refs[start:start + 2000]
+                       if (not search or search in ref.name)
+                       and (not source or (source == "local" and ref.upstream is None) or ref.upstream == source)
+                       and policy.allows(user, ref.name, PULL)]
         pager = Pager(_page_number(request), _per_page(request, REPOSITORIES_PER_PAGE), len(chosen))
         summaries = await self.inventory.summaries(pager.window(chosen))
         # Upstreams the viewer may pull something of, for the filter.
@@ -292,7 +301,9 @@ class WebUI:
         shown = pager.window(chosen)
         pulls = await backend.pulls(ref.remote)
         rows = []
+        pacer = Pacer(self.reactor)
         for tag in shown:
+            await pacer.step()
             digest = await backend.resolve_tag(ref.remote, tag)
             if digest is None:
                 continue    # deleted since the listing
@@ -342,7 +353,9 @@ class WebUI:
             kind = entry.get("artifactType") or entry.get("mediaType") or "unknown"
             referrers.setdefault(str(kind), []).append(entry)
         children = []
+        pacer = Pacer(self.reactor)
         for child in detail.children:
+            await pacer.step()
             facts = await self.images.facts(parse_digest(child.digest)) if is_digest(child.digest) else None
             here = is_digest(child.digest) and await backend.manifest_media_type(
                 ref.remote, parse_digest(child.digest)) is not None
