@@ -16,6 +16,7 @@ import pytest_twisted
 import ui_content
 from fake_upstream import fake_upstream  # noqa: F401
 from oci_client import Client
+from registryd.storage.s3.errors import S3Unavailable
 from registryd.web.ui import charts, traffic
 from registryd.web.ui.inventory import Inventory
 
@@ -311,3 +312,22 @@ def test_names_resolve_to_the_longest_upstream_namespace() -> None:
     assert inventory.ref("up.test:5000/a").remote == "a"  # type: ignore[union-attr]
     assert inventory.ref("team/app").upstream is None  # type: ignore[union-attr]
     assert inventory.ref("Team/App") is None and inventory.ref("docker.io/") is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_store_that_cannot_answer_is_a_503_never_a_traceback(make_registry, monkeypatch) -> None:
+    registry = make_registry()
+    client = Client(registry.url)
+    await client.push_image("team/app", "v1", seed="outage")
+    store = registry.service.api.store
+
+    async def down(*args: Any) -> Any:
+        raise S3Unavailable("connection refused")
+
+    monkeypatch.setattr(store.repositories, "catalog", down)
+    monkeypatch.setattr(store.repositories, "tags", down)
+    for path in ("/ui/api/repositories", "/ui/repositories/team/app"):
+        reply = await page(client, path)
+        assert reply.status == 503, str(reply)
+        assert b"Traceback" not in reply.body and b"connection refused" not in reply.body
+    assert (await page(client, "/ui/api/repositories")).json()["errors"][0]["code"] == "UNAVAILABLE"

@@ -18,6 +18,7 @@ from typing import Any, Awaitable, Callable, Iterable
 import attrs
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 from klein import Klein
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from werkzeug.exceptions import MethodNotAllowed, NotFound
@@ -31,13 +32,15 @@ from registryd.mirror.cache import MirrorCache
 from registryd.names import is_tag
 from registryd.storage.interface import Store
 from registryd.units import human_size
-from registryd.web.replies import header_text, query_arg, respond, respond_json
+from registryd.storage.outage import outage_reason
+from registryd.web.replies import header_text, query_arg, respond, respond_json, store_unavailable
 from registryd.web.ui.charts import traffic_charts
 from registryd.web.ui.images import ImageReader, read_detail
 from registryd.web.ui.inventory import Inventory, RepoRef, iso
 from registryd.web.ui.pacing import Pacer
 from registryd.web.ui.traffic import Traffic
 
+log = Logger()
 HERE = os.path.dirname(os.path.abspath(__file__))
 HTML = "text/html; charset=utf-8"
 #: Strict: no inline script, no inline style, nothing from elsewhere.
@@ -195,6 +198,16 @@ class WebUI:
     @app.handle_errors(RequestRedirect)
     def _redirect(self, request: Any, failure: Failure) -> bytes:
         return respond(request, 308, {"Location": request.path.decode("latin-1") + "/"})
+
+    @app.handle_errors(Exception)
+    def _failed(self, request: Any, failure: Failure) -> bytes:
+        """A store that cannot answer: 503 and one log line; anything else: 500, logged once."""
+        reason = outage_reason(failure.value)
+        if reason is None:
+            log.failure("web UI {uri} failed", failure, uri=request.uri.decode("latin-1"))
+            return self._error(request, RegistryError(500, "UNKNOWN", "internal server error"))
+        log.warn("web UI {uri}: 503, {reason}", uri=request.uri.decode("latin-1"), reason=reason)
+        return self._error(request, store_unavailable())
 
     # --- helpers -------------------------------------------------------------------------
 
