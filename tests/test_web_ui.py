@@ -17,7 +17,7 @@ import ui_content
 from fake_upstream import fake_upstream  # noqa: F401
 from oci_client import Client
 from registryd.storage.s3.errors import S3Unavailable
-from registryd.web.ui import charts, traffic
+from registryd.web.ui import charts, pages, traffic
 from registryd.web.ui.inventory import Inventory
 
 PAGES = ("/ui/", "/ui/repositories/team/app", "/ui/repositories/team/app/manifests/v1",
@@ -331,3 +331,10 @@ async def test_a_store_that_cannot_answer_is_a_503_never_a_traceback(make_regist
         assert reply.status == 503, str(reply)
         assert b"Traceback" not in reply.body and b"connection refused" not in reply.body
     assert (await page(client, "/ui/api/repositories")).json()["errors"][0]["code"] == "UNAVAILABLE"
+
+
+def test_the_login_link_stays_on_this_site() -> None:
+    assert pages._with_login("/ui/", "/ui/?q=a") == "/ui/?q=a&login=1"
+    assert pages._with_login("/ui/", "http://evil.example/ui/?q=a&login=1") == "/ui/?q=a&login=1"
+    assert pages._query_string(page=1, q="a b", upstream="") == "q=a+b"
+    assert pages._query_string(page=3, q="") == "page=3"

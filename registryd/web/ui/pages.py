@@ -225,8 +225,9 @@ class WebUI:
 
     def _render(self, template: str, request: Any, user: str | None, **context: Any) -> bytes:
         policy = self.gate.policy()
+        login_url = _with_login(request.path.decode("latin-1"), request.uri.decode("latin-1"))
         return self.templates.get_template(template).render(
-            version=__version__, user=user, login_url=_with_login(request.uri.decode("latin-1")), login=self.gate.authentication() and user is None,
+            version=__version__, user=user, login_url=login_url, login=self.gate.authentication() and user is None,
             mirror_link=bool(self.upstreams) and policy.is_admin(user), **context).encode("utf-8")
 
     def _host(self, request: Any) -> str:
@@ -476,9 +477,10 @@ def _query_string(**params: Any) -> str:
     return urlencode({k: v for k, v in params.items() if v and not (k == "page" and v == 1)})
 
 
-def _with_login(uri: str) -> str:
-    """The page the browser is on, with ``login=1``: the same page, once logged in."""
-    path, _, query = uri.partition("?")
+def _with_login(path: str, uri: str) -> str:
+    """The page the browser is on, with ``login=1``: the same page, once logged in
+    (always a path on this site, whatever form the request line took)."""
+    query = uri.partition("?")[2]
     kept = [part for part in query.split("&") if part and not part.startswith("login")]
     return path + "?" + "&".join([*kept, "login=1"])
 
