@@ -12,6 +12,7 @@ import re
 from typing import Any
 
 import pytest_twisted
+from twisted.internet import defer
 
 import ui_content
 from fake_upstream import fake_upstream  # noqa: F401
@@ -338,3 +339,34 @@ def test_the_login_link_stays_on_this_site() -> None:
     assert pages._with_login("/ui/", "http://evil.example/ui/?q=a&login=1") == "/ui/?q=a&login=1"
     assert pages._query_string(page=1, q="a b", upstream="") == "q=a+b"
     assert pages._query_string(page=3, q="") == "page=3"
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_mirror_shows_fills_running_and_upstream_errors(make_registry, fake_upstream) -> None:  # noqa: F811
+    from twisted.internet import reactor, task
+
+    registry, client, filled = await filled_registry(make_registry, fake_upstream)
+    slow = fake_upstream.add_image("lib/slow", "v1", layer_sizes=[200_000], seed="slow")
+    assert (await client.get("/v2/up.test/lib/slow/manifests/v1")).status == 200
+    layer = slow["layers"][0]["digest"]
+    path = fake_upstream.blob_path("lib/slow", layer)
+    fake_upstream.stall_after(path, 50_000)
+    download = defer.ensureDeferred(client.get(f"/v2/up.test/lib/slow/blobs/{layer}"))
+    for _ in range(500):
+        if fake_upstream.stalled(path):
+            break
+        await task.deferLater(reactor, 0.01, lambda: None)
+    (up,) = (await api(client, "/ui/api/mirror"))["upstreams"]
+    assert up["fills_running"] == 1
+    assert "1</b><span>fills running" in (await page(client, "/ui/mirror")).body.decode()
+    fake_upstream.release_stalled(path)
+    assert (await download).status == 200
+    (up,) = (await api(client, "/ui/api/mirror"))["upstreams"]
+    assert up["fills_running"] == 0
+
+    fake_upstream.status(fake_upstream.manifest_path("lib/app", "v2"), 503)
+    assert (await client.get("/v2/up.test/lib/app/manifests/v2")).status == 503
+    (up,) = (await api(client, "/ui/api/mirror"))["upstreams"]
+    assert up["errors"] >= 1 and up["last_error"] is not None
+    assert "503" in up["recent_errors"][0]["message"]
+    assert "503" in (await page(client, "/ui/mirror")).body.decode()
