@@ -26,6 +26,7 @@ from werkzeug.routing import RequestRedirect
 
 from registryd import __version__
 from registryd.auth.policy import PULL, AccessPolicy, Verdict
+from registryd.deferreds import bounded_gather
 from registryd.digest import Digest, is_digest, parse_digest
 from registryd.errors import RegistryError
 from registryd.mirror.cache import MirrorCache
@@ -51,6 +52,8 @@ PAGE_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"
                 "X-Frame-Options": "DENY"}
 REPOSITORIES_PER_PAGE = 50
 TAGS_PER_PAGE = 100
+#: Tags of a page read at once (a bucket answers each over the network).
+ROW_CONCURRENCY = 8
 MAX_PER_PAGE = 1000
 _MANIFEST_PATH = re.compile(r"^/v2/(.+)/manifests/[^/]+$")
 _HOST = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252})|\[[0-9A-Fa-f:.]{2,45}\])(?::[0-9]{1,5})?$")
@@ -314,15 +317,17 @@ class WebUI:
         pager = Pager(_page_number(request), _per_page(request, TAGS_PER_PAGE), len(chosen))
         shown = pager.window(chosen)
         pulls = await backend.pulls(ref.remote)
-        rows = []
         pacer = Pacer(self.reactor)
-        for tag in shown:
+
+        async def row(tag: str) -> dict[str, Any] | None:
             await pacer.step()
             digest = await backend.resolve_tag(ref.remote, tag)
             if digest is None:
-                continue    # deleted since the listing
-            facts = await self.images.facts(digest)
-            rows.append({"tag": tag, "facts": facts, "last_pull": pulls.get(digest)})
+                return None     # deleted since the listing
+            return {"tag": tag, "facts": await self.images.facts(digest), "last_pull": pulls.get(digest)}
+
+        # A few at a time: on a bucket each is a round trip.
+        rows = [found for found in await bounded_gather(shown, row, ROW_CONCURRENCY) if found is not None]
         summary = await self.inventory.summary(ref)
         first = shown[0] if shown else "latest"
         return {"user": user, "ref": ref, "summary": summary, "rows": rows, "pager": pager, "search": search,
