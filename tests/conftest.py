@@ -48,7 +48,7 @@ TIERS: dict[str, frozenset[str]] = {
         "test_cli_exit_codes", "test_cli_gc", "test_cli_htpasswd", "test_cli_ls", "test_cli_preload", "test_cli_prune",
         "test_cli_retention",
         "test_conformance", "test_durability", "test_limits", "test_memory", "test_mirror", "test_prune_online", "test_shutdown", "test_twistd", "test_upkeep",
-        "test_upstream_fixtures", "test_sync", "test_workers",
+        "test_upstream_fixtures", "test_sync", "test_workers", "test_web_ui",
     }),
     "s3": frozenset({
         "test_cli_fsck_s3", "test_s3_client", "test_s3_gc", "test_s3_hot_cache", "test_s3_outage",
@@ -56,7 +56,7 @@ TIERS: dict[str, frozenset[str]] = {
     }),
     "e2e": frozenset({
         "e2e/test_auth_clients", "e2e/test_containerd", "e2e/test_dockerd", "e2e/test_scale_out",
-        "e2e/test_skopeo", "e2e/test_skopeo_tls",
+        "e2e/test_skopeo", "e2e/test_skopeo_tls", "e2e/test_web_ui_browser",
     }),
     "packaging": frozenset({"test_packaging"}),
     "bench": frozenset({"test_benchmarks"}),

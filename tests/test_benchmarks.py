@@ -59,3 +59,14 @@ def test_s3_benchmark_writes_outside_the_checkout_unless_told() -> None:
         sys.path.remove(os.path.join(ROOT, "benchmarks"))
     output = os.path.abspath(bench_s3.default_output("20260101T000000Z"))
     assert not output.startswith(os.path.abspath(ROOT) + os.sep), output
+
+
+def test_ui_benchmark_quick_mode_measures_every_page(tmp_path) -> None:
+    """bench_ui.py: every page of the web UI answers 200 over a store it fills (no reference: it has no UI)."""
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "bench_ui.py"), "--quick", "--repositories", "500",
+         "--tags", "100", "--requests", "2", "--output", str(tmp_path / "r.json")],
+        capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    figures = json.loads((tmp_path / "r.json").read_text())["figures"]
+    assert len([k for k in figures if k.endswith("_median_ms")]) == 10

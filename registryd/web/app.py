@@ -80,6 +80,7 @@ from registryd.web.limits import BodyBudget, RateLimitedLog, SessionQuota, store
 from registryd.web.status import CONTENT_TYPE as STATUS_CONTENT_TYPE
 from registryd.web.status import StatusBoard
 from registryd.web.sendfile import send_file_range
+from registryd.web.ui import Gate, WebUI
 
 log = Logger()
 
@@ -129,6 +130,10 @@ class RegistryAPI:
         self.auth = auth or build_auth(config.auth, config.access, store.pool, reactor,
                                        mirrored_namespaces(u.namespace for u in config.upstreams))
         self.status = StatusBoard(store, config, self.mirror)
+        self.ui = WebUI(store, self.mirror, config.upstreams,
+                        Gate(self._user, lambda: self.auth.policy, lambda: self.auth.authenticator.enabled,
+                             self._secure, lambda: self.status.errors,
+                             lambda: self.auth.authenticator.challenge), reactor)
         self.pulls = PullRecorder()
         # Manifests by digest (content never changes); their repositories are checked on each GET.
         self.manifest_cache: SizedLRU[Digest, bytes] = SizedLRU(config.manifest_cache_size, len)
@@ -527,6 +532,11 @@ class RegistryAPI:
                    "Referrer-Policy": "no-referrer"}
         body = respond(request, 200, headers, body, STATUS_CONTENT_TYPE)
         return b"" if request.method == b"HEAD" else body
+
+    @app.route("/ui/", branch=True, methods=["GET", "HEAD"])
+    def web_ui(self, request: RegistryRequest) -> Any:
+        """The web UI (registryd.web.ui): read-only pages, by the same access rules."""
+        return self.ui.resource()
 
     @app.route("/v2/_catalog", methods=["GET"])
     async def catalog(self, request: RegistryRequest) -> bytes:

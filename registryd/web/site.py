@@ -390,6 +390,7 @@ class RegistrySite(Site):
             metrics.cache.labels(route, cache).inc()
         try:
             self.api.status.observe(method, path, status, cache, getattr(request, "error_message", None))
+            self.api.ui.observe(method, path, status, cache, getattr(request, "upstream", None), sent)
         except Exception:
             log.failure("feeding the status page failed")
         client = request.getClientAddress()

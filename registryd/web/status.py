@@ -312,6 +312,7 @@ def render_page(board: StatusBoard, usage: StoreUsage | None, space: tuple[int, 
         f"<title>registryd status</title><style>{_CSS}</style></head>"
         f'<body><main><h1>registryd status</h1><p class="sub">Version {_e(__version__)} · started {started} · '
         f'page generated {_e(time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(now)))}</p>'
+        '<p><a href="/ui/">Browse repositories and the mirror</a></p>'
         + "".join(parts)
         + "</main></body></html>\n"
     )
