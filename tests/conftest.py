@@ -52,7 +52,7 @@ TIERS: dict[str, frozenset[str]] = {
         "test_s3_store", "test_s3_survey", "test_s3_uploads",
     }),
     "e2e": frozenset({
-        "e2e/test_auth_clients", "e2e/test_containerd", "e2e/test_dockerd", "e2e/test_scale_out",
+        "e2e/test_auth_clients", "e2e/test_containerd", "e2e/test_containerd_store", "e2e/test_dockerd", "e2e/test_scale_out",
         "e2e/test_skopeo", "e2e/test_skopeo_tls",
     }),
     "packaging": frozenset({"test_packaging"}),

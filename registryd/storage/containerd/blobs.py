@@ -47,8 +47,8 @@ class RecentLeases:
         self._client = client
         self._keep = keep
         self._clock = clock
-        # A period of a quarter of the time kept (at least a minute): a few leases live at once.
-        self._period = max(60, int(keep // 4))
+        # A period of a quarter of the time kept (at least a second): a few leases live at once.
+        self._period = max(1, int(keep // 4))
         self._made: str | None = None
 
     async def current(self) -> str:

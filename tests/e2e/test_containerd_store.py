@@ -1,0 +1,211 @@
+"""End-to-end: registryd with ``[storage] driver = "containerd"`` over a real containerd (Debian's 1.6).
+
+Each test starts a private containerd (``containerd_daemon``: its own root,
+state and socket) and an in-process registryd whose store is that
+containerd's ``k8s.io`` namespace. Images are brought in with ``ctr images
+import`` from OCI layouts the tests build (``oci_layout``), pulled and pushed
+with the real skopeo, and checked with ``ctr images ls`` / ``ctr content ls``.
+A missing containerd, ctr or skopeo is a failure, not a skip.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tarfile
+from typing import Any
+
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+
+from registryd.config import StorageSettings, UpstreamConfig
+from registryd.storage.containerd.settings import ContainerdSettings
+from oci_client import Client
+
+from . import oci_layout as oci
+from .containerd_daemon import ContainerdDaemon, make_containerd  # noqa: F401  (fixture)
+from .skopeo_cli import Skopeo
+
+HOSTNAME = "registry.example"
+NAMESPACE = "k8s.io"
+
+
+def settings_for(daemon: ContainerdDaemon, **overrides: Any) -> StorageSettings:
+    values: dict[str, Any] = {"socket": daemon.address, "namespace": NAMESPACE, "hostname": HOSTNAME,
+                              "content_dir": os.path.join(daemon.root, "io.containerd.content.v1.content")}
+    values.update(overrides)
+    return StorageSettings("containerd", containerd=ContainerdSettings(**values))
+
+
+def layout_archive(directory: Any, image: Any, tag: str) -> str:
+    """An OCI layout holding ``image`` as ``tag``, as the tar ``ctr images import`` reads."""
+    root = os.path.join(str(directory), f"layout-{tag}")
+    layout = oci.OCILayout(root)
+    layout.add_image(image, tag=tag)
+    archive = root + ".tar"
+    with tarfile.open(archive, "w") as tar:
+        for name in sorted(os.listdir(root)):
+            tar.add(os.path.join(root, name), arcname=name)
+    return archive
+
+
+def sample_image(seed: int) -> Any:
+    return oci.make_image(oci.sample_layers(f"app{seed}", count=2, seed=seed, sizes=[300_000, 5_000]))
+
+
+async def import_image(daemon: ContainerdDaemon, tmp_path: Any, image: Any, base: str, tag: str) -> None:
+    archive = layout_archive(tmp_path, image, tag)
+    await daemon.ctr("images", "import", "--no-unpack", "--base-name", base, archive, namespace=NAMESPACE)
+
+
+async def content_digests(daemon: ContainerdDaemon) -> set[str]:
+    listing = await daemon.ctr("content", "ls", "-q", namespace=NAMESPACE)
+    return {line.strip() for line in listing.stdout.splitlines() if line.strip()}
+
+
+async def image_names(daemon: ContainerdDaemon) -> dict[str, str]:
+    return daemon.image_digests((await daemon.ctr("images", "ls", namespace=NAMESPACE)).stdout)
+
+
+def sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+# -- pull ---------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_image_containerd_imported_is_pulled_with_skopeo(
+        make_containerd: Any, make_registry: Any, tmp_path: Any) -> None:
+    daemon = await make_containerd()
+    image = sample_image(1)
+    await import_image(daemon, tmp_path, image, f"{HOSTNAME}/team/app", "1.0")
+    registry = make_registry(storage=settings_for(daemon))
+    skopeo = Skopeo(tmp_path / "skopeo")
+
+    out = tmp_path / "pulled"
+    await skopeo.copy(f"docker://{registry.host}/team/app:1.0", f"oci:{out}:1.0")
+    with open(out / "index.json", "rb") as f:
+        assert image.digest in f.read().decode()
+    for blob in image.blobs():
+        with open(out / "blobs" / "sha256" / blob.digest.split(":", 1)[1], "rb") as f:
+            assert sha256(f.read()) == blob.digest
+
+    client = Client(registry.url)
+    assert (await client.get("/v2/_catalog")).json()["repositories"] == ["team/app"]
+    assert (await client.get("/v2/team/app/tags/list")).json() == {"name": "team/app", "tags": ["1.0"]}
+    # Another repository's name never reaches this image's blobs.
+    layer = image.layers[0].blob
+    assert (await client.get(f"/v2/other/app/blobs/{layer.digest}")).status == 404
+
+
+@pytest_twisted.ensureDeferred
+async def test_blob_ranges_from_containerd_files_and_through_the_content_service(
+        make_containerd: Any, make_registry: Any, tmp_path: Any) -> None:
+    """The sendfile path (containerd's own file) and the streamed path (content Read) send the same bytes."""
+    daemon = await make_containerd()
+    image = sample_image(2)
+    await import_image(daemon, tmp_path, image, f"{HOSTNAME}/team/ranged", "v1")
+    layer = image.layers[0].blob
+    for content_dir in (None, ""):
+        overrides = {} if content_dir is None else {"content_dir": content_dir}
+        registry = make_registry(storage=settings_for(daemon, **overrides))
+        client = Client(registry.url)
+        whole = await client.get(f"/v2/team/ranged/blobs/{layer.digest}")
+        assert whole.status == 200 and whole.body == layer.data, content_dir
+        part = await client.get(f"/v2/team/ranged/blobs/{layer.digest}", headers={"Range": "bytes=1000-250999"})
+        assert part.status == 206, part
+        assert part.body == layer.data[1000:251000]
+        assert part.header("Content-Range") == f"bytes 1000-250999/{len(layer.data)}"
+        tail = await client.get(f"/v2/team/ranged/blobs/{layer.digest}", headers={"Range": "bytes=-10"})
+        assert tail.status == 206 and tail.body == layer.data[-10:]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_docker_hub_image_is_reachable_all_three_ways(
+        make_containerd: Any, make_registry: Any, tmp_path: Any) -> None:
+    """``docker.io/library/alpine:3.20`` held by containerd: repository ``docker.io/library/alpine``
+    without an upstream; with one for docker.io (offline: containerd's copy is the only one) by
+    ``?ns=docker.io``, by path prefix and as the default upstream's ``library/alpine``."""
+    daemon = await make_containerd()
+    image = sample_image(3)
+    await import_image(daemon, tmp_path, image, "docker.io/library/alpine", "3.20")
+    accept = {"Accept": oci.OCI_MANIFEST}
+
+    plain = Client(make_registry(storage=settings_for(daemon)).url)
+    reply = await plain.get("/v2/docker.io/library/alpine/manifests/3.20", headers=accept)
+    assert reply.status == 200 and sha256(reply.body) == image.digest, reply
+    assert "docker.io/library/alpine" in (await plain.get("/v2/_catalog")).json()["repositories"]
+
+    hub = UpstreamConfig(namespace="docker.io", url="http://127.0.0.1:9", default=True, offline=True)
+    mirror = Client(make_registry(storage=settings_for(daemon), upstreams=(hub,)).url)
+    for path in ("/v2/library/alpine/manifests/3.20?ns=docker.io", "/v2/docker.io/library/alpine/manifests/3.20",
+                 "/v2/library/alpine/manifests/3.20", "/v2/alpine/manifests/3.20"):
+        reply = await mirror.get(path, headers=accept)
+        assert reply.status == 200 and sha256(reply.body) == image.digest, (path, reply)
+    layer = image.layers[1].blob
+    reply = await mirror.get(f"/v2/library/alpine/blobs/{layer.digest}?ns=docker.io")
+    assert reply.status == 200 and reply.body == layer.data, reply
+
+
+# -- push ---------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_skopeo_push_is_an_image_containerd_holds_and_gc_keeps(
+        make_containerd: Any, make_registry: Any, tmp_path: Any) -> None:
+    daemon = await make_containerd()
+    registry = make_registry(storage=settings_for(daemon))
+    skopeo = Skopeo(tmp_path / "skopeo")
+    image = sample_image(4)
+    layout = oci.OCILayout(tmp_path / "source")
+    layout.add_image(image, tag="2.0")
+    await skopeo.copy(f"oci:{tmp_path / 'source'}:2.0", f"docker://{registry.host}/team/pushed:2.0")
+
+    names = await image_names(daemon)
+    assert names.get(f"{HOSTNAME}/team/pushed:2.0") == image.digest, names
+    wanted = {image.digest, *(blob.digest for blob in image.blobs())}
+    assert wanted <= await content_digests(daemon)
+
+    # A GC-triggering delete of another image: nothing of the pushed one goes.
+    other = sample_image(5)
+    await import_image(daemon, tmp_path, other, "docker.io/library/other", "1")
+    await daemon.ctr("images", "rm", "--sync", "docker.io/library/other:1", namespace=NAMESPACE)
+    assert wanted <= await content_digests(daemon)
+
+    # Another registryd, with nothing of the first's state, serves it all: containerd is the truth.
+    again = make_registry(storage=settings_for(daemon))
+    out = tmp_path / "pulled"
+    await skopeo.copy(f"docker://{again.host}/team/pushed:2.0", f"oci:{out}:2.0")
+    for blob in image.blobs():
+        with open(out / "blobs" / "sha256" / blob.digest.split(":", 1)[1], "rb") as f:
+            assert sha256(f.read()) == blob.digest
+
+
+@pytest_twisted.ensureDeferred
+async def test_delete_removes_the_image_and_containerd_gc_reclaims_it(
+        make_containerd: Any, make_registry: Any, tmp_path: Any) -> None:
+    """Content registryd wrote is leased for [gc] delay only; once its image is deleted
+    through the API, containerd's next collection takes every blob of it."""
+    daemon = await make_containerd()
+    registry = make_registry(storage=settings_for(daemon), gc_delay=0)
+    skopeo = Skopeo(tmp_path / "skopeo")
+    image = sample_image(6)
+    oci.OCILayout(tmp_path / "source").add_image(image, tag="1")
+    await skopeo.copy(f"oci:{tmp_path / 'source'}:1", f"docker://{registry.host}/team/gone:1")
+    wanted = {image.digest, *(blob.digest for blob in image.blobs())}
+    assert wanted <= await content_digests(daemon)
+
+    client = Client(registry.url)
+    reply = await client.delete(f"/v2/team/gone/manifests/{image.digest}")
+    assert reply.status == 202, reply
+    assert not [name for name in await image_names(daemon) if "team/gone" in name]
+    assert (await client.get(f"/v2/team/gone/manifests/{image.digest}")).status == 404
+
+    # containerd's clock decides when a lease has run out (gc_delay 0: a second after the write).
+    await deferLater(reactor, 1.5, lambda: None)
+    # Trigger a synchronous collection.
+    other = sample_image(7)
+    await import_image(daemon, tmp_path, other, "docker.io/library/trigger", "1")
+    await daemon.ctr("images", "rm", "--sync", "docker.io/library/trigger:1", namespace=NAMESPACE)
+    assert not wanted & await content_digests(daemon)
