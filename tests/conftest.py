@@ -112,6 +112,9 @@ def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
         needs_ceph = item.get_closest_marker("s3") is not None or "ceph_s3" in getattr(item, "fixturenames", ())
         if needs_ceph and TIER_ORDER.index(tier) < TIER_ORDER.index("s3"):
             tier = "s3"
+        # A parameter marked e2e (the containerd store in the conformance matrix) needs a real daemon.
+        if item.get_closest_marker("e2e") is not None and TIER_ORDER.index(tier) < TIER_ORDER.index("e2e"):
+            tier = "e2e"
         marked = [t for t in TIER_ORDER if t != tier and item.get_closest_marker(t) is not None]
         if marked:
             raise pytest.UsageError(f"{item.nodeid} is marked {', '.join(marked)} but its tier is {tier}")

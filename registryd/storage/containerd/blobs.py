@@ -23,6 +23,7 @@ from twisted.internet.interfaces import IConsumer, IPushProducer
 from zope.interface import implementer
 
 from registryd.digest import Digest
+from registryd.errors import digest_invalid
 from registryd.storage.containerd.client import ContainerdClient, NotFound
 from registryd.storage.guard import BlobGuard
 from registryd.storage.local import FileBlobSource
@@ -133,6 +134,14 @@ class StreamedBlobSource:
         pass
 
 
+def sha256_only(digest: Digest) -> None:
+    """containerd's content store addresses content by sha256 alone: refuse any other algorithm
+    (400 DIGEST_INVALID) before anything is written."""
+    if digest.algorithm != "sha256":
+        raise digest_invalid(f"containerd's content store holds sha256 content only, not {digest.algorithm}",
+                             str(digest)[:150])
+
+
 def _file_chunks(path: str) -> Iterator[bytes]:
     with open(path, "rb") as f:
         while chunk := f.read(WRITE_CHUNK):
@@ -182,12 +191,14 @@ class ContainerdBlobs:
             return None
 
     async def put(self, digest: Digest, data: bytes) -> None:
+        sha256_only(digest)
         self.guard.claim([digest])
         lease = await self.leases.current()
         await self._client.write(f"registryd-put-{uuid.uuid4().hex}", [data], len(data), str(digest), lease)
 
     async def commit_file(self, path: str, digest: Digest) -> None:
         """Write a verified local file into containerd (read in the client's thread), then remove it."""
+        sha256_only(digest)
         self.guard.claim([digest])
         lease = await self.leases.current()
         size = os.stat(path).st_size
