@@ -14,6 +14,7 @@ import os
 import tarfile
 from typing import Any
 
+import attrs
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
@@ -23,7 +24,10 @@ from registryd.storage.containerd.settings import ContainerdSettings
 from oci_client import Client
 
 from . import oci_layout as oci
-from .containerd_daemon import ContainerdDaemon, make_containerd  # noqa: F401  (fixture)
+from upstreams import reference_upstream  # noqa: F401  (fixture)
+
+from .containerd_daemon import ContainerdDaemon, make_containerd, push_unpackable_image  # noqa: F401
+from .test_containerd import write_hosts_dir
 from .skopeo_cli import Skopeo
 
 HOSTNAME = "registry.example"
@@ -209,3 +213,35 @@ async def test_delete_removes_the_image_and_containerd_gc_reclaims_it(
     await import_image(daemon, tmp_path, other, "docker.io/library/trigger", "1")
     await daemon.ctr("images", "rm", "--sync", "docker.io/library/trigger:1", namespace=NAMESPACE)
     assert not wanted & await content_digests(daemon)
+
+
+# -- mirror -------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_pull_through_fill_lands_in_containerd_and_is_served_from_it(
+        reference_upstream: Any, make_containerd: Any, make_registry: Any, tmp_path: Any) -> None:
+    """A mirror fill on this driver writes containerd's image ``upstream.test/lib/app:v1`` and its
+    content; an offline registryd then serves it from containerd alone, to a second containerd
+    pulling through ``hosts.toml``."""
+    up = reference_upstream("open")
+    image = push_unpackable_image(up, "lib/app", "v1", marker="registryd-containerd-store")
+    daemon = await make_containerd()
+    upstream = UpstreamConfig(namespace="upstream.test", url=up.url)
+    registry = make_registry(storage=settings_for(daemon), upstreams=(upstream,))
+    skopeo = Skopeo(tmp_path / "skopeo")
+    await skopeo.copy(f"docker://{registry.host}/upstream.test/lib/app:v1", f"oci:{tmp_path / 'first'}:v1")
+
+    names = await image_names(daemon)
+    assert names.get("upstream.test/lib/app:v1") == image["digest"], names
+    wanted = {image["digest"], image["config"]["digest"], image["layers"][0]["digest"]}
+    assert wanted <= await content_digests(daemon)
+
+    # The upstream is gone from here on: an offline registryd has only containerd.
+    offline = attrs.evolve(upstream, offline=True)
+    served = make_registry(storage=settings_for(daemon), upstreams=(offline,))
+    hosts_dir = write_hosts_dir(tmp_path / "hosts.d", "upstream.test", f"http://{served.host}")
+    node = await make_containerd()
+    await node.ctr("images", "pull", "--hosts-dir", hosts_dir, "upstream.test/lib/app:v1")
+    pulled = node.image_digests((await node.ctr("images", "ls")).stdout)
+    assert pulled.get("upstream.test/lib/app:v1") == image["digest"], pulled
