@@ -39,7 +39,7 @@ TIERS: dict[str, frozenset[str]] = {
         "test_hostile_input", "test_local_prefixes", "test_push_by_digest", "test_upstream_hosts",
         "test_probes", "test_status_page", "test_observability", "test_security", "test_mirror_access",
         "test_deferreds", "test_layering", "test_globs", "test_driver_contract", "test_gc_units",
-        "test_survey_driver", "test_fsck_driver",
+        "test_survey_driver", "test_fsck_driver", "test_containerd_units",
     }),
     "integration": frozenset({
         "test_auth_flood", "test_auth_tls", "test_cache_stale", "test_cli_export_import", "test_cli_fsck",

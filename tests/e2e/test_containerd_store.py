@@ -231,6 +231,8 @@ async def test_a_pull_through_fill_lands_in_containerd_and_is_served_from_it(
     registry = make_registry(storage=settings_for(daemon), upstreams=(upstream,))
     skopeo = Skopeo(tmp_path / "skopeo")
     await skopeo.copy(f"docker://{registry.host}/upstream.test/lib/app:v1", f"oci:{tmp_path / 'first'}:v1")
+    # A client has the whole blob before its fill is in the store: wait for the fills to be stored.
+    await registry.service.api.mirror.settle_fills(30)
 
     names = await image_names(daemon)
     assert names.get("upstream.test/lib/app:v1") == image["digest"], names

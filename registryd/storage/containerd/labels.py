@@ -13,7 +13,8 @@ from typing import Any
 
 import attrs
 
-from registryd.digest import Digest, is_digest, parse_digest
+from registryd.digest import Digest
+from registryd.storage.containerd.names import digest_or_none
 
 GC_REF = "containerd.io/gc.ref.content"
 
@@ -27,8 +28,8 @@ class References:
 
 
 def _digest(descriptor: Any) -> Digest | None:
-    if isinstance(descriptor, dict) and isinstance(descriptor.get("digest"), str) and is_digest(descriptor["digest"]):
-        return parse_digest(descriptor["digest"])
+    if isinstance(descriptor, dict) and isinstance(descriptor.get("digest"), str):
+        return digest_or_none(descriptor["digest"])
     return None
 
 

@@ -21,7 +21,8 @@ from typing import Protocol
 
 import attrs
 
-from registryd.digest import Digest, is_digest, parse_digest
+from registryd.digest import Digest, parse_digest
+from registryd.errors import RegistryError
 from registryd.names import is_tag
 
 _COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
@@ -40,13 +41,20 @@ class ImageName:
     digest: Digest | None = None
 
 
+def digest_or_none(text: str) -> Digest | None:
+    """``text`` as a digest registryd can serve, or None (containerd's names and labels are anyone's)."""
+    try:
+        return parse_digest(text)
+    except RegistryError:
+        return None
+
+
 def parse_image_name(name: str) -> ImageName | None:
     """``host/repo:tag`` or ``host/repo@sha256:...`` taken apart; None for any other shape."""
     repository, at, reference = name.partition("@")
     if at:
-        if not is_digest(reference):
-            return None
-        return ImageName(repository, digest=parse_digest(reference))
+        digest = digest_or_none(reference)
+        return ImageName(repository, digest=digest) if digest is not None else None
     repository, colon, tag = name.rpartition(":")
     if not colon or "/" in tag or not is_tag(tag):
         return None

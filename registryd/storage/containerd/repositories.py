@@ -22,7 +22,7 @@ from typing import Any
 
 import attrs
 
-from registryd.digest import Digest, digest_of, parse_digest
+from registryd.digest import Digest, digest_of
 from registryd.errors import RegistryError, denied, manifest_invalid
 from registryd.manifests import parse_manifest
 from registryd.names import check_name, check_tag, is_tag
@@ -30,7 +30,7 @@ from registryd.storage.containerd.blobs import ContainerdBlobs
 from registryd.storage.containerd.client import ContainerdClient
 from registryd.storage.containerd.labels import gc_labels, references
 from registryd.storage.containerd.names import (
-    ImageName, Naming, digest_name, is_repository_name, parse_image_name, source_label, tag_name,
+    ImageName, Naming, digest_name, digest_or_none, is_repository_name, parse_image_name, source_label, tag_name,
 )
 from registryd.storage.containerd.proto import containerd_api_pb2 as api
 
@@ -76,16 +76,18 @@ class ContainerdRepositories:
     def _image_repository(self, name: str) -> str | None:
         return self.naming.image_repository(name) if is_repository_name(name) else None
 
-    async def _images(self, name: str) -> list[tuple[ImageName, api.Image]]:
-        """The images of repository ``name`` (one listing of containerd's images)."""
+    async def _images(self, name: str) -> list[tuple[ImageName, api.Image, Digest]]:
+        """The images of repository ``name`` with their targets' digests (one listing of containerd's
+        images); an image whose target registryd cannot name (sha384) is left out."""
         repository = self._image_repository(name)
         if repository is None:
             return []
         found = []
         for image in await self._client.images():
             parsed = parse_image_name(image.name)
-            if parsed is not None and parsed.repository == repository and image.target.digest:
-                found.append((parsed, image))
+            target = digest_or_none(image.target.digest)
+            if parsed is not None and parsed.repository == repository and target is not None:
+                found.append((parsed, image, target))
         return found
 
     async def _closure(self, digest: Digest, depth: int = 0) -> Closure:
@@ -142,8 +144,7 @@ class ContainerdRepositories:
         key, path = source_label(repository)
         if path in info.labels.get(key, "").split(","):
             return True
-        for _, image in await self._images(name):
-            target = parse_digest(image.target.digest)
+        for _, image, target in await self._images(name):
             if target == digest:
                 return True
             closure = await self._closure(target)
@@ -153,11 +154,11 @@ class ContainerdRepositories:
 
     async def manifest_media_type(self, name: str, digest: Digest) -> str | None:
         images = await self._images(name)
-        for _, image in images:
-            if image.target.digest == str(digest):
+        for _, image, target in images:
+            if target == digest:
                 return image.target.media_type or _declared_type(await self._blobs.read(digest, MANIFEST_LIMIT))
-        for _, image in images:
-            closure = await self._closure(parse_digest(image.target.digest))
+        for _, image, target in images:
+            closure = await self._closure(target)
             if digest in closure.manifests and await self._client.info(str(digest)) is not None:
                 return closure.manifests[digest] or None
         return None
@@ -167,7 +168,7 @@ class ContainerdRepositories:
         if repository is None or not is_tag(tag):
             return None
         image = await self._client.image(tag_name(repository, tag))
-        return parse_digest(image.target.digest) if image is not None and image.target.digest else None
+        return digest_or_none(image.target.digest) if image is not None else None
 
     async def tag_mtime(self, name: str, tag: str) -> float | None:
         repository = self._image_repository(name)
@@ -180,14 +181,13 @@ class ContainerdRepositories:
         images = await self._images(name)
         if not images:
             return None
-        return sorted({parsed.tag for parsed, _ in images if parsed.tag is not None})
+        return sorted({parsed.tag for parsed, _, _ in images if parsed.tag is not None})
 
     async def referrers(self, name: str, subject: Digest) -> list[dict[str, Any]]:
         found: dict[str, dict[str, Any]] = {}
-        for _, image in await self._images(name):
+        for _, image, digest in await self._images(name):
             if image.labels.get(SUBJECT_LABEL) != str(subject) or image.target.digest in found:
                 continue
-            digest = parse_digest(image.target.digest)
             data = await self._blobs.read(digest, MANIFEST_LIMIT)
             if data is None or digest_of(data, digest.algorithm) != digest:
                 continue
@@ -201,8 +201,7 @@ class ContainerdRepositories:
 
     async def revisions(self, name: str) -> dict[Digest, float]:
         revisions: dict[Digest, float] = {}
-        for _, image in await self._images(name):
-            digest = parse_digest(image.target.digest)
+        for _, image, digest in await self._images(name):
             revisions[digest] = max(revisions.get(digest, 0.0), _seconds(image.updated_at))
         return revisions
 
@@ -279,8 +278,8 @@ class ContainerdRepositories:
         What nothing references any more is then containerd's GC's to reclaim."""
         self._writable()
         removed = False
-        for parsed, image in await self._images(name):
-            if image.target.digest == str(digest):
+        for _, image, target in await self._images(name):
+            if target == digest:
                 removed = await self._client.delete_image(image.name) or removed
         return removed
 

@@ -15,12 +15,12 @@ from typing import Any
 import grpc
 from twisted.internet.defer import Deferred, succeed
 
-from registryd.digest import Digest, is_digest, parse_digest
+from registryd.digest import Digest
 from registryd.storage import layout
 from registryd.storage.containerd.blobs import ContainerdBlobs, RecentLeases
 from registryd.storage.containerd.client import VERSION, ContainerdClient
 from registryd.storage.containerd.errors import ContainerdError, ContainerdUnavailable
-from registryd.storage.containerd.names import LocalNaming, MirrorNaming
+from registryd.storage.containerd.names import LocalNaming, MirrorNaming, digest_or_none
 from registryd.storage.containerd.objects import ContainerdObjects
 from registryd.storage.containerd.proto import containerd_api_pb2 as api
 from registryd.storage.containerd.repositories import ContainerdRepositories
@@ -119,8 +119,12 @@ class ContainerdStore:
 
     async def blob_sizes(self) -> dict[Digest, int]:
         """Every piece of content in the namespace and its size (one listing of the content service)."""
-        return {parse_digest(info.digest): info.size for info in await self.client.list_content()
-                if is_digest(info.digest)}
+        sizes = {}
+        for info in await self.client.list_content():
+            digest = digest_or_none(info.digest)
+            if digest is not None:
+                sizes[digest] = info.size
+        return sizes
 
     async def blob_usage(self) -> tuple[int, int] | None:
         """Not counted for a page view (a listing of all of containerd's content)."""
