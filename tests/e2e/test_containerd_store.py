@@ -16,14 +16,14 @@ from typing import Any
 
 import attrs
 import pytest_twisted
-from twisted.internet import reactor
-from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
 
 from registryd.config import StorageSettings, UpstreamConfig
 from registryd.storage.containerd.settings import ContainerdSettings
 from oci_client import Client
 
 from . import oci_layout as oci
+from support.wait import sleep, wait_until
 from upstreams import reference_upstream  # noqa: F401  (fixture)
 
 from .containerd_daemon import ContainerdDaemon, make_containerd, push_unpackable_image  # noqa: F401
@@ -207,7 +207,7 @@ async def test_delete_removes_the_image_and_containerd_gc_reclaims_it(
     assert (await client.get(f"/v2/team/gone/manifests/{image.digest}")).status == 404
 
     # containerd's clock decides when a lease has run out (gc_delay 0: a second after the write).
-    await deferLater(reactor, 1.5, lambda: None)
+    await sleep(1.5)
     # Trigger a synchronous collection.
     other = sample_image(7)
     await import_image(daemon, tmp_path, other, "docker.io/library/trigger", "1")
@@ -247,3 +247,87 @@ async def test_a_pull_through_fill_lands_in_containerd_and_is_served_from_it(
     await node.ctr("images", "pull", "--hosts-dir", hosts_dir, "upstream.test/lib/app:v1")
     pulled = node.image_digests((await node.ctr("images", "ls")).stdout)
     assert pulled.get("upstream.test/lib/app:v1") == image["digest"], pulled
+
+
+# -- health, read-only, resumed uploads ---------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_readyz_fails_while_containerd_does_not_answer(
+        make_containerd: Any, make_registry: Any, tmp_path: Any) -> None:
+    daemon = await make_containerd()
+    image = sample_image(8)
+    await import_image(daemon, tmp_path, image, f"{HOSTNAME}/team/app", "1")
+    registry = make_registry(storage=settings_for(daemon))
+    client = Client(registry.url)
+    assert (await client.get("/readyz")).status == 200
+
+    await deferToThread(daemon.stop)
+    down = await client.get("/readyz")
+    assert down.status == 503 and down.json()["status"] == "unavailable", down
+    # A request that needs containerd meanwhile: 503 with Retry-After, never a traceback.
+    reply = await client.get("/v2/team/app/manifests/1", headers={"Accept": oci.OCI_MANIFEST})
+    assert reply.status == 503 and reply.header("Retry-After"), reply
+    assert (await client.get("/healthz")).status == 200
+
+    await deferToThread(daemon.start)
+
+    async def ready() -> bool:
+        return (await client.get("/readyz")).status == 200
+    await wait_until(ready, 15, "/readyz once containerd is back")
+    reply = await client.get("/v2/team/app/manifests/1", headers={"Accept": oci.OCI_MANIFEST})
+    assert reply.status == 200 and sha256(reply.body) == image.digest, reply
+
+
+@pytest_twisted.ensureDeferred
+async def test_read_only_serves_the_node_and_refuses_pushes(
+        make_containerd: Any, make_registry: Any, tmp_path: Any) -> None:
+    daemon = await make_containerd()
+    image = sample_image(9)
+    await import_image(daemon, tmp_path, image, f"{HOSTNAME}/team/app", "1")
+    registry = make_registry(storage=settings_for(daemon, read_only=True))
+    client = Client(registry.url)
+    reply = await client.get("/v2/team/app/manifests/1", headers={"Accept": oci.OCI_MANIFEST})
+    assert reply.status == 200 and sha256(reply.body) == image.digest
+    before = (await content_digests(daemon), await image_names(daemon))
+
+    pushed = await client.post("/v2/team/new/blobs/uploads/")
+    assert pushed.status == 405 and "DENIED" in pushed.codes, pushed
+    removed = await client.delete(f"/v2/team/app/manifests/{image.digest}")
+    assert removed.status == 405 and "DENIED" in removed.codes, removed
+    assert (await content_digests(daemon), await image_names(daemon)) == before
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_chunked_upload_resumes_on_a_restarted_registryd(
+        make_containerd: Any, make_registry: Any, tmp_path: Any) -> None:
+    """The session is spooled in data_dir: a registryd started again on it continues the upload,
+    and the committed blob and its manifest land in containerd."""
+    daemon = await make_containerd()
+    data_dir = str(tmp_path / "data")
+    first = Client(make_registry(storage=settings_for(daemon), data_dir=data_dir).url)
+    image = sample_image(10)
+    layer = image.layers[0].blob
+    started = await first.post("/v2/team/resumed/blobs/uploads/")
+    assert started.status == 202, started
+    half = len(layer.data) // 2
+    patched = await first.patch(started.location, layer.data[:half],
+                                headers={"Content-Type": "application/octet-stream",
+                                         "Content-Range": f"0-{half - 1}"})
+    assert patched.status == 202, patched
+
+    second = Client(make_registry(storage=settings_for(daemon), data_dir=data_dir).url)
+    status = await second.get(patched.location)
+    assert status.status == 204 and status.header("Range") == f"0-{half - 1}", status
+    done = await second.put(f"{patched.location}{'&' if '?' in patched.location else '?'}digest={layer.digest}",
+                            layer.data[half:], headers={"Content-Type": "application/octet-stream",
+                                                        "Content-Range": f"{half}-{len(layer.data) - 1}"})
+    assert done.status == 201, done
+    assert layer.digest in await content_digests(daemon)
+    for blob in (image.config, image.layers[1].blob):
+        assert (await second.post(f"/v2/team/resumed/blobs/uploads/?digest={blob.digest}", blob.data,
+                                  headers={"Content-Type": "application/octet-stream"})).status == 201
+    put = await second.put("/v2/team/resumed/manifests/1", image.manifest.data,
+                           headers={"Content-Type": oci.OCI_MANIFEST})
+    assert put.status == 201, put
+    assert (await image_names(daemon)).get(f"{HOSTNAME}/team/resumed:1") == image.digest

@@ -16,6 +16,7 @@ import grpc
 from twisted.internet.defer import Deferred, succeed
 
 from registryd.digest import Digest
+from registryd.errors import denied
 from registryd.storage import layout
 from registryd.storage.containerd.blobs import ContainerdBlobs, RecentLeases
 from registryd.storage.containerd.client import VERSION, ContainerdClient
@@ -33,6 +34,13 @@ from registryd.threads import BlockingPool, InlinePool
 
 #: Seconds /readyz and the admin commands give containerd to answer its version.
 READY_TIMEOUT = 3.0
+
+
+class ReadOnlyUploads(UploadStore):
+    """``read_only``: no upload session starts (403 DENIED), so nothing is ever spooled."""
+
+    async def create(self, repo: str) -> Any:
+        raise denied("this registry serves containerd's images read-only ([storage.containerd] read_only)")
 
 
 class ContainerdStore:
@@ -55,7 +63,8 @@ class ContainerdStore:
         self.blobs = ContainerdBlobs(self.client, self.guard, RecentLeases(self.client, keep), settings.content_dir)
         self.repositories = ContainerdRepositories(self.client, self.blobs, LocalNaming(settings.hostname),
                                                    read_only=settings.read_only)
-        self.uploads = UploadStore(layout.local_path(root, layout.UPLOADS), self.tmp_dir, self.blobs, pool)
+        uploads = ReadOnlyUploads if settings.read_only else UploadStore
+        self.uploads = uploads(layout.local_path(root, layout.UPLOADS), self.tmp_dir, self.blobs, pool)
         self.hot_cache: HotCache | None = None
 
     def mirror_repositories(self, namespace: str) -> ContainerdRepositories:
