@@ -14,7 +14,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 
-from registryd.admin import EXIT_OK
+from registryd.admin import EXIT_OK, AdminError
 from registryd.admin.inventory import log_problems_to_stderr
 from registryd.admin.store_access import add_store_arguments, store_errors_reported
 from registryd.units import human_size
@@ -149,6 +149,9 @@ async def collect_in_command(collector: Collector, reactor: Any) -> dict[str, An
 
 def _run_on_store(args: argparse.Namespace, config: Config) -> dict[str, Any]:
     """One pass of the collector on the configured store, as a server runs it."""
+    if config.storage.driver == "containerd":
+        raise AdminError("storage.driver = \"containerd\": containerd collects its own garbage (from its images, "
+                         "leases and gc.ref labels); registryd gc has nothing to do there")
     async def main(store: Store, reactor: Any) -> dict[str, Any] | None:
         with store_errors_reported(store.location()):
             document = await collect_in_command(Collector(store.objects, args.delay, args.dry_run), reactor)

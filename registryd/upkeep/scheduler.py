@@ -72,7 +72,8 @@ class Upkeep:
         metrics.mirror_max_size.set(config.mirror_max_size)
 
     def start(self) -> None:
-        if self._config.gc_interval > 0:
+        # containerd collects its own garbage: registryd's collection never runs on its content.
+        if self._config.gc_interval > 0 and self._config.storage.driver != "containerd":
             self._every(self._config.gc_interval, self._scheduled_gc, now=False)
         self._every(self._config.usage_interval, self._scheduled_survey, now=True)
 

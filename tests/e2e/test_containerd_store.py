@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
+import subprocess
+import sys
 import tarfile
 from typing import Any
 
@@ -331,3 +334,46 @@ async def test_a_chunked_upload_resumes_on_a_restarted_registryd(
                            headers={"Content-Type": oci.OCI_MANIFEST})
     assert put.status == 201, put
     assert (await image_names(daemon)).get(f"{HOSTNAME}/team/resumed:1") == image.digest
+
+
+# -- admin commands -----------------------------------------------------------------------
+
+
+def registryd_command(*args: str) -> subprocess.CompletedProcess[str]:
+    """Blocking: ``registryd ARGS`` (this venv's), at most a minute."""
+    command = [os.path.join(os.path.dirname(sys.executable), "registryd"), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+
+
+@pytest_twisted.ensureDeferred
+async def test_ls_fsck_and_gc_on_the_containerd_driver(make_containerd: Any, tmp_path: Any) -> None:
+    """``ls`` lists containerd's images, ``fsck`` re-hashes its content through the content
+    service (and finds a flipped byte), ``gc`` refuses: containerd collects its own garbage."""
+    daemon = await make_containerd()
+    image = sample_image(11)
+    await import_image(daemon, tmp_path, image, f"{HOSTNAME}/team/app", "1.0")
+    config = tmp_path / "registryd.toml"
+    config.write_text(f'data_dir = "{tmp_path / "data"}"\n[storage]\ndriver = "containerd"\n'
+                      f'[storage.containerd]\nsocket = "{daemon.address}"\nhostname = "{HOSTNAME}"\n')
+
+    listed = await deferToThread(registryd_command, "ls", "-c", str(config))
+    assert listed.returncode == 0, listed.stderr
+    assert re.search(r"^team/app\s+local\s+1\s.*\b1\.0$", listed.stdout, re.M), listed.stdout
+
+    checked = await deferToThread(registryd_command, "fsck", "-c", str(config))
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert f"{len(image.blobs()) + 1} blobs" in checked.stdout and "clean" in checked.stdout, checked.stdout
+
+    layer = image.layers[0].blob
+    path = os.path.join(daemon.root, "io.containerd.content.v1.content", "blobs", "sha256",
+                        layer.digest.split(":", 1)[1])
+    with open(path, "r+b") as f:
+        f.seek(100)
+        f.write(bytes([layer.data[100] ^ 0xFF]))
+    damaged = await deferToThread(registryd_command, "fsck", "-c", str(config))
+    assert damaged.returncode == 1, damaged.stdout + damaged.stderr
+    assert f"damage: blob {layer.digest}" in damaged.stdout, damaged.stdout
+
+    collected = await deferToThread(registryd_command, "gc", "-c", str(config))
+    assert collected.returncode == 3 and "containerd collects its own garbage" in collected.stderr, collected
+    assert layer.digest in await content_digests(daemon)

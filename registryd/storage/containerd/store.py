@@ -59,7 +59,7 @@ class ContainerdStore:
         self.tmp_dir = layout.local_path(root, layout.TMP)
         self.guard = BlobGuard()
         self.client = ContainerdClient(settings.socket, settings.namespace, reactor, settings.timeout)
-        self.objects = ContainerdObjects(self.location())
+        self.objects = ContainerdObjects(self.client, self.location())
         self.blobs = ContainerdBlobs(self.client, self.guard, RecentLeases(self.client, keep), settings.content_dir)
         self.repositories = ContainerdRepositories(self.client, self.blobs, LocalNaming(settings.hostname),
                                                    read_only=settings.read_only)
