@@ -377,3 +377,31 @@ async def test_ls_fsck_and_gc_on_the_containerd_driver(make_containerd: Any, tmp
     collected = await deferToThread(registryd_command, "gc", "-c", str(config))
     assert collected.returncode == 3 and "containerd collects its own garbage" in collected.stderr, collected
     assert layer.digest in await content_digests(daemon)
+
+
+@pytest_twisted.ensureDeferred
+async def test_export_and_import_on_the_containerd_driver(make_containerd: Any, tmp_path: Any) -> None:
+    """``export`` copies an image containerd holds out to an OCI layout; ``import`` of that layout
+    into another namespace makes it an image containerd holds there, whole."""
+    daemon = await make_containerd()
+    image = sample_image(12)
+    await import_image(daemon, tmp_path, image, f"{HOSTNAME}/team/app", "1.0")
+
+    def config_for(namespace: str) -> str:
+        path = tmp_path / f"{namespace}.toml"
+        path.write_text(f'data_dir = "{tmp_path / namespace}"\n[storage]\ndriver = "containerd"\n'
+                        f'[storage.containerd]\nsocket = "{daemon.address}"\nnamespace = "{namespace}"\n'
+                        f'hostname = "{HOSTNAME}"\n')
+        return str(path)
+
+    archive = str(tmp_path / "out.tar")
+    exported = await deferToThread(registryd_command, "export", "-c", config_for(NAMESPACE), "-o", archive,
+                                   "--image", "team/app:1.0")
+    assert exported.returncode == 0, exported.stdout + exported.stderr
+    imported = await deferToThread(registryd_command, "import", "-c", config_for("other"), "-i", archive)
+    assert imported.returncode == 0, imported.stdout + imported.stderr
+
+    listing = await daemon.ctr("images", "ls", namespace="other")
+    assert daemon.image_digests(listing.stdout).get(f"{HOSTNAME}/team/app:1.0") == image.digest, listing.stdout
+    held = await daemon.ctr("content", "ls", "-q", namespace="other")
+    assert {image.digest, *(blob.digest for blob in image.blobs())} <= set(held.stdout.split())
