@@ -405,3 +405,17 @@ async def test_export_and_import_on_the_containerd_driver(make_containerd: Any, 
     assert daemon.image_digests(listing.stdout).get(f"{HOSTNAME}/team/app:1.0") == image.digest, listing.stdout
     held = await daemon.ctr("content", "ls", "-q", namespace="other")
     assert {image.digest, *(blob.digest for blob in image.blobs())} <= set(held.stdout.split())
+
+
+def test_a_containerd_that_does_not_answer_stops_the_start_with_one_line(tmp_path: Any) -> None:
+    config = tmp_path / "registryd.toml"
+    missing = tmp_path / "none.sock"
+    config.write_text(f'data_dir = "{tmp_path / "data"}"\n[storage]\ndriver = "containerd"\n'
+                      f'[storage.containerd]\nsocket = "{missing}"\ntimeout = 5\n')
+    twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+    done = subprocess.run([twistd, "-n", "--pidfile=", "registryd", "-c", str(config),
+                           "--listen", "tcp:0:interface=127.0.0.1"], capture_output=True, text=True, timeout=60,
+                          stdin=subprocess.DEVNULL, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    assert done.returncode == 1, done
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+    assert len(lines) == 1 and f"containerd does not answer on {missing}" in lines[0], lines
