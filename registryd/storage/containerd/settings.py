@@ -6,7 +6,8 @@
     socket = "/run/containerd/containerd.sock"   # containerd's gRPC socket
     namespace = "k8s.io"                         # the kubelet's
     hostname = "node1.example"                   # pushed team/app:1.0 is image node1.example/team/app:1.0
-    read_only = false                            # true: serve the node's images, accept no push
+    read_only = false                            # true: serve the node's images, accept no push or delete
+                                                 # (a pull-through cache still fills containerd)
     content_dir = "/var/lib/containerd/io.containerd.content.v1.content"
     timeout = 30                                 # seconds one call may take
 """
