@@ -222,7 +222,7 @@ class RegistrydContainerd(Registryd):
     """registryd with [storage] driver = "containerd", over a private containerd of its own
     (root, state and socket in the temp dir; CRI and the snapshotters it cannot use disabled)."""
 
-    def __init__(self, workdir, twistd, containerd):
+    def __init__(self, workdir, twistd, containerd, stream=False):
         Server.__init__(self, "registryd-containerd", workdir)
         self.containerd = None
         self.containerd_bin = containerd
@@ -242,7 +242,7 @@ class RegistrydContainerd(Registryd):
         with open(config, "w") as f:
             f.write(f'[storage]\ndriver = "containerd"\n[storage.containerd]\nsocket = {json.dumps(self.socket)}\n'
                     f'hostname = "bench.local"\ncontent_dir = '
-                    f'{json.dumps(os.path.join(self.containerd_root, "io.containerd.content.v1.content"))}\n')
+                    f'{json.dumps("" if stream else os.path.join(self.containerd_root, "io.containerd.content.v1.content"))}\n')
         self.cwd = REPO
         self.cmd = [twistd, "-n", "--pidfile=", "registryd", "-c", config,
                     "--listen", f"tcp:{self.port}:interface=127.0.0.1", "--data-dir", self.data]
@@ -609,6 +609,9 @@ def parse_args(argv):
     ap.add_argument("--servers", default=",".join(DEFAULT_SERVERS),
                     help="which to run: registryd,reference,registryd-containerd (default the first two; "
                          "registryd-containerd runs registryd on a private containerd, as root)")
+    ap.add_argument("--containerd-stream", action="store_true",
+                    help="registryd-containerd streams blobs through the content service's Read "
+                         "instead of sending containerd's files (content_dir = \"\")")
     ap.add_argument("--containerd-bin", default=DEFAULT_CONTAINERD,
                     help=f"containerd for registryd-containerd (default {DEFAULT_CONTAINERD})")
     ap.add_argument("--twistd", default=None, help="twistd to start registryd with (default: next to python)")
@@ -671,7 +674,7 @@ def main(argv):
             servers["reference"] = Reference(workdir, args.reference_bin)
         if "registryd-containerd" in args.servers:
             servers["registryd-containerd"] = RegistrydContainerd(workdir, args.twistd or find_twistd(),
-                                                                  args.containerd_bin)
+                                                                  args.containerd_bin, args.containerd_stream)
         for name, srv in servers.items():
             info = result["servers"][name] = {"cmd": srv.cmd, "port": srv.port, "figures": {}, "phase_errors": {},
                                              "memory_after": {}}
