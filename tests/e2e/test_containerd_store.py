@@ -30,6 +30,7 @@ from support.wait import sleep, wait_until
 from upstreams import reference_upstream  # noqa: F401  (fixture)
 
 from .containerd_daemon import ContainerdDaemon, make_containerd, push_unpackable_image  # noqa: F401
+from .docker_daemon import make_dockerd  # noqa: F401  (fixture)
 from .test_containerd import write_hosts_dir
 from .skopeo_cli import Skopeo
 
@@ -419,3 +420,27 @@ def test_a_containerd_that_does_not_answer_stops_the_start_with_one_line(tmp_pat
     assert done.returncode == 1, done
     lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
     assert len(lines) == 1 and f"containerd does not answer on {missing}" in lines[0], lines
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_docker_push_is_an_image_containerd_holds(
+        reference_upstream: Any, make_containerd: Any, make_registry: Any, make_dockerd: Any) -> None:
+    """dockerd pulls an image through registryd (a mirror fill into containerd), then pushes it
+    under a local name: containerd holds it as ``registry.example/team/dpush:1``, every blob with it."""
+    up = reference_upstream("open")
+    image = push_unpackable_image(up, "library/app", "v1", marker="registryd-docker-push", docker=True)
+    daemon = await make_containerd()
+    hub = UpstreamConfig(namespace="docker.io", url=up.url, default=True)
+    registry = make_registry(storage=settings_for(daemon), upstreams=(hub,), local_prefixes=("team",))
+    docker = await make_dockerd(mirrors=[registry.url])
+    await docker.docker("pull", "app:v1")
+    await docker.docker("tag", "app:v1", f"{registry.host}/team/dpush:1")
+    pushed = await docker.docker("push", f"{registry.host}/team/dpush:1")
+    # dockerd writes the manifest again: its digest is the one the push reports.
+    found = re.search(r"digest: (sha256:[0-9a-f]{64})", pushed.stdout)
+    assert found, pushed.stdout
+
+    names = await image_names(daemon)
+    assert names.get(f"{HOSTNAME}/team/dpush:1") == found[1], names
+    wanted = {found[1], image["config"]["digest"], image["layers"][0]["digest"]}
+    assert wanted <= await content_digests(daemon)
