@@ -1,8 +1,8 @@
 #!/bin/sh
 # Regenerate the containerd API messages registryd's containerd store uses
 # (registryd/storage/containerd/proto/containerd_api_pb2.py and .pyi) from
-# containerd_api.proto, with the grpcio-tools pinned in setup.cfg's [dev] extra:
-#     pip install -e '.[dev]' && scripts/gen-containerd-proto.sh
+# containerd_api.proto, with the grpcio-tools pinned in setup.cfg's [test] extra:
+#     pip install -e '.[test]' && scripts/gen-containerd-proto.sh
 # The generated files are checked in, so installing registryd needs no protoc.
 set -eu
 here=$(cd "$(dirname "$0")/.." && pwd)

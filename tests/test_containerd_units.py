@@ -153,3 +153,31 @@ def test_grpc_failures_become_registryd_errors() -> None:
     assert outage_reason(down) == "containerd unavailable: Content.Info: unavailable: connection refused"
     refused = translate(method, Failed(grpc.StatusCode.FAILED_PRECONDITION, "bad"))
     assert isinstance(refused, ContainerdError) and outage_reason(refused) is None
+
+
+# -- the generated messages ---------------------------------------------------------------
+
+def test_the_checked_in_messages_are_what_the_proto_generates(tmp_path: object) -> None:
+    """containerd_api_pb2.py/.pyi are generated from containerd_api.proto (scripts/gen-containerd-proto.sh):
+    an edit of the .proto without regenerating them fails here."""
+    import os
+
+    import grpc_tools
+    from grpc_tools import protoc
+
+    import registryd.storage.containerd.proto as proto
+
+    here = os.path.dirname(proto.__file__)
+    well_known = os.path.join(os.path.dirname(grpc_tools.__file__), "_proto")   # google/protobuf/*.proto
+    # Relative to the .proto's folder, as the script runs it: the file name is part of the output.
+    cwd = os.getcwd()
+    os.chdir(here)
+    try:
+        status = protoc.main(["protoc", "-I.", f"-I{well_known}", f"--python_out={tmp_path}",
+                              f"--pyi_out={tmp_path}", "containerd_api.proto"])
+    finally:
+        os.chdir(cwd)
+    assert status == 0
+    for name in ("containerd_api_pb2.py", "containerd_api_pb2.pyi"):
+        with open(os.path.join(here, name), "rb") as checked_in, open(f"{tmp_path}/{name}", "rb") as made:
+            assert checked_in.read() == made.read(), f"{name} is stale: run scripts/gen-containerd-proto.sh"
