@@ -43,7 +43,10 @@ DEFAULT_REGBENCH_DIR = os.environ.get("REGBENCH_DIR") or os.path.normpath(
     os.path.join(os.path.dirname(os.path.abspath(__file__)), "tools"))
 DEFAULT_REFERENCE = "/usr/bin/docker-registry"
 PHASES = ("push", "pull", "blobget", "small")
-SERVERS = ("registryd", "reference")
+SERVERS = ("registryd", "reference", "registryd-containerd")
+#: What runs without --servers: registryd-containerd needs root (it starts a private containerd).
+DEFAULT_SERVERS = ("registryd", "reference")
+DEFAULT_CONTAINERD = "/usr/bin/containerd"
 
 # Quick (smoke) mode: image layer sizes for mkimage.py, runs per image, blob size.
 QUICK_IMAGES = {"big": ["32M"], "many": ["256K"] * 20}
@@ -228,6 +231,57 @@ class Registryd(Server):
             with open(config, "w") as f:
                 f.write(f"[server]\nworkers = {workers}\n")
             self.cmd += ["--config", config]
+
+
+class RegistrydContainerd(Registryd):
+    """registryd with [storage] driver = "containerd", over a private containerd of its own
+    (root, state and socket in the temp dir; CRI and the snapshotters it cannot use disabled)."""
+
+    def __init__(self, workdir, twistd, containerd, stream=False):
+        Server.__init__(self, "registryd-containerd", workdir)
+        self.containerd = None
+        self.containerd_bin = containerd
+        self.socket = os.path.join(self.dir, "c.sock")
+        self.containerd_root = os.path.join(self.dir, "croot")
+        ctrd_config = os.path.join(self.dir, "containerd.toml")
+        disabled = ", ".join(json.dumps(p) for p in (
+            "io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs",
+            "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.zfs"))
+        with open(ctrd_config, "w") as f:
+            f.write(f"version = 2\nroot = {json.dumps(self.containerd_root)}\n"
+                    f"state = {json.dumps(os.path.join(self.dir, 'cstate'))}\n"
+                    f"disabled_plugins = [{disabled}]\n[grpc]\n  address = {json.dumps(self.socket)}\n"
+                    f"[ttrpc]\n  address = {json.dumps(self.socket + '.ttrpc')}\n")
+        self.containerd_cmd = [containerd, "--config", ctrd_config]
+        config = os.path.join(self.dir, "registryd.toml")
+        with open(config, "w") as f:
+            f.write(f'[storage]\ndriver = "containerd"\n[storage.containerd]\nsocket = {json.dumps(self.socket)}\n'
+                    f'hostname = "bench.local"\ncontent_dir = '
+                    f'{json.dumps("" if stream else os.path.join(self.containerd_root, "io.containerd.content.v1.content"))}\n')
+        self.cwd = REPO
+        self.cmd = [twistd, "-n", "--pidfile=", "registryd", "-c", config,
+                    "--listen", f"tcp:{self.port}:interface=127.0.0.1", "--data-dir", self.data]
+
+    def start(self):
+        log_file = open(os.path.join(self.dir, "containerd.log"), "ab")
+        self.containerd = subprocess.Popen(self.containerd_cmd, stdout=log_file, stderr=subprocess.STDOUT,
+                                           stdin=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 20
+        while not os.path.exists(self.socket):
+            if self.containerd.poll() is not None or time.monotonic() > deadline:
+                raise OSError(f"containerd did not start (see {log_file.name})")
+            time.sleep(0.1)
+        super().start()
+
+    def stop(self):
+        super().stop()
+        if self.containerd is not None and self.containerd.poll() is None:
+            self.containerd.terminate()
+            try:
+                self.containerd.wait(15)
+            except subprocess.TimeoutExpired:
+                self.containerd.kill()
+                self.containerd.wait()
 
 
 class Reference(Server):
@@ -501,6 +555,9 @@ def compare(args, result, keys):
             else:
                 row[name] = f["value"]
         add_ratio(row)
+        ctrd, ref, fs = row.get("registryd-containerd"), row.get("reference"), row.get("registryd")
+        row["containerd_vs_reference"] = round(ctrd / ref, 3) if ctrd is not None and ref else None
+        row["containerd_vs_filesystem"] = round(ctrd / fs, 3) if ctrd is not None and fs else None
         rows.append(row)
     return rows
 
@@ -517,6 +574,8 @@ def print_table(rows, servers):
     head = f"{'figure':<38} {'unit':>6} " + " ".join(f"{s:>11}" for s in servers)
     if len(servers) == 2:
         head += f" {'ratio':>7}  better  (ratio = registryd / reference)"
+    elif len(servers) == 3:
+        head += f" {'fs/ref':>7} {'ctrd/ref':>8} {'ctrd/fs':>7}  better"
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -530,6 +589,10 @@ def print_table(rows, servers):
             line += f" {ratio:>7}  {r['better']:<6}"
             if r.get("winner"):
                 line += ("  -> about equal" if r["winner"] == "equal" else f"  -> {r['winner']} better")
+        elif len(servers) == 3:
+            shown = [f"{v:.2f}x" if v is not None else "-" for v in
+                     (r.get("ratio"), r.get("containerd_vs_reference"), r.get("containerd_vs_filesystem"))]
+            line += f" {shown[0]:>7} {shown[1]:>8} {shown[2]:>7}  {r['better']:<6}"
         print(line)
     errs = {}  # (server, error) -> labels, so one start failure prints once
     for r in rows:
@@ -558,8 +621,14 @@ def parse_args(argv):
                     help="smoke mode: small images, one run each, 2 s load runs (well under 2 min)")
     ap.add_argument("--output", default=None,
                     help="JSON results file (default benchmarks/results/core-<timestamp>.json)")
-    ap.add_argument("--servers", default=",".join(SERVERS),
-                    help="which to run: registryd,reference (default both)")
+    ap.add_argument("--servers", default=",".join(DEFAULT_SERVERS),
+                    help="which to run: registryd,reference,registryd-containerd (default the first two; "
+                         "registryd-containerd runs registryd on a private containerd, as root)")
+    ap.add_argument("--containerd-stream", action="store_true",
+                    help="registryd-containerd streams blobs through the content service's Read "
+                         "instead of sending containerd's files (content_dir = \"\")")
+    ap.add_argument("--containerd-bin", default=DEFAULT_CONTAINERD,
+                    help=f"containerd for registryd-containerd (default {DEFAULT_CONTAINERD})")
     ap.add_argument("--twistd", default=None, help="twistd to start registryd with (default: next to python)")
     ap.add_argument("--workers", type=int, default=None,
                     help="registryd's [server] workers (default: its own, one per CPU); RSS counts them all")
@@ -620,6 +689,9 @@ def main(argv):
             servers["registryd"] = Registryd(workdir, args.twistd or find_twistd(), args.workers)
         if "reference" in args.servers:
             servers["reference"] = Reference(workdir, args.reference_bin)
+        if "registryd-containerd" in args.servers:
+            servers["registryd-containerd"] = RegistrydContainerd(workdir, args.twistd or find_twistd(),
+                                                                  args.containerd_bin, args.containerd_stream)
         for name, srv in servers.items():
             info = result["servers"][name] = {"cmd": srv.cmd, "port": srv.port, "figures": {}, "phase_errors": {},
                                              "memory_after": {}}

@@ -45,6 +45,7 @@ from registryd.schema import (
     setting,
 )
 from registryd.secrets import Secret, in_file, reveal
+from registryd.storage.containerd.settings import ContainerdSettings
 from registryd.storage.s3.settings import S3Settings
 from registryd.sync_settings import SyncJob, check_sync_upstreams
 from registryd.sync_settings import sync_jobs as _sync_jobs
@@ -237,18 +238,20 @@ def _upstreams(key: str, value: list[Any]) -> tuple[UpstreamConfig, ...]:
 
 # --- [storage] ------------------------------------------------------------------------------
 
-STORAGE_DRIVERS = ("filesystem", "s3")
+STORAGE_DRIVERS = ("filesystem", "s3", "containerd")
 
 
 @attrs.frozen
 class StorageSettings:
     """``[storage]``: where content and metadata live. The filesystem (data_dir) by default."""
 
-    driver: str = setting("filesystem", str, one_of(*STORAGE_DRIVERS), "filesystem (data_dir) or s3")
+    driver: str = setting("filesystem", str, one_of(*STORAGE_DRIVERS), "filesystem (data_dir), s3 or containerd")
     redirect: bool = setting(False, bool, doc="s3: blob GETs answered with a presigned URL")
     redirect_expiry: int = setting(600, int, between(1, 7 * 86400, " seconds"), "seconds such a URL stays valid")
     # Read after the driver is known: [storage.s3] (S3Settings).
     s3: S3Settings | None = setting(None, object, doc="[storage.s3]")
+    # Read after the driver is known: [storage.containerd] (ContainerdSettings); its defaults without one.
+    containerd: ContainerdSettings | None = setting(None, object, doc="[storage.containerd]")
     cache_size: int = setting(0, object, parse_size, "s3: bytes of hot blobs kept on local disk; 0: no cache")
     cache_dir: str | None = setting(None, str, _directory, "where; None: <data_dir>/cache")
 
@@ -262,6 +265,11 @@ def _storage(where: str, table: Any) -> StorageSettings:
         settings["s3"] = _s3_table(settings["s3"])
     elif "s3" in settings:
         raise ConfigError("[storage.s3] is only used with storage.driver = \"s3\"")
+    if driver == "containerd":
+        settings["containerd"] = ContainerdSettings(**read_table(ContainerdSettings, settings.get("containerd", {}),
+                                                                 "storage.containerd"))
+    elif "containerd" in settings:
+        raise ConfigError("[storage.containerd] is only used with storage.driver = \"containerd\"")
     if settings.get("redirect") and driver != "s3":
         raise ConfigError("'storage.redirect' needs storage.driver = \"s3\" (a filesystem has no URL to hand out)")
     cache_size, cache_dir = settings.get("cache_size", 0), settings.get("cache_dir")
@@ -436,6 +444,7 @@ TABLES: dict[str, tuple[type, str | None]] = {
     "storage.s3": (S3Settings, None),
     "retention": (RetentionRule, None),
     "sync": (SyncJob, None),
+    "storage.containerd": (ContainerdSettings, None),
 }
 
 

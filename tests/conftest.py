@@ -41,7 +41,7 @@ TIERS: dict[str, frozenset[str]] = {
         "test_probes", "test_status_page", "test_observability", "test_security", "test_mirror_access",
         "test_deferreds", "test_layering", "test_globs", "test_driver_contract", "test_gc_units",
         "test_survey_driver", "test_fsck_driver", "test_retention_units", "test_retention_config",
-        "test_sync_units", "test_uploads", "test_pools", "test_logs", "test_manifest_cache",
+        "test_sync_units", "test_uploads", "test_pools", "test_logs", "test_manifest_cache", "test_containerd_units",
     }),
     "integration": frozenset({
         "test_auth_flood", "test_auth_tls", "test_cache_stale", "test_cli_export_import", "test_cli_fsck",
@@ -55,8 +55,8 @@ TIERS: dict[str, frozenset[str]] = {
         "test_s3_store", "test_s3_survey", "test_s3_uploads",
     }),
     "e2e": frozenset({
-        "e2e/test_auth_clients", "e2e/test_containerd", "e2e/test_dockerd", "e2e/test_scale_out",
-        "e2e/test_skopeo", "e2e/test_skopeo_tls", "e2e/test_web_ui_browser",
+        "e2e/test_auth_clients", "e2e/test_containerd", "e2e/test_containerd_store", "e2e/test_dockerd",
+        "e2e/test_scale_out", "e2e/test_skopeo", "e2e/test_skopeo_tls", "e2e/test_web_ui_browser",
     }),
     "packaging": frozenset({"test_packaging"}),
     "bench": frozenset({"test_benchmarks"}),
@@ -115,6 +115,9 @@ def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
         needs_ceph = item.get_closest_marker("s3") is not None or "ceph_s3" in getattr(item, "fixturenames", ())
         if needs_ceph and TIER_ORDER.index(tier) < TIER_ORDER.index("s3"):
             tier = "s3"
+        # A parameter marked e2e (the containerd store in the conformance matrix) needs a real daemon.
+        if item.get_closest_marker("e2e") is not None and TIER_ORDER.index(tier) < TIER_ORDER.index("e2e"):
+            tier = "e2e"
         marked = [t for t in TIER_ORDER if t != tier and item.get_closest_marker(t) is not None]
         if marked:
             raise pytest.UsageError(f"{item.nodeid} is marked {', '.join(marked)} but its tier is {tier}")

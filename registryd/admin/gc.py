@@ -13,7 +13,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 
-from registryd.admin import EXIT_OK
+from registryd.admin import EXIT_OK, AdminError
 from registryd.admin.inventory import log_problems_to_stderr
 from registryd.admin.store_access import add_store_arguments, store_errors_reported
 from registryd import units
@@ -145,6 +145,9 @@ async def collect_in_command(collector: Collector, reactor: Any) -> dict[str, An
 def _run_on_store(args: argparse.Namespace, config: Config) -> dict[str, Any]:
     """One pass of the collector on the configured store, as a server runs it."""
     async def main(store: Store, reactor: Any) -> dict[str, Any] | None:
+        if store.self_collecting:
+            raise AdminError(f"{store.location()} collects its own garbage (containerd: from its images, "
+                             "leases and gc.ref labels); registryd gc has nothing to do there")
         with store_errors_reported(store.location()):
             document = await collect_in_command(Collector(store.objects, args.delay, args.dry_run), reactor)
             if document is not None and not args.dry_run:

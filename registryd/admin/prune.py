@@ -118,6 +118,11 @@ def _run_remote(args: argparse.Namespace) -> dict[str, Any]:
     return post_admin(args, "/admin/prune", query, "the prune")
 
 
+#: Why a store that collects its own garbage is never pruned: its images are the node's too.
+NOT_PRUNED = ("{location} holds the node's own images (the kubelet's too) and collects its own garbage: "
+              "registryd prunes nothing there")
+
+
 def _run_local(args: argparse.Namespace) -> dict[str, Any]:
     """Prune the configured store in this process, as a server does for POST /admin/prune."""
     from registryd.upkeep.online_prune import MIN_MANIFEST_LIMIT, OnlinePruner, PruneSelection
@@ -130,6 +135,8 @@ def _run_local(args: argparse.Namespace) -> dict[str, Any]:
     limit = max(config.max_manifest_size, MIN_MANIFEST_LIMIT)
 
     async def main(store: Store, reactor: Any) -> dict[str, Any]:
+        if store.self_collecting:
+            raise AdminError(NOT_PRUNED.format(location=store.location()))
         with store_errors_reported(store.location()):
             # Every upstream folder in the store, configured or not (as `registryd ls` lists them).
             mirrors = {namespace_of(folder, namespaces): store.mirror_repositories(folder)

@@ -104,7 +104,7 @@ async def open_admin_store(config: Config, reactor: Any, pool: Any, allow_empty:
     """
     from registryd.storage import open_store
 
-    if config.storage.driver != "s3":
+    if config.storage.driver == "filesystem":   # elsewhere the data directory only spools
         check_data_dir(config.data_dir, allow_empty)
     # The hot blob cache belongs to the node's server: a command neither fills nor evicts it.
     config = attrs.evolve(config, storage=attrs.evolve(config.storage, cache_size=0, cache_dir=None))

@@ -2,7 +2,8 @@
 blobs, repositories and uploads behind one typed Store (registryd.storage.interface).
 
 ``open_store`` opens the store ``[storage] driver`` names: a data directory
-(registryd.storage.fs) or a shared S3 bucket (registryd.storage.s3).
+(registryd.storage.fs), a shared S3 bucket (registryd.storage.s3) or the
+node's containerd (registryd.storage.containerd).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ __all__ = ["Store", "FsStore", "BlobGuard", "Blobs", "Repositories", "UploadStor
 
 def open_store(config: Any, pool: BlockingPool | InlinePool, reactor: Any,
                maintenance: BlockingPool | InlinePool | None = None) -> Store:
-    """The store ``[storage] driver`` names: the data directory, or a shared S3 bucket.
+    """The store ``[storage] driver`` names: the data directory, a shared S3 bucket, or the node's containerd.
 
     ``maintenance``: where whole-store passes over a data directory run (a bucket's go over the network)."""
     if config.storage.driver == "s3":
@@ -30,4 +31,8 @@ def open_store(config: Any, pool: BlockingPool | InlinePool, reactor: Any,
         storage = config.storage
         return S3Store(config.data_dir, pool, storage.s3, reactor, presign=storage.redirect,
                        cache_size=storage.cache_size, cache_dir=storage.cache_dir)
+    if config.storage.driver == "containerd":
+        from registryd.storage.containerd.store import ContainerdStore
+
+        return ContainerdStore(config.data_dir, pool, config.storage.containerd, reactor, keep=config.gc_delay)
     return FsStore(config.data_dir, pool, maintenance)

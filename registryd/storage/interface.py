@@ -233,6 +233,12 @@ class Store(Protocol):
         """Whether other nodes write the same store (then this node's BlobGuard sees only its own claims)."""
 
     @property
+    def self_collecting(self) -> bool:
+        """True where the store collects its own garbage and what it holds is not registryd's alone
+        (containerd: the node's images, which its kubelet runs): registryd's collection, the mirror
+        cache's eviction and prune leave it alone."""
+
+    @property
     def root(self) -> str:
         """The local data directory (on S3: spools, the hot cache)."""
 

@@ -26,6 +26,7 @@ class DriverStore:
     """A registryd.storage.interface.Store whose content lives in ``driver`` (see the module docstring)."""
 
     shared = False
+    self_collecting = False
 
     def __init__(self, root: str, pool: BlockingPool | InlinePool, driver: Driver) -> None:
         self.root = root

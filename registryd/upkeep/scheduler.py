@@ -78,7 +78,8 @@ class Upkeep:
                                        reactor.seconds)
 
     def start(self) -> None:
-        if self._config.gc_interval > 0:
+        # A store that collects its own garbage (containerd) never sees registryd's collection.
+        if self._config.gc_interval > 0 and not self._store.self_collecting:
             self._every(self._config.gc_interval, self._scheduled_gc, now=False)
         self._every(self._config.usage_interval, self._scheduled_survey, now=True)
         for interval, rules in self.retention.schedules():
@@ -160,7 +161,8 @@ class Upkeep:
             survey = await take_survey(driver, self._namespaces, self._documents,
                                        pinned=await read_pins(driver, self._sync_jobs))
             self._measured(survey)
-            plan = plan_eviction(survey, limit) if limit else EvictionPlan()
+            # Nothing is evicted from a store whose content is not registryd's alone (containerd).
+            plan = plan_eviction(survey, limit) if limit and not self._store.self_collecting else EvictionPlan()
             if not (plan.manifests or plan.blobs):
                 assert self.last_size is not None
                 return self.last_size

@@ -440,6 +440,8 @@ class RegistryAPI:
         """
         self._refuse_cross_site(request)
         await self._admin(request, "garbage collections")
+        if self.store.self_collecting:
+            raise unsupported(f"{self.store.location()} collects its own garbage: registryd collects nothing there", 400)
         if self.upkeep is None:
             raise RegistryError(503, "UNAVAILABLE", "garbage collection is not available in this server")
         delay_arg = query_arg(request, "delay")
@@ -465,6 +467,8 @@ class RegistryAPI:
         """
         self._refuse_cross_site(request)
         await self._admin(request, "prunes")
+        if self.store.self_collecting:
+            raise unsupported(f"{self.store.location()} holds the node's own images: registryd prunes nothing there", 400)
         try:
             selection = PruneSelection.from_query(query_arg(request, "older_than"), query_arg(request, "unused_for"),
                                                   query_args(request, "pattern"), query_arg(request, "dry_run"))

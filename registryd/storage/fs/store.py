@@ -28,6 +28,7 @@ class FsStore:
     driver = "filesystem"
     #: One process serves a data directory: its BlobGuard sees every claim (see upkeep.eviction).
     shared = False
+    self_collecting = False
 
     def __init__(self, root: str, pool: BlockingPool | InlinePool,
                  maintenance: BlockingPool | InlinePool | None = None) -> None:

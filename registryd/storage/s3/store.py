@@ -38,6 +38,7 @@ class S3Store:
     driver = "s3"
     #: Every node writes the bucket: this node's BlobGuard sees only its own claims (see upkeep.eviction).
     shared = True
+    self_collecting = False
 
     def __init__(self, root: str, pool: BlockingPool | InlinePool, settings: S3Settings, reactor: Any,
                  presign: bool = False, cache_size: int = 0, cache_dir: str | None = None) -> None:

@@ -1,0 +1,456 @@
+"""End-to-end: registryd with ``[storage] driver = "containerd"`` over a real containerd (Debian's 1.6).
+
+Each test starts a private containerd (``containerd_daemon``: its own root,
+state and socket) and an in-process registryd whose store is that
+containerd's ``k8s.io`` namespace. Images are brought in with ``ctr images
+import`` from OCI layouts the tests build (``oci_layout``), pulled and pushed
+with the real skopeo, and checked with ``ctr images ls`` / ``ctr content ls``.
+A missing containerd, ctr or skopeo is a failure, not a skip.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import subprocess
+import sys
+import tarfile
+from typing import Any
+
+import attrs
+import pytest_twisted
+from twisted.internet.threads import deferToThread
+
+from registryd.config import StorageSettings, UpstreamConfig
+from registryd.storage.containerd.settings import ContainerdSettings
+from oci_client import Client
+
+from . import oci_layout as oci
+from support.wait import sleep, wait_until
+from upstreams import reference_upstream  # noqa: F401  (fixture)
+
+from .containerd_daemon import ContainerdDaemon, make_containerd, push_unpackable_image  # noqa: F401
+from .docker_daemon import make_dockerd  # noqa: F401  (fixture)
+from .test_containerd import write_hosts_dir
+from .skopeo_cli import Skopeo
+
+HOSTNAME = "registry.example"
+NAMESPACE = "k8s.io"
+
+
+def settings_for(daemon: ContainerdDaemon, **overrides: Any) -> StorageSettings:
+    values: dict[str, Any] = {"socket": daemon.address, "namespace": NAMESPACE, "hostname": HOSTNAME,
+                              "content_dir": os.path.join(daemon.root, "io.containerd.content.v1.content")}
+    values.update(overrides)
+    return StorageSettings("containerd", containerd=ContainerdSettings(**values))
+
+
+def layout_archive(directory: Any, image: Any, tag: str) -> str:
+    """An OCI layout holding ``image`` as ``tag``, as the tar ``ctr images import`` reads."""
+    root = os.path.join(str(directory), f"layout-{tag}")
+    layout = oci.OCILayout(root)
+    layout.add_image(image, tag=tag)
+    archive = root + ".tar"
+    with tarfile.open(archive, "w") as tar:
+        for name in sorted(os.listdir(root)):
+            tar.add(os.path.join(root, name), arcname=name)
+    return archive
+
+
+def sample_image(seed: int) -> Any:
+    return oci.make_image(oci.sample_layers(f"app{seed}", count=2, seed=seed, sizes=[300_000, 5_000]))
+
+
+async def import_image(daemon: ContainerdDaemon, tmp_path: Any, image: Any, base: str, tag: str) -> None:
+    archive = layout_archive(tmp_path, image, tag)
+    await daemon.ctr("images", "import", "--no-unpack", "--base-name", base, archive, namespace=NAMESPACE)
+
+
+async def content_digests(daemon: ContainerdDaemon) -> set[str]:
+    listing = await daemon.ctr("content", "ls", "-q", namespace=NAMESPACE)
+    return {line.strip() for line in listing.stdout.splitlines() if line.strip()}
+
+
+async def image_names(daemon: ContainerdDaemon) -> dict[str, str]:
+    return daemon.image_digests((await daemon.ctr("images", "ls", namespace=NAMESPACE)).stdout)
+
+
+def sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+# -- pull ---------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_image_containerd_imported_is_pulled_with_skopeo(
+        make_containerd: Any, make_registry: Any, tmp_path: Any) -> None:
+    daemon = await make_containerd()
+    image = sample_image(1)
+    await import_image(daemon, tmp_path, image, f"{HOSTNAME}/team/app", "1.0")
+    registry = make_registry(storage=settings_for(daemon))
+    skopeo = Skopeo(tmp_path / "skopeo")
+
+    out = tmp_path / "pulled"
+    await skopeo.copy(f"docker://{registry.host}/team/app:1.0", f"oci:{out}:1.0")
+    with open(out / "index.json", "rb") as f:
+        assert image.digest in f.read().decode()
+    for blob in image.blobs():
+        with open(out / "blobs" / "sha256" / blob.digest.split(":", 1)[1], "rb") as f:
+            assert sha256(f.read()) == blob.digest
+
+    client = Client(registry.url)
+    assert (await client.get("/v2/_catalog")).json()["repositories"] == ["team/app"]
+    assert (await client.get("/v2/team/app/tags/list")).json() == {"name": "team/app", "tags": ["1.0"]}
+    # Another repository's name never reaches this image's blobs.
+    layer = image.layers[0].blob
+    assert (await client.get(f"/v2/other/app/blobs/{layer.digest}")).status == 404
+
+
+@pytest_twisted.ensureDeferred
+async def test_blob_ranges_from_containerd_files_and_through_the_content_service(
+        make_containerd: Any, make_registry: Any, tmp_path: Any) -> None:
+    """The sendfile path (containerd's own file) and the streamed path (content Read) send the same bytes."""
+    daemon = await make_containerd()
+    image = sample_image(2)
+    await import_image(daemon, tmp_path, image, f"{HOSTNAME}/team/ranged", "v1")
+    layer = image.layers[0].blob
+    for content_dir in (None, ""):
+        overrides = {} if content_dir is None else {"content_dir": content_dir}
+        registry = make_registry(storage=settings_for(daemon, **overrides))
+        client = Client(registry.url)
+        whole = await client.get(f"/v2/team/ranged/blobs/{layer.digest}")
+        assert whole.status == 200 and whole.body == layer.data, content_dir
+        part = await client.get(f"/v2/team/ranged/blobs/{layer.digest}", headers={"Range": "bytes=1000-250999"})
+        assert part.status == 206, part
+        assert part.body == layer.data[1000:251000]
+        assert part.header("Content-Range") == f"bytes 1000-250999/{len(layer.data)}"
+        tail = await client.get(f"/v2/team/ranged/blobs/{layer.digest}", headers={"Range": "bytes=-10"})
+        assert tail.status == 206 and tail.body == layer.data[-10:]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_docker_hub_image_is_reachable_all_three_ways(
+        make_containerd: Any, make_registry: Any, tmp_path: Any) -> None:
+    """``docker.io/library/alpine:3.20`` held by containerd: repository ``docker.io/library/alpine``
+    without an upstream; with one for docker.io (offline: containerd's copy is the only one) by
+    ``?ns=docker.io``, by path prefix and as the default upstream's ``library/alpine``."""
+    daemon = await make_containerd()
+    image = sample_image(3)
+    await import_image(daemon, tmp_path, image, "docker.io/library/alpine", "3.20")
+    accept = {"Accept": oci.OCI_MANIFEST}
+
+    plain = Client(make_registry(storage=settings_for(daemon)).url)
+    reply = await plain.get("/v2/docker.io/library/alpine/manifests/3.20", headers=accept)
+    assert reply.status == 200 and sha256(reply.body) == image.digest, reply
+    assert "docker.io/library/alpine" in (await plain.get("/v2/_catalog")).json()["repositories"]
+
+    hub = UpstreamConfig(namespace="docker.io", url="http://127.0.0.1:9", default=True, offline=True)
+    mirror = Client(make_registry(storage=settings_for(daemon), upstreams=(hub,)).url)
+    for path in ("/v2/library/alpine/manifests/3.20?ns=docker.io", "/v2/docker.io/library/alpine/manifests/3.20",
+                 "/v2/library/alpine/manifests/3.20", "/v2/alpine/manifests/3.20"):
+        reply = await mirror.get(path, headers=accept)
+        assert reply.status == 200 and sha256(reply.body) == image.digest, (path, reply)
+    layer = image.layers[1].blob
+    reply = await mirror.get(f"/v2/library/alpine/blobs/{layer.digest}?ns=docker.io")
+    assert reply.status == 200 and reply.body == layer.data, reply
+
+
+# -- push ---------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_skopeo_push_is_an_image_containerd_holds_and_gc_keeps(
+        make_containerd: Any, make_registry: Any, tmp_path: Any) -> None:
+    daemon = await make_containerd()
+    registry = make_registry(storage=settings_for(daemon))
+    skopeo = Skopeo(tmp_path / "skopeo")
+    image = sample_image(4)
+    layout = oci.OCILayout(tmp_path / "source")
+    layout.add_image(image, tag="2.0")
+    await skopeo.copy(f"oci:{tmp_path / 'source'}:2.0", f"docker://{registry.host}/team/pushed:2.0")
+
+    names = await image_names(daemon)
+    assert names.get(f"{HOSTNAME}/team/pushed:2.0") == image.digest, names
+    wanted = {image.digest, *(blob.digest for blob in image.blobs())}
+    assert wanted <= await content_digests(daemon)
+
+    # A GC-triggering delete of another image: nothing of the pushed one goes.
+    other = sample_image(5)
+    await import_image(daemon, tmp_path, other, "docker.io/library/other", "1")
+    await daemon.ctr("images", "rm", "--sync", "docker.io/library/other:1", namespace=NAMESPACE)
+    assert wanted <= await content_digests(daemon)
+
+    # Another registryd, with nothing of the first's state, serves it all: containerd is the truth.
+    again = make_registry(storage=settings_for(daemon))
+    out = tmp_path / "pulled"
+    await skopeo.copy(f"docker://{again.host}/team/pushed:2.0", f"oci:{out}:2.0")
+    for blob in image.blobs():
+        with open(out / "blobs" / "sha256" / blob.digest.split(":", 1)[1], "rb") as f:
+            assert sha256(f.read()) == blob.digest
+
+
+@pytest_twisted.ensureDeferred
+async def test_delete_removes_the_image_and_containerd_gc_reclaims_it(
+        make_containerd: Any, make_registry: Any, tmp_path: Any) -> None:
+    """Content registryd wrote is leased for [gc] delay only; once its image is deleted
+    through the API, containerd's next collection takes every blob of it."""
+    daemon = await make_containerd()
+    registry = make_registry(storage=settings_for(daemon), gc_delay=0)
+    skopeo = Skopeo(tmp_path / "skopeo")
+    image = sample_image(6)
+    oci.OCILayout(tmp_path / "source").add_image(image, tag="1")
+    await skopeo.copy(f"oci:{tmp_path / 'source'}:1", f"docker://{registry.host}/team/gone:1")
+    wanted = {image.digest, *(blob.digest for blob in image.blobs())}
+    assert wanted <= await content_digests(daemon)
+
+    client = Client(registry.url)
+    reply = await client.delete(f"/v2/team/gone/manifests/{image.digest}")
+    assert reply.status == 202, reply
+    assert not [name for name in await image_names(daemon) if "team/gone" in name]
+    assert (await client.get(f"/v2/team/gone/manifests/{image.digest}")).status == 404
+
+    # containerd's clock decides when a lease has run out (gc_delay 0: a second after the write).
+    await sleep(1.5)
+    # Trigger a synchronous collection.
+    other = sample_image(7)
+    await import_image(daemon, tmp_path, other, "docker.io/library/trigger", "1")
+    await daemon.ctr("images", "rm", "--sync", "docker.io/library/trigger:1", namespace=NAMESPACE)
+    assert not wanted & await content_digests(daemon)
+
+
+# -- mirror -------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_pull_through_fill_lands_in_containerd_and_is_served_from_it(
+        reference_upstream: Any, make_containerd: Any, make_registry: Any, tmp_path: Any) -> None:
+    """A mirror fill on this driver writes containerd's image ``upstream.test/lib/app:v1`` and its
+    content; an offline registryd then serves it from containerd alone, to a second containerd
+    pulling through ``hosts.toml``."""
+    up = reference_upstream("open")
+    image = push_unpackable_image(up, "lib/app", "v1", marker="registryd-containerd-store")
+    daemon = await make_containerd()
+    upstream = UpstreamConfig(namespace="upstream.test", url=up.url)
+    registry = make_registry(storage=settings_for(daemon), upstreams=(upstream,))
+    skopeo = Skopeo(tmp_path / "skopeo")
+    await skopeo.copy(f"docker://{registry.host}/upstream.test/lib/app:v1", f"oci:{tmp_path / 'first'}:v1")
+    # A client has the whole blob before its fill is in the store: wait for the fills to be stored.
+    await registry.service.api.mirror.settle_fills(30)
+
+    names = await image_names(daemon)
+    assert names.get("upstream.test/lib/app:v1") == image["digest"], names
+    wanted = {image["digest"], image["config"]["digest"], image["layers"][0]["digest"]}
+    assert wanted <= await content_digests(daemon)
+
+    # The node's images are not registryd's alone to remove: no prune, no collection touches them.
+    admin = Client(registry.url)
+    json_body = {"Content-Type": "application/json"}
+    for path in ("/admin/prune?older_than=0&pattern=**", "/admin/gc?delay=0"):
+        refused = await admin.post(path, headers=json_body)
+        assert refused.status == 400 and b"nothing there" in refused.body, (path, refused.status, refused.body)
+    assert (await image_names(daemon)).get("upstream.test/lib/app:v1") == image["digest"]
+
+    # The upstream is gone from here on: an offline registryd has only containerd.
+    offline = attrs.evolve(upstream, offline=True)
+    served = make_registry(storage=settings_for(daemon), upstreams=(offline,))
+    hosts_dir = write_hosts_dir(tmp_path / "hosts.d", "upstream.test", f"http://{served.host}")
+    node = await make_containerd()
+    await node.ctr("images", "pull", "--hosts-dir", hosts_dir, "upstream.test/lib/app:v1")
+    pulled = node.image_digests((await node.ctr("images", "ls")).stdout)
+    assert pulled.get("upstream.test/lib/app:v1") == image["digest"], pulled
+
+
+# -- health, read-only, resumed uploads ---------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_readyz_fails_while_containerd_does_not_answer(
+        make_containerd: Any, make_registry: Any, tmp_path: Any) -> None:
+    daemon = await make_containerd()
+    image = sample_image(8)
+    await import_image(daemon, tmp_path, image, f"{HOSTNAME}/team/app", "1")
+    registry = make_registry(storage=settings_for(daemon))
+    client = Client(registry.url)
+    assert (await client.get("/readyz")).status == 200
+
+    await deferToThread(daemon.stop)
+    down = await client.get("/readyz")
+    assert down.status == 503 and down.json()["status"] == "unavailable", down
+    # A request that needs containerd meanwhile: 503 with Retry-After, never a traceback.
+    reply = await client.get("/v2/team/app/manifests/1", headers={"Accept": oci.OCI_MANIFEST})
+    assert reply.status == 503 and reply.header("Retry-After"), reply
+    assert (await client.get("/healthz")).status == 200
+
+    await deferToThread(daemon.start)
+
+    async def ready() -> bool:
+        return (await client.get("/readyz")).status == 200
+    await wait_until(ready, 15, "/readyz once containerd is back")
+    reply = await client.get("/v2/team/app/manifests/1", headers={"Accept": oci.OCI_MANIFEST})
+    assert reply.status == 200 and sha256(reply.body) == image.digest, reply
+
+
+@pytest_twisted.ensureDeferred
+async def test_read_only_serves_the_node_and_refuses_pushes(
+        make_containerd: Any, make_registry: Any, tmp_path: Any) -> None:
+    daemon = await make_containerd()
+    image = sample_image(9)
+    await import_image(daemon, tmp_path, image, f"{HOSTNAME}/team/app", "1")
+    registry = make_registry(storage=settings_for(daemon, read_only=True))
+    client = Client(registry.url)
+    reply = await client.get("/v2/team/app/manifests/1", headers={"Accept": oci.OCI_MANIFEST})
+    assert reply.status == 200 and sha256(reply.body) == image.digest
+    before = (await content_digests(daemon), await image_names(daemon))
+
+    pushed = await client.post("/v2/team/new/blobs/uploads/")
+    assert pushed.status == 405 and "DENIED" in pushed.codes, pushed
+    removed = await client.delete(f"/v2/team/app/manifests/{image.digest}")
+    assert removed.status == 405 and "DENIED" in removed.codes, removed
+    assert (await content_digests(daemon), await image_names(daemon)) == before
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_chunked_upload_resumes_on_a_restarted_registryd(
+        make_containerd: Any, make_registry: Any, tmp_path: Any) -> None:
+    """The session is spooled in data_dir: a registryd started again on it continues the upload,
+    and the committed blob and its manifest land in containerd."""
+    daemon = await make_containerd()
+    data_dir = str(tmp_path / "data")
+    first = Client(make_registry(storage=settings_for(daemon), data_dir=data_dir).url)
+    image = sample_image(10)
+    layer = image.layers[0].blob
+    started = await first.post("/v2/team/resumed/blobs/uploads/")
+    assert started.status == 202, started
+    half = len(layer.data) // 2
+    patched = await first.patch(started.location, layer.data[:half],
+                                headers={"Content-Type": "application/octet-stream",
+                                         "Content-Range": f"0-{half - 1}"})
+    assert patched.status == 202, patched
+
+    second = Client(make_registry(storage=settings_for(daemon), data_dir=data_dir).url)
+    status = await second.get(patched.location)
+    assert status.status == 204 and status.header("Range") == f"0-{half - 1}", status
+    done = await second.put(f"{patched.location}{'&' if '?' in patched.location else '?'}digest={layer.digest}",
+                            layer.data[half:], headers={"Content-Type": "application/octet-stream",
+                                                        "Content-Range": f"{half}-{len(layer.data) - 1}"})
+    assert done.status == 201, done
+    assert layer.digest in await content_digests(daemon)
+    for blob in (image.config, image.layers[1].blob):
+        assert (await second.post(f"/v2/team/resumed/blobs/uploads/?digest={blob.digest}", blob.data,
+                                  headers={"Content-Type": "application/octet-stream"})).status == 201
+    put = await second.put("/v2/team/resumed/manifests/1", image.manifest.data,
+                           headers={"Content-Type": oci.OCI_MANIFEST})
+    assert put.status == 201, put
+    assert (await image_names(daemon)).get(f"{HOSTNAME}/team/resumed:1") == image.digest
+
+
+# -- admin commands -----------------------------------------------------------------------
+
+
+def registryd_command(*args: str) -> subprocess.CompletedProcess[str]:
+    """Blocking: ``registryd ARGS`` (this venv's), at most a minute."""
+    command = [os.path.join(os.path.dirname(sys.executable), "registryd"), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+
+
+@pytest_twisted.ensureDeferred
+async def test_ls_fsck_and_gc_on_the_containerd_driver(make_containerd: Any, tmp_path: Any) -> None:
+    """``ls`` lists containerd's images, ``fsck`` re-hashes its content through the content
+    service (and finds a flipped byte), ``gc`` refuses: containerd collects its own garbage."""
+    daemon = await make_containerd()
+    image = sample_image(11)
+    await import_image(daemon, tmp_path, image, f"{HOSTNAME}/team/app", "1.0")
+    config = tmp_path / "registryd.toml"
+    config.write_text(f'data_dir = "{tmp_path / "data"}"\n[storage]\ndriver = "containerd"\n'
+                      f'[storage.containerd]\nsocket = "{daemon.address}"\nhostname = "{HOSTNAME}"\n')
+
+    listed = await deferToThread(registryd_command, "ls", "-c", str(config))
+    assert listed.returncode == 0, listed.stderr
+    assert re.search(r"^team/app\s+local\s+1\s.*\b1\.0$", listed.stdout, re.M), listed.stdout
+
+    checked = await deferToThread(registryd_command, "fsck", "-c", str(config))
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert f"{len(image.blobs()) + 1} blobs" in checked.stdout and "clean" in checked.stdout, checked.stdout
+
+    layer = image.layers[0].blob
+    path = os.path.join(daemon.root, "io.containerd.content.v1.content", "blobs", "sha256",
+                        layer.digest.split(":", 1)[1])
+    with open(path, "r+b") as f:
+        f.seek(100)
+        f.write(bytes([layer.data[100] ^ 0xFF]))
+    damaged = await deferToThread(registryd_command, "fsck", "-c", str(config))
+    assert damaged.returncode == 1, damaged.stdout + damaged.stderr
+    assert f"damage: blob {layer.digest}" in damaged.stdout, damaged.stdout
+
+    collected = await deferToThread(registryd_command, "gc", "-c", str(config))
+    assert collected.returncode == 3 and "collects its own garbage" in collected.stderr, collected
+    pruned = await deferToThread(registryd_command, "prune", "-c", str(config), "--pattern", "**")
+    assert pruned.returncode == 3 and "registryd prunes nothing there" in pruned.stderr, pruned
+    assert layer.digest in await content_digests(daemon)
+
+
+@pytest_twisted.ensureDeferred
+async def test_export_and_import_on_the_containerd_driver(make_containerd: Any, tmp_path: Any) -> None:
+    """``export`` copies an image containerd holds out to an OCI layout; ``import`` of that layout
+    into another namespace makes it an image containerd holds there, whole."""
+    daemon = await make_containerd()
+    image = sample_image(12)
+    await import_image(daemon, tmp_path, image, f"{HOSTNAME}/team/app", "1.0")
+
+    def config_for(namespace: str) -> str:
+        path = tmp_path / f"{namespace}.toml"
+        path.write_text(f'data_dir = "{tmp_path / namespace}"\n[storage]\ndriver = "containerd"\n'
+                        f'[storage.containerd]\nsocket = "{daemon.address}"\nnamespace = "{namespace}"\n'
+                        f'hostname = "{HOSTNAME}"\n')
+        return str(path)
+
+    archive = str(tmp_path / "out.tar")
+    exported = await deferToThread(registryd_command, "export", "-c", config_for(NAMESPACE), "-o", archive,
+                                   "--image", "team/app:1.0")
+    assert exported.returncode == 0, exported.stdout + exported.stderr
+    imported = await deferToThread(registryd_command, "import", "-c", config_for("other"), "-i", archive)
+    assert imported.returncode == 0, imported.stdout + imported.stderr
+
+    listing = await daemon.ctr("images", "ls", namespace="other")
+    assert daemon.image_digests(listing.stdout).get(f"{HOSTNAME}/team/app:1.0") == image.digest, listing.stdout
+    held = await daemon.ctr("content", "ls", "-q", namespace="other")
+    assert {image.digest, *(blob.digest for blob in image.blobs())} <= set(held.stdout.split())
+
+
+def test_a_containerd_that_does_not_answer_stops_the_start_with_one_line(tmp_path: Any) -> None:
+    config = tmp_path / "registryd.toml"
+    missing = tmp_path / "none.sock"
+    config.write_text(f'data_dir = "{tmp_path / "data"}"\n[storage]\ndriver = "containerd"\n'
+                      f'[storage.containerd]\nsocket = "{missing}"\ntimeout = 5\n')
+    twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+    done = subprocess.run([twistd, "-n", "--pidfile=", "registryd", "-c", str(config),
+                           "--listen", "tcp:0:interface=127.0.0.1"], capture_output=True, text=True, timeout=60,
+                          stdin=subprocess.DEVNULL, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    assert done.returncode == 1, done
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+    assert len(lines) == 1 and f"containerd does not answer on {missing}" in lines[0], lines
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_docker_push_is_an_image_containerd_holds(
+        reference_upstream: Any, make_containerd: Any, make_registry: Any, make_dockerd: Any) -> None:
+    """dockerd pulls an image through registryd (a mirror fill into containerd), then pushes it
+    under a local name: containerd holds it as ``registry.example/team/dpush:1``, every blob with it."""
+    up = reference_upstream("open")
+    image = push_unpackable_image(up, "library/app", "v1", marker="registryd-docker-push", docker=True)
+    daemon = await make_containerd()
+    hub = UpstreamConfig(namespace="docker.io", url=up.url, default=True)
+    registry = make_registry(storage=settings_for(daemon), upstreams=(hub,), local_prefixes=("team",))
+    docker = await make_dockerd(mirrors=[registry.url])
+    await docker.docker("pull", "app:v1")
+    await docker.docker("tag", "app:v1", f"{registry.host}/team/dpush:1")
+    pushed = await docker.docker("push", f"{registry.host}/team/dpush:1")
+    # dockerd writes the manifest again: its digest is the one the push reports.
+    found = re.search(r"digest: (sha256:[0-9a-f]{64})", pushed.stdout)
+    assert found, pushed.stdout
+
+    names = await image_names(daemon)
+    assert names.get(f"{HOSTNAME}/team/dpush:1") == found[1], names
+    wanted = {found[1], image["config"]["digest"], image["layers"][0]["digest"]}
+    assert wanted <= await content_digests(daemon)
