@@ -52,7 +52,7 @@ from registryd.auth.policy import parse_access_rules
 from registryd.auth.settings import AuthSettings
 from support.pki import issue, make_ca
 from registryd.config import UpstreamConfig
-from support.wait import sleep
+from support.wait import sleep, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -686,6 +686,8 @@ async def test_anonymous_pull_allowed_while_push_needs_a_user(make_registry: Any
     with_token = AuthClient(f.url, {"Authorization": f"Bearer {token}"})
     assert (await with_token.get("/v2/public/app/manifests/v1", headers={"Accept": ACCEPT})).status == 200
     assert (await with_token.get("/v2/team/app/tags/list")).status == 401
+    # The pulls above record a pull time without waiting for it: let it land before the snapshot.
+    await wait_until(lambda: any("/_pulls/" in path for path in disk(f.data_dir)), 10, "the pull time")
     before = disk(f.data_dir)
     for method, path in (("POST", "/v2/public/app/blobs/uploads/"), ("PUT", "/v2/public/app/manifests/v2"),
                          ("DELETE", "/v2/public/app/manifests/v1")):
