@@ -11,10 +11,11 @@ from typing import Any, Callable
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 
 from registryd.threads import BlockingPool
 from registryd.web.body_writer import SerialWriter
+from registryd.web.request import UploadBody
 
 
 class StepPool:
@@ -161,3 +162,60 @@ async def test_an_abandoned_body_is_dropped_only_once_its_batch_under_way_is_wri
     idle = SerialWriter(written.append, pool, None)
     idle.abandon(lambda: dropped.append("at once"))
     assert dropped[-1] == "at once"
+
+
+class SessionWriter:
+    """Stands for the upload store's writer: it must never be written after it was dropped."""
+
+    upload: Any = None
+    start = end = 0
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.dropped = 0
+
+    @property
+    def written(self) -> int:
+        return sum(map(len, self.chunks))
+
+    def write(self, data: bytes) -> None:
+        assert not self.dropped, "written after it was dropped"
+        self.chunks.append(data)
+
+    def abandon(self) -> None:
+        self.dropped += 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_request_gone_while_its_body_drains_drops_it_once_its_batch_is_written() -> None:
+    for gone in ("cancelled", "connection lost"):
+        pool, session = StepPool(), SessionWriter()
+        body = UploadBody(session, pool=pool, producer=Producer())
+        body.write(b"x" * (512 * 1024))                # a batch under way
+        claiming = Deferred.fromCoroutine(body.claim())
+        if gone == "cancelled":
+            claiming.cancel()
+        else:
+            body.abandon()
+        assert session.dropped == 0
+        pool.step()
+        assert session.dropped == 1 and session.written == 512 * 1024
+        with pytest.raises(CancelledError):
+            await claiming
+        body.abandon()
+        assert session.dropped == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_claimed_body_is_the_writer_once_every_chunk_is_written() -> None:
+    pool, session = StepPool(), SessionWriter()
+    body = UploadBody(session, pool=pool, producer=Producer())
+    body.write(b"a" * 300_000)
+    body.write(b"b" * 10)
+    claiming = Deferred.fromCoroutine(body.claim())
+    pool.step()
+    assert not claiming.called
+    pool.step()
+    assert await claiming is session and session.chunks == [b"a" * 300_000, b"b" * 10]
+    body.abandon()                                   # the handler owns it now
+    assert session.dropped == 0

@@ -145,7 +145,8 @@ class SerialWriter:
         if not self._busy:
             waiters, self._idle = self._idle, []
             for waiter in waiters:
-                waiter.callback(None)
+                if not waiter.called:    # a cancelled request no longer waits
+                    waiter.callback(None)
 
 
 def _write_all(write: Callable[[bytes], None], batch: list[bytes]) -> None:

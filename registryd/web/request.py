@@ -22,7 +22,7 @@ import time
 from typing import Any, Callable, Coroutine, Protocol
 from urllib.parse import parse_qs, unquote
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import server
@@ -175,14 +175,25 @@ class UploadBody:
             self._on_abandon()
 
     async def claim(self) -> UploadWriter:
-        """The writer, once every chunk is written; the error a chunk met, with the body dropped."""
-        self._claimed = True
-        if self._serial is not None:
+        """The writer, once every chunk is written; the error a chunk met, with the body dropped.
+
+        A request that goes away meanwhile (its connection lost, its handler
+        cancelled) abandons the body, dropped once no thread writes into it.
+        """
+        if self._serial is not None and not self._claimed:
             try:
                 await self._serial.drain()
+            except CancelledError:
+                self.abandon()
+                raise
             except Exception as e:
-                self._drop()
+                if not self._claimed:
+                    self._claimed = True
+                    self._drop()
                 raise body_write_error(e) from None
+        if self._claimed:
+            raise CancelledError("the request's body was abandoned")
+        self._claimed = True
         return self._writer
 
 
