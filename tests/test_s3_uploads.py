@@ -22,9 +22,9 @@ from registryd.digest import Digest
 from registryd.errors import RegistryError
 from registryd.storage.guard import BlobGuard
 from registryd.storage import layout
+from registryd.storage.blobs import Blobs
 from registryd.storage.s3 import Part, S3Client, S3Error, S3Unavailable
 from registryd.storage.s3.appendable import Record, S3Appendable, data_key
-from registryd.storage.s3.blobs import S3BlobStore
 from registryd.storage.s3.driver import S3Driver
 from registryd.storage.uploads import SessionState, Upload, UploadStore, state_key
 from registryd.threads import BlockingPool, InlinePool
@@ -43,8 +43,8 @@ def two_clients(s3: S3Client, node_b: S3Client) -> tuple[S3Client, S3Client]:
 
 def node(client: S3Client, tmp_path: Any, name: str = "a", **overrides: Any) -> UploadStore:
     data = S3Appendable(client, str(tmp_path / f"spool-{name}"), PART, overrides.pop("pool", InlinePool()))
-    return UploadStore(S3Driver(client), data, S3BlobStore(client, overrides.pop("guard", BlobGuard())),
-                         **overrides)
+    driver = S3Driver(client)
+    return UploadStore(driver, data, Blobs(driver, overrides.pop("guard", BlobGuard())), **overrides)
 
 
 def record(state: SessionState) -> Record:
