@@ -43,8 +43,8 @@ def two_clients(s3: S3Client, node_b: S3Client) -> tuple[S3Client, S3Client]:
 
 def node(client: S3Client, tmp_path: Any, name: str = "a", **overrides: Any) -> UploadStore:
     data = S3Appendable(client, str(tmp_path / f"spool-{name}"), PART, overrides.pop("pool", InlinePool()))
-    return UploadStore(S3Driver(client), data, Blobs(S3Driver(client), overrides.pop("guard", BlobGuard())),
-                       **overrides)
+    driver = S3Driver(client)
+    return UploadStore(driver, data, Blobs(driver, overrides.pop("guard", BlobGuard())), **overrides)
 
 
 def record(state: SessionState) -> Record:

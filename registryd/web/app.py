@@ -708,15 +708,19 @@ class RegistryAPI:
                 raise range_invalid(upload.size, upload.location())
             return start
 
+        # Chunks are written and hashed in the pool, the connection paused while too many wait.
+        off_reactor: dict[str, Any] = {"pool": self.store.pool, "on_error": request.body_failed,
+                                       "producer": getattr(request.channel, "transport", None)}
+
         async def open_body() -> UploadBody:
             if method == "POST":
                 # A monolithic upload's session exists only for this request:
                 # if the body never completes, nothing of it may stay on disk.
                 session = await uploads.create(name)
                 return UploadBody(uploads.open_writer(session, 0, algorithm),
-                                  on_abandon=lambda: self._discard(session))
+                                  on_abandon=lambda: self._discard(session), **off_reactor)
             upload = uploads.known(name, upload_id) or await uploads.get(name, upload_id)
-            return UploadBody(uploads.open_writer(upload, start_of(upload), algorithm))
+            return UploadBody(uploads.open_writer(upload, start_of(upload), algorithm), **off_reactor)
 
         async def authorize_then_open() -> UploadBody:
             await self._allow(request, name, PUSH, hide=False)
@@ -741,7 +745,7 @@ class RegistryAPI:
             # The common case, answered at once: a session this node has at hand.
             upload = uploads.known(name, upload_id)
             if upload is not None:
-                return UploadBody(uploads.open_writer(upload, start_of(upload), algorithm))
+                return UploadBody(uploads.open_writer(upload, start_of(upload), algorithm), **off_reactor)
         return PendingBody(unless_store_fails(authorize_then_open() if check_credentials else open_body()))
 
     def _credentials_to_check(self, request: RegistryRequest) -> bool:
@@ -813,7 +817,7 @@ class RegistryAPI:
             raise body.error
         if not isinstance(body, UploadBody):
             raise blob_upload_invalid("no upload body")
-        return body.claim()
+        return await body.claim()
 
     def _upload_headers(self, upload: Any) -> dict[str, str]:
         return {
@@ -897,7 +901,7 @@ class RegistryAPI:
         if digest is None:
             body = await request.settled_body()
             if isinstance(body, UploadBody):
-                body.claim().abandon()
+                body.abandon()
             raise digest_invalid("the digest query parameter is required to finish an upload")
         return await self._commit(request, name, parse_digest(digest))
 

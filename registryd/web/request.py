@@ -22,14 +22,16 @@ import time
 from typing import Any, Callable, Coroutine, Protocol
 from urllib.parse import parse_qs, unquote
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import server
 
 from registryd.errors import RegistryError, too_large
 from registryd.names import check_raw_path
+from registryd.storage.driver import Pool
 from registryd.storage.interface import UploadWriter
+from registryd.web.body_writer import SerialWriter
 from registryd.web.limits import BodyBudget, store_full
 
 log = Logger()
@@ -132,25 +134,65 @@ class RefusedBody:
 
 
 class UploadBody:
-    """An upload chunk on its way to disk; the handler claims it once complete."""
+    """An upload chunk on its way to disk; the handler claims it once complete.
 
-    def __init__(self, writer: UploadWriter, on_abandon: Callable[[], None] | None = None) -> None:
+    With a ``pool`` the chunks are written and hashed there by a SerialWriter
+    (registryd.web.body_writer), off the reactor, pausing ``producer`` (the
+    connection) while too much waits; without, at once, as they arrive.
+    """
+
+    def __init__(self, writer: UploadWriter, on_abandon: Callable[[], None] | None = None,
+                 pool: Pool | None = None, producer: Any = None,
+                 on_error: Callable[[Exception], bool] | None = None) -> None:
         self._writer = writer
         self._claimed = False
         self._on_abandon = on_abandon
+        self._serial = None if pool is None else SerialWriter(writer.write, pool, producer, on_error=on_error)
+
+    @property
+    def paused(self) -> bool:
+        """The connection waits on the disk, not on its client."""
+        return self._serial is not None and self._serial.paused
 
     def write(self, data: bytes) -> None:
-        self._writer.write(data)
+        if self._serial is not None:
+            self._serial.write(data)
+        else:
+            self._writer.write(data)
 
     def abandon(self) -> None:
         # After the claim the handler owns the writer (it may be fsyncing it).
         if not self._claimed:
             self._claimed = True
-            self._writer.abandon()
-            if self._on_abandon is not None:
-                self._on_abandon()
+            if self._serial is not None:
+                self._serial.abandon(self._drop)   # once no thread writes into the session
+            else:
+                self._drop()
 
-    def claim(self) -> UploadWriter:
+    def _drop(self) -> None:
+        self._writer.abandon()
+        if self._on_abandon is not None:
+            self._on_abandon()
+
+    async def claim(self) -> UploadWriter:
+        """The writer, once every chunk is written; the error a chunk met, with the body dropped.
+
+        A request that goes away meanwhile (its connection lost, its handler
+        cancelled) abandons the body, dropped once no thread writes into it.
+        """
+        if self._serial is not None and not self._claimed:
+            try:
+                await self._serial.drain()
+            except CancelledError:
+                self.abandon()
+                raise
+            except Exception as e:
+                if not self._claimed:
+                    self._claimed = True
+                    self._drop()
+                raise body_write_error(e) from None
+        if self._claimed:
+            raise CancelledError("the request's body was abandoned")
         self._claimed = True
         return self._writer
 
@@ -235,7 +277,7 @@ def body_write_error(e: Exception) -> RegistryError:
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
         log.warn("a request body did not fit on the disk: {error}", error=str(e))
         return store_full()
-    log.failure("writing a request body failed", Failure())
+    log.failure("writing a request body failed", Failure(e))
     return RegistryError(500, "UNKNOWN", "could not store the request body")
 
 
@@ -333,6 +375,17 @@ class RegistryRequest(server.Request):
         if isinstance(self.body, PendingBody):
             return await self.body.settled()
         return self.body
+
+    def body_failed(self, e: Exception) -> bool:
+        """A chunk written off the reactor failed while the body still arrives: refuse now, drop
+        the rest. False once the whole request is in (its handler hears of it by claiming the body)."""
+        if self.complete or self.refused:
+            return False
+        error = body_write_error(e)
+        body, self.body = self.body, RefusedBody(error)
+        body.abandon()
+        self.refuse_now(error)
+        return True
 
     def handleContentChunk(self, data: bytes) -> None:
         before = self.received

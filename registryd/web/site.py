@@ -167,7 +167,9 @@ class RegistryChannel(HTTPChannel):
         self._body_timer = None
         request = self.requests[-1] if self.requests else None
         body = getattr(request, "body", None)
-        waiting_on_us = isinstance(body, PendingBody) and body.current is None
+        sink = body.current if isinstance(body, PendingBody) else body
+        # A credential check, or a disk slower than the client (its upload writer paused the connection).
+        waiting_on_us = (isinstance(body, PendingBody) and sink is None) or getattr(sink, "paused", False)
         if not waiting_on_us and self._body_bytes < rate * window:
             site: Any = getattr(self, "site", None)
             if site is not None:

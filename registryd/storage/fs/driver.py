@@ -10,12 +10,12 @@ repository's ``_``-folders.
 
 Every call that touches the disk runs in the pool given, so the reactor
 never waits on a walk or an fsync — except what costs no more than a stat:
-``stat`` itself, the ``read`` of a tiny file (``INLINE_READ``) and the
-write of one that need not be durable (``INLINE_WRITE``), which answer at
-once. ``threaded()`` gives the twin whose calls block, for a pass that runs
-whole in one worker thread: of the ``maintenance`` pool when one is given,
-so a long walk (a collection, a survey) never holds the threads a request's
-fsync waits for.
+``stat`` itself and the ``read`` of a tiny file (``INLINE_READ``), which
+answer at once. Every write goes to the pool, the smallest too: creating a
+file may wait on the journal. ``threaded()`` gives the twin whose calls
+block, for a pass that runs whole in one worker thread: of the
+``maintenance`` pool when one is given, so a long walk (a collection, a
+survey) never holds the threads a request's fsync waits for.
 """
 from __future__ import annotations
 
@@ -43,9 +43,6 @@ STREAM_CHUNK = 1024 * 1024
 #: A value this small is read at once on the caller's thread (a tag, a revision: the cost of a
 #: stat), so a manifest GET waits on no thread hop; a larger one is read in the pool.
 INLINE_READ = 64 * 1024
-#: A write that need not be durable (no fsync: an upload session's state, a mirror's link) of a value
-#: this small is made at once on the caller's thread too: a POST that starts an upload waits on no hop.
-INLINE_WRITE = 4 * 1024
 def _version(info: os.stat_result) -> str:
     return f"{info.st_dev}:{info.st_ino}:{info.st_mtime_ns}:{info.st_size}"
 
@@ -169,8 +166,6 @@ class FsDriver:
     # -- writes -----------------------------------------------------------------
 
     async def write(self, key: str, data: bytes, if_absent: bool = False, durable: bool = True) -> bool:
-        if not durable and len(data) <= INLINE_WRITE:
-            return self._write(key, data, if_absent, durable)   # no fsync: a small file's cost, as a tiny read
         return await self._pool.run(self._write, key, data, if_absent, durable)
 
     def _temporary(self) -> str:
