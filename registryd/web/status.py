@@ -3,8 +3,10 @@
 ``StatusBoard`` collects what the page shows while the registry runs (fed
 by ``RegistrySite.log`` once per request and by the mirror on upstream
 failures) and renders it as one HTML document: inline CSS, no scripts,
-everything escaped. Store usage walks ``blobs/`` in the IO thread pool,
-at most once a minute; nothing here touches the disk on the reactor.
+everything escaped. With workers, the pulls, errors, transfers and upstream
+health on the page are the whole node's (registryd.web.ui.node_view). Store
+usage walks ``blobs/`` in the IO thread pool, at most once a minute; nothing
+here touches the disk on the reactor.
 """
 from __future__ import annotations
 
@@ -117,9 +119,6 @@ class StatusBoard:
         hits, misses = self.mirror.metrics.cache_totals()
         total = hits + misses
         return hits / total if total else None
-
-    def top_repositories(self, n: int = TOP) -> list[tuple[str, int]]:
-        return sorted(self.pulls.items(), key=lambda item: (-item[1], item[0]))[:n]
 
     async def usage(self) -> StoreUsage | None:
         """Bytes and files in ``blobs/``: walked in the IO pool, at most once per ``usage_ttl``

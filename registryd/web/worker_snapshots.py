@@ -56,7 +56,7 @@ def _alive(pid: Any) -> bool:
 
 
 def read_others(directory: str, own: int, now: float, stale: float, like: Traffic) -> list[NodeView]:
-    """The views of the other live workers (runs in the IO pool)."""
+    """The views of the other live workers (in the IO pool)."""
     try:
         names = os.listdir(directory)
     except FileNotFoundError:
@@ -128,8 +128,14 @@ class WorkerSnapshots:
             self._failing = False
 
     async def view(self) -> NodeView:
-        """This worker's live view and every other live worker's, added up."""
+        """This worker's live view (copied here) and every other live worker's, added up in the pool."""
         own = self._local()
-        others = await self._pool.run(read_others, self.directory, self.index, self._reactor.seconds(),
-                                      self.interval * STALE_INTERVALS, own.traffic)
-        return merge(self._local(), others)
+        now = self._reactor.seconds()
+        return await self._pool.run(_node_view, document(own, os.getpid(), now), self.directory, self.index, now,
+                                    self.interval * STALE_INTERVALS, own.traffic)
+
+
+def _node_view(own: dict[str, Any], directory: str, index: int, now: float, stale: float,
+               like: Traffic) -> NodeView:
+    """The node's view, from this worker's copy and the other live workers' documents (in the IO pool)."""
+    return merge(from_document(own, like), read_others(directory, index, now, stale, like))

@@ -13,7 +13,7 @@ the page shows the node. Everything here is bounded whatever the traffic.
 from __future__ import annotations
 
 import heapq
-from typing import Any, Callable, Collection, Iterable, Mapping, Sequence
+from typing import Any, Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 
 import attrs
 
@@ -67,13 +67,12 @@ class NodeViews:
 
     def __init__(self, local: Callable[[], NodeView]) -> None:
         self.local = local
-        self.node: Callable[[], Any] | None = None    # an async function giving the node's NodeView
+        self.node: Callable[[], Awaitable[NodeView]] | None = None
 
     async def current(self) -> NodeView:
         if self.node is None:
             return self.local()
-        view: NodeView = await self.node()
-        return view
+        return await self.node()
 
 
 # --- written down, read back ----------------------------------------------------------------------
