@@ -35,8 +35,8 @@ from registryd.upkeep.scheduler import Upkeep
 from registryd.web.app import RegistryAPI
 from registryd.web.probes import ProbesOnly, split_probes
 from registryd.web.shared_sessions import SharedSessionQuota
-from registryd.web.worker_snapshots import WorkerSnapshots
 from registryd.web.site import RegistrySite
+from registryd.web.worker_snapshots import WorkerSnapshots
 
 log = Logger()
 
