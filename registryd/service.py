@@ -36,6 +36,7 @@ from registryd.web.app import RegistryAPI
 from registryd.web.probes import ProbesOnly, split_probes
 from registryd.web.shared_sessions import SharedSessionQuota
 from registryd.web.site import RegistrySite
+from registryd.web.worker_snapshots import WorkerSnapshots
 
 log = Logger()
 
@@ -112,6 +113,12 @@ class RegistryService(MultiService):
                 os.path.join(config.data_dir, RUN, "sessions"), config.max_upload_sessions,
                 config.max_upload_sessions_per_client,
                 store_uploads.open_here, self.api.warnings)
+        # The status and mirror pages show every worker's traffic, errors and fills.
+        self.snapshots: WorkerSnapshots | None = None
+        if role is not None:
+            self.snapshots = WorkerSnapshots(os.path.join(config.data_dir, RUN, "views"), role.index, self.pool,
+                                             reactor, self.api.views.local)
+            self.api.views.node = self.snapshots.view
         self.site = RegistrySite(self.api, reactor)
         self.probe_site: RegistrySite | None = None
         self.upkeep = self.api.upkeep = Upkeep(self.store, config, self.api.metrics, reactor)
@@ -227,6 +234,8 @@ class RegistryService(MultiService):
         self.maintenance_pool.start()
         self.auth_pool.start()
         self.reactor_lag.start()
+        if self.snapshots is not None:
+            self.snapshots.start()
         # A worker leaves tmp/ to the supervisor: the other workers' fills and spools are in it.
         self.store.recover(keep_tmp=self.role is not None)
         super().startService()
@@ -273,6 +282,8 @@ class RegistryService(MultiService):
             self._reaper.stop()
         self.upkeep.stop()
         self.reactor_lag.stop()
+        if self.snapshots is not None:
+            self.snapshots.stop()
         d = self._close_ports()
         d.addBoth(lambda _: self.sync.stop(self.config.shutdown_timeout))
         d.addBoth(lambda _: self.site.drain(self.config.shutdown_timeout))

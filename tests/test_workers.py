@@ -140,8 +140,9 @@ def _lock_holder(path: str) -> int | None:
     with open("/proc/locks") as f:
         for line in f:
             fields = line.split()
-            # "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF"
-            if "FLOCK" in fields and int(fields[5].rsplit(":", 1)[1]) == inode:
+            # "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF"; a waiter's line has "->" after
+            # "1:" (another process's on this machine too): it holds nothing.
+            if "FLOCK" in fields and "->" not in fields and int(fields[5].rsplit(":", 1)[1]) == inode:
                 return int(fields[4])
     return None
 

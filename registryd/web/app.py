@@ -81,6 +81,7 @@ from registryd.web.status import CONTENT_TYPE as STATUS_CONTENT_TYPE
 from registryd.web.status import StatusBoard
 from registryd.web.sendfile import send_file_range
 from registryd.web.ui import Gate, WebUI
+from registryd.web.ui.node_view import NodeViews, local_view
 
 log = Logger()
 
@@ -129,11 +130,14 @@ class RegistryAPI:
         self.mirror = mirror or MirrorCache(store, config, reactor, self.metrics)
         self.auth = auth or build_auth(config.auth, config.access, store.pool, reactor,
                                        mirrored_namespaces(u.namespace for u in config.upstreams))
-        self.status = StatusBoard(store, config, self.mirror)
+        # What the status and mirror pages read from memory: this process's (RegistryService
+        # makes it the node's in a worker: registryd.web.worker_snapshots).
+        self.views = NodeViews(lambda: local_view(self.ui.traffic, self.status.pulls, self.status.errors,
+                                                  self.mirror.fills.keys(), self.mirror.health))
+        self.status = StatusBoard(store, config, self.mirror, self.views)
         self.ui = WebUI(store, self.mirror, config.upstreams,
                         Gate(self._user, lambda: self.auth.policy, lambda: self.auth.authenticator.enabled,
-                             self._secure, lambda: self.status.errors,
-                             lambda: self.auth.authenticator.challenge), reactor)
+                             self._secure, lambda: self.auth.authenticator.challenge), reactor, self.views)
         self.pulls = PullRecorder()
         # Manifests by digest (content never changes); their repositories are checked on each GET.
         self.manifest_cache: SizedLRU[Digest, bytes] = SizedLRU(config.manifest_cache_size, len)

@@ -3,8 +3,10 @@
 ``StatusBoard`` collects what the page shows while the registry runs (fed
 by ``RegistrySite.log`` once per request and by the mirror on upstream
 failures) and renders it as one HTML document: inline CSS, no scripts,
-everything escaped. Store usage walks ``blobs/`` in the IO thread pool,
-at most once a minute; nothing here touches the disk on the reactor.
+everything escaped. With workers, the pulls, errors, transfers and upstream
+health on the page are the whole node's (registryd.web.ui.node_view). Store
+usage walks ``blobs/`` in the IO thread pool, at most once a minute; nothing
+here touches the disk on the reactor.
 """
 from __future__ import annotations
 
@@ -23,13 +25,13 @@ from registryd.config import Config
 from registryd.mirror.cache import MirrorCache
 from registryd.deferreds import Coalescer
 from registryd.storage import Store
+# RecentError and the bounds are the node view's (one process's or a node's: the same shapes).
+from registryd.web.ui.node_view import MAX_ERRORS, MAX_REPOSITORIES, NodeView, NodeViews, RecentError
 
 log = Logger()
 
 CONTENT_TYPE = "text/html; charset=utf-8"
 USAGE_TTL = 60.0
-MAX_REPOSITORIES = 1000
-MAX_ERRORS = 20
 TOP = 10
 
 _MANIFEST = re.compile(r"^/v2/(.+)/manifests/[^/]+$")
@@ -49,15 +51,6 @@ class StoreUsage:
     measured_at: float
 
 
-@attrs.frozen
-class RecentError:
-    at: float
-    kind: str  # "response" or "upstream"
-    where: str  # the request path, or the upstream's namespace
-    status: int | None
-    message: str
-
-
 def _free_bytes(root: str) -> tuple[int, int] | None:
     """(free for us, total) bytes of the data filesystem (runs in the IO pool)."""
     try:
@@ -70,9 +63,12 @@ def _free_bytes(root: str) -> tuple[int, int] | None:
 class StatusBoard:
     """What the status page shows, gathered as the registry runs."""
 
-    def __init__(self, store: Store, config: Config, mirror: MirrorCache,
+    def __init__(self, store: Store, config: Config, mirror: MirrorCache, views: NodeViews,
                  clock: Callable[[], float] = time.time, usage_ttl: float = USAGE_TTL) -> None:
+        """``views``: where the page reads pulls, errors, fills and upstream health (this
+        process's, or with workers the node's: registryd.web.ui.node_view)."""
         self.store = store
+        self.views = views
         self.config = config
         self.mirror = mirror
         self._clock = clock
@@ -124,9 +120,6 @@ class StatusBoard:
         total = hits + misses
         return hits / total if total else None
 
-    def top_repositories(self, n: int = TOP) -> list[tuple[str, int]]:
-        return sorted(self.pulls.items(), key=lambda item: (-item[1], item[0]))[:n]
-
     async def usage(self) -> StoreUsage | None:
         """Bytes and files in ``blobs/``: walked in the IO pool, at most once per ``usage_ttl``
         (None on a bucket: see Store.blob_usage)."""
@@ -150,7 +143,8 @@ class StatusBoard:
             log.failure("measuring the store for the status page failed")
             usage = None
         space = await self.store.pool.run(_free_bytes, self.store.root)
-        return render_page(self, usage, space, self._clock()).encode("utf-8")
+        view = await self.views.current()
+        return render_page(self, usage, space, self._clock(), view).encode("utf-8")
 
 
 # --- HTML --------------------------------------------------------------------
@@ -231,7 +225,7 @@ def _table(headers: Iterable[str], rows: list[str], empty: str) -> str:
 
 
 def render_page(board: StatusBoard, usage: StoreUsage | None, space: tuple[int, int] | None,
-                now: float) -> str:
+                now: float, view: NodeView) -> str:
     parts: list[str] = []
 
     # Store
@@ -253,21 +247,21 @@ def render_page(board: StatusBoard, usage: StoreUsage | None, space: tuple[int, 
     rate_text = "n/a" if rate is None else f"{rate * 100:.1f}%"
     cache_kpis = [_kpi(_e(rate_text), "hit rate"), _kpi(_e(f"{board.hits:,}"), "hits"),
                   _kpi(_e(f"{board.misses:,}"), "misses"),
-                  _kpi(_e(str(len(board.mirror.fills))), "transfers running")]
+                  _kpi(_e(str(len(view.fills))), "transfers running")]
     parts.append(f'<section id="cache"><h2>Cache hit rate</h2><div class="kpis">{"".join(cache_kpis)}</div>'
                  '<p class="sub">Mirrored manifests and blobs served from cache (hit) or fetched upstream '
                  "(miss) since start.</p></section>")
 
     # Top repositories
     rows = [f'<tr><td class="wrap">{_e(name)}</td><td class="n">{count:,}</td></tr>'
-            for name, count in board.top_repositories()]
+            for name, count in view.top_repositories(TOP)]
     parts.append('<section id="repositories"><h2>Top repositories</h2>'
                  + _table(("Repository", "Pulls"), rows, "No manifest pulls yet.") + "</section>")
 
     # Upstreams
     items = []
     for upstream in board.config.upstreams:
-        health = board.mirror.health.get(upstream.namespace)
+        health = view.health.get(upstream.namespace)
         offline = board.config.offline or upstream.offline
         if offline:
             state = '<span class="warn">offline</span>'
@@ -295,7 +289,7 @@ def render_page(board: StatusBoard, usage: StoreUsage | None, space: tuple[int, 
 
     # Recent errors: stacked cards rather than a table, to stay readable on a phone.
     items = []
-    for entry in reversed(board.errors):
+    for entry in reversed(view.errors):
         what = "upstream " + entry.where if entry.kind == "upstream" else entry.where
         status = f'<b class="bad">{_e(entry.status)}</b> ' if entry.status is not None else ""
         items.append(f'<li><div>{status}<code class="wrap">{_e(what)}</code> · {_when(entry.at, now)}</div>'

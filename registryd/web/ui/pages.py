@@ -38,6 +38,7 @@ from registryd.web.replies import header_text, query_arg, respond, respond_json,
 from registryd.web.ui.charts import traffic_charts
 from registryd.web.ui.images import ImageReader, read_detail
 from registryd.web.ui.inventory import Inventory, RepoRef, iso
+from registryd.web.ui.node_view import NodeViews
 from registryd.web.ui.pacing import Pacer
 from registryd.web.ui.traffic import Traffic
 
@@ -70,7 +71,6 @@ class Gate:
     policy: Callable[[], AccessPolicy]
     authentication: Callable[[], bool]                    # whether users are configured
     secure: Callable[[Any], bool]                         # the request came over TLS
-    upstream_errors: Callable[[], Iterable[Any]]          # the status board's recent errors
     challenge: Callable[[], str]                          # WWW-Authenticate: Basic, the configured realm
 
 
@@ -126,8 +126,11 @@ class WebUI:
     app.url_map.merge_slashes = False
 
     def __init__(self, store: Store, mirror: MirrorCache, upstreams: Iterable[Any], gate: Gate,
-                 reactor: Any) -> None:
+                 reactor: Any, views: NodeViews) -> None:
+        """``views``: where the mirror page reads traffic, fills, upstream health and errors
+        (this process's, or with workers the node's: registryd.web.ui.node_view)."""
         self.store = store
+        self.views = views
         self.mirror = mirror
         self.upstreams = list(upstreams)
         namespaces = [u.namespace for u in self.upstreams]
@@ -410,27 +413,28 @@ class WebUI:
         report = self.inventory.totals()
         if report is None:
             report = await self.inventory.measure_totals()
-        errors = list(self.gate.upstream_errors())
+        view = await self.views.current()
+        errors, traffic = list(view.errors), view.traffic
         chosen = (query_arg(request, "upstream") or "").strip()
-        if chosen not in self.traffic.namespaces:
+        if chosen not in traffic.namespaces:
             chosen = ""
         upstreams = []
         for upstream in self.upstreams:
             ns = upstream.namespace
-            health = self.mirror.health.get(ns)
+            health = view.health.get(ns)
             upstreams.append({
                 "namespace": ns, "default": upstream.default,
                 "offline": bool(upstream.offline),
                 "cached": report.upstreams.get(ns),
-                "traffic": self.traffic.totals[ns],
-                "fills": sum(1 for key in self.mirror.fills if key[0] == ns),
+                "traffic": traffic.totals[ns],
+                "fills": view.fills_of(ns),
                 "last_success": health.last_success if health else None,
                 "last_error": health.last_error if health else None,
                 "errors": health.errors if health else 0,
                 "recent_errors": [e for e in reversed(errors) if e.kind == "upstream" and e.where == ns][:5],
             })
         return {"user": user, "upstreams": upstreams, "measured_at": report.measured_at, "chosen": chosen,
-                "charts": traffic_charts(self.traffic.series(chosen or None))}
+                "charts": traffic_charts(traffic.series(chosen or None)), "series": traffic.series}
 
     @app.route("/ui/mirror", methods=["GET", "HEAD"])
     async def mirror_page(self, request: Any) -> bytes:
@@ -451,7 +455,7 @@ class WebUI:
                 "errors": entry["errors"],
                 "recent_errors": [{"at": iso(e.at), "message": e.message} for e in entry["recent_errors"]],
                 "last_24h": [dict(counts.document(), start=iso(start))
-                             for start, counts in self.traffic.series(entry["namespace"])
+                             for start, counts in found["series"](entry["namespace"])
                              if counts.requests],
             })
         return self._json(request, {"measured_at": iso(found["measured_at"]), "upstreams": upstreams})

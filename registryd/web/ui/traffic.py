@@ -61,6 +61,10 @@ class Traffic:
         self._rings: dict[str, collections.deque[tuple[int, Counts]]] = {
             ns: collections.deque(maxlen=buckets) for ns in self.namespaces}
 
+    @property
+    def clock(self) -> Callable[[], float]:
+        return self._clock
+
     def observe(self, upstream: str | None, cache: str | None, sent: int) -> None:
         """One finished mirrored request; anything else is ignored."""
         if upstream is None or cache is None or upstream not in self.totals:
@@ -88,3 +92,55 @@ class Traffic:
                 if slot >= first:
                     merged.setdefault(slot, Counts()).add(counts)
         return [(slot * self.bucket_seconds, merged.get(slot, Counts())) for slot in range(first, now_slot + 1)]
+
+    # --- a node's workers: each one's counts written down, read back and added up -----------
+
+    def document(self) -> dict[str, Any]:
+        """The counts as plain JSON (registryd.web.ui.node_view: what a worker writes for the others)."""
+        return {ns: {"totals": _row(self.totals[ns]), "ring": [[slot, *_row(c)] for slot, c in self._rings[ns]]}
+                for ns in self.namespaces}
+
+    def add_document(self, document: Any) -> None:
+        """Add counts written by ``document`` (another worker's); anything malformed raises ValueError."""
+        if not isinstance(document, dict):
+            raise ValueError("traffic is not an object")
+        for ns in self.namespaces:
+            part = document.get(ns)
+            if part is None:
+                continue
+            try:
+                totals = _counts(part["totals"])
+                ring = [(_int(row[0]), _counts(row[1:])) for row in part["ring"]]
+            except (KeyError, TypeError, IndexError) as e:
+                raise ValueError(f"malformed traffic of {ns}: {e!r}") from None
+            self.totals[ns].add(totals)
+            self._merge_ring(ns, ring)
+
+    def add(self, other: Traffic) -> None:
+        """Add another Traffic's counts (copied: ``other`` is left as it is)."""
+        for ns in self.namespaces:
+            if ns in other.totals:
+                self.totals[ns].add(other.totals[ns])
+                self._merge_ring(ns, list(other._rings[ns]))
+
+    def _merge_ring(self, ns: str, entries: list[tuple[int, Counts]]) -> None:
+        slots: dict[int, Counts] = {}
+        for slot, counts in [*self._rings[ns], *entries]:
+            slots.setdefault(slot, Counts()).add(counts)
+        self._rings[ns] = collections.deque(sorted(slots.items())[-self.buckets:], maxlen=self.buckets)
+
+
+def _row(counts: Counts) -> list[int]:
+    return [counts.hits, counts.misses, counts.bytes_cached, counts.bytes_upstream]
+
+
+def _int(value: Any) -> int:
+    if type(value) is not int or value < 0:
+        raise ValueError(f"not a count: {value!r}")
+    return value
+
+
+def _counts(row: Any) -> Counts:
+    if not isinstance(row, list) or len(row) != 4:
+        raise ValueError(f"not a row of counts: {row!r}")
+    return Counts(*(_int(value) for value in row))
