@@ -36,8 +36,9 @@ from registryd.auth.errors import AuthConfigError
 from registryd.auth.tls import ServerTLSContext, parse_tls_description
 from registryd.config import Config
 from registryd.listeners import FIRST_FD, RUN, Inherited, WorkerRole, family_of, plain_part
+from registryd.memory import release_once_running
 from registryd.metrics import MULTIPROC_ENV
-from registryd.service import StartupError, make_room_for_connections
+from registryd.startup import StartupError, make_room_for_connections
 from registryd.storage.files import empty_dir
 from registryd.web.probes import split_probes
 
@@ -195,6 +196,7 @@ class Supervisor(Service):
             self._spawn(index)
         signal.signal(signal.SIGHUP, lambda *_: self._reactor.callFromThread(self.reload))
         log.info("registryd supervising {count} worker processes", count=self.workers)
+        release_once_running(self._reactor)
 
     def _role(self, index: int) -> WorkerRole:
         sockets = tuple(Inherited(FIRST_FD + i, family_of(port)) for i, port in enumerate(self.ports))

@@ -42,6 +42,7 @@ TIERS: dict[str, frozenset[str]] = {
         "test_deferreds", "test_layering", "test_globs", "test_driver_contract", "test_gc_units",
         "test_survey_driver", "test_fsck_driver", "test_retention_units", "test_retention_config",
         "test_sync_units", "test_uploads", "test_pools", "test_logs", "test_manifest_cache",
+        "test_upstream_body",
     }),
     "integration": frozenset({
         "test_auth_flood", "test_auth_tls", "test_cache_stale", "test_cli_export_import", "test_cli_fsck",
@@ -49,6 +50,7 @@ TIERS: dict[str, frozenset[str]] = {
         "test_cli_retention",
         "test_conformance", "test_durability", "test_limits", "test_memory", "test_mirror", "test_prune_online", "test_shutdown", "test_twistd", "test_upkeep",
         "test_upstream_fixtures", "test_sync", "test_workers", "test_web_ui",
+        "test_light_supervisor",
     }),
     "s3": frozenset({
         "test_cli_fsck_s3", "test_s3_client", "test_s3_gc", "test_s3_hot_cache", "test_s3_outage",
