@@ -15,7 +15,7 @@ from support.ports import free_port
 
 #: What only a worker needs: none of it in the supervisor.
 WORKERS_ONLY = ("klein", "jinja2", "treq", "registryd.service", "registryd.web.app", "registryd.mirror.cache",
-                "registryd.sync.scheduler", "registryd.upkeep.scheduler", "registryd.web.site")
+                "registryd.sync.scheduler", "registryd.upkeep.scheduler", "registryd.web.site", "prometheus_client")
 
 PROBE = """
 import json, sys
@@ -82,3 +82,15 @@ def test_a_data_dir_that_cannot_be_used_stops_the_supervisor_with_one_line(tmp_p
     assert "Traceback" not in output
     assert f"registryd: data directory {blocker / 'data'} is not usable" in output.strip().splitlines()[-1]
     assert "started worker" not in output
+
+
+def test_a_worker_runs_twistd_offering_only_the_registryd_plugin() -> None:
+    """twistd's entry point would import every plugin it finds (conch, mail, words...) in every worker."""
+    from registryd.supervisor import worker_command
+
+    command = worker_command(["twistd", "-n", "registryd", "-c", "x.toml"])
+    result = subprocess.run([*command[:3], "--help"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    commands = result.stdout.split("Commands:", 1)[1].split()
+    assert commands[0] == "registryd"
+    assert "conch" not in commands and "web" not in commands
