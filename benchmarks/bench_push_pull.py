@@ -19,6 +19,7 @@ Figures
   pull_drop_pct               100 * (1 - step 3 / step 2): target < 20
   push_during_pulls_MBps      the pushes' own rate during step 3, MB/s
   reactor_lag_p99_ms          the largest per-worker p99 bound in step 3 (registryd only): target < 10
+  reactor_lag_p99_alone_ms    the same over step 2, without the push: what the machine's load alone costs
 
 --workers N sets registryd's [server] workers. The load average is printed with
 the figures: on a shared machine, ratios within one run are what count.
@@ -53,13 +54,16 @@ SETTINGS = {"full": {"blob_mib": 256, "push_mib": 1024, "seconds": 10},
 LAG = "registryd_reactor_lag_seconds"
 BLOCK = 1 << 20
 KEYS = ["pull_alone_c8_MBps", "pull_during_push_c8_MBps", "pull_drop_pct", "push_during_pulls_MBps",
-        "reactor_lag_p99_ms"]
+        "reactor_lag_p99_alone_ms", "reactor_lag_p99_ms"]
 LABELS = {"pull_alone_c8_MBps": "cached blob GET, c=8, alone",
           "pull_during_push_c8_MBps": "... while a {push} blob is pushed",
           "pull_drop_pct": "pull throughput drop (target < 20)",
           "push_during_pulls_MBps": "the push's rate meanwhile",
+          "reactor_lag_p99_alone_ms": "reactor lag p99, worst worker, no push",
           "reactor_lag_p99_ms": "reactor lag p99, worst worker (< 10)"}
-UNITS = {"pull_drop_pct": "%", "reactor_lag_p99_ms": "ms"}
+UNITS = {"pull_drop_pct": "%", "reactor_lag_p99_ms": "ms", "reactor_lag_p99_alone_ms": "ms"}
+#: Figures only registryd has (the reference exports no reactor lag).
+REGISTRYD_ONLY = ("reactor_lag_p99_alone_ms", "reactor_lag_p99_ms")
 
 
 def _conn(hostport, timeout=600):
@@ -193,6 +197,7 @@ def measure(args, name, server):
     digest = push_stream(server.hostport, repo, args.blob_mib, seed=1)
     url = f"http://{server.hostport}/v2/{repo}/blobs/{digest}"
     wrk_mbps(url, 8, 1)     # warm the page cache and the server's caches
+    lag_alone = lag_buckets(server, args.workers) if name == "registryd" else None
     figs["pull_alone_c8_MBps"] = wrk_mbps(url, 8, args.seconds)
     stop = threading.Event()
     pushes, errors = [], []
@@ -210,6 +215,10 @@ def measure(args, name, server):
             seed += 1
 
     lag_before = lag_buckets(server, args.workers) if name == "registryd" else None
+    if lag_before is not None:
+        # The same pulls without the push: what the machine's own load costs the reactor.
+        figs["reactor_lag_p99_alone_ms"], extra["reactor_lag_p99_ms_alone_per_process"] = _worst_lag(
+            lag_alone, lag_before)
     thread = threading.Thread(target=pusher, daemon=True)
     started = time.monotonic()
     thread.start()
@@ -225,12 +234,17 @@ def measure(args, name, server):
     extra["pushes_s"] = [round(p, 2) for p in pushes]
     figs["pull_drop_pct"] = round(100 * (1 - figs["pull_during_push_c8_MBps"] / figs["pull_alone_c8_MBps"]), 1)
     if lag_before is not None:
-        after = lag_buckets(server, args.workers)
-        per = {proc: p99_ms(lag_before.get(proc, {}), buckets) for proc, buckets in after.items()}
-        extra["reactor_lag_p99_ms_per_process"] = {proc: {"p99_ms": p, "ticks": n} for proc, (p, n) in per.items()}
-        measured = [p for p, n in per.values() if n]
-        figs["reactor_lag_p99_ms"] = max(measured) if measured and None not in measured else None
+        figs["reactor_lag_p99_ms"], extra["reactor_lag_p99_ms_per_process"] = _worst_lag(
+            lag_before, lag_buckets(server, args.workers))
     return {k: {"value": v} for k, v in figs.items()}, extra
+
+
+def _worst_lag(before, after):
+    """The worst process's p99 between two readings, and every process's."""
+    per = {proc: p99_ms(before.get(proc, {}), buckets) for proc, buckets in after.items()}
+    measured = [p for p, n in per.values() if n]
+    worst = max(measured) if measured and None not in measured else None
+    return worst, {proc: {"p99_ms": p, "ticks": n} for proc, (p, n) in per.items()}
 
 
 def parse_args(argv):
@@ -299,17 +313,21 @@ def main(argv):
         for name in args.servers:
             value = result["servers"][name]["figures"].get(key, {}).get("value")
             row[name] = value
-            if value is None and (name == "registryd" or key != "reactor_lag_p99_ms"):
+            if value is None and (name == "registryd" or key not in REGISTRYD_ONLY):
                 row[f"{name}_error"] = result["servers"][name].get("error", "not measured")
         core.add_ratio(row)
         rows.append(row)
     result["comparison"] = rows
-    core.print_table(rows, args.servers)
+    shown = [{**r, **{n: "n/a" for n in args.servers if n != "registryd" and r["figure"] in REGISTRYD_ONLY}}
+             for r in rows]
+    core.print_table(shown, args.servers)
     print(f"\nregistryd workers: {args.workers if args.workers is not None else 'default'}; load average "
           f"(1, 5, 15 min) at start {result['host']['loadavg_start']}, at end {result['host']['loadavg_end']}")
     lag = result["servers"].get("registryd", {}).get("extra", {}).get("reactor_lag_p99_ms_per_process", {})
+    alone = result["servers"].get("registryd", {}).get("extra", {}).get("reactor_lag_p99_ms_alone_per_process", {})
     for proc, v in lag.items():
-        print(f"  registryd {proc}: reactor lag p99 <= {v['p99_ms']} ms over {v['ticks']} ticks")
+        print(f"  registryd {proc}: reactor lag p99 <= {v['p99_ms']} ms over {v['ticks']} ticks during the push, "
+              f"<= {alone.get(proc, {}).get('p99_ms')} ms without it")
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     with open(output, "w") as f:
         json.dump(result, f, indent=2)
