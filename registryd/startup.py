@@ -79,4 +79,5 @@ def check_node(config: Config, reactor: Any) -> str:
         prepare_store(store, config.data_dir)
         return store.tmp_dir
     finally:
-        store.close()
+        store.close().addErrback(lambda f: log.warn("closing the store checked at start failed: {error}",
+                                                    error=f.getErrorMessage()))
