@@ -23,7 +23,17 @@ Figures
                                  proxy to an OCI layout (median of 3), s
   image_pull_warm_s              the same pull repeated once it is cached (median of 3), s
   image_cold_upstream_blob_gets  blob GETs the upstream saw during one cold image pull (22 blobs)
-  rss_idle_MiB, rss_peak_MiB     proxy VmRSS after start, VmHWM at the end
+  rss_idle_MiB, rss_peak_MiB     proxy VmRSS after start, VmHWM at the end (registryd: its whole process
+                                 tree, the supervisor and every worker, added up)
+  pss_idle_MiB                   the tree's PSS after start (shared pages counted once)
+  rss_idle_largest_MiB           the largest process of the tree after start (a worker; target <= 60)
+  rss_cold_peak_MiB              the tree's RSS sampled during the cold 16-client phase: its peak
+  rss_cold_rise_MiB              the largest rise of one process above its idle RSS during that phase
+                                 (target: <= 20 MiB per worker)
+
+--workers N runs registryd with [server] workers = N (default: its own default, one per CPU).
+The load average before and after the run is printed and kept with the figures: the machine
+may be shared, so ratios within one run are what count.
 
 --quick uses a 32 MiB blob, 8 clients, 2 s wrk runs and one 1 x 16 MiB + 10 x 256 KiB
 image: a CI smoke test that finishes in under a minute.
@@ -52,6 +62,7 @@ if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
 import bench_core as core  # noqa: E402  (the colleague's core benchmark: servers, runner, report)
+import process_tree  # noqa: E402
 from bench_core import (  # noqa: E402
     DEFAULT_REFERENCE, DEFAULT_REGBENCH_DIR, Registryd, Server, find_twistd, fmt, log, parse_records,
     print_table, run_group, summarize, tail,
@@ -150,10 +161,12 @@ class DockerRegistry(Server):
 class RegistrydProxy(Registryd):
     """registryd with one default upstream (docker registry-mirrors style)."""
 
-    def __init__(self, workdir, twistd, upstream_port):
+    def __init__(self, workdir, twistd, upstream_port, workers=None):
         super().__init__(workdir, twistd)
         self.config = os.path.join(self.dir, "registryd.toml")
         with open(self.config, "w") as f:
+            if workers is not None:
+                f.write(f"[server]\nworkers = {workers}\n")
             f.write("[[upstream]]\n"
                     'namespace = "upstream.test"\n'
                     f'url = "http://127.0.0.1:{upstream_port}"\n'
@@ -215,7 +228,10 @@ def labels_of(args):
         f"image pull cold {img}",
         "image pull warm (cached)",
         "image cold pull: upstream blob GETs",
-    ]), rss_idle_MiB="proxy RSS idle", rss_peak_MiB="proxy RSS peak (VmHWM)")
+    ]), rss_idle_MiB="proxy RSS idle (whole tree)", rss_peak_MiB="proxy RSS peak (VmHWM, tree)",
+        pss_idle_MiB="proxy PSS idle (whole tree)", rss_idle_largest_MiB="largest process RSS idle",
+        rss_cold_peak_MiB=f"tree RSS during cold {c} clients: peak",
+        rss_cold_rise_MiB=f"one process's rise during cold {c} cl.")
 
 
 def measure_cold(args, side):
@@ -454,6 +470,13 @@ def checks(args, result):
         if "warm" in ex and "upstream_requests" in ex["warm"]:
             n = blob_gets(ex["warm"]["upstream_requests"])
             out.append((name, n == 0, f"upstream blob GETs while wrk read the cached blob: {n} (target 0)"))
+        rise = figs.get("rss_cold_rise_MiB", {}).get("value")
+        if name == "registryd" and rise is not None:
+            out.append((name, rise <= 20, f"largest RSS rise of one process during the cold clients: {rise} MiB "
+                                          "(target <= 20)"))
+        largest = figs.get("rss_idle_largest_MiB", {}).get("value")
+        if name == "registryd" and largest is not None:
+            out.append((name, largest <= 60, f"largest process idle: {largest} MiB RSS (target <= 60 per worker)"))
         runs = ex.get("image", {}).get("runs", [])
         if runs:
             warm = [blob_gets(r.get("warm_upstream_requests", {})) for r in runs if "warm" in r]
@@ -487,6 +510,8 @@ def parse_args(argv):
     ap.add_argument("--runs", type=int, default=None,
                     help="image pulls per proxy, a fresh image each (default 3, quick 1)")
     ap.add_argument("--proxies", default=",".join(PROXIES), help="which to run: registryd,reference (default both)")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="registryd's [server] workers (default: its default, one per CPU)")
     ap.add_argument("--twistd", default=None, help="twistd to start registryd with (default: next to python)")
     ap.add_argument("--reference-bin", default=DEFAULT_REFERENCE,
                     help=f"docker-registry for the upstreams and the reference proxy (default {DEFAULT_REFERENCE})")
@@ -552,6 +577,11 @@ def start_all(args, sides, result):
             mem = side.proxy.memory()
             info["figures"]["rss_idle_MiB"] = {"value": mem.get("VmRSS"), "pid": side.proxy.proc.pid}
             info["memory_after"]["idle"] = mem
+            idle = info["memory_tree"]["idle"] = process_tree.snapshot(side.proxy.proc.pid)
+            info["figures"]["pss_idle_MiB"] = {"value": idle["pss_MiB"]}
+            info["figures"]["rss_idle_largest_MiB"] = {
+                "value": max((p["rss_MiB"] for p in idle["processes"]), default=None),
+                "processes": idle["processes"]}
 
 
 def dead(side, info):
@@ -584,7 +614,18 @@ def run_phases(args, sides, result, workdir):
                 continue
             log(f"{name}: {phase} ...")
             t0 = time.monotonic()
-            figs, error, extra = (measure_cold if real == "cold" else measure_warm)(args, side)
+            if real == "cold":
+                with process_tree.Sampler(side.proxy.proc.pid) as sampler:
+                    figs, error, extra = measure_cold(args, side)
+                if phase == real and "idle" in info["memory_tree"]:
+                    rises = process_tree.rise(info["memory_tree"]["idle"], sampler)
+                    info["memory_tree"]["cold"] = rises
+                    figs["rss_cold_peak_MiB"] = {"value": sampler.peak_tree}
+                    figs["rss_cold_rise_MiB"] = {
+                        "value": max((r["rise_MiB"] for r in rises if r["rise_MiB"] is not None), default=None),
+                        "processes": rises}
+            else:
+                figs, error, extra = measure_warm(args, side)
             why = dead(side, info)
             if why:
                 error = (error + "; " if error else "") + why
@@ -675,8 +716,9 @@ def main(argv):
         "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "params": {"quick": args.quick, "phases": args.phases, "blob_MiB": args.blob_mib, "clients": args.clients,
                    "seconds": args.seconds, "image": core.describe_image(args.image), "image_runs": args.runs,
-                   "regbench_dir": args.regbench_dir},
-        "host": {"cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version()},
+                   "regbench_dir": args.regbench_dir, "workers": args.workers},
+        "host": {"cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
+                 "loadavg_start": process_tree.loadavg()},
         "proxies": {},
     }
     rc, out, err = run_group([args.reference_bin, "--version"], 10) if os.path.exists(args.reference_bin) \
@@ -687,14 +729,14 @@ def main(argv):
         for name in args.proxies:
             up = DockerRegistry(f"upstream-of-{name}", workdir, args.reference_bin)
             if name == "registryd":
-                px = RegistrydProxy(workdir, args.twistd or find_twistd(), up.port)
+                px = RegistrydProxy(workdir, args.twistd or find_twistd(), up.port, args.workers)
             else:
                 px = DockerRegistry("reference", workdir, args.reference_bin, f"http://{up.hostport}")
             sides[name] = Side(name, px, up)
             result["proxies"][name] = {
                 "cmd": px.cmd, "port": px.port, "config": px.config,
                 "upstream": {"cmd": up.cmd, "port": up.port, "access_log": up.access_log},
-                "figures": {}, "phase_errors": {}, "memory_after": {}, "extra": {},
+                "figures": {}, "phase_errors": {}, "memory_after": {}, "memory_tree": {}, "extra": {},
             }
         start_all(args, sides, result)
         run_phases(args, sides, result, workdir)
@@ -724,16 +766,25 @@ def main(argv):
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
     result["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    result["host"]["loadavg_end"] = process_tree.loadavg()
     result["interrupted"] = interrupted
-    keys = ["rss_idle_MiB"]
+    keys = ["rss_idle_MiB", "pss_idle_MiB", "rss_idle_largest_MiB"]
     for p in args.phases:
         keys += keys_of(args)[p]
+        if p == "cold":
+            keys += ["rss_cold_peak_MiB", "rss_cold_rise_MiB"]
     keys.append("rss_peak_MiB")
     result["comparison"] = compare(args, result, keys, labels_of(args))
     result["checks"] = checks(args, result)
     shown = [{**r, **{s: show(r[s]) for s in result["proxies"] if r.get(s) is not None}}
              for r in result["comparison"]]
     print_table(shown, list(result["proxies"]))
+    print(f"\nregistryd workers: {args.workers if args.workers is not None else 'default'}; load average "
+          f"(1, 5, 15 min) at start {result['host']['loadavg_start']}, at end {result['host']['loadavg_end']}")
+    for name, px in result["proxies"].items():
+        for p in px["memory_tree"].get("cold", []):
+            print(f"  {name} {p['role']} pid {p['pid']}: idle {show(p['idle_MiB'])} MiB, peak during cold "
+                  f"{show(p['peak_MiB'])} MiB (+{show(p['rise_MiB'])})")
     if result["checks"]:
         print("\nchecks:")
         for c in result["checks"]:

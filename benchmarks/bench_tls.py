@@ -64,7 +64,7 @@ def make_certificate(folder):
 
 
 class Registryd(core.Server):
-    def __init__(self, workdir, twistd, cert, key, extra):
+    def __init__(self, workdir, twistd, cert, key, extra, workers=None):
         super().__init__("registryd", workdir)
         self.tls_port = core.free_port()
         self.cwd = core.REPO
@@ -72,6 +72,11 @@ class Registryd(core.Server):
                     "--listen", f"tcp:{self.port}:interface=127.0.0.1",
                     "--listen", f"tls:{self.tls_port}:interface=127.0.0.1:cert={cert}:key={key}",
                     "--data-dir", self.data, *extra]
+        if workers is not None:
+            config = os.path.join(self.dir, "registryd.toml")
+            with open(config, "w") as f:
+                f.write(f"[server]\nworkers = {workers}\n")
+            self.cmd += ["--config", config]
 
 
 class Reference(core.Server):
@@ -398,6 +403,8 @@ def parse_args(argv):
     ap.add_argument("--servers", default=",".join(SERVERS), help="which to run (default all three)")
     ap.add_argument("--output", default=None, help="JSON results (default benchmarks/results/tls-<time>.json)")
     ap.add_argument("--twistd", default=None, help="twistd to start registryd with (default: next to python)")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="registryd's [server] workers (default: its own, one per CPU); RSS counts them all")
     ap.add_argument("--registryd-arg", action="append", default=[],
                     help="an extra argument for registryd (repeatable), e.g. --registryd-arg=--config=FILE")
     ap.add_argument("--reference-bin", default=core.DEFAULT_REFERENCE)
@@ -428,15 +435,16 @@ def main(argv):
     workdir = tempfile.mkdtemp(prefix="bench-tls-")
     result = {"benchmark": "tls", "started": datetime.datetime.now(datetime.timezone.utc).isoformat(),
               "params": {"quick": args.quick, "seconds": args.seconds, "blob_MiB": args.blob_mib,
-                         "phases": args.phases, "registryd_args": args.registryd_arg},
-              "host": {"cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version()},
+                         "phases": args.phases, "registryd_args": args.registryd_arg, "workers": args.workers},
+              "host": {"cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
+                       "loadavg_start": [round(x, 2) for x in os.getloadavg()]},
               "servers": {}}
     servers = {}
     interrupted = False
     try:
         cert, key = make_certificate(workdir)
         makers = {"registryd": lambda: Registryd(workdir, args.twistd or core.find_twistd(), cert, key,
-                                                 args.registryd_arg),
+                                                 args.registryd_arg, args.workers),
                   "reference": lambda: Reference(workdir, args.reference_bin, cert, key),
                   "nginx": lambda: Nginx(workdir, args.nginx_bin, cert, key)}
         for name in args.servers:
@@ -501,8 +509,11 @@ def main(argv):
         else:
             shutil.rmtree(workdir, ignore_errors=True)
     result["interrupted"] = interrupted
+    result["host"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     result["comparison"] = compare(args, result)
     print_table(result["comparison"], list(result["servers"]))
+    print(f"\nregistryd workers: {args.workers if args.workers is not None else 'default'}; load average "
+          f"(1, 5, 15 min) at start {result['host']['loadavg_start']}, at end {result['host']['loadavg_end']}")
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     with open(output, "w") as f:
         json.dump(result, f, indent=2)

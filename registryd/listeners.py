@@ -27,6 +27,8 @@ from twisted.internet.interfaces import IStreamServerEndpoint
 WORKER_ENV = "REGISTRYD_WORKER"
 COUNT_ENV = "REGISTRYD_WORKER_COUNT"
 FDS_ENV = "REGISTRYD_LISTEN_FDS"
+#: prometheus_client's multiprocess folder, where every worker keeps its metrics (registryd.metrics).
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 #: Tests only: every response names the worker that answered it (X-Registryd-Worker).
 HEADER_ENV = "REGISTRYD_WORKER_HEADER"
 #: The default of ``[server] workers`` when the config does not set it (the test launcher sets 1).

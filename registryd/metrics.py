@@ -16,11 +16,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from registryd.listeners import MULTIPROC_ENV
 from registryd.reactor_lag import BUCKETS as LAG_BUCKETS
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-#: Where the workers of a node keep their values (prometheus_client's multiprocess mode).
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 _ROUTES = [
     ("base", re.compile(r"^/v2/?$")),

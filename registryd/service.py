@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import resource
 import time
 from typing import Any, Callable
 
@@ -26,7 +25,8 @@ from registryd.listeners import HAPROXY, RUN, Inherited, WorkerRole, accept_one_
 from registryd.mirror.shared_fill import sweep_abandoned
 from registryd.storage import open_store
 from registryd.storage.claim_table import ClaimTable
-from registryd.storage.interface import Store, StoreUnusable
+from registryd.startup import StartupError, make_room_for_connections, prepare_store
+from registryd.storage.interface import Store
 from registryd.storage.outage import outage_reason
 from registryd.sync.scheduler import SyncScheduler
 from registryd.reactor_lag import ReactorLag
@@ -39,33 +39,6 @@ from registryd.web.site import RegistrySite
 from registryd.web.worker_snapshots import WorkerSnapshots
 
 log = Logger()
-
-
-# Descriptors kept beside client connections: blob files, upload sessions,
-# upstream and object store connections, log files.
-FILES_BESIDE_CONNECTIONS = 1024
-
-
-def make_room_for_connections(max_connections: int) -> None:
-    """Raise the soft descriptor limit (often 1024) so that ``max_connections``
-    clients cannot starve the files of the requests being served; warn if the
-    hard limit does not allow it."""
-    wanted = max_connections + FILES_BESIDE_CONNECTIONS
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < wanted:
-        new = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
-            soft = new
-        except (ValueError, OSError):
-            pass
-    if soft != resource.RLIM_INFINITY and soft < wanted:
-        log.warn("the open-file limit ({soft}) is below [server] max_connections + {extra}: lower "
-                 "max_connections or raise LimitNOFILE", soft=soft, extra=FILES_BESIDE_CONNECTIONS)
-
-
-class StartupError(Exception):
-    """Start-up cannot go on; the message is one line for the operator."""
 
 
 class RegistryService(MultiService):
@@ -133,19 +106,8 @@ class RegistryService(MultiService):
     def prepare_storage(self) -> None:
         """Create the data directory layout and prove it writable; on S3, prove the bucket
         exists and takes a write and a read (once: twistd and startService both call this)."""
-        try:
-            self.store.prepare()
-        except OSError as e:
-            where = f"{e.filename}: " if e.filename and e.filename != self.config.data_dir else ""
-            raise StartupError(
-                f"data directory {self.config.data_dir} is not usable: {where}{e.strerror}"
-            ) from None
-        if not self._store_checked:
-            try:
-                self.store.check_store()
-            except StoreUnusable as e:
-                raise StartupError(str(e)) from None
-            self._store_checked = True
+        prepare_store(self.store, self.config.data_dir, check=not self._store_checked)
+        self._store_checked = True
 
     def privilegedStartService(self) -> None:
         make_room_for_connections(self.config.max_connections)

@@ -23,7 +23,6 @@ import signal
 import sys
 from typing import Any, Callable
 
-from prometheus_client.multiprocess import mark_process_dead
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
@@ -35,9 +34,9 @@ from twisted.python.failure import Failure
 from registryd.auth.errors import AuthConfigError
 from registryd.auth.tls import ServerTLSContext, parse_tls_description
 from registryd.config import Config
-from registryd.listeners import FIRST_FD, RUN, Inherited, WorkerRole, family_of, plain_part
-from registryd.metrics import MULTIPROC_ENV
-from registryd.service import StartupError, make_room_for_connections
+from registryd.listeners import FIRST_FD, MULTIPROC_ENV, RUN, Inherited, WorkerRole, family_of, plain_part
+from registryd.memory import release_once_running
+from registryd.startup import StartupError, make_room_for_connections
 from registryd.storage.files import empty_dir
 from registryd.web.probes import split_probes
 
@@ -99,7 +98,7 @@ def worker_command(argv: list[str]) -> list[str]:
         if flags == "n":
             continue
         args.extend([arg, *value])
-    return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=", *args]
+    return [sys.executable, "-c", "from registryd.worker_main import run; run()", "-n", "--pidfile=", *args]
 
 
 class _Worker(ProcessProtocol):
@@ -195,6 +194,7 @@ class Supervisor(Service):
             self._spawn(index)
         signal.signal(signal.SIGHUP, lambda *_: self._reactor.callFromThread(self.reload))
         log.info("registryd supervising {count} worker processes", count=self.workers)
+        release_once_running(self._reactor)
 
     def _role(self, index: int) -> WorkerRole:
         sockets = tuple(Inherited(FIRST_FD + i, family_of(port)) for i, port in enumerate(self.ports))
@@ -218,6 +218,9 @@ class Supervisor(Service):
         if self.running_workers.get(worker.index) is worker:
             del self.running_workers[worker.index]
         if worker.pid is not None:
+            # Imported here: a worker's end is rare, and prometheus_client is a worker's concern.
+            from prometheus_client.multiprocess import mark_process_dead
+
             mark_process_dead(worker.pid, self.metrics_dir)    # its live gauges go; its counters stay
         if not self.running:
             return

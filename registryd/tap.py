@@ -6,23 +6,24 @@ it gets the reactor injected.
 from __future__ import annotations
 
 import os
-import signal
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.application.service import IService
 from twisted.logger import ILogObserver
 from twisted.python import usage
-from twisted.python.components import Componentized
 
 from registryd import __version__
 from registryd.config import Config, ConfigError, load_config
 from registryd.listeners import HEADER_ENV, WorkerRole, default_workers, role_from_environment
 from registryd.logs import text
 from registryd.secrets import require_secrets
-from registryd.service import RegistryService, StartupError
+from registryd.startup import StartupError, check_node
 from registryd.supervisor import Supervisor, shareable, watch_parent
+
+if TYPE_CHECKING:
+    from registryd.service import RegistryService
 
 
 class Options(usage.Options):
@@ -55,48 +56,6 @@ class Options(usage.Options):
         sys.exit(0)
 
 
-class TwistdRegistryService(RegistryService):
-    """Turn a start-up failure into one line on stderr and exit status 1.
-
-    twistd would otherwise log a traceback and keep running without a port.
-    """
-
-    #: The observer twistd logs to instead of its own (see default_log_observer).
-    log_observer: ILogObserver | None = None
-
-    def setServiceParent(self, parent: Any) -> None:
-        # twistd's application: an ILogObserver component on it is what twistd logs to
-        # (unless --logger names another).
-        if self.log_observer is not None and isinstance(parent, Componentized):
-            parent.setComponent(ILogObserver, self.log_observer)
-        super().setServiceParent(parent)
-
-    def privilegedStartService(self) -> None:
-        try:
-            super().privilegedStartService()
-        except StartupError as e:
-            raise SystemExit(f"registryd: {e}") from None
-
-    def startService(self) -> None:
-        super().startService()
-        from twisted.internet import reactor
-
-        # Signals arrive between reactor iterations; do the work in one.
-        signal.signal(signal.SIGHUP, lambda *_: reactor.callFromThread(self.reload))  # type: ignore[attr-defined]
-        if self.role is not None:
-            # A worker may get SIGTERM twice (from its supervisor, and from a terminal's or
-            # systemd's signal to the whole group): the second must not stop a stopping reactor.
-            stopping: list[bool] = []
-
-            def stop(*_: Any) -> None:
-                if not stopping:
-                    stopping.append(True)
-                    reactor.callFromThread(reactor.stop)  # type: ignore[attr-defined]
-
-            signal.signal(signal.SIGTERM, stop)
-            signal.signal(signal.SIGINT, stop)
-
-
 def default_log_observer(twistd_options: Any) -> ILogObserver | None:
     """registryd.logs.text when twistd would write its own text lines to stdout (``-n``
     without ``--logfile``, ``--syslog`` or ``--logger``): the same lines, cheaper per
@@ -124,8 +83,15 @@ def makeService(options: Options) -> IService:
         # The server uses every credential the config names: a missing one stops it now, in one line.
         require_secrets(config.secrets())
         workers = 1 if role is not None else _workers(config.workers, shareable(config))
+        if workers > 1:
+            # Checked like a single process (config, store, htpasswd) without building what the
+            # workers serve with: this process only binds the listeners and supervises.
+            tmp_dir = check_node(config, reactor)
+            return Supervisor(config, reactor, workers, tmp_dir, header=_test_header())
         if role is not None and config.storage.cache_size:
             config = own_hot_cache(config, role)
+        from registryd.twistd_service import TwistdRegistryService
+
         service = TwistdRegistryService(config, reactor, role=role)
         service.log_observer = default_log_observer(getattr(options, "parent", None))
         service.prepare_storage()
@@ -135,9 +101,6 @@ def makeService(options: Options) -> IService:
         watch_parent(reactor)
         if role.header:
             tag_responses(service, str(role.index))
-    if workers > 1:
-        # Checked above like a single process (config, store, htpasswd); the workers serve.
-        return Supervisor(config, reactor, workers, service.store.tmp_dir, header=_test_header())
     return service
 
 

@@ -42,14 +42,15 @@ TIERS: dict[str, frozenset[str]] = {
         "test_deferreds", "test_layering", "test_globs", "test_driver_contract", "test_gc_units",
         "test_survey_driver", "test_fsck_driver", "test_retention_units", "test_retention_config",
         "test_sync_units", "test_uploads", "test_pools", "test_logs", "test_manifest_cache", "test_containerd_units",
-        "test_body_writer", "test_upload_writer", "test_node_view",
+        "test_body_writer", "test_upload_writer", "test_node_view", "test_upstream_body",
+        "test_memory_release",
     }),
     "integration": frozenset({
         "test_auth_flood", "test_auth_tls", "test_cache_stale", "test_cli_export_import", "test_cli_fsck",
         "test_cli_exit_codes", "test_cli_gc", "test_cli_htpasswd", "test_cli_ls", "test_cli_preload", "test_cli_prune",
         "test_cli_retention",
         "test_conformance", "test_durability", "test_limits", "test_memory", "test_mirror", "test_prune_online", "test_shutdown", "test_twistd", "test_upkeep",
-        "test_upstream_fixtures", "test_sync", "test_workers", "test_web_ui", "test_workers_pages",
+        "test_upstream_fixtures", "test_sync", "test_workers", "test_web_ui", "test_workers_pages", "test_light_supervisor",
     }),
     "s3": frozenset({
         "test_cli_fsck_s3", "test_s3_client", "test_s3_gc", "test_s3_hot_cache", "test_s3_outage",

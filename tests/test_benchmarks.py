@@ -28,6 +28,39 @@ def test_benchmark_quick_mode_measures_everything(script: str, tmp_path) -> None
     assert (tmp_path / "r.json").exists()
 
 
+def test_mirror_benchmark_reports_the_whole_process_tree_of_a_multi_worker_node(tmp_path) -> None:
+    """bench_mirror.py --workers 2: the supervisor and both workers, idle and during the cold clients."""
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "bench_mirror.py"), "--quick", "--only", "cold",
+         "--workers", "2", "--output", str(tmp_path / "r.json")],
+        capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((tmp_path / "r.json").read_text())
+    registryd = report["proxies"]["registryd"]
+    roles = sorted(p["role"] for p in registryd["memory_tree"]["idle"]["processes"])
+    assert roles == ["supervisor", "worker", "worker"]
+    assert len(registryd["memory_tree"]["cold"]) == 3
+    for figure in ("pss_idle_MiB", "rss_idle_largest_MiB", "rss_cold_peak_MiB", "rss_cold_rise_MiB"):
+        assert registryd["figures"][figure]["value"] is not None, figure
+        assert report["proxies"]["reference"]["figures"][figure]["value"] is not None, figure
+    assert len(report["host"]["loadavg_start"]) == 3 and "load average" in result.stdout
+
+
+def test_push_pull_benchmark_measures_pulls_during_a_push_and_each_workers_reactor_lag(tmp_path) -> None:
+    """bench_push_pull.py: cached pulls alone and during a big push, both servers; registryd's lag per worker."""
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "bench_push_pull.py"), "--quick", "--seconds", "1",
+         "--workers", "2", "--output", str(tmp_path / "r.json")],
+        capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((tmp_path / "r.json").read_text())
+    for name in ("registryd", "reference"):
+        figures = report["servers"][name]["figures"]
+        for figure in ("pull_alone_c8_MBps", "pull_during_push_c8_MBps", "pull_drop_pct", "push_during_pulls_MBps"):
+            assert figures[figure]["value"] is not None, (name, figure)
+    assert len(report["servers"]["registryd"]["extra"]["reactor_lag_p99_ms_per_process"]) == 2
+
+
 def test_sync_benchmark_quick_mode_measures_everything(tmp_path) -> None:
     """bench_sync.py: a registryd [[sync]] job and skopeo sync of the same tags, both measured."""
     result = subprocess.run(

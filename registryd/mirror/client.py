@@ -13,14 +13,16 @@ import re
 from typing import Any
 from urllib.parse import urlencode, urljoin
 
-import treq
 
 from twisted.internet import ssl
-from twisted.internet.defer import CancelledError
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectError, ConnectingCancelledError, DNSLookupError, TimeoutError
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseFailed
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone, ResponseFailed
+from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IPolicyForHTTPS, IResponse
 from zope.interface import implementer
@@ -337,10 +339,44 @@ async def read_limited(response: IResponse, limit: int) -> bytes:
         parts.append(data)
 
     try:
-        await treq.collect(response, collect)
+        await _collect(response, collect)
     except BodyTooLarge:
         raise
     except Exception as e:
         raise UpstreamUnavailable(f"reading the upstream body failed: {_describe(e)}") from None
     return b"".join(parts)
 
+
+class _Collector(Protocol):
+    """A response body handed to ``collect`` as it arrives (as treq.collect does, without importing
+    treq and its dependencies into every worker for this one use)."""
+
+    def __init__(self, finished: Deferred[None], collect: Any) -> None:
+        self.finished: Deferred[None] | None = finished
+        self.collect = collect
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.finished is None:
+            return
+        try:
+            self.collect(data)
+        except BaseException:
+            if self.transport is not None:
+                self.transport.loseConnection()
+            finished, self.finished = self.finished, None
+            finished.errback(Failure())
+
+    def connectionLost(self, reason: Failure = Failure(ResponseDone())) -> None:
+        finished, self.finished = self.finished, None
+        if finished is None:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            finished.callback(None)
+        else:
+            finished.errback(reason)
+
+
+def _collect(response: IResponse, collect: Any) -> Deferred[None]:
+    finished: Deferred[None] = Deferred()
+    response.deliverBody(_Collector(finished, collect))
+    return finished
