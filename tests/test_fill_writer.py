@@ -1,7 +1,8 @@
 """Mirror fills are written and hashed off the reactor (a SerialWriter, registryd.mirror.fill),
 through the HTTP API of a registryd on a loopback port that pulls through the fake upstream:
 a /v2/ that answers while the fill's disk stalls (the upstream paused meanwhile), and a full
-disk mid-fill that cuts the clients short, stores nothing and is fetched again next time.
+disk mid-fill that cuts the clients short, stores nothing and is fetched again next time;
+and, with a pool the test steps, that a fill announces only bytes already written.
 
 A stalled or full disk is a fault a real one will not produce on demand: the
 fill's write (registryd.mirror.fill.write_chunk) sleeps once, or raises ENOSPC.
@@ -11,19 +12,28 @@ so it measures the reactor from outside it.
 from __future__ import annotations
 
 import errno
+import hashlib
+import os
 import threading
 import time
 from typing import Any
 
 import pytest_twisted
 from twisted.internet import defer, threads
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone, ResponseFailed
 
 from fake_upstream import fake_upstream  # noqa: F401
 from registryd.config import UpstreamConfig
+from registryd.digest import Digest
 from registryd.mirror import fill as fill_module
+from registryd.mirror.fill import BlobFill
 from registryd.serial_writer import QUEUE_LIMIT
 from support.wait import sleep
+from test_body_writer import StepPool
 from test_mirror import download, leftovers, stored_blobs
+from test_mirror_units import FakeResponse, _commit
 from test_upload_writer import probe
 
 NS = "upstream.test"
@@ -121,3 +131,57 @@ async def test_a_full_disk_mid_fill_cuts_the_clients_short_and_stores_nothing(
     assert stored_blobs(registry.data_dir) == [layer["digest"].split(":")[1]]
     assert fake_upstream.count("GET", upstream_path) == 2
     assert leftovers(registry.data_dir) == []
+
+
+def stepped_fill(tmp_path: Any, data: bytes) -> tuple[BlobFill, FakeResponse, StepPool]:
+    """A fill whose writes run when the test steps its pool: a batch held under way."""
+    pool = StepPool()
+    fill = BlobFill(Digest("sha256", hashlib.sha256(data).hexdigest()), str(tmp_path), Clock(), 30, _commit,
+                    pool=pool)
+    response = FakeResponse(len(data))
+    fill.begin(response)
+    return fill, response, pool
+
+
+def test_a_fill_announces_only_bytes_on_disk_and_verifies_once_all_are(tmp_path) -> None:
+    data = os.urandom(1000)
+    fill, response, pool = stepped_fill(tmp_path, data)
+    first = fill.progress(0)
+    response.protocol.dataReceived(data[:400])
+    assert (fill.written, fill.releasable, first.called, os.path.getsize(fill.path)) == (0, 0, False, 0)
+    pool.step()
+    assert (fill.written, fill.releasable, first.called) == (400, 400, True)
+    response.protocol.dataReceived(data[400:])
+    response.protocol.connectionLost(Failure(ResponseDone()))
+    assert (fill.verified, fill.releasable) == (False, 400)     # the rest is not on disk yet
+    pool.step()
+    assert fill.verified and fill.done and fill.written == 1000
+
+
+def test_a_fill_that_fails_mid_batch_removes_its_file_once_the_batch_is_done(tmp_path) -> None:
+    data = os.urandom(1000)
+    fill, response, pool = stepped_fill(tmp_path, data)
+    waiter = fill.progress(999)
+    response.protocol.dataReceived(data[:400])
+    response.protocol.connectionLost(Failure(ResponseFailed([Failure(Exception("reset"))])))
+    assert fill.error is not None and waiter.called
+    assert os.path.exists(fill.path)      # a thread still writes into it: not closed under it
+    pool.step()
+    assert not os.path.exists(fill.path) and fill.written == 0
+
+
+def test_a_failed_write_fails_the_fill_and_stops_the_upstream(tmp_path, monkeypatch) -> None:
+    data = os.urandom(1000)
+    fill, response, pool = stepped_fill(tmp_path, data)
+    stopped = []
+    response.stopProducing = lambda: stopped.append(True)   # type: ignore[method-assign]
+
+    def full(fd: int, hasher: Any, chunk: bytes) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(fill_module, "write_chunk", full)
+    waiter = fill.progress(0)
+    response.protocol.dataReceived(data[:400])
+    pool.step()
+    assert fill.error is not None and "No space left" in str(fill.error) and waiter.called
+    assert stopped and fill.written == 0 and not os.path.exists(fill.path)

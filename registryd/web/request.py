@@ -137,7 +137,7 @@ class UploadBody:
     """An upload chunk on its way to disk; the handler claims it once complete.
 
     With a ``pool`` the chunks are written and hashed there by a SerialWriter
-    (registryd.web.body_writer), off the reactor, pausing ``producer`` (the
+    (registryd.serial_writer), off the reactor, pausing ``producer`` (the
     connection) while too much waits; without, at once, as they arrive.
     """
 
