@@ -161,8 +161,8 @@ class BlobFill:
         """The serial writer of the partial file, pausing ``producer`` (the upstream body) while too much waits."""
         fd, hasher = self._fd, self._hasher
         assert fd is not None
-        return SerialWriter(lambda chunk: write_chunk(fd, hasher, chunk), self._pool, producer, min_batch=MIN_BATCH,
-                            on_error=self._write_failed, on_written=self._on_disk)
+        return SerialWriter(lambda chunk: write_chunk(fd, hasher, chunk), self._pool, producer,
+                            min_batch=MIN_BATCH, on_error=self._write_failed, on_written=self._on_disk)
 
     @property
     def unwritten(self) -> int:
