@@ -42,7 +42,7 @@ TIERS: dict[str, frozenset[str]] = {
         "test_deferreds", "test_layering", "test_globs", "test_driver_contract", "test_gc_units",
         "test_survey_driver", "test_fsck_driver", "test_retention_units", "test_retention_config",
         "test_sync_units", "test_uploads", "test_pools", "test_logs", "test_manifest_cache", "test_containerd_units",
-        "test_body_writer", "test_upload_writer", "test_node_view", "test_upstream_body",
+        "test_body_writer", "test_upload_writer", "test_fill_writer", "test_node_view", "test_upstream_body",
         "test_memory_release",
     }),
     "integration": frozenset({

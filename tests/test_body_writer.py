@@ -1,4 +1,4 @@
-"""The serial writer (registryd.web.body_writer): an upload body written and hashed off the
+"""The serial writer (registryd.serial_writer): an upload body written and hashed off the
 reactor, in order, with the connection paused while too much waits."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred
 
 from registryd.threads import BlockingPool
-from registryd.web.body_writer import SerialWriter
+from registryd.serial_writer import SerialWriter
 from registryd.web.request import UploadBody
 
 
@@ -219,3 +219,28 @@ async def test_a_claimed_body_is_the_writer_once_every_chunk_is_written() -> Non
     assert await claiming is session and session.chunks == [b"a" * 300_000, b"b" * 10]
     body.abandon()                                   # the handler owns it now
     assert session.dropped == 0
+
+
+def test_on_written_hears_of_each_batch_only_once_it_is_written() -> None:
+    """A mirror fill announces bytes to its clients from on_written: never before they are on disk."""
+    pool, disk, heard = StepPool(), bytearray(), []
+
+    def write(data: bytes) -> None:
+        if data == b"full":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        disk.extend(data)
+
+    writer = SerialWriter(write, pool, Producer(), limit=1024, min_batch=1,
+                          on_written=lambda count: heard.append((count, len(disk))),
+                          on_error=lambda error: True)
+    writer.write(b"a" * 10)               # a batch under way
+    writer.write(b"b" * 20)               # these wait for it, then go as one batch
+    writer.write(b"c" * 30)
+    assert heard == []
+    pool.step()
+    assert heard == [(10, 10)]
+    pool.step()
+    assert heard == [(10, 10), (50, 60)]
+    writer.write(b"full")
+    pool.step()
+    assert heard == [(10, 10), (50, 60)]   # a failed batch is never announced

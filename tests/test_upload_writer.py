@@ -1,4 +1,4 @@
-"""Upload bodies are written and hashed off the reactor (registryd.web.body_writer), through the
+"""Upload bodies are written and hashed off the reactor (registryd.serial_writer), through the
 HTTP API of a registryd on a loopback port: pushes verified by digest, a /v2/ that answers while
 the disk stalls, a client gone mid-body.
 

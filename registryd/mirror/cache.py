@@ -471,7 +471,8 @@ class MirrorCache:
                 return remote
         mirror = self.mirror(route)
         fill = BlobFill(digest, self._store.tmp_dir, self._reactor, upstream.idle_timeout,
-                        lambda path, d: self._commit_fill(mirror, route.remote, path, d), claim=claim)
+                        lambda path, d: self._commit_fill(mirror, route.remote, path, d), claim=claim,
+                        pool=self._store.pool)
         self.fills[key] = fill
         self._count_fills()
         fill.started = Shared(self._start_fill(mirror, route, key, fill, claim))

@@ -1,13 +1,16 @@
 """One upstream fetch per blob, written to a partial file that clients tail.
 
 The fetch writes each chunk to ``tmp/fill-<id>`` and into the hasher as it
-arrives; every client, the first included, reads that file at its own pace
-and is woken when more bytes land, so a slow client never slows the fetch
-or the others. Until the digest is verified a client is never given the
-blob's last byte (``releasable``): whatever goes wrong, no client holds a
-body that looks complete. On success the file is renamed into the blob
-store; on any failure the partial file is removed and the clients are told,
-so they can abort their connections.
+arrives, in a thread (a SerialWriter: a disk that stalls never stalls the
+reactor, and the upstream connection is paused while too much waits);
+every client, the first included, reads that file at its own pace and is
+woken when more bytes are on disk (never before: ``written`` counts only
+bytes written), so a slow client never slows the fetch or the others.
+Until the digest is verified a client is never given the blob's last byte
+(``releasable``): whatever goes wrong, no client holds a body that looks
+complete. On success the file is renamed into the blob store; on any
+failure (a failed write, ENOSPC, included) the partial file is removed and
+the clients are told, so they can abort their connections.
 """
 from __future__ import annotations
 
@@ -25,9 +28,17 @@ from twisted.web.iweb import IResponse
 
 from registryd.deferreds import Shared
 from registryd.digest import Digest
+from registryd.serial_writer import SerialWriter
+from registryd.storage.driver import Pool
 from registryd.storage.outage import outage_reason
+from registryd.threads import InlinePool
 
 log = Logger()
+
+
+#: A fill's chunks go to the thread as they come (more wait meanwhile, and go as one batch):
+#: clients are sent bytes as soon as they are on disk, however slowly upstream sends them.
+MIN_BATCH = 1
 
 
 class FillFailed(Exception):
@@ -38,14 +49,16 @@ class BlobFill:
     """The state of one blob's transfer from upstream, shared by its readers."""
 
     def __init__(self, digest: Digest, tmp_dir: str, reactor: Any, idle_timeout: float,
-                 commit: Callable[[str, Digest], Awaitable[None]], claim: Any = None) -> None:
-        """``claim``: a registryd.mirror.shared_fill.FillClaim when other worker processes follow this fill."""
+                 commit: Callable[[str, Digest], Awaitable[None]], claim: Any = None,
+                 pool: Pool | None = None) -> None:
+        """``claim``: a registryd.mirror.shared_fill.FillClaim when other worker processes follow this fill.
+        ``pool``: where the partial file is written and hashed (the IO pool; inline without one)."""
         self.digest = digest
         self._commit = commit
         self._claim = claim
         self.path = claim.part_path if claim is not None else os.path.join(tmp_dir, f"fill-{uuid.uuid4().hex}")
         self.size: int | None = None
-        self.written = 0
+        self.written = 0        # bytes on disk (not merely received): all that clients may be given
         self.done = False
         # The digest matched: every written byte may go to clients (set before the commit).
         self.verified = False
@@ -54,6 +67,8 @@ class BlobFill:
         self._idle_timeout = idle_timeout
         self._hasher = digest.hasher()
         self._fd: int | None = None
+        self._pool: Pool = pool if pool is not None else InlinePool()
+        self._writer: SerialWriter | None = None
         self._waiters: dict[Deferred[None], int] = {}
         self._watchdog: IDelayedCall | None = None
         self._transport: Any = None
@@ -142,6 +157,18 @@ class BlobFill:
         self._arm_watchdog()
         response.deliverBody(_FillProtocol(self))
 
+    def _writer_for(self, producer: Any) -> SerialWriter:
+        """The serial writer of the partial file, pausing ``producer`` (the upstream body) while too much waits."""
+        fd, hasher = self._fd, self._hasher
+        assert fd is not None
+        return SerialWriter(lambda chunk: write_chunk(fd, hasher, chunk), self._pool, producer,
+                            min_batch=MIN_BATCH, on_error=self._write_failed, on_written=self._on_disk)
+
+    @property
+    def unwritten(self) -> int:
+        """Bytes received from upstream and not yet on disk (at most about the writer's limit)."""
+        return 0 if self._writer is None else self._writer.pending
+
     def _arm_watchdog(self) -> None:
         if self._watchdog is not None and self._watchdog.active():
             self._watchdog.reset(self._idle_timeout)
@@ -149,6 +176,9 @@ class BlobFill:
             self._watchdog = self._reactor.callLater(self._idle_timeout, self._stalled)
 
     def _stalled(self) -> None:
+        if self._writer is not None and self._writer.paused:
+            self._arm_watchdog()    # the disk is slow, not upstream: it is paused meanwhile
+            return
         self.fail(FillFailed(f"upstream sent nothing for {self._idle_timeout}s"))
         if self._transport is not None:
             self._transport.stopProducing()
@@ -156,24 +186,41 @@ class BlobFill:
     def data(self, chunk: bytes) -> None:
         if self.finished or self._fd is None:
             return
-        view = memoryview(chunk)
-        while view:
-            view = view[os.write(self._fd, view):]
-        self._hasher.update(chunk)
-        self.written += len(chunk)
+        if self._writer is None:
+            self._writer = self._writer_for(self._transport)
         self._arm_watchdog()
+        self._writer.write(chunk)
+
+    def _on_disk(self, count: int) -> None:
+        """A batch is written: its bytes may go to clients (and followers see them in the file)."""
+        self.written += count
+        if self._watchdog is not None and self._watchdog.active():
+            self._watchdog.reset(self._idle_timeout)   # it may have been paused for the disk until now
         self._wake()
+
+    def _write_failed(self, error: Exception) -> bool:
+        """Writing the partial file failed (ENOSPC, EIO) while the body arrives: the fill fails."""
+        self.fail(FillFailed(f"writing the partial file failed: {error}"))
+        if self._transport is not None:
+            self._transport.stopProducing()
+        return True
 
     def on_body_end(self) -> None:
         Deferred.fromCoroutine(self._complete()).addErrback(
             lambda f: log.failure("finishing the fill of {digest} failed", f, digest=str(self.digest)))
 
     async def _complete(self) -> None:
-        """The body ended: verify and commit, or fail."""
+        """The body ended: once it is all on disk, verify and commit, or fail."""
         self._stop_watchdog()
-        self._close()
+        if self._writer is not None and self.error is None:
+            try:
+                await self._writer.drain()
+            except Exception as e:
+                self.fail(FillFailed(f"writing the partial file failed: {e}"))
+                return
         if self.error is not None:
             return
+        self._close()
         if self.size is not None and self.written != self.size:
             self.fail(FillFailed(f"upstream sent {self.written} of {self.size} bytes"))
             return
@@ -212,15 +259,21 @@ class BlobFill:
             return
         self.error = error
         self._stop_watchdog()
+        if self._writer is not None:
+            self._writer.abandon(self._discard)   # once no thread writes into the file
+        else:
+            self._discard()
+        if self._claim is not None:
+            self._claim.finished(str(error))
+        log.warn("fetching {digest} failed: {error}", digest=str(self.digest), error=str(error))
+        self._finish()
+
+    def _discard(self) -> None:
         self._close()
         try:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
-        if self._claim is not None:
-            self._claim.finished(str(error))
-        log.warn("fetching {digest} failed: {error}", digest=str(self.digest), error=str(error))
-        self._finish()
 
     def _close(self) -> None:
         if self._fd is not None:
@@ -230,6 +283,14 @@ class BlobFill:
     def _stop_watchdog(self) -> None:
         if self._watchdog is not None and self._watchdog.active():
             self._watchdog.cancel()
+
+
+def write_chunk(fd: int, hasher: Any, chunk: bytes) -> None:
+    """In a thread: ``chunk`` appended to the partial file and hashed (both release the GIL)."""
+    view = memoryview(chunk)
+    while view:
+        view = view[os.write(fd, view):]
+    hasher.update(chunk)
 
 
 class _FillProtocol(Protocol):

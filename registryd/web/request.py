@@ -31,7 +31,7 @@ from registryd.errors import RegistryError, too_large
 from registryd.names import check_raw_path
 from registryd.storage.driver import Pool
 from registryd.storage.interface import UploadWriter
-from registryd.web.body_writer import SerialWriter
+from registryd.serial_writer import SerialWriter
 from registryd.web.limits import BodyBudget, store_full
 
 log = Logger()
@@ -137,7 +137,7 @@ class UploadBody:
     """An upload chunk on its way to disk; the handler claims it once complete.
 
     With a ``pool`` the chunks are written and hashed there by a SerialWriter
-    (registryd.web.body_writer), off the reactor, pausing ``producer`` (the
+    (registryd.serial_writer), off the reactor, pausing ``producer`` (the
     connection) while too much waits; without, at once, as they arrive.
     """
 

@@ -1,4 +1,4 @@
-"""A request body written and hashed off the reactor: one batch of chunks at a time, in order.
+"""A body written and hashed off the reactor: one batch of chunks at a time, in order.
 
 Writing each chunk of an upload (``os.write``) and hashing it on the reactor
 made every request wait whenever the kernel throttled dirty pages and
@@ -11,7 +11,9 @@ queue is down to half of that: memory stays flat, whatever the disk's speed.
 A failed write (ENOSPC, EIO) is kept and reported once: to ``on_error`` while
 the body still arrives (it returns True once it refused the request), else by
 the next ``write`` or by ``drain``, which the handler awaits before it
-acknowledges or commits the body. ``abandon`` waits for a batch under way
+acknowledges or commits the body. ``on_written`` hears, on the reactor,
+of each batch once it is written (a mirror fill announces only bytes on
+disk to its clients). ``abandon`` waits for a batch under way
 before it lets its caller drop the body, so no thread ever writes into a
 session that moved on.
 """
@@ -35,18 +37,21 @@ class SerialWriter:
     """Feeds ``write`` (blocking: a spool's write and a hasher's update) in ``pool``, in order.
 
     ``producer`` is the connection the body arrives on (pauseProducing,
-    resumeProducing), or None.
+    resumeProducing), or None. Upload bodies (registryd.web.request) and
+    mirror fills (registryd.mirror.fill) use it.
     """
 
     def __init__(self, write: Callable[[bytes], None], pool: Pool, producer: Any = None, *,
                  limit: int = QUEUE_LIMIT, min_batch: int = MIN_BATCH,
-                 on_error: Callable[[Exception], bool] | None = None) -> None:
+                 on_error: Callable[[Exception], bool] | None = None,
+                 on_written: Callable[[int], None] | None = None) -> None:
         self._write = write
         self._pool = pool
         self._producer = producer
         self._limit = limit
         self._min_batch = min(min_batch, limit)
         self.on_error = on_error
+        self.on_written = on_written
         self._queue: deque[bytes] = deque()
         self._queued = 0        # bytes in the queue
         self._in_flight = 0     # bytes of the batch a thread writes now
@@ -120,7 +125,7 @@ class SerialWriter:
 
     def _done(self, outcome: Any) -> None:
         self._busy = False
-        self._in_flight = 0
+        written, self._in_flight = self._in_flight, 0
         if isinstance(outcome, Failure):
             error = outcome.value
             self._error = error if isinstance(error, Exception) else RuntimeError(str(error))
@@ -137,6 +142,8 @@ class SerialWriter:
                 self._paused = False    # so that the next chunk meets the error
                 self._producer.resumeProducing()
         else:
+            if self.on_written is not None:
+                self.on_written(written)
             if self._paused and self.pending <= self._limit // 2:
                 self._paused = False
                 if not self._flushing:   # a complete request's connection is the channel's to resume
