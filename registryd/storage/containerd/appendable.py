@@ -139,7 +139,7 @@ class ContainerdAppendable:
         ref = session_ref(prefix)
         lease = await self._lease(ref)
         try:
-            reply = await self._client.ingest(ref, spool.chunks(length), spool.start, lease)
+            reply = await self._client.ingest(ref, spool.chunks(length), spool.start, lease, length=length)
         except IngestElsewhere as e:
             raise SessionMoved(e.offset) from None
         return str(reply.digest)

@@ -252,7 +252,8 @@ class ContainerdClient:
             requests.put(None)
 
     async def ingest(self, ref: str, chunks: Iterable[bytes], start: int, lease: str,
-                     commit: tuple[int, str, dict[str, str]] | None = None) -> api.ContentWriteResponse:
+                     commit: tuple[int, str, dict[str, str]] | None = None,
+                     length: int = 0) -> api.ContentWriteResponse:
         """Append ``chunks`` to the ingest ``ref`` (opened, under ``lease``, if it is new), which
         must be ``start`` bytes long (else IngestElsewhere); with ``commit`` (total, expected
         digest, labels), commit it too: containerd checks size and digest (ContainerdError
@@ -260,17 +261,20 @@ class ContainerdClient:
         content). Without ``commit`` the ingest stays, for a later call (a Write stream
         cannot outlive a request: one is opened per call, resuming at the ingest's offset).
         Returns containerd's last reply: the offset, and the digest of the ingest so far.
+        ``length``: the bytes of ``chunks``, for the call's deadline.
         """
         method = CONTENT + "Write"
-        return await self._in_thread(method, lambda: self._ingest_blocking(ref, chunks, start, lease, commit))
+        timeout = self.timeout + WRITE_SECONDS_PER_MIB * (length + (commit[0] if commit else 0)) / (1024 * 1024)
+        return await self._in_thread(method, lambda: self._ingest_blocking(ref, chunks, start, lease, commit,
+                                                                           timeout))
 
     def _ingest_blocking(self, ref: str, chunks: Iterable[bytes], start: int, lease: str,
-                         commit: tuple[int, str, dict[str, str]] | None) -> api.ContentWriteResponse:
+                         commit: tuple[int, str, dict[str, str]] | None,
+                         timeout: float) -> api.ContentWriteResponse:
         requests: queue.Queue[api.ContentWriteRequest | None] = queue.Queue()
         call = self._channel.stream_stream(CONTENT + "Write", request_serializer=_serialize,
                                            response_deserializer=api.ContentWriteResponse.FromString)
-        replies = call(iter(requests.get, None), timeout=self.timeout + WRITE_SECONDS_PER_MIB * 1024,
-                       metadata=self._metadata(lease))
+        replies = call(iter(requests.get, None), timeout=timeout, metadata=self._metadata(lease))
         try:
             total, expected = (commit[0], commit[1]) if commit else (0, "")
             requests.put(api.ContentWriteRequest(action=api.STAT, ref=ref, total=total, expected=expected))
