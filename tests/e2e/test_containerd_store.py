@@ -401,6 +401,37 @@ async def test_mid_upload_the_bytes_are_in_containerds_ingest_and_gc_keeps_them(
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_body_after_another_registryd_moved_the_ingest_on_gets_416(
+        make_containerd: Any, make_registry: Any, tmp_path: Any) -> None:
+    """Two registryd on one data directory (as worker processes): the ingest's offset is the
+    session's size, so a body the first sends where it last saw the session ends is refused with
+    416 and the Range the ingest has, once the second appended meanwhile; nothing is appended twice."""
+    daemon = await make_containerd()
+    data_dir = str(tmp_path / "data")
+    first = Client(make_registry(storage=settings_for(daemon), data_dir=data_dir).url)
+    second = Client(make_registry(storage=settings_for(daemon), data_dir=data_dir).url)
+    layer = sample_image(15).layers[0].blob
+    third = len(layer.data) // 3
+    headers = {"Content-Type": "application/octet-stream"}
+    started = await first.post("/v2/team/moved/blobs/uploads/")
+    one = await first.patch(started.location, layer.data[:third], headers={**headers, "Content-Range": f"0-{third - 1}"})
+    assert one.status == 202, one
+    two = await second.patch(one.location, layer.data[third:2 * third],
+                             headers={**headers, "Content-Range": f"{third}-{2 * third - 1}"})
+    assert two.status == 202, two
+    stale = await first.patch(one.location, layer.data[third:2 * third],
+                              headers={**headers, "Content-Range": f"{third}-{2 * third - 1}"})
+    assert stale.status == 416 and stale.header("Range") == f"0-{2 * third - 1}", stale
+    ref = "registryd-upload-" + started.location.split("?")[0].rstrip("/").rsplit("/", 1)[-1]
+    assert ref in (await daemon.ctr("content", "active", namespace=NAMESPACE)).stdout   # the session is intact
+    done = await first.put(f"{one.location}{'&' if '?' in one.location else '?'}digest={layer.digest}",
+                           layer.data[2 * third:], headers={**headers, "Content-Range": f"{2 * third}-{len(layer.data) - 1}"})
+    assert done.status == 201, done
+    fetched = await second.get(f"/v2/team/moved/blobs/{layer.digest}")
+    assert fetched.status == 200 and sha256(fetched.body) == layer.digest
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_cancelled_upload_aborts_its_ingest_and_a_wrong_digest_stores_nothing(
         make_containerd: Any, make_registry: Any, tmp_path: Any) -> None:
     daemon = await make_containerd()
