@@ -432,6 +432,40 @@ async def test_a_body_after_another_registryd_moved_the_ingest_on_gets_416(
 
 
 @pytest_twisted.ensureDeferred
+async def test_reaping_aborts_expired_ingests_and_those_whose_state_is_gone(
+        make_containerd: Any, make_registry: Any, tmp_path: Any) -> None:
+    """The upload reaper aborts the ingest and drops the lease of an expired session, and of a
+    session whose state a crash lost (its lease is all that names it)."""
+    daemon = await make_containerd()
+    registry = make_registry(storage=settings_for(daemon))
+    client = Client(registry.url)
+    layer = sample_image(16).layers[0].blob
+    refs = []
+    for _ in range(2):
+        started = await client.post("/v2/team/reaped/blobs/uploads/")
+        patched = await client.patch(started.location, layer.data, headers={"Content-Type": "application/octet-stream"})
+        assert patched.status == 202, patched
+        refs.append("registryd-upload-" + started.location.split("?")[0].rstrip("/").rsplit("/", 1)[-1])
+    # The second session's folder (its state) is lost, as in a crash before the lease went.
+    subprocess.run(["rm", "-rf", os.path.join(registry.data_dir, "uploads", refs[1].rsplit("-", 1)[-1])], check=True)
+    active = (await daemon.ctr("content", "active", namespace=NAMESPACE)).stdout
+    assert all(ref in active for ref in refs), active
+    await sleep(1.1)   # containerd records a lease's creation to the second
+
+    # A session that got a body since is not expired, however old its start.
+    started = await client.post("/v2/team/reaped/blobs/uploads/")
+    await sleep(1.1)
+    patched = await client.patch(started.location, layer.data[:1000], headers={"Content-Type": "application/octet-stream"})
+    assert patched.status == 202, patched
+    removed = await registry.service.store.uploads.reap(0.8)
+    assert removed == 2
+    assert (await client.get(patched.location)).status == 204
+    active = (await daemon.ctr("content", "active", namespace=NAMESPACE)).stdout
+    leases = (await daemon.ctr("leases", "ls", namespace=NAMESPACE)).stdout
+    assert not any(ref in active or ref in leases for ref in refs), (active, leases)
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_cancelled_upload_aborts_its_ingest_and_a_wrong_digest_stores_nothing(
         make_containerd: Any, make_registry: Any, tmp_path: Any) -> None:
     daemon = await make_containerd()

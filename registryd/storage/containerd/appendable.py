@@ -16,7 +16,8 @@ containerd), and the Write's check of that offset refuses a body that
 does not start there (another worker process moved the session:
 SessionMoved). Sealing appends the last body; containerd answers the
 digest of the whole ingest, so a hasher lost in a restart costs no second
-read. Placing commits the ingest with the expected digest and size
+read. Each append touches ``<prefix>ingested`` (empty) in the data
+directory: the session's age for the reaper is its last body's. Placing commits the ingest with the expected digest and size
 (containerd verifies both) under the lease of recent content
 (blobs.RecentLeases, as every blob registryd writes). Removing a session
 aborts its ingest and drops its lease. The session's state stays in the
@@ -39,6 +40,8 @@ from registryd.storage.containerd.client import AlreadyExists, ContainerdClient,
 from registryd.storage.driver import BodySpool, Check, Pool, Save, Sealed, SessionMoved
 from registryd.storage.files import write_fully
 
+#: The file in the session's folder whose time is its last body's (the reaper's age of it).
+TOUCHED = "ingested"
 #: The ref of a session's ingest and the id of its lease.
 PREFIX = "registryd-upload-"
 #: Seconds containerd keeps a session's lease (and its ingest) should registryd never reap it.
@@ -142,6 +145,8 @@ class ContainerdAppendable:
             reply = await self._client.ingest(ref, spool.chunks(length), spool.start, lease, length=length)
         except IngestElsewhere as e:
             raise SessionMoved(e.offset) from None
+        # The state is written once: this file's time is the session's last body, for the reaper.
+        await self._pool.run(_touch, self._path(prefix + TOUCHED))
         return str(reply.digest)
 
     async def append(self, prefix: str, record: dict[str, Any], spool: BodySpool, length: int,
@@ -200,6 +205,12 @@ class ContainerdAppendable:
             await self._client.delete_lease(lease.id)
             gone += 1
         return gone
+
+
+def _touch(path: str) -> None:
+    with open(path, "ab"):
+        pass
+    os.utime(path)
 
 
 def blob_digest(key: str) -> Digest:
