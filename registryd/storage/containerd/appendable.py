@@ -16,8 +16,10 @@ containerd), and the Write's check of that offset refuses a body that
 does not start there (another worker process moved the session:
 SessionMoved). Sealing appends the last body; containerd answers the
 digest of the whole ingest, so a hasher lost in a restart costs no second
-read. Each append touches ``<prefix>ingested`` (empty) in the data
-directory: the session's age for the reaper is its last body's. Placing commits the ingest with the expected digest and size
+read. Each append sets ``<prefix>ingested`` in the data directory to the
+ingest's length, as a sparse file (no block of it is allocated): its
+length tells the worker processes of the node at once how far the session
+got (``size_now``), its time tells the reaper the session's last body. Placing commits the ingest with the expected digest and size
 (containerd verifies both) under the lease of recent content
 (blobs.RecentLeases, as every blob registryd writes). Removing a session
 aborts its ingest and drops its lease. The session's state stays in the
@@ -40,8 +42,8 @@ from registryd.storage.containerd.client import AlreadyExists, ContainerdClient,
 from registryd.storage.driver import BodySpool, Check, Pool, Save, Sealed, SessionMoved
 from registryd.storage.files import write_fully
 
-#: The file in the session's folder whose time is its last body's (the reaper's age of it).
-TOUCHED = "ingested"
+#: The sparse file in the session's folder as long as its ingest, of the time of its last body.
+MARK = "ingested"
 #: The ref of a session's ingest and the id of its lease.
 PREFIX = "registryd-upload-"
 #: Seconds containerd keeps a session's lease (and its ingest) should registryd never reap it.
@@ -130,7 +132,12 @@ class ContainerdAppendable:
         return IngestSpool(self._spool_dir, size)
 
     def size_now(self, prefix: str) -> int | None:
-        return None   # only containerd can tell; the ingest's offset is checked at every append
+        """The ingest's size as the last append here or in another worker process left it
+        (the mark's length); containerd checks the offset at every append in any case."""
+        try:
+            return os.stat(self._path(prefix + MARK)).st_size
+        except FileNotFoundError:
+            return 0   # nothing written yet (or the session is gone: then its state is too)
 
     async def _lease(self, ref: str) -> str:
         await self._client.create_lease(ref, rfc3339(self._clock() + SESSION_LEASE))
@@ -145,8 +152,7 @@ class ContainerdAppendable:
             reply = await self._client.ingest(ref, spool.chunks(length), spool.start, lease, length=length)
         except IngestElsewhere as e:
             raise SessionMoved(e.offset) from None
-        # The state is written once: this file's time is the session's last body, for the reaper.
-        await self._pool.run(_touch, self._path(prefix + TOUCHED))
+        await self._pool.run(_mark, self._path(prefix + MARK), spool.start + length)
         return str(reply.digest)
 
     async def append(self, prefix: str, record: dict[str, Any], spool: BodySpool, length: int,
@@ -207,9 +213,9 @@ class ContainerdAppendable:
         return gone
 
 
-def _touch(path: str) -> None:
-    with open(path, "ab"):
-        pass
+def _mark(path: str, size: int) -> None:
+    with open(path, "ab") as f:
+        f.truncate(size)   # a hole: no block is allocated
     os.utime(path)
 
 
