@@ -59,6 +59,16 @@ def test_push_pull_benchmark_measures_pulls_during_a_push_and_each_workers_react
         for figure in ("pull_alone_c8_MBps", "pull_during_push_c8_MBps", "pull_drop_pct", "push_during_pulls_MBps"):
             assert figures[figure]["value"] is not None, (name, figure)
     assert len(report["servers"]["registryd"]["extra"]["reactor_lag_p99_ms_per_process"]) == 2
+def test_node_disk_benchmark_quick_mode_finds_one_copy_on_containerd(tmp_path) -> None:
+    """bench_node_disk.py: a 16 MiB image mirrored and pulled into the node's containerd takes one
+    copy's room with registryd on containerd, two with registryd on its filesystem store."""
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "bench_node_disk.py"), "--quick", "--output",
+         str(tmp_path / "r.json")],
+        capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    figures = json.loads((tmp_path / "r.json").read_text())
+    assert figures["copies_containerd"] < 1.5 < figures["copies_filesystem"], figures
 
 
 def test_sync_benchmark_quick_mode_measures_everything(tmp_path) -> None:

@@ -303,6 +303,8 @@ class UploadStore:
             if saved:
                 upload.state = saved[-1]
             upload.size, upload.hasher = writer.end, hasher
+        except SessionMoved as moved:
+            raise self._moved(upload, moved) from None
         finally:
             writer.close()
             upload.busy = False
@@ -328,9 +330,17 @@ class UploadStore:
                 self._blobs.guard.claim([digest])
                 await self._data.place(sealed, layout.blob_key(digest))
             await self._remove(upload.id, None)
+        except SessionMoved as moved:
+            raise self._moved(upload, moved) from None
         finally:
             writer.close()
             upload.busy = False
+
+    def _moved(self, upload: Upload, moved: SessionMoved) -> Exception:
+        """416 for a body the value refused at append or seal (where the value checks its own
+        size: another process moved it on); the session is read again next time."""
+        self._sessions.pop(upload.id, None)
+        return range_invalid(upload.size if moved.size is None else moved.size, upload.location())
 
     async def _current(self, writer: UploadWriter) -> tuple[SessionState, Any]:
         """The session's state in the store, and the hasher still valid for it (or None).

@@ -345,6 +345,154 @@ async def test_a_chunked_upload_resumes_on_a_restarted_registryd(
     assert (await image_names(daemon)).get(f"{HOSTNAME}/team/resumed:1") == image.digest
 
 
+def data_dir_bytes(root: str) -> int:
+    """Bytes allocated on disk to the files under ``root`` (a sparse file's hole takes none)."""
+    return sum(os.lstat(os.path.join(folder, name)).st_blocks * 512
+               for folder, _, names in os.walk(root) for name in names)
+
+
+@pytest_twisted.ensureDeferred
+async def test_mid_upload_the_bytes_are_in_containerds_ingest_and_gc_keeps_them(
+        make_containerd: Any, make_registry: Any, tmp_path: Any) -> None:
+    """An acknowledged body is in containerd's ingest (``ctr content active`` lists the session's
+    ref at its size), not in the data directory; a GC-triggering delete and ``ctr content prune
+    references`` leave it (the session's lease holds it); the finished upload is committed from it
+    and the ingest and its lease go."""
+    daemon = await make_containerd()
+    data_dir = str(tmp_path / "data")
+    client = Client(make_registry(storage=settings_for(daemon), data_dir=data_dir, gc_delay=0).url)
+    layer = sample_image(12).layers[0].blob
+    started = await client.post("/v2/team/ingest/blobs/uploads/")
+    assert started.status == 202, started
+    upload_id = started.location.split("?")[0].rstrip("/").rsplit("/", 1)[-1]
+    ref = f"registryd-upload-{upload_id}"
+    half = len(layer.data) // 2
+    patched = await client.patch(started.location, layer.data[:half],
+                                 headers={"Content-Type": "application/octet-stream", "Content-Range": f"0-{half - 1}"})
+    assert patched.status == 202, patched
+
+    async def active() -> set[str]:
+        listing = (await daemon.ctr("content", "active", namespace=NAMESPACE)).stdout
+        return {line.split()[0] for line in listing.splitlines()[1:] if line.strip()}
+
+    ingests = os.path.join(daemon.root, "io.containerd.content.v1.content", "ingest")
+    assert ref in await active()
+    assert data_dir_bytes(ingests) >= half   # the ingest's data (and its small ref/startedat files)
+    assert data_dir_bytes(data_dir) < half // 4   # the session's state only, not its bytes
+
+    # containerd's leases run out a second after the write with gc_delay 0: the session's does not.
+    await sleep(1.5)
+    await daemon.ctr("content", "prune", "references", namespace=NAMESPACE)
+    other = sample_image(13)
+    await import_image(daemon, tmp_path, other, "docker.io/library/trigger", "1")
+    await daemon.ctr("images", "rm", "--sync", "docker.io/library/trigger:1", namespace=NAMESPACE)
+    assert ref in await active() and data_dir_bytes(ingests) >= half
+    assert (await client.get(patched.location)).header("Range") == f"0-{half - 1}"
+
+    done = await client.put(f"{patched.location}{'&' if '?' in patched.location else '?'}digest={layer.digest}",
+                            layer.data[half:], headers={"Content-Type": "application/octet-stream",
+                                                        "Content-Range": f"{half}-{len(layer.data) - 1}"})
+    assert done.status == 201, done
+    assert layer.digest in await content_digests(daemon)
+    assert ref not in await active()
+    leases = (await daemon.ctr("leases", "ls", namespace=NAMESPACE)).stdout
+    assert ref not in leases, leases
+    fetched = await client.get(f"/v2/team/ingest/blobs/{layer.digest}")
+    assert fetched.status == 200 and sha256(fetched.body) == layer.digest
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_body_after_another_registryd_moved_the_ingest_on_gets_416(
+        make_containerd: Any, make_registry: Any, tmp_path: Any) -> None:
+    """Two registryd on one data directory (as worker processes): the ingest's offset is the
+    session's size, so a body the first sends where it last saw the session ends is refused with
+    416 and the Range the ingest has, once the second appended meanwhile; nothing is appended twice."""
+    daemon = await make_containerd()
+    data_dir = str(tmp_path / "data")
+    first = Client(make_registry(storage=settings_for(daemon), data_dir=data_dir).url)
+    second = Client(make_registry(storage=settings_for(daemon), data_dir=data_dir).url)
+    layer = sample_image(15).layers[0].blob
+    third = len(layer.data) // 3
+    headers = {"Content-Type": "application/octet-stream"}
+    started = await first.post("/v2/team/moved/blobs/uploads/")
+    one = await first.patch(started.location, layer.data[:third], headers={**headers, "Content-Range": f"0-{third - 1}"})
+    assert one.status == 202, one
+    two = await second.patch(one.location, layer.data[third:2 * third],
+                             headers={**headers, "Content-Range": f"{third}-{2 * third - 1}"})
+    assert two.status == 202, two
+    stale = await first.patch(one.location, layer.data[third:2 * third],
+                              headers={**headers, "Content-Range": f"{third}-{2 * third - 1}"})
+    assert stale.status == 416 and stale.header("Range") == f"0-{2 * third - 1}", stale
+    ref = "registryd-upload-" + started.location.split("?")[0].rstrip("/").rsplit("/", 1)[-1]
+    assert ref in (await daemon.ctr("content", "active", namespace=NAMESPACE)).stdout   # the session is intact
+    done = await first.put(f"{one.location}{'&' if '?' in one.location else '?'}digest={layer.digest}",
+                           layer.data[2 * third:], headers={**headers, "Content-Range": f"{2 * third}-{len(layer.data) - 1}"})
+    assert done.status == 201, done
+    fetched = await second.get(f"/v2/team/moved/blobs/{layer.digest}")
+    assert fetched.status == 200 and sha256(fetched.body) == layer.digest
+
+
+@pytest_twisted.ensureDeferred
+async def test_reaping_aborts_expired_ingests_and_those_whose_state_is_gone(
+        make_containerd: Any, make_registry: Any, tmp_path: Any) -> None:
+    """The upload reaper aborts the ingest and drops the lease of an expired session, and of a
+    session whose state a crash lost (its lease is all that names it)."""
+    daemon = await make_containerd()
+    registry = make_registry(storage=settings_for(daemon))
+    client = Client(registry.url)
+    layer = sample_image(16).layers[0].blob
+    refs = []
+    for _ in range(2):
+        started = await client.post("/v2/team/reaped/blobs/uploads/")
+        patched = await client.patch(started.location, layer.data, headers={"Content-Type": "application/octet-stream"})
+        assert patched.status == 202, patched
+        refs.append("registryd-upload-" + started.location.split("?")[0].rstrip("/").rsplit("/", 1)[-1])
+    # The second session's folder (its state) is lost, as in a crash before the lease went.
+    subprocess.run(["rm", "-rf", os.path.join(registry.data_dir, "uploads", refs[1].rsplit("-", 1)[-1])], check=True)
+    active = (await daemon.ctr("content", "active", namespace=NAMESPACE)).stdout
+    assert all(ref in active for ref in refs), active
+    await sleep(1.1)   # containerd records a lease's creation to the second
+
+    # A session that got a body since is not expired, however old its start.
+    started = await client.post("/v2/team/reaped/blobs/uploads/")
+    await sleep(1.1)
+    patched = await client.patch(started.location, layer.data[:1000], headers={"Content-Type": "application/octet-stream"})
+    assert patched.status == 202, patched
+    removed = await registry.service.store.uploads.reap(0.8)
+    assert removed == 2
+    assert (await client.get(patched.location)).status == 204
+    active = (await daemon.ctr("content", "active", namespace=NAMESPACE)).stdout
+    leases = (await daemon.ctr("leases", "ls", namespace=NAMESPACE)).stdout
+    assert not any(ref in active or ref in leases for ref in refs), (active, leases)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_cancelled_upload_aborts_its_ingest_and_a_wrong_digest_stores_nothing(
+        make_containerd: Any, make_registry: Any, tmp_path: Any) -> None:
+    daemon = await make_containerd()
+    client = Client(make_registry(storage=settings_for(daemon)).url)
+    layer = sample_image(14).layers[0].blob
+    before = await content_digests(daemon)
+    for ending in ("cancel", "wrong digest"):
+        started = await client.post("/v2/team/aborted/blobs/uploads/")
+        patched = await client.patch(started.location, layer.data,
+                                     headers={"Content-Type": "application/octet-stream"})
+        assert patched.status == 202, patched
+        ref = "registryd-upload-" + started.location.split("?")[0].rstrip("/").rsplit("/", 1)[-1]
+        assert ref in (await daemon.ctr("content", "active", namespace=NAMESPACE)).stdout
+        if ending == "cancel":
+            assert (await client.delete(patched.location)).status == 204
+        else:
+            wrong = sha256(b"something else")
+            put = await client.put(f"{patched.location}{'&' if '?' in patched.location else '?'}digest={wrong}", b"",
+                                   headers={"Content-Type": "application/octet-stream"})
+            assert put.status == 400 and "DIGEST_INVALID" in put.codes, put
+        assert ref not in (await daemon.ctr("content", "active", namespace=NAMESPACE)).stdout
+        assert ref not in (await daemon.ctr("leases", "ls", namespace=NAMESPACE)).stdout
+        assert (await client.get(patched.location)).status == 404
+    assert await content_digests(daemon) == before
+
+
 # -- admin commands -----------------------------------------------------------------------
 
 

@@ -54,6 +54,14 @@ class AlreadyExists(Exception):
     """containerd has that object already (content with that digest, an image of that name)."""
 
 
+class IngestElsewhere(Exception):
+    """The ingest is not where the caller thought: ``offset`` bytes long (another writer, a lost body)."""
+
+    def __init__(self, offset: int) -> None:
+        super().__init__(f"the ingest is {offset} bytes long")
+        self.offset = offset
+
+
 _UNAVAILABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
 
 
@@ -237,6 +245,60 @@ class ContainerdClient:
             requests.put(api.ContentWriteRequest(action=api.COMMIT, ref=ref, offset=offset, total=total,
                                                  expected=expected, labels=labels))
             next(replies)
+        except BaseException:
+            replies.cancel()
+            raise
+        finally:
+            requests.put(None)
+
+    async def ingest(self, ref: str, chunks: Iterable[bytes], start: int, lease: str,
+                     commit: tuple[int, str, dict[str, str]] | None = None,
+                     length: int = 0) -> api.ContentWriteResponse:
+        """Append ``chunks`` to the ingest ``ref`` (opened, under ``lease``, if it is new), which
+        must be ``start`` bytes long (else IngestElsewhere); with ``commit`` (total, expected
+        digest, labels), commit it too: containerd checks size and digest (ContainerdError
+        FAILED_PRECONDITION if they differ; AlreadyExists, before any byte is sent, if it has that
+        content). Without ``commit`` the ingest stays, for a later call (a Write stream
+        cannot outlive a request: one is opened per call, resuming at the ingest's offset).
+        Returns containerd's last reply: the offset, and the digest of the ingest so far.
+        ``length``: the bytes of ``chunks``, for the call's deadline.
+        """
+        method = CONTENT + "Write"
+        timeout = self.timeout + WRITE_SECONDS_PER_MIB * (length + (commit[0] if commit else 0)) / (1024 * 1024)
+        return await self._in_thread(method, lambda: self._ingest_blocking(ref, chunks, start, lease, commit,
+                                                                           timeout))
+
+    def _ingest_blocking(self, ref: str, chunks: Iterable[bytes], start: int, lease: str,
+                         commit: tuple[int, str, dict[str, str]] | None,
+                         timeout: float) -> api.ContentWriteResponse:
+        requests: queue.Queue[api.ContentWriteRequest | None] = queue.Queue()
+        call = self._channel.stream_stream(CONTENT + "Write", request_serializer=_serialize,
+                                           response_deserializer=api.ContentWriteResponse.FromString)
+        replies = call(iter(requests.get, None), timeout=timeout, metadata=self._metadata(lease))
+        try:
+            total, expected = (commit[0], commit[1]) if commit else (0, "")
+            requests.put(api.ContentWriteRequest(action=api.STAT, ref=ref, total=total, expected=expected))
+            last = next(replies)
+            if last.offset != start:
+                raise IngestElsewhere(last.offset)
+            offset = start
+            for chunk in chunks:
+                # (offset 0 on a longer ingest would truncate it: the STAT above rules that out)
+                requests.put(api.ContentWriteRequest(action=api.WRITE, ref=ref, offset=offset, data=chunk))
+                last = next(replies)
+                offset += len(chunk)
+            if commit is None:
+                # An empty write: containerd answers the digest of the ingest so far.
+                requests.put(api.ContentWriteRequest(action=api.WRITE, ref=ref, offset=offset))
+                last = next(replies)
+            else:
+                requests.put(api.ContentWriteRequest(action=api.COMMIT, ref=ref, offset=offset, total=commit[0],
+                                                     expected=commit[1], labels=commit[2]))
+                last = next(replies)
+            requests.put(None)
+            for _ in replies:
+                pass   # the stream's end: containerd has closed its writer, the ref is unlocked
+            return last
         except BaseException:
             replies.cancel()
             raise

@@ -1,9 +1,9 @@
 """The node's containerd as registryd's store (a registryd.storage.interface.Store).
 
 Content and images live in containerd (``[storage.containerd]``); the data
-directory keeps only what is on its way in: upload sessions are spooled in
-``uploads/`` as on the filesystem store, and at commit written through
-containerd's content service under a lease (``blobs``). containerd is the
+directory keeps only the states of upload sessions (``uploads/``) and the
+body on its way in: a session's bytes are in containerd's ingest, under a
+lease of its own, and committed there (``appendable``). containerd is the
 truth: a restarted registryd serves whatever containerd holds.
 """
 from __future__ import annotations
@@ -18,6 +18,7 @@ from twisted.internet.defer import Deferred, succeed
 from registryd.digest import Digest
 from registryd.errors import denied
 from registryd.storage import layout
+from registryd.storage.containerd.appendable import ContainerdAppendable
 from registryd.storage.containerd.blobs import ContainerdBlobs, RecentLeases
 from registryd.storage.containerd.client import VERSION, ContainerdClient
 from registryd.storage.containerd.errors import ContainerdError, ContainerdUnavailable
@@ -67,10 +68,10 @@ class ContainerdStore:
         self.repositories = ContainerdRepositories(self.client, self.blobs, LocalNaming(settings.hostname),
                                                    read_only=settings.read_only)
         uploads = ReadOnlyUploads if settings.read_only else UploadStore
-        # Sessions are spooled in the data directory, as on the filesystem store, and go into
-        # containerd through its content writer at commit (``blobs.commit_file``).
+        # Sessions' states are kept in the data directory, their bytes in containerd's ingests.
         spool = FsDriver(root, pool, self.tmp_dir)
-        self.uploads = uploads(spool, spool.appendable(self.tmp_dir, pool), self.blobs)
+        self.uploads = uploads(spool, ContainerdAppendable(self.client, self.blobs.leases, spool.path,
+                                                           self.tmp_dir, pool), self.blobs)
         self.hot_cache: HotCache | None = None
 
     def mirror_repositories(self, namespace: str) -> ContainerdRepositories:
