@@ -391,15 +391,10 @@ async def test_the_names_are_walked_at_start_up_not_at_the_first_view(make_regis
     assert inventory._walks.started == 1
 
 
-@pytest_twisted.ensureDeferred
-async def test_a_repository_page_reads_its_tags_in_one_trip_to_the_pool(make_registry, monkeypatch) -> None:
-    registry = make_registry()
-    client = Client(registry.url)
-    tags = [f"v{i:02d}" for i in range(12)]
-    for tag in tags:
-        await client.push_image("team/many", tag, seed=tag)
+def _count_store_work(registry: Any, monkeypatch: Any) -> tuple[list[str], list[Any]]:
+    """The reads and stats made on the reactor (the calling thread), and the trips to the IO pool."""
     store, pool = registry.service.api.store, registry.service.pool
-    on_reactor: list[str] = []      # reads and stats made on the calling thread (the reactor)
+    on_reactor: list[str] = []
     for method in ("read", "stat"):
         real = getattr(store.objects, method)
 
@@ -407,13 +402,24 @@ async def test_a_repository_page_reads_its_tags_in_one_trip_to_the_pool(make_reg
             on_reactor.append(key)
             return _real(key, *args)
         monkeypatch.setattr(store.objects, method, counted)
-    trips = []
+    trips: list[Any] = []
     real_run = pool.run
 
     def run(fn: Any, *args: Any, **kw: Any) -> Any:
         trips.append(fn)
         return real_run(fn, *args, **kw)
     monkeypatch.setattr(pool, "run", run)
+    return on_reactor, trips
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_repository_page_reads_its_tags_in_one_trip_to_the_pool(make_registry, monkeypatch) -> None:
+    registry = make_registry()
+    client = Client(registry.url)
+    tags = [f"v{i:02d}" for i in range(12)]
+    for tag in tags:
+        await client.push_image("team/many", tag, seed=tag)
+    on_reactor, trips = _count_store_work(registry, monkeypatch)
     reply = await page(client, "/ui/repositories/team/many")
     assert reply.status == 200
     assert all(f'data-tag="{tag}"'.encode() in reply.body for tag in tags), reply.body
@@ -421,3 +427,17 @@ async def test_a_repository_page_reads_its_tags_in_one_trip_to_the_pool(make_reg
     # on the reactor, and a few trips to the pool, however many tags (the tag and pull listings,
     # the rows, the summary).
     assert on_reactor == [] and len(trips) <= 4, (on_reactor, trips)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_repositories_page_summarises_its_rows_in_one_trip_to_the_pool(make_registry, monkeypatch) -> None:
+    registry = make_registry()
+    client = Client(registry.url)
+    names = [f"team/r{i}" for i in range(8)]
+    for name in names:
+        await client.push_image(name, "v1", seed=name)
+    on_reactor, trips = _count_store_work(registry, monkeypatch)
+    listing = await api(client, "/ui/api/repositories")
+    assert [r["name"] for r in listing["repositories"]] == names and all(r["tags"] == 1 for r in listing["repositories"])
+    # Eight summaries (each a listing of revisions, tags and pulls, a manifest read, blob sizes): one trip.
+    assert on_reactor == [] and len(trips) == 1, (on_reactor, trips)

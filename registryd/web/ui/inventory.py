@@ -11,10 +11,11 @@ page view of tens of thousands of repositories:
 * a summary (tags, size, last push, last pull) is made only for the rows a
   page shows, and kept until ``summary_ttl`` passes or the repository
   changes (``changed``, fed by every finished request); on a data directory
-  each is made whole in one trip to the IO pool (registryd.web.ui.offload);
+  a page's are made together in one trip to the IO pool (registryd.web.ui.offload);
 * the mirror's totals (images and bytes cached per upstream) are one pass
-  over the cached repositories, in the background, at most every
-  ``totals_ttl`` seconds; a page shows the last one with its age.
+  over the cached repositories (one trip to the IO pool per upstream on a
+  data directory), in the background, at most every ``totals_ttl`` seconds;
+  a page shows the last one with its age.
 
 Manifest documents and blob sizes are content-addressed, so what they say
 is remembered across summaries (bounded).
@@ -249,39 +250,52 @@ class Inventory:
     # --- summaries -----------------------------------------------------------------------
 
     async def summaries(self, refs: list[RepoRef]) -> list[RepoSummary]:
-        return await bounded_gather(refs, self.summary, CONCURRENCY)
+        """The rows' summaries: those not kept made together, in one trip to the IO pool where
+        the store has a blocking twin, else a few at a time."""
+        kept = {ref.name: self._kept(ref) for ref in refs}
+        missing = [ref for ref in refs if kept[ref.name] is None]
+        epoch, at = self._epoch, self._clock()
+        for summary in await self._summarize(missing):
+            self._summaries.put(summary.ref.name, (at, epoch, summary))
+            kept[summary.ref.name] = summary
+        return [summary for summary in (kept[ref.name] for ref in refs) if summary is not None]
 
     async def summary(self, ref: RepoRef) -> RepoSummary:
-        cached = self._summaries.get(ref.name)
-        if cached is not None:
-            at, epoch, summary = cached
-            fresh = self._clock() - at < self.summary_ttl
-            unchanged = epoch >= self._changed.get(ref.name, 0) and epoch >= self._upstream_changed.get(
-                ref.upstream, 0)
-            if fresh and unchanged:
-                return summary  # type: ignore[no-any-return]
-        epoch, at = self._epoch, self._clock()
-        summary = await self._summarize(ref)
-        self._summaries.put(ref.name, (at, epoch, summary))
-        return summary
+        return (await self.summaries([ref]))[0]
 
-    async def _summarize(self, ref: RepoRef) -> RepoSummary:
-        """In one trip to the IO pool where the store has a blocking twin, else a few calls at a time."""
+    def _kept(self, ref: RepoRef) -> RepoSummary | None:
+        """The summary kept, while fresh and nothing changed the repository since."""
+        cached = self._summaries.get(ref.name)
+        if cached is None:
+            return None
+        at, epoch, summary = cached
+        fresh = self._clock() - at < self.summary_ttl
+        unchanged = epoch >= self._changed.get(ref.name, 0) and epoch >= self._upstream_changed.get(ref.upstream, 0)
+        return summary if fresh and unchanged else None  # type: ignore[no-any-return]
+
+    async def _summarize(self, refs: list[RepoRef]) -> list[RepoSummary]:
         offload = self._offload
-        twin = offload.backend(self.backend(ref)) if offload is not None else None
-        if offload is None or twin is None:
-            return await self._summarize_over(ref, self.backend(ref), self._paced(self._named_by),
-                                              self._paced(self._size))
+        if not refs:
+            return []
+        twins = [offload.backend(self.backend(ref)) for ref in refs] if offload is not None else []
+        if offload is None or any(twin is None for twin in twins):
+            return await bounded_gather(refs, lambda ref: self._summarize_over(
+                ref, self.backend(ref), self._paced(self._named_by), self._paced(self._size)), CONCURRENCY)
         blobs = offload.blobs
         named: dict[Digest, frozenset[Digest]] = {}
         sizes: dict[Digest, int] = {}
-        summary = await offload.run(lambda: self._summarize_over(
-            ref, twin, lambda d: self._named_by(d, blobs, named), lambda d: self._size(d, blobs, sizes)))
+
+        async def all_of_them() -> list[RepoSummary]:
+            return [await self._summarize_over(ref, twin, lambda d: self._named_by(d, blobs, named),
+                                               lambda d: self._size(d, blobs, sizes))
+                    for ref, twin in zip(refs, twins) if twin is not None]
+
+        summaries = await offload.run(all_of_them)
         for digest, blobs_named in named.items():
             self._named.put(digest, blobs_named)
         for digest, size in sizes.items():
             self._sizes.put(digest, size)
-        return summary
+        return summaries
 
     async def _summarize_over(self, ref: RepoRef, backend: RepositoryBackend,
                               named_by: Callable[[Digest], Awaitable[frozenset[Digest]]],
@@ -358,25 +372,46 @@ class Inventory:
     async def _measure(self) -> TotalsReport:
         started = self._clock()
         upstreams: dict[str, MirrorTotals] = {}
+        offload = self._offload
         for namespace in sorted(self.namespaces):
-            refs = await self._walk(namespace)
+            refs = await self._walks.run(namespace, lambda: self._walk(namespace))
             backend = self.store.mirror_repositories(namespace)
-            digests: set[Digest] = set()
-            images = 0
-
-            async def one(ref: RepoRef) -> None:
-                nonlocal images
-                revisions = await backend.revisions(ref.remote)
-                images += len(revisions)
-                digests.update(revisions)
-                for named in await bounded_gather(list(revisions), self._paced(self._named_by), CONCURRENCY):
-                    digests.update(named)
-
-            await bounded_gather(refs, one, CONCURRENCY)
-            sizes = await bounded_gather(sorted(digests), self._paced(self._size), CONCURRENCY)
-            upstreams[namespace] = MirrorTotals(len(refs), images, sum(s for s in sizes if s is not None))
+            twin = offload.backend(backend) if offload is not None else None
+            if offload is None or twin is None:
+                upstreams[namespace] = await self._measure_over(refs, backend, self._paced(self._named_by),
+                                                                self._paced(self._size))
+                continue
+            # One trip to the IO pool per upstream, however many repositories it cached.
+            blobs = offload.blobs
+            named: dict[Digest, frozenset[Digest]] = {}
+            sizes: dict[Digest, int] = {}
+            upstreams[namespace] = await offload.run(lambda: self._measure_over(
+                refs, twin, lambda d: self._named_by(d, blobs, named), lambda d: self._size(d, blobs, sizes)))
+            for digest, blobs_named in named.items():
+                self._named.put(digest, blobs_named)
+            for digest, size in sizes.items():
+                self._sizes.put(digest, size)
         self._totals = TotalsReport(started, upstreams)
         return self._totals
+
+    @staticmethod
+    async def _measure_over(refs: list[RepoRef], backend: RepositoryBackend,
+                            named_by: Callable[[Digest], Awaitable[frozenset[Digest]]],
+                            size_of: Callable[[Digest], Awaitable[int | None]]) -> MirrorTotals:
+        digests: set[Digest] = set()
+        images = 0
+
+        async def one(ref: RepoRef) -> None:
+            nonlocal images
+            revisions = await backend.revisions(ref.remote)
+            images += len(revisions)
+            digests.update(revisions)
+            for named in await bounded_gather(list(revisions), named_by, CONCURRENCY):
+                digests.update(named)
+
+        await bounded_gather(refs, one, CONCURRENCY)
+        sizes = await bounded_gather(sorted(digests), size_of, CONCURRENCY)
+        return MirrorTotals(len(refs), images, sum(s for s in sizes if s is not None))
 
 
 def _walk_failed(failure: Failure) -> None:
