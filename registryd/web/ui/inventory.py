@@ -306,7 +306,7 @@ class Inventory:
         digests: set[Digest] = set(revisions)
         for named in await bounded_gather(list(revisions), named_by, CONCURRENCY):
             digests.update(named)
-        sizes = await bounded_gather(sorted(digests), size_of, CONCURRENCY)
+        sizes = await bounded_gather(list(digests), size_of, CONCURRENCY)   # any order (sorting Digests is slow)
         last_pull = max((pulls[d] for d in revisions if d in pulls), default=None)
         return RepoSummary(ref, len(tags or []), len(revisions), sum(s for s in sizes if s is not None),
                            max(revisions.values(), default=None), last_pull)
@@ -410,7 +410,7 @@ class Inventory:
                 digests.update(named)
 
         await bounded_gather(refs, one, CONCURRENCY)
-        sizes = await bounded_gather(sorted(digests), size_of, CONCURRENCY)
+        sizes = await bounded_gather(list(digests), size_of, CONCURRENCY)   # any order (sorting Digests is slow)
         return MirrorTotals(len(refs), images, sum(s for s in sizes if s is not None))
 
 
