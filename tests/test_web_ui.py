@@ -441,3 +441,28 @@ async def test_the_repositories_page_summarises_its_rows_in_one_trip_to_the_pool
     assert [r["name"] for r in listing["repositories"]] == names and all(r["tags"] == 1 for r in listing["repositories"])
     # Eight summaries (each a listing of revisions, tags and pulls, a manifest read, blob sizes): one trip.
     assert on_reactor == [] and len(trips) == 1, (on_reactor, trips)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_first_view_waits_for_the_names_walk_only_a_moment_then_says_it_is_counting() -> None:
+    from twisted.internet.task import Clock
+
+    walk: defer.Deferred[list[str]] = defer.Deferred()
+
+    class Local:
+        def catalog(self) -> Any:
+            return walk
+
+    class Slow:
+        repositories = Local()
+
+    clock = Clock()
+    inventory = Inventory(Slow(), [], clock.seconds, reactor=clock, names_wait=0.1)  # type: ignore[arg-type]
+    inventory.warm()
+    assert inventory.counting()
+    view = defer.ensureDeferred(inventory.names())
+    assert not view.called
+    clock.advance(0.1)
+    assert (await view) == [] and inventory.counting()       # the page answers without the names
+    walk.callback(["a/one", "b/two"])                         # the walk begun at start-up ends
+    assert [ref.name for ref in await inventory.names()] == ["a/one", "b/two"] and not inventory.counting()
