@@ -201,6 +201,7 @@ class RegistryService(MultiService):
         # A worker leaves tmp/ to the supervisor: the other workers' fills and spools are in it.
         self.store.recover(keep_tmp=self.role is not None)
         super().startService()
+        self.api.ui.start()     # the web UI's repository names, walked in the background
         if self.role is None or self.role.runs_upkeep:
             self._reaper.start(self.config.upload_reap_interval, now=False).addErrback(
                 lambda f: log.failure("upload reaper stopped", f)

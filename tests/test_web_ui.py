@@ -327,6 +327,11 @@ async def test_a_store_that_cannot_answer_is_a_503_never_a_traceback(make_regist
 
     monkeypatch.setattr(store.repositories, "catalog", down)
     monkeypatch.setattr(store.repositories, "tags", down)
+    # As on a bucket: no blocking twin to read through, and no names listed yet (walked at start-up).
+    ui = registry.service.api.ui
+    monkeypatch.setattr(ui, "offload", None)
+    monkeypatch.setattr(ui.inventory, "_offload", None)
+    ui.inventory._names.clear()
     for path in ("/ui/api/repositories", "/ui/repositories/team/app"):
         reply = await page(client, path)
         assert reply.status == 503, str(reply)
@@ -370,3 +375,94 @@ async def test_the_mirror_shows_fills_running_and_upstream_errors(make_registry,
     assert up["errors"] >= 1 and up["last_error"] is not None
     assert "503" in up["recent_errors"][0]["message"]
     assert "503" in (await page(client, "/ui/mirror")).body.decode()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_names_are_walked_at_start_up_not_at_the_first_view(make_registry) -> None:
+    registry = make_registry()
+    inventory = registry.service.api.ui.inventory
+    # Begun by the service's start, before any page asked (a first view of 10,000 names need not wait).
+    assert inventory._walks.started >= 1
+    client = Client(registry.url)
+    await client.push_image("team/late", "v1", seed="late")
+    listing = await api(client, "/ui/api/repositories")
+    # A push after the walk shows at once, and the page knew every name without walking again.
+    assert [r["name"] for r in listing["repositories"]] == ["team/late"] and listing["counting"] is False
+    assert inventory._walks.started == 1
+
+
+def _count_store_work(registry: Any, monkeypatch: Any) -> tuple[list[str], list[Any]]:
+    """The reads and stats made on the reactor (the calling thread), and the trips to the IO pool."""
+    store, pool = registry.service.api.store, registry.service.pool
+    on_reactor: list[str] = []
+    for method in ("read", "stat"):
+        real = getattr(store.objects, method)
+
+        def counted(key: str, *args: Any, _real: Any = real) -> Any:
+            on_reactor.append(key)
+            return _real(key, *args)
+        monkeypatch.setattr(store.objects, method, counted)
+    trips: list[Any] = []
+    real_run = pool.run
+
+    def run(fn: Any, *args: Any, **kw: Any) -> Any:
+        trips.append(fn)
+        return real_run(fn, *args, **kw)
+    monkeypatch.setattr(pool, "run", run)
+    return on_reactor, trips
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_repository_page_reads_its_tags_in_one_trip_to_the_pool(make_registry, monkeypatch) -> None:
+    registry = make_registry()
+    client = Client(registry.url)
+    tags = [f"v{i:02d}" for i in range(12)]
+    for tag in tags:
+        await client.push_image("team/many", tag, seed=tag)
+    on_reactor, trips = _count_store_work(registry, monkeypatch)
+    reply = await page(client, "/ui/repositories/team/many")
+    assert reply.status == 200
+    assert all(f'data-tag="{tag}"'.encode() in reply.body for tag in tags), reply.body
+    # 12 tags, each with a manifest and a config, and the repository's summary: none of it read
+    # on the reactor, and a few trips to the pool, however many tags (the tag and pull listings,
+    # the rows, the summary).
+    assert on_reactor == [] and len(trips) <= 4, (on_reactor, trips)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_repositories_page_summarises_its_rows_in_one_trip_to_the_pool(make_registry, monkeypatch) -> None:
+    registry = make_registry()
+    client = Client(registry.url)
+    names = [f"team/r{i}" for i in range(8)]
+    for name in names:
+        await client.push_image(name, "v1", seed=name)
+    on_reactor, trips = _count_store_work(registry, monkeypatch)
+    listing = await api(client, "/ui/api/repositories")
+    assert [r["name"] for r in listing["repositories"]] == names and all(r["tags"] == 1 for r in listing["repositories"])
+    # Eight summaries (each a listing of revisions, tags and pulls, a manifest read, blob sizes): one trip.
+    assert on_reactor == [] and len(trips) == 1, (on_reactor, trips)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_first_view_waits_for_the_names_walk_only_a_moment_then_says_it_is_counting() -> None:
+    from twisted.internet.task import Clock
+
+    walk: defer.Deferred[list[str]] = defer.Deferred()
+
+    class Local:
+        def catalog(self) -> Any:
+            return walk
+
+    class Slow:
+        repositories = Local()
+
+    clock = Clock()
+    inventory = Inventory(Slow(), [], clock.seconds, reactor=clock, names_wait=0.1)  # type: ignore[arg-type]
+    inventory.warm()
+    assert inventory.counting()
+    view = defer.ensureDeferred(inventory.names())
+    assert not view.called
+    clock.advance(0.1)
+    assert (await view) == [] and inventory.counting()       # the page answers without the names
+    walk.callback(["a/one", "b/two"])                         # the walk begun at start-up ends
+    assert [ref.name for ref in await inventory.names()] == ["a/one", "b/two"] and not inventory.counting()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import collections
 import json
-from typing import Any
+from typing import Any, Callable, Iterable, Protocol
 
 import attrs
 
@@ -19,7 +19,6 @@ from registryd.digest import Digest, parse_digest
 from registryd.errors import RegistryError
 from registryd.manifests import IMAGE_TYPES, INDEX_TYPES
 from registryd.storage.driver import TooLarge
-from registryd.storage.interface import BlobBackend
 
 #: Manifests are capped when pushed; this only bounds a read.
 MANIFEST_LIMIT = 64 * 1024 * 1024
@@ -94,13 +93,39 @@ def media_type_of(document: dict[str, Any]) -> str:
         "application/vnd.oci.image.manifest.v1+json"
 
 
+class BlobReads(Protocol):
+    """What the reader needs of a blob store (a BlobBackend, or registryd.web.ui.offload.TwinBlobs)."""
+
+    async def read(self, digest: Digest, limit: int) -> bytes | None: ...
+
+
 class ImageReader:
     """Manifests and configs of the shared blob store, as the UI describes them."""
 
-    def __init__(self, blobs: BlobBackend, kept: int = FACTS_KEPT) -> None:
+    def __init__(self, blobs: BlobReads, kept: int = FACTS_KEPT,
+                 known: Callable[[Digest], ImageFacts | None] | None = None) -> None:
+        """``blobs``: anything with ``read`` (registryd.web.ui.offload.TwinBlobs in a worker thread);
+        ``known``: another reader's ``peek``, asked before a read (a batch in a thread learns
+        into its own reader, and the reactor's keeps what it learned: ``remember``)."""
         self._blobs = blobs
         self._kept = kept
+        self._known = known
         self._facts: collections.OrderedDict[Digest, ImageFacts] = collections.OrderedDict()
+
+    def peek(self, digest: Digest) -> ImageFacts | None:
+        """What is known of ``digest``, without touching the order (safe from another thread)."""
+        return self._facts.get(digest)
+
+    def learned(self) -> list[ImageFacts]:
+        return list(self._facts.values())
+
+    def remember(self, facts: Iterable[ImageFacts]) -> None:
+        for one in facts:
+            if one.complete:
+                self._facts[one.digest] = one
+                self._facts.move_to_end(one.digest)
+        while len(self._facts) > self._kept:
+            self._facts.popitem(last=False)
 
     async def manifest(self, digest: Digest) -> tuple[bytes, dict[str, Any]] | None:
         data = await self._blobs.read(digest, MANIFEST_LIMIT)
@@ -120,6 +145,9 @@ class ImageReader:
         known = self._facts.get(digest)
         if known is not None:
             self._facts.move_to_end(digest)
+            return known
+        known = self._known(digest) if self._known is not None else None
+        if known is not None:
             return known
         facts = await self._read_facts(digest, depth)
         if facts.complete:

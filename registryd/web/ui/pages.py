@@ -26,7 +26,6 @@ from werkzeug.routing import RequestRedirect
 
 from registryd import __version__
 from registryd.auth.policy import PULL, AccessPolicy, Verdict
-from registryd.deferreds import bounded_gather
 from registryd.digest import Digest, is_digest, parse_digest
 from registryd.errors import RegistryError
 from registryd.mirror.cache import MirrorCache
@@ -39,7 +38,9 @@ from registryd.web.ui.charts import traffic_charts
 from registryd.web.ui.images import ImageReader, read_detail
 from registryd.web.ui.inventory import Inventory, RepoRef, iso
 from registryd.web.ui.node_view import NodeViews
+from registryd.web.ui.offload import offload
 from registryd.web.ui.pacing import Pacer
+from registryd.web.ui.tag_rows import tag_rows
 from registryd.web.ui.traffic import Traffic
 
 log = Logger()
@@ -53,8 +54,6 @@ PAGE_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"
                 "X-Frame-Options": "DENY"}
 REPOSITORIES_PER_PAGE = 50
 TAGS_PER_PAGE = 100
-#: Tags of a page read at once (a bucket answers each over the network).
-ROW_CONCURRENCY = 8
 MAX_PER_PAGE = 1000
 _MANIFEST_PATH = re.compile(r"^/v2/(.+)/manifests/[^/]+$")
 _HOST = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252})|\[[0-9A-Fa-f:.]{2,45}\])(?::[0-9]{1,5})?$")
@@ -138,7 +137,10 @@ class WebUI:
         self.reactor = reactor
         self.clock: Callable[[], float] = reactor.seconds
         clock = self.clock
-        self.inventory = Inventory(store, namespaces, clock, pace=lambda: Pacer(reactor))
+        # A page's many small reads: one trip to the IO pool on a data directory.
+        self.offload = offload(store)
+        self.inventory = Inventory(store, namespaces, clock, pace=lambda: Pacer(reactor), offload=self.offload,
+                                   reactor=reactor)
         self.images = ImageReader(store.blobs)
         self.traffic = Traffic(namespaces, clock)
         self.templates = Environment(loader=FileSystemLoader(os.path.join(HERE, "templates")),
@@ -153,6 +155,10 @@ class WebUI:
             with open(os.path.join(HERE, "static", name), "rb") as f:
                 self._static[name] = f.read()
         self._resource = _FromRoot(self.app.resource())
+
+    def start(self) -> None:
+        """At start-up: the repository names are walked in the background (readiness does not wait)."""
+        self.inventory.warm()
 
     def resource(self) -> Resource:
         """The UI, to be handed a request for ``/ui/...`` (its routes name the whole path)."""
@@ -280,6 +286,7 @@ class WebUI:
         policy = self.gate.policy()
         search, source = _search(request), (query_arg(request, "upstream") or "").strip()
         refs = await self.inventory.names()
+        counting = self.inventory.counting()
         chosen = []
         pacer = Pacer(self.reactor)
         for start in range(0, len(refs), 2000):
@@ -294,7 +301,7 @@ class WebUI:
         sources = sorted({ref.upstream for ref in refs if ref.upstream is not None
                           and policy.allows(user, ref.name, PULL)})
         return {"user": user, "search": search, "source": source, "pager": pager, "summaries": summaries,
-                "sources": sources}
+                "sources": sources, "counting": counting}
 
     @app.route("/ui/", methods=["GET", "HEAD"])
     async def repositories_page(self, request: Any) -> bytes:
@@ -304,7 +311,7 @@ class WebUI:
     @app.route("/ui/api/repositories", methods=["GET", "HEAD"])
     async def repositories_json(self, request: Any) -> bytes:
         found = await self._repositories(request)
-        return self._json(request, dict(found["pager"].document(),
+        return self._json(request, dict(found["pager"].document(), counting=found["counting"],
                                         repositories=[s.document() for s in found["summaries"]]))
 
     # --- one repository -------------------------------------------------------------------
@@ -320,17 +327,10 @@ class WebUI:
         pager = Pager(_page_number(request), _per_page(request, TAGS_PER_PAGE), len(chosen))
         shown = pager.window(chosen)
         pulls = await backend.pulls(ref.remote)
-        pacer = Pacer(self.reactor)
-
-        async def row(tag: str) -> dict[str, Any] | None:
-            await pacer.step()
-            digest = await backend.resolve_tag(ref.remote, tag)
-            if digest is None:
-                return None     # deleted since the listing
-            return {"tag": tag, "facts": await self.images.facts(digest), "last_pull": pulls.get(digest)}
-
-        # A few at a time: on a bucket each is a round trip.
-        rows = [found for found in await bounded_gather(shown, row, ROW_CONCURRENCY) if found is not None]
+        # A tag deleted since the listing is left out.
+        rows = [{"tag": tag, "facts": facts, "last_pull": pulls.get(facts.digest)}
+                for tag, facts in await tag_rows(backend, ref.remote, shown, self.images, self.offload,
+                                                 Pacer(self.reactor))]
         summary = await self.inventory.summary(ref)
         first = shown[0] if shown else "latest"
         return {"user": user, "ref": ref, "summary": summary, "rows": rows, "pager": pager, "search": search,
