@@ -154,7 +154,12 @@ class SessionQuota:
         self._owners: dict[str, set[Hashable]] = defaultdict(set)
         self._owner_of: dict[Hashable, str] = {}
 
+    def _open(self, owner: str | None) -> int:
+        """Sessions counted against ``owner``'s limit (None: against the total), claims included."""
+        return len(self._owners.get(owner, ())) if owner is not None else len(self._owner_of)
+
     def _prune(self, owner: str | None = None) -> None:
+        """Forget the counted sessions (of ``owner``) the store no longer knows."""
         sessions = list(self._owners[owner]) if owner is not None else list(self._owner_of)
         for session in sessions:
             if isinstance(session, tuple) and not self._alive(*session):
@@ -169,17 +174,17 @@ class SessionQuota:
 
     def claim(self, owner: str) -> object:
         """A place for one more session of ``owner`` (429 if none); ``bind`` or ``drop`` it."""
-        if len(self._owners.get(owner, ())) >= self.per_owner_limit:
+        if self._open(owner) >= self.per_owner_limit:
             self._prune(owner)
-            if len(self._owners.get(owner, ())) >= self.per_owner_limit:
+            if self._open(owner) >= self.per_owner_limit:
                 self._warn.warn("max_sessions_per_client", "{owner} has {count} upload sessions open, the "
                                 "[uploads] max_sessions_per_client limit: refusing more", owner=owner,
                                 count=self.per_owner_limit)
                 raise too_many_sessions(f"too many upload sessions open ({self.per_owner_limit}): finish or "
                                         f"cancel some, or wait for them to expire")
-        if len(self._owner_of) >= self.total_limit:
+        if self._open(None) >= self.total_limit:
             self._prune()
-            if len(self._owner_of) >= self.total_limit:
+            if self._open(None) >= self.total_limit:
                 self._warn.warn("max_sessions", "{count} upload sessions open, the [uploads] max_sessions "
                                 "limit: refusing more", count=self.total_limit)
                 raise too_many_sessions("the registry has too many upload sessions open; retry later")
@@ -200,7 +205,7 @@ class SessionQuota:
         self._drop(ticket)
 
     def open_sessions(self) -> int:
-        return len(self._owner_of)
+        return self._open(None)
 
 
 def store_full(free: int | None = None, needed: int | None = None) -> RegistryError:

@@ -16,7 +16,7 @@ import hashlib
 import os
 from typing import Callable
 
-from registryd.web.limits import RateLimitedLog, SessionQuota, too_many_sessions
+from registryd.web.limits import RateLimitedLog, SessionQuota
 
 
 def _owner_key(owner: str) -> str:
@@ -66,26 +66,11 @@ class SharedSessionQuota(SessionQuota):
                 except FileNotFoundError:
                     pass
 
-    def claim(self, owner: str) -> object:
-        key = _owner_key(owner)
-        if self._count(key) + self._pending(owner) >= self.per_owner_limit:
-            self._prune_ledger(key)
-            if self._count(key) + self._pending(owner) >= self.per_owner_limit:
-                self._warn.warn("max_sessions_per_client", "{owner} has {count} upload sessions open, the "
-                                "[uploads] max_sessions_per_client limit: refusing more", owner=owner,
-                                count=self.per_owner_limit)
-                raise too_many_sessions(f"too many upload sessions open ({self.per_owner_limit}): finish or "
-                                        f"cancel some, or wait for them to expire")
-        if self._count(None) + self._pending() >= self.total_limit:
-            self._prune_ledger(None)
-            if self._count(None) + self._pending() >= self.total_limit:
-                self._warn.warn("max_sessions", "{count} upload sessions open, the [uploads] max_sessions "
-                                "limit: refusing more", count=self.total_limit)
-                raise too_many_sessions("the registry has too many upload sessions open; retry later")
-        ticket = object()
-        self._owner_of[ticket] = owner
-        self._owners[owner].add(ticket)
-        return ticket
+    def _open(self, owner: str | None) -> int:
+        return self._count(None if owner is None else _owner_key(owner)) + self._pending(owner)
+
+    def _prune(self, owner: str | None = None) -> None:
+        self._prune_ledger(None if owner is None else _owner_key(owner))
 
     def bind(self, ticket: object, repo: str, upload_id: str) -> None:
         owner = self._owner_of.get(ticket)
@@ -95,5 +80,3 @@ class SharedSessionQuota(SessionQuota):
             with open(path, "w") as f:
                 f.write(repo)
 
-    def open_sessions(self) -> int:
-        return self._count(None) + self._pending()
