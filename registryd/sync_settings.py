@@ -20,37 +20,10 @@ from typing import Any
 import attrs
 
 from registryd.globs import Glob
+from registryd.platforms import Platform, parse_platform
 from registryd.schema import ConfigError, SettingError, positive, read_table, setting
 
 _JOB_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-_PLATFORM_PART = re.compile(r"^[a-z0-9._-]+$")
-
-
-@attrs.frozen
-class SyncPlatform:
-    """``os/arch[/variant]``: which children of an image index a job copies."""
-
-    os: str
-    architecture: str
-    variant: str | None = None
-
-    def __str__(self) -> str:
-        return "/".join(p for p in (self.os, self.architecture, self.variant) if p)
-
-    def matches(self, platform: Any) -> bool:
-        if not isinstance(platform, dict):
-            return True  # a child that names no platform (an attestation, say) is for every platform
-        if platform.get("os") != self.os or platform.get("architecture") != self.architecture:
-            return False
-        return self.variant is None or platform.get("variant") == self.variant
-
-
-def parse_sync_platform(text: str) -> SyncPlatform:
-    """``linux/arm64/v8`` -> SyncPlatform; ValueError otherwise."""
-    parts = text.strip().lower().split("/")
-    if len(parts) not in (2, 3) or not all(_PLATFORM_PART.match(p) for p in parts):
-        raise ValueError(f"{text!r} is not OS/ARCH or OS/ARCH/VARIANT (like linux/arm64/v8)")
-    return SyncPlatform(*parts)
 
 
 def _name(key: str, value: str) -> str:
@@ -86,13 +59,13 @@ def _patterns(key: str, value: list[Any]) -> tuple[re.Pattern[str], ...]:
     return tuple(patterns)
 
 
-def _platforms(key: str, value: list[Any]) -> tuple[SyncPlatform, ...]:
+def _platforms(key: str, value: list[Any]) -> tuple[Platform, ...]:
     platforms = []
     for index, item in enumerate(value):
         try:
             if not isinstance(item, str):
                 raise ValueError(f"must be a string, not {type(item).__name__} {item!r}")
-            platforms.append(parse_sync_platform(item))
+            platforms.append(parse_platform(item))
         except ValueError as e:
             raise SettingError(f"'{key}[{index}]': {e}") from None
     return tuple(platforms)
@@ -118,7 +91,7 @@ class SyncJob:
     exclude_tags: tuple[re.Pattern[str], ...] = setting((), list, _patterns,
                                                         "regular expressions of tags to leave out")
     keep_latest: int = setting(0, int, _not_negative, "copy only the N newest selected tags (0: all)")
-    platforms: tuple[SyncPlatform, ...] = setting((), list, _platforms, "children of an index to copy (all)")
+    platforms: tuple[Platform, ...] = setting((), list, _platforms, "children of an index to copy (all)")
     interval: int = setting(3600, int, positive, "seconds from one run's start to the next")
     continuous: bool = setting(False, bool, doc="run again poll_interval seconds after each run ends")
     poll_interval: int = setting(60, int, positive, "seconds between runs of a continuous job")

@@ -15,14 +15,15 @@ from typing import Any, Iterable
 
 import attrs
 
+from registryd import platforms
 from registryd.digest import parse_digest
+from registryd.platforms import Platform
 from registryd.errors import RegistryError
 from registryd.names import check_name, is_tag
 
 DEFAULT_TAG = "latest"
 # An upstream namespace as the first component: a host, with a port or a dot.
 _HOST = re.compile(r"^(?:[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*(?::[0-9]{1,5})?$")
-_PLATFORM_PART = re.compile(r"^[a-z0-9._-]+$")
 
 
 class ImageListError(ValueError):
@@ -118,31 +119,12 @@ def unique(refs: Iterable[ImageRef]) -> list[ImageRef]:
     return list(dict.fromkeys(refs))
 
 
-@attrs.frozen
-class Platform:
-    """``--platform OS/ARCH[/VARIANT]``: which children of an index to fetch."""
-
-    os: str
-    architecture: str
-    variant: str | None = None
-
-    def __str__(self) -> str:
-        return "/".join(p for p in (self.os, self.architecture, self.variant) if p)
-
-    def matches(self, platform: Any) -> bool:
-        if not isinstance(platform, dict):
-            return True  # a child that names no platform is for every platform
-        if platform.get("os") != self.os or platform.get("architecture") != self.architecture:
-            return False
-        return self.variant is None or platform.get("variant") == self.variant
-
-
 def parse_platform(text: str) -> Platform:
     """argparse type for ``--platform``."""
-    parts = text.strip().lower().split("/")
-    if len(parts) not in (2, 3) or not all(_PLATFORM_PART.match(p) for p in parts):
-        raise argparse.ArgumentTypeError(f"{text!r} is not OS/ARCH or OS/ARCH/VARIANT (like linux/arm64/v8)")
-    return Platform(*parts)
+    try:
+        return platforms.parse_platform(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def describe_platform(platform: Any) -> str:
