@@ -47,6 +47,7 @@ class Download(Protocol):
         self.done: defer.Deferred[None] = defer.Deferred()
         self.status = 0
         self.length: int | None = None
+        self.headers: dict[str, str] = {}   # lower-case names
 
     def connectionMade(self) -> None:
         self.transport.write(f"GET {self.path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
@@ -61,8 +62,9 @@ class Download(Protocol):
             self.status = int(lines[0].split()[1])
             for line in lines[1:]:
                 key, _, value = line.partition(":")
-                if key.lower() == "content-length":
-                    self.length = int(value)
+                self.headers[key.lower()] = value.strip()
+            if "content-length" in self.headers:
+                self.length = int(self.headers["content-length"])
         if data:
             if self.first_byte_at is None:
                 self.first_byte_at = time.monotonic()

@@ -21,9 +21,8 @@ from typing import Any, Callable
 import attrs
 import pytest
 import pytest_twisted
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import DeferredList
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.protocol import Protocol
 from twisted.internet.threads import deferToThread
 
 from conftest import ROOT, VENV_BIN, stop_process
@@ -32,6 +31,7 @@ from support.ports import free_port
 from support.wait import wait_for_port, wait_until
 from fake_upstream import fake_upstream  # noqa: F401  (the fixture)
 from syncclient import request, sha256
+import test_mirror as mirror_test
 
 WORKER = "x-registryd-worker"
 
@@ -283,49 +283,16 @@ def test_one_worker_is_one_process(tmp_path: Any) -> None:
 NS = "upstream.test"
 
 
-class Download(Protocol):
+class Download(mirror_test.Download):
     """A raw GET that hashes its body as it streams in and notes the worker that answered."""
 
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.head = b""
-        self.status = 0
-        self.length: int | None = None
-        self.worker: str | None = None
-        self.body = 0
-        self.hasher = hashlib.sha256()
-        self.done: Deferred[None] = Deferred()
-
-    def connectionMade(self) -> None:
-        self.transport.write(f"GET {self.path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.status == 0:
-            self.head += data
-            if b"\r\n\r\n" not in self.head:
-                return
-            head, data = self.head.split(b"\r\n\r\n", 1)
-            lines = head.decode("latin-1").split("\r\n")
-            self.status = int(lines[0].split()[1])
-            for line in lines[1:]:
-                key, _, value = line.partition(":")
-                if key.lower() == "content-length":
-                    self.length = int(value)
-                elif key.lower() == WORKER:
-                    self.worker = value.strip()
-        self.body += len(data)
-        self.hasher.update(data)
-
-    def connectionLost(self, reason: Any) -> None:
-        self.done.callback(None)
+    @property
+    def worker(self) -> str | None:
+        return self.headers.get(WORKER)
 
     @property
     def complete(self) -> bool:
         return self.status == 200 and self.length is not None and self.body == self.length
-
-    @property
-    def digest(self) -> str:
-        return "sha256:" + self.hasher.hexdigest()
 
 
 async def start_download(node: Node, path: str) -> Download:
