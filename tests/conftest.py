@@ -110,6 +110,9 @@ def pytest_configure(config: Any) -> None:
 _START_ORDER = ("ceph", "packaging", "e2e", "bench", "integration", "s3", "unit")
 
 
+# tryfirst: pytest-xdist reads the xdist_group markers in its own collection hook (turning them
+# into the "@group" suffix its scheduler splits on); ours must have added them by then.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
     rank: dict[Any, int] = {}
     for item in items:
@@ -132,6 +135,18 @@ def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
         item.add_marker(pytest.mark.xdist_group("ceph" if needs_ceph else module_name(item.path)))
         rank[item] = _START_ORDER.index("ceph" if needs_ceph else tier)
     items.sort(key=rank.__getitem__)    # stable: a module's tests keep their order
+
+
+def pytest_xdist_node_collection_finished(node: Any, ids: list[str]) -> None:
+    """Stops the run when pytest-xdist did not turn the groups into its "@group" node-id suffix.
+
+    pytest 9.2 made node ids read-only to pytest-xdist 3.8, which then silently spread every
+    module's tests (and two Ceph clusters) over both workers; this says so instead.
+    """
+    ungrouped = [nodeid for nodeid in ids if "@" not in nodeid.rpartition("]")[2]]
+    if node.config.getoption("dist") == "loadgroup" and ungrouped:
+        raise pytest.UsageError(f"pytest-xdist ignored the xdist_group of {ungrouped[0]} "
+                                "(a pytest/pytest-xdist pair that does not fit: see setup.cfg)")
 
 
 ROOT = os.path.dirname(HERE)
