@@ -20,6 +20,11 @@ Figures
   push_during_pulls_MBps      the pushes' own rate during step 3, MB/s
   reactor_lag_p99_ms          the largest per-worker p99 bound in step 3 (registryd only): target < 10
   reactor_lag_p99_alone_ms    the same over step 2, without the push: what the machine's load alone costs
+  reactor_lag_p99_idle_ms     the same over --seconds / 2 of no traffic at all, before step 2
+  runq_wait_ms_per_s          registryd only: how long per second its busiest worker's reactor thread was
+                              runnable but waiting for a CPU (/proc/<pid>/task/<pid>/schedstat) over
+                              step 3 (runq_wait_alone_ms_per_s: over step 2): lag that is the machine's
+                              scheduling, not a long step of ours (a step of ours is CPU time, not a wait)
 
 --workers N sets registryd's [server] workers. The load average is printed with
 the figures: on a shared machine, ratios within one run are what count.
@@ -54,16 +59,22 @@ SETTINGS = {"full": {"blob_mib": 256, "push_mib": 1024, "seconds": 10},
 LAG = "registryd_reactor_lag_seconds"
 BLOCK = 1 << 20
 KEYS = ["pull_alone_c8_MBps", "pull_during_push_c8_MBps", "pull_drop_pct", "push_during_pulls_MBps",
-        "reactor_lag_p99_alone_ms", "reactor_lag_p99_ms"]
+        "reactor_lag_p99_idle_ms", "reactor_lag_p99_alone_ms", "reactor_lag_p99_ms",
+        "runq_wait_alone_ms_per_s", "runq_wait_ms_per_s"]
 LABELS = {"pull_alone_c8_MBps": "cached blob GET, c=8, alone",
           "pull_during_push_c8_MBps": "... while a {push} blob is pushed",
           "pull_drop_pct": "pull throughput drop (target < 20)",
           "push_during_pulls_MBps": "the push's rate meanwhile",
+          "reactor_lag_p99_idle_ms": "reactor lag p99, worst worker, idle",
           "reactor_lag_p99_alone_ms": "reactor lag p99, worst worker, no push",
-          "reactor_lag_p99_ms": "reactor lag p99, worst worker (< 10)"}
-UNITS = {"pull_drop_pct": "%", "reactor_lag_p99_ms": "ms", "reactor_lag_p99_alone_ms": "ms"}
+          "reactor_lag_p99_ms": "reactor lag p99, worst worker (< 10)",
+          "runq_wait_alone_ms_per_s": "reactor waiting for a CPU, no push",
+          "runq_wait_ms_per_s": "reactor waiting for a CPU, pushing"}
+UNITS = {"pull_drop_pct": "%", "reactor_lag_p99_ms": "ms", "reactor_lag_p99_alone_ms": "ms",
+         "reactor_lag_p99_idle_ms": "ms", "runq_wait_alone_ms_per_s": "ms/s", "runq_wait_ms_per_s": "ms/s"}
 #: Figures only registryd has (the reference exports no reactor lag).
-REGISTRYD_ONLY = ("reactor_lag_p99_alone_ms", "reactor_lag_p99_ms")
+REGISTRYD_ONLY = ("reactor_lag_p99_idle_ms", "reactor_lag_p99_alone_ms", "reactor_lag_p99_ms",
+                  "runq_wait_alone_ms_per_s", "runq_wait_ms_per_s")
 
 
 def _conn(hostport, timeout=600):
@@ -188,6 +199,30 @@ def p99_ms(before, after):
     return None, int(total)
 
 
+def reactor_threads(server, workers):
+    """The processes whose main thread runs a reactor: each worker, or the one process."""
+    return (core._children(server.proc.pid) if workers != 1 else []) or [server.proc.pid]
+
+
+def schedstat(pids):
+    """{pid: (ns on a CPU, ns runnable waiting for one)} of each process's main thread."""
+    out = {}
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/task/{pid}/schedstat") as f:
+                on_cpu, waiting = f.read().split()[:2]
+            out[pid] = (int(on_cpu), int(waiting))
+        except (OSError, ValueError):
+            pass
+    return out
+
+
+def runq_wait_ms_per_s(before, after, seconds):
+    """The busiest reactor's wait for a CPU between two schedstat readings, ms per second."""
+    waits = [(after[p][1] - before[p][1]) / 1e6 / seconds for p in after if p in before]
+    return round(max(waits), 1) if waits else None
+
+
 # --------------------------------------------------------------------------
 
 
@@ -197,8 +232,20 @@ def measure(args, name, server):
     digest = push_stream(server.hostport, repo, args.blob_mib, seed=1)
     url = f"http://{server.hostport}/v2/{repo}/blobs/{digest}"
     wrk_mbps(url, 8, 1)     # warm the page cache and the server's caches
-    lag_alone = lag_buckets(server, args.workers) if name == "registryd" else None
+    pids = reactor_threads(server, args.workers) if name == "registryd" else []
+    if name == "registryd":
+        # No traffic at all: the lag that is only the machine's scheduling.
+        lag_idle = lag_buckets(server, args.workers)
+        time.sleep(max(1.0, args.seconds / 2))
+        lag_alone = lag_buckets(server, args.workers)
+        figs["reactor_lag_p99_idle_ms"], extra["reactor_lag_p99_ms_idle_per_process"] = _worst_lag(
+            lag_idle, lag_alone)
+    else:
+        lag_alone = None
+    sched, started = schedstat(pids), time.monotonic()
     figs["pull_alone_c8_MBps"] = wrk_mbps(url, 8, args.seconds)
+    if pids:
+        figs["runq_wait_alone_ms_per_s"] = runq_wait_ms_per_s(sched, schedstat(pids), time.monotonic() - started)
     stop = threading.Event()
     pushes, errors = [], []
 
@@ -220,7 +267,7 @@ def measure(args, name, server):
         figs["reactor_lag_p99_alone_ms"], extra["reactor_lag_p99_ms_alone_per_process"] = _worst_lag(
             lag_alone, lag_before)
     thread = threading.Thread(target=pusher, daemon=True)
-    started = time.monotonic()
+    sched, started = schedstat(pids), time.monotonic()
     thread.start()
     try:
         figs["pull_during_push_c8_MBps"] = wrk_mbps(url, 8, args.seconds)
@@ -228,6 +275,8 @@ def measure(args, name, server):
         stop.set()
     thread.join()     # the push under way finishes: its time counts in its rate
     elapsed = time.monotonic() - started
+    if pids:
+        figs["runq_wait_ms_per_s"] = runq_wait_ms_per_s(sched, schedstat(pids), elapsed)
     if errors:
         raise RuntimeError(f"push failed: {errors[0]}")
     figs["push_during_pulls_MBps"] = round(len(pushes) * args.push_mib * 1.048576 / elapsed, 1)
@@ -325,9 +374,11 @@ def main(argv):
           f"(1, 5, 15 min) at start {result['host']['loadavg_start']}, at end {result['host']['loadavg_end']}")
     lag = result["servers"].get("registryd", {}).get("extra", {}).get("reactor_lag_p99_ms_per_process", {})
     alone = result["servers"].get("registryd", {}).get("extra", {}).get("reactor_lag_p99_ms_alone_per_process", {})
+    idle = result["servers"].get("registryd", {}).get("extra", {}).get("reactor_lag_p99_ms_idle_per_process", {})
     for proc, v in lag.items():
         print(f"  registryd {proc}: reactor lag p99 <= {v['p99_ms']} ms over {v['ticks']} ticks during the push, "
-              f"<= {alone.get(proc, {}).get('p99_ms')} ms without it")
+              f"<= {alone.get(proc, {}).get('p99_ms')} ms without it, "
+              f"<= {idle.get(proc, {}).get('p99_ms')} ms without any traffic")
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     with open(output, "w") as f:
         json.dump(result, f, indent=2)

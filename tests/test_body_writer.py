@@ -111,7 +111,7 @@ async def test_a_failed_write_refuses_the_body_once_and_writes_nothing_more() ->
     pool, producer, written, errors = StepPool(), Producer(), [], []
 
     def write(data: bytes) -> None:
-        if data == b"full":
+        if b"full" in data:                       # a batch goes as one buffer
             raise OSError(errno.ENOSPC, "No space left on device")
         written.append(data)
 
@@ -244,3 +244,26 @@ def test_on_written_hears_of_each_batch_only_once_it_is_written() -> None:
     writer.write(b"full")
     pool.step()
     assert heard == [(10, 10), (50, 60)]   # a failed batch is never announced
+
+
+def test_the_chunks_of_a_batch_reach_the_write_as_one_buffer() -> None:
+    """One ``write`` (one os.write, one hash update) per batch, not per 64 KiB chunk: each is a
+    hand-over of the GIL between the writing thread and the reactor's."""
+    pool, calls = StepPool(), []
+    writer = SerialWriter(calls.append, pool, Producer(), limit=1024, min_batch=40)
+    for chunk in (b"a" * 10, b"b" * 10, b"c" * 10, b"d" * 10, b"e" * 10):
+        writer.write(chunk)               # the batch starts at 40 bytes; "e" waits for the next
+    pool.step()
+    assert calls == [b"a" * 10 + b"b" * 10 + b"c" * 10 + b"d" * 10]
+
+
+def test_an_upload_body_reads_its_connection_in_bigger_pieces() -> None:
+    """Twisted reads 64 KiB at a time; each read is a trip through the HTTP parser on the reactor."""
+    from registryd.web.request import READ_SIZE
+
+    class TCPTransport(Producer):
+        bufferSize = 64 * 1024
+
+    transport = TCPTransport()
+    UploadBody(SessionWriter(), pool=StepPool(), producer=transport)
+    assert transport.bufferSize == READ_SIZE >= 256 * 1024

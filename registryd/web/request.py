@@ -41,6 +41,9 @@ _MANIFEST = re.compile(rb"^/v2/(?P<name>.+)/manifests/(?P<reference>[^/]+)$")
 SMALL_BODY_LIMIT = 64 * 1024
 # How often (in bytes of an upload body) the free space of the disk is looked at again.
 ROOM_CHECK_INTERVAL = 8 * 1024 * 1024
+#: Bytes read from an upload's connection at a time: Twisted reads 64 KiB, and each read
+#: costs the reactor a Python-level trip through the HTTP parser to the body (and the GIL).
+READ_SIZE = 256 * 1024
 
 
 class BodySink(Protocol):
@@ -148,6 +151,8 @@ class UploadBody:
         self._claimed = False
         self._on_abandon = on_abandon
         self._serial = None if pool is None else SerialWriter(writer.write, pool, producer, on_error=on_error)
+        if producer is not None and getattr(producer, "bufferSize", READ_SIZE) < READ_SIZE:
+            producer.bufferSize = READ_SIZE
 
     @property
     def paused(self) -> bool:
