@@ -59,6 +59,7 @@ TIERS: dict[str, frozenset[str]] = {
     "e2e": frozenset({
         "e2e/test_auth_clients", "e2e/test_containerd", "e2e/test_containerd_store", "e2e/test_dockerd",
         "e2e/test_scale_out", "e2e/test_skopeo", "e2e/test_skopeo_tls", "e2e/test_web_ui_browser",
+        "e2e/test_workers_clients",
     }),
     "packaging": frozenset({"test_packaging"}),
     "bench": frozenset({"test_benchmarks"}),
