@@ -34,6 +34,7 @@ from registryd.threads import MAINTENANCE_THREADS, BlockingPool, BoundedPool
 from registryd.upkeep.scheduler import Upkeep
 from registryd.web.app import RegistryAPI
 from registryd.web.probes import ProbesOnly, split_probes
+from registryd.web.node_limits import NodeBodyBudget, NodeConnectionLimits, NodeCounters
 from registryd.web.shared_sessions import SharedSessionQuota
 from registryd.web.site import RegistrySite
 from registryd.web.worker_snapshots import WorkerSnapshots
@@ -93,6 +94,12 @@ class RegistryService(MultiService):
                                              reactor, self.api.views.local)
             self.api.views.node = self.snapshots.view
         self.site = RegistrySite(self.api, reactor)
+        if role is not None:
+            # Connections and the bodies held in memory count against [server] limits node-wide.
+            counters = NodeCounters(os.path.join(config.data_dir, RUN, "limits"), role.index, role.count)
+            self.site.limits = NodeConnectionLimits(counters, config.max_connections,
+                                                    config.max_connections_per_client, self.api.warnings)
+            self.api.body_budget = NodeBodyBudget(counters, config.max_pending_body_bytes, self.api.warnings)
         self.probe_site: RegistrySite | None = None
         self.upkeep = self.api.upkeep = Upkeep(self.store, config, self.api.metrics, reactor)
         self.sync = self.api.sync = SyncScheduler(config, self.api.mirror, self.store, self.api.metrics, reactor)
