@@ -35,7 +35,7 @@ from twisted.internet.defer import Deferred, gatherResults
 from conftest import stop_process
 from support.pki import issue, make_ca
 from test_workers import Node, start_node
-from upstreams import ReferenceUpstream, blob_path, free_port, manifest_path, shared_pki
+from upstreams import ReferenceUpstream, blob_path, free_port, manifest_path, push_index, shared_pki
 
 from . import oci_layout as oci
 from .containerd_daemon import RequestTap, push_unpackable_image
@@ -204,10 +204,12 @@ async def test_skopeo_chunks_of_one_session_on_both_workers(plain: Plain, tap: R
     posts = [(target, worker) for method, target, worker in served if method == "POST"]
     puts = [(target, worker) for method, target, worker in served if method == "PUT" and "/uploads/" in target]
     assert len(posts) == len(puts) == 4 * 13
-    # A session starts (POST) on one worker and is committed (PUT) on the other.
+    # Sessions are started (POST) and committed (PUT) on both workers.
     post_workers = {worker for _, worker in posts}
     put_workers = {worker for _, worker in puts}
     assert post_workers == put_workers == {"0", "1"}, served
+    # Sessions whose PATCH one worker took and whose PUT the other (about half of them here).
+    assert any(workers == {"0", "1"} for workers in _workers_by_session(served).values()), served
     out = tmp_path / "out"
     await skopeos[0].copy(f"docker://{plain.node.host}/team/spread2:1", f"oci:{out}:1")
     assert_pulled(out, "1", images[2].digest, expected_blobs(images[2]))
@@ -234,6 +236,61 @@ async def test_concurrent_skopeo_pulls_through_the_mirror_fetch_once(plain: Plai
     for digest in (image["config"]["digest"], image["layers"][0]["digest"]):
         assert _count(up, "GET", blob_path("lib/cold", digest)) == 1, digest
     assert _count(up, "GET", manifest_path("lib/cold", "v1")) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_concurrent_pulls_of_an_index_fetch_each_manifest_once(plain: Plain, tap: RequestTap,
+                                                                    tmp_path: Any) -> None:
+    """Five ``skopeo copy --all`` of a cold two-platform index at once: the index by tag, each
+    image manifest by digest and each blob are one upstream GET each for the node."""
+    up = plain.upstream
+    images = [push_unpackable_image(up, "lib/multi", arch, marker=f"multi-{arch}", payload_size=600_000)
+              for arch in ("amd64", "arm64")]
+    index = push_index(up, "lib/multi", "v1", images)
+    outs = [tmp_path / f"out{i}" for i in range(5)]
+    await together([
+        Skopeo(tmp_path / f"skopeo{i}").copy(f"docker://{tap.host}/upstream.test/lib/multi:v1",
+                                             f"oci:{out}:v1", "--all")
+        for i, out in enumerate(outs)])
+    # skopeo writes the image manifests anew into an OCI layout; the blobs it keeps as they are.
+    for out in outs:
+        for image in images:
+            for blob in [image["config"], *image["layers"]]:
+                assert oci.read_blob(out, blob["digest"]) == blob["data"], blob["digest"]
+    inspector = Skopeo(tmp_path / "inspector")
+    assert await inspector.inspect_raw(f"docker://{plain.node.host}/upstream.test/lib/multi:v1") == index["manifest"]
+    for image in images:
+        raw = await inspector.inspect_raw(f"docker://{plain.node.host}/upstream.test/lib/multi@{image['digest']}")
+        assert raw == image["manifest"]
+    assert {worker for _, _, worker in tap.served()} == {"0", "1"}
+    assert _count(up, "GET", manifest_path("lib/multi", "v1")) == 1
+    for image in images:
+        assert _count(up, "GET", manifest_path("lib/multi", image["digest"])) == 1, image["digest"]
+        for blob in [image["config"]["digest"], *(layer["digest"] for layer in image["layers"])]:
+            assert _count(up, "GET", blob_path("lib/multi", blob)) == 1, blob
+
+
+@pytest_twisted.ensureDeferred
+async def test_skopeo_pushes_mount_blobs_the_node_has(plain: Plain, tap: RequestTap, tmp_path: Any) -> None:
+    """A skopeo that pushed an image once mounts its blobs into other repositories
+    (POST ?mount=&from=, from its blob-info cache), whichever worker takes each mount."""
+    image = _image("mount", [700_000, 300_000])
+    layout = oci.OCILayout(tmp_path / "src")
+    layout.add_image(image, tag="1")
+    skopeo = Skopeo(tmp_path / "skopeo")
+    await skopeo.copy(f"oci:{layout.root}:1", f"docker://{tap.host}/team/mount-from:1")
+    seen = len(tap.served())
+    for i in range(3):
+        await skopeo.copy(f"oci:{layout.root}:1", f"docker://{tap.host}/team/mount{i}:1")
+    after = tap.served()[seen:]
+    mounts = [worker for method, target, worker in after if method == "POST" and "mount=" in target]
+    assert len(mounts) == 3 * 2, after        # the two layers (skopeo sends the small config again)
+    layers = [layer.blob.digest.replace(":", "%3A") for layer in image.layers]
+    assert not any(method == "PUT" and any(d in target for d in layers) for method, target, _ in after), after
+    for i in range(3):
+        out = tmp_path / f"out{i}"
+        await skopeo.copy(f"docker://{plain.node.host}/team/mount{i}:1", f"oci:{out}:1")
+        assert_pulled(out, "1", image.digest, expected_blobs(image))
 
 
 # -- docker -------------------------------------------------------------------------------------

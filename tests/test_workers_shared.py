@@ -1,9 +1,10 @@
-"""Limits a node of two worker processes counts once for the node, not once per worker.
+"""What a node of two worker processes counts, or fetches, once for the node, not per worker.
 
 [server] max_connections, max_connections_per_client and max_pending_body_bytes
-(registryd.web.node_limits), and the pull-through cache's manifest fetches
+(registryd.web.node_limits); the pull-through cache's manifest fetches
 (registryd.mirror.shared_manifest): a tag asked for on both workers at once is one
-upstream GET. Each test holds connections answered by named workers
+upstream GET; and small blobs asked for on both workers at once, which one worker
+fetches and stores while the other follows (registryd.mirror.shared_fill). Each test holds connections answered by named workers
 (REGISTRYD_WORKER_HEADER, as tests/test_workers.py starts its nodes), so what one
 worker holds is what the other must count.
 """
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
+import threading
 import time
 from typing import Any, Iterator
 
@@ -21,7 +24,9 @@ from twisted.internet.threads import deferToThread
 from conftest import stop_process
 from fake_upstream import fake_upstream  # noqa: F401  (the fixture)
 from support.wait import wait_until
+from syncclient import request
 from test_workers import NS, WORKER, Node, mirror_config, start_node
+from upstreams import push_blob, reference_upstream  # noqa: F401  (the fixture)
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 
@@ -112,32 +117,49 @@ def test_bodies_held_on_both_workers_meet_one_budget(small_node: Node) -> None:
     """25,000 bytes held by a manifest push on one worker: a 25,000-byte push on the other is
     past the node's 40,000 (503 with Retry-After), and is taken once the first is done."""
     manifest = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "pad": "x" * 25_000}).encode()
-    first, second = hold(small_node, 1)
+    first, other = hold(small_node, 1)      # one on each worker: worker 0's is kept
+    other.close()
+    _start_put(first, "/v2/team/budget/manifests/one", len(manifest), manifest[:100])
     try:
-        _start_put(first, "/v2/team/budget/manifests/one", len(manifest), manifest[:100])
-        _start_put(second, "/v2/team/budget/manifests/two", len(manifest), b"")
-        reply = second.getresponse()
-        assert reply.status == 503, (reply.status, reply.read())
-        assert reply.getheader("Retry-After") == "1"
-        assert json.loads(reply.read())["errors"][0]["code"] == "UNAVAILABLE"
+        # Until worker 0 has read the first request's head, the other worker may still take one.
+        deadline = time.monotonic() + 10
+        while True:
+            status, retry_after, code = _put_on(small_node, "1", manifest)
+            if status == 503:
+                break
+            assert time.monotonic() < deadline, "worker 1 never counted the body worker 0 holds"
+            time.sleep(0.05)
+        assert (retry_after, code) == ("1", "UNAVAILABLE")
         first.send(manifest[100:])
         done = first.getresponse()
         done.read()
         assert done.status != 503    # the body was taken (and judged as a manifest)
     finally:
         first.close()
-        second.close()
     deadline = time.monotonic() + 10
-    while True:
-        conn = http.client.HTTPConnection("127.0.0.1", small_node.port, timeout=30)
-        conn.request("PUT", "/v2/team/budget/manifests/two", body=manifest, headers={"Content-Type": OCI_MANIFEST})
-        reply = conn.getresponse()
-        reply.read()
-        conn.close()
-        if reply.status != 503:
-            break
+    while _put_on(small_node, "1", manifest)[0] == 503:
         assert time.monotonic() < deadline, "the first body's bytes were never given back"
         time.sleep(0.05)
+
+
+def _put_on(node: Node, worker: str, manifest: bytes) -> tuple[int, str | None, str | None]:
+    """PUT ``manifest`` as team/budget:two over a connection of ``worker``: (status, Retry-After, error code)."""
+    for _ in range(100):
+        conn, who, _ = _open(node)
+        if who != worker:
+            conn.close()
+            time.sleep(0.01)
+            continue
+        try:
+            conn.request("PUT", "/v2/team/budget/manifests/two", body=manifest,
+                         headers={"Content-Type": OCI_MANIFEST})
+            reply = conn.getresponse()
+            body = reply.read()
+        finally:
+            conn.close()
+        code = json.loads(body)["errors"][0]["code"] if reply.status >= 400 else None
+        return reply.status, reply.getheader("Retry-After"), code
+    raise AssertionError(f"worker {worker} never answered")
 
 
 # --- one upstream manifest GET per tag for the node -----------------------------------------
@@ -186,3 +208,35 @@ async def _for(seconds: float) -> None:
     from twisted.internet.task import deferLater
 
     await deferLater(reactor, seconds, lambda: None)
+
+
+# --- small blobs fetched by one worker, followed by the other --------------------------------
+
+def test_small_blobs_asked_on_both_workers_at_once_are_all_served(tmp_path: Any, reference_upstream: Any) -> None:
+    """A blob of a few hundred bytes is fetched, verified and moved into the store in a moment.
+    A worker following the fill that finds the partial file already moved, while the fetching
+    worker has not yet said "stored", must wait for that word: it used to start over at once,
+    five times in a row, and answer 503 "the transfer did not begin in another worker process"."""
+    up = reference_upstream("open")
+    node = start_node(tmp_path, f'[[upstream]]\nnamespace = "{NS}"\nurl = "{up.url}"\n')
+    try:
+        failed = []
+        for round in range(30):
+            data = os.urandom(300 + round)
+            digest = push_blob(up, "lib/small", data)["digest"]
+            answers: list[tuple[int, bytes, str | None]] = []
+
+            def get() -> None:
+                reply = request(node.host, "GET", f"/v2/{NS}/lib/small/blobs/{digest}")
+                answers.append((reply.status, reply.body, reply.header(WORKER)))
+
+            threads = [threading.Thread(target=get) for _ in range(8)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            failed += [answer for answer in answers if answer[:2] != (200, data)]
+        assert not failed, failed[:3]
+        assert up.count("GET", r"/v2/lib/small/blobs/.*") == 30
+    finally:
+        stop_process(node.process)
