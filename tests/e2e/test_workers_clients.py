@@ -17,12 +17,17 @@ Missing tools fail, never skip.
 """
 from __future__ import annotations
 
+import base64
 import hashlib
+import http.client
 import json
 import os
 import re
 import shutil
+import signal
+import ssl
 import tempfile
+import time
 from collections import defaultdict
 from typing import Any, Iterator
 
@@ -31,10 +36,11 @@ import bcrypt
 import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.threads import deferToThread
 
 from conftest import stop_process
 from support.pki import issue, make_ca
-from test_workers import Node, start_node
+from test_workers import WORKER, Node, start_node
 from upstreams import ReferenceUpstream, blob_path, free_port, manifest_path, push_index, shared_pki
 
 from . import oci_layout as oci
@@ -60,6 +66,7 @@ class Secure:
     node: Node
     host: str           # 127.0.0.1:<tls port>
     cert_dir: str       # ca.crt, for the clients
+    htpasswd: str
 
 
 def _check_log(directory: Any) -> None:
@@ -102,7 +109,7 @@ def secure(tmp_path_factory: Any) -> Iterator[Secure]:
     htpasswd = directory / "htpasswd"
     htpasswd.write_bytes(b"ci:" + bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=4)) + b"\n")
     node = start_node(directory, f'[auth]\nhtpasswd = "{htpasswd}"\n', tls=(cert, key))
-    yield Secure(node, f"127.0.0.1:{node.tls_port}", str(cert_dir))
+    yield Secure(node, f"127.0.0.1:{node.tls_port}", str(cert_dir), str(htpasswd))
     stop_process(node.process)
     _check_log(directory)
 
@@ -465,3 +472,46 @@ async def test_every_client_over_tls_with_htpasswd_users(secure: Secure, dockerd
     raw = await skopeos[0].run("inspect", "--raw", "--cert-dir", secure.cert_dir, "--creds", creds,
                                f"docker://{host}/team/ctls:1")
     assert "sha256:" + hashlib.sha256(raw.stdout).hexdigest() == images[2].digest
+
+
+def _tls_worker(secure: Secure, user: str, password: str) -> tuple[int, str | None]:
+    """(status, worker) of GET /v2/ as ``user`` over a new TLS connection."""
+    context = ssl.create_default_context(cafile=os.path.join(secure.cert_dir, "ca.crt"))
+    conn = http.client.HTTPSConnection("127.0.0.1", secure.node.tls_port, context=context, timeout=30)
+    try:
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        conn.request("GET", "/v2/", headers={"Authorization": f"Basic {token}"})
+        reply = conn.getresponse()
+        reply.read()
+        return reply.status, reply.getheader(WORKER)
+    finally:
+        conn.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_user_added_to_htpasswd_logs_in_on_every_worker(secure: Secure, tmp_path: Any) -> None:
+    """A user added to the htpasswd file (and SIGHUP sent, as an operator does) logs in on both
+    workers, and pushes and pulls with skopeo."""
+    password = "added-Later-9"
+    assert (await deferToThread(_tls_worker, secure, "late", password))[0] == 401
+    with open(secure.htpasswd, "ab") as f:
+        f.write(b"late:" + bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=4)) + b"\n")
+    secure.node.process.send_signal(signal.SIGHUP)
+    accepted: set[str | None] = set()
+    deadline = time.monotonic() + 20
+    while accepted != {"0", "1"}:
+        assert time.monotonic() < deadline, f"only workers {accepted} know the new user"
+        status, worker = await deferToThread(_tls_worker, secure, "late", password)
+        if status == 200:
+            accepted.add(worker)
+    image = _image("late", [50_000])
+    layout = oci.OCILayout(tmp_path / "src")
+    layout.add_image(image, tag="1")
+    skopeo = Skopeo(tmp_path / "skopeo")
+    tls = ["--dest-cert-dir", secure.cert_dir, "--src-cert-dir", secure.cert_dir]
+    await skopeo.run("copy", *tls, "--dest-creds", f"late:{password}", f"oci:{layout.root}:1",
+                     f"docker://{secure.host}/team/late:1")
+    out = tmp_path / "out"
+    await skopeo.run("copy", *tls, "--src-creds", f"late:{password}", f"docker://{secure.host}/team/late:1",
+                     f"oci:{out}:1")
+    assert_pulled(out, "1", image.digest, expected_blobs(image))
