@@ -21,7 +21,7 @@ from registryd.auth.settings import build_auth
 from registryd.auth.shared_failures import SharedFailures
 from registryd.auth.tls import ServerTLSContext, TLSServerEndpoint, parse_tls_description, tls_endpoint
 from registryd.config import Config
-from registryd.listeners import HAPROXY, RUN, Inherited, WorkerRole, accept_one_at_a_time
+from registryd.listeners import HAPROXY, LIMITS, RUN, Inherited, WorkerRole, accept_one_at_a_time
 from registryd.mirror.shared_fill import sweep_abandoned
 from registryd.storage import open_store
 from registryd.storage.claim_table import ClaimTable
@@ -96,7 +96,7 @@ class RegistryService(MultiService):
         self.site = RegistrySite(self.api, reactor)
         if role is not None:
             # Connections and the bodies held in memory count against [server] limits node-wide.
-            counters = NodeCounters(os.path.join(config.data_dir, RUN, "limits"), role.index, role.count)
+            counters = NodeCounters(os.path.join(config.data_dir, RUN, LIMITS), role.index, role.count)
             self.site.limits = NodeConnectionLimits(counters, config.max_connections,
                                                     config.max_connections_per_client, self.api.warnings)
             self.api.body_budget = NodeBodyBudget(counters, config.max_pending_body_bytes, self.api.warnings)

@@ -4,9 +4,10 @@
 (registryd.web.node_limits); the pull-through cache's manifest fetches
 (registryd.mirror.shared_manifest): a tag asked for on both workers at once is one
 upstream GET; and small blobs asked for on both workers at once, which one worker
-fetches and stores while the other follows (registryd.mirror.shared_fill). Each test holds connections answered by named workers
-(REGISTRYD_WORKER_HEADER, as tests/test_workers.py starts its nodes), so what one
-worker holds is what the other must count.
+fetches and stores while the other follows (registryd.mirror.shared_fill). The tests
+hold connections answered by named workers (REGISTRYD_WORKER_HEADER, as
+tests/test_workers.py starts its nodes), so what one worker holds is what the other
+must count.
 """
 from __future__ import annotations
 

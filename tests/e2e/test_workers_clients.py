@@ -222,6 +222,39 @@ async def test_skopeo_chunks_of_one_session_on_both_workers(plain: Plain, tap: R
     assert_pulled(out, "1", images[2].digest, expected_blobs(images[2]))
 
 
+@pytest_twisted.ensureDeferred
+async def test_one_image_pushed_by_six_skopeos_at_once_then_deleted(plain: Plain, tap: RequestTap,
+                                                                     tmp_path: Any) -> None:
+    """Six pushes of the same blobs at once, into one repository and into three: the same
+    digest committed by both workers at the same moment. Then a delete on one worker is a
+    404 on the other, and the other tags still pull."""
+    image = _image("same", [1_500_000, 2_000_000, 100_000])
+    layout = oci.OCILayout(tmp_path / "src")
+    layout.add_image(image, tag="1")
+    targets = ["team/same:1", "team/same:2", "team/same:3", "team/same-a:1", "team/same-b:1", "team/same-c:1"]
+    skopeos = [Skopeo(tmp_path / f"skopeo{i}") for i in range(len(targets))]
+    pushed = await together([skopeo.copy_digest(f"oci:{layout.root}:1", f"docker://{tap.host}/{target}")
+                             for skopeo, target in zip(skopeos, targets)])
+    assert pushed == [image.digest] * len(targets)
+    commits = {worker for method, target, worker in tap.served() if method == "PUT" and "/uploads/" in target}
+    assert commits == {"0", "1"}
+    assert sorted((await skopeos[0].list_tags(f"docker://{plain.node.host}/team/same"))["Tags"]) == ["1", "2", "3"]
+    outs = [tmp_path / f"out{i}" for i in range(len(targets))]
+    await together([skopeo.copy(f"docker://{tap.host}/{target}", f"oci:{out}:1")
+                    for skopeo, target, out in zip(skopeos, targets, outs)])
+    for out in outs:
+        assert_pulled(out, "1", image.digest, expected_blobs(image))
+
+    await skopeos[0].delete(f"docker://{plain.node.host}/team/same-a@{image.digest}")
+    for _ in range(4):      # new connections: both workers are asked
+        gone = await skopeos[1].run("inspect", "--tls-verify=false", "--raw",
+                                    f"docker://{plain.node.host}/team/same-a:1", check=False)
+        assert gone.returncode != 0 and re.search(r"manifest unknown|not found", gone.text, re.I), gone.text
+    out = tmp_path / "after"
+    await skopeos[2].copy(f"docker://{plain.node.host}/team/same-b:1", f"oci:{out}:1")
+    assert_pulled(out, "1", image.digest, expected_blobs(image))
+
+
 # -- the pull-through cache: many clients at once, one upstream fetch --------------------------
 
 @pytest_twisted.ensureDeferred
