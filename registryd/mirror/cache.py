@@ -280,9 +280,11 @@ class MirrorCache:
             return again[0] if fresh else None
 
         try:
+            # One fetch of the tag for the node whatever the clients accept: a worker that waited
+            # serves what the other stored when its client accepts that type (as a cache hit is).
             found = await self.manifest_fetches.run(key, lambda: self._once_per_node(
-                key, upstream, lambda: self._fetch_manifest(mirror, route.remote, reference, accept,
-                                                            hit[0] if hit else None), confirmed))
+                key[:3], upstream, lambda: self._fetch_manifest(mirror, route.remote, reference, accept,
+                                                                hit[0] if hit else None), confirmed))
             self._upstream_ok(upstream.namespace)
             return found
         except RegistryError:
@@ -299,11 +301,9 @@ class MirrorCache:
     async def _once_per_node(self, key: tuple[str, ...], upstream: UpstreamConfig,
                              fetch: Callable[[], Awaitable[CachedManifest]],
                              stored: Callable[[float], Awaitable[CachedManifest | None]]) -> CachedManifest:
-        """``fetch()``, once for the whole node when this is one of its worker processes
-        (registryd.mirror.shared_manifest); a worker that waited for another's fetch serves
-        what ``stored`` finds that one stored."""
-        if not self.shared_fills:
-            return await fetch()
+        """``fetch()``, once for the whole node (registryd.mirror.shared_manifest): a request
+        that waited for another's fetch (in any worker, for a client that accepts other types)
+        serves what ``stored`` finds that one stored."""
         prefix = fetch_prefix(self._store.tmp_dir, key)
         return await once_per_node(prefix, self._reactor, self.clock, fetch, stored,
                                    max(10.0, float(upstream.idle_timeout)))

@@ -434,6 +434,48 @@ async def test_ctr_pulls_through_hosts_toml_and_pushes_monolithic(plain: Plain, 
     assert ctrd.image_digests(listing.stdout).get(f"{plain.node.host}/team/capp:v1") == image["digest"]
 
 
+# -- every client at once ------------------------------------------------------------------------
+
+@pytest_twisted.ensureDeferred
+async def test_docker_podman_ctr_and_skopeo_pull_one_cold_image_at_once(plain: Plain, dockerd: DockerDaemon,
+                                                                       tmp_path: Any) -> None:
+    """The four clients, each the way it is pointed at a mirror of docker.io, pull one image
+    nobody pulled yet, at the same moment: one upstream GET per blob and for the tag."""
+    up = plain.upstream
+    image = push_unpackable_image(up, "library/every", "v1", marker="workers-every", docker=True,
+                                  payload_size=2 * 1024 * 1024)
+    base = tempfile.mkdtemp(prefix="podman-", dir="/tmp")
+    try:
+        podman = Podman(os.path.join(base, "0"))
+        with open(podman.registries_conf, "w") as f:
+            f.write('[[registry]]\nprefix = "docker.io"\nlocation = "docker.io"\n\n'
+                    f'[[registry.mirror]]\nlocation = "{plain.node.host}/docker.io"\ninsecure = true\n')
+        hosts = tmp_path / "hosts.d"
+        (hosts / "docker.io").mkdir(parents=True)
+        (hosts / "docker.io" / "hosts.toml").write_text(
+            HOSTS_TOML.replace("upstream.test", "registry-1.docker.io").format(mirror=f"http://{plain.node.host}"))
+        skopeo = Skopeo(tmp_path / "skopeo")
+        await together([
+            dockerd.docker("pull", "every:v1"),
+            podman.run("pull", "docker.io/library/every:v1"),
+            dockerd.containerd.ctr("images", "pull", "--hosts-dir", str(hosts), "--snapshotter", "native",
+                                   "docker.io/library/every:v1", namespace="every"),
+            skopeo.copy(f"docker://{plain.node.host}/docker.io/library/every:v1", f"oci:{tmp_path / 'out'}:v1"),
+        ])
+        digest = (await podman.run("image", "inspect", "--format", "{{.Digest}}",
+                                   "docker.io/library/every:v1")).stdout.strip()
+        assert digest == image["digest"]
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    assert dockerd.vfs_file("etc/registryd-e2e").count(image["marker"]) == 1
+    listing = await dockerd.containerd.ctr("images", "ls", namespace="every")
+    assert dockerd.containerd.image_digests(listing.stdout).get("docker.io/library/every:v1") == image["digest"]
+    assert oci.read_blob(tmp_path / "out", image["layers"][0]["digest"]) == image["layers"][0]["data"]
+    for blob in (image["config"]["digest"], image["layers"][0]["digest"]):
+        assert _count(up, "GET", blob_path("library/every", blob)) == 1, blob
+    assert _count(up, "GET", manifest_path("library/every", "v1")) == 1
+
+
 # -- TLS and htpasswd ---------------------------------------------------------------------------
 
 @pytest_twisted.ensureDeferred
