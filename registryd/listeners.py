@@ -36,6 +36,8 @@ DEFAULT_ENV = "REGISTRYD_WORKERS"
 
 #: The folder of the data directory where the workers of a node share state (claims).
 RUN = "run"
+#: The file under RUN of the node's connection and body counters (registryd.web.node_limits).
+LIMITS = "limits"
 
 _PLAIN = ("tcp", "tcp6", "unix")
 HAPROXY = "haproxy:"

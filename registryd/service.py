@@ -21,7 +21,7 @@ from registryd.auth.settings import build_auth
 from registryd.auth.shared_failures import SharedFailures
 from registryd.auth.tls import ServerTLSContext, TLSServerEndpoint, parse_tls_description, tls_endpoint
 from registryd.config import Config
-from registryd.listeners import HAPROXY, RUN, Inherited, WorkerRole, accept_one_at_a_time
+from registryd.listeners import HAPROXY, LIMITS, RUN, Inherited, WorkerRole, accept_one_at_a_time
 from registryd.mirror.shared_fill import sweep_abandoned
 from registryd.storage import open_store
 from registryd.storage.claim_table import ClaimTable
@@ -34,6 +34,7 @@ from registryd.threads import MAINTENANCE_THREADS, BlockingPool, BoundedPool
 from registryd.upkeep.scheduler import Upkeep
 from registryd.web.app import RegistryAPI
 from registryd.web.probes import ProbesOnly, split_probes
+from registryd.web.node_limits import NodeBodyBudget, NodeConnectionLimits, NodeCounters
 from registryd.web.shared_sessions import SharedSessionQuota
 from registryd.web.site import RegistrySite
 from registryd.web.worker_snapshots import WorkerSnapshots
@@ -93,6 +94,12 @@ class RegistryService(MultiService):
                                              reactor, self.api.views.local)
             self.api.views.node = self.snapshots.view
         self.site = RegistrySite(self.api, reactor)
+        if role is not None:
+            # Connections and the bodies held in memory count against [server] limits node-wide.
+            counters = NodeCounters(os.path.join(config.data_dir, RUN, LIMITS), role.index, role.count)
+            self.site.limits = NodeConnectionLimits(counters, config.max_connections,
+                                                    config.max_connections_per_client, self.api.warnings)
+            self.api.body_budget = NodeBodyBudget(counters, config.max_pending_body_bytes, self.api.warnings)
         self.probe_site: RegistrySite | None = None
         self.upkeep = self.api.upkeep = Upkeep(self.store, config, self.api.metrics, reactor)
         self.sync = self.api.sync = SyncScheduler(config, self.api.mirror, self.store, self.api.metrics, reactor)

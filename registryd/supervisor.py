@@ -34,7 +34,9 @@ from twisted.python.failure import Failure
 from registryd.auth.errors import AuthConfigError
 from registryd.auth.tls import ServerTLSContext, parse_tls_description
 from registryd.config import Config
-from registryd.listeners import FIRST_FD, MULTIPROC_ENV, RUN, Inherited, WorkerRole, family_of, plain_part
+from registryd.listeners import (
+    FIRST_FD, LIMITS, MULTIPROC_ENV, RUN, Inherited, WorkerRole, family_of, plain_part,
+)
 from registryd.memory import release_once_running
 from registryd.startup import StartupError, make_room_for_connections
 from registryd.storage.files import empty_dir
@@ -190,6 +192,10 @@ class Supervisor(Service):
         empty_dir(self._tmp_dir)     # what a crash left; no worker runs yet
         shutil.rmtree(self.metrics_dir, ignore_errors=True)     # counters start at 0, as in one process
         os.makedirs(self.metrics_dir)
+        try:
+            os.unlink(os.path.join(os.path.dirname(self.metrics_dir), LIMITS))   # an earlier run's counts
+        except FileNotFoundError:
+            pass
         for index in range(self.workers):
             self._spawn(index)
         signal.signal(signal.SIGHUP, lambda *_: self._reactor.callFromThread(self.reload))

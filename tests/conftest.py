@@ -43,7 +43,7 @@ TIERS: dict[str, frozenset[str]] = {
         "test_survey_driver", "test_fsck_driver", "test_retention_units", "test_retention_config",
         "test_sync_units", "test_uploads", "test_pools", "test_logs", "test_manifest_cache", "test_containerd_units",
         "test_body_writer", "test_upload_writer", "test_fill_writer", "test_node_view", "test_upstream_body",
-        "test_memory_release",
+        "test_memory_release", "test_node_limits", "test_shared_manifest",
     }),
     "integration": frozenset({
         "test_auth_flood", "test_auth_tls", "test_cache_stale", "test_cli_export_import", "test_cli_fsck",
@@ -51,6 +51,7 @@ TIERS: dict[str, frozenset[str]] = {
         "test_cli_retention",
         "test_conformance", "test_durability", "test_limits", "test_memory", "test_mirror", "test_prune_online", "test_shutdown", "test_twistd", "test_upkeep",
         "test_upstream_fixtures", "test_sync", "test_workers", "test_web_ui", "test_workers_pages", "test_light_supervisor",
+        "test_workers_shared",
     }),
     "s3": frozenset({
         "test_cli_fsck_s3", "test_s3_client", "test_s3_gc", "test_s3_hot_cache", "test_s3_outage",
@@ -59,6 +60,7 @@ TIERS: dict[str, frozenset[str]] = {
     "e2e": frozenset({
         "e2e/test_auth_clients", "e2e/test_containerd", "e2e/test_containerd_store", "e2e/test_dockerd",
         "e2e/test_scale_out", "e2e/test_skopeo", "e2e/test_skopeo_tls", "e2e/test_web_ui_browser",
+        "e2e/test_workers_clients",
     }),
     "packaging": frozenset({"test_packaging"}),
     "bench": frozenset({"test_benchmarks"}),

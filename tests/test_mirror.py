@@ -374,6 +374,26 @@ async def test_concurrent_manifest_requests_make_one_upstream_request(reference_
 
 
 @pytest_twisted.ensureDeferred
+async def test_concurrent_requests_accepting_different_lists_make_one_upstream_request(
+        reference_upstream, make_registry) -> None:
+    """docker, podman, containerd and skopeo each send an Accept list of their own: a tag they
+    ask for at once is one upstream GET, served to each whose list takes the type it came as."""
+    up = reference_upstream("open")
+    image = push_image(up, "lib/app", "v1")
+    registry = make_registry(upstreams=(upstream_config(up),))
+    client = Client(registry.url)
+    index = "application/vnd.oci.image.index.v1+json"
+    docker = "application/vnd.docker.distribution.manifest.v2+json"
+    accepts = [OCI_MANIFEST, f"{OCI_MANIFEST}, {index}", f"{docker}, {OCI_MANIFEST}",
+               f"{index}, {OCI_MANIFEST}, {docker}"]
+    replies = await defer.gatherResults([
+        defer.ensureDeferred(client.get(f"/v2/{NS}/lib/app/manifests/v1", headers={"Accept": accept}))
+        for accept in accepts * 2])
+    assert {(r.status, r.header("Docker-Content-Digest")) for r in replies} == {(200, image["digest"])}
+    assert await up.acount("GET", manifest_path("lib/app", "v1")) == 1
+
+
+@pytest_twisted.ensureDeferred
 async def test_cached_content_is_served_while_upstream_is_down(reference_upstream, make_registry) -> None:
     up = reference_upstream("open")
     image = push_image(up, "lib/app", "v1", layer_sizes=[5000])

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 import time
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import attrs
 from twisted.internet.defer import Deferred, gatherResults
@@ -30,6 +30,7 @@ from registryd.metrics import Metrics
 from registryd.mirror.client import MANIFEST_ACCEPT, UpstreamClient, UpstreamUnavailable, read_limited
 from registryd.mirror.fill import BlobFill
 from registryd.mirror.shared_fill import FillClaim, RemoteFill, fill_prefix
+from registryd.mirror.shared_manifest import fetch_prefix, once_per_node
 from registryd.mirror.routing import Route, Router
 from registryd.names import check_tag, is_tag
 from registryd.storage import Store
@@ -42,6 +43,9 @@ _MAX_TAG_PAGES = 100
 #: Tries to join or take one fill whose claim another worker process let go of before it began.
 _FILL_ATTEMPTS = 5
 _TAG_LIST_LIMIT = 16 * 1024 * 1024
+#: File times come from the kernel's coarse clock: a tag written just after a request began may
+#: look a few milliseconds older than that.
+_MTIME_SLACK = 0.05
 _LINK_NEXT = re.compile(r'<([^>]+)>\s*;\s*rel="?next"?')
 
 
@@ -241,9 +245,14 @@ class MirrorCache:
             if self._offline(upstream):
                 raise offline_miss(upstream, "manifest")
             key: tuple[str, ...] = (upstream.namespace, route.remote, str(digest))
+
+            async def stored(since: float) -> CachedManifest | None:
+                return await self._cached(mirror, route.remote, digest)
+
             try:
-                found = await self.manifest_fetches.run(
-                    key, lambda: self._fetch_manifest(mirror, route.remote, reference, accept, None))
+                found = await self.manifest_fetches.run(key, lambda: self._once_per_node(
+                    key, upstream, lambda: self._fetch_manifest(mirror, route.remote, reference, accept, None),
+                    stored))
             except UpstreamUnavailable as e:
                 self._upstream_failed(upstream.namespace, str(e))
                 raise unavailable(upstream, str(e)) from None
@@ -261,10 +270,21 @@ class MirrorCache:
         if hit is None and self._offline(upstream):
             raise offline_miss(upstream, "manifest")
         key = (upstream.namespace, route.remote, reference, accept or "")
+
+        async def confirmed(since: float) -> CachedManifest | None:
+            again = await self._cached_tag(mirror, route.remote, reference)
+            if again is None or not _accepts(accept, again[0].media_type):
+                return None
+            # Confirmed by the upstream after this request asked (less the file clock's coarseness).
+            fresh = again[1] < upstream.manifest_ttl or self.clock() - again[1] >= since - _MTIME_SLACK
+            return again[0] if fresh else None
+
         try:
-            found = await self.manifest_fetches.run(
-                key, lambda: self._fetch_manifest(mirror, route.remote, reference, accept,
-                                                  hit[0] if hit else None))
+            # One fetch of the tag for the node whatever the clients accept: a worker that waited
+            # serves what the other stored when its client accepts that type (as a cache hit is).
+            found = await self.manifest_fetches.run(key, lambda: self._once_per_node(
+                key[:3], upstream, lambda: self._fetch_manifest(mirror, route.remote, reference, accept,
+                                                                hit[0] if hit else None), confirmed))
             self._upstream_ok(upstream.namespace)
             return found
         except RegistryError:
@@ -277,6 +297,16 @@ class MirrorCache:
             log.warn("serving {repository}:{tag} from cache: {error}", repository=route.remote,
                      tag=reference, error=str(e))
             return attrs.evolve(hit[0], stale=True)
+
+    async def _once_per_node(self, key: tuple[str, ...], upstream: UpstreamConfig,
+                             fetch: Callable[[], Awaitable[CachedManifest]],
+                             stored: Callable[[float], Awaitable[CachedManifest | None]]) -> CachedManifest:
+        """``fetch()``, once for the whole node (registryd.mirror.shared_manifest): a request
+        that waited for another's fetch (in any worker, for a client that accepts other types)
+        serves what ``stored`` finds that one stored."""
+        prefix = fetch_prefix(self._store.tmp_dir, key)
+        return await once_per_node(prefix, self._reactor, self.clock, fetch, stored,
+                                   max(10.0, float(upstream.idle_timeout)))
 
     async def fetch_manifest(self, mirror: Mirror, remote: str, digest: Digest, accept: str | None = None
                              ) -> CachedManifest:

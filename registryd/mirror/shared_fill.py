@@ -204,6 +204,9 @@ class RemoteFill(BlobFill):
             except FileNotFoundError:
                 self._read_end()    # ended already: stored, failed, or its process died
                 if not self.finished:
+                    assert self._lock_fd is not None
+                    if self.verified and _alive(self._lock_fd):
+                        return False    # being moved into the store: its end comes next
                     self.retry = True
             return True
         assert self._lock_fd is not None

@@ -387,8 +387,29 @@ def push_unpackable_image(upstream: Any, repo: str, tag: str, marker: str, docke
 _REQUEST_LINE = re.compile(rb"^([A-Z]+) (\S+) HTTP/1\.[01]$")
 
 
+_WORKER_HEADER = re.compile(rb"\r\nx-registryd-worker: *(\w+)\r\n", re.I)
+
+
+class _WorkerNotingClient(portforward.ProxyClient):
+    """registryd's side of one tapped connection: notes the worker that answers it (a node of
+    several workers started with REGISTRYD_WORKER_HEADER names it in every response)."""
+
+    _head = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        server = self.peer
+        if getattr(server, "worker", None) is None and len(self._head) < 65536:
+            self._head = self._head[-256:] + data[:65536]
+            match = _WORKER_HEADER.search(self._head)
+            if match:
+                server.worker = match.group(1).decode()
+                server.factory.workers[server.index] = server.worker
+        super().dataReceived(data)
+
+
 class _QuietClientFactory(portforward.ProxyClientFactory):
     noisy = False
+    protocol = _WorkerNotingClient
 
 
 class _TapServer(portforward.ProxyServer):
@@ -398,6 +419,8 @@ class _TapServer(portforward.ProxyServer):
     noisy = False
     factory: "_TapFactory"  # type: ignore[assignment]
     _pending = b""
+    worker: str | None = None
+    index = -1
 
     def dataReceived(self, data: bytes) -> None:
         # Pull requests carry no bodies, so every CRLF-terminated line that
@@ -408,9 +431,12 @@ class _TapServer(portforward.ProxyServer):
             match = _REQUEST_LINE.match(line)
             if match:
                 self.factory.requests.append((match.group(1).decode(), match.group(2).decode()))
+                self.factory.connection_of.append(self.index)
         super().dataReceived(data)
 
     def connectionMade(self) -> None:
+        self.index = self.factory.connections
+        self.factory.connections += 1
         self.factory.live.add(self)
         super().connectionMade()
 
@@ -426,6 +452,9 @@ class _TapFactory(portforward.ProxyFactory):
     def __init__(self, host: str, port: int) -> None:
         super().__init__(host, port)
         self.requests: list[tuple[str, str]] = []
+        self.connection_of: list[int] = []     # per request: the index of its connection
+        self.workers: dict[int, str] = {}       # connection index -> the worker that answered it
+        self.connections = 0
         self.live: set[_TapServer] = set()
 
 
@@ -451,6 +480,13 @@ class RequestTap:
     @property
     def requests(self) -> list[tuple[str, str]]:
         return list(self._factory.requests)
+
+    def served(self) -> list[tuple[str, str, str | None]]:
+        """(method, target, worker) of every request so far: the worker that answered its
+        connection (None when no response named one)."""
+        factory = self._factory
+        return [(method, target, factory.workers.get(index))
+                for (method, target), index in zip(factory.requests, factory.connection_of)]
 
     def close(self) -> Any:
         for server in list(self._factory.live):
