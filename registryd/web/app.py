@@ -56,7 +56,6 @@ from registryd.storage.files import free_bytes
 from registryd.storage.outage import outage_reason
 from registryd.storage.pulls import PullRecorder
 from registryd.storage.uploads import Upload
-from registryd.upkeep.online_prune import PruneSelection, server_pruner
 from registryd.upkeep.pins import read_pins
 from registryd.upkeep.scheduler import Upkeep
 from registryd.web.replies import (
@@ -482,6 +481,8 @@ class RegistryAPI:
         await self._admin(request, "prunes")
         if self.store.self_collecting:
             raise unsupported(f"{self.store.location()} holds the node's own images: registryd prunes nothing there", 400)
+        from registryd.upkeep.online_prune import PruneSelection, server_pruner   # only where a prune runs
+
         try:
             selection = PruneSelection.from_query(query_arg(request, "older_than"), query_arg(request, "unused_for"),
                                                   query_args(request, "pattern"), query_arg(request, "dry_run"))
