@@ -18,6 +18,9 @@ Figures
   cold_256M_c16_first_byte_s     ... the first client's time to first byte, s
   cold_256M_c16_upstream_gets    ... GETs of that blob in the upstream's access log (target: 1)
   cached_get_256M_once_s         one more GET of that blob, now cached, s
+  cached_256M_c16_wall_s         the same 16 clients (reading and hashing as they do cold) GET that blob once
+                                 it is cached: the clients' own floor on this machine, s (cold wall time
+                                 near it: the fill costs the clients nothing)
   cached_get_256M_c{1,8}_MBps    wrk GET of the cached blob at concurrency 1 and 8, MB/s
   image_pull_cold_s              skopeo copy of a fresh 1 x 64 MiB + 20 x 1 MiB image through the
                                  proxy to an OCI layout (median of 3), s
@@ -208,7 +211,7 @@ def keys_of(args):
     b, c = f"{args.blob_mib}M", args.clients
     return {
         "cold": [f"cold_{b}_c{c}_wall_s", f"cold_{b}_c{c}_first_byte_s", f"cold_{b}_c{c}_upstream_gets",
-                 f"cached_get_{b}_once_s"],
+                 f"cached_get_{b}_once_s", f"cached_{b}_c{c}_wall_s"],
         "warm": [f"cached_get_{b}_c1_MBps", f"cached_get_{b}_c8_MBps"],
         "image": ["image_pull_cold_s", "image_pull_warm_s", "image_cold_upstream_blob_gets"],
     }
@@ -223,6 +226,7 @@ def labels_of(args):
         f"cold GET {b}, {c} clients: 1st byte",
         f"cold GET {b}: upstream GETs (want 1)",
         f"cached GET {b}, once",
+        f"cached GET {b}, {c} clients: wall",
         f"cached GET {b}, c=1 (wrk)",
         f"cached GET {b}, c=8 (wrk)",
         f"image pull cold {img}",
@@ -272,6 +276,21 @@ def measure_cold(args, side):
         if warm.get("bytes") != args.blob_mib << 20:
             figs[keys[3]]["error"] = f"got {warm.get('bytes')} of {args.blob_mib << 20} bytes"
     return figs, error, {"digest": digest, "upstream_requests": counts}
+
+
+def measure_floor(args, side):
+    """The cold test's clients once more, on the blob now cached: their own floor (outside the
+    cold test's memory sampling: what it measures is the fill, not a crowd of cached reads)."""
+    key = keys_of(args)["cold"][4]
+    crowd, error = run_worker(worker_cmd(args, "crowd", side.proxy.hostport, side.cold_digest, args.clients),
+                              side, 900)
+    done = next((r for r in crowd if r.get("metric") == "crowd"), None)
+    if done is None:
+        return {key: {"value": None, "error": error or "no result"}}
+    figure = {"value": done["wall_s"], "ok": done["ok"], "clients": done["clients"]}
+    if done["ok"] != done["clients"]:
+        figure["error"] = f"only {done['ok']} of {done['clients']} clients got the whole blob"
+    return {key: figure}
 
 
 def measure_warm(args, side):
@@ -344,6 +363,44 @@ def pull_image(args, side, tag, workdir, i):
 # own wrk helper.
 
 
+def crowd_get(regbench, proxy, digest, want, size, clients):
+    """``clients`` threads GET the blob at once, each reading and hashing all of it (as
+    regbench.py coalesce's clients do); returns their (status, right, first byte s, s, error)
+    and the wall time. ``size`` None: any length whose hash is ``want``."""
+    results = [None] * clients
+    barrier = threading.Barrier(clients)
+
+    def fetch(i):
+        first = None
+        t0 = time.monotonic()
+        try:
+            c = regbench.conn(proxy)
+            barrier.wait()
+            t0 = time.monotonic()
+            c.request("GET", f"/v2/{REPO_COLD}/blobs/{digest}")
+            r = c.getresponse()
+            h, n = hashlib.sha256(), 0
+            while chunk := r.read(1 << 16):
+                if first is None:
+                    first = time.monotonic() - t0
+                h.update(chunk)
+                n += len(chunk)
+            whole = size is None or n == size
+            err = None if r.status == 200 and whole else f"status {r.status}, {n} bytes"
+            results[i] = (r.status, h.hexdigest() == want and whole, first, time.monotonic() - t0, err)
+        except Exception as e:  # a reset connection is a result, not a crash
+            barrier.abort()  # never leave the others waiting for this one
+            results[i] = (None, False, first, time.monotonic() - t0, f"{type(e).__name__}: {e}")
+
+    start = time.monotonic()
+    threads = [threading.Thread(target=fetch, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results, time.monotonic() - start
+
+
 def worker(argv):
     bench_dir, kind, *rest = argv
     sys.path.insert(0, bench_dir)
@@ -356,37 +413,7 @@ def worker(argv):
         want, size = hashlib.sha256(data).hexdigest(), len(data)
         del data
         before = regbench.count_gets(log_path, digest)
-        results = [None] * clients
-        barrier = threading.Barrier(clients)
-
-        def fetch(i):
-            first = None
-            t0 = time.monotonic()
-            try:
-                c = regbench.conn(proxy)
-                barrier.wait()
-                t0 = time.monotonic()
-                c.request("GET", f"/v2/{REPO_COLD}/blobs/{digest}")
-                r = c.getresponse()
-                h, n = hashlib.sha256(), 0
-                while chunk := r.read(1 << 16):
-                    if first is None:
-                        first = time.monotonic() - t0
-                    h.update(chunk)
-                    n += len(chunk)
-                err = None if r.status == 200 and n == size else f"status {r.status}, {n} bytes"
-                results[i] = (r.status, h.hexdigest() == want and n == size, first, time.monotonic() - t0, err)
-            except Exception as e:  # a reset connection is a result, not a crash
-                barrier.abort()  # never leave the others waiting for this one
-                results[i] = (None, False, first, time.monotonic() - t0, f"{type(e).__name__}: {e}")
-
-        start = time.monotonic()
-        threads = [threading.Thread(target=fetch, args=(i,)) for i in range(clients)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        wall = time.monotonic() - start
+        results, wall = crowd_get(regbench, proxy, digest, want, size, clients)
         time.sleep(1)
         firsts = [r[2] for r in results if r[2] is not None]
         regbench.emit(metric=f"pullthrough_cold_{mib}M", clients=clients,
@@ -404,6 +431,12 @@ def worker(argv):
             n += len(chunk)
         regbench.emit(metric=f"pullthrough_warm_{mib}M_s", value=round(time.monotonic() - t0, 3),
                       bytes=n if r.status == 200 else 0, status=r.status)
+    elif kind == "crowd":
+        proxy, digest, clients = rest[0], rest[1], int(rest[2])
+        results, wall = crowd_get(regbench, proxy, digest, digest.split(":", 1)[1], None, clients)
+        regbench.emit(metric="crowd", clients=clients, wall_s=round(wall, 3),
+                      ok=sum(1 for r in results if r[0] == 200 and r[1]),
+                      client_errors=sorted({r[4] for r in results if r[4]}))
     elif kind == "warm":
         url, mib, seconds = rest[0], int(rest[1]), int(rest[2])
         for c in (1, 8):
@@ -624,6 +657,8 @@ def run_phases(args, sides, result, workdir):
                     figs["rss_cold_rise_MiB"] = {
                         "value": max((r["rise_MiB"] for r in rises if r["rise_MiB"] is not None), default=None),
                         "processes": rises}
+                if phase == real and error is None and side.cold_digest:
+                    figs.update(measure_floor(args, side))
             else:
                 figs, error, extra = measure_warm(args, side)
             why = dead(side, info)

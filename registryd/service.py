@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
@@ -28,7 +28,6 @@ from registryd.storage.claim_table import ClaimTable
 from registryd.startup import StartupError, make_room_for_connections, prepare_store
 from registryd.storage.interface import Store
 from registryd.storage.outage import outage_reason
-from registryd.sync.scheduler import SyncScheduler
 from registryd.reactor_lag import ReactorLag
 from registryd.threads import MAINTENANCE_THREADS, BlockingPool, BoundedPool
 from registryd.upkeep.scheduler import Upkeep
@@ -38,6 +37,9 @@ from registryd.web.node_limits import NodeBodyBudget, NodeConnectionLimits, Node
 from registryd.web.shared_sessions import SharedSessionQuota
 from registryd.web.site import RegistrySite
 from registryd.web.worker_snapshots import WorkerSnapshots
+
+if TYPE_CHECKING:
+    from registryd.sync.scheduler import SyncScheduler
 
 log = Logger()
 
@@ -102,8 +104,13 @@ class RegistryService(MultiService):
             self.api.body_budget = NodeBodyBudget(counters, config.max_pending_body_bytes, self.api.warnings)
         self.probe_site: RegistrySite | None = None
         self.upkeep = self.api.upkeep = Upkeep(self.store, config, self.api.metrics, reactor)
-        self.sync = self.api.sync = SyncScheduler(config, self.api.mirror, self.store, self.api.metrics, reactor)
-        self.api.status.sections.append(self.sync.render_section)
+        # The [[sync]] jobs; without any, none of registryd.sync is even imported (a worker's RSS).
+        self.sync: SyncScheduler | None = None
+        if config.syncs:
+            from registryd.sync.scheduler import SyncScheduler
+
+            self.sync = self.api.sync = SyncScheduler(config, self.api.mirror, self.store, self.api.metrics, reactor)
+            self.api.status.sections.append(self.sync.render_section)
         self.ports: list[IListeningPort] = []
         self.tls_contexts: list[ServerTLSContext] = []
         self.reactor_lag = ReactorLag(reactor, self.api.metrics.reactor_lag)
@@ -214,7 +221,8 @@ class RegistryService(MultiService):
                 lambda f: log.failure("upload reaper stopped", f)
             )
             self.upkeep.start()
-            self.sync.start()      # [[sync]] jobs run once per node, beside the upkeep
+            if self.sync is not None:
+                self.sync.start()      # [[sync]] jobs run once per node, beside the upkeep
         if self.role is None:
             log.info("registryd serving {location}", location=self.store.location(), data_dir=self.config.data_dir)
         else:
@@ -255,7 +263,9 @@ class RegistryService(MultiService):
         if self.snapshots is not None:
             self.snapshots.stop()
         d = self._close_ports()
-        d.addBoth(lambda _: self.sync.stop(self.config.shutdown_timeout))
+        if self.sync is not None:
+            sync = self.sync
+            d.addBoth(lambda _: sync.stop(self.config.shutdown_timeout))
         d.addBoth(lambda _: self.site.drain(self.config.shutdown_timeout))
         d.addBoth(lambda _: Deferred.fromCoroutine(self.api.mirror.settle_fills(self.config.shutdown_timeout)))
         d.addBoth(lambda _: self.api.mirror.close())

@@ -44,6 +44,9 @@ def test_mirror_benchmark_reports_the_whole_process_tree_of_a_multi_worker_node(
         assert registryd["figures"][figure]["value"] is not None, figure
         assert report["proxies"]["reference"]["figures"][figure]["value"] is not None, figure
     assert len(report["host"]["loadavg_start"]) == 3 and "load average" in result.stdout
+    for name in ("registryd", "reference"):     # the clients' own floor, on the blob once cached
+        floor = report["proxies"][name]["figures"]["cached_32M_c8_wall_s"]
+        assert floor["value"] is not None and floor["ok"] == 8, (name, floor)
 
 
 def test_push_pull_benchmark_measures_pulls_during_a_push_and_each_workers_reactor_lag(tmp_path) -> None:

@@ -58,6 +58,30 @@ def test_one_process_still_builds_the_whole_service(tmp_path: Any) -> None:
     assert "registryd.web.app" in loaded
 
 
+#: What a worker loads only on demand: the UI's templates at a first page, the sync jobs' code
+#: only with [[sync]] jobs (issue 15: each worker <= 60 MiB RSS idle).
+ON_DEMAND = ("jinja2", "registryd.sync.scheduler", "registryd.sync.job")
+
+
+def test_a_worker_is_built_without_jinja2_or_the_sync_jobs_code(tmp_path: Any) -> None:
+    result = subprocess.run([sys.executable, "-c", PROBE, _config(tmp_path, workers=1), *ON_DEMAND],
+                            capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    kind, loaded = json.loads(result.stdout.strip().splitlines()[-1])
+    assert kind == "TwistdRegistryService"
+    assert loaded == []
+
+
+def test_a_worker_with_sync_jobs_builds_their_scheduler(tmp_path: Any) -> None:
+    extra = ('[[upstream]]\nnamespace = "up.test"\nurl = "http://127.0.0.1:1"\n'
+             '[[sync]]\nname = "base"\nupstream = "up.test"\nrepositories = ["library/alpine"]\n')
+    result = subprocess.run([sys.executable, "-c", PROBE, _config(tmp_path, extra, workers=1), *ON_DEMAND],
+                            capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    kind, loaded = json.loads(result.stdout.strip().splitlines()[-1])
+    assert "registryd.sync.scheduler" in loaded and "jinja2" not in loaded
+
+
 def test_a_bad_htpasswd_file_stops_the_supervisor_with_one_line_before_any_worker(tmp_path: Any) -> None:
     htpasswd = tmp_path / "htpasswd"
     htpasswd.write_text("alice:{SHA}not-bcrypt\n")

@@ -14,7 +14,7 @@ runs right after (``collect``, with ``[gc] delay``).
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.internet.defer import Deferred, DeferredLock
@@ -24,12 +24,15 @@ from twisted.logger import Logger
 from registryd.config import Config
 from registryd.metrics import Metrics
 from registryd.storage import Store, layout
-from registryd.upkeep.collector import Collection, Collector
 from registryd.storage.outage import STORE_ERRORS, outage_reason
 from registryd.upkeep.pins import read_pins
-from registryd.upkeep.eviction import Eviction, EvictionPlan, evict, plan_eviction
 from registryd.upkeep.retention_runs import RetentionRuns
 from registryd.upkeep.survey import Documents, Survey, take_survey
+
+if TYPE_CHECKING:
+    # Imported where a collection or an eviction runs: a worker that never runs one never loads them.
+    from registryd.upkeep.collector import Collection
+    from registryd.upkeep.eviction import Eviction
 
 log = Logger()
 
@@ -116,6 +119,8 @@ class Upkeep:
         delay = self._config.gc_delay if delay is None else delay
         await self._lock.acquire()
         started = time.time()
+        from registryd.upkeep.collector import Collector
+
         # Every process and node may collect: runs overlap safely (see collector).
         collector = Collector(self._store.objects, delay, dry_run=dry_run, guard=self._store.guard)
         try:
@@ -154,6 +159,8 @@ class Upkeep:
         sees every claim; otherwise through one collection right after (see
         upkeep.eviction).
         """
+        from registryd.upkeep.eviction import EvictionPlan, evict, plan_eviction
+
         limit = self._config.mirror_max_size
         driver = self._store.objects
         await self._lock.acquire()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import errno
 import re
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import urlsplit
 
 from klein import Klein
@@ -56,10 +56,8 @@ from registryd.storage.files import free_bytes
 from registryd.storage.outage import outage_reason
 from registryd.storage.pulls import PullRecorder
 from registryd.storage.uploads import Upload
-from registryd.upkeep.online_prune import PruneSelection, server_pruner
 from registryd.upkeep.pins import read_pins
 from registryd.upkeep.scheduler import Upkeep
-from registryd.sync.scheduler import JobPaused, SyncScheduler
 from registryd.web.replies import (
     BODY_HEADERS,
     Utf8Paths,
@@ -83,6 +81,9 @@ from registryd.web.sendfile import send_file_range
 from registryd.web.ui import Gate, WebUI
 from registryd.web.ui.node_view import NodeViews, local_view
 
+if TYPE_CHECKING:
+    from registryd.sync.scheduler import SyncScheduler
+
 log = Logger()
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -103,6 +104,13 @@ def _position(text: str) -> int | None:
     if not text:
         return None
     return int(text) if len(text) <= 18 else _FAR_POSITION
+
+
+def _job_paused() -> type[Exception]:
+    """registryd.sync's JobPaused, imported only where a [[sync]] job runs (a worker's RSS)."""
+    from registryd.sync.scheduler import JobPaused
+
+    return JobPaused
 
 
 def _policy_name(name: str, route: Route | None) -> str:
@@ -473,6 +481,8 @@ class RegistryAPI:
         await self._admin(request, "prunes")
         if self.store.self_collecting:
             raise unsupported(f"{self.store.location()} holds the node's own images: registryd prunes nothing there", 400)
+        from registryd.upkeep.online_prune import PruneSelection, server_pruner   # only where a prune runs
+
         try:
             selection = PruneSelection.from_query(query_arg(request, "older_than"), query_arg(request, "unused_for"),
                                                   query_args(request, "pattern"), query_arg(request, "dry_run"))
@@ -507,7 +517,7 @@ class RegistryAPI:
         scheduler, name = self._sync_job(request)
         try:
             result = await scheduler.run_now(name, dry_run=query_arg(request, "dry_run") in ("1", "true"))
-        except JobPaused as e:
+        except _job_paused() as e:
             raise RegistryError(409, "DENIED", str(e)) from None
         return respond_json(request, 200, result.as_json())
 

@@ -16,7 +16,6 @@ from urllib.parse import unquote_to_bytes, urlencode
 from typing import Any, Awaitable, Callable, Iterable
 
 import attrs
-from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 from klein import Klein
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -40,6 +39,7 @@ from registryd.web.ui.inventory import Inventory, RepoRef, iso
 from registryd.web.ui.node_view import NodeViews
 from registryd.web.ui.offload import offload
 from registryd.web.ui.pacing import Pacer
+from registryd.web.ui.page_templates import PageTemplates
 from registryd.web.ui.tag_rows import tag_rows
 from registryd.web.ui.traffic import Traffic
 
@@ -143,13 +143,9 @@ class WebUI:
                                    reactor=reactor)
         self.images = ImageReader(store.blobs)
         self.traffic = Traffic(namespaces, clock)
-        self.templates = Environment(loader=FileSystemLoader(os.path.join(HERE, "templates")),
-                                     autoescape=select_autoescape(default=True, default_for_string=True),
-                                     undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-        self.templates.filters.update(bytes=_bytes, short=_short, iso=iso)
-        self.templates.globals["query"] = _query_string
-        for name in ("repositories.html", "repository.html", "image.html", "mirror.html", "error.html"):
-            self.templates.get_template(name)   # compiled now, not on the reactor at a first view
+        # Jinja2 is imported and the pages compiled at the first page view, in the IO pool.
+        self.templates = PageTemplates(dict(bytes=_bytes, short=_short, iso=iso), {"query": _query_string},
+                                       store.pool.run)
         self._static = {}
         for name in STATIC:
             with open(os.path.join(HERE, "static", name), "rb") as f:
@@ -227,7 +223,8 @@ class WebUI:
     def _head(request: Any, body: bytes) -> bytes:
         return b"" if request.method == b"HEAD" else body
 
-    def _page(self, request: Any, template: str, user: str | None, **context: Any) -> bytes:
+    async def _page(self, request: Any, template: str, user: str | None, **context: Any) -> bytes:
+        await self.templates.ready()
         body = self._render(template, request, user, **context)
         return self._head(request, respond(request, 200, PAGE_HEADERS, body, HTML))
 
@@ -238,9 +235,9 @@ class WebUI:
     def _render(self, template: str, request: Any, user: str | None, **context: Any) -> bytes:
         policy = self.gate.policy()
         login_url = _with_login(request.path.decode("latin-1"), request.uri.decode("latin-1"))
-        return self.templates.get_template(template).render(
-            version=__version__, user=user, login_url=login_url, login=self.gate.authentication() and user is None,
-            mirror_link=bool(self.upstreams) and policy.is_admin(user), **context).encode("utf-8")
+        return self.templates.render(
+            template, version=__version__, user=user, login_url=login_url,
+            login=self.gate.authentication() and user is None, mirror_link=bool(self.upstreams) and policy.is_admin(user), **context).encode("utf-8")
 
     def _host(self, request: Any) -> str:
         """The registry's address as the browser reached it (for pull commands)."""
@@ -306,7 +303,7 @@ class WebUI:
     @app.route("/ui/", methods=["GET", "HEAD"])
     async def repositories_page(self, request: Any) -> bytes:
         found = await self._repositories(request)
-        return self._page(request, "repositories.html", found.pop("user"), title="Repositories", **found)
+        return await self._page(request, "repositories.html", found.pop("user"), title="Repositories", **found)
 
     @app.route("/ui/api/repositories", methods=["GET", "HEAD"])
     async def repositories_json(self, request: Any) -> bytes:
@@ -339,7 +336,7 @@ class WebUI:
     @app.route("/ui/repositories/<path:name>", methods=["GET", "HEAD"])
     async def repository_page(self, request: Any, name: str) -> bytes:
         found = await self._repository(request, name)
-        return self._page(request, "repository.html", found.pop("user"), title=name, **found)
+        return await self._page(request, "repository.html", found.pop("user"), title=name, **found)
 
     @app.route("/ui/api/repositories/<path:name>", methods=["GET", "HEAD"])
     async def repository_json(self, request: Any, name: str) -> bytes:
@@ -390,7 +387,7 @@ class WebUI:
     @app.route("/ui/repositories/<path:name>/manifests/<reference>", methods=["GET", "HEAD"])
     async def image_page(self, request: Any, name: str, reference: str) -> bytes:
         found = await self._image(request, name, reference)
-        return self._page(request, "image.html", found.pop("user"), title=f"{name} {reference}", **found)
+        return await self._page(request, "image.html", found.pop("user"), title=f"{name} {reference}", **found)
 
     @app.route("/ui/api/repositories/<path:name>/manifests/<reference>", methods=["GET", "HEAD"])
     async def image_json(self, request: Any, name: str, reference: str) -> bytes:
@@ -439,7 +436,7 @@ class WebUI:
     @app.route("/ui/mirror", methods=["GET", "HEAD"])
     async def mirror_page(self, request: Any) -> bytes:
         found = await self._mirror(request)
-        return self._page(request, "mirror.html", found.pop("user"), title="Mirror", now=self.clock(), **found)
+        return await self._page(request, "mirror.html", found.pop("user"), title="Mirror", now=self.clock(), **found)
 
     @app.route("/ui/api/mirror", methods=["GET", "HEAD"])
     async def mirror_json(self, request: Any) -> bytes:
