@@ -57,7 +57,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -242,11 +241,7 @@ def measure_cold(args, side):
     """Fresh blob pushed to the upstream only, then N clients at once through the proxy."""
     up, px = side.upstream, side.proxy
     offset = up.log_size()
-    if args.quick or args.blob_mib != 256:
-        cmd = worker_cmd(args, "coalesce", px.hostport, up.hostport, up.access_log, args.blob_mib, args.clients)
-    else:
-        cmd = [sys.executable, os.path.join(args.regbench_dir, "regbench.py"), "coalesce",
-               px.hostport, up.hostport, up.access_log, str(args.clients)]
+    cmd = worker_cmd(args, "coalesce", px.hostport, up.hostport, up.access_log, args.blob_mib, args.clients)
     records, error = run_worker(cmd, side, 900)
     counts = up.requests_since(offset)
     keys = keys_of(args)["cold"]
@@ -364,40 +359,35 @@ def pull_image(args, side, tag, workdir, i):
 
 
 def crowd_get(regbench, proxy, digest, want, size, clients):
-    """``clients`` threads GET the blob at once, each reading and hashing all of it (as
-    regbench.py coalesce's clients do); returns their (status, right, first byte s, s, error)
-    and the wall time. ``size`` None: any length whose hash is ``want``."""
-    results = [None] * clients
-    barrier = threading.Barrier(clients)
-
-    def fetch(i):
-        first = None
-        t0 = time.monotonic()
-        try:
-            c = regbench.conn(proxy)
-            barrier.wait()
-            t0 = time.monotonic()
-            c.request("GET", f"/v2/{REPO_COLD}/blobs/{digest}")
-            r = c.getresponse()
-            h, n = hashlib.sha256(), 0
-            while chunk := r.read(1 << 16):
-                if first is None:
-                    first = time.monotonic() - t0
-                h.update(chunk)
-                n += len(chunk)
-            whole = size is None or n == size
-            err = None if r.status == 200 and whole else f"status {r.status}, {n} bytes"
-            results[i] = (r.status, h.hexdigest() == want and whole, first, time.monotonic() - t0, err)
-        except Exception as e:  # a reset connection is a result, not a crash
-            barrier.abort()  # never leave the others waiting for this one
-            results[i] = (None, False, first, time.monotonic() - t0, f"{type(e).__name__}: {e}")
-
+    """``clients`` processes GET the blob at once, each reading and hashing all of it: curl
+    piped into sha256sum, as separate processes like real pullers (16 Python threads in one
+    process would be bound by their own GIL and measure the clients, not the servers). Returns
+    their (status, right, first byte s, s, error) and the wall time. ``size`` None: any length
+    whose hash is ``want``."""
+    url = f"http://{proxy}/v2/{REPO_COLD}/blobs/{digest}"
+    # curl's -w line goes to stderr; the body to stdout, straight into sha256sum.
+    form = "%{stderr}%{http_code} %{size_download} %{time_starttransfer} %{time_total}\n"
     start = time.monotonic()
-    threads = [threading.Thread(target=fetch, args=(i,)) for i in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    running = []
+    for _ in range(clients):
+        curl = subprocess.Popen(["curl", "-sS", "--max-time", "600", "-o", "-", "-w", form, url],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        hasher = subprocess.Popen(["sha256sum"], stdin=curl.stdout, stdout=subprocess.PIPE)
+        curl.stdout.close()    # sha256sum holds the pipe now
+        running.append((curl, hasher))
+    results = []
+    for curl, hasher in running:
+        hashed = hasher.communicate()[0].decode().split(" ", 1)[0]
+        written = curl.communicate()[1].decode().strip().splitlines()
+        try:
+            code, n, first, total = written[-1].split()
+            status, n = int(code), int(n)
+        except (IndexError, ValueError):
+            results.append((None, False, None, time.monotonic() - start, f"curl: {' '.join(written)[:200]}"))
+            continue
+        whole = size is None or n == size
+        err = None if status == 200 and whole else f"status {status}, {n} bytes"
+        results.append((status, hashed == want and whole, float(first), float(total), err))
     return results, time.monotonic() - start
 
 
