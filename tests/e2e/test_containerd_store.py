@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import queue
 import re
 import subprocess
 import sys
@@ -429,6 +430,65 @@ async def test_a_body_after_another_registryd_moved_the_ingest_on_gets_416(
                            layer.data[2 * third:], headers={**headers, "Content-Range": f"{2 * third}-{len(layer.data) - 1}"})
     assert done.status == 201, done
     fetched = await second.get(f"/v2/team/moved/blobs/{layer.digest}")
+    assert fetched.status == 200 and sha256(fetched.body) == layer.digest
+
+
+class IngestHolder:
+    """Another writer of an ingest, as a worker process is while it sends a body: a Write stream
+    on the ref, opened and held (containerd locks the ref) until ``release``."""
+
+    def __init__(self, socket: str, ref: str) -> None:
+        import grpc
+        from registryd.storage.containerd.proto import containerd_api_pb2 as api
+        self._requests: queue.Queue[Any] = queue.Queue()
+        self._channel = grpc.insecure_channel(f"unix://{socket}")
+        call = self._channel.stream_stream("/containerd.services.content.v1.Content/Write",
+                                           request_serializer=lambda m: m.SerializeToString(),
+                                           response_deserializer=api.ContentWriteResponse.FromString)
+        self._replies = call(iter(self._requests.get, None), metadata=[("containerd-namespace", NAMESPACE)])
+        self._requests.put(api.ContentWriteRequest(action=api.STAT, ref=ref))
+        self.offset = next(self._replies).offset   # the writer is open: the ref is locked
+
+    def release(self) -> None:
+        self._requests.put(None)
+        for _ in self._replies:
+            pass
+        self._channel.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_body_while_another_process_writes_the_ingest_gets_416(
+        make_containerd: Any, make_registry: Any, tmp_path: Any) -> None:
+    """As on the filesystem store (tests/test_uploads.py::test_two_processes_on_one_data_directory_
+    continue_each_others_sessions): a body that arrives while another process writes a body of the
+    same session (containerd holds the ingest's ref locked for it) is refused with 416 and the Range
+    of the acknowledged end, not 503; the session is intact and goes on once the other is done."""
+    daemon = await make_containerd()
+    client = Client(make_registry(storage=settings_for(daemon)).url)
+    layer = sample_image(17).layers[0].blob
+    half = len(layer.data) // 2
+    headers = {"Content-Type": "application/octet-stream"}
+    started = await client.post("/v2/team/locked/blobs/uploads/")
+    one = await client.patch(started.location, layer.data[:half], headers={**headers, "Content-Range": f"0-{half - 1}"})
+    assert one.status == 202, one
+    ref = "registryd-upload-" + started.location.split("?")[0].rstrip("/").rsplit("/", 1)[-1]
+    holder = await deferToThread(IngestHolder, daemon.address, ref)
+    try:
+        assert holder.offset == half
+        busy = await client.patch(one.location, layer.data[half:],
+                                  headers={**headers, "Content-Range": f"{half}-{len(layer.data) - 1}"})
+        assert busy.status == 416 and busy.header("Range") == f"0-{half - 1}", busy
+        assert busy.json()["errors"][0]["code"] == "BLOB_UPLOAD_INVALID", busy
+        closing = await client.put(f"{one.location}{'&' if '?' in one.location else '?'}digest={layer.digest}",
+                                   layer.data[half:], headers=headers)
+        assert closing.status == 416 and closing.header("Range") == f"0-{half - 1}", closing
+    finally:
+        await deferToThread(holder.release)
+    assert (await client.get(one.location)).header("Range") == f"0-{half - 1}"
+    done = await client.put(f"{one.location}{'&' if '?' in one.location else '?'}digest={layer.digest}",
+                            layer.data[half:], headers={**headers, "Content-Range": f"{half}-{len(layer.data) - 1}"})
+    assert done.status == 201, done
+    fetched = await client.get(f"/v2/team/locked/blobs/{layer.digest}")
     assert fetched.status == 200 and sha256(fetched.body) == layer.digest
 
 

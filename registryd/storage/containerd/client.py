@@ -55,11 +55,20 @@ class AlreadyExists(Exception):
 
 
 class IngestElsewhere(Exception):
-    """The ingest is not where the caller thought: ``offset`` bytes long (another writer, a lost body)."""
+    """The ingest is not where the caller thought: ``offset`` bytes long (another writer, a lost body),
+    or (``offset`` None) another writer has it open now: containerd locks an ingest's ref while a
+    Write stream holds it."""
 
-    def __init__(self, offset: int) -> None:
-        super().__init__(f"the ingest is {offset} bytes long")
+    def __init__(self, offset: int | None) -> None:
+        super().__init__(f"the ingest is {offset} bytes long" if offset is not None
+                         else "another writer holds the ingest")
         self.offset = offset
+
+
+def _locked(error: grpc.RpcError) -> bool:
+    """containerd's answer to a Write on a ref another Write holds: UNAVAILABLE, "ref ... locked"."""
+    return (isinstance(error, grpc.Call) and error.code() == grpc.StatusCode.UNAVAILABLE
+            and " locked" in (error.details() or ""))
 
 
 _UNAVAILABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
@@ -278,7 +287,12 @@ class ContainerdClient:
         try:
             total, expected = (commit[0], commit[1]) if commit else (0, "")
             requests.put(api.ContentWriteRequest(action=api.STAT, ref=ref, total=total, expected=expected))
-            last = next(replies)
+            try:
+                last = next(replies)
+            except grpc.RpcError as e:
+                if _locked(e):
+                    raise IngestElsewhere(None) from None   # another process writes a body of it now
+                raise
             if last.offset != start:
                 raise IngestElsewhere(last.offset)
             offset = start
