@@ -266,6 +266,48 @@ async def test_a_pull_through_fill_lands_in_containerd_and_is_served_from_it(
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_push_under_another_registrys_name_is_refused_unless_foreign_names(
+        make_containerd: Any, make_registry: Any, tmp_path: Any) -> None:
+    """Without an upstream, ``docker.io/library/shadow`` is a repository like any other on the
+    filesystem store; on containerd it would be the node's image of that name, what the kubelet
+    runs for ``docker.io/library/shadow``: a push (its upload, a mount, a manifest) and a delete
+    under such a name are refused with DENIED and change nothing, unless ``foreign_names`` allows them."""
+    daemon = await make_containerd()
+    node = sample_image(18)
+    await import_image(daemon, tmp_path, node, "docker.io/library/alpine", "3.20")
+    client = Client(make_registry(storage=settings_for(daemon)).url)
+    image = sample_image(19)
+    before = await image_names(daemon)
+
+    refused = await client.post("/v2/docker.io/library/shadow/blobs/uploads/")
+    assert refused.status == 405 and refused.codes == ["DENIED"], refused
+    assert "foreign_names" in refused.json()["errors"][0]["message"]
+    config = await client.push_blob("team/app", image.config.data)
+    mounted = await client.post(f"/v2/docker.io/library/shadow/blobs/uploads/?mount={config}&from=team/app")
+    assert mounted.status == 405 and mounted.codes == ["DENIED"], mounted
+    for blob in image.layers:
+        await client.push_blob("team/app", blob.blob.data)
+    # A manifest of blobs the node's docker.io/library/alpine has, tagged "latest" there.
+    manifest = await client.push_manifest("docker.io/library/alpine", "latest", node.manifest.data,
+                                          node.manifest.media_type)
+    assert manifest.status == 405 and manifest.codes == ["DENIED"], manifest
+    deleted = await client.delete(f"/v2/docker.io/library/alpine/manifests/{node.digest}")
+    assert deleted.status == 405 and deleted.codes == ["DENIED"], deleted
+    assert await image_names(daemon) == before   # no shadow, no alpine:latest; alpine:3.20 stays
+    # Its own host name is its own: registry.example/team/app is team/app.
+    own = await client.push_manifest(f"{HOSTNAME}/team/app", "1", image.manifest.data, image.manifest.media_type)
+    assert own.status == 201, own
+    assert (await client.get("/v2/team/app/manifests/1")).status == 200
+
+    allowed = Client(make_registry(storage=settings_for(daemon, foreign_names=True)).url)
+    for blob in image.blobs():
+        await allowed.push_blob("docker.io/library/shadow", blob.data)
+    pushed = await allowed.push_manifest("docker.io/library/shadow", "1", image.manifest.data, image.manifest.media_type)
+    assert pushed.status == 201, pushed
+    assert (await image_names(daemon)).get("docker.io/library/shadow:1") == image.digest
+
+
+@pytest_twisted.ensureDeferred
 async def test_readyz_fails_while_containerd_does_not_answer(
         make_containerd: Any, make_registry: Any, tmp_path: Any) -> None:
     daemon = await make_containerd()
