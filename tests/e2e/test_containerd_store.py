@@ -10,6 +10,7 @@ A missing containerd, ctr or skopeo is a failure, not a skip.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import queue
 import re
@@ -23,6 +24,7 @@ import pytest_twisted
 from twisted.internet.threads import deferToThread
 
 from registryd.config import StorageSettings, UpstreamConfig
+from registryd.storage.containerd import joined
 from registryd.storage.containerd.settings import ContainerdSettings
 from oci_client import Client
 
@@ -262,6 +264,68 @@ async def test_a_pull_through_fill_lands_in_containerd_and_is_served_from_it(
     assert pulled.get("upstream.test/lib/app:v1") == image["digest"], pulled
 
 
+def read_to_length(host: str, path: str) -> tuple[int, bytes]:
+    """Blocking: a GET whose body is read to its Content-Length, not to the connection's end."""
+    connection = http.client.HTTPConnection(host, timeout=30)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_fill_of_a_blob_the_node_is_pulling_waits_for_that_pull_instead_of_writing_it_twice(
+        reference_upstream: Any, make_containerd: Any, make_registry: Any, monkeypatch: Any) -> None:
+    """The node's containerd pulling through registryd ingests each blob itself (``layer-sha256:<hex>``,
+    opened before it asks registryd): the fill of that blob waits for that ingest to commit, then
+    only leases the content, so containerd is sent its bytes once. The node's commit succeeds (it
+    would be refused as already there had registryd written the blob meanwhile); a stalled ingest
+    (a pull that gave up) is not waited for."""
+    up = reference_upstream("open")
+    image = push_unpackable_image(up, "lib/joined", "v1", marker="registryd-joined", payload_size=2_000_000)
+    layer = image["layers"][0]
+    monkeypatch.setattr(joined, "STALL", 3.0)
+    daemon = await make_containerd()
+    registry = make_registry(storage=settings_for(daemon),
+                             upstreams=(UpstreamConfig(namespace="upstream.test", url=up.url),))
+    half = layer["size"] // 2
+    pull = await deferToThread(IngestHolder, daemon.address, f"layer-{layer['digest']}")
+    try:
+        await deferToThread(pull.write, layer["data"][:half])
+        # As containerd reads a blob: to its Content-Length (the response ends once the fill is stored).
+        status, body = await deferToThread(read_to_length, registry.host,
+                                           f"/v2/upstream.test/lib/joined/blobs/{layer['digest']}")
+        assert status == 200 and body == layer["data"]
+        await sleep(1.0)   # the fill is verified: it waits for the node's ingest, which moved < STALL ago
+        assert layer["digest"] not in await content_digests(daemon), (
+            await daemon.ctr("content", "ls", namespace=NAMESPACE)).stdout
+        await deferToThread(pull.write, layer["data"][half:])
+        await deferToThread(pull.commit, layer["digest"], {"test.writer": "the node's pull"})
+    finally:
+        await deferToThread(pull.release)
+    await registry.service.api.mirror.settle_fills(30)
+    info = (await daemon.ctr("content", "ls", namespace=NAMESPACE)).stdout
+    line = next(line for line in info.splitlines() if line.startswith(layer["digest"]))
+    assert "test.writer" in line, line
+    leases = (await daemon.ctr("leases", "ls", namespace=NAMESPACE)).stdout
+    assert "registryd-recent-" in leases, leases
+
+    # An ingest of the config that stands still: the fill writes the config itself after the stall.
+    config = image["config"]
+    stalled = await deferToThread(IngestHolder, daemon.address, f"config-{config['digest']}")
+    try:
+        await deferToThread(stalled.write, config["data"][:10])
+        status, body = await deferToThread(read_to_length, registry.host,
+                                           f"/v2/upstream.test/lib/joined/blobs/{config['digest']}")
+        assert status == 200 and body == config["data"]
+        await registry.service.api.mirror.settle_fills(30)
+        assert config["digest"] in await content_digests(daemon)
+    finally:
+        await deferToThread(stalled.release)
+
+
 # -- health, read-only, resumed uploads ---------------------------------------------------
 
 
@@ -488,8 +552,20 @@ class IngestHolder:
                                            request_serializer=lambda m: m.SerializeToString(),
                                            response_deserializer=api.ContentWriteResponse.FromString)
         self._replies = call(iter(self._requests.get, None), metadata=[("containerd-namespace", NAMESPACE)])
+        self._api, self._ref = api, ref
         self._requests.put(api.ContentWriteRequest(action=api.STAT, ref=ref))
         self.offset = next(self._replies).offset   # the writer is open: the ref is locked
+
+    def write(self, data: bytes) -> None:
+        self._requests.put(self._api.ContentWriteRequest(action=self._api.WRITE, ref=self._ref, offset=self.offset,
+                                                         data=data))
+        self.offset = next(self._replies).offset
+
+    def commit(self, digest: str, labels: dict[str, str]) -> None:
+        """Commit what was written as ``digest`` (an RpcError if containerd refuses: it has it already)."""
+        self._requests.put(self._api.ContentWriteRequest(action=self._api.COMMIT, ref=self._ref, offset=self.offset,
+                                                         total=self.offset, expected=digest, labels=labels))
+        next(self._replies)
 
     def release(self) -> None:
         self._requests.put(None)

@@ -75,7 +75,8 @@ class ContainerdStore:
         self.guard = BlobGuard()
         self.client = ContainerdClient(settings.socket, settings.namespace, reactor, settings.timeout)
         self.objects = ContainerdObjects(self.client, self.location())
-        self.blobs = ContainerdBlobs(self.client, self.guard, RecentLeases(self.client, keep), settings.content_dir)
+        self.blobs = ContainerdBlobs(self.client, self.guard, RecentLeases(self.client, keep), settings.content_dir,
+                                     reactor)
         naming = LocalNaming(settings.hostname)
         self.repositories = ContainerdRepositories(
             self.client, self.blobs, naming, read_only=settings.read_only,
