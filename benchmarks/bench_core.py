@@ -36,6 +36,9 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import report  # noqa: E402  (the one table printer)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 # The measurement scripts (regbench.py, mkimage.py) live in benchmarks/tools.
@@ -488,19 +491,7 @@ def worker(argv):
 # Report
 
 
-def fmt(v):
-    if v is None:
-        return "-"
-    if isinstance(v, str):
-        return v
-    a = abs(v)
-    if a >= 1000:
-        return f"{v:,.0f}"
-    if a >= 100:
-        return f"{v:.1f}"
-    if a >= 1:
-        return f"{v:.2f}"
-    return f"{v:.3f}"
+fmt = report.fmt
 
 
 def label_of(key, args):
@@ -570,39 +561,15 @@ def _phase_of(args, key):
 
 
 def print_table(rows, servers):
-    print()
-    head = f"{'figure':<38} {'unit':>6} " + " ".join(f"{s:>11}" for s in servers)
-    if len(servers) == 2:
-        head += f" {'ratio':>7}  better  (ratio = registryd / reference)"
-    elif len(servers) == 3:
-        head += f" {'fs/ref':>7} {'ctrd/ref':>8} {'ctrd/fs':>7}  better"
-    print(head)
-    print("-" * len(head))
-    for r in rows:
-        vals = []
-        for s in servers:
-            v = r.get(s)
-            vals.append(f"{fmt(v) if v is not None else 'FAILED':>11}")
-        line = f"{r['label']:<38} {r['unit']:>6} " + " ".join(vals)
-        if len(servers) == 2:
-            ratio = f"{r['ratio']:.2f}x" if r.get("ratio") is not None else "-"
-            line += f" {ratio:>7}  {r['better']:<6}"
-            if r.get("winner"):
-                line += ("  -> about equal" if r["winner"] == "equal" else f"  -> {r['winner']} better")
-        elif len(servers) == 3:
-            shown = [f"{v:.2f}x" if v is not None else "-" for v in
-                     (r.get("ratio"), r.get("containerd_vs_reference"), r.get("containerd_vs_filesystem"))]
-            line += f" {shown[0]:>7} {shown[1]:>8} {shown[2]:>7}  {r['better']:<6}"
-        print(line)
-    errs = {}  # (server, error) -> labels, so one start failure prints once
-    for r in rows:
-        for s in servers:
-            if r.get(f"{s}_error"):
-                errs.setdefault((s, r[f"{s}_error"]), []).append(r["label"])
-    if errs:
-        print("\nfailed figures:")
-        for (s, e), labels in errs.items():
-            print(f"  {s}: {e}\n      ({'; '.join(labels)})")
+    """registryd / reference with two servers; with registryd-containerd too, fs/ref, ctrd/ref, ctrd/fs."""
+    if len(servers) == 3:
+        columns = [("fs/ref", "ratio"), ("ctrd/ref", "containerd_vs_reference"), ("ctrd/fs", "containerd_vs_filesystem")]
+        rows = [{k: v for k, v in r.items() if k != "winner"} for r in rows]
+    elif len(servers) == 2:
+        columns = [("ratio", "ratio")]
+    else:
+        columns = []
+    report.print_table(rows, servers, columns, note="ratio = registryd / reference" if len(servers) == 2 else None)
 
 
 # --------------------------------------------------------------------------

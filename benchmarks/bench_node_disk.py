@@ -32,6 +32,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_core  # noqa: E402
+import process_tree  # noqa: E402
 
 NAMESPACE = "k8s.io"
 REPO_TAG = "bench/app:1"
@@ -86,6 +87,12 @@ def settled(paths, seconds=1.0, timeout=120):
     return last
 
 
+def _children_cpu():
+    """CPU seconds of this script's waited-for children (ctr)."""
+    times = os.times()
+    return times.children_user + times.children_system
+
+
 def measure_node(kind, workdir, args, upstream):
     """Mirror and run the image on one node; its figures."""
     node_dir = os.path.join(workdir, kind)
@@ -106,14 +113,20 @@ def measure_node(kind, workdir, args, upstream):
             registry.start()
         registry.wait_ready(args.start_timeout)
         t0 = time.monotonic()
+        cpu0 = {"containerd": process_tree.cpu_seconds(node.containerd.pid),
+                "registryd": process_tree.cpu_seconds(registry.proc.pid), "ctr": _children_cpu()}
         run(["ctr", "--address", node.socket, "-n", NAMESPACE, "images", "pull", "--plain-http",
              "--snapshotter", "native", f"{registry.hostport}/{REPO_TAG}"])
         pull_s = time.monotonic() - t0
+        cpu = {"containerd": process_tree.cpu_seconds(node.containerd.pid) - cpu0["containerd"],
+               "registryd": process_tree.cpu_seconds(registry.proc.pid) - cpu0["registryd"],
+               "ctr": _children_cpu() - cpu0["ctr"]}
         content = os.path.join(node.containerd_root, "io.containerd.content.v1.content")
         snapshots = os.path.join(node.containerd_root, "io.containerd.snapshotter.v1.native")
         settled([content, registry.data])
         figures = {"content_bytes": disk_bytes(content), "registryd_data_bytes": disk_bytes(registry.data),
-                   "snapshot_bytes": disk_bytes(snapshots), "pull_s": round(pull_s, 2)}
+                   "snapshot_bytes": disk_bytes(snapshots), "pull_s": round(pull_s, 2),
+                   "pull_cpu_s": {name: round(value, 2) for name, value in cpu.items()}}
         figures["node_bytes"] = figures["content_bytes"] + figures["registryd_data_bytes"]
         return figures
     finally:
@@ -170,6 +183,8 @@ def main(argv):
         print(f"  {kind:10s} {r['node_bytes'] / mib:9.1f} MiB = content {r['content_bytes'] / mib:.1f} + "
               f"registryd {r['registryd_data_bytes'] / mib:.1f} ({r['node_bytes'] / size:.2f} copies); "
               f"snapshots {r['snapshot_bytes'] / mib:.1f} MiB; pull {r['pull_s']} s")
+        print("  " + " " * 10 + "   CPU during the pull: " + ", ".join(
+            f"{name} {seconds} s" for name, seconds in r["pull_cpu_s"].items()))
     print(f"  containerd/filesystem: {result['containerd_vs_filesystem']}  -> {output}")
     # One copy on the containerd node, two on the other: anything else is a measurement gone wrong.
     return 0 if result["copies_containerd"] < 1.5 < result["copies_filesystem"] else 1

@@ -12,10 +12,19 @@ Figures (wrk and hey on loopback; the order of the servers alternates per phase)
   tls_blob_get_{N}M_c{1,8}_MBps   TLS GET of one N MiB blob (256, 32 with --quick), MB/s
   blob_get_{N}M_c{1,8}_MBps       the same over plain HTTP
   manifest_get_tag_c32_rps        GET of a manifest by tag, 32 clients, req/s (+ _p99_ms); nginx has none
+  push_big_s, push_many_s         (phase push, not run by default) bench_core's skopeo pushes, s; nginx has none
   rss_idle_MiB, rss_peak_MiB      the server's RSS before any traffic and its peak (VmHWM) at the end
 
-Each row shows registryd / reference and registryd / nginx. The exit status is
-0 only if every figure was measured for every server that has it.
+``--servers`` may add ``registryd-containerd``: registryd with ``[storage]
+driver = "containerd"`` over a private containerd it starts (as root; blobs
+sent from containerd's files, or with ``--containerd-stream`` through its
+content service); the rows then show it against the reference and against
+registryd on its filesystem store. For the containerd comparison in one run:
+``--servers registryd,registryd-containerd,reference --only tls,plain,push``.
+
+Each row shows how many times better registryd is than the reference and
+than nginx (and registryd-containerd than the reference and than registryd).
+The exit status is 0 only if every figure was measured for every server that has it.
 
 Only the stdlib, plus wrk, hey, openssl, docker-registry and nginx on PATH.
 """
@@ -39,11 +48,14 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "tools"))
-import bench_core as core  # noqa: E402  (servers, process groups, formatting)
+import bench_core as core  # noqa: E402  (servers, process groups, formatting, the push phase)
 import regbench  # noqa: E402  (push_blob, MANIFEST_TYPES)
+import report  # noqa: E402  (the one table printer)
 
-SERVERS = ("registryd", "reference", "nginx")
-PHASES = ("tls", "plain", "manifest")
+SERVERS = ("registryd", "reference", "nginx", "registryd-containerd")
+DEFAULT_SERVERS = ("registryd", "reference", "nginx")
+PHASES = ("tls", "plain", "manifest", "push")
+DEFAULT_PHASES = ("tls", "plain", "manifest")
 FULL_BLOB_MIB = 256
 QUICK_BLOB_MIB = 32
 DEFAULT_NGINX = "/usr/sbin/nginx"
@@ -77,6 +89,18 @@ class Registryd(core.Server):
             with open(config, "w") as f:
                 f.write(f"[server]\nworkers = {workers}\n")
             self.cmd += ["--config", config]
+
+
+class RegistrydContainerd(core.RegistrydContainerd):
+    """bench_core's registryd over a private containerd, with a TLS listener too."""
+
+    def __init__(self, workdir, twistd, containerd, stream, cert, key, workers=None):
+        super().__init__(workdir, twistd, containerd, stream)
+        self.tls_port = core.free_port()
+        self.cmd += ["--listen", f"tls:{self.tls_port}:interface=127.0.0.1:cert={cert}:key={key}"]
+        if workers is not None:
+            with open(os.path.join(self.dir, "registryd.toml"), "a") as f:
+                f.write(f"[server]\nworkers = {workers}\n")
 
 
 class Reference(core.Server):
@@ -314,6 +338,13 @@ def measure(args, phase, name, srv, digest):
             mbps, rps, _, error = (None, None, None, wrong) if wrong else wrk(url, c, args.seconds)
             figs[f"{prefix}blob_get_{mib}M_c{c}_MBps"] = {"value": None if error else mbps,
                                                            "requests_per_s": rps, "error": error}
+    elif phase == "push":
+        push_args = argparse.Namespace(quick=args.quick, seconds=args.seconds, regbench_dir=core.DEFAULT_REGBENCH_DIR)
+        found, error = core.measure(push_args, "push", srv)
+        for key in core.expected_figures(push_args, "push"):
+            fig = found.get(key) or {}
+            figs[key] = {"value": None if error else fig.get("value"), "runs": fig.get("runs"),
+                         "error": error or (None if fig.get("value") is not None else "not measured")}
     elif phase == "manifest" and name != "nginx":
         rps, p99, error = hey(f"http://127.0.0.1:{srv.port}/v2/bench/small/manifests/latest", args.seconds,
                               regbench.MANIFEST_TYPES)
@@ -334,15 +365,14 @@ def expected(args, name):
             keys += [f"tls_blob_get_{mib}M_c1_MBps", f"tls_blob_get_{mib}M_c8_MBps"]
         elif phase == "plain":
             keys += [f"blob_get_{mib}M_c1_MBps", f"blob_get_{mib}M_c8_MBps"]
-        elif name != "nginx":
+        elif phase == "push" and name != "nginx":
+            keys += ["push_big_s", "push_many_s"]
+        elif phase == "manifest" and name != "nginx":
             keys += ["manifest_get_tag_c32_rps", "manifest_get_tag_c32_p99_ms"]
     return keys + ["rss_peak_MiB"]
 
 
-def ratio(a, b, better):
-    if a is None or not b:
-        return None
-    return round(a / b if better == "higher" else b / a, 3)
+ratio = report.times
 
 
 def compare(args, result):
@@ -364,30 +394,22 @@ def compare(args, result):
         # How many times better registryd is (above 1: registryd wins), whichever way is better.
         row["vs_reference"] = ratio(row.get("registryd"), row.get("reference"), better)
         row["vs_nginx"] = ratio(row.get("registryd"), row.get("nginx"), better)
+        row["containerd_vs_reference"] = ratio(row.get("registryd-containerd"), row.get("reference"), better)
+        row["containerd_vs_filesystem"] = ratio(row.get("registryd-containerd"), row.get("registryd"), better)
         rows.append(row)
     return rows
 
 
 def print_table(rows, servers):
-    print()
-    head = f"{'figure':<30} {'unit':>6} " + " ".join(f"{s:>10}" for s in servers) + \
-        f" {'vs ref':>7} {'vs nginx':>8}"
-    print(head)
-    print("-" * len(head))
-    for r in rows:
-        vals = []
-        for s in servers:
-            v = r.get(s)
-            vals.append(f"{'-' if s not in r else (core.fmt(v) if v is not None else 'FAILED'):>10}")
-        ref = f"{r['vs_reference']:.2f}x" if r.get("vs_reference") else "-"
-        ngx = f"{r['vs_nginx']:.2f}x" if r.get("vs_nginx") else "-"
-        print(f"{r['figure']:<30} {r['unit']:>6} " + " ".join(vals) + f" {ref:>7} {ngx:>8}")
-    print("\nvs ref / vs nginx: how many times better registryd is (above 1: registryd better; "
-          "for latency and memory the inverse ratio)")
-    for r in rows:
-        for s in servers:
-            if r.get(f"{s}_error"):
-                print(f"  {s} {r['figure']}: {r[f'{s}_error']}")
+    columns = [("vs ref", "vs_reference")]
+    if "nginx" in servers:
+        columns.append(("vs nginx", "vs_nginx"))
+    if "registryd-containerd" in servers:
+        columns += [("ctrd vs ref", "containerd_vs_reference"), ("ctrd vs fs", "containerd_vs_filesystem")]
+    report.print_table(rows, servers, columns, label_width=30, note=(
+        "vs ref / vs nginx: how many times better registryd is (above 1: registryd better; for latency, "
+        "time and memory the inverse ratio); ctrd vs ref / ctrd vs fs: the same for registryd-containerd "
+        "against the reference and against registryd on its filesystem store"))
 
 
 # --------------------------------------------------------------------------
@@ -396,11 +418,17 @@ def print_table(rows, servers):
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default=",".join(PHASES), help="comma-separated subset of: tls,plain,manifest")
+    ap.add_argument("--only", default=",".join(DEFAULT_PHASES),
+                    help="comma-separated subset of: tls,plain,manifest,push (default tls,plain,manifest)")
     ap.add_argument("--seconds", type=int, default=None, help="each wrk/hey run (default 10, 2 with --quick)")
     ap.add_argument("--quick", action="store_true", help=f"a {QUICK_BLOB_MIB} MiB blob and 2 s runs")
     ap.add_argument("--blob-mib", type=int, default=None, help=f"blob size (default {FULL_BLOB_MIB})")
-    ap.add_argument("--servers", default=",".join(SERVERS), help="which to run (default all three)")
+    ap.add_argument("--servers", default=",".join(DEFAULT_SERVERS),
+                    help="which to run: registryd,reference,nginx,registryd-containerd (default the first three; "
+                         "registryd-containerd starts a private containerd, as root)")
+    ap.add_argument("--containerd-stream", action="store_true",
+                    help="registryd-containerd streams blobs through the content service's Read")
+    ap.add_argument("--containerd-bin", default=core.DEFAULT_CONTAINERD)
     ap.add_argument("--output", default=None, help="JSON results (default benchmarks/results/tls-<time>.json)")
     ap.add_argument("--twistd", default=None, help="twistd to start registryd with (default: next to python)")
     ap.add_argument("--workers", type=int, default=None,
@@ -446,7 +474,10 @@ def main(argv):
         makers = {"registryd": lambda: Registryd(workdir, args.twistd or core.find_twistd(), cert, key,
                                                  args.registryd_arg, args.workers),
                   "reference": lambda: Reference(workdir, args.reference_bin, cert, key),
-                  "nginx": lambda: Nginx(workdir, args.nginx_bin, cert, key)}
+                  "nginx": lambda: Nginx(workdir, args.nginx_bin, cert, key),
+                  "registryd-containerd": lambda: RegistrydContainerd(
+                      workdir, args.twistd or core.find_twistd(), args.containerd_bin, args.containerd_stream,
+                      cert, key, args.workers)}
         for name in args.servers:
             srv = servers[name] = makers[name]()
             info = result["servers"][name] = {"cmd": srv.cmd, "figures": {}}
@@ -486,7 +517,7 @@ def main(argv):
         for i, phase in enumerate(args.phases):
             for name in (order if i % 2 == 0 else order[::-1]):
                 srv, info = servers[name], result["servers"][name]
-                if "start_error" in info or (phase == "manifest" and name == "nginx"):
+                if "start_error" in info or (phase in ("manifest", "push") and name == "nginx"):
                     continue
                 if not srv.alive():
                     info["start_error"] = "the server exited"

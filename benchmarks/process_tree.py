@@ -104,3 +104,16 @@ def loadavg():
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return None
+
+
+def cpu_seconds(root):
+    """CPU seconds (user + system) the root and its children (one level) used so far."""
+    total = 0.0
+    for pid in pids(root):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total

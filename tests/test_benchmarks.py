@@ -74,6 +74,23 @@ def test_node_disk_benchmark_quick_mode_finds_one_copy_on_containerd(tmp_path) -
     assert figures["copies_containerd"] < 1.5 < figures["copies_filesystem"], figures
 
 
+def test_tls_benchmark_puts_containerd_beside_the_filesystem_store_and_the_reference(tmp_path) -> None:
+    """bench_tls.py with registryd-containerd: blob GETs plain and TLS and pushes on the containerd
+    driver, the filesystem driver and the reference registry in one run, with both ratios."""
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "bench_tls.py"), "--quick", "--seconds", "1",
+         "--servers", "registryd,registryd-containerd,reference", "--only", "tls,plain,push",
+         "--output", str(tmp_path / "r.json")],
+        capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = {row["figure"]: row for row in json.loads((tmp_path / "r.json").read_text())["comparison"]}
+    for figure in ("tls_blob_get_32M_c1_MBps", "tls_blob_get_32M_c8_MBps", "blob_get_32M_c1_MBps",
+                   "blob_get_32M_c8_MBps", "push_big_s", "push_many_s"):
+        assert rows[figure]["containerd_vs_reference"] is not None, rows[figure]
+        assert rows[figure]["containerd_vs_filesystem"] is not None, rows[figure]
+    assert "ctrd vs fs" in result.stdout
+
+
 def test_sync_benchmark_quick_mode_measures_everything(tmp_path) -> None:
     """bench_sync.py: a registryd [[sync]] job and skopeo sync of the same tags, both measured."""
     result = subprocess.run(

@@ -84,8 +84,11 @@ def registry(request: Any, make_registry: Any, tmp_path: Any) -> Any:
     if request.param == "containerd":
         daemon = request.getfixturevalue("conformance_containerd")
         namespace = f"conformance{next(_NAMESPACES)}"
+        # foreign_names: every name the grammar allows is pushable, a.b/c too (by default a name
+        # that starts with another registry's host is refused on this driver: README, and
+        # tests/e2e/test_containerd_store.py::test_a_push_under_another_registrys_name_is_refused_unless_foreign_names).
         return make_registry(storage=StorageSettings("containerd", containerd=ContainerdSettings(
-            socket=daemon.address, namespace=namespace, hostname="registry.example",
+            socket=daemon.address, namespace=namespace, hostname="registry.example", foreign_names=True,
             content_dir=os.path.join(daemon.root, "io.containerd.content.v1.content"))))
     ceph = request.getfixturevalue("ceph_s3")
     bucket = pytest_twisted.blockon(defer.ensureDeferred(ceph.new_bucket()))

@@ -50,6 +50,17 @@ def test_local_names_are_the_hostname_or_a_host_of_their_own() -> None:
     assert local.repository("localhost:5000/app") is None
 
 
+def test_a_name_that_starts_with_another_host_is_foreign() -> None:
+    local = LocalNaming("registry.example:5000")
+    assert local.foreign_host("docker.io/library/alpine") == "docker.io"
+    assert local.foreign_host("localhost/app") == "localhost"
+    assert local.foreign_host("quay.io:443/team/app") == "quay.io:443"
+    # Its own host name, or no host at all: recorded under registryd's own name.
+    assert local.foreign_host("registry.example:5000/team/app") is None
+    assert local.foreign_host("team/app") is None and local.foreign_host("app") is None
+    assert local.foreign_host("my_team/app") is None
+
+
 def test_mirror_names_are_under_their_namespace() -> None:
     hub = MirrorNaming("docker.io")
     assert hub.image_repository("library/alpine") == "docker.io/library/alpine"
@@ -88,8 +99,8 @@ def test_containerd_table_defaults(tmp_path: object) -> None:
     config = load_config(write(tmp_path, '[storage]\ndriver = "containerd"\n'))
     settings = config.storage.containerd
     assert settings is not None
-    assert (settings.socket, settings.namespace, settings.read_only) == \
-        ("/run/containerd/containerd.sock", "k8s.io", False)
+    assert (settings.socket, settings.namespace, settings.read_only, settings.foreign_names) == \
+        ("/run/containerd/containerd.sock", "k8s.io", False, False)
     assert settings.hostname == socket.gethostname().lower()
 
 
@@ -97,11 +108,11 @@ def test_containerd_table_values(tmp_path: object) -> None:
     config = load_config(write(tmp_path, '[storage]\ndriver = "containerd"\n[storage.containerd]\n'
                                          'socket = "/tmp/c.sock"\nnamespace = "default"\n'
                                          'hostname = "Node1.Example:5000"\nread_only = true\n'
-                                         'content_dir = ""\n'))
+                                         'content_dir = ""\nforeign_names = true\n'))
     settings = config.storage.containerd
     assert settings is not None
-    assert (settings.socket, settings.namespace, settings.hostname, settings.read_only, settings.content_dir) == \
-        ("/tmp/c.sock", "default", "node1.example:5000", True, "")
+    assert (settings.socket, settings.namespace, settings.hostname, settings.read_only, settings.content_dir,
+            settings.foreign_names) == ("/tmp/c.sock", "default", "node1.example:5000", True, "", True)
 
 
 @pytest.mark.parametrize("table,message", [
@@ -109,6 +120,7 @@ def test_containerd_table_values(tmp_path: object) -> None:
     ('hostname = "a/b"', "'storage.containerd.hostname' must be a registry host"),
     ('socket = "run/containerd.sock"', "'storage.containerd.socket' must be an absolute path"),
     ('read_only = "yes"', "'storage.containerd.read_only' must be"),
+    ('foreign_names = 1', "'storage.containerd.foreign_names' must be"),
     ('sockets = "/x"', "unknown key 'storage.containerd.sockets'"),
 ])
 def test_bad_containerd_values_are_one_line(tmp_path: object, table: str, message: str) -> None:

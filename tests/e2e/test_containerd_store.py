@@ -10,7 +10,9 @@ A missing containerd, ctr or skopeo is a failure, not a skip.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
+import queue
 import re
 import subprocess
 import sys
@@ -22,6 +24,7 @@ import pytest_twisted
 from twisted.internet.threads import deferToThread
 
 from registryd.config import StorageSettings, UpstreamConfig
+from registryd.storage.containerd import joined
 from registryd.storage.containerd.settings import ContainerdSettings
 from oci_client import Client
 
@@ -261,7 +264,111 @@ async def test_a_pull_through_fill_lands_in_containerd_and_is_served_from_it(
     assert pulled.get("upstream.test/lib/app:v1") == image["digest"], pulled
 
 
+def read_to_length(host: str, path: str) -> tuple[int, bytes]:
+    """Blocking: a GET whose body is read to its Content-Length, not to the connection's end."""
+    connection = http.client.HTTPConnection(host, timeout=30)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_fill_of_a_blob_the_node_is_pulling_waits_for_that_pull_instead_of_writing_it_twice(
+        reference_upstream: Any, make_containerd: Any, make_registry: Any, monkeypatch: Any) -> None:
+    """The node's containerd pulling through registryd ingests each blob itself (``layer-sha256:<hex>``,
+    opened before it asks registryd): the fill of that blob waits for that ingest to commit, then
+    only leases the content, so containerd is sent its bytes once. The node's commit succeeds (it
+    would be refused as already there had registryd written the blob meanwhile); a stalled ingest
+    (a pull that gave up) is not waited for."""
+    up = reference_upstream("open")
+    image = push_unpackable_image(up, "lib/joined", "v1", marker="registryd-joined", payload_size=2_000_000)
+    layer = image["layers"][0]
+    monkeypatch.setattr(joined, "STALL", 3.0)
+    daemon = await make_containerd()
+    registry = make_registry(storage=settings_for(daemon),
+                             upstreams=(UpstreamConfig(namespace="upstream.test", url=up.url),))
+    half = layer["size"] // 2
+    pull = await deferToThread(IngestHolder, daemon.address, f"layer-{layer['digest']}")
+    try:
+        await deferToThread(pull.write, layer["data"][:half])
+        # As containerd reads a blob: to its Content-Length (the response ends once the fill is stored).
+        status, body = await deferToThread(read_to_length, registry.host,
+                                           f"/v2/upstream.test/lib/joined/blobs/{layer['digest']}")
+        assert status == 200 and body == layer["data"]
+        await sleep(1.0)   # the fill is verified: it waits for the node's ingest, which moved < STALL ago
+        assert layer["digest"] not in await content_digests(daemon), (
+            await daemon.ctr("content", "ls", namespace=NAMESPACE)).stdout
+        await deferToThread(pull.write, layer["data"][half:])
+        await deferToThread(pull.commit, layer["digest"], {"test.writer": "the node's pull"})
+    finally:
+        await deferToThread(pull.release)
+    await registry.service.api.mirror.settle_fills(30)
+    info = (await daemon.ctr("content", "ls", namespace=NAMESPACE)).stdout
+    line = next(line for line in info.splitlines() if line.startswith(layer["digest"]))
+    assert "test.writer" in line, line
+    leases = (await daemon.ctr("leases", "ls", namespace=NAMESPACE)).stdout
+    assert "registryd-recent-" in leases, leases
+
+    # An ingest of the config that stands still: the fill writes the config itself after the stall.
+    config = image["config"]
+    stalled = await deferToThread(IngestHolder, daemon.address, f"config-{config['digest']}")
+    try:
+        await deferToThread(stalled.write, config["data"][:10])
+        status, body = await deferToThread(read_to_length, registry.host,
+                                           f"/v2/upstream.test/lib/joined/blobs/{config['digest']}")
+        assert status == 200 and body == config["data"]
+        await registry.service.api.mirror.settle_fills(30)
+        assert config["digest"] in await content_digests(daemon)
+    finally:
+        await deferToThread(stalled.release)
+
+
 # -- health, read-only, resumed uploads ---------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_push_under_another_registrys_name_is_refused_unless_foreign_names(
+        make_containerd: Any, make_registry: Any, tmp_path: Any) -> None:
+    """Without an upstream, ``docker.io/library/shadow`` is a repository like any other on the
+    filesystem store; on containerd it would be the node's image of that name, what the kubelet
+    runs for ``docker.io/library/shadow``: a push (its upload, a mount, a manifest) and a delete
+    under such a name are refused with DENIED and change nothing, unless ``foreign_names`` allows them."""
+    daemon = await make_containerd()
+    node = sample_image(18)
+    await import_image(daemon, tmp_path, node, "docker.io/library/alpine", "3.20")
+    client = Client(make_registry(storage=settings_for(daemon)).url)
+    image = sample_image(19)
+    before = await image_names(daemon)
+
+    refused = await client.post("/v2/docker.io/library/shadow/blobs/uploads/")
+    assert refused.status == 405 and refused.codes == ["DENIED"], refused
+    assert "foreign_names" in refused.json()["errors"][0]["message"]
+    config = await client.push_blob("team/app", image.config.data)
+    mounted = await client.post(f"/v2/docker.io/library/shadow/blobs/uploads/?mount={config}&from=team/app")
+    assert mounted.status == 405 and mounted.codes == ["DENIED"], mounted
+    for blob in image.layers:
+        await client.push_blob("team/app", blob.blob.data)
+    # A manifest of blobs the node's docker.io/library/alpine has, tagged "latest" there.
+    manifest = await client.push_manifest("docker.io/library/alpine", "latest", node.manifest.data,
+                                          node.manifest.media_type)
+    assert manifest.status == 405 and manifest.codes == ["DENIED"], manifest
+    deleted = await client.delete(f"/v2/docker.io/library/alpine/manifests/{node.digest}")
+    assert deleted.status == 405 and deleted.codes == ["DENIED"], deleted
+    assert await image_names(daemon) == before   # no shadow, no alpine:latest; alpine:3.20 stays
+    # Its own host name is its own: registry.example/team/app is team/app.
+    own = await client.push_manifest(f"{HOSTNAME}/team/app", "1", image.manifest.data, image.manifest.media_type)
+    assert own.status == 201, own
+    assert (await client.get("/v2/team/app/manifests/1")).status == 200
+
+    allowed = Client(make_registry(storage=settings_for(daemon, foreign_names=True)).url)
+    for blob in image.blobs():
+        await allowed.push_blob("docker.io/library/shadow", blob.data)
+    pushed = await allowed.push_manifest("docker.io/library/shadow", "1", image.manifest.data, image.manifest.media_type)
+    assert pushed.status == 201, pushed
+    assert (await image_names(daemon)).get("docker.io/library/shadow:1") == image.digest
 
 
 @pytest_twisted.ensureDeferred
@@ -429,6 +536,77 @@ async def test_a_body_after_another_registryd_moved_the_ingest_on_gets_416(
                            layer.data[2 * third:], headers={**headers, "Content-Range": f"{2 * third}-{len(layer.data) - 1}"})
     assert done.status == 201, done
     fetched = await second.get(f"/v2/team/moved/blobs/{layer.digest}")
+    assert fetched.status == 200 and sha256(fetched.body) == layer.digest
+
+
+class IngestHolder:
+    """Another writer of an ingest, as a worker process is while it sends a body: a Write stream
+    on the ref, opened and held (containerd locks the ref) until ``release``."""
+
+    def __init__(self, socket: str, ref: str) -> None:
+        import grpc
+        from registryd.storage.containerd.proto import containerd_api_pb2 as api
+        self._requests: queue.Queue[Any] = queue.Queue()
+        self._channel = grpc.insecure_channel(f"unix://{socket}")
+        call = self._channel.stream_stream("/containerd.services.content.v1.Content/Write",
+                                           request_serializer=lambda m: m.SerializeToString(),
+                                           response_deserializer=api.ContentWriteResponse.FromString)
+        self._replies = call(iter(self._requests.get, None), metadata=[("containerd-namespace", NAMESPACE)])
+        self._api, self._ref = api, ref
+        self._requests.put(api.ContentWriteRequest(action=api.STAT, ref=ref))
+        self.offset = next(self._replies).offset   # the writer is open: the ref is locked
+
+    def write(self, data: bytes) -> None:
+        self._requests.put(self._api.ContentWriteRequest(action=self._api.WRITE, ref=self._ref, offset=self.offset,
+                                                         data=data))
+        self.offset = next(self._replies).offset
+
+    def commit(self, digest: str, labels: dict[str, str]) -> None:
+        """Commit what was written as ``digest`` (an RpcError if containerd refuses: it has it already)."""
+        self._requests.put(self._api.ContentWriteRequest(action=self._api.COMMIT, ref=self._ref, offset=self.offset,
+                                                         total=self.offset, expected=digest, labels=labels))
+        next(self._replies)
+
+    def release(self) -> None:
+        self._requests.put(None)
+        for _ in self._replies:
+            pass
+        self._channel.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_body_while_another_process_writes_the_ingest_gets_416(
+        make_containerd: Any, make_registry: Any, tmp_path: Any) -> None:
+    """As on the filesystem store (tests/test_uploads.py::test_two_processes_on_one_data_directory_
+    continue_each_others_sessions): a body that arrives while another process writes a body of the
+    same session (containerd holds the ingest's ref locked for it) is refused with 416 and the Range
+    of the acknowledged end, not 503; the session is intact and goes on once the other is done."""
+    daemon = await make_containerd()
+    client = Client(make_registry(storage=settings_for(daemon)).url)
+    layer = sample_image(17).layers[0].blob
+    half = len(layer.data) // 2
+    headers = {"Content-Type": "application/octet-stream"}
+    started = await client.post("/v2/team/locked/blobs/uploads/")
+    one = await client.patch(started.location, layer.data[:half], headers={**headers, "Content-Range": f"0-{half - 1}"})
+    assert one.status == 202, one
+    ref = "registryd-upload-" + started.location.split("?")[0].rstrip("/").rsplit("/", 1)[-1]
+    holder = await deferToThread(IngestHolder, daemon.address, ref)
+    try:
+        assert holder.offset == half
+        busy = await client.patch(one.location, layer.data[half:],
+                                  headers={**headers, "Content-Range": f"{half}-{len(layer.data) - 1}"})
+        assert busy.status == 416 and busy.header("Range") == f"0-{half - 1}", busy
+        assert busy.json()["errors"][0]["code"] == "BLOB_UPLOAD_INVALID", busy
+        closing = await client.put(f"{one.location}{'&' if '?' in one.location else '?'}digest={layer.digest}",
+                                   layer.data[half:], headers=headers)
+        assert closing.status == 416 and closing.header("Range") == f"0-{half - 1}", closing
+    finally:
+        await deferToThread(holder.release)
+    assert (await client.get(one.location)).header("Range") == f"0-{half - 1}"
+    done = await client.put(f"{one.location}{'&' if '?' in one.location else '?'}digest={layer.digest}",
+                            layer.data[half:], headers={**headers, "Content-Range": f"{half}-{len(layer.data) - 1}"})
+    assert done.status == 201, done
+    fetched = await client.get(f"/v2/team/locked/blobs/{layer.digest}")
     assert fetched.status == 200 and sha256(fetched.body) == layer.digest
 
 

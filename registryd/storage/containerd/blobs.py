@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from typing import BinaryIO, Callable, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IConsumer, IPushProducer
@@ -25,13 +25,16 @@ from zope.interface import implementer
 from registryd.digest import Digest
 from registryd.errors import digest_invalid
 from registryd.storage.containerd.client import ContainerdClient, NotFound
+from registryd.storage.containerd.joined import written_by_another
 from registryd.storage.guard import BlobGuard
 from registryd.storage.blobs import FileBlobSource
 
 #: Bytes asked of the content service's Read at once when streaming a blob to a client.
 READ_CHUNK = 1024 * 1024
-#: Bytes sent in one Write message.
-WRITE_CHUNK = 1024 * 1024
+#: Bytes sent in one Write message: containerd spends less CPU per byte on fewer, larger messages
+#: (its CPU is what a fill waits for); far below its 16 MiB limit, and at most
+#: client.WRITE_WINDOW of them wait at once.
+WRITE_CHUNK = 4 * 1024 * 1024
 
 
 def rfc3339(when: float) -> str:
@@ -151,8 +154,11 @@ def _file_chunks(path: str) -> Iterator[bytes]:
 class ContainerdBlobs:
     """BlobBackend over containerd's content service (see the module docstring)."""
 
-    def __init__(self, client: ContainerdClient, guard: BlobGuard, leases: RecentLeases, content_dir: str) -> None:
+    def __init__(self, client: ContainerdClient, guard: BlobGuard, leases: RecentLeases, content_dir: str,
+                 reactor: Any = None) -> None:
+        """``reactor``: where a fill waits for another writer of the same content (joined); None: never waits."""
         self._client = client
+        self._reactor = reactor
         self.guard = guard
         self.leases = leases
         self.content_dir = content_dir
@@ -203,6 +209,9 @@ class ContainerdBlobs:
         lease = await self.leases.current()
         size = os.stat(path).st_size
         try:
+            if self._reactor is not None and await written_by_another(self._client, self._reactor, digest):
+                await self._client.add_to_lease(lease, str(digest))   # no byte written twice
+                return
             await self._client.write(f"registryd-file-{uuid.uuid4().hex}", _file_chunks(path), size,
                                      str(digest), lease)
         finally:

@@ -92,6 +92,12 @@ class LocalNaming:
             return name
         return f"{self.hostname}/{name}"
 
+    def foreign_host(self, name: str) -> str | None:
+        """The other registry's host a repository name starts with (``docker.io`` of
+        ``docker.io/library/x``), or None for a name this node's images are recorded under."""
+        first, slash, _ = name.partition("/")
+        return first if slash and looks_like_host(first) and first != self.hostname else None
+
     def repository(self, image_repository: str) -> str | None:
         own = self.hostname + "/"
         name = image_repository[len(own):] if image_repository.startswith(own) else image_repository

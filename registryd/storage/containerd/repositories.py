@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Callable
 
 import attrs
 
@@ -60,11 +60,14 @@ class ContainerdRepositories:
     """The repositories one Naming gives containerd's images (see the module docstring)."""
 
     def __init__(self, client: ContainerdClient, blobs: ContainerdBlobs, naming: Naming,
-                 read_only: bool = False) -> None:
+                 read_only: bool = False, foreign_host: Callable[[str], str | None] | None = None) -> None:
+        """``foreign_host``: the other registry a repository name belongs to, if any: such a
+        repository is not registryd's to change (see ``check_own``); None: every name is."""
         self._client = client
         self._blobs = blobs
         self.naming = naming
         self._read_only = read_only
+        self._foreign_host = foreign_host
         self._closures: OrderedDict[Digest, Closure] = OrderedDict()
 
     # -- helpers ------------------------------------------------------------------
@@ -72,6 +75,15 @@ class ContainerdRepositories:
     def _writable(self) -> None:
         if self._read_only:
             raise denied("this registry serves containerd's images read-only ([storage.containerd] read_only)")
+
+    def check_own(self, name: str) -> None:
+        """405 DENIED (as for a mirrored repository) for a change to an image named after another registry (``docker.io/library/x``):
+        containerd's namespace is the kubelet's too, and an image recorded under that name, not
+        pulled from there, would be what a pod of that image runs ([storage.containerd] foreign_names)."""
+        host = self._foreign_host(name) if self._foreign_host is not None else None
+        if host is not None:
+            raise denied(f"{name[:255]} names {host}'s image on this node: registryd pushes and deletes "
+                         f"images under its own host name only ([storage.containerd] foreign_names)")
 
     def _image_repository(self, name: str) -> str | None:
         return self.naming.image_repository(name) if is_repository_name(name) else None
@@ -222,6 +234,7 @@ class ContainerdRepositories:
 
     async def link_blob(self, name: str, digest: Digest) -> None:
         self._writable()
+        self.check_own(name)
         repository = self._checked_repository(name)
         info = await self._client.info(str(digest))
         if info is None:
@@ -233,6 +246,7 @@ class ContainerdRepositories:
 
     async def unlink_blob(self, name: str, digest: Digest) -> bool:
         self._writable()
+        self.check_own(name)
         repository = self._image_repository(name)
         info = await self._client.info(str(digest)) if repository is not None else None
         if repository is None or info is None:
@@ -250,6 +264,7 @@ class ContainerdRepositories:
         """The content's GC labels (its children live as long as it does), its image
         ``<repo>@<digest>``, then its tags: each done before the next starts."""
         self._writable()
+        self.check_own(name)
         repository = self._checked_repository(name, tags)
         data = await self._blobs.read(digest, MANIFEST_LIMIT)
         if data is None:
@@ -266,6 +281,7 @@ class ContainerdRepositories:
 
     async def set_tags(self, name: str, digest: Digest, tags: list[str]) -> None:
         self._writable()
+        self.check_own(name)
         repository = self._checked_repository(name, tags)
         if not tags:
             return
@@ -277,6 +293,7 @@ class ContainerdRepositories:
         """Every image of the repository whose target it is: its tags and its digest name.
         What nothing references any more is then containerd's GC's to reclaim."""
         self._writable()
+        self.check_own(name)
         removed = False
         for _, image, target in await self._images(name):
             if target == digest:
@@ -297,6 +314,7 @@ class ContainerdRepositories:
 
     async def delete_tag(self, name: str, tag: str) -> bool:
         self._writable()
+        self.check_own(name)
         repository = self._image_repository(name)
         if repository is None or not is_tag(tag):
             return False

@@ -8,6 +8,8 @@
     hostname = "node1.example"                   # pushed team/app:1.0 is image node1.example/team/app:1.0
     read_only = false                            # true: serve the node's images, accept no push or delete
                                                  # (a pull-through cache still fills containerd)
+    foreign_names = false                        # true: pushes and deletes may change images named
+                                                 # after another registry (docker.io/library/x)
     content_dir = "/var/lib/containerd/io.containerd.content.v1.content"
     timeout = 30                                 # seconds one call may take
 """
@@ -69,6 +71,8 @@ class ContainerdSettings:
     hostname: str = setting(kind=str, check=_hostname, factory=machine_hostname,
                             doc="pushed images are named <hostname>/<repository>; default: this machine's name")
     read_only: bool = setting(False, bool, doc="serve the node's images, accept no push or delete")
+    foreign_names: bool = setting(False, bool, doc="pushes and deletes may change images named after "
+                                                   "another registry's host (docker.io/library/x)")
     content_dir: str = setting(DEFAULT_CONTENT_DIR, str, _content_dir,
                                "containerd's content folder: blobs are sent from its files when readable")
     timeout: int = setting(30, int, positive, "seconds one call to containerd may take")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from typing import Any
+from typing import Any, Callable
 
 import grpc
 from twisted.internet.defer import Deferred, succeed
@@ -38,7 +38,18 @@ from registryd.threads import BlockingPool, InlinePool
 READY_TIMEOUT = 3.0
 
 
-class ReadOnlyUploads(UploadStore):
+class OwnNameUploads(UploadStore):
+    """A session starts only in a repository a push may change (``check_name``): a push under
+    another registry's name is refused before any byte is sent, not at its manifest."""
+
+    check_name: Callable[[str], None] = staticmethod(lambda name: None)
+
+    async def create(self, repo: str) -> Any:
+        self.check_name(repo)
+        return await super().create(repo)
+
+
+class ReadOnlyUploads(OwnNameUploads):
     """``read_only``: no upload session starts (403 DENIED), so nothing is ever spooled."""
 
     async def create(self, repo: str) -> Any:
@@ -64,14 +75,18 @@ class ContainerdStore:
         self.guard = BlobGuard()
         self.client = ContainerdClient(settings.socket, settings.namespace, reactor, settings.timeout)
         self.objects = ContainerdObjects(self.client, self.location())
-        self.blobs = ContainerdBlobs(self.client, self.guard, RecentLeases(self.client, keep), settings.content_dir)
-        self.repositories = ContainerdRepositories(self.client, self.blobs, LocalNaming(settings.hostname),
-                                                   read_only=settings.read_only)
-        uploads = ReadOnlyUploads if settings.read_only else UploadStore
+        self.blobs = ContainerdBlobs(self.client, self.guard, RecentLeases(self.client, keep), settings.content_dir,
+                                     reactor)
+        naming = LocalNaming(settings.hostname)
+        self.repositories = ContainerdRepositories(
+            self.client, self.blobs, naming, read_only=settings.read_only,
+            foreign_host=None if settings.foreign_names else naming.foreign_host)
+        uploads = ReadOnlyUploads if settings.read_only else OwnNameUploads
         # Sessions' states are kept in the data directory, their bytes in containerd's ingests.
         spool = FsDriver(root, pool, self.tmp_dir)
         self.uploads = uploads(spool, ContainerdAppendable(self.client, self.blobs.leases, spool.path,
                                                            self.tmp_dir, pool), self.blobs)
+        self.uploads.check_name = self.repositories.check_own
         self.hot_cache: HotCache | None = None
 
     def mirror_repositories(self, namespace: str) -> ContainerdRepositories:
