@@ -44,8 +44,10 @@ except ImportError:  # pragma: no cover - another pyOpenSSL layout
 #: bytes per 16 KiB record (TLS 1.3), 29 with TLS 1.2's explicit nonce.
 _RECORD_OVERHEAD = 64
 _RECORD_SIZE = 16 * 1024
-#: What one BIO read may take at least (handshake flights, alerts, small writes).
+#: What one BIO read may take at least (handshake flights, alerts, small writes)
+#: and at most: a huge write is drained in pieces, so the reused buffer stays small.
 _MIN_DRAIN = 32 * 1024
+MAX_DRAIN = 1024 * 1024
 
 
 def _ciphertext_bound(plaintext: int) -> int:
@@ -101,7 +103,7 @@ class LeanTLSTransport(BufferingTLSTransport):
 
     def _flushSendBIO(self) -> None:
         """Move everything in the send BIO to the socket (or the transport's queue)."""
-        size = self._drain_hint
+        size = min(self._drain_hint, MAX_DRAIN)
         self._drain_hint = _MIN_DRAIN
         if not LOW_LEVEL:
             while True:
@@ -141,9 +143,9 @@ class LeanTLSTransport(BufferingTLSTransport):
         """
         Encrypt ``data`` (any buffer; the caller may reuse it on return) and
         send it after everything written before. Returns False, having sent
-        nothing, when the connection is closing or lost.
+        nothing, when the connection is ``closing``.
         """
-        if self._lostTLSConnection or (self.disconnecting and self._producer is None):
+        if self.closing:
             return False
         self._aggregator.flush()
         if self._appSendBuffer:
@@ -151,6 +153,13 @@ class LeanTLSTransport(BufferingTLSTransport):
         else:
             self._write(data)
         return True
+
+    @property
+    def closing(self) -> bool:
+        """TLS is over or the socket under it is closing: nothing more can be sent."""
+        tcp_transport: Any = self.transport
+        return bool(self._lostTLSConnection or (self.disconnecting and self._producer is None)
+                    or not tcp_transport.connected or getattr(tcp_transport, "disconnecting", False))
 
     def flush(self) -> None:
         """Encrypt and send the small writes the aggregator holds for the next turn (headers)."""

@@ -28,6 +28,7 @@ from twisted.internet.threads import deferToThread
 from zope.interface import implementer
 
 from registryd.auth.tls import ServerTLSContext, TLSServerEndpoint, TLSSettings
+from registryd import tls_transport
 from registryd.tls_transport import LOW_LEVEL, LeanTLSTransport
 from registryd.web import sendfile
 from support.pki import issue, make_ca
@@ -333,6 +334,38 @@ async def test_a_client_abort_mid_body_closes_the_file_and_logs_nothing(
     assert (status, got) == (200, digest)
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_broken_record_from_the_client_mid_body_ends_the_connection(
+    tls_registry: TLSRegistry, blob: bytes, lean: Lean
+) -> None:
+    """A record that fails to decrypt ends TLS under a live socket: the transfer stops,
+    the connection and the file close, nothing is logged as an error."""
+    digest = await seed(tls_registry, blob)
+    client = await deferToThread(Client, tls_registry.tls_port, tls_registry.ca, 64 * 1024)
+
+    def corrupt_then_read_on() -> int:
+        client.send(("GET", f"/v2/tls/blob/blobs/{digest}", {}))
+        assert client.head()[0] == 200
+        client.body(MiB)
+        # An application-data record (TLS 1.2/1.3 framing) whose tag cannot verify.
+        os.write(client.sock.fileno(), b"\x17\x03\x03\x00\x20" + os.urandom(32))
+        received = MiB
+        try:
+            while chunk := client.file.read(MiB):
+                received += len(chunk)
+        except OSError:
+            pass
+        return received
+
+    received = await deferToThread(corrupt_then_read_on)
+    await deferToThread(client.close)
+    assert received < SIZE
+    [transport] = lean.transports
+    await wait_until(lambda: not transport.connected, 10, "the connection closed")
+    await wait_until(lambda: not open_files_of(digest), 5, "the blob file closed")
+    assert lean.bytes < SIZE
+
+
 def server_cn(port: int, ca: str) -> str:
     context = ssl.create_default_context(cafile=ca)
     with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
@@ -453,3 +486,4 @@ async def test_one_large_write_is_encrypted_at_once_and_queued_in_order(
     assert got == payload
     assert isinstance(transports[0], LeanTLSTransport)
     assert lean.ssl_writes == 1
+    assert tls_transport._Drain.size <= tls_transport.MAX_DRAIN   # drained in pieces: the buffer stays small

@@ -385,7 +385,17 @@ class _RangeProducer:
         budget = TLS_TURN
         sent_before = self._sent
         scratch = _tls_scratch()
-        while self._remaining and budget > 0 and tls.queue_is_empty():
+        while self._remaining and budget > 0:
+            if tls.closing:
+                # TLS ended under the socket (say, a record from the peer that did not
+                # decrypt): the body cannot follow, and waiting for the socket would
+                # never end. The abort reaches us through stopProducing.
+                self._count_sendfile_progress(sent_before)
+                self._halt()
+                self._transport.abortConnection()
+                return
+            if not tls.queue_is_empty():
+                break
             size = min(self._remaining, TLS_CHUNK)
             try:
                 n = os.preadv(self._file_fd, [scratch[:size]], self._position)
@@ -400,7 +410,7 @@ class _RangeProducer:
                 self._fail(Failure())
                 return
             if not tls.send_now(scratch[:n]):
-                break  # closing: the transport reports the loss, and stopProducing ends us
+                continue  # closing after all: handled at the top of the loop
             self._position += n
             self._remaining -= n
             self._sent += n
