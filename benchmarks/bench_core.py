@@ -78,7 +78,7 @@ def log(msg):
 
 
 def unit_of(key):
-    for suffix, unit in (("_MBps", "MB/s"), ("_rps", "req/s"), ("_ms", "ms"), ("_MiB", "MiB"), ("_s", "s")):
+    for suffix, unit in (("_per_GB", "s/GB"), ("_MBps", "MB/s"), ("_rps", "req/s"), ("_ms", "ms"), ("_MiB", "MiB"), ("_s", "s")):
         if key.endswith(suffix):
             return unit
     return ""

@@ -10,6 +10,10 @@ The TLS certificate is a throw-away self-signed one made with ``openssl``.
 
 Figures (wrk and hey on loopback; the order of the servers alternates per phase)
   tls_blob_get_{N}M_c{1,8}_MBps   TLS GET of one N MiB blob (256, 32 with --quick), MB/s
+  tls_blob_get_{N}M_c{1,8}_cpu_s_per_GB
+                                  CPU seconds the server's processes used per GB sent in that run
+                                  (user + system, every process of its tree): steadier than MB/s
+                                  on a machine that others load too
   blob_get_{N}M_c{1,8}_MBps       the same over plain HTTP
   manifest_get_tag_c32_rps        GET of a manifest by tag, 32 clients, req/s (+ _p99_ms); nginx has none
   push_big_s, push_many_s         (phase push, not run by default) bench_core's skopeo pushes, s; nginx has none
@@ -262,6 +266,32 @@ def wrk(url, conns, seconds):
     return round(float(transfer.group(1)) * scale * 1.048576, 1), rps, non2xx, error
 
 
+def cpu_seconds(pids):
+    """User + system CPU seconds used so far by ``pids`` and all their descendants."""
+    total = 0
+    seen = set()
+    todo = list(pids)
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except (OSError, IndexError, ValueError):
+            continue
+        todo += _children(pid)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def server_pids(srv):
+    """The processes serving a server's TLS port (the reference serves TLS in a second process)."""
+    proc = getattr(srv, "tls_proc", None) or srv.proc
+    return [proc.pid] if proc is not None else []
+
+
 def check_answer(url, size):
     """None when a HEAD of ``url`` answers 200 with Content-Length ``size``, else what it answered."""
     scheme, _, rest = url.partition("://")
@@ -335,9 +365,14 @@ def measure(args, phase, name, srv, digest):
         url = blob_path(name, srv, digest, phase == "tls")
         wrong = check_answer(url, mib << 20)
         for c in (1, 8):
+            before = cpu_seconds(server_pids(srv))
             mbps, rps, _, error = (None, None, None, wrong) if wrong else wrk(url, c, args.seconds)
+            used = cpu_seconds(server_pids(srv)) - before
             figs[f"{prefix}blob_get_{mib}M_c{c}_MBps"] = {"value": None if error else mbps,
                                                            "requests_per_s": rps, "error": error}
+            if phase == "tls":
+                per_gb = round(used / (mbps * args.seconds / 1000), 3) if mbps and not error else None
+                figs[f"tls_blob_get_{mib}M_c{c}_cpu_s_per_GB"] = {"value": per_gb, "error": error}
     elif phase == "push":
         push_args = argparse.Namespace(quick=args.quick, seconds=args.seconds, regbench_dir=core.DEFAULT_REGBENCH_DIR)
         found, error = core.measure(push_args, "push", srv)
@@ -362,7 +397,8 @@ def expected(args, name):
     keys = ["rss_idle_MiB"]
     for phase in args.phases:
         if phase == "tls":
-            keys += [f"tls_blob_get_{mib}M_c1_MBps", f"tls_blob_get_{mib}M_c8_MBps"]
+            keys += [f"tls_blob_get_{mib}M_c1_MBps", f"tls_blob_get_{mib}M_c8_MBps",
+                     f"tls_blob_get_{mib}M_c1_cpu_s_per_GB", f"tls_blob_get_{mib}M_c8_cpu_s_per_GB"]
         elif phase == "plain":
             keys += [f"blob_get_{mib}M_c1_MBps", f"blob_get_{mib}M_c8_MBps"]
         elif phase == "push" and name != "nginx":
@@ -406,7 +442,7 @@ def print_table(rows, servers):
         columns.append(("vs nginx", "vs_nginx"))
     if "registryd-containerd" in servers:
         columns += [("ctrd vs ref", "containerd_vs_reference"), ("ctrd vs fs", "containerd_vs_filesystem")]
-    report.print_table(rows, servers, columns, label_width=30, note=(
+    report.print_table(rows, servers, columns, label_width=36, note=(
         "vs ref / vs nginx: how many times better registryd is (above 1: registryd better; for latency, "
         "time and memory the inverse ratio); ctrd vs ref / ctrd vs fs: the same for registryd-containerd "
         "against the reference and against registryd on its filesystem store"))

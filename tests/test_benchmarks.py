@@ -133,3 +133,19 @@ def test_ui_benchmark_quick_mode_measures_every_page(tmp_path) -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     figures = json.loads((tmp_path / "r.json").read_text())["figures"]
     assert len([k for k in figures if k.endswith("_median_ms")]) == 10
+
+
+def test_tls_benchmark_reports_each_servers_cpu_per_gb(tmp_path) -> None:
+    """bench_tls.py: beside MB/s, the CPU seconds per GB of every server's processes (registryd's
+    supervisor and workers, the reference's TLS process, nginx's master and workers)."""
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "bench_tls.py"), "--quick", "--seconds", "1",
+         "--only", "tls", "--workers", "2", "--output", str(tmp_path / "r.json")],
+        capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((tmp_path / "r.json").read_text())
+    for name in ("registryd", "reference", "nginx"):
+        for c in (1, 8):
+            value = report["servers"][name]["figures"][f"tls_blob_get_32M_c{c}_cpu_s_per_GB"]["value"]
+            assert value is not None and value > 0, (name, c, value)
+    assert "s/GB" in result.stdout

@@ -48,6 +48,7 @@ from zope.interface import implementer
 
 from registryd.auth.errors import AuthConfigError
 from registryd.schema import read_table, setting
+from registryd.tls_transport import LeanTLSTransport
 
 log = Logger()
 
@@ -323,6 +324,7 @@ class TLSServerEndpoint:
 
     def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
         factory = TLSMemoryBIOFactory(self._context, False, protocolFactory, clock=self._clock)
+        factory.protocol = LeanTLSTransport
         return self._wrapped.listen(factory)
 
 
