@@ -33,7 +33,7 @@ from support.wait import wait_for_port
 # (`./run-tests.sh -m unit`); `-m fast` is the unit tier under its old name.
 TIERS: dict[str, frozenset[str]] = {
     "unit": frozenset({
-        "test_blobs",
+        "test_blobs", "test_reuseport",
         "test_parsing", "test_config", "test_config_docs", "test_readme_snippets", "test_request",
         "test_auth_basic", "test_auth_htpasswd", "test_auth_policy", "test_auth_throttle", "test_auth_pool",
         "test_auth_proxies", "test_auth_challenge", "test_auth_admin", "test_mirror_units", "test_sendfile",
