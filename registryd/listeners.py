@@ -1,11 +1,11 @@
 """Listening sockets shared by worker processes.
 
 With ``[server] workers`` > 1 the supervisor binds every listener's plain
-socket once (so a port in use stops start-up with one line, as with one
-process) and hands the descriptors to each worker, which accepts on them
-through ``AdoptedStreamServerEndpoint``: the kernel spreads the connections
-over the workers, and a worker that dies leaves the socket (and its queued
-connections) to the others.
+socket (so a port in use stops start-up with one line, as with one process)
+and hands the descriptors to the workers, which accept on them through
+``AdoptedStreamServerEndpoint``. A ``tcp:``/``tcp6:`` listener is one socket
+per worker on the same address (registryd.reuseport: the kernel spreads the
+connections evenly); a ``unix:`` one is one socket every worker accepts on.
 
 A listen description is split into the wrapping a worker adds (TLS, the
 PROXY protocol) and the plain endpoint the supervisor binds (``tcp:``,
@@ -135,8 +135,9 @@ class _OneAcceptPort(tcp.Port):
 
 
 def accept_one_at_a_time(port: Any) -> None:
-    """Twisted accepts up to 100 waiting connections at once (more under load): in a worker that
-    would take a whole burst of clients from the others, which wake for the same socket. One at
-    a time, every idle worker gets its share, and a busy one leaves them to the others."""
-    if type(port) is tcp.Port:
+    """Twisted accepts up to 100 waiting connections at once (more under load): on a socket shared
+    with other workers that would take a whole burst of clients from them. One at a time, every
+    idle worker gets its share, and a busy one leaves them to the others. A socket of this worker's
+    own (``SO_REUSEPORT``: registryd.reuseport) keeps Twisted's bursts: nobody else accepts there."""
+    if type(port) is tcp.Port and not port.socket.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT):
         port.__class__ = _OneAcceptPort

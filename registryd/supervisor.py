@@ -1,7 +1,8 @@
 """The process ``twistd -n registryd`` is with ``[server] workers`` > 1: it serves nothing itself.
 
-It binds every listener once (registryd.listeners), empties ``tmp/`` (what
-a crash left), then starts the workers: each is ``twistd -n registryd``
+It binds every listener (registryd.listeners; a tcp: one as one socket per
+worker, registryd.reuseport), empties ``tmp/`` (what a crash left), then
+starts the workers: each is ``twistd -n registryd``
 again, with the same options, told by its environment which worker it is
 and which inherited descriptors are its listeners. Every worker serves
 every request (upload sessions, tags and fills are in the store); worker 0
@@ -38,6 +39,7 @@ from registryd.listeners import (
     FIRST_FD, LIMITS, MULTIPROC_ENV, RUN, Inherited, WorkerRole, family_of, plain_part,
 )
 from registryd.memory import release_once_running
+from registryd.reuseport import ListenerGroup, ReusePortBinder
 from registryd.startup import StartupError, make_room_for_connections
 from registryd.storage.files import empty_dir
 from registryd.web.probes import split_probes
@@ -140,7 +142,8 @@ class Supervisor(Service):
         self._tmp_dir = tmp_dir
         self._command = worker_command(list(sys.argv if argv is None else argv))
         self._header = header
-        self.ports: list[Any] = []     # tcp.Port: its socket is handed to the workers
+        #: One per listener: worker i gets the socket of ``port_for(i)`` (its own on tcp:, shared on unix:).
+        self.ports: list[ListenerGroup] = []
         self.running_workers: dict[int, _Worker] = {}
         self.restarts = 0
         self._failures: dict[int, int] = {}
@@ -168,7 +171,10 @@ class Supervisor(Service):
                     ServerTLSContext(tls[1])     # the workers load it again; a bad file stops start-up here
                 plain = plain_part(_plain(description))
                 assert plain is not None, description     # shareable() was asked before
-                endpoint = serverFromString(self._reactor, plain)
+                # tcp:/tcp6: one socket per worker (registryd.reuseport); unix: one shared by all.
+                balanced = plain.startswith(("tcp:", "tcp6:"))
+                binder = ReusePortBinder(self._reactor, self.workers) if balanced else self._reactor
+                endpoint = serverFromString(binder, plain)
             except AuthConfigError as e:
                 self._close_ports()
                 raise StartupError(str(e)) from None
@@ -181,8 +187,9 @@ class Supervisor(Service):
                 self._close_ports()
                 reason = outcome[0].getErrorMessage() if outcome else "did not listen at once"
                 raise StartupError(f"cannot listen on {description}: {reason}")
-            port = outcome[0]
-            port.stopReading()      # the workers accept; this process only holds the socket
+            port = outcome[0] if isinstance(outcome[0], ListenerGroup) else ListenerGroup([outcome[0]])
+            for each in port.ports:
+                each.stopReading()      # the workers accept; this process only holds the sockets
             self.ports.append(port)
             log.info("registryd listening on {address}{what}", address=str(port.getHost()),
                      what=" (health checks only)" if probes_only else "")
@@ -203,7 +210,7 @@ class Supervisor(Service):
         release_once_running(self._reactor)
 
     def _role(self, index: int) -> WorkerRole:
-        sockets = tuple(Inherited(FIRST_FD + i, family_of(port)) for i, port in enumerate(self.ports))
+        sockets = tuple(Inherited(FIRST_FD + i, family_of(group.ports[0])) for i, group in enumerate(self.ports))
         return WorkerRole(index, sockets, header=self._header, count=self.workers)
 
     def _spawn(self, index: int) -> None:
@@ -213,8 +220,8 @@ class Supervisor(Service):
         role = self._role(index)
         env = {**os.environ, **role.environment(), MULTIPROC_ENV: self.metrics_dir}
         fds: dict[int, Any] = {0: 0, 1: 1, 2: 2}
-        for i, port in enumerate(self.ports):
-            fds[FIRST_FD + i] = port.fileno()
+        for i, group in enumerate(self.ports):
+            fds[FIRST_FD + i] = group.port_for(index).fileno()
         worker = _Worker(index, self._worker_ended, self._reactor.seconds())
         self._reactor.spawnProcess(worker, self._command[0], self._command, env=env, childFDs=fds)
         self.running_workers[index] = worker

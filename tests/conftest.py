@@ -33,7 +33,7 @@ from support.wait import wait_for_port
 # (`./run-tests.sh -m unit`); `-m fast` is the unit tier under its old name.
 TIERS: dict[str, frozenset[str]] = {
     "unit": frozenset({
-        "test_blobs",
+        "test_blobs", "test_reuseport",
         "test_parsing", "test_config", "test_config_docs", "test_readme_snippets", "test_request",
         "test_auth_basic", "test_auth_htpasswd", "test_auth_policy", "test_auth_throttle", "test_auth_pool",
         "test_auth_proxies", "test_auth_challenge", "test_auth_admin", "test_mirror_units", "test_sendfile",
@@ -50,7 +50,7 @@ TIERS: dict[str, frozenset[str]] = {
         "test_cli_exit_codes", "test_cli_gc", "test_cli_htpasswd", "test_cli_ls", "test_cli_preload", "test_cli_prune",
         "test_cli_retention",
         "test_conformance", "test_durability", "test_limits", "test_memory", "test_mirror", "test_prune_online", "test_shutdown", "test_twistd", "test_upkeep",
-        "test_upstream_fixtures", "test_sync", "test_workers", "test_web_ui", "test_workers_pages", "test_light_supervisor",
+        "test_upstream_fixtures", "test_sync", "test_workers", "test_worker_balance", "test_web_ui", "test_workers_pages", "test_light_supervisor",
         "test_workers_shared",
     }),
     "s3": frozenset({
