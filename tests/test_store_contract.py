@@ -14,7 +14,7 @@ import itertools
 import json
 import os
 import time
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, cast
 
 import pytest
 import pytest_twisted
@@ -23,6 +23,7 @@ from twisted.internet import reactor
 from registryd.digest import Digest, digest_of
 from registryd.errors import RegistryError
 from registryd.manifests import parse_manifest
+from registryd.storage.containerd.appendable import PREFIX as SESSION
 from registryd.storage.containerd.settings import ContainerdSettings
 from registryd.storage.containerd.store import ContainerdStore
 from registryd.storage.fs.store import FsStore
@@ -46,7 +47,7 @@ _NAMESPACES = itertools.count()
 @pytest_twisted.async_yield_fixture(params=STORES)
 async def store(request: Any, tmp_path: Any) -> AsyncIterator[Store]:
     """A prepared, empty Store of one kind, built as registryd.storage.open_store builds it."""
-    pool = BlockingPool(reactor, 2, name="store-contract")
+    pool = BlockingPool(cast(Any, reactor), 2, name="store-contract")
     pool.start()
     root = str(tmp_path / "data")
     bucket = None
@@ -141,7 +142,9 @@ async def test_a_put_blob_is_sized_read_and_sent_by_range(store: Store) -> None:
     if local is not None:    # a file for sendfile: the blob's bytes, nothing else
         assert os.fstat(local.fileno()).st_size == len(data)
     source.close()
-    assert digest in await store.blob_sizes() and (await store.blob_sizes())[digest] == len(data)
+    assert (await store.blob_sizes()).get(digest) == len(data)
+    await store.blobs.put(digest, data)     # the same content again: no error, nothing changes
+    assert await store.blobs.size(digest) == len(data) and await store.blobs.read(digest, 5) == data[:5]
 
 
 @pytest_twisted.ensureDeferred
@@ -318,6 +321,18 @@ async def test_pull_times_are_kept_unless_the_store_collects_its_own(store: Stor
 # -- uploads --------------------------------------------------------------------
 
 
+async def leftovers(store: Store) -> list[str]:
+    """What the store holds of upload sessions: keys under ``uploads/``, files in the local
+    ``uploads/`` folder, and on containerd its ingests and leases of sessions."""
+    found = [entry.key async for entry in store.objects.list("uploads/")]
+    for directory, _, files in os.walk(os.path.join(store.root, "uploads")):
+        found += [os.path.join(directory, name) for name in files]
+    if isinstance(store, ContainerdStore):
+        found += [f"ingest {status.ref}" for status in await store.client.statuses()]
+        found += [f"lease {lease.id}" for lease in await store.client.leases() if lease.id.startswith(SESSION)]
+    return sorted(found)
+
+
 async def append(store: Store, upload: Any, start: int | None, body: bytes) -> None:
     writer = store.uploads.open_writer(upload, start, None)
     assert (writer.start, writer.end) == (upload.size, upload.size)
@@ -335,8 +350,9 @@ async def commit(store: Store, upload: Any, digest: Digest) -> None:
 @pytest_twisted.ensureDeferred
 async def test_an_upload_in_two_bodies_commits_under_its_digest(store: Store) -> None:
     uploads = store.uploads
-    upload = await uploads.create("team/app")
-    assert uploads.known("team/app", upload.id) is upload
+    upload: Any = await uploads.create("team/app")
+    at_hand = uploads.known("team/app", upload.id)
+    assert at_hand is not None and at_hand.id == upload.id and at_hand.size == 0    # no waiting
     assert uploads.known("team/other", upload.id) is None
     first, second = os.urandom(5000), os.urandom(7001)
     await append(store, upload, 0, first)
@@ -349,6 +365,7 @@ async def test_an_upload_in_two_bodies_commits_under_its_digest(store: Store) ->
     digest = digest_of(first + second)
     assert await store.blobs.size(digest) is None
     await commit(store, again, digest)
+    assert await leftovers(store) == []
     assert await store.blobs.size(digest) == len(first) + len(second)
     assert await sent(store, digest, 0, len(first) + len(second)) == first + second
     await refused(404, "BLOB_UPLOAD_UNKNOWN", uploads.get("team/app", upload.id))
@@ -359,7 +376,7 @@ async def test_a_body_at_the_wrong_offset_is_refused_with_416(store: Store) -> N
     """Before the end: refused at once. Beyond the end this node knows: refused at once, except
     on a shared store, where another node may have acknowledged that far (then at ``acknowledge``)."""
     uploads = store.uploads
-    upload = await uploads.create("team/app")
+    upload: Any = await uploads.create("team/app")
     await append(store, upload, None, b"0123456789")
     with pytest.raises(RegistryError) as before:
         uploads.open_writer(upload, 3, None)
@@ -387,22 +404,27 @@ async def test_a_body_at_the_wrong_offset_is_refused_with_416(store: Store) -> N
 @pytest_twisted.ensureDeferred
 async def test_a_commit_under_a_wrong_digest_stores_nothing(store: Store) -> None:
     uploads = store.uploads
-    upload = await uploads.create("team/app")
+    upload: Any = await uploads.create("team/app")
+    blobs_before = await store.blob_sizes()
     await append(store, upload, 0, b"what was sent")
+    assert await leftovers(store)     # the session is somewhere
     claimed = digest_of(b"what was claimed")
     error = await refused(400, "DIGEST_INVALID", commit(store, upload, claimed))
     assert error.detail == {"digest": str(claimed)}
     assert await store.blobs.size(claimed) is None
     assert await store.blobs.size(digest_of(b"what was sent")) is None
     await refused(404, "BLOB_UPLOAD_UNKNOWN", uploads.get("team/app", upload.id))
+    assert await store.blob_sizes() == blobs_before and await leftovers(store) == []
 
 
 @pytest_twisted.ensureDeferred
 async def test_a_cancelled_upload_is_unknown(store: Store) -> None:
     uploads = store.uploads
-    upload = await uploads.create("team/app")
+    upload: Any = await uploads.create("team/app")
     await append(store, upload, 0, b"abandoned")
+    assert await leftovers(store)
     await uploads.cancel(upload)
+    assert await leftovers(store) == []
     assert uploads.known("team/app", upload.id) is None
     await refused(404, "BLOB_UPLOAD_UNKNOWN", uploads.get("team/app", upload.id))
     assert await store.blobs.size(digest_of(b"abandoned")) is None
@@ -422,6 +444,7 @@ async def test_reap_removes_only_expired_sessions(store: Store) -> None:
     await refused(404, "BLOB_UPLOAD_UNKNOWN", uploads.get("team/app", empty.id))
     await refused(404, "BLOB_UPLOAD_UNKNOWN", uploads.get("team/app", written.id))
     assert await uploads.reap(-60) == 0
+    assert await leftovers(store) == []
 
 
 # -- the store ------------------------------------------------------------------
