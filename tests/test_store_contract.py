@@ -294,6 +294,29 @@ async def test_referrers_list_a_manifest_with_a_subject_until_it_is_deleted(stor
 
 
 @pytest_twisted.ensureDeferred
+async def test_an_upstreams_mirrored_repositories_are_apart_from_the_local_ones(store: Store) -> None:
+    """What the mirror caches of one upstream is that upstream's (its TTL clock: ``touch_tag``),
+    never a local repository of the same name, nor another upstream's."""
+    docker = store.mirror_repositories("docker.io")
+    quay = store.mirror_repositories("quay.io")
+    first, _ = await image(store, b"mirrored")
+    second, _ = await image(store, b"upstream moved on")
+    await docker.add_manifest("library/alpine", first, OCI_MANIFEST, ["3.20"], None)
+    assert await docker.resolve_tag("library/alpine", "3.20") == first
+    assert await docker.catalog() == ["library/alpine"]
+    assert await quay.resolve_tag("library/alpine", "3.20") is None and await quay.catalog() == []
+    assert await store.repositories.resolve_tag("library/alpine", "3.20") is None
+    assert "library/alpine" not in await store.repositories.catalog()
+    checked = await docker.tag_mtime("library/alpine", "3.20")
+    assert checked is not None
+    await docker.add_manifest("library/alpine", second, OCI_MANIFEST, [], None)
+    await docker.touch_tag("library/alpine", "3.20", second)
+    assert await docker.resolve_tag("library/alpine", "3.20") == second
+    touched = await docker.tag_mtime("library/alpine", "3.20")
+    assert touched is not None and touched >= checked
+
+
+@pytest_twisted.ensureDeferred
 async def test_pull_times_are_kept_unless_the_store_collects_its_own(store: Store) -> None:
     """Pull times feed prune and the mirror's eviction, which leave a self-collecting store alone:
     there they may be dropped (containerd's images have no place for them). A shared store dates
