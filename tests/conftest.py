@@ -44,6 +44,7 @@ TIERS: dict[str, frozenset[str]] = {
         "test_sync_units", "test_uploads", "test_pools", "test_logs", "test_manifest_cache", "test_containerd_units",
         "test_body_writer", "test_upload_writer", "test_fill_writer", "test_node_view", "test_upstream_body",
         "test_memory_release", "test_node_limits", "test_shared_manifest", "test_page_templates", "test_tls_blobs",
+        "test_store_contract",
     }),
     "integration": frozenset({
         "test_auth_flood", "test_auth_tls", "test_cache_stale", "test_cli_export_import", "test_cli_fsck",
@@ -178,6 +179,25 @@ def _start_in_process(config: Config) -> RegistryService:
     service.privilegedStartService()
     service.startService()
     return service
+
+
+@pytest.fixture(scope="module")
+def module_containerd() -> Iterator[Any]:
+    """One private containerd (tests/e2e/containerd_daemon.py) for a module's containerd-store runs
+    (the conformance matrix, the store contract): each test takes a namespace of its own in it."""
+    import shutil
+    import tempfile
+
+    from e2e.containerd_daemon import ContainerdDaemon
+
+    base = tempfile.mkdtemp(prefix="ctrd-", dir="/tmp")   # unix socket paths stay short
+    daemon = ContainerdDaemon(os.path.join(base, "0"))
+    try:
+        daemon.start()
+        yield daemon
+    finally:
+        daemon.stop()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture

@@ -22,9 +22,7 @@ import itertools
 import json
 import os
 import re
-import shutil
-import tempfile
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import pytest_twisted
@@ -82,7 +80,7 @@ def registry(request: Any, make_registry: Any, tmp_path: Any) -> Any:
     if request.param == "memory":
         return memory_registry(request, tmp_path)
     if request.param == "containerd":
-        daemon = request.getfixturevalue("conformance_containerd")
+        daemon = request.getfixturevalue("module_containerd")
         namespace = f"conformance{next(_NAMESPACES)}"
         # foreign_names: every name the grammar allows is pushable, a.b/c too (by default a name
         # that starts with another registry's host is refused on this driver: README, and
@@ -105,21 +103,6 @@ def registry(request: Any, make_registry: Any, tmp_path: Any) -> Any:
 
 
 _NAMESPACES = itertools.count()
-
-
-@pytest.fixture(scope="module")
-def conformance_containerd() -> Iterator[Any]:
-    """One private containerd (tests/e2e/containerd_daemon.py) for the module's containerd runs."""
-    from e2e.containerd_daemon import ContainerdDaemon
-
-    base = tempfile.mkdtemp(prefix="ctrd-", dir="/tmp")   # unix socket paths stay short
-    daemon = ContainerdDaemon(os.path.join(base, "0"))
-    try:
-        daemon.start()
-        yield daemon
-    finally:
-        daemon.stop()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def memory_registry(request: Any, tmp_path: Any) -> RunningRegistry:
