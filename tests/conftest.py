@@ -110,6 +110,7 @@ def pytest_configure(config: Any) -> None:
 _START_ORDER = ("ceph", "packaging", "e2e", "bench", "integration", "s3", "unit")
 
 
+@pytest.hookimpl(tryfirst=True)   # before xdist's worker reads the groups into the test ids
 def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
     rank: dict[Any, int] = {}
     for item in items:
@@ -132,6 +133,24 @@ def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
         item.add_marker(pytest.mark.xdist_group("ceph" if needs_ceph else module_name(item.path)))
         rank[item] = _START_ORDER.index("ceph" if needs_ceph else tier)
     items.sort(key=rank.__getitem__)    # stable: a module's tests keep their order
+
+
+@pytest.hookimpl(tryfirst=True)     # before xdist's worker sends the test ids to the scheduler
+def pytest_collection_finish(session: Any) -> None:
+    """Give each test id its ``@group`` suffix, which is how --dist loadgroup reads the groups.
+
+    pytest-xdist 3.8 writes it to ``item._nodeid``, which pytest 9.2 no longer reads (the id is
+    ``item._id`` now: pytest-dev/pytest-xdist#1386): without this every test is scheduled on its
+    own, so both workers start a Ceph, build the packages and set up every module's fixtures.
+    """
+    if not getattr(session.config.option, "loadgroup", False):     # set in xdist's workers only
+        return
+    from _pytest.nodeid import NodeId
+
+    for item in session.items:
+        group = item.get_closest_marker("xdist_group").args[0]
+        if not item.nodeid.endswith("@" + group):
+            item._id = NodeId.parse(f"{item.nodeid}@{group}")
 
 
 ROOT = os.path.dirname(HERE)

@@ -9,6 +9,7 @@ static file, so the Content-Security-Policy allows no inline script.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -118,6 +119,20 @@ class Pager:
                 "pages": self.pages}
 
 
+@functools.cache
+def _templates() -> Environment:
+    """The pages' templates, compiled once per process (the same for every WebUI in it), and
+    at start-up, not on the reactor at a first view."""
+    templates = Environment(loader=FileSystemLoader(os.path.join(HERE, "templates")),
+                            autoescape=select_autoescape(default=True, default_for_string=True),
+                            undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    templates.filters.update(bytes=_bytes, short=_short, iso=iso)
+    templates.globals["query"] = _query_string
+    for name in ("repositories.html", "repository.html", "image.html", "mirror.html", "error.html"):
+        templates.get_template(name)
+    return templates
+
+
 class WebUI:
     """The pages and their JSON, over one store, the mirror and the API's access rules."""
 
@@ -143,13 +158,7 @@ class WebUI:
                                    reactor=reactor)
         self.images = ImageReader(store.blobs)
         self.traffic = Traffic(namespaces, clock)
-        self.templates = Environment(loader=FileSystemLoader(os.path.join(HERE, "templates")),
-                                     autoescape=select_autoescape(default=True, default_for_string=True),
-                                     undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-        self.templates.filters.update(bytes=_bytes, short=_short, iso=iso)
-        self.templates.globals["query"] = _query_string
-        for name in ("repositories.html", "repository.html", "image.html", "mirror.html", "error.html"):
-            self.templates.get_template(name)   # compiled now, not on the reactor at a first view
+        self.templates = _templates()
         self._static = {}
         for name in STATIC:
             with open(os.path.join(HERE, "static", name), "rb") as f:
