@@ -51,6 +51,7 @@ TIERS: dict[str, frozenset[str]] = {
         "test_cli_retention",
         "test_conformance", "test_durability", "test_limits", "test_memory", "test_mirror", "test_prune_online", "test_shutdown", "test_twistd", "test_upkeep",
         "test_upstream_fixtures", "test_sync", "test_workers", "test_web_ui", "test_workers_pages", "test_light_supervisor",
+        "test_suite_groups",
     }),
     "s3": frozenset({
         "test_cli_fsck_s3", "test_s3_client", "test_s3_gc", "test_s3_hot_cache", "test_s3_outage",
