@@ -193,13 +193,18 @@ async def test_a_skopeo_push_is_an_image_containerd_holds_and_gc_keeps(
             assert sha256(f.read()) == blob.digest
 
 
+GONE_DELAY = 3
+
+
 @pytest_twisted.ensureDeferred
 async def test_delete_removes_the_image_and_containerd_gc_reclaims_it(
         make_containerd: Any, make_registry: Any, tmp_path: Any) -> None:
     """Content registryd wrote is leased for [gc] delay only; once its image is deleted
     through the API, containerd's next collection takes every blob of it."""
     daemon = await make_containerd()
-    registry = make_registry(storage=settings_for(daemon), gc_delay=0)
+    # The lease must outlast the push (a collection between a blob's commit and the manifest
+    # PUT would take the blob: manifest blob unknown), and end soon after the DELETE.
+    registry = make_registry(storage=settings_for(daemon), gc_delay=GONE_DELAY)
     skopeo = Skopeo(tmp_path / "skopeo")
     image = sample_image(6)
     oci.OCILayout(tmp_path / "source").add_image(image, tag="1")
@@ -213,13 +218,39 @@ async def test_delete_removes_the_image_and_containerd_gc_reclaims_it(
     assert not [name for name in await image_names(daemon) if "team/gone" in name]
     assert (await client.get(f"/v2/team/gone/manifests/{image.digest}")).status == 404
 
-    # containerd's clock decides when a lease has run out (gc_delay 0: a second after the write).
-    await sleep(1.5)
+    # containerd's clock decides when a lease has run out (a second after gc_delay has passed).
+    await sleep(GONE_DELAY + 1.5)
     # Trigger a synchronous collection.
     other = sample_image(7)
     await import_image(daemon, tmp_path, other, "docker.io/library/trigger", "1")
     await daemon.ctr("images", "rm", "--sync", "docker.io/library/trigger:1", namespace=NAMESPACE)
     assert not wanted & await content_digests(daemon)
+
+
+@pytest_twisted.ensureDeferred
+async def test_delete_also_removes_the_image_id_name_the_cri_gave_it_once_no_other_name_is_left(
+        make_containerd: Any, make_registry: Any, tmp_path: Any) -> None:
+    """containerd's CRI (disabled in these daemons) names each image of k8s.io once more by its
+    image ID, ``sha256:<config digest>``; here ``ctr images tag`` plays that part. After a DELETE
+    that name must go too, or containerd's GC could never reclaim the image: but only once no
+    other repository's name points at the same manifest."""
+    daemon = await make_containerd()
+    registry = make_registry(storage=settings_for(daemon))
+    skopeo = Skopeo(tmp_path / "skopeo")
+    image = sample_image(20)
+    oci.OCILayout(tmp_path / "source").add_image(image, tag="1")
+    for repo in ("team/one", "team/two"):
+        await skopeo.copy(f"oci:{tmp_path / 'source'}:1", f"docker://{registry.host}/{repo}:1")
+    image_id = image.config.digest
+    await daemon.ctr("images", "tag", f"{HOSTNAME}/team/one:1", image_id, namespace=NAMESPACE)
+    client = Client(registry.url)
+
+    assert (await client.delete(f"/v2/team/one/manifests/{image.digest}")).status == 202
+    assert image_id in await image_names(daemon)      # team/two still names that image
+
+    assert (await client.delete(f"/v2/team/two/manifests/{image.digest}")).status == 202
+    assert image_id not in await image_names(daemon)
+    assert not [name for name in await image_names(daemon) if "team/" in name]
 
 
 # -- mirror -------------------------------------------------------------------------------

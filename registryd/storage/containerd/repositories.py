@@ -17,6 +17,7 @@ are not kept (containerd's images have nowhere for them): ``pulls`` is empty.
 from __future__ import annotations
 
 import json
+import re
 from collections import OrderedDict
 from typing import Any, Callable
 
@@ -36,6 +37,8 @@ from registryd.storage.containerd.proto import containerd_api_pb2 as api
 
 #: The image label naming the subject of a revision pushed with one (the referrers API).
 SUBJECT_LABEL = "io.registryd.subject"
+#: The name containerd's CRI gives an image besides its references: its image ID.
+IMAGE_ID = re.compile(r"sha256:[0-9a-f]{64}")
 #: Manifests and indexes are small; this bounds a read of one.
 MANIFEST_LIMIT = 4 * 1024 * 1024
 #: Indexes nest (an index of indexes); deeper than this is not followed.
@@ -298,7 +301,19 @@ class ContainerdRepositories:
         for _, image, target in await self._images(name):
             if target == digest:
                 removed = await self._client.delete_image(image.name) or removed
+        if removed:
+            await self._forget_image_ids(digest)
         return removed
+
+    async def _forget_image_ids(self, digest: Digest) -> None:
+        """containerd's CRI names every image it sees in its namespace once more by its image ID
+        (``sha256:<config digest>``), as kubelet's pulls are; that name would keep a deleted image's
+        content from containerd's GC. Once no other name points at ``digest``, it goes too, as
+        the CRI's own RemoveImage does."""
+        named = await self._client.images([f"target.digest=={digest}"])
+        if all(IMAGE_ID.fullmatch(image.name) for image in named):
+            for image in named:
+                await self._client.delete_image(image.name)
 
     async def touch_tag(self, name: str, tag: str, digest: Digest) -> None:
         """Point the tag at ``digest`` (what the upstream just confirmed): its image's updated time is now."""
