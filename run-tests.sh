@@ -24,6 +24,7 @@ python3 -m venv .venv
 
 .venv/bin/python -m mypy registryd
 scripts/build-packages versions >/dev/null
-# Two workers (pytest-xdist) by default: TEST_WORKERS=N to change, `-n 0` for one process.
+# Three workers (pytest-xdist) by default, on two cores too: most tests wait on a subprocess
+# (twistd, skopeo, containerd, Ceph). TEST_WORKERS=N to change, `-n 0` for one process.
 # A module's tests stay in one worker, and everything on Ceph in one (tests/conftest.py).
-.venv/bin/python -m pytest -n "${TEST_WORKERS:-2}" --dist loadgroup --no-loadscope-reorder "$@"
+.venv/bin/python -m pytest -n "${TEST_WORKERS:-3}" --dist loadgroup --no-loadscope-reorder "$@"
