@@ -12,29 +12,19 @@ reverse. A claim is one 8-byte store into shared memory: no lock, no I/O.
 from __future__ import annotations
 
 import math
-import mmap
-import os
 
 from registryd.digest import Digest
+from registryd.shared_cells import map_cells
 
 #: 2**18 slots of 8 bytes: a 2 MiB file; claims within one [gc] delay fill few of them.
 SLOTS = 1 << 18
-_SIZE = SLOTS * 8
 
 
 class ClaimTable:
     """Claim times shared through a memory-mapped file."""
 
     def __init__(self, path: str) -> None:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            if os.fstat(fd).st_size < _SIZE:
-                os.ftruncate(fd, _SIZE)
-            self._map = mmap.mmap(fd, _SIZE)
-        finally:
-            os.close(fd)
-        self._slots = memoryview(self._map).cast("q")
+        self._slots = map_cells(path, SLOTS, 0o644)
 
     @staticmethod
     def _slot(digest: Digest) -> int:

@@ -16,10 +16,9 @@ connection (or body) per other worker.
 """
 from __future__ import annotations
 
-import mmap
-import os
 import zlib
 
+from registryd.shared_cells import map_cells
 from registryd.web.limits import BodyBudget, ConnectionLimits, RateLimitedLog, unavailable_busy
 
 #: Buckets of per-client connection counts in each worker's row.
@@ -36,16 +35,7 @@ class NodeCounters:
     def __init__(self, path: str, index: int, count: int) -> None:
         self.index = index
         self.count = count
-        size = count * _ROW * 8
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            if os.fstat(fd).st_size < size:
-                os.ftruncate(fd, size)
-            self._map = mmap.mmap(fd, size)
-        finally:
-            os.close(fd)
-        self._cells = memoryview(self._map).cast("q")
+        self._cells = map_cells(path, count * _ROW)
         base = index * _ROW
         self._cells[base:base + _ROW] = memoryview(bytes(_ROW * 8)).cast("q")   # what a dead worker left
 
