@@ -2,11 +2,13 @@
 one process: two workers' rows in one file, as two worker processes map it."""
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
 
 from registryd.errors import RegistryError
+from registryd.shared_cells import PAGE_CELLS, map_cells, zero_cells
 from registryd.web.limits import RateLimitedLog
 from registryd.web.node_limits import NodeBodyBudget, NodeConnectionLimits, NodeCounters, client_bucket
 
@@ -54,3 +56,18 @@ def test_per_client_counts_meet_across_workers(tmp_path: Any) -> None:
     assert client_bucket("10.0.0.1") != client_bucket("10.0.0.2")
     limits[0].forget(a)
     assert limits[1].identify("10.0.0.1") is not None
+
+
+def test_zeroing_whole_pages_punches_them_out_and_a_partial_range_is_written(tmp_path: Any) -> None:
+    path = str(tmp_path / "cells")
+    cells = map_cells(path, 3 * PAGE_CELLS)
+    cells[0:3 * PAGE_CELLS] = memoryview(bytes(range(1, 9)) * (3 * PAGE_CELLS)).cast("q")
+    os.sync()
+    before = os.stat(path).st_blocks
+    zero_cells(cells, PAGE_CELLS, PAGE_CELLS)            # the middle page: a hole now
+    assert set(cells[PAGE_CELLS:2 * PAGE_CELLS]) == {0}
+    assert cells[PAGE_CELLS - 1] != 0 and cells[2 * PAGE_CELLS] != 0
+    assert os.stat(path).st_blocks < before               # its block is gone, not written as zeros
+    zero_cells(cells, 3, 5)                               # not whole pages: zeros written
+    assert set(cells[3:8]) == {0} and cells[2] != 0 and cells[8] != 0
+    assert set(map_cells(path, 3 * PAGE_CELLS)[PAGE_CELLS:2 * PAGE_CELLS]) == {0}   # as another process sees it

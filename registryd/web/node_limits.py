@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import zlib
 
-from registryd.shared_cells import map_cells
+from registryd.shared_cells import PAGE_CELLS, map_cells, zero_cells
 from registryd.web.limits import BodyBudget, ConnectionLimits, RateLimitedLog, unavailable_busy
 
 #: Buckets of per-client connection counts in each worker's row.
@@ -26,7 +26,8 @@ CLIENT_BUCKETS = 65536
 _CONNECTIONS = 0
 _BODY_BYTES = 1
 _FIRST_BUCKET = 2
-_ROW = _FIRST_BUCKET + CLIENT_BUCKETS
+#: A row is whole pages, so a starting worker zeroes its row without bringing it into memory.
+_ROW = -(-(_FIRST_BUCKET + CLIENT_BUCKETS) // PAGE_CELLS) * PAGE_CELLS
 
 
 class NodeCounters:
@@ -36,8 +37,7 @@ class NodeCounters:
         self.index = index
         self.count = count
         self._cells = map_cells(path, count * _ROW)
-        base = index * _ROW
-        self._cells[base:base + _ROW] = memoryview(bytes(_ROW * 8)).cast("q")   # what a dead worker left
+        zero_cells(self._cells, index * _ROW, _ROW)   # what a dead worker left
 
     def add(self, slot: int, amount: int) -> None:
         self._cells[self.index * _ROW + slot] += amount
