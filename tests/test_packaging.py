@@ -364,8 +364,10 @@ def assert_image_served(skopeo: Skopeo, ref: str, image: dict[str, Any], layout:
 # -- fixtures (one build and one debootstrap per test session) ------------------
 
 def repo_entries() -> set[str]:
-    """Top-level entries and everything under packaging/ and scripts/."""
-    entries = {e for e in os.listdir(ROOT) if e not in ("__pycache__", ".pytest_cache")}
+    """Top-level entries and everything under packaging/ and scripts/, but for what the tests
+    themselves write while the build runs (caches, and test-artifacts/: the browser test's
+    screenshots)."""
+    entries = {e for e in os.listdir(ROOT) if e not in ("__pycache__", ".pytest_cache", "test-artifacts")}
     for folder in ("packaging", "scripts"):
         for dirpath, dirnames, filenames in os.walk(os.path.join(ROOT, folder)):
             dirnames[:] = [d for d in dirnames if d != "__pycache__"]
