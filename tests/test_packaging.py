@@ -426,8 +426,10 @@ def background(request: Any, tmp_path_factory: Any) -> Iterator[dict[str, Future
     built packages run. Only what the selected tests use is started."""
     needed = {name for item in request.session.items for name in getattr(item, "fixturenames", ())}
     jobs: dict[str, Future[Any]] = {}
-    with ThreadPoolExecutor(max_workers=3, thread_name_prefix="packaging") as pool:
+    with ThreadPoolExecutor(max_workers=4, thread_name_prefix="packaging") as pool:
         jobs["packages"] = pool.submit(build_current, str(tmp_path_factory.mktemp("packages")))
+        if "lintian_report" in needed:
+            jobs["lintian"] = pool.submit(lintian, jobs["packages"])
         if "next_deb" in needed:
             jobs["next_deb"] = pool.submit(build_next, str(tmp_path_factory.mktemp("next")), jobs["packages"])
         if "base_root" in needed and os.geteuid() == 0 and shutil.which("debootstrap"):
@@ -438,6 +440,16 @@ def background(request: Any, tmp_path_factory: Any) -> Iterator[dict[str, Future
         finally:
             for job in jobs.values():
                 job.cancel()
+
+
+def lintian(built: Future[Any]) -> subprocess.CompletedProcess[str]:
+    """lintian's report on the .deb (about 90 s of one core: it runs beside the debootstrap)."""
+    return run([need_tool("lintian"), "--no-tag-display-limit", built.result()["deb"]], check=False, timeout=600)
+
+
+@pytest.fixture(scope="session")
+def lintian_report(background: dict[str, Future[Any]]) -> subprocess.CompletedProcess[str]:
+    return background["lintian"].result()
 
 
 @pytest.fixture(scope="session")
@@ -600,8 +612,8 @@ def test_deb_unit_is_the_repository_unit(packages: dict[str, Any]) -> None:
         assert settings[key] == [value], key
 
 
-def test_lintian_finds_no_errors(packages: dict[str, Any]) -> None:
-    result = run([need_tool("lintian"), "--no-tag-display-limit", packages["deb"]], check=False, timeout=600)
+def test_lintian_finds_no_errors(lintian_report: subprocess.CompletedProcess[str]) -> None:
+    result = lintian_report
     tags = [line for line in result.stdout.splitlines() if re.match(r"^[EWIPX]: ", line)]
     errors = [t for t in tags if t.startswith("E: ")]
     print("lintian:\n" + "\n".join(tags))
