@@ -38,6 +38,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import report  # noqa: E402  (the one table printer)
+import startup  # noqa: E402  (results path, SIGTERM)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -625,12 +626,8 @@ def main(argv):
     if argv[:1] == ["_worker"]:
         return worker(argv[1:])
     args = parse_args(argv)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    output = args.output or os.path.join(HERE, "results", f"core-{stamp}.json")
-
-    def on_term(signum, frame):
-        raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, on_term)
+    output = startup.results_path(args.output, "core")
+    startup.interrupt_on_sigterm()
 
     missing = [t for t in ("skopeo", "wrk", "hey") if not shutil.which(t)]
     if missing:

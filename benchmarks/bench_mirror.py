@@ -65,6 +65,7 @@ if HERE not in sys.path:
 
 import bench_core as core  # noqa: E402  (the colleague's core benchmark: servers, runner, report)
 import process_tree  # noqa: E402
+import startup  # noqa: E402  (results path, SIGTERM)
 from bench_core import (  # noqa: E402
     DEFAULT_REFERENCE, DEFAULT_REGBENCH_DIR, Registryd, Server, find_twistd, fmt, log, parse_records,
     print_table, run_group, summarize, tail,
@@ -720,12 +721,8 @@ def main(argv):
     if argv[:1] == ["_worker"]:
         return worker(argv[1:])
     args = parse_args(argv)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    output = args.output or os.path.join(HERE, "results", f"mirror-{stamp}.json")
-
-    def on_term(signum, frame):
-        raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, on_term)
+    output = startup.results_path(args.output, "mirror")
+    startup.interrupt_on_sigterm()
     # Ctrl-C stops the run cleanly even when started from a script with '&'
     # (which leaves SIGINT ignored).
     signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -53,6 +53,7 @@ if HERE not in sys.path:
 
 import bench_core as core  # noqa: E402
 import process_tree  # noqa: E402
+import startup  # noqa: E402  (results path)
 
 SETTINGS = {"full": {"blob_mib": 256, "push_mib": 1024, "seconds": 10},
             "quick": {"blob_mib": 16, "push_mib": 64, "seconds": 2}}
@@ -317,8 +318,7 @@ def parse_args(argv):
 
 def main(argv):
     args = parse_args(argv)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    output = args.output or os.path.join(HERE, "results", f"push-pull-{stamp}.json")
+    output = startup.results_path(args.output, "push-pull")
     workdir = tempfile.mkdtemp(prefix="bench-push-pull-")
     result = {"benchmark": "push-pull", "started": datetime.datetime.now(datetime.timezone.utc).isoformat(),
               "params": {"quick": args.quick, "seconds": args.seconds, "blob_MiB": args.blob_mib,

@@ -69,6 +69,7 @@ if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
 import bench_core as core  # noqa: E402  (servers, runner, number format, table)
+import startup  # noqa: E402  (SIGTERM)
 from bench_core import (  # noqa: E402
     DEFAULT_REFERENCE, DEFAULT_REGBENCH_DIR, Server, find_twistd, fmt, log, parse_records, print_table, run_group,
     summarize, tail,
@@ -873,12 +874,9 @@ def main(argv):
         return worker(argv[1:])
     args = parse_args(argv)
     began = time.monotonic()
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = startup.utc_stamp()
     output = args.output or default_output(stamp)
-
-    def on_term(signum, frame):
-        raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, on_term)
+    startup.interrupt_on_sigterm()
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
     missing = [t for t in ("skopeo", "wrk", "hey") if not shutil.which(t)]

@@ -39,7 +39,6 @@ import platform
 import re
 import secrets
 import shutil
-import signal
 import ssl
 import subprocess
 import sys
@@ -50,6 +49,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
+import startup  # noqa: E402  (results path, SIGTERM)
 from bench_core import (  # noqa: E402  (the core benchmark: servers, runner, report)
     DEFAULT_REFERENCE, REPO, Server, add_ratio, find_twistd, fmt, log, print_table, run_group, tail,
 )
@@ -422,12 +422,8 @@ def measure(args, phase, srv, content):
 
 def main(argv):
     args = parse_args(argv)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    output = args.output or os.path.join(HERE, "results", f"security-{stamp}.json")
-
-    def on_term(signum, frame):
-        raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, on_term)
+    output = startup.results_path(args.output, "security")
+    startup.interrupt_on_sigterm()
 
     missing = [t for t in ("openssl", "wrk", "hey") if not shutil.which(t)]
     if missing:

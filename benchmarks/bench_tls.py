@@ -41,7 +41,6 @@ import os
 import platform
 import re
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
@@ -54,6 +53,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "tools"))
 import bench_core as core  # noqa: E402  (servers, process groups, formatting, the push phase)
 import regbench  # noqa: E402  (push_blob, MANIFEST_TYPES)
+import startup  # noqa: E402  (results path, SIGTERM)
 import report  # noqa: E402  (the one table printer)
 
 SERVERS = ("registryd", "reference", "nginx", "registryd-containerd")
@@ -489,12 +489,8 @@ def parse_args(argv):
 
 def main(argv):
     args = parse_args(argv)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    output = args.output or os.path.join(HERE, "results", f"tls-{stamp}.json")
-
-    def on_term(signum, frame):
-        raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, on_term)
+    output = startup.results_path(args.output, "tls")
+    startup.interrupt_on_sigterm()
 
     workdir = tempfile.mkdtemp(prefix="bench-tls-")
     result = {"benchmark": "tls", "started": datetime.datetime.now(datetime.timezone.utc).isoformat(),
