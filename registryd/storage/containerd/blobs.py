@@ -18,15 +18,15 @@ import time
 import uuid
 from typing import Any, BinaryIO, Callable, Iterator
 
-from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IConsumer, IPushProducer
-from zope.interface import implementer
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IConsumer
 
 from registryd.digest import Digest
 from registryd.errors import digest_invalid
 from registryd.storage.containerd.client import ContainerdClient, NotFound
 from registryd.storage.containerd.joined import written_by_another
 from registryd.storage.guard import BlobGuard
+from registryd.storage.paced import Paced
 from registryd.storage.blobs import FileBlobSource
 
 #: Bytes asked of the content service's Read at once when streaming a blob to a client.
@@ -66,28 +66,6 @@ class RecentLeases:
         return lease
 
 
-@implementer(IPushProducer)
-class _Pacer:
-    """The producer registered on the client's connection while a blob streams: its pauses hold the next read."""
-
-    def __init__(self) -> None:
-        self.paused: Deferred[None] | None = None
-        self.stopped = False
-
-    def pauseProducing(self) -> None:
-        if self.paused is None:
-            self.paused = Deferred()
-
-    def resumeProducing(self) -> None:
-        paused, self.paused = self.paused, None
-        if paused is not None:
-            paused.callback(None)
-
-    def stopProducing(self) -> None:
-        self.stopped = True
-        self.resumeProducing()
-
-
 class StreamedBlobSource:
     """A blob sent through the content service's Read, one chunk ahead of the client."""
 
@@ -102,8 +80,8 @@ class StreamedBlobSource:
     async def send(self, consumer: IConsumer, start: int, end: int) -> None:
         if end <= start:
             return
-        pacer = _Pacer()
-        consumer.registerProducer(pacer, True)
+        paced = Paced()
+        consumer.registerProducer(paced, True)
         try:
             position = start
             pending: Deferred[bytes] | None = Deferred.fromCoroutine(self._read(position, end))
@@ -113,9 +91,9 @@ class StreamedBlobSource:
                 # The next chunk is asked for while this one goes out.
                 pending = Deferred.fromCoroutine(self._read(position, end)) if position < end else None
                 consumer.write(data)
-                if pacer.paused is not None:
-                    await pacer.paused
-                if pacer.stopped:
+                try:
+                    await paced.ready()
+                except CancelledError:   # the client went away
                     if pending is not None:
                         pending.addErrback(lambda _: None)
                     return
