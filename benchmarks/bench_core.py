@@ -266,7 +266,8 @@ class RegistrydContainerd(Registryd):
         self.cmd = [twistd, "-n", "--pidfile=", "registryd", "-c", config,
                     "--listen", f"tcp:{self.port}:interface=127.0.0.1", "--data-dir", self.data]
 
-    def start(self):
+    def start_containerd(self):
+        """The private containerd alone, once its socket answers to being there."""
         log_file = open(os.path.join(self.dir, "containerd.log"), "ab")
         self.containerd = subprocess.Popen(self.containerd_cmd, stdout=log_file, stderr=subprocess.STDOUT,
                                            stdin=subprocess.DEVNULL, start_new_session=True)
@@ -275,6 +276,9 @@ class RegistrydContainerd(Registryd):
             if self.containerd.poll() is not None or time.monotonic() > deadline:
                 raise OSError(f"containerd did not start (see {log_file.name})")
             time.sleep(0.1)
+
+    def start(self):
+        self.start_containerd()
         super().start()
 
     def stop(self):

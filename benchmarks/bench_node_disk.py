@@ -50,18 +50,6 @@ def disk_bytes(root):
     return total
 
 
-def start_containerd_only(node):
-    """The private containerd of a bench_core.RegistrydContainerd, without its registryd."""
-    log_file = open(os.path.join(node.dir, "containerd.log"), "ab")
-    node.containerd = subprocess.Popen(node.containerd_cmd, stdout=log_file, stderr=subprocess.STDOUT,
-                                       stdin=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 20
-    while not os.path.exists(node.socket):
-        if node.containerd.poll() is not None or time.monotonic() > deadline:
-            raise OSError(f"containerd did not start (see {log_file.name})")
-        time.sleep(0.1)
-
-
 def add_upstream(config, upstream):
     with open(config, "a") as f:
         f.write(f'\n[[upstream]]\nnamespace = "upstream.test"\nurl = "http://{upstream.hostport}"\ndefault = true\n')
@@ -105,7 +93,7 @@ def measure_node(kind, workdir, args, upstream):
             add_upstream(os.path.join(node.dir, "registryd.toml"), upstream)
             node.start()
         else:
-            start_containerd_only(node)
+            node.start_containerd()
             registry = bench_core.Registryd(node_dir, twistd)
             config = os.path.join(registry.dir, "registryd.toml")
             add_upstream(config, upstream)
