@@ -138,6 +138,29 @@ def free_space_problem(root: str, min_free_bytes: int, purpose: str = "") -> str
     return None
 
 
+def prove_writable(folder: str) -> None:
+    """Write and remove a probe file in ``folder``, at start-up (raises OSError)."""
+    probe = os.path.join(folder, f"probe-{uuid.uuid4().hex}")
+    with open(probe, "wb") as f:
+        f.write(b"registryd")
+    os.unlink(probe)
+
+
+def local_readiness_problem(tmp_dir: str, root: str, min_free_bytes: int) -> str | None:
+    """Why the local data directory cannot take writes now, or None (cheap: for /readyz): a probe
+    file in ``tmp_dir``, and the room left on the disk of ``root``."""
+    probe = os.path.join(tmp_dir, f"ready-{uuid.uuid4().hex}")
+    try:
+        try:
+            with open(probe, "wb") as f:
+                f.write(b"ready")
+        finally:
+            remove_file(probe)  # also when the disk is full: no empty probe stays behind
+        return free_space_problem(root, min_free_bytes)
+    except OSError as e:
+        return f"data directory is not writable: {e.strerror}"
+
+
 def empty_dir(path: str) -> None:
     """Remove everything inside ``path`` (crash leftovers), keeping ``path`` itself."""
     for entry in os.scandir(path):

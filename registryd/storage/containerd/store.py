@@ -8,8 +8,6 @@ truth: a restarted registryd serves whatever containerd holds.
 """
 from __future__ import annotations
 
-import os
-import uuid
 from typing import Any, Callable
 
 import grpc
@@ -28,7 +26,7 @@ from registryd.storage.containerd.proto import containerd_api_pb2 as api
 from registryd.storage.containerd.repositories import ContainerdRepositories
 from registryd.storage.containerd.settings import ContainerdSettings
 from registryd.storage.fs.driver import FsDriver
-from registryd.storage.files import empty_dir, free_space_problem, make_dirs, remove_file
+from registryd.storage.files import empty_dir, local_readiness_problem, make_dirs, prove_writable
 from registryd.storage.guard import BlobGuard
 from registryd.storage.interface import HotCache, Store, StoreUnusable
 from registryd.storage.uploads import UploadStore
@@ -97,10 +95,7 @@ class ContainerdStore:
         """Create the local spool folders and prove them writable (raises OSError)."""
         for sub in (layout.UPLOADS, layout.TMP):
             make_dirs(layout.local_path(self.root, sub))
-        probe = os.path.join(self.tmp_dir, f"probe-{uuid.uuid4().hex}")
-        with open(probe, "wb") as f:
-            f.write(b"registryd")
-        os.unlink(probe)
+        prove_writable(self.tmp_dir)
 
     def recover(self, keep_tmp: bool = False) -> None:
         if not keep_tmp:
@@ -131,16 +126,7 @@ class ContainerdStore:
 
     def readiness_problem(self, min_free_bytes: int) -> str | None:
         """The local spool takes writes and has room (uploads are spooled there)."""
-        probe = os.path.join(self.tmp_dir, f"ready-{uuid.uuid4().hex}")
-        try:
-            try:
-                with open(probe, "wb") as f:
-                    f.write(b"ready")
-            finally:
-                remove_file(probe)
-            return free_space_problem(self.root, min_free_bytes)
-        except OSError as e:
-            return f"data directory is not writable: {e.strerror}"
+        return local_readiness_problem(self.tmp_dir, self.root, min_free_bytes)
 
     def location(self) -> str:
         return f"containerd {self.settings.socket} namespace {self.settings.namespace}"

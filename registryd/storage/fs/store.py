@@ -5,14 +5,12 @@ start-up, which is how a crash's leftovers are cleaned.
 """
 from __future__ import annotations
 
-import os
-import uuid
 from twisted.internet.defer import Deferred, succeed
 
 from registryd.digest import Digest
 from registryd.storage import layout
 from registryd.storage.blobs import Blobs
-from registryd.storage.files import empty_dir, free_space_problem, make_dirs, remove_file
+from registryd.storage.files import empty_dir, local_readiness_problem, make_dirs, prove_writable
 from registryd.storage.fs.driver import FsDriver
 from registryd.storage.guard import BlobGuard
 from registryd.storage.interface import HotCache, Store
@@ -53,26 +51,14 @@ class FsStore:
         """Create the layout and prove it writable (raises OSError)."""
         for sub in (layout.BLOBS, layout.REPOSITORIES, layout.UPLOADS, layout.TMP):
             make_dirs(layout.local_path(self.root, sub))
-        probe = os.path.join(self.tmp_dir, f"probe-{uuid.uuid4().hex}")
-        with open(probe, "wb") as f:
-            f.write(b"registryd")
-        os.unlink(probe)
+        prove_writable(self.tmp_dir)
 
     def check_store(self) -> None:
         """Nothing beyond the data directory to check at start-up (``prepare`` proves it writable)."""
 
     def readiness_problem(self, min_free_bytes: int) -> str | None:
         """Why the store cannot take writes now, or None (cheap: for /readyz)."""
-        probe = os.path.join(self.tmp_dir, f"ready-{uuid.uuid4().hex}")
-        try:
-            try:
-                with open(probe, "wb") as f:
-                    f.write(b"ready")
-            finally:
-                remove_file(probe)  # also when the disk is full: no empty probe stays behind
-            return free_space_problem(self.root, min_free_bytes)
-        except OSError as e:
-            return f"data directory is not writable: {e.strerror}"
+        return local_readiness_problem(self.tmp_dir, self.root, min_free_bytes)
 
     async def check_backend(self) -> str | None:
         """Nothing beyond the data directory to check (readiness_problem does that)."""

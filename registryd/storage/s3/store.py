@@ -10,13 +10,12 @@ every GET.
 from __future__ import annotations
 
 import os
-import uuid
 from typing import Any
 
 from twisted.internet.defer import Deferred
 
 from registryd.storage.blobs import Blobs
-from registryd.storage.files import empty_dir, free_space_problem, make_dirs
+from registryd.storage.files import empty_dir, free_space_problem, make_dirs, prove_writable
 from registryd.storage.guard import BlobGuard
 from registryd.storage.s3.client import S3Client
 from registryd.storage.s3.driver import S3Driver
@@ -68,10 +67,7 @@ class S3Store:
     def prepare(self) -> None:
         """Create the local ``tmp/`` (and the hot cache's folders) and prove it writable (raises OSError)."""
         make_dirs(os.path.join(self.tmp_dir, "uploads"))
-        probe = os.path.join(self.tmp_dir, f"probe-{uuid.uuid4().hex}")
-        with open(probe, "wb") as f:
-            f.write(b"registryd")
-        os.unlink(probe)
+        prove_writable(self.tmp_dir)
         if self.hot_cache is not None:
             self.hot_cache.prepare()
 
