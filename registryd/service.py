@@ -12,7 +12,6 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.protocols.haproxy import proxyEndpoint
-from twisted.python.failure import Failure
 
 from registryd.auth.errors import AuthConfigError
 from registryd.auth.policy import mirrored_namespaces
@@ -25,7 +24,7 @@ from registryd.listeners import HAPROXY, LIMITS, RUN, Inherited, WorkerRole, acc
 from registryd.mirror.shared_fill import sweep_abandoned
 from registryd.storage import open_store
 from registryd.storage.claim_table import ClaimTable
-from registryd.startup import StartupError, make_room_for_connections, prepare_store
+from registryd.startup import StartupError, listen_at_once, make_room_for_connections, prepare_store
 from registryd.storage.interface import Store
 from registryd.storage.outage import outage_reason
 from registryd.reactor_lag import ReactorLag
@@ -137,13 +136,11 @@ class RegistryService(MultiService):
             except (ValueError, TypeError, KeyError) as e:
                 self._close_ports()
                 raise StartupError(f"bad listen endpoint {description!r}: {e}") from None
-            outcome: list[Any] = []
-            endpoint.listen(self._probe_site() if probes_only else self.site).addBoth(outcome.append)
-            if not outcome or isinstance(outcome[0], Failure):
+            try:
+                port = listen_at_once(endpoint, self._probe_site() if probes_only else self.site, description)
+            except StartupError:
                 self._close_ports()
-                reason = outcome[0].getErrorMessage() if outcome else "did not listen at once"
-                raise StartupError(f"cannot listen on {description}: {reason}")
-            port = outcome[0]
+                raise
             if self.role is not None:
                 accept_one_at_a_time(port)
             self.ports.append(port)

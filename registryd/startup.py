@@ -10,7 +10,9 @@ from __future__ import annotations
 import resource
 from typing import Any
 
+from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from registryd.auth.errors import AuthConfigError
 from registryd.auth.policy import mirrored_namespaces
@@ -29,6 +31,17 @@ FILES_BESIDE_CONNECTIONS = 1024
 
 class StartupError(Exception):
     """Start-up cannot go on; the message is one line for the operator."""
+
+
+def listen_at_once(endpoint: IStreamServerEndpoint, factory: Any, description: str) -> Any:
+    """The port of ``endpoint``, listening now: a port in use (or any failure to listen) stops
+    start-up with one line, never a server that runs without its socket."""
+    outcome: list[Any] = []
+    endpoint.listen(factory).addBoth(outcome.append)
+    if not outcome or isinstance(outcome[0], Failure):
+        reason = outcome[0].getErrorMessage() if outcome else "did not listen at once"
+        raise StartupError(f"cannot listen on {description}: {reason}")
+    return outcome[0]
 
 
 def make_room_for_connections(max_connections: int) -> None:

@@ -40,7 +40,7 @@ from registryd.listeners import (
 )
 from registryd.memory import release_once_running
 from registryd.reuseport import ListenerGroup, ReusePortBinder
-from registryd.startup import StartupError, make_room_for_connections
+from registryd.startup import StartupError, listen_at_once, make_room_for_connections
 from registryd.storage.files import empty_dir
 from registryd.web.probes import split_probes
 
@@ -181,13 +181,12 @@ class Supervisor(Service):
             except (ValueError, TypeError, KeyError) as e:
                 self._close_ports()
                 raise StartupError(f"bad listen endpoint {description!r}: {e}") from None
-            outcome: list[Any] = []
-            endpoint.listen(Factory.forProtocol(Protocol)).addBoth(outcome.append)
-            if not outcome or isinstance(outcome[0], Failure):
+            try:
+                listening = listen_at_once(endpoint, Factory.forProtocol(Protocol), description)
+            except StartupError:
                 self._close_ports()
-                reason = outcome[0].getErrorMessage() if outcome else "did not listen at once"
-                raise StartupError(f"cannot listen on {description}: {reason}")
-            port = outcome[0] if isinstance(outcome[0], ListenerGroup) else ListenerGroup([outcome[0]])
+                raise
+            port = listening if isinstance(listening, ListenerGroup) else ListenerGroup([listening])
             for each in port.ports:
                 each.stopReading()      # the workers accept; this process only holds the sockets
             self.ports.append(port)
