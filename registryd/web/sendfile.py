@@ -147,6 +147,15 @@ async def send_file_range(
     return await producer.start()
 
 
+def _has_descriptor(fileobj: BinaryIO) -> bool:
+    """Whether the file's bytes can be read by descriptor (not a BytesIO, say)."""
+    try:
+        fileobj.fileno()
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        return False
+    return True
+
+
 def _sendfile_transport(request: Request, fileobj: BinaryIO) -> tcp.Connection | None:
     """
     The TCP transport to sendfile into, or None when bytes must go through
@@ -163,11 +172,7 @@ def _sendfile_transport(request: Request, fileobj: BinaryIO) -> tcp.Connection |
     # streaming producer, as HTTPChannel.connectionMade arranges.
     if transport.producer is not channel or not transport.streamingProducer:
         return None
-    try:
-        fileobj.fileno()
-    except (AttributeError, OSError, io.UnsupportedOperation):
-        return None
-    return transport
+    return transport if _has_descriptor(fileobj) else None
 
 
 def _tls_transport(request: Request, fileobj: BinaryIO) -> LeanTLSTransport | None:
@@ -188,11 +193,7 @@ def _tls_transport(request: Request, fileobj: BinaryIO) -> LeanTLSTransport | No
     membrane = tcp_transport.producer
     if getattr(membrane, "_producer", None) is not request.channel:
         return None
-    try:
-        fileobj.fileno()
-    except (AttributeError, OSError, io.UnsupportedOperation):
-        return None
-    return transport
+    return transport if _has_descriptor(fileobj) else None
 
 
 _scratch: memoryview | None = None
