@@ -185,19 +185,11 @@ def _start_in_process(config: Config) -> RegistryService:
 def module_containerd() -> Iterator[Any]:
     """One private containerd (tests/e2e/containerd_daemon.py) for a module's containerd-store runs
     (the conformance matrix, the store contract): each test takes a namespace of its own in it."""
-    import shutil
-    import tempfile
-
     from e2e.containerd_daemon import ContainerdDaemon
+    from support.daemons import running_daemon
 
-    base = tempfile.mkdtemp(prefix="ctrd-", dir="/tmp")   # unix socket paths stay short
-    daemon = ContainerdDaemon(os.path.join(base, "0"))
-    try:
-        daemon.start()
+    with running_daemon(ContainerdDaemon, "ctrd-") as daemon:
         yield daemon
-    finally:
-        daemon.stop()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture

@@ -39,6 +39,7 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.threads import deferToThread
 
 from conftest import stop_process
+from support.daemons import running_daemon
 from support.pki import issue, make_ca
 from test_workers import WORKER, Node, start_node
 from upstreams import ReferenceUpstream, blob_path, free_port, manifest_path, push_index, shared_pki
@@ -117,14 +118,8 @@ def secure(tmp_path_factory: Any) -> Iterator[Secure]:
 @pytest.fixture(scope="module")
 def dockerd(plain: Plain) -> Iterator[DockerDaemon]:
     """One dockerd for the module, the plain node its registry mirror (and its containerd for ctr)."""
-    base = tempfile.mkdtemp(prefix="dockerd-", dir="/tmp")
-    daemon = DockerDaemon(os.path.join(base, "0"), [f"http://{plain.node.host}"])
-    try:
-        daemon.start()
+    with running_daemon(lambda directory: DockerDaemon(directory, [f"http://{plain.node.host}"]), "dockerd-") as daemon:
         yield daemon
-    finally:
-        daemon.stop()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture
