@@ -38,7 +38,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import report  # noqa: E402  (the one table printer)
-import startup  # noqa: E402  (results path, SIGTERM)
+import startup  # noqa: E402  (results path and file, SIGTERM)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -760,11 +760,7 @@ def main(argv):
         keys += [k for k in info["figures"] if k not in keys]
     result["comparison"] = compare(args, result, keys)
     print_table(result["comparison"], list(result["servers"]))
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    with open(output, "w") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
-    print(f"\nresults written to {output}")
+    startup.write_results(output, result)
     if interrupted:
         return 130
     complete = all(r.get(s) is not None for r in result["comparison"] for s in result["servers"])

@@ -47,7 +47,6 @@ wrk and docker-registry on PATH. Loopback only.
 import argparse
 import datetime
 import hashlib
-import json
 import os
 import platform
 import re
@@ -65,7 +64,7 @@ if HERE not in sys.path:
 
 import bench_core as core  # noqa: E402  (the colleague's core benchmark: servers, runner, report)
 import process_tree  # noqa: E402
-import startup  # noqa: E402  (results path, SIGTERM)
+import startup  # noqa: E402  (results path and file, SIGTERM)
 from bench_core import (  # noqa: E402
     DEFAULT_REFERENCE, DEFAULT_REGBENCH_DIR, Registryd, Server, find_twistd, fmt, log, parse_records,
     print_table, run_group, summarize, tail,
@@ -811,11 +810,7 @@ def main(argv):
         print("\nchecks:")
         for c in result["checks"]:
             print(f"  {'ok  ' if c['ok'] else 'FAIL'}  {c['proxy']:<10} {c['what']}")
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    with open(output, "w") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
-    print(f"\nresults written to {output}")
+    startup.write_results(output, result)
     if interrupted:
         return 130
     complete = all(r.get(s) is not None for r in result["comparison"] for s in result["proxies"])

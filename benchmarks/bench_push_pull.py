@@ -53,7 +53,7 @@ if HERE not in sys.path:
 
 import bench_core as core  # noqa: E402
 import process_tree  # noqa: E402
-import startup  # noqa: E402  (results path)
+import startup  # noqa: E402  (results path and file)
 
 SETTINGS = {"full": {"blob_mib": 256, "push_mib": 1024, "seconds": 10},
             "quick": {"blob_mib": 16, "push_mib": 64, "seconds": 2}}
@@ -379,11 +379,7 @@ def main(argv):
         print(f"  registryd {proc}: reactor lag p99 <= {v['p99_ms']} ms over {v['ticks']} ticks during the push, "
               f"<= {alone.get(proc, {}).get('p99_ms')} ms without it, "
               f"<= {idle.get(proc, {}).get('p99_ms')} ms without any traffic")
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    with open(output, "w") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
-    print(f"\nresults written to {output}")
+    startup.write_results(output, result)
     complete = all(r.get(f"{s}_error") is None for r in rows for s in args.servers)
     return 0 if complete else 1
 

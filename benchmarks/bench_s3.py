@@ -69,7 +69,7 @@ if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
 import bench_core as core  # noqa: E402  (servers, runner, number format, table)
-import startup  # noqa: E402  (SIGTERM)
+import startup  # noqa: E402  (SIGTERM, the results file)
 from bench_core import (  # noqa: E402
     DEFAULT_REFERENCE, DEFAULT_REGBENCH_DIR, Server, find_twistd, fmt, log, parse_records, print_table, run_group,
     summarize, tail,
@@ -1029,10 +1029,7 @@ def main(argv):
     if "benchmark_s" in result:
         timing.append(f"servers, measurements and clean-up {result['benchmark_s']} s")
     print("\n" + ", ".join(timing))
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    with open(output, "w") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
+    startup.write_results(output, result, announce=False)
     md = os.path.splitext(output)[0] + ".md"
     with open(md, "w") as f:
         f.write(markdown(result, rows) if "s3" in result else f"# S3 benchmark: FAILED\n\n{fatal}\n")

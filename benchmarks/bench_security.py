@@ -49,7 +49,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
-import startup  # noqa: E402  (results path, SIGTERM)
+import startup  # noqa: E402  (results path and file, SIGTERM)
 from bench_core import (  # noqa: E402  (the core benchmark: servers, runner, report)
     DEFAULT_REFERENCE, REPO, Server, add_ratio, find_twistd, fmt, log, print_table, run_group, tail,
 )
@@ -544,11 +544,7 @@ def main(argv):
     result["interrupted"] = interrupted
     result["comparison"] = compare(args, result, keys_of(args))
     print_table(result["comparison"], list(result["servers"]))
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    with open(output, "w") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
-    print(f"\nresults written to {output}")
+    startup.write_results(output, result)
     if interrupted:
         return 130
     complete = all(r.get(s) is not None for r in result["comparison"] for s in result["servers"])

@@ -53,7 +53,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "tools"))
 import bench_core as core  # noqa: E402  (servers, process groups, formatting, the push phase)
 import regbench  # noqa: E402  (push_blob, MANIFEST_TYPES)
-import startup  # noqa: E402  (results path, SIGTERM)
+import startup  # noqa: E402  (results path and file, SIGTERM)
 import report  # noqa: E402  (the one table printer)
 
 SERVERS = ("registryd", "reference", "nginx", "registryd-containerd")
@@ -577,11 +577,7 @@ def main(argv):
     print_table(result["comparison"], list(result["servers"]))
     print(f"\nregistryd workers: {args.workers if args.workers is not None else 'default'}; load average "
           f"(1, 5, 15 min) at start {result['host']['loadavg_start']}, at end {result['host']['loadavg_end']}")
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    with open(output, "w") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
-    print(f"\nresults written to {output}")
+    startup.write_results(output, result)
     if interrupted:
         return 130
     complete = all(r.get(s) is not None for r in result["comparison"] for s in result["servers"] if s in r)

@@ -1,6 +1,7 @@
-"""What each side-by-side benchmark does as it starts: where its results go, and how a SIGTERM
-stops it. Stdlib only."""
+"""What each side-by-side benchmark does around its run: where its results go, how a SIGTERM
+stops it, and writing them. Stdlib only."""
 import datetime
+import json
 import os
 import signal
 
@@ -22,3 +23,13 @@ def interrupt_on_sigterm():
     def on_term(signum, frame):
         raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, on_term)
+
+
+def write_results(output, result, announce=True):
+    """The results as indented JSON at ``output`` (its folder made if needed)."""
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    with open(output, "w") as f:
+        json.dump(result, f, indent=2)
+        f.write("\n")
+    if announce:
+        print(f"\nresults written to {output}")
