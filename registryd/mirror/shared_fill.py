@@ -30,7 +30,7 @@ import hashlib
 import json
 import os
 import uuid
-from typing import Any
+from typing import Any, Iterable
 
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
@@ -48,12 +48,16 @@ POLL = 0.02
 END_KEPT = 60.0
 
 
+def claim_prefix(tmp_dir: str, folder: str, key: Iterable[str]) -> str:
+    """Where the files of one node-wide claim on ``key`` live, in ``tmp/<folder>/`` (created if need be)."""
+    path = os.path.join(tmp_dir, folder)
+    os.makedirs(path, exist_ok=True)
+    return os.path.join(path, hashlib.sha256("\0".join(key).encode()).hexdigest()[:40])
+
+
 def fill_prefix(tmp_dir: str, namespace: str, remote: str, digest: Digest) -> str:
     """Where one fill's shared files live (created if need be)."""
-    folder = os.path.join(tmp_dir, FOLDER)
-    os.makedirs(folder, exist_ok=True)
-    name = hashlib.sha256(f"{namespace}\0{remote}\0{digest}".encode()).hexdigest()[:40]
-    return os.path.join(folder, name)
+    return claim_prefix(tmp_dir, FOLDER, (namespace, remote, str(digest)))
 
 
 def _write(path: str, document: dict[str, Any]) -> None:

@@ -13,13 +13,11 @@ kernel drops the lock), so nobody waits on a dead worker.
 """
 from __future__ import annotations
 
-import hashlib
-import os
 from typing import Any, Awaitable, Callable, TypeVar
 
 from twisted.internet.task import deferLater
 
-from registryd.mirror.shared_fill import FillClaim
+from registryd.mirror.shared_fill import FillClaim, claim_prefix
 
 T = TypeVar("T")
 
@@ -30,9 +28,7 @@ POLL = 0.02
 
 def fetch_prefix(tmp_dir: str, key: tuple[str, ...]) -> str:
     """Where the claim of one manifest fetch lives (the folder is created if need be)."""
-    folder = os.path.join(tmp_dir, FOLDER)
-    os.makedirs(folder, exist_ok=True)
-    return os.path.join(folder, hashlib.sha256("\0".join(key).encode()).hexdigest()[:40])
+    return claim_prefix(tmp_dir, FOLDER, key)
 
 
 async def once_per_node(prefix: str, reactor: Any, clock: Callable[[], float], fetch: Callable[[], Awaitable[T]],
