@@ -49,6 +49,18 @@ def test_an_error_page_before_any_page_renders_at_once() -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_page_after_an_error_page_still_compiles_every_template_in_the_pool() -> None:
+    pool = CountingPool()
+    templates = _templates(pool)
+    templates.render("error.html", version="1", user=None, login_url="/ui/?login", login=False,
+                     mirror_link=False, status=404, message="there is no such page", title="404")
+    await templates.ready()
+    assert templates.loaded and pool.trips == 1
+    compiled = {template.name for template in templates._environment.cache.values()}
+    assert set(PAGES) <= compiled
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_failed_compile_is_tried_again_by_the_next_page() -> None:
     calls: list[int] = []
 

@@ -29,15 +29,12 @@ class PageTemplates:
         self._run = run
         self._environment: Any = None
         self._compiling: Shared[None] | None = None
-
-    @property
-    def loaded(self) -> bool:
-        return self._environment is not None
+        self.loaded = False     # every page compiled (an error page may have built a partial one before)
 
     async def ready(self) -> None:
         """Once every page template is compiled (the first call compiles them, in the pool;
         after a failed compile the next call tries again)."""
-        if self._environment is not None:
+        if self.loaded:
             return
         if self._compiling is None or self._compiling.done:
             self._compiling = Shared(self._compile_all())
@@ -45,6 +42,7 @@ class PageTemplates:
 
     async def _compile_all(self) -> None:
         self._environment = await self._run(self._compiled)
+        self.loaded = True
 
     def _compiled(self) -> Any:
         """A new environment with every page compiled (blocking)."""
