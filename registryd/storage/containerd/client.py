@@ -250,7 +250,7 @@ class ContainerdClient:
             # once (ALREADY_EXISTS) when it has the content, before any byte is sent.
             requests.put(api.ContentWriteRequest(action=api.STAT, ref=ref, total=total, expected=expected))
             next(replies)
-            offset, _ = _send_chunks(requests, replies, ref, chunks, 0)
+            offset = _send_chunks(requests, replies, ref, chunks, 0)
             requests.put(api.ContentWriteRequest(action=api.COMMIT, ref=ref, offset=offset, total=total,
                                                  expected=expected, labels=labels))
             next(replies)
@@ -296,7 +296,7 @@ class ContainerdClient:
             if last.offset != start:
                 raise IngestElsewhere(last.offset)
             # (offset 0 on a longer ingest would truncate it: the STAT above rules that out)
-            offset, _ = _send_chunks(requests, replies, ref, chunks, start)
+            offset = _send_chunks(requests, replies, ref, chunks, start)
             if commit is None:
                 # An empty write: containerd answers the digest of the ingest so far.
                 requests.put(api.ContentWriteRequest(action=api.WRITE, ref=ref, offset=offset))
@@ -380,18 +380,17 @@ class ContainerdClient:
 
 
 def _send_chunks(requests: queue.Queue[api.ContentWriteRequest | None], replies: Iterator[api.ContentWriteResponse],
-                 ref: str, chunks: Iterable[bytes], offset: int) -> tuple[int, api.ContentWriteResponse | None]:
+                 ref: str, chunks: Iterable[bytes], offset: int) -> int:
     """Send ``chunks`` as WRITE messages from ``offset``, up to WRITE_WINDOW ahead of containerd's
-    answers (each checked in order: an error stops the stream); the end offset and the last answer."""
+    answers (each checked in order: an error stops the stream); the end offset."""
     in_flight = 0
-    last = None
     for chunk in chunks:
         if in_flight >= WRITE_WINDOW:
-            last = next(replies)
+            next(replies)
             in_flight -= 1
         requests.put(api.ContentWriteRequest(action=api.WRITE, ref=ref, offset=offset, data=chunk))
         in_flight += 1
         offset += len(chunk)
     for _ in range(in_flight):
-        last = next(replies)
-    return offset, last
+        next(replies)
+    return offset
