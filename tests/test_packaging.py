@@ -1095,6 +1095,9 @@ def test_deb_after_the_quick_start_as_root_starts_and_auth_takes_effect(
         while http_status("-u", "alice:s3cret", "-X", "POST", upload) != 202:
             assert time.monotonic() < deadline, service.output()
             time.sleep(0.2)
+        # One worker saw the change; each looks at the file at most once a second ([auth] htpasswd's
+        # stat interval), so after that second every worker has alice.
+        time.sleep(1.2)
         assert http_status("-u", "alice:s3cret", f"http://127.0.0.1:{port}/metrics") == 200
         assert http_status("-X", "POST", upload) == 401
     finally:
