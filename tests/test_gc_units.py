@@ -327,3 +327,30 @@ def test_a_write_whose_folder_a_collection_pruned_meanwhile_still_lands(tmp_path
     files.write_atomic(str(tmp_path / "tmp"), str(target), b"manifest")
     assert pruned and target.read_bytes() == b"manifest"
     assert os.listdir(tmp_path / "tmp") == []
+
+
+@pytest.mark.parametrize("durable", [True, False])
+def test_a_write_whose_parent_folder_a_collection_pruned_between_two_mkdirs_still_lands(
+        tmp_path: Any, monkeypatch: Any, durable: bool) -> None:
+    """A manifest PUT made _manifests/revisions/sha256 while the online GC pruned the emptied
+    revisions folder above it: the mkdir found no parent (a 500 in a fresh-clone run). The
+    writer walks up again and lands."""
+    from registryd.storage import files
+
+    revisions = tmp_path / "repositories" / "app" / "_manifests" / "revisions"
+    revisions.mkdir(parents=True)
+    target = revisions / "sha256" / "abcd" / "link"
+    (tmp_path / "tmp").mkdir()
+    real_mkdir = os.mkdir
+    pruned: list[str] = []
+
+    def mkdir(path: Any, *args: Any, **kwargs: Any) -> None:
+        if not pruned and str(path) == str(revisions / "sha256"):
+            pruned.append(str(path))
+            os.rmdir(revisions)   # the collector's prune, after the writer saw revisions/ there
+        real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(files.os, "mkdir", mkdir)
+    files.write_atomic(str(tmp_path / "tmp"), str(target), b"sha256:abcd", durable=durable)
+    assert pruned and target.read_bytes() == b"sha256:abcd"
+    assert os.listdir(tmp_path / "tmp") == []

@@ -18,8 +18,24 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+#: Tries to make a folder, or put a file in one, that concurrent deletes and collections keep
+#: pruning (each of them loses one race).
+PLACE_ATTEMPTS = 5
+
+
 def make_dirs(path: str) -> None:
-    """Create ``path`` and parents, fsyncing each new entry's parent."""
+    """Create ``path`` and parents, fsyncing each new entry's parent; again from the top when
+    a concurrent delete or collection prunes a parent (it had emptied it) between two steps."""
+    for attempt in range(PLACE_ATTEMPTS):
+        try:
+            _make_missing_dirs(path)
+            return
+        except FileNotFoundError:
+            if attempt == PLACE_ATTEMPTS - 1:
+                raise
+
+
+def _make_missing_dirs(path: str) -> None:
     missing = []
     while not os.path.isdir(path):
         missing.append(path)
@@ -63,10 +79,6 @@ def write_atomic(tmp_dir: str, target: str, data: bytes, durable: bool = True) -
         raise
 
 
-#: Tries to put a file in a folder that concurrent deletes keep pruning (each loses one race).
-PLACE_ATTEMPTS = 5
-
-
 def rename_into(source: str, target: str, durable: bool = True, exclusive: bool = False) -> bool:
     """Rename ``source`` to ``target``, making the target's folder first, and again if a
     concurrent delete or a garbage collection pruned that folder (it had emptied it) in
@@ -80,7 +92,12 @@ def rename_into(source: str, target: str, durable: bool = True, exclusive: bool 
         if durable:
             make_dirs(parent)
         else:
-            os.makedirs(parent, exist_ok=True)
+            try:
+                os.makedirs(parent, exist_ok=True)
+            except FileNotFoundError:   # a parent pruned between two of its mkdirs
+                if attempt == PLACE_ATTEMPTS - 1:
+                    raise
+                continue
         try:
             if exclusive:
                 os.link(source, target)
