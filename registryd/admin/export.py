@@ -64,7 +64,6 @@ from registryd.storage.interface import Store
 from registryd.storage.sink import Sink
 from registryd.units import human_size
 
-HELP = "write images and all their content to an OCI image layout (a directory or a .tar)"
 
 DESCRIPTION = """\
 Copy images out of the store into an OCI image layout (oci-layout,

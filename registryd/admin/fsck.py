@@ -76,7 +76,6 @@ from registryd.upkeep.marker import (
     split_repository_key,
 )
 
-HELP = "re-hash every blob and check every repository; --repair quarantines what is damaged"
 
 DESCRIPTION = """\
 Check the store the config names (the data directory, or the S3 bucket of

@@ -27,7 +27,6 @@ from registryd.upkeep.collector import Collector, referenced_digests
 
 __all__ = ["parse_duration", "referenced_digests"]
 
-HELP = "remove blobs no manifest references (mark and sweep); --dry-run only reports"
 
 DESCRIPTION = """\
 Garbage-collect the blob store. Mark: every manifest revision of every

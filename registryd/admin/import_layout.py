@@ -69,7 +69,6 @@ T = TypeVar("T")
 #: Store calls (a HEAD, an upload) one phase keeps in flight: S3 answers each over the network.
 CONCURRENCY = 4
 
-HELP = "import images from an OCI image layout (a directory or a tar file) into the store"
 
 DESCRIPTION = """\
 Import the images an OCI image layout lists in its index.json (a directory,

@@ -33,7 +33,6 @@ from registryd.units import human_size
 
 T = TypeVar("T")
 
-HELP = "list repositories (local and mirrored), their tags, sizes and manifest counts"
 
 DESCRIPTION = """\
 List every repository in the store: local (pushed) ones, then the mirrored

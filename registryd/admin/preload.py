@@ -56,7 +56,6 @@ from registryd.units import human_size
 
 log = Logger()
 
-HELP = "pull images through the pull-through cache now, so they are on disk before anyone asks"
 
 DESCRIPTION = """\
 Pull images through registryd's pull-through cache now, so that they are on

@@ -25,7 +25,6 @@ from registryd.admin.store_access import add_store_arguments, load_admin_config,
 from registryd.globs import Glob
 from registryd.storage.interface import Store
 
-HELP = "remove cached tags and manifests of mirrored repositories (--older-than, --unused-for, --pattern)"
 
 DESCRIPTION = """\
 Remove tags and manifest revisions that the mirror cache holds for upstream

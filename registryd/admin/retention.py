@@ -19,7 +19,6 @@ from registryd.admin.remote import add_remote_arguments, post_admin
 from registryd.admin.store_access import add_store_arguments, load_admin_config, run_with_store, store_errors_reported
 from registryd.storage.interface import Store
 
-HELP = "apply the [[retention]] rules to local repositories now (--dry-run only reports)"
 
 DESCRIPTION = """\
 Apply the config's [[retention]] rules to the local (pushed) repositories

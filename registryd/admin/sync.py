@@ -24,7 +24,6 @@ from registryd.admin.remote import add_remote_arguments, authorization, check_ur
 from registryd.admin.store_access import add_store_arguments, load_admin_config, run_with_store, store_errors_reported
 from registryd.units import human_size
 
-HELP = "run a [[sync]] job now (--now JOB), or show the jobs' last runs"
 
 DESCRIPTION = """\
 Copy the repositories a [[sync]] job of the config names from its upstream
