@@ -35,7 +35,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"registryd {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    chosen = _named_command(argv)
+    chosen = None if argv is None else _named_command(argv)
     for name, (help_line, add) in COMMANDS.items():
         if argv is None or name == chosen:
             add(commands, name, help_line)
