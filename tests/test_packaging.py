@@ -406,10 +406,10 @@ def build_next(out: str, current: Future[dict[str, Any]]) -> str:
     return debs[0]
 
 
-def bootstrap(path: str, current: Future[dict[str, Any]]) -> DebianRoot:
+def bootstrap(path: str) -> DebianRoot:
     """debootstrap --variant=minbase, with the host's apt and pip settings and systemd
-    (for systemd-analyze --root), after the tree's build; the .deb's dependencies come later."""
-    current.result()
+    (for systemd-analyze --root), beside the tree's build (mostly downloads and unpacking);
+    the .deb's dependencies come once it is built."""
     run(["debootstrap", "--variant=minbase", SUITE, path, host_debian_mirror()], timeout=900)
     root = DebianRoot(path)
     copy_host_settings(root)
@@ -421,9 +421,9 @@ def bootstrap(path: str, current: Future[dict[str, Any]]) -> DebianRoot:
 @pytest.fixture(scope="session")
 def background(request: Any, tmp_path_factory: Any) -> Iterator[dict[str, Future[Any]]]:
     """The session's builds and debootstrap, in threads, started as soon as a test needs one:
-    the tree's two packages first (build-packages all builds both at once: one core each,
-    and timed), then the next version's .deb beside the debootstrap, while the tests of the
-    built packages run. Only what the selected tests use is started."""
+    the tree's two packages (build-packages all builds both at once: one core each, and
+    timed) beside the debootstrap, then the next version's .deb and lintian, while the tests
+    of the built packages run. Only what the selected tests use is started."""
     needed = {name for item in request.session.items for name in getattr(item, "fixturenames", ())}
     jobs: dict[str, Future[Any]] = {}
     with ThreadPoolExecutor(max_workers=4, thread_name_prefix="packaging") as pool:
@@ -433,8 +433,7 @@ def background(request: Any, tmp_path_factory: Any) -> Iterator[dict[str, Future
         if "next_deb" in needed:
             jobs["next_deb"] = pool.submit(build_next, str(tmp_path_factory.mktemp("next")), jobs["packages"])
         if "base_root" in needed and os.geteuid() == 0 and shutil.which("debootstrap"):
-            jobs["root"] = pool.submit(bootstrap, str(tmp_path_factory.mktemp("debootstrap") / SUITE),
-                                       jobs["packages"])
+            jobs["root"] = pool.submit(bootstrap, str(tmp_path_factory.mktemp("debootstrap") / SUITE))
         try:
             yield jobs
         finally:
@@ -612,15 +611,6 @@ def test_deb_unit_is_the_repository_unit(packages: dict[str, Any]) -> None:
         assert settings[key] == [value], key
 
 
-def test_lintian_finds_no_errors(lintian_report: subprocess.CompletedProcess[str]) -> None:
-    result = lintian_report
-    tags = [line for line in result.stdout.splitlines() if re.match(r"^[EWIPX]: ", line)]
-    errors = [t for t in tags if t.startswith("E: ")]
-    print("lintian:\n" + "\n".join(tags))
-    assert errors == [], "\n".join(errors)
-    assert result.returncode == 0, result.stdout + result.stderr
-
-
 def test_deb_installs_runs_and_serves_images(debian_root: DebianRoot, packages: dict[str, Any], tmp_path: Any) -> None:
     """apt installs the .deb; its ExecStart, run as registryd, takes a push
     and a pull from skopeo outside the root."""
@@ -675,41 +665,6 @@ def test_deb_installs_runs_and_serves_images(debian_root: DebianRoot, packages: 
     blob = image["layers"][0].split(":")[1]
     path = root / f"/var/lib/registryd/blobs/sha256/{blob[:2]}/{blob}"
     assert os.stat(path).st_uid == uid
-
-
-def test_deb_upgrade_keeps_images_and_edited_config(debian_root: DebianRoot, packages: dict[str, Any],
-                                                    next_deb: str, tmp_path: Any) -> None:
-    root = debian_root
-    install_deb(root, packages["deb"])
-    port = free_port()
-    set_listen(root, port)
-    service = start_deb_service(root, tmp_path, port)
-    layout = str(tmp_path / "image")
-    image = make_image(layout, "v1")
-    skopeo = Skopeo(str(tmp_path / "skopeo"))
-    ref = f"docker://127.0.0.1:{port}/packaging/upgrade:v1"
-    try:
-        skopeo.push(layout, "v1", ref)
-    finally:
-        service.stop()
-    edited = root.read("/etc/registryd/registryd.toml").replace(
-        "stall_timeout = 300", "# the operator was here\nstall_timeout = 301")
-    assert "stall_timeout = 301" in edited
-    root.write("/etc/registryd/registryd.toml", edited)
-
-    install_deb(root, next_deb)
-
-    new_version = next_version(VERSION)
-    status = root.run("dpkg-query", "-W", "-f", "${Version} ${Status}", "registryd").stdout
-    assert status == f"{build_packages.upstream_version(new_version)}-1 install ok installed"
-    assert root.run("registryd", "--version").stdout.strip() == f"registryd {new_version}"
-    assert root.read("/etc/registryd/registryd.toml") == edited
-    assert not glob.glob(root / "/etc/registryd/*.dpkg-*")
-    service = start_deb_service(root, tmp_path, port)  # the edited port: the kept config is in use
-    try:
-        assert_image_served(skopeo, ref, image, layout, str(tmp_path))
-    finally:
-        service.stop()
 
 
 def test_deb_purge_leaves_nothing_behind(debian_root: DebianRoot, packages: dict[str, Any], tmp_path: Any) -> None:
@@ -1102,3 +1057,50 @@ def test_deb_after_the_quick_start_as_root_starts_and_auth_takes_effect(
         assert http_status("-X", "POST", upload) == 401
     finally:
         service.stop()
+
+
+# -- last: what waits on the background jobs that finish last (the next version's build, lintian),
+# so that the tests above run meanwhile -------------------------------------------------
+
+def test_deb_upgrade_keeps_images_and_edited_config(debian_root: DebianRoot, packages: dict[str, Any],
+                                                    next_deb: str, tmp_path: Any) -> None:
+    root = debian_root
+    install_deb(root, packages["deb"])
+    port = free_port()
+    set_listen(root, port)
+    service = start_deb_service(root, tmp_path, port)
+    layout = str(tmp_path / "image")
+    image = make_image(layout, "v1")
+    skopeo = Skopeo(str(tmp_path / "skopeo"))
+    ref = f"docker://127.0.0.1:{port}/packaging/upgrade:v1"
+    try:
+        skopeo.push(layout, "v1", ref)
+    finally:
+        service.stop()
+    edited = root.read("/etc/registryd/registryd.toml").replace(
+        "stall_timeout = 300", "# the operator was here\nstall_timeout = 301")
+    assert "stall_timeout = 301" in edited
+    root.write("/etc/registryd/registryd.toml", edited)
+
+    install_deb(root, next_deb)
+
+    new_version = next_version(VERSION)
+    status = root.run("dpkg-query", "-W", "-f", "${Version} ${Status}", "registryd").stdout
+    assert status == f"{build_packages.upstream_version(new_version)}-1 install ok installed"
+    assert root.run("registryd", "--version").stdout.strip() == f"registryd {new_version}"
+    assert root.read("/etc/registryd/registryd.toml") == edited
+    assert not glob.glob(root / "/etc/registryd/*.dpkg-*")
+    service = start_deb_service(root, tmp_path, port)  # the edited port: the kept config is in use
+    try:
+        assert_image_served(skopeo, ref, image, layout, str(tmp_path))
+    finally:
+        service.stop()
+
+
+def test_lintian_finds_no_errors(lintian_report: subprocess.CompletedProcess[str]) -> None:
+    result = lintian_report
+    tags = [line for line in result.stdout.splitlines() if re.match(r"^[EWIPX]: ", line)]
+    errors = [t for t in tags if t.startswith("E: ")]
+    print("lintian:\n" + "\n".join(tags))
+    assert errors == [], "\n".join(errors)
+    assert result.returncode == 0, result.stdout + result.stderr
