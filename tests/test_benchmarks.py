@@ -16,7 +16,7 @@ import pytest
 from conftest import ROOT
 
 
-@pytest.mark.parametrize("script", ["bench_core.py", "bench_mirror.py", "bench_tls.py"])
+@pytest.mark.parametrize("script", ["bench_core.py", "bench_mirror.py"])
 def test_benchmark_quick_mode_measures_everything(script: str, tmp_path) -> None:
     result = subprocess.run(
         # One second per wrk/hey run (quick mode's least, as bench_s3.py's): what is tested is that
@@ -74,23 +74,6 @@ def test_node_disk_benchmark_quick_mode_finds_one_copy_on_containerd(tmp_path) -
     assert figures["copies_containerd"] < 1.5 < figures["copies_filesystem"], figures
 
 
-def test_tls_benchmark_puts_containerd_beside_the_filesystem_store_and_the_reference(tmp_path) -> None:
-    """bench_tls.py with registryd-containerd: blob GETs plain and TLS and pushes on the containerd
-    driver, the filesystem driver and the reference registry in one run, with both ratios."""
-    result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "benchmarks", "bench_tls.py"), "--quick", "--seconds", "1",
-         "--servers", "registryd,registryd-containerd,reference", "--only", "tls,plain,push",
-         "--output", str(tmp_path / "r.json")],
-        capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    rows = {row["figure"]: row for row in json.loads((tmp_path / "r.json").read_text())["comparison"]}
-    for figure in ("tls_blob_get_32M_c1_MBps", "tls_blob_get_32M_c8_MBps", "blob_get_32M_c1_MBps",
-                   "blob_get_32M_c8_MBps", "push_big_s", "push_many_s"):
-        assert rows[figure]["containerd_vs_reference"] is not None, rows[figure]
-        assert rows[figure]["containerd_vs_filesystem"] is not None, rows[figure]
-    assert "ctrd vs fs" in result.stdout
-
-
 def test_sync_benchmark_quick_mode_measures_everything(tmp_path) -> None:
     """bench_sync.py: a registryd [[sync]] job and skopeo sync of the same tags, both measured."""
     result = subprocess.run(
@@ -135,15 +118,24 @@ def test_ui_benchmark_quick_mode_measures_every_page(tmp_path) -> None:
     assert len([k for k in figures if k.endswith("_median_ms")]) == 10
 
 
-def test_tls_benchmark_reports_each_servers_cpu_per_gb(tmp_path) -> None:
-    """bench_tls.py: beside MB/s, the CPU seconds per GB of every server's processes (registryd's
-    supervisor and workers, the reference's TLS process, nginx's master and workers)."""
+def test_tls_benchmark_measures_every_phase_on_every_server(tmp_path) -> None:
+    """bench_tls.py, every phase on every server in one run: registryd on its filesystem store and
+    on containerd (2 workers each), the reference, nginx; both ratios for containerd, and beside
+    MB/s the CPU seconds per GB of every server's processes (registryd's supervisor and workers,
+    the reference's TLS process, nginx's master and workers)."""
     result = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", "bench_tls.py"), "--quick", "--seconds", "1",
-         "--only", "tls", "--workers", "2", "--output", str(tmp_path / "r.json")],
-        capture_output=True, text=True, timeout=240, cwd=ROOT)
+         "--servers", "registryd,registryd-containerd,reference,nginx", "--only", "tls,plain,manifest,push",
+         "--workers", "2", "--output", str(tmp_path / "r.json")],
+        capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((tmp_path / "r.json").read_text())
+    rows = {row["figure"]: row for row in report["comparison"]}
+    for figure in ("tls_blob_get_32M_c1_MBps", "tls_blob_get_32M_c8_MBps", "blob_get_32M_c1_MBps",
+                   "blob_get_32M_c8_MBps", "push_big_s", "push_many_s"):
+        assert rows[figure]["containerd_vs_reference"] is not None, rows[figure]
+        assert rows[figure]["containerd_vs_filesystem"] is not None, rows[figure]
+    assert "ctrd vs fs" in result.stdout
     for name in ("registryd", "reference", "nginx"):
         for c in (1, 8):
             value = report["servers"][name]["figures"][f"tls_blob_get_32M_c{c}_cpu_s_per_GB"]["value"]
