@@ -28,7 +28,7 @@ from registryd.startup import StartupError, listen_at_once, make_room_for_connec
 from registryd.storage.interface import Store
 from registryd.storage.outage import outage_reason
 from registryd.reactor_lag import ReactorLag
-from registryd.threads import MAINTENANCE_THREADS, BlockingPool, BoundedPool
+from registryd.threads import BODY_NICE, MAINTENANCE_THREADS, BlockingPool, BoundedPool
 from registryd.upkeep.scheduler import Upkeep
 from registryd.web.app import RegistryAPI
 from registryd.web.probes import ProbesOnly, split_probes
@@ -56,7 +56,7 @@ class RegistryService(MultiService):
         self.config = config
         self.role = role
         self._reactor = reactor
-        # Three pools: request I/O (fsync, commits, reads: ``pool``), whole-store passes
+        # Pools: request I/O (fsync, commits, reads: ``pool``), whole-store passes
         # (gc, surveys, usage walks: ``maintenance_pool``) and password checks (``auth_pool``),
         # so none of them waits behind another's queue.
         self.pool = BlockingPool(reactor, config.io_threads)
@@ -73,7 +73,11 @@ class RegistryService(MultiService):
                                    mirrored_namespaces(u.namespace for u in config.upstreams))
         except AuthConfigError as e:
             raise StartupError(str(e)) from None
-        self.api = RegistryAPI(self.store, config, reactor, auth=self.auth)
+        # Upload bodies are written and hashed in threads of a lower CPU priority: on a busy
+        # machine a push yields to pulls (the kernel's sendfile runs on the reactor's thread);
+        # its queue fills, the connection pauses and TCP slows the pusher down.
+        self.body_pool = BlockingPool(reactor, config.io_threads, name="registryd-bodies", nice=BODY_NICE)
+        self.api = RegistryAPI(self.store, config, reactor, auth=self.auth, body_pool=self.body_pool)
         # Every worker of a node fetches a blob for all of them (registryd.mirror.shared_fill).
         self.api.mirror.shared_fills = role is not None
         if role is not None:
@@ -206,6 +210,7 @@ class RegistryService(MultiService):
         self.pool.start()
         self.maintenance_pool.start()
         self.auth_pool.start()
+        self.body_pool.start()
         self.reactor_lag.start()
         if self.snapshots is not None:
             self.snapshots.start()
@@ -271,4 +276,5 @@ class RegistryService(MultiService):
         d.addBoth(lambda _: self.pool.stop())
         d.addBoth(lambda _: self.maintenance_pool.stop())
         d.addBoth(lambda _: self.auth_pool.stop())
+        d.addBoth(lambda _: self.body_pool.stop())
         return d

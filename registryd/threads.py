@@ -20,14 +20,23 @@ T = TypeVar("T")
 #: page's usage walk) run there, so they never hold the threads of a request's fsync.
 #: Passes are few and mostly serialised (one gc or survey at a time), hence two.
 MAINTENANCE_THREADS = 2
+#: The CPU priority of the threads that write and hash upload bodies: on a busy machine pushes
+#: yield to pulls (bench_push_pull.py, 8 pulls saturating 2 cores: their drop during a 1 GiB push
+#: went from 40-50% at nice 0 or 10 to 16-26% at 19; the push still ran at about twice the
+#: reference's rate). An idle machine gives a push all it can take.
+BODY_NICE = 19
 
 
 class BlockingPool:
-    """Runs blocking callables in dedicated threads and awaits them."""
+    """Runs blocking callables in dedicated threads and awaits them; with ``nice``, in threads
+    of a lower CPU priority, so that work yields the CPU to the reactor's thread and the
+    kernel's sends when the machine is busy."""
 
-    def __init__(self, reactor: IReactorThreads, size: int, name: str = "registryd-io") -> None:
+    def __init__(self, reactor: IReactorThreads, size: int, name: str = "registryd-io", nice: int = 0) -> None:
         self._reactor = reactor
         self._pool = ThreadPool(minthreads=0, maxthreads=size, name=name)
+        self._nice = nice
+        self._niced = threading.local()
 
     def start(self) -> None:
         self._pool.start()
@@ -36,7 +45,19 @@ class BlockingPool:
         self._pool.stop()
 
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        if self._nice:
+            return await deferToThreadPool(self._reactor, self._pool, self._call, fn, *args, **kwargs)
         return await deferToThreadPool(self._reactor, self._pool, fn, *args, **kwargs)
+
+    def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """In the worker thread: lower its CPU priority once (Linux renices threads one by one)."""
+        if not getattr(self._niced, "done", False):
+            self._niced.done = True
+            try:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self._nice)
+            except (AttributeError, OSError):
+                pass
+        return fn(*args, **kwargs)
 
 
 class InlinePool:
@@ -68,9 +89,7 @@ class BoundedPool(BlockingPool):
     """
 
     def __init__(self, reactor: IReactorThreads, size: int, queue: int, name: str, nice: int = 0) -> None:
-        super().__init__(reactor, size, name)
-        self._nice = nice
-        self._niced = threading.local()
+        super().__init__(reactor, size, name, nice)
         self._size = size
         self._queue = queue
         self._running = 0
@@ -90,21 +109,10 @@ class BoundedPool(BlockingPool):
             await self._turn(rank)
         self._running += 1
         try:
-            return await super().run(self._call, fn, *args, **kwargs)
+            return await super().run(fn, *args, **kwargs)
         finally:
             self._running -= 1
             self._next()
-
-    def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """In the worker thread: lower its CPU priority once (Linux renices
-        threads one by one), so this work yields to the reactor's thread."""
-        if self._nice and not getattr(self._niced, "done", False):
-            self._niced.done = True
-            try:
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self._nice)
-            except (AttributeError, OSError):
-                pass
-        return fn(*args, **kwargs)
 
     def _turn(self, rank: int) -> Deferred[None]:
         if len(self._waiting) >= self._queue:

@@ -56,3 +56,29 @@ async def test_queue_is_bounded_ranked_and_better_ranks_take_worse_places() -> N
     finally:
         gate.set()
         pool.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_niced_pool_runs_its_work_at_a_lower_cpu_priority_and_the_io_pool_does_not() -> None:
+    """Upload bodies are written and hashed in the service's body pool (nice 10): a push yields
+    the CPU to pulls; request I/O stays at the process's own priority."""
+    import os
+
+    from registryd.config import Config
+    from registryd.service import RegistryService
+    from registryd.threads import BODY_NICE
+
+    def priority() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    service = RegistryService(Config(data_dir="/nonexistent-never-started"), reactor)
+    assert service.api.body_pool is service.body_pool
+    service.body_pool.start()
+    service.pool.start()
+    try:
+        assert await service.body_pool.run(priority) == min(own + BODY_NICE, 19)
+        assert await service.pool.run(priority) == own
+    finally:
+        service.body_pool.stop()
+        service.pool.stop()

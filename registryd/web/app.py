@@ -52,6 +52,7 @@ from registryd.mirror.cache import MirrorCache, unavailable
 from registryd.mirror.fill import FillFailed
 from registryd.mirror.routing import Route
 from registryd.storage import Store
+from registryd.storage.driver import Pool
 from registryd.storage.files import free_bytes
 from registryd.storage.outage import outage_reason
 from registryd.storage.pulls import PullRecorder
@@ -128,8 +129,9 @@ class RegistryAPI:
     app.url_map.merge_slashes = False
 
     def __init__(self, store: Store, config: Config, reactor: Any, mirror: MirrorCache | None = None,
-                 auth: Auth | None = None, metrics: Metrics | None = None) -> None:
+                 auth: Auth | None = None, metrics: Metrics | None = None, body_pool: Pool | None = None) -> None:
         self.store = store
+        self.body_pool = body_pool or store.pool   # where upload bodies are written and hashed
         self.config = config
         self._reactor = reactor
         self.metrics = metrics or Metrics()
@@ -723,7 +725,7 @@ class RegistryAPI:
             return start
 
         # Chunks are written and hashed in the pool, the connection paused while too many wait.
-        off_reactor: dict[str, Any] = {"pool": self.store.pool, "on_error": request.body_failed,
+        off_reactor: dict[str, Any] = {"pool": self.body_pool, "on_error": request.body_failed,
                                        "producer": getattr(request.channel, "transport", None)}
 
         async def open_body() -> UploadBody:
