@@ -91,7 +91,7 @@ class RegistryService(MultiService):
             self.api.upload_quota = SharedSessionQuota(
                 os.path.join(config.data_dir, RUN, "sessions"), config.max_upload_sessions,
                 config.max_upload_sessions_per_client,
-                store_uploads.open_here, self.api.warnings)
+                store_uploads.open_here, self.api.warnings, self.pool)
         # The status and mirror pages show every worker's traffic, errors and fills.
         self.snapshots: WorkerSnapshots | None = None
         if role is not None:

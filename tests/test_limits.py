@@ -29,6 +29,7 @@ from typing import Any, Iterator
 
 import bcrypt
 import pytest
+import pytest_twisted
 from twisted.logger import formatEvent, globalLogPublisher
 
 from conftest import RunningRegistry, free_port, start_twistd, stop_process, wait_for_port
@@ -515,21 +516,73 @@ def test_behind_the_proxy_protocol_connections_count_per_real_client(tmp_path: A
 
 # --- the counters themselves ------------------------------------------------------------------
 
-def test_session_quota_frees_places_of_sessions_the_store_no_longer_knows() -> None:
+@pytest_twisted.ensureDeferred
+async def test_session_quota_frees_places_of_sessions_the_store_no_longer_knows() -> None:
     alive = {("r", "a"), ("r", "b")}
     quota = SessionQuota(3, 2, lambda repo, upload_id: (repo, upload_id) in alive, RateLimitedLog(time.monotonic))
     for upload_id in ("a", "b"):
-        quota.bind(quota.claim("alice"), "r", upload_id)
+        await quota.bind(await quota.claim("alice"), "r", upload_id)
     with pytest.raises(RegistryError) as refused:
-        quota.claim("alice")
+        await quota.claim("alice")
     assert refused.value.status == 429 and refused.value.code == "TOOMANYREQUESTS"
-    ticket = quota.claim("bob")
+    ticket = await quota.claim("bob")
     with pytest.raises(RegistryError):
-        quota.claim("carol")        # three in all, one of them not yet created
+        await quota.claim("carol")        # three in all, one of them not yet created
     quota.drop(ticket)
     alive.discard(("r", "a"))       # committed or cancelled
-    quota.bind(quota.claim("alice"), "r", "c")
-    assert quota.open_sessions() == 2
+    await quota.bind(await quota.claim("alice"), "r", "c")
+    assert await quota.open_sessions() == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_node_wide_ledger_is_read_and_written_in_the_pool_and_claims_are_judged_one_at_a_time(
+        tmp_path: Any, monkeypatch: Any) -> None:
+    """SharedSessionQuota (workers) lists, reads and writes <data>/run/sessions in its pool,
+    never on the reactor; two claims at once for the last place: one gets it, one a 429."""
+    import threading
+
+    from twisted.internet import reactor
+
+    from registryd.threads import BlockingPool
+    from registryd.web import shared_sessions
+
+    reactor_thread = threading.get_ident()
+    seen_on: set[str] = set()
+    real_listdir = os.listdir
+
+    def listdir(path: Any) -> list[str]:
+        if str(path).startswith(str(tmp_path)):
+            seen_on.add("reactor" if threading.get_ident() == reactor_thread else "pool")
+        return real_listdir(path)
+
+    monkeypatch.setattr(shared_sessions.os, "listdir", listdir)
+    pool = BlockingPool(reactor, 2, name="test-quota")
+    pool.start()
+    alive = {("r", "a")}
+    quota = shared_sessions.SharedSessionQuota(
+        str(tmp_path / "sessions"), 2, 2, lambda repo, upload_id: (repo, upload_id) in alive,
+        RateLimitedLog(time.monotonic), pool)
+    try:
+        await quota.bind(await quota.claim("alice"), "r", "a")
+        assert len(real_listdir(tmp_path / "sessions")) == 1 and seen_on == {"pool"}
+        outcomes: list[Any] = []
+        from twisted.internet.defer import ensureDeferred
+        claims = [ensureDeferred(quota.claim("bob")), ensureDeferred(quota.claim("carol"))]   # both at once
+        for claim in claims:
+            try:
+                outcomes.append(await claim)
+            except RegistryError as e:
+                outcomes.append(e.status)
+        assert outcomes[1] == 429 and not isinstance(outcomes[0], int), outcomes
+        quota.drop(outcomes[0])
+        alive.discard(("r", "a"))     # that session ended: its entry goes once a limit is reached
+        await quota.bind(await quota.claim("dave"), "r", "d")
+        alive.add(("r", "d"))
+        await quota.bind(await quota.claim("erin"), "r", "e")
+        assert sorted(n.partition(".")[2] for n in real_listdir(tmp_path / "sessions")) == ["d", "e"]
+        assert seen_on == {"pool"}
+    finally:
+        pool.stop()
 
 
 def test_limit_warnings_are_rate_limited() -> None:

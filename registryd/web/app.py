@@ -157,8 +157,7 @@ class RegistryAPI:
         self.warnings = RateLimitedLog(reactor.seconds)
         self.body_budget = BodyBudget(config.max_pending_body_bytes, self.warnings)
         self.upload_quota = SessionQuota(config.max_upload_sessions, config.max_upload_sessions_per_client,
-                                         store.uploads.open_here,
-                                         self.warnings)
+                                         store.uploads.open_here, self.warnings, store.pool)
 
     def resource(self) -> Any:
         return Utf8Paths(self.app.resource(), self._registry_error)
@@ -858,13 +857,13 @@ class RegistryAPI:
             return await self._commit(request, name, parse_digest(digest))
         if isinstance(request.body, RefusedBody):
             raise request.body.error
-        ticket = self.upload_quota.claim(self._owner(request, user))
+        ticket = await self.upload_quota.claim(self._owner(request, user))
         try:
             upload = await self.store.uploads.create(name)
         except BaseException:
             self.upload_quota.drop(ticket)
             raise
-        self.upload_quota.bind(ticket, upload.repo, upload.id)
+        await self.upload_quota.bind(ticket, upload.repo, upload.id)
         return respond(request, 202, self._upload_headers(upload))
 
     async def _mount(self, name: str, digest: Digest, source: str | None, user: str | None) -> Digest | None:

@@ -12,11 +12,14 @@ import json
 from collections import defaultdict
 from typing import Any, Callable, Hashable
 
+from twisted.internet.defer import DeferredLock
 from twisted.logger import Logger
 from twisted.web.http import RESPONSES
 
 from registryd.auth.throttle import client_key
 from registryd.errors import RegistryError
+from registryd.storage.driver import Pool
+from registryd.threads import InlinePool
 
 log = Logger()
 
@@ -141,29 +144,35 @@ class SessionQuota:
 
     Counted on this node, in memory, for the sessions it started; a session
     counts until the store no longer knows it (``alive``: committed,
-    cancelled, reaped), checked only when a limit is reached. Sessions left
-    from before a restart are not counted; they expire after [uploads] expiry.
+    cancelled, reaped), checked only when a limit is reached, in ``pool``
+    (it may look at a file). Sessions left from before a restart are not
+    counted; they expire after [uploads] expiry. Claims are judged one at a
+    time, so two at once never both take the last place.
     """
 
     def __init__(self, total: int, per_owner: int, alive: Callable[[str, str], bool],
-                 warn: RateLimitedLog) -> None:
+                 warn: RateLimitedLog, pool: Pool | None = None) -> None:
         self.total_limit = total
         self.per_owner_limit = per_owner
         self._alive = alive
         self._warn = warn
+        self._pool: Pool = pool or InlinePool()
+        self._judging = DeferredLock()
         self._owners: dict[str, set[Hashable]] = defaultdict(set)
         self._owner_of: dict[Hashable, str] = {}
 
-    def _open(self, owner: str | None) -> int:
+    async def _open(self, owner: str | None) -> int:
         """Sessions counted against ``owner``'s limit (None: against the total), claims included."""
         return len(self._owners.get(owner, ())) if owner is not None else len(self._owner_of)
 
-    def _prune(self, owner: str | None = None) -> None:
+    async def _prune(self, owner: str | None = None) -> None:
         """Forget the counted sessions (of ``owner``) the store no longer knows."""
-        sessions = list(self._owners[owner]) if owner is not None else list(self._owner_of)
-        for session in sessions:
-            if isinstance(session, tuple) and not self._alive(*session):
-                self._drop(session)
+        sessions = [s for s in (self._owners.get(owner, ()) if owner is not None else self._owner_of)
+                    if isinstance(s, tuple)]
+        alive = self._alive
+        ended = await self._pool.run(lambda: [s for s in sessions if not alive(*s)])
+        for session in ended:
+            self._drop(session)
 
     def _drop(self, session: Hashable) -> None:
         owner = self._owner_of.pop(session, None)
@@ -172,19 +181,26 @@ class SessionQuota:
             if not self._owners[owner]:
                 del self._owners[owner]
 
-    def claim(self, owner: str) -> object:
+    async def claim(self, owner: str) -> object:
         """A place for one more session of ``owner`` (429 if none); ``bind`` or ``drop`` it."""
-        if self._open(owner) >= self.per_owner_limit:
-            self._prune(owner)
-            if self._open(owner) >= self.per_owner_limit:
+        await self._judging.acquire()
+        try:
+            return await self._claim(owner)
+        finally:
+            self._judging.release()
+
+    async def _claim(self, owner: str) -> object:
+        if await self._open(owner) >= self.per_owner_limit:
+            await self._prune(owner)
+            if await self._open(owner) >= self.per_owner_limit:
                 self._warn.warn("max_sessions_per_client", "{owner} has {count} upload sessions open, the "
                                 "[uploads] max_sessions_per_client limit: refusing more", owner=owner,
                                 count=self.per_owner_limit)
                 raise too_many_sessions(f"too many upload sessions open ({self.per_owner_limit}): finish or "
                                         f"cancel some, or wait for them to expire")
-        if self._open(None) >= self.total_limit:
-            self._prune()
-            if self._open(None) >= self.total_limit:
+        if await self._open(None) >= self.total_limit:
+            await self._prune()
+            if await self._open(None) >= self.total_limit:
                 self._warn.warn("max_sessions", "{count} upload sessions open, the [uploads] max_sessions "
                                 "limit: refusing more", count=self.total_limit)
                 raise too_many_sessions("the registry has too many upload sessions open; retry later")
@@ -193,7 +209,8 @@ class SessionQuota:
         self._owners[owner].add(ticket)
         return ticket
 
-    def bind(self, ticket: object, repo: str, upload_id: str) -> None:
+    async def bind(self, ticket: object, repo: str, upload_id: str) -> None:
+        """The claim is now the store's session ``upload_id`` of ``repo``."""
         owner = self._owner_of.get(ticket)
         self._drop(ticket)
         if owner is not None:
@@ -204,8 +221,8 @@ class SessionQuota:
     def drop(self, ticket: object) -> None:
         self._drop(ticket)
 
-    def open_sessions(self) -> int:
-        return self._open(None)
+    async def open_sessions(self) -> int:
+        return await self._open(None)
 
 
 def store_full(free: int | None = None, needed: int | None = None) -> RegistryError:

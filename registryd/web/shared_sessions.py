@@ -16,6 +16,7 @@ import hashlib
 import os
 from typing import Callable
 
+from registryd.storage.driver import Pool
 from registryd.web.limits import RateLimitedLog, SessionQuota
 
 
@@ -24,11 +25,15 @@ def _owner_key(owner: str) -> str:
 
 
 class SharedSessionQuota(SessionQuota):
-    """A SessionQuota whose counts are the node's (the ledger folder is shared by its workers)."""
+    """A SessionQuota whose counts are the node's (the ledger folder is shared by its workers).
+
+    The ledger is listed, read and written in ``pool``, never on the reactor: a disk that
+    throttles writes must not stall every request of the worker.
+    """
 
     def __init__(self, directory: str, total: int, per_owner: int, alive: Callable[[str, str], bool],
-                 warn: RateLimitedLog) -> None:
-        super().__init__(total, per_owner, alive, warn)
+                 warn: RateLimitedLog, pool: Pool | None = None) -> None:
+        super().__init__(total, per_owner, alive, warn, pool)
         self.directory = directory
         os.makedirs(directory, exist_ok=True)
 
@@ -39,17 +44,19 @@ class SharedSessionQuota(SessionQuota):
             return []
 
     def _pending(self, owner: str | None = None) -> int:
-        """Claims of this process not bound to a session yet (their POST is creating it)."""
+        """Claims of this process not in the ledger yet (their POST is creating the session)."""
         return sum(1 for session, who in self._owner_of.items()
                    if not isinstance(session, tuple) and (owner is None or who == owner))
 
     def _count(self, owner_key: str | None) -> int:
+        """In the pool: the ledger's entries (of one owner)."""
         names = self._ledger()
         if owner_key is None:
             return len(names)
         return sum(1 for name in names if name.startswith(owner_key + "."))
 
     def _prune_ledger(self, owner_key: str | None) -> None:
+        """In the pool: remove the entries (of one owner) whose session the store no longer has."""
         for name in self._ledger():
             if owner_key is not None and not name.startswith(owner_key + "."):
                 continue
@@ -66,17 +73,23 @@ class SharedSessionQuota(SessionQuota):
                 except FileNotFoundError:
                     pass
 
-    def _open(self, owner: str | None) -> int:
-        return self._count(None if owner is None else _owner_key(owner)) + self._pending(owner)
+    def _enter(self, name: str, repo: str) -> None:
+        """In the pool: the ledger entry of a session that started."""
+        with open(os.path.join(self.directory, name), "w") as f:
+            f.write(repo)
 
-    def _prune(self, owner: str | None = None) -> None:
-        self._prune_ledger(None if owner is None else _owner_key(owner))
+    async def _open(self, owner: str | None) -> int:
+        key = None if owner is None else _owner_key(owner)
+        return await self._pool.run(self._count, key) + self._pending(owner)
 
-    def bind(self, ticket: object, repo: str, upload_id: str) -> None:
+    async def _prune(self, owner: str | None = None) -> None:
+        await self._pool.run(self._prune_ledger, None if owner is None else _owner_key(owner))
+
+    async def bind(self, ticket: object, repo: str, upload_id: str) -> None:
+        # The claim counts until its entry is in the ledger, and goes even if the write fails.
         owner = self._owner_of.get(ticket)
-        self._drop(ticket)
-        if owner is not None:
-            path = os.path.join(self.directory, f"{_owner_key(owner)}.{upload_id}")
-            with open(path, "w") as f:
-                f.write(repo)
-
+        try:
+            if owner is not None:
+                await self._pool.run(self._enter, f"{_owner_key(owner)}.{upload_id}", repo)
+        finally:
+            self._drop(ticket)
