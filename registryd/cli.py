@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import importlib
 import os
 import sys
 from typing import Any, Callable, Sequence
@@ -132,9 +133,12 @@ def run_htpasswd(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
-# --- registryd ls, registryd fsck (registryd.admin) -------------------------
+# --- registryd ls, registryd fsck, ... (registryd.admin) --------------------
 
-def _add_admin_command(commands: Any, name: str, help_line: str, module: Any) -> None:
+def add_admin_command(commands: Any, name: str, help_line: str) -> None:
+    """The parser of the admin command ``name``, from its module in registryd.admin (imported
+    now: only the command that runs needs it)."""
+    module = importlib.import_module(f"registryd.admin.{ADMIN_MODULES[name]}")
     command = commands.add_parser(name, help=help_line, description=module.DESCRIPTION,
                                   epilog=module.EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     module.add_arguments(command)
@@ -150,79 +154,29 @@ def _run_admin(module: Any, args: argparse.Namespace) -> int:
         raise CommandError(str(e), e.status) from None
 
 
-def add_ls_command(commands: Any, name: str, help_line: str) -> None:
-    from registryd.admin import inventory
-
-    _add_admin_command(commands, name, help_line, inventory)
-
-
-def add_fsck_command(commands: Any, name: str, help_line: str) -> None:
-    from registryd.admin import fsck
-
-    _add_admin_command(commands, name, help_line, fsck)
-
-
-def add_gc_command(commands: Any, name: str, help_line: str) -> None:
-    from registryd.admin import gc
-
-    _add_admin_command(commands, name, help_line, gc)
-
-
-def add_prune_command(commands: Any, name: str, help_line: str) -> None:
-    from registryd.admin import prune
-
-    _add_admin_command(commands, name, help_line, prune)
-
-
-def add_retention_command(commands: Any, name: str, help_line: str) -> None:
-    from registryd.admin import retention
-
-    _add_admin_command(commands, name, help_line, retention)
-
-
-def add_preload_command(commands: Any, name: str, help_line: str) -> None:
-    from registryd.admin import preload
-
-    _add_admin_command(commands, name, help_line, preload)
-
-
-def add_export_command(commands: Any, name: str, help_line: str) -> None:
-    from registryd.admin import export
-
-    _add_admin_command(commands, name, help_line, export)
-
-
-def add_import_command(commands: Any, name: str, help_line: str) -> None:
-    from registryd.admin import import_layout
-
-    _add_admin_command(commands, name, help_line, import_layout)
-
-
-def add_sync_command(commands: Any, name: str, help_line: str) -> None:
-    from registryd.admin import sync
-
-    _add_admin_command(commands, name, help_line, sync)
-
+#: The module in registryd.admin of each admin command.
+ADMIN_MODULES = {"ls": "inventory", "fsck": "fsck", "gc": "gc", "prune": "prune", "retention": "retention",
+                 "preload": "preload", "export": "export", "import": "import_layout", "sync": "sync"}
 
 #: Every command: the line ``registryd --help`` lists, and what adds its parser (importing its
 #: module, which only the command that runs needs).
 COMMANDS: dict[str, tuple[str, Callable[[Any, str, str], None]]] = {
     "htpasswd": ("add, update or delete a user in an htpasswd file (bcrypt)", add_htpasswd_command),
-    "ls": ("list repositories (local and mirrored), their tags, sizes and manifest counts", add_ls_command),
+    "ls": ("list repositories (local and mirrored), their tags, sizes and manifest counts", add_admin_command),
     "fsck": ("re-hash every blob and check every repository; --repair quarantines what is damaged",
-             add_fsck_command),
-    "gc": ("remove blobs no manifest references (mark and sweep); --dry-run only reports", add_gc_command),
+             add_admin_command),
+    "gc": ("remove blobs no manifest references (mark and sweep); --dry-run only reports", add_admin_command),
     "prune": ("remove cached tags and manifests of mirrored repositories (--older-than, --unused-for, --pattern)",
-              add_prune_command),
+              add_admin_command),
     "retention": ("apply the [[retention]] rules to local repositories now (--dry-run only reports)",
-                  add_retention_command),
+                  add_admin_command),
     "preload": ("pull images through the pull-through cache now, so they are on disk before anyone asks",
-                add_preload_command),
+                add_admin_command),
     "export": ("write images and all their content to an OCI image layout (a directory or a .tar)",
-               add_export_command),
+               add_admin_command),
     "import": ("import images from an OCI image layout (a directory or a tar file) into the store",
-               add_import_command),
-    "sync": ("run a [[sync]] job now (--now JOB), or show the jobs' last runs", add_sync_command),
+               add_admin_command),
+    "sync": ("run a [[sync]] job now (--now JOB), or show the jobs' last runs", add_admin_command),
 }
 
 
