@@ -34,26 +34,29 @@ def _config(tmp_path: Any, extra: str = "", workers: int = 2) -> str:
     return str(config)
 
 
+def _built(config: str, modules: tuple[str, ...]) -> tuple[str, list[str]]:
+    """The kind of service ``makeService`` builds from ``config``, and which of ``modules`` it loaded."""
+    result = subprocess.run([sys.executable, "-c", PROBE, config, *modules],
+                            capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    kind, loaded = json.loads(result.stdout.strip().splitlines()[-1])
+    return kind, loaded
+
+
 def _twistd(config: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([os.path.join(VENV_BIN, "twistd"), "-n", "--pidfile=", "registryd", "-c", config],
                           capture_output=True, text=True, timeout=60, cwd=ROOT)
 
 
 def test_the_supervisor_is_built_without_what_the_workers_serve_with(tmp_path: Any) -> None:
-    result = subprocess.run([sys.executable, "-c", PROBE, _config(tmp_path), *WORKERS_ONLY],
-                            capture_output=True, text=True, timeout=60, cwd=ROOT)
-    assert result.returncode == 0, result.stderr
-    kind, loaded = json.loads(result.stdout.strip().splitlines()[-1])
+    kind, loaded = _built(_config(tmp_path), WORKERS_ONLY)
     assert kind == "Supervisor"
     assert loaded == []
     assert (tmp_path / "data" / "tmp").is_dir(), "the store was not prepared"
 
 
 def test_one_process_still_builds_the_whole_service(tmp_path: Any) -> None:
-    result = subprocess.run([sys.executable, "-c", PROBE, _config(tmp_path, workers=1), *WORKERS_ONLY],
-                            capture_output=True, text=True, timeout=60, cwd=ROOT)
-    assert result.returncode == 0, result.stderr
-    kind, loaded = json.loads(result.stdout.strip().splitlines()[-1])
+    kind, loaded = _built(_config(tmp_path, workers=1), WORKERS_ONLY)
     assert kind == "TwistdRegistryService"
     assert "registryd.web.app" in loaded
 
@@ -64,10 +67,7 @@ ON_DEMAND = ("jinja2", "registryd.sync.scheduler", "registryd.sync.job")
 
 
 def test_a_worker_is_built_without_jinja2_or_the_sync_jobs_code(tmp_path: Any) -> None:
-    result = subprocess.run([sys.executable, "-c", PROBE, _config(tmp_path, workers=1), *ON_DEMAND],
-                            capture_output=True, text=True, timeout=60, cwd=ROOT)
-    assert result.returncode == 0, result.stderr
-    kind, loaded = json.loads(result.stdout.strip().splitlines()[-1])
+    kind, loaded = _built(_config(tmp_path, workers=1), ON_DEMAND)
     assert kind == "TwistdRegistryService"
     assert loaded == []
 
@@ -75,10 +75,7 @@ def test_a_worker_is_built_without_jinja2_or_the_sync_jobs_code(tmp_path: Any) -
 def test_a_worker_with_sync_jobs_builds_their_scheduler(tmp_path: Any) -> None:
     extra = ('[[upstream]]\nnamespace = "up.test"\nurl = "http://127.0.0.1:1"\n'
              '[[sync]]\nname = "base"\nupstream = "up.test"\nrepositories = ["library/alpine"]\n')
-    result = subprocess.run([sys.executable, "-c", PROBE, _config(tmp_path, extra, workers=1), *ON_DEMAND],
-                            capture_output=True, text=True, timeout=60, cwd=ROOT)
-    assert result.returncode == 0, result.stderr
-    kind, loaded = json.loads(result.stdout.strip().splitlines()[-1])
+    kind, loaded = _built(_config(tmp_path, extra, workers=1), ON_DEMAND)
     assert "registryd.sync.scheduler" in loaded and "jinja2" not in loaded
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
@@ -47,22 +48,11 @@ def test_the_second_worker_serves_what_the_first_fetched(tmp_path: Any) -> None:
     assert second.fetches == []
 
 
-def test_after_a_failed_fetch_the_waiting_worker_asks_itself(tmp_path: Any) -> None:
-    clock, store = Clock(), {}
-    prefix = fetch_prefix(str(tmp_path), ("upstream.test", "lib/app", "v1", ""))
-    first, second = Worker(store, "0"), Worker(store, "1")
-    a, b = _run(prefix, clock, first), _run(prefix, clock, second)
-    clock.advance(POLL)
-    first.fetches[0].errback(RuntimeError("upstream away"))
-    a.addErrback(lambda f: f.trap(RuntimeError))
-    clock.advance(POLL)
-    assert len(second.fetches) == 1
-    second.fetches[0].callback("fetched")
-    assert b.result == "fetched"
-
-
-def test_an_old_copy_in_the_store_is_not_taken_for_the_other_workers_fetch(tmp_path: Any) -> None:
-    clock, store = Clock(), {"when": 0.0}
+@pytest.mark.parametrize("store", [{}, {"when": 0.0}], ids=["nothing in the store", "an old copy in the store"])
+def test_after_a_failed_fetch_the_waiting_worker_asks_itself(tmp_path: Any, store: dict[str, Any]) -> None:
+    """An old copy (confirmed at 0, before the waiter asked at 100) is not taken for the other
+    worker's fetch either."""
+    clock = Clock()
     clock.advance(100)
     prefix = fetch_prefix(str(tmp_path), ("upstream.test", "lib/app", "v1", ""))
     first, second = Worker(store, "0"), Worker(store, "1")
@@ -71,7 +61,7 @@ def test_an_old_copy_in_the_store_is_not_taken_for_the_other_workers_fetch(tmp_p
     first.fetches[0].errback(RuntimeError("upstream away"))
     a.addErrback(lambda f: f.trap(RuntimeError))
     clock.advance(POLL)
-    assert len(second.fetches) == 1     # confirmed at 0, before it asked at 100: not fresh
+    assert len(second.fetches) == 1
     second.fetches[0].callback("fetched")
     assert b.result == "fetched"
 

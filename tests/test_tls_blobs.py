@@ -160,6 +160,12 @@ class Client:
             return status, response_headers, None
         return status, response_headers, self.body(int(response_headers["content-length"]))
 
+    def start_blob(self, digest: str, first: int, hasher: Any = None) -> None:
+        """GET the blob of the test repository and read its first ``first`` bytes (into ``hasher``)."""
+        self.send(("GET", f"/v2/tls/blob/blobs/{digest}", {}))
+        assert self.head()[0] == 200
+        self.body(first, hasher)
+
     def abort(self) -> None:
         """Reset the connection (RST), as a killed client does."""
         self.file.close()
@@ -284,13 +290,7 @@ async def test_a_slow_reader_holds_the_server_back_and_gets_every_byte(
     client = await deferToThread(Client, tls_registry.tls_port, tls_registry.ca, 64 * 1024)
     hasher = hashlib.sha256()
 
-    def start() -> None:
-        client.send(("GET", f"/v2/tls/blob/blobs/{digest}", {}))
-        status, _ = client.head()
-        assert status == 200
-        client.body(MiB, hasher)
-
-    await deferToThread(start)
+    await deferToThread(client.start_blob, digest, MiB, hasher)
     await wait_until(lambda: bool(lean.transports), 5, "the body started")
     [transport] = lean.transports
     before = -1
@@ -317,9 +317,7 @@ async def test_a_client_abort_mid_body_closes_the_file_and_logs_nothing(
     client = await deferToThread(Client, tls_registry.tls_port, tls_registry.ca)
 
     def start_then_reset() -> None:
-        client.send(("GET", f"/v2/tls/blob/blobs/{digest}", {}))
-        assert client.head()[0] == 200
-        client.body(2 * MiB)
+        client.start_blob(digest, 2 * MiB)
         client.abort()
 
     await deferToThread(start_then_reset)
@@ -344,9 +342,7 @@ async def test_a_broken_record_from_the_client_mid_body_ends_the_connection(
     client = await deferToThread(Client, tls_registry.tls_port, tls_registry.ca, 64 * 1024)
 
     def corrupt_then_read_on() -> int:
-        client.send(("GET", f"/v2/tls/blob/blobs/{digest}", {}))
-        assert client.head()[0] == 200
-        client.body(MiB)
+        client.start_blob(digest, MiB)
         # An application-data record (TLS 1.2/1.3 framing) whose tag cannot verify.
         os.write(client.sock.fileno(), b"\x17\x03\x03\x00\x20" + os.urandom(32))
         received = MiB
@@ -382,12 +378,7 @@ async def test_reload_mid_download_new_certificate_for_new_connections_only(
     client = await deferToThread(Client, tls_registry.tls_port, tls_registry.ca)
     hasher = hashlib.sha256()
 
-    def start() -> None:
-        client.send(("GET", f"/v2/tls/blob/blobs/{digest}", {}))
-        assert client.head()[0] == 200
-        client.body(3 * MiB, hasher)
-
-    await deferToThread(start)
+    await deferToThread(client.start_blob, digest, 3 * MiB, hasher)
     issue(tls_registry.issuer, "second", hosts=["localhost"]).write(os.path.dirname(tls_registry.cert), "server")
     tls_registry.service.reload()      # what SIGHUP does
     assert await deferToThread(server_cn, tls_registry.tls_port, tls_registry.ca) == "second"
@@ -404,12 +395,7 @@ async def test_stopping_lets_a_tls_download_finish(tls_registry: TLSRegistry, bl
     client = await deferToThread(Client, tls_registry.tls_port, tls_registry.ca, 64 * 1024)
     hasher = hashlib.sha256()
 
-    def start() -> None:
-        client.send(("GET", f"/v2/tls/blob/blobs/{digest}", {}))
-        assert client.head()[0] == 200
-        client.body(MiB, hasher)
-
-    await deferToThread(start)
+    await deferToThread(client.start_blob, digest, MiB, hasher)
     stopped: list[bool] = []
     stopping = tls_registry.service.stopService().addBoth(lambda _: stopped.append(True))
     await sleep(0.2)
