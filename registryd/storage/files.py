@@ -23,19 +23,19 @@ def fsync_dir(path: str) -> None:
 PLACE_ATTEMPTS = 5
 
 
-def make_dirs(path: str) -> None:
-    """Create ``path`` and parents, fsyncing each new entry's parent; again from the top when
-    a concurrent delete or collection prunes a parent (it had emptied it) between two steps."""
+def make_dirs(path: str, durable: bool = True) -> None:
+    """Create ``path`` and parents (``durable``: fsyncing each new entry's parent); again from the
+    top when a concurrent delete or collection prunes a parent (it had emptied it) between two steps."""
     for attempt in range(PLACE_ATTEMPTS):
         try:
-            _make_missing_dirs(path)
+            _make_missing_dirs(path, durable)
             return
         except FileNotFoundError:
             if attempt == PLACE_ATTEMPTS - 1:
                 raise
 
 
-def _make_missing_dirs(path: str) -> None:
+def _make_missing_dirs(path: str, durable: bool) -> None:
     missing = []
     while not os.path.isdir(path):
         missing.append(path)
@@ -45,7 +45,8 @@ def _make_missing_dirs(path: str) -> None:
             os.mkdir(directory)
         except FileExistsError:
             continue
-        fsync_dir(os.path.dirname(directory))
+        if durable:
+            fsync_dir(os.path.dirname(directory))
 
 
 def fsync_dir_if_there(path: str) -> None:
@@ -89,15 +90,7 @@ def rename_into(source: str, target: str, durable: bool = True, exclusive: bool 
     """
     parent = os.path.dirname(target)
     for attempt in range(PLACE_ATTEMPTS):
-        if durable:
-            make_dirs(parent)
-        else:
-            try:
-                os.makedirs(parent, exist_ok=True)
-            except FileNotFoundError:   # a parent pruned between two of its mkdirs
-                if attempt == PLACE_ATTEMPTS - 1:
-                    raise
-                continue
+        make_dirs(parent, durable)
         try:
             if exclusive:
                 os.link(source, target)
