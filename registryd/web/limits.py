@@ -161,9 +161,9 @@ class SessionQuota:
         self._owners: dict[str, set[Hashable]] = defaultdict(set)
         self._owner_of: dict[Hashable, str] = {}
 
-    async def _open(self, owner: str | None) -> int:
-        """Sessions counted against ``owner``'s limit (None: against the total), claims included."""
-        return len(self._owners.get(owner, ())) if owner is not None else len(self._owner_of)
+    async def _open(self, owner: str) -> tuple[int, int]:
+        """Sessions counted against ``owner``'s limit and against the total, claims included."""
+        return len(self._owners.get(owner, ())), len(self._owner_of)
 
     async def _prune(self, owner: str | None = None) -> None:
         """Forget the counted sessions (of ``owner``) the store no longer knows."""
@@ -190,17 +190,19 @@ class SessionQuota:
             self._judging.release()
 
     async def _claim(self, owner: str) -> object:
-        if await self._open(owner) >= self.per_owner_limit:
+        owned, total = await self._open(owner)
+        if owned >= self.per_owner_limit:
             await self._prune(owner)
-            if await self._open(owner) >= self.per_owner_limit:
+            owned, total = await self._open(owner)
+            if owned >= self.per_owner_limit:
                 self._warn.warn("max_sessions_per_client", "{owner} has {count} upload sessions open, the "
                                 "[uploads] max_sessions_per_client limit: refusing more", owner=owner,
                                 count=self.per_owner_limit)
                 raise too_many_sessions(f"too many upload sessions open ({self.per_owner_limit}): finish or "
                                         f"cancel some, or wait for them to expire")
-        if await self._open(None) >= self.total_limit:
+        if total >= self.total_limit:
             await self._prune()
-            if await self._open(None) >= self.total_limit:
+            if (await self._open(owner))[1] >= self.total_limit:
                 self._warn.warn("max_sessions", "{count} upload sessions open, the [uploads] max_sessions "
                                 "limit: refusing more", count=self.total_limit)
                 raise too_many_sessions("the registry has too many upload sessions open; retry later")
@@ -222,7 +224,7 @@ class SessionQuota:
         self._drop(ticket)
 
     async def open_sessions(self) -> int:
-        return await self._open(None)
+        return (await self._open(""))[1]   # the total (no owner is named "")
 
 
 def store_full(free: int | None = None, needed: int | None = None) -> RegistryError:

@@ -48,12 +48,10 @@ class SharedSessionQuota(SessionQuota):
         return sum(1 for session, who in self._owner_of.items()
                    if not isinstance(session, tuple) and (owner is None or who == owner))
 
-    def _count(self, owner_key: str | None) -> int:
-        """In the pool: the ledger's entries (of one owner)."""
+    def _count(self, owner_key: str) -> tuple[int, int]:
+        """In the pool: the ledger's entries of one owner, and all of them (one listing)."""
         names = self._ledger()
-        if owner_key is None:
-            return len(names)
-        return sum(1 for name in names if name.startswith(owner_key + "."))
+        return sum(1 for name in names if name.startswith(owner_key + ".")), len(names)
 
     def _prune_ledger(self, owner_key: str | None) -> None:
         """In the pool: remove the entries (of one owner) whose session the store no longer has."""
@@ -78,9 +76,9 @@ class SharedSessionQuota(SessionQuota):
         with open(os.path.join(self.directory, name), "w") as f:
             f.write(repo)
 
-    async def _open(self, owner: str | None) -> int:
-        key = None if owner is None else _owner_key(owner)
-        return await self._pool.run(self._count, key) + self._pending(owner)
+    async def _open(self, owner: str) -> tuple[int, int]:
+        owned, total = await self._pool.run(self._count, _owner_key(owner))
+        return owned + self._pending(owner), total + self._pending()
 
     async def _prune(self, owner: str | None = None) -> None:
         await self._pool.run(self._prune_ledger, None if owner is None else _owner_key(owner))
