@@ -407,8 +407,8 @@ def test_the_filesystem_driver_writes_beside_a_concurrent_prune(tmp_path: Any, m
     real = files.make_dirs
     pruned: list[str] = []
 
-    def made_then_pruned(path: str) -> None:
-        real(path)
+    def made_then_pruned(path: str, durable: bool = True) -> None:
+        real(path, durable)
         if path.endswith(os.path.join("_manifests", "tags")) and not pruned:
             os.rmdir(path)
             pruned.append(path)
