@@ -819,3 +819,18 @@ async def test_a_docker_push_is_an_image_containerd_holds(
     assert names.get(f"{HOSTNAME}/team/dpush:1") == found[1], names
     wanted = {found[1], image["config"]["digest"], image["layers"][0]["digest"]}
     assert wanted <= await content_digests(daemon)
+
+    # Runnable on the node without a pull: containerd creates a container of it, unpacking the
+    # pushed layer from its own content (this daemon has no registry to fetch from).
+    await assert_a_container_is_created_from_the_store(daemon, f"{HOSTNAME}/team/dpush:1", image["marker"])
+
+
+async def assert_a_container_is_created_from_the_store(daemon: ContainerdDaemon, name: str, marker: str) -> None:
+    """``ctr containers create`` of ``name`` (as the kubelet's CRI does before it starts a pod's
+    container) unpacks it into the native snapshotter: its ``etc/registryd-e2e`` holds ``marker``.
+    (``ctr images mount`` of containerd 1.6 ignores ``--snapshotter``, so it cannot be used here.)"""
+    await daemon.ctr("containers", "create", "--snapshotter", "native", name, "registryd-e2e", namespace=NAMESPACE)
+    try:
+        assert marker in daemon.native_snapshot_file("etc/registryd-e2e")
+    finally:
+        await daemon.ctr("containers", "rm", "registryd-e2e", namespace=NAMESPACE)
