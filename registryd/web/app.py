@@ -75,6 +75,7 @@ from registryd.web.replies import (
 )
 from registryd.web.request import CappedBody, PendingBody, RefusedBody, RegistryRequest, UploadBody
 from registryd.web.follow import FillCommitted, stream_fill
+from registryd.web.hot_path import HotPath
 from registryd.web.limits import BodyBudget, RateLimitedLog, SessionQuota, store_full
 from registryd.web.status import CONTENT_TYPE as STATUS_CONTENT_TYPE
 from registryd.web.status import StatusBoard
@@ -160,7 +161,8 @@ class RegistryAPI:
                                          store.uploads.open_here, self.warnings, store.pool)
 
     def resource(self) -> Any:
-        return Utf8Paths(self.app.resource(), self._registry_error)
+        return HotPath(Utf8Paths(self.app.resource(), self._registry_error), self.get_manifest,
+                       self._registry_error, self._internal_error)
 
     # --- errors ---------------------------------------------------------
 
