@@ -105,6 +105,11 @@ def _positive_size(key: str, value: Any) -> int:
     return positive(key, parse_size(key, value))
 
 
+def _rate_or_auto(key: str, value: Any) -> int | None:
+    """Bytes per second (a size, per second), or "auto" (None: the code's default)."""
+    return None if value == "auto" else parse_size(key, value)
+
+
 def _directory(key: str, value: str) -> str:
     return os.path.abspath(os.path.expanduser(not_empty(key, value)))
 
@@ -400,6 +405,9 @@ class Config:
     shutdown_timeout: int = _server(30, int, positive, "seconds open requests get on stop")
     header_timeout: int = _server(60, int, positive, "seconds for a request's head to arrive")
     min_body_rate: int = _server(1024, int, not_negative, "bytes/s a request body must keep up (0: no floor)")
+    upload_rate_while_pulling: int | None = _server(
+        None, object, _rate_or_auto,
+        "bytes/s of upload bodies, for the node, while it sends blob bodies; \"auto\": 50MiB per CPU; 0: no cap")
     max_connections: int = _server(1024, int, positive, "client connections at once")
     max_connections_per_client: int = _server(128, int, positive, "from one address")
     max_pending_body_bytes: int = _server(64 * 1024 * 1024, int, positive,

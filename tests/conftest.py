@@ -44,7 +44,7 @@ TIERS: dict[str, frozenset[str]] = {
         "test_sync_units", "test_uploads", "test_pools", "test_logs", "test_manifest_cache", "test_containerd_units",
         "test_body_writer", "test_upload_writer", "test_fill_writer", "test_node_view", "test_upstream_body",
         "test_memory_release", "test_node_limits", "test_shared_manifest", "test_page_templates", "test_tls_blobs",
-        "test_store_contract", "test_hot_path",
+        "test_store_contract", "test_hot_path", "test_upload_pace",
     }),
     "integration": frozenset({
         "test_auth_flood", "test_auth_tls", "test_cache_stale", "test_cli_export_import", "test_cli_fsck",

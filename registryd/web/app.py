@@ -76,6 +76,7 @@ from registryd.web.replies import (
 from registryd.web.request import CappedBody, PendingBody, RefusedBody, RegistryRequest, UploadBody
 from registryd.web.follow import FillCommitted, stream_fill
 from registryd.web.hot_path import HotPath
+from registryd.web.upload_pace import NodeTraffic, node_rate
 from registryd.web.limits import BodyBudget, RateLimitedLog, SessionQuota, store_full
 from registryd.web.status import CONTENT_TYPE as STATUS_CONTENT_TYPE
 from registryd.web.status import StatusBoard
@@ -156,6 +157,9 @@ class RegistryAPI:
         self.sync: SyncScheduler | None = None   # set by RegistryService: the [[sync]] jobs
         self._readiness_logged: str | None = None   # the last /readyz problem written to the log
         self.warnings = RateLimitedLog(reactor.seconds)
+        # Blob bodies being sent and upload bodies received (the node's, in a worker): pulls go first.
+        self.traffic = NodeTraffic()
+        self.upload_rate = node_rate(config.upload_rate_while_pulling)
         self.body_budget = BodyBudget(config.max_pending_body_bytes, self.warnings)
         self.upload_quota = SessionQuota(config.max_upload_sessions, config.max_upload_sessions_per_client,
                                          store.uploads.open_here, self.warnings, store.pool)
@@ -574,14 +578,18 @@ class RegistryAPI:
         name, route = await self._target(request, name)
         await self._allow(request, _policy_name(name, route), PULL)
         parsed = parse_digest(digest)
-        if route is not None:
-            return await self._mirror_blob(request, route, parsed)
-        if not await self.store.repositories.has_blob(name, parsed):
-            raise blob_unknown(digest)
-        # A client that finds the blob here will name it in a manifest next:
-        # an in-server gc must not take it meanwhile.
-        self.store.guard.claim([parsed])
-        return await self._send_blob(request, parsed)
+        self.traffic.sending(1)   # while it runs, upload bodies on the node yield to it (upload_pace)
+        try:
+            if route is not None:
+                return await self._mirror_blob(request, route, parsed)
+            if not await self.store.repositories.has_blob(name, parsed):
+                raise blob_unknown(digest)
+            # A client that finds the blob here will name it in a manifest next:
+            # an in-server gc must not take it meanwhile.
+            self.store.guard.claim([parsed])
+            return await self._send_blob(request, parsed)
+        finally:
+            self.traffic.sending(-1)
 
     async def _send_blob(self, request: RegistryRequest, digest: Digest) -> bytes | None:
         """Serve a stored blob, honouring a single Range."""
@@ -727,7 +735,9 @@ class RegistryAPI:
 
         # Chunks are written and hashed in the pool, the connection paused while too many wait.
         off_reactor: dict[str, Any] = {"pool": self.body_pool, "on_error": request.body_failed,
-                                       "producer": getattr(request.channel, "transport", None)}
+                                       "producer": getattr(request.channel, "transport", None),
+                                       "rate_while_pulling": self.upload_rate, "clock": self._reactor,
+                                       "traffic": self.traffic}
 
         async def open_body() -> UploadBody:
             if method == "POST":

@@ -5,8 +5,9 @@ one process holds. The workers of a node share one file of counters instead,
 ``<data_dir>/run/limits``, mapped into every worker: a row per worker, which
 only that worker writes (so no lock: each count has one writer), and which
 every worker sums to judge a limit. A row holds the worker's open
-connections, the bytes of request bodies it holds in memory, and its open
-connections per client, in buckets by a hash of the client's address (two
+connections, the bytes of request bodies it holds in memory, the blob
+bodies it sends and upload bodies it receives (registryd.web.upload_pace),
+and its open connections per client, in buckets by a hash of the client's address (two
 clients whose addresses land in one bucket, 1 in 65,536, share a count).
 
 A worker zeroes its row when it starts: a worker that died took its
@@ -25,7 +26,9 @@ from registryd.web.limits import BodyBudget, ConnectionLimits, RateLimitedLog, u
 CLIENT_BUCKETS = 65536
 _CONNECTIONS = 0
 _BODY_BYTES = 1
-_FIRST_BUCKET = 2
+#: Two slots for registryd.web.upload_pace.NodeTraffic: blob bodies being sent, upload bodies received.
+TRAFFIC_SLOTS = 2
+_FIRST_BUCKET = 4
 #: A row is whole pages, so a starting worker zeroes its row without bringing it into memory.
 _ROW = -(-(_FIRST_BUCKET + CLIENT_BUCKETS) // PAGE_CELLS) * PAGE_CELLS
 

@@ -33,6 +33,7 @@ from registryd.storage.driver import Pool
 from registryd.storage.interface import UploadWriter
 from registryd.serial_writer import SerialWriter
 from registryd.web.limits import BodyBudget, store_full
+from registryd.web.upload_pace import NodeTraffic, UploadPace
 
 log = Logger()
 
@@ -146,26 +147,35 @@ class UploadBody:
 
     def __init__(self, writer: UploadWriter, on_abandon: Callable[[], None] | None = None,
                  pool: Pool | None = None, producer: Any = None,
-                 on_error: Callable[[Exception], bool] | None = None) -> None:
+                 on_error: Callable[[Exception], bool] | None = None,
+                 rate_while_pulling: int = 0, clock: Any = None, traffic: NodeTraffic | None = None) -> None:
         self._writer = writer
         self._claimed = False
         self._on_abandon = on_abandon
         self._serial = None if pool is None else SerialWriter(writer.write, pool, producer, on_error=on_error)
         if producer is not None and getattr(producer, "bufferSize", READ_SIZE) < READ_SIZE:
             producer.bufferSize = READ_SIZE
+        # While the node sends blob bodies, this one is read at its share of the node's rate.
+        self._pace = (UploadPace(producer, rate_while_pulling, clock, traffic)
+                      if producer is not None and rate_while_pulling > 0 and clock is not None
+                      and traffic is not None else None)
 
     @property
     def paused(self) -> bool:
-        """The connection waits on the disk, not on its client."""
-        return self._serial is not None and self._serial.paused
+        """The connection waits on us (the disk, or pulls going first), not on its client."""
+        return (self._serial is not None and self._serial.paused) or (self._pace is not None and self._pace.holding)
 
     def write(self, data: bytes) -> None:
         if self._serial is not None:
             self._serial.write(data)
         else:
             self._writer.write(data)
+        if self._pace is not None:
+            self._pace.received(len(data))
 
     def abandon(self) -> None:
+        if self._pace is not None:
+            self._pace.stop()
         # After the claim the handler owns the writer (it may be fsyncing it).
         if not self._claimed:
             self._claimed = True
@@ -185,6 +195,8 @@ class UploadBody:
         A request that goes away meanwhile (its connection lost, its handler
         cancelled) abandons the body, dropped once no thread writes into it.
         """
+        if self._pace is not None:
+            self._pace.stop()
         if self._serial is not None and not self._claimed:
             try:
                 await self._serial.drain()
