@@ -108,6 +108,11 @@ def default_workers(environ: dict[str, str] | None = None) -> int:
     value = environ.get(DEFAULT_ENV, "")
     if value.isdigit() and int(value) > 0:
         return int(value)
+    return usable_cpus()
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity: a container's share), at least 1."""
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):

@@ -137,7 +137,7 @@ def test_the_setting(tmp_path: Any, value: Any, expected: int | None) -> None:
     config_file.write_text(f"[server]\nupload_rate_while_pulling = {value!r}\n".replace("'", '"'))
     config = load_config(str(config_file), {"data_dir": str(tmp_path / "data")})
     assert config.upload_rate_while_pulling == expected
-    assert node_rate(expected) == (AUTO_RATE_PER_CPU * (os.cpu_count() or 1) if expected is None else expected)
+    assert node_rate(expected) == (AUTO_RATE_PER_CPU * len(os.sched_getaffinity(0)) if expected is None else expected)
 
 
 @pytest.mark.parametrize("value", ["fast", -1, "12 parsecs", True])

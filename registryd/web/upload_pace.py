@@ -12,14 +12,15 @@ So while any worker of the node is sending a blob body (``NodeTraffic``
 counts them, and the upload bodies, on the node's shared counters), each
 upload body is read at ``[server] upload_rate_while_pulling`` divided
 among the upload bodies the node is receiving (by default 50 MiB/s per CPU
-for the node). Reading pauses the upload's connection (TCP then slows the
+the node may use). Reading pauses the upload's connection (TCP then slows the
 pusher down), as the upload writer does when the disk is behind; with no
 pull under way, uploads run at full speed.
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Protocol
+
+from registryd.listeners import usable_cpus
 
 #: The node's cap on upload bodies while pulls run, per CPU, when the config says "auto".
 AUTO_RATE_PER_CPU = 50 * 1024 * 1024
@@ -72,7 +73,7 @@ class NodeTraffic:
 
 def node_rate(configured: int | None) -> int:
     """Bytes/s for all the node's upload bodies while pulls run; 0: no cap."""
-    return AUTO_RATE_PER_CPU * (os.cpu_count() or 1) if configured is None else configured
+    return AUTO_RATE_PER_CPU * usable_cpus() if configured is None else configured
 
 
 class UploadPace:
