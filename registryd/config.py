@@ -107,7 +107,16 @@ def _positive_size(key: str, value: Any) -> int:
 
 def _rate_or_auto(key: str, value: Any) -> int | None:
     """Bytes per second (a size, per second), or "auto" (None: the code's default)."""
-    return None if value == "auto" else parse_size(key, value)
+    if value == "auto":
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or (isinstance(value, int) and value < 0):
+        raise SettingError(f"'{key}' must be \"auto\", 0, or bytes per second (a number or a string like "
+                           f"\"100MiB\"), not {value!r}")
+    try:
+        return parse_size(key, value)
+    except SettingError:
+        raise SettingError(f"'{key}' must be \"auto\", 0, or bytes per second (a number or a string like "
+                           f"\"100MiB\"), not {value!r}") from None
 
 
 def _directory(key: str, value: str) -> str:

@@ -147,7 +147,8 @@ def test_a_bad_setting_is_one_line(tmp_path: Any, value: Any) -> None:
     config_file.write_text("[server]\n" + text.replace("'", '"') + "\n")
     with pytest.raises(ConfigError) as error:
         load_config(str(config_file), {"data_dir": str(tmp_path / "data")})
-    assert "server.upload_rate_while_pulling" in str(error.value) and "\n" not in str(error.value)
+    message = str(error.value)
+    assert "server.upload_rate_while_pulling" in message and '"auto"' in message and "\n" not in message
 
 
 class Holds:
