@@ -109,9 +109,6 @@ def _rate_or_auto(key: str, value: Any) -> int | None:
     """Bytes per second (a size, per second), or "auto" (None: the code's default)."""
     if value == "auto":
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, str)) or (isinstance(value, int) and value < 0):
-        raise SettingError(f"'{key}' must be \"auto\", 0, or bytes per second (a number or a string like "
-                           f"\"100MiB\"), not {value!r}")
     try:
         return parse_size(key, value)
     except SettingError:

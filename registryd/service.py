@@ -32,7 +32,7 @@ from registryd.threads import BODY_NICE, MAINTENANCE_THREADS, BlockingPool, Boun
 from registryd.upkeep.scheduler import Upkeep
 from registryd.web.app import RegistryAPI
 from registryd.web.probes import ProbesOnly, split_probes
-from registryd.web.node_limits import TRAFFIC_SLOTS, NodeBodyBudget, NodeConnectionLimits, NodeCounters
+from registryd.web.node_limits import TRAFFIC_SLOT, NodeBodyBudget, NodeConnectionLimits, NodeCounters
 from registryd.web.upload_pace import NodeTraffic
 from registryd.web.shared_sessions import SharedSessionQuota
 from registryd.web.site import RegistrySite
@@ -107,7 +107,7 @@ class RegistryService(MultiService):
                                                     config.max_connections_per_client, self.api.warnings)
             self.api.body_budget = NodeBodyBudget(counters, config.max_pending_body_bytes, self.api.warnings)
             # Uploads yield to the blob bodies any worker sends.
-            self.api.traffic = NodeTraffic(counters, TRAFFIC_SLOTS)
+            self.api.traffic = NodeTraffic(counters, TRAFFIC_SLOT)
         self.probe_site: RegistrySite | None = None
         self.upkeep = self.api.upkeep = Upkeep(self.store, config, self.api.metrics, reactor)
         # The [[sync]] jobs; without any, none of registryd.sync is even imported (a worker's RSS).

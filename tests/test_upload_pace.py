@@ -24,7 +24,7 @@ from twisted.internet.task import Clock
 from oci_client import Client
 from raw_http import RawGet
 from registryd.config import ConfigError, load_config
-from registryd.web.node_limits import TRAFFIC_SLOTS, NodeCounters
+from registryd.web.node_limits import TRAFFIC_SLOT, NodeCounters
 from registryd.web.upload_pace import AUTO_RATE_PER_CPU, SLACK, NodeTraffic, UploadPace, node_rate
 from support.wait import sleep
 
@@ -116,8 +116,8 @@ def test_a_rate_of_zero_holds_nothing() -> None:
 
 def test_the_node_counts_over_the_workers_shared_counters(tmp_path: Any) -> None:
     path = str(tmp_path / "limits")
-    one = NodeTraffic(NodeCounters(path, 0, 2), TRAFFIC_SLOTS)
-    two = NodeTraffic(NodeCounters(path, 1, 2), TRAFFIC_SLOTS)
+    one = NodeTraffic(NodeCounters(path, 0, 2), TRAFFIC_SLOT)
+    two = NodeTraffic(NodeCounters(path, 1, 2), TRAFFIC_SLOT)
     one.sending(1)
     two.receiving(1)
     two.receiving(1)
@@ -125,7 +125,7 @@ def test_the_node_counts_over_the_workers_shared_counters(tmp_path: Any) -> None
     one.sending(-1)
     assert two.pulls == 0
     # A worker that starts again zeroes its row: what a dead one counted is gone.
-    again = NodeTraffic(NodeCounters(path, 1, 2), TRAFFIC_SLOTS)
+    again = NodeTraffic(NodeCounters(path, 1, 2), TRAFFIC_SLOT)
     assert again.uploads == 0
 
 

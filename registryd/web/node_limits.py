@@ -26,9 +26,10 @@ from registryd.web.limits import BodyBudget, ConnectionLimits, RateLimitedLog, u
 CLIENT_BUCKETS = 65536
 _CONNECTIONS = 0
 _BODY_BYTES = 1
-#: Two slots for registryd.web.upload_pace.NodeTraffic: blob bodies being sent, upload bodies received.
-TRAFFIC_SLOTS = 2
-_FIRST_BUCKET = 4
+#: The first of the two slots of registryd.web.upload_pace.NodeTraffic (blob bodies being sent,
+#: upload bodies being received).
+TRAFFIC_SLOT = 2
+_FIRST_BUCKET = TRAFFIC_SLOT + 2
 #: A row is whole pages, so a starting worker zeroes its row without bringing it into memory.
 _ROW = -(-(_FIRST_BUCKET + CLIENT_BUCKETS) // PAGE_CELLS) * PAGE_CELLS
 
