@@ -102,7 +102,9 @@ def worker_command(argv: list[str]) -> list[str]:
         if flags == "n":
             continue
         args.extend([arg, *value])
-    return [sys.executable, "-c", "from registryd.worker_main import run; run()", "-n", "--pidfile=", *args]
+    # -P: not the working directory first on sys.path, as -c would put it: a worker imports the
+    # registryd the supervisor imported (the installed one), never a source tree it was started in.
+    return [sys.executable, "-P", "-c", "from registryd.worker_main import run; run()", "-n", "--pidfile=", *args]
 
 
 class _Worker(ProcessProtocol):

@@ -56,7 +56,7 @@ class Node:
             return []
 
 
-def start_node(tmp_path: Any, extra: str = "", workers: int = 2, tls: Any = None) -> Node:
+def start_node(tmp_path: Any, extra: str = "", workers: int = 2, tls: Any = None, cwd: str = ROOT) -> Node:
     port = free_port()
     data_dir = str(tmp_path / "data")
     listen = [f'"tcp:{port}:interface=127.0.0.1"']
@@ -70,7 +70,7 @@ def start_node(tmp_path: Any, extra: str = "", workers: int = 2, tls: Any = None
     log = open(tmp_path / f"twistd-{port}.log", "ab")
     env = {**os.environ, "REGISTRYD_WORKER_HEADER": "1"}
     process = subprocess.Popen([os.path.join(VENV_BIN, "twistd"), "-n", "--pidfile=", "registryd", "-c", str(config)],
-                               stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+                               stdout=log, stderr=subprocess.STDOUT, cwd=cwd, env=env)
     wait_for_port("127.0.0.1", port, process)
     node = Node(process, f"127.0.0.1:{port}", data_dir, tls_port)
     seen_workers(node, workers)
@@ -612,9 +612,22 @@ def test_a_worker_runs_twistd_with_the_same_options_in_the_foreground_without_th
 
     command = worker_command(["twistd", "--prefix", "registryd", "--pidfile", "/run/registryd.pid", "-l", "registryd",
                               "--logger=registryd.logs.json_lines", "registryd", "-c", "/etc/registryd.toml"])
-    assert command[3:] == ["-n", "--pidfile=", "--prefix", "registryd", "-l", "registryd",
+    assert command[4:] == ["-n", "--pidfile=", "--prefix", "registryd", "-l", "registryd",
                            "--logger=registryd.logs.json_lines", "registryd", "-c", "/etc/registryd.toml"]
-    assert worker_command(["twistd", "-n", "--pidfile=/run/x.pid", "registryd"])[3:] == ["-n", "--pidfile=", "registryd"]
+    assert worker_command(["twistd", "-n", "--pidfile=/run/x.pid", "registryd"])[4:] == ["-n", "--pidfile=", "registryd"]
+
+
+def test_workers_import_the_installed_registryd_not_one_in_the_working_directory(tmp_path: Any) -> None:
+    """Started where a registryd source tree is (a clone after ``pip install .``, whose build-time
+    modules only the installed copy has), the workers still run what the supervisor runs."""
+    decoy = tmp_path / "clone"
+    (decoy / "registryd").mkdir(parents=True)
+    (decoy / "registryd" / "__init__.py").write_text('raise ImportError("the registryd of the working directory")\n')
+    node = start_node(tmp_path, cwd=str(decoy))    # waits until both workers answered /v2/
+    try:
+        assert len(seen_workers(node, 2)) == 2
+    finally:
+        stop_process(node.process)
 
 
 def test_upload_session_limits_count_the_sessions_of_every_worker(tmp_path: Any) -> None:
