@@ -157,8 +157,12 @@ class HAProxy:
                 raise RuntimeError(f"haproxy exited with {self.process.returncode}:\n{self.log_tail()}")
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-                if os.path.exists(self.stats_socket):
-                    return
+                # The stats socket's file exists once it is bound, a moment before it listens
+                # (a connect then is refused): ready is when it accepts.
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                    s.settimeout(0.5)
+                    s.connect(self.stats_socket)
+                return
             except OSError:
                 pass
             if time.monotonic() > deadline:
