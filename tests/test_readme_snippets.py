@@ -90,7 +90,9 @@ def test_listener_snippet_serves_on_both_loopbacks(tmp_path: Any, monkeypatch: A
                                 "--config", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
                                cwd=ROOT)
     try:
+        # Both listeners up before the first request (a failure to bind either stops twistd).
         wait_for_port("127.0.0.1", port, process)
+        wait_for_port("::1", port, process)
         assert request(f"127.0.0.1:{port}", "GET", "/healthz").status == 200
         with socket.create_connection(("::1", port), timeout=5) as s:
             s.sendall(b"GET /healthz HTTP/1.0\r\nHost: x\r\n\r\n")
