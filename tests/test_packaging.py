@@ -849,6 +849,33 @@ def test_systemd_analyze_verify(debian_root: DebianRoot, packages: dict[str, Any
 
 # -- the unit under a real systemd ---------------------------------------------------
 
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of pid, nearest first."""
+    found, queue = [], [pid]
+    while queue:
+        parent = queue.pop(0)
+        try:
+            with open(f"/proc/{parent}/task/{parent}/children") as f:
+                children = [int(c) for c in f.read().split()]
+        except OSError:
+            children = []
+        found += children
+        queue += children
+    return found
+
+
+def namespace_pids(pid: int) -> list[str]:
+    """The process's PID in each PID namespace it is in, outermost first."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("NSpid:"):
+                    return line.split()[1:]
+    except OSError:
+        pass
+    return []
+
+
 class BootedRoot:
     """The root booted with systemd-nspawn (host network, so loopback is shared).
 
@@ -865,16 +892,15 @@ class BootedRoot:
         self.init_pid = self._find_init()
 
     def _find_init(self, timeout: float = 30) -> int:
+        """The container's PID 1, seen from here: nspawn's first child is an
+        intermediate process that forks the init and exits, so a child counts
+        only once it is PID 1 of its own namespace."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.process.poll() is None, f"systemd-nspawn exited {self.process.returncode}"
-            try:
-                with open(f"/proc/{self.process.pid}/task/{self.process.pid}/children") as f:
-                    children = f.read().split()
-            except OSError:
-                children = []
-            if children:
-                return int(children[0])
+            for pid in descendants(self.process.pid):
+                if namespace_pids(pid)[-1:] == ["1"]:
+                    return pid
             time.sleep(0.1)
         raise AssertionError("systemd-nspawn started no init")
 
@@ -882,14 +908,18 @@ class BootedRoot:
         return run(["nsenter", "-t", str(self.init_pid), "-a", *cmd], check=check, timeout=120,
                    env={"PATH": CLEAN_PATH, "LANG": "C.UTF-8"})
 
-    def wait_booted(self, timeout: float = 60) -> None:
+    def wait_booted(self, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            state = self.run("systemctl", "is-system-running", check=False).stdout.strip()
+            answer = self.run("systemctl", "is-system-running", check=False)
+            state = answer.stdout.strip()
             if state in ("running", "degraded"):
                 return
             time.sleep(0.5)
-        raise AssertionError(f"the container did not boot: {state}")
+        self.log.flush()
+        with open(self.log.name, "rb") as f:
+            tail = f.read()[-2000:].decode(errors="replace")
+        raise AssertionError(f"the container did not boot: {state!r} {answer.stderr.strip()!r}\n{tail}")
 
     def show(self, unit: str, *properties: str) -> dict[str, str]:
         out = self.run("systemctl", "show", unit, *(f"--property={p}" for p in properties)).stdout
