@@ -7,15 +7,18 @@ import socket
 
 import grpc
 import pytest
+import pytest_twisted
 
 from registryd.config import ConfigError, load_config
 from registryd.digest import digest_of
+from registryd.storage.containerd.blobs import READ_CHUNK, StreamedBlobSource
 from registryd.storage.containerd.client import AlreadyExists, NotFound, translate
 from registryd.storage.containerd.errors import ContainerdError, ContainerdUnavailable
 from registryd.storage.containerd.labels import gc_labels, references
 from registryd.storage.containerd.names import (
     ImageName, LocalNaming, MirrorNaming, parse_image_name, source_label,
 )
+from registryd.storage.interface import BlobGone
 from registryd.storage.outage import outage_reason
 
 D1 = digest_of(b"one")
@@ -190,3 +193,49 @@ def test_the_compiled_messages_are_the_protos() -> None:
         for name, message in containerd_api_pb2.DESCRIPTOR.message_types_by_name.items()
     }
     assert compiled == declared
+
+
+class _Consumer:
+    """Takes what a blob source sends."""
+
+    def __init__(self) -> None:
+        self.data = b""
+
+    def registerProducer(self, producer: object, streaming: bool) -> None:
+        pass
+
+    def unregisterProducer(self) -> None:
+        pass
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+
+class _Content:
+    """containerd's content service, holding a blob until ``lose_after`` reads were answered."""
+
+    def __init__(self, blob: bytes, lose_after: int) -> None:
+        self.blob, self.reads = blob, lose_after
+
+    async def read(self, ref: str, offset: int, size: int) -> bytes:
+        if self.reads == 0:
+            raise NotFound(ref)
+        self.reads -= 1
+        return self.blob[offset:offset + size]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_blob_deleted_before_its_first_byte_is_gone_and_after_it_is_an_error() -> None:
+    """Gone before anything was sent: the request may still be answered (404, a fill again);
+    gone midway: the response must be cut, so it is not the same error."""
+    blob = b"x" * (READ_CHUNK + 10)
+    digest = digest_of(blob)
+    with pytest.raises(BlobGone):
+        await StreamedBlobSource(_Content(blob, 0), digest, len(blob)).send(_Consumer(), 0, len(blob))
+    consumer = _Consumer()
+    with pytest.raises(NotFound) as raised:
+        await StreamedBlobSource(_Content(blob, 1), digest, len(blob)).send(consumer, 0, len(blob))
+    assert not isinstance(raised.value, BlobGone) and len(consumer.data) == READ_CHUNK
+    consumer = _Consumer()
+    await StreamedBlobSource(_Content(blob, 2), digest, len(blob)).send(consumer, 0, len(blob))
+    assert consumer.data == blob

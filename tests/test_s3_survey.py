@@ -318,3 +318,35 @@ async def test_two_nodes_evicting_at_once_leave_a_consistent_bucket(make_registr
         await pull(clients[(n + 1) % 2], image)
     assert await missing_blobs(bucket) == []
 
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_blob_deleted_between_its_lookup_and_its_read(make_registry, upstream, bucket) -> None:
+    """Another node's eviction or GC may delete a blob after this node found it and before it
+    read a byte: a mirrored blob is fetched again, a local one is unknown; never a 500."""
+    image = add_image(upstream, "lib/gone", 20_000)
+    node = start_node(make_registry, upstream, bucket)
+    client = Client(node.url)
+    await pull(client, image)
+    local = b"a local layer" * 1000
+    await push_local(client, "team/app", local)
+    blobs = node.service.store.blobs
+    opened = blobs.open
+
+    async def open_then_lose(digest: Digest) -> Any:
+        source = await opened(digest)
+        await bucket.delete_object(blob_key(digest))   # what the other node does meanwhile
+        return source
+
+    blobs.open = open_then_lose
+    layer = image["layers"][0]["digest"]
+    path = upstream.blob_path("lib/gone", layer)
+    for headers in ({}, {"Range": "bytes=10-99"}):
+        fetched = upstream.count("GET", path)
+        reply = await client.get(f"/v2/lib/gone/blobs/{layer}?ns={NS}", headers=headers)
+        assert reply.status == 200 and digest_of(reply.body) == layer, str(reply)
+        assert reply.header("Content-Range") is None
+        assert upstream.count("GET", path) == fetched + 1
+    reply = await client.get(f"/v2/team/app/blobs/{digest_of(local)}")
+    assert reply.status == 404 and json.loads(reply.body)["errors"][0]["code"] == "BLOB_UNKNOWN", str(reply)
+    assert reply.header("Docker-Content-Digest") is None

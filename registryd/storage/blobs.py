@@ -34,7 +34,7 @@ from registryd.digest import Digest
 from registryd.storage.driver import Driver, TooLarge
 from registryd.storage.guard import BlobGuard
 from registryd.storage.hot_cache import CacheFill, HotCache
-from registryd.storage.interface import BlobSource
+from registryd.storage.interface import BlobGone, BlobSource
 from registryd.storage.layout import blob_key
 from registryd.storage.sink import Sink
 
@@ -108,7 +108,7 @@ class StreamedBlobSource:
         try:
             sent = await self._driver.send(self._key, _Relay(consumer, fill), start, end)
             if not sent:
-                raise FileNotFoundError(errno.ENOENT, "the blob was deleted while it was sent", self._key)
+                raise BlobGone(errno.ENOENT, "the blob was deleted before it was sent", self._key)
         except BaseException:
             if fill is not None:
                 fill.abandon()

@@ -32,6 +32,11 @@ from registryd.storage.guard import BlobGuard
 from registryd.threads import BlockingPool, InlinePool
 
 
+class BlobGone(FileNotFoundError):
+    """The blob was deleted (by a GC, an eviction, another node) between its open and its
+    first byte: nothing of it was sent, so the request may still be answered otherwise."""
+
+
 class StoreUnusable(Exception):
     """At start-up: the store cannot be written and read; the message is one line for the operator."""
 
@@ -45,7 +50,9 @@ class BlobSource(Protocol):
         """A real file to hand to sendfile, or None when the bytes are elsewhere."""
 
     async def send(self, consumer: IConsumer, start: int, end: int) -> None:
-        """Write bytes ``[start, end)`` to ``consumer``, honouring its backpressure."""
+        """Write bytes ``[start, end)`` to ``consumer``, honouring its backpressure.
+
+        BlobGone if the blob was deleted before the first byte went out."""
 
     def redirect_url(self, expires: int) -> str | None:
         """A short-lived URL the client may fetch the blob from directly, or None."""

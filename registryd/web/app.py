@@ -54,6 +54,7 @@ from registryd.mirror.routing import Route
 from registryd.storage import Store
 from registryd.storage.driver import Pool
 from registryd.storage.files import free_bytes
+from registryd.storage.interface import BlobGone
 from registryd.storage.outage import outage_reason
 from registryd.storage.pulls import PullRecorder
 from registryd.storage.uploads import Upload
@@ -587,15 +588,25 @@ class RegistryAPI:
             # A client that finds the blob here will name it in a manifest next:
             # an in-server gc must not take it meanwhile.
             self.store.guard.claim([parsed])
-            return await self._send_blob(request, parsed)
+            return await self._send_stored_blob(request, parsed)
         finally:
             self.traffic.sending(-1)
 
+    async def _send_stored_blob(self, request: RegistryRequest, digest: Digest) -> bytes | None:
+        """_send_blob; a blob deleted since it was found is unknown, as if asked for a moment later."""
+        try:
+            return await self._send_blob(request, digest)
+        except BlobGone:
+            if request.startedWriting:
+                raise
+            raise blob_unknown(str(digest)) from None
+
     async def _send_blob(self, request: RegistryRequest, digest: Digest) -> bytes | None:
-        """Serve a stored blob, honouring a single Range."""
+        """Serve a stored blob, honouring a single Range; BlobGone, with nothing sent, if it is
+        not (or no longer) in the store."""
         blob = await self.store.blobs.open(digest)
         if blob is None:
-            raise blob_unknown(str(digest))
+            raise BlobGone(errno.ENOENT, "blob not in the store", str(digest))
         try:
             size = blob.size
             start, length = self._range(request, size)
@@ -635,7 +646,15 @@ class RegistryAPI:
         request.upstream = route.upstream.namespace
         if await mirror.cached_blob(route, digest):
             request.cache = "hit"
-            return await self._send_blob(request, digest)
+            try:
+                return await self._send_blob(request, digest)
+            except BlobGone:
+                if request.startedWriting:
+                    raise
+                # Evicted (here or by another node) since it was found: fetched again below.
+                request.setResponseCode(200)
+                for header in BODY_HEADERS:
+                    request.responseHeaders.removeHeader(header)
         request.cache = "miss"
         if request.method == b"HEAD":
             # Asked of the upstream without downloading; nothing is linked by it.
@@ -651,7 +670,7 @@ class RegistryAPI:
         try:
             await stream_fill(request, fill, reactor=self._reactor, stall_timeout=self.config.stall_timeout)
         except FillCommitted:
-            return await self._send_blob(request, digest)
+            return await self._send_stored_blob(request, digest)
         except FillFailed as e:
             request.responseHeaders.removeHeader("Content-Length")
             raise unavailable(route.upstream, str(e)) from None

@@ -13,6 +13,7 @@ its ``gc.ref`` labels keep the blob, and when the image goes the GC takes it.
 """
 from __future__ import annotations
 
+import errno
 import os
 import time
 import uuid
@@ -26,6 +27,7 @@ from registryd.errors import digest_invalid
 from registryd.storage.containerd.client import ContainerdClient, NotFound
 from registryd.storage.containerd.joined import written_by_another
 from registryd.storage.guard import BlobGuard
+from registryd.storage.interface import BlobGone
 from registryd.storage.paced import Paced
 from registryd.storage.blobs import FileBlobSource
 
@@ -86,7 +88,13 @@ class StreamedBlobSource:
             position = start
             pending: Deferred[bytes] | None = Deferred.fromCoroutine(self._read(position, end))
             while pending is not None:
-                data = await pending
+                try:
+                    data = await pending
+                except NotFound:
+                    if position == start:
+                        raise BlobGone(errno.ENOENT, "the blob was deleted before it was sent",
+                                       str(self._digest)) from None
+                    raise
                 position += len(data)
                 # The next chunk is asked for while this one goes out.
                 pending = Deferred.fromCoroutine(self._read(position, end)) if position < end else None
