@@ -14,7 +14,10 @@ Figures (wrk and hey on loopback; the order of the servers alternates per phase)
                                   CPU seconds the server's processes used per GB sent in that run
                                   (user + system, every process of its tree): steadier than MB/s
                                   on a machine that others load too
-  blob_get_{N}M_c{1,8}_MBps       the same over plain HTTP
+  blob_get_{N}M_c{1,8}_MBps       the same over plain HTTP (and _cpu_s_per_GB)
+  blob_get_{N}M_c{1,8}_lean_MBps  plain GETs by lean_client.py, which reads 1 MiB per recv: what the
+                                  server sends when the client is not the limit (wrk reads 8 KiB
+                                  per read(2), and on 2 cores its own CPU caps nginx too)
   manifest_get_tag_c32_rps        GET of a manifest by tag, 32 clients, req/s (+ _p99_ms); nginx has none
   push_big_s, push_many_s         (phase push, not run by default) bench_core's skopeo pushes, s; nginx has none
   rss_idle_MiB, rss_peak_MiB      the server's RSS before any traffic and its peak (VmHWM) at the end
@@ -55,6 +58,7 @@ import bench_core as core  # noqa: E402  (servers, process groups, formatting, t
 import regbench  # noqa: E402  (push_blob, MANIFEST_TYPES)
 import startup  # noqa: E402  (results path and file, SIGTERM)
 import report  # noqa: E402  (the one table printer)
+from lean_client import lean_get  # noqa: E402
 
 SERVERS = ("registryd", "reference", "nginx", "registryd-containerd")
 DEFAULT_SERVERS = ("registryd", "reference", "nginx")
@@ -286,9 +290,9 @@ def cpu_seconds(pids):
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def server_pids(srv):
-    """The processes serving a server's TLS port (the reference serves TLS in a second process)."""
-    proc = getattr(srv, "tls_proc", None) or srv.proc
+def server_pids(srv, tls=True):
+    """The processes serving a server's TLS or plain port (the reference serves TLS in a second process)."""
+    proc = (getattr(srv, "tls_proc", None) if tls else None) or srv.proc
     return [proc.pid] if proc is not None else []
 
 
@@ -364,15 +368,19 @@ def measure(args, phase, name, srv, digest):
         prefix = "tls_" if phase == "tls" else ""
         url = blob_path(name, srv, digest, phase == "tls")
         wrong = check_answer(url, mib << 20)
+        pids = server_pids(srv, tls=phase == "tls")
         for c in (1, 8):
-            before = cpu_seconds(server_pids(srv))
+            before = cpu_seconds(pids)
             mbps, rps, _, error = (None, None, None, wrong) if wrong else wrk(url, c, args.seconds)
-            used = cpu_seconds(server_pids(srv)) - before
+            used = cpu_seconds(pids) - before
             figs[f"{prefix}blob_get_{mib}M_c{c}_MBps"] = {"value": None if error else mbps,
                                                            "requests_per_s": rps, "error": error}
-            if phase == "tls":
-                per_gb = round(used / (mbps * args.seconds / 1000), 3) if mbps and not error else None
-                figs[f"tls_blob_get_{mib}M_c{c}_cpu_s_per_GB"] = {"value": per_gb, "error": error}
+            per_gb = round(used / (mbps * args.seconds / 1000), 3) if mbps and not error else None
+            figs[f"{prefix}blob_get_{mib}M_c{c}_cpu_s_per_GB"] = {"value": per_gb, "error": error}
+        if phase == "plain":
+            for c in (1, 8):
+                mbps, finished, error = (None, None, wrong) if wrong else lean_get(url, c, args.seconds)
+                figs[f"blob_get_{mib}M_c{c}_lean_MBps"] = {"value": mbps, "responses": finished, "error": error}
     elif phase == "push":
         push_args = argparse.Namespace(quick=args.quick, seconds=args.seconds, regbench_dir=core.DEFAULT_REGBENCH_DIR)
         found, error = core.measure(push_args, "push", srv)
@@ -400,7 +408,9 @@ def expected(args, name):
             keys += [f"tls_blob_get_{mib}M_c1_MBps", f"tls_blob_get_{mib}M_c8_MBps",
                      f"tls_blob_get_{mib}M_c1_cpu_s_per_GB", f"tls_blob_get_{mib}M_c8_cpu_s_per_GB"]
         elif phase == "plain":
-            keys += [f"blob_get_{mib}M_c1_MBps", f"blob_get_{mib}M_c8_MBps"]
+            keys += [f"blob_get_{mib}M_c1_MBps", f"blob_get_{mib}M_c8_MBps",
+                     f"blob_get_{mib}M_c1_cpu_s_per_GB", f"blob_get_{mib}M_c8_cpu_s_per_GB",
+                     f"blob_get_{mib}M_c1_lean_MBps", f"blob_get_{mib}M_c8_lean_MBps"]
         elif phase == "push" and name != "nginx":
             keys += ["push_big_s", "push_many_s"]
         elif phase == "manifest" and name != "nginx":
