@@ -34,6 +34,9 @@ Figures
   rss_cold_rise_MiB              the largest rise of one process above its idle RSS during that phase
                                  (target: <= 20 MiB per worker)
 
+--client curl makes each cold client a curl piped into sha256sum, instead of regbench.py
+coalesce's threads (hashlib); coreutils' sha256sum costs about 3 times the CPU here.
+
 --workers N runs registryd with [server] workers = N (default: its own default, one per CPU).
 The load average before and after the run is printed and kept with the figures: the machine
 may be shared, so ratios within one run are what count.
@@ -56,6 +59,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -241,7 +245,8 @@ def measure_cold(args, side):
     """Fresh blob pushed to the upstream only, then N clients at once through the proxy."""
     up, px = side.upstream, side.proxy
     offset = up.log_size()
-    cmd = worker_cmd(args, "coalesce", px.hostport, up.hostport, up.access_log, args.blob_mib, args.clients)
+    cmd = worker_cmd(args, "coalesce", px.hostport, up.hostport, up.access_log, args.blob_mib, args.clients,
+                     args.client)
     records, error = run_worker(cmd, side, 900)
     counts = up.requests_since(offset)
     keys = keys_of(args)["cold"]
@@ -277,7 +282,8 @@ def measure_floor(args, side):
     """The cold test's clients once more, on the blob now cached: their own floor (outside the
     cold test's memory sampling: what it measures is the fill, not a crowd of cached reads)."""
     key = keys_of(args)["cold"][4]
-    crowd, error = run_worker(worker_cmd(args, "crowd", side.proxy.hostport, side.cold_digest, args.clients),
+    crowd, error = run_worker(worker_cmd(args, "crowd", side.proxy.hostport, side.cold_digest, args.clients,
+                                         args.client),
                               side, 900)
     done = next((r for r in crowd if r.get("metric") == "crowd"), None)
     if done is None:
@@ -358,12 +364,57 @@ def pull_image(args, side, tag, workdir, i):
 # own wrk helper.
 
 
-def crowd_get(regbench, proxy, digest, want, size, clients):
-    """``clients`` processes GET the blob at once, each reading and hashing all of it: curl
-    piped into sha256sum, as separate processes like real pullers (16 Python threads in one
-    process would be bound by their own GIL and measure the clients, not the servers). Returns
-    their (status, right, first byte s, s, error) and the wall time. ``size`` None: any length
-    whose hash is ``want``."""
+def crowd_get(regbench, proxy, digest, want, size, clients, client="threads"):
+    """``clients`` GET the blob at once, each reading and hashing all of it; returns their
+    (status, right, first byte s, s, error) and the wall time. ``size`` None: any length whose
+    hash is ``want``. ``client``: "threads" as regbench.py coalesce (issue 15's measure), or
+    "curl" (curl piped into sha256sum, one pair of processes per client)."""
+    if client == "curl":
+        return crowd_curl(proxy, digest, want, size, clients)
+    return crowd_threads(regbench, proxy, digest, want, size, clients)
+
+
+def crowd_threads(regbench, proxy, digest, want, size, clients):
+    """regbench.py coalesce's clients: threads of this process reading 64 KiB at a time and
+    hashing with hashlib (OpenSSL: SHA extensions where the CPU has them, without the GIL)."""
+    results = [None] * clients
+    barrier = threading.Barrier(clients)
+
+    def fetch(i):
+        first = None
+        t0 = time.monotonic()
+        try:
+            c = regbench.conn(proxy)
+            barrier.wait()
+            t0 = time.monotonic()
+            c.request("GET", f"/v2/{REPO_COLD}/blobs/{digest}")
+            r = c.getresponse()
+            h, n = hashlib.sha256(), 0
+            while chunk := r.read(1 << 16):
+                if first is None:
+                    first = time.monotonic() - t0
+                h.update(chunk)
+                n += len(chunk)
+            whole = size is None or n == size
+            err = None if r.status == 200 and whole else f"status {r.status}, {n} bytes"
+            results[i] = (r.status, h.hexdigest() == want and whole, first, time.monotonic() - t0, err)
+        except Exception as e:  # a reset connection is a result, not a crash
+            barrier.abort()  # never leave the others waiting for this one
+            results[i] = (None, False, first, time.monotonic() - t0, f"{type(e).__name__}: {e}")
+
+    start = time.monotonic()
+    threads = [threading.Thread(target=fetch, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results, time.monotonic() - start
+
+
+def crowd_curl(proxy, digest, want, size, clients):
+    """Each client is curl piped into sha256sum, separate processes like real pullers
+    (coreutils' sha256sum hashes without the CPU's SHA extensions: about 3 times the CPU of
+    the threads' hashlib here, so the clients' own floor is higher)."""
     url = f"http://{proxy}/v2/{REPO_COLD}/blobs/{digest}"
     # curl's -w line goes to stderr; the body to stdout, straight into sha256sum.
     form = "%{stderr}%{http_code} %{size_download} %{time_starttransfer} %{time_total}\n"
@@ -397,13 +448,13 @@ def worker(argv):
     import regbench  # noqa: E402  (the shared measurement script)
 
     if kind == "coalesce":
-        proxy, upstream, log_path, mib, clients = rest[0], rest[1], rest[2], int(rest[3]), int(rest[4])
+        proxy, upstream, log_path, mib, clients, client = rest[0], rest[1], rest[2], int(rest[3]), int(rest[4]), rest[5]
         data = os.urandom(mib << 20)
         digest = regbench.push_blob(upstream, REPO_COLD, data)
         want, size = hashlib.sha256(data).hexdigest(), len(data)
         del data
         before = regbench.count_gets(log_path, digest)
-        results, wall = crowd_get(regbench, proxy, digest, want, size, clients)
+        results, wall = crowd_get(regbench, proxy, digest, want, size, clients, client)
         time.sleep(1)
         firsts = [r[2] for r in results if r[2] is not None]
         regbench.emit(metric=f"pullthrough_cold_{mib}M", clients=clients,
@@ -422,8 +473,8 @@ def worker(argv):
         regbench.emit(metric=f"pullthrough_warm_{mib}M_s", value=round(time.monotonic() - t0, 3),
                       bytes=n if r.status == 200 else 0, status=r.status)
     elif kind == "crowd":
-        proxy, digest, clients = rest[0], rest[1], int(rest[2])
-        results, wall = crowd_get(regbench, proxy, digest, digest.split(":", 1)[1], None, clients)
+        proxy, digest, clients, client = rest[0], rest[1], int(rest[2]), rest[3]
+        results, wall = crowd_get(regbench, proxy, digest, digest.split(":", 1)[1], None, clients, client)
         regbench.emit(metric="crowd", clients=clients, wall_s=round(wall, 3),
                       ok=sum(1 for r in results if r[0] == 200 and r[1]),
                       client_errors=sorted({r[4] for r in results if r[4]}))
@@ -530,6 +581,9 @@ def parse_args(argv):
     ap.add_argument("--keep-temp", action="store_true", help="keep the temp dir (storage, configs, logs)")
     ap.add_argument("--seconds", type=int, default=None, help="duration of each wrk run (default 10, quick 2)")
     ap.add_argument("--clients", type=int, default=None, help="clients of the cold test (default 16, quick 8)")
+    ap.add_argument("--client", choices=("threads", "curl"), default="threads",
+                    help="the cold test's clients: threads of one process as regbench.py coalesce (default), "
+                         "or curl | sha256sum processes")
     ap.add_argument("--runs", type=int, default=None,
                     help="image pulls per proxy, a fresh image each (default 3, quick 1)")
     ap.add_argument("--proxies", default=",".join(PROXIES), help="which to run: registryd,reference (default both)")
@@ -737,7 +791,7 @@ def main(argv):
         "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "params": {"quick": args.quick, "phases": args.phases, "blob_MiB": args.blob_mib, "clients": args.clients,
                    "seconds": args.seconds, "image": core.describe_image(args.image), "image_runs": args.runs,
-                   "regbench_dir": args.regbench_dir, "workers": args.workers},
+                   "regbench_dir": args.regbench_dir, "workers": args.workers, "client": args.client},
         "host": {"cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
                  "loadavg_start": process_tree.loadavg()},
         "proxies": {},
