@@ -173,6 +173,7 @@ class Server:
         self.logf = None
         self.cmd = None
         self.cwd = None
+        self.env = None   # None: this process's environment
 
     @property
     def hostport(self):
@@ -181,7 +182,7 @@ class Server:
     def start(self):
         self.logf = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.cmd, stdout=self.logf, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, cwd=self.cwd, start_new_session=True)
+                                     stdin=subprocess.DEVNULL, cwd=self.cwd, env=self.env, start_new_session=True)
 
     def wait_ready(self, timeout):
         """Poll GET /v2/ until it answers 200. Returns seconds taken; raises
@@ -224,10 +225,22 @@ class Server:
             self.logf = None
 
 
+def unit_environment():
+    """The variables the packaged systemd unit (etc/registryd/registryd.service) sets:
+    registryd is measured as the appliance runs it (PYTHONOPTIMIZE=2 among them)."""
+    found = {}
+    with open(os.path.join(REPO, "etc", "registryd", "registryd.service")) as f:
+        for line in f:
+            if line.startswith("Environment="):
+                found.update(item.split("=", 1) for item in line.split("=", 1)[1].split())
+    return found
+
+
 class Registryd(Server):
     def __init__(self, workdir, twistd, workers=None):
         super().__init__("registryd", workdir)
         self.cwd = REPO
+        self.env = dict(os.environ, **unit_environment())
         self.cmd = [twistd, "-n", "--pidfile=", "registryd",
                     "--listen", f"tcp:{self.port}:interface=127.0.0.1", "--data-dir", self.data]
         if workers is not None:
@@ -263,6 +276,7 @@ class RegistrydContainerd(Registryd):
                     f'hostname = "bench.local"\ncontent_dir = '
                     f'{json.dumps("" if stream else os.path.join(self.containerd_root, "io.containerd.content.v1.content"))}\n')
         self.cwd = REPO
+        self.env = dict(os.environ, **unit_environment())
         self.cmd = [twistd, "-n", "--pidfile=", "registryd", "-c", config,
                     "--listen", f"tcp:{self.port}:interface=127.0.0.1", "--data-dir", self.data]
 

@@ -673,6 +673,9 @@ def test_deb_purge_leaves_nothing_behind(debian_root: DebianRoot, packages: dict
     root = debian_root
     before = file_list(root)
     install_deb(root, packages["deb"])
+    # postinst's byte code: plain, and without docstrings for the workers (python -OO).
+    pyc = sorted(glob.glob(root / f"{DEB_VENV}/lib/python3.*/site-packages/registryd/__pycache__/tap.*.pyc"))
+    assert [os.path.basename(p).split(".", 2)[2] for p in pyc] == ["opt-2.pyc", "pyc"], pyc
     port = free_port()
     set_listen(root, port)
     service = start_deb_service(root, tmp_path, port)
@@ -752,12 +755,14 @@ def test_rpm_unit_is_the_repository_unit(rpm_unpacked: str) -> None:
 def test_rpm_byte_code_names_installed_paths(rpm_unpacked: str) -> None:
     venv = os.path.join(rpm_unpacked, RPM_VENV.lstrip("/"))
     assert run(["grep", "-rl", "rpmbuild/BUILD", venv], check=False).stdout == ""
-    pyc = glob.glob(os.path.join(venv, "lib/python3.*/site-packages/registryd/__pycache__/tap.*.pyc"))
-    assert len(pyc) == 1
-    with open(pyc[0], "rb") as f:
-        code = f.read()
-    assert int.from_bytes(code[4:8], "little") == 0b11, "hash-checked byte code"
-    assert f"{RPM_VENV}/lib/".encode() in code
+    pyc = sorted(glob.glob(os.path.join(venv, "lib/python3.*/site-packages/registryd/__pycache__/tap.*.pyc")))
+    # Plain, and without docstrings for the workers (python -OO).
+    assert [os.path.basename(p).split(".", 2)[2] for p in pyc] == ["opt-2.pyc", "pyc"], pyc
+    for path in pyc:
+        with open(path, "rb") as f:
+            code = f.read()
+        assert int.from_bytes(code[4:8], "little") == 0b11, "hash-checked byte code"
+        assert f"{RPM_VENV}/lib/".encode() in code
 
 
 def test_rpm_unpacks_and_twistd_lists_the_plugin(rpm_unpacked: str) -> None:
