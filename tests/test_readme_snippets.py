@@ -20,7 +20,8 @@ from typing import Any
 
 import pytest
 
-from conftest import ROOT, VENV_BIN, free_port, stop_process, wait_for_port
+from conftest import ROOT, VENV_BIN, stop_process, wait_for_port
+from support.ports import free_port_on_both_loopbacks
 from readme_snippets import Snippet, containing, in_section, snippets
 from registryd.config import load_config
 from syncclient import request
@@ -83,7 +84,7 @@ def test_listener_snippet_serves_on_both_loopbacks(tmp_path: Any, monkeypatch: A
     with pytest.raises(tomllib.TOMLDecodeError):
         tomllib.loads(snippet.text.replace("'tcp6:5000:interface=\\:\\:1'", '"tcp6:5000:interface=\\:\\:1"'))
     # Served on a free port instead of 5000 (the tests must not need it).
-    port = free_port()
+    port = free_port_on_both_loopbacks()
     path = tmp_path / "listen.toml"
     path.write_text(snippet.text.replace(":5000:", f":{port}:") + f'data_dir = "{tmp_path / "data"}"\n')
     process = subprocess.Popen([os.path.join(VENV_BIN, "twistd"), "-n", "--pidfile=", "registryd",
