@@ -21,6 +21,9 @@ python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 # compat mode puts the source tree on sys.path, so twistd finds the plugin.
 .venv/bin/pip install -q -e '.[test]' --config-settings editable_mode=compat
+# Byte code at both levels, as the packages ship it: otherwise, where PYTHONDONTWRITEBYTECODE
+# is set, every twistd a test starts compiles the tree, and every -OO worker its dependencies too.
+.venv/bin/python -m compileall -q -j0 -o 0 -o 2 .venv/lib registryd twisted >/dev/null
 
 .venv/bin/python -m mypy registryd
 scripts/build-packages versions >/dev/null
