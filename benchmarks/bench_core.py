@@ -225,10 +225,11 @@ class Server:
             self.logf = None
 
 
-def unit_environment():
-    """The variables the packaged systemd unit (etc/registryd/registryd.service) sets:
-    registryd is measured as the appliance runs it (PYTHONOPTIMIZE=2 among them)."""
-    found = {}
+def registryd_environment():
+    """This process's environment plus the variables the packaged systemd unit
+    (etc/registryd/registryd.service) sets: registryd is measured as the appliance runs it
+    (PYTHONOPTIMIZE=2 among them)."""
+    found = dict(os.environ)
     with open(os.path.join(REPO, "etc", "registryd", "registryd.service")) as f:
         for line in f:
             if line.startswith("Environment="):
@@ -240,7 +241,7 @@ class Registryd(Server):
     def __init__(self, workdir, twistd, workers=None):
         super().__init__("registryd", workdir)
         self.cwd = REPO
-        self.env = dict(os.environ, **unit_environment())
+        self.env = registryd_environment()
         self.cmd = [twistd, "-n", "--pidfile=", "registryd",
                     "--listen", f"tcp:{self.port}:interface=127.0.0.1", "--data-dir", self.data]
         if workers is not None:
@@ -276,7 +277,7 @@ class RegistrydContainerd(Registryd):
                     f'hostname = "bench.local"\ncontent_dir = '
                     f'{json.dumps("" if stream else os.path.join(self.containerd_root, "io.containerd.content.v1.content"))}\n')
         self.cwd = REPO
-        self.env = dict(os.environ, **unit_environment())
+        self.env = registryd_environment()
         self.cmd = [twistd, "-n", "--pidfile=", "registryd", "-c", config,
                     "--listen", f"tcp:{self.port}:interface=127.0.0.1", "--data-dir", self.data]
 

@@ -72,7 +72,7 @@ import bench_core as core  # noqa: E402  (servers, runner, number format, table)
 import startup  # noqa: E402  (SIGTERM, the results file)
 from bench_core import (  # noqa: E402
     DEFAULT_REFERENCE, DEFAULT_REGBENCH_DIR, Server, find_twistd, fmt, log, parse_records, print_table, run_group,
-    summarize, tail, unit_environment,
+    registryd_environment, summarize, tail,
 )
 
 #: The repository's one-node Ceph launcher, as tests/ceph.py finds it.
@@ -351,7 +351,7 @@ class RegistrydNode(Server):
         with open(self.config, "w") as f:
             f.write(registryd_config(s3, bucket, redirect, hot_cache))
         self.cwd = REPO
-        self.env = dict(os.environ, **unit_environment())
+        self.env = registryd_environment()
         self.cmd = [twistd, "-n", "--pidfile=", "registryd", "--config", self.config,
                     "--listen", f"tcp:{self.port}:interface=127.0.0.1", "--data-dir", self.data]
 

@@ -88,7 +88,7 @@ class Registryd(core.Server):
         super().__init__("registryd", workdir)
         self.tls_port = core.free_port()
         self.cwd = core.REPO
-        self.env = dict(os.environ, **core.unit_environment())
+        self.env = core.registryd_environment()
         self.cmd = [twistd, "-n", "--pidfile=", "registryd",
                     "--listen", f"tcp:{self.port}:interface=127.0.0.1",
                     "--listen", f"tls:{self.tls_port}:interface=127.0.0.1:cert={cert}:key={key}",

@@ -61,10 +61,10 @@ from registryd.storage.uploads import Upload
 from registryd.upkeep.pins import read_pins
 from registryd.upkeep.scheduler import Upkeep
 from registryd.web.replies import (
-    BODY_HEADERS,
     Utf8Paths,
     blob_headers,
     cut_response,
+    forget_blob_headers,
     header_text,
     paginate,
     public_readiness_reason,
@@ -177,8 +177,7 @@ class RegistryAPI:
         if request.startedWriting:
             return cut_response(request, str(error))
         request.error_message = error.message  # for the status page's recent errors
-        for name in BODY_HEADERS:  # a blob's headers, set before its body failed to start
-            request.responseHeaders.removeHeader(name)
+        forget_blob_headers(request)  # a blob's, set before its body failed to start
         return respond_json(request, error.status, error.document(), error.headers)
 
     @app.handle_errors(NotFound)
@@ -653,8 +652,7 @@ class RegistryAPI:
                     raise
                 # Evicted (here or by another node) since it was found: fetched again below.
                 request.setResponseCode(200)
-                for header in BODY_HEADERS:
-                    request.responseHeaders.removeHeader(header)
+                forget_blob_headers(request)
         request.cache = "miss"
         if request.method == b"HEAD":
             # Asked of the upstream without downloading; nothing is linked by it.

@@ -138,6 +138,12 @@ class Utf8Paths(Resource):
 BODY_HEADERS = ("Content-Range", "Docker-Content-Digest", "ETag", "Cache-Control", "Accept-Ranges")
 
 
+def forget_blob_headers(request: Any) -> None:
+    """Drop a blob's headers, set before its body could start: another answer takes its place."""
+    for name in BODY_HEADERS:
+        request.responseHeaders.removeHeader(name)
+
+
 def store_unavailable() -> RegistryError:
     """503 for a request the store cannot serve now (down, frozen, bucket gone)."""
     return RegistryError(503, "UNAVAILABLE", "the storage backend is unavailable; try again later",
