@@ -201,6 +201,19 @@ def worker_cmd(args, kind, *rest):
     return [sys.executable, os.path.abspath(__file__), "_worker", args.regbench_dir, kind, *map(str, rest)]
 
 
+def cpu_now(side):
+    """CPU seconds so far of the proxy's process tree, its upstream, and this script's waited-for
+    children (the client workers): taken around a phase, they say who spent the 2 cores."""
+    times = os.times()
+    return {"proxy": process_tree.cpu_seconds(side.proxy.proc.pid),
+            "upstream": process_tree.cpu_seconds(side.upstream.proc.pid),
+            "clients": times.children_user + times.children_system}
+
+
+def cpu_since(side, before):
+    return {k: round(v - before[k], 2) for k, v in cpu_now(side).items()}
+
+
 def run_worker(cmd, side, timeout):
     env = dict(os.environ, TMPDIR=side.proxy.tmp)
     rc, out, err = run_group(cmd, timeout, env=env)
@@ -247,7 +260,9 @@ def measure_cold(args, side):
     offset = up.log_size()
     cmd = worker_cmd(args, "coalesce", px.hostport, up.hostport, up.access_log, args.blob_mib, args.clients,
                      args.client)
+    cpu = cpu_now(side)
     records, error = run_worker(cmd, side, 900)
+    cpu = cpu_since(side, cpu)   # the push to the upstream and the one cached GET included
     counts = up.requests_since(offset)
     keys = keys_of(args)["cold"]
     figs = {}
@@ -262,7 +277,7 @@ def measure_cold(args, side):
             bad = f"only {cold.get('ok')} of {cold.get('clients')} clients got the whole blob with status 200"
             if cold.get("client_errors"):
                 bad += f" ({'; '.join(cold['client_errors'][:3])})"
-        figs[keys[0]] = dict(value=cold.get("wall_s"), **details)
+        figs[keys[0]] = dict(value=cold.get("wall_s"), cpu_s=cpu, **details)
         figs[keys[1]] = {"value": cold.get("first_byte_s")}
         if bad:
             figs[keys[0]]["error"] = figs[keys[1]]["error"] = bad
@@ -282,13 +297,14 @@ def measure_floor(args, side):
     """The cold test's clients once more, on the blob now cached: their own floor (outside the
     cold test's memory sampling: what it measures is the fill, not a crowd of cached reads)."""
     key = keys_of(args)["cold"][4]
+    cpu = cpu_now(side)
     crowd, error = run_worker(worker_cmd(args, "crowd", side.proxy.hostport, side.cold_digest, args.clients,
                                          args.client),
                               side, 900)
     done = next((r for r in crowd if r.get("metric") == "crowd"), None)
     if done is None:
         return {key: {"value": None, "error": error or "no result"}}
-    figure = {"value": done["wall_s"], "ok": done["ok"], "clients": done["clients"]}
+    figure = {"value": done["wall_s"], "ok": done["ok"], "clients": done["clients"], "cpu_s": cpu_since(side, cpu)}
     if done["ok"] != done["clients"]:
         figure["error"] = f"only {done['ok']} of {done['clients']} clients got the whole blob"
     return {key: figure}

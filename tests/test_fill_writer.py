@@ -133,6 +133,35 @@ async def test_a_full_disk_mid_fill_cuts_the_clients_short_and_stores_nothing(
     assert leftovers(registry.data_dir) == []
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_fill_reads_the_upstream_socket_in_large_pieces_and_gives_the_connection_back_as_it_was(
+        fake_upstream, make_registry, monkeypatch) -> None:
+    image = fake_upstream.add_image("lib/app", "v1", layer_sizes=[16 * MiB])
+    layer = image["layers"][0]
+    registry = make_registry(upstreams=(UpstreamConfig(namespace=NS, url=fake_upstream.url),))
+    chunks: list[int] = []
+    sockets: list[Any] = []
+    data, make_connection = fill_module.BlobFill.data, fill_module._FillProtocol.makeConnection
+
+    def record_chunk(fill: BlobFill, chunk: bytes) -> None:
+        chunks.append(len(chunk))
+        data(fill, chunk)
+
+    def record_socket(protocol: Any, transport: Any) -> None:
+        make_connection(protocol, transport)
+        sockets.append(fill_module._socket_under(transport))
+
+    monkeypatch.setattr(fill_module.BlobFill, "data", record_chunk)
+    monkeypatch.setattr(fill_module._FillProtocol, "makeConnection", record_socket)
+    got = await download(registry.host, f"/v2/{NS}/lib/app/blobs/{layer['digest']}")
+    assert (got.status, got.body, got.digest) == (200, 16 * MiB, layer["digest"])
+    [connection] = sockets
+    assert connection is not None, "the upstream body's TCP connection was not found"
+    # More than Twisted's 64 KiB came in one read, and the pooled connection reads as before.
+    assert max(chunks) > 64 * 1024 and sum(chunks) == 16 * MiB, chunks
+    assert connection.bufferSize == 64 * 1024
+
+
 def stepped_fill(tmp_path: Any, data: bytes) -> tuple[BlobFill, FakeResponse, StepPool]:
     """A fill whose writes run when the test steps its pool: a batch held under way."""
     pool = StepPool()
