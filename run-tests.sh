@@ -14,7 +14,7 @@ $SUDO apt-get update -qq
 $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
     skopeo docker-registry containerd docker.io wrk hey openssl curl apache2-utils nginx-light \
     dpkg-dev debhelper dh-virtualenv python3-venv rpm debootstrap lintian \
-    systemd systemd-container chromium \
+    systemd systemd-container chromium iproute2 \
     ceph-mon ceph-mgr ceph-osd radosgw ceph-common uuid-runtime haproxy podman >/dev/null
 
 python3 -m venv .venv

@@ -15,12 +15,13 @@ not shared: ``shareable`` says so, and the node then runs one process.
 from __future__ import annotations
 
 import os
+import re
 import socket
 from typing import Any
 
 import attrs
 from twisted.internet import tcp
-from twisted.internet.endpoints import AdoptedStreamServerEndpoint
+from twisted.internet.endpoints import AdoptedStreamServerEndpoint, serverFromString
 from twisted.internet.interfaces import IStreamServerEndpoint
 
 #: The environment a worker is started with: its index, and its listening descriptors.
@@ -42,6 +43,27 @@ LIMITS = "limits"
 _PLAIN = ("tcp", "tcp6", "unix")
 HAPROXY = "haproxy:"
 FIRST_FD = 3
+
+#: Connections the kernel holds per listening socket until a worker accepts them, unless the
+#: description sets ``backlog=``. Twisted's default is 50: a burst of clients (a CI farm's
+#: runners pulling at once) overflowed it, and every SYN dropped so costs its client a second
+#: or more. The kernel caps it at net.core.somaxconn (4096 on current kernels; nginx asks 511).
+BACKLOG = 1024
+
+
+def with_backlog(description: str) -> str:
+    """A ``tcp:``, ``tcp6:`` or ``unix:`` description (``haproxy:`` in front or not) with
+    ``backlog=BACKLOG`` added unless it sets its own; any other kind as it is."""
+    plain = description[len(HAPROXY):] if description.startswith(HAPROXY) else description
+    arguments = re.split(r"(?<!\\):", plain)     # an escaped colon (\:) is part of its argument
+    if arguments[0] not in _PLAIN or any(a.startswith("backlog=") for a in arguments[1:]):
+        return description
+    return f"{description}:backlog={BACKLOG}"
+
+
+def plain_endpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
+    """Twisted's endpoint for ``description``, with registryd's default backlog."""
+    return serverFromString(reactor, with_backlog(description))
 
 
 @attrs.frozen

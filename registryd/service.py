@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -20,7 +19,7 @@ from registryd.auth.settings import build_auth
 from registryd.auth.shared_failures import SharedFailures
 from registryd.auth.tls import ServerTLSContext, TLSServerEndpoint, parse_tls_description, tls_endpoint
 from registryd.config import Config
-from registryd.listeners import HAPROXY, LIMITS, RUN, Inherited, WorkerRole, accept_one_at_a_time
+from registryd.listeners import HAPROXY, LIMITS, RUN, Inherited, WorkerRole, accept_one_at_a_time, plain_endpoint
 from registryd.mirror.shared_fill import sweep_abandoned
 from registryd.storage import open_store
 from registryd.storage.claim_table import ClaimTable
@@ -191,7 +190,7 @@ class RegistryService(MultiService):
                 return TLSServerEndpoint(adopted, context, clock=self._reactor)
             return proxyEndpoint(adopted) if description.startswith(HAPROXY) else adopted
         if tls is None:
-            return serverFromString(self._reactor, description)
+            return plain_endpoint(self._reactor, description)
         plain, settings = tls
         endpoint = tls_endpoint(self._reactor, plain, settings)
         self.tls_contexts.append(endpoint.context)

@@ -26,7 +26,6 @@ from typing import Any, Callable
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Factory, Protocol, ProcessProtocol
 from twisted.logger import Logger
@@ -36,7 +35,7 @@ from registryd.auth.errors import AuthConfigError
 from registryd.auth.tls import ServerTLSContext, parse_tls_description
 from registryd.config import Config
 from registryd.listeners import (
-    FIRST_FD, LIMITS, MULTIPROC_ENV, RUN, Inherited, WorkerRole, family_of, plain_part,
+    FIRST_FD, LIMITS, MULTIPROC_ENV, RUN, Inherited, WorkerRole, family_of, plain_endpoint, plain_part,
 )
 from registryd.memory import release_once_running
 from registryd.reuseport import ListenerGroup, ReusePortBinder
@@ -179,7 +178,7 @@ class Supervisor(Service):
                 # tcp:/tcp6: one socket per worker (registryd.reuseport); unix: one shared by all.
                 balanced = plain.startswith(("tcp:", "tcp6:"))
                 binder = ReusePortBinder(self._reactor, self.workers) if balanced else self._reactor
-                endpoint = serverFromString(binder, plain)
+                endpoint = plain_endpoint(binder, plain)
             except AuthConfigError as e:
                 self._close_ports()
                 raise StartupError(str(e)) from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import subprocess
 from typing import Any
 
 import pytest
@@ -10,6 +11,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import Factory, Protocol
 
+from registryd.listeners import BACKLOG, plain_endpoint, with_backlog
 from registryd.reuseport import ListenerGroup, ReusePortBinder
 
 
@@ -59,3 +61,43 @@ def test_a_port_a_plain_socket_listens_on_is_refused() -> None:
         taken.listen()
         with pytest.raises(CannotListenError, match="Address already in use"):
             _bind(f"tcp:{taken.getsockname()[1]}:interface=127.0.0.1", 2)
+
+
+def listen_queue(port: int) -> list[int]:
+    """The accept queue length (``ss``'s Send-Q of a listening socket) of each socket on ``port``."""
+    out = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], check=True, capture_output=True, text=True).stdout
+    return [int(line.split()[2]) for line in out.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize(("description", "made"), [
+    ("tcp:5000", "tcp:5000:backlog=1024"),
+    (r"tcp6:5000:interface=\:\:1", r"tcp6:5000:interface=\:\:1:backlog=1024"),
+    ("unix:/run/registryd.sock", "unix:/run/registryd.sock:backlog=1024"),
+    ("haproxy:tcp:5000", "haproxy:tcp:5000:backlog=1024"),
+    ("tcp:5000:backlog=16", "tcp:5000:backlog=16"),
+    # An escaped colon is part of its argument: "backlog=" there is not an argument of its own.
+    (r"tcp:5000:interface=a\:backlog=3", r"tcp:5000:interface=a\:backlog=3:backlog=1024"),
+    ("systemd:domain=INET:index=0", "systemd:domain=INET:index=0"),
+    ("ssl:5443", "ssl:5443"),
+])
+def test_listen_descriptions_get_a_queue_for_bursts_unless_they_set_their_own(description: str, made: str) -> None:
+    assert with_backlog(description) == made
+
+
+def test_every_socket_of_a_group_queues_the_default_backlog(groups: list[ListenerGroup]) -> None:
+    from twisted.internet import reactor
+
+    outcome: list[Any] = []
+    plain_endpoint(ReusePortBinder(reactor, 2), "tcp:0:interface=127.0.0.1").listen(
+        Factory.forProtocol(Protocol)).addBoth(outcome.append)
+    groups.append(outcome[0])
+    somaxconn = int(open("/proc/sys/net/core/somaxconn").read())
+    assert listen_queue(outcome[0].getHost().port) == [min(BACKLOG, somaxconn)] * 2
+
+
+def test_a_node_in_one_process_queues_the_default_backlog_or_the_one_its_listener_sets(make_registry: Any) -> None:
+    registry = make_registry(listen=("tcp:0:interface=127.0.0.1", "tcp:0:interface=127.0.0.1:backlog=16"))
+    somaxconn = int(open("/proc/sys/net/core/somaxconn").read())
+    default, own = registry.service.ports
+    assert listen_queue(default.getHost().port) == [min(BACKLOG, somaxconn)]
+    assert listen_queue(own.getHost().port) == [16]

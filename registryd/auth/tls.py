@@ -33,7 +33,6 @@ from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL
 from OpenSSL.crypto import X509
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import (
     IListeningPort,
     IOpenSSLContextFactory,
@@ -47,6 +46,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from zope.interface import implementer
 
 from registryd.auth.errors import AuthConfigError
+from registryd.listeners import plain_endpoint
 from registryd.schema import read_table, setting
 from registryd.tls_transport import LeanTLSTransport
 
@@ -331,7 +331,7 @@ class TLSServerEndpoint:
 def tls_endpoint(reactor: Any, description: str, settings: TLSSettings) -> TLSServerEndpoint:
     """TLS over the plain endpoint ``description`` (e.g. ``tcp:5443``).
 
-    Raises TLSConfigError for bad files; serverFromString's ValueError for a
+    Raises TLSConfigError for bad files; Twisted's serverFromString's ValueError for a
     bad description.
     """
-    return TLSServerEndpoint(serverFromString(reactor, description), ServerTLSContext(settings), clock=reactor)
+    return TLSServerEndpoint(plain_endpoint(reactor, description), ServerTLSContext(settings), clock=reactor)
