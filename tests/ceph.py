@@ -91,8 +91,19 @@ class CephS3:
             return int(f.read().strip())
 
     def freeze(self) -> None:
-        """SIGSTOP radosgw: it keeps its port and accepts connections, but answers nothing."""
-        os.kill(self.radosgw_pid(), signal.SIGSTOP)
+        """SIGSTOP radosgw: it keeps its port and accepts connections, but answers nothing.
+
+        Returns once every thread of it is stopped: the kernel wakes one thread to begin
+        the stop, and until that thread has run the others go on serving (a request sent
+        right after the signal was answered so, once, on a busy machine).
+        """
+        pid = self.radosgw_pid()
+        os.kill(pid, signal.SIGSTOP)
+        deadline = time.monotonic() + 10
+        while (running := _running_threads(pid)):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"radosgw {pid} did not stop: threads {running} still run")
+            time.sleep(0.005)
 
     def kill(self) -> None:
         """SIGKILL radosgw: connections are reset, new ones refused (``restore`` starts it again)."""
@@ -276,6 +287,20 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
         return False
+
+
+def _running_threads(pid: int) -> list[str]:
+    """The threads of ``pid`` not stopped (state T) yet, with their states."""
+    running = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue    # ended meanwhile
+        if state not in ("T", "t"):
+            running.append(f"{task}:{state}")
+    return running
 
 
 def _stop(env: dict[str, str]) -> None:
