@@ -27,6 +27,7 @@ import http.client
 import json
 import os
 import platform
+import selectors
 import shutil
 import signal
 import socket
@@ -46,7 +47,9 @@ REPO = os.path.dirname(HERE)
 DEFAULT_REGBENCH_DIR = os.environ.get("REGBENCH_DIR") or os.path.normpath(
     os.path.join(os.path.dirname(os.path.abspath(__file__)), "tools"))
 DEFAULT_REFERENCE = "/usr/bin/docker-registry"
-PHASES = ("push", "pull", "blobget", "small")
+PHASES = ("push", "pull", "blobget", "small", "burst")
+#: Clients of the burst phase: under registryd's default max_connections_per_client (128), all from 127.0.0.1.
+BURST_CLIENTS = 120
 SERVERS = ("registryd", "reference", "registryd-containerd")
 #: What runs without --servers: registryd-containerd needs root (it starts a private containerd).
 DEFAULT_SERVERS = ("registryd", "reference")
@@ -69,6 +72,8 @@ LABELS = {
     "manifest_get_tag_c32_p99_ms": "manifest GET by tag, c=32, p99",
     "blob_get_1K_c32_rps": "1 KiB blob GET, c=32 (hey)",
     "blob_get_1K_c32_p99_ms": "1 KiB blob GET, c=32, p99",
+    "burst_c{burst}_median_ms": "{burst} connect at once, GET /v2/: median",
+    "burst_c{burst}_slowest_ms": "{burst} connect at once: slowest",
     "rss_idle_MiB": "server RSS idle",
     "rss_peak_MiB": "server RSS peak (VmHWM)",
 }
@@ -392,6 +397,11 @@ def to_figures(records):
             continue
         if "median" in r:  # push / pull
             figs[m] = {"value": r["median"], "runs": r.get("runs")}
+        elif m.startswith("burst_"):  # burst: every answer 200, or the figure fails
+            bad = {k: v for k, v in (r.get("codes") or {}).items() if k != "200"}
+            figs[m] = {"value": r.get("value"), "runs": r.get("runs"), "codes": r.get("codes")}
+            if bad or r.get("value") is None:
+                figs[m]["error"] = f"answers other than 200: {bad}"
         elif "codes" in r:  # small (hey)
             codes = {k: int(v) for k, v in (r.get("codes") or {}).items()}
             bad = sum(v for k, v in codes.items() if k != "200")
@@ -419,6 +429,7 @@ def expected_figures(args, phase):
         "blobget": [f"blob_get_{blob}_c1_MBps", f"blob_get_{blob}_c8_MBps"],
         "small": ["manifest_get_tag_c32_rps", "manifest_get_tag_c32_p99_ms",
                   "blob_get_1K_c32_rps", "blob_get_1K_c32_p99_ms"],
+        "burst": [f"burst_c{BURST_CLIENTS}_median_ms", f"burst_c{BURST_CLIENTS}_slowest_ms"],
     }[phase]
 
 
@@ -432,6 +443,7 @@ def measure(args, phase, server):
             "pull": worker_cmd(args, "pull", hp),
             "blobget": worker_cmd(args, "blobget", hp, QUICK_BLOB_MIB, s),
             "small": regbench_cmd(args, "small", hp, s),
+            "burst": worker_cmd(args, "burst", hp, BURST_CLIENTS),
         }[phase]
     else:
         t = {"push": 1800, "pull": 1200}.get(phase, 4 * s + 300)
@@ -440,6 +452,7 @@ def measure(args, phase, server):
             "pull": regbench_cmd(args, "pull", hp),
             "blobget": regbench_cmd(args, "blobget", hp, s),
             "small": regbench_cmd(args, "small", hp, s),
+            "burst": worker_cmd(args, "burst", hp, BURST_CLIENTS),
         }[phase]
     records, error = run_worker(cmd, server, t)
     return to_figures(records), error
@@ -485,6 +498,55 @@ def skopeo_pull(regbench, hostport, names, stamp_file, prefix):
                       runs=[round(r, 3) for r in runs])
 
 
+def burst(regbench, hostport, clients, rounds=3):
+    """``clients`` connections opened at once, each sending GET /v2/ as soon as it is up and
+    timed until its whole answer is in; the medians of ``rounds`` rounds. A connection the
+    server's accept queue had no room for waits for the client's SYN to be sent again (1 s)."""
+    host, port = hostport.rsplit(":", 1)
+    medians, slowest, statuses = [], [], {}
+    for _ in range(rounds):
+        began = time.monotonic()
+        pending = {}
+        selector = selectors.DefaultSelector()
+        for _ in range(clients):
+            sock = socket.socket()
+            sock.setblocking(False)
+            sock.connect_ex((host, int(port)))
+            pending[sock] = b""
+            selector.register(sock, selectors.EVENT_WRITE)
+        took = []
+        while pending and time.monotonic() - began < 30:
+            for key, events in selector.select(1):
+                sock = key.fileobj
+                if events & selectors.EVENT_WRITE:
+                    sock.send(b"GET /v2/ HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+                    selector.modify(sock, selectors.EVENT_READ)
+                    continue
+                try:
+                    data = sock.recv(65536)
+                except OSError:
+                    data = b""
+                if data:
+                    pending[sock] += data
+                    continue
+                status = pending.pop(sock)[9:12].decode("latin-1") or "none"
+                statuses[status] = statuses.get(status, 0) + 1
+                took.append(time.monotonic() - began)
+                selector.unregister(sock)
+                sock.close()
+        for sock in pending:
+            statuses["timeout"] = statuses.get("timeout", 0) + 1
+            sock.close()
+        took.sort()
+        medians.append(took[len(took) // 2] * 1000 if took else None)
+        slowest.append(took[-1] * 1000 if took else None)
+    codes = {k: v for k, v in statuses.items()}
+    for metric, values in ((f"burst_c{clients}_median_ms", medians), (f"burst_c{clients}_slowest_ms", slowest)):
+        known = [v for v in values if v is not None]
+        regbench.emit(metric=metric, value=round(statistics.median(known), 1) if known else None,
+                      runs=[None if v is None else round(v, 1) for v in values], codes=codes)
+
+
 def worker(argv):
     bench_dir, kind, hostport, *rest = argv
     sys.path.insert(0, bench_dir)
@@ -502,6 +564,8 @@ def worker(argv):
         for c in (1, 8):
             mbps, rps, bad = regbench.wrk_mbps(url, c, seconds)
             regbench.emit(metric=f"blob_get_{mib}M_c{c}_MBps", value=mbps, requests_per_s=rps, non2xx=bad)
+    elif kind == "burst":
+        burst(regbench, hostport, int(rest[0]))
     else:
         raise SystemExit(f"unknown worker {kind}")
     return 0
@@ -518,8 +582,8 @@ def label_of(key, args):
     big, many = ("1x32M", "20x256K") if args.quick else ("1x256M", "50x1M")
     blob = f"{QUICK_BLOB_MIB if args.quick else FULL_BLOB_MIB}M"
     for pattern, text in LABELS.items():
-        if pattern.format(blob=blob) == key:
-            return text.format(big=big, many=many, blob=blob)
+        if pattern.format(blob=blob, burst=BURST_CLIENTS) == key:
+            return text.format(big=big, many=many, blob=blob, burst=BURST_CLIENTS)
     return key
 
 
@@ -600,7 +664,7 @@ def parse_args(argv):
         description="Benchmark registryd against the reference registry (docker-registry) side by side.",
         epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default=",".join(PHASES),
-                    help="comma-separated subset of: push,pull,blobget,small (default: all). "
+                    help="comma-separated subset of: push,pull,blobget,small,burst (default: all). "
                          "RSS (idle and peak) is always reported. pull implies an unreported push.")
     ap.add_argument("--seconds", type=int, default=None,
                     help="duration of each wrk/hey run (default 10, or 2 with --quick)")
