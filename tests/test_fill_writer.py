@@ -18,23 +18,26 @@ import threading
 import time
 from typing import Any
 
+import pytest
 import pytest_twisted
-from twisted.internet import defer, threads
+from twisted.internet import defer, reactor, threads
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone, ResponseFailed
 
-from fake_upstream import fake_upstream  # noqa: F401
+from fake_upstream import FakeUpstream, fake_upstream  # noqa: F401
 from registryd.config import UpstreamConfig
 from registryd.digest import Digest
 from registryd.mirror import fill as fill_module
 from registryd.mirror.fill import BlobFill
 from registryd.serial_writer import QUEUE_LIMIT
+from support.pki import issue, make_ca
 from support.wait import sleep
 from test_body_writer import StepPool
 from test_mirror import download, leftovers, stored_blobs
 from test_mirror_units import FakeResponse, _commit
 from test_upload_writer import probe
+from test_upstream_hosts import tls_options
 
 NS = "upstream.test"
 MiB = 1024 * 1024
@@ -133,33 +136,46 @@ async def test_a_full_disk_mid_fill_cuts_the_clients_short_and_stores_nothing(
     assert leftovers(registry.data_dir) == []
 
 
+@pytest.mark.parametrize("scheme", ["http", "https"])
 @pytest_twisted.ensureDeferred
 async def test_a_fill_reads_the_upstream_socket_in_large_pieces_and_gives_the_connection_back_as_it_was(
-        fake_upstream, make_registry, monkeypatch) -> None:
-    image = fake_upstream.add_image("lib/app", "v1", layer_sizes=[16 * MiB])
-    layer = image["layers"][0]
-    registry = make_registry(upstreams=(UpstreamConfig(namespace=NS, url=fake_upstream.url),))
-    chunks: list[int] = []
-    sockets: list[Any] = []
-    data, make_connection = fill_module.BlobFill.data, fill_module._FillProtocol.makeConnection
+        make_registry, monkeypatch, tmp_path, scheme: str) -> None:
+    ca = make_ca()
+    ca_file, _ = ca.write(str(tmp_path), "ca")
+    tls = tls_options(issue(ca, "upstream", hosts=["127.0.0.1"]), ca) if scheme == "https" else None
+    upstream = FakeUpstream(reactor).start(tls=tls)
+    try:
+        layer = upstream.add_image("lib/app", "v1", layer_sizes=[16 * MiB])["layers"][0]
+        registry = make_registry(upstreams=(UpstreamConfig(namespace=NS, url=upstream.url, ca_file=ca_file),))
+        chunks: list[int] = []
+        read_sizes: set[int] = set()
+        sockets: list[Any] = []
+        data, make_connection = fill_module.BlobFill.data, fill_module._FillProtocol.makeConnection
 
-    def record_chunk(fill: BlobFill, chunk: bytes) -> None:
-        chunks.append(len(chunk))
-        data(fill, chunk)
+        def record_chunk(fill: BlobFill, chunk: bytes) -> None:
+            chunks.append(len(chunk))
+            read_sizes.add(sockets[0].bufferSize)
+            data(fill, chunk)
 
-    def record_socket(protocol: Any, transport: Any) -> None:
-        make_connection(protocol, transport)
-        sockets.append(fill_module._socket_under(transport))
+        def record_socket(protocol: Any, transport: Any) -> None:
+            make_connection(protocol, transport)
+            sockets.append(fill_module._socket_under(transport))
 
-    monkeypatch.setattr(fill_module.BlobFill, "data", record_chunk)
-    monkeypatch.setattr(fill_module._FillProtocol, "makeConnection", record_socket)
-    got = await download(registry.host, f"/v2/{NS}/lib/app/blobs/{layer['digest']}")
-    assert (got.status, got.body, got.digest) == (200, 16 * MiB, layer["digest"])
-    [connection] = sockets
-    assert connection is not None, "the upstream body's TCP connection was not found"
-    # More than Twisted's 64 KiB came in one read, and the pooled connection reads as before.
-    assert max(chunks) > 64 * 1024 and sum(chunks) == 16 * MiB, chunks
-    assert connection.bufferSize == 64 * 1024
+        monkeypatch.setattr(fill_module.BlobFill, "data", record_chunk)
+        monkeypatch.setattr(fill_module._FillProtocol, "makeConnection", record_socket)
+        got = await download(registry.host, f"/v2/{NS}/lib/app/blobs/{layer['digest']}")
+        assert (got.status, got.body, got.digest) == (200, 16 * MiB, layer["digest"])
+        [connection] = sockets
+        assert connection is not None, "the upstream body's TCP connection was not found"
+        # The socket read 1 MiB at a time during the body (plain HTTP: more than Twisted's
+        # 64 KiB came at once; TLS hands on 32 KiB of plaintext at most), and the pooled
+        # connection reads as before.
+        assert read_sizes == {fill_module.UPSTREAM_READ} and sum(chunks) == 16 * MiB
+        if scheme == "http":
+            assert max(chunks) > 64 * 1024, chunks
+        assert connection.bufferSize == 64 * 1024
+    finally:
+        await upstream.close()
 
 
 def stepped_fill(tmp_path: Any, data: bytes) -> tuple[BlobFill, FakeResponse, StepPool]:

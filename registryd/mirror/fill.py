@@ -300,13 +300,13 @@ def write_chunk(fd: int, hasher: Any, chunk: bytes) -> None:
 
 
 def _socket_under(transport: Any) -> tcp.Connection | None:
-    """The TCP connection under a response body's ``transport``: Twisted's proxy of the
-    client protocol's transport, which is the connection itself or a TLS protocol on it."""
-    layer = transport
-    for _ in range(3):
+    """The TCP connection under a response body's ``transport``: Twisted's proxy (its
+    ``_producer``) of the client protocol's transport, the connection itself or TLS on it."""
+    layer = getattr(transport, "_producer", transport)
+    for _ in range(2):
         if isinstance(layer, tcp.Connection):
             return layer
-        layer = getattr(layer, "_producer", None) or getattr(layer, "transport", None)
+        layer = getattr(layer, "transport", None)
     return None
 
 
