@@ -44,8 +44,11 @@ class SerialWriter:
     def __init__(self, write: Callable[[bytes], None], pool: Pool, producer: Any = None, *,
                  limit: int = QUEUE_LIMIT, min_batch: int = MIN_BATCH,
                  on_error: Callable[[Exception], bool] | None = None,
-                 on_written: Callable[[int], None] | None = None) -> None:
+                 on_written: Callable[[int], None] | None = None, join: bool = True) -> None:
+        """``join``: hand ``write`` each batch as one buffer (see _write_all); False for
+        large chunks, which go one by one (joined, a batch would be in memory twice)."""
         self._write = write
+        self._join = join
         self._pool = pool
         self._producer = producer
         self._limit = limit
@@ -121,7 +124,8 @@ class SerialWriter:
         self._queue.clear()
         self._in_flight, self._queued = self._queued, 0
         self._busy = True
-        Deferred.fromCoroutine(self._pool.run(_write_all, self._write, batch)).addBoth(self._done)
+        Deferred.fromCoroutine(self._pool.run(_write_all if self._join else _write_each, self._write, batch)
+                               ).addBoth(self._done)
 
     def _done(self, outcome: Any) -> None:
         self._busy = False
@@ -165,3 +169,9 @@ def _write_all(write: Callable[[bytes], None], batch: list[bytes]) -> None:
     a push's time (py-spy). Joining costs one memory copy, a fraction of the hash.
     """
     write(batch[0] if len(batch) == 1 else b"".join(batch))
+
+
+def _write_each(write: Callable[[bytes], None], batch: list[bytes]) -> None:
+    """In the thread: the batch's chunks, in order, one ``write`` each."""
+    for chunk in batch:
+        write(chunk)

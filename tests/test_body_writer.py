@@ -267,3 +267,15 @@ def test_an_upload_body_reads_its_connection_in_bigger_pieces() -> None:
     transport = TCPTransport()
     UploadBody(SessionWriter(), pool=StepPool(), producer=transport)
     assert transport.bufferSize == READ_SIZE >= 256 * 1024
+
+
+def test_a_writer_that_does_not_join_hands_on_each_chunk_of_a_batch_as_it_came() -> None:
+    """A mirror fill's chunks are up to 1 MiB: joined, a batch would be in memory twice."""
+    pool, calls = StepPool(), []
+    writer = SerialWriter(calls.append, pool, Producer(), limit=1024, min_batch=1, join=False)
+    writer.write(b"a" * 10)               # a batch under way
+    writer.write(b"b" * 20)               # these wait for it, then go as one batch
+    writer.write(b"c" * 30)
+    pool.step()
+    pool.step()
+    assert calls == [b"a" * 10, b"b" * 20, b"c" * 30]

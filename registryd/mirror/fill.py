@@ -168,7 +168,8 @@ class BlobFill:
         fd, hasher = self._fd, self._hasher
         assert fd is not None
         return SerialWriter(lambda chunk: write_chunk(fd, hasher, chunk), self._pool, producer,
-                            min_batch=MIN_BATCH, on_error=self._write_failed, on_written=self._on_disk)
+                            min_batch=MIN_BATCH, on_error=self._write_failed, on_written=self._on_disk,
+                            join=False)   # the chunks are up to UPSTREAM_READ: few hand-overs of the GIL
 
     @property
     def unwritten(self) -> int:
