@@ -540,11 +540,10 @@ def burst(regbench, hostport, clients, rounds=3):
         took.sort()
         medians.append(took[len(took) // 2] * 1000 if took else None)
         slowest.append(took[-1] * 1000 if took else None)
-    codes = {k: v for k, v in statuses.items()}
     for metric, values in ((f"burst_c{clients}_median_ms", medians), (f"burst_c{clients}_slowest_ms", slowest)):
         known = [v for v in values if v is not None]
         regbench.emit(metric=metric, value=round(statistics.median(known), 1) if known else None,
-                      runs=[None if v is None else round(v, 1) for v in values], codes=codes)
+                      runs=[None if v is None else round(v, 1) for v in values], codes=statuses)
 
 
 def worker(argv):

@@ -48,7 +48,7 @@ class SerialWriter:
         """``join``: hand ``write`` each batch as one buffer (see _write_all); False for
         large chunks, which go one by one (joined, a batch would be in memory twice)."""
         self._write = write
-        self._join = join
+        self._write_batch = _write_all if join else _write_each
         self._pool = pool
         self._producer = producer
         self._limit = limit
@@ -124,8 +124,7 @@ class SerialWriter:
         self._queue.clear()
         self._in_flight, self._queued = self._queued, 0
         self._busy = True
-        Deferred.fromCoroutine(self._pool.run(_write_all if self._join else _write_each, self._write, batch)
-                               ).addBoth(self._done)
+        Deferred.fromCoroutine(self._pool.run(self._write_batch, self._write, batch)).addBoth(self._done)
 
     def _done(self, outcome: Any) -> None:
         self._busy = False

@@ -280,27 +280,24 @@ def _restart_rgw_nodelay(env: dict[str, str]) -> None:
 _children: list[subprocess.Popen[bytes]] = []
 
 
+def _state(stat_path: str) -> str | None:
+    """The state letter in a /proc .../stat file (R, S, D, T, Z...), or None once it is gone."""
+    try:
+        with open(stat_path) as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
 def _alive(pid: int) -> bool:
     """Running and not a zombie (a container's PID 1 may never reap the daemons)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
+    return _state(f"/proc/{pid}/stat") not in (None, "Z")
 
 
 def _running_threads(pid: int) -> list[str]:
-    """The threads of ``pid`` not stopped (state T) yet, with their states."""
-    running = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{task}/stat") as f:
-                state = f.read().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue    # ended meanwhile
-        if state not in ("T", "t"):
-            running.append(f"{task}:{state}")
-    return running
+    """The threads of ``pid`` not stopped (state T) yet, with their states (ended ones left out)."""
+    states = {task: _state(f"/proc/{pid}/task/{task}/stat") for task in os.listdir(f"/proc/{pid}/task")}
+    return [f"{task}:{state}" for task, state in states.items() if state not in (None, "T", "t")]
 
 
 def _stop(env: dict[str, str]) -> None:

@@ -63,6 +63,12 @@ def test_a_port_a_plain_socket_listens_on_is_refused() -> None:
             _bind(f"tcp:{taken.getsockname()[1]}:interface=127.0.0.1", 2)
 
 
+def default_queue() -> int:
+    """The accept queue a listener gets without ``backlog=``: BACKLOG, as far as net.core.somaxconn allows."""
+    with open("/proc/sys/net/core/somaxconn") as f:
+        return min(BACKLOG, int(f.read()))
+
+
 def listen_queue(port: int) -> list[int]:
     """The accept queue length (``ss``'s Send-Q of a listening socket) of each socket on ``port``."""
     out = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], check=True, capture_output=True, text=True).stdout
@@ -91,13 +97,11 @@ def test_every_socket_of_a_group_queues_the_default_backlog(groups: list[Listene
     plain_endpoint(ReusePortBinder(reactor, 2), "tcp:0:interface=127.0.0.1").listen(
         Factory.forProtocol(Protocol)).addBoth(outcome.append)
     groups.append(outcome[0])
-    somaxconn = int(open("/proc/sys/net/core/somaxconn").read())
-    assert listen_queue(outcome[0].getHost().port) == [min(BACKLOG, somaxconn)] * 2
+    assert listen_queue(outcome[0].getHost().port) == [default_queue()] * 2
 
 
 def test_a_node_in_one_process_queues_the_default_backlog_or_the_one_its_listener_sets(make_registry: Any) -> None:
     registry = make_registry(listen=("tcp:0:interface=127.0.0.1", "tcp:0:interface=127.0.0.1:backlog=16"))
-    somaxconn = int(open("/proc/sys/net/core/somaxconn").read())
     default, own = registry.service.ports
-    assert listen_queue(default.getHost().port) == [min(BACKLOG, somaxconn)]
+    assert listen_queue(default.getHost().port) == [default_queue()]
     assert listen_queue(own.getHost().port) == [16]

@@ -27,14 +27,13 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.threads import deferToThread
 
 from conftest import ROOT, VENV_BIN, stop_process
-from registryd.listeners import BACKLOG
 from support.pki import issue, make_ca
 from support.ports import free_port
 from support.wait import wait_for_port, wait_until
 from fake_upstream import fake_upstream  # noqa: F401  (the fixture)
 from syncclient import request, sha256
 import test_mirror as mirror_test
-from test_reuseport import listen_queue
+from test_reuseport import default_queue, listen_queue
 
 WORKER = "x-registryd-worker"
 
@@ -276,10 +275,9 @@ def test_every_workers_plain_and_tls_sockets_queue_a_burst_of_connections(tmp_pa
     cert, key = issue(make_ca(), "node", hosts=["127.0.0.1"]).write(str(tmp_path), "node")
     node = start_node(tmp_path, tls=(cert, key))
     try:
-        somaxconn = int(open("/proc/sys/net/core/somaxconn").read())
         assert node.tls_port is not None
         for port in (int(node.host.rsplit(":", 1)[1]), node.tls_port):
-            assert listen_queue(port) == [min(BACKLOG, somaxconn)] * 2, port
+            assert listen_queue(port) == [default_queue()] * 2, port
     finally:
         stop_process(node.process)
 
